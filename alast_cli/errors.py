@@ -1,0 +1,57 @@
+"""Map exceptions to one-line messages and exit codes: 2 bad input, 1 failure during a run, 130 Ctrl-C."""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable, TypeVar
+
+import click
+
+T = TypeVar("T")
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class UsageProblem(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from planners import PlannerError
+    from runtimes.config import ConfigError
+    from runtimes.data import DataError
+    from runtimes.loop import RunDirError
+    from runtimes.models import ModelError
+    from runtimes.torch_backend.patch import PatchError
+
+    return (ConfigError, DataError, ModelError, PlannerError, PatchError, RunDirError, FileNotFoundError)
+
+
+def run_guarded(fn: Callable[[], T], debug: bool) -> T:
+    """Run ``fn``; on a known problem print ``error: ...`` and exit with its code (traceback if debug)."""
+    try:
+        return fn()
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BaseException as exc:  # noqa: BLE001 - classify, then exit
+        from runtimes.loop import Interrupted
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, Interrupted):
+            click.echo(f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; "
+                       "continue with --resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if isinstance(exc, OSError) and getattr(exc, "strerror", None):
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            msg = f"{exc.strerror}{where}"
+            code = EXIT_FAILURE if not isinstance(exc, FileNotFoundError) else EXIT_BAD_INPUT
+        hint = "" if debug else " (run with --debug for the traceback)" if code == EXIT_FAILURE else ""
+        click.echo(f"error: {msg}{hint}", err=True)
+        sys.exit(code)

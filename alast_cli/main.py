@@ -1,0 +1,29 @@
+"""The `alast` command line. With no command it runs the built-in demo (`alast train`)."""
+from __future__ import annotations
+
+import click
+
+from .train_cmd import train_command
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.version_option(package_name="alast")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """ALaST: adaptive layer selection fine-tuning for timm Vision Transformers."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(train_command)
+
+
+cli.add_command(train_command)
+
+
+def main() -> None:
+    cli(prog_name="alast")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared CLI options: a config file plus named options and --set overrides, resolved to a config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from runtimes.config import AlastConfig, load_config
+
+
+def config_options(fn: Callable) -> Callable:
+    opts = [
+        click.argument("config", required=False, type=click.Path(path_type=Path)),
+        click.option("--model", help="timm model name (ViT/DeiT) or alast_demo_vit"),
+        click.option("--pretrained/--no-pretrained", default=None, help="load timm's pretrained weights"),
+        click.option("--checkpoint", type=click.Path(path_type=Path), help="local weights to start from"),
+        click.option("--img-size", type=int, help="input image size"),
+        click.option("--data", help="digits | shapes | imagefolder:PATH | torchvision:NAME"),
+        click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets"),
+        click.option("--policy", help="alast | full | freeze | tokens | random | lora | alast+lora ..."),
+        click.option("--backend", help="torch | ort"),
+        click.option("--steps", type=int, help="training steps"),
+        click.option("--epochs", type=float, help="training epochs (instead of --steps)"),
+        click.option("--batch-size", type=int, help="global batch size"),
+        click.option("--lr", type=float, help="peak learning rate"),
+        click.option("--target-flops", type=float, help="fraction of full fine-tuning FLOPs, in (0, 1]"),
+        click.option("--seed", type=int, help="random seed"),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set train.lr=3e-4 (repeatable)"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+_NAMED = {
+    "model": "model.name", "pretrained": "model.pretrained", "checkpoint": "model.checkpoint",
+    "img_size": "model.img_size", "data": "data.spec", "data_dir": "data.data_dir", "policy": "policy.name",
+    "backend": "backend.name", "steps": "train.steps", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "lr": "train.lr", "target_flops": "policy.target_flops",
+    "seed": "train.seed",
+}
+
+
+def resolve_config(config: Path | None, overrides: tuple[str, ...], **named: Any) -> AlastConfig:
+    """Config file < named options < --set overrides."""
+    sets = []
+    for key, dotted in _NAMED.items():
+        value = named.get(key)
+        if value is None:
+            continue
+        if key == "epochs":
+            sets.append("train.steps=null")
+        if key == "steps":
+            sets.append("train.epochs=null")
+        sets.append(f"{dotted}={_yaml_scalar(value)}")
+    return load_config(config, sets + list(overrides))
+
+
+def _yaml_scalar(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))

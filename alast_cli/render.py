@@ -1,0 +1,77 @@
+"""Rich rendering for the CLI: progress during training, tables at the end."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from runtimes.loop import Hooks
+
+console = Console(stderr=True)
+
+
+def human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{n} B"
+
+
+def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
+    state: dict[str, Any] = {}
+
+    def on_start(start: int, total: int, info: dict[str, Any]) -> None:
+        state["task"] = progress.add_task("train", total=total, completed=start, loss=float("nan"), kept=1.0,
+                                          trained="-")
+        state["tokens"] = info["patches"] * info["blocks"]
+        progress.console.print(f"[dim]{info['train']} train / {info['val']} val images, {info['classes']} classes, "
+                               f"{info['blocks']} blocks x {info['patches']} patch tokens[/dim]")
+
+    def on_step(step: int, result, record: dict[str, Any]) -> None:
+        kept = sum(result.tokens_in) / max(state["tokens"], 1)
+        progress.update(state["task"], advance=1, loss=result.loss, kept=kept,
+                        trained=f"{len(result.trained_blocks)}/{len(result.tokens_in)}")
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        progress.console.print(f"step {step}: val accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+
+    return Hooks(on_start=on_start, on_step=on_step, on_eval=on_eval)
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("tokens {task.fields[kept]:.0%}"),
+        TextColumn("trained {task.fields[trained]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
+    t = Table(title=f"{summary['policy']} on {summary['model']} / {summary['data']} ({summary['backend']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}")
+    tf, full = summary.get("train_flops"), summary.get("full_ft_train_flops")
+    t.add_row("training FLOPs (counted)", human(tf, "FLOP"))
+    t.add_row("full fine-tuning FLOPs (same steps)", human(full, "FLOP"))
+    if tf and full:
+        t.add_row("FLOPs vs full", f"{tf / full:.3f}x  ({full / tf:.2f}x fewer)")
+    t.add_row("wall time", f"{summary['wall_time_s']:.1f} s (training steps {summary['train_time_s']:.1f} s)")
+    t.add_row("median step time", f"{(summary['median_step_time_s'] or 0) * 1000:.1f} ms")
+    t.add_row("peak memory", human_bytes(summary.get("peak_memory_bytes")))
+    t.add_row("run dir", str(run_dir))
+    return t

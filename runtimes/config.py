@@ -1,0 +1,209 @@
+"""The run configuration: one pydantic model per YAML section, defaults in one place.
+
+Every section forbids unknown keys, so a misspelled key is an error that names it. Any key can be
+overridden with ``section.key=value`` strings (values parsed as YAML).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("alast_demo_vit", description="timm model name, or 'alast_demo_vit' (ships with alast)")
+    pretrained: bool = Field(False, description="download timm's pretrained weights (needs internet)")
+    checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.bin) to start from")
+    img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["qkv"], description="module names inside each block")
+
+
+class DataConfig(_Section):
+    spec: str = Field("digits", description="digits | imagefolder:PATH | torchvision:NAME")
+    data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
+    download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
+    num_workers: int = Field(0, ge=0)
+    skip_bad_images: bool = Field(False, description="skip unreadable images (counted) instead of failing")
+    augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
+
+
+class PolicyConfig(_Section):
+    name: str = Field("alast", description="alast | full | freeze | tokens | random")
+    alpha: float | None = Field(None, ge=0.0, description="ALaST budget step size; default: train.lr")
+    b_init: float = Field(0.9, gt=0.0, le=1.0)
+    b_min: float = Field(0.5, gt=0.0, le=1.0)
+    b_max: float = Field(1.0, gt=0.0, le=1.0)
+    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default round(0.75 L)")
+    freeze_mode: Literal["sample", "topk"] = "sample"
+    delta_reduction: Literal["mean", "sum"] = "mean"
+    min_tokens: int = Field(1, ge=1)
+    keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
+    target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
+    lora: LoraConfig | None = None
+
+    @property
+    def planner(self) -> str:
+        """The registered planner behind this policy name ('lora' is full fine-tuning with LoRA)."""
+        if self.name == "lora":
+            return "full"
+        return self.name.removesuffix("+lora")
+
+    @model_validator(mode="after")
+    def _lora_default(self) -> "PolicyConfig":
+        if (self.name == "lora" or self.name.endswith("+lora")) and self.lora is None:
+            self.__dict__["lora"] = LoraConfig()
+        return self
+
+
+class BackendConfig(_Section):
+    name: Literal["torch", "ort"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
+    count_flops: Literal["signature", "every", "off"] = Field(
+        "signature",
+        description="count FLOPs with torch.utils.flop_counter on every step, or once per distinct "
+        "step shape (batch, tokens per block, trained set) and reuse the exact count",
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+
+
+class TrainConfig(_Section):
+    steps: int | None = Field(150, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
+    min_lr_frac: float = Field(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    seed: int = 0
+    deterministic: bool = False
+
+
+class OutputConfig(_Section):
+    dir: Path | None = Field(None, description="run directory; default runs/<time>-<policy>")
+    checkpoint_every: int = Field(0, ge=0, description="0: only the final checkpoint")
+    keep_last: int = Field(2, ge=1)
+    force: bool = Field(False, description="allow writing into an existing non-empty run dir")
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=13)
+    atol: float = Field(1e-4, gt=0.0)
+
+
+class AlastConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlastConfig":
+        p = self.policy
+        if not p.b_min <= p.b_init <= p.b_max:
+            raise ValueError(f"policy.b_init={p.b_init} must lie in [policy.b_min, policy.b_max] = [{p.b_min}, {p.b_max}]")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'; check the spelling (see `alast train --help` or examples/)"
+    msg = first["msg"]
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    where = f"'{loc}'" if loc else "config"
+    return f"invalid value for {where}: {msg}{shown}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.steps=200'`` -> (['train', 'steps'], 200). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"malformed --set {text!r}: expected section.key=value, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"malformed --set {text!r}: the key must name a section, e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed --set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {text!r}: '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}; check the path or run without a config for the demo")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory: {path}; pass a .yaml file")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"YAML syntax error in {path}{where}; fix the file and retry") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def build_config(data: dict[str, Any]) -> AlastConfig:
+    try:
+        return AlastConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AlastConfig:
+    """Read ``path`` (or start from the defaults), apply ``overrides``, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return build_config(apply_overrides(data, list(overrides or [])))
+
+
+def dump_config(cfg: AlastConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

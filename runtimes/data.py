@@ -1,0 +1,256 @@
+"""Datasets and batches: built-in digits, image folders, torchvision datasets, synthetic tasks.
+
+Batches are a pure function of (seed, step): step ``s`` reads slice ``s mod E`` of the permutation
+drawn for epoch ``s // E``. A resumed run therefore sees exactly the batches it would have seen, and
+data-parallel ranks take disjoint slices of the same global batch.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """The data spec, directory or files are unusable; the message names the problem."""
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    skipped_files: int = 0
+
+
+class TensorImageDataset(Dataset):
+    """Images already transformed to tensors (small in-memory sets), with labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def _pil_list_to_tensor_dataset(images: Sequence[Any], labels: Sequence[int], transform: Callable) -> TensorImageDataset:
+    x = torch.stack([transform(img) for img in images])
+    return TensorImageDataset(x, torch.as_tensor(list(labels), dtype=torch.long))
+
+
+def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified split: the same share of every class goes to validation."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    train, val = [], []
+    for idx in by_class.values():
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val += perm[:n_val]
+        train += perm[n_val:]
+    return sorted(train), sorted(val)
+
+
+def _digits(transform: Callable, val_fraction: float, seed: int) -> DataBundle:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = [Image.fromarray((img * (255.0 / 16.0)).astype("uint8"), mode="L").convert("RGB") for img in d.images]
+    labels = [int(y) for y in d.target]
+    tr, va = _split_indices(labels, val_fraction, seed)
+    ds = _pil_list_to_tensor_dataset(imgs, labels, transform)
+    return DataBundle(Subset(ds, tr), Subset(ds, va), [str(c) for c in range(10)])
+
+
+def _synthetic(family: str, transform: Callable) -> DataBundle:
+    from . import synthetic
+
+    train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=transform)
+    val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=transform)
+    to_tensor = lambda ds: TensorImageDataset(  # noqa: E731
+        torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))]))
+    return DataBundle(to_tensor(train), to_tensor(val), list(train.classes))
+
+
+def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
+    """Indices of unreadable files; raises on the first one unless ``skip_bad``."""
+    from PIL import Image
+
+    bad = []
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception:
+            if not skip_bad:
+                raise DataError(f"corrupt or non-image file: {f}; remove it or pass --skip-bad-images") from None
+            bad.append(i)
+    return bad
+
+
+def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}; pass imagefolder:PATH to a directory of class folders")
+
+    def load(path: Path) -> tuple[Dataset, list[str], int]:
+        try:
+            ds = ImageFolder(str(path), transform=transform, allow_empty=False,
+                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) or skip_bad)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"{path} is not an image folder ({str(exc).splitlines()[0]}); "
+                            "expected PATH/<class>/<image> files") from None
+        bad = set(_check_images([s[0] for s in ds.samples], skip_bad))
+        if bad:
+            ds.samples = [s for i, s in enumerate(ds.samples) if i not in bad]
+            ds.targets = [s[1] for s in ds.samples]
+            ds.imgs = ds.samples
+        return ds, list(ds.classes), len(bad)
+
+    if (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()):
+        train, classes, nb1 = load(root / "train")
+        val, vclasses, nb2 = load(root / "val" if (root / "val").is_dir() else root / "test")
+        if vclasses != classes:
+            raise DataError(f"{root}/train and its validation folder have different class folders")
+        return DataBundle(train, val, classes, nb1 + nb2)
+    ds, classes, nb = load(root)
+    tr, va = _split_indices(ds.targets, val_fraction, seed)
+    return DataBundle(Subset(ds, tr), Subset(ds, va), classes, nb)
+
+
+def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Callable,
+                 val_fraction: float, seed: int) -> DataBundle:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise DataError(f"unknown torchvision dataset {name!r}; e.g. Flowers102, CIFAR100, Food101")
+    if data_dir is None:
+        raise DataError(f"torchvision:{name} needs --data-dir (where the dataset lives or should be downloaded)")
+    params = inspect.signature(cls.__init__).parameters
+    root = str(data_dir)
+
+    def make(train: bool) -> Dataset:
+        kw: dict[str, Any] = dict(root=root, transform=transform)
+        if "download" in params:
+            kw["download"] = download
+        if "train" in params:
+            kw["train"] = train
+        elif "split" in params:
+            kw["split"] = "train" if train else "test"
+        try:
+            return cls(**kw)
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted..."
+            hint = "" if download else " or pass --set data.download=true (needs internet)"
+            raise DataError(f"torchvision:{name} not found under {root} ({str(exc).splitlines()[0]})"
+                            f"; put it there{hint}") from None
+
+    if "train" in params or "split" in params:
+        train, val = make(True), make(False)
+    else:
+        full = make(True)
+        targets = getattr(full, "targets", None) or [full[i][1] for i in range(len(full))]
+        tr, va = _split_indices(targets, val_fraction, seed)
+        train, val = Subset(full, tr), Subset(full, va)
+    base = train.dataset if isinstance(train, Subset) else train
+    classes = list(getattr(base, "classes", [])) or [str(i) for i in range(_count_classes(base))]
+    return DataBundle(train, val, [str(c) for c in classes])
+
+
+def _count_classes(ds: Dataset) -> int:
+    targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None)
+    if targets is None:
+        raise DataError("cannot tell the number of classes of this dataset")
+    return int(max(targets)) + 1
+
+
+def describe_spec(spec: str) -> tuple[str, str]:
+    kind, _, arg = spec.partition(":")
+    if kind not in ("digits", "shapes", "imagefolder", "torchvision"):
+        raise DataError(f"unknown data spec {spec!r}; use digits, shapes, imagefolder:PATH or torchvision:NAME")
+    if kind in ("imagefolder", "torchvision") and not arg:
+        raise DataError(f"data spec {spec!r} needs a value, e.g. {kind}:{'PATH' if kind == 'imagefolder' else 'CIFAR100'}")
+    return kind, arg
+
+
+def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = None, download: bool = False,
+               val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False) -> DataBundle:
+    """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``."""
+    from timm.data import create_transform
+
+    kind, arg = describe_spec(spec)
+    eval_tf = create_transform(**data_cfg, is_training=False)
+    train_tf = create_transform(**data_cfg, is_training=True) if augment else eval_tf
+    if kind == "digits":
+        if augment:
+            raise DataError("data.augment is not supported for the in-memory digits set; set data.augment=false")
+        return _digits(eval_tf, val_fraction, seed)
+    if kind == "shapes":
+        return _synthetic("shapes", eval_tf)
+    if kind == "imagefolder":
+        bundle = _imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images)
+    else:
+        bundle = _torchvision(arg, data_dir, download, eval_tf, val_fraction, seed)
+    if augment:
+        _set_transform(bundle.train, train_tf)
+    return bundle
+
+
+def _set_transform(ds: Dataset, tf: Callable) -> None:
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    if hasattr(ds, "transform"):
+        ds.transform = tf
+
+
+class StepBatchSampler:
+    """Index lists for steps ``start..total-1``: a pure function of (seed, step, rank)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size > n:
+            raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
+        if batch_size % world_size:
+            raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.total = start_step, total_steps
+        self.rank, self.world = rank, world_size
+        self.per_epoch = n // batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        batch = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        per_rank = self.batch_size // self.world
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start, self.total):
+            yield self.indices(s)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
+
+
+def eval_batches(ds: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)

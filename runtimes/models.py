@@ -1,0 +1,124 @@
+"""Model creation: any timm ViT/DeiT, with timm's pretrained weights, a local checkpoint, or the
+small demo backbone that ships with alast."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEMO_MODEL = "alast_demo_vit"
+ASSETS = Path(__file__).parent / "assets"
+DEMO_WEIGHTS = ASSETS / "alast_demo_vit.safetensors"
+
+# The demo backbone: a small ViT for 32x32 images, pre-trained by examples/pretrain_demo_backbone.py.
+DEMO_ARCH: dict[str, Any] = dict(
+    img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=3.0, qkv_bias=True,
+)
+DEMO_PRETRAINED_CFG: dict[str, Any] = dict(
+    input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+    crop_pct=1.0, crop_mode="center", num_classes=0,
+)
+
+
+class ModelError(ValueError):
+    """The requested model cannot be built (unknown name, missing or bad weights)."""
+
+
+def build_demo_model(num_classes: int, pretrained: bool = True, **overrides: Any) -> nn.Module:
+    """The demo ViT; with ``pretrained`` its backbone weights come from the shipped safetensors."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    arch = {**DEMO_ARCH, **overrides}
+    model = VisionTransformer(num_classes=num_classes, **arch)
+    model.pretrained_cfg = dict(DEMO_PRETRAINED_CFG, architecture=DEMO_MODEL)
+    if pretrained:
+        if not DEMO_WEIGHTS.exists():
+            raise ModelError(
+                f"demo backbone weights missing at {DEMO_WEIGHTS}; reinstall alast or run "
+                "examples/pretrain_demo_backbone.py"
+            )
+        load_weights(model, DEMO_WEIGHTS, skip_head=True)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, wrong format
+        raise ModelError(f"cannot read checkpoint {path}: {exc.__class__.__name__}; is it a complete "
+                         ".safetensors/.pth file?") from None
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {path} holds no state dict")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path, skip_head: bool = False) -> None:
+    """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``)."""
+    state = _read_state_dict(Path(path))
+    own = model.state_dict()
+    head_keys = [k for k in state if k.startswith("head.")]
+    if skip_head or any(k in own and own[k].shape != state[k].shape for k in head_keys):
+        for k in head_keys:
+            state.pop(k)
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if mismatched:
+        raise ModelError(f"checkpoint {path} does not fit the model: shape mismatch at {mismatched[0]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
+
+
+def create_model(name: str, num_classes: int, *, pretrained: bool = False, checkpoint: Path | None = None,
+                 img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+    """Build ``name`` with a fresh ``num_classes`` head.
+
+    ``pretrained`` downloads timm's weights (or, for the demo model, uses the shipped backbone);
+    ``checkpoint`` loads local weights instead (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+    """
+    if name == DEMO_MODEL:
+        extra = {"img_size": img_size} if img_size else {}
+        model = build_demo_model(num_classes, pretrained=checkpoint is None, drop_path_rate=drop_path_rate, **extra)
+        if checkpoint is not None:
+            load_weights(model, Path(checkpoint))
+        return model
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint}; use a timm ViT/DeiT name such as vit_base_patch16_224")
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if img_size:
+        kwargs["img_size"] = img_size
+    if checkpoint is not None:
+        if not Path(checkpoint).exists():
+            raise ModelError(f"checkpoint not found: {checkpoint}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint), num_classes=None)
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
+        raise ModelError(f"cannot load {where} for {name}: {reason}") from None
+    return model
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing for ``model`` (input size, mean, std, interpolation, crop)."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({}, model=model)

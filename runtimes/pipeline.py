@@ -1,0 +1,101 @@
+"""From a validated config to the objects a run needs: data, model, runtime, planner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from planners import Planner, create_planner
+
+from .config import AlastConfig
+from .data import DataBundle, build_data
+from .models import DEMO_MODEL, DEMO_PRETRAINED_CFG, ModelError, create_model
+
+RUNTIMES: dict[str, Callable[..., Any]] = {}
+
+
+def register_runtime(name: str):
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        if name in RUNTIMES:
+            raise ValueError(f"runtime {name!r} is already registered")
+        RUNTIMES[name] = factory
+        return factory
+
+    return deco
+
+
+def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
+    """timm's preprocessing for model ``name`` without building it."""
+    from timm.data import resolve_data_config
+
+    if name == DEMO_MODEL:
+        cfg = dict(DEMO_PRETRAINED_CFG)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            create_model(name, 1)  # raises ModelError with suggestions
+        pcfg = timm.models.get_pretrained_cfg(name)
+        if pcfg is None:
+            raise ModelError(f"timm has no preprocessing config for {name!r}")
+        cfg = pcfg.to_dict()
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+        cfg.pop("test_input_size", None)
+    return resolve_data_config({}, pretrained_cfg=cfg)
+
+
+def load_data(cfg: AlastConfig) -> tuple[DataBundle, dict[str, Any]]:
+    data_cfg = model_data_config(cfg.model.name, cfg.model.img_size)
+    d = cfg.data
+    bundle = build_data(d.spec, data_cfg, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+                        seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images)
+    return bundle, data_cfg
+
+
+def build_model(cfg: AlastConfig, num_classes: int):
+    m = cfg.model
+    return create_model(m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
+                        img_size=m.img_size, drop_path_rate=m.drop_path_rate)
+
+
+@register_runtime("torch")
+def _torch_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
+    from .torch_backend.runtime import TorchRuntime
+
+    lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
+    return TorchRuntime(
+        model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+        label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
+        device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
+        lora=lora, comm=comm,
+    )
+
+
+def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
+    name = cfg.backend.name
+    if name == "ort" and "ort" not in RUNTIMES:
+        try:
+            from .ort_backend import runtime as _ort  # noqa: F401  (registers "ort")
+        except ImportError as exc:
+            raise ValueError(f"--backend ort is unavailable: {exc}") from None
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[name](cfg, model, comm=comm)
+
+
+def policy_options(cfg: AlastConfig) -> dict[str, Any]:
+    """The planner options from the policy section (only those the policy takes)."""
+    from planners import planner_options
+
+    p = cfg.policy
+    values = dict(alpha=p.alpha if p.alpha is not None else cfg.train.lr, b_init=p.b_init, b_min=p.b_min,
+                  b_max=p.b_max, k_trained=p.k_trained, freeze_mode=p.freeze_mode,
+                  delta_reduction=p.delta_reduction, min_tokens=p.min_tokens, keep_ratio=p.keep_ratio,
+                  seed=cfg.train.seed)
+    accepted = set(planner_options(p.planner))
+    return {k: v for k, v in values.items() if k in accepted}
+
+
+def build_planner(cfg: AlastConfig, num_blocks: int, overrides: dict[str, Any] | None = None) -> Planner:
+    options = {**policy_options(cfg), **(overrides or {})}
+    return create_planner(cfg.policy.planner, num_blocks, **options)

@@ -1,0 +1,59 @@
+"""The runtime interface every backend implements, and the loop's check of a budget against it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+from planners import Budget, StepResult
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can honour. The loop refuses budgets that need more, never approximates."""
+
+    dynamic_tokens: bool
+    per_step_freezing: bool
+    lora: bool
+    data_parallel: bool
+
+
+class RuntimeError_(RuntimeError):
+    """A failure while running (not bad input): exit code 1."""
+
+
+class NonFiniteLoss(RuntimeError_):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at step {step}; lower train.lr or check the data")
+        self.step, self.loss = step, loss
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    name: str
+    capabilities: Capabilities
+    num_blocks: int
+    num_patches: int
+
+    def train_step(self, images: Any, labels: Any, budget: Budget, lr: float, step: int) -> StepResult: ...
+
+    def evaluate(self, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]: ...
+
+    def full_ft_step_flops(self, batch_size: int) -> float | None: ...
+
+    def peak_memory_bytes(self) -> int | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def export_model(self) -> Any: ...
+
+
+def check_budget(runtime: Runtime, budget: Budget) -> None:
+    caps = runtime.capabilities
+    if budget.num_blocks != runtime.num_blocks:
+        raise ValueError(f"budget has {budget.num_blocks} blocks, the model {runtime.num_blocks}")
+    if budget.drops_tokens and not caps.dynamic_tokens:
+        raise ValueError(f"the {runtime.name} runtime cannot drop tokens; choose a policy without token dropping")
+    if budget.freezes_blocks and not caps.per_step_freezing:
+        raise ValueError(f"the {runtime.name} runtime cannot freeze blocks per step")

@@ -1,0 +1,73 @@
+"""Run artefacts that are not checkpoints: metrics.jsonl and the budget heatmap."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON line per step and flushes it, so a killed run keeps what it logged."""
+
+    def __init__(self, run_dir: Path, truncate_after_step: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS
+        if truncate_after_step is not None and self.path.exists():
+            kept = [l for l in read_metrics(self.path) if l.get("step", -1) < truncate_after_step]
+            self.path.write_text("".join(json.dumps(l) + "\n" for l in kept))
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Step records of a metrics file; a torn last line (killed writer) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
+def budget_heatmap(records: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Blocks x steps image of the per-block budgets, trained blocks marked; None if no steps."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    budgets = np.array([r["budgets"] for r in records]).T
+    kept = np.array([r["kept_tokens"] for r in records]).T
+    trained = np.zeros_like(budgets)
+    for j, r in enumerate(records):
+        trained[r["trained_blocks"], j] = 1
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    for ax, data, label, cmap in (
+        (axes[0], budgets, "budget b_l", "viridis"),
+        (axes[1], kept, "patch tokens kept", "magma"),
+        (axes[2], trained, "trained (1) / frozen (0)", "Greys"),
+    ):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap,
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, data.shape[0] - 0.5, -0.5))
+        ax.set_ylabel("block")
+        fig.colorbar(im, ax=ax, label=label)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title or "ALaST per-block budgets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,173 @@
+"""Patch a timm VisionTransformer instance for ALaST, and undo it.
+
+Each block's class is replaced by a subclass of its own class whose ``forward`` calls
+``super().forward`` (so LayerScale, drop-path and any upstream change are kept) and then, in
+training mode only, records the block's CLS delta and keeps the top-scoring patch tokens.
+CLS-attention scores come from a forward hook on the block's fused ``qkv`` projection, so the
+upstream attention forward is never copied.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .tokens import cls_attention_scores, cls_delta, select_tokens
+
+
+class PatchError(ValueError):
+    """The model cannot be patched for ALaST (the message says why and what to use instead)."""
+
+
+@dataclass
+class StepControl:
+    """Per-forward instructions and records, owned by the runtime; one per patched model.
+
+    ``keep`` holds, per block, how many patch tokens survive the block (None: all). The runtime
+    sets it for one training forward with :meth:`AlastPatch.training_forward` and reads the
+    recorded per-sample deltas and token counts after.
+    """
+
+    keep: tuple[int | None, ...] | None = None
+    deltas: list[Tensor | None] = field(default_factory=list)
+    tokens_in: list[int] = field(default_factory=list)
+    scores: list[Tensor | None] = field(default_factory=list)
+
+
+class _AlastBlockMixin:
+    """Mixed in front of the block's own class; see the module docstring."""
+
+    _alast_index: int
+    _alast_prefix: int
+    _alast_control: StepControl
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # type: ignore[override]
+        ctl = self._alast_control
+        if not self.training or ctl.keep is None:
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        i = self._alast_index
+        n_patch = x.shape[1] - self._alast_prefix
+        keep = ctl.keep[i]
+        selecting = keep is not None and keep < n_patch
+        ctl.scores[i] = None
+        ctl.tokens_in[i] = n_patch
+        self._alast_want_scores = selecting
+        try:
+            out = super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._alast_want_scores = False
+        ctl.deltas[i] = cls_delta(x, out)
+        if selecting:
+            scores = ctl.scores[i]
+            if scores is None:
+                raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
+            out = select_tokens(out, scores, int(keep), self._alast_prefix)
+        return out
+
+
+def _qkv_hook(block: nn.Module):
+    attn = block.attn
+
+    def hook(_module: nn.Module, _inputs, output: Tensor) -> None:
+        if getattr(block, "_alast_want_scores", False):
+            block._alast_control.scores[block._alast_index] = cls_attention_scores(
+                output, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm
+            )
+
+    return hook
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"Alast{cls.__name__}", (_AlastBlockMixin, cls), {"_alast_base": cls})
+    return _PATCHED_CLASSES[cls]
+
+
+class AlastPatch:
+    """Handle on a patched model: per-block parameters, the step control, and :meth:`unpatch`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        check_patchable(model)
+        self.model = model
+        self.blocks: list[nn.Module] = list(model.blocks)
+        self.num_blocks = len(self.blocks)
+        self.num_prefix = int(model.num_prefix_tokens)
+        self.num_patches = int(model.patch_embed.num_patches)
+        self.control = StepControl()
+        self._hooks = []
+        for i, blk in enumerate(self.blocks):
+            blk._alast_index = i
+            blk._alast_prefix = self.num_prefix
+            blk._alast_control = self.control
+            blk._alast_want_scores = False
+            blk.__class__ = _patched_class(type(blk))
+            self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook(blk)))
+        model._alast_patch = self
+
+    def unpatch(self) -> nn.Module:
+        """Restore the original block classes and remove hooks; returns the plain timm model."""
+        for h in self._hooks:
+            h.remove()
+        for blk in self.blocks:
+            blk.__class__ = blk._alast_base
+            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_want_scores"):
+                if attr in blk.__dict__:
+                    delattr(blk, attr)
+        if "_alast_patch" in self.model.__dict__:
+            del self.model._alast_patch
+        return self.model
+
+    @contextmanager
+    def training_forward(self, keep: tuple[int | None, ...]) -> Iterator[StepControl]:
+        """Within the block, training forwards drop tokens per ``keep`` and record deltas."""
+        if len(keep) != self.num_blocks:
+            raise ValueError(f"keep has {len(keep)} entries for {self.num_blocks} blocks")
+        ctl = self.control
+        ctl.keep = tuple(keep)
+        ctl.deltas = [None] * self.num_blocks
+        ctl.scores = [None] * self.num_blocks
+        ctl.tokens_in = [0] * self.num_blocks
+        try:
+            yield ctl
+        finally:
+            ctl.keep = None
+            ctl.scores = [None] * self.num_blocks
+
+
+def check_patchable(model: nn.Module) -> None:
+    """Raise :class:`PatchError` unless ``model`` is a timm ViT/DeiT that ALaST can drive."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise PatchError(f"{name} is not a timm VisionTransformer; ALaST supports timm ViT/DeiT models")
+    if not getattr(model, "cls_token", None) is not None:
+        raise PatchError(f"{name} has no class token; ALaST ranks layers and tokens by the CLS token")
+    if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
+        raise PatchError(f"{name} has no sequential transformer blocks")
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        if attn is None or not isinstance(getattr(attn, "qkv", None), nn.Linear):
+            raise PatchError(f"block {i} of {name} has no fused qkv attention; ALaST supports standard ViT blocks")
+        if getattr(attn, "gate", None) is not None:
+            pass  # a gated output does not change the attention map used for ranking
+    if isinstance(model.blocks[0], _AlastBlockMixin):
+        raise PatchError("model is already patched for ALaST")
+
+
+def get_patch(model: nn.Module) -> AlastPatch:
+    patch = getattr(model, "_alast_patch", None)
+    if patch is None:
+        raise PatchError("model is not patched; call AlastPatch(model) first")
+    return patch
+
+
+def block_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters of each transformer block (for LoRA: of the adapters inside it)."""
+    return [list(blk.parameters()) for blk in model.blocks]

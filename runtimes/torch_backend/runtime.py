@@ -1,0 +1,255 @@
+"""The eager PyTorch runtime: a patched timm model, per-step freezing, counted FLOPs."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planners import Budget, StepResult, kept_token_counts
+from planners.rules import reduce_deltas
+
+from ..protocol import Capabilities, NonFiniteLoss
+from .flops import counter
+from .patch import AlastPatch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("backend.device=cuda but no CUDA device is visible; use backend.device=cpu")
+    return torch.device(name)
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on ``targets``; the head stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"LoRA target(s) {missing} not found in the model; e.g. qkv, proj, fc1, fc2")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                     modules_to_save=["head"])
+    return get_peft_model(model, cfg)
+
+
+def _timm_model(model: nn.Module) -> nn.Module:
+    """The timm VisionTransformer inside a (possibly peft-wrapped) model."""
+    base = getattr(model, "base_model", None)
+    return base.model if base is not None and hasattr(base, "model") else model
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    skip = set(getattr(_timm_model(model), "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name.split("base_model.model.", 1)[-1]
+        (no_decay if p.ndim <= 1 or short in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TorchRuntime:
+    """Eager PyTorch training of a patched timm ViT.
+
+    Frozen blocks get ``requires_grad=False`` before the forward, so autograd computes no weight
+    gradients for them and AdamW (which skips parameters whose grad is None) neither updates nor
+    decays them. Token dropping happens inside the patched blocks.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, grad_clip: float | None,
+                 label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
+                 precision: str = "fp32", count_flops: str = "every", lora: dict[str, Any] | None = None,
+                 comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None) -> None:
+        self.device = resolve_device(device)
+        if precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("backend.precision=bf16 needs a CUDA device; use fp32 on CPU")
+        self.precision = precision
+        self.count_flops = count_flops
+        self.delta_reduction = delta_reduction
+        self.label_smoothing = label_smoothing
+        self.grad_clip = grad_clip
+        self.comm = comm
+        self._probe = memory_probe_steps or (lambda s: s in (1, 2) or (s > 0 and s % 50 == 0))
+        self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=True,
+                                         data_parallel=True)
+        if lora is not None:
+            model = apply_lora(model, **lora)
+        self.model = model.to(self.device)
+        self.timm_model = _timm_model(self.model)
+        self.patch = AlastPatch(self.timm_model)
+        self.num_blocks = self.patch.num_blocks
+        self.num_patches = self.patch.num_patches
+        self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
+        in_blocks = {id(p) for ps in self.block_params for p in ps}
+        self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
+        if comm is not None:
+            comm.broadcast_parameters(list(self.model.parameters()))
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, weight_decay), lr=lr)
+        self._peak_bytes: int | None = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # -- training --------------------------------------------------------------------------
+    def _set_trained(self, trained: tuple[bool, ...]) -> None:
+        for params, on in zip(self.block_params, trained):
+            for p in params:
+                p.requires_grad_(on)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
+                   step: int) -> StepResult:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens)
+        keep = tuple(o if o < i else None for i, o in zip(tokens_in, tokens_out))
+        self.model.train()
+        self._set_trained(budget.trained)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        probe_mem = self.device.type == "cpu" and self._probe(step)
+        mem_ctx = self._mem_tracker() if probe_mem else contextlib.nullcontext()
+        flop_ctx = counter() if self.count_flops == "every" else contextlib.nullcontext()
+        self._sync()
+        t0 = time.perf_counter()
+        with mem_ctx as mt:
+            with flop_ctx as fc:
+                with self.patch.training_forward(keep) as ctl, self._autocast():
+                    logits = self.model(images)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                loss_value = float(loss.detach())
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(step, loss_value)
+                loss.backward()
+            deltas = torch.stack([d if d is not None else torch.zeros_like(ctl.deltas[0]) for d in ctl.deltas])
+            self._reduce_gradients(budget)
+            if self.grad_clip:
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.optimizer.step()
+        self._sync()
+        elapsed = time.perf_counter() - t0
+        if probe_mem:
+            self._record_cpu_peak(mt)
+        per_block = self._reduce_deltas(deltas)
+        return StepResult(
+            loss=self._mean_loss(loss_value), deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
+            trained_blocks=budget.trained_blocks, batch_size=int(images.shape[0]), step_time_s=elapsed,
+            train_flops=float(fc.get_total_flops()) if fc is not None else None,
+        )
+
+    def _reduce_deltas(self, deltas: torch.Tensor) -> tuple[float, ...]:
+        """Per block over the batch (and across ranks); one host sync per step."""
+        if self.comm is not None:
+            deltas = self.comm.gather_batch(deltas)
+        per_sample = deltas.float().cpu().tolist()
+        return tuple(reduce_deltas(row, self.delta_reduction) for row in per_sample)
+
+    def _mean_loss(self, loss: float) -> float:
+        return self.comm.mean_scalar(loss) if self.comm is not None else loss
+
+    def _reduce_gradients(self, budget: Budget) -> None:
+        if self.comm is None:
+            return
+        params = list(self.other_params)
+        for params_l, on in zip(self.block_params, budget.trained):
+            if on:
+                params += params_l
+        self.comm.all_reduce_gradients([p for p in params if p.grad is not None])
+
+    # -- memory ------------------------------------------------------------------------------
+    def _mem_tracker(self):
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        mt = MemTracker()
+        mt.track_external(self.model, self.optimizer)
+        return mt
+
+    def _record_cpu_peak(self, mt: Any) -> None:
+        snap = mt.get_tracker_snapshot("peak")
+        total = max((int(s.get("Total", 0)) for s in snap.values()), default=0)
+        self._peak_bytes = max(self._peak_bytes or 0, total)
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self._peak_bytes
+
+    # -- FLOPs of the comparison ---------------------------------------------------------------
+    def full_ft_step_flops(self, batch_size: int) -> float | None:
+        """Counted flops of one full fine-tuning step (all tokens, every weight trained) at this
+        batch size; the model's weights, grads, optimizer and RNG are left as they were."""
+        if self.count_flops == "off":
+            return None
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        img = self.timm_model.patch_embed.img_size
+        x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for p, _ in flags:
+                    if not p.is_floating_point():
+                        continue
+                    p.requires_grad_(True)
+                self.model.train()
+                with counter() as fc, self._autocast():
+                    self.model(x).float().sum().backward()
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+                p.grad = None
+        return float(fc.get_total_flops())
+
+    # -- evaluation, state, export -----------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        self.model.eval()
+        correct, total, loss_sum = 0, 0, 0.0
+        for images, labels in batches:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(images).float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += int(labels.numel())
+        return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def export_model(self) -> nn.Module:
+        """A plain (unpatched, LoRA-merged) timm model with the trained weights, on the CPU."""
+        import copy
+
+        self.patch.unpatch()
+        try:
+            model = copy.deepcopy(self.model).cpu().eval()
+        finally:
+            self.patch = AlastPatch(self.timm_model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+            if hasattr(model.head, "modules_to_save"):
+                model.head = model.head.modules_to_save["default"]
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

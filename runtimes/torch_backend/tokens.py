@@ -1,0 +1,43 @@
+"""Token math for ALaST on tensors: CLS deltas, CLS-attention scores, top-k selection.
+
+Pure functions with no model code, shared by the eager backend and the ONNX training graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cls_delta(x_in: Tensor, x_out: Tensor) -> Tensor:
+    """Per-sample ``||CLS_out - CLS_in||^2`` (shape ``[B]``, float32, no gradient)."""
+    with torch.no_grad():
+        return (x_out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1)
+
+
+def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: float,
+                         q_norm: torch.nn.Module, k_norm: torch.nn.Module) -> Tensor:
+    """Head-averaged attention of the CLS query over all tokens, from the fused qkv projection.
+
+    ``qkv`` is the output of the attention's qkv linear, ``[B, N, 3 * heads * head_dim]``.
+    Returns ``[B, N]``: row 0 of the softmax attention map averaged over heads.
+    """
+    with torch.no_grad():
+        b, n, _ = qkv.shape
+        qkv = qkv.reshape(b, n, 3, num_heads, head_dim)
+        q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
+        k = k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
+        attn = (q.float() * scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
+        return attn.softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int) -> Tensor:
+    """Keep the prefix tokens and the ``keep`` patch tokens with the highest scores.
+
+    Each sample keeps its own indices (in their original order); the count is shared by the
+    batch. Gradients flow to the kept tokens only.
+    """
+    patch_scores = scores[:, num_prefix:]
+    idx = patch_scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    kept = torch.gather(x[:, num_prefix:], 1, idx)
+    return torch.cat([x[:, :num_prefix], kept], dim=1)
