@@ -77,10 +77,8 @@ class BackendConfig(_Section):
     name: Literal["torch", "ort"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
-    count_flops: Literal["signature", "every", "off"] = Field(
-        "signature",
-        description="count FLOPs with torch.utils.flop_counter on every step, or once per distinct "
-        "step shape (batch, tokens per block, trained set) and reuse the exact count",
+    count_flops: Literal["every", "off"] = Field(
+        "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 

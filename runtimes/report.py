@@ -12,8 +12,11 @@ class MetricsWriter:
     """Appends one JSON line per step and flushes it, so a killed run keeps what it logged."""
 
     def __init__(self, run_dir: Path, truncate_after_step: int | None = None) -> None:
+        """A fresh file, or (resuming) the existing one cut to the steps before ``truncate_after_step``."""
         self.path = Path(run_dir) / METRICS
-        if truncate_after_step is not None and self.path.exists():
+        if truncate_after_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
             kept = [l for l in read_metrics(self.path) if l.get("step", -1) < truncate_after_step]
             self.path.write_text("".join(json.dumps(l) + "\n" for l in kept))
         self._f = open(self.path, "a", buffering=1)

@@ -55,6 +55,27 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _frozen_aware_tracker_cls():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareMemTracker(MemTracker):
+        """MemTracker that also works when some parameters are frozen.
+
+        Upstream installs a gradient hook on every parameter, which fails for frozen ones. Without
+        the hooks gradients are still allocated under the tracker's dispatch mode and so still
+        count towards the peak total (only their category label is lost).
+        """
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    return FrozenAwareMemTracker
+
+
+def _FrozenAwareMemTracker():
+    return _frozen_aware_tracker_cls()()
+
+
 class TorchRuntime:
     """Eager PyTorch training of a patched timm ViT.
 
@@ -176,9 +197,7 @@ class TorchRuntime:
 
     # -- memory ------------------------------------------------------------------------------
     def _mem_tracker(self):
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        mt = MemTracker()
+        mt = _FrozenAwareMemTracker()
         mt.track_external(self.model, self.optimizer)
         return mt
 

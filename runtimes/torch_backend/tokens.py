@@ -23,7 +23,7 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
     """
     with torch.no_grad():
         b, n, _ = qkv.shape
-        qkv = qkv.reshape(b, n, 3, num_heads, head_dim)
+        qkv = qkv.detach().reshape(b, n, 3, num_heads, head_dim)
         q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
         k = k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
         attn = (q.float() * scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
