@@ -82,6 +82,12 @@ class BackendConfig(_Section):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 
+    @field_validator("count_flops", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False and `on` as True.
+        return {False: "off", True: "every"}.get(v, v) if isinstance(v, bool) else v
+
 
 class TrainConfig(_Section):
     steps: int | None = Field(150, ge=1)

@@ -153,10 +153,10 @@ def check_patchable(model: nn.Module) -> None:
         raise PatchError(f"{name} has no sequential transformer blocks")
     for i, blk in enumerate(model.blocks):
         attn = getattr(blk, "attn", None)
-        if attn is None or not isinstance(getattr(attn, "qkv", None), nn.Linear):
+        qkv = getattr(attn, "qkv", None)
+        linear = getattr(qkv, "base_layer", qkv)  # a peft LoRA layer wraps the original Linear
+        if attn is None or not isinstance(linear, nn.Linear) or not hasattr(attn, "num_heads"):
             raise PatchError(f"block {i} of {name} has no fused qkv attention; ALaST supports standard ViT blocks")
-        if getattr(attn, "gate", None) is not None:
-            pass  # a gated output does not change the attention map used for ranking
     if isinstance(model.blocks[0], _AlastBlockMixin):
         raise PatchError("model is already patched for ALaST")
 

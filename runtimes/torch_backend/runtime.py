@@ -219,9 +219,9 @@ class TorchRuntime:
             return None
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         img = self.timm_model.patch_embed.img_size
-        x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
                 for p, _ in flags:
                     if not p.is_floating_point():
                         continue

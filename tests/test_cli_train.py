@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+
+FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_train_writes_a_complete_run_dir(runner, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--steps", "4", "--batch-size", "16", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("policy", "backend", "steps", "val_accuracy", "train_flops", "full_ft_train_flops",
+                "peak_memory_bytes", "wall_time_s", "world_size"):
+        assert key in summary
+    assert summary["policy"] == "alast" and summary["steps"] == 4 and summary["world_size"] == 1
+    assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    rec = json.loads(lines[0])
+    for key in ("loss", "lr", "budgets", "kept_tokens", "trained_blocks", "step_time_s"):
+        assert key in rec
+    for name in ("config.yaml", "summary.json", "budgets.png", "final_model.safetensors"):
+        assert (out / name).exists(), name
+    assert list((out / "checkpoints").iterdir())
+
+
+def test_overrides_reach_the_run(runner, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("policy:\n  name: freeze\n  k_trained: 2\ntrain:\n  steps: 50\n")
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", str(cfg), *FAST, "--set", "train.lr=0.0005", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    resolved = (out / "config.yaml").read_text()
+    assert "lr: 0.0005" in resolved and "steps: 3" in resolved and "name: freeze" in resolved
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["trained_blocks"] == [4, 5]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model", "vit_nonexistent_model"], "unknown model 'vit_nonexistent_model'"),
+    (["--policy", "magic"], "unknown policy 'magic'"),
+    (["--backend", "jax"], "invalid value for 'backend.name'"),
+    (["--data", "imagefolder:/no/such/dir"], "image folder not found"),
+    (["--data", "mnist"], "unknown data spec"),
+    (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--steps", "-2"], "invalid value for 'train.steps'"),
+])
+def test_bad_input_exits_2_with_one_line(runner, tmp_path, args, fragment):
+    res = runner.invoke(cli, ["train", *FAST, "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and fragment in err[-1]
+    assert "Traceback" not in res.output
+
+
+def test_existing_run_dir_is_never_overwritten(runner, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    res = runner.invoke(cli, ["train", *FAST, "--out", str(out)])
+    assert res.exit_code == 2 and "exists and is not empty" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_debug_shows_traceback(runner, tmp_path):
+    res = runner.invoke(cli, ["--debug", "train", *FAST, "--policy", "magic", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "Traceback" in res.stderr

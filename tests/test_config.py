@@ -1,0 +1,55 @@
+import pytest
+
+from runtimes.config import ConfigError, apply_overrides, load_config
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg.model.name == "alast_demo_vit" and cfg.data.spec == "digits" and cfg.policy.name == "alast"
+    assert cfg.backend.name == "torch"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 10\npolicy:\n  name: full\n")
+    cfg = load_config(p, ["train.steps=200", "policy.b_min=0.6", "policy.lora.rank=4"])
+    assert cfg.train.steps == 200 and cfg.policy.name == "full" and cfg.policy.b_min == 0.6
+    assert cfg.policy.lora.rank == 4
+
+
+@pytest.mark.parametrize("yaml_text,overrides,fragment", [
+    ("train:\n  stepz: 3\n", [], "unknown config key 'train.stepz'"),
+    ("trian:\n  steps: 3\n", [], "unknown config key 'trian'"),
+    ("", ["train.steps=-1"], "invalid value for 'train.steps'"),
+    ("", ["train.batch_size=0"], "invalid value for 'train.batch_size'"),
+    ("", ["backend.name=tensorflow"], "invalid value for 'backend.name'"),
+    ("", ["train.lr=abc"], "invalid value for 'train.lr'"),
+    ("", ["policy.b_init=0.3"], "b_init"),
+    ("", ["steps=3"], "malformed --set"),
+    ("", ["train.steps"], "malformed --set"),
+    ("train: [1, 2\n", [], "YAML syntax error"),
+    ("- a\n- b\n", [], "must be a mapping"),
+])
+def test_config_errors_name_the_key(tmp_path, yaml_text, overrides, fragment):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, overrides)
+    assert fragment in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_lora_policy_names():
+    assert load_config(None, ["policy.name=lora"]).policy.planner == "full"
+    cfg = load_config(None, ["policy.name=alast+lora"])
+    assert cfg.policy.planner == "alast" and cfg.policy.lora is not None
+
+
+def test_apply_overrides_refuses_value_as_section():
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"train": 3}, ["train.steps=1"])

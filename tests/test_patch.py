@@ -1,0 +1,117 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from runtimes.torch_backend.patch import AlastPatch, PatchError
+from runtimes.torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+
+
+@pytest.mark.parametrize("init_values,reg_tokens", [(None, 0), (1e-2, 0), (None, 2)])
+def test_full_budget_parity_logits_and_grads(init_values, reg_tokens, batch):
+    x, y = batch
+    ref = make_tiny_vit(init_values=init_values, reg_tokens=reg_tokens)
+    pat = copy.deepcopy(ref)
+    patch = AlastPatch(pat)
+    ref.train(), pat.train()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    with patch.training_forward((None,) * 4) as ctl:
+        out = pat(x)
+    torch.nn.functional.cross_entropy(out, y).backward()
+    assert torch.allclose(out, ref(x), atol=1e-6)
+    for (n, a), (_, b) in zip(ref.named_parameters(), pat.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+    assert all(d is not None and d.shape == (6,) for d in ctl.deltas)
+
+
+def test_unpatch_restores_plain_model(tiny_vit, batch):
+    cls_before = [type(b) for b in tiny_vit.blocks]
+    patch = AlastPatch(tiny_vit)
+    assert all(type(b).__name__.startswith("Alast") for b in tiny_vit.blocks)
+    with pytest.raises(PatchError, match="already patched"):
+        AlastPatch(tiny_vit)
+    patch.unpatch()
+    assert [type(b) for b in tiny_vit.blocks] == cls_before
+    assert not any(b.attn.qkv._forward_hooks for b in tiny_vit.blocks)
+    AlastPatch(tiny_vit)  # can be patched again
+
+
+def test_kept_tokens_follow_keep_counts_and_prefix_survives(batch):
+    x, _ = batch
+    model = make_tiny_vit(reg_tokens=2)
+    patch = AlastPatch(model)
+    assert patch.num_prefix == 3 and patch.num_patches == 16
+    seen = []
+    hook = model.norm.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    model.train()
+    with patch.training_forward((12, None, 6, 3)) as ctl:
+        model(x)
+    assert ctl.tokens_in == [16, 12, 12, 6]
+    assert seen == [3 + 3]
+    hook.remove()
+
+
+def test_eval_mode_uses_all_tokens(tiny_vit, batch):
+    x, _ = batch
+    patch = AlastPatch(tiny_vit)
+    ref = copy.deepcopy(tiny_vit)
+    patch_ref = ref._alast_patch
+    patch_ref.unpatch()
+    tiny_vit.eval(), ref.eval()
+    with patch.training_forward((2, 2, 2, 2)):
+        out = tiny_vit(x)
+    assert torch.allclose(out, ref(x), atol=1e-6)
+
+
+def test_select_tokens_keeps_cls_and_top_scores():
+    x = torch.arange(2 * 5 * 1, dtype=torch.float).reshape(2, 5, 1)
+    scores = torch.tensor([[9.0, 0.1, 0.9, 0.2, 0.8], [9.0, 0.7, 0.1, 0.6, 0.2]])
+    out = select_tokens(x, scores, 2, num_prefix=1)
+    assert out[:, 0, 0].tolist() == [0.0, 5.0]           # CLS kept
+    assert out[0, 1:, 0].tolist() == [2.0, 4.0]          # patches 2 and 4, original order
+    assert out[1, 1:, 0].tolist() == [6.0, 8.0]          # per-sample indices
+
+
+def test_cls_delta_hand_computed():
+    x_in = torch.zeros(2, 3, 2)
+    x_out = torch.zeros(2, 3, 2)
+    x_out[0, 0] = torch.tensor([3.0, 4.0])
+    x_out[1, 1] = 7.0  # not the CLS token: no effect
+    assert cls_delta(x_in, x_out).tolist() == [25.0, 0.0]
+
+
+def test_cls_attention_scores_match_explicit_attention(tiny_vit):
+    attn = tiny_vit.blocks[0].attn
+    x = torch.randn(3, 17, 32)
+    qkv = attn.qkv(x)
+    scores = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
+    q, k, _ = qkv.reshape(3, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    full = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, H, N, N]
+    assert torch.allclose(scores, full[:, :, 0].mean(1), atol=1e-6)
+    assert torch.allclose(scores.sum(-1), torch.ones(3))
+
+
+def test_token_dropping_changes_flops_and_logits(tiny_vit, batch):
+    from runtimes.torch_backend.flops import counter
+
+    x, _ = batch
+    patch = AlastPatch(tiny_vit)
+    tiny_vit.train()
+    with counter() as full_count, patch.training_forward((None,) * 4):
+        full = tiny_vit(x)
+    with counter() as drop_count, patch.training_forward((4, 2, 1, 1)):
+        dropped = tiny_vit(x)
+    assert drop_count.get_total_flops() < 0.5 * full_count.get_total_flops()
+    assert not torch.allclose(full, dropped)
+
+
+def test_non_vit_is_refused():
+    with pytest.raises(PatchError, match="not a timm VisionTransformer"):
+        AlastPatch(torch.nn.Linear(2, 2))
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False,
+                          global_pool="avg")
+    with pytest.raises(PatchError, match="no class token"):
+        AlastPatch(m)

@@ -1,0 +1,150 @@
+import ast
+import math
+import pathlib
+
+import pytest
+
+from planners import Budget, Observation, PlannerError, create_planner, kept_token_counts
+from planners import rules
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_planners_never_import_torch():
+    for path in (ROOT / "planners").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{path} imports torch"
+
+
+def test_top_level_packages_are_this_projects():
+    import alast_cli
+    import planners
+    import runtimes
+
+    for mod in (alast_cli, planners, runtimes):
+        assert pathlib.Path(mod.__file__).resolve().parent.parent == ROOT
+
+
+@pytest.mark.parametrize("ratios,n,min_tokens,expected_in,expected_out", [
+    ((1.0, 1.0), 16, 1, (16, 16), (16, 16)),
+    ((0.5, 0.5, 0.5), 16, 1, (16, 8, 4), (8, 4, 2)),
+    ((0.9, 0.9), 10, 1, (10, 9), (9, 8)),
+    ((0.1, 0.1), 16, 1, (16, 1), (1, 1)),
+    ((0.1, 0.1), 16, 3, (16, 3), (3, 3)),
+    ((0.7,), 10, 1, (10,), (7,)),  # 0.7 * 10 = 7.000000000000001 in floats
+])
+def test_kept_token_counts(ratios, n, min_tokens, expected_in, expected_out):
+    assert kept_token_counts(ratios, n, min_tokens) == (expected_in, expected_out)
+
+
+def test_budget_update_matches_hand_computation():
+    b = rules.update_budgets([0.9, 0.9, 0.6], [2.0, 0.5, 0.0], [0.0, 1.0, 0.0], alpha=0.1, b_min=0.5, b_max=1.0)
+    # 0.9 + 0.1*2.0 = 1.1 -> clipped 1.0; 0.9 + 0.1*(-0.5) = 0.85; 0.6 unchanged
+    assert b == pytest.approx([1.0, 0.85, 0.6])
+    b = rules.update_budgets([0.55], [0.0], [1.0], alpha=0.2, b_min=0.5, b_max=1.0)
+    assert b == pytest.approx([0.5])
+
+
+def test_alast_planner_rule_and_state():
+    p = create_planner("alast", 4, alpha=0.1, k_trained=2, seed=3)
+    b0 = p.plan(0, 0.0)
+    assert b0.keep_ratios == (0.9,) * 4 and len(b0.trained_blocks) == 2
+    p.observe(Observation(0, 0.0, (1.0, 0.0, 0.5, 2.0)))
+    assert p.budgets == pytest.approx([1.0, 0.9, 0.95, 1.0])
+    p.observe(Observation(1, 0.1, (0.0, 0.0, 0.5, 0.0)))  # changes: -1, 0, 0, -2
+    assert p.budgets == pytest.approx([0.9, 0.9, 0.95, 0.8])
+    state = p.state_dict()
+    q = create_planner("alast", 4, alpha=0.1, k_trained=2, seed=3)
+    q.load_state_dict(state)
+    assert q.plan(7, 0.5) == p.plan(7, 0.5)
+
+
+def test_alast_selection_is_a_function_of_seed_and_step():
+    a = create_planner("alast", 12, seed=1)
+    b = create_planner("alast", 12, seed=1)
+    assert [a.plan(s, 0).trained for s in range(20)] == [b.plan(s, 0).trained for s in range(20)]
+    assert len({a.plan(s, 0).trained for s in range(20)}) > 1
+    assert all(len(a.plan(s, 0).trained_blocks) == 9 for s in range(5))  # 9 of 12 by default
+
+
+def test_alast_topk_mode_takes_highest_budgets():
+    p = create_planner("alast", 4, k_trained=2, freeze_mode="topk", alpha=1.0)
+    p.observe(Observation(0, 0, (0.0, 0.05, 0.0, 0.1)))
+    assert p.plan(1, 0).trained_blocks == (1, 3)
+
+
+def test_sampling_follows_softmax_weights():
+    rng = rules.step_rng(0, 0)
+    counts = [0, 0, 0]
+    for _ in range(3000):
+        for i in rules.sample_without_replacement([0.8, 0.1, 0.1], 1, rng):
+            counts[i] += 1
+    assert counts[0] > 2000 and counts[1] > 150
+
+
+@pytest.mark.parametrize("name,kwargs,trained,ratios", [
+    ("full", {}, (True,) * 4, (1.0,) * 4),
+    ("freeze", {"k_trained": 1}, (False, False, False, True), (1.0,) * 4),
+    ("tokens", {"keep_ratio": 0.5}, (True,) * 4, (0.5,) * 4),
+    ("tokens", {"keep_ratio": [1.0, 0.5, 1.0, 0.25]}, (True,) * 4, (1.0, 0.5, 1.0, 0.25)),
+])
+def test_static_policies(name, kwargs, trained, ratios):
+    p = create_planner(name, 4, **kwargs)
+    assert p.plan(0, 0.0) == p.plan(99, 0.9)
+    b = p.plan(5, 0.5)
+    assert b.trained == trained and b.keep_ratios == ratios
+
+
+def test_random_policy_draws_k_blocks_per_step():
+    p = create_planner("random", 6, k_trained=2, seed=0)
+    sets = {p.plan(s, 0).trained_blocks for s in range(30)}
+    assert all(len(s) == 2 for s in sets) and len(sets) > 5
+
+
+def test_default_k_trained():
+    assert rules.default_k_trained(12) == 9 and rules.default_k_trained(6) == 5
+    assert rules.default_k_trained(4) == 3 and rules.default_k_trained(1) == 1
+
+
+@pytest.mark.parametrize("name,kwargs,fragment", [
+    ("nope", {}, "unknown policy 'nope'"),
+    ("alast", {"b_min": 0.9, "b_init": 0.5}, "b_init"),
+    ("alast", {"freeze_mode": "x"}, "freeze_mode"),
+    ("alast", {"k_trained": 13}, "k_trained"),
+    ("full", {"keep_ratio": 0.5}, "does not take option(s) keep_ratio"),
+    ("tokens", {"keep_ratio": 1.5}, "keep_ratio"),
+])
+def test_planner_errors_name_the_problem(name, kwargs, fragment):
+    with pytest.raises(PlannerError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        create_planner(name, 12, **kwargs)
+
+
+def test_budget_validates():
+    with pytest.raises(ValueError):
+        Budget((0.0,), (True,))
+    with pytest.raises(ValueError):
+        Budget((1.0, 1.0), (True,))
+
+
+def test_duplicate_registration_is_an_error():
+    from planners import register_planner
+
+    with pytest.raises(PlannerError, match="already registered"):
+        @register_planner("full")
+        class Again:  # noqa: F841
+            def plan(self): ...
+            def observe(self): ...
+            def state_dict(self): ...
+            def load_state_dict(self): ...
+
+
+def test_delta_reduction():
+    assert rules.reduce_deltas([1.0, 3.0], "mean") == 2.0
+    assert rules.reduce_deltas([1.0, 3.0], "sum") == 4.0
+    assert math.isclose(rules.softmax([0.0, 0.0])[0], 0.5)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from planners import Budget
+from runtimes.torch_backend.flops import counter, register_cpu_sdpa
+from runtimes.torch_backend.runtime import TorchRuntime
+
+
+def make_runtime(model=None, **kw):
+    opts = dict(lr=1e-2, weight_decay=0.05, grad_clip=None, device="cpu")
+    opts.update(kw)
+    return TorchRuntime(model or make_tiny_vit(), **opts)
+
+
+def test_frozen_blocks_get_no_gradient_and_do_not_change(batch):
+    x, y = batch
+    rt = make_runtime()
+    before = [[p.detach().clone() for p in ps] for ps in rt.block_params]
+    budget = Budget((1.0,) * 4, (False, True, False, True))
+    res = rt.train_step(x, y, budget, lr=1e-2, step=0)
+    assert res.trained_blocks == (1, 3)
+    for i, (ps, old) in enumerate(zip(rt.block_params, before)):
+        changed = any(not torch.equal(p, o) for p, o in zip(ps, old))
+        assert changed == (i in (1, 3)), f"block {i}"
+        if i in (0, 2):
+            assert all(p.grad is None for p in ps)
+    # AdamW state exists only for what was trained (weight decay included)
+    state_ids = {id(p) for p in rt.optimizer.state}
+    assert not any(id(p) in state_ids for p in rt.block_params[0])
+
+
+def test_step_result_reports_tokens_deltas_and_flops(batch):
+    x, y = batch
+    rt = make_runtime()
+    full = rt.train_step(x, y, Budget((1.0,) * 4, (True,) * 4), 1e-3, 0)
+    part = rt.train_step(x, y, Budget((0.5,) * 4, (True, True, False, False)), 1e-3, 1)
+    assert full.tokens_in == (16,) * 4 and full.kept_tokens == (16,) * 4
+    assert part.tokens_in == (16, 8, 4, 2) and part.kept_tokens == (8, 4, 2, 1)
+    assert len(part.deltas) == 4 and all(d >= 0 for d in part.deltas)
+    assert 0 < part.train_flops < full.train_flops
+    assert rt.full_ft_step_flops(6) == pytest.approx(full.train_flops, rel=1e-9)
+
+
+def test_full_ft_count_leaves_state_untouched(batch):
+    x, y = batch
+    rt = make_runtime()
+    rt.train_step(x, y, Budget((1.0,) * 4, (True, False, True, False)), 1e-3, 0)
+    flags = [p.requires_grad for p in rt.model.parameters()]
+    params = [p.detach().clone() for p in rt.model.parameters()]
+    rng = torch.get_rng_state()
+    rt.full_ft_step_flops(6)
+    assert flags == [p.requires_grad for p in rt.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params, rt.model.parameters()))
+    assert all(p.grad is None for p in rt.model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_fused_attention_is_counted_on_cpu():
+    register_cpu_sdpa()
+    q = torch.randn(2, 2, 17, 16, requires_grad=True)
+    with counter() as c:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    # forward: 2 matmuls of 2*B*H*N*N*d; backward counts the flash recomputation too
+    fwd = 2 * (2 * 2 * 2 * 17 * 17 * 16)
+    assert c.get_total_flops() > fwd * 2
+
+
+def test_nan_loss_raises_with_step(batch):
+    from runtimes.protocol import NonFiniteLoss
+
+    x, y = batch
+    rt = make_runtime()
+    with pytest.raises(NonFiniteLoss, match="step 4"):
+        rt.train_step(x * float("nan"), y, Budget((1.0,) * 4, (True,) * 4), 1e-3, 4)
+
+
+def test_lora_trains_only_adapters_and_head(batch):
+    x, y = batch
+    rt = make_runtime(lora=dict(rank=2, alpha=4.0, dropout=0.0, targets=["qkv"]))
+    trainable = [n for n, p in rt.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "head" in n for n in trainable)
+    assert all(len(ps) == 2 for ps in rt.block_params)  # lora_A, lora_B per block
+    res = rt.train_step(x, y, Budget((0.5,) * 4, (True, False, True, False)), 1e-2, 0)
+    assert res.kept_tokens == (8, 4, 2, 1)
+    plain = rt.export_model()
+    assert type(plain).__name__ == "VisionTransformer"
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    rt.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), rt.model(x), atol=1e-5)
+
+
+def test_export_model_is_unpatched_copy(batch):
+    x, y = batch
+    rt = make_runtime()
+    rt.train_step(x, y, Budget((0.5,) * 4, (True,) * 4), 1e-2, 0)
+    plain = rt.export_model()
+    assert all(not type(b).__name__.startswith("Alast") for b in plain.blocks)
+    assert all(type(b).__name__.startswith("Alast") for b in rt.timm_model.blocks)
+    rt.train_step(x, y, Budget((0.5,) * 4, (True,) * 4), 1e-2, 1)  # still trains after export
