@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .bench_cmd import bench_command
 from .train_cmd import train_command
 
 
@@ -19,6 +20,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 cli.add_command(train_command)
+cli.add_command(bench_command)
 
 
 def main() -> None:

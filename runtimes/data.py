@@ -84,6 +84,19 @@ def _synthetic(family: str, transform: Callable) -> DataBundle:
     return DataBundle(to_tensor(train), to_tensor(val), list(train.classes))
 
 
+def _random_images(data_cfg: dict[str, Any], n: int, seed: int, num_classes: int = 10) -> DataBundle:
+    """Normal-noise images at the model's input size: for timing real architectures, not accuracy."""
+    if n < 2:
+        raise DataError("random:N needs N >= 2")
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = data_cfg["input_size"]
+    x = torch.randn(n, c, h, w, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    split = max(1, n // 8)
+    return DataBundle(TensorImageDataset(x[split:], y[split:]), TensorImageDataset(x[:split], y[:split]),
+                      [str(i) for i in range(num_classes)])
+
+
 def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     """Indices of unreadable files; raises on the first one unless ``skip_bad``."""
     from PIL import Image
@@ -179,8 +192,9 @@ def _count_classes(ds: Dataset) -> int:
 
 def describe_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
-    if kind not in ("digits", "shapes", "imagefolder", "torchvision"):
-        raise DataError(f"unknown data spec {spec!r}; use digits, shapes, imagefolder:PATH or torchvision:NAME")
+    if kind not in ("digits", "shapes", "imagefolder", "torchvision", "random"):
+        raise DataError(f"unknown data spec {spec!r}; use digits, shapes, imagefolder:PATH, torchvision:NAME "
+                        "or random[:N] (timing only)")
     if kind in ("imagefolder", "torchvision") and not arg:
         raise DataError(f"data spec {spec!r} needs a value, e.g. {kind}:{'PATH' if kind == 'imagefolder' else 'CIFAR100'}")
     return kind, arg
@@ -200,6 +214,8 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
         return _digits(eval_tf, val_fraction, seed)
     if kind == "shapes":
         return _synthetic("shapes", eval_tf)
+    if kind == "random":
+        return _random_images(data_cfg, int(arg) if arg else 256, seed)
     if kind == "imagefolder":
         bundle = _imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images)
     else:
