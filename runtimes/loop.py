@@ -163,8 +163,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         step_times = [r["step_time_s"] for r in prev]
 
     try:
-        for step, idx in zip(range(start, steps), sampler):
-            images, labels = _collate(data.train, idx)
+        batches = train_batches(data.train, sampler, cfg.data.num_workers)
+        for step, (images, labels) in zip(range(start, steps), batches):
             progress = step / steps
             budget = planner.plan(step, progress)
             check_budget(runtime, budget)
@@ -206,11 +206,6 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         _write_final(run_dir, runtime, summary, cfg)
     hooks.on_end(summary)
     return summary
-
-
-def _collate(ds, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [ds[i] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.as_tensor([y for _, y in items], dtype=torch.long)
 
 
 def _summary(cfg, run_dir, runtime, data, data_cfg, steps, metrics, counted_flops, uncounted_steps, full_step,
