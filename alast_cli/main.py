@@ -4,6 +4,8 @@ from __future__ import annotations
 import click
 
 from .bench_cmd import bench_command
+from .plan_cmd import plan_command, profile_command
+from .export_cmd import eval_command, export_command
 from .train_cmd import train_command
 
 
@@ -21,6 +23,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 cli.add_command(train_command)
 cli.add_command(bench_command)
+cli.add_command(profile_command)
+cli.add_command(plan_command)
+cli.add_command(export_command)
+cli.add_command(eval_command)
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import run_guarded
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_guarded
 from .options import config_options, resolve_config
 
 
@@ -16,39 +18,79 @@ def default_run_dir(policy: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{policy.replace('+', '-')}"
 
 
-def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
-              as_json: bool, skip_bad_images: bool, named: dict[str, Any]) -> dict[str, Any]:
-    from runtimes import loop
-
-    from .render import console, make_progress, summary_table, training_hooks
-
+def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool,
+             named: dict[str, Any]):
     if resume and out is None:
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
     if resume:
         from runtimes.resume import resume_config
 
-        cfg = resume_config(Path(out), config, overrides, named)
-    else:
-        cfg = resolve_config(config, overrides, **named)
+        return resume_config(Path(out), config, overrides, named)
+    return resolve_config(config, overrides, **named)
+
+
+def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
+              as_json: bool, skip_bad_images: bool, named: dict[str, Any]) -> dict[str, Any]:
+    from runtimes import loop
+    from runtimes.distributed import init_from_env
+
+    from .render import console, summary_table
+
+    cfg = _resolve(config, overrides, out, resume, named)
     if skip_bad_images:
         cfg.data.skip_bad_images = True
     if force:
         cfg.output.force = True
-    run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
+    # Under torchrun (WORLD_SIZE > 1) join the process group; rank 0 alone prints and writes.
+    dist_comm = init_from_env(cfg.backend.device)
+    comm = loop.Comm(dist_comm.rank, dist_comm.world_size, dist_comm) if dist_comm else loop.Comm()
+    try:
+        run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
+        run_dir = Path(comm.broadcast_object(str(run_dir)))
+        summary = _train(cfg, run_dir, resume, comm)
+    finally:
+        if dist_comm is not None:
+            dist_comm.close()
+    if comm.is_main:
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            console.print(summary_table(summary, run_dir))
+    return summary
+
+
+def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
+    from runtimes import loop
+
+    from .render import console, make_progress, training_hooks
+
     overrides_for_planner, plan_info = None, None
     if cfg.policy.target_flops is not None:
         from runtimes.planning import solve_target
 
         overrides_for_planner, plan_info = solve_target(cfg)
-        console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {plan_info['knobs']}[/dim]")
+        if comm.is_main:
+            console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {plan_info['knobs']}[/dim]")
+    kwargs = dict(resume=resume, comm=comm, planner_overrides=overrides_for_planner, plan_info=plan_info)
+    if not comm.is_main:
+        return loop.train(cfg, run_dir, **kwargs)
     with make_progress() as progress:
-        summary = loop.train(cfg, run_dir, resume=resume, hooks=training_hooks(progress),
-                             planner_overrides=overrides_for_planner, plan_info=plan_info)
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        console.print(summary_table(summary, run_dir))
-    return summary
+        return loop.train(cfg, run_dir, hooks=training_hooks(progress), **kwargs)
+
+
+def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple[str, ...], out: Path | None,
+           resume: bool, force: bool, named: dict[str, Any]) -> None:
+    """Check the input once here (one clean error instead of one per rank), then rerun on N ranks."""
+    from runtimes.distributed import launch_torchrun
+    from runtimes.loop import check_run_dir
+
+    cfg = _resolve(config, overrides, out, resume, named)
+    if out is None:  # every rank must write to the same directory
+        ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
+    check_run_dir(Path(out), resume, force or cfg.output.force)
+    code = launch_torchrun(nproc, ctx)
+    if code:
+        sys.exit(code)
 
 
 @click.command("train")
@@ -57,15 +99,44 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--force", is_flag=True, help="write into an existing non-empty run directory")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of failing")
-@click.option("--nproc", type=int, default=1, show_default=True, help="data-parallel processes (torchrun)")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="data-parallel processes (runs torchrun)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.pass_context
 def train_command(ctx: click.Context, config, overrides, out, resume, force, skip_bad_images, nproc, as_json,
                   **named) -> None:
     """Fine-tune a ViT with a policy (alast, full, freeze, tokens, random, +lora)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
-    if nproc and nproc > 1:
-        from runtimes.distributed import launch_torchrun
+    if nproc > 1:
+        run_guarded(lambda: launch(ctx, nproc, config, overrides, out, resume, force, named), debug)
+        return
+    work = lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named)  # noqa: E731
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _run_worker(lambda: run_guarded(work, debug), quiet=not debug and int(os.environ.get("RANK", "0")) > 0)
+    else:
+        run_guarded(work, debug)
 
-        raise SystemExit(launch_torchrun(nproc, ctx))
-    run_guarded(lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named), debug)
+
+def _run_worker(fn, quiet: bool) -> None:
+    """Run one torchrun worker.
+
+    SIGTERM is ignored outside the training loop (which turns it into save-and-stop): torchrun
+    sends it to every other rank as soon as one rank exits, and a rank failing on the same bad
+    input must still get to say why. On ranks > 0 (``quiet``) the message of a bad-input or
+    interrupt exit is dropped, since every rank stops alike and rank 0 reports it; other failures
+    may be rank-specific and are shown.
+    """
+    import contextlib
+    import io
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf) if quiet else contextlib.nullcontext():
+            fn()
+    except SystemExit as exc:
+        if exc.code not in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+            sys.stderr.write(buf.getvalue())
+        raise
+    sys.stderr.write(buf.getvalue())

@@ -81,7 +81,7 @@ def load_weights(model: nn.Module, path: Path, skip_head: bool = False) -> None:
         raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False, checkpoint: Path | None = None,
+def create_model(name: str, num_classes: int, *, pretrained: bool | None = None, checkpoint: Path | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
     """Build ``name`` with a fresh ``num_classes`` head.
 
@@ -90,7 +90,8 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, check
     """
     if name == DEMO_MODEL:
         extra = {"img_size": img_size} if img_size else {}
-        model = build_demo_model(num_classes, pretrained=checkpoint is None, drop_path_rate=drop_path_rate, **extra)
+        use_shipped = checkpoint is None and pretrained is not False
+        model = build_demo_model(num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate, **extra)
         if checkpoint is not None:
             load_weights(model, Path(checkpoint))
         return model
@@ -109,7 +110,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, check
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint), num_classes=None)
         pretrained = True
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"

@@ -8,9 +8,12 @@ functions evaluated on a pixel grid, a whole batch at a time, on CPU or CUDA. Tw
     single primitives -- filled and outlined discs, rings, squares/diamonds, triangles, ellipses,
     line strokes, arcs, corners, crosses, stripe gratings, checkerboards and counted blobs -- where
     the label is the primitive type times an attribute (orientation, opening direction, count).
-    Random position, scale, stroke thickness, colours, background gradient, blur and noise; about a
-    third of the images are light strokes on a dark background. The aim is edge, stroke, curvature
-    and layout features that transfer to handwritten digits.
+    Random position, scale, mild affine distortion, stroke thickness, colours (sometimes low
+    contrast), background gradient, a short distractor stroke, blur, re-sampling through 10x10 or
+    16x16 (like upsampled 8x8 digits) and noise; about a third of the images are light strokes on a
+    dark background. The aim is edge, stroke, curvature and layout features that transfer to
+    handwritten digits. The demo ViT reaches about 96% held-out accuracy on it after the default
+    ``pretrain_demo_backbone.py`` run, so it is learnable but not trivial.
 
 ``shapes`` (25 classes)
     A harder synthetic fine-tuning benchmark, distinct from ``pretrain``: composite glyphs whose
@@ -21,6 +24,7 @@ functions evaluated on a pixel grid, a whole batch at a time, on CPU or CUDA. Tw
     dataset is identical every time.
 
 API: :func:`generate_batch`, :func:`num_classes`, :func:`class_names`, :class:`SyntheticDataset`.
+A CPU and a CUDA generator with the same seed give different (each reproducible) streams.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SIZE = 32
@@ -100,9 +105,6 @@ class _Rng:
     def n(self, *shape: int) -> Tensor:
         return torch.randn(*shape, generator=self.g, device=self.g.device).to(self.device)
 
-    def sign(self, m: int) -> Tensor:
-        return self.u(m).lt(0.5).float() * 2 - 1
-
 
 def _c(t: Tensor) -> Tensor:  # [m] -> [m,1,1]
     return t[:, None, None]
@@ -172,7 +174,7 @@ def _colours(rng: _Rng, bg: Tensor) -> Tensor:
     """Colours [m,3] with a clear luminance contrast to the background colours ``bg`` [m,3]."""
     m = bg.shape[0]
     lum = bg.mean(1)
-    target = lum + torch.where(lum < 0.5, 1.0, -1.0) * rng.u(m, lo=0.35, hi=0.75)
+    target = lum + torch.where(lum < 0.5, 1.0, -1.0) * rng.u(m, lo=0.2, hi=0.75)
     chroma = rng.u(m, 3, lo=-0.3, hi=0.3)
     return (target[:, None] + chroma - chroma.mean(1, keepdim=True)).clamp(0, 1)
 
@@ -190,64 +192,61 @@ def _jitter(rng, m, deg):
 def _pretrain_alpha(kind: str, attr: Tensor, rng: _Rng, x: Tensor, y: Tensor) -> Tensor:
     m = attr.shape[0]
     attr = attr.float()
-    t = _c(rng.u(m, lo=1.3, hi=3.5))  # stroke thickness
-    r = rng.u(m, lo=5.0, hi=12.0)
+    t = _c(rng.u(m, lo=1.2, hi=3.5))  # stroke thickness
+    r = rng.u(m, lo=4.5, hi=12.0)
+
+    def frame(extent: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Random placement, rotation ``theta`` and a mild random affine distortion."""
+        cx, cy = _place(rng, m, extent)
+        u, v = _local(x, y, cx, cy, theta)
+        sx, sy, shear = rng.u(m, lo=0.85, hi=1.18), rng.u(m, lo=0.85, hi=1.18), rng.u(m, lo=-0.12, hi=0.12)
+        return u * _c(sx) + v * _c(shear), v * _c(sy)
+
+    def oriented(step_deg: float, jitter_deg: float) -> Tensor:
+        return attr * step_deg * _DEG + _jitter(rng, m, jitter_deg)
+
+    outline = kind.endswith("outline") or kind == "ring"
     if kind in ("disc", "ring"):
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, torch.zeros_like(r))
-        d = _sd_circle(u, v, _c(r))
-        return _alpha(d if kind == "disc" else d.abs() - t / 2)
-    if kind in ("square", "square_outline"):
-        h = r / math.sqrt(2)
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 45 * _DEG + _jitter(rng, m, 10))
-        d = _sd_box(u, v, _c(h))
-        return _alpha(d if kind == "square" else d.abs() - t / 2)
-    if kind in ("triangle", "triangle_outline"):
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 90 * _DEG + _jitter(rng, m, 12))
+        u, v = frame(r, rng.u(m, hi=2 * math.pi))
+        d = _sd_circle(u, v, _c(r) * 0.9)
+    elif kind in ("square", "square_outline"):
+        u, v = frame(r, oriented(45, 12))
+        d = _sd_box(u, v, _c(r) * 0.65)
+    elif kind in ("triangle", "triangle_outline"):
+        u, v = frame(r, oriented(90, 20))
         d = _sd_triangle(u, v, _c(r))
-        return _alpha(d if kind == "triangle" else d.abs() - t / 2)
-    if kind in ("ellipse", "ellipse_outline"):
-        b = r / rng.u(m, lo=1.8, hi=2.6)
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 45 * _DEG + _jitter(rng, m, 10))
-        d = _sd_ellipse(u, v, _c(r), _c(b).clamp(min=2.0))
-        return _alpha(d if kind == "ellipse" else d.abs() - t / 2)
-    if kind == "line":
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 45 * _DEG + _jitter(rng, m, 10))
-        return _alpha(_sd_segment(u, v, -_c(r), _c(r)) - t / 2)
-    if kind == "arc":
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 90 * _DEG + _jitter(rng, m, 15))
-        half_gap = _c(rng.u(m, lo=35.0, hi=65.0) * _DEG)
-        return _alpha(_sd_arc(u, v, _c(r).clamp(min=6.0), half_gap) - t / 2)
-    if kind == "corner":  # arms along local +u and +v; attr = quadrant
-        arm = r * 1.4
-        cx, cy = _place(rng, m, arm / 2 + 1)
-        th = attr * 90 * _DEG + _jitter(rng, m, 12)
-        # shift so the corner's bounding box is centred on (cx, cy)
-        off = arm / 2 * math.sqrt(2)
-        cx = cx - off * torch.cos(th + math.pi / 4)
-        cy = cy - off * torch.sin(th + math.pi / 4)
-        u, v = _local(x, y, cx, cy, th)
+    elif kind in ("ellipse", "ellipse_outline"):
+        u, v = frame(r, oriented(45, 14))
+        b = (r / rng.u(m, lo=1.9, hi=2.8)).clamp(min=2.0)
+        d = _sd_ellipse(u, v, _c(r), _c(b))
+    elif kind == "line":
+        u, v = frame(r, oriented(45, 13))
+        d = _sd_segment(u, v, -_c(r), _c(r)) - t / 2
+    elif kind == "arc":
+        rr = r.clamp(min=5.5)
+        u, v = frame(rr, oriented(90, 20))
+        d = _sd_arc(u, v, _c(rr), _c(rng.u(m, lo=30.0, hi=65.0) * _DEG)) - t / 2
+    elif kind == "corner":  # arms along local +u and +v, bounding box centred; attr = quadrant
+        arm, th = r * 1.4, oriented(90, 20)
+        u, v = frame(arm * 0.75 + 1, th)
+        u, v = u + _c(arm) / 2, v + _c(arm) / 2
         zero = torch.zeros_like(_c(arm))
-        d = torch.minimum(_sd_segment(u, v, zero, _c(arm)), _sd_segment(v, u, zero, _c(arm)))
-        return _alpha(d - t / 2)
-    if kind == "cross":
-        cx, cy = _place(rng, m, r)
-        u, v = _local(x, y, cx, cy, attr * 45 * _DEG + _jitter(rng, m, 10))
-        d = torch.minimum(_sd_segment(u, v, -_c(r), _c(r)), _sd_segment(v, u, -_c(r), _c(r)))
-        return _alpha(d - t / 2)
+        d = torch.minimum(_sd_segment(u, v, zero, _c(arm)), _sd_segment(v, u, zero, _c(arm))) - t / 2
+    elif kind == "cross":
+        u, v = frame(r, oriented(45, 12))
+        d = torch.minimum(_sd_segment(u, v, -_c(r), _c(r)), _sd_segment(v, u, -_c(r), _c(r))) - t / 2
+    else:
+        d = None
+    if d is not None:
+        return _alpha(d.abs() - t / 2 if outline else d)
     if kind == "grating":
         period = _c(rng.u(m, lo=3.5, hi=9.0))
-        u, _ = _local(x, y, rng.u(m, hi=SIZE), rng.u(m, hi=SIZE), attr * 45 * _DEG + _jitter(rng, m, 8))
+        u, _ = _local(x, y, rng.u(m, hi=SIZE), rng.u(m, hi=SIZE), attr * 45 * _DEG + _jitter(rng, m, 12))
         w = torch.sin(2 * math.pi * u / period)
         return (w * _c(rng.u(m, lo=1.0, hi=4.0)) + 0.5).clamp(0, 1)
     if kind == "checker":
         cell = _c(rng.u(m, lo=3.0, hi=6.5))
-        u, v = _local(x, y, rng.u(m, hi=SIZE), rng.u(m, hi=SIZE), attr * 45 * _DEG + _jitter(rng, m, 8))
+        u, v = _local(x, y, rng.u(m, hi=SIZE), rng.u(m, hi=SIZE), attr * 45 * _DEG + _jitter(rng, m, 12))
         w = torch.sin(math.pi * u / cell) * torch.sin(math.pi * v / cell)
         return (w * _c(rng.u(m, lo=2.0, hi=6.0)) + 0.5).clamp(0, 1)
     if kind == "blobs":  # attr = count, blobs in distinct cells of a jittered 3x3 grid
@@ -267,7 +266,7 @@ def _pretrain_alpha(kind: str, attr: Tensor, rng: _Rng, x: Tensor, y: Tensor) ->
 def _blur(img: Tensor) -> Tensor:
     k = torch.tensor([0.25, 0.5, 0.25], device=img.device)
     k2 = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
-    return torch.nn.functional.conv2d(torch.nn.functional.pad(img, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+    return F.conv2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
 
 
 def _background(rng: _Rng, n: int, x: Tensor, y: Tensor, gray_frac: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -283,7 +282,7 @@ def _background(rng: _Rng, n: int, x: Tensor, y: Tensor, gray_frac: float) -> tu
 
 def _fg_colours(rng: _Rng, bg: Tensor, gray: Tensor) -> Tensor:
     m = bg.shape[0]
-    return torch.where(gray[:, None], rng.u(m, lo=0.55, hi=1.0)[:, None].expand(m, 3), _colours(rng, bg))
+    return torch.where(gray[:, None], rng.u(m, lo=0.45, hi=1.0)[:, None].expand(m, 3), _colours(rng, bg))
 
 
 def _finish(rng: _Rng, img: Tensor, blur_prob: float, noise_hi: float) -> Tensor:
@@ -310,15 +309,30 @@ def _render(labels: Tensor, rng: _Rng, table, alpha_fn: Callable, gray_frac: flo
     return _finish(rng, img, blur_prob, noise_hi)
 
 
+def _low_res(rng: _Rng, img: Tensor, prob: float) -> Tensor:
+    """With ``prob``, re-sample an image through 10x10 or 16x16 (like upsampled 8x8 digits)."""
+    m = img.shape[0]
+    pick = rng.u(m)
+    out = img
+    for size, lo, hi in ((10, 0.0, prob / 2), (16, prob / 2, prob)):
+        small = F.interpolate(img, size=(size, size), mode="area")
+        up = F.interpolate(small, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        out = torch.where(((pick >= lo) & (pick < hi))[:, None, None, None], up, out)
+    return out
+
+
 def _pretrain_layer(kind, attr, rng, x, y, img, bg, gray):
-    alpha = _pretrain_alpha(kind, attr, rng, x, y)
-    return _over(img, alpha, _fg_colours(rng, bg, gray))
+    m = attr.shape[0]
+    img = _over(img, _pretrain_alpha(kind, attr, rng, x, y), _fg_colours(rng, bg, gray))
+    # a short thin distractor stroke in 40% of the images (never longer than the shortest line class)
+    u, v = _local(x, y, rng.u(m, lo=3.0, hi=SIZE - 3.0), rng.u(m, lo=3.0, hi=SIZE - 3.0), rng.u(m, hi=math.pi))
+    half = _c(rng.u(m, lo=1.0, hi=2.5))
+    d = _sd_segment(u, v, -half, half) - _c(rng.u(m, lo=0.4, hi=0.9))
+    img = _over(img, _alpha(d) * _c((rng.u(m) < 0.4).float()), _fg_colours(rng, bg, gray))
+    return img if kind in ("grating", "checker") else _low_res(rng, img, 0.25)
 
 
 # --- shapes family ---------------------------------------------------------------------------------
-_SMALL = ("disc", "square", "triangle", "ring")
-
-
 def _small(name: str, rng: _Rng, x, y, cx, cy, r) -> Tensor:
     """Alpha of a small primitive of circumradius ``r`` [m] at (cx, cy), random rotation."""
     m = r.shape[0]
@@ -421,7 +435,7 @@ def generate_batch(family: str, n: int, generator: torch.Generator, device="cpu"
     order = torch.randperm(n, generator=generator, device=generator.device).to(device)
     labels = ((torch.arange(n, device=device) + offset) % k)[order]
     if family == "pretrain":
-        img = _render(labels, rng, table, _pretrain_layer, gray_frac=0.35, blur_prob=0.5, noise_hi=0.06)
+        img = _render(labels, rng, table, _pretrain_layer, gray_frac=0.35, blur_prob=0.5, noise_hi=0.10)
     else:
         img = _render(labels, rng, table, _shapes_layer, gray_frac=0.2, blur_prob=0.3, noise_hi=0.10)
     return img.float().contiguous(), labels.long()

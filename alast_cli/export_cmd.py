@@ -1,0 +1,70 @@
+"""`alast export` (a run to a verified ONNX model) and `alast eval` (a run or an ONNX model)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import run_guarded
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj.get("debug", False)) if ctx.obj else False
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="the .onnx file to write")
+@click.option("--atol", type=float, help="max |logit difference| vs PyTorch (default: the run's export.atol)")
+@click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.pass_context
+def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | None, opset: int | None,
+                   as_json: bool) -> None:
+    """Export a finished run to a full-token ONNX model, verified against PyTorch."""
+
+    def go() -> None:
+        from runtimes.export import export_run
+
+        report = export_run(run_dir, out, atol=atol, opset=opset)
+        if as_json:
+            click.echo(json.dumps({"path": str(report.path), "max_abs_diff": report.max_abs_diff,
+                                   "atol": report.atol, "opset": report.opset}))
+            return
+        from .render import console
+
+        console.print(f"verified: max |logit diff| vs PyTorch {report.max_abs_diff:.2e} <= {report.atol:g} "
+                      f"(onnxruntime, batch {report.batch}, opset {report.opset})")
+        console.print(f"wrote {report.path}")
+
+    run_guarded(go, _debug(ctx))
+
+
+@click.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--data", "spec", help="digits | shapes | imagefolder:PATH | torchvision:NAME (default: the run's)")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
+@click.pass_context
+def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: Path | None, batch_size: int,
+                 as_json: bool) -> None:
+    """Evaluate a run directory (PyTorch) or an exported .onnx model (onnxruntime)."""
+
+    def go() -> None:
+        from runtimes.export import evaluate_onnx, evaluate_run
+
+        if target.is_dir():
+            metrics = evaluate_run(target, spec, data_dir, batch_size)
+        else:
+            metrics = evaluate_onnx(target, spec, data_dir, batch_size)
+        if as_json:
+            click.echo(json.dumps(metrics))
+            return
+        from .render import console
+
+        console.print(f"{metrics['source']} {metrics['path']} on {metrics['data']}: accuracy "
+                      f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} ({metrics['samples']} images)")
+
+    run_guarded(go, _debug(ctx))

@@ -1,0 +1,161 @@
+"""`alast profile` (per-block cost model) and `alast plan` (predicted FLOPs, memory and time)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import run_guarded
+from .options import config_options, resolve_config
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj.get("debug", False)) if ctx.obj else False
+
+
+def _fmt_range(r: Any, fn) -> str:
+    return f"[{fn(r[0])} .. {fn(r[1])}]" if r else ""
+
+
+def _profile_table(cm) -> Any:
+    from rich.table import Table
+
+    from planners.costmodel import poly
+
+    from .render import human, human_bytes
+
+    n = cm.num_tokens
+    t = Table(title=f"{cm.model} @ {cm.img_size}px: {n} tokens ({cm.num_prefix_tokens} prefix), per image, "
+                    f"attention {cm.attention}")
+    for col in ("part", "fwd MACs", "fwd FLOPs", "bwd FLOPs trained", "bwd FLOPs frozen", "params",
+                "AdamW state", "saved/token"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+    e = cm.embed
+    t.add_row("patch embed", human(e.fwd_macs[0]), human(e.fwd_flops[0]), human(e.bwd_flops["weights_only"][0]), "0",
+              f"{e.params:,}", human_bytes(2 * e.trainable_bytes), "-")
+    for b in cm.blocks:
+        act = b.saved_bytes("weights_and_input", n) / n
+        t.add_row(f"block {b.index}", human(poly(b.fwd_macs, n)), human(b.forward_flops(n)),
+                  human(b.backward_flops("weights_and_input", n)), human(b.backward_flops("input_only", n)),
+                  f"{b.params:,}", human_bytes(2 * b.trainable_bytes), human_bytes(int(act)))
+    h = cm.head
+    t.add_row("head", human(poly(h.fwd_macs, n)), human(poly(h.fwd_flops, n)),
+              human(poly(h.bwd_flops["weights_and_input"], n)), "-", f"{h.params:,}", human_bytes(2 * h.trainable_bytes),
+              "-")
+    return t
+
+
+def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
+                calibrate: bool, batch_size: int, device: str) -> None:
+    from planners.simulate import full_step_flops
+    from runtimes.profile import calibrate_time, profile
+
+    from .render import console, human
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cm = profile(model, img_size=img_size, num_classes=num_classes, device=device)
+    if calibrate:
+        cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size, device=device))
+    if out is not None:
+        cm.save(out)
+    if as_json:
+        click.echo(json.dumps(cm.to_dict()))
+        return
+    console.print(_profile_table(cm))
+    console.print(f"full fine-tuning step: {human(full_step_flops(cm), 'FLOP')} per image; fit error "
+                  f"{cm.fit_max_rel_error:.1e}; units: macs = multiply-adds (fvcore), flops = 2 per multiply-add")
+    if cm.time is not None:
+        console.print(f"time model: {cm.time.note}")
+    if out is not None:
+        console.print(f"cost model written to {out}")
+
+
+@click.command("profile")
+@click.argument("model")
+@click.option("--img-size", type=int, help="input size (default: the model's own)")
+@click.option("--out", type=click.Path(path_type=Path), help="write the JSON cost model here")
+@click.option("--json", "as_json", is_flag=True, help="print the cost model as JSON")
+@click.option("--num-classes", type=int, help="classifier classes (default: the model's own; the demo: 10)")
+@click.option("--calibrate", is_flag=True, help="also time real training steps on this machine")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="batch size for --calibrate")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="device the model will train on (memory model, --calibrate)")
+@click.pass_context
+def profile_command(ctx: click.Context, model, img_size, out, as_json, num_classes, calibrate, batch_size,
+                    device) -> None:
+    """Profile MODEL per block (fvcore + torch's FLOP counter) into a JSON cost model."""
+    run_guarded(lambda: run_profile(model, img_size, out, as_json, num_classes, calibrate, batch_size, device),
+                _debug(ctx))
+
+
+def _plan_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    from .render import human, human_bytes
+
+    t = Table(title=f"{result['model']}: {result['steps']} steps at batch {result['batch_size']} "
+                    f"({result['device']})")
+    for col in ("policy", "train FLOPs", "vs full", "peak memory", "vs full", "time", "vs full", "method"):
+        t.add_column(col, justify="left" if col in ("policy", "method") else "right")
+    ratio = lambda r: f"{r:.3f}x" if r is not None else "n/a"  # noqa: E731
+    secs = lambda s: f"{s:.1f} s" if s is not None else "n/a"  # noqa: E731
+    for name, p in result["policies"].items():
+        r = p["ratio_to_full"]
+        rng = p["train_flops_range"]
+        t.add_row(name, human(p["train_flops"], "FLOP") + (f"\n{_fmt_range(rng, human)}" if rng else ""),
+                  ratio(r["train_flops"]), human_bytes(int(p["peak_memory_bytes"])), ratio(r["peak_memory_bytes"]),
+                  secs(p["time_s"]), ratio(r["time_s"]), p["method"])
+    return t
+
+
+def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: Path | None, calibrate: bool,
+             throughput: float | None, cost_model: Path | None) -> dict[str, Any]:
+    from runtimes.planning import plan, plot_plan, replay_run
+
+    from .render import console, human
+
+    if trace is not None:
+        result = replay_run(trace, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
+    else:
+        cfg = resolve_config(config, overrides, **named)
+        result = plan(cfg, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
+    if plot is not None:
+        plot_plan(result, plot)
+    if as_json:
+        click.echo(json.dumps(result))
+        return result
+    console.print(_plan_table(result))
+    console.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
+    if result.get("target"):
+        tg = result["target"]
+        console.print(f"target {tg['target']:g}x full FLOPs -> {tg['knobs']} (predicted {tg['predicted_ratio']:.3f}x, "
+                      f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
+    if result.get("trace"):
+        tr = result["trace"]
+        err = tr["train_flops_rel_error"]
+        console.print(f"trace {tr['run_dir']}: predicted {human(tr['predicted_train_flops'], 'FLOP')}, counted "
+                      f"{human(tr['counted_train_flops'], 'FLOP')}" + (f" ({err:+.2%})" if err is not None else ""))
+    if plot is not None:
+        console.print(f"plot written to {plot}")
+    return result
+
+
+@click.command("plan")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (per policy: FLOPs, memory, time, ratios)")
+@click.option("--plot", type=click.Path(path_type=Path), help="write a figure: per-block costs and token profile")
+@click.option("--trace", type=click.Path(path_type=Path), help="replay a run directory's logged budgets")
+@click.option("--calibrate", is_flag=True, help="time a few real training steps on this machine for the time model")
+@click.option("--throughput", type=float, help="time from this throughput (FLOP/s) instead of a calibration")
+@click.option("--cost-model", type=click.Path(path_type=Path), help="cost model JSON from `alast profile`")
+@click.pass_context
+def plan_command(ctx: click.Context, config, overrides, as_json, plot, trace, calibrate, throughput, cost_model,
+                 **named) -> None:
+    """Predict training FLOPs, peak memory and time of a policy against full fine-tuning."""
+    run_guarded(lambda: run_plan(config, overrides, named, as_json, plot, trace, calibrate, throughput, cost_model),
+                _debug(ctx))

@@ -1,0 +1,303 @@
+"""The per-block cost model of a ViT: FLOPs, bytes and time as functions of the token count.
+
+Units are in every name: ``*_macs`` count one multiply-add as one (fvcore's convention),
+``*_flops`` count it as two (``torch.utils.flop_counter``, which is what the runtime records).
+Only matrix products are counted (linear layers, attention matmuls, the patch convolution);
+normalisation and elementwise ops are not, in either convention.
+
+Every cost is **per sample** (one image) and, for the transformer blocks and the head, a polynomial
+``c0 + c1 * n + c2 * n**2`` in ``n``, the sequence length entering the block (prefix tokens such as
+CLS plus the patch tokens still alive). A transformer block is exactly linear (projections, MLP) plus
+quadratic (attention) in ``n``, so three coefficients fitted on a few profiled token counts
+reproduce it at every count.
+
+Backward states of a block (what autograd has to compute in it):
+  ``weights_and_input`` - the block is trained and something below it needs a gradient;
+  ``weights_only``      - the block is trained but nothing below it needs a gradient (LoRA with the
+                          embeddings frozen: the lowest trained block);
+  ``input_only``        - frozen, but something below it needs a gradient;
+  ``none``              - frozen and nothing below needs a gradient: no backward at all.
+
+No torch here: a cost model is plain numbers, written and read as versioned JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+COST_MODEL_FORMAT = "alast-cost-model"
+COST_MODEL_VERSION = 1
+BACKWARD_STATES = ("weights_and_input", "weights_only", "input_only", "none")
+
+Poly = tuple[float, ...]
+
+
+class CostModelError(ValueError):
+    """A cost model file is missing, malformed, or does not belong to the model being planned."""
+
+
+def poly(coeffs: Poly, n: float) -> float:
+    """``c0 + c1 n + c2 n^2 + ...`` (Horner)."""
+    acc = 0.0
+    for c in reversed(coeffs):
+        acc = acc * n + c
+    return acc
+
+
+def _poly(value: Any) -> Poly:
+    return tuple(float(c) for c in value)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Costs of one transformer block, per sample, as polynomials in the tokens entering it.
+
+    fwd_macs: fvcore's count of the forward (matrix products only).
+    fwd_flops, bwd_flops[state]: ``torch.utils.flop_counter`` counts of the forward and of the
+        backward in each state (``none`` is always zero).
+    select_flops: the CLS-attention scores computed when the block drops tokens after it.
+    act_bytes[state]: tensors autograd saves for the backward (parameters excluded).
+    select_act_bytes: what token selection keeps alive, per entering token (the block's full output,
+        which ``gather`` saves) and ``select_index_bytes`` per kept token (the int64 indices).
+    transient_bytes[state]: ``(g, c)``: extra bytes alive at the peak of the block's backward
+        (gradients in flight), ``max(g, batch * n * c)``: the weight gradients dominate small inputs,
+        activation gradients large ones.
+    """
+
+    index: int
+    params: int
+    trainable_params: int
+    trainable_bytes: int
+    largest_trainable_bytes: int
+    fwd_macs: Poly
+    fwd_flops: Poly
+    bwd_flops: dict[str, Poly]
+    select_flops: Poly
+    act_bytes: dict[str, Poly]
+    select_act_bytes: float
+    select_index_bytes: float
+    transient_bytes: dict[str, Poly]
+
+    def forward_flops(self, n: float) -> float:
+        return poly(self.fwd_flops, n)
+
+    def backward_flops(self, state: str, n: float) -> float:
+        return 0.0 if state == "none" else poly(self.bwd_flops[state], n)
+
+    def saved_bytes(self, state: str, n: float) -> float:
+        return poly(self.act_bytes[state], n)
+
+    def transient(self, state: str, n: float, batch: int) -> float:
+        if state == "none":
+            return 0.0
+        g, c = self.transient_bytes[state]
+        return max(g, batch * n * c)
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """The patch embedding (constant per image) or the head (norm, pool, classifier; polynomial in
+    the tokens leaving the last block). ``bwd_flops`` has ``weights_only`` and, for the head,
+    ``weights_and_input``; ``trainable`` says whether the runtime trains it."""
+
+    params: int
+    trainable: bool
+    trainable_bytes: int
+    largest_trainable_bytes: int
+    fwd_macs: Poly
+    fwd_flops: Poly
+    bwd_flops: dict[str, Poly]
+    act_bytes: Poly
+
+    def scaled(self, factor: float) -> "SegmentCost":
+        """Costs times ``factor`` (a classifier head with another number of classes)."""
+        s = lambda p: tuple(c * factor for c in p)  # noqa: E731
+        return replace(self, fwd_macs=s(self.fwd_macs), fwd_flops=s(self.fwd_flops),
+                       bwd_flops={k: s(v) for k, v in self.bwd_flops.items()})
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes that do not depend on tokens. AdamW keeps two fp32 moments per trained parameter,
+    created the first time the parameter is trained. ``optimizer_temp`` is what one optimizer step
+    allocates on top: ``largest_param`` (single-tensor AdamW, the CPU default) or ``all_trained``
+    (multi-tensor ``foreach`` AdamW, the CUDA default)."""
+
+    param_bytes: int
+    buffer_bytes: int
+    opt_state_bytes_per_param: int = 8
+    optimizer_temp: str = "largest_param"
+    input_bytes_per_sample: int = 0
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """Step time in seconds, ``sum(coefficients[k] * features[k])``.
+
+    method: ``calibrated`` (least squares on real timed steps on ``device``) or ``throughput``
+    (``train_flops / flops_per_s``, nothing else). Features: ``step`` (1), ``fwd_flops``,
+    ``bwd_flops``, ``select_blocks`` (blocks that drop tokens), ``bwd_blocks`` (blocks with any
+    backward), all for the whole batch.
+    """
+
+    method: str
+    coefficients: dict[str, float]
+    device: str = ""
+    batch_size: int | None = None
+    count_flops: str = ""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
+
+    @classmethod
+    def from_throughput(cls, flops_per_s: float) -> "TimeModel":
+        if not flops_per_s > 0:
+            raise CostModelError(f"throughput must be > 0 FLOP/s, got {flops_per_s}")
+        return cls("throughput", {"fwd_flops": 1.0 / flops_per_s, "bwd_flops": 1.0 / flops_per_s},
+                   note=f"train FLOPs / {flops_per_s:.3g} FLOP/s (given throughput)")
+
+    def step_time_s(self, features: dict[str, float]) -> float:
+        return sum(c * features.get(k, 0.0) for k, c in self.coefficients.items())
+
+
+@dataclass(frozen=True)
+class CostModel:
+    model: str
+    img_size: int
+    num_patches: int
+    num_prefix_tokens: int
+    num_classes: int
+    embed_dim: int
+    attention: str
+    embed: SegmentCost
+    blocks: tuple[BlockCost, ...]
+    head: SegmentCost
+    memory: MemoryModel
+    lora: dict[str, Any] | None = None
+    time: TimeModel | None = None
+    token_counts: tuple[int, ...] = ()
+    fit_max_rel_error: float = 0.0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int = COST_MODEL_VERSION
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length with every patch token: prefix + patches."""
+        return self.num_prefix_tokens + self.num_patches
+
+    def with_num_classes(self, num_classes: int) -> "CostModel":
+        """The same model with a classifier head for ``num_classes`` (head costs scale linearly)."""
+        if num_classes == self.num_classes:
+            return self
+        return replace(self, num_classes=num_classes, head=self.head.scaled(num_classes / self.num_classes))
+
+    def with_time(self, time: TimeModel | None) -> "CostModel":
+        return replace(self, time=time)
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"format": COST_MODEL_FORMAT, **d}
+        d["units"] = {
+            "macs": "multiply-adds (fvcore convention), per sample",
+            "flops": "2 per multiply-add (torch.utils.flop_counter convention), per sample",
+            "polynomials": "[c0, c1, c2] = c0 + c1*n + c2*n^2, n = tokens entering the block incl. prefix",
+            "bytes": "bytes; act_bytes per sample (polynomial), transient_bytes [g, c] = max(g, batch*n*c)",
+        }
+        return d
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CostModel":
+        if not isinstance(d, dict) or d.get("format") != COST_MODEL_FORMAT:
+            raise CostModelError("not an alast cost model (no 'format: alast-cost-model'); make one with `alast profile`")
+        if d.get("version") != COST_MODEL_VERSION:
+            raise CostModelError(f"cost model version {d.get('version')} is not supported (this alast reads "
+                                 f"version {COST_MODEL_VERSION}); re-run `alast profile {d.get('model', 'MODEL')}`")
+        try:
+            blocks = tuple(_block(b) for b in d["blocks"])
+            time = d.get("time")
+            return cls(
+                model=str(d["model"]), img_size=int(d["img_size"]), num_patches=int(d["num_patches"]),
+                num_prefix_tokens=int(d["num_prefix_tokens"]), num_classes=int(d["num_classes"]),
+                embed_dim=int(d["embed_dim"]), attention=str(d["attention"]), embed=_segment(d["embed"]),
+                blocks=blocks, head=_segment(d["head"]), memory=MemoryModel(**d["memory"]), lora=d.get("lora"),
+                time=TimeModel(**time) if time else None, token_counts=tuple(d.get("token_counts", ())),
+                fit_max_rel_error=float(d.get("fit_max_rel_error", 0.0)), provenance=dict(d.get("provenance", {})),
+                version=int(d["version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CostModelError(f"malformed cost model ({exc.__class__.__name__}: {exc}); re-run `alast profile`") from None
+
+
+def _block(b: dict[str, Any]) -> BlockCost:
+    return BlockCost(
+        index=int(b["index"]), params=int(b["params"]), trainable_params=int(b["trainable_params"]),
+        trainable_bytes=int(b["trainable_bytes"]), largest_trainable_bytes=int(b["largest_trainable_bytes"]),
+        fwd_macs=_poly(b["fwd_macs"]), fwd_flops=_poly(b["fwd_flops"]),
+        bwd_flops={k: _poly(v) for k, v in b["bwd_flops"].items()}, select_flops=_poly(b["select_flops"]),
+        act_bytes={k: _poly(v) for k, v in b["act_bytes"].items()}, select_act_bytes=float(b["select_act_bytes"]),
+        select_index_bytes=float(b["select_index_bytes"]),
+        transient_bytes={k: _poly(v) for k, v in b["transient_bytes"].items()},
+    )
+
+
+def _segment(s: dict[str, Any]) -> SegmentCost:
+    return SegmentCost(
+        params=int(s["params"]), trainable=bool(s["trainable"]), trainable_bytes=int(s["trainable_bytes"]),
+        largest_trainable_bytes=int(s["largest_trainable_bytes"]), fwd_macs=_poly(s["fwd_macs"]),
+        fwd_flops=_poly(s["fwd_flops"]), bwd_flops={k: _poly(v) for k, v in s["bwd_flops"].items()},
+        act_bytes=_poly(s["act_bytes"]),
+    )
+
+
+def load_cost_model(path: Path, model: str | None = None, img_size: int | None = None,
+                    lora: dict[str, Any] | None | bool = False) -> CostModel:
+    """Read a cost model and check it belongs to ``model`` at ``img_size`` (and, unless ``lora`` is
+    False, to that LoRA setting); a mismatch is a :class:`CostModelError` that names both."""
+    path = Path(path)
+    if not path.is_file():
+        raise CostModelError(f"cost model not found: {path}; make one with `alast profile MODEL --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CostModelError(f"cannot read cost model {path}: {exc.__class__.__name__}; is it JSON from `alast profile`?") from None
+    cm = CostModel.from_dict(data)
+    if model is not None and cm.model != model:
+        raise CostModelError(f"cost model {path} is for {cm.model!r}, not {model!r}; run `alast profile {model}`")
+    if img_size is not None and cm.img_size != img_size:
+        raise CostModelError(f"cost model {path} was profiled at image size {cm.img_size}, not {img_size}; "
+                             f"run `alast profile {cm.model} --img-size {img_size}`")
+    if lora is not False and (cm.lora or None) != (lora or None):
+        raise CostModelError(f"cost model {path} has lora={cm.lora}, the plan needs lora={lora}")
+    return cm
+
+
+def fit_error(measured: list[float], predicted: list[float]) -> float:
+    """Largest relative difference (0 where both are 0)."""
+    worst = 0.0
+    for m, p in zip(measured, predicted, strict=True):
+        if m == 0 and abs(p) < 1e-6:
+            continue
+        worst = max(worst, abs(p - m) / max(abs(m), 1e-12))
+    return worst if math.isfinite(worst) else float("inf")
+
+
+def block_cost_split(cm: CostModel, n: int | None = None) -> list[dict[str, float]]:
+    """Per block, per sample at ``n`` tokens (default all): forward, backward trained and frozen,
+    and token-selection FLOPs."""
+    n = cm.num_tokens if n is None else n
+    return [{"fwd_flops": b.forward_flops(n), "bwd_trained_flops": b.backward_flops("weights_and_input", n),
+             "bwd_frozen_flops": b.backward_flops("input_only", n), "select_flops": poly(b.select_flops, n)}
+            for b in cm.blocks]

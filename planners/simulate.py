@@ -1,0 +1,334 @@
+"""Simulate a training run on a :class:`~planners.costmodel.CostModel`: FLOPs, peak memory, time.
+
+Three ways to get the sequence of step shapes (tokens per block, trained blocks):
+  * ``exact`` - deterministic policies (full, freeze, tokens, random with its seeded draws): the
+    planner itself is run for every step;
+  * ``expected`` - alast, whose budgets follow data-dependent CLS deltas: the planner is run with the
+    budgets held at ``b_init`` (its trained-block draws use the run's seed), and again at ``b_min``
+    and ``b_max`` for the [min, max] range;
+  * ``trace`` - the tokens and trained blocks a real run logged in ``metrics.jsonl``.
+
+A step's costs follow the runtime exactly: every block runs forward on the tokens entering it; a
+block that drops tokens also computes CLS-attention scores; the backward state of each block
+depends on whether it is trained and whether anything below it (a trained block, or the trainable
+patch embedding) needs a gradient. No torch.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .costmodel import CostModel, poly
+from .registry import create_planner
+from .rules import kept_token_counts
+from .types import Observation
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step runs: patch tokens entering/leaving each block and the trained blocks."""
+
+    tokens_in: tuple[int, ...]
+    kept_tokens: tuple[int, ...]
+    trained: tuple[bool, ...]
+
+    @classmethod
+    def from_budget(cls, budget: Any, num_patches: int) -> "StepShape":
+        tin, tout = kept_token_counts(budget.keep_ratios, num_patches, budget.min_tokens)
+        return cls(tin, tout, tuple(budget.trained))
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], num_blocks: int) -> "StepShape":
+        trained = set(int(i) for i in rec["trained_blocks"])
+        return cls(tuple(int(t) for t in rec["tokens_in"]), tuple(int(t) for t in rec["kept_tokens"]),
+                   tuple(i in trained for i in range(num_blocks)))
+
+
+def block_states(trained: Sequence[bool], embed_trainable: bool) -> list[str]:
+    """Backward state of each block (see :mod:`planners.costmodel`)."""
+    states, below = [], embed_trainable
+    for t in trained:
+        if t:
+            states.append("weights_and_input" if below else "weights_only")
+        else:
+            states.append("input_only" if below else "none")
+        below = below or t
+    return states
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One step's costs for the whole (per-device) batch."""
+
+    fwd_flops: float
+    bwd_flops: float
+    select_blocks: int
+    bwd_blocks: int
+    bwd_peak_bytes: float  # activations + gradients in flight at the backward's peak
+    grad_bytes: float
+    opt_temp_bytes: float
+    trained_params: tuple[int, ...]  # per block, 0 when frozen
+    per_block: tuple[tuple[float, float, float], ...]  # (fwd, bwd, select) flops
+
+    @property
+    def train_flops(self) -> float:
+        return self.fwd_flops + self.bwd_flops
+
+    def time_features(self) -> dict[str, float]:
+        return {"step": 1.0, "fwd_flops": self.fwd_flops, "bwd_flops": self.bwd_flops,
+                "select_blocks": float(self.select_blocks), "bwd_blocks": float(self.bwd_blocks)}
+
+
+def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
+    """Costs of one step of ``batch`` samples with the given shape."""
+    p = cm.num_prefix_tokens
+    states = block_states(shape.trained, cm.embed.trainable)
+    fwd = cm.embed.fwd_flops[0] * batch
+    bwd = cm.embed.bwd_flops["weights_only"][0] * batch if cm.embed.trainable else 0.0
+    per_block, acts, trained_params = [], [], []
+    select_blocks = bwd_blocks = 0
+    grad = cm.head.trainable_bytes + (cm.embed.trainable_bytes if cm.embed.trainable else 0)
+    largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if cm.embed.trainable else 0)
+    for blk, state, n_in, n_out, t in zip(cm.blocks, states, shape.tokens_in, shape.kept_tokens, shape.trained):
+        n = p + n_in
+        f = blk.forward_flops(n) * batch
+        b = blk.backward_flops(state, n) * batch
+        a = blk.saved_bytes(state, n) * batch
+        s = 0.0
+        if n_out < n_in:
+            s = poly(blk.select_flops, n) * batch
+            select_blocks += 1
+            if state != "none":
+                a += batch * (blk.select_act_bytes * n + blk.select_index_bytes * n_out)
+        per_block.append((f, b, s))
+        acts.append(a)
+        fwd += f + s
+        bwd += b
+        bwd_blocks += state != "none"
+        trained_params.append(blk.trainable_params if t else 0)
+        if t:
+            grad += blk.trainable_bytes
+            largest = max(largest, blk.largest_trainable_bytes)
+    n_final = p + shape.kept_tokens[-1]
+    fwd += poly(cm.head.fwd_flops, n_final) * batch
+    head_state = "weights_and_input" if bwd_blocks or cm.embed.trainable else "weights_only"
+    bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
+    peak = _backward_peak(cm, states, shape, acts, batch, n_final)
+    opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest
+    return StepCost(fwd, bwd, select_blocks, bwd_blocks, peak, float(grad), float(opt_temp),
+                    tuple(trained_params), tuple(per_block))
+
+
+def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int,
+                   n_final: int) -> float:
+    """Bytes alive at the worst moment of the backward, walking it from the head down: the
+    activations not yet consumed, the gradients of the blocks already done, and the block's own
+    gradients in flight."""
+    base = cm.embed.act_bytes[0] * batch + poly(cm.head.act_bytes, n_final) * batch
+    remaining = sum(acts)
+    grads_done = float(cm.head.trainable_bytes)
+    peak = base + remaining + grads_done
+    for i in reversed(range(len(cm.blocks))):
+        blk, state = cm.blocks[i], states[i]
+        peak = max(peak, base + remaining + grads_done + blk.transient(state, cm.num_prefix_tokens + shape.tokens_in[i], batch))
+        remaining -= acts[i]
+        if shape.trained[i]:
+            grads_done += blk.trainable_bytes
+    return peak
+
+
+@dataclass
+class Prediction:
+    """What a run is predicted to cost. Times are None without a time model."""
+
+    policy: str
+    method: str
+    steps: int
+    batch_size: int
+    train_flops: float
+    fwd_flops: float
+    bwd_flops: float
+    peak_memory_bytes: float
+    step_time_s: float | None
+    time_s: float | None
+    time_method: str
+    peak_memory_sampled_bytes: float | None = None  # the peak over the steps a runtime samples
+    train_flops_range: tuple[float, float] | None = None
+    peak_memory_range: tuple[float, float] | None = None
+    time_range: tuple[float, float] | None = None
+    per_block: dict[str, list[float]] = field(default_factory=dict)
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunAccumulator:
+    """Folds step costs, in order, into totals, the peak memory and the time."""
+
+    def __init__(self, cm: CostModel, batch_per_device: int) -> None:
+        self.cm = cm
+        self.batch = batch_per_device
+        self.fwd = self.bwd = 0.0
+        self.steps = 0
+        self.peak = 0.0
+        self.step_peaks: list[float] = []
+        self.times: list[float] = []
+        self.ever = [False] * cm.num_blocks
+        self.ever_other = False
+        self.sums = {"tokens_in": [0.0] * cm.num_blocks, "trained": [0.0] * cm.num_blocks,
+                     "fwd_flops": [0.0] * cm.num_blocks, "bwd_flops": [0.0] * cm.num_blocks,
+                     "select_flops": [0.0] * cm.num_blocks}
+
+    def _opt_state(self) -> float:
+        cm, per = self.cm, self.cm.memory.opt_state_bytes_per_param / 4
+        other = cm.head.trainable_bytes + (cm.embed.trainable_bytes if cm.embed.trainable else 0)
+        total = other if self.ever_other else 0.0
+        total += sum(b.trainable_bytes for b, e in zip(cm.blocks, self.ever) if e)
+        return total * per
+
+    def add(self, shape: StepShape, cost: StepCost, flops_scale: float = 1.0) -> None:
+        mem = self.cm.memory
+        static = mem.param_bytes + mem.buffer_bytes + mem.input_bytes_per_sample * self.batch
+        before = static + self._opt_state()
+        self.ever = [e or t for e, t in zip(self.ever, shape.trained)]
+        self.ever_other = True
+        after = static + self._opt_state()
+        step_peak = max(before + cost.bwd_peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes)
+        self.step_peaks.append(step_peak)
+        self.peak = max(self.peak, step_peak)
+        self.fwd += cost.fwd_flops * flops_scale
+        self.bwd += cost.bwd_flops * flops_scale
+        if self.cm.time is not None:
+            self.times.append(self.cm.time.step_time_s(cost.time_features()))
+        for i, (f, b, s) in enumerate(cost.per_block):
+            self.sums["tokens_in"][i] += shape.tokens_in[i]
+            self.sums["trained"][i] += shape.trained[i]
+            self.sums["fwd_flops"][i] += f * flops_scale
+            self.sums["bwd_flops"][i] += b * flops_scale
+            self.sums["select_flops"][i] += s * flops_scale
+        self.steps += 1
+
+    def result(self, policy: str, method: str, batch_size: int) -> Prediction:
+        n = max(self.steps, 1)
+        tm = self.cm.time
+        return Prediction(
+            policy=policy, method=method, steps=self.steps, batch_size=batch_size,
+            train_flops=self.fwd + self.bwd, fwd_flops=self.fwd, bwd_flops=self.bwd,
+            peak_memory_bytes=self.peak,
+            step_time_s=statistics.median(self.times) if self.times else None,
+            time_s=sum(self.times) if self.times else None,
+            time_method=(tm.note or tm.method) if tm is not None else "none (pass --calibrate or --throughput)",
+            per_block={k: [v / n for v in vals] for k, vals in self.sums.items()},
+        )
+
+
+def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: str, method: str,
+               batch_size: int, world_size: int = 1, sampled: Sequence[int] | None = None) -> Prediction:
+    """Fold ``(shape, global batch)`` pairs; memory is per device (batch / world_size). ``sampled``:
+    positions of the steps whose memory a runtime measures (their peak is reported too)."""
+    acc = RunAccumulator(cm, max(1, batch_size // world_size))
+    cache: dict[tuple[StepShape, int], StepCost] = {}
+    for shape, batch in shapes:
+        per_device = max(1, batch // world_size)
+        key = (shape, per_device)
+        if key not in cache:
+            cache[key] = step_cost(cm, shape, per_device)
+        acc.batch = per_device
+        acc.add(shape, cache[key], flops_scale=batch / per_device)
+    pred = acc.result(policy, method, batch_size)
+    if sampled is not None:
+        peaks = [acc.step_peaks[i] for i in sampled if 0 <= i < len(acc.step_peaks)]
+        pred.peak_memory_sampled_bytes = max(peaks) if peaks else None
+    return pred
+
+
+def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int,
+                   batch_size: int) -> Iterable[tuple[StepShape, int]]:
+    """Run the planner for ``steps`` steps with zero deltas (alast budgets stay where they start)."""
+    planner = create_planner(planner_name, cm.num_blocks, **options)
+    zeros = (0.0,) * cm.num_blocks
+    for step in range(steps):
+        progress = step / steps
+        budget = planner.plan(step, progress)
+        yield StepShape.from_budget(budget, cm.num_patches), batch_size
+        planner.observe(Observation(step, progress, zeros))
+
+
+def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int, batch_size: int,
+             policy: str | None = None) -> Prediction:
+    """Predict a run of ``planner_name`` with planner ``options``; alast gets a [min, max] range."""
+    policy = policy or planner_name
+    if planner_name != "alast":
+        return run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size), policy, "exact",
+                          batch_size)
+    pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size), policy, "expected", batch_size)
+    bounds = []
+    for b in (options.get("b_min", 0.5), options.get("b_max", 1.0)):
+        held = {**options, "b_init": b, "b_min": b, "b_max": b}
+        bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size), policy, "bound", batch_size))
+    lo, hi = bounds
+    pred.train_flops_range = (lo.train_flops, hi.train_flops)
+    pred.peak_memory_range = (lo.peak_memory_bytes, hi.peak_memory_bytes)
+    if lo.time_s is not None and hi.time_s is not None:
+        pred.time_range = (lo.time_s, hi.time_s)
+    return pred
+
+
+def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,
+           memory_sampled: Callable[[int], bool] | None = None) -> Prediction:
+    """Predict exactly what the logged steps cost (``metrics.jsonl`` records, in step order).
+    ``memory_sampled(step)`` says which steps the runtime measured memory on."""
+    if not records:
+        raise ValueError("the trace has no steps")
+    batch = int(records[0].get("batch_size", 1))
+    shapes = ((StepShape.from_record(r, cm.num_blocks), int(r.get("batch_size", batch))) for r in records)
+    sampled = None
+    if memory_sampled is not None:
+        sampled = [i for i, r in enumerate(records) if memory_sampled(int(r["step"]))]
+    return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled)
+
+
+# -- expected costs in closed form (for the target solver) ------------------------------------------
+def state_probabilities(num_blocks: int, k: int, embed_trainable: bool) -> list[dict[str, float]]:
+    """Per block, the probability of each backward state when ``k`` of the blocks are trained,
+    drawn uniformly without replacement (ALaST's draw from softmax of equal budgets)."""
+    total = math.comb(num_blocks, k)
+    out = []
+    for l in range(num_blocks):
+        p_tr = k / num_blocks
+        if embed_trainable:
+            out.append({"weights_and_input": p_tr, "weights_only": 0.0, "input_only": 1 - p_tr, "none": 0.0})
+            continue
+        above = num_blocks - l - 1
+        tr_alone = math.comb(above, k - 1) / total  # trained, nothing trained below
+        fr_alone = math.comb(above, k) / total  # frozen, nothing trained below
+        out.append({"weights_and_input": p_tr - tr_alone, "weights_only": tr_alone,
+                    "input_only": 1 - p_tr - fr_alone, "none": fr_alone})
+    return out
+
+
+def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: int = 1) -> float:
+    """Expected train FLOPs of one sample's step: every budget at ``keep_ratio``, ``k`` blocks
+    trained, drawn uniformly."""
+    L, p = cm.num_blocks, cm.num_prefix_tokens
+    tin, tout = kept_token_counts([keep_ratio] * L, cm.num_patches, min_tokens)
+    total = cm.embed.fwd_flops[0] + (cm.embed.bwd_flops["weights_only"][0] if cm.embed.trainable else 0.0)
+    for blk, probs, n_in, n_out in zip(cm.blocks, state_probabilities(L, k, cm.embed.trainable), tin, tout):
+        n = p + n_in
+        total += blk.forward_flops(n)
+        if n_out < n_in:
+            total += poly(blk.select_flops, n)
+        total += sum(pr * blk.backward_flops(s, n) for s, pr in probs.items() if pr > 0)
+    n_final = p + tout[-1]
+    total += poly(cm.head.fwd_flops, n_final) + poly(cm.head.bwd_flops["weights_and_input"], n_final)
+    return total
+
+
+def full_step_flops(cm: CostModel) -> float:
+    """Train FLOPs of one sample's full fine-tuning step (every token, every block trained)."""
+    L = cm.num_blocks
+    return step_cost(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1).train_flops

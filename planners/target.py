@@ -1,0 +1,193 @@
+"""Choose a policy's knobs so that training costs a given fraction of full fine-tuning's FLOPs.
+
+* ``alast``: the number of trained blocks K, the starting budget ``b_init`` and the envelope
+  ``[b_min, b_max]``. ``b_init`` puts the expected cost at the target; the envelope is the widest
+  band around it in which the online rule may move every budget while the cost stays within
+  ``ENVELOPE_TOLERANCE`` of the target, so the run lands on target whatever the deltas do.
+* ``tokens``: the keep ratio. ``freeze`` and ``random``: K. ``full``: no knob.
+An unreachable target is a :class:`TargetError` naming the floor that blocks it. No torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .costmodel import CostModel
+from .registry import PlannerError
+from .rules import default_k_trained, kept_token_counts
+from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
+
+TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
+ENVELOPE_TOLERANCE = 0.03  # budgets may wander as far as keeps the cost this close to the target
+BUDGET_FLOOR = 0.01  # lowest budget the solver uses (each block then keeps min_tokens)
+
+
+class TargetError(PlannerError):
+    """The FLOPs target is malformed or out of the policy's reach."""
+
+
+@dataclass(frozen=True)
+class TargetSolution:
+    policy: str
+    target: float
+    knobs: dict[str, Any]
+    predicted_ratio: float
+    ratio_range: tuple[float, float]
+
+    def info(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio_range": list(self.ratio_range), "tolerance": TARGET_TOLERANCE,
+                "method": "closed-form expected FLOPs on the profiled cost model (ratio to full fine-tuning)"}
+
+
+def check_target(target: float) -> float:
+    target = float(target)
+    if not 0.0 < target <= 1.0:
+        raise TargetError(f"--target-flops must be in (0, 1] (a fraction of full fine-tuning), got {target:g}")
+    return target
+
+
+def _largest_at_most(fn: Callable[[float], float], limit: float, lo: float, hi: float) -> float:
+    """Largest x in [lo, hi] with fn(x) <= limit for a nondecreasing fn (lo if none)."""
+    if fn(hi) <= limit:
+        return hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fn(mid) <= limit else (lo, mid)
+    return lo
+
+
+def _nearest(fn: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """The x in [lo, hi] whose fn(x) is nearest ``target``, for a nondecreasing step function;
+    rounded to 4 decimals where that does not change fn(x)."""
+    below = _largest_at_most(fn, target, lo, hi)
+    above = min(hi, below + 1e-7)
+    x = min((below, above), key=lambda v: _miss(fn(v), target))
+    for digits in range(2, 10):
+        scale = 10**digits
+        for nice in (math.floor(x * scale) / scale, math.ceil(x * scale) / scale):
+            if lo <= nice <= hi and fn(nice) == fn(x):
+                return nice
+    return x
+
+
+def solve_target(cm: CostModel, planner: str, target: float, options: dict[str, Any],
+                 full_cm: CostModel | None = None, policy: str | None = None) -> TargetSolution:
+    """Knobs for ``planner`` on ``cm`` (LoRA or not) so its FLOPs are ``target`` x full fine-tuning
+    of ``full_cm`` (default ``cm``). ``options`` are the policy's other settings."""
+    target = check_target(target)
+    full = full_step_flops(full_cm or cm)
+    policy = policy or planner
+    solver = {"alast": _solve_alast, "tokens": _solve_tokens, "freeze": _solve_k, "random": _solve_k,
+              "full": _solve_full}.get(planner)
+    if solver is None:
+        raise TargetError(f"policy {policy!r} has no FLOPs knob the planner knows; use alast or tokens")
+    return solver(cm, planner, policy, target, full, options)
+
+
+def _miss(ratio: float, target: float) -> float:
+    return abs(ratio / target - 1.0)
+
+
+def _solve_full(cm, planner, policy, target, full, options) -> TargetSolution:
+    L = cm.num_blocks
+    ratio = step_cost(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1).train_flops / full
+    if _miss(ratio, target) > TARGET_TOLERANCE:
+        raise TargetError(f"policy {policy!r} has no knob: it always costs {ratio:.3f}x full fine-tuning, not "
+                          f"{target:g}; use alast or tokens for a FLOPs target")
+    return TargetSolution(policy, target, {}, ratio, (ratio, ratio))
+
+
+def _solve_k(cm, planner, policy, target, full, options) -> TargetSolution:
+    L = cm.num_blocks
+    ratios = {k: expected_step_flops(cm, 1.0, k) / full for k in range(1, L + 1)}
+    if planner == "freeze":
+        ratios = {k: _freeze_ratio(cm, k) / full for k in range(1, L + 1)}
+    k = min(ratios, key=lambda k: _miss(ratios[k], target))
+    if _miss(ratios[k], target) > TARGET_TOLERANCE:
+        low = min(ratios.values())
+        why = (" (the patch embedding is trainable, so every block still computes its input gradient)"
+               if cm.embed.trainable else "")
+        raise TargetError(f"policy {policy!r} cannot reach {target:g}x full FLOPs: its only knob k_trained spans "
+                          f"{low:.3f}x (k_trained=1) to {max(ratios.values()):.3f}x{why}; the closest is "
+                          f"k_trained={k} at {ratios[k]:.3f}x; use alast or tokens")
+    return TargetSolution(policy, target, {"k_trained": k}, ratios[k], (ratios[k], ratios[k]))
+
+
+def _freeze_ratio(cm: CostModel, k: int) -> float:
+    L, N = cm.num_blocks, cm.num_patches
+    return step_cost(cm, StepShape((N,) * L, (N,) * L, tuple(i >= L - k for i in range(L))), 1).train_flops
+
+
+def _tokens_flops(cm: CostModel, r: float, min_tokens: int) -> float:
+    L = cm.num_blocks
+    tin, tout = kept_token_counts([r] * L, cm.num_patches, min_tokens)
+    return step_cost(cm, StepShape(tin, tout, (True,) * L), 1).train_flops
+
+
+def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
+    mt = int(options.get("min_tokens", 1))
+    fn = lambda r: _tokens_flops(cm, r, mt) / full  # noqa: E731
+    floor = fn(BUDGET_FLOOR)
+    if floor > target * (1 + TARGET_TOLERANCE):
+        raise TargetError(_floor_message(cm, policy, target, floor, mt, k=None))
+    best = _nearest(fn, target, BUDGET_FLOOR, 1.0)
+    if _miss(fn(best), target) > TARGET_TOLERANCE:
+        raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs: "
+                          f"the nearest keep ratio gives {fn(best):.3f}x (too few tokens to divide finer)")
+    return TargetSolution(policy, target, {"keep_ratio": best, "min_tokens": mt}, fn(best), (fn(best), fn(best)))
+
+
+def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
+    L = cm.num_blocks
+    mt = int(options.get("min_tokens", 1))
+    k = int(options.get("k_trained") or default_k_trained(L))
+    fn = lambda b, k: expected_step_flops(cm, b, k, mt) / full  # noqa: E731
+    while k < L and fn(1.0, k) < target:
+        k += 1
+    while k > 1 and fn(BUDGET_FLOOR, k) > target:
+        k -= 1
+    floor = fn(BUDGET_FLOOR, k)
+    if floor > target * (1 + TARGET_TOLERANCE):
+        raise TargetError(_floor_message(cm, policy, target, floor, mt, k=1))
+    f = lambda b: fn(b, k)  # noqa: E731
+    b = _nearest(f, target, BUDGET_FLOOR, 1.0)
+    if _miss(f(b), target) > TARGET_TOLERANCE:
+        raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
+                          f"with k_trained={k}: the nearest budgets give {f(b):.3f}x")
+    hi_ok = lambda m: f(min(1.0, b + m)) <= target * (1 + ENVELOPE_TOLERANCE)  # noqa: E731
+    lo_ok = lambda m: f(max(BUDGET_FLOOR, b - m)) >= target * (1 - ENVELOPE_TOLERANCE)  # noqa: E731
+    m = _largest_at_most(lambda m: 0.0 if hi_ok(m) and lo_ok(m) else 1.0, 0.5, 0.0, 0.5)
+    b_init = b
+    b_min = min(b_init, max(BUDGET_FLOOR, _ceil4(b - m)))
+    b_max = max(b_init, min(1.0, _floor4(b + m)))
+    knobs = {"k_trained": k, "b_init": b_init, "b_min": b_min, "b_max": b_max, "min_tokens": mt}
+    return TargetSolution(policy, target, knobs, f(b_init), (f(b_min), f(b_max)))
+
+
+def _ceil4(x: float) -> float:
+    return -(-round(x * 1e4, 6) // 1) / 1e4
+
+
+def _floor4(x: float) -> float:
+    return (round(x * 1e4, 6) // 1) / 1e4
+
+
+def _floor_message(cm: CostModel, policy: str, target: float, floor: float, mt: int, k: int | None) -> str:
+    """Say what the cheapest setting still pays for, largest share first."""
+    L, N = cm.num_blocks, cm.num_patches
+    tin, tout = kept_token_counts([BUDGET_FLOOR] * L, N, mt)
+    trained = tuple(i == L - 1 for i in range(L)) if k == 1 else (True,) * L
+    cost = step_cost(cm, StepShape(tin, tout, trained), 1)
+    first = sum(cost.per_block[0])
+    rest = sum(sum(b) for b in cost.per_block[1:])
+    other = cost.train_flops - first - rest
+    parts = sorted([(first, f"block 0, which always sees all {N} patch tokens"),
+                    (rest, f"blocks 1-{L - 1} at min_tokens={mt}"),
+                    (other, "the patch embedding and head")], reverse=True)
+    setting = "k_trained=1 and every budget at the floor" if k == 1 else "every keep ratio at the floor"
+    return (f"target {target:g}x full FLOPs is out of reach for policy {policy!r}: its cheapest setting ({setting}) "
+            f"costs {floor:.3f}x, {parts[0][0] / cost.train_flops:.0%} of it in {parts[0][1]}; "
+            "raise --target-flops" + (" or lower policy.min_tokens" if mt > 1 else ""))
+

@@ -1,0 +1,259 @@
+"""Data parallel training with torch.distributed, without DDP.
+
+Why not ``DistributedDataParallel``: ALaST trains a different set of blocks every step. DDP either
+fails on that (its default) or needs ``find_unused_parameters=True`` and then still all-reduces every
+bucket, frozen blocks included (pytorch issue 90171). Here the runtime hands us exactly the
+parameters trained this step and we all-reduce their gradients as one flattened bucket, so frozen
+blocks cost no communication. Weights stay identical because (1) rank 0's initial weights are
+broadcast, (2) every rank applies the same averaged gradients with the same optimizer, and
+(3) budgets and the trained-block set are identical on every rank: per-sample deltas are gathered
+over the global batch and block sampling is seeded by (seed, step), never by rank.
+
+Entry points: ``torchrun --nproc-per-node N -m alast_cli train ...`` (workers call
+:func:`init_from_env`) and ``alast train --nproc N`` (:func:`launch_torchrun` runs
+``torch.distributed.run`` with the same arguments).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+_TIMEOUT = timedelta(minutes=30)
+
+
+class TorchComm:
+    """The communicator the torch runtime and the loop use (one per process).
+
+    ``bytes_history`` holds, per training step, the bytes of gradient all-reduced by this rank.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.bytes_history: list[int] = []
+
+    # -- the runtime's interface -------------------------------------------------------------
+    @torch.no_grad()
+    def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
+        """Copy rank 0's values into ``params`` on every rank (one bucket per dtype)."""
+        for group in _by_dtype([p.data for p in params]):
+            flat = _flatten_dense_tensors(group).to(self.device)
+            dist.broadcast(flat, src=0)
+            for t, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                t.copy_(synced)
+
+    def gather_batch(self, deltas: torch.Tensor) -> torch.Tensor:
+        """``[L, B_local]`` per-sample values -> ``[L, B_local * world]`` in rank order."""
+        local = deltas.contiguous().to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=1)
+
+    def mean_scalar(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    @torch.no_grad()
+    def all_reduce_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` (the parameters trained this step) over the ranks.
+
+        All ranks must pass the same parameters in the same order; the runtime guarantees it
+        because the trained set comes from identical budgets.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        sent = 0
+        for group in _by_dtype(grads):
+            flat = _flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat.div_(self.world_size)
+            for g, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                g.copy_(synced)
+            sent += flat.numel() * flat.element_size()
+        self.bytes_history.append(sent)
+
+    # -- what the loop needs beyond it ---------------------------------------------------------
+    @property
+    def last_bytes(self) -> int | None:
+        return self.bytes_history[-1] if self.bytes_history else None
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (e.g. a stop request)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def all_equal(self, text: str) -> bool:
+        """Whether every rank passed the same string (used to compare weight digests)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, text)
+        return all(o == out[0] for o in out)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def weights_digest(params: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of the parameters' bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- worker side: under torchrun -------------------------------------------------------------
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def init_from_env(device: str = "auto", init_method: str = "env://") -> TorchComm | None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    Returns None outside torchrun or with one process. gloo on CPU, nccl on CUDA (one GPU per local
+    rank, chosen by LOCAL_RANK).
+    """
+    world = env_world_size()
+    if world <= 1:
+        return None
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if torch.cuda.device_count() < local_world:
+            raise ValueError(f"{local_world} ranks on this machine but {torch.cuda.device_count()} CUDA "
+                             "device(s); lower --nproc or pass --set backend.device=cpu")
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=_TIMEOUT)
+    return TorchComm(rank, world, dev)
+
+
+# -- launcher side: alast train --nproc N ----------------------------------------------------
+def cli_args(ctx: Any, drop: Sequence[str] = ("nproc",)) -> list[str]:
+    """The command line that reproduces ``ctx``'s parsed parameters (defaults left out)."""
+    import click
+
+    positional: list[str] = []
+    options: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            positional += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            continue
+        if param.multiple:
+            for v in value:
+                options += [param.opts[0], str(v)]
+        elif param.is_flag:
+            if param.secondary_opts:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value and value != param.default:
+                options.append(param.opts[0])
+        elif value != param.default:
+            options += [param.opts[0], str(value)]
+    return positional + options
+
+
+def torchrun_argv(nproc: int, ctx: Any) -> list[str]:
+    """Arguments for ``python -m torch.distributed.run`` that rerun ``ctx``'s command on N ranks."""
+    debug = bool(ctx.obj and ctx.obj.get("debug"))
+    head = ["--debug"] if debug else []
+    return ["--standalone", "--nproc-per-node", str(nproc), "-m", "alast_cli", *head, ctx.command.name,
+            *cli_args(ctx)]
+
+
+def launch_torchrun(nproc: int, click_ctx: Any) -> int:
+    """Rerun this ``alast train`` invocation as ``python -m torch.distributed.run --nproc-per-node N
+    -m alast_cli train ...`` (without ``--nproc``); returns the exit code.
+
+    torchrun's own ``main`` is run in this process (its ``run``, same parser) instead of as a
+    subprocess, so the workers' exit codes come back as they are (2 bad input, 1 failure, 130
+    interrupted) instead of torchrun's generic 1 and its launcher traceback.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if env_world_size() > 1:
+        raise ValueError("--nproc cannot be used inside torchrun; drop --nproc (torchrun sets the ranks)")
+    debug = bool(click_ctx.obj and click_ctx.obj.get("debug"))
+    if not debug:  # the agent logs each worker's exit and every signal; the workers say what matters
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(parse_args(torchrun_argv(nproc, click_ctx)))
+    except ChildFailedError as exc:
+        return _exit_code(exc.failures)
+    except SignalException as exc:
+        return 130 if exc.sigval == signal.SIGINT else 128 + int(exc.sigval)
+    return 0
+
+
+def _exit_code(failures: dict[int, Any]) -> int:
+    """The lowest failed rank's own exit code; ranks killed by a signal (torchrun stops the others
+    once one fails) only count when no rank exited by itself; a signal N reads 128+N."""
+    codes = [failures[r].exitcode for r in sorted(failures)]
+    own = [c for c in codes if c > 0]
+    if own:
+        return own[0]
+    return 128 - codes[0] if codes[0] < 0 else codes[0]
+
+
+# -- local spawning: tests and benchmarks ------------------------------------------------------
+def _spawn_entry(local_rank: int, world: int, store: str, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    comm = init_from_env("cpu", init_method=f"file://{store}")
+    try:
+        result = fn(comm, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{local_rank}.pt"))
+    finally:
+        comm.close()
+
+
+def run_local(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Run ``fn(comm, *args)`` on ``world_size`` CPU processes (gloo); returns each rank's result.
+
+    ``fn`` must be importable by name (a module-level function).
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="alast-dist-") as tmp:
+        store = os.path.join(tmp, "store")
+        mp.start_processes(_spawn_entry, args=(world_size, store, fn, args, tmp), nprocs=world_size,
+                           join=True, start_method="spawn")
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,292 @@
+"""Export a finished run to a verified full-token ONNX inference model, and evaluate ONNX models.
+
+The exported graph is the plain timm model in eval mode (all tokens, all blocks: ALaST only
+changes training) with a dynamic batch axis, input ``images`` and output ``logits``. Its
+``metadata_props`` carry what a consumer needs to use it without alast: preprocessing (input size,
+mean, std, interpolation, crop), class names, and provenance (source model, policy, backend).
+Every export is checked with ``onnxruntime.InferenceSession`` against the PyTorch model before the
+file appears under its final name. Works with plain ``onnxruntime`` or ``onnxruntime-training``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .protocol import RuntimeError_
+
+META_PREFIX = "alast."
+INPUT, OUTPUT = "images", "logits"
+
+
+class ExportError(ValueError):
+    """Bad input for export or ONNX evaluation (missing run, corrupt weights, not an ONNX model)."""
+
+
+class VerificationError(RuntimeError_):
+    """The exported model disagrees with PyTorch beyond the tolerance (exit code 1, no file left)."""
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: Any
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    max_abs_diff: float
+    atol: float
+    opset: int
+    batch: int
+    metadata: dict[str, str]
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def load_run(run_dir: Path) -> LoadedRun:
+    """The run's config, summary and fine-tuned model (eval mode, CPU), or :class:`ExportError`."""
+    from .config import load_config
+    from .loop import CONFIG, FINAL_WEIGHTS, SUMMARY
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory not found: {run_dir}")
+    if not (run_dir / CONFIG).exists():
+        raise ExportError(f"{run_dir} is not a run directory (no {CONFIG})")
+    if not (run_dir / SUMMARY).exists() or not (run_dir / FINAL_WEIGHTS).exists():
+        raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); "
+                          "finish it with `alast train --resume --out RUN_DIR`")
+    cfg = load_config(run_dir / CONFIG)
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        num_classes = int(summary["num_classes"])
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(f"{run_dir / SUMMARY} is corrupt (no num_classes); rerun the training") from None
+    model = _build_model(cfg, num_classes)
+    _load_weights(model, run_dir / FINAL_WEIGHTS)
+    return LoadedRun(run_dir, cfg, summary, model.eval())
+
+
+def _build_model(cfg: Any, num_classes: int) -> nn.Module:
+    from .models import DEMO_MODEL, build_demo_model, create_model
+
+    extra = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
+    if cfg.model.name == DEMO_MODEL:
+        return build_demo_model(num_classes, pretrained=False, **extra)
+    return create_model(cfg.model.name, num_classes, pretrained=False, **extra)
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+        raise ExportError(f"cannot read {path} ({exc.__class__.__name__}); the weights file is corrupt") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ExportError(f"{path} does not fit the run's model ({first})") from None
+
+
+def run_metadata(run: LoadedRun) -> dict[str, str]:
+    """``metadata_props`` for a run's model: preprocessing, classes and provenance."""
+    s, cfg = run.summary, run.config
+    dc = s.get("data_config") or {}
+    meta = {
+        "format": "1",
+        "model": str(s.get("model", cfg.model.name)),
+        "policy": str(s.get("policy", cfg.policy.name)),
+        "backend": str(s.get("backend", cfg.backend.name)),
+        "num_classes": str(s["num_classes"]),
+        "classes": json.dumps(list(s.get("classes") or [])),
+        "input_size": json.dumps(list(dc.get("input_size", []))),
+        "mean": json.dumps(list(dc.get("mean", []))),
+        "std": json.dumps(list(dc.get("std", []))),
+        "interpolation": str(dc.get("interpolation", "bicubic")),
+        "crop_pct": str(dc.get("crop_pct", 1.0)),
+        "crop_mode": str(dc.get("crop_mode", "center")),
+        "data": str(cfg.data.spec),
+        "val_fraction": str(cfg.data.val_fraction),
+        "seed": str(cfg.train.seed),
+    }
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+# -- ONNX export ---------------------------------------------------------------------------------
+def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True) -> bytes:
+    """The serialized full-token eval-mode graph ``images [B,3,H,W] -> logits [B,C]``.
+
+    With ``constant_folding=False`` every parameter stays an initializer under its state-dict
+    name (the ORT runtime overrides them with its live buffers).
+    """
+    was_training = model.training
+    model.eval()
+    img = model.patch_embed.img_size
+    x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
+                              do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    except Exception as exc:  # any exporter failure means the model cannot be exported
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({reason})") from None
+    finally:
+        model.train(was_training)
+    return buf.getvalue()
+
+
+def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0) -> float:
+    """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` on a random batch.
+
+    The batch size differs from the export's example batch (2), so the dynamic axis is exercised.
+    """
+    import onnxruntime as ort
+
+    img = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
+    with torch.no_grad():
+        ref = model.eval()(x).float()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).abs().max())
+
+
+def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: int | None = None) -> ExportReport:
+    """Export ``run_dir`` to ``out``; the file appears only if it verified within ``atol``."""
+    import onnx
+
+    run = load_run(run_dir)
+    atol = float(atol if atol is not None else run.config.export.atol)
+    opset = int(opset if opset is not None else run.config.export.opset)
+    model = onnx.load_from_string(export_inference_bytes(run.model, opset))
+    meta = run_metadata(run)
+    model.producer_name = "alast"
+    model.doc_string = f"{meta[META_PREFIX + 'model']} fine-tuned with alast ({meta[META_PREFIX + 'policy']})"
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save(model, str(tmp))
+        diff = max_logit_diff(tmp, run.model)
+        if not diff <= atol:
+            raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "
+                                    f"(> atol {atol:g}); no file written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(out, diff, atol, opset, 3, meta)
+
+
+# -- ONNX evaluation -----------------------------------------------------------------------------
+def read_metadata(path: Path) -> dict[str, str]:
+    """The alast metadata of an ONNX model (prefix stripped), or :class:`ExportError`."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf DecodeError and friends
+        raise ExportError(f"{path} is not an ONNX model") from None
+    if len(model.graph.node) == 0:
+        raise ExportError(f"{path} is not an ONNX model (no graph)")
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    if "input_size" not in meta:
+        raise ExportError(f"{path} has no alast preprocessing metadata; export it with `alast export`")
+    return meta
+
+
+def data_config_from_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """timm's eval transform settings from the model's metadata."""
+    return {"input_size": tuple(json.loads(meta["input_size"])), "mean": tuple(json.loads(meta["mean"])),
+            "std": tuple(json.loads(meta["std"])), "interpolation": meta.get("interpolation", "bicubic"),
+            "crop_pct": float(meta.get("crop_pct", 1.0)), "crop_mode": meta.get("crop_mode", "center")}
+
+
+def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fraction: float, seed: int,
+              classes: list[str]) -> Any:
+    from .data import DataError, build_data
+
+    bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed)
+    if classes and list(bundle.classes) != list(classes):
+        raise DataError(f"data {spec!r} has classes {bundle.classes[:5]}... but the model was trained on "
+                        f"{classes[:5]}...; evaluate on data with the same class folders")
+    return bundle.val
+
+
+def _accumulate(batches: Any, predict) -> dict[str, float]:
+    correct, total, loss_sum = 0, 0, 0.0
+    for images, labels in batches:
+        logits = predict(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += int(labels.numel())
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+
+def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = None,
+                  batch_size: int = 64) -> dict[str, Any]:
+    """Accuracy of an exported model with onnxruntime, preprocessing read from its metadata.
+
+    Without ``spec`` it evaluates on the validation split the run was trained against.
+    """
+    import onnxruntime as ort
+
+    from .data import eval_batches
+
+    meta = read_metadata(path)
+    spec = spec or meta.get("data", "digits")
+    val = _val_data(spec, data_config_from_metadata(meta), data_dir, float(meta.get("val_fraction", 0.2)),
+                    int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")))
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # invalid graph
+        raise ExportError(f"onnxruntime cannot load {path} ({str(exc).strip().splitlines()[0][:160]})") from None
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run([OUTPUT], {INPUT: images.float().contiguous().numpy()})[0])
+
+    metrics = _accumulate(eval_batches(val, batch_size), predict)
+    return {**metrics, "source": "onnx", "path": str(path), "data": spec}
+
+
+def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
+                 batch_size: int | None = None) -> dict[str, Any]:
+    """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``)."""
+    from .data import eval_batches
+
+    run = load_run(run_dir)
+    cfg = run.config
+    spec = spec or cfg.data.spec
+    dc = run.summary.get("data_config") or {}
+    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
+    val = _val_data(spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
+                    list(run.summary.get("classes") or []))
+    with torch.no_grad():
+        metrics = _accumulate(eval_batches(val, batch_size or 64), run.model)
+    return {**metrics, "source": "run", "path": str(run_dir), "data": spec}

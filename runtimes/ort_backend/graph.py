@@ -1,0 +1,175 @@
+"""The ONNX training graph of an ALaST step, built from the timm model's own forward.
+
+:class:`TrainingGraph` wraps a timm VisionTransformer. Its forward calls the model itself (so no
+upstream forward is copied) while two forward hooks per block, installed only for the duration of
+that call, do the ALaST work with the pure functions of ``torch_backend.tokens``:
+
+- a hook on ``attn.qkv`` computes the block's head-averaged CLS-attention row;
+- a hook on the block records the per-sample CLS delta and replaces the block output by the
+  prefix tokens plus the top ``keep[l]`` patch tokens.
+
+``keep`` is an int64 graph input (one count per block, computed on the host from the budget
+planned for this very step, so there is no lag behind the torch backend). Exported with the
+TorchScript exporter at opset 16, the selection becomes TopK + GatherElements with a dynamic K.
+Where ``keep[l]`` equals the current token count the selection is an identity permutation.
+
+Graph interface (names are part of the contract with ``artifacts.py``)::
+
+    inputs:  images [B, 3, H, W] float32, labels [B] int64, keep [L] int64 (selecting graphs only)
+    outputs: loss [] float32 (first: the gradient builder starts there), deltas [L, B] float32
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+
+OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
+INPUTS_SELECT = ("images", "labels", "keep")
+INPUTS_DENSE = ("images", "labels")
+OUTPUTS = ("loss", "deltas")
+
+
+class GraphError(ValueError):
+    """The model cannot be exported as an ONNX Runtime training graph (bad input: exit code 2)."""
+
+
+@contextlib.contextmanager
+def alast_hooks(model: nn.Module, keep: Tensor | Sequence[int] | None, deltas: list[Tensor]) -> Iterator[None]:
+    """Within the block, ``model``'s blocks record CLS deltas into ``deltas`` and, when ``keep``
+    is given, keep the top ``keep[l]`` patch tokens after block ``l``."""
+    prefix = int(model.num_prefix_tokens)
+    scores: dict[int, Tensor] = {}
+    handles = []
+
+    def qkv_hook(i: int, attn: nn.Module):
+        def hook(_mod, _inputs, out: Tensor) -> None:
+            scores[i] = cls_attention_scores(out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
+                                             attn.k_norm)
+        return hook
+
+    def block_hook(i: int):
+        def hook(_mod, inputs, out: Tensor) -> Tensor:
+            deltas.append(cls_delta(inputs[0], out))
+            if keep is None:
+                return out
+            return select_tokens(out, scores.pop(i), keep[i], prefix)
+        return hook
+
+    try:
+        for i, blk in enumerate(model.blocks):
+            if keep is not None:
+                handles.append(blk.attn.qkv.register_forward_hook(qkv_hook(i, blk.attn)))
+            handles.append(blk.register_forward_hook(block_hook(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Mean cross-entropy, with label smoothing written out (the ONNX exporter refuses
+    ``label_smoothing`` in ``F.cross_entropy``); equal to ``F.cross_entropy(..., label_smoothing=eps)``."""
+    if label_smoothing == 0.0:
+        return F.cross_entropy(logits, labels)
+    logp = logits.float().log_softmax(-1)
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return ((1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).mean()
+
+
+class TrainingGraph(nn.Module):
+    """One ALaST training forward: ``(images, labels[, keep]) -> (loss, deltas [L, B])``."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, select: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = float(label_smoothing)
+        self.select = select
+
+    def forward(self, images: Tensor, labels: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        deltas: list[Tensor] = []
+        with alast_hooks(self.model, keep if self.select else None, deltas):
+            logits = self.model(images)
+        loss = classification_loss(logits, labels, self.label_smoothing)
+        return loss, torch.stack(deltas)
+
+
+def example_keep(num_patches: int, num_blocks: int) -> Tensor:
+    """A valid cumulative keep vector for tracing (the exported K is dynamic, not this value)."""
+    out, n = [], num_patches
+    for _ in range(num_blocks):
+        n = max(1, (n * 7) // 8)
+        out.append(n)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: float,
+                          batch_size: int = 2) -> bytes:
+    """The serialized ONNX training graph (weights included as named initializers).
+
+    TorchScript exporter, opset 16, ``training=TRAINING`` and no constant folding, so every
+    parameter stays an initializer named like the timm state dict (prefixed ``model.``).
+    Raises :class:`GraphError` when the exporter cannot handle the model.
+    """
+    graph = TrainingGraph(model, label_smoothing, select).train()
+    img = model.patch_embed.img_size
+    in_chans = model.patch_embed.proj.in_channels
+    images = torch.zeros(batch_size, in_chans, img[0], img[1])
+    labels = torch.zeros(batch_size, dtype=torch.int64)
+    args: tuple = (images, labels)
+    names = list(INPUTS_DENSE)
+    if select:
+        args += (example_keep(int(model.patch_embed.num_patches), len(model.blocks)),)
+        names = list(INPUTS_SELECT)
+    dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}}
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, export_params=True,
+                              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                              input_names=names, output_names=list(OUTPUTS), dynamic_axes=dynamic)
+    except Exception as exc:  # the exporter raises many types; all mean "this model is not exportable"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise GraphError(f"{type(model).__name__} cannot be exported for ONNX Runtime Training ({reason}); "
+                         "use --backend torch") from None
+    return buf.getvalue()
+
+
+def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] | None,
+                     trained_param_names: set[str]) -> float:
+    """Flops (2 per multiply-add) of one forward+backward of ``graph`` with these shapes.
+
+    Counted with ``torch.utils.flop_counter`` on fake tensors (no data, no kernels run) with the
+    same shapes, trained parameters and selection ops as the ONNX graph, so the figure is
+    comparable with the torch backend's counted flops.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    from ..torch_backend.flops import counter
+
+    model = graph.model
+    img = model.patch_embed.img_size
+    in_chans = model.patch_embed.proj.in_channels
+    with FakeTensorMode():
+        params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(f"model.{n}" in trained_param_names)
+                  for n, p in model.named_parameters()}
+        images = torch.empty(batch_size, in_chans, img[0], img[1])
+        labels = torch.zeros(batch_size, dtype=torch.int64)
+        args: tuple = (images, labels)
+        if keep is not None:
+            args += (list(keep),)
+        with counter() as fc:
+            loss, _ = functional_call(graph, params, args)
+            wanted = [p for p in params.values() if p.requires_grad]
+            if wanted:
+                torch.autograd.grad(loss, wanted)
+    return float(fc.get_total_flops())

@@ -1,0 +1,298 @@
+"""The ONNX Runtime Training runtime (``backend.name: ort``).
+
+Forward and backward run in ONNX Runtime on the graph of ``graph.py``: token keep counts are
+int64 graph inputs (computed on the host from the budget planned for this step, so there is no
+lag behind the torch backend) and per-block CLS deltas are graph outputs. Frozen blocks select an
+artifact set of ``artifacts.py`` in which their parameters are frozen, so ONNX Runtime computes
+no weight gradient for them; when a policy samples more distinct sets than fit in memory, steps
+run on the all-trainable set with the frozen blocks' gradients discarded (see
+:meth:`OrtRuntime._artifact_trained`).
+
+The optimizer is torch's AdamW, applied to ONNX Runtime's own parameter and gradient buffers
+through DLPack views (no copies). ORT 1.19's AdamW graph has one weight decay for every
+parameter, one step counter for all of them and no per-parameter state access, so it could not
+honour the torch backend's parameter groups (no decay on 1-D parameters and timm's
+``no_weight_decay``), per-parameter step counts after a block was frozen, or carry moments over
+when the trained-block set changes. With torch's AdamW on the same buffers the update, the
+gradient clipping and the parameter groups are exactly the torch backend's, and the optimizer
+state survives every switch because it never lives in ONNX Runtime.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planners import Budget, StepResult, kept_token_counts
+from planners.rules import reduce_deltas
+
+from ..pipeline import register_runtime
+from ..protocol import Capabilities, NonFiniteLoss
+from .artifacts import ArtifactCache
+from .graph import GraphError, TrainingGraph, count_step_flops, export_training_graph
+
+_PREFIX = "model."  # parameter names in the training graph: the timm names under TrainingGraph.model
+FREEZE_MODES = ("auto", "exact", "masked")
+
+
+def require_training() -> None:
+    """Raise ValueError (exit code 2) unless ONNX Runtime Training is importable."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.training import artifacts  # noqa: F401
+        from onnxruntime.training.api import Module  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(
+            f"--backend ort needs ONNX Runtime Training, which is not importable here ({exc}). It ships as "
+            "onnxruntime-training-cpu==1.19.2 (or the CUDA build onnxruntime-training) for Python <= 3.12 "
+            "only; install it in place of plain onnxruntime, or use --backend torch") from None
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # generate_artifacts logs every graph transformer at INFO
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters and on timm's ``no_weight_decay()`` names
+    (the same rule as the torch backend, so both backends optimise the same objective)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resolve_device(name: str) -> str:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if name == "cuda" and not has_cuda:
+        raise ValueError("backend.device=cuda but this onnxruntime-training build has no CUDA provider; install "
+                         "the CUDA build of onnxruntime-training (docs/backends.md) or use backend.device=cpu")
+    return "cuda" if name == "cuda" or (name == "auto" and has_cuda and torch.cuda.is_available()) else "cpu"
+
+
+class OrtRuntime:
+    """ALaST training with ONNX Runtime Training; see the module docstring."""
+
+    name = "ort"
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, grad_clip: float | None,
+                 label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
+                 threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
+                 freeze_artifacts: str = "auto") -> None:
+        from ..torch_backend.patch import check_patchable
+
+        require_training()
+        check_patchable(model)
+        if freeze_artifacts not in FREEZE_MODES:
+            raise ValueError(f"freeze_artifacts must be one of {FREEZE_MODES}, got {freeze_artifacts!r}")
+        self.freeze_artifacts = freeze_artifacts
+        self.device = torch.device(_resolve_device(device))
+        self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=False,
+                                         data_parallel=False)
+        self.model = model.cpu().train()
+        self.grad_clip = grad_clip
+        self.delta_reduction = delta_reduction
+        self.count_flops = count_flops
+        self.num_blocks = len(model.blocks)
+        self.num_patches = int(model.patch_embed.num_patches)
+        self.slots: dict[str, nn.Parameter] = {_PREFIX + n: p for n, p in model.named_parameters()}
+        block_params = [[f"{_PREFIX}blocks.{i}.{n}" for n, _ in blk.named_parameters()]
+                        for i, blk in enumerate(model.blocks)]
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+        self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
+                       "select": TrainingGraph(model, label_smoothing, select=True)}
+        exporters = {v: (lambda v=v: self._export(v)) for v in self.graphs}
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        live = max_live_sets or max(2, min(8, int(2e9 // max(1, 2 * param_bytes))))
+        self.cache = ArtifactCache(exporters, list(self.slots), block_params, max_live=live,
+                                   threads=threads or torch.get_num_threads(), device=self.device.type)
+        self._active = None
+        self._seen: set[tuple[str, tuple[bool, ...]]] = set()
+        self._flops: dict[tuple, float] = {}
+        self._inference_bytes: bytes | None = None
+
+    def bind_run_dir(self, run_dir: Any) -> None:
+        """Cache artifact sets under the run directory (reused on resume)."""
+        self.cache.bind_dir(run_dir)
+
+    def _export(self, variant: str) -> bytes:
+        data = export_training_graph(self.model, select=variant == "select",
+                                     label_smoothing=self.graphs[variant].label_smoothing)
+        import onnx
+
+        inits = {i.name for i in onnx.load_from_string(data).graph.initializer}
+        missing = [n for n in self.slots if n not in inits]
+        if missing:
+            raise GraphError(f"the exported training graph lost parameter {missing[0]!r} (shared or folded "
+                             "weights?); use --backend torch for this model")
+        return data
+
+    # -- training --------------------------------------------------------------------------
+    def _artifact_trained(self, variant: str, trained: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Which artifact set runs a step that trains ``trained``.
+
+        ``exact``: the set in which exactly these blocks are trainable (frozen blocks compute no
+        weight gradients). ``masked``: the all-trainable set; frozen blocks' weight gradients are
+        computed and discarded, so they are neither updated nor decayed. ``auto`` runs exact sets
+        while every trained-block set seen so far fits in memory, or when the set is already
+        live; beyond that (sampled freezing on deep models: C(12, 9) = 220 sets) building a
+        session per step would cost more than the weight gradients it saves, so it runs masked.
+        """
+        everything = (True,) * self.num_blocks
+        if self.freeze_artifacts == "masked" or trained == everything:
+            return everything
+        if self.freeze_artifacts == "exact" or self.cache.is_live(variant, trained):
+            return trained
+        self._seen.add((variant, trained))
+        return trained if len(self._seen) <= self.cache.max_live else everything
+
+    def _activate(self, variant: str, trained: tuple[bool, ...]):
+        """Make the artifact set for ``(variant, trained)`` current, moving the weights into it."""
+        ts, _ = self.cache.get(variant, trained)
+        if all(trained):
+            self.cache.pinned.add(ts.name)
+        if ts is not self._active:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for n, slot in self.slots.items():
+                    buf = ts.params[n]
+                    buf.copy_(slot.data)
+                    slot.data = buf
+            self._active = ts
+            self.cache.record_switch(time.perf_counter() - t0)
+            self.cache.trim()
+        return ts
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
+                   step: int) -> StepResult:
+        t0 = time.perf_counter()
+        tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens)
+        select = any(o < i for i, o in zip(tokens_in, tokens_out))
+        variant = "select" if select else "dense"
+        ran = self._artifact_trained(variant, tuple(budget.trained))
+        ts = self._activate(variant, ran)
+        feeds = [images.detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
+        if select:
+            feeds.append(np.asarray(tokens_out, dtype=np.int64))
+        ts.module.train()
+        ts.module.lazy_reset_grad()
+        loss, deltas = ts.module(*feeds)
+        loss_value = float(loss)
+        if not np.isfinite(loss_value):
+            raise NonFiniteLoss(step, loss_value)
+        trained = set(self.cache.trainable_names(budget.trained))
+        for n, slot in self.slots.items():
+            slot.grad = ts.grads.get(n) if n in trained else None
+        if ran != tuple(budget.trained):
+            self.cache.stats.masked_steps += 1
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.slots.values() if p.grad is not None], self.grad_clip)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        for slot in self.slots.values():
+            slot.grad = None
+        elapsed = time.perf_counter() - t0
+        flops = self._step_flops(len(feeds[1]), tokens_out if select else None, ran)
+        per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
+        return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
+                          trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
+                          train_flops=flops)
+
+    # -- FLOPs -------------------------------------------------------------------------------
+    def _step_flops(self, batch: int, keep: tuple[int, ...] | None, trained: tuple[bool, ...]) -> float | None:
+        """Counted flops of a step with these shapes (cached: a pure function of the shapes)."""
+        if self.count_flops == "off":
+            return None
+        key = (batch, keep, tuple(trained))
+        if key not in self._flops:
+            graph = self.graphs["dense" if keep is None else "select"]
+            self._flops[key] = count_step_flops(graph, batch, keep, set(self.cache.trainable_names(trained)))
+        return self._flops[key]
+
+    def full_ft_step_flops(self, batch_size: int) -> float | None:
+        return self._step_flops(batch_size, None, (True,) * self.num_blocks)
+
+    def peak_memory_bytes(self) -> int | None:
+        """Not measured: ONNX Runtime's allocations are invisible to torch's trackers."""
+        return None
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Full-token, eval-mode accuracy with ONNX Runtime on the current weights."""
+        sess = self._inference_session()
+        correct, total, loss_sum = 0, 0, 0.0
+        for images, labels in batches:
+            logits = torch.from_numpy(sess.run(None, {"images": images.float().contiguous().numpy()})[0])
+            labels = labels.long()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += int(labels.numel())
+        return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+    def _inference_session(self) -> Any:
+        """An inference session whose weights are the current parameter buffers (no copies)."""
+        import onnxruntime as ort
+
+        from ..export import export_inference_bytes
+
+        if self._inference_bytes is None:
+            self._inference_bytes = export_inference_bytes(self.model, constant_folding=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.cache.threads or 0
+        keep_alive = []
+        for n, slot in self.slots.items():
+            # ORT only accepts user-owned initializer buffers: hand it a numpy view of the live
+            # parameter (ORT's own buffer when a set is active; no copy either way).
+            arr = slot.detach().cpu().numpy()
+            value = ort.OrtValue.ortvalue_from_numpy(arr)
+            keep_alive += [arr, value]
+            opts.add_initializer(n[len(_PREFIX):], value)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else \
+            ["CPUExecutionProvider"]
+        sess = ort.InferenceSession(self._inference_bytes, opts, providers=providers)
+        sess._alast_keep_alive = keep_alive  # the session reads these buffers while it lives
+        return sess
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors (the loop torch.saves them): timm weights and torch AdamW state."""
+        self.cache.write_stats()
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])  # copies into the live buffers in place
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def export_model(self) -> nn.Module:
+        """A plain timm model with the trained weights, on the CPU."""
+        import copy
+
+        model = copy.deepcopy(self.model).cpu().eval()
+        for p in model.parameters():
+            p.data = p.data.clone()
+            p.requires_grad_(True)
+        return model
+
+    @property
+    def artifact_stats(self) -> dict[str, Any]:
+        return self.cache.stats.summary()
+
+
+@register_runtime("ort")
+def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
+    if comm is not None:
+        raise ValueError("the ort backend trains in one process; use --backend torch for data-parallel runs")
+    if cfg.policy.lora is not None:
+        raise ValueError(f"the ort backend does not support LoRA (policy {cfg.policy.name!r}); use --backend torch")
+    if cfg.backend.precision != "fp32":
+        raise ValueError("the ort backend trains in fp32; set backend.precision=fp32 or use --backend torch")
+    return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                      label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
+                      device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops)

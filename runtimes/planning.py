@@ -1,0 +1,276 @@
+"""From a run config to the planner: cost models, FLOPs targets, plans, and trace replay.
+
+The planner itself (``planners.simulate``, ``planners.target``) works on plain numbers; this module
+builds or loads the cost model a config needs (profiling the model, and its LoRA variant when the
+policy uses LoRA), and puts the answers in the shape the CLI prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from planners.costmodel import CostModel, TimeModel, load_cost_model
+from planners.simulate import Prediction, replay, simulate
+from planners.target import check_target
+from planners.target import solve_target as _solve
+
+from .config import AlastConfig, load_config
+from .pipeline import model_data_config, policy_options
+from .profile import calibrate_time, profile
+from .report import METRICS, read_metrics
+
+FLOPS_CONVENTION = ("torch.utils.flop_counter convention: 2 FLOPs per multiply-add, matrix products only "
+                    "(linear, attention, patch conv), forward + backward, whole batch, all steps")
+
+
+def cpu_memory_sampled(step: int) -> bool:
+    """Steps on which the torch runtime measures CPU memory by default (TorchRuntime's probe)."""
+    return step in (1, 2) or (step > 0 and step % 50 == 0)
+
+
+class TraceError(ValueError):
+    """A run directory cannot be replayed (missing, or without metrics)."""
+
+
+def model_img_size(cfg: AlastConfig) -> int:
+    return int(model_data_config(cfg.model.name, cfg.model.img_size)["input_size"][-1])
+
+
+def training_device(cfg: AlastConfig) -> str:
+    import torch
+
+    if cfg.backend.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.backend.device
+
+
+def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
+    """Classes of the config's data without loading it where that is cheap; (None, why) if unknown."""
+    from .data import describe_spec
+
+    kind, arg = describe_spec(cfg.data.spec)
+    if kind in ("digits", "random"):
+        return 10, kind
+    if kind == "shapes":
+        from . import synthetic
+
+        return synthetic.num_classes("shapes"), kind
+    if kind == "imagefolder":
+        root = Path(arg) / "train" if (Path(arg) / "train").is_dir() else Path(arg)
+        if root.is_dir():
+            return sum(1 for p in root.iterdir() if p.is_dir()), "class folders"
+    return None, f"unknown for {cfg.data.spec} without loading it; the profiled head is used"
+
+
+def _for_device(cm: CostModel, device: str) -> CostModel:
+    cuda = device.startswith("cuda")
+    mem = dataclasses.replace(cm.memory, optimizer_temp="all_trained" if cuda else "largest_param",
+                              input_bytes_per_sample=3 * cm.img_size * cm.img_size * 4 if cuda else 0)
+    return dataclasses.replace(cm, memory=mem)
+
+
+def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[CostModel, CostModel, str]:
+    """(plain model's cost model, the policy's (LoRA variant if any), where they came from)."""
+    img = model_img_size(cfg)
+    classes, _ = num_classes_for(cfg)
+    device = training_device(cfg)
+    lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
+    if cost_model_path is not None:
+        plain = load_cost_model(Path(cost_model_path), model=cfg.model.name, img_size=img, lora=None)
+        source = f"file {cost_model_path}"
+    else:
+        plain = profile(cfg.model.name, img_size=img, num_classes=classes, device=device)
+        source = "profiled now (fvcore + torch.utils.flop_counter)"
+    if classes:
+        plain = plain.with_num_classes(classes)
+    plain = _for_device(plain, device)
+    if lora is None:
+        return plain, plain, source
+    pcm = _for_device(profile(cfg.model.name, img_size=img, num_classes=plain.num_classes, lora=lora, device=device),
+                      device)
+    return plain, pcm, source + "; LoRA variant profiled now"
+
+
+def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Planner options that put ``cfg``'s policy at ``policy.target_flops`` x full fine-tuning FLOPs."""
+    if cfg.policy.target_flops is None:
+        raise ValueError("no FLOPs target: set --target-flops or policy.target_flops")
+    check_target(cfg.policy.target_flops)
+    plain, pcm, _ = cost_models(cfg, cost_model_path)
+    sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, policy_options(cfg), full_cm=plain,
+                 policy=cfg.policy.name)
+    return dict(sol.knobs), sol.info()
+
+
+def planned_steps(cfg: AlastConfig) -> int:
+    if cfg.train.epochs is None:
+        return int(cfg.train.steps)
+    from .loop import total_steps
+    from .pipeline import load_data
+
+    data, _ = load_data(cfg)
+    return total_steps(cfg, len(data.train))
+
+
+def _time_models(cfg: AlastConfig, plain: CostModel, pcm: CostModel, calibrate: bool, throughput: float | None,
+                 batch: int, budget: Any = None) -> tuple[CostModel, CostModel]:
+    """Attach time models: a given throughput, or a calibration (timing ``budget``, the policy's
+    own step, beside the standard shapes), or whatever a loaded cost model carries."""
+    if throughput is not None:
+        tm = TimeModel.from_throughput(throughput)
+        return plain.with_time(tm), pcm.with_time(tm)
+    if not calibrate:
+        return plain, pcm
+    device, count = training_device(cfg), cfg.backend.count_flops
+    extra = {"policy": budget} if budget is not None else None
+    if pcm.lora is None:
+        plain = plain.with_time(calibrate_time(plain, cfg.model.name, batch_size=batch, device=device,
+                                               count_flops=count, extra=extra))
+        return plain, plain
+    plain = plain.with_time(calibrate_time(plain, cfg.model.name, batch_size=batch, device=device, count_flops=count))
+    return plain, pcm.with_time(calibrate_time(pcm, cfg.model.name, batch_size=batch, device=device,
+                                               count_flops=count, lora=pcm.lora, extra=extra))
+
+
+def first_budget(cm: CostModel, planner: str, options: dict[str, Any]) -> Any:
+    """The policy's step-0 budget (a representative step shape)."""
+    from planners import create_planner
+
+    return create_planner(planner, cm.num_blocks, **options).plan(0, 0.0)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _entry(pred: Prediction, full: Prediction) -> dict[str, Any]:
+    d = pred.to_dict()
+    d["ratio_to_full"] = {"train_flops": _ratio(pred.train_flops, full.train_flops),
+                          "peak_memory_bytes": _ratio(pred.peak_memory_bytes, full.peak_memory_bytes),
+                          "time_s": _ratio(pred.time_s, full.time_s)}
+    return d
+
+
+def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Prediction], steps: int,
+            target: dict[str, Any] | None) -> dict[str, Any]:
+    full = preds["full"]
+    tm = next((p.time_method for p in preds.values()), "")
+    return {
+        "model": cfg.model.name, "img_size": plain.img_size, "num_classes": plain.num_classes, "steps": steps,
+        "batch_size": cfg.train.batch_size, "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
+        "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
+        "time_method": tm, "target": target,
+        "policies": {name: _entry(p, full) for name, p in preds.items()},
+    }
+
+
+def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,
+         throughput: float | None = None) -> dict[str, Any]:
+    """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
+    steps, batch = planned_steps(cfg), cfg.train.batch_size
+    plain, pcm, source = cost_models(cfg, cost_model_path)
+    options, target = policy_options(cfg), None
+    if cfg.policy.target_flops is not None:
+        check_target(cfg.policy.target_flops)
+        sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, options, full_cm=plain, policy=cfg.policy.name)
+        options, target = {**options, **sol.knobs}, sol.info()
+    budget = first_budget(pcm, cfg.policy.planner, options) if calibrate else None
+    plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
+    preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name)}
+    preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
+    if cfg.policy.name != "full":
+        preds["full"] = simulate(plain, "full", {}, steps, batch)
+    return _result(cfg, plain, source, preds, steps, target)
+
+
+def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate: bool = False,
+               throughput: float | None = None) -> dict[str, Any]:
+    """Predict what a logged run cost from its ``metrics.jsonl`` and compare with what it counted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TraceError(f"trace run dir not found: {run_dir}")
+    if not (run_dir / METRICS).is_file():
+        raise TraceError(f"{run_dir} has no {METRICS}; --trace needs a run directory written by `alast train`")
+    records = sorted(read_metrics(run_dir / METRICS), key=lambda r: r["step"])
+    if not records:
+        raise TraceError(f"{run_dir / METRICS} has no steps to replay")
+    if not (run_dir / "config.yaml").is_file():
+        raise TraceError(f"{run_dir} has no config.yaml; --trace needs a run directory written by `alast train`")
+    cfg = load_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    world = int(summary.get("world_size", 1) or 1)
+    batch = int(records[0].get("batch_size", cfg.train.batch_size))
+    plain, pcm, source = cost_models(cfg, cost_model_path)
+    budget = _logged_budget(records[len(records) // 2], pcm, cfg) if calibrate else None
+    plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch // world, budget)
+    sampled = cpu_memory_sampled if str(summary.get("device", "cpu")).startswith("cpu") else None
+    preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled)}
+    if cfg.policy.name != "full":
+        preds["full"] = simulate(plain, "full", {}, len(records), batch)
+    cfg.train.batch_size = batch
+    out = _result(cfg, plain, source, preds, len(records), None)
+    pred = preds[cfg.policy.name]
+    counted = [r.get("train_flops") for r in records]
+    counted_total = sum(counted) if all(c is not None for c in counted) else None
+    out["trace"] = {
+        "run_dir": str(run_dir), "steps": len(records),
+        "predicted_train_flops": pred.train_flops, "counted_train_flops": counted_total,
+        "train_flops_rel_error": _ratio(pred.train_flops, counted_total) - 1 if counted_total else None,
+        "predicted_peak_memory_bytes": pred.peak_memory_bytes,
+        "predicted_peak_memory_sampled_steps_bytes": pred.peak_memory_sampled_bytes,
+        "measured_peak_memory_bytes": summary.get("peak_memory_bytes"),
+        "memory_note": ("the runtime measures CPU memory on sampled steps (1, 2, every 50th); the sampled "
+                        "prediction covers the same steps") if sampled else "measured over all steps",
+        "predicted_step_time_s": pred.step_time_s, "measured_median_step_time_s": summary.get("median_step_time_s"),
+        "counted_full_ft_train_flops": summary.get("full_ft_train_flops"),
+    }
+    return out
+
+
+def _logged_budget(rec: dict[str, Any], cm: CostModel, cfg: AlastConfig) -> Any:
+    """The budget a logged step ran with (to time that shape when calibrating)."""
+    from planners import Budget
+
+    trained = set(int(i) for i in rec["trained_blocks"])
+    ratios = tuple(float(r) for r in rec.get("keep_ratios") or [1.0] * cm.num_blocks)
+    return Budget(ratios, tuple(i in trained for i in range(cm.num_blocks)), cfg.policy.min_tokens)
+
+
+def plot_plan(result: dict[str, Any], path: Path) -> Path:
+    """Per-block cost split (policy vs full) and the predicted tokens / trained share per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pols = result["policies"]
+    name = next((k for k in pols if k != "full"), "full")
+    pb, full = pols[name]["per_block"], pols["full"]["per_block"]
+    x = np.arange(len(pb["fwd_flops"]))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    a1.bar(x - 0.2, full["fwd_flops"], 0.4, label="full: forward", color="#9ab")
+    a1.bar(x - 0.2, full["bwd_flops"], 0.4, bottom=full["fwd_flops"], label="full: backward", color="#567")
+    a1.bar(x + 0.2, pb["fwd_flops"], 0.4, label=f"{name}: forward", color="#fb6")
+    bottom = np.add(pb["fwd_flops"], pb["select_flops"])
+    a1.bar(x + 0.2, pb["select_flops"], 0.4, bottom=pb["fwd_flops"], label=f"{name}: token scores", color="#d33")
+    a1.bar(x + 0.2, pb["bwd_flops"], 0.4, bottom=bottom, label=f"{name}: backward", color="#c70")
+    a1.set_ylabel("FLOPs per step")
+    a1.set_title(f"{result['model']}: predicted cost per block ({result['steps']} steps, batch {result['batch_size']})")
+    a1.legend(fontsize=8)
+    a2.plot(x, full["tokens_in"], "o-", label="full: patch tokens in")
+    a2.plot(x, pb["tokens_in"], "o-", label=f"{name}: patch tokens in (mean)")
+    a2.set_ylabel("patch tokens")
+    a2.set_xlabel("block")
+    t = a2.twinx()
+    t.bar(x, pb["trained"], 0.3, alpha=0.3, color="g", label="share of steps trained")
+    t.set_ylim(0, 1.05)
+    t.set_ylabel("share of steps trained")
+    a2.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,426 @@
+"""Profile a timm ViT into a :class:`~planners.costmodel.CostModel`.
+
+Each block is run alone at several token counts and its costs fitted to the exact form of a
+transformer block, ``c0 + c1 n + c2 n^2``:
+  * forward multiply-adds with fvcore (matrix products only; fvcore does not count
+    ``scaled_dot_product_attention``, so a handle for it is registered here);
+  * forward and backward FLOPs with ``torch.utils.flop_counter`` (the counter the runtime records,
+    CPU fused attention included) in every backward state, so the planner reproduces the runtime's
+    counts, and the CLS-attention scores a block computes when it drops tokens;
+  * bytes autograd saves for the backward (saved-tensor hooks) and the gradients in flight at the
+    peak of the block's backward (torch's MemTracker).
+Blocks with identical structure are measured once. The patch embedding and the head are profiled the
+same way. Everything is per sample (batch 1); the planner scales by the batch.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
+
+from .models import DEMO_MODEL, create_model
+from .torch_backend.flops import counter
+from .torch_backend.tokens import cls_attention_scores, select_tokens
+
+_NOT_MATMUL = ("norm", "upsample", "pool", "grid_sampler")
+_STATES = {"weights_and_input": (True, True), "weights_only": (True, False), "input_only": (False, True)}
+
+
+def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle: ``q @ k^T`` and ``attn @ v`` multiply-adds of scaled_dot_product_attention."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = int(np.prod(q[:-2]))
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def fvcore_macs(fn: nn.Module, x: torch.Tensor) -> float:
+    """fvcore multiply-adds of ``fn(x)``: matrix products only (norms and elementwise ops excluded,
+    as torch's counter excludes them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn scripts a loss with torch.jit at import
+        from fvcore.nn import FlopCountAnalysis
+
+    fa = FlopCountAnalysis(fn, (x,)).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace deprecation, inside fvcore
+        ops = fa.by_operator()
+    return float(sum(v for k, v in ops.items() if not any(t in k for t in _NOT_MATMUL)))
+
+
+class _Fn(nn.Module):
+    """A callable as a module (fvcore traces modules)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module) -> None:
+        super().__init__()
+        self.fn, self.owner = fn, owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: set[int]) -> tuple[torch.Tensor, int]:
+    """Run ``fn`` and total the distinct storages autograd saves, except those in ``exclude``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def _count(fn: Callable[[], torch.Tensor], exclude: set[int]) -> tuple[float, float, int]:
+    """(forward flops, backward flops, saved bytes) of ``fn`` with torch's counter."""
+    with counter() as fc:
+        out, saved = _saved_bytes(fn, exclude)
+    fwd = float(fc.get_total_flops())
+    if not out.requires_grad:
+        return fwd, 0.0, 0
+    with counter() as bc:
+        out.backward(torch.ones_like(out))
+    return fwd, float(bc.get_total_flops()), saved
+
+
+def _fit(ns: list[int], ys: list[float], degree: int = 2) -> tuple[tuple[float, ...], float]:
+    """Least-squares polynomial in ``n`` and its worst relative error on the measured points."""
+    a = np.vander(np.asarray(ns, float), degree + 1, increasing=True)
+    coef = np.linalg.lstsq(a, np.asarray(ys, float), rcond=None)[0]
+    coef = [_snap(float(c), max(map(abs, ys)) or 1.0) for c in coef]
+    return tuple(coef), fit_error(list(ys), [float(np.polyval(coef[::-1], n)) for n in ns])
+
+
+def _snap(c: float, scale: float) -> float:
+    """Drop float noise from a fitted coefficient: counts are integers or simple fractions."""
+    if abs(c) < 1e-9 * scale:
+        return 0.0
+    r = round(c * 8) / 8
+    return r if abs(c - r) <= 1e-6 * max(1.0, abs(c)) else float(f"{c:.12g}")
+
+
+def _set_grad(params: list[nn.Parameter], on: bool) -> None:
+    for p in params:
+        p.requires_grad_(on)
+        p.grad = None
+
+
+def _param_ids(model: nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int]
+               ) -> tuple[float, float]:
+    """``(g, c)``: bytes in flight at the peak of the block's backward ~ ``max(g, batch * n * c)``.
+
+    Small inputs peak while the weight gradients are allocated (``g``, measured at batch 1 and the
+    fewest tokens); large ones while activation gradients are (``c`` per token and sample, measured at
+    batch 4 and all tokens).
+    """
+    from .torch_backend.runtime import _FrozenAwareMemTracker
+
+    weights, inp = _STATES[state]
+    ys = []
+    for batch, n in ((1, ns[0]), (4, ns[-1])):
+        _set_grad(params, weights)
+        x = torch.randn(batch, n, dim).requires_grad_(inp)
+        out, saved = _saved_bytes(lambda: block(x), _param_ids(block))  # noqa: B023
+        del out
+        mt = _FrozenAwareMemTracker()
+        mt.track_external(block)
+        with mt:
+            out = block(x)
+            out.backward(torch.ones_like(out))
+        snap = next(iter(mt.get_tracker_snapshot("peak").values()))
+        total = sum(v for k, v in snap.items() if "PARAM" not in str(k) and "BUFFER" not in str(k) and k != "Total")
+        ys.append(max(0.0, float(total - saved - 2 * x.numel() * x.element_size())))
+    return ys[0], ys[1] / (4 * ns[-1])
+
+
+def _block_signature(block: nn.Module) -> tuple:
+    return (type(block).__name__, tuple((n, tuple(p.shape), p.requires_grad) for n, p in block.named_parameters()),
+            getattr(block.attn, "fused_attn", None), getattr(block.attn, "num_heads", None))
+
+
+def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, lora: bool) -> tuple[BlockCost, float]:
+    """Measure one block (see the module docstring); returns its costs and worst fit error."""
+    trainable = [p for p in block.parameters() if p.requires_grad]
+    exclude = _param_ids(block)
+    macs, errs = [], []
+    meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in _STATES}
+    for n in ns:
+        macs.append(fvcore_macs(block, torch.randn(1, n, dim)))
+        for state, (weights, inp) in _STATES.items():
+            _set_grad(trainable, weights)
+            x = torch.randn(1, n, dim).requires_grad_(inp)
+            f, b, a = _count(lambda: block(x), exclude)  # noqa: B023
+            for key, v in (("fwd", f), ("bwd", b), ("act", a)):
+                meas[state][key].append(v)
+    _set_grad(trainable, True)
+    fwd_macs, e = _fit(ns, macs)
+    errs.append(e)
+    fwd_flops, e = _fit(ns, meas["weights_and_input"]["fwd"])
+    errs.append(e)
+    bwd, act = {}, {"none": (0.0,)}
+    for state in _STATES:
+        bwd[state], e = _fit(ns, meas[state]["bwd"])
+        act[state], e2 = _fit(ns, meas[state]["act"])
+        errs += [e, e2]
+    select, e = _fit(ns, [_select_flops(block, n, dim) for n in ns], 1)
+    errs.append(e)
+    sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
+    transient = {s: _transient(block, trainable, s, dim, ns) for s in _STATES}
+    _set_grad(trainable, True)
+    sizes = [p.numel() * p.element_size() for p in trainable]
+    cost = BlockCost(
+        index=index, params=sum(p.numel() for p in block.parameters()),
+        trainable_params=sum(p.numel() for p in trainable), trainable_bytes=sum(sizes),
+        largest_trainable_bytes=max(sizes, default=0), fwd_macs=fwd_macs, fwd_flops=fwd_flops, bwd_flops=bwd,
+        select_flops=select, act_bytes=act, select_act_bytes=sel_act, select_index_bytes=sel_idx,
+        transient_bytes=transient,
+    )
+    return cost, max(errs)
+
+
+def _select_flops(block: nn.Module, n: int, dim: int) -> float:
+    """FLOPs of the CLS-attention scores the patched block computes from its qkv output."""
+    attn = block.attn
+    qkv = torch.randn(1, n, 3 * attn.num_heads * attn.head_dim)
+    with counter() as fc:
+        cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
+    return float(fc.get_total_flops())
+
+
+def _select_bytes(n: int, dim: int, block: nn.Module) -> tuple[float, float]:
+    """Bytes token selection keeps for the backward: per entering token, per kept token."""
+    x = torch.randn(1, n, dim, requires_grad=True) * 1.0
+    keep = max(1, (n - 1) // 2)
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.is_floating_point())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        select_tokens(x, torch.rand(1, n), keep, 1)
+    per_in = sum(b for b, fl in seen.values() if fl) / n
+    per_kept = sum(b for b, fl in seen.values() if not fl) / keep
+    return per_in, per_kept
+
+
+def _segment(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, params: list[nn.Parameter],
+             inputs: list[torch.Tensor], ns: list[int] | None, with_input_grad: bool) -> tuple[SegmentCost, float]:
+    """Profile the embedding (``ns`` None: one input) or the head (one input per token count)."""
+    trainable = [p for p in params if p.requires_grad]
+    flags = [p.requires_grad for p in params]
+    exclude = _param_ids(owner)
+    macs, fwd, bwd_w, bwd_wi, act = [], [], [], [], []
+    for x in inputs:
+        macs.append(fvcore_macs(_Fn(fn, owner), x))
+        _set_grad(params, True)
+        # the embedding's input is the image batch: counted as input bytes, not as an activation
+        skip = exclude | ({x.untyped_storage().data_ptr()} if ns is None else set())
+        f, b, a = _count(lambda: fn(x), skip)  # noqa: B023
+        fwd.append(f), bwd_w.append(b), act.append(a)
+        if with_input_grad:
+            xi = x.clone().requires_grad_(True)
+            bwd_wi.append(_count(lambda: fn(xi), exclude)[1])  # noqa: B023
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+        p.grad = None
+    if ns is None:
+        fit = lambda ys: ((ys[0],), 0.0)  # noqa: E731
+    else:
+        fit = lambda ys: _fit(ns, ys)  # noqa: E731
+    (m, e1), (f, e2), (bw, e3) = fit(macs), fit(fwd), fit(bwd_w)
+    bwd = {"weights_only": bw}
+    errs = [e1, e2, e3]
+    if with_input_grad:
+        bwd["weights_and_input"], e4 = fit(bwd_wi)
+        errs.append(e4)
+    a_fit = fit(act)[0]
+    seg = SegmentCost(params=sum(p.numel() for p in params), trainable=bool(trainable),
+                      trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+                      largest_trainable_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
+                      fwd_macs=m, fwd_flops=f, bwd_flops=bwd, act_bytes=a_fit)
+    return seg, max(errs)
+
+
+def token_counts(num_patches: int, num_prefix: int) -> list[int]:
+    """Sequence lengths to profile at: enough distinct points to fit and check a quadratic."""
+    pts = {num_prefix + 1, num_prefix + max(1, num_patches // 4), num_prefix + max(1, num_patches // 2),
+           num_prefix + num_patches}
+    k = 2
+    while len(pts) < 4:
+        pts.add(num_prefix + k)
+        k += 1
+    return sorted(pts)
+
+
+def _timm(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", None)
+    return base.model if base is not None and hasattr(base, "model") else model
+
+
+def _head_modules(vit: nn.Module) -> list[nn.Module]:
+    return [m for m in (getattr(vit, k, None) for k in ("norm", "attn_pool", "fc_norm", "head")) if isinstance(m, nn.Module)]
+
+
+def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str, Any] | None = None,
+                  device: str = "cpu") -> CostModel:
+    """Cost model of an instantiated timm ViT (possibly wrapped by peft LoRA), trained on ``device``."""
+    import timm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import fvcore
+
+    vit = _timm(model)
+    vit.train()
+    dim = int(vit.embed_dim)
+    num_prefix = int(vit.num_prefix_tokens)
+    num_patches = int(vit.patch_embed.num_patches)
+    ns = token_counts(num_patches, num_prefix)
+    blocks, errs, cache = [], [], {}
+    for i, blk in enumerate(vit.blocks):
+        sig = _block_signature(blk)
+        if sig not in cache:
+            cache[sig] = profile_block(blk, i, ns, dim, lora is not None)
+        cost, err = cache[sig]
+        blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
+        errs.append(err)
+    in_blocks = {id(p) for p in vit.blocks.parameters()}
+    head_params = [p for m in _head_modules(vit) for p in m.parameters()]
+    in_head = {id(p) for p in head_params}
+    embed_params = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in in_head]
+    img = torch.randn(1, 3, img_size, img_size)
+    embed_fn = lambda x: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # noqa: E731
+    embed, e1 = _segment(embed_fn, vit, embed_params, [img], None, with_input_grad=False)
+    head_fn = lambda x: vit.forward_head(vit.norm(x))  # noqa: E731
+    head_in = [torch.randn(1, n, dim) for n in ns]
+    head, e2 = _segment(head_fn, vit, head_params, head_in, ns, with_input_grad=True)
+    num_classes = int(getattr(vit, "num_classes", 0) or 0)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    cuda = device.startswith("cuda")
+    memory = MemoryModel(param_bytes=params, buffer_bytes=buffers, opt_state_bytes_per_param=8,
+                         optimizer_temp="all_trained" if cuda else "largest_param",
+                         input_bytes_per_sample=3 * img_size * img_size * 4 if cuda else 0)
+    fused = all(getattr(b.attn, "fused_attn", False) for b in vit.blocks)
+    return CostModel(
+        model=name, img_size=img_size, num_patches=num_patches, num_prefix_tokens=num_prefix,
+        num_classes=num_classes, embed_dim=dim, attention="fused_sdpa" if fused else "matmul",
+        embed=embed, blocks=tuple(blocks), head=head, memory=memory, lora=lora, token_counts=tuple(ns),
+        fit_max_rel_error=max(errs + [e1, e2]),
+        provenance={"torch": torch.__version__, "timm": timm.__version__, "fvcore": getattr(fvcore, "__version__", "?"),
+                    "device": device, "measured_on": "cpu, batch 1 (costs per sample)"},
+    )
+
+
+def default_num_classes(name: str) -> int:
+    if name == DEMO_MODEL:
+        return 10
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return int(getattr(cfg, "num_classes", 0) or 1000)
+
+
+@functools.lru_cache(maxsize=8)
+def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key: tuple | None, device: str) -> CostModel:
+    lora = dict(lora_key) if lora_key is not None else None
+    if lora is not None:
+        lora["targets"] = list(lora["targets"])
+    torch.manual_seed(0)
+    model = create_model(name, num_classes, img_size=img_size)
+    if lora is not None:
+        from .torch_backend.runtime import apply_lora
+
+        model = apply_lora(model, **lora)
+    size = int(_timm(model).patch_embed.img_size[0])
+    with torch.random.fork_rng():
+        return profile_model(model, name, img_size=size, lora=lora, device=device)
+
+
+def profile(name: str, img_size: int | None = None, num_classes: int | None = None,
+            lora: dict[str, Any] | None = None, device: str = "cpu") -> CostModel:
+    """Build ``name`` (random weights; nothing is downloaded) and profile it. Cached per process."""
+    key = None if lora is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in lora.items()))
+    return _profile_cached(name, img_size, num_classes or default_num_classes(name), key, device)
+
+
+_TIME_FEATURES = ("step", "fwd_flops", "bwd_flops", "select_blocks", "bwd_blocks")
+
+
+def _calibration_budgets(num_blocks: int) -> dict[str, Any]:
+    """Step shapes that pull the time features apart: tokens, trained blocks, selection."""
+    from planners import Budget
+
+    L = num_blocks
+    top = tuple(i == L - 1 for i in range(L))
+    half = tuple(i < max(1, L // 2) for i in range(L))
+    return {"full": Budget((1.0,) * L, (True,) * L), "top1": Budget((1.0,) * L, top),
+            "tokens0.5": Budget((0.5,) * L, (True,) * L), "tokens0.5-top1": Budget((0.5,) * L, top),
+            "tokens0.8-lowhalf": Budget((0.8,) * L, half)}
+
+
+def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "cpu", count_flops: str = "every",
+                   lora: dict[str, Any] | None = None, reps: int = 5, extra: dict[str, Any] | None = None
+                   ) -> "TimeModel":
+    """Time real training steps of the torch runtime on this machine and fit the time model.
+
+    Five step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
+    it is used), ``reps`` rounds after a warm-up round (alternating, so drift hits all alike),
+    median per shape; non-negative least squares on the features of
+    :class:`~planners.costmodel.TimeModel`. Memory probing is off, FLOP counting as configured.
+    """
+    import statistics
+
+    from scipy.optimize import nnls
+
+    from planners.costmodel import TimeModel
+    from planners.simulate import StepShape, step_cost
+
+    from .torch_backend.runtime import TorchRuntime
+
+    torch.manual_seed(0)
+    model = create_model(name, cm.num_classes, img_size=cm.img_size)
+    rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
+                      lora=lora, memory_probe_steps=lambda s: False)
+    x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)
+    y = torch.randint(0, max(cm.num_classes, 1), (batch_size,))
+    budgets = {**_calibration_budgets(cm.num_blocks), **(extra or {})}
+    times: dict[str, list[float]] = {k: [] for k in budgets}
+    for rnd in range(reps + 1):
+        for i, (key, budget) in enumerate(budgets.items()):
+            t = rt.train_step(x, y, budget, 1e-4, rnd * len(budgets) + i).step_time_s
+            if rnd:
+                times[key].append(t)
+    points, rows, ys = [], [], []
+    for key, budget in budgets.items():
+        feats = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), batch_size).time_features()
+        med = statistics.median(times[key])
+        points.append({"shape": key, "step_time_s": med, **feats})
+        rows.append([feats[f] for f in _TIME_FEATURES])
+        ys.append(med)
+    a = np.asarray(rows, float)
+    used = [j for j in range(a.shape[1]) if j == 0 or np.ptp(a[:, j]) > 0]
+    scale = np.abs(a[:, used]).max(axis=0)
+    coef, _ = nnls(a[:, used] / scale, np.asarray(ys))
+    coefficients = {f: 0.0 for f in _TIME_FEATURES}
+    for j, c in zip(used, coef / scale):
+        coefficients[_TIME_FEATURES[j]] = float(c)
+    return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
+                     points=points, note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch "
+                     f"{batch_size} on {rt.device} (FLOP counting {count_flops})")

@@ -1,0 +1,178 @@
+"""Cost model: profile vs closed form, vs torch.utils.flop_counter, JSON round trip, closed-form
+expectations of the simulator and the target solver."""
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly
+from planners.simulate import (StepShape, block_states, expected_step_flops, full_step_flops,
+                               state_probabilities, step_cost)
+from planners.target import TargetError, solve_target
+from runtimes.profile import fvcore_macs, profile_model
+from runtimes.torch_backend.flops import counter
+
+
+def _vit(dim=32, heads=2, mlp_ratio=2.0, patch=8, depth=2, reg_tokens=0, init_values=None):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                             mlp_ratio=mlp_ratio, num_classes=5, qkv_bias=True, reg_tokens=reg_tokens,
+                             init_values=init_values)
+
+
+@pytest.fixture(scope="module")
+def tiny_cm():
+    return profile_model(make_tiny_vit(), "tiny", img_size=32)
+
+
+@pytest.mark.parametrize("dim,heads,mlp_ratio,patch", [(32, 2, 2.0, 8), (48, 4, 4.0, 8), (32, 1, 3.0, 16)])
+def test_profile_matches_the_closed_form_of_a_block(dim, heads, mlp_ratio, patch):
+    """Per sample at n tokens: projections and MLP n*D^2*(4 + 2h) MACs, attention 2*n^2*D MACs;
+    backward: trained 2x the linear part + 2.5x attention (flash backward recomputes scores),
+    frozen 1x linear + 2.5x attention; CLS scores n*D MACs."""
+    cm = profile_model(_vit(dim, heads, mlp_ratio, patch), "closed-form", img_size=32)
+    lin = dim * dim * (4 + 2 * mlp_ratio)
+    blk = cm.blocks[0]
+    assert blk.fwd_macs == pytest.approx((0.0, lin, 2 * dim), abs=1e-6)
+    assert blk.fwd_flops == pytest.approx((0.0, 2 * lin, 4 * dim), abs=1e-6)
+    assert blk.bwd_flops["weights_and_input"] == pytest.approx((0.0, 4 * lin, 10 * dim), abs=1e-6)
+    assert blk.bwd_flops["input_only"] == pytest.approx((0.0, 2 * lin, 10 * dim), abs=1e-6)
+    assert poly(blk.select_flops, 17) == pytest.approx(2 * dim * 17)
+    n_patches = (32 // patch) ** 2
+    assert cm.embed.fwd_macs[0] == pytest.approx(n_patches * 3 * patch * patch * dim)
+    assert poly(cm.head.fwd_macs, 5) == pytest.approx(dim * 5)
+    assert cm.fit_max_rel_error < 1e-9
+
+
+def test_fvcore_counts_fused_attention():
+    """fvcore ignores scaled_dot_product_attention; our handle must count it like the matmul path."""
+    import timm.layers
+
+    vit = _vit(depth=1)
+    x = torch.randn(1, 17, 32)
+    assert vit.blocks[0].attn.fused_attn
+    fused = fvcore_macs(vit.blocks[0], x)
+    vit.blocks[0].attn.fused_attn = False
+    try:
+        plain = fvcore_macs(vit.blocks[0], x)
+    finally:
+        vit.blocks[0].attn.fused_attn = timm.layers.use_fused_attn()
+    assert fused == pytest.approx(plain) and fused > 17 * 32 * 32 * 8
+
+
+@pytest.mark.parametrize("kw", [{}, {"reg_tokens": 2}, {"init_values": 1e-5}, {"mlp_ratio": 4.0, "heads": 4}])
+def test_profile_reproduces_torch_flop_counter_on_a_timm_vit(kw):
+    vit = _vit(depth=3, **kw)
+    cm = profile_model(vit, "vit", img_size=32)
+    vit.train()
+    with counter() as fc:
+        vit(torch.randn(3, 3, 32, 32)).sum().backward()
+    assert full_step_flops(cm) * 3 == pytest.approx(fc.get_total_flops(), rel=0.01)
+    assert full_step_flops(cm) * 3 == pytest.approx(fc.get_total_flops(), rel=1e-9)
+
+
+def test_two_flops_per_mac_convention(tiny_cm):
+    for blk in tiny_cm.blocks:
+        assert poly(blk.fwd_flops, 17) == pytest.approx(2 * poly(blk.fwd_macs, 17))
+
+
+@pytest.mark.parametrize("trained,embed,expected", [
+    ((True, True), True, ["weights_and_input", "weights_and_input"]),
+    ((False, True), True, ["input_only", "weights_and_input"]),
+    ((False, True, False), False, ["none", "weights_only", "input_only"]),
+    ((True, False), False, ["weights_only", "input_only"]),
+])
+def test_block_states(trained, embed, expected):
+    assert block_states(trained, embed) == expected
+
+
+@pytest.mark.parametrize("L,k,embed", [(4, 1, False), (4, 3, False), (6, 2, False), (4, 2, True)])
+def test_state_probabilities_match_enumeration(L, k, embed):
+    counts = [dict.fromkeys(("weights_and_input", "weights_only", "input_only", "none"), 0) for _ in range(L)]
+    subsets = list(itertools.combinations(range(L), k))
+    for s in subsets:
+        for i, st in enumerate(block_states([i in s for i in range(L)], embed)):
+            counts[i][st] += 1
+    for probs, c in zip(state_probabilities(L, k, embed), counts):
+        for st, p in probs.items():
+            assert p == pytest.approx(c[st] / len(subsets))
+
+
+def test_expected_cost_is_the_mean_over_trained_sets(tiny_cm):
+    L, N = tiny_cm.num_blocks, tiny_cm.num_patches
+    from planners.rules import kept_token_counts
+
+    tin, tout = kept_token_counts([0.7] * L, N)
+    costs = [step_cost(tiny_cm, StepShape(tin, tout, tuple(i in s for i in range(L))), 1).train_flops
+             for s in itertools.combinations(range(L), 2)]
+    assert expected_step_flops(tiny_cm, 0.7, 2) == pytest.approx(sum(costs) / len(costs))
+
+
+def test_json_round_trip_and_checks(tiny_cm, tmp_path):
+    path = tiny_cm.save(tmp_path / "cost.json")
+    back = load_cost_model(path, model="tiny", img_size=32)
+    assert back == tiny_cm
+    with pytest.raises(CostModelError, match="is for 'tiny', not 'vit_base_patch16_224'"):
+        load_cost_model(path, model="vit_base_patch16_224")
+    with pytest.raises(CostModelError, match="image size 32, not 224"):
+        load_cost_model(path, img_size=224)
+    data = json.loads(path.read_text())
+    data["version"] = COST_MODEL_VERSION + 1
+    (tmp_path / "v.json").write_text(json.dumps(data))
+    with pytest.raises(CostModelError, match="version"):
+        load_cost_model(tmp_path / "v.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CostModelError, match="cannot read"):
+        load_cost_model(tmp_path / "bad.json")
+    with pytest.raises(CostModelError, match="not found"):
+        load_cost_model(tmp_path / "missing.json")
+
+
+def test_head_scales_with_classes(tiny_cm):
+    cm10 = tiny_cm.with_num_classes(10)
+    assert poly(cm10.head.fwd_flops, 17) == pytest.approx(2 * poly(tiny_cm.head.fwd_flops, 17))
+
+
+@pytest.mark.parametrize("policy,target", [("alast", 0.5), ("alast", 0.8), ("alast", 1.0), ("tokens", 0.6),
+                                          ("freeze", 0.9), ("random", 0.95)])
+def test_target_solver_hits_the_target(tiny_cm, policy, target):
+    sol = solve_target(tiny_cm, policy, target, {"min_tokens": 1})
+    assert sol.predicted_ratio == pytest.approx(target, rel=0.05)
+    lo, hi = sol.ratio_range
+    assert target * 0.95 <= lo <= hi <= target * 1.05
+    if policy == "alast":
+        k = sol.knobs
+        assert k["b_min"] <= k["b_init"] <= k["b_max"] <= 1.0 and 1 <= k["k_trained"] <= tiny_cm.num_blocks
+
+
+@pytest.mark.parametrize("policy,target,message", [
+    ("alast", 0.05, "block 0, which always sees all 16 patch tokens"),
+    ("tokens", 0.1, "out of reach"),
+    ("freeze", 0.5, "input gradient"),
+    ("full", 0.5, "no knob"),
+    ("alast", 1.5, r"\(0, 1\]"),
+    ("alast", 0.0, r"\(0, 1\]"),
+])
+def test_unreachable_targets_name_the_floor(tiny_cm, policy, target, message):
+    with pytest.raises(TargetError, match=message):
+        solve_target(tiny_cm, policy, target, {"min_tokens": 1})
+
+
+def test_planner_modules_import_without_torch():
+    code = ("import sys; import planners.costmodel, planners.simulate, planners.target; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cost_model_type_is_plain_numbers(tiny_cm):
+    d = tiny_cm.to_dict()
+    assert d["format"] == "alast-cost-model" and "macs" in d["units"] and "flops" in d["units"]
+    assert isinstance(CostModel.from_dict(json.loads(json.dumps(d))), CostModel)
+    assert math.isfinite(full_step_flops(tiny_cm))

@@ -1,0 +1,110 @@
+"""`alast export` and `alast eval`: verified ONNX files, equal accuracy, and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+
+pytest.importorskip("onnxruntime")
+
+TRAIN = ["train", "--policy", "tokens", "--steps", "2", "--batch-size", "16", "--set", "backend.count_flops=off",
+         "--set", "backend.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished demo runs on digits, one per backend."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for backend in ("torch", "ort"):
+        if backend == "ort":
+            pytest.importorskip("onnxruntime.training")
+        res = CliRunner().invoke(cli, [*TRAIN, "--backend", backend, "--out", str(root / backend)])
+        assert res.exit_code == 0, res.output
+        out[backend] = root / backend
+    return out
+
+
+def _err(res):
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.output
+    return lines[-1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
+    import onnx
+    import onnxruntime as ort
+
+    from runtimes.export import load_run
+
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["export", str(runs[backend]), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "max |logit diff| vs PyTorch" in res.stderr and out.exists()
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["alast.input_size"]) == [3, 32, 32]
+    assert json.loads(meta["alast.mean"]) == [0.5, 0.5, 0.5] and meta["alast.interpolation"] == "bilinear"
+    assert json.loads(meta["alast.classes"]) == [str(i) for i in range(10)]
+    assert meta["alast.model"] == "alast_demo_vit" and meta["alast.policy"] == "tokens"
+    assert meta["alast.backend"] == backend and "alast.crop_pct" in meta
+    model = load_run(runs[backend]).model
+    x = torch.randn(5, 3, 32, 32)  # a batch size the export never saw: the axis is dynamic
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert float((torch.from_numpy(got) - model(x)).abs().max()) <= 1e-4
+
+
+def test_eval_of_run_equals_eval_of_onnx(runs, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out)]).exit_code == 0
+    a = CliRunner().invoke(cli, ["eval", str(runs["torch"]), "--json"])
+    b = CliRunner().invoke(cli, ["eval", str(out), "--data", "digits", "--json"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    ra, rb = json.loads(a.stdout.strip().splitlines()[-1]), json.loads(b.stdout.strip().splitlines()[-1])
+    assert ra["samples"] == rb["samples"] > 300
+    assert ra["accuracy"] == rb["accuracy"] and ra["loss"] == pytest.approx(rb["loss"], abs=1e-4)
+    summary = json.loads((runs["torch"] / "summary.json").read_text())
+    assert ra["accuracy"] == pytest.approx(summary["val_accuracy"])
+
+
+def test_failed_verification_exits_1_and_leaves_no_file(runs, tmp_path, monkeypatch):
+    import runtimes.export as export
+
+    monkeypatch.setattr(export, "max_logit_diff", lambda *a, **k: 0.5)
+    out = tmp_path / "sub" / "m.onnx"
+    res = CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out)])
+    assert res.exit_code == 1
+    assert "verification failed" in _err(res) and "0.5" in _err(res)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_bad_export_input_exits_2(runs, tmp_path):
+    bad = tmp_path / "broken"
+    shutil.copytree(runs["torch"], bad)
+    (bad / "final_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    notrun = tmp_path / "empty"
+    notrun.mkdir()
+    cases = [(tmp_path / "nope", "run directory not found"), (notrun, "not a run directory"),
+             (bad, "corrupt")]
+    for run, fragment in cases:
+        res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+        assert res.exit_code == 2, (run, res.output)
+        assert _err(res).startswith("error: ") and fragment in _err(res)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_eval_input_exits_2(tmp_path):
+    text = tmp_path / "model.onnx"
+    text.write_text("this is not a model\n" * 20)
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(plain), dynamo=False)
+    cases = [(text, "not an ONNX model"), (tmp_path / "missing.onnx", "not found"),
+             (plain, "no alast preprocessing metadata")]
+    for target, fragment in cases:
+        res = CliRunner().invoke(cli, ["eval", str(target)])
+        assert res.exit_code == 2, (target, res.output)
+        assert fragment in _err(res)

@@ -1,0 +1,257 @@
+"""One contract suite for every runtime, ORT-vs-torch loss parity, and the ORT backend's specifics."""
+import copy
+import io
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_tiny_vit
+from planners import Budget, StepResult
+from runtimes.config import build_config
+from runtimes.pipeline import create_runtime
+from runtimes.protocol import Capabilities, NonFiniteLoss, Runtime
+
+pytest.importorskip("onnxruntime.training")
+
+BACKENDS = ["torch", "ort"]
+OPT = dict(lr=1e-3, weight_decay=0.05, grad_clip=1.0)
+
+
+def make_cfg(backend, **train):
+    return build_config({"backend": {"name": backend, "device": "cpu"},
+                         "train": {"lr": OPT["lr"], "weight_decay": OPT["weight_decay"],
+                                   "grad_clip": OPT["grad_clip"], **train}})
+
+
+def make(backend, model=None, **train):
+    return create_runtime(make_cfg(backend, **train), model or make_tiny_vit())
+
+
+def data(steps, batch=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+FULL = Budget((1.0,) * 4, (True,) * 4)
+HALF = Budget((0.5,) * 4, (True, True, False, True))
+
+
+# -- the contract, for every runtime ------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_protocol_and_step_result(backend):
+    rt = make(backend)
+    assert isinstance(rt, Runtime) and rt.name == backend
+    assert isinstance(rt.capabilities, Capabilities)
+    assert rt.capabilities.dynamic_tokens and rt.capabilities.per_step_freezing
+    assert (rt.num_blocks, rt.num_patches) == (4, 16)
+    (x, y), = data(1)
+    full = rt.train_step(x, y, FULL, 1e-3, 0)
+    part = rt.train_step(x, y, HALF, 1e-3, 1)
+    assert isinstance(part, StepResult)
+    assert part.tokens_in == (16, 8, 4, 2) and part.kept_tokens == (8, 4, 2, 1)
+    assert part.trained_blocks == (0, 1, 3) and part.batch_size == 6 and part.step_time_s > 0
+    assert len(part.deltas) == 4 and all(d > 0 for d in part.deltas)
+    assert 0 < part.train_flops < full.train_flops
+    assert rt.full_ft_step_flops(6) == pytest.approx(full.train_flops, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_blocks_do_not_change(backend):
+    rt = make(backend)
+    (x, y), = data(1)
+    rt.train_step(x, y, FULL, 1e-3, 0)
+    before = copy.deepcopy(rt.export_model().state_dict())
+    rt.train_step(x, y, Budget((0.75,) * 4, (False, True, False, True)), 1e-3, 1)
+    after = rt.export_model().state_dict()
+    for i in range(4):
+        changed = any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"blocks.{i}."))
+        assert changed == (i in (1, 3)), f"block {i}"
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluate_and_export_model_agree(backend):
+    rt = make(backend)
+    for s, (x, y) in enumerate(data(2)):
+        rt.train_step(x, y, HALF, 1e-3, s)
+    batches = data(2, batch=5, seed=7)
+    metrics = rt.evaluate(batches)
+    assert metrics["samples"] == 10 and 0.0 <= metrics["accuracy"] <= 1.0
+    plain = rt.export_model()
+    assert type(plain).__name__ == "VisionTransformer" and not plain.training
+    with torch.no_grad():
+        logits = torch.cat([plain(x) for x, _ in batches])
+    loss = torch.nn.functional.cross_entropy(logits, torch.cat([y for _, y in batches]))
+    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip_resumes_exactly(backend):
+    steps = data(4)
+    a = make(backend)
+    for s, (x, y) in enumerate(steps[:2]):
+        a.train_step(x, y, HALF, 1e-3, s)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # what the loop's checkpoint does
+    b = make(backend, model=make_tiny_vit(seed=5))
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    for s, (x, y) in enumerate(steps[2:], start=2):
+        la = a.train_step(x, y, Budget((0.75,) * 4, (True, False, True, True)), 1e-3, s).loss
+        lb = b.train_step(x, y, Budget((0.75,) * 4, (True, False, True, True)), 1e-3, s).loss
+        assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_loss_raises(backend):
+    rt = make(backend)
+    (x, y), = data(1)
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        rt.train_step(x * float("nan"), y, FULL, 1e-3, 3)
+
+
+# -- parity: same weights, data, budgets and AdamW settings -> same losses -----------------------
+def _switching_budgets(n):
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        trained = tuple(rng.random() < 0.7 for _ in range(4))
+        out.append(Budget(tuple(rng.choice((0.5, 0.75, 1.0)) for _ in range(4)), trained))
+    return out
+
+
+PARITY = {
+    "full": [FULL] * 10,
+    "tokens": [Budget((0.7,) * 4, (True,) * 4)] * 10,
+    "freeze": [Budget((1.0,) * 4, (False, True, True, True))] * 10,
+    "alast_like_switching": _switching_budgets(10),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_ort_losses_match_torch(case):
+    smoothing = 0.1 if case == "tokens" else 0.0
+    model = make_tiny_vit()
+    rts = {b: make(b, copy.deepcopy(model), label_smoothing=smoothing) for b in BACKENDS}
+    losses = {b: [] for b in BACKENDS}
+    for step, ((x, y), budget) in enumerate(zip(data(10), PARITY[case])):
+        lr = 1e-3 * (step + 1) / 10
+        for b, rt in rts.items():
+            losses[b].append(rt.train_step(x, y, budget, lr, step).loss)
+    rel = [abs(o - t) / abs(t) for t, o in zip(losses["torch"], losses["ort"])]
+    assert max(rel) <= 1e-3, (case, losses)
+    assert losses["torch"][0] != losses["torch"][-1]  # it trained
+
+
+# -- ORT specifics -------------------------------------------------------------------------------
+def test_artifact_sets_are_cached_in_memory_and_on_disk(tmp_path):
+    rt = make("ort")
+    rt.bind_run_dir(tmp_path)
+    (x, y), = data(1)
+    a, b = Budget((1.0,) * 4, (True, False, True, True)), Budget((1.0,) * 4, (False, True, True, True))
+    for s, budget in enumerate([a, b, a, b, HALF]):
+        rt.train_step(x, y, budget, 1e-3, s)
+    st = rt.artifact_stats
+    assert st["generated"] == 3 and st["sessions"] == 3 and st["switches"] == 5
+    root = tmp_path / "ort_artifacts"
+    assert (root / "dense" / "dense-1011" / "training_model.onnx").exists()
+    assert (root / "select" / "select-1101" / "nominal_checkpoint").exists()
+    assert not (root / "dense" / "dense-1011" / "checkpoint").exists()  # weights are not duplicated
+    assert json.loads((root / "stats.json").read_text())["generated"] == 3
+    again = make("ort")
+    again.bind_run_dir(tmp_path)
+    again.train_step(x, y, a, 1e-3, 0)
+    assert again.artifact_stats["generated"] == 0 and again.artifact_stats["loaded_from_disk"] == 1
+
+
+def test_changed_graph_regenerates_disk_cache(tmp_path):
+    (x, y), = data(1)
+    for smoothing, generated in ((0.0, 1), (0.2, 1)):
+        rt = make("ort", label_smoothing=smoothing)
+        rt.bind_run_dir(tmp_path)
+        rt.train_step(x, y, FULL, 1e-3, 0)
+        assert rt.artifact_stats["generated"] == generated
+
+
+def test_eviction_keeps_weights_and_optimizer_state():
+    from runtimes.ort_backend.runtime import OrtRuntime
+
+    model = make_tiny_vit()
+    roomy = make("ort", copy.deepcopy(model))
+    tight = OrtRuntime(copy.deepcopy(model), device="cpu", max_live_sets=1, freeze_artifacts="exact", **OPT)
+    for s, ((x, y), budget) in enumerate(zip(data(6), _switching_budgets(6))):
+        assert roomy.train_step(x, y, budget, 1e-3, s).loss == pytest.approx(
+            tight.train_step(x, y, budget, 1e-3, s).loss, rel=1e-6)
+    assert tight.artifact_stats["evictions"] > 0 and roomy.artifact_stats["evictions"] == 0
+
+
+def test_masked_freezing_matches_exact_and_counts_what_ran():
+    from runtimes.ort_backend.runtime import OrtRuntime
+
+    model = make_tiny_vit()
+    exact = OrtRuntime(copy.deepcopy(model), device="cpu", freeze_artifacts="exact", **OPT)
+    masked = OrtRuntime(copy.deepcopy(model), device="cpu", freeze_artifacts="masked", **OPT)
+    for s, ((x, y), budget) in enumerate(zip(data(5), _switching_budgets(5))):
+        a, b = exact.train_step(x, y, budget, 1e-3, s), masked.train_step(x, y, budget, 1e-3, s)
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        assert b.train_flops >= a.train_flops  # frozen blocks' weight gradients were computed
+    before = masked.export_model().state_dict()
+    (x, y), = data(1, seed=9)
+    masked.train_step(x, y, Budget((1.0,) * 4, (False, True, True, True)), 1e-3, 5)
+    after = masked.export_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
+    assert masked.artifact_stats["masked_steps"] >= 5 and masked.artifact_stats["generated"] <= 2
+
+
+def test_factory_refuses_what_ort_cannot_do(monkeypatch):
+    cfg = build_config({"backend": {"name": "ort"}, "policy": {"name": "alast+lora"}})
+    with pytest.raises(ValueError, match="LoRA"):
+        create_runtime(cfg, make_tiny_vit())
+    with pytest.raises(ValueError, match="one process"):
+        create_runtime(make_cfg("ort"), make_tiny_vit(), comm=object())
+    with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+        create_runtime(make_cfg("ort"), torch.nn.Linear(2, 2))
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime.training", None)
+    with pytest.raises(ValueError, match="onnxruntime-training"):
+        make("ort")
+
+
+def test_unexportable_model_is_bad_input(monkeypatch):
+    from runtimes.ort_backend.graph import GraphError
+
+    def broken(*a, **k):
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    rt = make("ort")
+    (x, y), = data(1)
+    with pytest.raises(GraphError, match="cannot be exported.*use --backend torch"):
+        rt.train_step(x, y, FULL, 1e-3, 0)
+
+
+def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
+    from alast_cli.main import cli
+
+    out = tmp_path / "run"
+    args = ["train", "--backend", "ort", "--steps", "4", "--batch-size", "16", "--out", str(out),
+            "--set", "output.checkpoint_every=2", "--set", "output.keep_last=5", "--set", "backend.threads=1",
+            "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["backend"] == "ort" and summary["steps"] == 4
+    assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "ort_artifacts" / "stats.json").exists()
+    (out / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 2's checkpoint
+    (out / "summary.json").unlink()
+    res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [0, 1, 2, 3]
+    for a, b in zip(first[2:], again[2:]):
+        assert a["trained_blocks"] == b["trained_blocks"] and a["kept_tokens"] == b["kept_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)

@@ -1,0 +1,168 @@
+"""The planner against real short runs (counted FLOPs, sampled memory), and the plan/profile CLI."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+from runtimes.config import load_config
+from runtimes.loop import train
+from runtimes.planning import plan, replay_run, solve_target
+
+BASE = ["model.name=alast_demo_vit", "data.spec=random:64", "train.steps=3", "train.batch_size=8"]
+RUNS = {
+    "full": ["policy.name=full"],
+    "freeze": ["policy.name=freeze", "policy.k_trained=2"],
+    "tokens": ["policy.name=tokens", "policy.keep_ratio=0.7"],
+    "alast": ["policy.name=alast"],
+    "target": ["policy.name=alast", "policy.target_flops=0.5"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, sets in RUNS.items():
+        cfg = load_config(None, BASE + sets)
+        overrides, info = solve_target(cfg) if cfg.policy.target_flops else (None, None)
+        summary = train(cfg, root / name, planner_overrides=overrides, plan_info=info)
+        out[name] = (cfg, root / name, summary)
+    return out
+
+
+@pytest.mark.parametrize("name", ["full", "freeze", "tokens"])
+def test_plan_matches_counted_flops_of_deterministic_policies(runs, name):
+    cfg, _, summary = runs[name]
+    predicted = plan(cfg)["policies"][cfg.policy.name]
+    assert predicted["method"] == "exact"
+    assert predicted["train_flops"] == pytest.approx(summary["train_flops"], rel=0.01)
+    full = plan(cfg)["policies"]["full"]
+    assert full["train_flops"] == pytest.approx(summary["full_ft_train_flops"], rel=0.01)
+
+
+def test_alast_replayed_from_its_trace(runs):
+    _, run_dir, summary = runs["alast"]
+    result = replay_run(run_dir)
+    trace = result["trace"]
+    assert trace["predicted_train_flops"] == pytest.approx(summary["train_flops"], rel=0.05)
+    assert abs(trace["train_flops_rel_error"]) < 0.05
+    assert result["policies"]["alast"]["method"] == "trace"
+    # memory: the runtime samples steps 1 and 2 on the CPU; compare the same steps
+    assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(summary["peak_memory_bytes"], rel=0.2)
+
+
+def test_alast_expected_range_brackets_the_run(runs):
+    cfg, _, summary = runs["alast"]
+    p = plan(cfg)["policies"]["alast"]
+    lo, hi = p["train_flops_range"]
+    assert lo <= summary["train_flops"] * 1.01 and summary["train_flops"] <= hi * 1.01
+
+
+def test_target_run_lands_on_target(runs):
+    _, _, summary = runs["target"]
+    assert summary["plan"]["knobs"]["k_trained"] >= 1
+    assert summary["flops_ratio_vs_full"] == pytest.approx(0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["full", "tokens"])
+def test_predicted_memory_within_20_percent(runs, name):
+    _, run_dir, summary = runs[name]
+    trace = replay_run(run_dir)["trace"]
+    assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(summary["peak_memory_bytes"], rel=0.2)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _last_json(res):
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_plan_json_contract(runner, tmp_path):
+    plot = tmp_path / "plan.png"
+    res = runner.invoke(cli, ["plan", "--model", "alast_demo_vit", "--policy", "alast", "--steps", "10",
+                              "--batch-size", "8", "--json", "--plot", str(plot), "--throughput", "1e10"])
+    assert res.exit_code == 0, res.output
+    out = _last_json(res)
+    assert set(out["policies"]) == {"alast", "full"}
+    for p in out["policies"].values():
+        for key in ("train_flops", "peak_memory_bytes", "time_s"):
+            assert p[key] > 0
+            assert p["ratio_to_full"][key] > 0
+    assert out["policies"]["full"]["ratio_to_full"]["train_flops"] == 1.0
+    assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] < 1.0
+    assert "throughput" in out["time_method"]
+    assert plot.stat().st_size > 0
+
+
+def test_plan_target_flops_sets_knobs(runner):
+    res = runner.invoke(cli, ["plan", "--policy", "alast", "--target-flops", "0.4", "--steps", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    out = _last_json(res)
+    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens"}
+    assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] == pytest.approx(0.4, rel=0.05)
+
+
+def test_profile_cli_writes_versioned_json(runner, tmp_path):
+    out = tmp_path / "cost.json"
+    res = runner.invoke(cli, ["profile", "alast_demo_vit", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = _last_json(res)
+    assert data["model"] == "alast_demo_vit" and data["version"] >= 1 and len(data["blocks"]) == 6
+    assert json.loads(out.read_text()) == data
+    res = runner.invoke(cli, ["plan", "--cost-model", str(out), "--policy", "tokens", "--steps", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "file" in _last_json(res)["cost_model"]["source"]
+
+
+def test_plan_trace_cli(runner, runs):
+    _, run_dir, _ = runs["freeze"]
+    res = runner.invoke(cli, ["plan", "--trace", str(run_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 0.01
+
+
+def _bad_cost_model(tmp_path, **change):
+    from runtimes.profile import profile
+
+    data = profile("alast_demo_vit").to_dict()
+    data.update(change)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["profile", "no_such_vit_model"], "unknown model"),
+    (["plan", "--model", "no_such_vit_model"], "unknown model"),
+    (["plan", "--target-flops", "1.5"], "target_flops"),
+    (["plan", "--target-flops", "0"], "target_flops"),
+    (["plan", "--policy", "alast", "--target-flops", "0.02"], "out of reach"),
+    (["plan", "--policy", "freeze", "--target-flops", "0.3"], "cannot reach"),
+    (["plan", "--policy", "no_such_policy"], "unknown policy"),
+])
+def test_bad_input_exits_2_with_one_line(runner, args, message):
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("change,message", [({"model": "vit_tiny_patch16_224"}, "is for 'vit_tiny_patch16_224'"),
+                                            ({"version": 99}, "version 99")])
+def test_foreign_cost_model_exits_2(runner, tmp_path, change, message):
+    path = _bad_cost_model(tmp_path, **change)
+    res = runner.invoke(cli, ["plan", "--cost-model", str(path), "--steps", "2"])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+
+
+def test_trace_dir_without_metrics_exits_2(runner, tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(cli, ["plan", "--trace", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "no metrics.jsonl" in res.stderr, res.output
+    res = runner.invoke(cli, ["plan", "--trace", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "not found" in res.stderr, res.output

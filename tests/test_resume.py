@@ -1,0 +1,202 @@
+"""Exact resume after kill -9 and Ctrl-C, safe checkpoints, and refusal of result-changing resumes."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+from runtimes import checkpoint as ckpt
+from runtimes.config import ConfigError
+from runtimes.report import read_metrics
+from runtimes.resume import NAMED_OPTION_KEYS, result_changes, resume_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+BASE = ["--steps", str(STEPS), "--batch-size", "16", "--set", 'backend.count_flops="off"',
+        "--set", "backend.threads=1", "--set", "output.checkpoint_every=3"]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["train", *args])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run (in this process: the same code, threads and settings)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    res = invoke(*BASE, "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert len(losses(run)) == STEPS
+    return run
+
+
+def start_run(run: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "alast_cli", "train", *BASE, "--out", str(run)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 240) -> None:
+    """Block until ``run`` has logged ``n`` steps (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= n:
+            return
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("run too slow")
+
+
+def test_kill_9_then_resume_logs_the_same_losses(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_run(run)
+    wait_for_steps(proc, run, 8)  # between the step-6 and step-9 checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "summary.json").exists()
+    assert len(losses(run)) >= 8
+
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert losses(run) == losses(reference)  # exact, not approximately
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] in (6, 9) and summary["steps"] == STEPS
+    ref = json.loads((reference / "summary.json").read_text())
+    assert summary["val_accuracy"] == ref["val_accuracy"] and summary["val_loss"] == ref["val_loss"]
+
+
+def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_run(run)
+    wait_for_steps(proc, run, 4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = [l for l in err.splitlines() if l.startswith("interrupted at step")][0]
+    step = int(line.split()[3].rstrip(";"))
+    assert 4 <= step < STEPS and "continue with --resume" in line
+    # the checkpoint is at the step boundary where the loop stopped: exactly `step` logged steps
+    assert (run / "checkpoints" / f"step_{step:08d}.pt").exists()
+    assert len(losses(run)) == step
+
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert losses(run) == losses(reference)
+
+
+def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, monkeypatch):
+    """SIGINT asks the loop to stop at the next step boundary, with a checkpoint (CLI: exit 130)."""
+    from runtimes import report
+
+    write = report.MetricsWriter.write
+
+    def write_then_interrupt(self, record):
+        write(self, record)
+        if record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(report.MetricsWriter, "write", write_then_interrupt)
+    res = invoke(*BASE, "--steps", "4", "--out", str(tmp_path / "run"))
+    assert res.exit_code == 130
+    assert "interrupted at step 2" in res.stderr
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_changed_config_resume_is_refused_naming_the_keys(reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(reference / "config.yaml", run / "config.yaml")
+    with pytest.raises(ConfigError) as err:
+        resume_config(run, None, ["train.lr=0.01"], {"steps": 20, "batch_size": None})
+    assert "train.lr (0.001 -> 0.01)" in str(err.value) and "train.steps (12 -> 20)" in str(err.value)
+    # bookkeeping-only keys may change
+    cfg = resume_config(run, None, ["output.keep_last=5", "train.eval_every=2"], {"steps": STEPS})
+    assert cfg.output.keep_last == 5 and cfg.train.steps == STEPS
+
+    res = invoke("--resume", "--out", str(run), "--policy", "full", "--set", "train.seed=3")
+    assert res.exit_code == 2
+    assert "policy.name (alast -> full)" in res.stderr and "train.seed (0 -> 3)" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_hand_edited_config_is_caught_against_the_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    text = (run / "config.yaml").read_text().replace("lr: 0.001", "lr: 0.002")
+    (run / "config.yaml").write_text(text)
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 2 and "train.lr (0.001 -> 0.002)" in res.stderr
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    res = invoke("--resume", "--out", str(tmp_path / "nothing"))
+    assert res.exit_code == 2 and "cannot resume" in res.stderr
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_named_option_keys_match_the_cli():
+    from alast_cli.options import _NAMED
+
+    assert NAMED_OPTION_KEYS == _NAMED
+
+
+def test_neutral_keys_are_not_reported():
+    from runtimes.config import load_config
+
+    a = load_config(None, [])
+    b = load_config(None, ["output.keep_last=9", "backend.threads=1", "export.opset=18"])
+    assert result_changes(a, b) == []
+    assert result_changes(a, load_config(None, ["policy.b_min=0.6"])) == ["policy.b_min (0.5 -> 0.6)"]
+
+
+# -- checkpoint files ------------------------------------------------------------------------
+def test_keep_last_and_names(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+    path, state = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step_00000004.pt" and state["step"] == 4
+
+
+def test_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 5, {"step": 5, "w": torch.ones(3)}, keep_last=2)
+    good = (tmp_path / "checkpoints" / "step_00000005.pt").read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 5, {"step": 5, "w": torch.zeros(3)}, keep_last=2)
+    monkeypatch.undo()
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["step_00000005.pt"]  # no temp file left, the good one untouched
+    assert (tmp_path / "checkpoints" / "step_00000005.pt").read_bytes() == good
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path):
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
+    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:20])  # as if written in place and killed
+    path, state = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step_00000002.pt" and state["step"] == 2
