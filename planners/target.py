@@ -143,7 +143,8 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     L = cm.num_blocks
     mt = int(options.get("min_tokens", 1))
     k = int(options.get("k_trained") or default_k_trained(L))
-    fn = lambda b, k: expected_step_flops(cm, b, k, mt) / full  # noqa: E731
+    mode = str(options.get("freeze_mode", "sample"))
+    fn = lambda b, k: expected_step_flops(cm, b, k, mt, mode) / full  # noqa: E731
     while k < L and fn(1.0, k) < target:
         k += 1
     while k > 1 and fn(BUDGET_FLOOR, k) > target:

@@ -185,6 +185,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text; is it a YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -122,7 +122,7 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
     def load(path: Path) -> tuple[Dataset, list[str], int]:
         try:
             ds = ImageFolder(str(path), transform=transform, allow_empty=False,
-                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) or skip_bad)
+                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"{path} is not an image folder ({str(exc).splitlines()[0]}); "
                             "expected PATH/<class>/<image> files") from None

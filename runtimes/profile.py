@@ -153,7 +153,7 @@ def _block_signature(block: nn.Module) -> tuple:
             getattr(block.attn, "fused_attn", None), getattr(block.attn, "num_heads", None))
 
 
-def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, lora: bool) -> tuple[BlockCost, float]:
+def profile_block(block: nn.Module, index: int, ns: list[int], dim: int) -> tuple[BlockCost, float]:
     """Measure one block (see the module docstring); returns its costs and worst fit error."""
     trainable = [p for p in block.parameters() if p.requires_grad]
     exclude = _param_ids(block)
@@ -168,17 +168,16 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, lora: b
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
     _set_grad(trainable, True)
-    fwd_macs, e = _fit(ns, macs)
-    errs.append(e)
-    fwd_flops, e = _fit(ns, meas["weights_and_input"]["fwd"])
-    errs.append(e)
-    bwd, act = {}, {"none": (0.0,)}
-    for state in _STATES:
-        bwd[state], e = _fit(ns, meas[state]["bwd"])
-        act[state], e2 = _fit(ns, meas[state]["act"])
-        errs += [e, e2]
-    select, e = _fit(ns, [_select_flops(block, n, dim) for n in ns], 1)
-    errs.append(e)
+
+    def fit(ys: list[float], degree: int = 2) -> tuple[float, ...]:
+        coef, err = _fit(ns, ys, degree)
+        errs.append(err)
+        return coef
+
+    fwd_macs, fwd_flops = fit(macs), fit(meas["weights_and_input"]["fwd"])
+    bwd = {s: fit(meas[s]["bwd"]) for s in _STATES}
+    act = {"none": (0.0,), **{s: fit(meas[s]["act"]) for s in _STATES}}
+    select = fit([_select_flops(block, n, dim) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
     transient = {s: _transient(block, trainable, s, dim, ns) for s in _STATES}
     _set_grad(trainable, True)
@@ -239,22 +238,23 @@ def _segment(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, param
     for p, flag in zip(params, flags):
         p.requires_grad_(flag)
         p.grad = None
-    if ns is None:
-        fit = lambda ys: ((ys[0],), 0.0)  # noqa: E731
-    else:
-        fit = lambda ys: _fit(ns, ys)  # noqa: E731
-    (m, e1), (f, e2), (bw, e3) = fit(macs), fit(fwd), fit(bwd_w)
-    bwd = {"weights_only": bw}
-    errs = [e1, e2, e3]
-    if with_input_grad:
-        bwd["weights_and_input"], e4 = fit(bwd_wi)
-        errs.append(e4)
-    a_fit = fit(act)[0]
+    errs: list[float] = []
+
+    def fit(ys: list[float]) -> tuple[float, ...]:
+        if ns is None:
+            return (ys[0],)
+        coef, err = _fit(ns, ys)
+        errs.append(err)
+        return coef
+
+    m, f = fit(macs), fit(fwd)
+    bwd = {"weights_only": fit(bwd_w), **({"weights_and_input": fit(bwd_wi)} if with_input_grad else {})}
+    a_fit = fit(act)
     seg = SegmentCost(params=sum(p.numel() for p in params), trainable=bool(trainable),
                       trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
                       largest_trainable_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
                       fwd_macs=m, fwd_flops=f, bwd_flops=bwd, act_bytes=a_fit)
-    return seg, max(errs)
+    return seg, max(errs, default=0.0)
 
 
 def token_counts(num_patches: int, num_prefix: int) -> list[int]:
@@ -296,7 +296,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     for i, blk in enumerate(vit.blocks):
         sig = _block_signature(blk)
         if sig not in cache:
-            cache[sig] = profile_block(blk, i, ns, dim, lora is not None)
+            cache[sig] = profile_block(blk, i, ns, dim)
         cost, err = cache[sig]
         blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
         errs.append(err)

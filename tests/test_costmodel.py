@@ -176,3 +176,22 @@ def test_cost_model_type_is_plain_numbers(tiny_cm):
     assert d["format"] == "alast-cost-model" and "macs" in d["units"] and "flops" in d["units"]
     assert isinstance(CostModel.from_dict(json.loads(json.dumps(d))), CostModel)
     assert math.isfinite(full_step_flops(tiny_cm))
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["qkv"]}])
+def test_step_cost_matches_the_runtime_count(lora, batch):
+    """Token dropping, frozen blocks, and with LoRA blocks below the lowest trained one (no backward)."""
+    from planners import Budget
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    rt = TorchRuntime(make_tiny_vit(), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu", lora=lora,
+                      memory_probe_steps=lambda s: False)
+    cm = profile_model(rt.model, "tiny", img_size=32, lora=lora)
+    assert cm.embed.trainable is (lora is None)
+    images, labels = batch
+    for ratios, trained in [((1.0,) * 4, (True,) * 4), ((0.6, 0.8, 1.0, 0.5), (False, True, False, True)),
+                            ((1.0,) * 4, (False, False, True, False)), ((0.3,) * 4, (False, False, False, True))]:
+        budget = Budget(ratios, trained)
+        counted = rt.train_step(images, labels, budget, 1e-3, 0).train_flops
+        predicted = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), images.shape[0]).train_flops
+        assert predicted == pytest.approx(counted, rel=1e-6), (ratios, trained)

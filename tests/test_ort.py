@@ -255,3 +255,42 @@ def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
     for a, b in zip(first[2:], again[2:]):
         assert a["trained_blocks"] == b["trained_blocks"] and a["kept_tokens"] == b["kept_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--policy", "alast+lora"], "does not support LoRA"),
+    (["--set", "backend.precision=bf16"], "fp32"),
+    (["--unexportable"], "cannot be exported for ONNX Runtime Training"),
+])
+def test_cli_ort_bad_input_exits_2(tmp_path, monkeypatch, args, fragment):
+    from alast_cli.main import cli
+
+    if args == ["--unexportable"]:
+        def broken(*a, **k):
+            raise RuntimeError("Exporting the operator 'aten::foo' to ONNX opset version 16 is not supported")
+
+        monkeypatch.setattr(torch.onnx, "export", broken)
+        args = []
+    res = CliRunner().invoke(cli, ["train", "--backend", "ort", "--steps", "2", "--batch-size", "16",
+                                   "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and fragment in err and "Traceback" not in res.output
+
+
+def test_per_block_flop_counts_add_up_to_the_whole_graph():
+    from planners import kept_token_counts
+    from runtimes.ort_backend.graph import StepFlops, TrainingGraph, count_step_flops
+
+    model = make_tiny_vit()
+    counter = StepFlops(TrainingGraph(model, 0.0, select=True))
+    blocks = [[f"model.blocks.{i}.{n}" for n, _ in b.named_parameters()] for i, b in enumerate(model.blocks)]
+    for ratios, trained in [((1.0,) * 4, (True,) * 4), ((0.5, 0.75, 1.0, 0.5), (False, True, True, False))]:
+        tokens_in, kept = kept_token_counts(ratios, 16, 1)
+        names = {f"model.{n}" for n, _ in model.named_parameters()} - {
+            n for names_l, t in zip(blocks, trained) if not t for n in names_l}
+        for select in (False, True):
+            if not select and ratios[0] < 1.0:
+                continue
+            whole = count_step_flops(TrainingGraph(model, 0.0, select=select), 6, kept if select else None, names)
+            assert counter.step(6, tokens_in, trained, select) == pytest.approx(whole, rel=1e-12)

@@ -42,10 +42,10 @@ class GraphError(ValueError):
 
 
 @contextlib.contextmanager
-def alast_hooks(model: nn.Module, keep: Tensor | Sequence[int] | None, deltas: list[Tensor]) -> Iterator[None]:
-    """Within the block, ``model``'s blocks record CLS deltas into ``deltas`` and, when ``keep``
-    is given, keep the top ``keep[l]`` patch tokens after block ``l``."""
-    prefix = int(model.num_prefix_tokens)
+def alast_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int] | None,
+                deltas: list[Tensor]) -> Iterator[None]:
+    """Within the block, ``blocks`` record CLS deltas into ``deltas`` and, when ``keep`` is
+    given, keep the ``prefix`` tokens plus the top ``keep[l]`` patch tokens after block ``l``."""
     scores: dict[int, Tensor] = {}
     handles = []
 
@@ -64,7 +64,7 @@ def alast_hooks(model: nn.Module, keep: Tensor | Sequence[int] | None, deltas: l
         return hook
 
     try:
-        for i, blk in enumerate(model.blocks):
+        for i, blk in enumerate(blocks):
             if keep is not None:
                 handles.append(blk.attn.qkv.register_forward_hook(qkv_hook(i, blk.attn)))
             handles.append(blk.register_forward_hook(block_hook(i)))
@@ -95,7 +95,8 @@ class TrainingGraph(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         deltas: list[Tensor] = []
-        with alast_hooks(self.model, keep if self.select else None, deltas):
+        m = self.model
+        with alast_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas):
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -145,11 +146,12 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
 
 def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] | None,
                      trained_param_names: set[str]) -> float:
-    """Flops (2 per multiply-add) of one forward+backward of ``graph`` with these shapes.
+    """Flops (2 per multiply-add) of one forward+backward of the whole ``graph`` with these shapes.
 
     Counted with ``torch.utils.flop_counter`` on fake tensors (no data, no kernels run) with the
     same shapes, trained parameters and selection ops as the ONNX graph, so the figure is
-    comparable with the torch backend's counted flops.
+    comparable with the torch backend's counted flops. :class:`StepFlops` gives the same figure
+    from cached per-block counts.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
@@ -173,3 +175,61 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
             if wanted:
                 torch.autograd.grad(loss, wanted)
     return float(fc.get_total_flops())
+
+
+class StepFlops:
+    """Counted flops of a training step, from per-block counts cached by shape.
+
+    A step's count is ``stem_and_head(B) + sum_l block_l(B, tokens_in_l, trained_l, select)``:
+    every counted op belongs to exactly one block or to the rest (patch embedding, head, loss),
+    and the rest does not depend on token counts. Caching per block keeps counting cheap when
+    budgets and trained sets change every step. Assumes the embeddings are trainable, so every
+    block back-propagates to its input (always true in alast).
+    """
+
+    def __init__(self, graph: TrainingGraph) -> None:
+        self.graph = graph
+        self.model = graph.model
+        self.prefix = int(self.model.num_prefix_tokens)
+        self._blocks: dict[tuple, float] = {}
+        self._rest: dict[int, float] = {}
+
+    def block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool) -> float:
+        key = (index, batch, tokens_in, trained, select)
+        if key not in self._blocks:
+            self._blocks[key] = self._count_block(*key)
+        return self._blocks[key]
+
+    def _count_block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool) -> float:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.func import functional_call
+
+        from ..torch_backend.flops import counter
+
+        blk = self.model.blocks[index]
+        dim = self.model.embed_dim
+        with FakeTensorMode():
+            params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
+                      for n, p in blk.named_parameters()}
+            x = torch.empty(batch, self.prefix + tokens_in, dim).requires_grad_(True)
+            x_in = x.clone()  # the counter's module hooks refuse leaf inputs under autograd.grad
+            deltas: list[Tensor] = []
+            with counter() as fc:
+                with alast_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):
+                    out = functional_call(blk, params, (x_in,))
+                torch.autograd.grad(out.sum(), [x, *(p for p in params.values() if p.requires_grad)])
+        return float(fc.get_total_flops())
+
+    def rest(self, batch: int) -> float:
+        """Patch embedding, head and loss: a full dense step minus its blocks."""
+        if batch not in self._rest:
+            names = {f"model.{n}" for n, _ in self.model.named_parameters()}
+            dense = TrainingGraph(self.model, self.graph.label_smoothing, select=False)
+            total = count_step_flops(dense, batch, None, names)
+            n = int(self.model.patch_embed.num_patches)
+            self._rest[batch] = total - sum(self.block(i, batch, n, True, False) for i in range(len(self.model.blocks)))
+        return self._rest[batch]
+
+    def step(self, batch: int, tokens_in: Sequence[int], trained: Sequence[bool], select: bool) -> float:
+        return self.rest(batch) + sum(self.block(i, batch, n, t, select)
+                                      for i, (n, t) in enumerate(zip(tokens_in, trained)))

@@ -33,7 +33,7 @@ from planners.rules import reduce_deltas
 from ..pipeline import register_runtime
 from ..protocol import Capabilities, NonFiniteLoss
 from .artifacts import ArtifactCache
-from .graph import GraphError, TrainingGraph, count_step_flops, export_training_graph
+from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
 _PREFIX = "model."  # parameter names in the training graph: the timm names under TrainingGraph.model
 FREEZE_MODES = ("auto", "exact", "masked")
@@ -113,7 +113,7 @@ class OrtRuntime:
                                    threads=threads or torch.get_num_threads(), device=self.device.type)
         self._active = None
         self._seen: set[tuple[str, tuple[bool, ...]]] = set()
-        self._flops: dict[tuple, float] = {}
+        self.flops = StepFlops(self.graphs["select"])
         self._inference_bytes: bytes | None = None
 
     def bind_run_dir(self, run_dir: Any) -> None:
@@ -198,25 +198,23 @@ class OrtRuntime:
         for slot in self.slots.values():
             slot.grad = None
         elapsed = time.perf_counter() - t0
-        flops = self._step_flops(len(feeds[1]), tokens_out if select else None, ran)
+        flops = self._step_flops(len(feeds[1]), tokens_in, ran, select)
         per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
         return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
                           trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
                           train_flops=flops)
 
     # -- FLOPs -------------------------------------------------------------------------------
-    def _step_flops(self, batch: int, keep: tuple[int, ...] | None, trained: tuple[bool, ...]) -> float | None:
-        """Counted flops of a step with these shapes (cached: a pure function of the shapes)."""
+    def _step_flops(self, batch: int, tokens_in: tuple[int, ...], trained: tuple[bool, ...],
+                    select: bool) -> float | None:
+        """Counted flops of a step with these shapes and this artifact set's trained blocks."""
         if self.count_flops == "off":
             return None
-        key = (batch, keep, tuple(trained))
-        if key not in self._flops:
-            graph = self.graphs["dense" if keep is None else "select"]
-            self._flops[key] = count_step_flops(graph, batch, keep, set(self.cache.trainable_names(trained)))
-        return self._flops[key]
+        return self.flops.step(batch, tokens_in, trained, select)
 
     def full_ft_step_flops(self, batch_size: int) -> float | None:
-        return self._step_flops(batch_size, None, (True,) * self.num_blocks)
+        return self._step_flops(batch_size, (self.num_patches,) * self.num_blocks, (True,) * self.num_blocks,
+                                False)
 
     def peak_memory_bytes(self) -> int | None:
         """Not measured: ONNX Runtime's allocations are invisible to torch's trackers."""
