@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,10 @@ def check(args) -> dict:
         print(_line(policy, out["policies"][policy]), flush=True)
     out["time_models"] = {k: v.coefficients for k, v in time_models.items()}
     out["device"] = device
+    if not args.keep_runs:
+        shutil.rmtree(root, ignore_errors=True)  # checkpoints of large models take gigabytes
+    else:
+        out["runs_dir"] = str(root)
     return out
 
 
@@ -122,6 +127,7 @@ def main() -> None:
     ap.add_argument("--policies", default=POLICIES, help="comma list; policy@R runs with --target-flops R")
     ap.add_argument("--calibrate-reps", type=int, default=5)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: deleted)")
     args = ap.parse_args()
     result = check(args)
     text = json.dumps(result, indent=1)

@@ -46,11 +46,19 @@ def training_device(cfg: AlastConfig) -> str:
     return cfg.backend.device
 
 
+# (classes, training images) of the torchvision datasets the example configs use, so a plan needs
+# neither the data nor a download.
+KNOWN_DATASETS = {"CIFAR10": (10, 50000), "CIFAR100": (100, 50000), "Flowers102": (102, 1020),
+                  "Food101": (101, 75750)}
+
+
 def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
     """Classes of the config's data without loading it where that is cheap; (None, why) if unknown."""
     from .data import describe_spec
 
     kind, arg = describe_spec(cfg.data.spec)
+    if kind == "torchvision" and arg in KNOWN_DATASETS:
+        return KNOWN_DATASETS[arg][0], arg
     if kind in ("digits", "random"):
         return 10, kind
     if kind == "shapes":
@@ -105,9 +113,15 @@ def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple
 
 
 def planned_steps(cfg: AlastConfig) -> int:
+    """``train.steps``, or the steps of ``train.epochs`` over the training set (loaded unless its
+    size is known)."""
     if cfg.train.epochs is None:
         return int(cfg.train.steps)
     from .loop import total_steps
+
+    kind, _, arg = cfg.data.spec.partition(":")
+    if kind == "torchvision" and arg in KNOWN_DATASETS:
+        return total_steps(cfg, KNOWN_DATASETS[arg][1])
     from .pipeline import load_data
 
     data, _ = load_data(cfg)

@@ -14,14 +14,22 @@ TRAIN = ["train", "--policy", "tokens", "--steps", "2", "--batch-size", "16", "-
          "--set", "backend.threads=1"]
 
 
+def _has_ort_training() -> bool:
+    try:
+        import onnxruntime.training.api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two finished demo runs on digits, one per backend."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for backend in ("torch", "ort"):
-        if backend == "ort":
-            pytest.importorskip("onnxruntime.training")
+        if backend == "ort" and not _has_ort_training():
+            continue  # export and eval need only onnxruntime; training an ort run needs more
         res = CliRunner().invoke(cli, [*TRAIN, "--backend", backend, "--out", str(root / backend)])
         assert res.exit_code == 0, res.output
         out[backend] = root / backend
@@ -41,6 +49,8 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
 
     from runtimes.export import load_run
 
+    if backend not in runs:
+        pytest.skip("onnxruntime-training is not installed")
     out = tmp_path / "m.onnx"
     res = CliRunner().invoke(cli, ["export", str(runs[backend]), "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -155,6 +155,7 @@ class ArtifactCache:
     def bind_dir(self, run_dir: Path) -> None:
         """Keep artifacts under ``run_dir/ort_artifacts`` (call before the first step)."""
         self.root = Path(run_dir) / CACHE_DIR
+        self._tmp = None  # sets already made in a temporary root stay valid: their sessions are loaded
 
     def _root(self) -> Path:
         if self.root is None:
@@ -240,6 +241,9 @@ class ArtifactCache:
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise  # disk trouble is a failure of the run, not bad input
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             from .graph import GraphError

@@ -130,6 +130,19 @@ class TorchRuntime:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _attention_kernels(self):
+        """On CUDA, keep scaled_dot_product_attention off the cuDNN backend while tokens are dropped.
+
+        cuDNN attention builds an execution plan per sequence length; ALaST changes the length
+        from step to step, and each new plan costs far more than the step itself. Flash and
+        memory-efficient attention take any length at no extra cost.
+        """
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -152,7 +165,7 @@ class TorchRuntime:
         t0 = time.perf_counter()
         with mem_ctx as mt:
             with flop_ctx as fc:
-                with self.patch.training_forward(keep) as ctl, self._autocast():
+                with self.patch.training_forward(keep) as ctl, self._autocast(), self._attention_kernels():
                     logits = self.model(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
                 loss_value = float(loss.detach())

@@ -26,8 +26,9 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
         qkv = qkv.detach().reshape(b, n, 3, num_heads, head_dim)
         q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
         k = k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
-        attn = (q.float() * scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
-        return attn.softmax(dim=-1).mean(dim=1).squeeze(1)
+        # In the activations' dtype (the product is one row per head); softmax in float32.
+        attn = (q * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+        return attn.float().softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int) -> Tensor:
