@@ -67,6 +67,7 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
             if solve_target is None:
                 raise ValueError("a FLOPs target needs the planner (runtimes.planning)")
             overrides, info = solve_target(cfg)
+        _release_memory()  # the previous run's model must not count towards this run's peak
         hooks = on_run(i, len(plan.runs), policy, seed) if on_run else None
         summary = train(cfg, run_dir, hooks=hooks, planner_overrides=overrides, plan_info=info)
         summary["seed"] = seed
@@ -76,6 +77,17 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
     table = aggregate(results, plan.policies)
     write_outputs(plan, results, table)
     return table
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
