@@ -57,6 +57,32 @@ def _unprobed_median(records, device: str) -> float | None:
     return statistics.median(times) if times else None
 
 
+def _peak_before_reference_step() -> dict:
+    """On CUDA the loop reads ``max_memory_allocated`` after its full fine-tuning reference step
+    (``full_ft_step_flops``), which then sets every policy's peak; record the peak just before it."""
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    seen: dict = {}
+    original = TorchRuntime.full_ft_step_flops
+
+    def wrapped(self, batch_size):
+        seen["peak"] = self.peak_memory_bytes()
+        return original(self, batch_size)
+
+    TorchRuntime.full_ft_step_flops = wrapped
+    return seen
+
+
+def _release() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _rel(pred, meas):
     return pred / meas - 1 if pred is not None and meas else None
 
@@ -65,7 +91,9 @@ def check(args) -> dict:
     out: dict = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "policies": {}}
     time_models = {}
     root = Path(tempfile.mkdtemp(prefix="check_planner-"))
+    peak_seen = _peak_before_reference_step()
     for policy in args.policies.split(","):
+        _release()
         cfg = _config(args, policy)
         device = training_device(cfg)
         plain, pcm, _ = cost_models(cfg)
@@ -86,6 +114,7 @@ def check(args) -> dict:
         sampled = cpu_memory_sampled if device == "cpu" else None
         traced = replay(pcm, records, policy=policy, memory_sampled=sampled)
         mem_pred = traced.peak_memory_sampled_bytes if sampled else traced.peak_memory_bytes
+        mem_meas = summary["peak_memory_bytes"] if sampled else peak_seen.get("peak", summary["peak_memory_bytes"])
         measured_time = _unprobed_median(records, device)
         out["policies"][policy] = {
             "counted_train_flops": summary["train_flops"],
@@ -94,8 +123,8 @@ def check(args) -> dict:
             "planned_range": planned.train_flops_range,
             "replayed_train_flops": traced.train_flops, "replayed_rel_error": _rel(traced.train_flops, summary["train_flops"]),
             "target": cfg.policy.target_flops, "knobs": info["knobs"] if info else None,
-            "measured_peak_memory_bytes": summary["peak_memory_bytes"], "predicted_peak_memory_bytes": mem_pred,
-            "memory_rel_error": _rel(mem_pred, summary["peak_memory_bytes"]),
+            "measured_peak_memory_bytes": mem_meas, "predicted_peak_memory_bytes": mem_pred,
+            "memory_rel_error": _rel(mem_pred, mem_meas),
             "measured_step_time_s": measured_time, "predicted_step_time_s": traced.step_time_s,
             "time_rel_error": _rel(traced.step_time_s, measured_time),
             "measured_median_step_time_all_steps_s": summary["median_step_time_s"], "calibration_s": calib_s,

@@ -246,6 +246,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches})
     run.steps(data, start, steps, hooks, truncate=resume)
+    # The training peak, read before evaluation and the full fine-tuning reference step allocate.
+    run.tally.peak_memory_bytes = run.tally.peak(runtime)
     metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
     hooks.on_eval(steps, metrics)
     run.save(steps)
@@ -376,7 +378,7 @@ def _summary(cfg, runtime, data, data_cfg, steps, metrics, run: _Run, wall, plan
         "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
                          "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
                          "step of the same batch shape x steps") if counted_all else "not counted",
-        "peak_memory_bytes": tally.peak(runtime),
+        "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": ("torch.cuda.max_memory_allocated" if getattr(runtime, "device", None) is not None
                                and runtime.device.type == "cuda" else
                                "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"),

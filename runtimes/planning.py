@@ -27,7 +27,9 @@ FLOPS_CONVENTION = ("torch.utils.flop_counter convention: 2 FLOPs per multiply-a
 
 def cpu_memory_sampled(step: int) -> bool:
     """Steps on which the torch runtime measures CPU memory by default (TorchRuntime's probe)."""
-    return step in (1, 2) or (step > 0 and step % 50 == 0)
+    from .torch_backend.runtime import default_memory_probe
+
+    return default_memory_probe(step)
 
 
 class TraceError(ValueError):

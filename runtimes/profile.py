@@ -10,7 +10,8 @@ transformer block, ``c0 + c1 n + c2 n^2``:
   * bytes autograd saves for the backward (saved-tensor hooks) and the gradients in flight at the
     peak of the block's backward (torch's MemTracker).
 Blocks with identical structure are measured once. The patch embedding and the head are profiled the
-same way. Everything is per sample (batch 1); the planner scales by the batch.
+same way. Everything is per sample (batch 1); the planner scales by the batch. ``calibrate_time``
+times real training steps of the torch runtime on this machine for the time model.
 """
 from __future__ import annotations
 

@@ -17,6 +17,15 @@ from .flops import counter
 from .patch import AlastPatch
 
 
+def default_memory_probe(step: int) -> bool:
+    """Steps whose CPU peak memory is measured (MemTracker slows a step about 2x): 1, 2, every 50th.
+
+    Step 0 is skipped because AdamW creates its state during that step's update, after the peak
+    of the forward/backward.
+    """
+    return step in (1, 2) or (step > 0 and step % 50 == 0)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +51,14 @@ def _timm_model(model: nn.Module) -> nn.Module:
     """The timm VisionTransformer inside a (possibly peft-wrapped) model."""
     base = getattr(model, "base_model", None)
     return base.model if base is not None and hasattr(base, "model") else model
+
+
+def _is_adapter(param: nn.Parameter, model: nn.Module) -> bool:
+    names = getattr(model, "_alast_adapter_ids", None)
+    if names is None:
+        names = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+        model._alast_adapter_ids = names
+    return id(param) in names
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -99,7 +116,7 @@ class TorchRuntime:
         self.label_smoothing = label_smoothing
         self.grad_clip = grad_clip
         self.comm = comm
-        self._probe = memory_probe_steps or (lambda s: s in (1, 2) or (s > 0 and s % 50 == 0))
+        self._probe = memory_probe_steps or default_memory_probe
         self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=True,
                                          data_parallel=True)
         if lora is not None:
@@ -230,6 +247,9 @@ class TorchRuntime:
         batch size; the model's weights, grads, optimizer and RNG are left as they were."""
         if self.count_flops == "off":
             return None
+        # With LoRA the reference is full fine-tuning of the plain model: adapters off.
+        no_adapters = getattr(self.model, "disable_adapter", None)
+        adapters_off = no_adapters() if no_adapters is not None else contextlib.nullcontext()
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         img = self.timm_model.patch_embed.img_size
         try:
@@ -238,9 +258,9 @@ class TorchRuntime:
                 for p, _ in flags:
                     if not p.is_floating_point():
                         continue
-                    p.requires_grad_(True)
+                    p.requires_grad_(not _is_adapter(p, self.model) if no_adapters else True)
                 self.model.train()
-                with counter() as fc, self._autocast():
+                with adapters_off, counter() as fc, self._autocast():
                     self.model(x).float().sum().backward()
         finally:
             for p, flag in flags:
