@@ -1,6 +1,7 @@
 """Rich rendering for the CLI: progress during training, tables at the end."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -9,7 +10,8 @@ from rich.table import Table
 
 from runtimes.loop import Hooks
 
-console = Console(stderr=True)
+# Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def human(n: float | None, unit: str = "") -> str:

@@ -191,6 +191,9 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
     tmp = Path(tmp_name)
     try:
         onnx.save(model, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
         diff = max_logit_diff(tmp, run.model)
         if not diff <= atol:
             raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "
