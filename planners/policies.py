@@ -115,6 +115,10 @@ class AlastPlanner:
     also the block's token keep ratio, and ``k_trained`` blocks are trained: sampled without
     replacement from ``softmax(b)`` (``freeze_mode='sample'``) or the ``k_trained`` largest
     (``'topk'``).
+
+    ``dense_final_frac`` (beyond the paper, default 0): in the last fraction of training every
+    block sees all tokens again, so the model adapts to the full-token inputs it gets at
+    evaluation and export. Freezing and budget updates continue unchanged.
     """
 
     name = "alast"
@@ -131,7 +135,10 @@ class AlastPlanner:
         delta_reduction: str = "mean",
         min_tokens: int = 1,
         seed: int = 0,
+        dense_final_frac: float = 0.0,
     ) -> None:
+        if not 0.0 <= dense_final_frac < 1.0:
+            raise PlannerError(f"dense_final_frac must lie in [0, 1), got {dense_final_frac}")
         if not 0.0 < b_min <= b_max <= 1.0:
             raise PlannerError(f"need 0 < b_min <= b_max <= 1, got b_min={b_min}, b_max={b_max}")
         if not b_min <= b_init <= b_max:
@@ -152,6 +159,7 @@ class AlastPlanner:
         self.delta_reduction = delta_reduction
         self.min_tokens = int(min_tokens)
         self.seed = int(seed)
+        self.dense_final_frac = float(dense_final_frac)
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
 
@@ -163,6 +171,8 @@ class AlastPlanner:
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
         trained = tuple(i in chosen for i in range(self.num_blocks))
         ratios = tuple(self.budgets)
+        if self.dense_final_frac and progress >= 1.0 - self.dense_final_frac:
+            return Budget((1.0,) * self.num_blocks, trained, self.min_tokens, ratios)
         return Budget(ratios, trained, self.min_tokens, ratios)
 
     def observe(self, observation: Observation) -> None:

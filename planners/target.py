@@ -144,7 +144,14 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     mt = int(options.get("min_tokens", 1))
     k = int(options.get("k_trained") or default_k_trained(L))
     mode = str(options.get("freeze_mode", "sample"))
-    fn = lambda b, k: expected_step_flops(cm, b, k, mt, mode) / full  # noqa: E731
+    dense = float(options.get("dense_final_frac") or 0.0)
+
+    def fn(b: float, k: int) -> float:
+        sparse = expected_step_flops(cm, b, k, mt, mode)
+        if dense:  # the final dense phase runs every token through every block
+            sparse = (1.0 - dense) * sparse + dense * expected_step_flops(cm, 1.0, k, mt, mode)
+        return sparse / full
+
     while k < L and fn(1.0, k) < target:
         k += 1
     while k > 1 and fn(BUDGET_FLOOR, k) > target:

@@ -57,6 +57,8 @@ class PolicyConfig(_Section):
     freeze_mode: Literal["sample", "topk"] = "sample"
     delta_reduction: Literal["mean", "sum"] = "mean"
     min_tokens: int = Field(1, ge=1)
+    dense_final_frac: float = Field(
+        0.0, ge=0.0, lt=1.0, description="alast: share of final steps that keep every token (0: the paper's rule)")
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None

@@ -166,3 +166,22 @@ def test_trace_dir_without_metrics_exits_2(runner, tmp_path):
     assert res.exit_code == 2 and "no metrics.jsonl" in res.stderr, res.output
     res = runner.invoke(cli, ["plan", "--trace", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not found" in res.stderr, res.output
+
+
+def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
+    """The FLOPs target accounts for the full-token final phase: the counted run lands on it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+
+    out = tmp_path / "dense"
+    res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
+                                   "--set", "policy.dense_final_frac=0.2", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kept_tokens"] == r["tokens_in"] for r in records[8:])
+    assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])

@@ -148,3 +148,12 @@ def test_delta_reduction():
     assert rules.reduce_deltas([1.0, 3.0], "mean") == 2.0
     assert rules.reduce_deltas([1.0, 3.0], "sum") == 4.0
     assert math.isclose(rules.softmax([0.0, 0.0])[0], 0.5)
+
+
+def test_dense_final_phase_keeps_all_tokens_but_still_freezes():
+    p = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, dense_final_frac=0.2, seed=0)
+    early, late = p.plan(10, 0.5), p.plan(90, 0.85)
+    assert early.keep_ratios == (0.6,) * 6 and late.keep_ratios == (1.0,) * 6
+    assert len(late.trained_blocks) == 4 and late.budgets == (0.6,) * 6
+    with pytest.raises(PlannerError, match="dense_final_frac"):
+        create_planner("alast", 6, dense_final_frac=1.0)
