@@ -287,7 +287,10 @@ def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trac
     batch = int(records[0].get("batch_size", 1))
     shapes = ((StepShape.from_record(r, cm.num_blocks), int(r.get("batch_size", batch))) for r in records)
     sampled = None
-    if memory_sampled is not None:
+    if memory_sampled is not None and any("memory_measured" in r for r in records):
+        # the runtime logged which steps it measured
+        sampled = [i for i, r in enumerate(records) if r.get("memory_measured")]
+    elif memory_sampled is not None:
         sampled = [i for i, r in enumerate(records) if memory_sampled(int(r["step"]))]
     return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled)
 

@@ -76,6 +76,7 @@ class StepResult:
     tokens_in: patch tokens entering each block.
     train_flops: flops (2 per multiply-add) of forward+backward, counted by the runtime, or None
         when this step was not counted.
+    memory_measured: whether the runtime measured this step's peak memory (CPU runtimes sample).
     """
 
     loss: float
@@ -86,6 +87,7 @@ class StepResult:
     batch_size: int
     step_time_s: float
     train_flops: float | None = None
+    memory_measured: bool = False
 
 
 @runtime_checkable

@@ -344,7 +344,8 @@ class _Run:
                   "keep_ratios": list(budget.keep_ratios), "tokens_in": list(result.tokens_in),
                   "kept_tokens": list(result.kept_tokens), "trained_blocks": list(result.trained_blocks),
                   "deltas": list(result.deltas), "batch_size": result.batch_size * self.comm.world_size,
-                  "step_time_s": result.step_time_s, "train_flops": result.train_flops}
+                  "step_time_s": result.step_time_s, "train_flops": result.train_flops,
+                  "memory_measured": result.memory_measured}
         if sent is not None:
             record["grad_allreduce_bytes"] = sent
         if writer:

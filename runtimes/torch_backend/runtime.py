@@ -117,6 +117,7 @@ class TorchRuntime:
         self.grad_clip = grad_clip
         self.comm = comm
         self._probe = memory_probe_steps or default_memory_probe
+        self._probed_load = (0, 0)  # most tokens and most trained blocks of a measured step
         self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=True,
                                          data_parallel=True)
         if lora is not None:
@@ -175,7 +176,7 @@ class TorchRuntime:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        probe_mem = self.device.type == "cpu" and self._probe(step)
+        probe_mem = self.device.type == "cpu" and self._should_probe(step, tokens_in, budget)
         mem_ctx = self._mem_tracker() if probe_mem else contextlib.nullcontext()
         flop_ctx = counter() if self.count_flops == "every" else contextlib.nullcontext()
         self._sync()
@@ -204,6 +205,7 @@ class TorchRuntime:
             loss=self._mean_loss(loss_value), deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
             trained_blocks=budget.trained_blocks, batch_size=int(images.shape[0]), step_time_s=elapsed,
             train_flops=float(fc.get_total_flops()) if fc is not None else None,
+            memory_measured=probe_mem,
         )
 
     def _reduce_deltas(self, deltas: torch.Tensor) -> tuple[float, ...]:
@@ -226,6 +228,16 @@ class TorchRuntime:
         self.comm.all_reduce_gradients([p for p in params if p.grad is not None])
 
     # -- memory ------------------------------------------------------------------------------
+    def _should_probe(self, step: int, tokens_in: tuple[int, ...], budget: Budget) -> bool:
+        """The scheduled steps, plus any step heavier than every measured one (more tokens or more
+        trained blocks, e.g. a dense final phase), so the sampled peak does not miss it."""
+        load = (sum(tokens_in), len(budget.trained_blocks))
+        heavier = step > 0 and (load[0] > 1.05 * self._probed_load[0] or load[1] > self._probed_load[1])
+        if not (self._probe(step) or heavier):
+            return False
+        self._probed_load = (max(load[0], self._probed_load[0]), max(load[1], self._probed_load[1]))
+        return True
+
     def _mem_tracker(self):
         mt = _FrozenAwareMemTracker()
         mt.track_external(self.model, self.optimizer)
@@ -283,11 +295,13 @@ class TorchRuntime:
         return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "probed_load": list(self._probed_load)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._probed_load = tuple(state.get("probed_load", (0, 0)))
 
     def export_model(self) -> nn.Module:
         """A plain (unpatched, LoRA-merged) timm model with the trained weights, on the CPU."""
