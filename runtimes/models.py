@@ -107,7 +107,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     if checkpoint is not None:
         if not Path(checkpoint).exists():
             raise ModelError(f"checkpoint not found: {checkpoint}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint), num_classes=None)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)

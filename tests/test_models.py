@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from runtimes.models import DEMO_WEIGHTS, ModelError, create_model
+
+
+def test_timm_model_loads_a_local_checkpoint_and_gets_a_new_head(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    model = create_model("vit_tiny_patch16_224", 3, checkpoint=path, img_size=32)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert model.head.out_features == 3
+
+
+def test_demo_model_uses_the_shipped_backbone_unless_told_not_to():
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(DEMO_WEIGHTS))
+    assert not any(k.startswith("head.") for k in shipped)
+    pre = create_model("alast_demo_vit", 10)
+    assert torch.equal(pre.blocks[3].mlp.fc1.weight, shipped["blocks.3.mlp.fc1.weight"])
+    scratch = create_model("alast_demo_vit", 10, pretrained=False)
+    assert not torch.equal(scratch.blocks[3].mlp.fc1.weight, shipped["blocks.3.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "checkpoint not found"), (b"not a checkpoint", "cannot load")])
+def test_bad_checkpoints_are_refused(tmp_path, content, fragment):
+    path = tmp_path / "w.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelError, match=fragment):
+        create_model("vit_tiny_patch16_224", 3, checkpoint=path, img_size=32)
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(ModelError, match="unknown model 'vit_tiny_patch99'"):
+        create_model("vit_tiny_patch99", 3)
