@@ -155,6 +155,7 @@ def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Ca
         raise DataError(f"torchvision:{name} needs --data-dir (where the dataset lives or should be downloaded)")
     params = inspect.signature(cls.__init__).parameters
     root = str(data_dir)
+    transform = RGBTransform(transform)  # MNIST-style datasets yield grayscale PIL images
 
     def make(train: bool) -> Dataset:
         kw: dict[str, Any] = dict(root=root, transform=transform)
@@ -181,6 +182,18 @@ def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Ca
     base = train.dataset if isinstance(train, Subset) else train
     classes = list(getattr(base, "classes", [])) or [str(i) for i in range(_count_classes(base))]
     return DataBundle(train, val, [str(c) for c in classes])
+
+
+class RGBTransform:
+    """Convert a PIL image to RGB before ``transform`` (timm's transforms normalise 3 channels)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> Any:
+        if hasattr(img, "convert") and getattr(img, "mode", "RGB") != "RGB":
+            img = img.convert("RGB")
+        return self.transform(img)
 
 
 def _count_classes(ds: Dataset) -> int:
@@ -229,7 +242,7 @@ def _set_transform(ds: Dataset, tf: Callable) -> None:
     while isinstance(ds, Subset):
         ds = ds.dataset
     if hasattr(ds, "transform"):
-        ds.transform = tf
+        ds.transform = RGBTransform(tf)
 
 
 class StepBatchSampler:
