@@ -1,7 +1,6 @@
 """From a validated config to the objects a run needs: data, model, runtime, planner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from planners import Planner, create_planner

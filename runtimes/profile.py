@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
+from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, TimeModel, fit_error
 
 from .models import DEMO_MODEL, create_model
 from .torch_backend.flops import counter
@@ -390,7 +390,6 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
 
     from scipy.optimize import nnls
 
-    from planners.costmodel import TimeModel
     from planners.simulate import StepShape, step_cost
 
     from .torch_backend.runtime import TorchRuntime

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from .tokens import cls_attention_scores, cls_delta, select_tokens
