@@ -59,14 +59,18 @@ class FullPlanner(_Stateless):
         return self._budget([1.0] * self.num_blocks, [True] * self.num_blocks)
 
 
-@register_planner("freeze")
-class FreezePlanner(_Stateless):
-    """Static freezing: train only the last ``k_trained`` blocks, all tokens."""
+class _KBlocks(_Stateless):
+    """A policy that trains ``k_trained`` blocks per step (default ``round(0.75 L)``)."""
 
     def __init__(self, num_blocks: int, k_trained: int | None = None, min_tokens: int = 1,
                  seed: int = 0) -> None:
         super().__init__(num_blocks, min_tokens, seed)
         self.k_trained = _check_k(k_trained, num_blocks)
+
+
+@register_planner("freeze")
+class FreezePlanner(_KBlocks):
+    """Static freezing: train only the last ``k_trained`` blocks, all tokens."""
 
     def plan(self, step: int, progress: float) -> Budget:
         first = self.num_blocks - self.k_trained
@@ -92,13 +96,8 @@ class TokensPlanner(_Stateless):
 
 
 @register_planner("random")
-class RandomPlanner(_Stateless):
+class RandomPlanner(_KBlocks):
     """``k_trained`` blocks drawn uniformly each step (from a (seed, step) generator), all tokens."""
-
-    def __init__(self, num_blocks: int, k_trained: int | None = None, min_tokens: int = 1,
-                 seed: int = 0) -> None:
-        super().__init__(num_blocks, min_tokens, seed)
-        self.k_trained = _check_k(k_trained, num_blocks)
 
     def plan(self, step: int, progress: float) -> Budget:
         rng = rules.step_rng(self.seed, step)

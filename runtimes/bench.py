@@ -122,22 +122,16 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
     return out
 
 
+_FORMATS: dict[str, Callable[[Any], str]] = {
+    "acc": lambda v: f"{100 * v:.2f}", "ratio": lambda v: f"{v:.3f}", "flops": lambda v: f"{v / 1e12:.3f}",
+    "bytes": lambda v: f"{v / 2**20:.1f}", "s": lambda v: f"{v:.2f}", "ms": lambda v: f"{1000 * v:.1f}",
+}
+
+
 def _fmt(v: Any, kind: str) -> str:
     if v is None:
         return "n/a"
-    if kind == "acc":
-        return f"{100 * v:.2f}"
-    if kind == "ratio":
-        return f"{v:.3f}"
-    if kind == "flops":
-        return f"{v / 1e12:.3f}"
-    if kind == "bytes":
-        return f"{v / 2**20:.1f}"
-    if kind == "s":
-        return f"{v:.2f}"
-    if kind == "ms":
-        return f"{1000 * v:.1f}"
-    return str(v)
+    return _FORMATS.get(kind, str)(v)
 
 
 COLUMNS = [

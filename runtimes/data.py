@@ -79,8 +79,10 @@ def _synthetic(family: str, transform: Callable) -> DataBundle:
 
     train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=transform)
     val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=transform)
-    to_tensor = lambda ds: TensorImageDataset(  # noqa: E731
-        torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))]))
+    def to_tensor(ds) -> TensorImageDataset:
+        items = [ds[i] for i in range(len(ds))]  # each image transformed once
+        return TensorImageDataset(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
+
     return DataBundle(to_tensor(train), to_tensor(val), list(train.classes))
 
 

@@ -116,10 +116,3 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
         raise ModelError(f"cannot load {where} for {name}: {reason}") from None
     return model
-
-
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's preprocessing for ``model`` (input size, mean, std, interpolation, crop)."""
-    from timm.data import resolve_data_config
-
-    return resolve_data_config({}, model=model)

@@ -158,15 +158,3 @@ def check_patchable(model: nn.Module) -> None:
             raise PatchError(f"block {i} of {name} has no fused qkv attention; ALaST supports standard ViT blocks")
     if isinstance(model.blocks[0], _AlastBlockMixin):
         raise PatchError("model is already patched for ALaST")
-
-
-def get_patch(model: nn.Module) -> AlastPatch:
-    patch = getattr(model, "_alast_patch", None)
-    if patch is None:
-        raise PatchError("model is not patched; call AlastPatch(model) first")
-    return patch
-
-
-def block_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Parameters of each transformer block (for LoRA: of the adapters inside it)."""
-    return [list(blk.parameters()) for blk in model.blocks]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Callable, Iterable
 
@@ -72,6 +73,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@functools.lru_cache(maxsize=1)
 def _frozen_aware_tracker_cls():
     from torch.distributed._tools.mem_tracker import MemTracker
 
