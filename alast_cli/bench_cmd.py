@@ -15,7 +15,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
 
     from rich.table import Table
 
-    from runtimes.bench import COLUMNS, BenchPlan, _fmt, run_bench
+    from alast.bench import COLUMNS, BenchPlan, _fmt, run_bench
 
     from .render import console, make_progress, training_hooks
 
@@ -31,7 +31,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     if target is not None:
         if not 0 < target <= 1:
             raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
-        from runtimes.planning import solve_target as solve
+        from alast.planning.plan import solve_target as solve
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target)
     progress = make_progress()
 

@@ -18,11 +18,11 @@ class UsageProblem(click.ClickException):
 
 
 def _bad_input_types() -> tuple[type, ...]:
+    from alast.config import ConfigError
+    from alast.data import DataError
+    from alast.models import ModelError
+    from alast.training.rundir import RunDirError
     from planners import PlannerError
-    from runtimes.config import ConfigError
-    from runtimes.data import DataError
-    from runtimes.loop import RunDirError
-    from runtimes.models import ModelError
     from runtimes.torch_backend.patch import PatchError
 
     return (ConfigError, DataError, ModelError, PlannerError, PatchError, RunDirError, FileNotFoundError)
@@ -38,7 +38,7 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as exc:  # noqa: BLE001 - classify, then exit
-        from runtimes.loop import Interrupted
+        from alast.training.rundir import Interrupted
 
         if debug:
             traceback.print_exc()

@@ -25,7 +25,7 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
     """Export a finished run to a full-token ONNX model, verified against PyTorch."""
 
     def go() -> None:
-        from runtimes.export import export_run
+        from alast.export import export_run
 
         report = export_run(run_dir, out, atol=atol, opset=opset)
         if as_json:
@@ -53,7 +53,7 @@ def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: P
     """Evaluate a run directory (PyTorch) or an exported .onnx model (onnxruntime)."""
 
     def go() -> None:
-        from runtimes.export import evaluate_onnx, evaluate_run
+        from alast.export import evaluate_onnx, evaluate_run
 
         if target.is_dir():
             metrics = evaluate_run(target, spec, data_dir, batch_size)

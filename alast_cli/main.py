@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from .bench_cmd import bench_command
-from .plan_cmd import plan_command, profile_command
 from .export_cmd import eval_command, export_command
+from .plan_cmd import plan_command, profile_command
 from .train_cmd import train_command
 
 

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from runtimes.config import AlastConfig, load_config
+from alast.config import AlastConfig, load_config
 
 
 def config_options(fn: Callable) -> Callable:

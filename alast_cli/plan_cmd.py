@@ -49,8 +49,9 @@ def _profile_table(cm) -> Any:
 
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
                 calibrate: bool, batch_size: int, device: str) -> None:
+    from alast.planning.calibrate import calibrate_time
+    from alast.planning.profile import profile
     from planners.simulate import full_step_flops
-    from runtimes.profile import calibrate_time, profile
 
     from .render import console, human
 
@@ -115,7 +116,7 @@ def _plan_table(result: dict[str, Any]) -> Any:
 
 def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: Path | None, calibrate: bool,
              throughput: float | None, cost_model: Path | None) -> dict[str, Any]:
-    from runtimes.planning import plan, plot_plan, replay_run
+    from alast.planning.plan import plan, plot_plan, replay_run
 
     from .render import console, human
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from runtimes.loop import Hooks
+from alast.training.loop import Hooks
 
 # Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)

@@ -23,7 +23,7 @@ def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, 
     if resume and out is None:
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
     if resume:
-        from runtimes.resume import resume_config
+        from alast.training.resume import resume_config
 
         return resume_config(Path(out), config, overrides, named)
     return resolve_config(config, overrides, **named)
@@ -31,7 +31,7 @@ def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, 
 
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
               as_json: bool, skip_bad_images: bool, named: dict[str, Any]) -> dict[str, Any]:
-    from runtimes import loop
+    from alast.training import loop
     from runtimes.distributed import init_from_env
 
     from .render import console, summary_table
@@ -60,13 +60,13 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
 
 
 def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
-    from runtimes import loop
+    from alast.training import loop
 
     from .render import console, make_progress, training_hooks
 
     overrides_for_planner, plan_info = None, None
     if cfg.policy.target_flops is not None:
-        from runtimes.planning import solve_target
+        from alast.planning.plan import solve_target
 
         overrides_for_planner, plan_info = solve_target(cfg)
         if comm.is_main:
@@ -81,8 +81,9 @@ def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
 def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple[str, ...], out: Path | None,
            resume: bool, force: bool, named: dict[str, Any]) -> None:
     """Check the input once here (one clean error instead of one per rank), then rerun on N ranks."""
-    from runtimes.distributed import launch_torchrun
-    from runtimes.loop import check_run_dir
+    from alast.training.rundir import check_run_dir
+
+    from .launch import launch_torchrun
 
     cfg = _resolve(config, overrides, out, resume, named)
     if out is None:  # every rank must write to the same directory

@@ -1,6 +1,6 @@
 """Planner vs reality: predicted and measured training FLOPs, peak memory and step time.
 
-For each policy it runs a real short training run (``runtimes.loop.train``, the same code path as
+For each policy it runs a real short training run (``alast.training.loop.train``, the same code path as
 ``alast train``) and compares:
   * FLOPs: the a-priori plan (exact for deterministic policies, expected for alast) and the replay
     of the run's trace, against the FLOPs the runtime counted with torch.utils.flop_counter;
@@ -27,14 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alast.config import load_config  # noqa: E402
+from alast.planning.calibrate import calibrate_time  # noqa: E402
+from alast.planning.plan import cost_models, cpu_memory_sampled, first_budget, solve_target, training_device  # noqa: E402
+from alast.training.build import policy_options  # noqa: E402
+from alast.training.loop import train  # noqa: E402
+from alast.training.report import read_metrics  # noqa: E402
 from planners.simulate import replay, simulate  # noqa: E402
-from runtimes.config import load_config  # noqa: E402
-from runtimes.loop import train  # noqa: E402
-from runtimes.pipeline import policy_options  # noqa: E402
-from runtimes.planning import (cost_models, cpu_memory_sampled, first_budget, solve_target,  # noqa: E402
-                               training_device)
-from runtimes.profile import calibrate_time  # noqa: E402
-from runtimes.report import read_metrics  # noqa: E402
 
 POLICIES = "full,freeze,tokens,random,alast,alast+lora,alast@0.5"
 

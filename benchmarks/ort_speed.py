@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from alast.models import create_model  # noqa: E402
 from planners import Budget  # noqa: E402
 from planners.rules import default_k_trained, sample_without_replacement, softmax, step_rng  # noqa: E402
-from runtimes.models import create_model  # noqa: E402
 from runtimes.ort_backend.runtime import OrtRuntime  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 

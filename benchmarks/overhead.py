@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from alast.models import create_model  # noqa: E402
 from planners import create_planner  # noqa: E402
-from runtimes.models import create_model  # noqa: E402
 from runtimes.torch_backend.flops import counter  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alast.models import create_model  # noqa: E402
 from planners import Budget  # noqa: E402
-from runtimes.models import create_model  # noqa: E402
 from runtimes.torch_backend import patch as P  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from runtimes.models import DEMO_WEIGHTS, build_demo_model  # noqa: E402
-from runtimes.synthetic import generate_batch, num_classes  # noqa: E402
+from alast.data.synthetic import generate_batch, num_classes  # noqa: E402
+from alast.models import DEMO_WEIGHTS, build_demo_model  # noqa: E402
 
 FAMILY = "pretrain"
 

@@ -1,4 +1,6 @@
-"""Runtimes: config, data, models, the training loop and the torch / ONNX Runtime backends."""
+"""Backends behind one :class:`~runtimes.protocol.Runtime` interface: the PyTorch backend
+(``torch_backend``, a patched timm model), ONNX Runtime Training (``ort_backend``), the ONNX
+inference graph they share, and the data-parallel communicator. Never imports the pipeline."""
 import logging
 
 # onnxruntime.training imports torch.utils.cpp_extension, which warns about CUDA_HOME on every

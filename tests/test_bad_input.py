@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from alast.training import checkpoint as ckpt
 from alast_cli.main import cli
-from runtimes import checkpoint as ckpt
 
 FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
 

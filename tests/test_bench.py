@@ -2,9 +2,9 @@ import json
 
 from click.testing import CliRunner
 
+from alast.bench import BenchPlan, aggregate
+from alast.config import load_config
 from alast_cli.main import cli
-from runtimes.bench import BenchPlan, aggregate
-from runtimes.config import load_config
 
 
 def test_bench_writes_results_table_and_plots(tmp_path):

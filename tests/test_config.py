@@ -1,6 +1,6 @@
 import pytest
 
-from runtimes.config import ConfigError, apply_overrides, load_config
+from alast.config import ConfigError, apply_overrides, load_config
 
 
 def test_defaults_are_the_demo():

@@ -8,13 +8,19 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_tiny_vit
+
+from alast.planning.profile import fvcore_macs, profile_model
 from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly
-from planners.simulate import (StepShape, block_states, expected_step_flops, full_step_flops,
-                               state_probabilities, step_cost)
+from planners.simulate import (
+    StepShape,
+    block_states,
+    expected_step_flops,
+    full_step_flops,
+    state_probabilities,
+    step_cost,
+)
 from planners.target import TargetError, solve_target
-from runtimes.profile import fvcore_macs, profile_model
 from runtimes.torch_backend.flops import counter
 
 

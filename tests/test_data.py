@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtimes.data import DataError, StepBatchSampler, build_data
-from runtimes.pipeline import model_data_config
+from alast.data import DataError, StepBatchSampler, build_data
+from alast.training.build import model_data_config
 
 CFG = model_data_config("alast_demo_vit")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtimes.distributed import cli_args, run_local, torchrun_argv
+from alast_cli.launch import cli_args, torchrun_argv
+from runtimes.distributed import run_local
 
 STEPS, BATCH, DEPTH = 5, 8, 4
 LOSS_TOL, WEIGHT_TOL = 1e-5, 2e-4

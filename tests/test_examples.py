@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from runtimes.config import load_config
+from alast.config import load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
 

@@ -47,7 +47,7 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
     import onnx
     import onnxruntime as ort
 
-    from runtimes.export import load_run
+    from alast.export import load_run
 
     if backend not in runs:
         pytest.skip("onnxruntime-training is not installed")
@@ -82,7 +82,7 @@ def test_eval_of_run_equals_eval_of_onnx(runs, tmp_path):
 
 
 def test_failed_verification_exits_1_and_leaves_no_file(runs, tmp_path, monkeypatch):
-    import runtimes.export as export
+    import alast.export as export
 
     monkeypatch.setattr(export, "max_logit_diff", lambda *a, **k: 0.5)
     out = tmp_path / "sub" / "m.onnx"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from runtimes.models import DEMO_WEIGHTS, ModelError, create_model
+from alast.models import DEMO_WEIGHTS, ModelError, create_model
 
 
 def test_timm_model_loads_a_local_checkpoint_and_gets_a_new_head(tmp_path):

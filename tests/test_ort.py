@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_vit
+
+from alast.config import build_config
+from alast.training.build import create_runtime
 from planners import Budget, StepResult
-from runtimes.config import build_config
-from runtimes.pipeline import create_runtime
 from runtimes.protocol import Capabilities, NonFiniteLoss, Runtime
 
 

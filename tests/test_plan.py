@@ -4,10 +4,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from alast.config import load_config
+from alast.planning.plan import plan, replay_run, solve_target
+from alast.training.loop import train
 from alast_cli.main import cli
-from runtimes.config import load_config
-from runtimes.loop import train
-from runtimes.planning import plan, replay_run, solve_target
 
 BASE = ["model.name=alast_demo_vit", "data.spec=random:64", "train.steps=3", "train.batch_size=8"]
 RUNS = {
@@ -127,7 +127,7 @@ def test_plan_trace_cli(runner, runs):
 
 
 def _bad_cost_model(tmp_path, **change):
-    from runtimes.profile import profile
+    from alast.planning.profile import profile
 
     data = profile("alast_demo_vit").to_dict()
     data.update(change)

@@ -4,8 +4,7 @@ import pathlib
 
 import pytest
 
-from planners import Budget, Observation, PlannerError, create_planner, kept_token_counts
-from planners import rules
+from planners import Budget, Observation, PlannerError, create_planner, kept_token_counts, rules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from alast.config import ConfigError
+from alast.training import checkpoint as ckpt
+from alast.training.report import read_metrics
+from alast.training.resume import NAMED_OPTION_KEYS, result_changes, resume_config
 from alast_cli.main import cli
-from runtimes import checkpoint as ckpt
-from runtimes.config import ConfigError
-from runtimes.report import read_metrics
-from runtimes.resume import NAMED_OPTION_KEYS, result_changes, resume_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -104,7 +104,7 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):
 
 def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, monkeypatch):
     """SIGINT asks the loop to stop at the next step boundary, with a checkpoint (CLI: exit 130)."""
-    from runtimes import report
+    from alast.training import report
 
     write = report.MetricsWriter.write
 
@@ -160,7 +160,7 @@ def test_named_option_keys_match_the_cli():
 
 
 def test_neutral_keys_are_not_reported():
-    from runtimes.config import load_config
+    from alast.config import load_config
 
     a = load_config(None, [])
     b = load_config(None, ["output.keep_last=9", "backend.threads=1", "export.opset=18"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_tiny_vit
+
 from planners import Budget
 from runtimes.torch_backend.flops import counter, register_cpu_sdpa
 from runtimes.torch_backend.runtime import TorchRuntime

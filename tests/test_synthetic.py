@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtimes import synthetic
-from runtimes.synthetic import SyntheticDataset, class_names, generate_batch, num_classes
+from alast.data import synthetic
+from alast.data.synthetic import SyntheticDataset, class_names, generate_batch, num_classes
 
 FAMILIES = ("pretrain", "shapes")
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "pretrain_demo_backbone.py"
@@ -113,7 +113,7 @@ def test_pretrain_script_smoke(tmp_path):
     assert saved["steps"] == 3 and saved["batch_size"] == 4 and saved["family"] == "pretrain"
     assert 0 <= saved["held_out_accuracy"] <= 1 and saved == json.loads(json.dumps(record))
 
-    from runtimes.models import build_demo_model, load_weights
+    from alast.models import build_demo_model, load_weights
 
     model = build_demo_model(num_classes("shapes"), pretrained=False)
     load_weights(model, out, skip_head=True)  # the saved backbone fits the demo model

@@ -30,8 +30,8 @@ from torch import nn
 from planners import Budget, StepResult, kept_token_counts
 from planners.rules import reduce_deltas
 
-from ..pipeline import register_runtime
 from ..protocol import Capabilities, NonFiniteLoss
+from ..registry import register_runtime
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
@@ -237,7 +237,7 @@ class OrtRuntime:
         """An inference session whose weights are the current parameter buffers (no copies)."""
         import onnxruntime as ort
 
-        from ..export import export_inference_bytes
+        from ..onnx_export import export_inference_bytes
 
         if self._inference_bytes is None:
             self._inference_bytes = export_inference_bytes(self.model, constant_folding=False)

@@ -14,6 +14,7 @@ from planners import Budget, StepResult, kept_token_counts
 from planners.rules import reduce_deltas
 
 from ..protocol import Capabilities, NonFiniteLoss
+from ..registry import register_runtime
 from .flops import counter
 from .patch import AlastPatch
 
@@ -321,3 +322,14 @@ class TorchRuntime:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+
+@register_runtime("torch")
+def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
+    lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
+    return TorchRuntime(
+        model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+        label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
+        device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
+        lora=lora, comm=comm,
+    )

@@ -1,25 +1,13 @@
 """From a validated config to the objects a run needs: data, model, runtime, planner."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+from alast.config import AlastConfig
+from alast.data import DataBundle, build_data
+from alast.models import DEMO_MODEL, DEMO_PRETRAINED_CFG, ModelError, create_model
 from planners import Planner, create_planner
-
-from .config import AlastConfig
-from .data import DataBundle, build_data
-from .models import DEMO_MODEL, DEMO_PRETRAINED_CFG, ModelError, create_model
-
-RUNTIMES: dict[str, Callable[..., Any]] = {}
-
-
-def register_runtime(name: str):
-    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
-        if name in RUNTIMES:
-            raise ValueError(f"runtime {name!r} is already registered")
-        RUNTIMES[name] = factory
-        return factory
-
-    return deco
+from runtimes import registry
 
 
 def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
@@ -57,29 +45,9 @@ def build_model(cfg: AlastConfig, num_classes: int):
                         img_size=m.img_size, drop_path_rate=m.drop_path_rate)
 
 
-@register_runtime("torch")
-def _torch_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
-    from .torch_backend.runtime import TorchRuntime
-
-    lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
-    return TorchRuntime(
-        model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-        label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
-        device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
-        lora=lora, comm=comm,
-    )
-
-
 def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
-    name = cfg.backend.name
-    if name == "ort" and "ort" not in RUNTIMES:
-        try:
-            from .ort_backend import runtime as _ort  # noqa: F401  (registers "ort")
-        except ImportError as exc:
-            raise ValueError(f"--backend ort is unavailable: {exc}") from None
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(RUNTIMES))}")
-    return RUNTIMES[name](cfg, model, comm=comm)
+    """The backend ``cfg.backend.name`` for ``model`` (see :mod:`runtimes.registry`)."""
+    return registry.create_runtime(cfg.backend.name, cfg, model, comm=comm)
 
 
 def policy_options(cfg: AlastConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_frac: float, min_lr_frac: float) -> float:
@@ -12,3 +13,10 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_frac: float, min_l
     progress = min(1.0, (step - warmup) / span)
     floor = base_lr * min_lr_frac
     return floor + 0.5 * (base_lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: Any, n_train: int) -> int:
+    t = cfg.train
+    if t.epochs is not None:
+        return max(1, math.ceil(t.epochs * (n_train // t.batch_size)))
+    return int(t.steps)

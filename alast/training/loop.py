@@ -9,10 +9,8 @@ alone writes files, and every rank learns of a failure on rank 0 instead of hang
 """
 from __future__ import annotations
 
-import math
 import random
 import signal
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,31 +20,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from alast.config import AlastConfig, dump_config
+from alast.data import StepBatchSampler, eval_batches, train_batches
+from alast.training import checkpoint as ckpt
+from alast.training.build import build_model, build_planner, create_runtime, load_data
+from alast.training.report import MetricsWriter
+from alast.training.rundir import CONFIG, Interrupted, prepare_run_dir
+from alast.training.schedule import lr_at, total_steps
+from alast.training.summary import run_summary, write_final
 from planners import Observation, StepResult
-
-from . import checkpoint as ckpt
-from .config import AlastConfig, dump_config
-from .data import StepBatchSampler, eval_batches, train_batches
-from .pipeline import build_model, build_planner, create_runtime, load_data
-from .protocol import NonFiniteLoss, check_budget
-from .report import METRICS, MetricsWriter, budget_heatmap, read_metrics
-from .schedule import lr_at
-
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-FINAL_WEIGHTS = "final_model.safetensors"
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked (exists, missing, or incompatible)."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C (SIGINT) or SIGTERM during training; a checkpoint was written first."""
-
-    def __init__(self, step: int, path: Path | None) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint {path}")
-        self.step, self.path = step, path
+from runtimes.protocol import NonFiniteLoss, check_budget
 
 
 @dataclass
@@ -81,13 +64,6 @@ class Comm:
         return self.extra.broadcast_object(obj) if self._has("broadcast_object") else obj
 
 
-def total_steps(cfg: AlastConfig, n_train: int) -> int:
-    t = cfg.train
-    if t.epochs is not None:
-        return max(1, math.ceil(t.epochs * (n_train // t.batch_size)))
-    return int(t.steps)
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -109,28 +85,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse a run dir that cannot be used as asked; touches nothing."""
-    if resume:
-        if not (run_dir / CONFIG).exists():
-            raise RunDirError(f"cannot resume {run_dir}: no {CONFIG} there; start a new run instead")
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run dir {run_dir} is a file; choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise RunDirError(f"run dir {run_dir} exists and is not empty; pass --resume to continue it, "
-                          "--force to write into it, or choose another --out")
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    check_run_dir(run_dir, resume, force)
-    if resume:
-        for stale in (run_dir / ckpt.CKPT_DIR).glob(".*.tmp"):  # from a write killed half-way
-            stale.unlink(missing_ok=True)
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass
@@ -251,10 +205,10 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
     hooks.on_eval(steps, metrics)
     run.save(steps)
-    summary = _summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
+    summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
                        plan_info)
     if comm.is_main:
-        _write_final(run_dir, runtime, summary, cfg)
+        write_final(run_dir, runtime, summary, cfg)
     hooks.on_end(summary)
     return summary
 
@@ -270,7 +224,7 @@ class _Run:
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
-        from .resume import check_compatible
+        from alast.training.resume import check_compatible
 
         found = ckpt.latest_checkpoint(self.run_dir)
         if found is None:
@@ -358,49 +312,6 @@ class _Run:
         model = getattr(self.runtime, "model", None)
         if self.comm.world_size <= 1 or model is None or not hasattr(self.comm.extra, "all_equal"):
             return None
-        from .distributed import weights_digest
+        from runtimes.distributed import weights_digest
 
         return self.comm.extra.all_equal(weights_digest(list(model.parameters())))
-
-
-def _summary(cfg, runtime, data, data_cfg, steps, metrics, run: _Run, wall, plan_info) -> dict[str, Any]:
-    ws, tally = run.comm.world_size, run.tally
-    counted_all = tally.uncounted_steps == 0 and cfg.backend.count_flops != "off"
-    full_step = runtime.full_ft_step_flops(cfg.train.batch_size // ws)
-    train_flops = tally.counted_flops * ws if counted_all else None
-    full = full_step * steps * ws if full_step is not None and counted_all else None
-    sent = tally.allreduce_bytes
-    return {
-        "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
-        "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
-        "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
-        "train_flops": train_flops, "full_ft_train_flops": full,
-        "flops_ratio_vs_full": (train_flops / full) if train_flops and full else None,
-        "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
-                         "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
-                         "step of the same batch shape x steps") if counted_all else "not counted",
-        "peak_memory_bytes": tally.peak_memory_bytes,
-        "peak_memory_method": ("torch.cuda.max_memory_allocated" if getattr(runtime, "device", None) is not None
-                               and runtime.device.type == "cuda" else
-                               "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"),
-        "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
-        "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
-        "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,
-        "ranks_in_sync": run.ranks_in_sync(), "resumed_from_step": run.resumed_from,
-        "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,
-        "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
-        "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
-    }
-
-
-def _write_final(run_dir: Path, runtime, summary: dict[str, Any], cfg: AlastConfig) -> None:
-    from safetensors.torch import save_file
-
-    model = runtime.export_model()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / (FINAL_WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(run_dir / FINAL_WEIGHTS)
-    ckpt.atomic_write_json(run_dir / SUMMARY, summary)
-    records = read_metrics(run_dir / METRICS)
-    budget_heatmap(records, run_dir / "budgets.png", f"{cfg.policy.name}: {cfg.model.name} on {cfg.data.spec}")

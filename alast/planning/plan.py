@@ -11,15 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alast.config import AlastConfig, load_config
+from alast.planning.calibrate import calibrate_time
+from alast.planning.profile import profile
+from alast.training.build import model_data_config, policy_options
+from alast.training.report import METRICS, read_metrics
 from planners.costmodel import CostModel, TimeModel, load_cost_model
 from planners.simulate import Prediction, replay, simulate
 from planners.target import check_target
 from planners.target import solve_target as _solve
-
-from .config import AlastConfig, load_config
-from .pipeline import model_data_config, policy_options
-from .profile import calibrate_time, profile
-from .report import METRICS, read_metrics
 
 FLOPS_CONVENTION = ("torch.utils.flop_counter convention: 2 FLOPs per multiply-add, matrix products only "
                     "(linear, attention, patch conv), forward + backward, whole batch, all steps")
@@ -27,7 +27,7 @@ FLOPS_CONVENTION = ("torch.utils.flop_counter convention: 2 FLOPs per multiply-a
 
 def cpu_memory_sampled(step: int) -> bool:
     """Steps on which the torch runtime measures CPU memory by default (TorchRuntime's probe)."""
-    from .torch_backend.runtime import default_memory_probe
+    from runtimes.torch_backend.runtime import default_memory_probe
 
     return default_memory_probe(step)
 
@@ -56,7 +56,7 @@ KNOWN_DATASETS = {"CIFAR10": (10, 50000), "CIFAR100": (100, 50000), "Flowers102"
 
 def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
     """Classes of the config's data without loading it where that is cheap; (None, why) if unknown."""
-    from .data import describe_spec
+    from alast.data import describe_spec
 
     kind, arg = describe_spec(cfg.data.spec)
     if kind == "torchvision" and arg in KNOWN_DATASETS:
@@ -64,7 +64,7 @@ def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
     if kind in ("digits", "random"):
         return 10, kind
     if kind == "shapes":
-        from . import synthetic
+        from alast.data import synthetic
 
         return synthetic.num_classes("shapes"), kind
     if kind == "imagefolder":
@@ -119,12 +119,12 @@ def planned_steps(cfg: AlastConfig) -> int:
     size is known)."""
     if cfg.train.epochs is None:
         return int(cfg.train.steps)
-    from .loop import total_steps
+    from alast.training.schedule import total_steps
 
     kind, _, arg = cfg.data.spec.partition(":")
     if kind == "torchvision" and arg in KNOWN_DATASETS:
         return total_steps(cfg, KNOWN_DATASETS[arg][1])
-    from .pipeline import load_data
+    from alast.training.build import load_data
 
     data, _ = load_data(cfg)
     return total_steps(cfg, len(data.train))

@@ -75,7 +75,7 @@ def _digits(transform: Callable, val_fraction: float, seed: int) -> DataBundle:
 
 
 def _synthetic(family: str, transform: Callable) -> DataBundle:
-    from . import synthetic
+    from alast.data import synthetic
 
     train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=transform)
     val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=transform)

@@ -9,11 +9,9 @@ file appears under its final name. Works with plain ``onnxruntime`` or ``onnxrun
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .protocol import RuntimeError_
+from runtimes.onnx_export import INPUT, OUTPUT, ExportError, export_inference_bytes, max_logit_diff
+from runtimes.protocol import RuntimeError_
 
 META_PREFIX = "alast."
-INPUT, OUTPUT = "images", "logits"
-
-
-class ExportError(ValueError):
-    """Bad input for export or ONNX evaluation (missing run, corrupt weights, not an ONNX model)."""
 
 
 class VerificationError(RuntimeError_):
@@ -57,8 +51,8 @@ class ExportReport:
 # -- runs ----------------------------------------------------------------------------------------
 def load_run(run_dir: Path) -> LoadedRun:
     """The run's config, summary and fine-tuned model (eval mode, CPU), or :class:`ExportError`."""
-    from .config import load_config
-    from .loop import CONFIG, FINAL_WEIGHTS, SUMMARY
+    from alast.config import load_config
+    from alast.training.rundir import CONFIG, FINAL_WEIGHTS, SUMMARY
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -80,7 +74,7 @@ def load_run(run_dir: Path) -> LoadedRun:
 
 
 def _build_model(cfg: Any, num_classes: int) -> nn.Module:
-    from .models import DEMO_MODEL, build_demo_model, create_model
+    from alast.models import DEMO_MODEL, build_demo_model, create_model
 
     extra = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
     if cfg.model.name == DEMO_MODEL:
@@ -124,51 +118,6 @@ def run_metadata(run: LoadedRun) -> dict[str, str]:
         "seed": str(cfg.train.seed),
     }
     return {META_PREFIX + k: v for k, v in meta.items()}
-
-
-# -- ONNX export ---------------------------------------------------------------------------------
-def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True) -> bytes:
-    """The serialized full-token eval-mode graph ``images [B,3,H,W] -> logits [B,C]``.
-
-    With ``constant_folding=False`` every parameter stays an initializer under its state-dict
-    name (the ORT runtime overrides them with its live buffers).
-    """
-    was_training = model.training
-    model.eval()
-    img = model.patch_embed.img_size
-    x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
-                              do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    except Exception as exc:  # any exporter failure means the model cannot be exported
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
-        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({reason})") from None
-    finally:
-        model.train(was_training)
-    return buf.getvalue()
-
-
-def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0) -> float:
-    """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` on a random batch.
-
-    The batch size differs from the export's example batch (2), so the dynamic axis is exercised.
-    """
-    import onnxruntime as ort
-
-    img = model.patch_embed.img_size
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
-    with torch.no_grad():
-        ref = model.eval()(x).float()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])
-    if got.shape != ref.shape:
-        return float("inf")
-    return float((got - ref).abs().max())
 
 
 def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: int | None = None) -> ExportReport:
@@ -233,7 +182,7 @@ def data_config_from_metadata(meta: dict[str, str]) -> dict[str, Any]:
 
 def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fraction: float, seed: int,
               classes: list[str]) -> Any:
-    from .data import DataError, build_data
+    from alast.data import DataError, build_data
 
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed)
     if classes and list(bundle.classes) != list(classes):
@@ -260,7 +209,7 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     """
     import onnxruntime as ort
 
-    from .data import eval_batches
+    from alast.data import eval_batches
 
     meta = read_metadata(path)
     spec = spec or meta.get("data", "digits")
@@ -281,7 +230,7 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
 def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
                  batch_size: int | None = None) -> dict[str, Any]:
     """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``)."""
-    from .data import eval_batches
+    from alast.data import eval_batches
 
     run = load_run(run_dir)
     cfg = run.config

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import AlastConfig, ConfigError, apply_overrides, build_config, read_yaml
-
-RUN_CONFIG = "config.yaml"
+from alast.config import AlastConfig, ConfigError, apply_overrides, build_config, read_yaml
+from alast.training.rundir import CONFIG as RUN_CONFIG
+from alast.training.rundir import RunDirError
 
 # CLI option name -> config key; mirrors alast_cli.options._NAMED (a test keeps them in step).
 NAMED_OPTION_KEYS: dict[str, str] = {
@@ -86,7 +86,6 @@ def named_sets(named: Mapping[str, Any]) -> list[str]:
 
 def saved_config(run_dir: Path) -> AlastConfig:
     """The resolved config a run was started with."""
-    from .loop import RunDirError
 
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():

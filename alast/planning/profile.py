@@ -10,7 +10,7 @@ transformer block, ``c0 + c1 n + c2 n^2``:
   * bytes autograd saves for the backward (saved-tensor hooks) and the gradients in flight at the
     peak of the block's backward (torch's MemTracker).
 Blocks with identical structure are measured once. The patch embedding and the head are profiled the
-same way. Everything is per sample (batch 1); the planner scales by the batch. ``calibrate_time``
+same way. Everything is per sample (batch 1); the planner scales by the batch. ``alast.planning.calibrate.calibrate_time``
 times real training steps of the torch runtime on this machine for the time model.
 """
 from __future__ import annotations
@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, TimeModel, fit_error
-
-from .models import DEMO_MODEL, create_model
-from .torch_backend.flops import counter
-from .torch_backend.tokens import cls_attention_scores, select_tokens
+from alast.models import DEMO_MODEL, create_model
+from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
+from runtimes.torch_backend.flops import counter
+from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens
 
 _NOT_MATMUL = ("norm", "upsample", "pool", "grid_sampler")
 _STATES = {"weights_and_input": (True, True), "weights_only": (True, False), "input_only": (False, True)}
@@ -129,7 +128,7 @@ def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: in
     fewest tokens); large ones while activation gradients are (``c`` per token and sample, measured at
     batch 4 and all tokens).
     """
-    from .torch_backend.runtime import _FrozenAwareMemTracker
+    from runtimes.torch_backend.runtime import _FrozenAwareMemTracker
 
     weights, inp = _STATES[state]
     ys = []
@@ -346,7 +345,7 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
     torch.manual_seed(0)
     model = create_model(name, num_classes, img_size=img_size)
     if lora is not None:
-        from .torch_backend.runtime import apply_lora
+        from runtimes.torch_backend.runtime import apply_lora
 
         model = apply_lora(model, **lora)
     size = int(_timm(model).patch_embed.img_size[0])
@@ -359,68 +358,3 @@ def profile(name: str, img_size: int | None = None, num_classes: int | None = No
     """Build ``name`` (random weights; nothing is downloaded) and profile it. Cached per process."""
     key = None if lora is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in lora.items()))
     return _profile_cached(name, img_size, num_classes or default_num_classes(name), key, device)
-
-
-_TIME_FEATURES = ("step", "fwd_flops", "bwd_flops", "select_blocks", "bwd_blocks")
-
-
-def _calibration_budgets(num_blocks: int) -> dict[str, Any]:
-    """Step shapes that pull the time features apart: tokens, trained blocks, selection."""
-    from planners import Budget
-
-    L = num_blocks
-    top = tuple(i == L - 1 for i in range(L))
-    half = tuple(i < max(1, L // 2) for i in range(L))
-    return {"full": Budget((1.0,) * L, (True,) * L), "top1": Budget((1.0,) * L, top),
-            "tokens0.5": Budget((0.5,) * L, (True,) * L), "tokens0.5-top1": Budget((0.5,) * L, top),
-            "tokens0.8-lowhalf": Budget((0.8,) * L, half)}
-
-
-def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "cpu", count_flops: str = "every",
-                   lora: dict[str, Any] | None = None, reps: int = 5, extra: dict[str, Any] | None = None
-                   ) -> "TimeModel":
-    """Time real training steps of the torch runtime on this machine and fit the time model.
-
-    Five step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
-    it is used), ``reps`` rounds after a warm-up round (alternating, so drift hits all alike),
-    median per shape; non-negative least squares on the features of
-    :class:`~planners.costmodel.TimeModel`. Memory probing is off, FLOP counting as configured.
-    """
-    import statistics
-
-    from scipy.optimize import nnls
-
-    from planners.simulate import StepShape, step_cost
-
-    from .torch_backend.runtime import TorchRuntime
-
-    torch.manual_seed(0)
-    model = create_model(name, cm.num_classes, img_size=cm.img_size)
-    rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
-                      lora=lora, memory_probe_steps=lambda s: False)
-    x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)
-    y = torch.randint(0, max(cm.num_classes, 1), (batch_size,))
-    budgets = {**_calibration_budgets(cm.num_blocks), **(extra or {})}
-    times: dict[str, list[float]] = {k: [] for k in budgets}
-    for rnd in range(reps + 1):
-        for i, (key, budget) in enumerate(budgets.items()):
-            t = rt.train_step(x, y, budget, 1e-4, rnd * len(budgets) + i).step_time_s
-            if rnd:
-                times[key].append(t)
-    points, rows, ys = [], [], []
-    for key, budget in budgets.items():
-        feats = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), batch_size).time_features()
-        med = statistics.median(times[key])
-        points.append({"shape": key, "step_time_s": med, **feats})
-        rows.append([feats[f] for f in _TIME_FEATURES])
-        ys.append(med)
-    a = np.asarray(rows, float)
-    used = [j for j in range(a.shape[1]) if j == 0 or np.ptp(a[:, j]) > 0]
-    scale = np.abs(a[:, used]).max(axis=0)
-    coef, _ = nnls(a[:, used] / scale, np.asarray(ys))
-    coefficients = {f: 0.0 for f in _TIME_FEATURES}
-    for j, c in zip(used, coef / scale):
-        coefficients[_TIME_FEATURES[j]] = float(c)
-    return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
-                     points=points, note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch "
-                     f"{batch_size} on {rt.device} (FLOP counting {count_flops})")

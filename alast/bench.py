@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import AlastConfig, build_config
-from .loop import Hooks, train
+from alast.config import AlastConfig, build_config
+from alast.training.loop import Hooks, train
 
 COST_KEYS = ("train_flops", "peak_memory_bytes", "wall_time_s", "median_step_time_s", "train_time_s")
 TARGET_POLICIES = ("alast", "alast+lora", "tokens")
@@ -65,7 +65,7 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
         overrides, info = (None, None)
         if target is not None:
             if solve_target is None:
-                raise ValueError("a FLOPs target needs the planner (runtimes.planning)")
+                raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
             overrides, info = solve_target(cfg)
         _release_memory()  # the previous run's model must not count towards this run's peak
         hooks = on_run(i, len(plan.runs), policy, seed) if on_run else None

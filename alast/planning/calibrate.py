@@ -1,0 +1,73 @@
+"""Fit the cost model's time model to real training steps timed on this machine."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from alast.models import create_model
+from planners.costmodel import CostModel, TimeModel
+
+_TIME_FEATURES = ("step", "fwd_flops", "bwd_flops", "select_blocks", "bwd_blocks")
+
+
+def _calibration_budgets(num_blocks: int) -> dict[str, Any]:
+    """Step shapes that pull the time features apart: tokens, trained blocks, selection."""
+    from planners import Budget
+
+    L = num_blocks
+    top = tuple(i == L - 1 for i in range(L))
+    half = tuple(i < max(1, L // 2) for i in range(L))
+    return {"full": Budget((1.0,) * L, (True,) * L), "top1": Budget((1.0,) * L, top),
+            "tokens0.5": Budget((0.5,) * L, (True,) * L), "tokens0.5-top1": Budget((0.5,) * L, top),
+            "tokens0.8-lowhalf": Budget((0.8,) * L, half)}
+
+
+def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "cpu", count_flops: str = "every",
+                   lora: dict[str, Any] | None = None, reps: int = 5, extra: dict[str, Any] | None = None
+                   ) -> "TimeModel":
+    """Time real training steps of the torch runtime on this machine and fit the time model.
+
+    Five step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
+    it is used), ``reps`` rounds after a warm-up round (alternating, so drift hits all alike),
+    median per shape; non-negative least squares on the features of
+    :class:`~planners.costmodel.TimeModel`. Memory probing is off, FLOP counting as configured.
+    """
+    import statistics
+
+    from scipy.optimize import nnls
+
+    from planners.simulate import StepShape, step_cost
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    torch.manual_seed(0)
+    model = create_model(name, cm.num_classes, img_size=cm.img_size)
+    rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
+                      lora=lora, memory_probe_steps=lambda s: False)
+    x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)
+    y = torch.randint(0, max(cm.num_classes, 1), (batch_size,))
+    budgets = {**_calibration_budgets(cm.num_blocks), **(extra or {})}
+    times: dict[str, list[float]] = {k: [] for k in budgets}
+    for rnd in range(reps + 1):
+        for i, (key, budget) in enumerate(budgets.items()):
+            t = rt.train_step(x, y, budget, 1e-4, rnd * len(budgets) + i).step_time_s
+            if rnd:
+                times[key].append(t)
+    points, rows, ys = [], [], []
+    for key, budget in budgets.items():
+        feats = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), batch_size).time_features()
+        med = statistics.median(times[key])
+        points.append({"shape": key, "step_time_s": med, **feats})
+        rows.append([feats[f] for f in _TIME_FEATURES])
+        ys.append(med)
+    a = np.asarray(rows, float)
+    used = [j for j in range(a.shape[1]) if j == 0 or np.ptp(a[:, j]) > 0]
+    scale = np.abs(a[:, used]).max(axis=0)
+    coef, _ = nnls(a[:, used] / scale, np.asarray(ys))
+    coefficients = {f: 0.0 for f in _TIME_FEATURES}
+    for j, c in zip(used, coef / scale):
+        coefficients[_TIME_FEATURES[j]] = float(c)
+    return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
+                     points=points, note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch "
+                     f"{batch_size} on {rt.device} (FLOP counting {count_flops})")

@@ -1,0 +1,54 @@
+"""The end of a run: ``summary.json``, the final weights and the budget heatmap."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from alast.config import AlastConfig
+from alast.training import checkpoint as ckpt
+from alast.training.report import METRICS, budget_heatmap, read_metrics
+from alast.training.rundir import FINAL_WEIGHTS, SUMMARY
+
+
+def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, plan_info) -> dict[str, Any]:
+    ws, tally = run.comm.world_size, run.tally
+    counted_all = tally.uncounted_steps == 0 and cfg.backend.count_flops != "off"
+    full_step = runtime.full_ft_step_flops(cfg.train.batch_size // ws)
+    train_flops = tally.counted_flops * ws if counted_all else None
+    full = full_step * steps * ws if full_step is not None and counted_all else None
+    sent = tally.allreduce_bytes
+    return {
+        "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
+        "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
+        "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
+        "train_flops": train_flops, "full_ft_train_flops": full,
+        "flops_ratio_vs_full": (train_flops / full) if train_flops and full else None,
+        "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
+                         "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
+                         "step of the same batch shape x steps") if counted_all else "not counted",
+        "peak_memory_bytes": tally.peak_memory_bytes,
+        "peak_memory_method": ("torch.cuda.max_memory_allocated" if getattr(runtime, "device", None) is not None
+                               and runtime.device.type == "cuda" else
+                               "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"),
+        "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
+        "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
+        "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,
+        "ranks_in_sync": run.ranks_in_sync(), "resumed_from_step": run.resumed_from,
+        "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,
+        "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
+        "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
+    }
+
+
+def write_final(run_dir: Path, runtime, summary: dict[str, Any], cfg: AlastConfig) -> None:
+    from safetensors.torch import save_file
+
+    model = runtime.export_model()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = run_dir / (FINAL_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / FINAL_WEIGHTS)
+    ckpt.atomic_write_json(run_dir / SUMMARY, summary)
+    records = read_metrics(run_dir / METRICS)
+    budget_heatmap(records, run_dir / "budgets.png", f"{cfg.policy.name}: {cfg.model.name} on {cfg.data.spec}")

@@ -1,0 +1,63 @@
+"""The full-token ONNX inference graph of a timm ViT, and its check against PyTorch.
+
+Shared by ``alast export`` (which adds run metadata and writes the file) and the ONNX Runtime
+backend (which evaluates its live weights through this graph).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INPUT, OUTPUT = "images", "logits"
+
+
+class ExportError(ValueError):
+    """Bad input for export or ONNX evaluation (missing run, corrupt weights, not an ONNX model)."""
+
+
+def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True) -> bytes:
+    """The serialized full-token eval-mode graph ``images [B,3,H,W] -> logits [B,C]``.
+
+    With ``constant_folding=False`` every parameter stays an initializer under its state-dict
+    name (the ORT runtime overrides them with its live buffers).
+    """
+    was_training = model.training
+    model.eval()
+    img = model.patch_embed.img_size
+    x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
+                              do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    except Exception as exc:  # any exporter failure means the model cannot be exported
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX ({reason})") from None
+    finally:
+        model.train(was_training)
+    return buf.getvalue()
+
+
+def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0) -> float:
+    """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` on a random batch.
+
+    The batch size differs from the export's example batch (2), so the dynamic axis is exercised.
+    """
+    import onnxruntime as ort
+
+    img = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
+    with torch.no_grad():
+        ref = model.eval()(x).float()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).abs().max())

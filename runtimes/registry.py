@@ -1,0 +1,41 @@
+"""The runtime registry: a backend name -> a factory building that backend's runtime.
+
+A factory takes the run's configuration (read by attribute: ``cfg.train.lr``, ``cfg.backend.device``
+...), the timm model and the optional data-parallel communicator. Backends register themselves when
+their module is imported; :func:`create_runtime` imports the built-in ones on demand, so a missing
+optional dependency (ONNX Runtime Training) only matters to whoever asks for that backend.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+RUNTIMES: dict[str, Callable[..., Any]] = {}
+BUILTIN = {"torch": "runtimes.torch_backend.runtime", "ort": "runtimes.ort_backend.runtime"}
+
+
+def register_runtime(name: str):
+    """Decorator: register ``factory(cfg, model, comm=None)`` under ``name`` (a duplicate is an error)."""
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        if name in RUNTIMES:
+            raise ValueError(f"runtime {name!r} is already registered")
+        RUNTIMES[name] = factory
+        return factory
+
+    return deco
+
+
+def available_runtimes() -> list[str]:
+    return sorted(set(RUNTIMES) | set(BUILTIN))
+
+
+def create_runtime(name: str, cfg: Any, model: Any, comm: Any = None) -> Any:
+    """Build the ``name`` backend; ValueError (bad input) if it is unknown or cannot load here."""
+    if name not in RUNTIMES and name in BUILTIN:
+        try:
+            importlib.import_module(BUILTIN[name])
+        except ImportError as exc:
+            raise ValueError(f"--backend {name} is unavailable: {exc}") from None
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(available_runtimes())}")
+    return RUNTIMES[name](cfg, model, comm=comm)
