@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_vit
+from tests.conftest import make_tiny_vit
 
 from runtimes.torch_backend.patch import AlastPatch, PatchError
 from runtimes.torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_vit
+from tests.conftest import make_tiny_vit
 
 from planners import Budget
 from runtimes.torch_backend.flops import counter, register_cpu_sdpa

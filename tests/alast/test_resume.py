@@ -21,7 +21,7 @@ from alast.training.report import read_metrics
 from alast.training.resume import NAMED_OPTION_KEYS, result_changes, resume_config
 from alast_cli.main import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 BASE = ["--steps", str(STEPS), "--batch-size", "16", "--set", 'backend.count_flops="off"',
         "--set", "backend.threads=1", "--set", "output.checkpoint_every=3"]

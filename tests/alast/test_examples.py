@@ -4,7 +4,7 @@ import pytest
 
 from alast.config import load_config
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_vit
+from tests.conftest import make_tiny_vit
 
 from alast.planning.profile import fvcore_macs, profile_model
 from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly

@@ -6,7 +6,7 @@ import pytest
 
 from planners import Budget, Observation, PlannerError, create_planner, kept_token_counts, rules
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_planners_never_import_torch():

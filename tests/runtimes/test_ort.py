@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_vit
+from tests.conftest import make_tiny_vit
 
 from alast.config import build_config
 from alast.training.build import create_runtime

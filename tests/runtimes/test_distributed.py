@@ -22,7 +22,7 @@ from runtimes.distributed import run_local
 
 STEPS, BATCH, DEPTH = 5, 8, 4
 LOSS_TOL, WEIGHT_TOL = 1e-5, 2e-4
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_vit(seed: int):

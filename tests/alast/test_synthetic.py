@@ -12,7 +12,7 @@ from alast.data import synthetic
 from alast.data.synthetic import SyntheticDataset, class_names, generate_batch, num_classes
 
 FAMILIES = ("pretrain", "shapes")
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "pretrain_demo_backbone.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_demo_backbone.py"
 
 
 def _gen(family, n, seed):
