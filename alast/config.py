@@ -113,6 +113,8 @@ class OutputConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="0: only the final checkpoint")
     keep_last: int = Field(2, ge=1)
     force: bool = Field(False, description="allow writing into an existing non-empty run dir")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard "
+                              "(pip install 'alast[tensorboard]')")
 
 
 class ExportConfig(_Section):

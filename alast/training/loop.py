@@ -25,9 +25,11 @@ from alast.data import StepBatchSampler, eval_batches, train_batches
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.report import MetricsWriter
-from alast.training.rundir import CONFIG, Interrupted, prepare_run_dir
+from alast.training.rundir import CONFIG, HEATMAP, Interrupted, prepare_run_dir
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
+from alast.training.tensorboard import TensorBoardLog
+from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult
 from runtimes.protocol import NonFiniteLoss, check_budget
 
@@ -178,6 +180,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     comm = comm or Comm()
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
+    if cfg.output.tensorboard and comm.is_main:
+        check_tensorboard()
     _on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
@@ -199,16 +203,24 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches})
-    run.steps(data, start, steps, hooks, truncate=resume)
-    # The training peak, read before evaluation and the full fine-tuning reference step allocate.
-    run.tally.peak_memory_bytes = run.tally.peak(runtime)
-    metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
-    hooks.on_eval(steps, metrics)
-    run.save(steps)
-    summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
-                       plan_info)
-    if comm.is_main:
-        write_final(run_dir, runtime, summary, cfg)
+    if cfg.output.tensorboard and comm.is_main:
+        run.open_tensorboard(start)
+    try:
+        run.steps(data, start, steps, hooks, truncate=resume)
+        # The training peak, read before evaluation and the full fine-tuning reference step allocate.
+        run.tally.peak_memory_bytes = run.tally.peak(runtime)
+        metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
+        run.on_eval(hooks, steps, metrics)
+        run.save(steps)
+        summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
+                              plan_info)
+        if comm.is_main:
+            write_final(run_dir, runtime, summary, cfg)
+            if run.tb:
+                run.tb.heatmap(run_dir / HEATMAP, steps)
+    finally:
+        if run.tb:
+            run.tb.close()
     hooks.on_end(summary)
     return summary
 
@@ -221,6 +233,25 @@ class _Run:
         self.tally = _Tally()
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
+        self.tb: TensorBoardLog | None = None
+
+    def open_tensorboard(self, start: int) -> None:
+        """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
+        running ratio, are counted here, before training, so that the reference step cannot raise
+        the training peak the run reports (on CUDA the peak counter is reset after it)."""
+        rt = self.runtime
+        full = rt.full_ft_step_flops(self.cfg.train.batch_size // self.comm.world_size)
+        device = getattr(rt, "device", None)
+        if device is not None and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.tb = TensorBoardLog(self.run_dir, start, full)
+        counted_steps = len(self.tally.step_times) - self.tally.uncounted_steps
+        self.tb.resume_counts(self.tally.counted_flops, counted_steps)
+
+    def on_eval(self, hooks: Hooks, step: int, metrics: dict[str, float]) -> None:
+        hooks.on_eval(step, metrics)
+        if self.tb:
+            self.tb.evaluation(step, metrics)
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
@@ -269,7 +300,7 @@ class _Run:
                     record = self.step(images, labels, step, steps, hooks, writer)
                     done = record["step"] + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-                        hooks.on_eval(done, self.runtime.evaluate(eval_batches(data.val, cfg.train.batch_size)))
+                        self.on_eval(hooks, done, self.runtime.evaluate(eval_batches(data.val, cfg.train.batch_size)))
                     saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
                     if saved:
                         self.save(done)
@@ -304,6 +335,8 @@ class _Run:
             record["grad_allreduce_bytes"] = sent
         if writer:
             writer.write(record)
+        if self.tb:
+            self.tb.step(record)
         hooks.on_step(step, result, record)
         return record
 

@@ -13,6 +13,7 @@ from alast.training import checkpoint as ckpt
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 FINAL_WEIGHTS = "final_model.safetensors"
+HEATMAP = "budgets.png"
 
 
 class RunDirError(ValueError):

@@ -8,7 +8,7 @@ from typing import Any
 from alast.config import AlastConfig
 from alast.training import checkpoint as ckpt
 from alast.training.report import METRICS, budget_heatmap, read_metrics
-from alast.training.rundir import FINAL_WEIGHTS, SUMMARY
+from alast.training.rundir import FINAL_WEIGHTS, HEATMAP, SUMMARY
 
 
 def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, plan_info) -> dict[str, Any]:
@@ -51,4 +51,4 @@ def write_final(run_dir: Path, runtime, summary: dict[str, Any], cfg: AlastConfi
     tmp.replace(run_dir / FINAL_WEIGHTS)
     ckpt.atomic_write_json(run_dir / SUMMARY, summary)
     records = read_metrics(run_dir / METRICS)
-    budget_heatmap(records, run_dir / "budgets.png", f"{cfg.policy.name}: {cfg.model.name} on {cfg.data.spec}")
+    budget_heatmap(records, run_dir / HEATMAP, f"{cfg.policy.name}: {cfg.model.name} on {cfg.data.spec}")
