@@ -8,6 +8,9 @@ from typing import Any
 from .types import Planner
 
 _PLANNERS: dict[str, type] = {}
+# Keyword arguments that are objects the caller hands over (the profiled cost model), not settings:
+# create_planner accepts them, planner_options (the settings a config may hold) leaves them out.
+OBJECT_ARGUMENTS = ("cost_model",)
 
 
 class PlannerError(ValueError):
@@ -33,9 +36,13 @@ def available_planners() -> list[str]:
 
 
 def planner_options(name: str) -> list[str]:
-    """Keyword options the planner ``name`` accepts (besides ``num_blocks``)."""
-    cls = _get(name)
-    params = inspect.signature(cls.__init__).parameters
+    """Settings the planner ``name`` accepts (besides ``num_blocks`` and the objects in
+    ``OBJECT_ARGUMENTS``, which are never configuration)."""
+    return [p for p in _parameters(name) if p not in OBJECT_ARGUMENTS]
+
+
+def _parameters(name: str) -> list[str]:
+    params = inspect.signature(_get(name).__init__).parameters
     return [p for p in params if p not in ("self", "num_blocks")]
 
 
@@ -51,10 +58,11 @@ def create_planner(name: str, num_blocks: int, **options: Any) -> Planner:
     """Build the planner ``name`` for a model with ``num_blocks`` blocks.
 
     Options the planner does not take are an error, so a typo never silently falls back to a
-    default.
+    default. ``alast`` also takes ``cost_model=`` (a :class:`~planners.costmodel.CostModel`), which
+    its ``target_flops`` needs.
     """
     cls = _get(name)
-    accepted = set(planner_options(name))
+    accepted = set(_parameters(name))
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise PlannerError(

@@ -37,7 +37,7 @@ def synthetic_cost_model(num_blocks: int = 12, num_patches: int = 196, dim: int 
                        fwd_flops=(2 * head_macs,),
                        bwd_flops={"weights_only": (2 * head_macs,), "weights_and_input": (4 * head_macs,)},
                        act_bytes=(0.0, 4.0 * dim))
-    return CostModel(model="synthetic", img_size=int(math.isqrt(num_patches)) * patch, num_patches=num_patches,
+    return CostModel(model="synthetic", img_size=math.isqrt(num_patches) * patch, num_patches=num_patches,
                      num_prefix_tokens=1, num_classes=num_classes, embed_dim=dim, attention="closed-form",
                      embed=embed, blocks=blocks, head=head,
                      memory=MemoryModel(param_bytes=num_blocks * param_bytes, buffer_bytes=0))

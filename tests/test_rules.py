@@ -1,11 +1,12 @@
 """The normalized budget rule as pure functions: scale-free, no first-step jump, follows changes in
 relative importance, neither sticks at a clip bound nor random-walks on batch noise. No torch."""
+import itertools
 import math
 import statistics
 
 import pytest
-
 from planner_fixtures import lognormal_deltas
+
 from planners import rules
 
 B_INIT, B_MIN, B_MAX, GAIN, EMA = 0.9, 0.5, 1.0, 0.1, 0.9
@@ -81,7 +82,7 @@ def test_stationary_noise_neither_sticks_at_a_bound_nor_wanders(sigma, seed):
         series = [b[block] for b in budgets]
         assert B_MIN + 0.2 < statistics.mean(series) < B_MAX - 0.05
         assert sum(b in (B_MIN, B_MAX) for b in series) <= 3
-        steps = [abs(x - y) for x, y in zip(series, series[1:])]
+        steps = [abs(x - y) for x, y in itertools.pairwise(series)]
         assert max(steps) < 0.05 and statistics.mean(steps) < 0.01
         # no drift: the reference's own noise leaves an offset, but it does not grow
         assert statistics.mean(series[-100:]) == pytest.approx(B_INIT, abs=0.08)
