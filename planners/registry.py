@@ -58,12 +58,15 @@ def create_planner(name: str, num_blocks: int, **options: Any) -> Planner:
     """Build the planner ``name`` for a model with ``num_blocks`` blocks.
 
     Options the planner does not take are an error, so a typo never silently falls back to a
-    default. ``alast`` also takes ``cost_model=`` (a :class:`~planners.costmodel.CostModel`), which
-    its ``target_flops`` needs.
+    default. The objects in ``OBJECT_ARGUMENTS`` (``cost_model=``, a
+    :class:`~planners.costmodel.CostModel`, which alast's ``target_flops`` needs) may be passed to
+    any planner; one that does not use them does not get them.
     """
     cls = _get(name)
-    accepted = set(_parameters(name))
-    unknown = sorted(set(options) - accepted)
+    params = set(_parameters(name))
+    options = {k: v for k, v in options.items() if k in params or k not in OBJECT_ARGUMENTS}
+    accepted = set(planner_options(name))
+    unknown = sorted(set(options) - params)
     if unknown:
         raise PlannerError(
             f"policy {name!r} does not take option(s) {', '.join(unknown)}; "

@@ -227,5 +227,7 @@ def test_cost_model_is_an_argument_not_a_setting():
     assert "cost_model" not in opts and {"rule", "gain", "ema", "target_flops"} <= set(opts)
     p = create_planner("alast", 4, cost_model=synthetic_cost_model(4, 16))
     assert p.plan(0, 0.0).keep_ratios == (0.9,) * 4  # a cost model alone changes nothing
-    with pytest.raises(PlannerError, match="cost_model"):
-        create_planner("full", 4, cost_model=None)
+    full = create_planner("full", 4, cost_model=synthetic_cost_model(4, 16))  # any planner may be handed one
+    assert full.plan(0, 0.0).keep_ratios == (1.0,) * 4
+    with pytest.raises(PlannerError, match="it takes: min_tokens, seed$"):
+        create_planner("full", 4, cost_modle=None)
