@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import rules
+from .costmodel import CostModel
+from .projection import TargetProjection
 from .registry import PlannerError, register_planner
 from .types import Budget, Observation
 
@@ -109,11 +111,27 @@ class RandomPlanner(_KBlocks):
 class AlastPlanner:
     """Adaptive Layer Selection (Devoto et al., arXiv 2408.08670).
 
-    Budgets start at ``b_init`` and follow *changes* in each block's CLS delta:
-    ``b_l <- clip(b_l + alpha * (delta_l - delta_prev_l), b_min, b_max)``. Each step the budget is
-    also the block's token keep ratio, and ``k_trained`` blocks are trained: sampled without
-    replacement from ``softmax(b)`` (``freeze_mode='sample'``) or the ``k_trained`` largest
-    (``'topk'``).
+    Budgets start at ``b_init``, live in ``[b_min, b_max]`` and follow *changes* in each block's
+    CLS delta. Each step the budget is also the block's token keep ratio, and ``k_trained`` blocks
+    are trained: sampled without replacement from ``softmax(b)`` (``freeze_mode='sample'``) or the
+    ``k_trained`` largest (``'topk'``).
+
+    ``rule='normalized'`` (default, scale-free): each step's deltas become shares of their mean
+    over blocks, smoothed by an EMA (``ema``: the weight of the past). The first observations set a
+    reference; a block's budget is ``b_init + gain * (change in log2 of its smoothed share since the
+    reference, minus the mean change over blocks)``, clipped. So a block whose share of the CLS
+    change doubles, relative to the others, keeps ``gain`` more of its tokens (default 0.1), on any
+    model and at any learning rate; a change common to all blocks moves nothing. See
+    :func:`planners.rules.normalized_budgets`.
+    ``rule='paper'``: the literal ``b_l <- clip(b_l + alpha * (delta_l - delta_prev_l), b_min,
+    b_max)`` with ``delta_prev = 0`` at the start; ``alpha`` is the learning rate in the paper
+    (the caller passes it). Its step depends on the scale of the deltas.
+
+    ``target_flops`` with ``cost_model`` (beyond the paper): each step's keep ratios are the budgets
+    shifted by one common amount so the step's train FLOPs are ``target_flops`` x the full
+    fine-tuning step of ``cost_model`` (see :mod:`planners.projection`); the budgets themselves
+    still follow the deltas. ``Budget.budgets`` logs the raw budgets, ``keep_ratios`` the projected
+    ones. ``cost_model`` alone changes nothing.
 
     ``dense_final_frac`` (beyond the paper, default 0): in the last fraction of training every
     block sees all tokens again, so the model adapts to the full-token inputs it gets at
@@ -126,32 +144,26 @@ class AlastPlanner:
         self,
         num_blocks: int,
         alpha: float = 1e-3,
-        b_init: float = 0.9,
-        b_min: float = 0.5,
-        b_max: float = 1.0,
+        b_init: float = rules.B_INIT,
+        b_min: float = rules.B_MIN,
+        b_max: float = rules.B_MAX,
         k_trained: int | None = None,
         freeze_mode: str = "sample",
         delta_reduction: str = "mean",
         min_tokens: int = 1,
         seed: int = 0,
         dense_final_frac: float = 0.0,
+        rule: str = "normalized",
+        gain: float = 0.1,
+        ema: float = 0.9,
+        target_flops: float | None = None,
+        cost_model: CostModel | None = None,
     ) -> None:
-        if not 0.0 <= dense_final_frac < 1.0:
-            raise PlannerError(f"dense_final_frac must lie in [0, 1), got {dense_final_frac}")
-        if not 0.0 < b_min <= b_max <= 1.0:
-            raise PlannerError(f"need 0 < b_min <= b_max <= 1, got b_min={b_min}, b_max={b_max}")
-        if not b_min <= b_init <= b_max:
-            raise PlannerError(f"b_init={b_init} must lie in [b_min, b_max] = [{b_min}, {b_max}]")
-        if alpha < 0:
-            raise PlannerError(f"alpha must be >= 0, got {alpha}")
-        if freeze_mode not in ("sample", "topk"):
-            raise PlannerError(f"freeze_mode must be 'sample' or 'topk', got {freeze_mode!r}")
-        if delta_reduction not in ("mean", "sum"):
-            raise PlannerError(f"delta_reduction must be 'mean' or 'sum', got {delta_reduction!r}")
-        if min_tokens < 1:
-            raise PlannerError(f"min_tokens must be >= 1, got {min_tokens}")
+        _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
+                     dense_final_frac, rule, gain, ema, target_flops, cost_model)
         self.num_blocks = num_blocks
-        self.alpha = float(alpha)
+        self.rule = rule
+        self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
         self.b_init, self.b_min, self.b_max = float(b_init), float(b_min), float(b_max)
         self.k_trained = _check_k(k_trained, num_blocks)
         self.freeze_mode = freeze_mode
@@ -159,8 +171,12 @@ class AlastPlanner:
         self.min_tokens = int(min_tokens)
         self.seed = int(seed)
         self.dense_final_frac = float(dense_final_frac)
+        self.target_flops = None if target_flops is None else float(target_flops)
+        self.projection = (None if self.target_flops is None else
+                           TargetProjection(cost_model, self.target_flops, self.min_tokens))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
+        self.shares = rules.ShareState()
 
     def plan(self, step: int, progress: float) -> Budget:
         if self.freeze_mode == "topk":
@@ -169,27 +185,84 @@ class AlastPlanner:
             rng = rules.step_rng(self.seed, step)
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
         trained = tuple(i in chosen for i in range(self.num_blocks))
-        ratios = tuple(self.budgets)
+        budgets = tuple(self.budgets)
         if self.dense_final_frac and progress >= 1.0 - self.dense_final_frac:
-            return Budget((1.0,) * self.num_blocks, trained, self.min_tokens, ratios)
-        return Budget(ratios, trained, self.min_tokens, ratios)
+            ratios = (1.0,) * self.num_blocks
+        elif self.projection is not None:
+            ratios = self.projection.project(budgets, trained)
+        else:
+            ratios = budgets
+        return Budget(ratios, trained, self.min_tokens, budgets)
 
     def observe(self, observation: Observation) -> None:
-        deltas = list(observation.deltas)
+        deltas = [float(d) for d in observation.deltas]
         if len(deltas) != self.num_blocks:
             raise PlannerError(f"observation has {len(deltas)} deltas for {self.num_blocks} blocks")
-        self.budgets = rules.update_budgets(
-            self.budgets, deltas, self.prev_deltas, self.alpha, self.b_min, self.b_max
-        )
+        if self.rule == "paper":
+            self.budgets = rules.update_budgets(
+                self.budgets, deltas, self.prev_deltas, self.alpha, self.b_min, self.b_max
+            )
+        else:
+            self.shares = rules.normalized_update(self.shares, deltas, self.ema)
+            if self.shares.count:
+                self.budgets = rules.normalized_budgets(self.shares, self.b_init, self.gain, self.b_min, self.b_max)
         self.prev_deltas = deltas
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "budgets": list(self.budgets), "prev_deltas": list(self.prev_deltas)}
+        state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),
+                 "prev_deltas": list(self.prev_deltas)}
+        if self.rule == "normalized":
+            state.update(shares=list(self.shares.shares), reference=list(self.shares.reference),
+                         observations=self.shares.count)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A state without ``rule`` predates the normalized rule and
+        loads into ``rule='paper'`` only."""
         if state.get("name") != self.name:
             raise PlannerError(f"planner state is for {state.get('name')!r}, not {self.name!r}")
         if len(state["budgets"]) != self.num_blocks:
             raise PlannerError("planner state was saved for a model of another depth")
+        saved_rule = state.get("rule", "paper")
+        if saved_rule != self.rule:
+            raise PlannerError(f"planner state was saved with rule={saved_rule!r}, this planner has "
+                               f"rule={self.rule!r}; resume with rule={saved_rule!r}")
         self.budgets = [float(b) for b in state["budgets"]]
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
+        if self.rule == "normalized":
+            self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
+                                           tuple(float(r) for r in state["reference"]),
+                                           int(state["observations"]))
+
+
+def _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
+                 dense_final_frac, rule, gain, ema, target_flops, cost_model) -> None:
+    if not 0.0 <= dense_final_frac < 1.0:
+        raise PlannerError(f"dense_final_frac must lie in [0, 1), got {dense_final_frac}")
+    if not 0.0 < b_min <= b_max <= 1.0:
+        raise PlannerError(f"need 0 < b_min <= b_max <= 1, got b_min={b_min}, b_max={b_max}")
+    if not b_min <= b_init <= b_max:
+        raise PlannerError(f"b_init={b_init} must lie in [b_min, b_max] = [{b_min}, {b_max}]")
+    if rule not in ("normalized", "paper"):
+        raise PlannerError(f"rule must be 'normalized' or 'paper', got {rule!r}")
+    if alpha < 0:
+        raise PlannerError(f"alpha must be >= 0, got {alpha}")
+    if gain < 0:
+        raise PlannerError(f"gain must be >= 0, got {gain}")
+    if not 0.0 <= ema < 1.0:
+        raise PlannerError(f"ema must lie in [0, 1), got {ema}")
+    if freeze_mode not in ("sample", "topk"):
+        raise PlannerError(f"freeze_mode must be 'sample' or 'topk', got {freeze_mode!r}")
+    if delta_reduction not in ("mean", "sum"):
+        raise PlannerError(f"delta_reduction must be 'mean' or 'sum', got {delta_reduction!r}")
+    if min_tokens < 1:
+        raise PlannerError(f"min_tokens must be >= 1, got {min_tokens}")
+    if target_flops is not None:
+        if not target_flops > 0:
+            raise PlannerError(f"target_flops must be > 0 (a fraction of full fine-tuning), got {target_flops}")
+        if cost_model is None:
+            raise PlannerError("target_flops needs the model's cost model: "
+                               "create_planner('alast', num_blocks, cost_model=cm, target_flops=...)")
+    if cost_model is not None and cost_model.num_blocks != num_blocks:
+        raise PlannerError(f"cost model {cost_model.model!r} has {cost_model.num_blocks} blocks, "
+                           f"the model has {num_blocks}")

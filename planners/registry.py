@@ -8,6 +8,9 @@ from typing import Any
 from .types import Planner
 
 _PLANNERS: dict[str, type] = {}
+# Keyword arguments that are objects the caller hands over (the profiled cost model), not settings:
+# create_planner accepts them, planner_options (the settings a config may hold) leaves them out.
+OBJECT_ARGUMENTS = ("cost_model",)
 
 
 class PlannerError(ValueError):
@@ -33,9 +36,13 @@ def available_planners() -> list[str]:
 
 
 def planner_options(name: str) -> list[str]:
-    """Keyword options the planner ``name`` accepts (besides ``num_blocks``)."""
-    cls = _get(name)
-    params = inspect.signature(cls.__init__).parameters
+    """Settings the planner ``name`` accepts (besides ``num_blocks`` and the objects in
+    ``OBJECT_ARGUMENTS``, which are never configuration)."""
+    return [p for p in _parameters(name) if p not in OBJECT_ARGUMENTS]
+
+
+def _parameters(name: str) -> list[str]:
+    params = inspect.signature(_get(name).__init__).parameters
     return [p for p in params if p not in ("self", "num_blocks")]
 
 
@@ -51,11 +58,15 @@ def create_planner(name: str, num_blocks: int, **options: Any) -> Planner:
     """Build the planner ``name`` for a model with ``num_blocks`` blocks.
 
     Options the planner does not take are an error, so a typo never silently falls back to a
-    default.
+    default. The objects in ``OBJECT_ARGUMENTS`` (``cost_model=``, a
+    :class:`~planners.costmodel.CostModel`, which alast's ``target_flops`` needs) may be passed to
+    any planner; one that does not use them does not get them.
     """
     cls = _get(name)
+    params = set(_parameters(name))
+    options = {k: v for k, v in options.items() if k in params or k not in OBJECT_ARGUMENTS}
     accepted = set(planner_options(name))
-    unknown = sorted(set(options) - accepted)
+    unknown = sorted(set(options) - params)
     if unknown:
         raise PlannerError(
             f"policy {name!r} does not take option(s) {', '.join(unknown)}; "

@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _EPS = 1e-9
+B_INIT, B_MIN, B_MAX = 0.9, 0.5, 1.0  # the paper's starting budget and clip range
+SHARE_FLOOR = 1e-6  # smallest share (of the mean block's) the normalized rule takes a log of
 
 
 def reduce_deltas(per_sample: Sequence[float], reduction: str) -> float:
@@ -30,6 +33,74 @@ def update_budgets(
         min(b_max, max(b_min, b + alpha * (d - p)))
         for b, d, p in zip(budgets, deltas, prev_deltas, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class ShareState:
+    """What the normalized rule remembers between steps (all dimensionless).
+
+    shares: each block's smoothed share of the CLS change, relative to the mean block (each step's
+        shares average 1): an EMA of the per-step shares, bias-corrected so that early steps are
+        weighted as they would be after a long run (the first step's shares stand alone).
+    reference: the mean of the first ``reference_horizon(ema)`` steps' shares, then fixed: what
+        the budgets measure change against.
+    count: observations seen so far.
+    """
+
+    shares: tuple[float, ...] = ()
+    reference: tuple[float, ...] = ()
+    count: int = 0
+
+
+def reference_horizon(ema: float) -> int:
+    """Steps averaged into the reference: the EMA's time constant ``1 / (1 - ema)``, rounded."""
+    return max(1, round(1.0 / (1.0 - ema)))
+
+
+def delta_shares(deltas: Sequence[float]) -> list[float]:
+    """Each delta divided by the mean over blocks; all 1 when every delta is 0."""
+    mean = sum(deltas) / len(deltas)
+    if not mean > 0.0:
+        return [1.0] * len(deltas)
+    return [d / mean for d in deltas]
+
+
+def normalized_update(state: ShareState, deltas: Sequence[float], ema: float) -> ShareState:
+    """Fold one step's per-block CLS deltas into the normalized rule's state.
+
+    The deltas become shares of their mean over blocks first, so any common scale of the deltas
+    cancels; an EMA with factor ``ema`` (the weight of the past) smooths the shares. A step with a
+    non-finite or negative delta (a diverged loss) leaves the state unchanged.
+    """
+    if any(not (math.isfinite(d) and d >= 0.0) for d in deltas):
+        return state
+    q = delta_shares(deltas)
+    count = state.count + 1
+    if count == 1:
+        return ShareState(tuple(q), tuple(q), 1)
+    w = (1.0 - ema) / (1.0 - ema**count)  # bias-corrected EMA: 1/count-like early, 1-ema later
+    shares = tuple(s + w * (x - s) for s, x in zip(state.shares, q, strict=True))
+    reference = state.reference
+    if count <= reference_horizon(ema):  # running mean of the early shares
+        reference = tuple(r + (x - r) / count for r, x in zip(reference, q))
+    return ShareState(shares, reference, count)
+
+
+def normalized_budgets(state: ShareState, b_init: float, gain: float, b_min: float, b_max: float) -> list[float]:
+    """``b_l = clip(b_init + gain * (x_l - mean_k x_k), b_min, b_max)`` with
+    ``x_l = log2(share_l / reference_l)``, the doublings of block l's smoothed share since the
+    reference.
+
+    A block whose share doubles (relative to how the other blocks' shares moved) gains ``gain``;
+    one whose share halves loses ``gain``. A change common to every block moves nothing, so the
+    budgets average ``b_init`` until a clip bound cuts in. The budgets are a function of the state
+    alone (not accumulated step by step), so a clip bound never sticks and noise does not add up.
+    Needs at least one observation in ``state``.
+    """
+    x = [math.log2(max(s, SHARE_FLOOR) / max(r, SHARE_FLOOR))
+         for s, r in zip(state.shares, state.reference, strict=True)]
+    mean = sum(x) / len(x)
+    return [min(b_max, max(b_min, b_init + gain * (v - mean))) for v in x]
 
 
 def softmax(values: Sequence[float]) -> list[float]:

@@ -5,7 +5,8 @@ Three ways to get the sequence of step shapes (tokens per block, trained blocks)
     planner itself is run for every step;
   * ``expected`` - alast, whose budgets follow data-dependent CLS deltas: the planner is run with the
     budgets held at ``b_init`` (its trained-block draws use the run's seed), and again at ``b_min``
-    and ``b_max`` for the [min, max] range;
+    and ``b_max`` for the [min, max] range; with ``target_flops`` each step is projected onto the
+    target, so the range is tight;
   * ``trace`` - the tokens and trained blocks a real run logged in ``metrics.jsonl``.
 
 A step's costs follow the runtime exactly: every block runs forward on the tokens entering it; a
@@ -248,7 +249,10 @@ def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: s
 
 def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int,
                    batch_size: int) -> Iterable[tuple[StepShape, int]]:
-    """Run the planner for ``steps`` steps with zero deltas (alast budgets stay where they start)."""
+    """Run the planner for ``steps`` steps with zero deltas (alast budgets stay where they start).
+    A ``target_flops`` option without a ``cost_model`` projects on ``cm``."""
+    if options.get("target_flops") is not None and options.get("cost_model") is None:
+        options = {**options, "cost_model": cm}
     planner = create_planner(planner_name, cm.num_blocks, **options)
     zeros = (0.0,) * cm.num_blocks
     for step in range(steps):

@@ -1,9 +1,10 @@
 """Choose a policy's knobs so that training costs a given fraction of full fine-tuning's FLOPs.
 
-* ``alast``: the number of trained blocks K, the starting budget ``b_init`` and the envelope
-  ``[b_min, b_max]``. ``b_init`` puts the expected cost at the target; the envelope is the widest
-  band around it in which the online rule may move every budget while the cost stays within
-  ``ENVELOPE_TOLERANCE`` of the target, so the run lands on target whatever the deltas do.
+* ``alast``: the number of trained blocks K and ``target_flops``, the per-step target the planner
+  projects its budgets onto (one common shift of every keep ratio, :mod:`planners.projection`), so
+  the budgets keep adapting in the policy's own ``[b_min, b_max]`` while every step lands on target.
+  With ``dense_final_frac`` the sparse steps' target is lowered so the run's total lands on it.
+  The planner needs the cost model: ``create_planner("alast", L, cost_model=cm, **knobs)``.
 * ``tokens``: the keep ratio. ``freeze`` and ``random``: K. ``full``: no knob.
 An unreachable target is a :class:`TargetError` naming the floor that blocks it. No torch.
 """
@@ -15,13 +16,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .costmodel import CostModel
-from .registry import PlannerError
-from .rules import default_k_trained, kept_token_counts
+from .projection import BUDGET_FLOOR
+from .registry import PlannerError, create_planner, planner_options
+from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, kept_token_counts
 from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
-ENVELOPE_TOLERANCE = 0.03  # budgets may wander as far as keeps the cost this close to the target
-BUDGET_FLOOR = 0.01  # lowest budget the solver uses (each block then keeps min_tokens)
+PROJECTION_STEPS = 64  # sparse steps the solver simulates to predict the projected ratio
 
 
 class TargetError(PlannerError):
@@ -38,7 +39,8 @@ class TargetSolution:
 
     def info(self) -> dict[str, Any]:
         return {**asdict(self), "ratio_range": list(self.ratio_range), "tolerance": TARGET_TOLERANCE,
-                "method": "closed-form expected FLOPs on the profiled cost model (ratio to full fine-tuning)"}
+                "method": "expected FLOPs on the profiled cost model (ratio to full fine-tuning); alast: "
+                          "simulated steps, each projected onto the target"}
 
 
 def check_target(target: float) -> float:
@@ -140,17 +142,21 @@ def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
 
 
 def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
+    """K as the closed form says (the fewest blocks trained with all tokens at or above the target),
+    then a per-step ``target_flops`` the planner projects its budgets onto, lowered for the sparse
+    steps when the dense final phase costs more, so the run's total lands on ``target``."""
     L = cm.num_blocks
     mt = int(options.get("min_tokens", 1))
     k = int(options.get("k_trained") or default_k_trained(L))
     mode = str(options.get("freeze_mode", "sample"))
     dense = float(options.get("dense_final_frac") or 0.0)
 
+    def dense_ratio(k: int) -> float:
+        return expected_step_flops(cm, 1.0, k, mt, mode) / full
+
     def fn(b: float, k: int) -> float:
-        sparse = expected_step_flops(cm, b, k, mt, mode)
-        if dense:  # the final dense phase runs every token through every block
-            sparse = (1.0 - dense) * sparse + dense * expected_step_flops(cm, 1.0, k, mt, mode)
-        return sparse / full
+        sparse = expected_step_flops(cm, b, k, mt, mode) / full
+        return (1.0 - dense) * sparse + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:
         k += 1
@@ -159,27 +165,34 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     floor = fn(BUDGET_FLOOR, k)
     if floor > target * (1 + TARGET_TOLERANCE):
         raise TargetError(_floor_message(cm, policy, target, floor, mt, k=1))
-    f = lambda b: fn(b, k)  # noqa: E731
-    b = _nearest(f, target, BUDGET_FLOOR, 1.0)
-    if _miss(f(b), target) > TARGET_TOLERANCE:
+    sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
+    # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
+    per_step = sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
+    knobs = {"k_trained": k, "target_flops": per_step, "b_init": float(options.get("b_init", B_INIT)),
+             "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
+             "min_tokens": mt}
+    ratios = _projected_ratios(cm, full, {**options, **knobs})
+    mean = sum(ratios) / len(ratios)
+    predicted, lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (mean, min(ratios), max(ratios)))
+    if _miss(predicted, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
-                          f"with k_trained={k}: the nearest budgets give {f(b):.3f}x")
-    hi_ok = lambda m: f(min(1.0, b + m)) <= target * (1 + ENVELOPE_TOLERANCE)  # noqa: E731
-    lo_ok = lambda m: f(max(BUDGET_FLOOR, b - m)) >= target * (1 - ENVELOPE_TOLERANCE)  # noqa: E731
-    m = _largest_at_most(lambda m: 0.0 if hi_ok(m) and lo_ok(m) else 1.0, 0.5, 0.0, 0.5)
-    b_init = b
-    b_min = min(b_init, max(BUDGET_FLOOR, _ceil4(b - m)))
-    b_max = max(b_init, min(1.0, _floor4(b + m)))
-    knobs = {"k_trained": k, "b_init": b_init, "b_min": b_min, "b_max": b_max, "min_tokens": mt}
-    return TargetSolution(policy, target, knobs, f(b_init), (f(b_min), f(b_max)))
+                          f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens to "
+                          "divide finer)")
+    return TargetSolution(policy, target, knobs, predicted, (lo, hi))
 
 
-def _ceil4(x: float) -> float:
-    return -(-round(x * 1e4, 6) // 1) / 1e4
-
-
-def _floor4(x: float) -> float:
-    return (round(x * 1e4, 6) // 1) / 1e4
+def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], steps: int = PROJECTION_STEPS) -> list[float]:
+    """Per-step train FLOPs / ``full`` of the planner's sparse steps (budgets at ``b_init``, its own
+    trained-block draws, each step projected onto its target)."""
+    accepted = set(planner_options("alast"))
+    opts = {k: v for k, v in options.items() if k in accepted}
+    opts["dense_final_frac"] = 0.0
+    planner = create_planner("alast", cm.num_blocks, cost_model=cm, **opts)
+    out = []
+    for step in range(steps):
+        budget = planner.plan(step, 0.0)
+        out.append(step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / full)
+    return out
 
 
 def _floor_message(cm: CostModel, policy: str, target: float, floor: float, mt: int, k: int | None) -> str:

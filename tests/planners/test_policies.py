@@ -1,4 +1,5 @@
 import ast
+import json
 import math
 import pathlib
 
@@ -51,7 +52,7 @@ def test_budget_update_matches_hand_computation():
 
 
 def test_alast_planner_rule_and_state():
-    p = create_planner("alast", 4, alpha=0.1, k_trained=2, seed=3)
+    p = create_planner("alast", 4, rule="paper", alpha=0.1, k_trained=2, seed=3)
     b0 = p.plan(0, 0.0)
     assert b0.keep_ratios == (0.9,) * 4 and len(b0.trained_blocks) == 2
     p.observe(Observation(0, 0.0, (1.0, 0.0, 0.5, 2.0)))
@@ -59,7 +60,7 @@ def test_alast_planner_rule_and_state():
     p.observe(Observation(1, 0.1, (0.0, 0.0, 0.5, 0.0)))  # changes: -1, 0, 0, -2
     assert p.budgets == pytest.approx([0.9, 0.9, 0.95, 0.8])
     state = p.state_dict()
-    q = create_planner("alast", 4, alpha=0.1, k_trained=2, seed=3)
+    q = create_planner("alast", 4, rule="paper", alpha=0.1, k_trained=2, seed=3)
     q.load_state_dict(state)
     assert q.plan(7, 0.5) == p.plan(7, 0.5)
 
@@ -73,7 +74,7 @@ def test_alast_selection_is_a_function_of_seed_and_step():
 
 
 def test_alast_topk_mode_takes_highest_budgets():
-    p = create_planner("alast", 4, k_trained=2, freeze_mode="topk", alpha=1.0)
+    p = create_planner("alast", 4, k_trained=2, freeze_mode="topk", rule="paper", alpha=1.0)
     p.observe(Observation(0, 0, (0.0, 0.05, 0.0, 0.1)))
     assert p.plan(1, 0).trained_blocks == (1, 3)
 
@@ -116,6 +117,11 @@ def test_default_k_trained():
     ("alast", {"b_min": 0.9, "b_init": 0.5}, "b_init"),
     ("alast", {"freeze_mode": "x"}, "freeze_mode"),
     ("alast", {"k_trained": 13}, "k_trained"),
+    ("alast", {"rule": "lr"}, "rule must be"),
+    ("alast", {"gain": -0.1}, "gain"),
+    ("alast", {"ema": 1.0}, "ema"),
+    ("alast", {"target_flops": 0.5}, "needs the model's cost model"),
+    ("alast", {"target_flops": 0.0}, "target_flops must be > 0"),
     ("full", {"keep_ratio": 0.5}, "does not take option(s) keep_ratio"),
     ("tokens", {"keep_ratio": 1.5}, "keep_ratio"),
 ])
@@ -156,3 +162,71 @@ def test_dense_final_phase_keeps_all_tokens_but_still_freezes():
     assert len(late.trained_blocks) == 4 and late.budgets == (0.6,) * 6
     with pytest.raises(PlannerError, match="dense_final_frac"):
         create_planner("alast", 6, dense_final_frac=1.0)
+
+
+# -- the normalized rule through the planner ------------------------------------------------------
+def _observe_all(planner, deltas):
+    for i, d in enumerate(deltas):
+        planner.observe(Observation(i, i / len(deltas), d))
+    return planner
+
+
+def test_alast_defaults_to_the_normalized_rule():
+    p = create_planner("alast", 4)
+    assert p.rule == "normalized" and p.gain == 0.1 and p.ema == 0.9
+    p.observe(Observation(0, 0.0, (1e6, 1e-3, 5.0, 0.0)))  # the first step moves nothing
+    assert p.plan(1, 0.0).keep_ratios == (0.9,) * 4
+
+
+def test_alast_planner_state_round_trip_resumes_exactly():
+    from planner_fixtures import lognormal_deltas
+
+    deltas = lognormal_deltas((4.0, 2.0, 1.0, 0.5, 0.5, 0.25), 80, sigma=0.4, seed=5)
+    a = _observe_all(create_planner("alast", 6, seed=2), deltas[:40])
+    state = json.loads(json.dumps(a.state_dict()))
+    b = create_planner("alast", 6, seed=2)
+    b.load_state_dict(state)
+    assert b.state_dict() == a.state_dict()
+    for i, d in enumerate(deltas[40:], start=40):
+        assert a.plan(i, i / 80) == b.plan(i, i / 80)
+        a.observe(Observation(i, i / 80, d))
+        b.observe(Observation(i, i / 80, d))
+    assert a.budgets == b.budgets and a.budgets != [0.9] * 6
+
+
+def test_state_saved_before_the_normalized_rule_loads_into_the_paper_rule():
+    old = {"name": "alast", "budgets": [0.8, 0.95, 1.0, 0.5], "prev_deltas": [1.0, 2.0, 3.0, 4.0]}
+    p = create_planner("alast", 4, rule="paper", alpha=0.1)
+    p.load_state_dict(old)
+    p.observe(Observation(0, 0.0, (1.0, 2.0, 3.0, 3.0)))
+    assert p.budgets == pytest.approx([0.8, 0.95, 1.0, 0.5 - 0.0])  # 0.5 - 0.1 clips at b_min
+    with pytest.raises(PlannerError, match="rule='paper'"):
+        create_planner("alast", 4).load_state_dict(old)
+
+
+@pytest.mark.parametrize("alpha,deltas,expected", [
+    (0.1, [(1.0, 0.0, 0.5, 2.0), (0.0, 0.0, 0.5, 0.0)], [0.9, 0.9, 0.95, 0.8]),
+    (1e-3, [(1e3, 2e3, 5e2, 1.0)], [1.0, 1.0, 1.0, 0.901]),
+    (0.05, [(1.0,) * 4, (3.0, 0.0, 1.0, 9.0), (3.0, 1.0, 1.0, 0.0)], [1.0, 0.95, 0.95, 0.55]),
+])
+def test_paper_rule_reproduces_the_literal_update(alpha, deltas, expected):
+    p = _observe_all(create_planner("alast", 4, rule="paper", alpha=alpha), deltas)
+    assert p.budgets == pytest.approx(expected)
+    budgets, prev = [0.9] * 4, [0.0] * 4
+    for d in deltas:
+        budgets, prev = rules.update_budgets(budgets, d, prev, alpha, 0.5, 1.0), d
+    assert p.budgets == budgets
+
+
+def test_cost_model_is_an_argument_not_a_setting():
+    from planner_fixtures import synthetic_cost_model
+    from planners import planner_options
+
+    opts = planner_options("alast")
+    assert "cost_model" not in opts and {"rule", "gain", "ema", "target_flops"} <= set(opts)
+    p = create_planner("alast", 4, cost_model=synthetic_cost_model(4, 16))
+    assert p.plan(0, 0.0).keep_ratios == (0.9,) * 4  # a cost model alone changes nothing
+    full = create_planner("full", 4, cost_model=synthetic_cost_model(4, 16))  # any planner may be handed one
+    assert full.plan(0, 0.0).keep_ratios == (1.0,) * 4
+    with pytest.raises(PlannerError, match="it takes: min_tokens, seed$"):
+        create_planner("full", 4, cost_modle=None)

@@ -1,0 +1,72 @@
+"""Hold each step at a FLOPs target by shifting every keep ratio by one common amount. No torch.
+
+ALaST's budgets say which blocks matter more; a FLOPs target says how much a step may spend. The
+projection keeps the first and meets the second: the step's keep ratios are
+``clip(b_l + c, floor, 1)`` with the one shift ``c`` that puts the step's train FLOPs (with its
+actual trained blocks) as close to ``target`` x full fine-tuning as the token counts allow, never
+above it unless even every ratio at the floor is.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .costmodel import CostModel
+from .rules import kept_token_counts
+from .simulate import StepShape, full_step_flops, step_cost
+
+BUDGET_FLOOR = 0.01  # lowest keep ratio a projection (or the target solver) uses
+_SHIFT_TOLERANCE = 1e-7
+_CACHE_SIZE = 4096
+
+
+def shifted(budgets: Sequence[float], shift: float, floor: float = BUDGET_FLOOR) -> tuple[float, ...]:
+    """``clip(b + shift, floor, 1)`` for every budget."""
+    return tuple(min(1.0, max(floor, b + shift)) for b in budgets)
+
+
+def common_shift(ratio_of: Callable[[tuple[float, ...]], float], budgets: Sequence[float], target: float,
+                 floor: float = BUDGET_FLOOR) -> float:
+    """The largest shift ``c`` with ``ratio_of(shifted(budgets, c)) <= target`` (bisection; ``ratio_of``
+    nondecreasing in the keep ratios). If every ratio at 1 is within the target, the shift that puts
+    them all at 1; if every ratio at ``floor`` is still above it, the shift that puts them all there."""
+    lo, hi = floor - max(budgets), 1.0 - min(budgets)
+    if ratio_of(shifted(budgets, hi, floor)) <= target:
+        return hi
+    if ratio_of(shifted(budgets, lo, floor)) > target:
+        return lo
+    while hi - lo > _SHIFT_TOLERANCE:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio_of(shifted(budgets, mid, floor)) <= target else (lo, mid)
+    return lo
+
+
+class TargetProjection:
+    """Projects budgets onto ``target`` x the full fine-tuning step FLOPs of ``cm``.
+
+    ``min_tokens`` must be the runtime's (the token counts are computed as the runtime keeps them).
+    Step costs are cached by step shape: the bisection revisits the same token counts.
+    """
+
+    def __init__(self, cm: CostModel, target: float, min_tokens: int = 1, floor: float = BUDGET_FLOOR) -> None:
+        self.cm = cm
+        self.target = float(target)
+        self.min_tokens = int(min_tokens)
+        self.floor = float(floor)
+        self.full_flops = full_step_flops(cm)
+        self._cache: dict[tuple[tuple[int, ...], tuple[bool, ...]], float] = {}
+
+    def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
+        """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
+        tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens)
+        key = (tout, tuple(trained))
+        if key not in self._cache:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1).train_flops / self.full_flops
+        return self._cache[key]
+
+    def project(self, budgets: Sequence[float], trained: Sequence[bool]) -> tuple[float, ...]:
+        """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target."""
+        trained = tuple(trained)
+        c = common_shift(lambda r: self.ratio(r, trained), budgets, self.target, self.floor)
+        return shifted(budgets, c, self.floor)

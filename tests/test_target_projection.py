@@ -1,0 +1,116 @@
+"""A FLOPs target that keeps ALaST adaptive: each step's budgets are shifted by one common amount
+onto the target; the raw budgets still follow the deltas. Synthetic cost model, no torch."""
+import itertools
+import math
+import random
+import statistics
+
+import pytest
+from planner_fixtures import synthetic_cost_model
+
+from planners import Observation, create_planner
+from planners.projection import BUDGET_FLOOR, TargetProjection, common_shift, shifted
+from planners.simulate import StepShape, full_step_flops, simulate, step_cost
+from planners.target import solve_target
+
+CM = synthetic_cost_model(num_blocks=12, num_patches=196)
+
+
+def drifting_deltas(steps, num_blocks=12, seed=0):
+    """Per-block levels that drift (a random walk in log space) under lognormal batch noise."""
+    rng = random.Random(seed)
+    logs = [rng.gauss(0.0, 1.0) for _ in range(num_blocks)]
+    out = []
+    for _ in range(steps):
+        logs = [x + rng.gauss(0.0, 0.05) for x in logs]
+        out.append(tuple(1e3 * math.exp(x + rng.gauss(0.0, 0.3)) for x in logs))
+    return out
+
+
+def step_ratio(cm, budget, full=None):
+    return step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / (full or full_step_flops(cm))
+
+
+@pytest.mark.parametrize("budgets,target,expected", [
+    ((0.9, 0.7, 0.5), 0.6, -0.1),  # mean of the shifted ratios = 0.6
+    ((0.9, 0.7, 0.5), 1.0, 0.5),  # everything at 1
+    ((0.9, 0.7, 0.5), 0.001, BUDGET_FLOOR - 0.9),  # out of reach: everything at the floor
+])
+def test_common_shift_is_the_largest_within_target(budgets, target, expected):
+    c = common_shift(lambda r: statistics.mean(r), budgets, target)
+    assert c == pytest.approx(expected, abs=1e-6)
+    assert statistics.mean(shifted(budgets, c)) <= target or c == pytest.approx(BUDGET_FLOOR - 0.9)
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+@pytest.mark.parametrize("freeze_mode", ["sample", "topk"])
+def test_projected_steps_land_on_target_and_stay_adaptive(target, freeze_mode):
+    p = create_planner("alast", 12, target_flops=target, cost_model=CM, freeze_mode=freeze_mode, seed=1)
+    proj = TargetProjection(CM, target)
+    ratios, keeps, raws = [], [], []
+    for step, d in enumerate(drifting_deltas(200)):
+        budget = p.plan(step, step / 200)
+        ratios.append(proj.ratio(budget.keep_ratios, budget.trained))
+        keeps.append(budget.keep_ratios)
+        raws.append(budget.budgets)
+        p.observe(Observation(step, step / 200, d))
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    assert max(ratios) <= target * (1 + 1e-9)  # never above the target when it is reachable
+    assert all(0.5 <= b <= 1.0 for raw in raws for b in raw)  # raw budgets: the policy's own range
+    assert len({round(r, 6) for r in keeps[-1]}) > 3  # blocks differ within a step
+    assert len({keeps[i] for i in range(0, 200, 20)}) == 10  # and across steps
+    # the projection keeps the order of the raw budgets
+    for keep, raw in zip(keeps, raws):
+        order = sorted(range(12), key=lambda i: raw[i])
+        assert all(keep[a] <= keep[b] for a, b in itertools.pairwise(order))
+
+
+def test_projection_bounds():
+    full_set = (True,) * 12
+    proj = TargetProjection(CM, 1.0)
+    assert proj.project((0.6,) * 12, full_set) == (1.0,) * 12
+    proj = TargetProjection(CM, 0.01)
+    assert proj.project((0.9, 0.6) * 6, full_set) == pytest.approx((BUDGET_FLOOR,) * 12)  # unreachable: the cheapest
+
+
+def test_dense_final_phase_overrides_the_projection():
+    p = create_planner("alast", 12, target_flops=0.4, cost_model=CM, dense_final_frac=0.25)
+    assert p.plan(10, 0.5).drops_tokens and not p.plan(90, 0.8).drops_tokens
+
+
+@pytest.mark.parametrize("target,dense", [(0.4, 0.0), (0.5, 0.0), (0.5, 0.2), (0.6, 0.3)])
+def test_solved_knobs_put_a_whole_run_on_target(target, dense):
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "dense_final_frac": dense, "seed": 0})
+    knobs = sol.knobs
+    assert set(knobs) == {"k_trained", "target_flops", "b_init", "b_min", "b_max", "min_tokens"}
+    assert (knobs["b_init"], knobs["b_min"], knobs["b_max"]) == (0.9, 0.5, 1.0)  # no narrow band
+    assert (knobs["target_flops"] < target) == (dense > 0)  # the dense phase costs more
+    lo, hi = sol.ratio_range
+    assert lo <= sol.predicted_ratio <= hi and hi - lo < 0.02 and hi <= target * 1.001
+    p = create_planner("alast", 12, cost_model=CM, dense_final_frac=dense, **knobs)
+    steps, total = 200, 0.0
+    for step, d in enumerate(drifting_deltas(steps, seed=4)):
+        total += step_ratio(CM, p.plan(step, step / steps))
+        p.observe(Observation(step, step / steps, d))
+    assert total / steps == pytest.approx(target, rel=0.03)
+
+
+def test_lora_target_is_relative_to_full_fine_tuning_of_the_plain_model():
+    """With LoRA the planner's cost model is the LoRA variant; the knob converts the target."""
+    plain = CM
+    lora = synthetic_cost_model(num_blocks=12, num_patches=196, embed_trainable=False)
+    sol = solve_target(lora, "alast", 0.4, {"min_tokens": 1}, full_cm=plain)
+    assert sol.knobs["target_flops"] == pytest.approx(0.4 * full_step_flops(plain) / full_step_flops(lora))
+    p = create_planner("alast", 12, cost_model=lora, **sol.knobs)
+    ratios = [step_ratio(lora, p.plan(s, 0.0), full_step_flops(plain)) for s in range(50)]
+    assert statistics.mean(ratios) == pytest.approx(0.4, rel=0.03)
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_simulate_predicts_the_projected_cost(target):
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1})
+    pred = simulate(CM, "alast", dict(sol.knobs), steps=50, batch_size=4)
+    full = simulate(CM, "full", {}, steps=50, batch_size=4)
+    assert pred.train_flops / full.train_flops == pytest.approx(target, rel=0.03)
+    lo, hi = pred.train_flops_range
+    assert hi / lo < 1.02 and hi <= full.train_flops * target * 1.001
