@@ -49,7 +49,13 @@ class DataConfig(_Section):
 
 class PolicyConfig(_Section):
     name: str = Field("alast", description="alast | full | freeze | tokens | random")
-    alpha: float | None = Field(None, ge=0.0, description="ALaST budget step size; default: train.lr")
+    rule: Literal["normalized", "paper"] = Field(
+        "normalized", description="alast budget rule: 'normalized' (scale-free, the default) or 'paper' (the "
+        "literal b += alpha * (delta - delta_prev), whose step depends on the model's activation scale)")
+    gain: float = Field(0.1, ge=0.0, description="normalized rule: budget gap per doubling of a block's share "
+                        "of the CLS change, relative to the other blocks")
+    ema: float = Field(0.9, ge=0.0, lt=1.0, description="normalized rule: smoothing of the per-block shares")
+    alpha: float | None = Field(None, ge=0.0, description="paper rule: budget step size; default: train.lr")
     b_init: float = Field(0.9, gt=0.0, le=1.0)
     b_min: float = Field(0.5, gt=0.0, le=1.0)
     b_max: float = Field(1.0, gt=0.0, le=1.0)

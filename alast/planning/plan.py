@@ -104,14 +104,16 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
 
 
 def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Planner options that put ``cfg``'s policy at ``policy.target_flops`` x full fine-tuning FLOPs."""
+    """Planner options that put ``cfg``'s policy at ``policy.target_flops`` x full fine-tuning FLOPs, and
+    the solution's description. The options include the cost model itself (``cost_model``): the alast
+    planner projects every step's budgets onto the target with it."""
     if cfg.policy.target_flops is None:
         raise ValueError("no FLOPs target: set --target-flops or policy.target_flops")
     check_target(cfg.policy.target_flops)
     plain, pcm, _ = cost_models(cfg, cost_model_path)
     sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, policy_options(cfg), full_cm=plain,
                  policy=cfg.policy.name)
-    return dict(sol.knobs), sol.info()
+    return {**sol.knobs, "cost_model": pcm}, sol.info()
 
 
 def planned_steps(cfg: AlastConfig) -> int:

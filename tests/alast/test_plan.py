@@ -103,7 +103,7 @@ def test_plan_target_flops_sets_knobs(runner):
     res = runner.invoke(cli, ["plan", "--policy", "alast", "--target-flops", "0.4", "--steps", "5", "--json"])
     assert res.exit_code == 0, res.output
     out = _last_json(res)
-    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens"}
+    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops"}
     assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] == pytest.approx(0.4, rel=0.05)
 
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from tests.conftest import make_tiny_vit
 
 from alast.planning.profile import fvcore_macs, profile_model
 from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly
@@ -22,6 +21,7 @@ from planners.simulate import (
 )
 from planners.target import TargetError, solve_target
 from runtimes.torch_backend.flops import counter
+from tests.conftest import make_tiny_vit
 
 
 def _vit(dim=32, heads=2, mlp_ratio=2.0, patch=8, depth=2, reg_tokens=0, init_values=None):

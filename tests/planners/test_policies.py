@@ -179,7 +179,7 @@ def test_alast_defaults_to_the_normalized_rule():
 
 
 def test_alast_planner_state_round_trip_resumes_exactly():
-    from planner_fixtures import lognormal_deltas
+    from tests.planners.fixtures import lognormal_deltas
 
     deltas = lognormal_deltas((4.0, 2.0, 1.0, 0.5, 0.5, 0.25), 80, sigma=0.4, seed=5)
     a = _observe_all(create_planner("alast", 6, seed=2), deltas[:40])
@@ -219,8 +219,8 @@ def test_paper_rule_reproduces_the_literal_update(alpha, deltas, expected):
 
 
 def test_cost_model_is_an_argument_not_a_setting():
-    from planner_fixtures import synthetic_cost_model
     from planners import planner_options
+    from tests.planners.fixtures import synthetic_cost_model
 
     opts = planner_options("alast")
     assert "cost_model" not in opts and {"rule", "gain", "ema", "target_flops"} <= set(opts)

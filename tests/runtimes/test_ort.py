@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from tests.conftest import make_tiny_vit
 
 from alast.config import build_config
 from alast.training.build import create_runtime
 from planners import Budget, StepResult
 from runtimes.protocol import Capabilities, NonFiniteLoss, Runtime
+from tests.conftest import make_tiny_vit
 
 
 def _has_ort_training() -> bool:

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import make_tiny_vit
 
 from runtimes.torch_backend.patch import AlastPatch, PatchError
 from runtimes.torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+from tests.conftest import make_tiny_vit
 
 
 @pytest.mark.parametrize("init_values,reg_tokens", [(None, 0), (1e-2, 0), (None, 2)])

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from tests.conftest import make_tiny_vit
 
 from planners import Budget
 from runtimes.torch_backend.flops import counter, register_cpu_sdpa
 from runtimes.torch_backend.runtime import TorchRuntime
+from tests.conftest import make_tiny_vit
 
 
 def make_runtime(model=None, **kw):

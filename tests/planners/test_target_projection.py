@@ -6,12 +6,12 @@ import random
 import statistics
 
 import pytest
-from planner_fixtures import synthetic_cost_model
 
 from planners import Observation, create_planner
 from planners.projection import BUDGET_FLOOR, TargetProjection, common_shift, shifted
 from planners.simulate import StepShape, full_step_flops, simulate, step_cost
 from planners.target import solve_target
+from tests.planners.fixtures import synthetic_cost_model
 
 CM = synthetic_cost_model(num_blocks=12, num_patches=196)
 

@@ -5,9 +5,9 @@ import math
 import statistics
 
 import pytest
-from planner_fixtures import lognormal_deltas
 
 from planners import rules
+from tests.planners.fixtures import lognormal_deltas
 
 B_INIT, B_MIN, B_MAX, GAIN, EMA = 0.9, 0.5, 1.0, 0.1, 0.9
 
