@@ -1,0 +1,52 @@
+"""Run directories and configs written before the pipeline moved to ``alast/`` keep working.
+
+The fixture holds the text files of a 4-step demo run made by alast 0.1.0 with the previous
+layout (``runtimes/``): its config.yaml (without the keys added since), metrics.jsonl and
+summary.json. Its weights are the demo model's, in the same safetensors layout.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from alast.config import load_config
+from alast.models import build_demo_model
+from alast.training.resume import saved_config
+from alast_cli.main import cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1"
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    run = tmp_path / "old_run"
+    shutil.copytree(FIXTURE, run)
+    summary = json.loads((run / "summary.json").read_text())
+    model = build_demo_model(summary["num_classes"], pretrained=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "final_model.safetensors"))
+    return run
+
+
+def test_old_config_loads_with_todays_defaults_for_new_keys():
+    cfg = load_config(FIXTURE / "config.yaml")
+    assert cfg.train.steps == 4 and cfg.output.checkpoint_every == 2
+    assert cfg.policy.rule == "normalized" and cfg.output.tensorboard is False
+    assert saved_config(FIXTURE).model_dump() == cfg.model_dump()
+
+
+def test_old_run_exports_evaluates_and_replays(old_run, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "old.onnx"
+    res = runner.invoke(cli, ["export", str(old_run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+    res = runner.invoke(cli, ["eval", str(out), "--data", "digits", "--json"])
+    assert res.exit_code == 0, res.output
+    assert 0.0 <= json.loads(res.output.strip().splitlines()[-1])["accuracy"] <= 1.0
+    res = runner.invoke(cli, ["plan", "--trace", str(old_run), "--json"])
+    assert res.exit_code == 0, res.output
