@@ -65,6 +65,9 @@ class PolicyConfig(_Section):
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
         0.0, ge=0.0, lt=1.0, description="alast: share of final steps that keep every token (0: the paper's rule)")
+    freeze_embeddings: bool = Field(
+        False, description="beyond the paper: keep the patch embedding, class token and position embedding "
+        "frozen, so blocks below the lowest trained block need no backward pass at all")
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None

@@ -97,10 +97,19 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
         plain = plain.with_num_classes(classes)
     plain = _for_device(plain, device)
     if lora is None:
-        return plain, plain, source
+        return plain, _policy_embeddings(plain, cfg), source
     pcm = _for_device(profile(cfg.model.name, img_size=img, num_classes=plain.num_classes, lora=lora, device=device),
                       device)
-    return plain, pcm, source + "; LoRA variant profiled now"
+    return plain, _policy_embeddings(pcm, cfg), source + "; LoRA variant profiled now"
+
+
+def _policy_embeddings(cm: CostModel, cfg: AlastConfig) -> CostModel:
+    """``cm`` with the embeddings frozen when the policy freezes them (``policy.freeze_embeddings``):
+    no gradient, no optimizer state, and no backward below the lowest trained block."""
+    if not cfg.policy.freeze_embeddings or not cm.embed.trainable:
+        return cm
+    embed = dataclasses.replace(cm.embed, trainable=False, trainable_bytes=0, largest_trainable_bytes=0)
+    return dataclasses.replace(cm, embed=embed)
 
 
 def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

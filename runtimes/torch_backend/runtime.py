@@ -96,6 +96,17 @@ def _FrozenAwareMemTracker():
     return _frozen_aware_tracker_cls()()
 
 
+def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
+    """The patch embedding, class/register tokens and position embedding of a timm ViT: what feeds
+    block 0. With them frozen, autograd stops at the lowest trained block."""
+    params = list(vit.patch_embed.parameters())
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        p = getattr(vit, name, None)
+        if isinstance(p, nn.Parameter):
+            params.append(p)
+    return params
+
+
 class TorchRuntime:
     """Eager PyTorch training of a patched timm ViT.
 
@@ -109,7 +120,8 @@ class TorchRuntime:
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, grad_clip: float | None,
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  precision: str = "fp32", count_flops: str = "every", lora: dict[str, Any] | None = None,
-                 comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None) -> None:
+                 comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
+                 freeze_embeddings: bool = False) -> None:
         self.device = resolve_device(device)
         if precision == "bf16" and self.device.type != "cuda":
             raise ValueError("backend.precision=bf16 needs a CUDA device; use fp32 on CPU")
@@ -130,6 +142,9 @@ class TorchRuntime:
         self.patch = AlastPatch(self.timm_model)
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
+        if freeze_embeddings:
+            for p in embedding_parameters(self.timm_model):
+                p.requires_grad_(False)
         self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
         in_blocks = {id(p) for ps in self.block_params for p in ps}
         self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
@@ -331,5 +346,5 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
         label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
-        lora=lora, comm=comm,
+        lora=lora, comm=comm, freeze_embeddings=cfg.policy.freeze_embeddings,
     )

@@ -1,0 +1,67 @@
+"""policy.freeze_embeddings: no gradient reaches the embeddings, the backward stops at the lowest
+trained block, and the planner predicts exactly what the runtime counts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+from planners import Budget
+from runtimes.torch_backend.runtime import TorchRuntime, embedding_parameters
+from tests.conftest import make_tiny_vit
+
+TRAIN = ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.threads=1",
+         "--set", "policy.freeze_embeddings=true"]
+
+
+def _step_flops(freeze: bool, trained: tuple[bool, ...], batch) -> tuple[float, TorchRuntime]:
+    rt = TorchRuntime(make_tiny_vit(), lr=1e-3, weight_decay=0.0, grad_clip=None, freeze_embeddings=freeze)
+    result = rt.train_step(*batch, Budget((1.0,) * 4, trained), 1e-3, 0)
+    return result.train_flops, rt
+
+
+def test_frozen_embeddings_get_no_gradient_and_skip_the_backward_below(batch):
+    top_only = (False, False, False, True)
+    frozen, rt = _step_flops(True, top_only, batch)
+    trainable, _ = _step_flops(False, top_only, batch)
+    assert all(p.grad is None and not p.requires_grad for p in embedding_parameters(rt.timm_model))
+    assert frozen < 0.8 * trainable  # blocks 0-2 run no backward at all
+    all_blocks, _ = _step_flops(True, (True,) * 4, batch)
+    all_blocks_trainable_embed, _ = _step_flops(False, (True,) * 4, batch)
+    # only the embedding's own backward and block 0's input gradient go
+    assert 0.9 * all_blocks_trainable_embed < all_blocks < all_blocks_trainable_embed
+    assert rt.full_ft_step_flops(6) == pytest.approx(_step_flops(False, (True,) * 4, batch)[1].full_ft_step_flops(6))
+
+
+def test_planner_replays_a_frozen_embedding_run_exactly(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, [*TRAIN, "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    trace = json.loads(res.output.strip().splitlines()[-1])["trace"]
+    assert abs(trace["train_flops_rel_error"]) < 0.01
+
+
+def test_target_holds_with_frozen_embeddings(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, [*TRAIN, "--target-flops", "0.4", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["flops_ratio_vs_full"] == pytest.approx(0.4, rel=0.03)
+
+
+def test_ort_refuses_frozen_embeddings(tmp_path):
+    res = CliRunner().invoke(cli, [*TRAIN, "--backend", "ort", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "freeze_embeddings" in res.output
+
+
+def test_embedding_parameters_cover_what_feeds_block_0():
+    vit = make_tiny_vit(reg_tokens=2)
+    names = {n for n, p in vit.named_parameters() if any(p is q for q in embedding_parameters(vit))}
+    assert names == {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "reg_token", "pos_embed"}
+    assert torch.is_tensor(vit.pos_embed)
