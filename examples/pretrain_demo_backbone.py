@@ -1,6 +1,6 @@
 """Pre-train the demo backbone (``alast_demo_vit``) on the synthetic ``pretrain`` family.
 
-Every step draws a fresh batch of procedurally generated 32x32 images (runtimes/synthetic.py): no
+Every step draws a fresh batch of procedurally generated 32x32 images (alast/data/synthetic.py): no
 download, no over-fitting. The backbone (without ``head.*``) goes to ``--out`` as safetensors, with
 a JSON record next to it. Full run, one GPU, about 4-5 minutes:
     python examples/pretrain_demo_backbone.py --device cuda
