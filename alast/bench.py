@@ -51,7 +51,7 @@ class BenchPlan:
             raise ValueError("--matched matches full fine-tuning to the alast run's FLOPs: add alast to --policies")
         if (self.matched or self.targets) and self.base.backend.count_flops == "off":
             raise ValueError("--matched and --targets compare counted FLOPs, but backend.count_flops is off; "
-                             "drop --set backend.count_flops=off")
+                             "drop --set backend.count_flops=off (or pass --no-matched)")
         if self.targets is None:
             self.runs = same_step_runs(self.policies, self.seeds, self.target_flops, self.target_policies)
             return
