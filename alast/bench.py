@@ -2,44 +2,79 @@
 
 Runs alternate: seed s runs the policies in an order rotated by s, so a machine that drifts
 (thermal, a noisy neighbour) does not favour the policy that always runs first.
+
+Beside the same-steps table: ``matched`` adds, right after each ALaST run, full fine-tuning for the
+steps that cost the same counted FLOPs (row ``full@matched``); ``targets`` runs every policy at
+several FLOPs targets and draws accuracy-versus-FLOPs curves (:mod:`alast.bench_curves`).
 """
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from alast.bench_runs import MATCHED, RunSpec, compare, curve_runs, judgement, matched_steps, mean_std, same_step_runs
 from alast.config import AlastConfig, build_config
 from alast.training.loop import Hooks, train
 
 COST_KEYS = ("train_flops", "peak_memory_bytes", "wall_time_s", "median_step_time_s", "train_time_s")
 TARGET_POLICIES = ("alast", "alast+lora", "tokens")
+Solver = Callable[[AlastConfig], tuple[dict[str, Any], dict[str, Any]]]
 
 
 @dataclass
 class BenchPlan:
+    """What to run. ``target_flops``: one target for ``target_policies`` at the same steps;
+    ``targets``: several, for curves (exclusive with ``target_flops``); ``matched``: a
+    compute-matched full fine-tuning run after each ``alast`` run."""
+
     base: AlastConfig
     policies: list[str]
     seeds: list[int]
     out: Path
     target_flops: float | None = None
     target_policies: tuple[str, ...] = TARGET_POLICIES
-    runs: list[tuple[str, int]] = field(default_factory=list)
+    matched: bool = False
+    targets: tuple[float, ...] | None = None
+    base_steps: int | None = None
+    runs: list[RunSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if "full" not in self.policies:
             raise ValueError("bench needs 'full' among --policies: every cost is reported as a ratio to it")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError("--policies lists a policy twice")
-        for i, seed in enumerate(self.seeds):
-            k = i % len(self.policies)
-            for policy in self.policies[k:] + self.policies[:k]:
-                self.runs.append((policy, seed))
+        if self.targets is not None and self.target_flops is not None:
+            raise ValueError("give either --target-flops (one target) or --targets (curves), not both")
+        if self.matched and "alast" not in self.policies:
+            raise ValueError("--matched matches full fine-tuning to the alast run's FLOPs: add alast to --policies")
+        if (self.matched or self.targets) and self.base.backend.count_flops == "off":
+            raise ValueError("--matched and --targets compare counted FLOPs, but backend.count_flops is off; "
+                             "drop --set backend.count_flops=off (or pass --no-matched)")
+        if self.targets is None:
+            self.runs = same_step_runs(self.policies, self.seeds, self.target_flops, self.target_policies)
+            return
+        if self.base_steps is None:
+            self.base_steps = _planned_steps(self.base)
+        self.runs = curve_runs(self.policies, self.seeds, tuple(self.targets), self.base_steps)
+
+    @property
+    def rows(self) -> list[str]:
+        """Row names of the same-steps table."""
+        return self.policies + ([MATCHED] if self.matched else [])
 
 
-def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, target: float | None) -> AlastConfig:
+def _planned_steps(cfg: AlastConfig) -> int:
+    from alast.planning.plan import planned_steps
+
+    return planned_steps(cfg)
+
+
+def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, target: float | None,
+                  steps: int | None = None) -> AlastConfig:
+    """``base`` set to ``policy`` (LoRA section added or dropped), ``seed``, ``run_dir``, the FLOPs
+    target, and ``steps`` in place of the base's steps or epochs when given."""
     data = base.model_dump(mode="json")
     data["policy"]["name"] = policy
     data["policy"]["target_flops"] = target
@@ -47,6 +82,8 @@ def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, targ
         data["policy"]["lora"] = {}
     if policy not in ("lora", "alast+lora"):
         data["policy"]["lora"] = None
+    if steps is not None:
+        data["train"]["steps"], data["train"]["epochs"] = int(steps), None
     data["train"]["seed"] = seed
     data["output"]["dir"] = str(run_dir)
     data["output"]["force"] = False
@@ -54,29 +91,60 @@ def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, targ
 
 
 def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | None = None,
-              solve_target: Callable[[AlastConfig], tuple[dict[str, Any], dict[str, Any]]] | None = None
-              ) -> dict[str, Any]:
+              solve_target: Solver | None = None) -> dict[str, Any]:
+    """Run ``plan`` (a ``full@matched`` run right after each alast run when ``plan.matched``); write
+    ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over targets)
+    under ``plan.out``; return what ``results.json`` holds."""
     plan.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    for i, (policy, seed) in enumerate(plan.runs):
-        run_dir = plan.out / "runs" / f"{policy.replace('+', '-')}-seed{seed}"
-        target = plan.target_flops if policy in plan.target_policies else None
-        cfg = policy_config(plan.base, policy, seed, run_dir, target)
-        overrides, info = (None, None)
-        if target is not None:
-            if solve_target is None:
-                raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
-            overrides, info = solve_target(cfg)
-        _release_memory()  # the previous run's model must not count towards this run's peak
-        hooks = on_run(i, len(plan.runs), policy, seed) if on_run else None
-        summary = train(cfg, run_dir, hooks=hooks, planner_overrides=overrides, plan_info=info)
-        summary["seed"] = seed
-        summary["run_dir"] = str(run_dir)
+    total = len(plan.runs) + (sum(r.policy == "alast" for r in plan.runs) if plan.matched else 0)
+
+    def execute(spec: RunSpec) -> dict[str, Any]:
+        summary = _execute(plan, spec, len(results), total, on_run, solve_target)
         results.append(summary)
-        (plan.out / "raw.jsonl").open("a").write(json.dumps(summary) + "\n")
-    table = aggregate(results, plan.policies)
+        with (plan.out / "raw.jsonl").open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+        return summary
+
+    for spec in plan.runs:
+        summary = execute(spec)
+        if plan.matched and spec.policy == "alast" and "skipped" not in summary:
+            execute(RunSpec("full", spec.seed, spec.target, MATCHED, matched_steps(summary)))
+    if plan.targets is not None:
+        from alast.bench_curves import write_curve_outputs
+
+        return write_curve_outputs(plan.out, results, plan.targets, plan.base_steps)
+    table = aggregate(results, plan.rows)
     write_outputs(plan, results, table)
     return table
+
+
+def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int,
+             on_run: Callable[[int, int, str, int], Hooks] | None, solve_target: Solver | None) -> dict[str, Any]:
+    """Train one run (its knobs solved for its target first) and return its summary, annotated with
+    seed, run dir, row label and target. Over several targets, a target out of the policy's reach
+    returns a record with the solver's reason under ``skipped`` instead of failing the bench."""
+    from planners.target import TargetError
+
+    run_dir = plan.out / "runs" / spec.dir_name()
+    cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps)
+    overrides, info = None, None
+    if spec.solve:
+        if solve_target is None:
+            raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
+        try:
+            overrides, info = solve_target(cfg)
+        except TargetError as exc:
+            if plan.targets is None:
+                raise
+            return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
+                    "skipped": str(exc).strip().splitlines()[0]}
+    _release_memory()  # the previous run's model must not count towards this run's peak
+    shown = spec.name + (f" at {spec.target:g}x" if spec.target is not None else "")
+    hooks = on_run(index, total, shown, spec.seed) if on_run else None
+    summary = train(cfg, run_dir, hooks=hooks, planner_overrides=overrides, plan_info=info)
+    summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target)
+    return summary
 
 
 def _release_memory() -> None:
@@ -90,41 +158,54 @@ def _release_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _row(r: dict[str, Any]) -> str:
+    return r.get("label") or r["policy"]
 
 
 def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, Any]:
+    """One entry per row (policy, or label such as ``full@matched``): accuracy mean and std over
+    seeds, mean costs and their ratios to ``full``; ``matched``: alast against ``full@matched``."""
     out: dict[str, Any] = {"policies": {}}
     for policy in policies:
-        rs = [r for r in results if r["policy"] == policy]
-        acc_mean, acc_std = _mean_std([r["val_accuracy"] for r in rs])
+        rs = [r for r in results if _row(r) == policy and "skipped" not in r]
+        acc_mean, acc_std = mean_std([r["val_accuracy"] for r in rs])
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "val_accuracy": acc_mean,
                                  "val_accuracy_std": acc_std}
-        for key in COST_KEYS:
-            entry[key], _ = _mean_std([r.get(key) for r in rs])
-        entry["full_ft_train_flops"], _ = _mean_std([r.get("full_ft_train_flops") for r in rs])
+        for key in COST_KEYS + ("full_ft_train_flops", "steps"):
+            entry[key], _ = mean_std([r.get(key) for r in rs])
         entry["plan"] = rs[0].get("plan") if rs else None
         out["policies"][policy] = entry
     full = out["policies"]["full"]
     for policy, e in out["policies"].items():
         for key in COST_KEYS:
             e[f"{key}_ratio"] = (e[key] / full[key]) if e.get(key) and full.get(key) else None
-        e["accuracy_delta_vs_full"] = (e["val_accuracy"] - full["val_accuracy"]) if full["val_accuracy"] is not None else None
+        e["accuracy_delta_vs_full"] = (e["val_accuracy"] - full["val_accuracy"]
+                                       if full["val_accuracy"] is not None and e["val_accuracy"] is not None else None)
         e["speedup_vs_full"] = (full["median_step_time_s"] / e["median_step_time_s"]) if e.get("median_step_time_s") else None
         fr = e.get("train_flops_ratio")
         e["speedup_share_of_flop_bound"] = (e["speedup_vs_full"] / (1 / fr)) if fr and e["speedup_vs_full"] else None
-    first = results[0] if results else {}
+    out["matched"] = _matched_comparison(results) if MATCHED in policies else None
+    first = next((r for r in results if _row(r) != MATCHED and "skipped" not in r), {})
     out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
     return out
+
+
+def _matched_comparison(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """alast against full fine-tuning at the same counted FLOPs, with a one-line verdict."""
+    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
+    b = [r["val_accuracy"] for r in results if _row(r) == MATCHED]
+    if not a or not b:
+        return None
+    c = compare(a, b)
+    c["line"] = (f"Compute-matched: alast {100 * c['a_mean']:.2f}% vs {MATCHED} {100 * c['b_mean']:.2f}% "
+                 f"({c['diff'] * 100:+.2f} pts): alast is {judgement(c)}.")
+    return c
 
 
 _FORMATS: dict[str, Callable[[Any], str]] = {
     "acc": lambda v: f"{100 * v:.2f}", "ratio": lambda v: f"{v:.3f}", "flops": lambda v: f"{v / 1e12:.3f}",
     "bytes": lambda v: f"{v / 2**20:.1f}", "s": lambda v: f"{v:.2f}", "ms": lambda v: f"{1000 * v:.1f}",
+    "int": lambda v: f"{v:g}",
 }
 
 
@@ -135,7 +216,7 @@ def _fmt(v: Any, kind: str) -> str:
 
 
 COLUMNS = [
-    ("policy", None, None), ("acc %", "val_accuracy", "acc"), ("± std", "val_accuracy_std", "acc"),
+    ("policy", None, None), ("steps", "steps", "int"), ("acc %", "val_accuracy", "acc"), ("± std", "val_accuracy_std", "acc"),
     ("TFLOPs", "train_flops", "flops"), ("FLOPs/full", "train_flops_ratio", "ratio"),
     ("peak MiB", "peak_memory_bytes", "bytes"), ("mem/full", "peak_memory_bytes_ratio", "ratio"),
     ("step ms", "median_step_time_s", "ms"), ("speed-up", "speedup_vs_full", "ratio"),
@@ -151,14 +232,18 @@ def markdown_table(table: dict[str, Any]) -> str:
     s = table["setting"]
     head = (f"Setting: model `{s['model']}`, data `{s['data']}`, backend `{s['backend']}`, {s['steps']} steps, "
             f"batch {s['batch_size']}, device `{s['device']}`. Accuracy: mean (± std) over seeds; costs: mean.")
-    return head + "\n\n" + "\n".join(lines) + "\n"
+    text = head + "\n\n" + "\n".join(lines) + "\n"
+    if table.get("matched"):
+        text += (f"\n`{MATCHED}`: full fine-tuning for fewer steps, as many as cost the alast run's counted FLOPs "
+                 f"(same seed). {table['matched']['line']}\n")
+    return text
 
 
 def write_outputs(plan: BenchPlan, results: list[dict[str, Any]], table: dict[str, Any]) -> None:
     out = plan.out
     (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(table))
-    _plots(out, results, plan.policies)
+    _plots(out, [r for r in results if "skipped" not in r], plan.rows)
 
 
 def _plots(out: Path, results: list[dict[str, Any]], policies: list[str]) -> None:
@@ -171,7 +256,7 @@ def _plots(out: Path, results: list[dict[str, Any]], policies: list[str]) -> Non
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for policy in policies:
-        rs = [r for r in results if r["policy"] == policy and r.get("train_flops")]
+        rs = [r for r in results if _row(r) == policy and r.get("train_flops")]
         if rs:
             ax.scatter([r["train_flops"] / 1e12 for r in rs], [100 * r["val_accuracy"] for r in rs], label=policy)
     ax.set_xlabel("training TFLOPs (counted)")
@@ -187,7 +272,7 @@ def _plots(out: Path, results: list[dict[str, Any]], policies: list[str]) -> Non
     for policy in policies:
         times = []
         for r in results:
-            if r["policy"] == policy:
+            if _row(r) == policy:
                 metrics = Path(r["run_dir"]) / "metrics.jsonl" if r.get("run_dir") else None
                 if metrics and metrics.exists():
                     times += [json.loads(l)["step_time_s"] * 1000 for l in metrics.read_text().splitlines()[1:]]
@@ -201,7 +286,7 @@ def _plots(out: Path, results: list[dict[str, Any]], policies: list[str]) -> Non
     plt.close(fig)
 
     for r in results:
-        if r["policy"].startswith("alast") and r.get("run_dir"):
+        if _row(r).startswith("alast") and r.get("run_dir"):
             src = Path(r["run_dir"]) / "budgets.png"
             if src.exists():
                 shutil.copy(src, out / f"budgets_{r['policy'].replace('+', '-')}.png")

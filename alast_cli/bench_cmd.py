@@ -1,8 +1,10 @@
-"""`alast bench`: the paper's comparison in one command."""
+"""`alast bench`: the paper's comparison in one command, at the same steps, at equal counted FLOPs
+(``--matched``) and as accuracy-versus-FLOPs curves over several targets (``--targets``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,12 +12,28 @@ from .errors import run_guarded
 from .options import config_options, resolve_config
 
 
-def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool) -> None:
+def parse_targets(text: str) -> tuple[float, ...]:
+    """``"0.3,0.5"`` -> (0.3, 0.5); each a fraction of full fine-tuning's FLOPs in (0, 1], no repeats."""
+    targets = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            t = float(part)
+        except ValueError:
+            raise ValueError(f"--targets: {part!r} is not a number; give fractions of full fine-tuning, "
+                             "e.g. --targets 0.3,0.5,0.7") from None
+        if not 0 < t <= 1:
+            raise ValueError(f"--targets: {t:g} is not in (0, 1]; each target is a fraction of full fine-tuning FLOPs")
+        if t in targets:
+            raise ValueError(f"--targets lists {t:g} twice")
+        targets.append(t)
+    return tuple(targets)
+
+
+def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
+           targets: str | None, matched: bool | None) -> None:
     import time
 
-    from rich.table import Table
-
-    from alast.bench import COLUMNS, BenchPlan, _fmt, run_bench
+    from alast.bench import BenchPlan, run_bench
 
     from .render import console, make_progress, training_hooks
 
@@ -27,12 +45,15 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     out = out or Path("bench") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"bench output {out} exists and is not empty; choose another --out")
-    solve = None
-    if target is not None:
-        if not 0 < target <= 1:
-            raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
-        from alast.planning.plan import solve_target as solve
-    plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target)
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
+    curve_targets = parse_targets(targets) if targets is not None else None
+    if matched is None:  # default: on under one FLOPs target, where the compute-matched row answers it
+        matched = target is not None and "alast" in names
+    plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
+                     matched=matched, targets=curve_targets)
+    from alast.planning.plan import solve_target
+
     progress = make_progress()
 
     def on_run(i: int, n: int, policy: str, seed: int):
@@ -40,17 +61,51 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         return training_hooks(progress)
 
     with progress:
-        table = run_bench(plan, on_run=on_run, solve_target=solve)
+        result = run_bench(plan, on_run=on_run, solve_target=solve_target)
     if as_json:
-        click.echo(json.dumps(table))
-        return
+        click.echo(json.dumps(result))
+    elif curve_targets is not None:
+        _render_curves(result, out)
+    else:
+        _render_table(result, out)
+
+
+def _render_table(table: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    from alast.bench import COLUMNS, _fmt
+
+    from .render import console
+
     t = Table(title=f"alast bench -> {out}")
     for name, _, _ in COLUMNS:
         t.add_column(name, justify="left" if name == "policy" else "right")
     for policy, e in table["policies"].items():
         t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in COLUMNS[1:]])
     console.print(t)
+    if table.get("matched"):
+        console.print(table["matched"]["line"])
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots: {out}/*.png")
+
+
+def _render_curves(result: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    from .render import console
+
+    t = Table(title=f"alast bench --targets -> {out}  (FLOPs/full: {result['x']})")
+    for name in ("target", "policy", "seeds", "steps", "FLOPs/full", "acc %", "± std"):
+        t.add_column(name, justify="left" if name == "policy" else "right")
+    for p in result["points"]:
+        t.add_row("-" if p["target"] is None else f"{p['target']:g}", p["policy"], str(len(p["seeds"])),
+                  f"{p['steps']:g}", f"{p['flops_ratio']:.3f}" if p["flops_ratio"] is not None else "n/a",
+                  f"{100 * p['val_accuracy']:.2f}", f"{100 * (p['val_accuracy_std'] or 0):.2f}")
+    console.print(t)
+    for s in {(r["policy"], r["target"]): r for r in result["skipped"]}.values():
+        console.print(f"skipped {s['policy']} at {s['target']:g}: {s['skipped']}")
+    for v in result["verdicts"]:
+        console.print(v["line"])
+    console.print(f"results: {out / 'curves.json'}, {out / 'results.md'}, plot: {out / 'accuracy_vs_flops.png'}")
 
 
 @click.command("bench")
@@ -58,10 +113,19 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
 @click.option("--policies", default="full,alast,freeze,random,tokens,lora,alast+lora", show_default=True,
               help="comma-separated policies; must include full")
 @click.option("--seeds", type=int, default=1, show_default=True, help="seeds per policy")
+@click.option("--targets", help="FLOPs targets for accuracy-versus-FLOPs curves, e.g. 0.3,0.5,0.7 (instead of "
+              "--target-flops): each policy at each target, full fine-tuning by steps (round(steps x target))")
+@click.option("--matched/--no-matched", default=None,
+              help="after each alast run, full fine-tuning for the steps that cost the same counted FLOPs "
+                   "(row full@matched); default: on with --target-flops, off otherwise")
 @click.option("--out", type=click.Path(path_type=Path), help="output directory (default bench/<time>)")
 @click.option("--json", "as_json", is_flag=True, help="print results.json to stdout")
 @click.pass_context
-def bench_command(ctx: click.Context, config, overrides, policies, seeds, out, as_json, **named) -> None:
-    """Train several policies on the same data, seeds and steps; write a table and plots."""
+def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, as_json,
+                  **named) -> None:
+    """Train several policies on the same data, seeds and steps; write a table and plots.
+
+    With --targets, run each policy at each FLOPs target and write curves.json and
+    accuracy_vs_flops.png (accuracy against counted FLOPs, full fine-tuning by steps as reference)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
-    run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json), debug)
+    run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched), debug)

@@ -3,14 +3,15 @@ import json
 from click.testing import CliRunner
 
 from alast.bench import BenchPlan, aggregate
+from alast.bench_runs import MATCHED, matched_steps
 from alast.config import load_config
 from alast_cli.main import cli
 
 
 def test_bench_writes_results_table_and_plots(tmp_path):
     out = tmp_path / "bench"
-    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast,tokens", "--steps", "3", "--batch-size", "8",
-                                   "--target-flops", "0.5", "--out", str(out), "--json"])
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast,tokens", "--steps", "4", "--batch-size", "8",
+                                   "--set", "backend.threads=1", "--target-flops", "0.5", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     table = json.loads(res.stdout.strip().splitlines()[-1])
     full, alast, tokens = (table["policies"][p] for p in ("full", "alast", "tokens"))
@@ -20,13 +21,32 @@ def test_bench_writes_results_table_and_plots(tmp_path):
     for name in ("results.json", "results.md", "accuracy_vs_flops.png", "step_time.png", "budgets_alast.png"):
         assert (out / name).exists(), name
     assert "| alast |" in (out / "results.md").read_text()
+    _check_matched(out, table)
+
+
+def _check_matched(out, table):
+    """--target-flops turns on full@matched: full fine-tuning for the alast run's counted FLOPs, run right after it."""
+    raw = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
+    labels = [r["label"] for r in raw]
+    assert labels[labels.index("alast") + 1] == MATCHED and labels.count(MATCHED) == 1
+    alast_run, matched_run = raw[labels.index("alast")], raw[labels.index(MATCHED)]
+    assert matched_run["policy"] == "full" and matched_run["seed"] == alast_run["seed"]
+    assert matched_run["steps"] == matched_steps(alast_run) == 2  # round(4 x ~0.5)
+    row, alast = table["policies"][MATCHED], table["policies"]["alast"]
+    assert row["steps"] == 2 and abs(row["train_flops_ratio"] - 0.5) < 1e-9  # the achieved ratio: 2 of 4 steps
+    assert abs(row["train_flops_ratio"] - alast["train_flops_ratio"]) <= 0.5 / 4
+    m = table["matched"]
+    assert abs(m["diff"] - (alast["val_accuracy"] - row["val_accuracy"])) < 1e-12
+    assert m["line"] in (out / "results.md").read_text()
+    assert (out / "runs" / "full-matched-t0.5-seed0" / "summary.json").exists()
 
 
 def test_bench_rotates_policy_order_across_seeds():
     plan = BenchPlan(load_config(), ["full", "alast", "freeze"], [0, 1, 2], out=None)
-    firsts = [plan.runs[i * 3][0] for i in range(3)]
+    firsts = [plan.runs[i * 3].policy for i in range(3)]
     assert firsts == ["full", "alast", "freeze"]
-    assert sorted(plan.runs) == sorted((p, s) for p in ("full", "alast", "freeze") for s in (0, 1, 2))
+    assert sorted((r.policy, r.seed) for r in plan.runs) == sorted((p, s) for p in ("full", "alast", "freeze")
+                                                                   for s in (0, 1, 2))
 
 
 def test_bench_refuses_without_full(tmp_path):

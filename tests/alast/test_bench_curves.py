@@ -1,0 +1,82 @@
+"""`alast bench --targets`: accuracy-versus-FLOPs curves, skips, verdicts; bad input."""
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from alast.bench_curves import verdicts
+from alast.bench_runs import BY_STEPS, compare
+from alast_cli.main import cli
+
+FAST = ["--steps", "4", "--batch-size", "16", "--set", "backend.threads=1"]
+
+
+def test_bench_targets_writes_curves_skips_and_verdicts(tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(cli, ["bench", "--targets", "0.5,0.7", "--policies", "full,alast,tokens,random",
+                                   "--seeds", "1", *FAST, "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    records = json.loads((out / "curves.json").read_text())["records"]
+    keys = sorted((r["policy"], r["target"], r["seed"]) for r in records)
+    assert keys == sorted([(BY_STEPS, 0.5, 0), (BY_STEPS, 0.7, 0), (BY_STEPS, 1.0, 0), ("alast", 0.5, 0),
+                           ("alast", 0.7, 0), ("tokens", 0.5, 0), ("tokens", 0.7, 0), ("random", 0.5, 0),
+                           ("random", 0.7, 0)])
+    trained = {(r["policy"], r["target"]): r for r in records if "skipped" not in r}
+    assert [trained[(BY_STEPS, t)]["steps"] for t in (0.5, 0.7, 1.0)] == [2, 3, 4]
+    for (policy, t), r in trained.items():
+        assert r["train_flops"] > 0 and 0 <= r["val_accuracy"] <= 1 and r["wall_time_s"] > 0
+        assert (out / "runs" / f"{policy.replace('@', '-')}-t{t:g}-seed0" / "summary.json").exists()
+        if policy == BY_STEPS:
+            assert abs(r["flops_ratio"] - r["steps"] / 4) < 1e-9
+        else:
+            assert abs(r["flops_ratio"] / t - 1) < 0.05 and r["steps"] == 4
+    skipped = [r for r in records if "skipped" in r]
+    assert {r["policy"] for r in skipped} == {"random"}
+    assert all("cannot reach" in r["skipped"] and "k_trained" in r["skipped"] for r in skipped)
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "### Target 0.5x" in md and "### Target 0.7x" in md and "- random: skipped: policy 'random'" in md
+    _check_verdicts(result["verdicts"], trained, md)
+
+
+def _check_verdicts(verdict_list, trained, md):
+    """Each verdict's numbers and words follow from the records in curves.json."""
+    assert [v["target"] for v in verdict_list] == [0.5, 0.7]
+    for v in verdict_list:
+        t, acc = v["target"], trained[("alast", v["target"])]["val_accuracy"]
+        assert set(v["comparisons"]) == {BY_STEPS, "tokens"}
+        for name, c in v["comparisons"].items():
+            diff = acc - trained[(name, t)]["val_accuracy"]
+            assert abs(c["diff"] - diff) < 1e-12 and c["pooled_std"] is None  # one seed: no spread
+            side = "above" if diff > 0 else "below" if diff < 0 else "level with"
+            part = re.search(rf"vs {re.escape(name)} [^;]*", v["line"]).group(0)
+            assert f"{100 * diff:+.2f} pts, {side}" in part
+        assert f"- {v['line']}" in md
+
+
+def test_verdicts_use_pooled_std_over_seeds():
+    recs = [{"policy": p, "target": 0.5, "seed": s, "val_accuracy": a, "flops_ratio": 0.5}
+            for p, s, a in (("alast", 0, 0.80), ("alast", 1, 0.82), (BY_STEPS, 0, 0.70), (BY_STEPS, 1, 0.71),
+                            ("tokens", 0, 0.75), ("tokens", 1, 0.90))]
+    recs.append({"policy": "alast", "target": 0.3, "seed": 0, "skipped": "out of reach"})
+    v5, v3 = verdicts(recs, (0.5, 0.3))
+    assert v5["comparisons"][BY_STEPS]["exceeds_pooled_std"] is True
+    assert v5["comparisons"]["tokens"] == {**compare([0.80, 0.82], [0.75, 0.90]), "flops_ratio": 0.5}
+    assert v5["comparisons"]["tokens"]["exceeds_pooled_std"] is False and "no clear difference" in v5["line"]
+    assert v3["alast"] is None and v3["line"] == "target 0.3: no verdict: out of reach"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--targets", "0.5,abc"], "'abc' is not a number"),
+    (["--targets", "0.5,1.5"], "1.5 is not in (0, 1]"),
+    (["--targets", "0.5,0.5"], "lists 0.5 twice"),
+    (["--targets", "0.5", "--target-flops", "0.5"], "not both"),
+    (["--matched", "--policies", "full,tokens"], "add alast to --policies"),
+    (["--targets", "0.5", "--set", "backend.count_flops=off"], "count_flops is off"),
+])
+def test_bench_bad_curve_options_exit_2(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", *FAST, "--out", str(tmp_path / "b"), *args])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert not (tmp_path / "b" / "runs").exists()

@@ -1,0 +1,64 @@
+"""The bench's arithmetic without training: step counts, run order and composition, comparisons."""
+import math
+
+import pytest
+
+from alast.bench_runs import (BY_STEPS, MATCHED, RunSpec, compare, curve_runs, judgement, matched_steps,
+                              same_step_runs, scaled_steps)
+
+
+def test_matched_steps_from_counted_flops():
+    summary = {"policy": "alast", "steps": 150, "train_flops": 4.13e12, "full_ft_train_flops": 10.0e12}
+    assert matched_steps(summary) == 62  # round(150 * 0.413 = 61.95)
+    assert matched_steps({**summary, "train_flops": 0.001e12}) == 1  # never zero steps
+
+
+def test_matched_steps_refuses_uncounted_run():
+    with pytest.raises(ValueError, match="counted FLOPs"):
+        matched_steps({"policy": "alast", "steps": 10, "train_flops": None, "full_ft_train_flops": 5.0})
+
+
+def test_scaled_steps():
+    assert [scaled_steps(150, t) for t in (0.3, 0.4, 0.5, 0.7, 1.0)] == [45, 60, 75, 105, 150]
+    assert scaled_steps(4, 0.1) == 1
+
+
+def test_curve_runs_cover_every_policy_target_and_seed_once_rotated():
+    runs = curve_runs(["full", "alast", "tokens", "lora"], [0, 1], (0.5, 0.7), steps=10)
+    by_seed = {s: [r for r in runs if r.seed == s] for s in (0, 1)}
+    for seed, rs in by_seed.items():
+        assert sorted((r.name, r.target, r.steps) for r in rs) == sorted([
+            (BY_STEPS, 0.5, 5), (BY_STEPS, 0.7, 7), (BY_STEPS, 1.0, 10), ("alast", 0.5, None),
+            ("alast", 0.7, None), ("tokens", 0.5, None), ("tokens", 0.7, None), ("lora", None, None)])
+        assert all(r.solve == (r.policy in ("alast", "tokens")) for r in rs)
+    assert by_seed[0][0] != by_seed[1][0]  # the second seed starts elsewhere
+    assert len({r.dir_name() for r in runs}) == len(runs)
+
+
+def test_curve_runs_do_not_repeat_full_at_one():
+    runs = curve_runs(["full", "alast"], [3], (0.5, 1.0), steps=8)
+    assert [r.steps for r in runs if r.name == BY_STEPS].count(8) == 1
+
+
+def test_same_step_runs_rotate_and_target_only_target_policies():
+    runs = same_step_runs(["full", "alast", "freeze"], [0, 1, 2], 0.5, ("alast",))
+    assert [runs[i * 3].policy for i in range(3)] == ["full", "alast", "freeze"]
+    assert {(r.policy, r.target, r.solve) for r in runs} == {("full", None, False), ("alast", 0.5, True),
+                                                             ("freeze", None, False)}
+
+
+def test_dir_names():
+    assert RunSpec("alast+lora", 2, 0.3, solve=True).dir_name() == "alast-lora-t0.3-seed2"
+    assert RunSpec("full", 0, 0.5, MATCHED, 7).dir_name() == "full-matched-t0.5-seed0"
+    assert RunSpec("lora", 1).dir_name() == "lora-seed1"
+
+
+def test_compare_pooled_std_and_judgement():
+    c = compare([0.80, 0.84], [0.70, 0.72])
+    assert math.isclose(c["diff"], 0.11)
+    assert math.isclose(c["pooled_std"], math.sqrt((0.0008 + 0.0002) / 2))
+    assert c["exceeds_pooled_std"] is True and judgement(c).startswith("above, beyond")
+    c = compare([0.70, 0.90], [0.78, 0.80])
+    assert c["exceeds_pooled_std"] is False and "no clear difference" in judgement(c)
+    c = compare([0.5], [0.6])
+    assert c["pooled_std"] is None and judgement(c).startswith("below (one seed")
