@@ -34,14 +34,15 @@ def test_compiled_run_stops_recompiling_after_warm_up(batch):
     x, y = batch
     rt = make_runtime(compile=True, count_flops="off")
     budgets = list(moving_budgets(14))
-    graphs = []
+    graphs, results = [], []
     for step, b in enumerate(budgets):
-        rt.train_step(x, y, b, 1e-2, step)
+        results.append(rt.train_step(x, y, b, 1e-2, step))
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1, "nothing was compiled"
     assert graphs[-1] == graphs[4] <= 4  # trained/frozen x input grad, shared by all blocks
     assert len({r for b in budgets[5:] for r in kept_token_counts(b.keep_ratios, 16)[1]}) > 3
     assert rt.compile_time_s > 0
+    assert sum(r.compile_time_s for r in results) == pytest.approx(rt.compile_time_s)
 
 
 def test_compiled_step_matches_eager(batch):
