@@ -94,12 +94,24 @@ class BackendConfig(_Section):
         "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    compile: bool = Field(False, description="torch: torch.compile the block compute (every policy, "
+                          "full fine-tuning included); token counts are dynamic, so budgets do not recompile")
+    token_multiple: int = Field(1, ge=1, description="round each kept token count down to a multiple of "
+                                "this (8 suits GPU tensor cores; never below policy.min_tokens); 1: exact")
+    sync_free: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch: read each step's loss and deltas one step late, so the host never "
+        "waits on the device (the planner sees step i when planning step i+2); auto: on for CUDA")
 
     @field_validator("count_flops", mode="before")
     @classmethod
     def _yaml_booleans(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `off` as False and `on` as True.
         return {False: "off", True: "every"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("sync_free", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class TrainConfig(_Section):

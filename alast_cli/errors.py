@@ -48,6 +48,8 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
             sys.exit(EXIT_INTERRUPTED)
         code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step
+            msg = "out of GPU memory; lower train.batch_size or use backend.precision=bf16"
         if isinstance(exc, OSError) and getattr(exc, "strerror", None):
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             msg = f"{exc.strerror}{where}"

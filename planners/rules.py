@@ -143,20 +143,24 @@ def top_k_indices(values: Sequence[float], k: int) -> list[int]:
 
 
 def kept_token_counts(
-    keep_ratios: Sequence[float], num_patches: int, min_tokens: int = 1
+    keep_ratios: Sequence[float], num_patches: int, min_tokens: int = 1, multiple: int = 1
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Patch tokens entering and leaving each block under cumulative dropping.
 
-    After block l, ``floor(r_l * N_l)`` of the ``N_l`` current patch tokens are kept, never fewer
+    After block l, ``floor(r_l * N_l)`` of the ``N_l`` current patch tokens are kept, rounded down
+    to a multiple of ``multiple`` (8 suits GPU tensor cores; 1 keeps the exact count), never fewer
     than ``min_tokens`` (or all of them if fewer remain). Prefix tokens (CLS, registers) are not
     counted and never dropped. Returns ``(tokens_in, tokens_out)``.
     """
+    if multiple < 1:
+        raise ValueError(f"token multiple must be >= 1, got {multiple}")
     tokens_in, tokens_out = [], []
     n = num_patches
     for r in keep_ratios:
         tokens_in.append(n)
         if r < 1.0:
-            n = max(min(min_tokens, n), math.floor(r * n + _EPS))
+            kept = math.floor(r * n + _EPS)
+            n = max(min(min_tokens, n), kept - kept % multiple)
         tokens_out.append(n)
     return tuple(tokens_in), tuple(tokens_out)
 

@@ -77,6 +77,7 @@ class StepResult:
     train_flops: flops (2 per multiply-add) of forward+backward, counted by the runtime, or None
         when this step was not counted.
     memory_measured: whether the runtime measured this step's peak memory (CPU runtimes sample).
+    compile_time_s: seconds this step spent compiling (torch.compile), excluded from step_time_s.
     """
 
     loss: float
@@ -88,6 +89,7 @@ class StepResult:
     step_time_s: float
     train_flops: float | None = None
     memory_measured: bool = False
+    compile_time_s: float = 0.0
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult
-from runtimes.protocol import NonFiniteLoss, check_budget
+from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
 
 
 @dataclass
@@ -64,6 +64,10 @@ class Comm:
 
     def broadcast_object(self, obj: Any) -> Any:
         return self.extra.broadcast_object(obj) if self._has("broadcast_object") else obj
+
+
+class OutOfMemory(RuntimeError_):
+    """The device ran out of memory during a step (exit code 1, one line)."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -197,6 +201,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides)
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
+    run.plan_info = plan_info
     start = run.restore() if resume else 0
     if not resume:
         _on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
@@ -252,6 +257,9 @@ class _Run:
         hooks.on_eval(step, metrics)
         if self.tb:
             self.tb.evaluation(step, metrics)
+        self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
+        self.unobserved: Observation | None = None  # read back, not yet given to the planner
+        self.plan_info: dict[str, Any] | None = None
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
@@ -268,6 +276,8 @@ class _Run:
         if "tally" in state:
             self.tally = _Tally(**state["tally"])
         self.resumed_from = int(state["step"])
+        if state.get("unobserved"):
+            self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
         return self.resumed_from
 
     def save(self, step_done: int) -> Path | None:
@@ -276,7 +286,8 @@ class _Run:
             payload = {"step": step_done, "runtime": self.runtime.state_dict(), "planner": self.planner.state_dict(),
                        "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
                        "tally": asdict(self.tally) | {"peak_memory_bytes": self.tally.peak(self.runtime)},
-                       "world_size": self.comm.world_size}
+                       "world_size": self.comm.world_size,
+                       "unobserved": asdict(self.unobserved) if self.unobserved else None}
             try:
                 return ckpt.save_checkpoint(self.run_dir, step_done, payload, self.cfg.output.keep_last)
             except OSError as exc:
@@ -297,15 +308,20 @@ class _Run:
             with _StopOnSignal() as stop:
                 batches = train_batches(data.train, sampler, cfg.data.num_workers)
                 for step, (images, labels) in zip(range(start, steps), batches):
-                    record = self.step(images, labels, step, steps, hooks, writer)
-                    done = record["step"] + 1
+                    done = self.step(images, labels, step, steps, hooks, writer) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+                        self.flush(hooks, writer)
                         self.on_eval(hooks, done, self.runtime.evaluate(eval_batches(data.val, cfg.train.batch_size)))
                     saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
                     if saved:
+                        self.flush(hooks, writer)
                         self.save(done)
                     if done < steps and comm.any_true(stop.requested):
+                        self.flush(hooks, writer)
                         raise Interrupted(done, self.last_ckpt if saved else self.save(done))
+                self.flush(hooks, writer)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message()) from None
         except NonFiniteLoss as exc:
             kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
             exc.args = (f"{exc.args[0] if exc.args else exc}; stopped, {kept}",)
@@ -314,16 +330,47 @@ class _Run:
             if writer:
                 writer.close()
 
-    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer) -> dict[str, Any]:
-        """One plan -> train_step -> observe; returns the metrics record."""
+    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer) -> int:
+        """One plan -> train_step -> observe; returns ``step``.
+
+        A sync-free runtime (``observe_lag``) launches step i and only then reads back step i-1,
+        which the planner observes after planning step i: budgets lag one step (docs/gpu.md).
+        """
         cfg, runtime = self.cfg, self.runtime
         progress = step / steps
         budget = self.planner.plan(step, progress)
         check_budget(runtime, budget)
         lr = lr_at(step, steps, cfg.train.lr, cfg.train.warmup_frac, cfg.train.min_lr_frac)
-        result = runtime.train_step(images, labels, budget, lr, step)
-        self.planner.observe(Observation(step, progress, result.deltas, result.loss))
-        sent = getattr(self.comm.extra, "last_bytes", None) if self.comm.world_size > 1 else None
+        self.current_step = step
+        if not getattr(runtime, "observe_lag", False):
+            result = runtime.train_step(images, labels, budget, lr, step)
+            self.planner.observe(Observation(step, progress, result.deltas, result.loss))
+            self._log(step, budget, lr, result, self._sent_bytes(), hooks, writer)
+            return step
+        launched = runtime.launch_step(images, labels, budget, lr, step)
+        sent = self._sent_bytes()
+        self.flush(hooks, writer)
+        if self.unobserved is not None:
+            self.planner.observe(self.unobserved)
+            self.unobserved = None
+        self.pending = (launched, budget, lr, progress, sent)
+        return step
+
+    def flush(self, hooks: Hooks, writer) -> None:
+        """Read back the launched step and log it; its observation waits for the next launch, so
+        flushing at a checkpoint, an evaluation or the end never changes what the planner sees."""
+        if self.pending is None:
+            return
+        launched, budget, lr, progress, sent = self.pending
+        self.pending = None
+        result = launched.resolve()
+        self.unobserved = Observation(launched.step, progress, result.deltas, result.loss)
+        self._log(launched.step, budget, lr, result, sent, hooks, writer)
+
+    def _sent_bytes(self) -> int | None:
+        return getattr(self.comm.extra, "last_bytes", None) if self.comm.world_size > 1 else None
+
+    def _log(self, step: int, budget, lr: float, result: StepResult, sent, hooks: Hooks, writer) -> None:
         self.tally.add(result, sent)
         record = {"step": step, "loss": result.loss, "lr": lr, "budgets": list(budget.budgets),
                   "keep_ratios": list(budget.keep_ratios), "tokens_in": list(result.tokens_in),
@@ -331,6 +378,8 @@ class _Run:
                   "deltas": list(result.deltas), "batch_size": result.batch_size * self.comm.world_size,
                   "step_time_s": result.step_time_s, "train_flops": result.train_flops,
                   "memory_measured": result.memory_measured}
+        if result.compile_time_s:
+            record["compile_time_s"] = result.compile_time_s
         if sent is not None:
             record["grad_allreduce_bytes"] = sent
         if writer:
@@ -338,7 +387,17 @@ class _Run:
         if self.tb:
             self.tb.step(record)
         hooks.on_step(step, result, record)
-        return record
+
+    def _oom_message(self) -> str:
+        """One line: where it ran out, the planner's predicted peak if known, what to lower."""
+        cfg = self.cfg
+        peak = (self.plan_info or {}).get("predicted_peak_memory_bytes")
+        pred = (f" (the planner predicted a peak of {peak / 2**30:.1f} GiB)" if peak else
+                f"; `alast plan --batch-size {cfg.train.batch_size}` predicts the peak")
+        kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+        return (f"out of GPU memory at step {getattr(self, 'current_step', '?')} with batch size "
+                f"{cfg.train.batch_size}{pred}; lower train.batch_size, use backend.precision=bf16 or a lower "
+                f"--target-flops; {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""

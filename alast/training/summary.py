@@ -33,6 +33,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
                                "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
+        "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
         "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,
         "ranks_in_sync": run.ranks_in_sync(), "resumed_from_step": run.resumed_from,
         "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,

@@ -38,3 +38,46 @@ def register_cpu_sdpa() -> None:
 def counter() -> fc.FlopCounterMode:
     register_cpu_sdpa()
     return fc.FlopCounterMode(display=False)
+
+
+class StepFlopCache:
+    """Counted flops of a training step, assembled from per-block counts cached by shape.
+
+    A block's counted flops depend only on (batch, tokens in, whether it selects tokens, whether
+    it is trained, whether any block below it is trained); the rest of the model (embedding, head)
+    only on (batch, tokens leaving the last block). A step whose every piece was counted before
+    is not counted again: it can run compiled and with no counter dispatch overhead. A new shape
+    runs eagerly under the counter once, and its pieces are read from the counter's per-module
+    totals (tested equal to a fresh count of the whole step). The backend's precision, LoRA and
+    frozen stem are fixed for a run, so they are not part of the key.
+    """
+
+    def __init__(self, block_names: list[str]) -> None:
+        self.block_names = block_names
+        self.blocks: dict[tuple, float] = {}
+        self.rest: dict[tuple, float] = {}
+
+    @staticmethod
+    def keys(batch: int, tokens_in, kept, trained) -> tuple[list[tuple], tuple]:
+        blocks = [(batch, n, o < n, bool(t), any(trained[:i]))
+                  for i, (n, o, t) in enumerate(zip(tokens_in, kept, trained))]
+        return blocks, (batch, kept[-1])
+
+    def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
+        blocks, rest = keys
+        if rest not in self.rest or any(k not in self.blocks for k in blocks):
+            return None
+        return self.rest[rest] + sum(self.blocks[k] for k in blocks)
+
+    def record(self, fc: fc.FlopCounterMode, keys: tuple[list[tuple], tuple]) -> float:
+        """Store the pieces of a step just counted by ``fc``; returns its total."""
+        counts = {name: sum(ops.values()) for name, ops in fc.get_flop_counts().items()}
+        total = float(fc.get_total_flops())
+        # A block name the counter did not report means the names do not match: cache nothing.
+        if all(name in counts for name in self.block_names):
+            per_block = [float(counts[name]) for name in self.block_names]
+            blocks, rest = keys
+            for k, v in zip(blocks, per_block):
+                self.blocks[k] = v
+            self.rest[rest] = total - sum(per_block)
+        return total

@@ -34,6 +34,7 @@ class StepControl:
     deltas: list[Tensor | None] = field(default_factory=list)
     tokens_in: list[int] = field(default_factory=list)
     scores: list[Tensor | None] = field(default_factory=list)
+    eager: bool = False  # run the upstream forward uncompiled (FLOP counting sees every op)
 
 
 class _AlastBlockMixin:
@@ -45,38 +46,44 @@ class _AlastBlockMixin:
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # type: ignore[override]
         ctl = self._alast_control
+        qkv = self.attn.qkv
+        try:
+            out = self._alast_block_compute(x, *args, **kwargs)
+            qkv_out = qkv.__dict__.get("_alast_qkv_out")
+        finally:
+            qkv.__dict__.pop("_alast_qkv_out", None)  # never hold the activation past the block
         if not self.training or ctl.keep is None:
-            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+            return out
         i = self._alast_index
         n_patch = x.shape[1] - self._alast_prefix
         keep = ctl.keep[i]
-        selecting = keep is not None and keep < n_patch
-        ctl.scores[i] = None
         ctl.tokens_in[i] = n_patch
-        self._alast_want_scores = selecting
-        try:
-            out = super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        finally:
-            self._alast_want_scores = False
         ctl.deltas[i] = cls_delta(x, out)
-        if selecting:
-            scores = ctl.scores[i]
-            if scores is None:
+        ctl.scores[i] = None
+        if keep is not None and keep < n_patch:
+            if qkv_out is None:
                 raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
+            attn = self.attn
+            ctl.scores[i] = scores = cls_attention_scores(
+                qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
             out = select_tokens(out, scores, int(keep), self._alast_prefix)
         return out
 
+    def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The upstream block forward; compiled once for all blocks by :meth:`AlastPatch.compile_blocks`."""
+        compiled = self.__dict__.get("_alast_compiled")
+        if compiled is not None and self.training and not self._alast_control.eager:
+            return compiled(self, x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
-def _qkv_hook(block: nn.Module):
-    attn = block.attn
 
-    def hook(_module: nn.Module, _inputs, output: Tensor) -> None:
-        if getattr(block, "_alast_want_scores", False):
-            block._alast_control.scores[block._alast_index] = cls_attention_scores(
-                output, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm
-            )
+def _qkv_hook(module: nn.Module, _inputs, output: Tensor) -> None:
+    """Keep the fused qkv projection's output for the block's CLS-attention scores.
 
-    return hook
+    One module-level function for every block (no per-block closure, no flag read), so a compiled
+    block forward traces the same hook for every block and never guards on which block it is.
+    """
+    module._alast_qkv_out = output
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -104,9 +111,8 @@ class AlastPatch:
             blk._alast_index = i
             blk._alast_prefix = self.num_prefix
             blk._alast_control = self.control
-            blk._alast_want_scores = False
             blk.__class__ = _patched_class(type(blk))
-            self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook(blk)))
+            self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
         model._alast_patch = self
 
     def unpatch(self) -> nn.Module:
@@ -115,12 +121,29 @@ class AlastPatch:
             h.remove()
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
-            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_want_scores"):
+            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_compiled"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:
             del self.model._alast_patch
         return self.model
+
+    def compile_blocks(self, **options) -> None:
+        """Compile the upstream block forward once, shared by every block (training forwards only).
+
+        Token selection, deltas and scores stay outside the compiled region, so moving budgets do
+        not recompile: the token dimension is dynamic (``dynamic=True``) and the blocks share one
+        compiled function (dynamo treats each block's parameters as inputs). What remains guarded
+        is whether the block's parameters and input require grad: at most four graphs.
+        """
+        import torch
+
+        base = self.blocks[0]._alast_base
+        if any(b._alast_base is not base for b in self.blocks):
+            raise PatchError("blocks of different classes cannot share one compiled forward")
+        compiled = torch.compile(base.forward, **{"dynamic": True, **options})
+        for blk in self.blocks:
+            blk._alast_compiled = compiled
 
     @contextmanager
     def training_forward(self, keep: tuple[int | None, ...]) -> Iterator[StepControl]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -11,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from planners import Budget, StepResult, kept_token_counts
-from planners.rules import reduce_deltas
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
-from .flops import counter
+from .flops import StepFlopCache, counter
 from .patch import AlastPatch
+from .pending import DeviceTimer, PendingStep
 
 
 def default_memory_probe(step: int) -> bool:
@@ -107,6 +106,33 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _compile_seconds() -> float:
+    """Seconds torch.compile has spent so far in this process (dynamo + inductor, both passes)."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+
+    keys = [k for k in metrics if k == "_compile.compile_inner" or k.endswith("bw_compiler")]
+    return float(sum(sum(metrics[k]) for k in keys))
+
+
+def resolve_observe_lag(setting: str | bool, device: torch.device) -> bool:
+    """``auto``: read step results one step late on CUDA (no host sync), at once on the CPU
+    (where nothing is asynchronous to gain, and results stay exactly as before)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"backend.sync_free must be auto, on or off, got {setting!r}")
+    return device.type == "cuda" if setting == "auto" else setting == "on"
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW; on CUDA the fused kernel (one launch for all parameters instead of several per
+    tensor group), which needs floating-point parameters on the device."""
+    groups = _param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = device.type == "cuda" and all(p.is_floating_point() and p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
 class TorchRuntime:
     """Eager PyTorch training of a patched timm ViT.
 
@@ -121,8 +147,15 @@ class TorchRuntime:
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  precision: str = "fp32", count_flops: str = "every", lora: dict[str, Any] | None = None,
                  comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
-                 freeze_embeddings: bool = False) -> None:
+                 freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
+                 sync_free: str | bool = "auto") -> None:
         self.device = resolve_device(device)
+        self.observe_lag = resolve_observe_lag(sync_free, self.device)
+        self.compile = compile
+        self.compile_time_s = 0.0
+        if token_multiple < 1:
+            raise ValueError(f"backend.token_multiple must be >= 1, got {token_multiple}")
+        self.token_multiple = int(token_multiple)
         if precision == "bf16" and self.device.type != "cuda":
             raise ValueError("backend.precision=bf16 needs a CUDA device; use fp32 on CPU")
         self.precision = precision
@@ -150,7 +183,12 @@ class TorchRuntime:
         self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
         if comm is not None:
             comm.broadcast_parameters(list(self.model.parameters()))
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, weight_decay), lr=lr)
+        self.optimizer = make_optimizer(self.model, lr, weight_decay, self.device)
+        root = type(self.model).__name__
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self._flops = StepFlopCache([f"{root}.{names[id(b)]}" for b in self.patch.blocks])
+        if compile:
+            self.patch.compile_blocks()
         self._peak_bytes: int | None = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -185,9 +223,24 @@ class TorchRuntime:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
                    step: int) -> StepResult:
+        """Run one step and read its results back now (the host waits for the device)."""
+        return self.launch_step(images, labels, budget, lr, step).resolve()
+
+    def launch_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
+                    step: int) -> PendingStep:
+        """Queue one step; nothing here waits for the device when ``observe_lag`` is on (CUDA).
+
+        Without the lag the loss is checked before the backward pass (a non-finite loss never
+        reaches the weights) and the step is timed between two device syncs. With it, the loss
+        and deltas stay on the device until :meth:`PendingStep.resolve`, one step later.
+        """
+        lag = self.observe_lag
+        if lag and self.device.type == "cuda" and not images.is_pinned():
+            images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens)
+        tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens,
+                                                  self.token_multiple)
         keep = tuple(o if o < i else None for i, o in zip(tokens_in, tokens_out))
         self.model.train()
         self._set_trained(budget.trained)
@@ -196,17 +249,21 @@ class TorchRuntime:
         self.optimizer.zero_grad(set_to_none=True)
         probe_mem = self.device.type == "cpu" and self._should_probe(step, tokens_in, budget)
         mem_ctx = self._mem_tracker() if probe_mem else contextlib.nullcontext()
-        flop_ctx = counter() if self.count_flops == "every" else contextlib.nullcontext()
-        self._sync()
-        t0 = time.perf_counter()
+        flop_keys = StepFlopCache.keys(int(images.shape[0]), tokens_in, tokens_out, budget.trained)
+        flops = self._flops.lookup(flop_keys) if self.count_flops == "every" else None
+        counting = self.count_flops == "every" and flops is None
+        compiled_before = _compile_seconds() if self.compile else 0.0
+        if not lag:
+            self._sync()
+        timer = DeviceTimer.begin(self.device)
         with mem_ctx as mt:
-            with flop_ctx as fc:
+            with counter() if counting else contextlib.nullcontext() as fc:
+                self.patch.control.eager = counting  # the counter must see every op
                 with self.patch.training_forward(keep) as ctl, self._autocast(), self._attention_kernels():
                     logits = self.model(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-                loss_value = float(loss.detach())
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(step, loss_value)
+                if not lag and not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(step, float(loss.detach()))
                 loss.backward()
             deltas = torch.stack([d if d is not None else torch.zeros_like(ctl.deltas[0]) for d in ctl.deltas])
             self._reduce_gradients(budget)
@@ -214,27 +271,18 @@ class TorchRuntime:
                 params = [p for p in self.model.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.optimizer.step()
-        self._sync()
-        elapsed = time.perf_counter() - t0
+        if counting:
+            flops = self._flops.record(fc, flop_keys)
+        if not lag:
+            self._sync()
+        timer.stop()
         if probe_mem:
             self._record_cpu_peak(mt)
-        per_block = self._reduce_deltas(deltas)
-        return StepResult(
-            loss=self._mean_loss(loss_value), deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
-            trained_blocks=budget.trained_blocks, batch_size=int(images.shape[0]), step_time_s=elapsed,
-            train_flops=float(fc.get_total_flops()) if fc is not None else None,
-            memory_measured=probe_mem,
-        )
-
-    def _reduce_deltas(self, deltas: torch.Tensor) -> tuple[float, ...]:
-        """Per block over the batch (and across ranks); one host sync per step."""
-        if self.comm is not None:
-            deltas = self.comm.gather_batch(deltas)
-        per_sample = deltas.float().cpu().tolist()
-        return tuple(reduce_deltas(row, self.delta_reduction) for row in per_sample)
-
-    def _mean_loss(self, loss: float) -> float:
-        return self.comm.mean_scalar(loss) if self.comm is not None else loss
+        compile_s = _compile_seconds() - compiled_before if self.compile else 0.0
+        self.compile_time_s += compile_s
+        fields = dict(tokens_in=tokens_in, kept_tokens=tokens_out, trained_blocks=budget.trained_blocks,
+                      batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
+        return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s)
 
     def _reduce_gradients(self, budget: Budget) -> None:
         if self.comm is None:
@@ -330,6 +378,8 @@ class TorchRuntime:
             model = copy.deepcopy(self.model).cpu().eval()
         finally:
             self.patch = AlastPatch(self.timm_model)
+            if self.compile:
+                self.patch.compile_blocks()
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
             if hasattr(model.head, "modules_to_save"):
@@ -346,5 +396,6 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
         label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
-        lora=lora, comm=comm, freeze_embeddings=cfg.policy.freeze_embeddings,
+        lora=lora, comm=comm, freeze_embeddings=cfg.policy.freeze_embeddings, compile=cfg.backend.compile,
+        token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
     )

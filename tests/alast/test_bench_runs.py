@@ -3,8 +3,17 @@ import math
 
 import pytest
 
-from alast.bench_runs import (BY_STEPS, MATCHED, RunSpec, compare, curve_runs, judgement, matched_steps,
-                              same_step_runs, scaled_steps)
+from alast.bench_runs import (
+    BY_STEPS,
+    MATCHED,
+    RunSpec,
+    compare,
+    curve_runs,
+    judgement,
+    matched_steps,
+    same_step_runs,
+    scaled_steps,
+)
 
 
 def test_matched_steps_from_counted_flops():

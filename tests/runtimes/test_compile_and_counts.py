@@ -1,0 +1,100 @@
+"""torch.compile of the block compute (no recompiles as budgets move), the per-block FLOP cache,
+token counts rounded to a multiple, and the fused optimizer switch."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from planners import Budget, kept_token_counts
+from runtimes.torch_backend.runtime import TorchRuntime, make_optimizer
+from tests.conftest import make_tiny_vit
+
+
+def make_runtime(**kw):
+    opts = dict(lr=1e-2, weight_decay=0.05, grad_clip=1.0, device="cpu", memory_probe_steps=lambda s: False)
+    return TorchRuntime(make_tiny_vit(), **{**opts, **kw})
+
+
+def moving_budgets(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        ratios = tuple(rng.choice([1.0, 0.9, 0.75, 0.6, 0.5]) for _ in range(4))
+        trained = tuple(rng.random() < 0.75 for _ in range(4))
+        yield Budget(ratios, trained)
+
+
+def test_compiled_run_stops_recompiling_after_warm_up(batch):
+    """Inductor on the CPU: new token counts and trained sets after warm-up compile nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = batch
+    rt = make_runtime(compile=True, count_flops="off")
+    budgets = list(moving_budgets(14))
+    graphs, results = [], []
+    for step, b in enumerate(budgets):
+        results.append(rt.train_step(x, y, b, 1e-2, step))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1, "nothing was compiled"
+    assert graphs[-1] == graphs[4] <= 4  # trained/frozen x input grad, shared by all blocks
+    assert len({r for b in budgets[5:] for r in kept_token_counts(b.keep_ratios, 16)[1]}) > 3
+    assert rt.compile_time_s > 0
+    assert sum(r.compile_time_s for r in results) == pytest.approx(rt.compile_time_s)
+
+
+def test_compiled_step_matches_eager(batch):
+    x, y = batch
+    b = Budget((0.75, 1.0, 0.5, 1.0), (True, False, True, True))
+    eager, comp = make_runtime(), make_runtime(compile=True)
+    r1, r2 = eager.train_step(x, y, b, 1e-2, 0), comp.train_step(x, y, b, 1e-2, 0)
+    assert r2.loss == pytest.approx(r1.loss, rel=1e-5)
+    assert r2.deltas == pytest.approx(r1.deltas, rel=1e-4)
+    assert r2.train_flops == r1.train_flops and r2.kept_tokens == r1.kept_tokens
+
+
+def test_cached_flops_equal_a_fresh_count(batch):
+    """A step assembled from cached per-block pieces reports what counting it would."""
+    x, y = batch
+    cached, fresh = make_runtime(), make_runtime()
+    for step, b in enumerate(moving_budgets(12, seed=1)):
+        cached.train_step(x, y, b, 1e-2, step)
+    hits = 0
+    for step, b in enumerate(moving_budgets(12, seed=2)):
+        hit = cached._flops.lookup(cached._flops.keys(6, *kept_token_counts(b.keep_ratios, 16), b.trained))
+        fresh._flops = type(fresh._flops)(fresh._flops.block_names)  # always count
+        expected = fresh.train_step(x, y, b, 1e-2, step).train_flops
+        assert cached.train_step(x, y, b, 1e-2, step).train_flops == expected
+        hits += hit is not None
+    assert hits > 0
+
+
+@pytest.mark.parametrize("multiple,min_tokens,expected", [
+    (1, 1, (176, 158, 79, 23)),     # floor(r * n): today's exact counts
+    (8, 1, (176, 152, 72, 16)),     # each rounded down to a multiple of 8
+    (8, 20, (176, 152, 72, 20)),    # ... but never below min_tokens
+    (8, 200, (196, 196, 196, 196)),  # min_tokens above what is there: keep all
+])
+def test_token_multiple_rounds_down_but_never_below_min_tokens(multiple, min_tokens, expected):
+    _, out = kept_token_counts((0.9, 0.9, 0.5, 0.3), 196, min_tokens, multiple)
+    assert out == expected
+
+
+def test_runtime_applies_the_token_multiple(batch):
+    x, y = batch
+    rt = make_runtime(token_multiple=8)
+    res = rt.train_step(x, y, Budget((0.9, 1.0, 0.6, 1.0), (True,) * 4), 1e-2, 0)
+    assert res.kept_tokens == kept_token_counts((0.9, 1.0, 0.6, 1.0), 16, 1, 8)[1] == (8, 8, 1, 1)
+    with pytest.raises(ValueError, match="token_multiple"):
+        make_runtime(token_multiple=0)
+
+
+def test_fused_adamw_only_on_cuda():
+    model = make_tiny_vit()
+    opt = make_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    assert not opt.defaults.get("fused")
+    if torch.cuda.is_available():
+        opt = make_optimizer(model.cuda(), 1e-3, 0.05, torch.device("cuda"))
+        assert opt.defaults["fused"]
