@@ -226,7 +226,7 @@ def _intensity(counts: Tensor, u: Tensor) -> Tensor:
 
 def _colourise(ink: Tensor, u: Tensor) -> Tensor:
     """Ink ``[B, 1, H, W]`` to RGB: a two-colour gradient (grey for 30%) on a dark background."""
-    B, _, H, W = ink.shape
+    B, _, H, _ = ink.shape
     grey = (u[:, _U_GREY] < 0.3)[:, None]
     fg1, fg2 = (torch.where(grey, u[:, k:k + 1].expand(B, 3), u[:, k:k + 3]) for k in (_U_FG1, _U_FG2))
     fg1, fg2 = 0.45 + 0.55 * fg1, 0.45 + 0.55 * fg2
