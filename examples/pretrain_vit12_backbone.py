@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=VIT12_WEIGHTS)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (3 steps of 8 images): checks the pipeline")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    args.command = " ".join(["python", "examples/pretrain_vit12_backbone.py", *argv])
     if args.smoke:
         vars(args).update(SMOKE, device="cpu")
     return args
@@ -69,6 +71,20 @@ def evaluate(model, images, labels, batch_size, autocast) -> float:
             correct += (model(normalise(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]).sum().item()
     model.train()
     return correct / max(1, images.shape[0])
+
+
+def generation_rate(args, device: torch.device) -> float:
+    """Formula images per second on ``device`` at ``args.batch_size`` (after one warm-up batch)."""
+    g = torch.Generator(device=device).manual_seed(12345)
+    sample_batch(args.classes, args.batch_size, g, DEFAULT_SIZE, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, n = time.time(), 2 if args.smoke else 5
+    for _ in range(n):
+        sample_batch(args.classes, args.batch_size, g, DEFAULT_SIZE, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n * args.batch_size / (time.time() - start)
 
 
 def lr_factor(progress: float, warmup: float) -> float:
@@ -95,8 +111,9 @@ def main(argv=None) -> dict:
     forward = torch.compile(model) if args.compile else model
     train_gen = torch.Generator(device=device).manual_seed(args.seed)
     eval_x, eval_y = held_out_batch(args.classes, args.eval_size, seed=args.seed, device=device)
-    print(f"{VIT12_MODEL}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{args.classes} classes, held-out {args.eval_size}", flush=True)
+    args.generation_images_per_s = round(generation_rate(args, device))
+    print(f"{VIT12_MODEL}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.classes} classes, "
+          f"held-out {args.eval_size}, data {args.generation_images_per_s} img/s", flush=True)
 
     start, run_loss, run_acc, n_run, evals, step, progress = time.time(), 0.0, 0.0, 0, [], 0, 0.0
     while progress < 1.0:
@@ -134,9 +151,9 @@ def save(model, args, evals, elapsed: float, use_bf16: bool) -> dict:
     record = dict(model=VIT12_MODEL, arch=VIT12_ARCH, data="formula-driven fractals (alast/data/formula.py)",
                   num_classes=args.classes, img_size=DEFAULT_SIZE, steps=args.steps, batch_size=args.batch_size,
                   held_out_accuracy=evals[-1]["held_out_accuracy"] if evals else None, evals=evals,
-                  eval_size=args.eval_size, seconds=round(elapsed, 1), device=args.device,
-                  device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                  bf16=use_bf16, dtype_saved="float16", torch=torch.__version__, command=" ".join(sys.argv),
+                  eval_size=args.eval_size, seconds=round(elapsed, 1), data_images_per_s=args.generation_images_per_s,
+                  device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                  bf16=use_bf16, dtype_saved="float16", torch=torch.__version__, command=args.command,
                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {len(state)} tensors ({args.out.stat().st_size / 1e6:.1f} MB) to {args.out}; "

@@ -193,6 +193,13 @@ def _class_table(num_classes: int, class_seed: int) -> tuple[Tensor, Tensor]:
     raise FormulaError(f"no fitting system found for {len(todo)} classes after 50 rounds; try another class_seed")
 
 
+@functools.lru_cache(maxsize=8)
+def _device_table(num_classes: int, class_seed: int, device: str) -> tuple[Tensor, Tensor]:
+    """:func:`class_table` copied to ``device`` once, not on every batch."""
+    params, n_maps = class_table(num_classes, class_seed)
+    return params.to(device), n_maps.to(device)
+
+
 # --- rendering ------------------------------------------------------------------------------------------
 _N_DRAWS = 24  # uniforms per instance, by column:
 (_U_MAP, _U_PARAM, _U_WEIGHT, _U_FLIPX, _U_FLIPY, _U_FILL, _U_SHX, _U_SHY, _U_THICK, _U_BLUR, _U_GREY,
@@ -272,8 +279,7 @@ def generate_batch(num_classes: int, labels: Tensor, seeds: Tensor, size: int = 
     device = torch.device(device) if device is not None else labels.device
     labels, seeds = labels.to(device, torch.long), seeds.to(device, torch.long)
     _check(num_classes, labels, seeds, size)
-    table_p, table_n = class_table(num_classes, class_seed)
-    table_p, table_n = table_p.to(device), table_n.to(device)
+    table_p, table_n = _device_table(num_classes, class_seed, str(device))
     keys = _mix(seeds) + labels * 0x2545F491  # distinct keys for one seed in different classes
     out = [_render(table_p[labels[i:i + _CHUNK]], table_n[labels[i:i + _CHUNK]], keys[i:i + _CHUNK], size)
            for i in range(0, labels.shape[0], _CHUNK)]

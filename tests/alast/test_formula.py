@@ -113,6 +113,7 @@ def test_pretrain_script_smoke_writes_loadable_fp16_weights_and_record(tmp_path)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(record)) and saved["steps"] == 3 and saved["num_classes"] == 10
     assert saved["arch"]["depth"] == 12 and 0 <= saved["held_out_accuracy"] <= 1 and saved["evals"]
+    assert saved["data_images_per_s"] > 0 and saved["command"].endswith(f"--smoke --out {out}")
 
     from alast.models import create_model
 
