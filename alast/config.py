@@ -21,10 +21,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("alast_demo_vit", description="timm model name, or 'alast_demo_vit' (ships with alast)")
+    name: str = Field("alast_demo_vit", description="timm model name, or 'alast_demo_vit' / 'alast_vit12' (alast's own)")
     pretrained: bool | None = Field(
         None, description="start from pretrained weights: timm's download (needs internet) or, for "
-        "alast_demo_vit, the shipped backbone; default: yes for alast_demo_vit, no otherwise")
+        "alast_demo_vit/alast_vit12, the shipped backbone; default: yes for those, no otherwise")
     checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.bin) to start from")
     img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)

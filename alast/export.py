@@ -74,11 +74,11 @@ def load_run(run_dir: Path) -> LoadedRun:
 
 
 def _build_model(cfg: Any, num_classes: int) -> nn.Module:
-    from alast.models import DEMO_MODEL, build_demo_model, create_model
+    from alast.models import SHIPPED_MODELS, build_shipped_model, create_model
 
     extra = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
-    if cfg.model.name == DEMO_MODEL:
-        return build_demo_model(num_classes, pretrained=False, **extra)
+    if cfg.model.name in SHIPPED_MODELS:
+        return build_shipped_model(cfg.model.name, num_classes, pretrained=False, **extra)
     return create_model(cfg.model.name, num_classes, pretrained=False, **extra)
 
 

@@ -1,7 +1,8 @@
-"""Model creation: any timm ViT/DeiT, with timm's pretrained weights, a local checkpoint, or the
-small demo backbone that ships with alast."""
+"""Model creation: any timm ViT/DeiT, with timm's pretrained weights, a local checkpoint, or one of
+the backbones alast pre-trains itself (``alast_demo_vit``, ``alast_vit12``)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +23,59 @@ DEMO_PRETRAINED_CFG: dict[str, Any] = dict(
 )
 
 
+VIT12_MODEL = "alast_vit12"
+VIT12_WEIGHTS = ASSETS / "alast_vit12_fdsl.safetensors"
+
+# The paper-depth backbone: 12 blocks and 14x14 = 196 patch tokens like ViT-B/16 at 224 px, narrower
+# than ViT-Tiny (dim 128, two heads of 64) so that CPU fine-tuning runs take minutes. Pre-trained on
+# formula-driven fractals (alast/data/formula.py) by examples/pretrain_vit12_backbone.py.
+VIT12_ARCH: dict[str, Any] = dict(
+    img_size=112, patch_size=8, embed_dim=128, depth=12, num_heads=2, mlp_ratio=4.0, qkv_bias=True,
+)
+VIT12_PRETRAINED_CFG: dict[str, Any] = dict(DEMO_PRETRAINED_CFG, input_size=(3, 112, 112))
+
+
 class ModelError(ValueError):
     """The requested model cannot be built (unknown name, missing or bad weights)."""
 
 
-def build_demo_model(num_classes: int, pretrained: bool = True, **overrides: Any) -> nn.Module:
-    """The demo ViT; with ``pretrained`` its backbone weights come from the shipped safetensors."""
+@dataclass(frozen=True)
+class ShippedModel:
+    """A backbone alast pre-trains itself: timm ``VisionTransformer`` kwargs, preprocessing, weights."""
+
+    arch: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+    weights: Path
+    missing: str  # the error when ``weights`` is absent: what to do instead
+
+
+SHIPPED_MODELS: dict[str, ShippedModel] = {
+    DEMO_MODEL: ShippedModel(DEMO_ARCH, DEMO_PRETRAINED_CFG, DEMO_WEIGHTS,
+                             f"demo backbone weights missing at {DEMO_WEIGHTS}; reinstall alast or run "
+                             "examples/pretrain_demo_backbone.py"),
+    VIT12_MODEL: ShippedModel(VIT12_ARCH, VIT12_PRETRAINED_CFG, VIT12_WEIGHTS,
+                              f"{VIT12_MODEL} weights not shipped yet ({VIT12_WEIGHTS} is absent): pre-train "
+                              "with `python examples/pretrain_vit12_backbone.py` on a GPU, or pass --no-pretrained"),
+}
+
+
+def build_shipped_model(name: str, num_classes: int, pretrained: bool = True, **overrides: Any) -> nn.Module:
+    """One of :data:`SHIPPED_MODELS`; with ``pretrained`` its backbone weights come from its safetensors."""
     from timm.models.vision_transformer import VisionTransformer
 
-    arch = {**DEMO_ARCH, **overrides}
-    model = VisionTransformer(num_classes=num_classes, **arch)
-    model.pretrained_cfg = dict(DEMO_PRETRAINED_CFG, architecture=DEMO_MODEL)
+    spec = SHIPPED_MODELS[name]
+    model = VisionTransformer(num_classes=num_classes, **{**spec.arch, **overrides})
+    model.pretrained_cfg = dict(spec.pretrained_cfg, architecture=name)
     if pretrained:
-        if not DEMO_WEIGHTS.exists():
-            raise ModelError(
-                f"demo backbone weights missing at {DEMO_WEIGHTS}; reinstall alast or run "
-                "examples/pretrain_demo_backbone.py"
-            )
-        load_weights(model, DEMO_WEIGHTS, skip_head=True)
+        if not spec.weights.exists():
+            raise ModelError(spec.missing)
+        load_weights(model, spec.weights, skip_head=True)
     return model
+
+
+def build_demo_model(num_classes: int, pretrained: bool = True, **overrides: Any) -> nn.Module:
+    """The demo ViT; with ``pretrained`` its backbone weights come from the shipped safetensors."""
+    return build_shipped_model(DEMO_MODEL, num_classes, pretrained, **overrides)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -85,13 +120,15 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
     """Build ``name`` with a fresh ``num_classes`` head.
 
-    ``pretrained`` downloads timm's weights (or, for the demo model, uses the shipped backbone);
-    ``checkpoint`` loads local weights instead (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+    ``pretrained`` downloads timm's weights (or, for alast's own models, uses the shipped backbone; the
+    default for those); ``checkpoint`` loads local weights instead (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``).
     """
-    if name == DEMO_MODEL:
+    if name in SHIPPED_MODELS:
         extra = {"img_size": img_size} if img_size else {}
         use_shipped = checkpoint is None and pretrained is not False
-        model = build_demo_model(num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate, **extra)
+        model = build_shipped_model(name, num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate,
+                                    **extra)
         if checkpoint is not None:
             load_weights(model, Path(checkpoint))
         return model

@@ -12,7 +12,7 @@ from alast.config import AlastConfig, load_config
 def config_options(fn: Callable) -> Callable:
     opts = [
         click.argument("config", required=False, type=click.Path(path_type=Path)),
-        click.option("--model", help="timm model name (ViT/DeiT) or alast_demo_vit"),
+        click.option("--model", help="timm model name (ViT/DeiT), alast_demo_vit or alast_vit12"),
         click.option("--pretrained/--no-pretrained", default=None, help="load timm's pretrained weights"),
         click.option("--checkpoint", type=click.Path(path_type=Path), help="local weights to start from"),
         click.option("--img-size", type=int, help="input image size"),

@@ -42,7 +42,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     from runtimes.torch_backend.runtime import TorchRuntime
 
     torch.manual_seed(0)
-    model = create_model(name, cm.num_classes, img_size=cm.img_size)
+    model = create_model(name, cm.num_classes, pretrained=False, img_size=cm.img_size)  # timing needs no weights
     rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
                       lora=lora, memory_probe_steps=lambda s: False)
     x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)

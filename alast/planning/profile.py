@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from alast.models import DEMO_MODEL, create_model
+from alast.models import SHIPPED_MODELS, create_model
 from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
 from runtimes.torch_backend.flops import counter
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens
@@ -329,7 +329,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
 
 
 def default_num_classes(name: str) -> int:
-    if name == DEMO_MODEL:
+    if name in SHIPPED_MODELS:
         return 10
     import timm
 
@@ -343,7 +343,7 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
     if lora is not None:
         lora["targets"] = list(lora["targets"])
     torch.manual_seed(0)
-    model = create_model(name, num_classes, img_size=img_size)
+    model = create_model(name, num_classes, pretrained=False, img_size=img_size)  # costs need no weights
     if lora is not None:
         from runtimes.torch_backend.runtime import apply_lora
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from alast.config import AlastConfig
 from alast.data import DataBundle, build_data
-from alast.models import DEMO_MODEL, DEMO_PRETRAINED_CFG, ModelError, create_model
+from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
 
@@ -14,8 +14,8 @@ def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
     """timm's preprocessing for model ``name`` without building it."""
     from timm.data import resolve_data_config
 
-    if name == DEMO_MODEL:
-        cfg = dict(DEMO_PRETRAINED_CFG)
+    if name in SHIPPED_MODELS:
+        cfg = dict(SHIPPED_MODELS[name].pretrained_cfg)
     else:
         import timm
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,3 +41,22 @@ def test_bad_checkpoints_are_refused(tmp_path, content, fragment):
 def test_unknown_model_suggests_names():
     with pytest.raises(ModelError, match="unknown model 'vit_tiny_patch99'"):
         create_model("vit_tiny_patch99", 3)
+
+
+def test_vit12_has_the_papers_depth_and_token_count_and_refuses_missing_weights(tmp_path, monkeypatch):
+    from alast.models import SHIPPED_MODELS, VIT12_MODEL
+    from alast.training.build import model_data_config
+
+    model = create_model(VIT12_MODEL, 10, pretrained=False)
+    assert len(model.blocks) == 12 and model.patch_embed.num_patches == 196
+    assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 10)
+    cfg = model_data_config(VIT12_MODEL)
+    assert cfg["input_size"] == (3, 112, 112) and cfg["mean"] == (0.5, 0.5, 0.5)
+
+    spec = SHIPPED_MODELS[VIT12_MODEL]
+    monkeypatch.setitem(SHIPPED_MODELS, VIT12_MODEL, replace(spec, weights=tmp_path / "absent.safetensors"))
+    for pretrained in (True, None):  # explicit, and the default for alast's own models
+        with pytest.raises(ModelError) as info:
+            create_model(VIT12_MODEL, 10, pretrained=pretrained)
+        message = str(info.value)
+        assert "weights not shipped yet" in message and "--no-pretrained" in message and "\n" not in message
