@@ -239,6 +239,9 @@ class _Run:
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
         self.tb: TensorBoardLog | None = None
+        self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
+        self.unobserved: Observation | None = None  # read back, not yet given to the planner
+        self.plan_info: dict[str, Any] | None = None
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
@@ -257,9 +260,6 @@ class _Run:
         hooks.on_eval(step, metrics)
         if self.tb:
             self.tb.evaluation(step, metrics)
-        self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
-        self.unobserved: Observation | None = None  # read back, not yet given to the planner
-        self.plan_info: dict[str, Any] | None = None
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""

@@ -289,6 +289,8 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
         raise ValueError("the ort backend trains in one process; use --backend torch for data-parallel runs")
     if cfg.policy.lora is not None:
         raise ValueError(f"the ort backend does not support LoRA (policy {cfg.policy.name!r}); use --backend torch")
+    if cfg.backend.token_multiple != 1:
+        raise ValueError("the ort backend keeps exact token counts; drop backend.token_multiple or use --backend torch")
     if cfg.policy.freeze_embeddings:
         raise ValueError("the ort backend trains the embeddings; drop policy.freeze_embeddings or use --backend torch")
     if cfg.backend.precision != "fp32":

@@ -187,3 +187,14 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
     # the heavier dense phase is measured too, so the reported peak covers it
     assert records[8]["memory_measured"] and not records[0]["memory_measured"]
+
+
+def test_token_multiple_is_refused_where_the_planner_would_be_wrong(runner, tmp_path):
+    res = runner.invoke(cli, ["plan", "--steps", "5", "--set", "backend.token_multiple=8"])
+    assert res.exit_code == 2 and "token_multiple" in res.output
+    res = runner.invoke(cli, ["train", "--steps", "2", "--target-flops", "0.5", "--set", "backend.token_multiple=8",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "token_multiple" in res.output
+    res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "token_multiple" in res.output
