@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -226,7 +227,7 @@ class _Run:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
         from alast.training.resume import check_compatible
 
-        found = ckpt.latest_checkpoint(self.run_dir)
+        found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn)
         if found is None:
             return 0
         self.last_ckpt, state = found
@@ -238,6 +239,10 @@ class _Run:
             self.tally = _Tally(**state["tally"])
         self.resumed_from = int(state["step"])
         return self.resumed_from
+
+    def _warn(self, message: str) -> None:
+        if self.comm.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def save(self, step_done: int) -> Path | None:
         """Checkpoint after ``step_done`` steps (rank 0 writes; all ranks learn if it failed)."""
