@@ -262,7 +262,7 @@ def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
     assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert (out / "ort_artifacts" / "stats.json").exists()
-    (out / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 2's checkpoint
+    (out / "checkpoints" / "step_00000004.safetensors").unlink()  # as if killed after step 2's checkpoint
     (out / "summary.json").unlink()
     res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
