@@ -218,6 +218,7 @@ def test_run_dir_readers_refuse_planted_files(finished_run, tmp_path, marker):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_rank_results_are_read_without_unpickling_code(tmp_path, marker):
     from runtimes.distributed import read_rank_results
 
