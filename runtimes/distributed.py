@@ -165,10 +165,33 @@ def _spawn_entry(local_rank: int, world: int, store: str, fn: Callable, args: tu
         comm.close()
 
 
+def read_rank_results(out_dir: str, world_size: int) -> list[Any]:
+    """Each rank's result from ``out_dir/rank{r}.pt``, read with torch's allow-list unpickler.
+
+    ``weights_only=True`` rebuilds only tensors and plain containers (dict, list, tuple, numbers,
+    strings) and refuses any other global, so a planted file cannot run code; a result holding
+    anything else is refused the same way (return tensors and plain data from ``fn``).
+    """
+    import pickle
+
+    results = []
+    for r in range(world_size):
+        path = os.path.join(out_dir, f"rank{r}.pt")
+        try:
+            results.append(torch.load(path, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as exc:
+            lines = [l for l in str(exc).splitlines() if "GLOBAL" in l or "Unsupported" in l]
+            first = (lines or str(exc).strip().splitlines() or ["unpickling refused"])[0].strip()[:200]
+            raise RuntimeError(f"rank {r}'s result {path} holds more than tensors and plain data, refused "
+                               f"without running it ({first})") from None
+    return results
+
+
 def run_local(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """Run ``fn(comm, *args)`` on ``world_size`` CPU processes (gloo); returns each rank's result.
 
-    ``fn`` must be importable by name (a module-level function).
+    ``fn`` must be importable by name (a module-level function) and return tensors and plain
+    data (dicts, lists, tuples, numbers, strings): see :func:`read_rank_results`.
     """
     import tempfile
 
@@ -178,4 +201,4 @@ def run_local(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
         store = os.path.join(tmp, "store")
         mp.start_processes(_spawn_entry, args=(world_size, store, fn, args, tmp), nprocs=world_size,
                            join=True, start_method="spawn")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return read_rank_results(tmp, world_size)

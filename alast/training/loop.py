@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -265,7 +266,7 @@ class _Run:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
         from alast.training.resume import check_compatible
 
-        found = ckpt.latest_checkpoint(self.run_dir)
+        found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn)
         if found is None:
             return 0
         self.last_ckpt, state = found
@@ -279,6 +280,10 @@ class _Run:
         if state.get("unobserved"):
             self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
         return self.resumed_from
+
+    def _warn(self, message: str) -> None:
+        if self.comm.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def save(self, step_done: int) -> Path | None:
         """Checkpoint after ``step_done`` steps (rank 0 writes; all ranks learn if it failed)."""

@@ -94,7 +94,7 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):
     step = int(line.split()[3].rstrip(";"))
     assert 4 <= step < STEPS and "continue with --resume" in line
     # the checkpoint is at the step boundary where the loop stopped: exactly `step` logged steps
-    assert (run / "checkpoints" / f"step_{step:08d}.pt").exists()
+    assert (run / "checkpoints" / f"step_{step:08d}.safetensors").exists()
     assert len(losses(run)) == step
 
     res = invoke("--resume", "--out", str(run))
@@ -117,7 +117,7 @@ def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, mo
     res = invoke(*BASE, "--steps", "4", "--out", str(tmp_path / "run"))
     assert res.exit_code == 130
     assert "interrupted at step 2" in res.stderr
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002.safetensors"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
@@ -172,14 +172,15 @@ def test_neutral_keys_are_not_reported():
 def test_keep_last_and_names(tmp_path):
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step_00000003.safetensors", "step_00000004.safetensors"]
     path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step_00000004.pt" and state["step"] == 4
+    assert path.name == "step_00000004.safetensors" and state["step"] == 4
 
 
 def test_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 5, {"step": 5, "w": torch.ones(3)}, keep_last=2)
-    good = (tmp_path / "checkpoints" / "step_00000005.pt").read_bytes()
+    good = (tmp_path / "checkpoints" / "step_00000005.safetensors").read_bytes()
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -189,14 +190,26 @@ def test_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 5, {"step": 5, "w": torch.zeros(3)}, keep_last=2)
     monkeypatch.undo()
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert files == ["step_00000005.pt"]  # no temp file left, the good one untouched
-    assert (tmp_path / "checkpoints" / "step_00000005.pt").read_bytes() == good
+    assert files == ["step_00000005.safetensors"]  # no temp file left, the good one untouched
+    assert (tmp_path / "checkpoints" / "step_00000005.safetensors").read_bytes() == good
 
 
 def test_truncated_newest_checkpoint_falls_back(tmp_path):
     for step in (2, 4):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
-    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    newest = tmp_path / "checkpoints" / "step_00000004.safetensors"
     newest.write_bytes(newest.read_bytes()[:20])  # as if written in place and killed
-    path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step_00000002.pt" and state["step"] == 2
+    warnings: list[str] = []
+    path, state = ckpt.latest_checkpoint(tmp_path, warn=warnings.append)
+    assert path.name == "step_00000002.safetensors" and state["step"] == 2
+    assert len(warnings) == 1 and "step_00000004.safetensors is unreadable" in warnings[0]
+
+
+def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path):
+    """Checkpoints exist but none can be read: resume must not silently start again from step 0."""
+    ckpt.save_checkpoint(tmp_path, 3, {"step": 3}, keep_last=2)
+    only = tmp_path / "checkpoints" / "step_00000003.safetensors"
+    only.write_bytes(only.read_bytes()[:20])
+    with pytest.raises(ckpt.CheckpointRefused, match="no older readable checkpoint"):
+        ckpt.latest_checkpoint(tmp_path)
+    assert ckpt.latest_checkpoint(tmp_path / "empty") is None  # no checkpoint at all: start from 0

@@ -139,7 +139,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(tmp_path):
     line = assert_one_line_error(res, 1, "loss became", "at step", "last good checkpoint")
     step = int(line.split("at step ")[1].split(";")[0])
     kept = ckpt.list_checkpoints(run)
-    assert kept and kept[-1].name == f"step_{step:08d}.pt"  # the checkpoint before the bad step
+    assert kept and kept[-1].name == f"step_{step:08d}.safetensors"  # the checkpoint before the bad step
     assert ckpt.load_checkpoint(kept[-1])["step"] == step
     assert not (run / "summary.json").exists()
 
@@ -160,9 +160,9 @@ def test_full_disk_on_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     run = tmp_path / "run"
     res = run_cli(["train", "--steps", "4", *FAST, "--set", "output.checkpoint_every=1", "--out", str(run)])
-    assert_one_line_error(res, 1, "No space left on device", "step_00000001.pt", "intact")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.pt"]  # no temp left
-    assert ckpt.load_checkpoint(run / "checkpoints" / "step_00000001.pt")["step"] == 1
+    assert_one_line_error(res, 1, "No space left on device", "step_00000001.safetensors", "intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.safetensors"]  # no temp left
+    assert ckpt.load_checkpoint(run / "checkpoints" / "step_00000001.safetensors")["step"] == 1
 
 
 @pytest.mark.parametrize("command", ["export", "eval"])

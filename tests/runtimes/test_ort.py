@@ -1,6 +1,5 @@
 """One contract suite for every runtime, ORT-vs-torch loss parity, and the ORT backend's specifics."""
 import copy
-import io
 import json
 import random
 
@@ -98,15 +97,16 @@ def test_evaluate_and_export_model_agree(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_dict_round_trip_resumes_exactly(backend):
+def test_state_dict_round_trip_resumes_exactly(backend, tmp_path):
+    from alast.training import checkpoint as ckpt
+
     steps = data(4)
     a = make(backend)
     for s, (x, y) in enumerate(steps[:2]):
         a.train_step(x, y, HALF, 1e-3, s)
-    buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)  # what the loop's checkpoint does
+    path = ckpt.save_checkpoint(tmp_path, 2, {"runtime": a.state_dict()}, keep_last=1)  # the loop's format
     b = make(backend, model=make_tiny_vit(seed=5))
-    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    b.load_state_dict(ckpt.load_checkpoint(path)["runtime"])
     for s, (x, y) in enumerate(steps[2:], start=2):
         la = a.train_step(x, y, Budget((0.75,) * 4, (True, False, True, True)), 1e-3, s).loss
         lb = b.train_step(x, y, Budget((0.75,) * 4, (True, False, True, True)), 1e-3, s).loss
@@ -262,7 +262,7 @@ def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
     assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert (out / "ort_artifacts" / "stats.json").exists()
-    (out / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 2's checkpoint
+    (out / "checkpoints" / "step_00000004.safetensors").unlink()  # as if killed after step 2's checkpoint
     (out / "summary.json").unlink()
     res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
