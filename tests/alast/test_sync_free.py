@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from alast.config import load_config
+from alast.training import checkpoint as ckpt
 from alast.training import loop
 from alast.training.report import read_metrics
 from runtimes.protocol import NonFiniteLoss
@@ -109,8 +110,8 @@ def test_lagged_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         loop.train(cfg("backend.sync_free=on"), run)
     assert [r["step"] for r in records(run)] == [0, 1, 2, 3]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step_00000003.pt"]
-    state = torch.load(run / "checkpoints" / ckpts[0], weights_only=False)
+    assert ckpts == ["step_00000003.safetensors"]
+    state = ckpt.load_checkpoint(run / "checkpoints" / ckpts[0])
     assert all(torch.isfinite(v).all() for v in state["runtime"]["model"].values() if v.is_floating_point())
 
 

@@ -27,4 +27,4 @@ def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypat
     line = lines[0]
     for part in ("out of GPU memory at step 4", "batch size 8", "lower train.batch_size", "step_00000003"):
         assert part in line, line
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.safetensors"]
