@@ -141,6 +141,11 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
+def _val_batches(data, cfg: AlastConfig):
+    """Validation batches sized by ``train.eval_batch_size`` (default: for memory, not the train batch)."""
+    return eval_batches(data.val, cfg.train.eval_batch_size, cfg.data.num_workers)
+
+
 def _on_main(comm: Comm, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only; every rank gets its result or raises its exception."""
     result, error = None, None
@@ -202,7 +207,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     run.steps(data, start, steps, hooks, truncate=resume)
     # The training peak, read before evaluation and the full fine-tuning reference step allocate.
     run.tally.peak_memory_bytes = run.tally.peak(runtime)
-    metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
+    metrics = runtime.evaluate(_val_batches(data, cfg))
     hooks.on_eval(steps, metrics)
     run.save(steps)
     summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
@@ -269,7 +274,7 @@ class _Run:
                     record = self.step(images, labels, step, steps, hooks, writer)
                     done = record["step"] + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-                        hooks.on_eval(done, self.runtime.evaluate(eval_batches(data.val, cfg.train.batch_size)))
+                        hooks.on_eval(done, self.runtime.evaluate(_val_batches(data, cfg)))
                     saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
                     if saved:
                         self.save(done)

@@ -30,6 +30,7 @@ NAMED_OPTION_KEYS: dict[str, str] = {
 NEUTRAL_KEYS = frozenset({
     "output.dir", "output.checkpoint_every", "output.keep_last", "output.force",
     "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
+    "train.eval_batch_size",
 })
 NEUTRAL_SECTIONS = ("export.",)
 
