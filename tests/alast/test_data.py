@@ -172,11 +172,11 @@ def test_workers_give_the_same_batches(spec):
 # --- evaluation batches -------------------------------------------------------------------------
 def test_auto_eval_batch_size_bounds_the_input_tensor():
     assert auto_eval_batch_size(3 * 32 * 32 * 4) == 256  # capped
-    assert auto_eval_batch_size(3 * 518 * 518 * 4) == 20
-    assert auto_eval_batch_size(3 * 224 * 224 * 4) == 111
+    assert auto_eval_batch_size(3 * 518 * 518 * 4) == 2
+    assert auto_eval_batch_size(3 * 224 * 224 * 4) == 13
     assert auto_eval_batch_size(1 << 30) == 1  # never zero
     bundle = build_data("digits", model_data_config("alast_demo_vit", 224))
-    assert eval_batches(bundle.val).batch_size == 111 and eval_batches(bundle.val, 5).batch_size == 5
+    assert eval_batches(bundle.val).batch_size == 13 and eval_batches(bundle.val, 5).batch_size == 5
 
 
 def test_evaluation_does_not_depend_on_the_eval_batch_size():
