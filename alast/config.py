@@ -125,6 +125,9 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="validation batch size; default: the most images whose input tensor fits "
+        "in 8 MiB, between 1 and 256 (results do not depend on it)")
     seed: int = 0
     deterministic: bool = False
 

@@ -202,10 +202,11 @@ def _accumulate(batches: Any, predict) -> dict[str, float]:
 
 
 def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = None,
-                  batch_size: int = 64) -> dict[str, Any]:
+                  batch_size: int | None = None) -> dict[str, Any]:
     """Accuracy of an exported model with onnxruntime, preprocessing read from its metadata.
 
-    Without ``spec`` it evaluates on the validation split the run was trained against.
+    Without ``spec`` it evaluates on the validation split the run was trained against;
+    ``batch_size=None`` sizes batches for memory (:func:`alast.data.datasets.auto_eval_batch_size`).
     """
     import onnxruntime as ort
 
@@ -240,5 +241,5 @@ def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None =
     val = _val_data(spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
                     list(run.summary.get("classes") or []))
     with torch.no_grad():
-        metrics = _accumulate(eval_batches(val, batch_size or 64), run.model)
+        metrics = _accumulate(eval_batches(val, batch_size or cfg.train.eval_batch_size), run.model)
     return {**metrics, "source": "run", "path": str(run_dir), "data": spec}

@@ -45,10 +45,11 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--data", "spec", help="digits | shapes | imagefolder:PATH | torchvision:NAME (default: the run's)")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="images per batch (default: the run's train.eval_batch_size, else sized for memory)")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @click.pass_context
-def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: Path | None, batch_size: int,
+def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: Path | None, batch_size: int | None,
                  as_json: bool) -> None:
     """Evaluate a run directory (PyTorch) or an exported .onnx model (onnxruntime)."""
 

@@ -31,7 +31,7 @@ def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, 
 
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
               as_json: bool, skip_bad_images: bool, named: dict[str, Any]) -> dict[str, Any]:
-    from alast.training import loop
+    from alast.training.process import Comm
     from runtimes.distributed import init_from_env
 
     from .render import console, summary_table
@@ -43,7 +43,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
         cfg.output.force = True
     # Under torchrun (WORLD_SIZE > 1) join the process group; rank 0 alone prints and writes.
     dist_comm = init_from_env(cfg.backend.device)
-    comm = loop.Comm(dist_comm.rank, dist_comm.world_size, dist_comm) if dist_comm else loop.Comm()
+    comm = Comm(dist_comm.rank, dist_comm.world_size, dist_comm) if dist_comm else Comm()
     try:
         run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
         run_dir = Path(comm.broadcast_object(str(run_dir)))

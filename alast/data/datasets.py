@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -29,22 +30,48 @@ class DataBundle:
     skipped_files: int = 0
 
 
-class TensorImageDataset(Dataset):
-    """Images already transformed to tensors (small in-memory sets), with labels."""
+class ArrayImageDataset(Dataset):
+    """Small uint8 images kept at their own size; the model's transform runs per sample when read.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
+    Transforming up front at the model's input size costs ``N * 3 * H * W * 4`` bytes (about 6 GB
+    for the digits at 518 px); transforming in ``__getitem__`` keeps only the source pixels, like
+    torchvision datasets and image folders. ``images`` is uint8 [N, h, w] (grayscale) or
+    [N, h, w, 3]; each is handed to ``transform`` as an RGB PIL image. Picklable, so DataLoader
+    workers can use it.
+    """
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Callable) -> None:
+        if images.dtype != np.uint8:
+            raise TypeError(f"ArrayImageDataset needs uint8 images, got {images.dtype}")
+        self.images, self.transform = images, transform
+        self.targets = [int(y) for y in labels]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), self.targets[i]
 
 
-def _pil_list_to_tensor_dataset(images: Sequence[Any], labels: Sequence[int], transform: Callable) -> TensorImageDataset:
-    x = torch.stack([transform(img) for img in images])
-    return TensorImageDataset(x, torch.as_tensor(list(labels), dtype=torch.long))
+class RandomImageDataset(Dataset):
+    """Normal-noise float images at the model's input size, each drawn from (seed, index) when read.
+
+    For timing real architectures, not accuracy: nothing is stored but the labels, so any N fits
+    in memory, and image ``i`` is the same whichever worker, order or batch reads it.
+    """
+
+    def __init__(self, shape: Sequence[int], labels: Sequence[int], seed: int, first_index: int = 0) -> None:
+        self.shape, self.seed, self.first = tuple(shape), seed % (1 << 64), first_index
+        self.targets = [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.first + i])
+        return torch.from_numpy(rng.standard_normal(self.shape, dtype=np.float32)), self.targets[i]
 
 
 def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -62,28 +89,26 @@ def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tup
     return sorted(train), sorted(val)
 
 
-def _digits(transform: Callable, val_fraction: float, seed: int) -> DataBundle:
-    from PIL import Image
+def _digits(train_tf: Callable, eval_tf: Callable, val_fraction: float, seed: int) -> DataBundle:
+    """The UCI digits (8x8, 16 grey levels) scaled to uint8 and kept at 8x8 until read."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    imgs = [Image.fromarray((img * (255.0 / 16.0)).astype("uint8"), mode="L").convert("RGB") for img in d.images]
+    pixels = (d.images * (255.0 / 16.0)).astype("uint8")
     labels = [int(y) for y in d.target]
     tr, va = _split_indices(labels, val_fraction, seed)
-    ds = _pil_list_to_tensor_dataset(imgs, labels, transform)
-    return DataBundle(Subset(ds, tr), Subset(ds, va), [str(c) for c in range(10)])
+    val = ArrayImageDataset(pixels, labels, eval_tf)
+    train = val if train_tf is eval_tf else ArrayImageDataset(pixels, labels, train_tf)
+    return DataBundle(Subset(train, tr), Subset(val, va), [str(c) for c in range(10)])
 
 
-def _synthetic(family: str, transform: Callable) -> DataBundle:
+def _synthetic(family: str, train_tf: Callable, eval_tf: Callable) -> DataBundle:
+    """The fixed-seed synthetic sets, stored as 32x32 uint8 and transformed per sample."""
     from alast.data import synthetic
 
-    train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=transform)
-    val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=transform)
-    def to_tensor(ds) -> TensorImageDataset:
-        items = [ds[i] for i in range(len(ds))]  # each image transformed once
-        return TensorImageDataset(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
-
-    return DataBundle(to_tensor(train), to_tensor(val), list(train.classes))
+    train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=train_tf)
+    val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=eval_tf)
+    return DataBundle(train, val, list(train.classes))
 
 
 def _random_images(data_cfg: dict[str, Any], n: int, seed: int, num_classes: int = 10) -> DataBundle:
@@ -91,12 +116,11 @@ def _random_images(data_cfg: dict[str, Any], n: int, seed: int, num_classes: int
     if n < 2:
         raise DataError("random:N needs N >= 2")
     g = torch.Generator().manual_seed(seed)
-    c, h, w = data_cfg["input_size"]
-    x = torch.randn(n, c, h, w, generator=g)
-    y = torch.randint(0, num_classes, (n,), generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g).tolist()
     split = max(1, n // 8)
-    return DataBundle(TensorImageDataset(x[split:], y[split:]), TensorImageDataset(x[:split], y[:split]),
-                      [str(i) for i in range(num_classes)])
+    shape = data_cfg["input_size"]
+    return DataBundle(RandomImageDataset(shape, y[split:], seed, first_index=split),
+                      RandomImageDataset(shape, y[:split], seed), [str(i) for i in range(num_classes)])
 
 
 def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
@@ -224,11 +248,9 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     eval_tf = create_transform(**data_cfg, is_training=False)
     train_tf = create_transform(**data_cfg, is_training=True) if augment else eval_tf
     if kind == "digits":
-        if augment:
-            raise DataError("data.augment is not supported for the in-memory digits set; set data.augment=false")
-        return _digits(eval_tf, val_fraction, seed)
+        return _digits(train_tf, eval_tf, val_fraction, seed)
     if kind == "shapes":
-        return _synthetic("shapes", eval_tf)
+        return _synthetic("shapes", train_tf, eval_tf)
     if kind == "random":
         return _random_images(data_cfg, int(arg) if arg else 256, seed)
     if kind == "imagefolder":
@@ -283,5 +305,25 @@ def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0) 
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
 
 
-def eval_batches(ds: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+EVAL_BATCH_BYTES = 8 << 20  # input-tensor budget of one automatic evaluation batch
+MAX_EVAL_BATCH = 256
+
+
+def auto_eval_batch_size(sample_bytes: int) -> int:
+    """The largest batch whose input tensor stays within ``EVAL_BATCH_BYTES``, in [1, MAX_EVAL_BATCH].
+
+    Evaluation needs no gradients, so its batch need not match training's: small images get large
+    batches (fewer calls), large ones small batches (2 images at 518 px, 13 at 224 px). Larger
+    batches at large sizes buy nothing on CPU: measured on vit_small_patch14_reg4_dinov2 at 518 px,
+    1 thread, batch 2, 5 and 10 cost the same user time per image, but batches whose activations
+    pass glibc's 32 MiB mmap threshold add page-fault system time (+10-25%) and memory.
+    """
+    return max(1, min(MAX_EVAL_BATCH, EVAL_BATCH_BYTES // max(1, sample_bytes)))
+
+
+def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 0) -> DataLoader:
+    """Validation batches in order; ``batch_size=None`` sizes them from the first sample's bytes."""
+    if batch_size is None:
+        x = ds[0][0] if len(ds) else None
+        batch_size = auto_eval_batch_size(x.numel() * x.element_size()) if isinstance(x, torch.Tensor) else 1
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)

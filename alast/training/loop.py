@@ -9,22 +9,19 @@ alone writes files, and every rank learns of a failure on rank 0 instead of hang
 """
 from __future__ import annotations
 
-import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from alast.config import AlastConfig, dump_config
 from alast.data import StepBatchSampler, eval_batches, train_batches
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
+from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import MetricsWriter
 from alast.training.rundir import CONFIG, HEATMAP, Interrupted, prepare_run_dir
 from alast.training.schedule import lr_at, total_steps
@@ -45,53 +42,8 @@ class Hooks:
     on_end: Callable[[dict[str, Any]], None] = lambda summary: None
 
 
-@dataclass
-class Comm:
-    """Rank info for the loop; ``extra`` is the communicator (runtimes.distributed.TorchComm)."""
-
-    rank: int = 0
-    world_size: int = 1
-    extra: Any = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def _has(self, method: str) -> bool:
-        return self.world_size > 1 and hasattr(self.extra, method)
-
-    def any_true(self, flag: bool) -> bool:
-        return self.extra.any_true(flag) if self._has("any_true") else flag
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return self.extra.broadcast_object(obj) if self._has("broadcast_object") else obj
-
-
 class OutOfMemory(RuntimeError_):
     """The device ran out of memory during a step (exit code 1, one line)."""
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -119,62 +71,9 @@ class _Tally:
         return max(both) if both else None
 
 
-class _StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second one stops at once.
-
-    Stopping between steps keeps the checkpoint consistent (an exception mid-step could land
-    after the optimizer update but before the planner saw the step). Handlers are only installed
-    from the main thread (Python's rule); elsewhere signals keep their default behaviour.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-def _on_main(comm: Comm, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only; every rank gets its result or raises its exception."""
-    result, error = None, None
-    if comm.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-            error = exc
-    if comm.world_size > 1:
-        error = comm.broadcast_object(_portable(error))
-        result = comm.broadcast_object(result if error is None else None)
-    if error is not None:
-        raise error
-    return result
-
-
-def _portable(exc: BaseException | None) -> BaseException | None:
-    """``exc`` if it survives pickling (to send to the other ranks), else a same-message RuntimeError."""
-    import pickle
-
-    if exc is None:
-        return None
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001 - custom exception signatures do not always pickle
-        return RuntimeError(str(exc))
+def _val_batches(data, cfg: AlastConfig):
+    """Validation batches sized by ``train.eval_batch_size`` (default: for memory, not the train batch)."""
+    return eval_batches(data.val, cfg.train.eval_batch_size, cfg.data.num_workers)
 
 
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
@@ -187,7 +86,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     t_start = time.perf_counter()
     if cfg.output.tensorboard and comm.is_main:
         check_tensorboard()
-    _on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
+    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -205,7 +104,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     run.plan_info = plan_info
     start = run.restore() if resume else 0
     if not resume:
-        _on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
+        on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches})
@@ -215,7 +114,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         run.steps(data, start, steps, hooks, truncate=resume)
         # The training peak, read before evaluation and the full fine-tuning reference step allocate.
         run.tally.peak_memory_bytes = run.tally.peak(runtime)
-        metrics = runtime.evaluate(eval_batches(data.val, cfg.train.batch_size))
+        metrics = runtime.evaluate(_val_batches(data, cfg))
         run.on_eval(hooks, steps, metrics)
         run.save(steps)
         summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
@@ -301,7 +200,7 @@ class _Run:
                     f"cannot write the step-{step_done} checkpoint in {self.run_dir / ckpt.CKPT_DIR}: "
                     f"{exc.strerror or exc}; {kept}; free space and continue with --resume") from None
 
-        self.last_ckpt = _on_main(self.comm, write) or self.last_ckpt
+        self.last_ckpt = on_main(self.comm, write) or self.last_ckpt
         return self.last_ckpt
 
     def steps(self, data, start: int, steps: int, hooks: Hooks, truncate: bool) -> None:
@@ -310,13 +209,13 @@ class _Run:
                                    comm.rank, comm.world_size)
         writer = MetricsWriter(self.run_dir, truncate_after_step=start if truncate else None) if comm.is_main else None
         try:
-            with _StopOnSignal() as stop:
+            with StopOnSignal() as stop:
                 batches = train_batches(data.train, sampler, cfg.data.num_workers)
                 for step, (images, labels) in zip(range(start, steps), batches):
                     done = self.step(images, labels, step, steps, hooks, writer) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                         self.flush(hooks, writer)
-                        self.on_eval(hooks, done, self.runtime.evaluate(eval_batches(data.val, cfg.train.batch_size)))
+                        self.on_eval(hooks, done, self.runtime.evaluate(_val_batches(data, cfg)))
                     saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
                     if saved:
                         self.flush(hooks, writer)

@@ -31,6 +31,7 @@ NEUTRAL_KEYS = frozenset({
     "output.dir", "output.checkpoint_every", "output.keep_last", "output.force",
     "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
     "output.tensorboard",
+    "train.eval_batch_size",
 })
 NEUTRAL_SECTIONS = ("export.",)
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from alast.data import DataError, StepBatchSampler, build_data
+from alast.data import DataError, StepBatchSampler, build_data, eval_batches, train_batches
+from alast.data.datasets import auto_eval_batch_size
 from alast.training.build import model_data_config
 
 CFG = model_data_config("alast_demo_vit")
@@ -61,3 +62,151 @@ def test_digits_split_is_stratified():
     labels = torch.tensor([bundle.val[i][1] for i in range(len(bundle.val))])
     assert len(bundle.train) + len(bundle.val) == 1797
     assert labels.bincount().min() >= 30
+
+
+# --- built-in sets: source pixels kept, the model's transform applied per sample --------------------
+def _reference_digits(data_cfg, idx):
+    """The old up-front pipeline for digit ``idx``: 8x8 grey scaled to uint8, RGB, timm transform."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from timm.data import create_transform
+
+    img = load_digits().images[idx]
+    pil = Image.fromarray((img * (255.0 / 16.0)).astype("uint8"), mode="L").convert("RGB")
+    return create_transform(**data_cfg, is_training=False)(pil)
+
+
+def _reference_shapes(data_cfg, seed, idx):
+    """The old pipeline for shapes image ``idx`` (< _CHUNK): first chunk of the seed, uint8, transform."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from alast.data.synthetic import _CHUNK, generate_batch
+
+    assert idx < _CHUNK
+    img, lab = generate_batch("shapes", _CHUNK, torch.Generator().manual_seed(seed))
+    u8 = (img[idx] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return create_transform(**data_cfg, is_training=False)(Image.fromarray(u8, "RGB")), int(lab[idx])
+
+
+@pytest.mark.parametrize("img_size", [None, 64])
+def test_digits_per_sample_equal_the_up_front_pipeline(img_size):
+    data_cfg = model_data_config("alast_demo_vit", img_size)
+    bundle = build_data("digits", data_cfg, val_fraction=0.2, seed=0)
+    side = img_size or 32
+    for split in (bundle.train, bundle.val):
+        for k in (0, 7, len(split) - 1):
+            x, y = split[k]
+            base = split.indices[k]
+            assert x.shape == (3, side, side)
+            assert torch.equal(x, _reference_digits(data_cfg, base)), (k, base)
+            assert y == int(bundle.val.dataset.targets[base])
+
+
+@pytest.mark.parametrize("img_size", [None, 64])
+def test_shapes_per_sample_equal_the_up_front_pipeline(img_size):
+    data_cfg = model_data_config("alast_demo_vit", img_size)
+    bundle = build_data("shapes", data_cfg)
+    assert (len(bundle.train), len(bundle.val)) == (6000, 1500)
+    for k in (0, 333, 1023):
+        x, y = bundle.val[k]
+        ref, ref_y = _reference_shapes(data_cfg, 5678, k)
+        assert torch.equal(x, ref) and y == ref_y
+    x, y = bundle.train[5]
+    ref, ref_y = _reference_shapes(data_cfg, 1234, 5)
+    assert torch.equal(x, ref) and y == ref_y
+
+
+def test_builtin_sets_store_source_pixels_not_model_inputs():
+    """At 518 px only the source uint8 images are held (the old up-front tensors took ~6 GB)."""
+    data_cfg = model_data_config("alast_demo_vit", 518)
+    digits = build_data("digits", data_cfg)
+    store = digits.val.dataset.images
+    assert store.dtype == np.uint8 and store.shape == (1797, 8, 8)
+    assert digits.train.dataset.images is store  # train and val share one copy
+    assert digits.val[0][0].shape == (3, 518, 518)
+    shapes = build_data("shapes", data_cfg)
+    assert shapes.train.images.dtype == torch.uint8 and shapes.train.images.shape == (6000, 3, 32, 32)
+    assert shapes.val[0][0].shape == (3, 518, 518)
+
+
+def test_random_images_are_drawn_per_index():
+    data_cfg = model_data_config("alast_demo_vit", 48)
+    a = build_data("random:40", data_cfg, seed=3)
+    b = build_data("random:40", data_cfg, seed=3)
+    c = build_data("random:40", data_cfg, seed=4)
+    assert (len(a.train), len(a.val)) == (35, 5)
+    x, y = a.train[2]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and 0 <= y < 10
+    assert torch.equal(x, b.train[2][0]) and torch.equal(x, a.train[2][0])
+    assert not torch.equal(x, a.train[3][0]) and not torch.equal(x, c.train[2][0])
+    assert not torch.equal(a.val[0][0], a.train[0][0])  # the two splits draw different indices
+    assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+    assert [a.train[i][1] for i in range(35)] == [b.train[i][1] for i in range(35)]
+
+
+def test_augment_applies_to_the_builtin_training_split_only():
+    plain = build_data("digits", CFG, seed=0)
+    aug = build_data("digits", CFG, seed=0, augment=True)
+    assert torch.equal(aug.val[3][0], plain.val[3][0])
+    assert aug.train.dataset.transform is not aug.val.dataset.transform
+    shapes = build_data("shapes", CFG, augment=True)
+    assert shapes.train.transform is not shapes.val.transform
+
+
+@pytest.mark.parametrize("spec", ["digits", "shapes", "random:64"])
+def test_workers_give_the_same_batches(spec):
+    """Per-sample transforms survive pickling (spawned workers) and forked DataLoader workers."""
+    import pickle
+
+    bundle = build_data(spec, CFG, seed=0)
+    clone = pickle.loads(pickle.dumps(bundle.val))
+    assert torch.equal(clone[4][0], bundle.val[4][0])
+    sampler = StepBatchSampler(len(bundle.train), 16, seed=1, start_step=0, total_steps=3)
+    serial = list(train_batches(bundle.train, sampler, num_workers=0))
+    parallel = list(train_batches(bundle.train, sampler, num_workers=2))
+    for (x0, y0), (x1, y1) in zip(serial, parallel, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+# --- evaluation batches -------------------------------------------------------------------------
+def test_auto_eval_batch_size_bounds_the_input_tensor():
+    assert auto_eval_batch_size(3 * 32 * 32 * 4) == 256  # capped
+    assert auto_eval_batch_size(3 * 518 * 518 * 4) == 2
+    assert auto_eval_batch_size(3 * 224 * 224 * 4) == 13
+    assert auto_eval_batch_size(1 << 30) == 1  # never zero
+    bundle = build_data("digits", model_data_config("alast_demo_vit", 224))
+    assert eval_batches(bundle.val).batch_size == 13 and eval_batches(bundle.val, 5).batch_size == 5
+
+
+def test_evaluation_does_not_depend_on_the_eval_batch_size():
+    from alast.export import _accumulate
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(num_classes=10).eval()
+    val = build_data("digits", CFG, seed=0).val
+    with torch.no_grad():
+        results = [_accumulate(eval_batches(val, bs), model) for bs in (1, 7, None)]
+    assert results[0]["samples"] == len(val) == results[2]["samples"]
+    for r in results[1:]:
+        assert r["accuracy"] == results[0]["accuracy"]
+        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
+def test_training_evaluates_with_the_configured_eval_batch_size(tmp_path, monkeypatch):
+    from alast.config import build_config
+    from alast.training import loop
+
+    sizes = []
+
+    def spy(ds, batch_size=None, num_workers=0):
+        sizes.append(batch_size)
+        return eval_batches(ds, batch_size, num_workers)
+
+    monkeypatch.setattr(loop, "eval_batches", spy)
+    for bs in (5, None):
+        cfg = build_config({"data": {"spec": "random:32"}, "backend": {"count_flops": "off", "threads": 1},
+                            "train": {"steps": 2, "batch_size": 8, "eval_batch_size": bs, "eval_every": 1},
+                            "output": {"dir": str(tmp_path / str(bs))}})
+        loop.train(cfg, tmp_path / str(bs))
+    assert sizes == [5, 5, None, None]

@@ -1,4 +1,4 @@
-"""The synthetic data families (runtimes/synthetic.py) and the demo-backbone pre-training script."""
+"""The synthetic data families (alast/data/synthetic.py) and the demo-backbone pre-training script."""
 from __future__ import annotations
 
 import importlib.util
