@@ -65,6 +65,8 @@ class PolicyConfig(_Section):
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
         0.0, ge=0.0, lt=1.0, description="alast: share of final steps that keep every token (0: the paper's rule)")
+    spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
+                             "(dropping starts after them; under a target the other blocks pay for it)")
     freeze_embeddings: bool = Field(
         False, description="beyond the paper: keep the patch embedding, class token and position embedding "
         "frozen, so blocks below the lowest trained block need no backward pass at all")

@@ -133,6 +133,10 @@ class AlastPlanner:
     still follow the deltas. ``Budget.budgets`` logs the raw budgets, ``keep_ratios`` the projected
     ones. ``cost_model`` alone changes nothing.
 
+    ``spare_first`` (beyond the paper, default 0): the first ``spare_first`` blocks keep every token
+    (their CLS attention is least informative); dropping starts after them, and under a target the
+    other blocks' shift pays for it.
+
     ``dense_final_frac`` (beyond the paper, default 0): in the last fraction of training every
     block sees all tokens again, so the model adapts to the full-token inputs it gets at
     evaluation and export. Freezing and budget updates continue unchanged.
@@ -158,9 +162,14 @@ class AlastPlanner:
         ema: float = 0.9,
         target_flops: float | None = None,
         cost_model: CostModel | None = None,
+        spare_first: int = 0,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
+        if not 0 <= spare_first < num_blocks:
+            raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
+                               f"got {spare_first}")
+        self.spare_first = int(spare_first)
         self.num_blocks = num_blocks
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
@@ -189,9 +198,9 @@ class AlastPlanner:
         if self.dense_final_frac and progress >= 1.0 - self.dense_final_frac:
             ratios = (1.0,) * self.num_blocks
         elif self.projection is not None:
-            ratios = self.projection.project(budgets, trained)
+            ratios = self.projection.project(budgets, trained, self.spare_first)
         else:
-            ratios = budgets
+            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:]
         return Budget(ratios, trained, self.min_tokens, budgets)
 
     def observe(self, observation: Observation) -> None:

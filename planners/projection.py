@@ -65,8 +65,14 @@ class TargetProjection:
             self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1).train_flops / self.full_flops
         return self._cache[key]
 
-    def project(self, budgets: Sequence[float], trained: Sequence[bool]) -> tuple[float, ...]:
-        """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target."""
-        trained = tuple(trained)
-        c = common_shift(lambda r: self.ratio(r, trained), budgets, self.target, self.floor)
-        return shifted(budgets, c, self.floor)
+    def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0) -> tuple[float, ...]:
+        """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target; the
+        first ``spare_first`` blocks keep every token whatever the shift."""
+        trained, m = tuple(trained), int(spare_first)
+        rest = tuple(budgets[m:])
+
+        def ratio(r: tuple[float, ...]) -> float:
+            return self.ratio((1.0,) * m + r, trained)
+
+        c = common_shift(ratio, rest, self.target, self.floor)
+        return (1.0,) * m + shifted(rest, c, self.floor)

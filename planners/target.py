@@ -150,12 +150,13 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     k = int(options.get("k_trained") or default_k_trained(L))
     mode = str(options.get("freeze_mode", "sample"))
     dense = float(options.get("dense_final_frac") or 0.0)
+    spare = int(options.get("spare_first") or 0)
 
     def dense_ratio(k: int) -> float:
         return expected_step_flops(cm, 1.0, k, mt, mode) / full
 
     def fn(b: float, k: int) -> float:
-        sparse = expected_step_flops(cm, b, k, mt, mode) / full
+        sparse = expected_step_flops(cm, b, k, mt, mode, spare) / full
         return (1.0 - dense) * sparse + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:

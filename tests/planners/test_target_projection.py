@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from planners import Observation, create_planner
+from planners import Observation, PlannerError, create_planner
 from planners.projection import BUDGET_FLOOR, TargetProjection, common_shift, shifted
 from planners.simulate import StepShape, full_step_flops, simulate, step_cost
 from planners.target import solve_target
@@ -114,3 +114,24 @@ def test_simulate_predicts_the_projected_cost(target):
     assert pred.train_flops / full.train_flops == pytest.approx(target, rel=0.03)
     lo, hi = pred.train_flops_range
     assert hi / lo < 1.02 and hi <= full.train_flops * target * 1.001
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_spared_blocks_keep_every_token_and_the_target_still_holds(target):
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "spare_first": 2})
+    planner = create_planner("alast", CM.num_blocks, cost_model=CM, spare_first=2, seed=0, **sol.knobs)
+    rng = random.Random(0)
+    ratios = []
+    for step in range(100):
+        budget = planner.plan(step, step / 100)
+        assert budget.keep_ratios[:2] == (1.0, 1.0) and min(budget.keep_ratios[2:]) < 1.0
+        shape = StepShape.from_budget(budget, CM.num_patches)
+        ratios.append(step_cost(CM, shape, 1).train_flops / full_step_flops(CM))
+        planner.observe(Observation(step, step / 100, tuple(rng.lognormvariate(0, 0.5) for _ in range(CM.num_blocks))))
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    assert max(ratios) <= target * 1.001
+
+
+def test_spare_first_is_validated():
+    with pytest.raises(PlannerError, match="spare_first"):
+        create_planner("alast", CM.num_blocks, spare_first=CM.num_blocks)
