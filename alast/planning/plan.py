@@ -27,7 +27,7 @@ FLOPS_CONVENTION = ("torch.utils.flop_counter convention: 2 FLOPs per multiply-a
 
 def cpu_memory_sampled(step: int) -> bool:
     """Steps on which the torch runtime measures CPU memory by default (TorchRuntime's probe)."""
-    from runtimes.torch_backend.runtime import default_memory_probe
+    from runtimes.torch_backend.memory import default_memory_probe
 
     return default_memory_probe(step)
 

@@ -128,7 +128,7 @@ def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: in
     fewest tokens); large ones while activation gradients are (``c`` per token and sample, measured at
     batch 4 and all tokens).
     """
-    from runtimes.torch_backend.runtime import _FrozenAwareMemTracker
+    from runtimes.torch_backend.memory import frozen_aware_mem_tracker
 
     weights, inp = _STATES[state]
     ys = []
@@ -137,7 +137,7 @@ def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: in
         x = torch.randn(batch, n, dim).requires_grad_(inp)
         out, saved = _saved_bytes(lambda: block(x), _param_ids(block))  # noqa: B023
         del out
-        mt = _FrozenAwareMemTracker()
+        mt = frozen_aware_mem_tracker()
         mt.track_external(block)
         with mt:
             out = block(x)

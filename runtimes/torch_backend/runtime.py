@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable, Iterable
 
 import torch
@@ -14,17 +13,9 @@ from planners import Budget, StepResult, kept_token_counts
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from .flops import StepFlopCache, counter
+from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
-
-
-def default_memory_probe(step: int) -> bool:
-    """Steps whose CPU peak memory is measured (MemTracker slows a step about 2x): 1, 2, every 50th.
-
-    Step 0 is skipped because AdamW creates its state during that step's update, after the peak
-    of the forward/backward.
-    """
-    return step in (1, 2) or (step > 0 and step % 50 == 0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,28 +62,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         short = name.split("base_model.model.", 1)[-1]
         (no_decay if p.ndim <= 1 or short in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@functools.lru_cache(maxsize=1)
-def _frozen_aware_tracker_cls():
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class FrozenAwareMemTracker(MemTracker):
-        """MemTracker that also works when some parameters are frozen.
-
-        Upstream installs a gradient hook on every parameter, which fails for frozen ones. Without
-        the hooks gradients are still allocated under the tracker's dispatch mode and so still
-        count towards the peak total (only their category label is lost).
-        """
-
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
-    return FrozenAwareMemTracker
-
-
-def _FrozenAwareMemTracker():
-    return _frozen_aware_tracker_cls()()
 
 
 def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
@@ -305,7 +274,7 @@ class TorchRuntime:
         return True
 
     def _mem_tracker(self):
-        mt = _FrozenAwareMemTracker()
+        mt = frozen_aware_mem_tracker()
         mt.track_external(self.model, self.optimizer)
         return mt
 
