@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", default="0.5,0.4", help="ALaST FLOPs targets (fractions of full fine-tuning)")
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation happens here)")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per configuration")
-    ap.add_argument("--token-multiple", type=int, default=8, help="backend.token_multiple for the ALaST rows")
+    ap.add_argument("--token-multiple", type=int, default=1, help="backend.token_multiple for the ALaST rows "
+                    "(the planner does not model it yet: with 8, counted FLOPs land below the target)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/gpu_speed.json"))
     return ap.parse_args(argv)
 
