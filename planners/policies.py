@@ -15,6 +15,12 @@ from .registry import PlannerError, register_planner
 from .types import Budget, Observation
 
 
+def _check_multiple(token_multiple: int) -> int:
+    if int(token_multiple) < 1:
+        raise PlannerError(f"token_multiple must be >= 1, got {token_multiple}")
+    return int(token_multiple)
+
+
 def _check_k(k: int | None, num_blocks: int) -> int:
     k = rules.default_k_trained(num_blocks) if k is None else int(k)
     if not 1 <= k <= num_blocks:
@@ -84,8 +90,9 @@ class TokensPlanner(_Stateless):
     """Static token dropping: a fixed keep ratio per block (one number or one per block)."""
 
     def __init__(self, num_blocks: int, keep_ratio: float | Sequence[float] = 0.8,
-                 min_tokens: int = 1, seed: int = 0) -> None:
+                 min_tokens: int = 1, seed: int = 0, token_multiple: int = 1) -> None:
         super().__init__(num_blocks, min_tokens, seed)
+        self.token_multiple = _check_multiple(token_multiple)
         ratios = [float(keep_ratio)] * num_blocks if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
         if len(ratios) != num_blocks:
             raise PlannerError(f"keep_ratio has {len(ratios)} entries for {num_blocks} blocks")
@@ -94,7 +101,8 @@ class TokensPlanner(_Stateless):
         self.keep_ratios = ratios
 
     def plan(self, step: int, progress: float) -> Budget:
-        return self._budget(self.keep_ratios, [True] * self.num_blocks)
+        ratios = tuple(self.keep_ratios)
+        return Budget(ratios, (True,) * self.num_blocks, self.min_tokens, ratios, self.token_multiple)
 
 
 @register_planner("random")
@@ -163,6 +171,7 @@ class AlastPlanner:
         target_flops: float | None = None,
         cost_model: CostModel | None = None,
         spare_first: int = 0,
+        token_multiple: int = 1,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
@@ -170,6 +179,7 @@ class AlastPlanner:
             raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
                                f"got {spare_first}")
         self.spare_first = int(spare_first)
+        self.token_multiple = _check_multiple(token_multiple)
         self.num_blocks = num_blocks
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
@@ -182,7 +192,8 @@ class AlastPlanner:
         self.dense_final_frac = float(dense_final_frac)
         self.target_flops = None if target_flops is None else float(target_flops)
         self.projection = (None if self.target_flops is None else
-                           TargetProjection(cost_model, self.target_flops, self.min_tokens))
+                           TargetProjection(cost_model, self.target_flops, self.min_tokens,
+                                            token_multiple=self.token_multiple))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
         self.shares = rules.ShareState()
@@ -201,7 +212,7 @@ class AlastPlanner:
             ratios = self.projection.project(budgets, trained, self.spare_first)
         else:
             ratios = (1.0,) * self.spare_first + budgets[self.spare_first:]
-        return Budget(ratios, trained, self.min_tokens, budgets)
+        return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
     def observe(self, observation: Observation) -> None:
         deltas = [float(d) for d in observation.deltas]

@@ -47,17 +47,19 @@ class TargetProjection:
     Step costs are cached by step shape: the bisection revisits the same token counts.
     """
 
-    def __init__(self, cm: CostModel, target: float, min_tokens: int = 1, floor: float = BUDGET_FLOOR) -> None:
+    def __init__(self, cm: CostModel, target: float, min_tokens: int = 1, floor: float = BUDGET_FLOOR,
+                 token_multiple: int = 1) -> None:
         self.cm = cm
         self.target = float(target)
         self.min_tokens = int(min_tokens)
+        self.token_multiple = int(token_multiple)
         self.floor = float(floor)
         self.full_flops = full_step_flops(cm)
         self._cache: dict[tuple[tuple[int, ...], tuple[bool, ...]], float] = {}
 
     def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
-        tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens)
+        tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
         key = (tout, tuple(trained))
         if key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:

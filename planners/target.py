@@ -122,15 +122,16 @@ def _freeze_ratio(cm: CostModel, k: int) -> float:
     return step_cost(cm, StepShape((N,) * L, (N,) * L, tuple(i >= L - k for i in range(L))), 1).train_flops
 
 
-def _tokens_flops(cm: CostModel, r: float, min_tokens: int) -> float:
+def _tokens_flops(cm: CostModel, r: float, min_tokens: int, token_multiple: int = 1) -> float:
     L = cm.num_blocks
-    tin, tout = kept_token_counts([r] * L, cm.num_patches, min_tokens)
+    tin, tout = kept_token_counts([r] * L, cm.num_patches, min_tokens, token_multiple)
     return step_cost(cm, StepShape(tin, tout, (True,) * L), 1).train_flops
 
 
 def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
     mt = int(options.get("min_tokens", 1))
-    fn = lambda r: _tokens_flops(cm, r, mt) / full  # noqa: E731
+    tm = int(options.get("token_multiple", 1))
+    fn = lambda r: _tokens_flops(cm, r, mt, tm) / full  # noqa: E731
     floor = fn(BUDGET_FLOOR)
     if floor > target * (1 + TARGET_TOLERANCE):
         raise TargetError(_floor_message(cm, policy, target, floor, mt, k=None))
@@ -151,12 +152,13 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     mode = str(options.get("freeze_mode", "sample"))
     dense = float(options.get("dense_final_frac") or 0.0)
     spare = int(options.get("spare_first") or 0)
+    tm = int(options.get("token_multiple", 1))
 
     def dense_ratio(k: int) -> float:
         return expected_step_flops(cm, 1.0, k, mt, mode) / full
 
     def fn(b: float, k: int) -> float:
-        sparse = expected_step_flops(cm, b, k, mt, mode, spare) / full
+        sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm) / full
         return (1.0 - dense) * sparse + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:

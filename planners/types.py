@@ -17,6 +17,8 @@ class Budget:
         Dropping is cumulative: block l+1 sees only what block l kept.
     trained: whether each block receives weight gradients and an optimizer update this step.
     min_tokens: floor on the number of patch tokens kept after any block.
+    token_multiple: kept counts are rounded down to a multiple of this (never below ``min_tokens``);
+        1 keeps exact counts. The runtime must round the same way (``check_budget`` refuses otherwise).
     budgets: the planner's raw per-block budgets (ALaST's b_l), for logging; equal to keep_ratios
         for the static policies.
     """
@@ -25,6 +27,7 @@ class Budget:
     trained: tuple[bool, ...]
     min_tokens: int = 1
     budgets: tuple[float, ...] = field(default=())
+    token_multiple: int = 1
 
     def __post_init__(self) -> None:
         if len(self.keep_ratios) != len(self.trained):
@@ -33,6 +36,8 @@ class Budget:
             raise ValueError(f"keep ratios must lie in (0, 1], got {self.keep_ratios}")
         if self.min_tokens < 1:
             raise ValueError("min_tokens must be >= 1")
+        if self.token_multiple < 1:
+            raise ValueError("token_multiple must be >= 1")
 
     @property
     def num_blocks(self) -> int:

@@ -55,5 +55,9 @@ def check_budget(runtime: Runtime, budget: Budget) -> None:
         raise ValueError(f"budget has {budget.num_blocks} blocks, the model {runtime.num_blocks}")
     if budget.drops_tokens and not caps.dynamic_tokens:
         raise ValueError(f"the {runtime.name} runtime cannot drop tokens; choose a policy without token dropping")
+    multiple = getattr(runtime, "token_multiple", 1)
+    if budget.drops_tokens and budget.token_multiple != multiple:
+        raise ValueError(f"the budget rounds kept tokens to multiples of {budget.token_multiple}, the "
+                         f"{runtime.name} runtime to multiples of {multiple}; set both from backend.token_multiple")
     if budget.freezes_blocks and not caps.per_step_freezing:
         raise ValueError(f"the {runtime.name} runtime cannot freeze blocks per step")

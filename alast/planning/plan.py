@@ -118,22 +118,11 @@ def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple
     planner projects every step's budgets onto the target with it."""
     if cfg.policy.target_flops is None:
         raise ValueError("no FLOPs target: set --target-flops or policy.target_flops")
-    _check_exact_counts(cfg)
     check_target(cfg.policy.target_flops)
     plain, pcm, _ = cost_models(cfg, cost_model_path)
     sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, policy_options(cfg), full_cm=plain,
                  policy=cfg.policy.name)
     return {**sol.knobs, "cost_model": pcm}, sol.info()
-
-
-def _check_exact_counts(cfg: AlastConfig) -> None:
-    """The planner simulates exact token counts; rounding them to a multiple is not modelled yet, so
-    a prediction or a target with it would be wrong. (``alast plan --trace`` replays the logged
-    counts and stays exact.)"""
-    if cfg.backend.token_multiple != 1:
-        raise ValueError(f"backend.token_multiple={cfg.backend.token_multiple} is not modelled by the planner yet: "
-                         "predictions and --target-flops need token_multiple=1 (alast plan --trace still "
-                         "replays such a run exactly)")
 
 
 def planned_steps(cfg: AlastConfig) -> int:
@@ -207,7 +196,6 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,
          throughput: float | None = None) -> dict[str, Any]:
     """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
-    _check_exact_counts(cfg)
     steps, batch = planned_steps(cfg), cfg.train.batch_size
     plain, pcm, source = cost_models(cfg, cost_model_path)
     options, target = policy_options(cfg), None

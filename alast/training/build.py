@@ -59,6 +59,7 @@ def policy_options(cfg: AlastConfig) -> dict[str, Any]:
                   b_max=p.b_max, k_trained=p.k_trained, freeze_mode=p.freeze_mode,
                   delta_reduction=p.delta_reduction, min_tokens=p.min_tokens, keep_ratio=p.keep_ratio,
                   dense_final_frac=p.dense_final_frac, rule=p.rule, gain=p.gain, ema=p.ema, spare_first=p.spare_first,
+                  token_multiple=cfg.backend.token_multiple,
                   seed=cfg.train.seed)
     accepted = set(planner_options(p.planner))
     return {k: v for k, v in values.items() if k in accepted}

@@ -189,12 +189,22 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     assert records[8]["memory_measured"] and not records[0]["memory_measured"]
 
 
-def test_token_multiple_is_refused_where_the_planner_would_be_wrong(runner, tmp_path):
-    res = runner.invoke(cli, ["plan", "--steps", "5", "--set", "backend.token_multiple=8"])
-    assert res.exit_code == 2 and "token_multiple" in res.output
+def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
+    """Counts rounded to multiples of 8: the plan replays what the run counts; a target the coarse
+    counts cannot meet (64 tokens) is refused in one line; the ort backend keeps exact counts."""
+    run = tmp_path / "r"
+    res = runner.invoke(cli, ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.token_multiple=8",
+                              "--set", "backend.threads=1", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(n < 64 for r in records for n in r["kept_tokens"])
+    assert all(n % 8 == 0 for r in records for n in r["kept_tokens"])
+    res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
     res = runner.invoke(cli, ["train", "--steps", "2", "--target-flops", "0.5", "--set", "backend.token_multiple=8",
-                              "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "token_multiple" in res.output
+                              "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "too few tokens to divide finer" in res.output
     res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "token_multiple" in res.output

@@ -135,3 +135,20 @@ def test_spared_blocks_keep_every_token_and_the_target_still_holds(target):
 def test_spare_first_is_validated():
     with pytest.raises(PlannerError, match="spare_first"):
         create_planner("alast", CM.num_blocks, spare_first=CM.num_blocks)
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_projection_holds_the_target_with_counts_rounded_to_multiples_of_8(target):
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "token_multiple": 8})
+    planner = create_planner("alast", CM.num_blocks, cost_model=CM, token_multiple=8, seed=0, **sol.knobs)
+    rng = random.Random(1)
+    ratios = []
+    for step in range(100):
+        budget = planner.plan(step, step / 100)
+        assert budget.token_multiple == 8
+        shape = StepShape.from_budget(budget, CM.num_patches)
+        assert all(n % 8 == 0 or n == CM.num_patches for n in shape.kept_tokens)
+        ratios.append(step_cost(CM, shape, 1).train_flops / full_step_flops(CM))
+        planner.observe(Observation(step, step / 100, tuple(rng.lognormvariate(0, 0.5) for _ in range(CM.num_blocks))))
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    assert max(ratios) <= target * 1.001

@@ -99,3 +99,14 @@ def test_export_model_is_unpatched_copy(batch):
     assert all(not type(b).__name__.startswith("Alast") for b in plain.blocks)
     assert all(type(b).__name__.startswith("Alast") for b in rt.timm_model.blocks)
     rt.train_step(x, y, Budget((0.5,) * 4, (True,) * 4), 1e-2, 1)  # still trains after export
+
+
+def test_a_budget_rounding_tokens_differently_from_the_runtime_is_refused():
+    from runtimes.protocol import check_budget
+
+    rt = TorchRuntime(make_tiny_vit(), lr=1e-3, weight_decay=0.0, grad_clip=None, token_multiple=8)
+    dropping = Budget((0.5,) * 4, (True,) * 4)
+    with pytest.raises(ValueError, match="multiples of 1.*multiples of 8"):
+        check_budget(rt, dropping)
+    check_budget(rt, Budget((0.5,) * 4, (True,) * 4, token_multiple=8))
+    check_budget(rt, Budget((1.0,) * 4, (True,) * 4))  # nothing dropped: nothing to round
