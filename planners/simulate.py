@@ -38,8 +38,7 @@ class StepShape:
 
     @classmethod
     def from_budget(cls, budget: Any, num_patches: int) -> "StepShape":
-        tin, tout = kept_token_counts(budget.keep_ratios, num_patches, budget.min_tokens,
-                                      getattr(budget, "token_multiple", 1))
+        tin, tout = kept_token_counts(budget.keep_ratios, num_patches, budget.min_tokens, budget.token_multiple)
         return cls(tin, tout, tuple(budget.trained))
 
     @classmethod

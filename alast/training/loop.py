@@ -101,7 +101,6 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides)
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
-    run.plan_info = plan_info
     start = run.restore() if resume else 0
     if not resume:
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
@@ -141,7 +140,7 @@ class _Run:
         self.tb: TensorBoardLog | None = None
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
-        self.plan_info: dict[str, Any] | None = None
+        self.current_step: int | None = None  # the step being run (for the out-of-memory message)
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
@@ -293,15 +292,12 @@ class _Run:
         hooks.on_step(step, result, record)
 
     def _oom_message(self) -> str:
-        """One line: where it ran out, the planner's predicted peak if known, what to lower."""
-        cfg = self.cfg
-        peak = (self.plan_info or {}).get("predicted_peak_memory_bytes")
-        pred = (f" (the planner predicted a peak of {peak / 2**30:.1f} GiB)" if peak else
-                f"; `alast plan --batch-size {cfg.train.batch_size}` predicts the peak")
+        """One line: where it ran out, how to see the predicted peak, what to lower."""
+        batch = self.cfg.train.batch_size
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
-        return (f"out of GPU memory at step {getattr(self, 'current_step', '?')} with batch size "
-                f"{cfg.train.batch_size}{pred}; lower train.batch_size, use backend.precision=bf16 or a lower "
-                f"--target-flops; {kept}")
+        return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
+                f"--batch-size {batch}` predicts the peak; lower train.batch_size, use backend.precision=bf16 or a "
+                f"lower --target-flops; {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""

@@ -116,18 +116,28 @@ def test_simulate_predicts_the_projected_cost(target):
     assert hi / lo < 1.02 and hi <= full.train_flops * target * 1.001
 
 
+def _run_on_noise(target: float, seed: int, steps: int = 100, **options) -> tuple[list, list[float]]:
+    """An alast planner solved for ``target`` with ``options``, run for ``steps`` on lognormal deltas:
+    its budgets, and each step's train FLOPs / full fine-tuning's."""
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, **options})
+    planner = create_planner("alast", CM.num_blocks, cost_model=CM, seed=0, **options, **sol.knobs)
+    rng = random.Random(seed)
+    budgets, ratios = [], []
+    for step in range(steps):
+        budget = planner.plan(step, step / steps)
+        budgets.append(budget)
+        ratios.append(step_cost(CM, StepShape.from_budget(budget, CM.num_patches), 1).train_flops
+                      / full_step_flops(CM))
+        planner.observe(Observation(step, step / steps,
+                                    tuple(rng.lognormvariate(0, 0.5) for _ in range(CM.num_blocks))))
+    return budgets, ratios
+
+
 @pytest.mark.parametrize("target", [0.4, 0.5])
 def test_spared_blocks_keep_every_token_and_the_target_still_holds(target):
-    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "spare_first": 2})
-    planner = create_planner("alast", CM.num_blocks, cost_model=CM, spare_first=2, seed=0, **sol.knobs)
-    rng = random.Random(0)
-    ratios = []
-    for step in range(100):
-        budget = planner.plan(step, step / 100)
+    budgets, ratios = _run_on_noise(target, seed=0, spare_first=2)
+    for budget in budgets:
         assert budget.keep_ratios[:2] == (1.0, 1.0) and min(budget.keep_ratios[2:]) < 1.0
-        shape = StepShape.from_budget(budget, CM.num_patches)
-        ratios.append(step_cost(CM, shape, 1).train_flops / full_step_flops(CM))
-        planner.observe(Observation(step, step / 100, tuple(rng.lognormvariate(0, 0.5) for _ in range(CM.num_blocks))))
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
     assert max(ratios) <= target * 1.001
 
@@ -139,16 +149,10 @@ def test_spare_first_is_validated():
 
 @pytest.mark.parametrize("target", [0.4, 0.5])
 def test_projection_holds_the_target_with_counts_rounded_to_multiples_of_8(target):
-    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "token_multiple": 8})
-    planner = create_planner("alast", CM.num_blocks, cost_model=CM, token_multiple=8, seed=0, **sol.knobs)
-    rng = random.Random(1)
-    ratios = []
-    for step in range(100):
-        budget = planner.plan(step, step / 100)
+    budgets, ratios = _run_on_noise(target, seed=1, token_multiple=8)
+    for budget in budgets:
         assert budget.token_multiple == 8
         shape = StepShape.from_budget(budget, CM.num_patches)
         assert all(n % 8 == 0 or n == CM.num_patches for n in shape.kept_tokens)
-        ratios.append(step_cost(CM, shape, 1).train_flops / full_step_flops(CM))
-        planner.observe(Observation(step, step / 100, tuple(rng.lognormvariate(0, 0.5) for _ in range(CM.num_blocks))))
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
     assert max(ratios) <= target * 1.001
