@@ -159,6 +159,7 @@ class TorchRuntime:
         if compile:
             self.patch.compile_blocks()
         self._peak_bytes: int | None = None
+        self._full_step_flops: dict[int, float] = {}  # by batch size: shapes alone decide the count
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -291,9 +292,12 @@ class TorchRuntime:
     # -- FLOPs of the comparison ---------------------------------------------------------------
     def full_ft_step_flops(self, batch_size: int) -> float | None:
         """Counted flops of one full fine-tuning step (all tokens, every weight trained) at this
-        batch size; the model's weights, grads, optimizer and RNG are left as they were."""
+        batch size; the model's weights, grads, optimizer and RNG are left as they were. Counted once
+        per batch size (the TensorBoard log and the summary both ask)."""
         if self.count_flops == "off":
             return None
+        if batch_size in self._full_step_flops:
+            return self._full_step_flops[batch_size]
         # With LoRA the reference is full fine-tuning of the plain model: adapters off.
         no_adapters = getattr(self.model, "disable_adapter", None)
         adapters_off = no_adapters() if no_adapters is not None else contextlib.nullcontext()
@@ -313,7 +317,8 @@ class TorchRuntime:
             for p, flag in flags:
                 p.requires_grad_(flag)
                 p.grad = None
-        return float(fc.get_total_flops())
+        self._full_step_flops[batch_size] = float(fc.get_total_flops())
+        return self._full_step_flops[batch_size]
 
     # -- evaluation, state, export -----------------------------------------------------------
     @torch.no_grad()
