@@ -70,6 +70,10 @@ class PolicyConfig(_Section):
     freeze_embeddings: bool = Field(
         False, description="beyond the paper: keep the patch embedding, class token and position embedding "
         "frozen, so blocks below the lowest trained block need no backward pass at all")
+    eval_tokens: Literal["trained", "all"] = Field(
+        "trained", description="evaluation and export of a model trained with token dropping: 'trained' keeps, "
+        "after each block, as many tokens as the final 10% of training steps did (the model is evaluated and "
+        "deployed as it was trained, and inference costs fewer FLOPs); 'all' keeps every token")
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None

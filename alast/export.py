@@ -1,7 +1,10 @@
-"""Export a finished run to a verified full-token ONNX inference model, and evaluate ONNX models.
+"""Export a finished run to a verified ONNX inference model, and evaluate runs and ONNX models.
 
-The exported graph is the plain timm model in eval mode (all tokens, all blocks: ALaST only
-changes training) with a dynamic batch axis, input ``images`` and output ``logits``. Its
+The exported graph is the timm model in eval mode with a dynamic batch axis, input ``images`` and
+output ``logits``, on the run's token schedule (``summary.json``'s ``eval_kept_tokens``: after each
+block, the patch tokens with the highest CLS attention, as many as the final training steps kept;
+see :mod:`runtimes.token_schedule`), or on every token for runs that kept them all, runs made
+before schedules existed, and ``all_tokens=True``. Its
 ``metadata_props`` carry what a consumer needs to use it without alast: preprocessing (input size,
 mean, std, interpolation, crop), class names, and provenance (source model, policy, backend).
 Every export is checked with ``onnxruntime.InferenceSession`` against the PyTorch model before the
@@ -22,6 +25,7 @@ from torch import nn
 
 from runtimes.onnx_export import INPUT, OUTPUT, ExportError, export_inference_bytes, max_logit_diff
 from runtimes.protocol import RuntimeError_
+from runtimes.token_schedule import ScheduleError, check_schedule, token_schedule
 
 META_PREFIX = "alast."
 
@@ -37,6 +41,18 @@ class LoadedRun:
     summary: dict[str, Any]
     model: nn.Module
 
+    @property
+    def kept_tokens(self) -> tuple[int, ...] | None:
+        """The token schedule the run was evaluated with (None: every token)."""
+        kept = self.summary.get("eval_kept_tokens")
+        if not kept:
+            return None
+        try:
+            return check_schedule(kept, len(self.model.blocks), int(self.model.patch_embed.num_patches))
+        except (ScheduleError, TypeError, ValueError) as exc:
+            raise ExportError(f"{self.run_dir}: eval_kept_tokens in the summary is corrupt ({exc}); "
+                              "use --all-tokens or rerun the training") from None
+
 
 @dataclass
 class ExportReport:
@@ -46,6 +62,7 @@ class ExportReport:
     opset: int
     batch: int
     metadata: dict[str, str]
+    kept_tokens: tuple[int, ...] | None = None
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -96,8 +113,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ExportError(f"{path} does not fit the run's model ({first})") from None
 
 
-def run_metadata(run: LoadedRun) -> dict[str, str]:
-    """``metadata_props`` for a run's model: preprocessing, classes and provenance."""
+def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[str, str]:
+    """``metadata_props`` for a run's model: preprocessing, classes, token schedule, provenance."""
     s, cfg = run.summary, run.config
     dc = s.get("data_config") or {}
     meta = {
@@ -116,19 +133,23 @@ def run_metadata(run: LoadedRun) -> dict[str, str]:
         "data": str(cfg.data.spec),
         "val_fraction": str(cfg.data.val_fraction),
         "seed": str(cfg.train.seed),
+        "kept_tokens": json.dumps(list(kept) if kept else None),
     }
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
-def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: int | None = None) -> ExportReport:
-    """Export ``run_dir`` to ``out``; the file appears only if it verified within ``atol``."""
+def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: int | None = None,
+               all_tokens: bool = False) -> ExportReport:
+    """Export ``run_dir`` to ``out`` on its token schedule (every token with ``all_tokens``); the
+    file appears only if it verified within ``atol``."""
     import onnx
 
     run = load_run(run_dir)
+    kept = None if all_tokens else run.kept_tokens
     atol = float(atol if atol is not None else run.config.export.atol)
     opset = int(opset if opset is not None else run.config.export.opset)
-    model = onnx.load_from_string(export_inference_bytes(run.model, opset))
-    meta = run_metadata(run)
+    model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept))
+    meta = run_metadata(run, kept)
     model.producer_name = "alast"
     model.doc_string = f"{meta[META_PREFIX + 'model']} fine-tuned with alast ({meta[META_PREFIX + 'policy']})"
     for k, v in meta.items():
@@ -143,14 +164,14 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
-        diff = max_logit_diff(tmp, run.model)
+        diff = max_logit_diff(tmp, run.model, kept=kept)
         if not diff <= atol:
             raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "
                                     f"(> atol {atol:g}); no file written")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportReport(out, diff, atol, opset, 3, meta)
+    return ExportReport(out, diff, atol, opset, 3, meta, kept)
 
 
 # -- ONNX evaluation -----------------------------------------------------------------------------
@@ -229,17 +250,19 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
 
 
 def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
-                 batch_size: int | None = None) -> dict[str, Any]:
-    """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``)."""
+                 batch_size: int | None = None, all_tokens: bool = False) -> dict[str, Any]:
+    """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``), on
+    its token schedule (every token with ``all_tokens``)."""
     from alast.data import eval_batches
 
     run = load_run(run_dir)
+    kept = None if all_tokens else run.kept_tokens
     cfg = run.config
     spec = spec or cfg.data.spec
     dc = run.summary.get("data_config") or {}
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
     val = _val_data(spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
                     list(run.summary.get("classes") or []))
-    with torch.no_grad():
+    with torch.no_grad(), token_schedule(run.model, kept):
         metrics = _accumulate(eval_batches(val, batch_size or cfg.train.eval_batch_size), run.model)
-    return {**metrics, "source": "run", "path": str(run_dir), "data": spec}
+    return {**metrics, "source": "run", "path": str(run_dir), "data": spec, "kept_tokens": list(kept) if kept else None}

@@ -18,22 +18,25 @@ def _debug(ctx: click.Context) -> bool:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="the .onnx file to write")
 @click.option("--atol", type=float, help="max |logit difference| vs PyTorch (default: the run's export.atol)")
 @click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
+@click.option("--all-tokens", is_flag=True, help="keep every token instead of the run's token schedule")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.pass_context
 def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | None, opset: int | None,
-                   as_json: bool) -> None:
-    """Export a finished run to a full-token ONNX model, verified against PyTorch."""
+                   all_tokens: bool, as_json: bool) -> None:
+    """Export a finished run to an ONNX model on its token schedule, verified against PyTorch."""
 
     def go() -> None:
         from alast.export import export_run
 
-        report = export_run(run_dir, out, atol=atol, opset=opset)
+        report = export_run(run_dir, out, atol=atol, opset=opset, all_tokens=all_tokens)
+        kept = list(report.kept_tokens) if report.kept_tokens else None
         if as_json:
             click.echo(json.dumps({"path": str(report.path), "max_abs_diff": report.max_abs_diff,
-                                   "atol": report.atol, "opset": report.opset}))
+                                   "atol": report.atol, "opset": report.opset, "kept_tokens": kept}))
             return
         from .render import console
 
+        console.print(f"token schedule: {kept} patch tokens after each block" if kept else "every token")
         console.print(f"verified: max |logit diff| vs PyTorch {report.max_abs_diff:.2e} <= {report.atol:g} "
                       f"(onnxruntime, batch {report.batch}, opset {report.opset})")
         console.print(f"wrote {report.path}")
@@ -47,17 +50,21 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
 @click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per batch (default: the run's train.eval_batch_size, else sized for memory)")
+@click.option("--all-tokens", is_flag=True, help="a run directory: keep every token instead of its token schedule")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @click.pass_context
 def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: Path | None, batch_size: int | None,
-                 as_json: bool) -> None:
+                 all_tokens: bool, as_json: bool) -> None:
     """Evaluate a run directory (PyTorch) or an exported .onnx model (onnxruntime)."""
 
     def go() -> None:
         from alast.export import evaluate_onnx, evaluate_run
 
         if target.is_dir():
-            metrics = evaluate_run(target, spec, data_dir, batch_size)
+            metrics = evaluate_run(target, spec, data_dir, batch_size, all_tokens)
+        elif all_tokens:
+            raise click.UsageError("--all-tokens applies to run directories; an ONNX model has its schedule "
+                                   "built in (export it again with --all-tokens)")
         else:
             metrics = evaluate_onnx(target, spec, data_dir, batch_size)
         if as_json:
@@ -66,6 +73,7 @@ def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: P
         from .render import console
 
         console.print(f"{metrics['source']} {metrics['path']} on {metrics['data']}: accuracy "
-                      f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} ({metrics['samples']} images)")
+                      f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} ({metrics['samples']} images"
+                      + (f", token schedule {metrics['kept_tokens']})" if metrics.get("kept_tokens") else ")"))
 
     run_guarded(go, _debug(ctx))

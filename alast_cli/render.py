@@ -66,7 +66,14 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
     t = Table(title=f"{summary['policy']} on {summary['model']} / {summary['data']} ({summary['backend']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}")
+    kept = summary.get("eval_kept_tokens")
+    if kept:
+        t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}  (token schedule {kept})")
+        t.add_row("  on every token", f"{summary['val_accuracy_all_tokens']:.4f}")
+        if summary.get("inference_flops_ratio"):
+            t.add_row("inference FLOPs vs every token", f"{summary['inference_flops_ratio']:.3f}x")
+    else:
+        t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}")
     tf, full = summary.get("train_flops"), summary.get("full_ft_train_flops")
     t.add_row("training FLOPs (counted)", human(tf, "FLOP"))
     t.add_row("full fine-tuning FLOPs (same steps)", human(full, "FLOP"))

@@ -1,4 +1,5 @@
-"""The full-token ONNX inference graph of a timm ViT, and its check against PyTorch.
+"""The ONNX inference graph of a timm ViT (every token, or a fixed token schedule), and its check
+against PyTorch.
 
 Shared by ``alast export`` (which adds run metadata and writes the file) and the ONNX Runtime
 backend (which evaluates its live weights through this graph).
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .token_schedule import token_schedule
 
 INPUT, OUTPUT = "images", "logits"
 
@@ -19,8 +23,10 @@ class ExportError(ValueError):
     """Bad input for export or ONNX evaluation (missing run, corrupt weights, not an ONNX model)."""
 
 
-def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True) -> bytes:
-    """The serialized full-token eval-mode graph ``images [B,3,H,W] -> logits [B,C]``.
+def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,
+                           kept: Sequence[int] | None = None) -> bytes:
+    """The serialized eval-mode graph ``images [B,3,H,W] -> logits [B,C]``, on every token or,
+    with ``kept``, on the token schedule (:mod:`runtimes.token_schedule`; TopK with fixed sizes).
 
     With ``constant_folding=False`` every parameter stays an initializer under its state-dict
     name (the ORT runtime overrides them with its live buffers).
@@ -31,7 +37,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
                               do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
@@ -44,8 +50,10 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     return buf.getvalue()
 
 
-def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0) -> float:
-    """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` on a random batch.
+def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0,
+                   kept: Sequence[int] | None = None) -> float:
+    """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` (on the token
+    schedule ``kept``, if given) on a random batch.
 
     The batch size differs from the export's example batch (2), so the dynamic axis is exercised.
     """
@@ -54,7 +62,7 @@ def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int 
     img = model.patch_embed.img_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
-    with torch.no_grad():
+    with torch.no_grad(), token_schedule(model, kept):
         ref = model.eval()(x).float()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])

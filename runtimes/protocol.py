@@ -1,8 +1,9 @@
 """The runtime interface every backend implements, and the loop's check of a budget against it."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from planners import Budget, StepResult
 
@@ -36,7 +37,9 @@ class Runtime(Protocol):
 
     def train_step(self, images: Any, labels: Any, budget: Budget, lr: float, step: int) -> StepResult: ...
 
-    def evaluate(self, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]: ...
+    def evaluate(self, batches: Iterable[tuple[Any, Any]], kept: Sequence[int] | None = None) -> dict[str, float]:
+        """Accuracy, mean loss and sample count in eval mode, on every token or, with ``kept``, on
+        that token schedule (:mod:`runtimes.token_schedule`)."""
 
     def full_ft_step_flops(self, batch_size: int) -> float | None: ...
 

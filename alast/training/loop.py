@@ -30,6 +30,9 @@ from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult
 from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
+from runtimes.token_schedule import drops_tokens, inference_flops, schedule_from_steps
+
+SCHEDULE_WINDOW = 0.1  # the token schedule of evaluation and export: the mean of the last 10% of steps
 
 
 @dataclass
@@ -55,8 +58,11 @@ class _Tally:
     step_times: list[float] = field(default_factory=list)
     allreduce_bytes: list[int] = field(default_factory=list)
     peak_memory_bytes: int | None = None
+    schedule_window: int = 1
+    recent_kept_tokens: list[list[int]] = field(default_factory=list)  # the last schedule_window steps
 
     def add(self, result: StepResult, allreduce_bytes: int | None) -> None:
+        self.recent_kept_tokens = [*self.recent_kept_tokens, list(result.kept_tokens)][-self.schedule_window:]
         self.step_times.append(result.step_time_s)
         if result.train_flops is None:
             self.uncounted_steps += 1
@@ -64,6 +70,11 @@ class _Tally:
             self.counted_flops += result.train_flops
         if allreduce_bytes is not None:
             self.allreduce_bytes.append(int(allreduce_bytes))
+
+    def schedule(self, num_patches: int) -> tuple[int, ...] | None:
+        """The token schedule of the recent steps (None when they kept every token)."""
+        kept = schedule_from_steps(self.recent_kept_tokens)
+        return kept if drops_tokens(kept, num_patches) else None
 
     def peak(self, runtime) -> int | None:
         now = runtime.peak_memory_bytes()
@@ -101,6 +112,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides)
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
+    run.tally.schedule_window = max(1, round(SCHEDULE_WINDOW * steps))
     start = run.restore() if resume else 0
     if not resume:
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
@@ -113,7 +125,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         run.steps(data, start, steps, hooks, truncate=resume)
         # The training peak, read before evaluation and the full fine-tuning reference step allocate.
         run.tally.peak_memory_bytes = run.tally.peak(runtime)
-        metrics = runtime.evaluate(_val_batches(data, cfg))
+        metrics = run.final_evaluation(data)
         run.on_eval(hooks, steps, metrics)
         run.save(steps)
         summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
@@ -160,6 +172,29 @@ class _Run:
         if self.tb:
             self.tb.evaluation(step, metrics)
 
+    def eval_schedule(self) -> tuple[int, ...] | None:
+        """The token schedule evaluation uses now (``policy.eval_tokens``); None: every token."""
+        if self.cfg.policy.eval_tokens == "all":
+            return None
+        return self.tally.schedule(self.runtime.num_patches)
+
+    def evaluate(self, data) -> dict[str, Any]:
+        return self.runtime.evaluate(_val_batches(data, self.cfg), self.eval_schedule())
+
+    def final_evaluation(self, data) -> dict[str, Any]:
+        """The final metrics on the token schedule the model is deployed with and, when that drops
+        tokens, on every token too, with both inference costs."""
+        kept = self.eval_schedule()
+        metrics = self.evaluate(data)
+        metrics["kept_tokens"] = list(kept) if kept is not None else None
+        if kept is not None:
+            every = self.runtime.evaluate(_val_batches(data, self.cfg))
+            metrics["all_tokens"] = {k: every[k] for k in ("accuracy", "loss")}
+            vit = getattr(self.runtime, "timm_model", None) or self.runtime.model
+            metrics["inference_flops"] = inference_flops(vit, kept)
+            metrics["inference_flops_all_tokens"] = inference_flops(vit, None)
+        return metrics
+
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
         from alast.training.resume import check_compatible
@@ -173,7 +208,7 @@ class _Run:
         self.planner.load_state_dict(state["planner"])
         set_rng_state(state["rng"])
         if "tally" in state:
-            self.tally = _Tally(**state["tally"])
+            self.tally = _Tally(**{**state["tally"], "schedule_window": self.tally.schedule_window})
         self.resumed_from = int(state["step"])
         if state.get("unobserved"):
             self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
@@ -214,7 +249,7 @@ class _Run:
                     done = self.step(images, labels, step, steps, hooks, writer) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                         self.flush(hooks, writer)
-                        self.on_eval(hooks, done, self.runtime.evaluate(_val_batches(data, cfg)))
+                        self.on_eval(hooks, done, self.evaluate(data))
                     saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
                     if saved:
                         self.flush(hooks, writer)

@@ -22,6 +22,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
         "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
+        **_deployment(cfg, metrics),
         "train_flops": train_flops, "full_ft_train_flops": full,
         "flops_ratio_vs_full": (train_flops / full) if train_flops and full else None,
         "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
@@ -39,6 +40,18 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
+    }
+
+
+def _deployment(cfg, metrics: dict[str, Any]) -> dict[str, Any]:
+    """How the model is evaluated and exported: its token schedule and what every token would give."""
+    every = metrics.get("all_tokens")
+    flops, flops_all = metrics.get("inference_flops"), metrics.get("inference_flops_all_tokens")
+    return {
+        "eval_tokens": cfg.policy.eval_tokens, "eval_kept_tokens": metrics.get("kept_tokens"),
+        "val_accuracy_all_tokens": every["accuracy"] if every else metrics["accuracy"],
+        "val_loss_all_tokens": every["loss"] if every else metrics["loss"],
+        "inference_flops_ratio": flops / flops_all if flops and flops_all else None,
     }
 
 

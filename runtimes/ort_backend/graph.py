@@ -2,7 +2,7 @@
 
 :class:`TrainingGraph` wraps a timm VisionTransformer. Its forward calls the model itself (so no
 upstream forward is copied) while two forward hooks per block, installed only for the duration of
-that call, do the ALaST work with the pure functions of ``torch_backend.tokens``:
+that call (:func:`runtimes.token_schedule.selection_hooks`), do the ALaST work:
 
 - a hook on ``attn.qkv`` computes the block's head-averaged CLS-attention row;
 - a hook on the block records the per-sample CLS delta and replaces the block output by the
@@ -20,16 +20,15 @@ Graph interface (names are part of the contract with ``artifacts.py``)::
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+from ..token_schedule import selection_hooks
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
 INPUTS_SELECT = ("images", "labels", "keep")
@@ -39,39 +38,6 @@ OUTPUTS = ("loss", "deltas")
 
 class GraphError(ValueError):
     """The model cannot be exported as an ONNX Runtime training graph (bad input: exit code 2)."""
-
-
-@contextlib.contextmanager
-def alast_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int] | None,
-                deltas: list[Tensor]) -> Iterator[None]:
-    """Within the block, ``blocks`` record CLS deltas into ``deltas`` and, when ``keep`` is
-    given, keep the ``prefix`` tokens plus the top ``keep[l]`` patch tokens after block ``l``."""
-    scores: dict[int, Tensor] = {}
-    handles = []
-
-    def qkv_hook(i: int, attn: nn.Module):
-        def hook(_mod, _inputs, out: Tensor) -> None:
-            scores[i] = cls_attention_scores(out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
-                                             attn.k_norm)
-        return hook
-
-    def block_hook(i: int):
-        def hook(_mod, inputs, out: Tensor) -> Tensor:
-            deltas.append(cls_delta(inputs[0], out))
-            if keep is None:
-                return out
-            return select_tokens(out, scores.pop(i), keep[i], prefix)
-        return hook
-
-    try:
-        for i, blk in enumerate(blocks):
-            if keep is not None:
-                handles.append(blk.attn.qkv.register_forward_hook(qkv_hook(i, blk.attn)))
-            handles.append(blk.register_forward_hook(block_hook(i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
@@ -96,7 +62,7 @@ class TrainingGraph(nn.Module):
     def forward(self, images: Tensor, labels: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         deltas: list[Tensor] = []
         m = self.model
-        with alast_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas):
+        with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas):
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -215,7 +181,7 @@ class StepFlops:
             x_in = x.clone()  # the counter's module hooks refuse leaf inputs under autograd.grad
             deltas: list[Tensor] = []
             with counter() as fc:
-                with alast_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):
+                with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):
                     out = functional_call(blk, params, (x_in,))
                 torch.autograd.grad(out.sum(), [x, *(p for p in params.values() if p.requires_grad)])
         return float(fc.get_total_flops())

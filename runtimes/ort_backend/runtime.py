@@ -20,7 +20,8 @@ state survives every switch because it never lives in ONNX Runtime.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ class OrtRuntime:
         self._active = None
         self._seen: set[tuple[str, tuple[bool, ...]]] = set()
         self.flops = StepFlops(self.graphs["select"])
-        self._inference_bytes: bytes | None = None
+        self._inference_bytes: dict[tuple[int, ...] | None, bytes] = {}  # per token schedule
 
     def bind_run_dir(self, run_dir: Any) -> None:
         """Cache artifact sets under the run directory (reused on resume)."""
@@ -221,9 +222,11 @@ class OrtRuntime:
         return None
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Full-token, eval-mode accuracy with ONNX Runtime on the current weights."""
-        sess = self._inference_session()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 kept: Sequence[int] | None = None) -> dict[str, float]:
+        """Eval-mode accuracy with ONNX Runtime on the current weights, on every token or on the
+        token schedule ``kept``."""
+        sess = self._inference_session(None if kept is None else tuple(int(k) for k in kept))
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
             logits = torch.from_numpy(sess.run(None, {"images": images.float().contiguous().numpy()})[0])
@@ -233,14 +236,14 @@ class OrtRuntime:
             total += int(labels.numel())
         return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
-    def _inference_session(self) -> Any:
+    def _inference_session(self, kept: tuple[int, ...] | None) -> Any:
         """An inference session whose weights are the current parameter buffers (no copies)."""
         import onnxruntime as ort
 
         from ..onnx_export import export_inference_bytes
 
-        if self._inference_bytes is None:
-            self._inference_bytes = export_inference_bytes(self.model, constant_folding=False)
+        if kept not in self._inference_bytes:
+            self._inference_bytes[kept] = export_inference_bytes(self.model, constant_folding=False, kept=kept)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.cache.threads or 0
         keep_alive = []
@@ -253,7 +256,7 @@ class OrtRuntime:
             opts.add_initializer(n[len(_PREFIX):], value)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else \
             ["CPUExecutionProvider"]
-        sess = ort.InferenceSession(self._inference_bytes, opts, providers=providers)
+        sess = ort.InferenceSession(self._inference_bytes[kept], opts, providers=providers)
         sess._alast_keep_alive = keep_alive  # the session reads these buffers while it lives
         return sess
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from planners import Budget, StepResult, kept_token_counts
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
+from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
@@ -322,12 +324,13 @@ class TorchRuntime:
 
     # -- evaluation, state, export -----------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 kept: Sequence[int] | None = None) -> dict[str, float]:
         self.model.eval()
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
             images, labels = images.to(self.device), labels.to(self.device)
-            with self._autocast():
+            with self._autocast(), token_schedule(self.timm_model, kept):
                 logits = self.model(images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())

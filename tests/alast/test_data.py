@@ -209,4 +209,5 @@ def test_training_evaluates_with_the_configured_eval_batch_size(tmp_path, monkey
                             "train": {"steps": 2, "batch_size": 8, "eval_batch_size": bs, "eval_every": 1},
                             "output": {"dir": str(tmp_path / str(bs))}})
         loop.train(cfg, tmp_path / str(bs))
-    assert sizes == [5, 5, None, None]
+    # one evaluation after step 1; at the end, on the token schedule and on every token
+    assert sizes == [5, 5, 5, None, None, None]

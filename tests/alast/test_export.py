@@ -48,6 +48,7 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
     import onnxruntime as ort
 
     from alast.export import load_run
+    from runtimes.token_schedule import token_schedule
 
     if backend not in runs:
         pytest.skip("onnxruntime-training is not installed")
@@ -61,11 +62,12 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
     assert json.loads(meta["alast.classes"]) == [str(i) for i in range(10)]
     assert meta["alast.model"] == "alast_demo_vit" and meta["alast.policy"] == "tokens"
     assert meta["alast.backend"] == backend and "alast.crop_pct" in meta
-    model = load_run(runs[backend]).model
+    run = load_run(runs[backend])
+    assert run.kept_tokens and json.loads(meta["alast.kept_tokens"]) == list(run.kept_tokens)
     x = torch.randn(5, 3, 32, 32)  # a batch size the export never saw: the axis is dynamic
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
-    with torch.no_grad():
-        assert float((torch.from_numpy(got) - model(x)).abs().max()) <= 1e-4
+    with torch.no_grad(), token_schedule(run.model, run.kept_tokens):
+        assert float((torch.from_numpy(got) - run.model(x)).abs().max()) <= 1e-4
 
 
 def test_eval_of_run_equals_eval_of_onnx(runs, tmp_path):

@@ -80,6 +80,7 @@ def test_kill_9_then_resume_logs_the_same_losses(reference, tmp_path):
     assert summary["resumed_from_step"] in (6, 9) and summary["steps"] == STEPS
     ref = json.loads((reference / "summary.json").read_text())
     assert summary["val_accuracy"] == ref["val_accuracy"] and summary["val_loss"] == ref["val_loss"]
+    assert summary["eval_kept_tokens"] == ref["eval_kept_tokens"]
 
 
 def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):

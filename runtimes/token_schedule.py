@@ -1,0 +1,131 @@
+"""A fixed token schedule at inference: the model is evaluated and deployed as it was trained.
+
+A model fine-tuned with token dropping spent its last steps with few patch tokens in its deep
+blocks (at 0.4x FLOPs on a 6-block model, the last block saw 7 of 64). Evaluated on every token, its
+deep blocks meet inputs they never trained on. The *schedule* is the number of patch tokens that
+survive each block, averaged over the final training steps; evaluation and export keep, after
+block ``l``, the ``kept[l]`` patch tokens with the highest CLS attention, exactly as training did.
+Inference then also costs fewer FLOPs, and the counts are fixed, so the ONNX graph has static TopK
+sizes.
+
+The selection runs in forward hooks around the model's own forward (no upstream code is copied):
+one on each block's fused ``qkv`` projection computes the block's CLS-attention row, one on the
+block replaces its output by the prefix tokens plus the top patch tokens. The ONNX training graph
+uses the same hooks with a dynamic ``keep`` and per-sample CLS deltas.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+
+
+class ScheduleError(ValueError):
+    """A token schedule that does not fit the model (bad input: the message says what fits)."""
+
+
+def check_schedule(kept: Sequence[int], num_blocks: int, num_patches: int) -> tuple[int, ...]:
+    """``kept`` as a tuple of ints, or :class:`ScheduleError`: one count per block, each in
+    ``[1, tokens entering the block]`` (dropping is cumulative)."""
+    kept = tuple(int(k) for k in kept)
+    if len(kept) != num_blocks:
+        raise ScheduleError(f"token schedule has {len(kept)} counts for a model with {num_blocks} blocks")
+    entering = num_patches
+    for i, k in enumerate(kept):
+        if not 1 <= k <= entering:
+            raise ScheduleError(f"token schedule keeps {k} patch tokens after block {i}, which receives {entering}; "
+                                f"each count must lie in [1, {entering}]")
+        entering = k
+    return kept
+
+
+def keep_per_block(kept: Sequence[int], num_patches: int) -> tuple[int | None, ...]:
+    """Per block, the count to select (None where the block keeps every token it receives)."""
+    out, entering = [], num_patches
+    for k in kept:
+        out.append(int(k) if k < entering else None)
+        entering = k
+    return tuple(out)
+
+
+def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
+    return kept is not None and any(k is not None for k in keep_per_block(kept, num_patches))
+
+
+def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None:
+    """The schedule of a window of training steps: per block, the mean of the logged patch tokens
+    leaving it, rounded (means and rounding keep the counts non-increasing). None without steps."""
+    if not rows:
+        return None
+    n = len(rows)
+    return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
+
+
+@contextlib.contextmanager
+def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
+                    deltas: list[Tensor] | None = None) -> Iterator[None]:
+    """Within the block, after block ``l`` keep the ``prefix`` tokens plus the top ``keep[l]`` patch
+    tokens (``keep[l]`` None, or ``keep`` None: all of them); with ``deltas``, append each block's
+    per-sample CLS delta to it."""
+    scores: dict[int, Tensor] = {}
+    handles = []
+
+    def qkv_hook(i: int, attn: nn.Module):
+        def hook(_mod, _inputs, out: Tensor) -> None:
+            scores[i] = cls_attention_scores(out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
+                                             attn.k_norm)
+        return hook
+
+    def block_hook(i: int):
+        def hook(_mod, inputs, out: Tensor) -> Tensor:
+            if deltas is not None:
+                deltas.append(cls_delta(inputs[0], out))
+            if keep is None or keep[i] is None:
+                return out
+            return select_tokens(out, scores.pop(i), keep[i], prefix)
+        return hook
+
+    try:
+        for i, blk in enumerate(blocks):
+            if keep is not None and keep[i] is not None:
+                handles.append(blk.attn.qkv.register_forward_hook(qkv_hook(i, blk.attn)))
+            if deltas is not None or (keep is not None and keep[i] is not None):
+                handles.append(blk.register_forward_hook(block_hook(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def token_schedule(vit: nn.Module, kept: Sequence[int] | None) -> Iterator[None]:
+    """Within the block, forwards of the timm ViT ``vit`` follow the schedule ``kept`` (None: every
+    token). Works on a model patched for training or wrapped by peft: only its blocks are hooked."""
+    if kept is None:
+        yield
+        return
+    num_patches = int(vit.patch_embed.num_patches)
+    kept = check_schedule(kept, len(vit.blocks), num_patches)
+    with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches)):
+        yield
+
+
+def inference_flops(vit: nn.Module, kept: Sequence[int] | None) -> float:
+    """Counted FLOPs (``torch.utils.flop_counter``, 2 per multiply-add) of one image's forward."""
+    from .torch_backend.flops import counter
+
+    img = vit.patch_embed.img_size
+    param = next(vit.parameters())
+    x = torch.zeros(1, vit.patch_embed.proj.in_channels, img[0], img[1], device=param.device, dtype=param.dtype)
+    was_training = vit.training
+    vit.eval()
+    try:
+        with torch.no_grad(), token_schedule(vit, kept), counter() as fc:
+            vit(x)
+    finally:
+        vit.train(was_training)
+    return float(fc.get_total_flops())

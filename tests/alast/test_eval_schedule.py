@@ -1,0 +1,110 @@
+"""A run is evaluated, re-evaluated and exported on the token schedule of its final steps."""
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from alast.training.loop import _Tally
+from alast.training.report import read_metrics
+from alast_cli.main import cli
+from planners import StepResult
+from runtimes.token_schedule import schedule_from_steps
+
+STEPS = 20
+TRAIN = ["train", "--steps", str(STEPS), "--batch-size", "8", "--set", "backend.threads=1",
+         "--set", "backend.count_flops=off"]
+TARGET = ["--target-flops", "0.6"]
+
+
+def _train(out: Path, *extra: str) -> dict:
+    res = CliRunner().invoke(cli, [*TRAIN, "--out", str(out), *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sched") / "run"
+    _train(out, *TARGET)
+    return out
+
+
+def test_schedule_is_the_mean_of_the_last_tenth_of_steps(run):
+    summary = json.loads((run / "summary.json").read_text())
+    records = read_metrics(run / "metrics.jsonl")
+    window = [r["kept_tokens"] for r in records[-2:]]  # 10% of 20 steps
+    assert summary["eval_tokens"] == "trained"
+    assert summary["eval_kept_tokens"] == list(schedule_from_steps(window))
+    assert summary["eval_kept_tokens"][-1] < 64
+    assert 0.2 < summary["inference_flops_ratio"] < 1.0
+
+
+def test_run_eval_and_onnx_give_the_summary_accuracy(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    summary = json.loads((run / "summary.json").read_text())
+    res = CliRunner().invoke(cli, ["eval", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["accuracy"] == summary["val_accuracy"] and got["kept_tokens"] == summary["eval_kept_tokens"]
+    res = CliRunner().invoke(cli, ["eval", str(run), "--all-tokens", "--json"])
+    assert json.loads(res.stdout)["accuracy"] == summary["val_accuracy_all_tokens"]
+
+    onnx_path = tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(onnx_path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kept_tokens"] == summary["eval_kept_tokens"]
+    res = CliRunner().invoke(cli, ["eval", str(onnx_path), "--json"])
+    assert abs(json.loads(res.stdout)["accuracy"] - summary["val_accuracy"]) < 1e-9
+
+    every = tmp_path / "every.onnx"
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(every), "--all-tokens", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kept_tokens"] is None
+    res = CliRunner().invoke(cli, ["eval", str(every), "--json"])
+    assert abs(json.loads(res.stdout)["accuracy"] - summary["val_accuracy_all_tokens"]) < 1e-9
+    res = CliRunner().invoke(cli, ["eval", str(every), "--all-tokens"])
+    assert res.exit_code == 2 and "applies to run directories" in res.output
+
+
+def test_eval_tokens_all_keeps_every_token(tmp_path):
+    summary = _train(tmp_path / "all", *TARGET, "--set", "policy.eval_tokens=all")
+    assert summary["eval_kept_tokens"] is None and summary["inference_flops_ratio"] is None
+    assert summary["val_accuracy"] == summary["val_accuracy_all_tokens"]
+
+
+def test_full_fine_tuning_has_no_schedule(tmp_path):
+    summary = _train(tmp_path / "full", "--policy", "full")
+    assert summary["eval_kept_tokens"] is None and summary["val_accuracy"] == summary["val_accuracy_all_tokens"]
+
+
+def test_corrupt_schedule_in_a_summary_is_one_line(run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    summary = json.loads((broken / "summary.json").read_text())
+    summary["eval_kept_tokens"] = [70, 3, 3, 3, 3, 3]
+    (broken / "summary.json").write_text(json.dumps(summary))
+    res = CliRunner().invoke(cli, ["eval", str(broken)])
+    assert res.exit_code == 2 and "eval_kept_tokens in the summary is corrupt" in res.stderr
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["eval", str(broken), "--all-tokens"])
+    assert res.exit_code == 0, res.output
+
+
+def _result(kept):
+    return StepResult(loss=1.0, deltas=(0.0,) * 3, tokens_in=(16, *kept[:-1]), kept_tokens=tuple(kept),
+                      trained_blocks=(0, 1, 2), batch_size=4, step_time_s=0.1)
+
+
+def test_the_window_survives_a_checkpoint():
+    tally = _Tally(schedule_window=3)
+    for kept in ([12, 8, 4], [13, 9, 5], [12, 8, 5], [11, 8, 4]):
+        tally.add(_result(kept), None)
+    assert tally.recent_kept_tokens == [[13, 9, 5], [12, 8, 5], [11, 8, 4]]
+    restored = _Tally(**json.loads(json.dumps(asdict(tally))))  # as a checkpoint stores it
+    restored.add(_result([12, 9, 6]), None)
+    tally.add(_result([12, 9, 6]), None)
+    assert restored.schedule(16) == tally.schedule(16) == (12, 8, 5)
+    assert _Tally(schedule_window=2).schedule(16) is None

@@ -1,0 +1,109 @@
+"""The fixed token schedule of evaluation and export: the model runs exactly as it was trained."""
+import pytest
+import torch
+
+from runtimes.token_schedule import (
+    ScheduleError,
+    check_schedule,
+    drops_tokens,
+    inference_flops,
+    keep_per_block,
+    schedule_from_steps,
+    token_schedule,
+)
+from runtimes.torch_backend.patch import AlastPatch
+from tests.conftest import make_tiny_vit
+
+
+def test_check_schedule_refuses_what_does_not_fit():
+    assert check_schedule([12, 12, 6, 3], 4, 16) == (12, 12, 6, 3)
+    with pytest.raises(ScheduleError, match="3 counts for a model with 4 blocks"):
+        check_schedule([12, 6, 3], 4, 16)
+    with pytest.raises(ScheduleError, match="keeps 8 patch tokens after block 2, which receives 6"):
+        check_schedule([12, 6, 8, 3], 4, 16)
+    with pytest.raises(ScheduleError, match="after block 0"):
+        check_schedule([0, 0, 0, 0], 4, 16)
+    with pytest.raises(ScheduleError, match="after block 0, which receives 16"):
+        check_schedule([17, 16, 16, 16], 4, 16)
+
+
+def test_keep_per_block_and_window_mean():
+    assert keep_per_block([16, 12, 12, 5], 16) == (None, 12, None, 5)
+    assert schedule_from_steps([]) is None
+    # per block, the rounded mean of the window's logged counts
+    assert schedule_from_steps([[12, 9, 6, 4], [13, 10, 6, 3], [12, 9, 5, 3]]) == (12, 9, 6, 3)
+    assert not drops_tokens((16, 16, 16, 16), 16) and not drops_tokens(None, 16)
+    assert drops_tokens((16, 16, 15, 15), 16)
+
+
+def test_schedule_reproduces_the_training_forward(batch):
+    """Evaluation on the schedule computes what a training forward with the same counts computes."""
+    images, _ = batch
+    kept = (12, 9, 9, 4)
+    model = make_tiny_vit()
+    patch = AlastPatch(model)
+    model.train()  # no dropout or drop-path in the tiny model: train and eval differ only in dropping
+    with torch.no_grad(), patch.training_forward(keep_per_block(kept, 16)):
+        trained = model(images)
+    model.eval()
+    with torch.no_grad(), token_schedule(model, kept):
+        scheduled = model(images)
+    with torch.no_grad():
+        every = model(images)
+    torch.testing.assert_close(scheduled, trained, rtol=0, atol=1e-6)
+    assert (scheduled - every).abs().max() > 1e-3  # dropping changes the logits
+
+
+def test_no_schedule_is_the_plain_model_and_hooks_leave(batch):
+    images, _ = batch
+    model = make_tiny_vit().eval()
+    with torch.no_grad():
+        plain = model(images)
+        with token_schedule(model, None):
+            same = model(images)
+        with token_schedule(model, (16, 16, 16, 16)):
+            keep_all = model(images)
+        with token_schedule(model, (8, 4, 2, 1)):
+            model(images)
+        after = model(images)
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    torch.testing.assert_close(keep_all, plain, rtol=0, atol=0)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
+    assert not any(blk._forward_hooks or blk.attn.qkv._forward_hooks for blk in model.blocks)
+
+
+def test_schedule_with_register_tokens_keeps_the_prefix(batch):
+    images, _ = batch
+    model = make_tiny_vit(reg_tokens=2).eval()
+    seen = []
+    model.norm.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
+    with torch.no_grad(), token_schedule(model, (10, 5, 5, 2)):
+        model(images)
+    assert seen == [1 + 2 + 2]  # CLS, two registers, two patch tokens
+
+
+def test_inference_flops_follow_the_schedule():
+    model = make_tiny_vit()
+    every = inference_flops(model, None)
+    half = inference_flops(model, (8, 8, 8, 8))
+    assert model.training  # the count leaves the mode as it was
+    assert 0.45 < half / every < 0.75  # block 0 sees every token; the head's FLOPs do not shrink
+    assert inference_flops(model, (16, 16, 16, 16)) == every
+
+
+def test_onnx_graph_follows_the_schedule(tmp_path, batch):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from runtimes.onnx_export import export_inference_bytes, max_logit_diff
+
+    model = make_tiny_vit().eval()
+    kept = (12, 6, 6, 3)
+    path = tmp_path / "s.onnx"
+    path.write_bytes(export_inference_bytes(model, kept=kept))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # blocks 0, 1 and 3 select (top-k, then the kept indices sorted: two TopK each); block 2 keeps all
+    assert ops.count("TopK") == 6
+    assert max_logit_diff(path, model, kept=kept) < 1e-4
+    assert max_logit_diff(path, model) > 1e-3  # it is not the every-token model
+    assert "TopK" not in [n.op_type for n in onnx.load_from_string(export_inference_bytes(model)).graph.node]
