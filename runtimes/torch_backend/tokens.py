@@ -31,14 +31,38 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
         return attn.float().softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
+class _TakeTokens(torch.autograd.Function):
+    """``torch.gather`` along the token axis whose backward keeps only the indices.
+
+    ``torch.gather`` saves its whole input for the backward, although the gradient needs only the
+    input's shape: here the block's full output, every entering token, would stay alive until the
+    backward. This keeps the indices alone (``index`` is an expanded view of ``[B, k, 1]``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.input_shape = x.shape
+        return torch.gather(x, 1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.input_shape).scatter_(1, index, grad), None  # indices are distinct
+
+
 def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int) -> Tensor:
     """Keep the prefix tokens and the ``keep`` patch tokens with the highest scores.
 
     Each sample keeps its own indices (in their original order); the count is shared by the
-    batch. Gradients flow to the kept tokens only.
+    batch. Gradients flow to the kept tokens only; the backward keeps the indices, not ``x``.
     """
     patch_scores = scores[:, num_prefix:]
     idx = patch_scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
     idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    kept = torch.gather(x[:, num_prefix:], 1, idx)
+    patches = x[:, num_prefix:]
+    if torch.onnx.is_in_onnx_export() or not x.requires_grad:
+        kept = torch.gather(patches, 1, idx)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
+    else:
+        kept = _TakeTokens.apply(patches, idx)
     return torch.cat([x[:, :num_prefix], kept], dim=1)
