@@ -2,7 +2,7 @@
 
 Where things live:
   ``alast.config``     the YAML config (pydantic, one model per section)
-  ``alast.data``       datasets: built-in (digits, shapes, random), image folders, torchvision
+  ``alast.data``       datasets: built-in (digits, shapes, letters, random), image folders, torchvision
   ``alast.models``     timm models and the shipped demo backbone
   ``alast.training``   the loop, run directory, checkpoints, resume, metrics, TensorBoard
   ``alast.planning``   profiling (the cost model) and planning (predictions, FLOPs targets)

@@ -46,7 +46,8 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
 
 @click.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--data", "spec", help="digits | shapes | imagefolder:PATH | torchvision:NAME (default: the run's)")
+@click.option("--data", "spec",
+              help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME (default: the run's)")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per batch (default: the run's train.eval_batch_size, else sized for memory)")

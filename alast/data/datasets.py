@@ -1,4 +1,4 @@
-"""Datasets and batches: built-in digits, image folders, torchvision datasets, synthetic tasks.
+"""Datasets and batches: built-in digits and letters, image folders, torchvision datasets, synthetic tasks.
 
 Batches are a pure function of (seed, step): step ``s`` reads slice ``s mod E`` of the permutation
 drawn for epoch ``s // E``. A resumed run therefore sees exactly the batches it would have seen, and
@@ -108,6 +108,17 @@ def _synthetic(family: str, train_tf: Callable, eval_tf: Callable) -> DataBundle
 
     train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=train_tf)
     val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=eval_tf)
+    return DataBundle(train, val, list(train.classes))
+
+
+def _letters(train_tf: Callable, eval_tf: Callable) -> DataBundle:
+    """Capital letters typeset in matplotlib's fonts; validation uses fonts never seen in training."""
+    from alast.data.letters import FontError, LettersDataset
+
+    try:
+        train, val = LettersDataset("train", train_tf), LettersDataset("val", eval_tf)
+    except FontError as exc:
+        raise DataError(str(exc)) from None
     return DataBundle(train, val, list(train.classes))
 
 
@@ -231,9 +242,9 @@ def _count_classes(ds: Dataset) -> int:
 
 def describe_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
-    if kind not in ("digits", "shapes", "imagefolder", "torchvision", "random"):
-        raise DataError(f"unknown data spec {spec!r}; use digits, shapes, imagefolder:PATH, torchvision:NAME "
-                        "or random[:N] (timing only)")
+    if kind not in ("digits", "shapes", "letters", "imagefolder", "torchvision", "random"):
+        raise DataError(f"unknown data spec {spec!r}; use digits, shapes, letters, imagefolder:PATH, "
+                        "torchvision:NAME or random[:N] (timing only)")
     if kind in ("imagefolder", "torchvision") and not arg:
         raise DataError(f"data spec {spec!r} needs a value, e.g. {kind}:{'PATH' if kind == 'imagefolder' else 'CIFAR100'}")
     return kind, arg
@@ -251,6 +262,8 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
         return _digits(train_tf, eval_tf, val_fraction, seed)
     if kind == "shapes":
         return _synthetic("shapes", train_tf, eval_tf)
+    if kind == "letters":
+        return _letters(train_tf, eval_tf)
     if kind == "random":
         return _random_images(data_cfg, int(arg) if arg else 256, seed)
     if kind == "imagefolder":

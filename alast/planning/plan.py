@@ -67,6 +67,10 @@ def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
         from alast.data import synthetic
 
         return synthetic.num_classes("shapes"), kind
+    if kind == "letters":
+        from alast.data.letters import LETTERS
+
+        return len(LETTERS), kind
     if kind == "imagefolder":
         root = Path(arg) / "train" if (Path(arg) / "train").is_dir() else Path(arg)
         if root.is_dir():
