@@ -73,6 +73,31 @@ def test_select_tokens_keeps_cls_and_top_scores():
     assert out[1, 1:, 0].tolist() == [6.0, 8.0]          # per-sample indices
 
 
+def test_select_tokens_backward_keeps_indices_not_the_block_output():
+    """The gradient equals torch.gather's, but only int64 indices are saved for it (the block's
+    full output, every entering token, is freed after selection)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 4, generator=g, requires_grad=True)
+    scores = torch.rand(3, 9, generator=g)
+    upstream = torch.randn(3, 5, 4, generator=g)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = select_tokens(x, scores, 4, num_prefix=1)
+    (out * upstream).sum().backward()
+    assert saved and all(dtype == torch.int64 for dtype, _ in saved)
+    idx = scores[:, 1:].topk(4, dim=-1).indices.sort(dim=-1).values
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.cat([ref_x[:, :1], torch.gather(ref_x[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, 4))], dim=1)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+
+
 def test_cls_delta_hand_computed():
     x_in = torch.zeros(2, 3, 2)
     x_out = torch.zeros(2, 3, 2)
