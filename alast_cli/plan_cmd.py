@@ -136,11 +136,19 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         tg = result["target"]
         console.print(f"target {tg['target']:g}x full FLOPs -> {tg['knobs']} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
+    for name, p in result["policies"].items():
+        if p.get("inference_flops_ratio"):
+            console.print(f"{name}: the fine-tuned model is evaluated and exported on its token schedule "
+                          f"{list(p['eval_kept_tokens'])} (the final 10% of steps): inference "
+                          f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token")
     if result.get("trace"):
         tr = result["trace"]
         err = tr["train_flops_rel_error"]
         console.print(f"trace {tr['run_dir']}: predicted {human(tr['predicted_train_flops'], 'FLOP')}, counted "
                       f"{human(tr['counted_train_flops'], 'FLOP')}" + (f" ({err:+.2%})" if err is not None else ""))
+        if tr.get("counted_inference_flops_ratio") and tr.get("predicted_inference_flops_ratio"):
+            console.print(f"inference on the token schedule: predicted {tr['predicted_inference_flops_ratio']:.3f}x, "
+                          f"counted {tr['counted_inference_flops_ratio']:.3f}x")
     if plot is not None:
         console.print(f"plot written to {plot}")
     return result

@@ -165,6 +165,23 @@ def kept_token_counts(
     return tuple(tokens_in), tuple(tokens_out)
 
 
+SCHEDULE_WINDOW = 0.1  # the deployed token schedule: the mean of the last 10% of training steps
+
+
+def schedule_window(steps: int) -> int:
+    """Training steps whose kept tokens make the deployed token schedule (at least one)."""
+    return max(1, round(SCHEDULE_WINDOW * steps))
+
+
+def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None:
+    """The token schedule of a window of training steps: per block, the mean of the patch tokens
+    that left it, rounded (means and rounding keep the counts non-increasing). None without steps."""
+    if not rows:
+        return None
+    n = len(rows)
+    return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
+
+
 def default_k_trained(num_blocks: int) -> int:
     """ALaST trains 9 of 12 blocks; for other depths ``round(0.75 * L)`` (halves round up)."""
     return max(1, min(num_blocks, math.floor(0.75 * num_blocks + 0.5)))

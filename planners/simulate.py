@@ -24,7 +24,7 @@ from typing import Any
 
 from .costmodel import CostModel, poly
 from .registry import create_planner
-from .rules import kept_token_counts
+from .rules import kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
 
 
@@ -162,6 +162,8 @@ class Prediction:
     time_range: tuple[float, float] | None = None
     per_block: dict[str, list[float]] = field(default_factory=dict)
     knobs: dict[str, Any] = field(default_factory=dict)
+    eval_kept_tokens: tuple[int, ...] | None = None  # the deployed token schedule (None: every token)
+    inference_flops_ratio: float | None = None  # its forward's FLOPs over every token's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +182,7 @@ class RunAccumulator:
         self.times: list[float] = []
         self.ever = [False] * cm.num_blocks
         self.ever_other = False
+        self.kept: list[tuple[int, ...]] = []
         self.sums = {"tokens_in": [0.0] * cm.num_blocks, "trained": [0.0] * cm.num_blocks,
                      "fwd_flops": [0.0] * cm.num_blocks, "bwd_flops": [0.0] * cm.num_blocks,
                      "select_flops": [0.0] * cm.num_blocks}
@@ -205,6 +208,7 @@ class RunAccumulator:
         self.bwd += cost.bwd_flops * flops_scale
         if self.cm.time is not None:
             self.times.append(self.cm.time.step_time_s(cost.time_features()))
+        self.kept.append(shape.kept_tokens)
         for i, (f, b, s) in enumerate(cost.per_block):
             self.sums["tokens_in"][i] += shape.tokens_in[i]
             self.sums["trained"][i] += shape.trained[i]
@@ -216,6 +220,9 @@ class RunAccumulator:
     def result(self, policy: str, method: str, batch_size: int) -> Prediction:
         n = max(self.steps, 1)
         tm = self.cm.time
+        kept = schedule_from_steps(self.kept[-schedule_window(self.steps):])
+        if kept is not None and all(k >= self.cm.num_patches for k in kept):
+            kept = None
         return Prediction(
             policy=policy, method=method, steps=self.steps, batch_size=batch_size,
             train_flops=self.fwd + self.bwd, fwd_flops=self.fwd, bwd_flops=self.bwd,
@@ -224,6 +231,8 @@ class RunAccumulator:
             time_s=sum(self.times) if self.times else None,
             time_method=(tm.note or tm.method) if tm is not None else "none (pass --calibrate or --throughput)",
             per_block={k: [v / n for v in vals] for k, vals in self.sums.items()},
+            eval_kept_tokens=kept,
+            inference_flops_ratio=inference_flops(self.cm, kept) / inference_flops(self.cm) if kept else None,
         )
 
 
@@ -338,6 +347,19 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
     n_final = p + tout[-1]
     total += poly(cm.head.fwd_flops, n_final) + poly(cm.head.bwd_flops["weights_and_input"], n_final)
     return total
+
+
+def inference_flops(cm: CostModel, kept: Sequence[int] | None = None) -> float:
+    """FLOPs of one image's eval forward on the token schedule ``kept`` (patch tokens leaving each
+    block; None: every token): the blocks that drop tokens also compute CLS-attention scores."""
+    p, n = cm.num_prefix_tokens, cm.num_patches
+    total = cm.embed.fwd_flops[0]
+    for blk, k in zip(cm.blocks, kept if kept is not None else [n] * cm.num_blocks):
+        total += blk.forward_flops(p + n)
+        if k < n:
+            total += poly(blk.select_flops, p + n)
+        n = k
+    return total + poly(cm.head.fwd_flops, p + n)
 
 
 def full_step_flops(cm: CostModel) -> float:

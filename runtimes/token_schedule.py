@@ -56,15 +56,6 @@ def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
     return kept is not None and any(k is not None for k in keep_per_block(kept, num_patches))
 
 
-def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None:
-    """The schedule of a window of training steps: per block, the mean of the logged patch tokens
-    leaving it, rounded (means and rounding keep the counts non-increasing). None without steps."""
-    if not rows:
-        return None
-    n = len(rows)
-    return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
-
-
 @contextlib.contextmanager
 def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
                     deltas: list[Tensor] | None = None) -> Iterator[None]:

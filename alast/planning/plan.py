@@ -176,8 +176,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _entry(pred: Prediction, full: Prediction) -> dict[str, Any]:
+def _entry(pred: Prediction, full: Prediction, eval_tokens: str) -> dict[str, Any]:
     d = pred.to_dict()
+    if eval_tokens == "all":  # the run evaluates and exports on every token
+        d["eval_kept_tokens"] = d["inference_flops_ratio"] = None
     d["ratio_to_full"] = {"train_flops": _ratio(pred.train_flops, full.train_flops),
                           "peak_memory_bytes": _ratio(pred.peak_memory_bytes, full.peak_memory_bytes),
                           "time_s": _ratio(pred.time_s, full.time_s)}
@@ -193,7 +195,7 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
         "batch_size": cfg.train.batch_size, "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
         "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
         "time_method": tm, "target": target,
-        "policies": {name: _entry(p, full) for name, p in preds.items()},
+        "policies": {name: _entry(p, full, cfg.policy.eval_tokens) for name, p in preds.items()},
     }
 
 
@@ -256,6 +258,8 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
                         "prediction covers the same steps") if sampled else "measured over all steps",
         "predicted_step_time_s": pred.step_time_s, "measured_median_step_time_s": summary.get("median_step_time_s"),
         "counted_full_ft_train_flops": summary.get("full_ft_train_flops"),
+        "predicted_inference_flops_ratio": out["policies"][cfg.policy.name]["inference_flops_ratio"],
+        "counted_inference_flops_ratio": summary.get("inference_flops_ratio"),
     }
     return out
 

@@ -28,11 +28,9 @@ from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
-from planners import Observation, StepResult
+from planners import Observation, StepResult, schedule_from_steps, schedule_window
 from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
-from runtimes.token_schedule import drops_tokens, inference_flops, schedule_from_steps
-
-SCHEDULE_WINDOW = 0.1  # the token schedule of evaluation and export: the mean of the last 10% of steps
+from runtimes.token_schedule import drops_tokens, inference_flops
 
 
 @dataclass
@@ -112,7 +110,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides)
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
-    run.tally.schedule_window = max(1, round(SCHEDULE_WINDOW * steps))
+    run.tally.schedule_window = schedule_window(steps)
     start = run.restore() if resume else 0
     if not resume:
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))

@@ -9,8 +9,7 @@ from click.testing import CliRunner
 from alast.training.loop import _Tally
 from alast.training.report import read_metrics
 from alast_cli.main import cli
-from planners import StepResult
-from runtimes.token_schedule import schedule_from_steps
+from planners import StepResult, schedule_from_steps
 
 STEPS = 20
 TRAIN = ["train", "--steps", str(STEPS), "--batch-size", "8", "--set", "backend.threads=1",
@@ -108,3 +107,25 @@ def test_the_window_survives_a_checkpoint():
     tally.add(_result([12, 9, 6]), None)
     assert restored.schedule(16) == tally.schedule(16) == (12, 8, 5)
     assert _Tally(schedule_window=2).schedule(16) is None
+
+
+def test_plan_predicts_the_schedule_and_its_inference_flops(run):
+    """Replaying the run's steps on the cost model gives the schedule and inference FLOPs it counted."""
+    summary = json.loads((run / "summary.json").read_text())
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["policies"]["alast"]["eval_kept_tokens"] == summary["eval_kept_tokens"]
+    assert out["policies"]["full"]["inference_flops_ratio"] is None
+    tr = out["trace"]
+    assert tr["predicted_inference_flops_ratio"] == pytest.approx(tr["counted_inference_flops_ratio"], rel=1e-3)
+
+
+def test_plan_before_training_names_the_schedule():
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    alast = json.loads(res.stdout)["policies"]["alast"]
+    assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.8
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--set", "policy.eval_tokens=all", "--json"])
+    alast = json.loads(res.stdout)["policies"]["alast"]
+    assert alast["eval_kept_tokens"] is None and alast["inference_flops_ratio"] is None

@@ -8,9 +8,9 @@ from runtimes.token_schedule import (
     drops_tokens,
     inference_flops,
     keep_per_block,
-    schedule_from_steps,
     token_schedule,
 )
+from planners import schedule_from_steps
 from runtimes.torch_backend.patch import AlastPatch
 from tests.conftest import make_tiny_vit
 
