@@ -1,0 +1,65 @@
+"""Evaluate fine-tuned runs on another run's token schedule.
+
+The question it answers: is a model fine-tuned with token dropping better, at the same inference
+cost, than a fully fine-tuned model whose tokens are dropped only at inference? For each pair
+``FULL_RUN:SCHEDULE_RUN`` it evaluates FULL_RUN's model on every token and on SCHEDULE_RUN's
+token schedule (``eval_kept_tokens`` in its summary), and prints SCHEDULE_RUN's own accuracy.
+
+    python benchmarks/schedule_transfer.py bench/digits/full-s0:bench/digits/alast-t0.5-s0 ... --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alast.data import eval_batches  # noqa: E402
+from alast.export import _accumulate, _val_data, load_run  # noqa: E402
+from runtimes.token_schedule import token_schedule  # noqa: E402
+
+
+def evaluate(run, kept) -> float:
+    cfg, s = run.config, run.summary
+    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (s.get("data_config") or {}).items()}
+    val = _val_data(cfg.data.spec, data_cfg, cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
+                    list(s.get("classes") or []))
+    with torch.no_grad(), token_schedule(run.model, kept):
+        return _accumulate(eval_batches(val, cfg.train.eval_batch_size), run.model)["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pairs", nargs="+", help="FULL_RUN:SCHEDULE_RUN")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for pair in args.pairs:
+        full_dir, sched_dir = pair.split(":")
+        full, sched = load_run(Path(full_dir)), load_run(Path(sched_dir))
+        kept = sched.kept_tokens
+        if kept is None:
+            sys.exit(f"{sched_dir} has no token schedule")
+        row = {"full_run": full_dir, "schedule_run": sched_dir, "kept_tokens": list(kept),
+               "full_all_tokens": evaluate(full, None), "full_on_schedule": evaluate(full, kept),
+               "schedule_run_accuracy": sched.summary["val_accuracy"],
+               "inference_flops_ratio": sched.summary.get("inference_flops_ratio")}
+        rows.append(row)
+        print(f"{full_dir}: every token {100 * row['full_all_tokens']:.2f}%, on {sched_dir}'s schedule {list(kept)} "
+              f"{100 * row['full_on_schedule']:.2f}%; {sched_dir} itself {100 * row['schedule_run_accuracy']:.2f}%")
+    for key in ("full_all_tokens", "full_on_schedule", "schedule_run_accuracy"):
+        vals = [100 * r[key] for r in rows]
+        print(f"mean {key}: {statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
