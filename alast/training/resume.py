@@ -32,6 +32,7 @@ NEUTRAL_KEYS = frozenset({
     "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
     "output.tensorboard",
     "train.eval_batch_size",
+    "policy.eval_tokens",  # how the final model is evaluated, not how it is trained
 })
 NEUTRAL_SECTIONS = ("export.",)
 
