@@ -19,8 +19,8 @@ from alast.bench_runs import BY_STEPS, MATCHED, compare, judgement, mean_std
 
 CURVES = "curves.json"
 COMPARED = (BY_STEPS, MATCHED, "tokens")  # what alast is judged against, in this order
-RECORD_KEYS = ("steps", "train_flops", "val_accuracy", "val_accuracy_all_tokens", "inference_flops_ratio",
-               "wall_time_s", "run_dir")
+RECORD_KEYS = ("steps", "train_flops", "val_accuracy", "val_accuracy_token_schedule", "val_accuracy_all_tokens",
+               "inference_flops_ratio", "wall_time_s", "run_dir")
 
 
 def curve_record(summary: dict[str, Any], base_steps: int) -> dict[str, Any]:
@@ -50,11 +50,12 @@ def points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rs = _trained(records, policy, target)
         acc, acc_std = mean_std([r["val_accuracy"] for r in rs])
         every, _ = mean_std([r.get("val_accuracy_all_tokens") or r["val_accuracy"] for r in rs])
+        sched, _ = mean_std([r.get("val_accuracy_token_schedule") for r in rs])
         ratio, ratio_std = mean_std([r["flops_ratio"] for r in rs])
         out.append({"policy": policy, "target": target, "seeds": [r["seed"] for r in rs],
                     "steps": mean_std([r["steps"] for r in rs])[0], "flops_ratio": ratio,
                     "flops_ratio_std": ratio_std, "val_accuracy": acc, "val_accuracy_std": acc_std,
-                    "val_accuracy_all_tokens": every,
+                    "val_accuracy_token_schedule": sched, "val_accuracy_all_tokens": every,
                     "inference_flops_ratio": mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])[0],
                     "wall_time_s": mean_std([r["wall_time_s"] for r in rs])[0]})
     return out
@@ -99,13 +100,14 @@ def _pct(v: float | None) -> str:
 
 
 def _table(pts: list[dict[str, Any]]) -> list[str]:
-    lines = ["| policy | seeds | steps | FLOPs/full | acc % | ± std | acc all tokens % | inference FLOPs | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | seeds | steps | FLOPs/full | acc % | ± std | acc schedule % | acc all tokens % | inference FLOPs "
+             "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         wall = "n/a" if p["wall_time_s"] is None else f"{p['wall_time_s']:.2f}"
         lines.append(f"| {p['policy']} | {len(p['seeds'])} | {p['steps']:g} | {_x(p['flops_ratio'])} | "
                      f"{_pct(p['val_accuracy'])} | {_pct(p['val_accuracy_std'])} | "
-                     f"{_pct(p.get('val_accuracy_all_tokens'))} | {_x(p.get('inference_flops_ratio'))} | {wall} |")
+                     f"{_pct(p.get('val_accuracy_token_schedule'))} | {_pct(p.get('val_accuracy_all_tokens'))} | "
+                     f"{_x(p.get('inference_flops_ratio'))} | {wall} |")
     return lines
 
 
@@ -116,9 +118,9 @@ def markdown(setting: dict[str, Any], base_steps: int, targets: tuple[float, ...
     text = [f"Setting: model `{s.get('model')}`, data `{s.get('data')}`, backend `{s.get('backend')}`, "
             f"batch {s.get('batch_size')}, device `{s.get('device')}`. FLOPs/full: counted training FLOPs over "
             f"full fine-tuning at {base_steps} steps. `{BY_STEPS}`: full fine-tuning for round({base_steps} x "
-            f"target) steps. Accuracy: mean (± std) over seeds, on each model's token schedule (`policy.eval_tokens`); "
-            "acc all tokens: the same models on every token; inference FLOPs: the schedule's forward against "
-            "every token's.", ""]
+            f"target) steps. Accuracy: mean (± std) over seeds of the deployed models (`policy.eval_tokens`); acc "
+            "schedule / all tokens: the same models on their token schedule / on every token; inference FLOPs: the "
+            "deployed forward against every token's.", ""]
     for t in targets:
         text += [f"### Target {t:g}x", ""] + _table([p for p in pts if p["target"] == t]) + [""]
         skips = {r["policy"]: r["skipped"] for r in records if r["target"] == t and "skipped" in r}

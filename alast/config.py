@@ -70,10 +70,11 @@ class PolicyConfig(_Section):
     freeze_embeddings: bool = Field(
         False, description="beyond the paper: keep the patch embedding, class token and position embedding "
         "frozen, so blocks below the lowest trained block need no backward pass at all")
-    eval_tokens: Literal["trained", "all"] = Field(
-        "trained", description="evaluation and export of a model trained with token dropping: 'trained' keeps, "
-        "after each block, as many tokens as the final 10% of training steps did (the model is evaluated and "
-        "deployed as it was trained, and inference costs fewer FLOPs); 'all' keeps every token")
+    eval_tokens: Literal["auto", "trained", "all"] = Field(
+        "auto", description="how a model trained with token dropping is evaluated and exported: 'trained' on its "
+        "token schedule (after each block, as many tokens as the final 10% of training steps kept: the model runs "
+        "as it was trained, and inference costs fewer FLOPs); 'all' on every token; 'auto' measures both at the "
+        "end and keeps the more accurate on the validation data (the schedule on a tie)")
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None

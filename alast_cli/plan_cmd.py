@@ -138,9 +138,9 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
-            console.print(f"{name}: the fine-tuned model is evaluated and exported on its token schedule "
-                          f"{list(p['eval_kept_tokens'])} (the final 10% of steps): inference "
-                          f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token")
+            console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "
+                          f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token; the run evaluates and exports "
+                          f"on it per policy.eval_tokens={result.get('eval_tokens')}")
     if result.get("trace"):
         tr = result["trace"]
         err = tr["train_flops_rel_error"]

@@ -66,14 +66,16 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
     t = Table(title=f"{summary['policy']} on {summary['model']} / {summary['data']} ({summary['backend']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    kept = summary.get("eval_kept_tokens")
-    if kept:
-        t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}  (token schedule {kept})")
-        t.add_row("  on every token", f"{summary['val_accuracy_all_tokens']:.4f}")
-        if summary.get("inference_flops_ratio"):
-            t.add_row("inference FLOPs vs every token", f"{summary['inference_flops_ratio']:.3f}x")
-    else:
-        t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}")
+    kept, sched = summary.get("eval_kept_tokens"), summary.get("token_schedule")
+    deployed = f"token schedule {kept}" if kept else "every token"
+    t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}" + (f"  ({deployed})" if sched else ""))
+    if sched:
+        other = (("every token", summary["val_accuracy_all_tokens"]) if kept else
+                 (f"token schedule {sched}", summary["val_accuracy_token_schedule"]))
+        t.add_row(f"  on {other[0]}", f"{other[1]:.4f}" + ("" if kept or summary["eval_tokens"] != "auto"
+                                                           else "  (less accurate: not used)"))
+    if kept and summary.get("inference_flops_ratio"):
+        t.add_row("inference FLOPs vs every token", f"{summary['inference_flops_ratio']:.3f}x")
     tf, full = summary.get("train_flops"), summary.get("full_ft_train_flops")
     t.add_row("training FLOPs (counted)", human(tf, "FLOP"))
     t.add_row("full fine-tuning FLOPs (same steps)", human(full, "FLOP"))

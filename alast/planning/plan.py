@@ -194,7 +194,7 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
         "model": cfg.model.name, "img_size": plain.img_size, "num_classes": plain.num_classes, "steps": steps,
         "batch_size": cfg.train.batch_size, "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
         "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
-        "time_method": tm, "target": target,
+        "time_method": tm, "target": target, "eval_tokens": cfg.policy.eval_tokens,
         "policies": {name: _entry(p, full, cfg.policy.eval_tokens) for name, p in preds.items()},
     }
 

@@ -171,8 +171,9 @@ class _Run:
             self.tb.evaluation(step, metrics)
 
     def eval_schedule(self) -> tuple[int, ...] | None:
-        """The token schedule evaluation uses now (``policy.eval_tokens``); None: every token."""
-        if self.cfg.policy.eval_tokens == "all":
+        """The token schedule evaluation uses during training: the recent steps' with
+        ``policy.eval_tokens: trained``, none (every token) with ``all`` and ``auto``."""
+        if self.cfg.policy.eval_tokens != "trained":
             return None
         return self.tally.schedule(self.runtime.num_patches)
 
@@ -180,18 +181,20 @@ class _Run:
         return self.runtime.evaluate(_val_batches(data, self.cfg), self.eval_schedule())
 
     def final_evaluation(self, data) -> dict[str, Any]:
-        """The final metrics on the token schedule the model is deployed with and, when that drops
-        tokens, on every token too, with both inference costs."""
-        kept = self.eval_schedule()
-        metrics = self.evaluate(data)
-        metrics["kept_tokens"] = list(kept) if kept is not None else None
-        if kept is not None:
-            every = self.runtime.evaluate(_val_batches(data, self.cfg))
-            metrics["all_tokens"] = {k: every[k] for k in ("accuracy", "loss")}
-            vit = getattr(self.runtime, "timm_model", None) or self.runtime.model
-            metrics["inference_flops"] = inference_flops(vit, kept)
-            metrics["inference_flops_all_tokens"] = inference_flops(vit, None)
-        return metrics
+        """The final metrics of the deployed model (``kept_tokens``: its token schedule, None for
+        every token) and, when the run dropped tokens, both candidates with their inference costs."""
+        mode = self.cfg.policy.eval_tokens
+        kept = None if mode == "all" else self.tally.schedule(self.runtime.num_patches)
+        every = self.runtime.evaluate(_val_batches(data, self.cfg))
+        if kept is None:
+            return {**every, "kept_tokens": None}
+        scheduled = self.runtime.evaluate(_val_batches(data, self.cfg), kept)
+        use = mode == "trained" or scheduled["accuracy"] >= every["accuracy"]
+        vit = getattr(self.runtime, "timm_model", None) or self.runtime.model
+        return {**(scheduled if use else every), "kept_tokens": list(kept) if use else None,
+                "all_tokens": {k: every[k] for k in ("accuracy", "loss")},
+                "schedule": {"kept_tokens": list(kept), "accuracy": scheduled["accuracy"], "loss": scheduled["loss"],
+                             "inference_flops_ratio": inference_flops(vit, kept) / inference_flops(vit, None)}}
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""

@@ -44,14 +44,19 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
 
 
 def _deployment(cfg, metrics: dict[str, Any]) -> dict[str, Any]:
-    """How the model is evaluated and exported: its token schedule and what every token would give."""
-    every = metrics.get("all_tokens")
-    flops, flops_all = metrics.get("inference_flops"), metrics.get("inference_flops_all_tokens")
+    """How the model is evaluated and exported (``eval_kept_tokens``: its token schedule, None for
+    every token), and both candidates when the run dropped tokens."""
+    every, sched = metrics.get("all_tokens"), metrics.get("schedule")
+    deployed = metrics.get("kept_tokens")
     return {
-        "eval_tokens": cfg.policy.eval_tokens, "eval_kept_tokens": metrics.get("kept_tokens"),
+        "eval_tokens": cfg.policy.eval_tokens, "eval_kept_tokens": deployed,
+        "inference_flops_ratio": sched["inference_flops_ratio"] if deployed else None,
         "val_accuracy_all_tokens": every["accuracy"] if every else metrics["accuracy"],
         "val_loss_all_tokens": every["loss"] if every else metrics["loss"],
-        "inference_flops_ratio": flops / flops_all if flops and flops_all else None,
+        "token_schedule": sched["kept_tokens"] if sched else None,
+        "val_accuracy_token_schedule": sched["accuracy"] if sched else None,
+        "val_loss_token_schedule": sched["loss"] if sched else None,
+        "token_schedule_inference_flops_ratio": sched["inference_flops_ratio"] if sched else None,
     }
 
 

@@ -25,8 +25,9 @@ def _train(out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    """A run deployed on its token schedule."""
     out = tmp_path_factory.mktemp("sched") / "run"
-    _train(out, *TARGET)
+    _train(out, *TARGET, "--set", "policy.eval_tokens=trained")
     return out
 
 
@@ -35,9 +36,10 @@ def test_schedule_is_the_mean_of_the_last_tenth_of_steps(run):
     records = read_metrics(run / "metrics.jsonl")
     window = [r["kept_tokens"] for r in records[-2:]]  # 10% of 20 steps
     assert summary["eval_tokens"] == "trained"
-    assert summary["eval_kept_tokens"] == list(schedule_from_steps(window))
+    assert summary["eval_kept_tokens"] == summary["token_schedule"] == list(schedule_from_steps(window))
     assert summary["eval_kept_tokens"][-1] < 64
-    assert 0.2 < summary["inference_flops_ratio"] < 1.0
+    assert summary["val_accuracy"] == summary["val_accuracy_token_schedule"]
+    assert 0.2 < summary["inference_flops_ratio"] == summary["token_schedule_inference_flops_ratio"] < 1.0
 
 
 def test_run_eval_and_onnx_give_the_summary_accuracy(run, tmp_path):
@@ -69,7 +71,36 @@ def test_run_eval_and_onnx_give_the_summary_accuracy(run, tmp_path):
 def test_eval_tokens_all_keeps_every_token(tmp_path):
     summary = _train(tmp_path / "all", *TARGET, "--set", "policy.eval_tokens=all")
     assert summary["eval_kept_tokens"] is None and summary["inference_flops_ratio"] is None
+    assert summary["token_schedule"] is None and summary["val_accuracy_token_schedule"] is None
     assert summary["val_accuracy"] == summary["val_accuracy_all_tokens"]
+
+
+def test_auto_deploys_the_more_accurate_candidate(run, tmp_path, monkeypatch):
+    """The default measures both at the end; the schedule wins ties. Here the every-token model is
+    made the more accurate one, so it is deployed, and eval and export follow."""
+    summary = _train(tmp_path / "auto", *TARGET)
+    assert summary["eval_tokens"] == "auto" and summary["token_schedule"]
+    on_schedule, every = summary["val_accuracy_token_schedule"], summary["val_accuracy_all_tokens"]
+    assert summary["val_accuracy"] == max(on_schedule, every)
+    assert (summary["eval_kept_tokens"] == summary["token_schedule"]) == (on_schedule >= every)
+
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    evaluate = TorchRuntime.evaluate
+
+    def favour_every_token(self, batches, kept=None):
+        metrics = evaluate(self, batches, kept)
+        return {**metrics, "accuracy": metrics["accuracy"] + (0.5 if kept is None else 0.0)}
+
+    monkeypatch.setattr(TorchRuntime, "evaluate", favour_every_token)
+    out = tmp_path / "auto_every"
+    summary = _train(out, *TARGET)
+    monkeypatch.undo()
+    assert summary["eval_kept_tokens"] is None and summary["inference_flops_ratio"] is None
+    assert summary["token_schedule"] and summary["val_accuracy"] == summary["val_accuracy_all_tokens"]
+    res = CliRunner().invoke(cli, ["eval", str(out), "--json"])
+    assert json.loads(res.stdout)["kept_tokens"] is None
+    assert json.loads(res.stdout)["accuracy"] == pytest.approx(summary["val_accuracy"] - 0.5)
 
 
 def test_full_fine_tuning_has_no_schedule(tmp_path):
@@ -124,6 +155,7 @@ def test_plan_predicts_the_schedule_and_its_inference_flops(run):
 def test_plan_before_training_names_the_schedule():
     res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
     assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["eval_tokens"] == "auto"
     alast = json.loads(res.stdout)["policies"]["alast"]
     assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.8
     res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--set", "policy.eval_tokens=all", "--json"])

@@ -11,7 +11,7 @@ from alast_cli.main import cli
 pytest.importorskip("onnxruntime")
 
 TRAIN = ["train", "--policy", "tokens", "--steps", "2", "--batch-size", "16", "--set", "backend.count_flops=off",
-         "--set", "backend.threads=1"]
+         "--set", "backend.threads=1", "--set", "policy.eval_tokens=trained"]
 
 
 def _has_ort_training() -> bool:
