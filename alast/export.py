@@ -1,10 +1,11 @@
 """Export a finished run to a verified ONNX inference model, and evaluate runs and ONNX models.
 
 The exported graph is the timm model in eval mode with a dynamic batch axis, input ``images`` and
-output ``logits``, on the run's token schedule (``summary.json``'s ``eval_kept_tokens``: after each
-block, the patch tokens with the highest CLS attention, as many as the final training steps kept;
-see :mod:`runtimes.token_schedule`), or on every token for runs that kept them all, runs made
-before schedules existed, and ``all_tokens=True``. Its
+output ``logits``, as the run deployed it: on its token schedule where ``summary.json``'s
+``eval_kept_tokens`` names one (after each block, the patch tokens with the highest CLS attention,
+as many as the final training steps kept; see :mod:`runtimes.token_schedule`), otherwise on every
+token (runs that kept every token or measured it more accurate, runs made before schedules
+existed, and ``all_tokens=True``). Its
 ``metadata_props`` carry what a consumer needs to use it without alast: preprocessing (input size,
 mean, std, interpolation, crop), class names, and provenance (source model, policy, backend).
 Every export is checked with ``onnxruntime.InferenceSession`` against the PyTorch model before the
@@ -43,7 +44,7 @@ class LoadedRun:
 
     @property
     def kept_tokens(self) -> tuple[int, ...] | None:
-        """The token schedule the run was evaluated with (None: every token)."""
+        """The token schedule the run deployed (None: every token)."""
         kept = self.summary.get("eval_kept_tokens")
         if not kept:
             return None
