@@ -3,9 +3,11 @@
 The question it answers: is a model fine-tuned with token dropping better, at the same inference
 cost, than a fully fine-tuned model whose tokens are dropped only at inference? For each pair
 ``FULL_RUN:SCHEDULE_RUN`` it evaluates FULL_RUN's model on every token and on SCHEDULE_RUN's
-token schedule (``eval_kept_tokens`` in its summary), and prints SCHEDULE_RUN's own accuracy.
+token schedule (``token_schedule`` in its summary, deployed or not), and prints SCHEDULE_RUN's own
+accuracy on it.
 
-    python benchmarks/schedule_transfer.py bench/digits/full-s0:bench/digits/alast-t0.5-s0 ... --out results.json
+    python benchmarks/schedule_transfer.py bench/digits_auto/runs/full-steps-t1-seed0:bench/digits_auto/runs/alast-t0.5-seed0 \
+        ... --out results.json
 """
 from __future__ import annotations
 
@@ -44,13 +46,14 @@ def main() -> None:
     for pair in args.pairs:
         full_dir, sched_dir = pair.split(":")
         full, sched = load_run(Path(full_dir)), load_run(Path(sched_dir))
-        kept = sched.kept_tokens
-        if kept is None:
+        s = sched.summary
+        kept = s.get("token_schedule") or sched.kept_tokens  # the candidate, deployed or not
+        if not kept:
             sys.exit(f"{sched_dir} has no token schedule")
         row = {"full_run": full_dir, "schedule_run": sched_dir, "kept_tokens": list(kept),
                "full_all_tokens": evaluate(full, None), "full_on_schedule": evaluate(full, kept),
-               "schedule_run_accuracy": sched.summary["val_accuracy"],
-               "inference_flops_ratio": sched.summary.get("inference_flops_ratio")}
+               "schedule_run_accuracy": s.get("val_accuracy_token_schedule") or s["val_accuracy"],
+               "inference_flops_ratio": s.get("token_schedule_inference_flops_ratio") or s.get("inference_flops_ratio")}
         rows.append(row)
         print(f"{full_dir}: every token {100 * row['full_all_tokens']:.2f}%, on {sched_dir}'s schedule {list(kept)} "
               f"{100 * row['full_on_schedule']:.2f}%; {sched_dir} itself {100 * row['schedule_run_accuracy']:.2f}%")
