@@ -106,8 +106,8 @@ def _synthetic(family: str, train_tf: Callable, eval_tf: Callable) -> DataBundle
     """The fixed-seed synthetic sets, stored as 32x32 uint8 and transformed per sample."""
     from alast.data import synthetic
 
-    train = synthetic.SyntheticDataset(family, size=6000, seed=1234, transform=train_tf)
-    val = synthetic.SyntheticDataset(family, size=1500, seed=5678, transform=eval_tf)
+    train = synthetic.SyntheticDataset(family, size=6000, seed=synthetic.SHAPES_TRAIN_SEED, transform=train_tf)
+    val = synthetic.SyntheticDataset(family, size=1500, seed=synthetic.SHAPES_VAL_SEED, transform=eval_tf)
     return DataBundle(train, val, list(train.classes))
 
 
