@@ -18,12 +18,13 @@ def _debug(ctx: click.Context) -> bool:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="the .onnx file to write")
 @click.option("--atol", type=float, help="max |logit difference| vs PyTorch (default: the run's export.atol)")
 @click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
-@click.option("--all-tokens", is_flag=True, help="keep every token instead of the run's token schedule")
+@click.option("--all-tokens", is_flag=True, help="keep every token, whatever the run deployed")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.pass_context
 def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | None, opset: int | None,
                    all_tokens: bool, as_json: bool) -> None:
-    """Export a finished run to an ONNX model on its token schedule, verified against PyTorch."""
+    """Export a finished run's deployed model (on its token schedule, or every token) to ONNX, verified
+    against PyTorch."""
 
     def go() -> None:
         from alast.export import export_run

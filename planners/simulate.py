@@ -162,8 +162,8 @@ class Prediction:
     time_range: tuple[float, float] | None = None
     per_block: dict[str, list[float]] = field(default_factory=dict)
     knobs: dict[str, Any] = field(default_factory=dict)
-    eval_kept_tokens: tuple[int, ...] | None = None  # the deployed token schedule (None: every token)
-    inference_flops_ratio: float | None = None  # its forward's FLOPs over every token's
+    eval_kept_tokens: tuple[int, ...] | None = None  # the token schedule of the final steps (None: every token)
+    inference_flops_ratio: float | None = None  # a forward on it, over one on every token
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
