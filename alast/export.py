@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,20 +251,32 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     return {**metrics, "source": "onnx", "path": str(path), "data": spec}
 
 
-def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
-                 batch_size: int | None = None, all_tokens: bool = False) -> dict[str, Any]:
-    """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``), on
-    its token schedule (every token with ``all_tokens``)."""
-    from alast.data import eval_batches
-
-    run = load_run(run_dir)
-    kept = None if all_tokens else run.kept_tokens
+def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None = None) -> Any:
+    """The run's validation split (or ``spec``'s), with the run's preprocessing and class check."""
     cfg = run.config
-    spec = spec or cfg.data.spec
     dc = run.summary.get("data_config") or {}
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
-    val = _val_data(spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
-                    list(run.summary.get("classes") or []))
+    return _val_data(spec or cfg.data.spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction,
+                     cfg.train.seed, list(run.summary.get("classes") or []))
+
+
+def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None = None, data_dir: Path | None = None,
+                   batch_size: int | None = None) -> dict[str, float]:
+    """Accuracy, loss and sample count of the run's model on the token schedule ``kept`` (None: every
+    token), on its validation split or ``spec``."""
+    from alast.data import eval_batches
+
+    val = run_val_data(run, spec, data_dir)
     with torch.no_grad(), token_schedule(run.model, kept):
-        metrics = _accumulate(eval_batches(val, batch_size or cfg.train.eval_batch_size), run.model)
-    return {**metrics, "source": "run", "path": str(run_dir), "data": spec, "kept_tokens": list(kept) if kept else None}
+        return _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
+
+
+def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
+                 batch_size: int | None = None, all_tokens: bool = False) -> dict[str, Any]:
+    """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``), as
+    deployed: on its token schedule, if any (every token with ``all_tokens``)."""
+    run = load_run(run_dir)
+    kept = None if all_tokens else run.kept_tokens
+    metrics = evaluate_model(run, kept, spec, data_dir, batch_size)
+    return {**metrics, "source": "run", "path": str(run_dir), "data": spec or run.config.data.spec,
+            "kept_tokens": list(kept) if kept else None}

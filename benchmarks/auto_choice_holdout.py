@@ -21,19 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alast.data import eval_batches  # noqa: E402
-from alast.export import _val_data, load_run  # noqa: E402
+from alast.export import load_run, run_val_data  # noqa: E402
 from runtimes.token_schedule import token_schedule  # noqa: E402
 
 
 def correct(run, kept) -> torch.Tensor:
     """Per validation image, whether the run's model (on ``kept``, None: every token) is right."""
-    cfg, s = run.config, run.summary
-    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (s.get("data_config") or {}).items()}
-    val = _val_data(cfg.data.spec, data_cfg, cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
-                    list(s.get("classes") or []))
     out = []
     with torch.no_grad(), token_schedule(run.model, kept):
-        for images, labels in eval_batches(val, cfg.train.eval_batch_size):
+        for images, labels in eval_batches(run_val_data(run), run.config.train.eval_batch_size):
             out.append(run.model(images).argmax(-1) == labels)
     return torch.cat(out).float()
 
@@ -50,7 +46,7 @@ def main() -> None:
         run = load_run(run_dir)
         kept = run.summary.get("token_schedule")
         if not kept:
-            sys.exit(f"{run_dir} has no token schedule (a run that dropped tokens, with eval_tokens auto or trained)")
+            sys.exit(f"{run_dir} has no token schedule (a run that dropped tokens, eval_tokens auto or trained)")
         on_schedule, every = correct(run, kept), correct(run, None)
         halves = [torch.arange(len(every)) % 2 == h for h in (0, 1)]
         held_out = []
@@ -65,7 +61,8 @@ def main() -> None:
               f"{100 * row['held_out_choice']:.2f}% (schedule {100 * row['schedule']:.2f}%, every token "
               f"{100 * row['every_token']:.2f}%)")
     gap = [100 * (r["auto"] - r["held_out_choice"]) for r in rows]
-    print(f"auto minus held-out choice: mean {statistics.mean(gap):+.2f} points, max {max(gap):+.2f} ({len(rows)} runs)")
+    print(f"auto minus held-out choice: mean {statistics.mean(gap):+.2f} points, max {max(gap):+.2f} "
+          f"({len(rows)} runs)")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -6,7 +6,8 @@ cost, than a fully fine-tuned model whose tokens are dropped only at inference? 
 token schedule (``token_schedule`` in its summary, deployed or not), and prints SCHEDULE_RUN's own
 accuracy on it.
 
-    python benchmarks/schedule_transfer.py bench/digits_auto/runs/full-steps-t1-seed0:bench/digits_auto/runs/alast-t0.5-seed0 \
+    python benchmarks/schedule_transfer.py \
+        bench/digits_auto/runs/full-steps-t1-seed0:bench/digits_auto/runs/alast-t0.5-seed0 \
         ... --out results.json
 """
 from __future__ import annotations
@@ -21,18 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alast.data import eval_batches  # noqa: E402
-from alast.export import _accumulate, _val_data, load_run  # noqa: E402
-from runtimes.token_schedule import token_schedule  # noqa: E402
+from alast.export import evaluate_model, load_run  # noqa: E402
 
 
 def evaluate(run, kept) -> float:
-    cfg, s = run.config, run.summary
-    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (s.get("data_config") or {}).items()}
-    val = _val_data(cfg.data.spec, data_cfg, cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed,
-                    list(s.get("classes") or []))
-    with torch.no_grad(), token_schedule(run.model, kept):
-        return _accumulate(eval_batches(val, cfg.train.eval_batch_size), run.model)["accuracy"]
+    return evaluate_model(run, kept)["accuracy"]
 
 
 def main() -> None:
@@ -53,13 +47,15 @@ def main() -> None:
         row = {"full_run": full_dir, "schedule_run": sched_dir, "kept_tokens": list(kept),
                "full_all_tokens": evaluate(full, None), "full_on_schedule": evaluate(full, kept),
                "schedule_run_accuracy": s.get("val_accuracy_token_schedule") or s["val_accuracy"],
-               "inference_flops_ratio": s.get("token_schedule_inference_flops_ratio") or s.get("inference_flops_ratio")}
+               "inference_flops_ratio": (s.get("token_schedule_inference_flops_ratio")
+                                         or s.get("inference_flops_ratio"))}
         rows.append(row)
         print(f"{full_dir}: every token {100 * row['full_all_tokens']:.2f}%, on {sched_dir}'s schedule {list(kept)} "
               f"{100 * row['full_on_schedule']:.2f}%; {sched_dir} itself {100 * row['schedule_run_accuracy']:.2f}%")
     for key in ("full_all_tokens", "full_on_schedule", "schedule_run_accuracy"):
         vals = [100 * r[key] for r in rows]
-        print(f"mean {key}: {statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""))
+        spread = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        print(f"mean {key}: {statistics.mean(vals):.2f}{spread}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 
