@@ -60,7 +60,9 @@ class _Tally:
     recent_kept_tokens: list[list[int]] = field(default_factory=list)  # the last schedule_window steps
 
     def add(self, result: StepResult, allreduce_bytes: int | None) -> None:
-        self.recent_kept_tokens = [*self.recent_kept_tokens, list(result.kept_tokens)][-self.schedule_window:]
+        recent = self.recent_kept_tokens  # updated in place: no copy of the window every step
+        recent.append(list(result.kept_tokens))
+        del recent[:-self.schedule_window]
         self.step_times.append(result.step_time_s)
         if result.train_flops is None:
             self.uncounted_steps += 1
