@@ -64,7 +64,12 @@ class PolicyConfig(_Section):
     delta_reduction: Literal["mean", "sum"] = "mean"
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
-        0.0, ge=0.0, lt=1.0, description="alast: share of final steps that keep every token (0: the paper's rule)")
+        0.0, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
+        "(0: the paper's rule)")
+    dense_final_blocks: int | Literal["auto", "sampled"] = Field(
+        "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
+        "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
+        "k_trained blocks drawn as in the other steps, with the embeddings")
     spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
                              "(dropping starts after them; under a target the other blocks pay for it)")
     freeze_embeddings: bool = Field(

@@ -136,6 +136,12 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         tg = result["target"]
         console.print(f"target {tg['target']:g}x full FLOPs -> {tg['knobs']} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
+    if result.get("dense_final"):
+        d = result["dense_final"]
+        trains = (f"train the top {d['top_blocks']} of {d['num_blocks']} blocks with the embeddings frozen"
+                  if d["top_blocks"] else "train the blocks drawn as in the other steps")
+        console.print(f"{d['policy']}: dense final phase: the last {d['frac']:.0%} of steps keep every token "
+                      f"and {trains}")
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
             console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "

@@ -145,9 +145,13 @@ class AlastPlanner:
     (their CLS attention is least informative); dropping starts after them, and under a target the
     other blocks' shift pays for it.
 
-    ``dense_final_frac`` (beyond the paper, default 0): in the last fraction of training every
-    block sees all tokens again, so the model adapts to the full-token inputs it gets at
-    evaluation and export. Freezing and budget updates continue unchanged.
+    ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
+    tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
+    ``dense_final_blocks`` says which blocks that phase trains: the top N (``'auto'``: a quarter of
+    the depth) with the embeddings frozen, so the backward stops at the lowest of them and the
+    phase needs few FLOPs and little activation memory; or ``'sampled'``, the ``k_trained`` blocks
+    drawn as in the sparse phase, with the embeddings (the backward then runs through every block
+    at full width). Budget updates continue unchanged.
     """
 
     name = "alast"
@@ -165,6 +169,7 @@ class AlastPlanner:
         min_tokens: int = 1,
         seed: int = 0,
         dense_final_frac: float = 0.0,
+        dense_final_blocks: int | str = "auto",
         rule: str = "normalized",
         gain: float = 0.1,
         ema: float = 0.9,
@@ -190,6 +195,10 @@ class AlastPlanner:
         self.min_tokens = int(min_tokens)
         self.seed = int(seed)
         self.dense_final_frac = float(dense_final_frac)
+        try:
+            self.dense_top = rules.dense_final_top(num_blocks, dense_final_blocks)
+        except ValueError as e:
+            raise PlannerError(str(e)) from None
         self.target_flops = None if target_flops is None else float(target_flops)
         self.projection = (None if self.target_flops is None else
                            TargetProjection(cost_model, self.target_flops, self.min_tokens,
@@ -207,6 +216,10 @@ class AlastPlanner:
         trained = tuple(i in chosen for i in range(self.num_blocks))
         budgets = tuple(self.budgets)
         if self.dense_final_frac and progress >= 1.0 - self.dense_final_frac:
+            if self.dense_top is not None:
+                L = self.num_blocks
+                top = tuple(i >= L - self.dense_top for i in range(L))
+                return Budget((1.0,) * L, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
             ratios = (1.0,) * self.num_blocks
         elif self.projection is not None:
             ratios = self.projection.project(budgets, trained, self.spare_first)

@@ -185,3 +185,16 @@ def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None
 def default_k_trained(num_blocks: int) -> int:
     """ALaST trains 9 of 12 blocks; for other depths ``round(0.75 * L)`` (halves round up)."""
     return max(1, min(num_blocks, math.floor(0.75 * num_blocks + 0.5)))
+
+
+def dense_final_top(num_blocks: int, setting: int | str) -> int | None:
+    """Blocks trained in ALaST's dense final phase: the top ``setting`` blocks; ``'auto'``, a quarter
+    of the depth (halves round up, at least 1); ``'sampled'``: None, the sparse phase's draw."""
+    if setting == "sampled":
+        return None
+    if setting == "auto":
+        return max(1, math.floor(num_blocks / 4 + 0.5))
+    if isinstance(setting, bool) or not isinstance(setting, int) or not 1 <= setting <= num_blocks:
+        raise ValueError(f"dense_final_blocks must be 'auto', 'sampled' or a block count in [1, {num_blocks}], "
+                         f"got {setting!r}")
+    return setting

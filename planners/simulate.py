@@ -30,22 +30,24 @@ from .types import Observation
 
 @dataclass(frozen=True)
 class StepShape:
-    """What one step runs: patch tokens entering/leaving each block and the trained blocks."""
+    """What one step runs: patch tokens entering/leaving each block, the trained blocks, and whether
+    the embeddings are trained this step (where the cost model's embeddings are trainable at all)."""
 
     tokens_in: tuple[int, ...]
     kept_tokens: tuple[int, ...]
     trained: tuple[bool, ...]
+    embed_trained: bool = True
 
     @classmethod
     def from_budget(cls, budget: Any, num_patches: int) -> "StepShape":
         tin, tout = kept_token_counts(budget.keep_ratios, num_patches, budget.min_tokens, budget.token_multiple)
-        return cls(tin, tout, tuple(budget.trained))
+        return cls(tin, tout, tuple(budget.trained), bool(budget.train_embeddings))
 
     @classmethod
     def from_record(cls, rec: dict[str, Any], num_blocks: int) -> "StepShape":
         trained = set(int(i) for i in rec["trained_blocks"])
         return cls(tuple(int(t) for t in rec["tokens_in"]), tuple(int(t) for t in rec["kept_tokens"]),
-                   tuple(i in trained for i in range(num_blocks)))
+                   tuple(i in trained for i in range(num_blocks)), bool(rec.get("embeddings_trained", True)))
 
 
 def block_states(trained: Sequence[bool], embed_trainable: bool) -> list[str]:
@@ -86,13 +88,14 @@ class StepCost:
 def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     """Costs of one step of ``batch`` samples with the given shape."""
     p = cm.num_prefix_tokens
-    states = block_states(shape.trained, cm.embed.trainable)
+    embed_on = cm.embed.trainable and shape.embed_trained
+    states = block_states(shape.trained, embed_on)
     fwd = cm.embed.fwd_flops[0] * batch
-    bwd = cm.embed.bwd_flops["weights_only"][0] * batch if cm.embed.trainable else 0.0
+    bwd = cm.embed.bwd_flops["weights_only"][0] * batch if embed_on else 0.0
     per_block, acts, trained_params = [], [], []
     select_blocks = bwd_blocks = 0
-    grad = cm.head.trainable_bytes + (cm.embed.trainable_bytes if cm.embed.trainable else 0)
-    largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if cm.embed.trainable else 0)
+    grad = cm.head.trainable_bytes + (cm.embed.trainable_bytes if embed_on else 0)
+    largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if embed_on else 0)
     for blk, state, n_in, n_out, t in zip(cm.blocks, states, shape.tokens_in, shape.kept_tokens, shape.trained):
         n = p + n_in
         f = blk.forward_flops(n) * batch
@@ -115,7 +118,7 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
             largest = max(largest, blk.largest_trainable_bytes)
     n_final = p + shape.kept_tokens[-1]
     fwd += poly(cm.head.fwd_flops, n_final) * batch
-    head_state = "weights_and_input" if bwd_blocks or cm.embed.trainable else "weights_only"
+    head_state = "weights_and_input" if bwd_blocks or embed_on else "weights_only"
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
     peak = _backward_peak(cm, states, shape, acts, batch, n_final)
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest

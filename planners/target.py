@@ -18,7 +18,7 @@ from typing import Any
 from .costmodel import CostModel
 from .projection import BUDGET_FLOOR
 from .registry import PlannerError, create_planner, planner_options
-from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, kept_token_counts
+from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_top, kept_token_counts
 from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
@@ -154,8 +154,13 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     spare = int(options.get("spare_first") or 0)
     tm = int(options.get("token_multiple", 1))
 
+    top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
+
     def dense_ratio(k: int) -> float:
-        return expected_step_flops(cm, 1.0, k, mt, mode) / full
+        if top is None:
+            return expected_step_flops(cm, 1.0, k, mt, mode) / full
+        shape = StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, tuple(i >= L - top for i in range(L)), False)
+        return step_cost(cm, shape, 1).train_flops / full
 
     def fn(b: float, k: int) -> float:
         sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm) / full
@@ -167,7 +172,11 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         k -= 1
     floor = fn(BUDGET_FLOOR, k)
     if floor > target * (1 + TARGET_TOLERANCE):
-        raise TargetError(_floor_message(cm, policy, target, floor, mt, k=1))
+        why = _floor_message(cm, policy, target, floor, mt, k=1)
+        if dense:
+            why += (f"; its dense final phase (policy.dense_final_frac={dense:g}) costs {dense_ratio(k):.3f}x per "
+                    "step: lower dense_final_frac or set it to 0")
+        raise TargetError(why)
     sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
     # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
     per_step = sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)

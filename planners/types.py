@@ -21,6 +21,9 @@ class Budget:
         1 keeps exact counts. The runtime must round the same way (``check_budget`` refuses otherwise).
     budgets: the planner's raw per-block budgets (ALaST's b_l), for logging; equal to keep_ratios
         for the static policies.
+    train_embeddings: whether the patch embedding, class token and position embedding are trained
+        this step (where the run trains them at all). False: the backward stops at the lowest
+        trained block.
     """
 
     keep_ratios: tuple[float, ...]
@@ -28,6 +31,7 @@ class Budget:
     min_tokens: int = 1
     budgets: tuple[float, ...] = field(default=())
     token_multiple: int = 1
+    train_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if len(self.keep_ratios) != len(self.trained):
@@ -83,6 +87,7 @@ class StepResult:
         when this step was not counted.
     memory_measured: whether the runtime measured this step's peak memory (CPU runtimes sample).
     compile_time_s: seconds this step spent compiling (torch.compile), excluded from step_time_s.
+    embeddings_trained: whether the step trained the embeddings (see :class:`Budget`).
     """
 
     loss: float
@@ -95,6 +100,7 @@ class StepResult:
     train_flops: float | None = None
     memory_measured: bool = False
     compile_time_s: float = 0.0
+    embeddings_trained: bool = True
 
 
 @runtime_checkable

@@ -319,6 +319,8 @@ class _Run:
                   "deltas": list(result.deltas), "batch_size": result.batch_size * self.comm.world_size,
                   "step_time_s": result.step_time_s, "train_flops": result.train_flops,
                   "memory_measured": result.memory_measured}
+        if not result.embeddings_trained:
+            record["embeddings_trained"] = False
         if result.compile_time_s:
             record["compile_time_s"] = result.compile_time_s
         if sent is not None:

@@ -6,7 +6,10 @@ lag behind the torch backend) and per-block CLS deltas are graph outputs. Frozen
 artifact set of ``artifacts.py`` in which their parameters are frozen, so ONNX Runtime computes
 no weight gradient for them; when a policy samples more distinct sets than fit in memory, steps
 run on the all-trainable set with the frozen blocks' gradients discarded (see
-:meth:`OrtRuntime._artifact_trained`).
+:meth:`OrtRuntime._artifact_trained`). A step that freezes the embeddings (ALaST's dense final
+phase) runs on a set whose embeddings are trainable and discards their gradients: the update is
+the torch backend's, but the backward still runs down to the patch embedding, and the counted
+FLOPs include it.
 
 The optimizer is torch's AdamW, applied to ONNX Runtime's own parameter and gradient buffers
 through DLPack views (no copies). ORT 1.19's AdamW graph has one weight decay for every
@@ -33,6 +36,7 @@ from planners.rules import reduce_deltas
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
+from ..torch_backend.runtime import embedding_parameters
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
@@ -102,6 +106,8 @@ class OrtRuntime:
         self.num_blocks = len(model.blocks)
         self.num_patches = int(model.patch_embed.num_patches)
         self.slots: dict[str, nn.Parameter] = {_PREFIX + n: p for n, p in model.named_parameters()}
+        stem = {id(p) for p in embedding_parameters(model)}
+        self.embed_names = {_PREFIX + n for n, p in model.named_parameters() if id(p) in stem}
         block_params = [[f"{_PREFIX}blocks.{i}.{n}" for n, _ in blk.named_parameters()]
                         for i, blk in enumerate(model.blocks)]
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
@@ -187,6 +193,8 @@ class OrtRuntime:
         if not np.isfinite(loss_value):
             raise NonFiniteLoss(step, loss_value)
         trained = set(self.cache.trainable_names(budget.trained))
+        if not budget.train_embeddings:
+            trained -= self.embed_names  # computed by the set's graph, discarded: see the module docstring
         for n, slot in self.slots.items():
             slot.grad = ts.grads.get(n) if n in trained else None
         if ran != tuple(budget.trained):
@@ -203,7 +211,7 @@ class OrtRuntime:
         per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
         return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
                           trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
-                          train_flops=flops)
+                          train_flops=flops, embeddings_trained=budget.train_embeddings)
 
     # -- FLOPs -------------------------------------------------------------------------------
     def _step_flops(self, batch: int, tokens_in: tuple[int, ...], trained: tuple[bool, ...],

@@ -44,12 +44,13 @@ class StepFlopCache:
     """Counted flops of a training step, assembled from per-block counts cached by shape.
 
     A block's counted flops depend only on (batch, tokens in, whether it selects tokens, whether
-    it is trained, whether any block below it is trained); the rest of the model (embedding, head)
-    only on (batch, tokens leaving the last block). A step whose every piece was counted before
-    is not counted again: it can run compiled and with no counter dispatch overhead. A new shape
-    runs eagerly under the counter once, and its pieces are read from the counter's per-module
-    totals (tested equal to a fresh count of the whole step). The backend's precision, LoRA and
-    frozen stem are fixed for a run, so they are not part of the key.
+    it is trained, whether anything below it, a block or the embeddings, is trained); the rest of
+    the model (embedding, head) only on (batch, tokens leaving the last block, whether the
+    embeddings are trained). A step whose every piece was counted before is not counted again: it
+    can run compiled and with no counter dispatch overhead. A new shape runs eagerly under the
+    counter once, and its pieces are read from the counter's per-module totals (tested equal to a
+    fresh count of the whole step). The backend's precision and LoRA are fixed for a run, so they
+    are not part of the key.
     """
 
     def __init__(self, block_names: list[str]) -> None:
@@ -58,10 +59,10 @@ class StepFlopCache:
         self.rest: dict[tuple, float] = {}
 
     @staticmethod
-    def keys(batch: int, tokens_in, kept, trained) -> tuple[list[tuple], tuple]:
-        blocks = [(batch, n, o < n, bool(t), any(trained[:i]))
+    def keys(batch: int, tokens_in, kept, trained, embeddings: bool) -> tuple[list[tuple], tuple]:
+        blocks = [(batch, n, o < n, bool(t), embeddings or any(trained[:i]))
                   for i, (n, o, t) in enumerate(zip(tokens_in, kept, trained))]
-        return blocks, (batch, kept[-1])
+        return blocks, (batch, kept[-1], bool(embeddings))
 
     def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
         blocks, rest = keys

@@ -149,6 +149,7 @@ class TorchRuntime:
         if freeze_embeddings:
             for p in embedding_parameters(self.timm_model):
                 p.requires_grad_(False)
+        self.embed_params = [p for p in embedding_parameters(self.timm_model) if p.requires_grad]
         self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
         in_blocks = {id(p) for ps in self.block_params for p in ps}
         self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
@@ -166,10 +167,15 @@ class TorchRuntime:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     # -- training --------------------------------------------------------------------------
-    def _set_trained(self, trained: tuple[bool, ...]) -> None:
-        for params, on in zip(self.block_params, trained):
+    def _set_trained(self, budget: Budget) -> bool:
+        """Set ``requires_grad`` per the budget; returns whether the embeddings are trained this step."""
+        for params, on in zip(self.block_params, budget.trained):
             for p in params:
                 p.requires_grad_(on)
+        embeddings = bool(self.embed_params) and budget.train_embeddings
+        for p in self.embed_params:
+            p.requires_grad_(embeddings)
+        return embeddings
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -215,13 +221,13 @@ class TorchRuntime:
                                                   self.token_multiple)
         keep = tuple(o if o < i else None for i, o in zip(tokens_in, tokens_out))
         self.model.train()
-        self._set_trained(budget.trained)
+        embeddings = self._set_trained(budget)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         probe_mem = self.device.type == "cpu" and self._should_probe(step, tokens_in, budget)
         mem_ctx = self._mem_tracker() if probe_mem else contextlib.nullcontext()
-        flop_keys = StepFlopCache.keys(int(images.shape[0]), tokens_in, tokens_out, budget.trained)
+        flop_keys = StepFlopCache.keys(int(images.shape[0]), tokens_in, tokens_out, budget.trained, embeddings)
         flops = self._flops.lookup(flop_keys) if self.count_flops == "every" else None
         counting = self.count_flops == "every" and flops is None
         compiled_before = _compile_seconds() if self.compile else 0.0
@@ -253,6 +259,7 @@ class TorchRuntime:
         compile_s = _compile_seconds() - compiled_before if self.compile else 0.0
         self.compile_time_s += compile_s
         fields = dict(tokens_in=tokens_in, kept_tokens=tokens_out, trained_blocks=budget.trained_blocks,
+                      embeddings_trained=embeddings,
                       batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
         return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s)
 

@@ -155,13 +155,36 @@ def test_delta_reduction():
     assert math.isclose(rules.softmax([0.0, 0.0])[0], 0.5)
 
 
-def test_dense_final_phase_keeps_all_tokens_but_still_freezes():
-    p = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, dense_final_frac=0.2, seed=0)
+def test_dense_final_phase_sampled_keeps_all_tokens_but_still_freezes():
+    p = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, dense_final_frac=0.2, seed=0,
+                       dense_final_blocks="sampled")
     early, late = p.plan(10, 0.5), p.plan(90, 0.85)
     assert early.keep_ratios == (0.6,) * 6 and late.keep_ratios == (1.0,) * 6
     assert len(late.trained_blocks) == 4 and late.budgets == (0.6,) * 6
+    assert early.train_embeddings and late.train_embeddings
     with pytest.raises(PlannerError, match="dense_final_frac"):
         create_planner("alast", 6, dense_final_frac=1.0)
+
+
+@pytest.mark.parametrize("setting,top", [("auto", (4, 5)), (1, (5,)), (3, (3, 4, 5))])
+def test_dense_final_phase_trains_the_top_blocks_without_the_embeddings(setting, top):
+    p = create_planner("alast", 6, b_init=0.6, b_min=0.6, dense_final_frac=0.2, seed=0, dense_final_blocks=setting)
+    early, late = p.plan(10, 0.5), p.plan(90, 0.85)
+    assert early.keep_ratios == (0.6,) * 6 and early.train_embeddings and len(early.trained_blocks) == 5
+    assert late.keep_ratios == (1.0,) * 6 and late.trained_blocks == top and not late.train_embeddings
+    assert late.budgets == (0.6,) * 6  # the budgets still follow the deltas
+
+
+@pytest.mark.parametrize("setting", [0, 7, "top", True, 2.5])
+def test_dense_final_blocks_out_of_range_is_refused(setting):
+    with pytest.raises(PlannerError, match="dense_final_blocks"):
+        create_planner("alast", 6, dense_final_frac=0.2, dense_final_blocks=setting)
+
+
+@pytest.mark.parametrize("L,top", [(1, 1), (2, 1), (4, 1), (6, 2), (12, 3), (24, 6)])
+def test_dense_final_phase_auto_trains_a_quarter_of_the_depth(L, top):
+    assert rules.dense_final_top(L, "auto") == top
+    assert rules.dense_final_top(L, "sampled") is None
 
 
 # -- the normalized rule through the planner ------------------------------------------------------

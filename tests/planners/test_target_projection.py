@@ -78,16 +78,23 @@ def test_dense_final_phase_overrides_the_projection():
     assert p.plan(10, 0.5).drops_tokens and not p.plan(90, 0.8).drops_tokens
 
 
-@pytest.mark.parametrize("target,dense", [(0.4, 0.0), (0.5, 0.0), (0.5, 0.2), (0.6, 0.3)])
-def test_solved_knobs_put_a_whole_run_on_target(target, dense):
-    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "dense_final_frac": dense, "seed": 0})
+@pytest.mark.parametrize("target,dense,blocks", [(0.4, 0.0, "auto"), (0.5, 0.0, "auto"), (0.5, 0.2, "sampled"),
+                                                 (0.6, 0.3, "sampled"), (0.4, 0.3, "auto"), (0.5, 0.25, 1),
+                                                 (0.6, 0.5, 6)])
+def test_solved_knobs_put_a_whole_run_on_target(target, dense, blocks):
+    opts = {"min_tokens": 1, "dense_final_frac": dense, "dense_final_blocks": blocks, "seed": 0}
+    sol = solve_target(CM, "alast", target, opts)
     knobs = sol.knobs
     assert set(knobs) == {"k_trained", "target_flops", "b_init", "b_min", "b_max", "min_tokens"}
     assert (knobs["b_init"], knobs["b_min"], knobs["b_max"]) == (0.9, 0.5, 1.0)  # no narrow band
-    assert (knobs["target_flops"] < target) == (dense > 0)  # the dense phase costs more
+    p = create_planner("alast", 12, cost_model=CM, dense_final_frac=dense, dense_final_blocks=blocks, **knobs)
+    if dense and blocks != "sampled":  # the sparse steps pay for a dense phase above the target, gain from one below
+        dense_cost = step_ratio(CM, p.plan(199, 0.999))
+        assert knobs["target_flops"] == pytest.approx((target - dense * dense_cost) / (1 - dense))
+    else:  # a sampled dense step trains k_trained blocks at full width: it costs more
+        assert (knobs["target_flops"] < target) == (dense > 0)
     lo, hi = sol.ratio_range
     assert lo <= sol.predicted_ratio <= hi and hi - lo < 0.02 and hi <= target * 1.001
-    p = create_planner("alast", 12, cost_model=CM, dense_final_frac=dense, **knobs)
     steps, total = 200, 0.0
     for step, d in enumerate(drifting_deltas(steps, seed=4)):
         total += step_ratio(CM, p.plan(step, step / steps))

@@ -110,3 +110,28 @@ def test_a_budget_rounding_tokens_differently_from_the_runtime_is_refused():
         check_budget(rt, dropping)
     check_budget(rt, Budget((0.5,) * 4, (True,) * 4, token_multiple=8))
     check_budget(rt, Budget((1.0,) * 4, (True,) * 4))  # nothing dropped: nothing to round
+
+
+def test_a_step_that_freezes_the_embeddings_stops_its_backward_at_the_lowest_trained_block(batch):
+    """ALaST's dense final phase: the top blocks train, the embeddings do not, and the backward (counted,
+    and as the cost model predicts it) does not reach the blocks below."""
+    from alast.planning.profile import profile_model
+    from planners.simulate import StepShape, step_cost
+    from runtimes.torch_backend.runtime import embedding_parameters
+
+    x, y = batch
+    rt = make_runtime()
+    cm = profile_model(make_tiny_vit(), "tiny", img_size=32)
+    stem = [p.detach().clone() for p in embedding_parameters(rt.timm_model)]
+    top = (False, False, True, True)
+    res = rt.train_step(x, y, Budget((1.0,) * 4, top, train_embeddings=False), 1e-2, 0)
+    assert not res.embeddings_trained
+    assert all(torch.equal(a, b) for a, b in zip(stem, embedding_parameters(rt.timm_model)))
+    assert all(p.grad is None for p in embedding_parameters(rt.timm_model))
+    predicted = step_cost(cm, StepShape((16,) * 4, (16,) * 4, top, embed_trained=False), x.shape[0]).train_flops
+    assert res.train_flops == pytest.approx(predicted, rel=1e-6)
+    with_stem = rt.train_step(x, y, Budget((1.0,) * 4, top), 1e-2, 1)
+    assert with_stem.embeddings_trained and with_stem.train_flops > res.train_flops
+    assert with_stem.train_flops == pytest.approx(step_cost(cm, StepShape((16,) * 4, (16,) * 4, top),
+                                                            x.shape[0]).train_flops, rel=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(stem, embedding_parameters(rt.timm_model)))
