@@ -81,6 +81,23 @@ def test_frozen_blocks_do_not_change(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_that_freezes_the_embeddings_leaves_them_unchanged(backend):
+    rt = make(backend)
+    (x, y), = data(1)
+    top = (False, False, True, True)
+    before = copy.deepcopy(rt.export_model().state_dict())
+    res = rt.train_step(x, y, Budget((1.0,) * 4, top, train_embeddings=False), 1e-3, 0)
+    assert not res.embeddings_trained and res.trained_blocks == (2, 3)
+    after = rt.export_model().state_dict()
+    stem = [k for k in before if k.startswith(("patch_embed.", "cls_token", "pos_embed"))]
+    assert len(stem) == 4 and all(torch.equal(before[k], after[k]) for k in stem)
+    assert not torch.equal(before["blocks.3.mlp.fc1.weight"], after["blocks.3.mlp.fc1.weight"])
+    assert rt.train_step(x, y, Budget((1.0,) * 4, top), 1e-3, 1).embeddings_trained
+    again = rt.export_model().state_dict()
+    assert all(not torch.equal(after[k], again[k]) for k in stem)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluate_and_export_model_agree(backend):
     rt = make(backend)
     for s, (x, y) in enumerate(data(2)):
@@ -136,6 +153,7 @@ PARITY = {
     "tokens": [Budget((0.7,) * 4, (True,) * 4)] * 10,
     "freeze": [Budget((1.0,) * 4, (False, True, True, True))] * 10,
     "alast_like_switching": _switching_budgets(10),
+    "dense_final_phase": [HALF] * 5 + [Budget((1.0,) * 4, (False, False, True, True), train_embeddings=False)] * 5,
 }
 
 
