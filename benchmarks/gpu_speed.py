@@ -8,7 +8,8 @@ Per (model, batch, compile) it runs, on random data through the real torch runti
 step, fused AdamW on CUDA): ``full`` fine-tuning; ``alast@1.0`` (the ALaST machinery with every
 keep ratio 1 and every block trained: its overhead over ``full``); and ALaST at each
 ``--targets`` fraction of full fine-tuning FLOPs, its knobs set by ``alast.planning.plan.solve_target``
-exactly as ``alast train --target-flops`` does. Warm-up steps (compilation included) come first,
+exactly as ``alast train --target-flops`` does, without the dense final phase (its steps run every
+token through few trained blocks; the grid times the steps that drop tokens). Warm-up steps (compilation included) come first,
 then ``--steps`` timed steps with ``torch.cuda.synchronize`` around the window. FLOPs are counted
 afterwards, once per distinct step shape, outside the timed window. Rows go to ``--out`` as JSON
 (see docs/gpu.md for the fields and how the run time was estimated).
@@ -57,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def policy_config(model: str, batch: int, policy: str, target: float | None, args) -> Any:
     sets = [f"model.name={model}", "model.pretrained=false", f"data.spec=random:{CLASSES}",
             f"train.batch_size={batch}", f"backend.device={args.device}", f"backend.precision={args.precision}",
-            "train.lr=1e-4", f"policy.name={'full' if policy == 'full' else 'alast'}"]
+            "train.lr=1e-4", f"policy.name={'full' if policy == 'full' else 'alast'}",
+            "policy.dense_final_frac=0"]  # every timed step is a sparse step at the target
     if target is not None:
         sets.append(f"policy.target_flops={target}")
     if policy.startswith("alast"):  # the planner rounds (and solves the target) as the runtime does

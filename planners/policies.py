@@ -215,7 +215,7 @@ class AlastPlanner:
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
         trained = tuple(i in chosen for i in range(self.num_blocks))
         budgets = tuple(self.budgets)
-        if self.dense_final_frac and progress >= 1.0 - self.dense_final_frac:
+        if rules.in_dense_final(progress, self.dense_final_frac):
             if self.dense_top is not None:
                 L = self.num_blocks
                 top = tuple(i >= L - self.dense_top for i in range(L))

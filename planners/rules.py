@@ -198,3 +198,16 @@ def dense_final_top(num_blocks: int, setting: int | str) -> int | None:
         raise ValueError(f"dense_final_blocks must be 'auto', 'sampled' or a block count in [1, {num_blocks}], "
                          f"got {setting!r}")
     return setting
+
+
+def in_dense_final(progress: float, frac: float) -> bool:
+    """Whether a step at ``progress`` (step / steps) belongs to a dense final phase of share ``frac``."""
+    return frac > 0 and progress >= 1.0 - frac
+
+
+def dense_final_share(frac: float, steps: int | None = None) -> float:
+    """The share of a run's steps in its dense final phase: exactly as :func:`in_dense_final` counts
+    them over ``steps`` steps (a short run rounds it), or ``frac`` when the steps are not known."""
+    if not steps:
+        return float(frac)
+    return sum(in_dense_final(s / steps, frac) for s in range(steps)) / steps

@@ -3,7 +3,8 @@
 * ``alast``: the number of trained blocks K and ``target_flops``, the per-step target the planner
   projects its budgets onto (one common shift of every keep ratio, :mod:`planners.projection`), so
   the budgets keep adapting in the policy's own ``[b_min, b_max]`` while every step lands on target.
-  With ``dense_final_frac`` the sparse steps' target is lowered so the run's total lands on it.
+  With ``dense_final_frac`` the sparse steps' target moves so the run's total lands on it (an
+  optional ``steps`` option gives the phase's exact share of a short run).
   The planner needs the cost model: ``create_planner("alast", L, cost_model=cm, **knobs)``.
 * ``tokens``: the keep ratio. ``freeze`` and ``random``: K. ``full``: no knob.
 An unreachable target is a :class:`TargetError` naming the floor that blocks it. No torch.
@@ -18,7 +19,7 @@ from typing import Any
 from .costmodel import CostModel
 from .projection import BUDGET_FLOOR
 from .registry import PlannerError, create_planner, planner_options
-from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_top, kept_token_counts
+from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_share, dense_final_top, kept_token_counts
 from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
@@ -150,11 +151,15 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     mt = int(options.get("min_tokens", 1))
     k = int(options.get("k_trained") or default_k_trained(L))
     mode = str(options.get("freeze_mode", "sample"))
-    dense = float(options.get("dense_final_frac") or 0.0)
+    frac = float(options.get("dense_final_frac") or 0.0)
+    dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
     spare = int(options.get("spare_first") or 0)
     tm = int(options.get("token_multiple", 1))
 
-    top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
+    try:
+        top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
+    except ValueError as e:
+        raise TargetError(str(e)) from None
 
     def dense_ratio(k: int) -> float:
         if top is None:
@@ -174,7 +179,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     if floor > target * (1 + TARGET_TOLERANCE):
         why = _floor_message(cm, policy, target, floor, mt, k=1)
         if dense:
-            why += (f"; its dense final phase (policy.dense_final_frac={dense:g}) costs {dense_ratio(k):.3f}x per "
+            why += (f"; its dense final phase (policy.dense_final_frac={frac:g}) costs {dense_ratio(k):.3f}x per "
                     "step: lower dense_final_frac or set it to 0")
         raise TargetError(why)
     sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)

@@ -124,8 +124,9 @@ def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple
         raise ValueError("no FLOPs target: set --target-flops or policy.target_flops")
     check_target(cfg.policy.target_flops)
     plain, pcm, _ = cost_models(cfg, cost_model_path)
-    sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, policy_options(cfg), full_cm=plain,
-                 policy=cfg.policy.name)
+    steps = cfg.train.steps if cfg.train.epochs is None else None  # the dense final phase's exact share
+    sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, {**policy_options(cfg), "steps": steps},
+                 full_cm=plain, policy=cfg.policy.name)
     return {**sol.knobs, "cost_model": pcm}, sol.info()
 
 
@@ -220,7 +221,8 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     options, target = policy_options(cfg), None
     if cfg.policy.target_flops is not None:
         check_target(cfg.policy.target_flops)
-        sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, options, full_cm=plain, policy=cfg.policy.name)
+        sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, {**options, "steps": steps}, full_cm=plain,
+                     policy=cfg.policy.name)
         options, target = {**options, **sol.knobs}, sol.info()
     budget = first_budget(pcm, cfg.policy.planner, options) if calibrate else None
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)

@@ -13,7 +13,7 @@ from planners import StepResult, schedule_from_steps
 
 STEPS = 20
 TRAIN = ["train", "--steps", str(STEPS), "--batch-size", "8", "--set", "backend.threads=1",
-         "--set", "backend.count_flops=off"]
+         "--set", "backend.count_flops=off", "--set", "policy.dense_final_frac=0"]  # end sparse: a schedule
 TARGET = ["--target-flops", "0.6"]
 
 
@@ -153,11 +153,18 @@ def test_plan_predicts_the_schedule_and_its_inference_flops(run):
 
 
 def test_plan_before_training_names_the_schedule():
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
+    sparse_end = ["--set", "policy.dense_final_frac=0"]
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *sparse_end, "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["eval_tokens"] == "auto"
     alast = json.loads(res.stdout)["policies"]["alast"]
     assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.8
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--set", "policy.eval_tokens=all", "--json"])
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *sparse_end, "--set", "policy.eval_tokens=all",
+                                   "--json"])
     alast = json.loads(res.stdout)["policies"]["alast"]
     assert alast["eval_kept_tokens"] is None and alast["inference_flops_ratio"] is None
+    # the default run ends with its dense phase: every token, and the plan says so
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
+    out = json.loads(res.stdout)
+    assert out["policies"]["alast"]["eval_kept_tokens"] is None
+    assert out["dense_final"] == {"policy": "alast", "frac": 0.35, "top_blocks": 2, "num_blocks": 6}

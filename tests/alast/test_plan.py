@@ -185,8 +185,17 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kept_tokens"] == r["tokens_in"] for r in records[8:])
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
-    # the heavier dense phase is measured too, so the reported peak covers it
+    # the phase trains the top 2 of 6 blocks with the embeddings frozen; the other steps train 5 and them
+    assert all(r["trained_blocks"] == [4, 5] and r["embeddings_trained"] is False for r in records[8:])
+    assert all(len(r["trained_blocks"]) == 5 and "embeddings_trained" not in r for r in records[:8])
+    # it ends on every token, so the run deploys every token
+    assert summary["eval_kept_tokens"] is None and summary["token_schedule"] is None
+    # the token-heavier dense phase is measured too, so the reported peak covers it
     assert records[8]["memory_measured"] and not records[0]["memory_measured"]
+    # the plan replays the phase exactly as the run counted it
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["trace"]["train_flops_rel_error"]) < 1e-3
 
 
 def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):

@@ -163,3 +163,17 @@ def test_projection_holds_the_target_with_counts_rounded_to_multiples_of_8(targe
         assert all(n % 8 == 0 or n == CM.num_patches for n in shape.kept_tokens)
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
     assert max(ratios) <= target * 1.001
+
+
+def test_the_dense_phase_share_of_a_short_run_is_counted_as_the_planner_counts_it():
+    from planners.rules import dense_final_share
+
+    assert dense_final_share(0.35, 5) == 0.2 and dense_final_share(0.35, 20) == 0.35
+    assert dense_final_share(0.35, None) == 0.35 and dense_final_share(0.0, 10) == 0.0
+    opts = {"min_tokens": 1, "dense_final_frac": 0.35}
+    short = solve_target(CM, "alast", 0.4, {**opts, "steps": 5}).knobs
+    nominal = solve_target(CM, "alast", 0.4, opts).knobs
+    assert short["target_flops"] != nominal["target_flops"]
+    p = create_planner("alast", 12, cost_model=CM, dense_final_frac=0.35, **short)
+    total = sum(step_ratio(CM, p.plan(s, s / 5)) for s in range(5)) / 5
+    assert total == pytest.approx(0.4, rel=0.03)
