@@ -57,7 +57,8 @@ class ArtifactStats:
 
 
 def set_name(variant: str, trained: Sequence[bool]) -> str:
-    return f"{variant}-{''.join('1' if t else '0' for t in trained)}"
+    """``trained``: one flag per block, then one for the embeddings (``-stem0`` when frozen)."""
+    return f"{variant}-{''.join('1' if t else '0' for t in trained[:-1])}" + ("" if trained[-1] else "-stem0")
 
 
 def graph_fingerprint(model_bytes: bytes) -> str:
@@ -131,7 +132,9 @@ class ArtifactCache:
     """Artifact sets per (variant, trained blocks): generated on demand, kept on disk and in memory.
 
     ``exporters`` maps a variant name ('dense', 'select') to a function returning the serialized
-    base training graph; each variant is exported once, on first use.
+    base training graph; each variant is exported once, on first use. ``block_params`` holds the
+    parameter names of each group a set freezes or trains: one per block, then the embeddings; a
+    set's ``trained`` mask has one flag per group.
     """
 
     def __init__(self, exporters: dict[str, Callable[[], bytes]], param_names: Sequence[str],

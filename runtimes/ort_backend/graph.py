@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..token_schedule import selection_hooks
+from ..torch_backend.runtime import embedding_parameters
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
 INPUTS_SELECT = ("images", "labels", "keep")
@@ -146,11 +147,11 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
 class StepFlops:
     """Counted flops of a training step, from per-block counts cached by shape.
 
-    A step's count is ``stem_and_head(B) + sum_l block_l(B, tokens_in_l, trained_l, select)``:
-    every counted op belongs to exactly one block or to the rest (patch embedding, head, loss),
-    and the rest does not depend on token counts. Caching per block keeps counting cheap when
-    budgets and trained sets change every step. Assumes the embeddings are trainable, so every
-    block back-propagates to its input (always true in alast).
+    A step's count is ``rest(B, embeddings) + sum_l block_l(B, tokens_in_l, trained_l, select,
+    below_l)``: every counted op belongs to exactly one block or to the rest (patch embedding, head,
+    loss), and the rest does not depend on token counts. ``below_l``: whether anything under block
+    ``l`` (the embeddings or a lower block) is trained, so the block back-propagates to its input.
+    Caching per block keeps counting cheap when budgets and trained sets change every step.
     """
 
     def __init__(self, graph: TrainingGraph) -> None:
@@ -158,15 +159,15 @@ class StepFlops:
         self.model = graph.model
         self.prefix = int(self.model.num_prefix_tokens)
         self._blocks: dict[tuple, float] = {}
-        self._rest: dict[int, float] = {}
+        self._rest: dict[tuple[int, bool], float] = {}
 
-    def block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool) -> float:
-        key = (index, batch, tokens_in, trained, select)
+    def block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool, below: bool = True) -> float:
+        key = (index, batch, tokens_in, trained, select, below)
         if key not in self._blocks:
             self._blocks[key] = self._count_block(*key)
         return self._blocks[key]
 
-    def _count_block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool) -> float:
+    def _count_block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool, below: bool) -> float:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
@@ -178,24 +179,32 @@ class StepFlops:
             params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
                       for n, p in blk.named_parameters()}
             x = torch.empty(batch, self.prefix + tokens_in, dim).requires_grad_(True)
-            x_in = x.clone()  # the counter's module hooks refuse leaf inputs under autograd.grad
+            x_in = x.clone() if below else x.detach()  # the counter's module hooks refuse leaf inputs under autograd.grad
             deltas: list[Tensor] = []
             with counter() as fc:
                 with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):
                     out = functional_call(blk, params, (x_in,))
-                torch.autograd.grad(out.sum(), [x, *(p for p in params.values() if p.requires_grad)])
+                wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
+                if wanted:
+                    torch.autograd.grad(out.sum(), wanted)
         return float(fc.get_total_flops())
 
-    def rest(self, batch: int) -> float:
-        """Patch embedding, head and loss: a full dense step minus its blocks."""
-        if batch not in self._rest:
-            names = {f"model.{n}" for n, _ in self.model.named_parameters()}
+    def rest(self, batch: int, embeddings: bool = True) -> float:
+        """Patch embedding, head and loss: a full dense step (every block trained, the embeddings
+        as given) minus its blocks."""
+        key = (batch, bool(embeddings))
+        if key not in self._rest:
+            stem = {id(p) for p in embedding_parameters(self.model)}
+            names = {f"model.{n}" for n, p in self.model.named_parameters() if embeddings or id(p) not in stem}
             dense = TrainingGraph(self.model, self.graph.label_smoothing, select=False)
             total = count_step_flops(dense, batch, None, names)
             n = int(self.model.patch_embed.num_patches)
-            self._rest[batch] = total - sum(self.block(i, batch, n, True, False) for i in range(len(self.model.blocks)))
-        return self._rest[batch]
+            self._rest[key] = total - sum(self.block(i, batch, n, True, False, embeddings or i > 0)
+                                          for i in range(len(self.model.blocks)))
+        return self._rest[key]
 
-    def step(self, batch: int, tokens_in: Sequence[int], trained: Sequence[bool], select: bool) -> float:
-        return self.rest(batch) + sum(self.block(i, batch, n, t, select)
-                                      for i, (n, t) in enumerate(zip(tokens_in, trained)))
+    def step(self, batch: int, tokens_in: Sequence[int], trained: Sequence[bool], select: bool,
+             embeddings: bool = True) -> float:
+        return self.rest(batch, embeddings) + sum(
+            self.block(i, batch, n, t, select, embeddings or any(trained[:i]))
+            for i, (n, t) in enumerate(zip(tokens_in, trained)))

@@ -7,9 +7,9 @@ artifact set of ``artifacts.py`` in which their parameters are frozen, so ONNX R
 no weight gradient for them; when a policy samples more distinct sets than fit in memory, steps
 run on the all-trainable set with the frozen blocks' gradients discarded (see
 :meth:`OrtRuntime._artifact_trained`). A step that freezes the embeddings (ALaST's dense final
-phase) runs on a set whose embeddings are trainable and discards their gradients: the update is
-the torch backend's, but the backward still runs down to the patch embedding, and the counted
-FLOPs include it.
+phase) runs on a set whose embeddings are frozen too, so ONNX Runtime's backward stops at the
+lowest trained block, as the torch backend's does. An artifact set is named by its trained-block
+mask, plus ``-stem0`` when the embeddings are frozen (:func:`artifacts.set_name`).
 
 The optimizer is torch's AdamW, applied to ONNX Runtime's own parameter and gradient buffers
 through DLPack views (no copies). ORT 1.19's AdamW graph has one weight decay for every
@@ -107,16 +107,17 @@ class OrtRuntime:
         self.num_patches = int(model.patch_embed.num_patches)
         self.slots: dict[str, nn.Parameter] = {_PREFIX + n: p for n, p in model.named_parameters()}
         stem = {id(p) for p in embedding_parameters(model)}
-        self.embed_names = {_PREFIX + n for n, p in model.named_parameters() if id(p) in stem}
-        block_params = [[f"{_PREFIX}blocks.{i}.{n}" for n, _ in blk.named_parameters()]
-                        for i, blk in enumerate(model.blocks)]
+        # the trainable groups an artifact set freezes or not: every block, then the embeddings
+        groups = [[f"{_PREFIX}blocks.{i}.{n}" for n, _ in blk.named_parameters()]
+                  for i, blk in enumerate(model.blocks)]
+        groups.append([_PREFIX + n for n, p in model.named_parameters() if id(p) in stem])
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
         self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
                        "select": TrainingGraph(model, label_smoothing, select=True)}
         exporters = {v: (lambda v=v: self._export(v)) for v in self.graphs}
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         live = max_live_sets or max(2, min(8, int(2e9 // max(1, 2 * param_bytes))))
-        self.cache = ArtifactCache(exporters, list(self.slots), block_params, max_live=live,
+        self.cache = ArtifactCache(exporters, list(self.slots), groups, max_live=live,
                                    threads=threads or torch.get_num_threads(), device=self.device.type)
         self._active = None
         self._seen: set[tuple[str, tuple[bool, ...]]] = set()
@@ -141,7 +142,8 @@ class OrtRuntime:
 
     # -- training --------------------------------------------------------------------------
     def _artifact_trained(self, variant: str, trained: tuple[bool, ...]) -> tuple[bool, ...]:
-        """Which artifact set runs a step that trains ``trained``.
+        """Which artifact set runs a step that trains ``trained`` (one flag per block, then one for
+        the embeddings).
 
         ``exact``: the set in which exactly these blocks are trainable (frozen blocks compute no
         weight gradients). ``masked``: the all-trainable set; frozen blocks' weight gradients are
@@ -150,7 +152,7 @@ class OrtRuntime:
         live; beyond that (sampled freezing on deep models: C(12, 9) = 220 sets) building a
         session per step would cost more than the weight gradients it saves, so it runs masked.
         """
-        everything = (True,) * self.num_blocks
+        everything = (True,) * (self.num_blocks + 1)
         if self.freeze_artifacts == "masked" or trained == everything:
             return everything
         if self.freeze_artifacts == "exact" or self.cache.is_live(variant, trained):
@@ -181,7 +183,8 @@ class OrtRuntime:
         tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens)
         select = any(o < i for i, o in zip(tokens_in, tokens_out))
         variant = "select" if select else "dense"
-        ran = self._artifact_trained(variant, tuple(budget.trained))
+        mask = (*budget.trained, budget.train_embeddings)
+        ran = self._artifact_trained(variant, mask)
         ts = self._activate(variant, ran)
         feeds = [images.detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
         if select:
@@ -192,12 +195,10 @@ class OrtRuntime:
         loss_value = float(loss)
         if not np.isfinite(loss_value):
             raise NonFiniteLoss(step, loss_value)
-        trained = set(self.cache.trainable_names(budget.trained))
-        if not budget.train_embeddings:
-            trained -= self.embed_names  # computed by the set's graph, discarded: see the module docstring
+        trained = set(self.cache.trainable_names(mask))
         for n, slot in self.slots.items():
             slot.grad = ts.grads.get(n) if n in trained else None
-        if ran != tuple(budget.trained):
+        if ran != mask:
             self.cache.stats.masked_steps += 1
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.slots.values() if p.grad is not None], self.grad_clip)
@@ -214,15 +215,16 @@ class OrtRuntime:
                           train_flops=flops, embeddings_trained=budget.train_embeddings)
 
     # -- FLOPs -------------------------------------------------------------------------------
-    def _step_flops(self, batch: int, tokens_in: tuple[int, ...], trained: tuple[bool, ...],
+    def _step_flops(self, batch: int, tokens_in: tuple[int, ...], mask: tuple[bool, ...],
                     select: bool) -> float | None:
-        """Counted flops of a step with these shapes and this artifact set's trained blocks."""
+        """Counted flops of a step with these shapes and this artifact set's trained blocks and
+        embeddings (``mask``: one flag per block, then the embeddings')."""
         if self.count_flops == "off":
             return None
-        return self.flops.step(batch, tokens_in, trained, select)
+        return self.flops.step(batch, tokens_in, mask[:-1], select, embeddings=mask[-1])
 
     def full_ft_step_flops(self, batch_size: int) -> float | None:
-        return self._step_flops(batch_size, (self.num_patches,) * self.num_blocks, (True,) * self.num_blocks,
+        return self._step_flops(batch_size, (self.num_patches,) * self.num_blocks, (True,) * (self.num_blocks + 1),
                                 False)
 
     def peak_memory_bytes(self) -> int | None:

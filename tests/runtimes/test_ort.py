@@ -92,9 +92,13 @@ def test_a_step_that_freezes_the_embeddings_leaves_them_unchanged(backend):
     stem = [k for k in before if k.startswith(("patch_embed.", "cls_token", "pos_embed"))]
     assert len(stem) == 4 and all(torch.equal(before[k], after[k]) for k in stem)
     assert not torch.equal(before["blocks.3.mlp.fc1.weight"], after["blocks.3.mlp.fc1.weight"])
-    assert rt.train_step(x, y, Budget((1.0,) * 4, top), 1e-3, 1).embeddings_trained
+    with_stem = rt.train_step(x, y, Budget((1.0,) * 4, top), 1e-3, 1)
+    assert with_stem.embeddings_trained and with_stem.train_flops > res.train_flops  # the backward goes further
     again = rt.export_model().state_dict()
     assert all(not torch.equal(after[k], again[k]) for k in stem)
+    torch_rt = make("torch")
+    assert torch_rt.train_step(x, y, Budget((1.0,) * 4, top, train_embeddings=False), 1e-3, 0).train_flops == \
+        pytest.approx(res.train_flops, rel=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -321,12 +325,16 @@ def test_per_block_flop_counts_add_up_to_the_whole_graph():
     model = make_tiny_vit()
     counter = StepFlops(TrainingGraph(model, 0.0, select=True))
     blocks = [[f"model.blocks.{i}.{n}" for n, _ in b.named_parameters()] for i, b in enumerate(model.blocks)]
-    for ratios, trained in [((1.0,) * 4, (True,) * 4), ((0.5, 0.75, 1.0, 0.5), (False, True, True, False))]:
+    stem = {f"model.{n}" for n, _ in model.named_parameters() if n.startswith(("patch_embed.", "cls_", "pos_"))}
+    for ratios, trained, embeddings in [((1.0,) * 4, (True,) * 4, True),
+                                        ((0.5, 0.75, 1.0, 0.5), (False, True, True, False), True),
+                                        ((1.0,) * 4, (False, False, True, True), False),
+                                        ((0.5, 0.75, 1.0, 0.5), (False, True, False, True), False)]:
         tokens_in, kept = kept_token_counts(ratios, 16, 1)
         names = {f"model.{n}" for n, _ in model.named_parameters()} - {
-            n for names_l, t in zip(blocks, trained) if not t for n in names_l}
+            n for names_l, t in zip(blocks, trained) if not t for n in names_l} - (set() if embeddings else stem)
         for select in (False, True):
             if not select and ratios[0] < 1.0:
                 continue
             whole = count_step_flops(TrainingGraph(model, 0.0, select=select), 6, kept if select else None, names)
-            assert counter.step(6, tokens_in, trained, select) == pytest.approx(whole, rel=1e-12)
+            assert counter.step(6, tokens_in, trained, select, embeddings) == pytest.approx(whole, rel=1e-12)
