@@ -68,9 +68,8 @@ class PolicyConfig(_Section):
         "and train only the top blocks (policy.dense_final_blocks); 0: the paper's rule")
     dense_final_blocks: int | Literal["auto", "sampled"] = Field(
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
-        "the backward stops at them (few FLOPs, little memory; 'auto': under a FLOPs target the most whose dense "
-        "step fits the target, at least 1, else a quarter of the depth), or 'sampled': k_trained blocks drawn as "
-        "in the other steps, with the embeddings")
+        "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
+        "k_trained blocks drawn as in the other steps, with the embeddings")
     spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
                              "(dropping starts after them; under a target the other blocks pay for it)")
     freeze_embeddings: bool = Field(

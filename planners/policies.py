@@ -148,7 +148,7 @@ class AlastPlanner:
     ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
     tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
     ``dense_final_blocks`` says which blocks that phase trains: the top N (``'auto'``: a quarter of
-    the depth; the target solver passes the number that fits a FLOPs target) with the embeddings frozen, so the backward stops at the lowest of them and the
+    the depth) with the embeddings frozen, so the backward stops at the lowest of them and the
     phase needs few FLOPs and little activation memory; or ``'sampled'``, the ``k_trained`` blocks
     drawn as in the sparse phase, with the embeddings (the backward then runs through every block
     at full width). Budget updates continue unchanged.

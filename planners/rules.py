@@ -189,8 +189,7 @@ def default_k_trained(num_blocks: int) -> int:
 
 def dense_final_top(num_blocks: int, setting: int | str) -> int | None:
     """Blocks trained in ALaST's dense final phase: the top ``setting`` blocks; ``'auto'``, a quarter
-    of the depth (halves round up, at least 1; under a FLOPs target :func:`planners.target.solve_target`
-    passes the number that fits the target instead); ``'sampled'``: None, the sparse phase's draw."""
+    of the depth (halves round up, at least 1); ``'sampled'``: None, the sparse phase's draw."""
     if setting == "sampled":
         return None
     if setting == "auto":

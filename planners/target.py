@@ -3,8 +3,6 @@
 * ``alast``: the number of trained blocks K and ``target_flops``, the per-step target the planner
   projects its budgets onto (one common shift of every keep ratio, :mod:`planners.projection`), so
   the budgets keep adapting in the policy's own ``[b_min, b_max]`` while every step lands on target.
-  With a dense final phase and ``dense_final_blocks='auto'``, also the number of top blocks that
-  phase trains: the most whose dense step costs no more than the target (at least one).
   With ``dense_final_frac`` the sparse steps' target moves so the run's total lands on it (an
   optional ``steps`` option gives the phase's exact share of a short run).
   The planner needs the cost model: ``create_planner("alast", L, cost_model=cm, **knobs)``.
@@ -158,21 +156,16 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     spare = int(options.get("spare_first") or 0)
     tm = int(options.get("token_multiple", 1))
 
-    setting = options.get("dense_final_blocks", "auto")
     try:
-        top = dense_final_top(L, setting)
+        top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
     except ValueError as e:
         raise TargetError(str(e)) from None
 
-    def top_ratio(m: int) -> float:
-        shape = StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, tuple(i >= L - m for i in range(L)), False)
-        return step_cost(cm, shape, 1).train_flops / full
-
-    if setting == "auto" and frac > 0:  # the most top blocks whose dense step fits the target: the
-        top = max([1] + [m for m in range(1, L + 1) if top_ratio(m) <= target])  # sparse steps never pay for it
-
     def dense_ratio(k: int) -> float:
-        return expected_step_flops(cm, 1.0, k, mt, mode) / full if top is None else top_ratio(top)
+        if top is None:
+            return expected_step_flops(cm, 1.0, k, mt, mode) / full
+        shape = StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, tuple(i >= L - top for i in range(L)), False)
+        return step_cost(cm, shape, 1).train_flops / full
 
     def fn(b: float, k: int) -> float:
         sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm) / full
@@ -195,8 +188,6 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     knobs = {"k_trained": k, "target_flops": per_step, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": mt}
-    if setting == "auto" and frac > 0:
-        knobs["dense_final_blocks"] = top
     ratios = _projected_ratios(cm, full, {**options, **knobs})
     mean = sum(ratios) / len(ratios)
     predicted, lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (mean, min(ratios), max(ratios)))

@@ -196,22 +196,21 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
         "batch_size": cfg.train.batch_size, "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
         "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
         "time_method": tm, "target": target, "eval_tokens": cfg.policy.eval_tokens,
-        "dense_final": _dense_final(cfg, plain.num_blocks, (target or {}).get("knobs", {})),
+        "dense_final": _dense_final(cfg, plain.num_blocks),
         "policies": {name: _entry(p, full, cfg.policy.eval_tokens) for name, p in preds.items()},
     }
 
 
-def _dense_final(cfg: AlastConfig, num_blocks: int, knobs: dict[str, Any]) -> dict[str, Any] | None:
+def _dense_final(cfg: AlastConfig, num_blocks: int) -> dict[str, Any] | None:
     """ALaST's dense final phase, or None: its share of the steps and the top blocks it trains (None:
-    the blocks drawn as in the other steps, with the embeddings), as the target solver set them."""
+    the blocks drawn as in the other steps, with the embeddings)."""
     from planners.rules import dense_final_top
 
     p = cfg.policy
     if p.planner != "alast" or not p.dense_final_frac:
         return None
-    setting = knobs.get("dense_final_blocks", p.dense_final_blocks)
-    return {"policy": p.name, "frac": p.dense_final_frac, "top_blocks": dense_final_top(num_blocks, setting),
-            "num_blocks": num_blocks}
+    return {"policy": p.name, "frac": p.dense_final_frac,
+            "top_blocks": dense_final_top(num_blocks, p.dense_final_blocks), "num_blocks": num_blocks}
 
 
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,

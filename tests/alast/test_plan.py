@@ -103,8 +103,7 @@ def test_plan_target_flops_sets_knobs(runner):
     res = runner.invoke(cli, ["plan", "--policy", "alast", "--target-flops", "0.4", "--steps", "5", "--json"])
     assert res.exit_code == 0, res.output
     out = _last_json(res)
-    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops",
-                                           "dense_final_blocks"}
+    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops"}
     assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] == pytest.approx(0.4, rel=0.05)
 
 
@@ -186,9 +185,8 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kept_tokens"] == r["tokens_in"] for r in records[8:])
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
-    # the phase trains the top block (the most whose dense step fits 0.5x) with the embeddings frozen;
-    # the other steps train 5 of the 6 blocks and the embeddings
-    assert all(r["trained_blocks"] == [5] and r["embeddings_trained"] is False for r in records[8:])
+    # the phase trains the top 2 of 6 blocks with the embeddings frozen; the other steps train 5 and them
+    assert all(r["trained_blocks"] == [4, 5] and r["embeddings_trained"] is False for r in records[8:])
     assert all(len(r["trained_blocks"]) == 5 and "embeddings_trained" not in r for r in records[:8])
     # it ends on every token, so the run deploys every token
     assert summary["eval_kept_tokens"] is None and summary["token_schedule"] is None
