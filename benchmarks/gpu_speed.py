@@ -9,8 +9,8 @@ step, fused AdamW on CUDA): ``full`` fine-tuning; ``alast@1.0`` (the ALaST machi
 keep ratio 1 and every block trained: its overhead over ``full``); and ALaST at each
 ``--targets`` fraction of full fine-tuning FLOPs, its knobs set by ``alast.planning.plan.solve_target``
 exactly as ``alast train --target-flops`` does, without the dense final phase (its steps run every
-token through few trained blocks; the grid times the steps that drop tokens). Warm-up steps (compilation included) come first,
-then ``--steps`` timed steps with ``torch.cuda.synchronize`` around the window. FLOPs are counted
+token through few trained blocks; the grid times the steps that drop tokens). Warm-up steps
+(compilation included) come first, then ``--steps`` timed steps with ``torch.cuda.synchronize`` around the window. FLOPs are counted
 afterwards, once per distinct step shape, outside the timed window. Rows go to ``--out`` as JSON
 (see docs/gpu.md for the fields and how the run time was estimated).
 """

@@ -58,7 +58,8 @@ def policy_options(cfg: AlastConfig) -> dict[str, Any]:
     values = dict(alpha=p.alpha if p.alpha is not None else cfg.train.lr, b_init=p.b_init, b_min=p.b_min,
                   b_max=p.b_max, k_trained=p.k_trained, freeze_mode=p.freeze_mode,
                   delta_reduction=p.delta_reduction, min_tokens=p.min_tokens, keep_ratio=p.keep_ratio,
-                  dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks, rule=p.rule, gain=p.gain, ema=p.ema, spare_first=p.spare_first,
+                  dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks, rule=p.rule,
+                  gain=p.gain, ema=p.ema, spare_first=p.spare_first,
                   token_multiple=cfg.backend.token_multiple,
                   seed=cfg.train.seed)
     accepted = set(planner_options(p.planner))

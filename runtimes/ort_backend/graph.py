@@ -179,7 +179,8 @@ class StepFlops:
             params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
                       for n, p in blk.named_parameters()}
             x = torch.empty(batch, self.prefix + tokens_in, dim).requires_grad_(True)
-            x_in = x.clone() if below else x.detach()  # the counter's module hooks refuse leaf inputs under autograd.grad
+            # the counter's module hooks refuse leaf inputs under autograd.grad
+            x_in = x.clone() if below else x.detach()
             deltas: list[Tensor] = []
             with counter() as fc:
                 with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):

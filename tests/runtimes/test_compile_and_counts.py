@@ -63,7 +63,8 @@ def test_cached_flops_equal_a_fresh_count(batch):
         cached.train_step(x, y, b, 1e-2, step)
     hits = 0
     for step, b in enumerate(moving_budgets(12, seed=2)):
-        hit = cached._flops.lookup(cached._flops.keys(6, *kept_token_counts(b.keep_ratios, 16), b.trained, b.train_embeddings))
+        keys = cached._flops.keys(6, *kept_token_counts(b.keep_ratios, 16), b.trained, b.train_embeddings)
+        hit = cached._flops.lookup(keys)
         fresh._flops = type(fresh._flops)(fresh._flops.block_names)  # always count
         expected = fresh.train_step(x, y, b, 1e-2, step).train_flops
         assert cached.train_step(x, y, b, 1e-2, step).train_flops == expected
