@@ -88,7 +88,7 @@ class OrtRuntime:
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, grad_clip: float | None,
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
-                 freeze_artifacts: str = "auto") -> None:
+                 freeze_artifacts: str = "auto", freeze_embeddings: bool = False) -> None:
         from ..torch_backend.patch import check_patchable
 
         require_training()
@@ -100,6 +100,7 @@ class OrtRuntime:
         self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=False,
                                          data_parallel=False)
         self.model = model.cpu().train()
+        self.freeze_embeddings = bool(freeze_embeddings)  # policy.freeze_embeddings: never trained
         self.grad_clip = grad_clip
         self.delta_reduction = delta_reduction
         self.count_flops = count_flops
@@ -183,7 +184,7 @@ class OrtRuntime:
         tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens)
         select = any(o < i for i, o in zip(tokens_in, tokens_out))
         variant = "select" if select else "dense"
-        mask = (*budget.trained, budget.train_embeddings)
+        mask = (*budget.trained, budget.train_embeddings and not self.freeze_embeddings)
         ran = self._artifact_trained(variant, mask)
         ts = self._activate(variant, ran)
         feeds = [images.detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
@@ -212,7 +213,7 @@ class OrtRuntime:
         per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
         return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
                           trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
-                          train_flops=flops, embeddings_trained=budget.train_embeddings)
+                          train_flops=flops, embeddings_trained=mask[-1])
 
     # -- FLOPs -------------------------------------------------------------------------------
     def _step_flops(self, batch: int, tokens_in: tuple[int, ...], mask: tuple[bool, ...],
@@ -304,10 +305,9 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
         raise ValueError(f"the ort backend does not support LoRA (policy {cfg.policy.name!r}); use --backend torch")
     if cfg.backend.token_multiple != 1:
         raise ValueError("the ort backend keeps exact token counts; drop backend.token_multiple or use --backend torch")
-    if cfg.policy.freeze_embeddings:
-        raise ValueError("the ort backend trains the embeddings; drop policy.freeze_embeddings or use --backend torch")
     if cfg.backend.precision != "fp32":
         raise ValueError("the ort backend trains in fp32; set backend.precision=fp32 or use --backend torch")
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
-                      device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops)
+                      device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
+                      freeze_embeddings=cfg.policy.freeze_embeddings)

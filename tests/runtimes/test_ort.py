@@ -101,6 +101,23 @@ def test_a_step_that_freezes_the_embeddings_leaves_them_unchanged(backend):
         pytest.approx(res.train_flops, rel=1e-9)
 
 
+@needs_ort
+def test_policy_freeze_embeddings_runs_on_ort_as_on_torch():
+    """policy.freeze_embeddings: every step runs on a set with the embeddings frozen; same update and
+    counted FLOPs as the torch backend."""
+    cfg = {b: build_config({"backend": {"name": b, "device": "cpu"}, "policy": {"freeze_embeddings": True},
+                            "train": {"lr": 1e-3, "weight_decay": 0.05, "grad_clip": 1.0}}) for b in ("torch", "ort")}
+    model = make_tiny_vit()
+    rts = {b: create_runtime(cfg[b], copy.deepcopy(model)) for b in cfg}
+    budget = Budget((0.75,) * 4, (False, True, False, True))
+    for step, (x, y) in enumerate(data(3)):
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert not res["ort"].embeddings_trained and not res["torch"].embeddings_trained
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-3)
+        assert res["ort"].train_flops == pytest.approx(res["torch"].train_flops, rel=1e-9)
+    assert torch.equal(rts["ort"].export_model().state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluate_and_export_model_agree(backend):
     rt = make(backend)
