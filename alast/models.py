@@ -54,8 +54,8 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
                              f"demo backbone weights missing at {DEMO_WEIGHTS}; reinstall alast or run "
                              "examples/pretrain_demo_backbone.py"),
     VIT12_MODEL: ShippedModel(VIT12_ARCH, VIT12_PRETRAINED_CFG, VIT12_WEIGHTS,
-                              f"{VIT12_MODEL} weights not shipped yet ({VIT12_WEIGHTS} is absent): pre-train "
-                              "with `python examples/pretrain_vit12_backbone.py` on a GPU, or pass --no-pretrained"),
+                              f"{VIT12_MODEL} weights missing at {VIT12_WEIGHTS}; reinstall alast, pre-train "
+                              "with `python examples/pretrain_vit12_backbone.py`, or pass --no-pretrained"),
 }
 
 

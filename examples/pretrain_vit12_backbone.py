@@ -5,6 +5,10 @@ natural image, no download. The backbone (without ``head.*``) goes to ``--out`` 
 with a JSON record next to it. The learning rate follows warm-up + cosine over the run's progress,
 the larger of step/--steps and elapsed/--minutes, so a run fits a fixed GPU slot. One H100/H200:
     python examples/pretrain_vit12_backbone.py --device cuda --minutes 8
+Without a GPU, most of the run can see smaller images (--img-size 56: 7x7 = 49 patch tokens, about 4x
+cheaper a step); the position embedding stays a 14x14 grid, resampled on the fly, and the last
+--full-res-frac of the run trains at 112 px, the size the backbone is fine-tuned at. Two CPU cores:
+    python examples/pretrain_vit12_backbone.py --device cpu --minutes 45 --img-size 56 --batch-size 64 --lr 5e-4
 CPU smoke check (seconds): ... --smoke --out /tmp/vit12.safetensors
 """
 from __future__ import annotations
@@ -38,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the run's progress")
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--img-size", type=int, default=DEFAULT_SIZE,
+                   help=f"image side for most of the run (a multiple of the patch, 8; default {DEFAULT_SIZE})")
+    p.add_argument("--full-res-frac", type=float, default=0.1,
+                   help=f"with --img-size below {DEFAULT_SIZE}: share of the run's progress at {DEFAULT_SIZE} px, at its end")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for cuda, off for cpu)")
@@ -52,7 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.command = " ".join(["python", "examples/pretrain_vit12_backbone.py", *argv])
     if args.smoke:
         vars(args).update(SMOKE, device="cpu")
+    patch = VIT12_ARCH["patch_size"]
+    if not patch <= args.img_size <= DEFAULT_SIZE or args.img_size % patch:
+        p.error(f"--img-size must be a multiple of {patch} between {patch} and {DEFAULT_SIZE}, got {args.img_size}")
+    if not 0.0 <= args.full_res_frac <= 1.0:
+        p.error(f"--full-res-frac must be in [0, 1], got {args.full_res_frac}")
     return args
+
+
+def image_size(progress: float, args: argparse.Namespace) -> int:
+    """The side of this step's images: ``--img-size``, then the fine-tuning size for the final share."""
+    return DEFAULT_SIZE if progress >= 1.0 - args.full_res_frac else args.img_size
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +94,12 @@ def evaluate(model, images, labels, batch_size, autocast) -> float:
 def generation_rate(args, device: torch.device) -> float:
     """Formula images per second on ``device`` at ``args.batch_size`` (after one warm-up batch)."""
     g = torch.Generator(device=device).manual_seed(12345)
-    sample_batch(args.classes, args.batch_size, g, DEFAULT_SIZE, device)
+    sample_batch(args.classes, args.batch_size, g, args.img_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, n = time.time(), 2 if args.smoke else 5
     for _ in range(n):
-        sample_batch(args.classes, args.batch_size, g, DEFAULT_SIZE, device)
+        sample_batch(args.classes, args.batch_size, g, args.img_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n * args.batch_size / (time.time() - start)
@@ -106,7 +124,10 @@ def main(argv=None) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    model = build_shipped_model(VIT12_MODEL, args.classes, pretrained=False).to(device)
+    # dynamic_img_size: the 14x14 position embedding is resampled to smaller grids on the fly, so the
+    # saved weights are alast_vit12's whatever --img-size was (the flag is not part of the state dict).
+    model = build_shipped_model(VIT12_MODEL, args.classes, pretrained=False,
+                                dynamic_img_size=args.img_size != DEFAULT_SIZE).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
     train_gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -119,7 +140,7 @@ def main(argv=None) -> dict:
     while progress < 1.0:
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(progress, args.warmup)
-        x, y = sample_batch(args.classes, args.batch_size, train_gen, DEFAULT_SIZE, device)
+        x, y = sample_batch(args.classes, args.batch_size, train_gen, image_size(progress, args), device)
         with autocast():
             logits = forward(normalise(x))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
@@ -149,7 +170,8 @@ def save(model, args, evals, elapsed: float, use_bf16: bool) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.out), metadata={"data": "formula:fractal_ifs", "steps": str(args.steps)})
     record = dict(model=VIT12_MODEL, arch=VIT12_ARCH, data="formula-driven fractals (alast/data/formula.py)",
-                  num_classes=args.classes, img_size=DEFAULT_SIZE, steps=args.steps, batch_size=args.batch_size,
+                  num_classes=args.classes, img_size=DEFAULT_SIZE, pretrain_img_size=args.img_size,
+                  full_res_frac=args.full_res_frac if args.img_size != DEFAULT_SIZE else None, steps=args.steps, batch_size=args.batch_size,
                   held_out_accuracy=evals[-1]["held_out_accuracy"] if evals else None, evals=evals,
                   eval_size=args.eval_size, seconds=round(elapsed, 1), data_images_per_s=args.generation_images_per_s,
                   device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -128,3 +128,33 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     f = module.lr_factor
     assert f(0.025, 0.05) == pytest.approx(0.5) and f(0.05, 0.05) == pytest.approx(1.0)
     assert f(0.525, 0.05) == pytest.approx(0.5) and f(1.0, 0.05) == pytest.approx(0.0, abs=1e-12)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("pretrain_vit12_backbone", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_low_resolution_pretraining_ends_at_full_size_and_saves_alast_vit12_weights(tmp_path, monkeypatch):
+    module = _script()
+    seen = []
+    sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a, **k: seen.append(a[3]) or sample(*a, **k))
+    out = tmp_path / "vit12.safetensors"
+    record = module.main(["--smoke", "--img-size", "16", "--full-res-frac", "0.5", "--out", str(out)])
+    train_sizes = seen[3:]  # after generation_rate's warm-up batch and two timed batches
+    assert train_sizes == [16, 16, Fm.DEFAULT_SIZE]  # 3 steps: progress 0 and 1/3, then 2/3 >= 1 - 0.5
+    assert record["pretrain_img_size"] == 16 and record["full_res_frac"] == 0.5
+
+    from alast.models import create_model
+
+    model = create_model("alast_vit12", 3, checkpoint=out)  # a 14x14 position grid, whatever the size seen
+    assert model.pos_embed.shape[1] == 1 + 14 * 14 and not model.dynamic_img_size
+
+
+@pytest.mark.parametrize("argv", [["--img-size", "60"], ["--img-size", "128"], ["--full-res-frac", "1.5"]])
+def test_pretrain_script_refuses_bad_sizes(argv):
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--smoke", *argv])

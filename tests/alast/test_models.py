@@ -59,4 +59,4 @@ def test_vit12_has_the_papers_depth_and_token_count_and_refuses_missing_weights(
         with pytest.raises(ModelError) as info:
             create_model(VIT12_MODEL, 10, pretrained=pretrained)
         message = str(info.value)
-        assert "weights not shipped yet" in message and "--no-pretrained" in message and "\n" not in message
+        assert "weights missing" in message and "--no-pretrained" in message and "\n" not in message
