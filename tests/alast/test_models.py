@@ -29,6 +29,22 @@ def test_demo_model_uses_the_shipped_backbone_unless_told_not_to():
     assert not torch.equal(scratch.blocks[3].mlp.fc1.weight, shipped["blocks.3.mlp.fc1.weight"])
 
 
+def test_vit12_uses_its_shipped_fdsl_backbone_and_the_record_describes_it():
+    import json
+
+    from safetensors.torch import load_file
+
+    from alast.models import VIT12_ARCH, VIT12_WEIGHTS
+
+    shipped = load_file(str(VIT12_WEIGHTS))
+    assert not any(k.startswith("head.") for k in shipped) and shipped["pos_embed"].shape == (1, 197, 128)
+    pre = create_model("alast_vit12", 10)
+    assert torch.equal(pre.blocks[11].attn.qkv.weight, shipped["blocks.11.attn.qkv.weight"].float())
+    record = json.loads(VIT12_WEIGHTS.with_suffix(".json").read_text())
+    assert record["arch"] == VIT12_ARCH and record["model"] == "alast_vit12"
+    assert record["evals"][-1]["held_out_accuracy"] == record["held_out_accuracy"] and record["steps"] > 0
+
+
 @pytest.mark.parametrize("content,fragment", [(None, "checkpoint not found"), (b"not a checkpoint", "cannot load")])
 def test_bad_checkpoints_are_refused(tmp_path, content, fragment):
     path = tmp_path / "w.pth"
