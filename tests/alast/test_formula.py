@@ -99,10 +99,15 @@ def test_cuda_generation_matches_cpu():
     assert gpu.is_cuda and float((gpu.cpu() - cpu).abs().mean()) < 0.01
 
 
-def test_pretrain_script_smoke_writes_loadable_fp16_weights_and_record(tmp_path):
+def _script():
     spec = importlib.util.spec_from_file_location("pretrain_vit12_backbone", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_script_smoke_writes_loadable_fp16_weights_and_record(tmp_path):
+    module = _script()
     out = tmp_path / "vit12.safetensors"
     record = module.main(["--smoke", "--out", str(out)])
     from safetensors.torch import load_file
@@ -122,19 +127,10 @@ def test_pretrain_script_smoke_writes_loadable_fp16_weights_and_record(tmp_path)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    spec = importlib.util.spec_from_file_location("pretrain_vit12_backbone", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     f = module.lr_factor
     assert f(0.025, 0.05) == pytest.approx(0.5) and f(0.05, 0.05) == pytest.approx(1.0)
     assert f(0.525, 0.05) == pytest.approx(0.5) and f(1.0, 0.05) == pytest.approx(0.0, abs=1e-12)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("pretrain_vit12_backbone", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_low_resolution_pretraining_ends_at_full_size_and_saves_alast_vit12_weights(tmp_path, monkeypatch):
