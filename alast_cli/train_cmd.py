@@ -44,13 +44,15 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     # Under torchrun (WORLD_SIZE > 1) join the process group; rank 0 alone prints and writes.
     dist_comm = init_from_env(cfg.backend.device)
     comm = Comm(dist_comm.rank, dist_comm.world_size, dist_comm) if dist_comm else Comm()
+    finished = False
     try:
         run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
         run_dir = Path(comm.broadcast_object(str(run_dir)))
         summary = _train(cfg, run_dir, resume, comm)
+        finished = True
     finally:
         if dist_comm is not None:
-            dist_comm.close()
+            dist_comm.close(barrier=finished)  # no barrier after an error: a peer may never reach it
     if comm.is_main:
         if as_json:
             click.echo(json.dumps(summary))

@@ -100,8 +100,12 @@ class TorchComm:
         dist.all_gather_object(out, text)
         return all(o == out[0] for o in out)
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group. With ``barrier`` (the normal end of a run) every rank leaves together:
+        a rank that tears gloo down while a peer still talks to it can abort at exit."""
         if dist.is_initialized():
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -158,11 +162,13 @@ def _spawn_entry(local_rank: int, world: int, store: str, fn: Callable, args: tu
                       LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     comm = init_from_env("cpu", init_method=f"file://{store}")
+    finished = False
     try:
         result = fn(comm, *args)
         torch.save(result, os.path.join(out_dir, f"rank{local_rank}.pt"))
+        finished = True
     finally:
-        comm.close()
+        comm.close(barrier=finished)
 
 
 def read_rank_results(out_dir: str, world_size: int) -> list[Any]:
