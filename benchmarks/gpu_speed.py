@@ -10,8 +10,9 @@ keep ratio 1 and every block trained: its overhead over ``full``); and ALaST at 
 ``--targets`` fraction of full fine-tuning FLOPs, its knobs set by ``alast.planning.plan.solve_target``
 exactly as ``alast train --target-flops`` does, without the dense final phase (its steps run every
 token through few trained blocks; the grid times the steps that drop tokens). Warm-up steps
-(compilation included) come first, then ``--steps`` timed steps with ``torch.cuda.synchronize`` around the window. FLOPs are counted
-afterwards, once per distinct step shape, outside the timed window. Rows go to ``--out`` as JSON
+(compilation included) come first, then ``--steps`` timed steps with ``torch.cuda.synchronize``
+around the window. FLOPs are counted afterwards, once per distinct step shape, outside the timed
+window. Rows go to ``--out`` as JSON
 (see docs/gpu.md for the fields and how the run time was estimated).
 """
 from __future__ import annotations

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=DEFAULT_SIZE,
                    help=f"image side for most of the run (a multiple of the patch, 8; default {DEFAULT_SIZE})")
     p.add_argument("--full-res-frac", type=float, default=0.1,
-                   help=f"with --img-size below {DEFAULT_SIZE}: share of the run's progress at {DEFAULT_SIZE} px, at its end")
+                   help=f"with --img-size below {DEFAULT_SIZE}: share of the run's progress, at its end, "
+                        f"at {DEFAULT_SIZE} px")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for cuda, off for cpu)")
