@@ -59,8 +59,12 @@ class PolicyConfig(_Section):
     b_init: float = Field(0.9, gt=0.0, le=1.0)
     b_min: float = Field(0.5, gt=0.0, le=1.0)
     b_max: float = Field(1.0, gt=0.0, le=1.0)
-    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default round(0.75 L)")
-    freeze_mode: Literal["sample", "topk"] = "sample"
+    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default: half the depth for "
+                                  "alast with freeze_mode 'last', round(0.75 L) otherwise (the paper's 9 of 12)")
+    freeze_mode: Literal["sample", "topk", "last"] = Field(
+        "last", description="alast: which blocks train each step: 'last', the top k_trained blocks (beyond the "
+        "paper: with the embeddings frozen the backward stops below them, and the budgets set the tokens); "
+        "'sample', k_trained drawn from softmax(budgets) (the paper); 'topk', the k_trained highest budgets")
     delta_reduction: Literal["mean", "sum"] = "mean"
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
@@ -72,9 +76,10 @@ class PolicyConfig(_Section):
         "k_trained blocks drawn as in the other steps, with the embeddings")
     spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
                              "(dropping starts after them; under a target the other blocks pay for it)")
-    freeze_embeddings: bool = Field(
-        False, description="beyond the paper: keep the patch embedding, class token and position embedding "
-        "frozen, so blocks below the lowest trained block need no backward pass at all")
+    freeze_embeddings: bool | None = Field(
+        None, description="beyond the paper: keep the patch embedding, class token and position embedding "
+        "frozen, so blocks below the lowest trained block need no backward pass at all; default: frozen for "
+        "alast with freeze_mode 'last', trained otherwise")
     eval_tokens: Literal["auto", "trained", "all"] = Field(
         "auto", description="how a model trained with token dropping is evaluated and exported: 'trained' on its "
         "token schedule (after each block, as many tokens as the final 10% of training steps kept: the model runs "
@@ -83,6 +88,13 @@ class PolicyConfig(_Section):
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None
+
+    @property
+    def embeddings_frozen(self) -> bool:
+        """``freeze_embeddings``, resolved: unset means frozen exactly when alast trains the last blocks."""
+        if self.freeze_embeddings is not None:
+            return self.freeze_embeddings
+        return self.planner == "alast" and self.freeze_mode == "last"
 
     @property
     def planner(self) -> str:

@@ -21,8 +21,8 @@ def _check_multiple(token_multiple: int) -> int:
     return int(token_multiple)
 
 
-def _check_k(k: int | None, num_blocks: int) -> int:
-    k = rules.default_k_trained(num_blocks) if k is None else int(k)
+def _check_k(k: int | None, num_blocks: int, freeze_mode: str = "sample") -> int:
+    k = rules.default_k_trained(num_blocks, freeze_mode) if k is None else int(k)
     if not 1 <= k <= num_blocks:
         raise PlannerError(f"k_trained must be between 1 and {num_blocks} (the model depth), got {k}")
     return k
@@ -121,8 +121,11 @@ class AlastPlanner:
 
     Budgets start at ``b_init``, live in ``[b_min, b_max]`` and follow *changes* in each block's
     CLS delta. Each step the budget is also the block's token keep ratio, and ``k_trained`` blocks
-    are trained: sampled without replacement from ``softmax(b)`` (``freeze_mode='sample'``) or the
-    ``k_trained`` largest (``'topk'``).
+    are trained: sampled without replacement from ``softmax(b)`` (``freeze_mode='sample'``, the
+    paper; default ``k_trained``: ``round(0.75 L)``), the ``k_trained`` largest (``'topk'``), or
+    (beyond the paper) always the top ``k_trained`` blocks (``'last'``; default: half the depth):
+    with the embeddings frozen, the backward then stops below them, and the budgets spend the
+    savings on tokens.
 
     ``rule='normalized'`` (default, scale-free): each step's deltas become shares of their mean
     over blocks, smoothed by an EMA (``ema``: the weight of the past). The first observations set a
@@ -189,7 +192,7 @@ class AlastPlanner:
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
         self.b_init, self.b_min, self.b_max = float(b_init), float(b_min), float(b_max)
-        self.k_trained = _check_k(k_trained, num_blocks)
+        self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
         self.freeze_mode = freeze_mode
         self.delta_reduction = delta_reduction
         self.min_tokens = int(min_tokens)
@@ -210,6 +213,8 @@ class AlastPlanner:
     def plan(self, step: int, progress: float) -> Budget:
         if self.freeze_mode == "topk":
             chosen = rules.top_k_indices(self.budgets, self.k_trained)
+        elif self.freeze_mode == "last":
+            chosen = set(range(self.num_blocks - self.k_trained, self.num_blocks))
         else:
             rng = rules.step_rng(self.seed, step)
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
@@ -284,8 +289,8 @@ def _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_red
         raise PlannerError(f"gain must be >= 0, got {gain}")
     if not 0.0 <= ema < 1.0:
         raise PlannerError(f"ema must lie in [0, 1), got {ema}")
-    if freeze_mode not in ("sample", "topk"):
-        raise PlannerError(f"freeze_mode must be 'sample' or 'topk', got {freeze_mode!r}")
+    if freeze_mode not in ("sample", "topk", "last"):
+        raise PlannerError(f"freeze_mode must be 'sample', 'topk' or 'last', got {freeze_mode!r}")
     if delta_reduction not in ("mean", "sum"):
         raise PlannerError(f"delta_reduction must be 'mean' or 'sum', got {delta_reduction!r}")
     if min_tokens < 1:

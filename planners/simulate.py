@@ -334,11 +334,12 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
                         freeze_mode: str = "sample", spare_first: int = 0, token_multiple: int = 1) -> float:
     """Expected train FLOPs of one sample's step: every budget at ``keep_ratio`` (the first
     ``spare_first`` blocks at 1) and ``k`` blocks trained, drawn uniformly (``sample``: softmax of
-    equal budgets) or the deepest ``k`` (``topk`` breaks ties of equal budgets towards the head)."""
+    equal budgets) or the deepest ``k`` (``last``; and ``topk``, which breaks ties of equal budgets towards
+    the head)."""
     L, p = cm.num_blocks, cm.num_prefix_tokens
     tin, tout = kept_token_counts([1.0] * spare_first + [keep_ratio] * (L - spare_first), cm.num_patches,
                                   min_tokens, token_multiple)
-    if freeze_mode == "topk":
+    if freeze_mode in ("topk", "last"):
         return step_cost(cm, StepShape(tin, tout, tuple(i >= L - k for i in range(L))), 1).train_flops
     total = cm.embed.fwd_flops[0] + (cm.embed.bwd_flops["weights_only"][0] if cm.embed.trainable else 0.0)
     for blk, probs, n_in, n_out in zip(cm.blocks, state_probabilities(L, k, cm.embed.trainable), tin, tout):

@@ -110,7 +110,7 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
 def _policy_embeddings(cm: CostModel, cfg: AlastConfig) -> CostModel:
     """``cm`` with the embeddings frozen when the policy freezes them (``policy.freeze_embeddings``):
     no gradient, no optimizer state, and no backward below the lowest trained block."""
-    if not cfg.policy.freeze_embeddings or not cm.embed.trainable:
+    if not cfg.policy.embeddings_frozen or not cm.embed.trainable:
         return cm
     embed = dataclasses.replace(cm.embed, trainable=False, trainable_bytes=0, largest_trainable_bytes=0)
     return dataclasses.replace(cm, embed=embed)

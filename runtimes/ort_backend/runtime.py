@@ -310,4 +310,4 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
-                      freeze_embeddings=cfg.policy.freeze_embeddings)
+                      freeze_embeddings=cfg.policy.embeddings_frozen)

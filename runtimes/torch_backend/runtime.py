@@ -380,6 +380,6 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
         label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
-        lora=lora, comm=comm, freeze_embeddings=cfg.policy.freeze_embeddings, compile=cfg.backend.compile,
+        lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
     )

@@ -158,7 +158,7 @@ def test_plan_before_training_names_the_schedule():
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["eval_tokens"] == "auto"
     alast = json.loads(res.stdout)["policies"]["alast"]
-    assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.8
+    assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.9
     res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *sparse_end, "--set", "policy.eval_tokens=all",
                                    "--json"])
     alast = json.loads(res.stdout)["policies"]["alast"]

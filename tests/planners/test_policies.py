@@ -79,6 +79,14 @@ def test_alast_topk_mode_takes_highest_budgets():
     assert p.plan(1, 0).trained_blocks == (1, 3)
 
 
+def test_alast_last_mode_trains_the_top_blocks_whatever_the_budgets():
+    p = create_planner("alast", 4, k_trained=2, freeze_mode="last", rule="paper", alpha=1.0)
+    p.observe(Observation(0, 0, (0.1, 0.05, 0.0, 0.0)))  # the lowest blocks have the highest budgets
+    assert p.budgets[0] > p.budgets[3]
+    assert p.plan(1, 0).trained_blocks == (2, 3)
+    assert p.plan(1, 0).keep_ratios == tuple(p.budgets)  # the budgets still set the tokens
+
+
 def test_sampling_follows_softmax_weights():
     rng = rules.step_rng(0, 0)
     counts = [0, 0, 0]

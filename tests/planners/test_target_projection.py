@@ -43,7 +43,7 @@ def test_common_shift_is_the_largest_within_target(budgets, target, expected):
 
 
 @pytest.mark.parametrize("target", [0.4, 0.5])
-@pytest.mark.parametrize("freeze_mode", ["sample", "topk"])
+@pytest.mark.parametrize("freeze_mode", ["sample", "topk", "last"])
 def test_projected_steps_land_on_target_and_stay_adaptive(target, freeze_mode):
     p = create_planner("alast", 12, target_flops=target, cost_model=CM, freeze_mode=freeze_mode, seed=1)
     proj = TargetProjection(CM, target)

@@ -28,7 +28,8 @@ OPT = dict(lr=1e-3, weight_decay=0.05, grad_clip=1.0)
 
 
 def make_cfg(backend, **train):
-    return build_config({"backend": {"name": backend, "device": "cpu"},
+    # the runtime contract with trainable embeddings (alast's default config freezes them)
+    return build_config({"backend": {"name": backend, "device": "cpu"}, "policy": {"freeze_embeddings": False},
                          "train": {"lr": OPT["lr"], "weight_decay": OPT["weight_decay"],
                                    "grad_clip": OPT["grad_clip"], **train}})
 
