@@ -1,9 +1,12 @@
 """How the ALaST budget rules behave on different models: counted FLOPs and budget movement.
 
 For each model (random init unless it is a shipped backbone), fine-tunes on `digits` for a few
-steps with each rule at its defaults (no FLOPs target) and reports: counted training FLOPs as a
-ratio to full fine-tuning, how far the budgets moved from where they started, their spread
-across blocks at the end, and the share of budgets sitting at a clip bound.
+steps with each rule at its defaults (no FLOPs target, no dense final phase) and reports: counted
+training FLOPs as a ratio to full fine-tuning, how far the budgets moved from where they started,
+their spread across blocks at the end, and the share of budgets sitting at a clip bound.
+``--freeze-mode`` picks the trained blocks: ``last`` (alast's default: the top half of the blocks,
+embeddings frozen) or ``sample`` (the paper: 3/4 of the blocks drawn from softmax(budgets),
+embeddings trained).
 
   python benchmarks/rule_behaviour.py --models vit_base_patch16_224,deit_small_patch16_224 \
       --steps 30 --batch-size 4 --out docs/results/rule_behaviour.json
@@ -31,13 +34,15 @@ SHIPPED = {DEMO_MODEL}
 IMG_SIZE = {"vit_small_patch14_reg4_dinov2": 224}  # 518 px by default: too slow for a CPU check
 
 
-def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed: int) -> dict:
+def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed: int,
+             freeze_mode: str = "last") -> dict:
     img = IMG_SIZE.get(model_name)
     data = build_data("digits", model_data_config(model_name, img), seed=seed)
     torch.manual_seed(seed)
     model = create_model(model_name, len(data.classes), pretrained=model_name in SHIPPED, img_size=img)
-    rt = TorchRuntime(model, lr=lr, weight_decay=0.05, grad_clip=1.0, memory_probe_steps=lambda s: False)
-    planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed)
+    rt = TorchRuntime(model, lr=lr, weight_decay=0.05, grad_clip=1.0, memory_probe_steps=lambda s: False,
+                      freeze_embeddings=freeze_mode == "last")
+    planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode)
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=True)
     budgets, flops, t0 = [], 0.0, time.perf_counter()
@@ -51,7 +56,7 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
     b0, last = budgets[0], budgets[-1]
     at_bound = sum(1 for b in last if b <= planner.b_min + 1e-9 or b >= planner.b_max - 1e-9)
     return {
-        "model": model_name, "rule": rule, "blocks": rt.num_blocks, "patch_tokens": rt.num_patches,
+        "model": model_name, "rule": rule, "freeze_mode": freeze_mode, "blocks": rt.num_blocks, "patch_tokens": rt.num_patches,
         "steps": steps, "batch_size": batch, "lr": lr, "pretrained": model_name in SHIPPED,
         "img_size": rt.timm_model.patch_embed.img_size[0],
         "flops_ratio": flops / full, "fewer_flops_x": full / flops,
@@ -75,6 +80,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--freeze-mode", choices=["last", "sample"], default="last")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/results/rule_behaviour.json"))
     args = ap.parse_args()
@@ -83,7 +89,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         for rule in args.rules.split(","):
-            row = run_rule(name, rule, args.steps, args.batch_size, args.lr, args.seed)
+            row = run_rule(name, rule, args.steps, args.batch_size, args.lr, args.seed, args.freeze_mode)
             rows.append(row)
             print(f"{name:32s} {rule:10s} FLOPs {row['flops_ratio']:.3f}x ({row['fewer_flops_x']:.2f}x fewer)  "
                   f"max move {row['max_budget_move']:.3f}  spread {row['final_budget_spread']:.3f}  "

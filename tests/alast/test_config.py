@@ -53,3 +53,21 @@ def test_lora_policy_names():
 def test_apply_overrides_refuses_value_as_section():
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides({"train": 3}, ["train.steps=1"])
+
+
+@pytest.mark.parametrize("overrides,frozen,k_trained", [
+    ([], True, 3),  # the default: the top half of the blocks trains, the embeddings stay frozen
+    (["policy.freeze_mode=sample"], False, 5),  # the paper: 3/4 of the blocks drawn, embeddings trained
+    (["policy.freeze_mode=topk"], False, 5),
+    (["policy.freeze_mode=sample", "policy.freeze_embeddings=true"], True, 5),
+    (["policy.freeze_embeddings=false"], False, 3),
+    (["policy.name=full"], False, None),  # the baselines keep their embeddings trained
+    (["policy.name=freeze"], False, None),
+])
+def test_embeddings_and_k_follow_the_freeze_mode(overrides, frozen, k_trained):
+    from alast.training.build import build_planner
+
+    cfg = load_config(None, overrides)
+    assert cfg.policy.embeddings_frozen is frozen
+    if k_trained is not None:
+        assert build_planner(cfg, 6).k_trained == k_trained
