@@ -182,11 +182,9 @@ def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None
     return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
 
 
-def default_k_trained(num_blocks: int, freeze_mode: str = "sample") -> int:
-    """The paper trains 9 of 12 blocks: ``round(0.75 * L)`` (halves round up). ``freeze_mode='last'``
-    (always the top blocks, beyond the paper): half the depth, ``round(0.5 * L)``."""
-    share = 0.5 if freeze_mode == "last" else 0.75
-    return max(1, min(num_blocks, math.floor(share * num_blocks + 0.5)))
+def default_k_trained(num_blocks: int) -> int:
+    """ALaST trains 9 of 12 blocks; for other depths ``round(0.75 * L)`` (halves round up)."""
+    return max(1, min(num_blocks, math.floor(0.75 * num_blocks + 0.5)))
 
 
 def dense_final_top(num_blocks: int, setting: int | str) -> int | None:

@@ -150,7 +150,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     L = cm.num_blocks
     mt = int(options.get("min_tokens", 1))
     mode = str(options.get("freeze_mode", "sample"))
-    k = int(options.get("k_trained") or default_k_trained(L, mode))
+    k = int(options.get("k_trained") or default_k_trained(L))
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
     spare = int(options.get("spare_first") or 0)

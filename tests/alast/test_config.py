@@ -56,11 +56,11 @@ def test_apply_overrides_refuses_value_as_section():
 
 
 @pytest.mark.parametrize("overrides,frozen,k_trained", [
-    ([], True, 3),  # the default: the top half of the blocks trains, the embeddings stay frozen
+    ([], True, 5),  # the default: the top 3/4 of the blocks train, the embeddings stay frozen
     (["policy.freeze_mode=sample"], False, 5),  # the paper: 3/4 of the blocks drawn, embeddings trained
     (["policy.freeze_mode=topk"], False, 5),
     (["policy.freeze_mode=sample", "policy.freeze_embeddings=true"], True, 5),
-    (["policy.freeze_embeddings=false"], False, 3),
+    (["policy.freeze_embeddings=false", "policy.k_trained=3"], False, 3),
     (["policy.name=full"], False, None),  # the baselines keep their embeddings trained
     (["policy.name=freeze"], False, None),
 ])
