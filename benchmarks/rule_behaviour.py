@@ -56,7 +56,8 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
     b0, last = budgets[0], budgets[-1]
     at_bound = sum(1 for b in last if b <= planner.b_min + 1e-9 or b >= planner.b_max - 1e-9)
     return {
-        "model": model_name, "rule": rule, "freeze_mode": freeze_mode, "blocks": rt.num_blocks, "patch_tokens": rt.num_patches,
+        "model": model_name, "rule": rule, "freeze_mode": freeze_mode, "blocks": rt.num_blocks,
+        "patch_tokens": rt.num_patches,
         "steps": steps, "batch_size": batch, "lr": lr, "pretrained": model_name in SHIPPED,
         "img_size": rt.timm_model.patch_embed.img_size[0],
         "flops_ratio": flops / full, "fewer_flops_x": full / flops,
