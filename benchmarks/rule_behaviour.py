@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from alast.config import load_config  # noqa: E402
 from alast.data import build_data  # noqa: E402
 from alast.models import DEMO_MODEL, create_model  # noqa: E402
 from alast.training.build import model_data_config  # noqa: E402
@@ -40,8 +41,9 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
     data = build_data("digits", model_data_config(model_name, img), seed=seed)
     torch.manual_seed(seed)
     model = create_model(model_name, len(data.classes), pretrained=model_name in SHIPPED, img_size=img)
+    frozen = load_config(None, [f"policy.freeze_mode={freeze_mode}"]).policy.embeddings_frozen  # as alast train
     rt = TorchRuntime(model, lr=lr, weight_decay=0.05, grad_clip=1.0, memory_probe_steps=lambda s: False,
-                      freeze_embeddings=freeze_mode == "last")
+                      freeze_embeddings=frozen)
     planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode)
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=True)
