@@ -75,6 +75,8 @@ class PolicyConfig(_Section):
         "k_trained blocks drawn as in the other steps, with the embeddings")
     spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
                              "(dropping starts after them; under a target the other blocks pay for it)")
+    fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
+                              "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
     freeze_embeddings: bool | None = Field(
         None, description="beyond the paper: keep the patch embedding, class token and position embedding "
         "frozen, so blocks below the lowest trained block need no backward pass at all; default: frozen for "

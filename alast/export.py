@@ -44,6 +44,11 @@ class LoadedRun:
     model: nn.Module
 
     @property
+    def fuse_tokens(self) -> bool:
+        """Whether the run fused dropped tokens (its token schedule then fuses them too)."""
+        return bool(self.config.policy.fuse_tokens)
+
+    @property
     def kept_tokens(self) -> tuple[int, ...] | None:
         """The token schedule the run deployed (None: every token)."""
         kept = self.summary.get("eval_kept_tokens")
@@ -136,6 +141,7 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
         "val_fraction": str(cfg.data.val_fraction),
         "seed": str(cfg.train.seed),
         "kept_tokens": json.dumps(list(kept) if kept else None),
+        "fuse_tokens": json.dumps(bool(kept) and run.fuse_tokens),
     }
     return {META_PREFIX + k: v for k, v in meta.items()}
 
@@ -150,7 +156,7 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
     kept = None if all_tokens else run.kept_tokens
     atol = float(atol if atol is not None else run.config.export.atol)
     opset = int(opset if opset is not None else run.config.export.opset)
-    model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept))
+    model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept, fuse=run.fuse_tokens))
     meta = run_metadata(run, kept)
     model.producer_name = "alast"
     model.doc_string = f"{meta[META_PREFIX + 'model']} fine-tuned with alast ({meta[META_PREFIX + 'policy']})"
@@ -166,7 +172,7 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
-        diff = max_logit_diff(tmp, run.model, kept=kept)
+        diff = max_logit_diff(tmp, run.model, kept=kept, fuse=run.fuse_tokens)
         if not diff <= atol:
             raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "
                                     f"(> atol {atol:g}); no file written")
@@ -267,7 +273,7 @@ def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None 
     from alast.data import eval_batches
 
     val = run_val_data(run, spec, data_dir)
-    with torch.no_grad(), token_schedule(run.model, kept):
+    with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens):
         return _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
 
 

@@ -136,7 +136,8 @@ def measure(model_name: str, batch: int, compiled: bool, policy: str, target: fl
     multiple = args.token_multiple if policy.startswith("alast") else 1
     rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device, precision=args.precision,
                       count_flops="off", compile=compiled, token_multiple=multiple, sync_free="on",
-                      memory_probe_steps=lambda s: False)
+                      memory_probe_steps=lambda s: False,
+                      freeze_embeddings=cfg.policy.embeddings_frozen and policy != "alast@1.0")
     planner = planner_for(cfg, rt.num_blocks, policy, solved)
     total = args.warmup + args.steps
     img = rt.timm_model.patch_embed.img_size

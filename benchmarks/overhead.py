@@ -4,11 +4,17 @@ Times, alternating in rounds (medians):
   plain  - the unpatched timm model, full fine-tuning step
   patched- the patched model at full budget (CLS deltas recorded, no dropping): the overhead
   full   - TorchRuntime with the `full` policy (what `alast train --policy full` runs)
-  alast  - TorchRuntime with the `alast` policy at its defaults (b=0.9, 9 of 12 blocks trained)
+  alast  - TorchRuntime with the `alast` policy: with --target-flops, as `alast train --target-flops`
+           runs it (today's defaults, the knobs and cost model the target solver gives), otherwise
+           the planner's own defaults updated by --policy-kw
 and counts each one's FLOPs with torch.utils.flop_counter, and peak memory (CUDA allocator or
 MemTracker on CPU). Writes JSON to --out.
 
-  python benchmarks/overhead.py --model vit_base_patch16_224 --batch-size 8 --rounds 5
+With --target-flops the alast run has two kinds of step, a sparse one and (in the last
+policy.dense_final_frac of the steps) a dense one; both are timed (``alast`` and ``alast_dense``)
+and ``run_*`` combine them by the phase's share: what a whole run of that many steps costs.
+
+  python benchmarks/overhead.py --model vit_base_patch16_224 --batch-size 8 --rounds 5 --target-flops 0.4
 """
 from __future__ import annotations
 
@@ -25,21 +31,28 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from alast.models import create_model  # noqa: E402
-from planners import create_planner  # noqa: E402
+from alast.config import AlastConfig  # noqa: E402
+from alast.planning.plan import solve_target  # noqa: E402
+from alast.training.build import build_planner  # noqa: E402
+from planners import Observation, create_planner  # noqa: E402
+from planners.rules import dense_final_share  # noqa: E402
 from runtimes.torch_backend.flops import counter  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--policy-kw", default="{}", help="JSON options for the alast planner")
+    ap.add_argument("--policy-kw", default="{}", help="JSON options for the alast planner (without --target-flops)")
+    ap.add_argument("--target-flops", type=float, default=None,
+                    help="run alast as `alast train --target-flops T` does, at today's defaults")
+    ap.add_argument("--steps", type=int, default=150, help="with --target-flops: the run length the solver plans for")
     ap.add_argument("--out", type=Path, default=Path("overhead.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -66,19 +79,24 @@ def main() -> None:
         opt.step()
 
     runtimes, planners = {}, {}
+    cfg, dense_share, alast_kw = alast_setup(args)
     for name in ("full", "alast"):
         runtimes[name] = TorchRuntime(fresh(), lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device,
                                       precision=args.precision, count_flops="off",
-                                      memory_probe_steps=lambda s: False)
-        kw = json.loads(args.policy_kw) if name == "alast" else {}
-        planners[name] = create_planner(name, runtimes[name].num_blocks, **kw)
+                                      memory_probe_steps=lambda s: False,
+                                      freeze_embeddings=name == "alast" and cfg.policy.embeddings_frozen)
+        planners[name] = (create_planner(name, runtimes[name].num_blocks) if name == "full" else
+                          build_planner(cfg, runtimes[name].num_blocks, alast_kw))
     steps = {"full": 0, "alast": 0}
+    progress = {"full": 0.0, "alast": 0.0, "alast_dense": 0.999}
 
     def rt_step(name: str) -> None:
-        budget = planners[name].plan(steps[name], 0.0)
-        r = runtimes[name].train_step(x, y, budget, 1e-4, steps[name])
-        steps[name] += 1
-        planners[name].observe(__import__("planners").Observation(steps[name], 0.0, r.deltas))
+        planner, rt = planners[name.split("_")[0]], runtimes[name.split("_")[0]]
+        key = name.split("_")[0]
+        budget = planner.plan(steps[key], progress[name])
+        r = rt.train_step(x, y, budget, 1e-4, steps[key])
+        steps[key] += 1
+        planner.observe(Observation(steps[key], progress[name], r.deltas))
 
     def patched_step() -> None:
         rt = runtimes["full"]
@@ -87,6 +105,8 @@ def main() -> None:
 
     fns = {"plain": plain_step, "patched": patched_step, "full": lambda: rt_step("full"),
            "alast": lambda: rt_step("alast")}
+    if dense_share:
+        fns["alast_dense"] = lambda: rt_step("alast_dense")
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     for fn in fns.values():  # warm-up
         fn(), fn()
@@ -100,10 +120,11 @@ def main() -> None:
             sync()
             times[k].append(time.perf_counter() - t)
     flops = {}
-    for k in ("full", "alast"):
-        runtimes[k].count_flops = "every"
-        budget = planners[k].plan(steps[k], 0.0)
-        flops[k] = runtimes[k].train_step(x, y, budget, 1e-4, steps[k]).train_flops
+    for k in ("full", "alast", "alast_dense")[:3 if dense_share else 2]:
+        rt, planner = runtimes[k.split("_")[0]], planners[k.split("_")[0]]
+        rt.count_flops = "every"
+        budget = planner.plan(steps[k.split("_")[0]], progress[k])
+        flops[k] = rt.train_step(x, y, budget, 1e-4, steps[k.split("_")[0]]).train_flops
     with counter() as c:
         plain_step()
     flops["plain"] = c.get_total_flops()
@@ -115,6 +136,13 @@ def main() -> None:
         "flops": flops, "flops_ratio_alast_vs_full": flops["alast"] / flops["full"],
         "speedup_alast_vs_full": med["full"] / med["alast"],
     }
+    if cfg.policy.target_flops is not None:
+        run_s = (1 - dense_share) * med["alast"] + dense_share * med.get("alast_dense", 0.0)
+        run_flops = (1 - dense_share) * flops["alast"] + dense_share * flops.get("alast_dense", 0.0)
+        result.update(target_flops=cfg.policy.target_flops, steps=args.steps, dense_final_share=dense_share,
+                      run_step_s_alast=run_s, run_flops_ratio_alast_vs_full=run_flops / flops["full"],
+                      run_speedup_alast_vs_full=med["full"] / run_s,
+                      run_share_of_flop_bound=(med["full"] / run_s) / (flops["full"] / run_flops))
     if dev.type == "cuda":
         mem = {}
         for k in ("full", "alast"):
@@ -136,6 +164,19 @@ def main() -> None:
         result["memory_ratio_alast_vs_full"] = mem["alast"] / mem["full"]
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def alast_setup(args) -> tuple[AlastConfig, float, dict]:
+    """The alast policy's config, the dense final phase's share of a run, and the planner overrides:
+    with --target-flops, the solver's knobs and cost model (as `alast train` uses them)."""
+    if args.target_flops is None:
+        cfg = AlastConfig.model_validate({"model": {"name": args.model}, "policy": {"dense_final_frac": 0.0}})
+        return cfg, 0.0, json.loads(args.policy_kw)
+    cfg = AlastConfig.model_validate({"model": {"name": args.model}, "policy": {"target_flops": args.target_flops},
+                                      "train": {"steps": args.steps, "batch_size": args.batch_size},
+                                      "backend": {"device": args.device, "precision": args.precision}})
+    knobs, _ = solve_target(cfg)
+    return cfg, dense_final_share(cfg.policy.dense_final_frac, args.steps), knobs
 
 
 if __name__ == "__main__":

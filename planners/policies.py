@@ -242,8 +242,16 @@ class AlastPlanner:
         else:
             self.shares = rules.normalized_update(self.shares, deltas, self.ema)
             if self.shares.count:
-                self.budgets = rules.normalized_budgets(self.shares, self.b_init, self.gain, self.b_min, self.b_max)
+                self.budgets = rules.normalized_budgets(self.shares, self.b_init, self.gain, self.b_min, self.b_max,
+                                                        self._share_groups())
         self.prev_deltas = deltas
+
+    def _share_groups(self) -> tuple[int, ...] | None:
+        """With ``freeze_mode='last'`` the trained top blocks' CLS changes grow as they train while the
+        frozen ones' do not: the rule compares each block with its own kind only."""
+        if self.freeze_mode != "last":
+            return None
+        return tuple(int(i >= self.num_blocks - self.k_trained) for i in range(self.num_blocks))
 
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),

@@ -86,7 +86,8 @@ def normalized_update(state: ShareState, deltas: Sequence[float], ema: float) ->
     return ShareState(shares, reference, count)
 
 
-def normalized_budgets(state: ShareState, b_init: float, gain: float, b_min: float, b_max: float) -> list[float]:
+def normalized_budgets(state: ShareState, b_init: float, gain: float, b_min: float, b_max: float,
+                       groups: Sequence[int] | None = None) -> list[float]:
     """``b_l = clip(b_init + gain * (x_l - mean_k x_k), b_min, b_max)`` with
     ``x_l = log2(share_l / reference_l)``, the doublings of block l's smoothed share since the
     reference.
@@ -95,12 +96,17 @@ def normalized_budgets(state: ShareState, b_init: float, gain: float, b_min: flo
     one whose share halves loses ``gain``. A change common to every block moves nothing, so the
     budgets average ``b_init`` until a clip bound cuts in. The budgets are a function of the state
     alone (not accumulated step by step), so a clip bound never sticks and noise does not add up.
-    Needs at least one observation in ``state``.
+    With ``groups`` (one label per block), each block is compared with the blocks of its own group
+    only (the mean runs over the group): blocks that train and blocks that stay frozen change for
+    different reasons, so their shares are compared apart. Needs at least one observation in ``state``.
     """
     x = [math.log2(max(s, SHARE_FLOOR) / max(r, SHARE_FLOOR))
          for s, r in zip(state.shares, state.reference, strict=True)]
-    mean = sum(x) / len(x)
-    return [min(b_max, max(b_min, b_init + gain * (v - mean))) for v in x]
+    labels = [0] * len(x) if groups is None else list(groups)
+    if len(labels) != len(x):
+        raise ValueError(f"{len(labels)} group labels for {len(x)} blocks")
+    mean = {g: sum(v for v, h in zip(x, labels) if h == g) / labels.count(g) for g in set(labels)}
+    return [min(b_max, max(b_min, b_init + gain * (v - mean[g]))) for v, g in zip(x, labels)]
 
 
 def softmax(values: Sequence[float]) -> list[float]:

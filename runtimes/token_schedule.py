@@ -58,10 +58,13 @@ def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
 
 @contextlib.contextmanager
 def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
-                    deltas: list[Tensor] | None = None) -> Iterator[None]:
+                    deltas: list[Tensor] | None = None, fuse: bool = False) -> Iterator[None]:
     """Within the block, after block ``l`` keep the ``prefix`` tokens plus the top ``keep[l]`` patch
     tokens (``keep[l]`` None, or ``keep`` None: all of them); with ``deltas``, append each block's
-    per-sample CLS delta to it."""
+    per-sample CLS delta to it. With ``fuse`` (fixed counts only), the last kept slot holds the
+    dropped tokens fused, as in training with ``policy.fuse_tokens``."""
+    if fuse and isinstance(keep, Tensor):
+        raise ValueError("token fusion needs fixed token counts, not a keep tensor")
     scores: dict[int, Tensor] = {}
     handles = []
 
@@ -77,7 +80,7 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
                 deltas.append(cls_delta(inputs[0], out))
             if keep is None or keep[i] is None:
                 return out
-            return select_tokens(out, scores.pop(i), keep[i], prefix)
+            return select_tokens(out, scores.pop(i), keep[i], prefix, fuse=fuse and keep[i] >= 2)
         return hook
 
     try:
@@ -93,19 +96,21 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
 
 
 @contextlib.contextmanager
-def token_schedule(vit: nn.Module, kept: Sequence[int] | None) -> Iterator[None]:
+def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False) -> Iterator[None]:
     """Within the block, forwards of the timm ViT ``vit`` follow the schedule ``kept`` (None: every
-    token). Works on a model patched for training or wrapped by peft: only its blocks are hooked."""
+    token), with the dropped tokens fused into the last kept slot if ``fuse`` (a model trained with
+    ``policy.fuse_tokens`` runs as it was trained). Works on a model patched for training or wrapped
+    by peft: only its blocks are hooked."""
     if kept is None:
         yield
         return
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
-    with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches)):
+    with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse):
         yield
 
 
-def inference_flops(vit: nn.Module, kept: Sequence[int] | None) -> float:
+def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False) -> float:
     """Counted FLOPs (``torch.utils.flop_counter``, 2 per multiply-add) of one image's forward."""
     from .torch_backend.flops import counter
 
@@ -115,7 +120,7 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None) -> float:
     was_training = vit.training
     vit.eval()
     try:
-        with torch.no_grad(), token_schedule(vit, kept), counter() as fc:
+        with torch.no_grad(), token_schedule(vit, kept, fuse), counter() as fc:
             vit(x)
     finally:
         vit.train(was_training)

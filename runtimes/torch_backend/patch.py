@@ -35,6 +35,7 @@ class StepControl:
     tokens_in: list[int] = field(default_factory=list)
     scores: list[Tensor | None] = field(default_factory=list)
     eager: bool = False  # run the upstream forward uncompiled (FLOP counting sees every op)
+    fuse: bool = False  # fuse the dropped tokens into the last kept slot (EViT), where 2+ are kept
 
 
 class _AlastBlockMixin:
@@ -66,7 +67,7 @@ class _AlastBlockMixin:
             attn = self.attn
             ctl.scores[i] = scores = cls_attention_scores(
                 qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
-            out = select_tokens(out, scores, int(keep), self._alast_prefix)
+            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse and int(keep) >= 2)
         return out
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:

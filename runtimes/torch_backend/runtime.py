@@ -119,7 +119,7 @@ class TorchRuntime:
                  precision: str = "fp32", count_flops: str = "every", lora: dict[str, Any] | None = None,
                  comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
                  freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
-                 sync_free: str | bool = "auto") -> None:
+                 sync_free: str | bool = "auto", fuse_tokens: bool = False) -> None:
         self.device = resolve_device(device)
         self.observe_lag = resolve_observe_lag(sync_free, self.device)
         self.compile = compile
@@ -144,6 +144,7 @@ class TorchRuntime:
         self.model = model.to(self.device)
         self.timm_model = _timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
+        self.patch.control.fuse = bool(fuse_tokens)
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
         if freeze_embeddings:
@@ -337,7 +338,7 @@ class TorchRuntime:
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
             images, labels = images.to(self.device), labels.to(self.device)
-            with self._autocast(), token_schedule(self.timm_model, kept):
+            with self._autocast(), token_schedule(self.timm_model, kept, self.patch.control.fuse):
                 logits = self.model(images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
@@ -382,4 +383,5 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
         lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
+        fuse_tokens=cfg.policy.fuse_tokens,
     )

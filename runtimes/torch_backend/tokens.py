@@ -51,18 +51,31 @@ class _TakeTokens(torch.autograd.Function):
         return grad.new_zeros(ctx.input_shape).scatter_(1, index, grad), None  # indices are distinct
 
 
-def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int) -> Tensor:
+def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int, fuse: bool = False) -> Tensor:
     """Keep the prefix tokens and the ``keep`` patch tokens with the highest scores.
 
     Each sample keeps its own indices (in their original order); the count is shared by the
     batch. Gradients flow to the kept tokens only; the backward keeps the indices, not ``x``.
+
+    With ``fuse`` (EViT's token fusion), the last of the ``keep`` slots holds one token fused from
+    the dropped ones instead: their mean weighted by score. The sequence length (so the cost of
+    the blocks after) is the same; the dropped tokens' content stays in the sequence, and gradients
+    reach them through the fused token. A fused token entering a later selection is ranked like
+    any patch token (dropped again, it is fused again). Needs ``keep >= 2``.
     """
     patch_scores = scores[:, num_prefix:]
-    idx = patch_scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
-    idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    top = keep - 1 if fuse else keep
+    idx = patch_scores.topk(top, dim=-1, sorted=False).indices.sort(dim=-1).values
+    gather_idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     patches = x[:, num_prefix:]
     if torch.onnx.is_in_onnx_export() or not x.requires_grad:
-        kept = torch.gather(patches, 1, idx)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
+        kept = torch.gather(patches, 1, gather_idx)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
     else:
-        kept = _TakeTokens.apply(patches, idx)
-    return torch.cat([x[:, :num_prefix], kept], dim=1)
+        kept = _TakeTokens.apply(patches, gather_idx)
+    parts = [x[:, :num_prefix], kept]
+    if fuse:
+        with torch.no_grad():
+            w = patch_scores.scatter(1, idx, 0.0)  # the dropped tokens' scores; zero where kept
+            w = (w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+        parts.append(torch.bmm(w.unsqueeze(1), patches))  # [B, 1, D]; its backward needs w only
+    return torch.cat(parts, dim=1)

@@ -168,3 +168,42 @@ def test_plan_before_training_names_the_schedule():
     out = json.loads(res.stdout)
     assert out["policies"]["alast"]["eval_kept_tokens"] is None
     assert out["dense_final"] == {"policy": "alast", "frac": 0.35, "top_blocks": 2, "num_blocks": 6}
+
+
+def test_a_fused_run_is_evaluated_and_exported_with_fusion(tmp_path):
+    """policy.fuse_tokens: the schedule fuses at evaluation, in `alast eval` and in the ONNX graph,
+    exactly as the run's own final evaluation did."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import torch
+
+    from alast.export import load_run
+    from runtimes.token_schedule import token_schedule
+
+    run = tmp_path / "fused"
+    summary = _train(run, *TARGET, "--set", "policy.eval_tokens=trained", "--set", "policy.fuse_tokens=true")
+    res = CliRunner().invoke(cli, ["eval", str(run), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["accuracy"] == summary["val_accuracy"]
+    onnx_path = tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(onnx_path), "--json"])
+    assert res.exit_code == 0, res.output
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert meta["alast.fuse_tokens"] == "true"
+    res = CliRunner().invoke(cli, ["eval", str(onnx_path), "--json"])
+    assert abs(json.loads(res.stdout)["accuracy"] - summary["val_accuracy"]) < 1e-9
+
+    loaded = load_run(run)
+    assert loaded.fuse_tokens
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with token_schedule(loaded.model, loaded.kept_tokens, fuse=True):
+            fused = loaded.model(x)
+        with token_schedule(loaded.model, loaded.kept_tokens):
+            plain = loaded.model(x)
+    assert not torch.allclose(fused, plain)
+
+
+def test_the_ort_backend_refuses_token_fusion(tmp_path):
+    res = CliRunner().invoke(cli, [*TRAIN, "--backend", "ort", "--set", "policy.fuse_tokens=true",
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "does not fuse dropped tokens" in res.output

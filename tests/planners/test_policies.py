@@ -87,6 +87,19 @@ def test_alast_last_mode_trains_the_top_blocks_whatever_the_budgets():
     assert p.plan(1, 0).keep_ratios == tuple(p.budgets)  # the budgets still set the tokens
 
 
+def test_alast_last_mode_compares_trained_and_frozen_blocks_apart():
+    """The trained top blocks' CLS changes grow while the frozen ones' stay: the normalized rule does
+    not read that as the frozen blocks losing importance (no budget pushed to a clip bound)."""
+    last = create_planner("alast", 4, k_trained=2, freeze_mode="last")
+    sample = create_planner("alast", 4, k_trained=2, freeze_mode="sample")
+    for step in range(60):
+        grow = 4.0 ** (step / 59)
+        for p in (last, sample):
+            p.observe(Observation(step, step / 60, (1.0, 1.0, grow, 2 * grow)))
+    assert last.budgets == pytest.approx([0.9] * 4)
+    assert sample.budgets[0] < 0.85 < 0.95 < sample.budgets[3]
+
+
 def test_sampling_follows_softmax_weights():
     rng = rules.step_rng(0, 0)
     counts = [0, 0, 0]

@@ -58,6 +58,27 @@ def test_a_growing_share_raises_its_budget_and_lowers_the_others():
     assert len({round(b, 6) for b in last}) > 1  # blocks differ
 
 
+def test_groups_compare_each_block_with_its_own_group_only():
+    """Blocks 0-1 (frozen) keep their level while blocks 2-3 (trained) grow 8x together: over all
+    blocks that would sink the frozen pair and lift the trained pair; within groups nothing moved
+    relative to the group, so every budget stays at b_init. A change inside a group still counts."""
+    deltas = [(1.0, 1.0, 8.0 ** (i / 99), 8.0 ** (i / 99)) for i in range(100)]
+    state = rules.ShareState()
+    for d in deltas:
+        state = rules.normalized_update(state, d, EMA)
+    mixed = rules.normalized_budgets(state, B_INIT, GAIN, B_MIN, B_MAX)
+    assert mixed[0] < B_INIT - 0.1 and mixed[3] == B_MAX  # the trained pair at the clip bound
+    grouped = rules.normalized_budgets(state, B_INIT, GAIN, B_MIN, B_MAX, groups=(0, 0, 1, 1))
+    assert grouped == pytest.approx([B_INIT] * 4)
+    for d in [(1.0, 1.0, 16.0, 8.0)] * 60:  # block 2 doubles against block 3
+        state = rules.normalized_update(state, d, EMA)
+    grouped = rules.normalized_budgets(state, B_INIT, GAIN, B_MIN, B_MAX, groups=(0, 0, 1, 1))
+    assert grouped[2] > B_INIT + 0.04 > B_INIT - 0.04 > grouped[3]
+    assert grouped[:2] == pytest.approx([B_INIT] * 2)
+    with pytest.raises(ValueError, match="3 group labels for 4 blocks"):
+        rules.normalized_budgets(state, B_INIT, GAIN, B_MIN, B_MAX, groups=(0, 0, 1))
+
+
 def test_gain_is_the_budget_gap_per_doubling_of_relative_share():
     """Block 0's share doubles relative to the others': once the EMA has settled, its budget sits
     ``gain`` above theirs (and the mean stays at b_init while nothing clips)."""

@@ -98,6 +98,41 @@ def test_select_tokens_backward_keeps_indices_not_the_block_output():
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
 
 
+def test_select_tokens_fuses_the_dropped_tokens_into_the_last_slot():
+    """EViT's fusion: keep - 1 top tokens, then the score-weighted mean of the dropped ones; the
+    sequence is as long as without fusion, and the dropped tokens get gradient through the fused one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 3, generator=g, requires_grad=True)
+    scores = torch.tensor([[9.0, 0.1, 0.9, 0.2, 0.8, 0.3, 0.5], [9.0, 0.7, 0.1, 0.6, 0.2, 0.05, 0.9]])
+    out = select_tokens(x, scores, 3, num_prefix=1, fuse=True)
+    assert out.shape == (2, 4, 3)
+    torch.testing.assert_close(out[:, :3], select_tokens(x, scores, 2, num_prefix=1))
+    for b, dropped in ((0, [1, 3, 5, 6]), (1, [2, 3, 4, 5])):
+        w = scores[b, dropped] / scores[b, dropped].sum()
+        torch.testing.assert_close(out[b, 3], (w[:, None] * x[b, dropped]).sum(0))
+    out[:, 3].sum().backward()
+    assert torch.allclose(x.grad[0, 1, 0], scores[0, 1] / scores[0, [1, 3, 5, 6]].sum())
+    assert x.grad[0, 2].abs().sum() == 0  # kept tokens reach the loss through their own slot only
+
+
+def test_fused_tokens_cost_what_plain_dropping_costs_plus_the_weighted_sums(tiny_vit, batch):
+    """Same kept counts, so the same block FLOPs (the fused token takes a kept slot); fusion adds
+    one weighted sum over the entering tokens per selecting block: 2 x tokens x dim per image."""
+    from runtimes.torch_backend.flops import counter
+    x, _ = batch
+    patch = AlastPatch(tiny_vit)
+    tiny_vit.train()
+    flops, logits = [], []
+    for fuse in (False, True):
+        patch.control.fuse = fuse
+        with patch.training_forward((10, 6, 3, 2)) as ctl, counter() as fc:
+            logits.append(tiny_vit(x))
+        flops.append(fc.get_total_flops())
+        assert ctl.tokens_in == [16, 10, 6, 3]
+    assert flops[1] - flops[0] == 2 * x.shape[0] * tiny_vit.embed_dim * sum(ctl.tokens_in)
+    assert not torch.allclose(logits[0], logits[1])
+
+
 def test_cls_delta_hand_computed():
     x_in = torch.zeros(2, 3, 2)
     x_out = torch.zeros(2, 3, 2)

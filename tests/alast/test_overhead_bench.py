@@ -1,0 +1,23 @@
+"""benchmarks/overhead.py times today's default at a FLOPs target, sparse and dense steps apart."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_overhead_at_a_target_combines_the_two_phases(tmp_path):
+    spec = importlib.util.spec_from_file_location("overhead", REPO / "benchmarks" / "overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "overhead.json"
+    bench.main(["--model", "alast_demo_vit", "--batch-size", "2", "--rounds", "1", "--device", "cpu",
+                "--target-flops", "0.4", "--steps", "40", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["median_step_s"]) == {"plain", "patched", "full", "alast", "alast_dense"}
+    assert r["dense_final_share"] == 0.35
+    assert r["flops"]["alast"] < r["flops"]["alast_dense"] < r["flops"]["full"] == r["flops"]["plain"]
+    assert abs(r["run_flops_ratio_alast_vs_full"] - 0.4) < 0.4 * 0.03  # the solver's target, counted
+    assert r["run_speedup_alast_vs_full"] > 0 and r["memory_ratio_alast_vs_full"] < 1
