@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from alast.models import create_model  # noqa: E402
 from alast.config import AlastConfig  # noqa: E402
+from alast.models import create_model  # noqa: E402
 from alast.planning.plan import solve_target  # noqa: E402
 from alast.training.build import build_planner  # noqa: E402
 from planners import Observation, create_planner  # noqa: E402
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     progress = {"full": 0.0, "alast": 0.0, "alast_dense": 0.999}
 
     def rt_step(name: str) -> None:
-        planner, rt = planners[name.split("_")[0]], runtimes[name.split("_")[0]]
-        key = name.split("_")[0]
+        key = name.split("_")[0]  # alast_dense: the alast runtime and planner, at the end of a run
+        planner, rt = planners[key], runtimes[key]
         budget = planner.plan(steps[key], progress[name])
         r = rt.train_step(x, y, budget, 1e-4, steps[key])
         steps[key] += 1
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
             times[k].append(time.perf_counter() - t)
     flops = {}
     for k in ("full", "alast", "alast_dense")[:3 if dense_share else 2]:
-        rt, planner = runtimes[k.split("_")[0]], planners[k.split("_")[0]]
-        rt.count_flops = "every"
-        budget = planner.plan(steps[k.split("_")[0]], progress[k])
-        flops[k] = rt.train_step(x, y, budget, 1e-4, steps[k.split("_")[0]]).train_flops
+        key = k.split("_")[0]
+        runtimes[key].count_flops = "every"
+        budget = planners[key].plan(steps[key], progress[k])
+        flops[k] = runtimes[key].train_step(x, y, budget, 1e-4, steps[key]).train_flops
     with counter() as c:
         plain_step()
     flops["plain"] = c.get_total_flops()
