@@ -208,6 +208,10 @@ class AlastPlanner:
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
         self.shares = rules.ShareState()
+        # With freeze_mode 'last' the trained top blocks' CLS changes grow as they train while the
+        # frozen ones' cannot: the normalized rule compares each block with its own kind only.
+        self.share_groups = (tuple(int(i >= num_blocks - self.k_trained) for i in range(num_blocks))
+                             if freeze_mode == "last" else None)
 
     def plan(self, step: int, progress: float) -> Budget:
         if self.freeze_mode == "topk":
@@ -243,15 +247,8 @@ class AlastPlanner:
             self.shares = rules.normalized_update(self.shares, deltas, self.ema)
             if self.shares.count:
                 self.budgets = rules.normalized_budgets(self.shares, self.b_init, self.gain, self.b_min, self.b_max,
-                                                        self._share_groups())
+                                                        self.share_groups)
         self.prev_deltas = deltas
-
-    def _share_groups(self) -> tuple[int, ...] | None:
-        """With ``freeze_mode='last'`` the trained top blocks' CLS changes grow as they train while the
-        frozen ones' do not: the rule compares each block with its own kind only."""
-        if self.freeze_mode != "last":
-            return None
-        return tuple(int(i >= self.num_blocks - self.k_trained) for i in range(self.num_blocks))
 
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),

@@ -80,7 +80,7 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
                 deltas.append(cls_delta(inputs[0], out))
             if keep is None or keep[i] is None:
                 return out
-            return select_tokens(out, scores.pop(i), keep[i], prefix, fuse=fuse and keep[i] >= 2)
+            return select_tokens(out, scores.pop(i), keep[i], prefix, fuse=fuse)
         return hook
 
     try:

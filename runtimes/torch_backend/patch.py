@@ -67,7 +67,7 @@ class _AlastBlockMixin:
             attn = self.attn
             ctl.scores[i] = scores = cls_attention_scores(
                 qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
-            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse and int(keep) >= 2)
+            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse)
         return out
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:

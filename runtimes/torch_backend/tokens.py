@@ -61,8 +61,10 @@ def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int
     the dropped ones instead: their mean weighted by score. The sequence length (so the cost of
     the blocks after) is the same; the dropped tokens' content stays in the sequence, and gradients
     reach them through the fused token. A fused token entering a later selection is ranked like
-    any patch token (dropped again, it is fused again). Needs ``keep >= 2``.
+    any patch token (dropped again, it is fused again). With ``keep < 2`` there is no slot to
+    spare, and the tokens are only selected.
     """
+    fuse = fuse and int(keep) >= 2
     patch_scores = scores[:, num_prefix:]
     top = keep - 1 if fuse else keep
     idx = patch_scores.topk(top, dim=-1, sorted=False).indices.sort(dim=-1).values
