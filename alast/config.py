@@ -78,9 +78,9 @@ class PolicyConfig(_Section):
     fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
                               "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
     freeze_embeddings: bool | None = Field(
-        None, description="beyond the paper: keep the patch embedding, class token and position embedding "
-        "frozen, so blocks below the lowest trained block need no backward pass at all; default: frozen for "
-        "alast with freeze_mode 'last', trained otherwise")
+        None, description="beyond the paper: keep everything that feeds block 0 (patch embedding, class, register "
+        "and distillation tokens, position embedding, pre-norm) frozen, so blocks below the lowest trained block "
+        "need no backward pass at all; default: frozen for alast with freeze_mode 'last', trained otherwise")
     eval_tokens: Literal["auto", "trained", "all"] = Field(
         "auto", description="how a model trained with token dropping is evaluated and exported: 'trained' on its "
         "token schedule (after each block, as many tokens as the final 10% of training steps kept: the model runs "

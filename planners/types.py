@@ -21,9 +21,9 @@ class Budget:
         1 keeps exact counts. The runtime must round the same way (``check_budget`` refuses otherwise).
     budgets: the planner's raw per-block budgets (ALaST's b_l), for logging; equal to keep_ratios
         for the static policies.
-    train_embeddings: whether the patch embedding, class token and position embedding are trained
-        this step (where the run trains them at all). False: the backward stops at the lowest
-        trained block.
+    train_embeddings: whether the embeddings (every parameter that feeds block 0: patch embedding,
+        class/register/distillation tokens, position embedding, pre-norm) are trained this step
+        (where the run trains them at all). False: the backward stops at the lowest trained block.
     """
 
     keep_ratios: tuple[float, ...]

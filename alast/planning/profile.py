@@ -26,6 +26,8 @@ from torch import nn
 from alast.models import SHIPPED_MODELS, create_model
 from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
 from runtimes.torch_backend.flops import counter
+from runtimes.torch_backend.patch import check_patchable
+from runtimes.torch_backend.runtime import embedding_parameters
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens
 
 _NOT_MATMUL = ("norm", "upsample", "pool", "grid_sampler")
@@ -273,10 +275,6 @@ def _timm(model: nn.Module) -> nn.Module:
     return base.model if base is not None and hasattr(base, "model") else model
 
 
-def _head_modules(vit: nn.Module) -> list[nn.Module]:
-    return [m for m in (getattr(vit, k, None) for k in ("norm", "attn_pool", "fc_norm", "head")) if isinstance(m, nn.Module)]
-
-
 def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str, Any] | None = None,
                   device: str = "cpu") -> CostModel:
     """Cost model of an instantiated timm ViT (possibly wrapped by peft LoRA), trained on ``device``."""
@@ -301,9 +299,9 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
         errs.append(err)
     in_blocks = {id(p) for p in vit.blocks.parameters()}
-    head_params = [p for m in _head_modules(vit) for p in m.parameters()]
-    in_head = {id(p) for p in head_params}
-    embed_params = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in in_head]
+    embed_params = embedding_parameters(vit)  # what the runtimes freeze with the embeddings
+    in_embed = {id(p) for p in embed_params}
+    head_params = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in in_embed]
     img = torch.randn(1, 3, img_size, img_size)
     embed_fn = lambda x: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # noqa: E731
     embed, e1 = _segment(embed_fn, vit, embed_params, [img], None, with_input_grad=False)
@@ -344,6 +342,7 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
         lora["targets"] = list(lora["targets"])
     torch.manual_seed(0)
     model = create_model(name, num_classes, pretrained=False, img_size=img_size)  # costs need no weights
+    check_patchable(model)  # a model ALaST cannot drive is refused before profiling trips over it
     if lora is not None:
         from runtimes.torch_backend.runtime import apply_lora
 

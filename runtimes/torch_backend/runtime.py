@@ -67,14 +67,26 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
-    """The patch embedding, class/register tokens and position embedding of a timm ViT: what feeds
-    block 0. With them frozen, autograd stops at the lowest trained block."""
-    params = list(vit.patch_embed.parameters())
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        p = getattr(vit, name, None)
-        if isinstance(p, nn.Parameter):
-            params.append(p)
-    return params
+    """Every parameter outside the blocks that feeds block 0 of a timm ViT: the patch embedding, the
+    class, register and distillation tokens, the position embedding, a pre-norm. With them frozen,
+    autograd stops at the lowest trained block. Found by autograd on one blank image, so a model
+    with a stem parameter of its own is covered too."""
+    in_blocks = {id(p) for p in vit.blocks.parameters()}
+    outside = [p for p in vit.parameters() if id(p) not in in_blocks]
+    flags = [p.requires_grad for p in outside]
+    ref = next(vit.parameters())
+    in_chans = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
+    try:
+        for p in outside:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+            grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
+    finally:
+        for p, flag in zip(outside, flags):
+            p.requires_grad_(flag)
+    return [p for p, g in zip(outside, grads) if g is not None]
 
 
 def _compile_seconds() -> float:

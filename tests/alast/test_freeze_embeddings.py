@@ -76,3 +76,35 @@ def test_embedding_parameters_cover_what_feeds_block_0():
     names = {n for n, p in vit.named_parameters() if any(p is q for q in embedding_parameters(vit))}
     assert names == {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "reg_token", "pos_embed"}
     assert torch.is_tensor(vit.pos_embed)
+
+
+def _stem_variant(kind: str):
+    """A tiny DeiT with a distillation token, or a tiny ViT with a pre-norm (as CLIP models have)."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0,
+          "num_classes": 5, "qkv_bias": True}
+    torch.manual_seed(0)
+    return VisionTransformerDistilled(**kw) if kind == "distilled" else VisionTransformer(**kw, pre_norm=True)
+
+
+@pytest.mark.parametrize("kind, stem", [
+    ("distilled", {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "dist_token", "pos_embed"}),
+    ("pre_norm", {"patch_embed.proj.weight", "cls_token", "pos_embed", "norm_pre.weight", "norm_pre.bias"}),
+])
+def test_every_parameter_before_block_0_is_frozen_and_the_plan_counts_the_step(kind, stem, batch):
+    """A stem parameter left trainable would send the backward through every block, so a run would
+    miss its FLOPs target; the cost model and the runtimes share one definition of the stem."""
+    from alast.planning.profile import profile_model
+    from planners.simulate import StepShape, step_cost
+
+    vit = _stem_variant(kind)
+    names = {n for n, p in vit.named_parameters() if any(p is q for q in embedding_parameters(vit))}
+    assert names == stem
+    cm = profile_model(_stem_variant(kind), kind, img_size=32)
+    rt = TorchRuntime(_stem_variant(kind), lr=1e-3, weight_decay=0.0, grad_clip=None, freeze_embeddings=True)
+    top = (False, False, False, True)
+    res = rt.train_step(*batch, Budget((1.0,) * 4, top), 1e-3, 0)
+    predicted = step_cost(cm, StepShape((16,) * 4, (16,) * 4, top, embed_trained=False), batch[0].shape[0])
+    assert res.train_flops == pytest.approx(predicted.train_flops, rel=1e-6)

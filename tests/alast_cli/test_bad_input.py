@@ -74,6 +74,8 @@ CASES = [
     ("malformed --set, no section", ["train", "--set", "steps=3"], 2, ["malformed --set"]),
     ("malformed --set, bad yaml", ["train", "--set", "train.steps=[1"], 2, ["malformed --set"]),
     ("unknown model", ["train", "--model", "vit_nonexistent_9000", "--steps", "1", *FAST], 2, ["unknown model"]),
+    ("model ALaST cannot drive", ["plan", "--model", "vit_relpos_small_patch16_224", "--set", "model.img_size=32",
+                                  "--target-flops", "0.5"], 2, ["VisionTransformerRelPos is not a timm VisionTransformer"]),
     ("unknown policy", ["train", "--policy", "yolo", "--steps", "1", *FAST, "--out", "{dir}/run"], 2,
      ["unknown policy 'yolo'"]),
     ("unknown data spec", ["train", "--data", "mnist", "--steps", "1", *FAST], 2, ["unknown data spec"]),
