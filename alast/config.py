@@ -59,7 +59,8 @@ class PolicyConfig(_Section):
     b_init: float = Field(0.9, gt=0.0, le=1.0)
     b_min: float = Field(0.5, gt=0.0, le=1.0)
     b_max: float = Field(1.0, gt=0.0, le=1.0)
-    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default round(0.75 L), 9 of 12")
+    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default 9 of 12: "
+                                     "round(0.75 L), halves rounded down with freeze_mode 'last' (4 of 6)")
     freeze_mode: Literal["sample", "topk", "last"] = Field(
         "last", description="alast: which blocks train each step: 'last', the top k_trained blocks (beyond the "
         "paper: with the embeddings frozen the backward stops below them, and the budgets set the tokens); "

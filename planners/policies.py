@@ -21,8 +21,8 @@ def _check_multiple(token_multiple: int) -> int:
     return int(token_multiple)
 
 
-def _check_k(k: int | None, num_blocks: int) -> int:
-    k = rules.default_k_trained(num_blocks) if k is None else int(k)
+def _check_k(k: int | None, num_blocks: int, freeze_mode: str = "sample") -> int:
+    k = rules.default_k_trained(num_blocks, freeze_mode) if k is None else int(k)
     if not 1 <= k <= num_blocks:
         raise PlannerError(f"k_trained must be between 1 and {num_blocks} (the model depth), got {k}")
     return k
@@ -121,10 +121,11 @@ class AlastPlanner:
 
     Budgets start at ``b_init``, live in ``[b_min, b_max]`` and follow *changes* in each block's
     CLS delta. Each step the budget is also the block's token keep ratio, and ``k_trained`` blocks
-    (default ``round(0.75 L)``, 9 of 12) are trained: sampled without replacement from
-    ``softmax(b)`` (``freeze_mode='sample'``, the paper), the ``k_trained`` largest (``'topk'``),
-    or (beyond the paper) always the top ``k_trained`` blocks (``'last'``): with the embeddings
-    frozen, the backward then stops below them, and the budgets spend the savings on tokens.
+    (default 9 of 12, :func:`planners.rules.default_k_trained`) are trained: sampled without
+    replacement from ``softmax(b)`` (``freeze_mode='sample'``, the paper), the ``k_trained``
+    largest (``'topk'``), or (beyond the paper) always the top ``k_trained`` blocks (``'last'``):
+    with the embeddings frozen, the backward then stops below them, and the budgets spend the
+    savings on tokens.
 
     ``rule='normalized'`` (default, scale-free): each step's deltas become shares of their mean
     over blocks, smoothed by an EMA (``ema``: the weight of the past). The first observations set a
@@ -191,7 +192,7 @@ class AlastPlanner:
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
         self.b_init, self.b_min, self.b_max = float(b_init), float(b_min), float(b_max)
-        self.k_trained = _check_k(k_trained, num_blocks)
+        self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
         self.freeze_mode = freeze_mode
         self.delta_reduction = delta_reduction
         self.min_tokens = int(min_tokens)

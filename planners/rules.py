@@ -188,8 +188,12 @@ def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None
     return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
 
 
-def default_k_trained(num_blocks: int) -> int:
-    """ALaST trains 9 of 12 blocks; for other depths ``round(0.75 * L)`` (halves round up)."""
+def default_k_trained(num_blocks: int, freeze_mode: str = "sample") -> int:
+    """Blocks trained per step. The paper trains 9 of 12: ``round(0.75 L)``, halves round up. With
+    ``freeze_mode='last'`` the bottom quarter of the blocks stays frozen, halves round up: the same
+    K wherever ``0.75 L`` is whole (9 of 12), one block fewer where it is a half (4 of 6)."""
+    if freeze_mode == "last":
+        return max(1, num_blocks - math.floor(num_blocks / 4 + 0.5))
     return max(1, min(num_blocks, math.floor(0.75 * num_blocks + 0.5)))
 
 

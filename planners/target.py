@@ -149,8 +149,8 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     steps when the dense final phase costs more, so the run's total lands on ``target``."""
     L = cm.num_blocks
     mt = int(options.get("min_tokens", 1))
-    k = int(options.get("k_trained") or default_k_trained(L))
     mode = str(options.get("freeze_mode", "sample"))
+    k = int(options.get("k_trained") or default_k_trained(L, mode))
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
     spare = int(options.get("spare_first") or 0)

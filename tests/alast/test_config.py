@@ -56,7 +56,7 @@ def test_apply_overrides_refuses_value_as_section():
 
 
 @pytest.mark.parametrize("overrides,frozen,k_trained", [
-    ([], True, 5),  # the default: the top 3/4 of the blocks train, the embeddings stay frozen
+    ([], True, 4),  # the default: the top blocks train; the bottom quarter (halves up) and the embeddings stay frozen
     (["policy.freeze_mode=sample"], False, 5),  # the paper: 3/4 of the blocks drawn, embeddings trained
     (["policy.freeze_mode=topk"], False, 5),
     (["policy.freeze_mode=sample", "policy.freeze_embeddings=true"], True, 5),

@@ -131,6 +131,10 @@ def test_random_policy_draws_k_blocks_per_step():
 def test_default_k_trained():
     assert rules.default_k_trained(12) == 9 and rules.default_k_trained(6) == 5
     assert rules.default_k_trained(4) == 3 and rules.default_k_trained(1) == 1
+    # the top blocks: the bottom quarter frozen, halves round up; the same K where 0.75 L is whole
+    assert [rules.default_k_trained(n, "last") for n in (1, 2, 4, 6, 8, 10, 12, 24)] == [1, 1, 3, 4, 6, 7, 9, 18]
+    assert create_planner("alast", 6, freeze_mode="last").k_trained == 4
+    assert create_planner("alast", 6, freeze_mode="sample").k_trained == 5
 
 
 @pytest.mark.parametrize("name,kwargs,fragment", [
