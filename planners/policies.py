@@ -253,7 +253,7 @@ class AlastPlanner:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),
-                 "prev_deltas": list(self.prev_deltas)}
+                 "prev_deltas": list(self.prev_deltas), "k_trained": self.k_trained}
         if self.rule == "normalized":
             state.update(shares=list(self.shares.shares), reference=list(self.shares.reference),
                          observations=self.shares.count)
@@ -270,6 +270,10 @@ class AlastPlanner:
         if saved_rule != self.rule:
             raise PlannerError(f"planner state was saved with rule={saved_rule!r}, this planner has "
                                f"rule={self.rule!r}; resume with rule={saved_rule!r}")
+        saved_k = state.get("k_trained", self.k_trained)  # states from before it was saved: unchecked
+        if saved_k != self.k_trained:
+            raise PlannerError(f"planner state was saved with k_trained={saved_k}, this planner trains "
+                               f"{self.k_trained} blocks; resume with --set policy.k_trained={saved_k}")
         self.budgets = [float(b) for b in state["budgets"]]
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
         if self.rule == "normalized":

@@ -242,6 +242,17 @@ def test_alast_planner_state_round_trip_resumes_exactly():
     assert a.budgets == b.budgets and a.budgets != [0.9] * 6
 
 
+def test_a_state_resumes_only_with_the_k_it_was_saved_with():
+    """The default K may change between versions (4 of 6 since the bottom quarter stays frozen); a run
+    saved with another K is refused with the setting that resumes it, not silently retrained."""
+    state = create_planner("alast", 6, freeze_mode="last", k_trained=5).state_dict()
+    with pytest.raises(PlannerError, match=r"k_trained=5.*--set policy.k_trained=5"):
+        create_planner("alast", 6, freeze_mode="last").load_state_dict(state)
+    create_planner("alast", 6, freeze_mode="last", k_trained=5).load_state_dict(state)
+    del state["k_trained"]  # saved before the key existed: loads unchecked
+    create_planner("alast", 6, freeze_mode="last").load_state_dict(state)
+
+
 def test_state_saved_before_the_normalized_rule_loads_into_the_paper_rule():
     old = {"name": "alast", "budgets": [0.8, 0.95, 1.0, 0.5], "prev_deltas": [1.0, 2.0, 3.0, 4.0]}
     p = create_planner("alast", 4, rule="paper", alpha=0.1)
