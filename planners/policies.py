@@ -273,7 +273,8 @@ class AlastPlanner:
         saved_k = state.get("k_trained", self.k_trained)  # states from before it was saved: unchecked
         if saved_k != self.k_trained:
             raise PlannerError(f"planner state was saved with k_trained={saved_k}, this planner trains "
-                               f"{self.k_trained} blocks; resume with --set policy.k_trained={saved_k}")
+                               f"{self.k_trained} blocks (the default K changed since the run started); "
+                               "resume it with the alast version that started it, or start a new run")
         self.budgets = [float(b) for b in state["budgets"]]
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
         if self.rule == "normalized":
