@@ -39,6 +39,9 @@ from planners.rules import dense_final_share  # noqa: E402
 from runtimes.torch_backend.flops import counter  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 
+# the runtime and planner each timed step uses: alast_dense is the alast run at the end of its steps
+RUNTIME_OF = {"full": "full", "alast": "alast", "alast_dense": "alast"}
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = {"full": 0.0, "alast": 0.0, "alast_dense": 0.999}
 
     def rt_step(name: str) -> None:
-        key = name.split("_")[0]  # alast_dense: the alast runtime and planner, at the end of a run
+        key = RUNTIME_OF[name]
         planner, rt = planners[key], runtimes[key]
         budget = planner.plan(steps[key], progress[name])
         r = rt.train_step(x, y, budget, 1e-4, steps[key])
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             times[k].append(time.perf_counter() - t)
     flops = {}
     for k in ("full", "alast", "alast_dense")[:3 if dense_share else 2]:
-        key = k.split("_")[0]
+        key = RUNTIME_OF[k]
         runtimes[key].count_flops = "every"
         budget = planners[key].plan(steps[key], progress[k])
         flops[k] = runtimes[key].train_step(x, y, budget, 1e-4, steps[key]).train_flops

@@ -159,10 +159,11 @@ class TorchRuntime:
         self.patch.control.fuse = bool(fuse_tokens)
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
+        stem = embedding_parameters(self.timm_model)  # one autograd pass over the stem
         if freeze_embeddings:
-            for p in embedding_parameters(self.timm_model):
+            for p in stem:
                 p.requires_grad_(False)
-        self.embed_params = [p for p in embedding_parameters(self.timm_model) if p.requires_grad]
+        self.embed_params = [p for p in stem if p.requires_grad]
         self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
         in_blocks = {id(p) for ps in self.block_params for p in ps}
         self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
