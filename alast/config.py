@@ -78,6 +78,11 @@ class PolicyConfig(_Section):
                              "(dropping starts after them; under a target the other blocks pay for it)")
     fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
                               "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
+    token_select: Literal["attention", "sample", "random"] = Field(
+        "attention", description="which patch tokens a block keeps in training: 'attention', the highest "
+        "head-averaged CLS attention (the paper); 'sample', drawn without replacement with probability "
+        "proportional to that attention; 'random', a uniform random subset. Evaluation on a token schedule "
+        "always keeps the highest attention")
     freeze_embeddings: bool | None = Field(
         None, description="beyond the paper: keep everything that feeds block 0 (patch embedding, class, register "
         "and distillation tokens, position embedding, pre-norm) frozen, so blocks below the lowest trained block "

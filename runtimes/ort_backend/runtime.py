@@ -308,6 +308,9 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     if cfg.policy.fuse_tokens:
         raise ValueError("the ort backend does not fuse dropped tokens; set policy.fuse_tokens=false or use "
                          "--backend torch")
+    if cfg.policy.token_select != "attention":
+        raise ValueError(f"the ort backend keeps the highest-attention tokens; set policy.token_select=attention "
+                         f"(not {cfg.policy.token_select!r}) or use --backend torch")
     if cfg.backend.precision != "fp32":
         raise ValueError("the ort backend trains in fp32; set backend.precision=fp32 or use --backend torch")
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from .tokens import cls_attention_scores, cls_delta, select_tokens
+from .tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
 
 
 class PatchError(ValueError):
@@ -36,6 +36,7 @@ class StepControl:
     scores: list[Tensor | None] = field(default_factory=list)
     eager: bool = False  # run the upstream forward uncompiled (FLOP counting sees every op)
     fuse: bool = False  # fuse the dropped tokens into the last kept slot (EViT), where 2+ are kept
+    select: str = "attention"  # how kept tokens are chosen: see tokens.ranking_scores
 
 
 class _AlastBlockMixin:
@@ -67,7 +68,8 @@ class _AlastBlockMixin:
             attn = self.attn
             ctl.scores[i] = scores = cls_attention_scores(
                 qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
-            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse)
+            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse,
+                                rank=ranking_scores(scores, ctl.select))
         return out
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:

@@ -17,6 +17,7 @@ from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
+from .tokens import TOKEN_SELECTIONS
 from .pending import DeviceTimer, PendingStep
 
 
@@ -131,7 +132,8 @@ class TorchRuntime:
                  precision: str = "fp32", count_flops: str = "every", lora: dict[str, Any] | None = None,
                  comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
                  freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
-                 sync_free: str | bool = "auto", fuse_tokens: bool = False) -> None:
+                 sync_free: str | bool = "auto", fuse_tokens: bool = False,
+                 token_select: str = "attention") -> None:
         self.device = resolve_device(device)
         self.observe_lag = resolve_observe_lag(sync_free, self.device)
         self.compile = compile
@@ -157,6 +159,9 @@ class TorchRuntime:
         self.timm_model = _timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
         self.patch.control.fuse = bool(fuse_tokens)
+        if token_select not in TOKEN_SELECTIONS:
+            raise ValueError(f"unknown token selection {token_select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+        self.patch.control.select = token_select
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
         stem = embedding_parameters(self.timm_model)  # one autograd pass over the stem
@@ -396,5 +401,5 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
         lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
-        fuse_tokens=cfg.policy.fuse_tokens,
+        fuse_tokens=cfg.policy.fuse_tokens, token_select=cfg.policy.token_select,
     )

@@ -31,6 +31,28 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
         return attn.float().softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
+TOKEN_SELECTIONS = ("attention", "sample", "random")
+
+
+def ranking_scores(scores: Tensor, select: str) -> Tensor:
+    """Scores whose top-k is the kept set, from head-averaged CLS attention ``scores`` ``[B, N]``.
+
+    ``attention``: the attention itself (the paper's top-k). ``sample``: the top-k of the attention's
+    logarithm plus Gumbel noise, a draw of k tokens without replacement with probability proportional
+    to attention (Gumbel-top-k). ``random``: uniform noise, a random subset.
+    """
+    if select == "attention":
+        return scores
+    with torch.no_grad():
+        noise = torch.rand_like(scores)
+        if select == "random":
+            return noise
+        if select == "sample":
+            gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+            return scores.clamp_min(1e-30).log() + gumbel
+    raise ValueError(f"unknown token selection {select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+
+
 class _TakeTokens(torch.autograd.Function):
     """``torch.gather`` along the token axis whose backward keeps only the indices.
 
@@ -51,7 +73,8 @@ class _TakeTokens(torch.autograd.Function):
         return grad.new_zeros(ctx.input_shape).scatter_(1, index, grad), None  # indices are distinct
 
 
-def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int, fuse: bool = False) -> Tensor:
+def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int, fuse: bool = False,
+                  rank: Tensor | None = None) -> Tensor:
     """Keep the prefix tokens and the ``keep`` patch tokens with the highest scores.
 
     Each sample keeps its own indices (in their original order); the count is shared by the
@@ -63,11 +86,14 @@ def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int
     reach them through the fused token. A fused token entering a later selection is ranked like
     any patch token (dropped again, it is fused again). With ``keep < 2`` there is no slot to
     spare, and the tokens are only selected.
+
+    ``rank`` (default: ``scores``) ranks the tokens; ``scores`` weighs the fused token.
     """
     fuse = fuse and int(keep) >= 2
     patch_scores = scores[:, num_prefix:]
+    patch_rank = patch_scores if rank is None else rank[:, num_prefix:]
     top = keep - 1 if fuse else keep
-    idx = patch_scores.topk(top, dim=-1, sorted=False).indices.sort(dim=-1).values
+    idx = patch_rank.topk(top, dim=-1, sorted=False).indices.sort(dim=-1).values
     gather_idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     patches = x[:, num_prefix:]
     if torch.onnx.is_in_onnx_export() or not x.requires_grad:
