@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
 
 
 class ScheduleError(ValueError):
@@ -58,11 +58,14 @@ def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
 
 @contextlib.contextmanager
 def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
-                    deltas: list[Tensor] | None = None, fuse: bool = False) -> Iterator[None]:
+                    deltas: list[Tensor] | None = None, fuse: bool = False, select: str = "attention",
+                    noise: Tensor | None = None) -> Iterator[None]:
     """Within the block, after block ``l`` keep the ``prefix`` tokens plus the top ``keep[l]`` patch
     tokens (``keep[l]`` None, or ``keep`` None: all of them); with ``deltas``, append each block's
     per-sample CLS delta to it. With ``fuse`` (fixed counts only), the last kept slot holds the
-    dropped tokens fused, as in training with ``policy.fuse_tokens``."""
+    dropped tokens fused, as in training with ``policy.fuse_tokens``. ``select`` ranks the tokens as
+    ``policy.token_select`` says; ``noise`` (``[L, B, prefix + patches]`` uniform draws; block ``l``
+    reads the leading columns of ``noise[l]``) supplies its random draws."""
     if fuse and isinstance(keep, Tensor):
         raise ValueError("token fusion needs fixed token counts, not a keep tensor")
     scores: dict[int, Tensor] = {}
@@ -80,7 +83,9 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
                 deltas.append(cls_delta(inputs[0], out))
             if keep is None or keep[i] is None:
                 return out
-            return select_tokens(out, scores.pop(i), keep[i], prefix, fuse=fuse)
+            s = scores.pop(i)
+            draws = None if noise is None else noise[i, :, :s.shape[1]]
+            return select_tokens(out, s, keep[i], prefix, fuse=fuse, rank=ranking_scores(s, select, draws))
         return hook
 
     try:

@@ -12,10 +12,13 @@ that call (:func:`runtimes.token_schedule.selection_hooks`), do the ALaST work:
 planned for this very step, so there is no lag behind the torch backend). Exported with the
 TorchScript exporter at opset 16, the selection becomes TopK + GatherElements with a dynamic K.
 Where ``keep[l]`` equals the current token count the selection is an identity permutation.
+With ``policy.token_select`` ``sample`` or ``random`` the selecting graph takes the uniform draws
+of its selections as one more input, ``noise``, drawn on the host from torch's generator.
 
 Graph interface (names are part of the contract with ``artifacts.py``)::
 
-    inputs:  images [B, 3, H, W] float32, labels [B] int64, keep [L] int64 (selecting graphs only)
+    inputs:  images [B, 3, H, W] float32, labels [B] int64, keep [L] int64 (selecting graphs only),
+             noise [L, B, prefix + patches] float32 (selecting graphs that draw tokens only)
     outputs: loss [] float32 (first: the gradient builder starts there), deltas [L, B] float32
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..torch_backend.runtime import embedding_parameters
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
 INPUTS_SELECT = ("images", "labels", "keep")
 INPUTS_DENSE = ("images", "labels")
+INPUTS_DRAW = (*INPUTS_SELECT, "noise")
 OUTPUTS = ("loss", "deltas")
 
 
@@ -52,18 +56,31 @@ def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float) 
 
 
 class TrainingGraph(nn.Module):
-    """One ALaST training forward: ``(images, labels[, keep]) -> (loss, deltas [L, B])``."""
+    """One ALaST training forward: ``(images, labels[, keep[, noise]]) -> (loss, deltas [L, B])``."""
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, select: bool = True) -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, select: bool = True,
+                 token_select: str = "attention") -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = float(label_smoothing)
         self.select = select
+        self.token_select = token_select
 
-    def forward(self, images: Tensor, labels: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    @property
+    def draws(self) -> bool:
+        """Whether the graph's selections are random draws (fed as the ``noise`` input)."""
+        return self.select and self.token_select != "attention"
+
+    def noise_shape(self, batch_size: int) -> tuple[int, int, int]:
+        m = self.model
+        return len(m.blocks), batch_size, int(m.num_prefix_tokens) + int(m.patch_embed.num_patches)
+
+    def forward(self, images: Tensor, labels: Tensor, keep: Tensor | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         deltas: list[Tensor] = []
         m = self.model
-        with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas):
+        with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
+                             select=self.token_select, noise=noise):
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -79,14 +96,14 @@ def example_keep(num_patches: int, num_blocks: int) -> Tensor:
 
 
 def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: float,
-                          batch_size: int = 2) -> bytes:
+                          batch_size: int = 2, token_select: str = "attention") -> bytes:
     """The serialized ONNX training graph (weights included as named initializers).
 
     TorchScript exporter, opset 16, ``training=TRAINING`` and no constant folding, so every
     parameter stays an initializer named like the timm state dict (prefixed ``model.``).
     Raises :class:`GraphError` when the exporter cannot handle the model.
     """
-    graph = TrainingGraph(model, label_smoothing, select).train()
+    graph = TrainingGraph(model, label_smoothing, select, token_select).train()
     img = model.patch_embed.img_size
     in_chans = model.patch_embed.proj.in_channels
     images = torch.zeros(batch_size, in_chans, img[0], img[1])
@@ -96,7 +113,10 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
     if select:
         args += (example_keep(int(model.patch_embed.num_patches), len(model.blocks)),)
         names = list(INPUTS_SELECT)
-    dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}}
+    if graph.draws:
+        args += (torch.full(graph.noise_shape(batch_size), 0.5),)  # a trace value (leaves the generator alone)
+        names = list(INPUTS_DRAW)
+    dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}, "noise": {1: "batch"}}
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.random.fork_rng():

@@ -37,6 +37,7 @@ from planners.rules import reduce_deltas
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from ..torch_backend.runtime import embedding_parameters
+from ..torch_backend.tokens import TOKEN_SELECTIONS
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
@@ -88,7 +89,8 @@ class OrtRuntime:
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, grad_clip: float | None,
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
-                 freeze_artifacts: str = "auto", freeze_embeddings: bool = False) -> None:
+                 freeze_artifacts: str = "auto", freeze_embeddings: bool = False,
+                 token_select: str = "attention") -> None:
         from ..torch_backend.patch import check_patchable
 
         require_training()
@@ -113,8 +115,10 @@ class OrtRuntime:
                   for i, blk in enumerate(model.blocks)]
         groups.append([_PREFIX + n for n, p in model.named_parameters() if id(p) in stem])
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+        if token_select not in TOKEN_SELECTIONS:
+            raise ValueError(f"unknown token selection {token_select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
         self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
-                       "select": TrainingGraph(model, label_smoothing, select=True)}
+                       "select": TrainingGraph(model, label_smoothing, select=True, token_select=token_select)}
         exporters = {v: (lambda v=v: self._export(v)) for v in self.graphs}
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         live = max_live_sets or max(2, min(8, int(2e9 // max(1, 2 * param_bytes))))
@@ -130,8 +134,9 @@ class OrtRuntime:
         self.cache.bind_dir(run_dir)
 
     def _export(self, variant: str) -> bytes:
-        data = export_training_graph(self.model, select=variant == "select",
-                                     label_smoothing=self.graphs[variant].label_smoothing)
+        graph = self.graphs[variant]
+        data = export_training_graph(self.model, select=graph.select, label_smoothing=graph.label_smoothing,
+                                     token_select=graph.token_select)
         import onnx
 
         inits = {i.name for i in onnx.load_from_string(data).graph.initializer}
@@ -190,6 +195,8 @@ class OrtRuntime:
         feeds = [images.detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
         if select:
             feeds.append(np.asarray(tokens_out, dtype=np.int64))
+            if self.graphs[variant].draws:
+                feeds.append(torch.rand(self.graphs[variant].noise_shape(len(feeds[1]))).numpy())
         ts.module.train()
         ts.module.lazy_reset_grad()
         loss, deltas = ts.module(*feeds)
@@ -308,12 +315,9 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     if cfg.policy.fuse_tokens:
         raise ValueError("the ort backend does not fuse dropped tokens; set policy.fuse_tokens=false or use "
                          "--backend torch")
-    if cfg.policy.token_select != "attention":
-        raise ValueError(f"the ort backend keeps the highest-attention tokens; set policy.token_select=attention "
-                         f"(not {cfg.policy.token_select!r}) or use --backend torch")
     if cfg.backend.precision != "fp32":
         raise ValueError("the ort backend trains in fp32; set backend.precision=fp32 or use --backend torch")
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
-                      freeze_embeddings=cfg.policy.embeddings_frozen)
+                      freeze_embeddings=cfg.policy.embeddings_frozen, token_select=cfg.policy.token_select)

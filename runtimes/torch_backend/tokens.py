@@ -34,17 +34,19 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
 TOKEN_SELECTIONS = ("attention", "sample", "random")
 
 
-def ranking_scores(scores: Tensor, select: str) -> Tensor:
+def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None) -> Tensor:
     """Scores whose top-k is the kept set, from head-averaged CLS attention ``scores`` ``[B, N]``.
 
     ``attention``: the attention itself (the paper's top-k). ``sample``: the top-k of the attention's
     logarithm plus Gumbel noise, a draw of k tokens without replacement with probability proportional
-    to attention (Gumbel-top-k). ``random``: uniform noise, a random subset.
+    to attention (Gumbel-top-k). ``random``: uniform noise, a random subset. ``noise``: the uniform
+    draws in [0, 1) to use, shaped like ``scores`` (an ONNX graph takes them as an input); default:
+    drawn here from torch's generator.
     """
     if select == "attention":
         return scores
     with torch.no_grad():
-        noise = torch.rand_like(scores)
+        noise = torch.rand_like(scores) if noise is None else noise
         if select == "random":
             return noise
         if select == "sample":

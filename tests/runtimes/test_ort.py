@@ -195,6 +195,31 @@ def test_ort_losses_match_torch(case):
     assert losses["torch"][0] != losses["torch"][-1]  # it trained
 
 
+@needs_ort
+@pytest.mark.parametrize("select", ["sample", "random"])
+def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
+    """policy.token_select sample/random on ort: the step's draws come from torch's generator as the
+    graph's ``noise`` input; the eager graph fed the same draws gives the same loss, other draws not."""
+    from runtimes.ort_backend.graph import TrainingGraph
+
+    model = make_tiny_vit()
+    ref = TrainingGraph(copy.deepcopy(model), select=True, token_select=select).train()
+    cfg = build_config({"backend": {"name": "ort", "device": "cpu"},
+                        "policy": {"freeze_embeddings": False, "token_select": select}})
+    rt = create_runtime(cfg, model)
+    (x, y), = data(1)
+    torch.manual_seed(3)
+    res = rt.train_step(x, y, HALF, 1e-3, 0)
+    torch.manual_seed(3)
+    noise = torch.rand(ref.noise_shape(6))
+    keep = torch.tensor(res.kept_tokens)
+    with torch.no_grad():
+        same, _ = ref(x, y, keep, noise)
+        other, _ = ref(x, y, keep, torch.rand(ref.noise_shape(6)))
+    assert res.loss == pytest.approx(same.item(), rel=1e-4)
+    assert abs(other.item() - same.item()) > 1e-5
+
+
 # -- ORT specifics -------------------------------------------------------------------------------
 @needs_ort
 def test_artifact_sets_are_cached_in_memory_and_on_disk(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from runtimes.torch_backend.patch import AlastPatch, PatchError
-from runtimes.torch_backend.tokens import cls_attention_scores, cls_delta, select_tokens
+from runtimes.torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
 from tests.conftest import make_tiny_vit
 
 
@@ -71,6 +71,40 @@ def test_select_tokens_keeps_cls_and_top_scores():
     assert out[:, 0, 0].tolist() == [0.0, 5.0]           # CLS kept
     assert out[0, 1:, 0].tolist() == [2.0, 4.0]          # patches 2 and 4, original order
     assert out[1, 1:, 0].tolist() == [6.0, 8.0]          # per-sample indices
+
+
+def test_ranking_scores_attention_sample_and_random():
+    """'attention' ranks by the scores; 'sample' draws in proportion to them (a token holding all the
+    attention is always kept, one holding none never); 'random' ignores them."""
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0, 0.0]]).expand(400, -1).contiguous()  # CLS, then 5 patches
+    assert torch.equal(ranking_scores(scores, "attention"), scores)
+
+    def kept(select):
+        x = torch.arange(6, dtype=torch.float).reshape(1, 6, 1).expand(400, -1, -1)
+        return select_tokens(x, scores, 2, num_prefix=1, rank=ranking_scores(scores, select))[:, 1:, 0]
+
+    sampled = kept("sample")
+    assert (sampled == 1).any(dim=1).all()  # the token with every bit of attention: always kept
+    assert len({tuple(r) for r in sampled.tolist()}) > 1  # the second slot is drawn
+    uniform = kept("random")
+    assert (uniform == 1).any(dim=1).float().mean() < 0.6  # about 2 in 5: attention plays no part
+    assert set(uniform.flatten().tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    with pytest.raises(ValueError, match="unknown token selection 'best'"):
+        ranking_scores(scores, "best")
+
+
+@pytest.mark.parametrize("select", ["attention", "sample", "random"])
+def test_patched_blocks_select_tokens_as_the_control_says(tiny_vit, batch, select):
+    """Two training forwards of one batch keep the same tokens with attention, and draw anew otherwise."""
+    x, _ = batch
+    patch = AlastPatch(tiny_vit)
+    patch.control.select = select
+    tiny_vit.train()
+    torch.manual_seed(0)
+    with torch.no_grad(), patch.training_forward((8, 4, 2, 2)):
+        first, second = tiny_vit(x), tiny_vit(x)
+    assert torch.equal(first, second) == (select == "attention")
 
 
 def test_select_tokens_backward_keeps_indices_not_the_block_output():
