@@ -78,11 +78,16 @@ class PolicyConfig(_Section):
                              "(dropping starts after them; under a target the other blocks pay for it)")
     fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
                               "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
-    token_select: Literal["attention", "sample", "random"] = Field(
-        "attention", description="which patch tokens a block keeps in training: 'attention', the highest "
-        "head-averaged CLS attention (the paper); 'sample', drawn without replacement with probability "
-        "proportional to that attention; 'random', a uniform random subset. Evaluation on a token schedule "
-        "always keeps the highest attention")
+    token_score: Literal["attention", "contribution"] = Field(
+        "contribution", description="what ranks a block's patch tokens: 'attention', the class token's "
+        "attention to them averaged over heads (the paper); 'contribution', beyond the paper, that attention "
+        "times the norm of the token's value vector, per head: the size of what the token adds to the class "
+        "token")
+    token_select: Literal["top", "sample", "random"] = Field(
+        "sample", description="which patch tokens a block keeps in training: 'top', the highest scores (the "
+        "paper); 'sample', beyond the paper, drawn anew each step without replacement with probability "
+        "proportional to the score; 'random', a uniform random subset. Evaluation on a token schedule keeps "
+        "the highest scores")
     freeze_embeddings: bool | None = Field(
         None, description="beyond the paper: keep everything that feeds block 0 (patch embedding, class, register "
         "and distillation tokens, position embedding, pre-norm) frozen, so blocks below the lowest trained block "
@@ -270,6 +275,27 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     """Read ``path`` (or start from the defaults), apply ``overrides``, validate."""
     data = read_yaml(path) if path is not None else {}
     return build_config(apply_overrides(data, list(overrides or [])))
+
+
+# Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
+# was trained with the value here, and is read back with it (export, evaluation and resume).
+EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention"}}
+
+
+def build_run_config(data: dict[str, Any]) -> AlastConfig:
+    """A config saved by a run (its config.yaml or a checkpoint's copy), validated; keys it lacks
+    take :data:`EARLIER_DEFAULTS`."""
+    data = dict(data)
+    for section, earlier in EARLIER_DEFAULTS.items():
+        values = data.get(section)
+        if values is None or isinstance(values, dict):
+            data[section] = {**earlier, **(values or {})}
+    return build_config(data)
+
+
+def load_run_config(path: Path) -> AlastConfig:
+    """A run's saved ``config.yaml`` (see :func:`build_run_config`)."""
+    return build_run_config(read_yaml(path))
 
 
 def dump_config(cfg: AlastConfig) -> str:

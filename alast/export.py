@@ -49,6 +49,11 @@ class LoadedRun:
         return bool(self.config.policy.fuse_tokens)
 
     @property
+    def token_score(self) -> str:
+        """What scored the tokens in training (its token schedule keeps the highest scores)."""
+        return str(self.config.policy.token_score)
+
+    @property
     def kept_tokens(self) -> tuple[int, ...] | None:
         """The token schedule the run deployed (None: every token)."""
         kept = self.summary.get("eval_kept_tokens")
@@ -75,7 +80,7 @@ class ExportReport:
 # -- runs ----------------------------------------------------------------------------------------
 def load_run(run_dir: Path) -> LoadedRun:
     """The run's config, summary and fine-tuned model (eval mode, CPU), or :class:`ExportError`."""
-    from alast.config import load_config
+    from alast.config import load_run_config
     from alast.training.rundir import CONFIG, FINAL_WEIGHTS, SUMMARY
 
     run_dir = Path(run_dir)
@@ -86,7 +91,7 @@ def load_run(run_dir: Path) -> LoadedRun:
     if not (run_dir / SUMMARY).exists() or not (run_dir / FINAL_WEIGHTS).exists():
         raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); "
                           "finish it with `alast train --resume --out RUN_DIR`")
-    cfg = load_config(run_dir / CONFIG)
+    cfg = load_run_config(run_dir / CONFIG)
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())
         num_classes = int(summary["num_classes"])
@@ -142,6 +147,7 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
         "seed": str(cfg.train.seed),
         "kept_tokens": json.dumps(list(kept) if kept else None),
         "fuse_tokens": json.dumps(bool(kept) and run.fuse_tokens),
+        "token_score": str(run.token_score) if kept else "",
     }
     return {META_PREFIX + k: v for k, v in meta.items()}
 
@@ -156,7 +162,8 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
     kept = None if all_tokens else run.kept_tokens
     atol = float(atol if atol is not None else run.config.export.atol)
     opset = int(opset if opset is not None else run.config.export.opset)
-    model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept, fuse=run.fuse_tokens))
+    model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept, fuse=run.fuse_tokens,
+                                                               score=run.token_score))
     meta = run_metadata(run, kept)
     model.producer_name = "alast"
     model.doc_string = f"{meta[META_PREFIX + 'model']} fine-tuned with alast ({meta[META_PREFIX + 'policy']})"
@@ -172,7 +179,7 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
-        diff = max_logit_diff(tmp, run.model, kept=kept, fuse=run.fuse_tokens)
+        diff = max_logit_diff(tmp, run.model, kept=kept, fuse=run.fuse_tokens, score=run.token_score)
         if not diff <= atol:
             raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "
                                     f"(> atol {atol:g}); no file written")
@@ -273,7 +280,7 @@ def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None 
     from alast.data import eval_batches
 
     val = run_val_data(run, spec, data_dir)
-    with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens):
+    with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens, run.token_score):
         return _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
 
 

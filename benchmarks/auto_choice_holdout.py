@@ -28,7 +28,7 @@ from runtimes.token_schedule import token_schedule  # noqa: E402
 def correct(run, kept) -> torch.Tensor:
     """Per validation image, whether the run's model (on ``kept``, None: every token) is right."""
     out = []
-    with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens):
+    with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens, run.token_score):
         for images, labels in eval_batches(run_val_data(run), run.config.train.eval_batch_size):
             out.append(run.model(images).argmax(-1) == labels)
     return torch.cat(out).float()

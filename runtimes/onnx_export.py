@@ -24,10 +24,10 @@ class ExportError(ValueError):
 
 
 def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,
-                           kept: Sequence[int] | None = None, fuse: bool = False) -> bytes:
+                           kept: Sequence[int] | None = None, fuse: bool = False, score: str = "attention") -> bytes:
     """The serialized eval-mode graph ``images [B,3,H,W] -> logits [B,C]``, on every token or,
     with ``kept``, on the token schedule (:mod:`runtimes.token_schedule`; TopK with fixed sizes;
-    ``fuse``: the dropped tokens fused into the last kept slot).
+    ``fuse``: the dropped tokens fused into the last kept slot; ``score``: the token score).
 
     With ``constant_folding=False`` every parameter stays an initializer under its state-dict
     name (the ORT runtime overrides them with its live buffers).
@@ -38,7 +38,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse):
+        with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
                               do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
@@ -52,7 +52,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
 
 
 def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int = 0,
-                   kept: Sequence[int] | None = None, fuse: bool = False) -> float:
+                   kept: Sequence[int] | None = None, fuse: bool = False, score: str = "attention") -> float:
     """Max |logit difference| between onnxruntime on ``onnx_path`` and ``model`` (on the token
     schedule ``kept``, if given) on a random batch.
 
@@ -63,7 +63,7 @@ def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int 
     img = model.patch_embed.img_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
-    with torch.no_grad(), token_schedule(model, kept, fuse):
+    with torch.no_grad(), token_schedule(model, kept, fuse, score):
         ref = model.eval()(x).float()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])

@@ -58,14 +58,15 @@ def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
 
 @contextlib.contextmanager
 def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
-                    deltas: list[Tensor] | None = None, fuse: bool = False, select: str = "attention",
-                    noise: Tensor | None = None) -> Iterator[None]:
+                    deltas: list[Tensor] | None = None, fuse: bool = False, select: str = "top",
+                    noise: Tensor | None = None, score: str = "attention") -> Iterator[None]:
     """Within the block, after block ``l`` keep the ``prefix`` tokens plus the top ``keep[l]`` patch
     tokens (``keep[l]`` None, or ``keep`` None: all of them); with ``deltas``, append each block's
     per-sample CLS delta to it. With ``fuse`` (fixed counts only), the last kept slot holds the
-    dropped tokens fused, as in training with ``policy.fuse_tokens``. ``select`` ranks the tokens as
-    ``policy.token_select`` says; ``noise`` (``[L, B, prefix + patches]`` uniform draws; block ``l``
-    reads the leading columns of ``noise[l]``) supplies its random draws."""
+    dropped tokens fused, as in training with ``policy.fuse_tokens``. ``score`` and ``select`` score
+    and choose the tokens as ``policy.token_score`` and ``policy.token_select`` say; ``noise``
+    (``[L, B, prefix + patches]`` uniform draws; block ``l`` reads the leading columns of
+    ``noise[l]``) supplies the draws."""
     if fuse and isinstance(keep, Tensor):
         raise ValueError("token fusion needs fixed token counts, not a keep tensor")
     scores: dict[int, Tensor] = {}
@@ -74,7 +75,7 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
     def qkv_hook(i: int, attn: nn.Module):
         def hook(_mod, _inputs, out: Tensor) -> None:
             scores[i] = cls_attention_scores(out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
-                                             attn.k_norm)
+                                             attn.k_norm, score)
         return hook
 
     def block_hook(i: int):
@@ -101,21 +102,24 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
 
 
 @contextlib.contextmanager
-def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False) -> Iterator[None]:
+def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False,
+                   score: str = "attention") -> Iterator[None]:
     """Within the block, forwards of the timm ViT ``vit`` follow the schedule ``kept`` (None: every
-    token), with the dropped tokens fused into the last kept slot if ``fuse`` (a model trained with
-    ``policy.fuse_tokens`` runs as it was trained). Works on a model patched for training or wrapped
-    by peft: only its blocks are hooked."""
+    token), keeping the highest-``score`` tokens (``policy.token_score``), with the dropped tokens
+    fused into the last kept slot if ``fuse`` (a model trained with ``policy.fuse_tokens`` runs as it
+    was trained). Works on a model patched for training or wrapped by peft: only its blocks are
+    hooked."""
     if kept is None:
         yield
         return
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
-    with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse):
+    with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse,
+                         score=score):
         yield
 
 
-def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False) -> float:
+def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False, score: str = "attention") -> float:
     """Counted FLOPs (``torch.utils.flop_counter``, 2 per multiply-add) of one image's forward."""
     from .torch_backend.flops import counter
 
@@ -125,7 +129,7 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fal
     was_training = vit.training
     vit.eval()
     try:
-        with torch.no_grad(), token_schedule(vit, kept, fuse), counter() as fc:
+        with torch.no_grad(), token_schedule(vit, kept, fuse, score), counter() as fc:
             vit(x)
     finally:
         vit.train(was_training)

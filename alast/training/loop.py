@@ -196,7 +196,8 @@ class _Run:
         return {**(scheduled if use else every), "kept_tokens": list(kept) if use else None,
                 "all_tokens": {k: every[k] for k in ("accuracy", "loss")},
                 "schedule": {"kept_tokens": list(kept), "accuracy": scheduled["accuracy"], "loss": scheduled["loss"],
-                             "inference_flops_ratio": inference_flops(vit, kept, self.cfg.policy.fuse_tokens)
+                             "inference_flops_ratio": inference_flops(vit, kept, self.cfg.policy.fuse_tokens,
+                                                                                self.cfg.policy.token_score)
                                                       / inference_flops(vit, None)}}
 
     def restore(self) -> int:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from alast.config import AlastConfig, ConfigError, apply_overrides, build_config, read_yaml
+from alast.config import AlastConfig, ConfigError, apply_overrides, build_config, build_run_config, load_run_config, read_yaml
 from alast.training.rundir import CONFIG as RUN_CONFIG
 from alast.training.rundir import RunDirError
 
@@ -64,7 +64,7 @@ def result_changes(old: AlastConfig | Mapping[str, Any], new: AlastConfig | Mapp
 def _as_dict(cfg: AlastConfig | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(cfg, AlastConfig):
         return cfg.model_dump(mode="json")
-    return build_config(dict(cfg)).model_dump(mode="json")
+    return build_run_config(dict(cfg)).model_dump(mode="json")
 
 
 def _show(value: Any) -> str:
@@ -94,7 +94,7 @@ def saved_config(run_dir: Path) -> AlastConfig:
     if not path.is_file():
         raise RunDirError(f"cannot resume {run_dir}: no {RUN_CONFIG} there (not a run directory, or the run "
                           "never started); start a new run instead")
-    return build_config(read_yaml(path))
+    return load_run_config(path)
 
 
 def resume_config(run_dir: Path, config_path: Path | None, overrides: Sequence[str],

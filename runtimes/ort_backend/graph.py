@@ -59,17 +59,18 @@ class TrainingGraph(nn.Module):
     """One ALaST training forward: ``(images, labels[, keep[, noise]]) -> (loss, deltas [L, B])``."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, select: bool = True,
-                 token_select: str = "attention") -> None:
+                 token_select: str = "top", token_score: str = "attention") -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = float(label_smoothing)
         self.select = select
         self.token_select = token_select
+        self.token_score = token_score
 
     @property
     def draws(self) -> bool:
         """Whether the graph's selections are random draws (fed as the ``noise`` input)."""
-        return self.select and self.token_select != "attention"
+        return self.select and self.token_select != "top"
 
     def noise_shape(self, batch_size: int) -> tuple[int, int, int]:
         m = self.model
@@ -80,7 +81,7 @@ class TrainingGraph(nn.Module):
         deltas: list[Tensor] = []
         m = self.model
         with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
-                             select=self.token_select, noise=noise):
+                             select=self.token_select, noise=noise, score=self.token_score):
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -96,14 +97,14 @@ def example_keep(num_patches: int, num_blocks: int) -> Tensor:
 
 
 def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: float,
-                          batch_size: int = 2, token_select: str = "attention") -> bytes:
+                          batch_size: int = 2, token_select: str = "top", token_score: str = "attention") -> bytes:
     """The serialized ONNX training graph (weights included as named initializers).
 
     TorchScript exporter, opset 16, ``training=TRAINING`` and no constant folding, so every
     parameter stays an initializer named like the timm state dict (prefixed ``model.``).
     Raises :class:`GraphError` when the exporter cannot handle the model.
     """
-    graph = TrainingGraph(model, label_smoothing, select, token_select).train()
+    graph = TrainingGraph(model, label_smoothing, select, token_select, token_score).train()
     img = model.patch_embed.img_size
     in_chans = model.patch_embed.proj.in_channels
     images = torch.zeros(batch_size, in_chans, img[0], img[1])
@@ -203,7 +204,8 @@ class StepFlops:
             x_in = x.clone() if below else x.detach()
             deltas: list[Tensor] = []
             with counter() as fc:
-                with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas):
+                with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
+                                     select=self.graph.token_select, score=self.graph.token_score):
                     out = functional_call(blk, params, (x_in,))
                 wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
                 if wanted:

@@ -37,7 +37,7 @@ from planners.rules import reduce_deltas
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from ..torch_backend.runtime import embedding_parameters
-from ..torch_backend.tokens import TOKEN_SELECTIONS
+from ..torch_backend.tokens import check_token_choice
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
@@ -90,7 +90,7 @@ class OrtRuntime:
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
                  freeze_artifacts: str = "auto", freeze_embeddings: bool = False,
-                 token_select: str = "attention") -> None:
+                 token_select: str = "top", token_score: str = "attention", seed: int = 0) -> None:
         from ..torch_backend.patch import check_patchable
 
         require_training()
@@ -115,10 +115,12 @@ class OrtRuntime:
                   for i, blk in enumerate(model.blocks)]
         groups.append([_PREFIX + n for n, p in model.named_parameters() if id(p) in stem])
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-        if token_select not in TOKEN_SELECTIONS:
-            raise ValueError(f"unknown token selection {token_select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+        check_token_choice(token_select, token_score)
+        self.token_score = token_score
+        self.token_rng = torch.Generator().manual_seed(int(seed))  # the graph's noise input; saved with the state
         self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
-                       "select": TrainingGraph(model, label_smoothing, select=True, token_select=token_select)}
+                       "select": TrainingGraph(model, label_smoothing, select=True, token_select=token_select,
+                                               token_score=token_score)}
         exporters = {v: (lambda v=v: self._export(v)) for v in self.graphs}
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         live = max_live_sets or max(2, min(8, int(2e9 // max(1, 2 * param_bytes))))
@@ -136,7 +138,7 @@ class OrtRuntime:
     def _export(self, variant: str) -> bytes:
         graph = self.graphs[variant]
         data = export_training_graph(self.model, select=graph.select, label_smoothing=graph.label_smoothing,
-                                     token_select=graph.token_select)
+                                     token_select=graph.token_select, token_score=graph.token_score)
         import onnx
 
         inits = {i.name for i in onnx.load_from_string(data).graph.initializer}
@@ -196,7 +198,7 @@ class OrtRuntime:
         if select:
             feeds.append(np.asarray(tokens_out, dtype=np.int64))
             if self.graphs[variant].draws:
-                feeds.append(torch.rand(self.graphs[variant].noise_shape(len(feeds[1]))).numpy())
+                feeds.append(torch.rand(self.graphs[variant].noise_shape(len(feeds[1])), generator=self.token_rng).numpy())
         ts.module.train()
         ts.module.lazy_reset_grad()
         loss, deltas = ts.module(*feeds)
@@ -261,7 +263,8 @@ class OrtRuntime:
         from ..onnx_export import export_inference_bytes
 
         if kept not in self._inference_bytes:
-            self._inference_bytes[kept] = export_inference_bytes(self.model, constant_folding=False, kept=kept)
+            self._inference_bytes[kept] = export_inference_bytes(self.model, constant_folding=False, kept=kept,
+                                                                  score=self.token_score)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.cache.threads or 0
         keep_alive = []
@@ -283,11 +286,13 @@ class OrtRuntime:
         """Plain tensors (the loop torch.saves them): timm weights and torch AdamW state."""
         self.cache.write_stats()
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "token_rng": self.token_rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])  # copies into the live buffers in place
         self.optimizer.load_state_dict(state["optimizer"])
+        if "token_rng" in state:  # absent from checkpoints written before the token draws
+            self.token_rng.set_state(state["token_rng"])
 
     def export_model(self) -> nn.Module:
         """A plain timm model with the trained weights, on the CPU."""
@@ -320,4 +325,5 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
-                      freeze_embeddings=cfg.policy.embeddings_frozen, token_select=cfg.policy.token_select)
+                      freeze_embeddings=cfg.policy.embeddings_frozen, token_select=cfg.policy.token_select,
+                      token_score=cfg.policy.token_score, seed=cfg.train.seed)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
@@ -36,7 +37,9 @@ class StepControl:
     scores: list[Tensor | None] = field(default_factory=list)
     eager: bool = False  # run the upstream forward uncompiled (FLOP counting sees every op)
     fuse: bool = False  # fuse the dropped tokens into the last kept slot (EViT), where 2+ are kept
-    select: str = "attention"  # how kept tokens are chosen: see tokens.ranking_scores
+    select: str = "top"  # how kept tokens are chosen from the scores: see tokens.ranking_scores
+    score: str = "attention"  # what scores the tokens: see tokens.cls_attention_scores
+    generator: torch.Generator | None = None  # the draws of select 'sample' / 'random' (None: torch's default)
 
 
 class _AlastBlockMixin:
@@ -67,9 +70,9 @@ class _AlastBlockMixin:
                 raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
             attn = self.attn
             ctl.scores[i] = scores = cls_attention_scores(
-                qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
+                qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, ctl.score)
             out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse,
-                                rank=ranking_scores(scores, ctl.select))
+                                rank=ranking_scores(scores, ctl.select, generator=ctl.generator))
         return out
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:

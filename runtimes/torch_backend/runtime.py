@@ -17,7 +17,7 @@ from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
-from .tokens import TOKEN_SELECTIONS
+from .tokens import check_token_choice
 from .pending import DeviceTimer, PendingStep
 
 
@@ -133,7 +133,7 @@ class TorchRuntime:
                  comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
                  freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
                  sync_free: str | bool = "auto", fuse_tokens: bool = False,
-                 token_select: str = "attention") -> None:
+                 token_select: str = "top", token_score: str = "attention", seed: int = 0) -> None:
         self.device = resolve_device(device)
         self.observe_lag = resolve_observe_lag(sync_free, self.device)
         self.compile = compile
@@ -159,9 +159,13 @@ class TorchRuntime:
         self.timm_model = _timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
         self.patch.control.fuse = bool(fuse_tokens)
-        if token_select not in TOKEN_SELECTIONS:
-            raise ValueError(f"unknown token selection {token_select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+        check_token_choice(token_select, token_score)
         self.patch.control.select = token_select
+        self.patch.control.score = token_score
+        # token draws from their own generator, saved with the state: a resumed run draws as the original
+        self.token_rng = torch.Generator(device=self.device)
+        self.token_rng.manual_seed(int(seed) + 7919 * int(getattr(comm, "rank", 0)))
+        self.patch.control.generator = self.token_rng
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
         stem = embedding_parameters(self.timm_model)  # one autograd pass over the stem
@@ -356,7 +360,8 @@ class TorchRuntime:
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
             images, labels = images.to(self.device), labels.to(self.device)
-            with self._autocast(), token_schedule(self.timm_model, kept, self.patch.control.fuse):
+            with self._autocast(), token_schedule(self.timm_model, kept, self.patch.control.fuse,
+                                                           self.patch.control.score):
                 logits = self.model(images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
@@ -365,12 +370,14 @@ class TorchRuntime:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "probed_load": list(self._probed_load)}
+                "probed_load": list(self._probed_load), "token_rng": self.token_rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._probed_load = tuple(state.get("probed_load", (0, 0)))
+        if "token_rng" in state:  # absent from checkpoints written before the token draws
+            self.token_rng.set_state(state["token_rng"])
 
     def export_model(self) -> nn.Module:
         """A plain (unpatched, LoRA-merged) timm model with the trained weights, on the CPU."""
@@ -401,5 +408,6 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         device=cfg.backend.device, precision=cfg.backend.precision, count_flops=cfg.backend.count_flops,
         lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
-        fuse_tokens=cfg.policy.fuse_tokens, token_select=cfg.policy.token_select,
+        fuse_tokens=cfg.policy.fuse_tokens, token_select=cfg.policy.token_select, token_score=cfg.policy.token_score,
+        seed=cfg.train.seed,
     )

@@ -1,4 +1,4 @@
-"""Token math for ALaST on tensors: CLS deltas, CLS-attention scores, top-k selection.
+"""Token math for ALaST on tensors: CLS deltas, token scores from the CLS attention, selection.
 
 Pure functions with no model code, shared by the eager backend and the ONNX training graph.
 """
@@ -14,39 +14,56 @@ def cls_delta(x_in: Tensor, x_out: Tensor) -> Tensor:
         return (x_out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1)
 
 
+TOKEN_SCORES = ("attention", "contribution")
+TOKEN_SELECTIONS = ("top", "sample", "random")
+
+
+def check_token_choice(select: str, score: str) -> None:
+    """Refuse (ValueError) a token selection or score this module does not know."""
+    if select not in TOKEN_SELECTIONS:
+        raise ValueError(f"unknown token selection {select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+    if score not in TOKEN_SCORES:
+        raise ValueError(f"unknown token score {score!r}; use one of {', '.join(TOKEN_SCORES)}")
+
+
 def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: float,
-                         q_norm: torch.nn.Module, k_norm: torch.nn.Module) -> Tensor:
-    """Head-averaged attention of the CLS query over all tokens, from the fused qkv projection.
+                         q_norm: torch.nn.Module, k_norm: torch.nn.Module, score: str = "attention") -> Tensor:
+    """Per-token scores from the CLS query's attention, from the fused qkv projection.
 
     ``qkv`` is the output of the attention's qkv linear, ``[B, N, 3 * heads * head_dim]``.
-    Returns ``[B, N]``: row 0 of the softmax attention map averaged over heads.
+    Returns ``[B, N]``, averaged over heads: with ``score="attention"`` row 0 of the softmax
+    attention map (the paper); with ``"contribution"`` that row times the norm of each token's value
+    vector, the size of what the token adds to the class token's update (Kobayashi et al., 2020,
+    "Attention is not only a weight"; Fayyaz et al., 2022, ATS).
     """
+    check_token_choice("top", score)
     with torch.no_grad():
         b, n, _ = qkv.shape
         qkv = qkv.detach().reshape(b, n, 3, num_heads, head_dim)
         q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
         k = k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
         # In the activations' dtype (the product is one row per head); softmax in float32.
-        attn = (q * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-        return attn.float().softmax(dim=-1).mean(dim=1).squeeze(1)
+        attn = ((q * scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).squeeze(2)  # [B, H, N]
+        if score == "contribution":
+            attn = attn * qkv[:, :, 2].float().norm(dim=-1).transpose(1, 2)  # ||v_j|| per head: [B, H, N]
+        return attn.mean(dim=1)
 
 
-TOKEN_SELECTIONS = ("attention", "sample", "random")
+def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Scores whose top-k is the kept set, from non-negative token ``scores`` ``[B, N]``.
 
-
-def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None) -> Tensor:
-    """Scores whose top-k is the kept set, from head-averaged CLS attention ``scores`` ``[B, N]``.
-
-    ``attention``: the attention itself (the paper's top-k). ``sample``: the top-k of the attention's
+    ``top``: the scores themselves (the paper's top-k). ``sample``: the top-k of the scores'
     logarithm plus Gumbel noise, a draw of k tokens without replacement with probability proportional
-    to attention (Gumbel-top-k). ``random``: uniform noise, a random subset. ``noise``: the uniform
+    to the score (Gumbel-top-k). ``random``: uniform noise, a random subset. ``noise``: the uniform
     draws in [0, 1) to use, shaped like ``scores`` (an ONNX graph takes them as an input); default:
-    drawn here from torch's generator.
+    drawn here from ``generator`` (torch's default generator if None).
     """
-    if select == "attention":
+    if select == "top":
         return scores
     with torch.no_grad():
-        noise = torch.rand_like(scores) if noise is None else noise
+        if noise is None:
+            noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         if select == "random":
             return noise
         if select == "sample":

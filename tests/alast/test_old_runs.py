@@ -36,10 +36,31 @@ def test_old_config_loads_with_todays_defaults_for_new_keys():
     cfg = load_config(FIXTURE / "config.yaml")
     assert cfg.train.steps == 4 and cfg.output.checkpoint_every == 2
     assert cfg.policy.rule == "normalized" and cfg.output.tensorboard is False
-    assert saved_config(FIXTURE).model_dump() == cfg.model_dump()
+    assert (cfg.policy.token_select, cfg.policy.token_score) == ("sample", "contribution")
+    # as a run's config, the keys whose default changed since take the values it was trained with
+    saved = saved_config(FIXTURE).model_dump()
+    assert (saved["policy"]["token_select"], saved["policy"]["token_score"]) == ("top", "attention")
+    saved["policy"].update(token_select="sample", token_score="contribution")
+    assert saved == cfg.model_dump()
+
+
+def test_an_old_checkpoints_config_matches_its_run_config_on_resume():
+    """A checkpoint stores the config as written then; resuming compares it with the run's config.yaml
+    read back: neither may gain today's token defaults, or the resume would be refused."""
+    from alast.config import read_yaml
+    from alast.training.resume import result_changes
+
+    old = read_yaml(FIXTURE / "config.yaml")
+    assert "token_select" not in old["policy"]
+    assert result_changes(old, saved_config(FIXTURE)) == []
+    assert result_changes(old, load_config(FIXTURE / "config.yaml")) == [
+        "policy.token_score (attention -> contribution)", "policy.token_select (top -> sample)"]
 
 
 def test_old_run_exports_evaluates_and_replays(old_run, tmp_path):
+    from alast.export import load_run
+
+    assert load_run(old_run).token_score == "attention"  # its schedule, if any, ranks as in its training
     runner = CliRunner()
     out = tmp_path / "old.onnx"
     res = runner.invoke(cli, ["export", str(old_run), "--out", str(out)])

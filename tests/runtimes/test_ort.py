@@ -28,8 +28,10 @@ OPT = dict(lr=1e-3, weight_decay=0.05, grad_clip=1.0)
 
 
 def make_cfg(backend, **train):
-    # the runtime contract with trainable embeddings (alast's default config freezes them)
-    return build_config({"backend": {"name": backend, "device": "cpu"}, "policy": {"freeze_embeddings": False},
+    # the runtime contract with trainable embeddings (alast's default config freezes them) and the
+    # highest-scoring tokens kept, so two runtimes given the same budgets run the same steps
+    return build_config({"backend": {"name": backend, "device": "cpu"},
+                         "policy": {"freeze_embeddings": False, "token_select": "top"},
                          "train": {"lr": OPT["lr"], "weight_decay": OPT["weight_decay"],
                                    "grad_clip": OPT["grad_clip"], **train}})
 
@@ -106,7 +108,7 @@ def test_a_step_that_freezes_the_embeddings_leaves_them_unchanged(backend):
 def test_policy_freeze_embeddings_runs_on_ort_as_on_torch():
     """policy.freeze_embeddings: every step runs on a set with the embeddings frozen; same update and
     counted FLOPs as the torch backend."""
-    cfg = {b: build_config({"backend": {"name": b, "device": "cpu"}, "policy": {"freeze_embeddings": True},
+    cfg = {b: build_config({"backend": {"name": b, "device": "cpu"}, "policy": {"freeze_embeddings": True, "token_select": "top"},
                             "train": {"lr": 1e-3, "weight_decay": 0.05, "grad_clip": 1.0}}) for b in ("torch", "ort")}
     model = make_tiny_vit()
     rts = {b: create_runtime(cfg[b], copy.deepcopy(model)) for b in cfg}
@@ -198,20 +200,19 @@ def test_ort_losses_match_torch(case):
 @needs_ort
 @pytest.mark.parametrize("select", ["sample", "random"])
 def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
-    """policy.token_select sample/random on ort: the step's draws come from torch's generator as the
-    graph's ``noise`` input; the eager graph fed the same draws gives the same loss, other draws not."""
+    """policy.token_select sample/random on ort: the step's draws come from the runtime's generator
+    (seeded by train.seed) as the graph's ``noise`` input; the eager graph fed the same draws gives
+    the same loss, other draws not."""
     from runtimes.ort_backend.graph import TrainingGraph
 
     model = make_tiny_vit()
-    ref = TrainingGraph(copy.deepcopy(model), select=True, token_select=select).train()
-    cfg = build_config({"backend": {"name": "ort", "device": "cpu"},
-                        "policy": {"freeze_embeddings": False, "token_select": select}})
+    ref = TrainingGraph(copy.deepcopy(model), select=True, token_select=select, token_score="contribution").train()
+    cfg = build_config({"backend": {"name": "ort", "device": "cpu"}, "train": {"seed": 3},
+                        "policy": {"freeze_embeddings": False, "token_select": select, "token_score": "contribution"}})
     rt = create_runtime(cfg, model)
     (x, y), = data(1)
-    torch.manual_seed(3)
     res = rt.train_step(x, y, HALF, 1e-3, 0)
-    torch.manual_seed(3)
-    noise = torch.rand(ref.noise_shape(6))
+    noise = torch.rand(ref.noise_shape(6), generator=torch.Generator().manual_seed(3))
     keep = torch.tensor(res.kept_tokens)
     with torch.no_grad():
         same, _ = ref(x, y, keep, noise)
@@ -258,7 +259,8 @@ def test_eviction_keeps_weights_and_optimizer_state():
 
     model = make_tiny_vit()
     roomy = make("ort", copy.deepcopy(model))
-    tight = OrtRuntime(copy.deepcopy(model), device="cpu", max_live_sets=1, freeze_artifacts="exact", **OPT)
+    tight = OrtRuntime(copy.deepcopy(model), device="cpu", max_live_sets=1, freeze_artifacts="exact",
+                       token_score=roomy.token_score, **OPT)
     for s, ((x, y), budget) in enumerate(zip(data(6), _switching_budgets(6))):
         assert roomy.train_step(x, y, budget, 1e-3, s).loss == pytest.approx(
             tight.train_step(x, y, budget, 1e-3, s).loss, rel=1e-6)

@@ -73,12 +73,12 @@ def test_select_tokens_keeps_cls_and_top_scores():
     assert out[1, 1:, 0].tolist() == [6.0, 8.0]          # per-sample indices
 
 
-def test_ranking_scores_attention_sample_and_random():
-    """'attention' ranks by the scores; 'sample' draws in proportion to them (a token holding all the
-    attention is always kept, one holding none never); 'random' ignores them."""
+def test_ranking_scores_top_sample_and_random():
+    """'top' ranks by the scores; 'sample' draws in proportion to them (a token holding the whole
+    score is always kept, one scoring zero never); 'random' ignores them."""
     torch.manual_seed(0)
     scores = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0, 0.0]]).expand(400, -1).contiguous()  # CLS, then 5 patches
-    assert torch.equal(ranking_scores(scores, "attention"), scores)
+    assert torch.equal(ranking_scores(scores, "top"), scores)
 
     def kept(select):
         x = torch.arange(6, dtype=torch.float).reshape(1, 6, 1).expand(400, -1, -1)
@@ -94,9 +94,9 @@ def test_ranking_scores_attention_sample_and_random():
         ranking_scores(scores, "best")
 
 
-@pytest.mark.parametrize("select", ["attention", "sample", "random"])
+@pytest.mark.parametrize("select", ["top", "sample", "random"])
 def test_patched_blocks_select_tokens_as_the_control_says(tiny_vit, batch, select):
-    """Two training forwards of one batch keep the same tokens with attention, and draw anew otherwise."""
+    """Two training forwards of one batch keep the same tokens with 'top', and draw anew otherwise."""
     x, _ = batch
     patch = AlastPatch(tiny_vit)
     patch.control.select = select
@@ -104,7 +104,7 @@ def test_patched_blocks_select_tokens_as_the_control_says(tiny_vit, batch, selec
     torch.manual_seed(0)
     with torch.no_grad(), patch.training_forward((8, 4, 2, 2)):
         first, second = tiny_vit(x), tiny_vit(x)
-    assert torch.equal(first, second) == (select == "attention")
+    assert torch.equal(first, second) == (select == "top")
 
 
 def test_select_tokens_backward_keeps_indices_not_the_block_output():
@@ -184,6 +184,13 @@ def test_cls_attention_scores_match_explicit_attention(tiny_vit):
     full = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, H, N, N]
     assert torch.allclose(scores, full[:, :, 0].mean(1), atol=1e-6)
     assert torch.allclose(scores.sum(-1), torch.ones(3))
+    _, _, v = qkv.reshape(3, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)  # [B, H, N, d]
+    contribution = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
+                                        attn.k_norm, "contribution")
+    # per head, the norm of the term token j adds to the class token's attention output, then the mean
+    assert torch.allclose(contribution, (full[:, :, 0].unsqueeze(-1) * v).norm(dim=-1).mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown token score 'gradient'"):
+        cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, "gradient")
 
 
 def test_token_dropping_changes_flops_and_logits(tiny_vit, batch):
