@@ -64,9 +64,10 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
     assert meta["alast.backend"] == backend and "alast.crop_pct" in meta
     run = load_run(runs[backend])
     assert run.kept_tokens and json.loads(meta["alast.kept_tokens"]) == list(run.kept_tokens)
+    assert meta["alast.token_score"] == run.token_score == "contribution"  # today's default ranks the schedule
     x = torch.randn(5, 3, 32, 32)  # a batch size the export never saw: the axis is dynamic
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
-    with torch.no_grad(), token_schedule(run.model, run.kept_tokens):
+    with torch.no_grad(), token_schedule(run.model, run.kept_tokens, score="contribution"):
         assert float((torch.from_numpy(got) - run.model(x)).abs().max()) <= 1e-4
 
 
