@@ -137,7 +137,8 @@ def measure(model_name: str, batch: int, compiled: bool, policy: str, target: fl
     rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device, precision=args.precision,
                       count_flops="off", compile=compiled, token_multiple=multiple, sync_free="on",
                       memory_probe_steps=lambda s: False,
-                      freeze_embeddings=cfg.policy.embeddings_frozen and policy != "alast@1.0")
+                      freeze_embeddings=cfg.policy.embeddings_frozen and policy != "alast@1.0",
+                      token_select=cfg.policy.token_select, token_score=cfg.policy.token_score)
     planner = planner_for(cfg, rt.num_blocks, policy, solved)
     total = args.warmup + args.steps
     img = rt.timm_model.patch_embed.img_size

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         runtimes[name] = TorchRuntime(fresh(), lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device,
                                       precision=args.precision, count_flops="off",
                                       memory_probe_steps=lambda s: False,
-                                      freeze_embeddings=name == "alast" and cfg.policy.embeddings_frozen)
+                                      freeze_embeddings=name == "alast" and cfg.policy.embeddings_frozen,
+                                      token_select=cfg.policy.token_select, token_score=cfg.policy.token_score)
         planners[name] = (create_planner(name, runtimes[name].num_blocks) if name == "full" else
                           build_planner(cfg, runtimes[name].num_blocks, alast_kw))
     steps = {"full": 0, "alast": 0}

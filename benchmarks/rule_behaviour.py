@@ -41,9 +41,10 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
     data = build_data("digits", model_data_config(model_name, img), seed=seed)
     torch.manual_seed(seed)
     model = create_model(model_name, len(data.classes), pretrained=model_name in SHIPPED, img_size=img)
-    frozen = load_config(None, [f"policy.freeze_mode={freeze_mode}"]).policy.embeddings_frozen  # as alast train
+    policy = load_config(None, [f"policy.freeze_mode={freeze_mode}"]).policy  # as alast train
     rt = TorchRuntime(model, lr=lr, weight_decay=0.05, grad_clip=1.0, memory_probe_steps=lambda s: False,
-                      freeze_embeddings=frozen)
+                      freeze_embeddings=policy.embeddings_frozen, token_select=policy.token_select,
+                      token_score=policy.token_score, seed=seed)
     planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode)
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=True)
