@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from alast.config import AlastConfig, ConfigError, apply_overrides, build_config, build_run_config, load_run_config, read_yaml
+from alast.config import (
+    AlastConfig,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    build_run_config,
+    load_run_config,
+    read_yaml,
+)
 from alast.training.rundir import CONFIG as RUN_CONFIG
 from alast.training.rundir import RunDirError
 

@@ -17,8 +17,8 @@ from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
-from .tokens import check_token_choice
 from .pending import DeviceTimer, PendingStep
+from .tokens import check_token_choice
 
 
 def resolve_device(name: str) -> torch.device:
