@@ -116,7 +116,6 @@ class OrtRuntime:
         groups.append([_PREFIX + n for n, p in model.named_parameters() if id(p) in stem])
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
         check_token_choice(token_select, token_score)
-        self.token_score = token_score
         self.token_rng = torch.Generator().manual_seed(int(seed))  # the graph's noise input; saved with the state
         self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
                        "select": TrainingGraph(model, label_smoothing, select=True, token_select=token_select,
@@ -130,6 +129,11 @@ class OrtRuntime:
         self._seen: set[tuple[str, tuple[bool, ...]]] = set()
         self.flops = StepFlops(self.graphs["select"])
         self._inference_bytes: dict[tuple[int, ...] | None, bytes] = {}  # per token schedule
+
+    @property
+    def token_score(self) -> str:
+        """What ranks the tokens (``policy.token_score``), as the selecting graph has it."""
+        return self.graphs["select"].token_score
 
     def bind_run_dir(self, run_dir: Any) -> None:
         """Cache artifact sets under the run directory (reused on resume)."""

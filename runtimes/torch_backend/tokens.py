@@ -18,12 +18,15 @@ TOKEN_SCORES = ("attention", "contribution")
 TOKEN_SELECTIONS = ("top", "sample", "random")
 
 
+def _check_known(what: str, value: str, known: tuple[str, ...]) -> None:
+    if value not in known:
+        raise ValueError(f"unknown token {what} {value!r}; use one of {', '.join(known)}")
+
+
 def check_token_choice(select: str, score: str) -> None:
     """Refuse (ValueError) a token selection or score this module does not know."""
-    if select not in TOKEN_SELECTIONS:
-        raise ValueError(f"unknown token selection {select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
-    if score not in TOKEN_SCORES:
-        raise ValueError(f"unknown token score {score!r}; use one of {', '.join(TOKEN_SCORES)}")
+    _check_known("selection", select, TOKEN_SELECTIONS)
+    _check_known("score", score, TOKEN_SCORES)
 
 
 def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: float,
@@ -36,7 +39,7 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
     vector, the size of what the token adds to the class token's update (Kobayashi et al., 2020,
     "Attention is not only a weight"; Fayyaz et al., 2022, ATS).
     """
-    check_token_choice("top", score)
+    _check_known("score", score, TOKEN_SCORES)
     with torch.no_grad():
         b, n, _ = qkv.shape
         qkv = qkv.detach().reshape(b, n, 3, num_heads, head_dim)
@@ -61,15 +64,14 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     """
     if select == "top":
         return scores
+    _check_known("selection", select, TOKEN_SELECTIONS)
     with torch.no_grad():
         if noise is None:
             noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         if select == "random":
             return noise
-        if select == "sample":
-            gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
-            return scores.clamp_min(1e-30).log() + gumbel
-    raise ValueError(f"unknown token selection {select!r}; use one of {', '.join(TOKEN_SELECTIONS)}")
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))  # select == "sample"
+        return scores.clamp_min(1e-30).log() + gumbel
 
 
 class _TakeTokens(torch.autograd.Function):
