@@ -11,6 +11,11 @@ CLS plus the patch tokens still alive). A transformer block is exactly linear (p
 quadratic (attention) in ``n``, so three coefficients fitted on a few profiled token counts
 reproduce it at every count.
 
+A block that drops tokens after it may select them *inside* (the torch runtime does, for timm's
+standard block): then only the kept tokens are queries and pass the output projection and the MLP,
+and its costs are bilinear in the tokens entering and leaving it, ``c0 + c_in n_in + c_out n_out +
+c_io n_in n_out`` (:class:`DropCost`). A block without a ``DropCost`` runs whole, then drops.
+
 Backward states of a block (what autograd has to compute in it):
   ``weights_and_input`` - the block is trained and something below it needs a gradient;
   ``weights_only``      - the block is trained but nothing below it needs a gradient (LoRA with the
@@ -29,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 COST_MODEL_FORMAT = "alast-cost-model"
-COST_MODEL_VERSION = 1
+COST_MODEL_VERSION = 2  # 2: DropCost (tokens selected inside the block)
 BACKWARD_STATES = ("weights_and_input", "weights_only", "input_only", "none")
 
 Poly = tuple[float, ...]
+Poly2 = tuple[float, float, float, float]  # c0 + c_in * n_in + c_out * n_out + c_io * n_in * n_out
 
 
 class CostModelError(ValueError):
@@ -47,8 +53,33 @@ def poly(coeffs: Poly, n: float) -> float:
     return acc
 
 
+def poly2(coeffs: Poly2, n_in: float, n_out: float) -> float:
+    """``c0 + c_in n_in + c_out n_out + c_io n_in n_out``."""
+    c0, c_in, c_out, c_io = coeffs
+    return c0 + c_in * n_in + c_out * n_out + c_io * n_in * n_out
+
+
 def _poly(value: Any) -> Poly:
     return tuple(float(c) for c in value)
+
+
+def _poly2(value: Any) -> Poly2:
+    c = tuple(float(v) for v in value)
+    if len(c) != 4:
+        raise ValueError(f"a two-variable cost has 4 coefficients, got {len(c)}")
+    return c  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DropCost:
+    """Costs of one block that keeps ``n_out`` of the ``n_in`` tokens entering it (prefix included)
+    and selects them inside (see the module docstring), per sample, as :data:`Poly2`; the token
+    scores and the gathers are included. ``bwd_flops`` and ``act_bytes`` by backward state
+    (``none`` is zero)."""
+
+    fwd_flops: Poly2
+    bwd_flops: dict[str, Poly2]
+    act_bytes: dict[str, Poly2]
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,7 @@ class BlockCost:
     select_act_bytes: float
     select_index_bytes: float
     transient_bytes: dict[str, Poly]
+    drop: DropCost | None = None
 
     def forward_flops(self, n: float) -> float:
         return poly(self.fwd_flops, n)
@@ -95,6 +127,22 @@ class BlockCost:
             return 0.0
         g, c = self.transient_bytes[state]
         return max(g, batch * n * c)
+
+    def dropping(self, state: str, n_in: float, n_out: float) -> tuple[float, float, float, float]:
+        """``(forward, backward, scores, saved bytes)`` per sample when the block keeps ``n_out`` of
+        the ``n_in`` tokens entering it (``n_out < n_in``, prefix included); the forward excludes
+        the scores."""
+        scores = poly(self.select_flops, n_in)
+        if self.drop is None:  # the whole block, then the selection
+            saved = self.saved_bytes(state, n_in)
+            if state != "none":
+                saved += self.select_act_bytes * n_in + self.select_index_bytes * n_out
+            return self.forward_flops(n_in), self.backward_flops(state, n_in), scores, saved
+        d = self.drop
+        if state == "none":
+            return poly2(d.fwd_flops, n_in, n_out) - scores, 0.0, scores, 0.0
+        return (poly2(d.fwd_flops, n_in, n_out) - scores, poly2(d.bwd_flops[state], n_in, n_out), scores,
+                poly2(d.act_bytes[state], n_in, n_out))
 
 
 @dataclass(frozen=True)
@@ -200,6 +248,11 @@ class CostModel:
     def with_time(self, time: TimeModel | None) -> "CostModel":
         return replace(self, time=time)
 
+    def selecting_after_blocks(self) -> "CostModel":
+        """The same model with every block run whole before it drops tokens (no :class:`DropCost`):
+        the ``ort`` backend, and token fusion, which needs the dropped tokens' outputs."""
+        return replace(self, blocks=tuple(replace(b, drop=None) for b in self.blocks))
+
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -208,6 +261,8 @@ class CostModel:
             "macs": "multiply-adds (fvcore convention), per sample",
             "flops": "2 per multiply-add (torch.utils.flop_counter convention), per sample",
             "polynomials": "[c0, c1, c2] = c0 + c1*n + c2*n^2, n = tokens entering the block incl. prefix",
+            "drop": "[c0, c_in, c_out, c_io] = c0 + c_in*n_in + c_out*n_out + c_io*n_in*n_out, tokens entering and "
+                    "leaving a block that selects inside (null: the block runs whole, then drops)",
             "bytes": "bytes; act_bytes per sample (polynomial), transient_bytes [g, c] = max(g, batch*n*c)",
         }
         return d
@@ -250,7 +305,13 @@ def _block(b: dict[str, Any]) -> BlockCost:
         act_bytes={k: _poly(v) for k, v in b["act_bytes"].items()}, select_act_bytes=float(b["select_act_bytes"]),
         select_index_bytes=float(b["select_index_bytes"]),
         transient_bytes={k: _poly(v) for k, v in b["transient_bytes"].items()},
+        drop=_drop(b["drop"]) if b.get("drop") is not None else None,
     )
+
+
+def _drop(d: dict[str, Any]) -> DropCost:
+    return DropCost(fwd_flops=_poly2(d["fwd_flops"]), bwd_flops={k: _poly2(v) for k, v in d["bwd_flops"].items()},
+                    act_bytes={k: _poly2(v) for k, v in d["act_bytes"].items()})
 
 
 def _segment(s: dict[str, Any]) -> SegmentCost:

@@ -10,7 +10,8 @@ Three ways to get the sequence of step shapes (tokens per block, trained blocks)
   * ``trace`` - the tokens and trained blocks a real run logged in ``metrics.jsonl``.
 
 A step's costs follow the runtime exactly: every block runs forward on the tokens entering it; a
-block that drops tokens also computes CLS-attention scores; the backward state of each block
+block that drops tokens also computes CLS-attention scores, and where the cost model says it
+selects them inside (:class:`~planners.costmodel.DropCost`) it costs what its kept tokens cost; the backward state of each block
 depends on whether it is trained and whether anything below it (a trained block, or the trainable
 patch embedding) needs a gradient. No torch.
 """
@@ -98,15 +99,12 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if embed_on else 0)
     for blk, state, n_in, n_out, t in zip(cm.blocks, states, shape.tokens_in, shape.kept_tokens, shape.trained):
         n = p + n_in
-        f = blk.forward_flops(n) * batch
-        b = blk.backward_flops(state, n) * batch
-        a = blk.saved_bytes(state, n) * batch
-        s = 0.0
         if n_out < n_in:
-            s = poly(blk.select_flops, n) * batch
+            f, b, s, a = (v * batch for v in blk.dropping(state, n, p + n_out))
             select_blocks += 1
-            if state != "none":
-                a += batch * (blk.select_act_bytes * n + blk.select_index_bytes * n_out)
+        else:
+            f, b, s = blk.forward_flops(n) * batch, blk.backward_flops(state, n) * batch, 0.0
+            a = blk.saved_bytes(state, n) * batch
         per_block.append((f, b, s))
         acts.append(a)
         fwd += f + s
@@ -344,10 +342,11 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
     total = cm.embed.fwd_flops[0] + (cm.embed.bwd_flops["weights_only"][0] if cm.embed.trainable else 0.0)
     for blk, probs, n_in, n_out in zip(cm.blocks, state_probabilities(L, k, cm.embed.trainable), tin, tout):
         n = p + n_in
-        total += blk.forward_flops(n)
         if n_out < n_in:
-            total += poly(blk.select_flops, n)
-        total += sum(pr * blk.backward_flops(s, n) for s, pr in probs.items() if pr > 0)
+            f, _, sel, _ = blk.dropping("none", n, p + n_out)
+            total += f + sel + sum(pr * blk.dropping(s, n, p + n_out)[1] for s, pr in probs.items() if pr > 0)
+        else:
+            total += blk.forward_flops(n) + sum(pr * blk.backward_flops(s, n) for s, pr in probs.items() if pr > 0)
     n_final = p + tout[-1]
     total += poly(cm.head.fwd_flops, n_final) + poly(cm.head.bwd_flops["weights_and_input"], n_final)
     return total

@@ -101,10 +101,21 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
         plain = plain.with_num_classes(classes)
     plain = _for_device(plain, device)
     if lora is None:
-        return plain, _policy_embeddings(plain, cfg), source
+        return plain, _policy_runtime(plain, cfg), source
     pcm = _for_device(profile(cfg.model.name, img_size=img, num_classes=plain.num_classes, lora=lora, device=device),
                       device)
-    return plain, _policy_embeddings(pcm, cfg), source + "; LoRA variant profiled now"
+    return plain, _policy_runtime(pcm, cfg), source + "; LoRA variant profiled now"
+
+
+def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:
+    """``cm`` as the configured policy and backend run it: the embeddings frozen where the policy
+    freezes them, and every block run whole before it drops tokens on the ``ort`` backend, with
+    token fusion and with ``backend.compile`` (the torch runtime otherwise selects inside timm's
+    standard blocks)."""
+    cm = _policy_embeddings(cm, cfg)
+    if cfg.backend.name == "ort" or cfg.policy.fuse_tokens or cfg.backend.compile:
+        cm = cm.selecting_after_blocks()
+    return cm
 
 
 def _policy_embeddings(cm: CostModel, cfg: AlastConfig) -> CostModel:

@@ -8,7 +8,10 @@ transformer block, ``c0 + c1 n + c2 n^2``:
     CPU fused attention included) in every backward state, so the planner reproduces the runtime's
     counts, and the CLS-attention scores a block computes when it drops tokens;
   * bytes autograd saves for the backward (saved-tensor hooks) and the gradients in flight at the
-    peak of the block's backward (torch's MemTracker).
+    peak of the block's backward (torch's MemTracker);
+  * where the torch runtime selects a block's tokens inside it (timm's standard block), the same
+    counts for that computation at several (entering, kept) token pairs, fitted to its exact form
+    ``c0 + c_in n_in + c_out n_out + c_io n_in n_out``.
 Blocks with identical structure are measured once. The patch embedding and the head are profiled the
 same way. Everything is per sample (batch 1); the planner scales by the batch. ``alast.planning.calibrate.calibrate_time``
 times real training steps of the torch runtime on this machine for the time model.
@@ -24,9 +27,9 @@ import torch
 from torch import nn
 
 from alast.models import SHIPPED_MODELS, create_model
-from planners.costmodel import BlockCost, CostModel, MemoryModel, SegmentCost, fit_error
+from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost, fit_error, poly2
 from runtimes.torch_backend.flops import counter
-from runtimes.torch_backend.patch import check_patchable
+from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.runtime import embedding_parameters
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens
 
@@ -155,7 +158,56 @@ def _block_signature(block: nn.Module) -> tuple:
             getattr(block.attn, "fused_attn", None), getattr(block.attn, "num_heads", None))
 
 
-def profile_block(block: nn.Module, index: int, ns: list[int], dim: int) -> tuple[BlockCost, float]:
+def _fit2(pairs: list[tuple[int, int]], ys: list[float]) -> tuple[tuple[float, float, float, float], float]:
+    """Least-squares ``c0 + c_in n_in + c_out n_out + c_io n_in n_out`` and its worst relative error."""
+    a = np.asarray([(1.0, i, o, i * o) for i, o in pairs])
+    coef = np.linalg.lstsq(a, np.asarray(ys, float), rcond=None)[0]
+    c = tuple(_snap(float(v), max(map(abs, ys)) or 1.0) for v in coef)
+    return c, fit_error(list(ys), [poly2(c, i, o) for i, o in pairs])  # type: ignore[arg-type]
+
+
+def drop_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
+    """(entering, kept) sequence lengths to profile a selecting block at: every kept count of
+    ``ns`` below every entering one, and one token fewer than all."""
+    pairs = {(i, o) for i in ns for o in ns if num_prefix < o < i}
+    pairs |= {(i, num_prefix + 1) for i in ns if i > num_prefix + 1} | {(ns[-1], ns[-1] - 1)}
+    return sorted(pairs)
+
+
+def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[int], dim: int, num_prefix: int
+                     ) -> tuple[DropCost | None, float]:
+    """The block's costs when it selects its tokens inside (None where the runtime cannot: it runs
+    the block whole, then drops), with ``trainable`` its parameters that train; returns them and
+    the worst fit error."""
+    if not selects_in_block(block):
+        return None, 0.0
+    exclude = _param_ids(block)
+    pairs = drop_pairs(ns, num_prefix)
+    meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in _STATES}
+    for n_in, n_out in pairs:
+        for state, (weights, inp) in _STATES.items():
+            _set_grad(trainable, weights)
+            x = torch.randn(1, n_in, dim).requires_grad_(inp)
+            f, b, a = _count(lambda: forward_selecting(block, x, n_out - num_prefix, num_prefix)[0],  # noqa: B023
+                             exclude)
+            for key, v in (("fwd", f), ("bwd", b), ("act", a)):
+                meas[state][key].append(v)
+    _set_grad(trainable, True)
+    errs: list[float] = []
+
+    def fit(ys: list[float]) -> tuple[float, float, float, float]:
+        coef, err = _fit2(pairs, ys)
+        errs.append(err)
+        return coef
+
+    cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
+                    bwd_flops={s: fit(meas[s]["bwd"]) for s in _STATES},
+                    act_bytes={s: fit(meas[s]["act"]) for s in _STATES})
+    return cost, max(errs)
+
+
+def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_prefix: int = 1
+                  ) -> tuple[BlockCost, float]:
     """Measure one block (see the module docstring); returns its costs and worst fit error."""
     trainable = [p for p in block.parameters() if p.requires_grad]
     exclude = _param_ids(block)
@@ -182,6 +234,8 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int) -> tupl
     select = fit([_select_flops(block, n, dim) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
     transient = {s: _transient(block, trainable, s, dim, ns) for s in _STATES}
+    drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix)
+    errs.append(drop_err)
     _set_grad(trainable, True)
     sizes = [p.numel() * p.element_size() for p in trainable]
     cost = BlockCost(
@@ -189,7 +243,7 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int) -> tupl
         trainable_params=sum(p.numel() for p in trainable), trainable_bytes=sum(sizes),
         largest_trainable_bytes=max(sizes, default=0), fwd_macs=fwd_macs, fwd_flops=fwd_flops, bwd_flops=bwd,
         select_flops=select, act_bytes=act, select_act_bytes=sel_act, select_index_bytes=sel_idx,
-        transient_bytes=transient,
+        transient_bytes=transient, drop=drop,
     )
     return cost, max(errs)
 
@@ -294,7 +348,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     for i, blk in enumerate(vit.blocks):
         sig = _block_signature(blk)
         if sig not in cache:
-            cache[sig] = profile_block(blk, i, ns, dim)
+            cache[sig] = profile_block(blk, i, ns, dim, num_prefix)
         cost, err = cache[sig]
         blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
         errs.append(err)

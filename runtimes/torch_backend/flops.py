@@ -43,8 +43,9 @@ def counter() -> fc.FlopCounterMode:
 class StepFlopCache:
     """Counted flops of a training step, assembled from per-block counts cached by shape.
 
-    A block's counted flops depend only on (batch, tokens in, whether it selects tokens, whether
-    it is trained, whether anything below it, a block or the embeddings, is trained); the rest of
+    A block's counted flops depend only on (batch, tokens in, tokens kept (a block that selects
+    inside computes the kept ones only), whether it is trained, whether anything below it, a block
+    or the embeddings, is trained); the rest of
     the model (embedding, head) only on (batch, tokens leaving the last block, whether the
     embeddings are trained). A step whose every piece was counted before is not counted again: it
     can run compiled and with no counter dispatch overhead. A new shape runs eagerly under the
@@ -60,7 +61,7 @@ class StepFlopCache:
 
     @staticmethod
     def keys(batch: int, tokens_in, kept, trained, embeddings: bool) -> tuple[list[tuple], tuple]:
-        blocks = [(batch, n, o < n, bool(t), embeddings or any(trained[:i]))
+        blocks = [(batch, n, o, bool(t), embeddings or any(trained[:i]))
                   for i, (n, o, t) in enumerate(zip(tokens_in, kept, trained))]
         return blocks, (batch, kept[-1], bool(embeddings))
 

@@ -3,19 +3,26 @@
 Each block's class is replaced by a subclass of its own class whose ``forward`` calls
 ``super().forward`` (so LayerScale, drop-path and any upstream change are kept) and then, in
 training mode only, records the block's CLS delta and keeps the top-scoring patch tokens.
-CLS-attention scores come from a forward hook on the block's fused ``qkv`` projection, so the
-upstream attention forward is never copied.
+CLS-attention scores come from a forward hook on the block's fused ``qkv`` projection.
+
+A block that drops tokens after it computes its output for the kept tokens only, where it is
+timm's standard ``Block`` with timm's ``Attention`` (:func:`selects_in_block`): the tokens are
+chosen from the qkv projection, and only the kept tokens are queries and pass the attention's
+output projection and the MLP (:func:`forward_selecting`). The dropped tokens still serve as
+keys and values, so the kept tokens' outputs are those of the whole block, at a fraction of its
+cost. Other block classes compute every token, then drop.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
+from .tokens import cls_attention_scores, cls_delta, kept_indices, ranking_scores, select_tokens, take_tokens
 
 
 class PatchError(ValueError):
@@ -48,9 +55,25 @@ class _AlastBlockMixin:
     _alast_index: int
     _alast_prefix: int
     _alast_control: StepControl
+    _alast_in_block: bool  # see selects_in_block
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # type: ignore[override]
         ctl = self._alast_control
+        i = self._alast_index
+        n_patch = x.shape[1] - self._alast_prefix
+        keep = ctl.keep[i] if self.training and ctl.keep is not None else None
+        dropping = keep is not None and keep < n_patch
+        if dropping and self._alast_in_block and not ctl.fuse and not args and not kwargs:
+            try:
+                out, scores = forward_selecting(
+                    self, x, int(keep), self._alast_prefix, ctl.score,
+                    lambda s: ranking_scores(s, ctl.select, generator=ctl.generator))
+            finally:
+                self.attn.qkv.__dict__.pop("_alast_qkv_out", None)
+            ctl.tokens_in[i] = n_patch
+            ctl.deltas[i] = cls_delta(x, out)
+            ctl.scores[i] = scores
+            return out
         qkv = self.attn.qkv
         try:
             out = self._alast_block_compute(x, *args, **kwargs)
@@ -59,13 +82,10 @@ class _AlastBlockMixin:
             qkv.__dict__.pop("_alast_qkv_out", None)  # never hold the activation past the block
         if not self.training or ctl.keep is None:
             return out
-        i = self._alast_index
-        n_patch = x.shape[1] - self._alast_prefix
-        keep = ctl.keep[i]
         ctl.tokens_in[i] = n_patch
         ctl.deltas[i] = cls_delta(x, out)
         ctl.scores[i] = None
-        if keep is not None and keep < n_patch:
+        if dropping:
             if qkv_out is None:
                 raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
             attn = self.attn
@@ -81,6 +101,51 @@ class _AlastBlockMixin:
         if compiled is not None and self.training and not self._alast_control.eager:
             return compiled(self, x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+
+
+def selects_in_block(block: nn.Module) -> bool:
+    """Whether ``block`` (patched or not) runs timm's own ``Block.forward`` and ``Attention.forward``,
+    the computation :func:`forward_selecting` reproduces for the kept tokens."""
+    from timm.models.vision_transformer import Attention, Block
+
+    base = getattr(block, "_alast_base", type(block))
+    return base.forward is Block.forward and type(getattr(block, "attn", None)).forward is Attention.forward
+
+
+def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, score: str = "attention",
+                      rank: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """timm's ``Block.forward`` on ``x`` ``[B, N, D]`` for the tokens it keeps: the prefix and the
+    ``keep`` patch tokens ranked highest by ``rank(scores)`` (default: the scores), in their order.
+
+    The scores (:func:`cls_attention_scores` of the qkv projection) are known before the attention
+    runs, so only the kept tokens are queries, and the attention's output projection, the
+    residuals and the MLP run on them alone; every token is still a key and a value. The kept
+    tokens' outputs equal those of the whole block (``select_tokens(block(x), ...)``): the dropped
+    tokens' outputs were never read. Returns ``(out [B, num_prefix + keep, D], scores [B, N])``.
+    ``block`` must pass :func:`selects_in_block`.
+    """
+    attn = block.attn
+    b, n, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    h = block.norm1(x)
+    qkv = attn.qkv(h)
+    scores = cls_attention_scores(qkv, heads, head_dim, attn.scale, attn.q_norm, attn.k_norm, score)
+    kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
+    qkv = qkv.reshape(b, n, 3, heads, head_dim)
+    q = attn.q_norm(take_tokens(qkv[:, :, 0], kept).transpose(1, 2))  # [B, H, kept, d]
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+    v = qkv[:, :, 2].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if block.training else 0.0,
+                                       scale=attn.scale)
+    o = o.transpose(1, 2).reshape(b, kept.shape[1], heads * head_dim)
+    if hasattr(attn, "norm"):  # timm's scale_norm (an identity unless set)
+        o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(take_tokens(h, kept)).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    out = take_tokens(x, kept) + block.drop_path1(block.ls1(o))
+    out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+    return out, scores
 
 
 def _qkv_hook(module: nn.Module, _inputs, output: Tensor) -> None:
@@ -117,6 +182,7 @@ class AlastPatch:
             blk._alast_index = i
             blk._alast_prefix = self.num_prefix
             blk._alast_control = self.control
+            blk._alast_in_block = selects_in_block(blk)
             blk.__class__ = _patched_class(type(blk))
             self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
         model._alast_patch = self
@@ -127,7 +193,7 @@ class AlastPatch:
             h.remove()
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
-            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_compiled"):
+            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_in_block", "_alast_compiled"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:
@@ -140,7 +206,9 @@ class AlastPatch:
         Token selection, deltas and scores stay outside the compiled region, so moving budgets do
         not recompile: the token dimension is dynamic (``dynamic=True``) and the blocks share one
         compiled function (dynamo treats each block's parameters as inputs). What remains guarded
-        is whether the block's parameters and input require grad: at most four graphs.
+        is whether the block's parameters and input require grad: at most four graphs. Compiled
+        blocks run whole before they drop tokens (no selection inside; the cost model of a compiled
+        run says so: :meth:`planners.costmodel.CostModel.selecting_after_blocks`).
         """
         import torch
 
@@ -150,6 +218,7 @@ class AlastPatch:
         compiled = torch.compile(base.forward, **{"dynamic": True, **options})
         for blk in self.blocks:
             blk._alast_compiled = compiled
+            blk._alast_in_block = False  # the compiled whole block, then the selection
 
     @contextmanager
     def training_forward(self, keep: tuple[int | None, ...]) -> Iterator[StepControl]:

@@ -78,8 +78,8 @@ class _TakeTokens(torch.autograd.Function):
     """``torch.gather`` along the token axis whose backward keeps only the indices.
 
     ``torch.gather`` saves its whole input for the backward, although the gradient needs only the
-    input's shape: here the block's full output, every entering token, would stay alive until the
-    backward. This keeps the indices alone (``index`` is an expanded view of ``[B, k, 1]``).
+    input's shape: here every entering token would stay alive until the backward. This keeps the
+    indices alone (``index`` is an expanded view of ``[B, k, 1, ...]``).
     """
 
     @staticmethod
@@ -92,6 +92,23 @@ class _TakeTokens(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.input_shape).scatter_(1, index, grad), None  # indices are distinct
+
+
+def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
+    """Sequence positions a selection keeps, ``[B, num_prefix + keep]``: the prefix tokens, then
+    the ``keep`` patch tokens ranked highest by ``rank`` ``[B, N]``, in their original order."""
+    idx = rank[:, num_prefix:].topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values + num_prefix
+    prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], -1)
+    return torch.cat([prefix, idx], dim=1)
+
+
+def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
+    """``x[b, positions[b]]`` along dim 1 of ``x`` ``[B, N, ...]``; its backward keeps only the
+    positions (see :class:`_TakeTokens`)."""
+    index = positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)).expand(-1, -1, *x.shape[2:])
+    if torch.onnx.is_in_onnx_export() or not x.requires_grad:
+        return torch.gather(x, 1, index)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
+    return _TakeTokens.apply(x, index)
 
 
 def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int, fuse: bool = False,

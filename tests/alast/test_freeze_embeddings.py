@@ -64,11 +64,14 @@ def test_ort_trains_with_frozen_embeddings_as_torch_counts_it(tmp_path):
         runs[backend] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["embeddings_trained"] is False for r in runs["ort"])
     t, o = runs["torch"][0], runs["ort"][0]  # the same first budget (later ones follow each run's deltas)
-    assert o["train_flops"] == pytest.approx(t["train_flops"], rel=1e-9)
+    assert o["kept_tokens"] == t["kept_tokens"] and o["kept_tokens"] != o["tokens_in"]
+    # ort runs whole blocks before it drops tokens, torch computes the kept tokens only
+    assert o["train_flops"] > t["train_flops"]
     assert o["loss"] == pytest.approx(t["loss"], rel=1e-3)
-    res = CliRunner().invoke(cli, ["plan", "--trace", str(tmp_path / "ort"), "--json"])
-    assert res.exit_code == 0, res.output
-    assert abs(json.loads(res.output.strip().splitlines()[-1])["trace"]["train_flops_rel_error"]) < 1e-3
+    for backend in ("torch", "ort"):  # each counted as its plan predicts
+        res = CliRunner().invoke(cli, ["plan", "--trace", str(tmp_path / backend), "--json"])
+        assert res.exit_code == 0, res.output
+        assert abs(json.loads(res.output.strip().splitlines()[-1])["trace"]["train_flops_rel_error"]) < 1e-3
 
 
 def test_embedding_parameters_cover_what_feeds_block_0():

@@ -151,15 +151,15 @@ def test_head_scales_with_classes(tiny_cm):
 def test_target_solver_hits_the_target(tiny_cm, policy, target):
     sol = solve_target(tiny_cm, policy, target, {"min_tokens": 1})
     assert sol.predicted_ratio == pytest.approx(target, rel=0.05)
-    lo, hi = sol.ratio_range
-    assert target * 0.95 <= lo <= hi <= target * 1.05
+    lo, hi = sol.ratio_range  # per step: with 16 patches one token of a trained block is ~2% of a step
+    assert target * 0.94 <= lo <= hi <= target * 1.05
     if policy == "alast":
         k = sol.knobs
         assert k["b_min"] <= k["b_init"] <= k["b_max"] <= 1.0 and 1 <= k["k_trained"] <= tiny_cm.num_blocks
 
 
 @pytest.mark.parametrize("policy,target,message", [
-    ("alast", 0.05, "block 0, which always sees all 16 patch tokens"),
+    ("alast", 0.05, r"cheapest setting .* costs 0\.\d+x, \d+% of it in the patch embedding and head"),
     ("tokens", 0.1, "out of reach"),
     ("freeze", 0.5, "input gradient"),
     ("full", 0.5, "no knob"),
@@ -201,3 +201,26 @@ def test_step_cost_matches_the_runtime_count(lora, batch):
         counted = rt.train_step(images, labels, budget, 1e-3, 0).train_flops
         predicted = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), images.shape[0]).train_flops
         assert predicted == pytest.approx(counted, rel=1e-6), (ratios, trained)
+
+
+def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
+    """The torch runtime selects inside timm's blocks: a dropping step costs less than the same step
+    run as whole blocks (the ort backend, token fusion), and exactly the whole block where nothing
+    drops."""
+    from alast.config import AlastConfig
+    from alast.planning.plan import _policy_runtime
+
+    assert all(b.drop is not None for b in tiny_cm.blocks)
+    whole = tiny_cm.selecting_after_blocks()
+    assert all(b.drop is None for b in whole.blocks)
+    drop = StepShape((16, 12, 6, 3), (12, 6, 3, 2), (False, True, True, True))
+    dense = StepShape((16,) * 4, (16,) * 4, (False, True, True, True))
+    assert step_cost(tiny_cm, drop, 8).train_flops < 0.9 * step_cost(whole, drop, 8).train_flops
+    assert step_cost(tiny_cm, dense, 8) == step_cost(whole, dense, 8)
+    blk = whole.blocks[1]
+    f, _, s, _ = blk.dropping("weights_and_input", 13, 7)
+    assert (f, s) == (blk.forward_flops(13), poly(blk.select_flops, 13))
+    for overrides, inside in [({}, True), ({"backend": {"name": "ort"}}, False),
+                              ({"policy": {"fuse_tokens": True}}, False), ({"backend": {"compile": True}}, False)]:
+        cm = _policy_runtime(tiny_cm, AlastConfig.model_validate(overrides))
+        assert all((b.drop is not None) is inside for b in cm.blocks), overrides

@@ -150,12 +150,15 @@ def test_select_tokens_fuses_the_dropped_tokens_into_the_last_slot():
 
 
 def test_fused_tokens_cost_what_plain_dropping_costs_plus_the_weighted_sums(tiny_vit, batch):
-    """Same kept counts, so the same block FLOPs (the fused token takes a kept slot); fusion adds
-    one weighted sum over the entering tokens per selecting block: 2 x tokens x dim per image."""
+    """Same kept counts, so the same block FLOPs as dropping after whole blocks (the fused token takes
+    a kept slot); fusion adds one weighted sum over the entering tokens per selecting block: 2 x
+    tokens x dim per image. Fusion needs the dropped tokens' outputs, so it never selects inside."""
     from runtimes.torch_backend.flops import counter
     x, _ = batch
     patch = AlastPatch(tiny_vit)
     tiny_vit.train()
+    for b in patch.blocks:
+        b._alast_in_block = False  # plain dropping as fusion runs it: whole blocks
     flops, logits = [], []
     for fuse in (False, True):
         patch.control.fuse = fuse
@@ -216,3 +219,59 @@ def test_non_vit_is_refused():
                           global_pool="avg")
     with pytest.raises(PatchError, match="no class token"):
         AlastPatch(m)
+
+
+def _run_dropping(model, patch, x, y, keep):
+    model.zero_grad(set_to_none=True)
+    with patch.training_forward(keep) as ctl:
+        logits = model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    return logits, [d.clone() for d in ctl.deltas], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.grad is not None}
+
+
+@pytest.mark.parametrize("init_values,reg_tokens", [(None, 0), (1e-2, 2)])
+def test_selecting_inside_the_block_equals_the_whole_block_then_selection(init_values, reg_tokens, batch):
+    """Only the kept tokens are queries and pass the MLP; their outputs, the deltas and every
+    gradient are those of the whole block followed by the selection."""
+    from runtimes.torch_backend.flops import counter
+
+    x, y = batch
+    model = make_tiny_vit(init_values=init_values, reg_tokens=reg_tokens)
+    patch = AlastPatch(model)
+    model.train()
+    assert all(b._alast_in_block for b in patch.blocks)
+    keep = (12, None, 5, 2)
+    with counter() as inside:
+        got = _run_dropping(model, patch, x, y, keep)
+    for b in patch.blocks:
+        b._alast_in_block = False  # the whole block, then the selection
+    with counter() as whole:
+        ref = _run_dropping(model, patch, x, y, keep)
+    assert torch.allclose(got[0], ref[0], atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(got[1], ref[1]))
+    assert got[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        assert torch.allclose(got[2][name], ref[2][name], atol=1e-5), name
+    assert inside.get_total_flops() < 0.9 * whole.get_total_flops()
+
+
+def test_blocks_of_another_class_run_whole_then_drop(batch):
+    from timm.models.vision_transformer import Block
+
+    from runtimes.torch_backend.patch import selects_in_block
+
+    class OwnBlock(Block):
+        def forward(self, x, **kwargs):
+            return super().forward(x, **kwargs) * 1.0
+
+    x, _ = batch
+    model = make_tiny_vit()
+    assert selects_in_block(model.blocks[0])
+    model.blocks[1].__class__ = OwnBlock
+    patch = AlastPatch(model)
+    assert [b._alast_in_block for b in patch.blocks] == [True, False, True, True]
+    model.train()
+    with patch.training_forward((12, 6, 3, 2)) as ctl:
+        model(x)
+    assert ctl.tokens_in == [16, 12, 6, 3]
