@@ -248,7 +248,7 @@ class CostModel:
     def with_time(self, time: TimeModel | None) -> "CostModel":
         return replace(self, time=time)
 
-    def selecting_after_blocks(self) -> "CostModel":
+    def selecting_after_blocks(self) -> CostModel:
         """The same model with every block run whole before it drops tokens (no :class:`DropCost`):
         the ``ort`` backend, and token fusion, which needs the dropped tokens' outputs."""
         return replace(self, blocks=tuple(replace(b, drop=None) for b in self.blocks))
