@@ -88,6 +88,12 @@ class PolicyConfig(_Section):
         "paper); 'sample', beyond the paper, drawn anew each step without replacement with probability "
         "proportional to the score; 'random', a uniform random subset. Evaluation on a token schedule keeps "
         "the highest scores")
+    trim_last: bool = Field(
+        True, description="alast, beyond the paper: where the model's head reads only the class token (and the "
+        "other prefix tokens), the last block keeps none of its patch tokens in training (policy.min_tokens of "
+        "them), dense final phase included: their outputs are never read, and the torch backend then computes "
+        "the last block for the kept tokens only. Logits, deltas and gradients are unchanged; under a FLOPs "
+        "target the saving buys tokens in the other blocks")
     freeze_embeddings: bool | None = Field(
         None, description="beyond the paper: keep everything that feeds block 0 (patch embedding, class, register "
         "and distillation tokens, position embedding, pre-norm) frozen, so blocks below the lowest trained block "
@@ -279,7 +285,8 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 # Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
 # was trained with the value here, and is read back with it (export, evaluation and resume).
-EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention"}}
+EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention",
+                                                           "trim_last": False}}
 
 
 def build_run_config(data: dict[str, Any]) -> AlastConfig:

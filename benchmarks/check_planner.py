@@ -97,7 +97,7 @@ def check(args) -> dict:
         device = training_device(cfg)
         plain, pcm, _ = cost_models(cfg)
         overrides, info = solve_target(cfg) if cfg.policy.target_flops else (None, None)
-        options = {**policy_options(cfg), **(overrides or {})}
+        options = {**policy_options(cfg, pcm.head_reads_prefix), **(overrides or {})}
         # calibrate as `alast plan --calibrate` does: standard shapes plus the policy's first step
         t0 = time.perf_counter()
         time_models[policy] = calibrate_time(pcm, cfg.model.name, batch_size=args.batch_size, device=device,
@@ -111,7 +111,7 @@ def check(args) -> dict:
         summary = train(cfg, run_dir, planner_overrides=overrides, plan_info=info)
         records = read_metrics(run_dir / "metrics.jsonl")
         sampled = cpu_memory_sampled if device == "cpu" else None
-        traced = replay(pcm, records, policy=policy, memory_sampled=sampled)
+        traced = replay(pcm, records, policy=policy, memory_sampled=sampled, trim_last=options.get("trim_last", False))
         mem_pred = traced.peak_memory_sampled_bytes if sampled else traced.peak_memory_bytes
         mem_meas = summary["peak_memory_bytes"] if sampled else peak_seen.get("peak", summary["peak_memory_bytes"])
         measured_time = _unprobed_median(records, device)

@@ -224,6 +224,7 @@ class CostModel:
     head: SegmentCost
     memory: MemoryModel
     lora: dict[str, Any] | None = None
+    head_reads_prefix: bool = False  # the head reads only the prefix tokens (class token pooling)
     time: TimeModel | None = None
     token_counts: tuple[int, ...] = ()
     fit_max_rel_error: float = 0.0
@@ -288,6 +289,7 @@ class CostModel:
                 num_prefix_tokens=int(d["num_prefix_tokens"]), num_classes=int(d["num_classes"]),
                 embed_dim=int(d["embed_dim"]), attention=str(d["attention"]), embed=_segment(d["embed"]),
                 blocks=blocks, head=_segment(d["head"]), memory=MemoryModel(**d["memory"]), lora=d.get("lora"),
+                head_reads_prefix=bool(d.get("head_reads_prefix", False)),
                 time=TimeModel(**time) if time else None, token_counts=tuple(d.get("token_counts", ())),
                 fit_max_rel_error=float(d.get("fit_max_rel_error", 0.0)), provenance=dict(d.get("provenance", {})),
                 version=int(d["version"]),

@@ -148,6 +148,12 @@ class AlastPlanner:
     (their CLS attention is least informative); dropping starts after them, and under a target the
     other blocks' shift pays for it.
 
+    ``trim_last`` (beyond the paper, for a model whose head reads only the prefix tokens): the last
+    block's keep ratio is 0 in every step, dense final phase included, so it keeps ``min_tokens``
+    patch tokens whose outputs nothing reads; a runtime that selects inside the block computes it
+    for the kept tokens only. Its budget still follows its delta, and under a target the other
+    blocks' shift spends the saving.
+
     ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
     tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
     ``dense_final_blocks`` says which blocks that phase trains: the top N (``'auto'``: a quarter of
@@ -180,6 +186,7 @@ class AlastPlanner:
         cost_model: CostModel | None = None,
         spare_first: int = 0,
         token_multiple: int = 1,
+        trim_last: bool = False,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
@@ -187,6 +194,7 @@ class AlastPlanner:
             raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
                                f"got {spare_first}")
         self.spare_first = int(spare_first)
+        self.trim_last = bool(trim_last)
         self.token_multiple = _check_multiple(token_multiple)
         self.num_blocks = num_blocks
         self.rule = rule
@@ -224,16 +232,18 @@ class AlastPlanner:
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
         trained = tuple(i in chosen for i in range(self.num_blocks))
         budgets = tuple(self.budgets)
+        L = self.num_blocks
+        last = (0.0,) if self.trim_last else ()  # the head reads none of the last block's patch tokens
         if rules.in_dense_final(progress, self.dense_final_frac):
+            dense = (1.0,) * (L - len(last)) + last
             if self.dense_top is not None:
-                L = self.num_blocks
                 top = tuple(i >= L - self.dense_top for i in range(L))
-                return Budget((1.0,) * L, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
-            ratios = (1.0,) * self.num_blocks
+                return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
+            ratios = dense
         elif self.projection is not None:
-            ratios = self.projection.project(budgets, trained, self.spare_first)
+            ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last)
         else:
-            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:]
+            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
     def observe(self, observation: Observation) -> None:

@@ -67,14 +67,19 @@ class TargetProjection:
             self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1).train_flops / self.full_flops
         return self._cache[key]
 
-    def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0) -> tuple[float, ...]:
+    def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0,
+                trim_last: bool = False) -> tuple[float, ...]:
         """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target; the
-        first ``spare_first`` blocks keep every token whatever the shift."""
+        first ``spare_first`` blocks keep every token whatever the shift, and with ``trim_last`` the
+        last block keeps none (ratio 0: ``min_tokens`` of them)."""
         trained, m = tuple(trained), int(spare_first)
-        rest = tuple(budgets[m:])
+        last = (0.0,) if trim_last else ()
+        rest = tuple(budgets[m:len(budgets) - len(last)])
 
         def ratio(r: tuple[float, ...]) -> float:
-            return self.ratio((1.0,) * m + r, trained)
+            return self.ratio((1.0,) * m + r + last, trained)
 
+        if not rest:
+            return (1.0,) * m + last
         c = common_shift(ratio, rest, self.target, self.floor)
-        return (1.0,) * m + shifted(rest, c, self.floor)
+        return (1.0,) * m + shifted(rest, c, self.floor) + last

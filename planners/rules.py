@@ -179,13 +179,20 @@ def schedule_window(steps: int) -> int:
     return max(1, round(SCHEDULE_WINDOW * steps))
 
 
-def schedule_from_steps(rows: Sequence[Sequence[int]]) -> tuple[int, ...] | None:
+def schedule_from_steps(rows: Sequence[Sequence[int]], unread_last: int | None = None) -> tuple[int, ...] | None:
     """The token schedule of a window of training steps: per block, the mean of the patch tokens
-    that left it, rounded (means and rounding keep the counts non-increasing). None without steps."""
+    that left it, rounded (means and rounding keep the counts non-increasing). None without steps.
+
+    ``unread_last`` (the patch count, where training trimmed the last block because the head reads
+    none of its patch tokens): the last block drops nothing at evaluation, so it keeps what enters it.
+    """
     if not rows:
         return None
     n = len(rows)
-    return tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
+    kept = tuple(max(1, round(sum(int(r[i]) for r in rows) / n)) for i in range(len(rows[0])))
+    if unread_last is not None:
+        kept = kept[:-1] + (kept[-2] if len(kept) > 1 else int(unread_last),)
+    return kept
 
 
 def default_k_trained(num_blocks: int, freeze_mode: str = "sample") -> int:

@@ -184,6 +184,7 @@ class RunAccumulator:
         self.ever = [False] * cm.num_blocks
         self.ever_other = False
         self.kept: list[tuple[int, ...]] = []
+        self.trim_last = False  # the last block's kept count is a trim, not part of the token schedule
         self.sums = {"tokens_in": [0.0] * cm.num_blocks, "trained": [0.0] * cm.num_blocks,
                      "fwd_flops": [0.0] * cm.num_blocks, "bwd_flops": [0.0] * cm.num_blocks,
                      "select_flops": [0.0] * cm.num_blocks}
@@ -221,7 +222,8 @@ class RunAccumulator:
     def result(self, policy: str, method: str, batch_size: int) -> Prediction:
         n = max(self.steps, 1)
         tm = self.cm.time
-        kept = schedule_from_steps(self.kept[-schedule_window(self.steps):])
+        kept = schedule_from_steps(self.kept[-schedule_window(self.steps):],
+                                   self.cm.num_patches if self.trim_last else None)
         if kept is not None and all(k >= self.cm.num_patches for k in kept):
             kept = None
         return Prediction(
@@ -238,10 +240,13 @@ class RunAccumulator:
 
 
 def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: str, method: str,
-               batch_size: int, world_size: int = 1, sampled: Sequence[int] | None = None) -> Prediction:
+               batch_size: int, world_size: int = 1, sampled: Sequence[int] | None = None,
+               trim_last: bool = False) -> Prediction:
     """Fold ``(shape, global batch)`` pairs; memory is per device (batch / world_size). ``sampled``:
-    positions of the steps whose memory a runtime measures (their peak is reported too)."""
+    positions of the steps whose memory a runtime measures (their peak is reported too).
+    ``trim_last``: the steps trimmed the last block (see :func:`planners.rules.schedule_from_steps`)."""
     acc = RunAccumulator(cm, max(1, batch_size // world_size))
+    acc.trim_last = trim_last
     cache: dict[tuple[StepShape, int], StepCost] = {}
     for shape, batch in shapes:
         per_device = max(1, batch // world_size)
@@ -279,11 +284,14 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
     if planner_name != "alast":
         return run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size), policy, "exact",
                           batch_size)
-    pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size), policy, "expected", batch_size)
+    trim = bool(options.get("trim_last"))
+    pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size), policy, "expected", batch_size,
+                      trim_last=trim)
     bounds = []
     for b in (options.get("b_min", 0.5), options.get("b_max", 1.0)):
         held = {**options, "b_init": b, "b_min": b, "b_max": b}
-        bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size), policy, "bound", batch_size))
+        bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size), policy, "bound", batch_size,
+                                 trim_last=trim))
     lo, hi = bounds
     pred.train_flops_range = (lo.train_flops, hi.train_flops)
     pred.peak_memory_range = (lo.peak_memory_bytes, hi.peak_memory_bytes)
@@ -293,7 +301,7 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
 
 
 def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,
-           memory_sampled: Callable[[int], bool] | None = None) -> Prediction:
+           memory_sampled: Callable[[int], bool] | None = None, trim_last: bool = False) -> Prediction:
     """Predict exactly what the logged steps cost (``metrics.jsonl`` records, in step order).
     ``memory_sampled(step)`` says which steps the runtime measured memory on."""
     if not records:
@@ -306,7 +314,7 @@ def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trac
         sampled = [i for i, r in enumerate(records) if r.get("memory_measured")]
     elif memory_sampled is not None:
         sampled = [i for i, r in enumerate(records) if memory_sampled(int(r["step"]))]
-    return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled)
+    return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled, trim_last)
 
 
 # -- expected costs in closed form (for the target solver) ------------------------------------------
@@ -329,14 +337,17 @@ def state_probabilities(num_blocks: int, k: int, embed_trainable: bool) -> list[
 
 
 def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: int = 1,
-                        freeze_mode: str = "sample", spare_first: int = 0, token_multiple: int = 1) -> float:
+                        freeze_mode: str = "sample", spare_first: int = 0, token_multiple: int = 1,
+                        trim_last: bool = False) -> float:
     """Expected train FLOPs of one sample's step: every budget at ``keep_ratio`` (the first
-    ``spare_first`` blocks at 1) and ``k`` blocks trained, drawn uniformly (``sample``: softmax of
-    equal budgets) or the deepest ``k`` (``last``; and ``topk``, which breaks ties of equal budgets towards
-    the head)."""
+    ``spare_first`` blocks at 1, the last at 0 with ``trim_last``) and ``k`` blocks trained, drawn
+    uniformly (``sample``: softmax of equal budgets) or the deepest ``k`` (``last``; and ``topk``,
+    which breaks ties of equal budgets towards the head)."""
     L, p = cm.num_blocks, cm.num_prefix_tokens
-    tin, tout = kept_token_counts([1.0] * spare_first + [keep_ratio] * (L - spare_first), cm.num_patches,
-                                  min_tokens, token_multiple)
+    ratios = [1.0] * spare_first + [keep_ratio] * (L - spare_first)
+    if trim_last:
+        ratios[-1] = 0.0
+    tin, tout = kept_token_counts(ratios, cm.num_patches, min_tokens, token_multiple)
     if freeze_mode in ("topk", "last"):
         return step_cost(cm, StepShape(tin, tout, tuple(i >= L - k for i in range(L))), 1).train_flops
     total = cm.embed.fwd_flops[0] + (cm.embed.bwd_flops["weights_only"][0] if cm.embed.trainable else 0.0)

@@ -155,6 +155,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
     spare = int(options.get("spare_first") or 0)
     tm = int(options.get("token_multiple", 1))
+    trim = bool(options.get("trim_last")) and cm.head_reads_prefix  # only where the head reads no patch token
 
     try:
         top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
@@ -164,11 +165,12 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     def dense_ratio(k: int) -> float:
         if top is None:
             return expected_step_flops(cm, 1.0, k, mt, mode) / full
-        shape = StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, tuple(i >= L - top for i in range(L)), False)
+        tin, tout = kept_token_counts([1.0] * (L - 1) + [0.0 if trim else 1.0], cm.num_patches, mt, tm)
+        shape = StepShape(tin, tout, tuple(i >= L - top for i in range(L)), False)
         return step_cost(cm, shape, 1).train_flops / full
 
     def fn(b: float, k: int) -> float:
-        sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm) / full
+        sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm, trim) / full
         return (1.0 - dense) * sparse + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:
@@ -187,7 +189,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     per_step = sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
     knobs = {"k_trained": k, "target_flops": per_step, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
-             "min_tokens": mt}
+             "min_tokens": mt, "trim_last": trim}
     ratios = _projected_ratios(cm, full, {**options, **knobs})
     mean = sum(ratios) / len(ratios)
     predicted, lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (mean, min(ratios), max(ratios)))

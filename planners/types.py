@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 class Budget:
     """What one training step may spend, per transformer block.
 
-    keep_ratios: fraction of the *current* patch tokens kept after each block (1.0 keeps all).
-        Dropping is cumulative: block l+1 sees only what block l kept.
+    keep_ratios: fraction of the *current* patch tokens kept after each block (1.0 keeps all, 0.0
+        keeps ``min_tokens``). Dropping is cumulative: block l+1 sees only what block l kept.
     trained: whether each block receives weight gradients and an optimizer update this step.
     min_tokens: floor on the number of patch tokens kept after any block.
     token_multiple: kept counts are rounded down to a multiple of this (never below ``min_tokens``);
@@ -36,8 +36,8 @@ class Budget:
     def __post_init__(self) -> None:
         if len(self.keep_ratios) != len(self.trained):
             raise ValueError("keep_ratios and trained must have one entry per block")
-        if any(not (0.0 < r <= 1.0) for r in self.keep_ratios):
-            raise ValueError(f"keep ratios must lie in (0, 1], got {self.keep_ratios}")
+        if any(not (0.0 <= r <= 1.0) for r in self.keep_ratios):
+            raise ValueError(f"keep ratios must lie in [0, 1], got {self.keep_ratios}")
         if self.min_tokens < 1:
             raise ValueError("min_tokens must be >= 1")
         if self.token_multiple < 1:

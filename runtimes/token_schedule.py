@@ -24,6 +24,19 @@ from torch import Tensor, nn
 from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
 
 
+def head_reads_prefix(model: nn.Module) -> bool:
+    """Whether a timm ViT's head reads only the prefix tokens (class token pooling, as in ViT, DeiT,
+    DINOv2): then the last block's patch tokens are never read."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    base = getattr(model, "base_model", None)  # a peft-wrapped model
+    vit = base.model if base is not None and hasattr(base, "model") else model
+    if not isinstance(vit, VisionTransformer) or getattr(vit, "attn_pool", None) is not None:
+        return False
+    own_head = all(getattr(type(vit), f) is getattr(VisionTransformer, f) for f in ("forward_head", "pool"))
+    return own_head and vit.global_pool == "token" and int(vit.num_prefix_tokens) >= 1
+
+
 class ScheduleError(ValueError):
     """A token schedule that does not fit the model (bad input: the message says what fits)."""
 

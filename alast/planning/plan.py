@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alast.config import AlastConfig, load_config
+from alast.config import AlastConfig, load_run_config
 from alast.planning.calibrate import calibrate_time
 from alast.planning.profile import profile
 from alast.training.build import model_data_config, policy_options
@@ -136,7 +136,7 @@ def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple
     check_target(cfg.policy.target_flops)
     plain, pcm, _ = cost_models(cfg, cost_model_path)
     steps = cfg.train.steps if cfg.train.epochs is None else None  # the dense final phase's exact share
-    sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, {**policy_options(cfg), "steps": steps},
+    sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, {**policy_options(cfg, pcm.head_reads_prefix), "steps": steps},
                  full_cm=plain, policy=cfg.policy.name)
     return {**sol.knobs, "cost_model": pcm}, sol.info()
 
@@ -229,7 +229,7 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
     steps, batch = planned_steps(cfg), cfg.train.batch_size
     plain, pcm, source = cost_models(cfg, cost_model_path)
-    options, target = policy_options(cfg), None
+    options, target = policy_options(cfg, pcm.head_reads_prefix), None
     if cfg.policy.target_flops is not None:
         check_target(cfg.policy.target_flops)
         sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, {**options, "steps": steps}, full_cm=plain,
@@ -257,7 +257,7 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
         raise TraceError(f"{run_dir / METRICS} has no steps to replay")
     if not (run_dir / "config.yaml").is_file():
         raise TraceError(f"{run_dir} has no config.yaml; --trace needs a run directory written by `alast train`")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     world = int(summary.get("world_size", 1) or 1)
     batch = int(records[0].get("batch_size", cfg.train.batch_size))
@@ -265,7 +265,9 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     budget = _logged_budget(records[len(records) // 2], pcm, cfg) if calibrate else None
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch // world, budget)
     sampled = cpu_memory_sampled if str(summary.get("device", "cpu")).startswith("cpu") else None
-    preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled)}
+    trim = policy_options(cfg, pcm.head_reads_prefix).get("trim_last", False)
+    preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
+                                     trim_last=trim)}
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, len(records), batch)
     cfg.train.batch_size = batch

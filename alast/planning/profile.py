@@ -28,6 +28,7 @@ from torch import nn
 
 from alast.models import SHIPPED_MODELS, create_model
 from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost, fit_error, poly2
+from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.runtime import embedding_parameters
@@ -373,7 +374,8 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     return CostModel(
         model=name, img_size=img_size, num_patches=num_patches, num_prefix_tokens=num_prefix,
         num_classes=num_classes, embed_dim=dim, attention="fused_sdpa" if fused else "matmul",
-        embed=embed, blocks=tuple(blocks), head=head, memory=memory, lora=lora, token_counts=tuple(ns),
+        embed=embed, blocks=tuple(blocks), head=head, memory=memory, lora=lora, head_reads_prefix=head_reads_prefix(vit),
+        token_counts=tuple(ns),
         fit_max_rel_error=max(errs + [e1, e2]),
         provenance={"torch": torch.__version__, "timm": timm.__version__, "fvcore": getattr(fvcore, "__version__", "?"),
                     "device": device, "measured_on": "cpu, batch 1 (costs per sample)"},

@@ -30,7 +30,7 @@ from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
 from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
-from runtimes.token_schedule import drops_tokens, inference_flops
+from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
 
 
 @dataclass
@@ -71,9 +71,10 @@ class _Tally:
         if allreduce_bytes is not None:
             self.allreduce_bytes.append(int(allreduce_bytes))
 
-    def schedule(self, num_patches: int) -> tuple[int, ...] | None:
-        """The token schedule of the recent steps (None when they kept every token)."""
-        kept = schedule_from_steps(self.recent_kept_tokens)
+    def schedule(self, num_patches: int, trim_last: bool = False) -> tuple[int, ...] | None:
+        """The token schedule of the recent steps (None when they kept every token); with
+        ``trim_last`` the last block's trimmed count is not part of it."""
+        kept = schedule_from_steps(self.recent_kept_tokens, num_patches if trim_last else None)
         return kept if drops_tokens(kept, num_patches) else None
 
     def peak(self, runtime) -> int | None:
@@ -109,7 +110,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    planner = build_planner(cfg, runtime.num_blocks, planner_overrides)
+    planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model))
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
     run.tally.schedule_window = schedule_window(steps)
@@ -146,6 +147,7 @@ class _Run:
 
     def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner) -> None:
         self.cfg, self.run_dir, self.comm, self.runtime, self.planner = cfg, run_dir, comm, runtime, planner
+        self.trim_last = bool(getattr(planner, "trim_last", False))
         self.tally = _Tally()
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
@@ -177,7 +179,7 @@ class _Run:
         ``policy.eval_tokens: trained``, none (every token) with ``all`` and ``auto``."""
         if self.cfg.policy.eval_tokens != "trained":
             return None
-        return self.tally.schedule(self.runtime.num_patches)
+        return self.tally.schedule(self.runtime.num_patches, self.trim_last)
 
     def evaluate(self, data) -> dict[str, Any]:
         return self.runtime.evaluate(_val_batches(data, self.cfg), self.eval_schedule())
@@ -186,7 +188,7 @@ class _Run:
         """The final metrics of the deployed model (``kept_tokens``: its token schedule, None for
         every token) and, when the run dropped tokens, both candidates with their inference costs."""
         mode = self.cfg.policy.eval_tokens
-        kept = None if mode == "all" else self.tally.schedule(self.runtime.num_patches)
+        kept = None if mode == "all" else self.tally.schedule(self.runtime.num_patches, self.trim_last)
         every = self.runtime.evaluate(_val_batches(data, self.cfg))
         if kept is None:
             return {**every, "kept_tokens": None}

@@ -103,7 +103,8 @@ def test_plan_target_flops_sets_knobs(runner):
     res = runner.invoke(cli, ["plan", "--policy", "alast", "--target-flops", "0.4", "--steps", "5", "--json"])
     assert res.exit_code == 0, res.output
     out = _last_json(res)
-    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops"}
+    assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops",
+                                           "trim_last"}
     assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] == pytest.approx(0.4, rel=0.05)
 
 
@@ -183,7 +184,8 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["kept_tokens"] == r["tokens_in"] for r in records[8:])
+    # every token, but the last block's patch tokens, which the head never reads (policy.trim_last)
+    assert all(r["kept_tokens"][:-1] == r["tokens_in"][:-1] and r["kept_tokens"][-1] == 1 for r in records[8:])
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
     # the phase trains the top 2 of 6 blocks; the other steps the top 4; the embeddings stay frozen
     assert all(r["trained_blocks"] == [4, 5] and r["embeddings_trained"] is False for r in records[8:])
@@ -206,8 +208,9 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
                               "--set", "backend.threads=1", "--out", str(run)])
     assert res.exit_code == 0, res.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any(n < 64 for r in records for n in r["kept_tokens"])
-    assert all(n % 8 == 0 for r in records for n in r["kept_tokens"])
+    assert any(n < 64 for r in records for n in r["kept_tokens"][:-1])
+    assert all(n % 8 == 0 for r in records for n in r["kept_tokens"][:-1])
+    assert all(r["kept_tokens"][-1] == 1 for r in records)  # policy.trim_last: min_tokens
     res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6

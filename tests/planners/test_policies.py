@@ -156,8 +156,11 @@ def test_planner_errors_name_the_problem(name, kwargs, fragment):
 
 
 def test_budget_validates():
+    assert Budget((0.0,), (True,)).keep_ratios == (0.0,)  # keeps min_tokens
     with pytest.raises(ValueError):
-        Budget((0.0,), (True,))
+        Budget((-0.1,), (True,))
+    with pytest.raises(ValueError):
+        Budget((1.1,), (True,))
     with pytest.raises(ValueError):
         Budget((1.0, 1.0), (True,))
 

@@ -85,7 +85,7 @@ def test_solved_knobs_put_a_whole_run_on_target(target, dense, blocks):
     opts = {"min_tokens": 1, "dense_final_frac": dense, "dense_final_blocks": blocks, "seed": 0}
     sol = solve_target(CM, "alast", target, opts)
     knobs = sol.knobs
-    assert set(knobs) == {"k_trained", "target_flops", "b_init", "b_min", "b_max", "min_tokens"}
+    assert set(knobs) == {"k_trained", "target_flops", "b_init", "b_min", "b_max", "min_tokens", "trim_last"}
     assert (knobs["b_init"], knobs["b_min"], knobs["b_max"]) == (0.9, 0.5, 1.0)  # no narrow band
     p = create_planner("alast", 12, cost_model=CM, dense_final_frac=dense, dense_final_blocks=blocks, **knobs)
     if dense and blocks != "sampled":  # the sparse steps pay for a dense phase above the target, gain from one below
@@ -177,3 +177,31 @@ def test_the_dense_phase_share_of_a_short_run_is_counted_as_the_planner_counts_i
     p = create_planner("alast", 12, cost_model=CM, dense_final_frac=0.35, **short)
     total = sum(step_ratio(CM, p.plan(s, s / 5)) for s in range(5)) / 5
     assert total == pytest.approx(0.4, rel=0.03)
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_trimmed_last_block_keeps_none_and_its_saving_buys_tokens(target):
+    """policy.trim_last on a model whose head reads only the prefix tokens: the last block's ratio
+    is 0 in every step, dense final phase included; the run still lands on the target, and the
+    other blocks keep more tokens than without the trim. A head that reads the patch tokens is
+    never trimmed."""
+    cm = synthetic_cost_model(num_blocks=12, num_patches=196, select_inside=True, head_reads_prefix=True)
+    options = {"min_tokens": 1, "freeze_mode": "last", "dense_final_frac": 0.2, "steps": 100}
+    means = {}
+    for trim in (False, True):
+        sol = solve_target(cm, "alast", target, {**options, "trim_last": trim})
+        assert sol.knobs["trim_last"] is trim
+        rest = {k: v for k, v in options.items() if k not in ("steps", *sol.knobs)}
+        planner = create_planner("alast", cm.num_blocks, cost_model=cm, seed=0, **rest, **sol.knobs)
+        rng, ratios, kept = random.Random(0), [], []
+        for step in range(100):
+            budget = planner.plan(step, step / 100)
+            if trim:
+                assert budget.keep_ratios[-1] == 0.0
+            ratios.append(step_ratio(cm, budget))
+            kept.append(statistics.mean(budget.keep_ratios[:-1]))
+            planner.observe(Observation(step, step / 100, tuple(rng.lognormvariate(0, 0.5) for _ in range(12))))
+        assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+        means[trim] = statistics.mean(kept[:80])  # the sparse steps
+    assert means[True] > means[False]
+    assert solve_target(CM, "alast", target, {**options, "trim_last": True}).knobs["trim_last"] is False

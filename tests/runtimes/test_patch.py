@@ -275,3 +275,33 @@ def test_blocks_of_another_class_run_whole_then_drop(batch):
     with patch.training_forward((12, 6, 3, 2)) as ctl:
         model(x)
     assert ctl.tokens_in == [16, 12, 6, 3]
+
+
+def test_trimming_the_last_block_changes_no_logit_nor_gradient(batch):
+    """policy.trim_last keeps min_tokens patch tokens after the last block of a class-token head: the
+    logits and gradients are those of keeping them all, at a fraction of the block's FLOPs."""
+    from runtimes.token_schedule import head_reads_prefix
+    from runtimes.torch_backend.flops import counter
+
+    x, y = batch
+    model = make_tiny_vit(reg_tokens=2)
+    assert head_reads_prefix(model)
+    assert not head_reads_prefix(make_tiny_vit_pooled())
+    patch = AlastPatch(model)
+    model.train()
+    torch.manual_seed(0)
+    with counter() as whole:
+        ref = _run_dropping(model, patch, x, y, (12, 6, None, None))
+    torch.manual_seed(0)
+    with counter() as trimmed:
+        got = _run_dropping(model, patch, x, y, (12, 6, None, 1))
+    assert torch.allclose(got[0], ref[0], atol=1e-5)
+    for name in ref[2]:
+        assert torch.allclose(got[2][name], ref[2][name], atol=1e-5), name
+    assert trimmed.get_total_flops() < whole.get_total_flops()
+
+
+def make_tiny_vit_pooled():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="avg")
