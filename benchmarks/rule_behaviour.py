@@ -29,6 +29,7 @@ from alast.data import build_data  # noqa: E402
 from alast.models import DEMO_MODEL, create_model  # noqa: E402
 from alast.training.build import model_data_config  # noqa: E402
 from planners import Observation, create_planner  # noqa: E402
+from runtimes.token_schedule import head_reads_prefix  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 
 SHIPPED = {DEMO_MODEL}
@@ -45,7 +46,8 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
     rt = TorchRuntime(model, lr=lr, weight_decay=0.05, grad_clip=1.0, memory_probe_steps=lambda s: False,
                       freeze_embeddings=policy.embeddings_frozen, token_select=policy.token_select,
                       token_score=policy.token_score, seed=seed)
-    planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode)
+    planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode,
+                             trim_last=policy.trim_last and head_reads_prefix(model))
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=True)
     budgets, flops, t0 = [], 0.0, time.perf_counter()
