@@ -94,10 +94,15 @@ class _TakeTokens(torch.autograd.Function):
         return grad.new_zeros(ctx.input_shape).scatter_(1, index, grad), None  # indices are distinct
 
 
+def _top_in_order(rank: Tensor, keep: int | Tensor) -> Tensor:
+    """Indices of the ``keep`` highest entries of each row of ``rank``, in ascending order."""
+    return rank.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
     """Sequence positions a selection keeps, ``[B, num_prefix + keep]``: the prefix tokens, then
     the ``keep`` patch tokens ranked highest by ``rank`` ``[B, N]``, in their original order."""
-    idx = rank[:, num_prefix:].topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values + num_prefix
+    idx = _top_in_order(rank[:, num_prefix:], keep) + num_prefix
     prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], -1)
     return torch.cat([prefix, idx], dim=1)
 
@@ -105,7 +110,10 @@ def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
 def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
     """``x[b, positions[b]]`` along dim 1 of ``x`` ``[B, N, ...]``; its backward keeps only the
     positions (see :class:`_TakeTokens`)."""
-    index = positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)).expand(-1, -1, *x.shape[2:])
+    index = positions
+    for _ in range(x.ndim - 2):
+        index = index.unsqueeze(-1)
+    index = index.expand(-1, -1, *x.shape[2:])
     if torch.onnx.is_in_onnx_export() or not x.requires_grad:
         return torch.gather(x, 1, index)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
     return _TakeTokens.apply(x, index)
@@ -131,14 +139,9 @@ def select_tokens(x: Tensor, scores: Tensor, keep: int | Tensor, num_prefix: int
     patch_scores = scores[:, num_prefix:]
     patch_rank = patch_scores if rank is None else rank[:, num_prefix:]
     top = keep - 1 if fuse else keep
-    idx = patch_rank.topk(top, dim=-1, sorted=False).indices.sort(dim=-1).values
-    gather_idx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    idx = _top_in_order(patch_rank, top)
     patches = x[:, num_prefix:]
-    if torch.onnx.is_in_onnx_export() or not x.requires_grad:
-        kept = torch.gather(patches, 1, gather_idx)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
-    else:
-        kept = _TakeTokens.apply(patches, gather_idx)
-    parts = [x[:, :num_prefix], kept]
+    parts = [x[:, :num_prefix], take_tokens(patches, idx)]
     if fuse:
         with torch.no_grad():
             w = patch_scores.scatter(1, idx, 0.0)  # the dropped tokens' scores; zero where kept
