@@ -109,11 +109,11 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
 
 def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:
     """``cm`` as the configured policy and backend run it: the embeddings frozen where the policy
-    freezes them, and every block run whole before it drops tokens on the ``ort`` backend, with
-    token fusion and with ``backend.compile`` (the torch runtime otherwise selects inside timm's
-    standard blocks)."""
+    freezes them, and every block run whole before it drops tokens on the ``ort`` backend and
+    with token fusion (the torch runtime otherwise selects inside timm's standard blocks, eager or
+    compiled)."""
     cm = _policy_embeddings(cm, cfg)
-    if cfg.backend.name == "ort" or cfg.policy.fuse_tokens or cfg.backend.compile:
+    if cfg.backend.name == "ort" or cfg.policy.fuse_tokens:
         cm = cm.selecting_after_blocks()
     return cm
 

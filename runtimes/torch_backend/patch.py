@@ -67,7 +67,8 @@ class _AlastBlockMixin:
             try:
                 out, scores = forward_selecting(
                     self, x, int(keep), self._alast_prefix, ctl.score,
-                    lambda s: ranking_scores(s, ctl.select, generator=ctl.generator))
+                    lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
+                    parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"))
             finally:
                 self.attn.qkv.__dict__.pop("_alast_qkv_out", None)
             ctl.tokens_in[i] = n_patch
@@ -113,7 +114,8 @@ def selects_in_block(block: nn.Module) -> bool:
 
 
 def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, score: str = "attention",
-                      rank: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                      rank: Callable[[Tensor], Tensor] | None = None,
+                      parts: tuple[Callable, Callable] | None = None) -> tuple[Tensor, Tensor]:
     """timm's ``Block.forward`` on ``x`` ``[B, N, D]`` for the tokens it keeps: the prefix and the
     ``keep`` patch tokens ranked highest by ``rank(scores)`` (default: the scores), in their order.
 
@@ -123,14 +125,34 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     tokens' outputs equal those of the whole block (``select_tokens(block(x), ...)``): the dropped
     tokens' outputs were never read. Returns ``(out [B, num_prefix + keep, D], scores [B, N])``.
     ``block`` must pass :func:`selects_in_block`.
+
+    The block runs in two parts, :func:`selecting_head` (up to the scores) and
+    :func:`selecting_tail` (the kept tokens' attention, projection and MLP); ``parts`` replaces
+    them, e.g. with their compiled versions (:meth:`AlastPatch.compile_blocks`). The ranking and
+    the choice of the kept indices run between them, eagerly.
     """
+    head, tail = parts or (selecting_head, selecting_tail)
+    h, qkv, scores = head(block, x, score)
+    kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
+    return tail(block, x, h, qkv, kept), scores
+
+
+def selecting_head(block: nn.Module, x: Tensor, score: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The first part of :func:`forward_selecting`: the normed input ``h``, the qkv projection and
+    the tokens' scores."""
+    attn = block.attn
+    h = block.norm1(x)
+    qkv = attn.qkv(h)
+    scores = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, score)
+    return h, qkv, scores
+
+
+def selecting_tail(block: nn.Module, x: Tensor, h: Tensor, qkv: Tensor, kept: Tensor) -> Tensor:
+    """The second part of :func:`forward_selecting`: the block's output for the ``kept`` positions
+    ``[B, k]``, every token a key and a value."""
     attn = block.attn
     b, n, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    h = block.norm1(x)
-    qkv = attn.qkv(h)
-    scores = cls_attention_scores(qkv, heads, head_dim, attn.scale, attn.q_norm, attn.k_norm, score)
-    kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
     qkv = qkv.reshape(b, n, 3, heads, head_dim)
     q = attn.q_norm(take_tokens(qkv[:, :, 0], kept).transpose(1, 2))  # [B, H, kept, d]
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
@@ -144,8 +166,7 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
         o = o * attn.gate(take_tokens(h, kept)).sigmoid()
     o = attn.proj_drop(attn.proj(o))
     out = take_tokens(x, kept) + block.drop_path1(block.ls1(o))
-    out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
-    return out, scores
+    return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
 
 
 def _qkv_hook(module: nn.Module, _inputs, output: Tensor) -> None:
@@ -193,7 +214,8 @@ class AlastPatch:
             h.remove()
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
-            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_in_block", "_alast_compiled"):
+            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_in_block", "_alast_compiled",
+                         "_alast_compiled_parts"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:
@@ -201,24 +223,29 @@ class AlastPatch:
         return self.model
 
     def compile_blocks(self, **options) -> None:
-        """Compile the upstream block forward once, shared by every block (training forwards only).
+        """Compile the block computations once, shared by every block (training forwards only).
 
-        Token selection, deltas and scores stay outside the compiled region, so moving budgets do
-        not recompile: the token dimension is dynamic (``dynamic=True``) and the blocks share one
-        compiled function (dynamo treats each block's parameters as inputs). What remains guarded
-        is whether the block's parameters and input require grad: at most four graphs. Compiled
-        blocks run whole before they drop tokens (no selection inside; the cost model of a compiled
-        run says so: :meth:`planners.costmodel.CostModel.selecting_after_blocks`).
+        Three functions are compiled: the upstream block forward (blocks that keep every token,
+        and blocks that are not timm's standard block), and the two parts of a block that drops
+        tokens inside (:func:`selecting_head`, :func:`selecting_tail`). The ranking, the choice of
+        the kept tokens, the deltas and the scores' use stay outside the compiled regions, so
+        moving budgets do not recompile: the token dimensions are dynamic (``dynamic=True``) and
+        the blocks share the compiled code (dynamo treats each block's parameters as inputs).
+        What remains guarded is whether the block's parameters and input require grad: at most
+        four graphs per function.
         """
         import torch
 
         base = self.blocks[0]._alast_base
         if any(b._alast_base is not base for b in self.blocks):
             raise PatchError("blocks of different classes cannot share one compiled forward")
-        compiled = torch.compile(base.forward, **{"dynamic": True, **options})
+        options = {"dynamic": True, **options}
+        compiled = torch.compile(base.forward, **options)
+        parts = (torch.compile(selecting_head, **options), torch.compile(selecting_tail, **options))
         for blk in self.blocks:
             blk._alast_compiled = compiled
-            blk._alast_in_block = False  # the compiled whole block, then the selection
+            if blk._alast_in_block:
+                blk._alast_compiled_parts = parts
 
     @contextmanager
     def training_forward(self, keep: tuple[int | None, ...]) -> Iterator[StepControl]:

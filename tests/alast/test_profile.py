@@ -221,6 +221,6 @@ def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
     f, _, s, _ = blk.dropping("weights_and_input", 13, 7)
     assert (f, s) == (blk.forward_flops(13), poly(blk.select_flops, 13))
     for overrides, inside in [({}, True), ({"backend": {"name": "ort"}}, False),
-                              ({"policy": {"fuse_tokens": True}}, False), ({"backend": {"compile": True}}, False)]:
+                              ({"policy": {"fuse_tokens": True}}, False), ({"backend": {"compile": True}}, True)]:
         cm = _policy_runtime(tiny_cm, AlastConfig.model_validate(overrides))
         assert all((b.drop is not None) is inside for b in cm.blocks), overrides

@@ -33,29 +33,44 @@ def test_compiled_run_stops_recompiling_after_warm_up(batch):
     counters.clear()
     x, y = batch
     rt = make_runtime(compile=True, count_flops="off")
-    budgets = list(moving_budgets(14))
+    budgets = list(moving_budgets(20))
     graphs, results = [], []
     for step, b in enumerate(budgets):
         results.append(rt.train_step(x, y, b, 1e-2, step))
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] >= 1, "nothing was compiled"
-    assert graphs[-1] == graphs[4] <= 4  # trained/frozen x input grad, shared by all blocks
-    assert len({r for b in budgets[5:] for r in kept_token_counts(b.keep_ratios, 16)[1]}) > 3
+    assert graphs[0] >= 2, "the dropping blocks' parts were not compiled"
+    # three functions (whole block, the selecting block's two parts) x trained/frozen x input
+    # grad, shared by all blocks
+    assert graphs[-1] == graphs[8] <= 12
+    assert len({r for b in budgets[9:] for r in kept_token_counts(b.keep_ratios, 16)[1]}) > 3
+    assert not counters["graph_break"]
     assert rt.compile_time_s > 0
     assert sum(r.compile_time_s for r in results) == pytest.approx(rt.compile_time_s)
 
 
 def test_compiled_step_matches_eager(batch):
+    """The compiled parts of a block that drops tokens inside compute what the eager ones do."""
     x, y = batch
     b = Budget((0.75, 1.0, 0.5, 1.0), (True, False, True, True))
+    eager, comp = make_runtime(count_flops="off"), make_runtime(compile=True, count_flops="off")
+    assert all(blk._alast_in_block for blk in comp.patch.blocks)
+    for step in range(2):
+        r1, r2 = eager.train_step(x, y, b, 1e-2, step), comp.train_step(x, y, b, 1e-2, step)
+        assert r2.loss == pytest.approx(r1.loss, rel=1e-5)
+        assert r2.deltas == pytest.approx(r1.deltas, rel=1e-4)
+        assert r2.kept_tokens == r1.kept_tokens
+        for (name, p1), p2 in zip(eager.model.named_parameters(), comp.model.parameters()):
+            assert (p1.grad is None) == (p2.grad is None), name
+            if p1.grad is not None:  # gradients, not weights: AdamW magnifies float noise in near-zero ones
+                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_counted_flops_equal_eager(batch):
+    """A compiled run counts (once per shape, eagerly) what an eager run counts."""
+    x, y = batch
     eager, comp = make_runtime(), make_runtime(compile=True)
-    assert not any(blk._alast_in_block for blk in comp.patch.blocks)
-    for blk in eager.patch.blocks:
-        blk._alast_in_block = False  # compiled blocks run whole, then drop: count the same
-    r1, r2 = eager.train_step(x, y, b, 1e-2, 0), comp.train_step(x, y, b, 1e-2, 0)
-    assert r2.loss == pytest.approx(r1.loss, rel=1e-5)
-    assert r2.deltas == pytest.approx(r1.deltas, rel=1e-4)
-    assert r2.train_flops == r1.train_flops and r2.kept_tokens == r1.kept_tokens
+    for step, b in enumerate(moving_budgets(6, seed=3)):
+        assert comp.train_step(x, y, b, 1e-2, step).train_flops == eager.train_step(x, y, b, 1e-2, step).train_flops
 
 
 def test_cached_flops_equal_a_fresh_count(batch):
