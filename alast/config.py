@@ -74,8 +74,11 @@ class PolicyConfig(_Section):
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
-    spare_first: int = Field(0, ge=0, description="alast, beyond the paper: the first N blocks keep every token "
-                             "(dropping starts after them; under a target the other blocks pay for it)")
+    spare_first: int | Literal["frozen"] = Field(
+        "frozen", description="alast, beyond the paper: the first N blocks keep every token (dropping starts "
+        "after them; under a target the other blocks pay for it); 'frozen': with freeze_mode 'last', the "
+        "frozen blocks below the trained ones (their budgets stay at b_init, a token costs them a forward "
+        "only, and a token they drop is lost to every trained block above)")
     fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
                               "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
     token_score: Literal["attention", "contribution"] = Field(
@@ -106,6 +109,19 @@ class PolicyConfig(_Section):
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None
+
+    @field_validator("spare_first", mode="before")
+    @classmethod
+    def _spare_first(cls, v: Any) -> Any:
+        if v == "frozen":
+            return v
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = -1
+        if isinstance(v, bool) or n < 0 or str(n) != str(v).strip():
+            raise ValueError("must be a number of blocks (0 or more) or 'frozen'")
+        return n
 
     @property
     def embeddings_frozen(self) -> bool:
@@ -286,7 +302,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 # Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
 # was trained with the value here, and is read back with it (export, evaluation and resume).
 EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention",
-                                                           "trim_last": False}}
+                                                           "trim_last": False, "spare_first": 0}}
 
 
 def build_run_config(data: dict[str, Any]) -> AlastConfig:

@@ -144,9 +144,12 @@ class AlastPlanner:
     still follow the deltas. ``Budget.budgets`` logs the raw budgets, ``keep_ratios`` the projected
     ones. ``cost_model`` alone changes nothing.
 
-    ``spare_first`` (beyond the paper, default 0): the first ``spare_first`` blocks keep every token
-    (their CLS attention is least informative); dropping starts after them, and under a target the
-    other blocks' shift pays for it.
+    ``spare_first`` (beyond the paper, default 0): the first ``spare_first`` blocks keep every token;
+    dropping starts after them, and under a target the other blocks' shift pays for it.
+    ``'frozen'``: with ``freeze_mode='last'``, the blocks below the trained ones. Their budgets
+    stay at ``b_init`` (the rule compares frozen blocks only with each other, and with the
+    embeddings frozen their class-token changes move only with the batch), a token costs them a
+    forward only, and a token they drop is lost to every trained block above.
 
     ``trim_last`` (beyond the paper, for a model whose head reads only the prefix tokens): the last
     block's keep ratio is 0 in every step, dense final phase included, so it keeps ``min_tokens``
@@ -184,23 +187,26 @@ class AlastPlanner:
         ema: float = 0.9,
         target_flops: float | None = None,
         cost_model: CostModel | None = None,
-        spare_first: int = 0,
+        spare_first: int | str = 0,
         token_multiple: int = 1,
         trim_last: bool = False,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
-        if not 0 <= spare_first < num_blocks:
+        self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
+        try:
+            self.spare_first = rules.spared_blocks(spare_first, num_blocks, self.k_trained, freeze_mode)
+        except ValueError as e:
+            raise PlannerError(str(e)) from None
+        if not 0 <= self.spare_first < num_blocks:
             raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
                                f"got {spare_first}")
-        self.spare_first = int(spare_first)
         self.trim_last = bool(trim_last)
         self.token_multiple = _check_multiple(token_multiple)
         self.num_blocks = num_blocks
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
         self.b_init, self.b_min, self.b_max = float(b_init), float(b_min), float(b_max)
-        self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
         self.freeze_mode = freeze_mode
         self.delta_reduction = delta_reduction
         self.min_tokens = int(min_tokens)

@@ -204,6 +204,17 @@ def default_k_trained(num_blocks: int, freeze_mode: str = "sample") -> int:
     return max(1, min(num_blocks, math.floor(0.75 * num_blocks + 0.5)))
 
 
+def spared_blocks(spare_first: int | str, num_blocks: int, k_trained: int, freeze_mode: str) -> int:
+    """How many bottom blocks keep every token: ``spare_first`` blocks, or with ``'frozen'`` the
+    blocks below the trained ones where ``freeze_mode`` is ``'last'`` (``num_blocks - k_trained``;
+    none in the other modes, whose trained set moves)."""
+    if spare_first == "frozen":
+        return num_blocks - k_trained if freeze_mode == "last" else 0
+    if isinstance(spare_first, str):
+        raise ValueError(f"spare_first must be a block count or 'frozen', got {spare_first!r}")
+    return int(spare_first)
+
+
 def dense_final_top(num_blocks: int, setting: int | str) -> int | None:
     """Blocks trained in ALaST's dense final phase: the top ``setting`` blocks; ``'auto'``, a quarter
     of the depth (halves round up, at least 1); ``'sampled'``: None, the sparse phase's draw."""

@@ -19,7 +19,8 @@ from typing import Any
 from .costmodel import CostModel
 from .projection import BUDGET_FLOOR
 from .registry import PlannerError, create_planner, planner_options
-from .rules import B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_share, dense_final_top, kept_token_counts
+from .rules import (B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_share, dense_final_top, kept_token_counts,
+                    spared_blocks)
 from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
@@ -153,7 +154,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     k = int(options.get("k_trained") or default_k_trained(L, mode))
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
-    spare = int(options.get("spare_first") or 0)
+    spare_setting = options.get("spare_first") or 0
     tm = int(options.get("token_multiple", 1))
     trim = bool(options.get("trim_last")) and cm.head_reads_prefix  # only where the head reads no patch token
 
@@ -170,16 +171,22 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         return step_cost(cm, shape, 1).train_flops / full
 
     def fn(b: float, k: int) -> float:
+        spare = spared_blocks(spare_setting, L, k, mode)
         sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm, trim) / full
         return (1.0 - dense) * sparse + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:
         k += 1
-    while k > 1 and fn(BUDGET_FLOOR, k) > target:
+    # fewer trained blocks cost less, unless each one more frozen block keeps every token ('frozen')
+    while k > 1 and fn(BUDGET_FLOOR, k) > target and fn(BUDGET_FLOOR, k - 1) < fn(BUDGET_FLOOR, k):
         k -= 1
     floor = fn(BUDGET_FLOOR, k)
     if floor > target * (1 + TARGET_TOLERANCE):
         why = _floor_message(cm, policy, target, floor, mt, k=1)
+        spare = spared_blocks(spare_setting, L, k, mode)
+        if spare:
+            why += (f"; the bottom {spare} blocks keep every token (policy.spare_first={spare_setting}): "
+                    "set policy.spare_first=0 to let them drop tokens")
         if dense:
             why += (f"; its dense final phase (policy.dense_final_frac={frac:g}) costs {dense_ratio(k):.3f}x per "
                     "step: lower dense_final_frac or set it to 0")

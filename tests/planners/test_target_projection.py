@@ -127,7 +127,7 @@ def _run_on_noise(target: float, seed: int, steps: int = 100, **options) -> tupl
     """An alast planner solved for ``target`` with ``options``, run for ``steps`` on lognormal deltas:
     its budgets, and each step's train FLOPs / full fine-tuning's."""
     sol = solve_target(CM, "alast", target, {"min_tokens": 1, **options})
-    planner = create_planner("alast", CM.num_blocks, cost_model=CM, seed=0, **options, **sol.knobs)
+    planner = create_planner("alast", CM.num_blocks, cost_model=CM, seed=0, **{**options, **sol.knobs})
     rng = random.Random(seed)
     budgets, ratios = [], []
     for step in range(steps):
@@ -149,9 +149,44 @@ def test_spared_blocks_keep_every_token_and_the_target_still_holds(target):
     assert max(ratios) <= target * 1.001
 
 
+@pytest.mark.parametrize("target", [0.4, 0.5])
+@pytest.mark.parametrize("k", [None, 8])
+def test_frozen_blocks_keep_every_token_and_the_target_still_holds(target, k):
+    """``spare_first='frozen'`` spares the blocks below the trained ones, whatever K the solver picks."""
+    budgets, ratios = _run_on_noise(target, seed=0, spare_first="frozen", freeze_mode="last",
+                                    **({} if k is None else {"k_trained": k}))
+    first = min(budgets[0].trained_blocks)
+    assert first == CM.num_blocks - (k or 9)
+    for budget in budgets:
+        assert min(budget.trained_blocks) == first
+        assert budget.keep_ratios[:first] == (1.0,) * first and min(budget.keep_ratios[first:]) < 1.0
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    assert max(ratios) <= target * 1.001
+
+
+def test_a_target_out_of_reach_with_frozen_blocks_spared_says_what_to_change():
+    from planners.target import TargetError
+
+    with pytest.raises(TargetError, match="spare_first=0"):
+        solve_target(CM, "alast", 0.4, {"min_tokens": 1, "spare_first": "frozen", "freeze_mode": "last",
+                                        "k_trained": 6})
+    # the same K without sparing reaches it
+    assert solve_target(CM, "alast", 0.4, {"min_tokens": 1, "freeze_mode": "last", "k_trained": 6}).predicted_ratio \
+        == pytest.approx(0.4, rel=0.03)
+
+
+def test_frozen_spares_nothing_where_the_trained_set_moves():
+    p = create_planner("alast", CM.num_blocks, spare_first="frozen", freeze_mode="sample", k_trained=6)
+    assert p.spare_first == 0
+    assert create_planner("alast", CM.num_blocks, spare_first="frozen", freeze_mode="last",
+                          k_trained=8).spare_first == 4
+
+
 def test_spare_first_is_validated():
     with pytest.raises(PlannerError, match="spare_first"):
         create_planner("alast", CM.num_blocks, spare_first=CM.num_blocks)
+    with pytest.raises(PlannerError, match="spare_first must be a block count or 'frozen'"):
+        create_planner("alast", CM.num_blocks, spare_first="first")
 
 
 @pytest.mark.parametrize("target", [0.4, 0.5])
