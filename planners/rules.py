@@ -210,9 +210,10 @@ def spared_blocks(spare_first: int | str, num_blocks: int, k_trained: int, freez
     none in the other modes, whose trained set moves)."""
     if spare_first == "frozen":
         return num_blocks - k_trained if freeze_mode == "last" else 0
-    if isinstance(spare_first, str):
-        raise ValueError(f"spare_first must be a block count or 'frozen', got {spare_first!r}")
-    return int(spare_first)
+    try:
+        return int(spare_first)
+    except ValueError:
+        raise ValueError(f"spare_first must be a block count or 'frozen', got {spare_first!r}") from None
 
 
 def dense_final_top(num_blocks: int, setting: int | str) -> int | None:

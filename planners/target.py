@@ -19,8 +19,16 @@ from typing import Any
 from .costmodel import CostModel
 from .projection import BUDGET_FLOOR
 from .registry import PlannerError, create_planner, planner_options
-from .rules import (B_INIT, B_MAX, B_MIN, default_k_trained, dense_final_share, dense_final_top, kept_token_counts,
-                    spared_blocks)
+from .rules import (
+    B_INIT,
+    B_MAX,
+    B_MIN,
+    default_k_trained,
+    dense_final_share,
+    dense_final_top,
+    kept_token_counts,
+    spared_blocks,
+)
 from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
