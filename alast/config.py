@@ -113,15 +113,11 @@ class PolicyConfig(_Section):
     @field_validator("spare_first", mode="before")
     @classmethod
     def _spare_first(cls, v: Any) -> Any:
-        if v == "frozen":
+        if v == "frozen" or (type(v) is int and v >= 0):
             return v
-        try:
-            n = int(v)
-        except (TypeError, ValueError):
-            n = -1
-        if isinstance(v, bool) or n < 0 or str(n) != str(v).strip():
-            raise ValueError("must be a number of blocks (0 or more) or 'frozen'")
-        return n
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError("must be a number of blocks (0 or more) or 'frozen'")
 
     @property
     def embeddings_frozen(self) -> bool:
