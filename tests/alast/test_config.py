@@ -71,3 +71,14 @@ def test_embeddings_and_k_follow_the_freeze_mode(overrides, frozen, k_trained):
     assert cfg.policy.embeddings_frozen is frozen
     if k_trained is not None:
         assert build_planner(cfg, 6).k_trained == k_trained
+
+
+@pytest.mark.parametrize("value,expected", [("frozen", "frozen"), ("0", 0), ("3", 3)])
+def test_spare_first_takes_a_block_count_or_frozen(value, expected):
+    assert load_config(None, [f"policy.spare_first={value}"]).policy.spare_first == expected
+
+
+@pytest.mark.parametrize("value", ["first", "-1", "1.5", "true"])
+def test_spare_first_refuses_anything_else_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"policy\.spare_first.*number of blocks \(0 or more\) or 'frozen'"):
+        load_config(None, [f"policy.spare_first={value}"])
