@@ -144,7 +144,10 @@ def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
     fn = lambda r: _tokens_flops(cm, r, mt, tm) / full  # noqa: E731
     floor = fn(BUDGET_FLOOR)
     if floor > target * (1 + TARGET_TOLERANCE):
-        raise TargetError(_floor_message(cm, policy, target, floor, mt, k=None))
+        L = cm.num_blocks
+        tin, tout = kept_token_counts([BUDGET_FLOOR] * L, cm.num_patches, mt, tm)
+        raise TargetError(_floor_message(cm, policy, target, floor, mt, StepShape(tin, tout, (True,) * L),
+                                         "every keep ratio at the floor"))
     best = _nearest(fn, target, BUDGET_FLOOR, 1.0)
     if _miss(fn(best), target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs: "
@@ -190,8 +193,12 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         k -= 1
     floor = fn(BUDGET_FLOOR, k)
     if floor > target * (1 + TARGET_TOLERANCE):
-        why = _floor_message(cm, policy, target, floor, mt, k=1)
         spare = spared_blocks(spare_setting, L, k, mode)
+        ratios = [1.0] * spare + [BUDGET_FLOOR] * (L - spare - trim) + [0.0] * trim
+        tin, tout = kept_token_counts(ratios, cm.num_patches, mt, tm)
+        # a step of the sparse phase, the top k trained (a sampled draw may train lower blocks)
+        shape = StepShape(tin, tout, tuple(i >= L - k for i in range(L)), False)
+        why = _floor_message(cm, policy, target, floor, mt, shape, f"k_trained={k} and every budget at the floor")
         if spare:
             why += (f"; the bottom {spare} blocks keep every token (policy.spare_first={spare_setting}): "
                     "set policy.spare_first=0 to let them drop tokens")
@@ -229,19 +236,22 @@ def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], steps
     return out
 
 
-def _floor_message(cm: CostModel, policy: str, target: float, floor: float, mt: int, k: int | None) -> str:
-    """Say what the cheapest setting still pays for, largest share first."""
+def _floor_message(cm: CostModel, policy: str, target: float, floor: float, mt: int, shape: StepShape,
+                   setting: str) -> str:
+    """Say what the cheapest setting (one of its steps: ``shape``) still pays for, largest share first."""
     L, N = cm.num_blocks, cm.num_patches
-    tin, tout = kept_token_counts([BUDGET_FLOOR] * L, N, mt)
-    trained = tuple(i == L - 1 for i in range(L)) if k == 1 else (True,) * L
-    cost = step_cost(cm, StepShape(tin, tout, trained), 1)
-    first = sum(cost.per_block[0])
-    rest = sum(sum(b) for b in cost.per_block[1:])
-    other = cost.train_flops - first - rest
-    parts = sorted([(first, f"block 0, which always sees all {N} patch tokens"),
-                    (rest, f"blocks 1-{L - 1} at min_tokens={mt}"),
-                    (other, "the patch embedding and head")], reverse=True)
-    setting = "k_trained=1 and every budget at the floor" if k == 1 else "every keep ratio at the floor"
+    cost = step_cost(cm, shape, 1)
+    full_width = next((i for i in range(L) if shape.tokens_in[i] < N), L)  # blocks 0.. that see every token
+    block = [sum(b) for b in cost.per_block]
+    wide, rest = sum(block[:full_width]), sum(block[full_width:])
+    other = cost.train_flops - wide - rest
+    blocks = lambda a, b: f"block {a}" if a == b else f"blocks {a}-{b}"  # noqa: E731
+    see = "sees" if full_width == 1 else "see"
+    parts = [(wide, f"{blocks(0, full_width - 1)}, which {see} all {N} patch tokens"),
+             (other, "the patch embedding and head")]
+    if full_width < L:
+        parts.append((rest, f"{blocks(full_width, L - 1)} at min_tokens={mt}"))
+    parts.sort(key=lambda part: part[0], reverse=True)
     return (f"target {target:g}x full FLOPs is out of reach for policy {policy!r}: its cheapest setting ({setting}) "
             f"costs {floor:.3f}x, {parts[0][0] / cost.train_flops:.0%} of it in {parts[0][1]}; "
             "raise --target-flops" + (" or lower policy.min_tokens" if mt > 1 else ""))

@@ -3,6 +3,7 @@ onto the target; the raw budgets still follow the deltas. Synthetic cost model, 
 import itertools
 import math
 import random
+import re
 import statistics
 
 import pytest
@@ -167,9 +168,12 @@ def test_frozen_blocks_keep_every_token_and_the_target_still_holds(target, k):
 def test_a_target_out_of_reach_with_frozen_blocks_spared_says_what_to_change():
     from planners.target import TargetError
 
-    with pytest.raises(TargetError, match="spare_first=0"):
+    with pytest.raises(TargetError, match="spare_first=0") as caught:
         solve_target(CM, "alast", 0.4, {"min_tokens": 1, "spare_first": "frozen", "freeze_mode": "last",
                                         "k_trained": 6})
+    # it describes the K its search stopped at, and the blocks that see every token there
+    assert "(k_trained=6 and every budget at the floor)" in str(caught.value)
+    assert re.search(r"\d+% of it in blocks 0-6, which see all 196 patch tokens", str(caught.value))
     # the same K without sparing reaches it
     assert solve_target(CM, "alast", 0.4, {"min_tokens": 1, "freeze_mode": "last", "k_trained": 6}).predicted_ratio \
         == pytest.approx(0.4, rel=0.03)
