@@ -74,6 +74,11 @@ class PolicyConfig(_Section):
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
+    early_frac: float = Field(
+        0.0, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
+        "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
+        "which then stays frozen; under a target those steps cost the same FLOPs (fewer tokens each), and the "
+        "run's peak memory rises by about one trained block's activations; 0: off")
     spare_first: int | Literal["frozen"] = Field(
         "frozen", description="alast, beyond the paper: the first N blocks keep every token (dropping starts "
         "after them; under a target the other blocks pay for it); 'frozen': with freeze_mode 'last', the "
@@ -132,6 +137,17 @@ class PolicyConfig(_Section):
         if self.name == "lora":
             return "full"
         return self.name.removesuffix("+lora")
+
+    @model_validator(mode="after")
+    def _early_phase(self) -> "PolicyConfig":
+        if self.planner == "alast" and self.early_frac:
+            if self.freeze_mode != "last":
+                raise ValueError(f"early_frac trains the block below the top k_trained ones: it needs "
+                                 f"freeze_mode 'last', not {self.freeze_mode!r}")
+            if self.early_frac + self.dense_final_frac >= 1.0:
+                raise ValueError(f"early_frac ({self.early_frac:g}) and dense_final_frac ({self.dense_final_frac:g}) "
+                                 "must leave steps between them: their sum must stay below 1")
+        return self
 
     @model_validator(mode="after")
     def _lora_default(self) -> "PolicyConfig":

@@ -136,6 +136,10 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         tg = result["target"]
         console.print(f"target {tg['target']:g}x full FLOPs -> {tg['knobs']} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
+    if result.get("early_phase"):
+        e = result["early_phase"]
+        console.print(f"{e['policy']}: early phase: the first {e['frac']:.0%} of steps train the top {e['trained']} of "
+                      f"{e['num_blocks']} blocks, one more than the others")
     if result.get("dense_final"):
         d = result["dense_final"]
         trains = (f"train the top {d['top_blocks']} of {d['num_blocks']} blocks with the embeddings frozen"

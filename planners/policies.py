@@ -157,6 +157,12 @@ class AlastPlanner:
     for the kept tokens only. Its budget still follows its delta, and under a target the other
     blocks' shift spends the saving.
 
+    ``early_frac`` (beyond the paper; progressive freezing as in FreezeOut, Brock et al. 2017), with
+    ``freeze_mode='last'``: the first fraction of training trains ``k_trained + 1`` blocks, the one
+    below the top ``k_trained`` too (with ``'frozen'`` sparing, it then drops tokens like the others),
+    which then stays frozen. Under a target its steps cost the same FLOPs as the others (fewer tokens
+    each); they hold one trained block more, so the run's peak memory rises.
+
     ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
     tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
     ``dense_final_blocks`` says which blocks that phase trains: the top N (``'auto'``: a quarter of
@@ -190,12 +196,23 @@ class AlastPlanner:
         spare_first: int | str = 0,
         token_multiple: int = 1,
         trim_last: bool = False,
+        early_frac: float = 0.0,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
         self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
+        self.early_frac = float(early_frac)
+        if not 0.0 <= self.early_frac < 1.0 or self.early_frac + float(dense_final_frac) >= 1.0:
+            raise PlannerError(f"early_frac must lie in [0, 1) and leave steps after it and the dense final phase "
+                               f"(dense_final_frac={dense_final_frac:g}), got {early_frac}")
+        if self.early_frac and freeze_mode != "last":
+            raise PlannerError(f"early_frac trains the block below the top k_trained ones: it needs "
+                               f"freeze_mode='last', not {freeze_mode!r}")
+        # the early steps train one block more (none where every block already trains)
+        self.k_early = min(num_blocks, self.k_trained + 1) if self.early_frac else self.k_trained
         try:
             self.spare_first = rules.spared_blocks(spare_first, num_blocks, self.k_trained, freeze_mode)
+            self.spare_early = rules.spared_blocks(spare_first, num_blocks, self.k_early, freeze_mode)
         except ValueError as e:
             raise PlannerError(str(e)) from None
         if not 0 <= self.spare_first < num_blocks:
@@ -229,10 +246,12 @@ class AlastPlanner:
                              if freeze_mode == "last" else None)
 
     def plan(self, step: int, progress: float) -> Budget:
+        early = progress < self.early_frac
         if self.freeze_mode == "topk":
             chosen = rules.top_k_indices(self.budgets, self.k_trained)
         elif self.freeze_mode == "last":
-            chosen = set(range(self.num_blocks - self.k_trained, self.num_blocks))
+            k = self.k_early if early else self.k_trained
+            chosen = set(range(self.num_blocks - k, self.num_blocks))
         else:
             rng = rules.step_rng(self.seed, step)
             chosen = rules.sample_without_replacement(rules.softmax(self.budgets), self.k_trained, rng)
@@ -247,9 +266,11 @@ class AlastPlanner:
                 return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
             ratios = dense
         elif self.projection is not None:
-            ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last)
+            spare = self.spare_early if early else self.spare_first
+            ratios = self.projection.project(budgets, trained, spare, self.trim_last)
         else:
-            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:L - len(last)] + last
+            spare = self.spare_early if early else self.spare_first
+            ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
     def observe(self, observation: Observation) -> None:

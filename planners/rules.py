@@ -234,6 +234,14 @@ def in_dense_final(progress: float, frac: float) -> bool:
     return frac > 0 and progress >= 1.0 - frac
 
 
+def early_share(frac: float, steps: int | None = None) -> float:
+    """The share of a run's steps in its early phase (``policy.early_frac``: the steps with
+    ``step / steps < frac``), counted over ``steps`` steps, or ``frac`` when they are not known."""
+    if not steps:
+        return float(frac)
+    return sum(s / steps < frac for s in range(steps)) / steps
+
+
 def dense_final_share(frac: float, steps: int | None = None) -> float:
     """The share of a run's steps in its dense final phase: exactly as :func:`in_dense_final` counts
     them over ``steps`` steps (a short run rounds it), or ``frac`` when the steps are not known."""

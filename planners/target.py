@@ -26,6 +26,7 @@ from .rules import (
     default_k_trained,
     dense_final_share,
     dense_final_top,
+    early_share,
     kept_token_counts,
     spared_blocks,
 )
@@ -165,6 +166,11 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     k = int(options.get("k_trained") or default_k_trained(L, mode))
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
+    early_frac = float(options.get("early_frac") or 0.0)
+    early = early_share(early_frac, options.get("steps"))  # steps that train one block more
+    if early_frac and mode != "last":
+        raise TargetError(f"policy.early_frac trains the block below the top k_trained ones: it needs "
+                          f"freeze_mode='last', not {mode!r}")
     spare_setting = options.get("spare_first") or 0
     tm = int(options.get("token_multiple", 1))
     trim = bool(options.get("trim_last")) and cm.head_reads_prefix  # only where the head reads no patch token
@@ -181,10 +187,16 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         shape = StepShape(tin, tout, tuple(i >= L - top for i in range(L)), False)
         return step_cost(cm, shape, 1).train_flops / full
 
-    def fn(b: float, k: int) -> float:
+    def sparse_ratio(b: float, k: int) -> float:
         spare = spared_blocks(spare_setting, L, k, mode)
-        sparse = expected_step_flops(cm, b, k, mt, mode, spare, tm, trim) / full
-        return (1.0 - dense) * sparse + dense * dense_ratio(k)
+        return expected_step_flops(cm, b, k, mt, mode, spare, tm, trim) / full
+
+    def fn(b: float, k: int) -> float:
+        # the early steps hold the sparse steps' target; where they cannot, their floor counts
+        k_early = min(L, k + 1)
+        sparse = sparse_ratio(b, k)
+        early_cost = max(sparse, sparse_ratio(BUDGET_FLOOR, k_early)) if early else 0.0
+        return (1.0 - dense - early) * sparse + early * early_cost + dense * dense_ratio(k)
 
     while k < L and fn(1.0, k) < target:
         k += 1
@@ -207,14 +219,23 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
                     "step: lower dense_final_frac or set it to 0")
         raise TargetError(why)
     sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
+    if early and sparse_ratio(BUDGET_FLOOR, min(L, k + 1)) > sparse_target * (1 + TARGET_TOLERANCE):
+        raise TargetError(f"target {target:g}x full FLOPs is out of reach for policy {policy!r} with its early phase "
+                          f"(policy.early_frac={early_frac:g}): training k_trained+1={min(L, k + 1)} blocks costs "
+                          f"{sparse_ratio(BUDGET_FLOOR, min(L, k + 1)):.3f}x per step at the floor, above the "
+                          f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
     # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
     per_step = sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
     knobs = {"k_trained": k, "target_flops": per_step, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": mt, "trim_last": trim}
-    ratios = _projected_ratios(cm, full, {**options, **knobs})
+    ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
+    early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
     mean = sum(ratios) / len(ratios)
-    predicted, lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (mean, min(ratios), max(ratios)))
+    early_mean = sum(early_ratios) / len(early_ratios)
+    predicted = (1.0 - dense - early) * mean + early * early_mean + dense * dense_ratio(k)
+    lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (min(ratios + early_ratios),
+                                                                    max(ratios + early_ratios)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
                           f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens to "
@@ -222,12 +243,15 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     return TargetSolution(policy, target, knobs, predicted, (lo, hi))
 
 
-def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], steps: int = PROJECTION_STEPS) -> list[float]:
+def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], early: bool = False,
+                      steps: int = PROJECTION_STEPS) -> list[float]:
     """Per-step train FLOPs / ``full`` of the planner's sparse steps (budgets at ``b_init``, its own
-    trained-block draws, each step projected onto its target)."""
+    trained-block draws, each step projected onto its target): those of its early phase (one block
+    more trained, ``early_frac``) or the others."""
     accepted = set(planner_options("alast"))
     opts = {k: v for k, v in options.items() if k in accepted}
     opts["dense_final_frac"] = 0.0
+    opts["early_frac"] = 0.5 if early else 0.0
     planner = create_planner("alast", cm.num_blocks, cost_model=cm, **opts)
     out = []
     for step in range(steps):

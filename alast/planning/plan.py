@@ -208,6 +208,7 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
         "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
         "time_method": tm, "target": target, "eval_tokens": cfg.policy.eval_tokens,
         "dense_final": _dense_final(cfg, plain.num_blocks),
+        "early_phase": _early_phase(cfg, plain.num_blocks, target),
         "policies": {name: _entry(p, full, cfg.policy.eval_tokens) for name, p in preds.items()},
     }
 
@@ -222,6 +223,17 @@ def _dense_final(cfg: AlastConfig, num_blocks: int) -> dict[str, Any] | None:
         return None
     return {"policy": p.name, "frac": p.dense_final_frac,
             "top_blocks": dense_final_top(num_blocks, p.dense_final_blocks), "num_blocks": num_blocks}
+
+
+def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | None) -> dict[str, Any] | None:
+    """ALaST's early phase (``policy.early_frac``), or None: its share of the steps and the blocks it trains."""
+    from planners.rules import default_k_trained
+
+    p = cfg.policy
+    if p.planner != "alast" or not p.early_frac:
+        return None
+    k = (target or {}).get("knobs", {}).get("k_trained") or p.k_trained or default_k_trained(num_blocks, p.freeze_mode)
+    return {"policy": p.name, "frac": p.early_frac, "trained": min(num_blocks, k + 1), "num_blocks": num_blocks}
 
 
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,

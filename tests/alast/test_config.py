@@ -82,3 +82,15 @@ def test_spare_first_takes_a_block_count_or_frozen(value, expected):
 def test_spare_first_refuses_anything_else_in_one_line(value):
     with pytest.raises(ConfigError, match=r"policy\.spare_first.*number of blocks \(0 or more\) or 'frozen'"):
         load_config(None, [f"policy.spare_first={value}"])
+
+
+def test_early_frac_needs_the_top_blocks_trained_and_room_before_the_dense_phase():
+    assert load_config(None, ["policy.early_frac=0.3"]).policy.early_frac == 0.3
+    with pytest.raises(ConfigError, match="early_frac trains the block below .* freeze_mode 'last', not 'sample'"):
+        load_config(None, ["policy.early_frac=0.3", "policy.freeze_mode=sample"])
+    with pytest.raises(ConfigError, match="their sum must stay below 1"):
+        load_config(None, ["policy.early_frac=0.7", "policy.dense_final_frac=0.3"])
+    with pytest.raises(ConfigError, match="early_frac"):
+        load_config(None, ["policy.early_frac=1.5"])
+    # another policy ignores it, as it ignores every alast knob
+    assert load_config(None, ["policy.name=full", "policy.early_frac=0.3", "policy.freeze_mode=sample"])

@@ -244,3 +244,40 @@ def test_trimmed_last_block_keeps_none_and_its_saving_buys_tokens(target):
         means[trim] = statistics.mean(kept[:80])  # the sparse steps
     assert means[True] > means[False]
     assert solve_target(CM, "alast", target, {**options, "trim_last": True}).knobs["trim_last"] is False
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_the_early_phase_trains_one_block_more_then_freezes_it_and_the_target_holds(target):
+    """``early_frac``: the first steps train k_trained + 1 blocks (the one below drops tokens like the
+    others), the rest k_trained with the frozen blocks spared; every step is held at the target."""
+    budgets, ratios = _run_on_noise(target, seed=0, spare_first="frozen", freeze_mode="last", dense_final_frac=0.3,
+                                    early_frac=0.25, steps=100)
+    k, L = 9, CM.num_blocks
+    early, rest = budgets[:25], budgets[25:70]
+    for budget in early:
+        assert budget.trained_blocks == tuple(range(L - k - 1, L))
+        assert budget.keep_ratios[:L - k - 1] == (1.0,) * (L - k - 1) and budget.keep_ratios[L - k - 1] < 1.0
+    for budget in rest:
+        assert budget.trained_blocks == tuple(range(L - k, L))
+        assert budget.keep_ratios[:L - k] == (1.0,) * (L - k)
+    sparse = ratios[:70]
+    assert statistics.mean(ratios[:25]) == pytest.approx(statistics.mean(ratios[25:70]), rel=0.03)
+    assert max(sparse) <= max(ratios[25:70]) * 1.03
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, "spare_first": "frozen", "freeze_mode": "last",
+                                             "dense_final_frac": 0.3, "early_frac": 0.25, "steps": 100})
+    assert sol.predicted_ratio == pytest.approx(statistics.mean(ratios), rel=0.02)
+
+
+def test_the_early_phase_is_validated():
+    from planners.target import TargetError
+
+    with pytest.raises(PlannerError, match="freeze_mode='last'"):
+        create_planner("alast", CM.num_blocks, early_frac=0.2, freeze_mode="sample")
+    with pytest.raises(PlannerError, match="dense final phase"):
+        create_planner("alast", CM.num_blocks, early_frac=0.7, dense_final_frac=0.3, freeze_mode="last")
+    with pytest.raises(TargetError, match="freeze_mode='last'"):
+        solve_target(CM, "alast", 0.5, {"min_tokens": 1, "early_frac": 0.2, "freeze_mode": "sample"})
+    # where every block already trains there is no block more to train: the early phase changes nothing
+    p = create_planner("alast", CM.num_blocks, early_frac=0.5, freeze_mode="last", k_trained=CM.num_blocks)
+    assert p.plan(0, 0.0).trained_blocks == p.plan(9, 0.9).trained_blocks == tuple(range(CM.num_blocks))
