@@ -220,3 +220,32 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "token_multiple" in res.output
+
+
+def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
+    """``policy.early_frac``: the first steps train the block below the top four too, and it drops tokens
+    like them; the counted run still lands on the target and the plan replays it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+
+    out = tmp_path / "early"
+    res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
+                                   "--set", "policy.early_frac=0.3", "--set", "policy.dense_final_frac=0.2",
+                                   "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["trained_blocks"] == [1, 2, 3, 4, 5] for r in records[:3])
+    assert all(r["kept_tokens"][0] == 64 and r["kept_tokens"][1] < 64 for r in records[:3])
+    assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["kept_tokens"][:2] == [64, 64] for r in records[3:8])
+    assert all(r["trained_blocks"] == [4, 5] for r in records[8:])
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["trace"]["train_flops_rel_error"]) < 1e-3
+    res = CliRunner().invoke(cli, ["plan", "--steps", "10", "--target-flops", "0.5", "--set", "policy.early_frac=0.3"])
+    assert res.exit_code == 0, res.output
+    assert "early phase: the first 30% of steps train the top 5 of 6 blocks" in res.output
