@@ -47,6 +47,9 @@ class DataConfig(_Section):
     augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
 
 
+EARLY_FRAC = 0.25  # policy.early_frac's default with freeze_mode 'last'
+
+
 class PolicyConfig(_Section):
     name: str = Field("alast", description="alast | full | freeze | tokens | random")
     rule: Literal["normalized", "paper"] = Field(
@@ -74,11 +77,13 @@ class PolicyConfig(_Section):
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
-    early_frac: float = Field(
-        0.0, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
+    early_frac: float | None = Field(
+        None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
         "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
-        "which then stays frozen; under a target those steps cost the same FLOPs (fewer tokens each), and the "
-        "run's peak memory rises by about one trained block's activations; 0: off")
+        "which then stays frozen; under a target those steps spend at most the others' FLOPs and save no more "
+        "activations than they do (fewer tokens each), and the others pay for the difference; without one "
+        f"they cost one trained block more; default: {EARLY_FRAC:g} under a FLOPs target with freeze_mode "
+        "'last', else 0 (off)")
     spare_first: int | Literal["frozen"] = Field(
         "frozen", description="alast, beyond the paper: the first N blocks keep every token (dropping starts "
         "after them; under a target the other blocks pay for it); 'frozen': with freeze_mode 'last', the "
@@ -138,15 +143,23 @@ class PolicyConfig(_Section):
             return "full"
         return self.name.removesuffix("+lora")
 
+    @property
+    def early_phase(self) -> float:
+        """``early_frac``, resolved: unset means :data:`EARLY_FRAC` under a FLOPs target with freeze_mode
+        'last' (the target's cost model holds the phase's FLOPs and memory), else 0."""
+        if self.early_frac is not None:
+            return self.early_frac
+        return EARLY_FRAC if self.freeze_mode == "last" and self.target_flops is not None else 0.0
+
     @model_validator(mode="after")
     def _early_phase(self) -> "PolicyConfig":
-        if self.planner == "alast" and self.early_frac:
+        if self.planner == "alast" and self.early_phase:
             if self.freeze_mode != "last":
                 raise ValueError(f"early_frac trains the block below the top k_trained ones: it needs "
                                  f"freeze_mode 'last', not {self.freeze_mode!r}")
-            if self.early_frac + self.dense_final_frac >= 1.0:
-                raise ValueError(f"early_frac ({self.early_frac:g}) and dense_final_frac ({self.dense_final_frac:g}) "
-                                 "must leave steps between them: their sum must stay below 1")
+            if self.early_phase + self.dense_final_frac >= 1.0:
+                raise ValueError(f"early_frac ({self.early_phase:g}) and dense_final_frac ({self.dense_final_frac:g}) "
+                                 "must leave steps between them: their sum must stay below 1; lower either")
         return self
 
     @model_validator(mode="after")
@@ -314,7 +327,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 # Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
 # was trained with the value here, and is read back with it (export, evaluation and resume).
 EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention",
-                                                           "trim_last": False, "spare_first": 0}}
+                                                           "trim_last": False, "spare_first": 0, "early_frac": 0.0}}
 
 
 def build_run_config(data: dict[str, Any]) -> AlastConfig:

@@ -60,7 +60,7 @@ def policy_config(model: str, batch: int, policy: str, target: float | None, arg
     sets = [f"model.name={model}", "model.pretrained=false", f"data.spec=random:{CLASSES}",
             f"train.batch_size={batch}", f"backend.device={args.device}", f"backend.precision={args.precision}",
             "train.lr=1e-4", f"policy.name={'full' if policy == 'full' else 'alast'}",
-            "policy.dense_final_frac=0"]  # every timed step is a sparse step at the target
+            "policy.dense_final_frac=0", "policy.early_frac=0"]  # every timed step is a sparse step at the target
     if target is not None:
         sets.append(f"policy.target_flops={target}")
     if policy.startswith("alast"):  # the planner rounds (and solves the target) as the runtime does

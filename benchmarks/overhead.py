@@ -174,9 +174,12 @@ def alast_setup(args) -> tuple[AlastConfig, float, dict]:
     """The alast policy's config, the dense final phase's share of a run, and the planner overrides:
     with --target-flops, the solver's knobs and cost model (as `alast train` uses them)."""
     if args.target_flops is None:
-        cfg = AlastConfig.model_validate({"model": {"name": args.model}, "policy": {"dense_final_frac": 0.0}})
+        cfg = AlastConfig.model_validate({"model": {"name": args.model},
+                                          "policy": {"dense_final_frac": 0.0, "early_frac": 0.0}})
         return cfg, 0.0, json.loads(args.policy_kw)
-    cfg = AlastConfig.model_validate({"model": {"name": args.model}, "policy": {"target_flops": args.target_flops},
+    # the timed sparse steps are the ones after the early phase (policy.early_frac: off here)
+    cfg = AlastConfig.model_validate({"model": {"name": args.model},
+                                      "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
                                       "train": {"steps": args.steps, "batch_size": args.batch_size},
                                       "backend": {"device": args.device, "precision": args.precision}})
     knobs, _ = solve_target(cfg)

@@ -47,7 +47,8 @@ def run_rule(model_name: str, rule: str, steps: int, batch: int, lr: float, seed
                       freeze_embeddings=policy.embeddings_frozen, token_select=policy.token_select,
                       token_score=policy.token_score, seed=seed)
     planner = create_planner("alast", rt.num_blocks, rule=rule, alpha=lr, seed=seed, freeze_mode=freeze_mode,
-                             trim_last=policy.trim_last and head_reads_prefix(model), spare_first=policy.spare_first)
+                             trim_last=policy.trim_last and head_reads_prefix(model), spare_first=policy.spare_first,
+                             early_frac=policy.early_phase)
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=True)
     budgets, flops, t0 = [], 0.0, time.perf_counter()

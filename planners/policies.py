@@ -239,6 +239,12 @@ class AlastPlanner:
                                             token_multiple=self.token_multiple))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
+        # under a target the early steps save no more activations than the others do at b_init
+        self.early_act_cap = None
+        if self.projection is not None and self.k_early > self.k_trained:
+            main = tuple(i >= num_blocks - self.k_trained for i in range(num_blocks))
+            ratios = self.projection.project(self.budgets, main, self.spare_first, self.trim_last)
+            self.early_act_cap = self.projection.cost(ratios, main).act_bytes
         self.shares = rules.ShareState()
         # With freeze_mode 'last' the trained top blocks' CLS changes grow as they train while the
         # frozen ones' cannot: the normalized rule compares each block with its own kind only.
@@ -266,8 +272,8 @@ class AlastPlanner:
                 return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
             ratios = dense
         elif self.projection is not None:
-            spare = self.spare_early if early else self.spare_first
-            ratios = self.projection.project(budgets, trained, spare, self.trim_last)
+            spare, cap = (self.spare_early, self.early_act_cap) if early else (self.spare_first, None)
+            ratios = self.projection.project(budgets, trained, spare, self.trim_last, cap)
         else:
             spare = self.spare_early if early else self.spare_first
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last

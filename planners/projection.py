@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .costmodel import CostModel
 from .rules import kept_token_counts
-from .simulate import StepShape, full_step_flops, step_cost
+from .simulate import StepCost, StepShape, full_step_flops, step_cost
 
 BUDGET_FLOOR = 0.01  # lowest keep ratio a projection (or the target solver) uses
 _SHIFT_TOLERANCE = 1e-7
@@ -55,31 +55,38 @@ class TargetProjection:
         self.token_multiple = int(token_multiple)
         self.floor = float(floor)
         self.full_flops = full_step_flops(cm)
-        self._cache: dict[tuple[tuple[int, ...], tuple[bool, ...]], float] = {}
+        self._cache: dict[tuple[tuple[int, ...], tuple[bool, ...]], StepCost] = {}
 
-    def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
-        """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
+    def cost(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> StepCost:
+        """One sample's step with these keep ratios and trained blocks."""
         tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
         key = (tout, tuple(trained))
         if key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
-            self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1).train_flops / self.full_flops
+            self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1)
         return self._cache[key]
 
+    def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
+        """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
+        return self.cost(keep_ratios, trained).train_flops / self.full_flops
+
     def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0,
-                trim_last: bool = False) -> tuple[float, ...]:
+                trim_last: bool = False, max_act_bytes: float | None = None) -> tuple[float, ...]:
         """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target; the
         first ``spare_first`` blocks keep every token whatever the shift, and with ``trim_last`` the
-        last block keeps none (ratio 0: ``min_tokens`` of them)."""
+        last block keeps none (ratio 0: ``min_tokens`` of them). ``max_act_bytes``: the shift also
+        keeps the activations one sample saves for the backward within it."""
         trained, m = tuple(trained), int(spare_first)
         last = (0.0,) if trim_last else ()
         rest = tuple(budgets[m:len(budgets) - len(last)])
 
-        def ratio(r: tuple[float, ...]) -> float:
-            return self.ratio((1.0,) * m + r + last, trained)
+        def load(r: tuple[float, ...]) -> float:  # the step's share of its limits; 1: at the tighter one
+            cost = self.cost((1.0,) * m + r + last, trained)
+            flops = cost.train_flops / self.full_flops / self.target
+            return flops if max_act_bytes is None else max(flops, cost.act_bytes / max_act_bytes)
 
         if not rest:
             return (1.0,) * m + last
-        c = common_shift(ratio, rest, self.target, self.floor)
+        c = common_shift(load, rest, 1.0, self.floor)
         return (1.0,) * m + shifted(rest, c, self.floor) + last

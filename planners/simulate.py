@@ -72,6 +72,7 @@ class StepCost:
     select_blocks: int
     bwd_blocks: int
     bwd_peak_bytes: float  # activations + gradients in flight at the backward's peak
+    act_bytes: float  # the activations the blocks save for the backward
     grad_bytes: float
     opt_temp_bytes: float
     trained_params: tuple[int, ...]  # per block, 0 when frozen
@@ -120,7 +121,7 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
     peak = _backward_peak(cm, states, shape, acts, batch, n_final)
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest
-    return StepCost(fwd, bwd, select_blocks, bwd_blocks, peak, float(grad), float(opt_temp),
+    return StepCost(fwd, bwd, select_blocks, bwd_blocks, peak, float(sum(acts)), float(grad), float(opt_temp),
                     tuple(trained_params), tuple(per_block))
 
 

@@ -34,6 +34,7 @@ from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
 PROJECTION_STEPS = 64  # sparse steps the solver simulates to predict the projected ratio
+EARLY_ROUNDS = 8  # secant steps on the sparse steps' target that pay for a memory-bound early phase
 
 
 class TargetError(PlannerError):
@@ -224,16 +225,32 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
                           f"(policy.early_frac={early_frac:g}): training k_trained+1={min(L, k + 1)} blocks costs "
                           f"{sparse_ratio(BUDGET_FLOOR, min(L, k + 1)):.3f}x per step at the floor, above the "
                           f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
-    # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
-    per_step = sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
-    knobs = {"k_trained": k, "target_flops": per_step, "b_init": float(options.get("b_init", B_INIT)),
+    knobs = {"k_trained": k, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": mt, "trim_last": trim}
-    ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
-    early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
-    mean = sum(ratios) / len(ratios)
-    early_mean = sum(early_ratios) / len(early_ratios)
-    predicted = (1.0 - dense - early) * mean + early * early_mean + dense * dense_ratio(k)
+
+    def predict(sparse_target: float) -> tuple[float, list[float], list[float]]:
+        # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
+        knobs["target_flops"] = (sparse_target if full == full_step_flops(cm)
+                                 else sparse_target * full / full_step_flops(cm))
+        ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
+        early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
+        mean, early_mean = sum(ratios) / len(ratios), sum(early_ratios) / len(early_ratios)
+        return (1.0 - dense - early) * mean + early * early_mean + dense * dense_ratio(k), ratios, early_ratios
+
+    predicted, ratios, early_ratios = predict(sparse_target)
+    if early:
+        # The early steps save no more activations than the others, so they spend less: the other
+        # sparse steps' target rises (and the early steps' cap with it) until the total is on target.
+        points = [(sparse_target, predicted)]
+        for _ in range(EARLY_ROUNDS):
+            (s0, p0), (s1, p1) = points[-2:] if len(points) > 1 else (points[0], points[0])
+            if _miss(p1, target) < 1e-3:
+                break
+            slope = (p1 - p0) / (s1 - s0) if s1 != s0 and p1 != p0 else 1.0 - dense
+            sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
+            predicted, ratios, early_ratios = predict(sparse_target)
+            points.append((sparse_target, predicted))
     lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (min(ratios + early_ratios),
                                                                     max(ratios + early_ratios)))
     if _miss(predicted, target) > TARGET_TOLERANCE:

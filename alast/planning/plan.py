@@ -230,10 +230,10 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
     from planners.rules import default_k_trained
 
     p = cfg.policy
-    if p.planner != "alast" or not p.early_frac:
+    if p.planner != "alast" or not p.early_phase:
         return None
     k = (target or {}).get("knobs", {}).get("k_trained") or p.k_trained or default_k_trained(num_blocks, p.freeze_mode)
-    return {"policy": p.name, "frac": p.early_frac, "trained": min(num_blocks, k + 1), "num_blocks": num_blocks}
+    return {"policy": p.name, "frac": p.early_phase, "trained": min(num_blocks, k + 1), "num_blocks": num_blocks}
 
 
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,

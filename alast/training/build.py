@@ -61,7 +61,7 @@ def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False) -> dict[st
                   b_max=p.b_max, k_trained=p.k_trained, freeze_mode=p.freeze_mode,
                   delta_reduction=p.delta_reduction, min_tokens=p.min_tokens, keep_ratio=p.keep_ratio,
                   dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks, rule=p.rule,
-                  gain=p.gain, ema=p.ema, spare_first=p.spare_first, early_frac=p.early_frac,
+                  gain=p.gain, ema=p.ema, spare_first=p.spare_first, early_frac=p.early_phase,
                   token_multiple=cfg.backend.token_multiple, trim_last=p.trim_last and head_reads_prefix,
                   seed=cfg.train.seed)
     accepted = set(planner_options(p.planner))

@@ -187,9 +187,11 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     # every token, but the last block's patch tokens, which the head never reads (policy.trim_last)
     assert all(r["kept_tokens"][:-1] == r["tokens_in"][:-1] and r["kept_tokens"][-1] == 1 for r in records[8:])
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
-    # the phase trains the top 2 of 6 blocks; the other steps the top 4; the embeddings stay frozen
+    # the phase trains the top 2 of 6 blocks; the other steps the top 4, the first 25% (policy.early_frac,
+    # on by default under a target) the top 5; the embeddings stay frozen
     assert all(r["trained_blocks"] == [4, 5] and r["embeddings_trained"] is False for r in records[8:])
-    assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["embeddings_trained"] is False for r in records[:8])
+    assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["embeddings_trained"] is False for r in records[3:8])
+    assert all(r["trained_blocks"] == [1, 2, 3, 4, 5] and r["embeddings_trained"] is False for r in records[:3])
     # it ends on every token, so the run deploys every token
     assert summary["eval_kept_tokens"] is None and summary["token_schedule"] is None
     # the token-heavier dense phase is measured too, so the reported peak covers it
@@ -233,19 +235,21 @@ def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
 
     out = tmp_path / "early"
     res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
-                                   "--set", "policy.early_frac=0.3", "--set", "policy.dense_final_frac=0.2",
+                                   "--set", "policy.early_frac=0.4", "--set", "policy.dense_final_frac=0.2",
                                    "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["trained_blocks"] == [1, 2, 3, 4, 5] for r in records[:3])
-    assert all(r["kept_tokens"][0] == 64 and r["kept_tokens"][1] < 64 for r in records[:3])
-    assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["kept_tokens"][:2] == [64, 64] for r in records[3:8])
+    assert all(r["trained_blocks"] == [1, 2, 3, 4, 5] for r in records[:4])
+    assert all(r["kept_tokens"][0] == 64 and r["kept_tokens"][1] < 64 for r in records[:4])
+    assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["kept_tokens"][:2] == [64, 64] for r in records[4:8])
     assert all(r["trained_blocks"] == [4, 5] for r in records[8:])
     res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(json.loads(res.stdout)["trace"]["train_flops_rel_error"]) < 1e-3
-    res = CliRunner().invoke(cli, ["plan", "--steps", "10", "--target-flops", "0.5", "--set", "policy.early_frac=0.3"])
+    res = CliRunner().invoke(cli, ["plan", "--steps", "10", "--target-flops", "0.5"])
     assert res.exit_code == 0, res.output
-    assert "early phase: the first 30% of steps train the top 5 of 6 blocks" in res.output
+    assert "early phase: the first 25% of steps train the top 5 of 6 blocks" in res.output
+    res = CliRunner().invoke(cli, ["plan", "--steps", "10"])  # without a target it is off unless set
+    assert res.exit_code == 0 and "early phase" not in res.output, res.output
