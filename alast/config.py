@@ -47,7 +47,7 @@ class DataConfig(_Section):
     augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
 
 
-EARLY_FRAC = 0.25  # policy.early_frac's default with freeze_mode 'last'
+EARLY_FRAC = 0.3  # policy.early_frac's default with freeze_mode 'last'
 
 
 class PolicyConfig(_Section):
@@ -71,7 +71,7 @@ class PolicyConfig(_Section):
     delta_reduction: Literal["mean", "sum"] = "mean"
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
-        0.35, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
+        0.3, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
         "and train only the top blocks (policy.dense_final_blocks); 0: the paper's rule")
     dense_final_blocks: int | Literal["auto", "sampled"] = Field(
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "

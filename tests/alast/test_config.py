@@ -87,7 +87,7 @@ def test_spare_first_refuses_anything_else_in_one_line(value):
 def test_early_frac_needs_the_top_blocks_trained_and_room_before_the_dense_phase():
     assert load_config(None, ["policy.early_frac=0.2"]).policy.early_phase == 0.2
     # unset: on under a FLOPs target with the top blocks trained, off otherwise
-    assert load_config(None, ["policy.target_flops=0.5"]).policy.early_phase == 0.25
+    assert load_config(None, ["policy.target_flops=0.5"]).policy.early_phase == 0.3
     assert load_config(None, []).policy.early_phase == 0.0
     assert load_config(None, ["policy.target_flops=0.5", "policy.freeze_mode=sample"]).policy.early_phase == 0.0
     with pytest.raises(ConfigError, match="early_frac trains the block below .* freeze_mode 'last', not 'sample'"):

@@ -168,7 +168,7 @@ def test_plan_before_training_names_the_schedule():
     res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
     out = json.loads(res.stdout)
     assert out["policies"]["alast"]["eval_kept_tokens"] is None
-    assert out["dense_final"] == {"policy": "alast", "frac": 0.35, "top_blocks": 2, "num_blocks": 6}
+    assert out["dense_final"] == {"policy": "alast", "frac": 0.3, "top_blocks": 2, "num_blocks": 6}
 
 
 def test_a_fused_run_is_evaluated_and_exported_with_fusion(tmp_path):

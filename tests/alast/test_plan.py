@@ -187,7 +187,7 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     # every token, but the last block's patch tokens, which the head never reads (policy.trim_last)
     assert all(r["kept_tokens"][:-1] == r["tokens_in"][:-1] and r["kept_tokens"][-1] == 1 for r in records[8:])
     assert any(r["kept_tokens"] != r["tokens_in"] for r in records[:8])
-    # the phase trains the top 2 of 6 blocks; the other steps the top 4, the first 25% (policy.early_frac,
+    # the phase trains the top 2 of 6 blocks; the other steps the top 4, the first 30% (policy.early_frac,
     # on by default under a target) the top 5; the embeddings stay frozen
     assert all(r["trained_blocks"] == [4, 5] and r["embeddings_trained"] is False for r in records[8:])
     assert all(r["trained_blocks"] == [2, 3, 4, 5] and r["embeddings_trained"] is False for r in records[3:8])
@@ -250,6 +250,6 @@ def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
     assert abs(json.loads(res.stdout)["trace"]["train_flops_rel_error"]) < 1e-3
     res = CliRunner().invoke(cli, ["plan", "--steps", "10", "--target-flops", "0.5"])
     assert res.exit_code == 0, res.output
-    assert "early phase: the first 25% of steps train the top 5 of 6 blocks" in res.output
+    assert "early phase: the first 30% of steps train the top 5 of 6 blocks" in res.output
     res = CliRunner().invoke(cli, ["plan", "--steps", "10"])  # without a target it is off unless set
     assert res.exit_code == 0 and "early phase" not in res.output, res.output
