@@ -152,7 +152,7 @@ class PolicyConfig(_Section):
         return EARLY_FRAC if self.freeze_mode == "last" and self.target_flops is not None else 0.0
 
     @model_validator(mode="after")
-    def _early_phase(self) -> "PolicyConfig":
+    def _early_phase(self) -> PolicyConfig:
         if self.planner == "alast" and self.early_phase:
             if self.freeze_mode != "last":
                 raise ValueError(f"early_frac trains the block below the top k_trained ones: it needs "

@@ -286,7 +286,10 @@ def _floor_message(cm: CostModel, policy: str, target: float, floor: float, mt: 
     block = [sum(b) for b in cost.per_block]
     wide, rest = sum(block[:full_width]), sum(block[full_width:])
     other = cost.train_flops - wide - rest
-    blocks = lambda a, b: f"block {a}" if a == b else f"blocks {a}-{b}"  # noqa: E731
+
+    def blocks(a: int, b: int) -> str:
+        return f"block {a}" if a == b else f"blocks {a}-{b}"
+
     see = "sees" if full_width == 1 else "see"
     parts = [(wide, f"{blocks(0, full_width - 1)}, which {see} all {N} patch tokens"),
              (other, "the patch embedding and head")]
