@@ -160,8 +160,11 @@ class AlastPlanner:
     ``early_frac`` (beyond the paper; progressive freezing as in FreezeOut, Brock et al. 2017), with
     ``freeze_mode='last'``: the first fraction of training trains ``k_trained + 1`` blocks, the one
     below the top ``k_trained`` too (with ``'frozen'`` sparing, it then drops tokens like the others),
-    which then stays frozen. Under a target its steps cost the same FLOPs as the others (fewer tokens
-    each); they hold one trained block more, so the run's peak memory rises.
+    which then stays frozen. Under a target its steps spend at most the others' per-step FLOPs and
+    save no more activations for the backward than an other sparse step does at ``b_init``
+    (``early_act_cap``, from the cost model), so each keeps fewer tokens; the target solver raises
+    the other steps' target to pay for what they do not spend. Without a target they cost one
+    trained block more.
 
     ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
     tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
