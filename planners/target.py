@@ -218,6 +218,10 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         if dense:
             why += (f"; its dense final phase (policy.dense_final_frac={frac:g}) costs {dense_ratio(k):.3f}x per "
                     "step: lower dense_final_frac or set it to 0")
+        if early and sparse_ratio(BUDGET_FLOOR, min(L, k + 1)) > sparse_ratio(BUDGET_FLOOR, k):
+            why += (f"; its early phase (policy.early_frac={early_frac:g}) trains {min(L, k + 1)} blocks, "
+                    f"{sparse_ratio(BUDGET_FLOOR, min(L, k + 1)):.3f}x per step at the floor: lower early_frac or "
+                    "set it to 0")
         raise TargetError(why)
     sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
     if early and sparse_ratio(BUDGET_FLOOR, min(L, k + 1)) > sparse_target * (1 + TARGET_TOLERANCE):

@@ -282,6 +282,9 @@ def test_the_early_phase_is_validated():
         create_planner("alast", CM.num_blocks, early_frac=0.7, dense_final_frac=0.3, freeze_mode="last")
     with pytest.raises(TargetError, match="freeze_mode='last'"):
         solve_target(CM, "alast", 0.5, {"min_tokens": 1, "early_frac": 0.2, "freeze_mode": "sample"})
+    # a target out of reach with the phase names it
+    with pytest.raises(TargetError, match=r"early phase \(policy.early_frac=0.3\) trains 2 blocks, .* set it to 0"):
+        solve_target(CM, "alast", 0.3, {"min_tokens": 100, "freeze_mode": "last", "k_trained": 1, "early_frac": 0.3})
     # where every block already trains there is no block more to train: the early phase changes nothing
     p = create_planner("alast", CM.num_blocks, early_frac=0.5, freeze_mode="last", k_trained=CM.num_blocks)
     assert p.plan(0, 0.0).trained_blocks == p.plan(9, 0.9).trained_blocks == tuple(range(CM.num_blocks))
