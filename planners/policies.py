@@ -255,7 +255,7 @@ class AlastPlanner:
                              if freeze_mode == "last" else None)
 
     def plan(self, step: int, progress: float) -> Budget:
-        early = progress < self.early_frac
+        early = rules.in_early(progress, self.early_frac)
         if self.freeze_mode == "topk":
             chosen = rules.top_k_indices(self.budgets, self.k_trained)
         elif self.freeze_mode == "last":

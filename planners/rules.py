@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _EPS = 1e-9
@@ -234,17 +234,26 @@ def in_dense_final(progress: float, frac: float) -> bool:
     return frac > 0 and progress >= 1.0 - frac
 
 
-def early_share(frac: float, steps: int | None = None) -> float:
-    """The share of a run's steps in its early phase (``policy.early_frac``: the steps with
-    ``step / steps < frac``), counted over ``steps`` steps, or ``frac`` when they are not known."""
+def in_early(progress: float, frac: float) -> bool:
+    """Whether a step at ``progress`` (step / steps) belongs to an early phase of share ``frac``
+    (``policy.early_frac``)."""
+    return progress < frac
+
+
+def phase_share(in_phase: Callable[[float, float], bool], frac: float, steps: int | None = None) -> float:
+    """The share of a run's steps in a phase of share ``frac``: exactly as ``in_phase``
+    (:func:`in_dense_final`, :func:`in_early`) counts them over ``steps`` steps (a short run rounds
+    it), or ``frac`` when the steps are not known."""
     if not steps:
         return float(frac)
-    return sum(s / steps < frac for s in range(steps)) / steps
+    return sum(in_phase(s / steps, frac) for s in range(steps)) / steps
+
+
+def early_share(frac: float, steps: int | None = None) -> float:
+    """The share of a run's steps in its early phase (:func:`phase_share`)."""
+    return phase_share(in_early, frac, steps)
 
 
 def dense_final_share(frac: float, steps: int | None = None) -> float:
-    """The share of a run's steps in its dense final phase: exactly as :func:`in_dense_final` counts
-    them over ``steps`` steps (a short run rounds it), or ``frac`` when the steps are not known."""
-    if not steps:
-        return float(frac)
-    return sum(in_dense_final(s / steps, frac) for s in range(steps)) / steps
+    """The share of a run's steps in its dense final phase (:func:`phase_share`)."""
+    return phase_share(in_dense_final, frac, steps)

@@ -205,6 +205,8 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     while k > 1 and fn(BUDGET_FLOOR, k) > target and fn(BUDGET_FLOOR, k - 1) < fn(BUDGET_FLOOR, k):
         k -= 1
     floor = fn(BUDGET_FLOOR, k)
+    k_early = min(L, k + 1)  # blocks the early steps train
+    early_floor = sparse_ratio(BUDGET_FLOOR, k_early) if early else 0.0
     if floor > target * (1 + TARGET_TOLERANCE):
         spare = spared_blocks(spare_setting, L, k, mode)
         ratios = [1.0] * spare + [BUDGET_FLOOR] * (L - spare - trim) + [0.0] * trim
@@ -218,16 +220,15 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         if dense:
             why += (f"; its dense final phase (policy.dense_final_frac={frac:g}) costs {dense_ratio(k):.3f}x per "
                     "step: lower dense_final_frac or set it to 0")
-        if early and sparse_ratio(BUDGET_FLOOR, min(L, k + 1)) > sparse_ratio(BUDGET_FLOOR, k):
-            why += (f"; its early phase (policy.early_frac={early_frac:g}) trains {min(L, k + 1)} blocks, "
-                    f"{sparse_ratio(BUDGET_FLOOR, min(L, k + 1)):.3f}x per step at the floor: lower early_frac or "
-                    "set it to 0")
+        if early and early_floor > sparse_ratio(BUDGET_FLOOR, k):
+            why += (f"; its early phase (policy.early_frac={early_frac:g}) trains {k_early} blocks, "
+                    f"{early_floor:.3f}x per step at the floor: lower early_frac or set it to 0")
         raise TargetError(why)
     sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
-    if early and sparse_ratio(BUDGET_FLOOR, min(L, k + 1)) > sparse_target * (1 + TARGET_TOLERANCE):
+    if early and early_floor > sparse_target * (1 + TARGET_TOLERANCE):
         raise TargetError(f"target {target:g}x full FLOPs is out of reach for policy {policy!r} with its early phase "
-                          f"(policy.early_frac={early_frac:g}): training k_trained+1={min(L, k + 1)} blocks costs "
-                          f"{sparse_ratio(BUDGET_FLOOR, min(L, k + 1)):.3f}x per step at the floor, above the "
+                          f"(policy.early_frac={early_frac:g}): training k_trained+1={k_early} blocks costs "
+                          f"{early_floor:.3f}x per step at the floor, above the "
                           f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
     knobs = {"k_trained": k, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
