@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 COST_MODEL_FORMAT = "alast-cost-model"
-COST_MODEL_VERSION = 2  # 2: DropCost (tokens selected inside the block)
+COST_MODEL_VERSION = 3  # 2: DropCost (tokens selected inside the block); 3: backward transients by batch and kept tokens
+READABLE_VERSIONS = (2, 3)  # a version-2 model reads as before: transients ``(g, c)``, none for a selecting block
 BACKWARD_STATES = ("weights_and_input", "weights_only", "input_only", "none")
 
 Poly = tuple[float, ...]
@@ -80,6 +81,19 @@ class DropCost:
     fwd_flops: Poly2
     bwd_flops: dict[str, Poly2]
     act_bytes: dict[str, Poly2]
+    transient_bytes: dict[str, Poly] | None = None
+
+    def transient(self, state: str, n_in: float, n_out: float, batch: int) -> float | None:
+        """Bytes the backward allocates at its peak beyond what was alive when it started (what the
+        block saved, its input, the gradient arriving at its output), ``c0 + batch * max(a0 + a_in
+        n_in + a_out n_out, b0 + b_in n_in + b_out n_out)``: the gradients of every entering token's
+        keys and values (the first plane; it falls with the kept tokens, whose saved tensors are
+        freed by then) or those of the kept tokens' MLP (the second). None where not profiled
+        (a version-2 cost model)."""
+        if self.transient_bytes is None:
+            return None
+        c0, a0, a_in, a_out, b0, b_in, b_out = self.transient_bytes[state]
+        return c0 + batch * max(a0 + a_in * n_in + a_out * n_out, b0 + b_in * n_in + b_out * n_out)
 
 
 @dataclass(frozen=True)
@@ -93,9 +107,11 @@ class BlockCost:
     act_bytes[state]: tensors autograd saves for the backward (parameters excluded).
     select_act_bytes: what token selection keeps alive, per entering token (the block's full output,
         which ``gather`` saves) and ``select_index_bytes`` per kept token (the int64 indices).
-    transient_bytes[state]: ``(g, c)``: extra bytes alive at the peak of the block's backward
-        (gradients in flight), ``max(g, batch * n * c)``: the weight gradients dominate small inputs,
-        activation gradients large ones.
+    transient_bytes[state]: ``(g, c, c0)``: bytes the block's backward allocates at its peak beyond
+        what was alive when it started (gradients in flight), ``max(g, c0 + batch * n * c)``: the
+        weight gradients dominate small inputs (``g``), activation gradients large ones (``c`` per
+        token and sample, ``c0`` what does not grow with the batch). A version-2 model has
+        ``(g, c)``: ``c0`` is 0.
     """
 
     index: int
@@ -125,8 +141,18 @@ class BlockCost:
     def transient(self, state: str, n: float, batch: int) -> float:
         if state == "none":
             return 0.0
-        g, c = self.transient_bytes[state]
-        return max(g, batch * n * c)
+        g, c, *rest = self.transient_bytes[state]
+        return max(g, (rest[0] if rest else 0.0) + batch * n * c)
+
+    def dropping_transient(self, state: str, n_in: float, n_out: float, batch: int) -> float:
+        """:meth:`transient` of the block when it keeps ``n_out`` of the ``n_in`` tokens entering it
+        (prefix included), from its :class:`DropCost` where profiled, else that of the whole block."""
+        if state == "none":
+            return 0.0
+        t = self.drop.transient(state, n_in, n_out, batch) if self.drop is not None else None
+        if t is None:
+            return self.transient(state, n_in, batch)
+        return max(self.transient_bytes[state][0], t)
 
     def dropping(self, state: str, n_in: float, n_out: float) -> tuple[float, float, float, float]:
         """``(forward, backward, scores, saved bytes)`` per sample when the block keeps ``n_out`` of
@@ -264,7 +290,9 @@ class CostModel:
             "polynomials": "[c0, c1, c2] = c0 + c1*n + c2*n^2, n = tokens entering the block incl. prefix",
             "drop": "[c0, c_in, c_out, c_io] = c0 + c_in*n_in + c_out*n_out + c_io*n_in*n_out, tokens entering and "
                     "leaving a block that selects inside (null: the block runs whole, then drops)",
-            "bytes": "bytes; act_bytes per sample (polynomial), transient_bytes [g, c] = max(g, batch*n*c)",
+            "bytes": "bytes; act_bytes per sample (polynomial), transient_bytes [g, c, c0] = max(g, c0 + batch*n*c); "
+                     "drop transient_bytes [c0, a0, a_in, a_out, b0, b_in, b_out] = c0 + batch*max(a0 + a_in*n_in "
+                     "+ a_out*n_out, b0 + b_in*n_in + b_out*n_out), at least the block's g",
         }
         return d
 
@@ -278,9 +306,10 @@ class CostModel:
     def from_dict(cls, d: dict[str, Any]) -> "CostModel":
         if not isinstance(d, dict) or d.get("format") != COST_MODEL_FORMAT:
             raise CostModelError("not an alast cost model (no 'format: alast-cost-model'); make one with `alast profile`")
-        if d.get("version") != COST_MODEL_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise CostModelError(f"cost model version {d.get('version')} is not supported (this alast reads "
-                                 f"version {COST_MODEL_VERSION}); re-run `alast profile {d.get('model', 'MODEL')}`")
+                                 f"versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                                 f"re-run `alast profile {d.get('model', 'MODEL')}`")
         try:
             blocks = tuple(_block(b) for b in d["blocks"])
             time = d.get("time")
@@ -312,8 +341,13 @@ def _block(b: dict[str, Any]) -> BlockCost:
 
 
 def _drop(d: dict[str, Any]) -> DropCost:
+    transient = d.get("transient_bytes")
+    if transient is not None:
+        transient = {k: _poly(v) for k, v in transient.items()}
+        if any(len(v) != 7 for v in transient.values()):
+            raise ValueError("a selecting block's transient_bytes has 7 coefficients")
     return DropCost(fwd_flops=_poly2(d["fwd_flops"]), bwd_flops={k: _poly2(v) for k, v in d["bwd_flops"].items()},
-                    act_bytes={k: _poly2(v) for k, v in d["act_bytes"].items()})
+                    act_bytes={k: _poly2(v) for k, v in d["act_bytes"].items()}, transient_bytes=transient)
 
 
 def _segment(s: dict[str, Any]) -> SegmentCost:

@@ -129,14 +129,19 @@ def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: lis
                    n_final: int) -> float:
     """Bytes alive at the worst moment of the backward, walking it from the head down: the
     activations not yet consumed, the gradients of the blocks already done, and the block's own
-    gradients in flight."""
-    base = cm.embed.act_bytes[0] * batch + poly(cm.head.act_bytes, n_final) * batch
+    gradients in flight (the one arriving at its output and what its backward allocates)."""
+    p, grad_bytes = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 gradient, per token
+    embed = cm.embed.act_bytes[0] * batch
     remaining = sum(acts)
     grads_done = float(cm.head.trainable_bytes)
-    peak = base + remaining + grads_done
+    peak = embed + poly(cm.head.act_bytes, n_final) * batch + remaining + grads_done
     for i in reversed(range(len(cm.blocks))):
         blk, state = cm.blocks[i], states[i]
-        peak = max(peak, base + remaining + grads_done + blk.transient(state, cm.num_prefix_tokens + shape.tokens_in[i], batch))
+        if state != "none":
+            n_in, n_out = p + shape.tokens_in[i], p + shape.kept_tokens[i]
+            transient = (blk.dropping_transient(state, n_in, n_out, batch) if n_out < n_in
+                         else blk.transient(state, n_in, batch))
+            peak = max(peak, embed + remaining + grads_done + n_out * grad_bytes + transient)
         remaining -= acts[i]
         if shape.trained[i]:
             grads_done += blk.trainable_bytes

@@ -126,32 +126,115 @@ def _param_ids(model: nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
-def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int]
-               ) -> tuple[float, float]:
-    """``(g, c)``: bytes in flight at the peak of the block's backward ~ ``max(g, batch * n * c)``.
+TRANSIENT_BATCHES = (4, 16)  # the batches the backward transients are measured at (they are linear in it)
 
-    Small inputs peak while the weight gradients are allocated (``g``, measured at batch 1 and the
-    fewest tokens); large ones while activation gradients are (``c`` per token and sample, measured at
-    batch 4 and all tokens).
-    """
+
+class _Call(nn.Module):
+    """``fn(x)`` as a module owning ``block``: MemTracker refuses a module called twice at top level,
+    and a selecting block calls its attention's q/k norms twice."""
+
+    def __init__(self, block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.block, self.fn = block, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.block, x)
+
+
+def _backward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                     state: str, x: torch.Tensor) -> float:
+    """Bytes the backward of ``fn(block, x)`` allocates at its peak beyond what was alive when it
+    started (the saved tensors, the input, the gradient arriving at the output), by torch's
+    MemTracker; ``x`` enters as an activation, as it does inside a model."""
     from runtimes.torch_backend.memory import frozen_aware_mem_tracker
 
     weights, inp = _STATES[state]
-    ys = []
-    for batch, n in ((1, ns[0]), (4, ns[-1])):
-        _set_grad(params, weights)
-        x = torch.randn(batch, n, dim).requires_grad_(inp)
-        out, saved = _saved_bytes(lambda: block(x), _param_ids(block))  # noqa: B023
-        del out
-        mt = frozen_aware_mem_tracker()
-        mt.track_external(block)
-        with mt:
-            out = block(x)
-            out.backward(torch.ones_like(out))
-        snap = next(iter(mt.get_tracker_snapshot("peak").values()))
-        total = sum(v for k, v in snap.items() if "PARAM" not in str(k) and "BUFFER" not in str(k) and k != "Total")
-        ys.append(max(0.0, float(total - saved - 2 * x.numel() * x.element_size())))
-    return ys[0], ys[1] / (4 * ns[-1])
+    _set_grad(params, weights)
+    leaf = x.requires_grad_(inp)
+    call = _Call(block, fn)
+    mt = frozen_aware_mem_tracker()
+    mt.track_external(call)
+    with mt:
+        out = call(leaf * 1.0)
+        grad = torch.ones_like(out)
+        before = next(iter(mt.get_tracker_snapshot("current").values()))["Total"]
+        out.backward(grad)
+    peak = next(iter(mt.get_tracker_snapshot("peak").values()))["Total"]
+    return max(0.0, float(peak - before))
+
+
+def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int]
+               ) -> tuple[float, float, float]:
+    """``(g, c, c0)``: bytes the block's backward allocates at its peak (:func:`_backward_excess`)
+    ~ ``max(g, c0 + batch * n * c)``.
+
+    Small inputs peak while the weight gradients are allocated (``g``, measured at batch 1 and the
+    fewest tokens); large ones while activation gradients are: ``c`` per token and sample and ``c0``
+    the rest, from all tokens at the two :data:`TRANSIENT_BATCHES`.
+    """
+    whole = lambda blk, x: blk(x)
+    g = _backward_excess(block, whole, params, state, torch.randn(1, ns[0], dim))
+    (b1, y1), (b2, y2) = ((b, _backward_excess(block, whole, params, state, torch.randn(b, ns[-1], dim)))
+                          for b in TRANSIENT_BATCHES)
+    c = max(0.0, (y2 - y1) / ((b2 - b1) * ns[-1]))
+    return g, c, max(0.0, y1 - b1 * ns[-1] * c)
+
+
+def transient_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
+    """(entering, kept) sequence lengths to measure a selecting block's backward transient at: for
+    each entering count of ``ns``, one patch token kept, a quarter, a half, three quarters, all but one."""
+    pairs = set()
+    for n_in in ns:
+        patches = n_in - num_prefix
+        for keep in (1, patches // 4, patches // 2, 3 * patches // 4, patches - 1):
+            if 1 <= keep < patches:
+                pairs.add((n_in, num_prefix + keep))
+    return sorted(pairs)
+
+
+def _fit_max_of_planes(pairs: list[tuple[int, int]], ys: list[float], rounds: int = 20
+                       ) -> tuple[tuple[float, ...], float]:
+    """Least-squares ``max(a0 + a_in n_in + a_out n_out, b0 + b_in n_in + b_out n_out)`` and its
+    worst error relative to the largest value: the points split by kept share (the first plane
+    below the split, the second above), the best split refined by giving each point to the plane
+    that is the larger there."""
+    x = np.asarray([(1.0, i, o) for i, o in pairs])
+    y = np.asarray(ys, float)
+    frac = np.asarray([o / i for i, o in pairs])
+
+    def plane(mask: np.ndarray) -> np.ndarray:
+        if mask.sum() < 3:  # too few points for a plane of its own: fit them all
+            mask = np.ones_like(mask)
+        return np.linalg.lstsq(x[mask], y[mask], rcond=None)[0]
+
+    def fit(upper: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        a, b = plane(~upper), plane(upper)
+        return float(np.max(np.abs(np.maximum(x @ a, x @ b) - y))), a, b
+
+    err, a, b = min((fit(frac >= t) for t in np.unique(frac)), key=lambda f: f[0])
+    for _ in range(rounds):
+        upper = x @ b > x @ a
+        new = fit(upper)
+        if new[0] >= err:
+            break
+        err, a, b = new
+    return tuple(float(v) for v in (*a, *b)), err / max(float(np.max(np.abs(y))), 1.0)
+
+
+def _drop_transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int],
+                    num_prefix: int) -> tuple[float, ...]:
+    """``(c0, a0, a_in, a_out, b0, b_in, b_out)``: bytes in flight at the peak of the backward of a
+    block that selects inside (:meth:`planners.costmodel.DropCost.transient`), from
+    :func:`transient_pairs` at the two :data:`TRANSIENT_BATCHES`."""
+    pairs = transient_pairs(ns, num_prefix)
+    (b1, b2), slopes, rests = TRANSIENT_BATCHES, [], []
+    for n_in, n_out in pairs:
+        fn = lambda blk, x: forward_selecting(blk, x, n_out - num_prefix, num_prefix)[0]  # noqa: B023
+        y1, y2 = (_backward_excess(block, fn, params, state, torch.randn(b, n_in, dim)) for b in (b1, b2))
+        slopes.append((y2 - y1) / (b2 - b1))
+        rests.append(y1 - b1 * slopes[-1])
+    planes, _ = _fit_max_of_planes(pairs, slopes)
+    return (max(0.0, float(np.median(rests))), *planes)
 
 
 def _block_signature(block: nn.Module) -> tuple:
@@ -203,7 +286,8 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
 
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in _STATES},
-                    act_bytes={s: fit(meas[s]["act"]) for s in _STATES})
+                    act_bytes={s: fit(meas[s]["act"]) for s in _STATES},
+                    transient_bytes={s: _drop_transient(block, trainable, s, dim, ns, num_prefix) for s in _STATES})
     return cost, max(errs)
 
 
@@ -358,9 +442,9 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     in_embed = {id(p) for p in embed_params}
     head_params = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in in_embed]
     img = torch.randn(1, 3, img_size, img_size)
-    embed_fn = lambda x: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # noqa: E731
+    embed_fn = lambda x: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
     embed, e1 = _segment(embed_fn, vit, embed_params, [img], None, with_input_grad=False)
-    head_fn = lambda x: vit.forward_head(vit.norm(x))  # noqa: E731
+    head_fn = lambda x: vit.forward_head(vit.norm(x))
     head_in = [torch.randn(1, n, dim) for n in ns]
     head, e2 = _segment(head_fn, vit, head_params, head_in, ns, with_input_grad=True)
     num_classes = int(getattr(vit, "num_classes", 0) or 0)

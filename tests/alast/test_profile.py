@@ -224,3 +224,52 @@ def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
                               ({"policy": {"fuse_tokens": True}}, False), ({"backend": {"compile": True}}, True)]:
         cm = _policy_runtime(tiny_cm, AlastConfig.model_validate(overrides))
         assert all((b.drop is not None) is inside for b in cm.blocks), overrides
+
+
+def test_backward_transients_extrapolate_to_other_batches_and_kept_tokens():
+    """Measured at batches 4 and 16, a block's backward transient predicts what its backward
+    allocates at batch 48: whole, and selecting inside with one patch token kept, half, all but one."""
+    from alast.planning.profile import _backward_excess
+    from runtimes.torch_backend.patch import forward_selecting
+
+    model = _vit(dim=48, heads=4, mlp_ratio=4.0, patch=4, depth=1)  # 64 patch tokens
+    cm = profile_model(model, "transients", img_size=32)
+    blk, cost = model.blocks[0], cm.blocks[0]
+    params = list(blk.parameters())
+    for state in ("weights_and_input", "weights_only", "input_only"):
+        whole = _backward_excess(blk, lambda b, x: b(x), params, state, torch.randn(48, 65, 48))
+        assert cost.transient(state, 65, 48) == pytest.approx(whole, rel=0.02), state
+        for keep in (1, 32, 63):
+            fn = lambda b, x: forward_selecting(b, x, keep, 1)[0]  # noqa: B023
+            measured = _backward_excess(blk, fn, params, state, torch.randn(48, 65, 48))
+            assert cost.dropping_transient(state, 65, 1 + keep, 48) == pytest.approx(measured, rel=0.1), (state, keep)
+
+
+def test_max_of_two_planes_fit_recovers_them():
+    from alast.planning.profile import _fit_max_of_planes, transient_pairs
+
+    pairs = transient_pairs([2, 17, 33, 65], 1)
+    assert all(1 < o < i for i, o in pairs) and (65, 2) in pairs and (65, 64) in pairs
+    a, b = (50.0, 12.0, -16.0), (10.0, -1.0, 12.0)  # the first falls with kept tokens, the second rises
+    plane = lambda c, i, o: c[0] + c[1] * i + c[2] * o
+    assert 4 <= sum(plane(b, i, o) > plane(a, i, o) for i, o in pairs) <= len(pairs) - 4  # each the max at 4+
+    ys = [max(plane(a, i, o), plane(b, i, o)) for i, o in pairs]
+    coef, err = _fit_max_of_planes(pairs, ys)
+    assert coef == pytest.approx((*a, *b), abs=1e-6) and err < 1e-9
+
+
+def test_version_2_cost_models_still_read(tiny_cm, tmp_path):
+    """Cost models profiled before the batch-aware transients read as they were: ``(g, c)`` per
+    block, a selecting block's transient that of the whole block."""
+    data = json.loads(tiny_cm.save(tmp_path / "cost.json").read_text())
+    data["version"] = 2
+    for b in data["blocks"]:
+        b["transient_bytes"] = {s: v[:2] for s, v in b["transient_bytes"].items()}
+        b["drop"].pop("transient_bytes")
+    (tmp_path / "v2.json").write_text(json.dumps(data))
+    old = load_cost_model(tmp_path / "v2.json")
+    blk = old.blocks[0]
+    g, c = blk.transient_bytes["weights_only"]
+    assert blk.transient("weights_only", 17, 8) == max(g, 8 * 17 * c)
+    assert blk.dropping_transient("weights_only", 17, 5, 8) == blk.transient("weights_only", 17, 8)
+    assert old.version == 2 and old.to_dict()["version"] == 2
