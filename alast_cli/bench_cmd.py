@@ -30,7 +30,7 @@ def parse_targets(text: str) -> tuple[float, ...]:
 
 
 def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
-           targets: str | None, matched: bool | None) -> None:
+           targets: str | None, matched: bool | None, cost_model: Path | None = None) -> None:
     import time
 
     from alast.bench import BenchPlan, run_bench
@@ -48,10 +48,20 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
     curve_targets = parse_targets(targets) if targets is not None else None
+    if cost_model is not None:
+        if target is None and curve_targets is None:
+            raise ValueError("--cost-model is read to plan FLOPs targets only; add --target-flops or --targets, "
+                             "or leave it out")
+        from alast.planning.plan import model_img_size
+        from planners.costmodel import load_cost_model
+
+        load_cost_model(Path(cost_model), model=cfg.model.name, img_size=model_img_size(cfg))
     if matched is None:  # default: on under one FLOPs target, where the compute-matched row answers it
         matched = target is not None and "alast" in names
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets)
+    import functools
+
     from alast.planning.plan import solve_target
 
     progress = make_progress()
@@ -61,7 +71,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         return training_hooks(progress)
 
     with progress:
-        result = run_bench(plan, on_run=on_run, solve_target=solve_target)
+        result = run_bench(plan, on_run=on_run, solve_target=functools.partial(solve_target, cost_model_path=cost_model))
     if as_json:
         click.echo(json.dumps(result))
     elif curve_targets is not None:
@@ -120,12 +130,15 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
                    "(row full@matched); default: on with --target-flops, off otherwise")
 @click.option("--out", type=click.Path(path_type=Path), help="output directory (default bench/<time>)")
 @click.option("--json", "as_json", is_flag=True, help="print results.json to stdout")
+@click.option("--cost-model", type=click.Path(path_type=Path),
+              help="cost model JSON from `alast profile` to plan the FLOPs targets with (default: profile now)")
 @click.pass_context
 def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, as_json,
-                  **named) -> None:
+                  cost_model, **named) -> None:
     """Train several policies on the same data, seeds and steps; write a table and plots.
 
     With --targets, run each policy at each FLOPs target and write curves.json and
     accuracy_vs_flops.png (accuracy against counted FLOPs, full fine-tuning by steps as reference)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
-    run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched), debug)
+    run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched,
+                               cost_model), debug)

@@ -29,14 +29,28 @@ def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, 
     return resolve_config(config, overrides, **named)
 
 
+def check_cost_model(cfg, cost_model: Path | None) -> None:
+    """``--cost-model`` is read for a FLOPs target only, and must be a cost model of this model."""
+    if cost_model is None:
+        return
+    if cfg.policy.target_flops is None:
+        raise ValueError("--cost-model is read to plan a FLOPs target only; add --target-flops or leave it out")
+    from alast.planning.plan import model_img_size
+    from planners.costmodel import load_cost_model
+
+    load_cost_model(Path(cost_model), model=cfg.model.name, img_size=model_img_size(cfg))
+
+
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
-              as_json: bool, skip_bad_images: bool, named: dict[str, Any]) -> dict[str, Any]:
+              as_json: bool, skip_bad_images: bool, named: dict[str, Any],
+              cost_model: Path | None = None) -> dict[str, Any]:
     from alast.training.process import Comm
     from runtimes.distributed import init_from_env
 
     from .render import console, summary_table
 
     cfg = _resolve(config, overrides, out, resume, named)
+    check_cost_model(cfg, cost_model)
     if skip_bad_images:
         cfg.data.skip_bad_images = True
     if force:
@@ -48,7 +62,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     try:
         run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
         run_dir = Path(comm.broadcast_object(str(run_dir)))
-        summary = _train(cfg, run_dir, resume, comm)
+        summary = _train(cfg, run_dir, resume, comm, cost_model)
         finished = True
     finally:
         if dist_comm is not None:
@@ -61,7 +75,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     return summary
 
 
-def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
+def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None) -> dict[str, Any]:
     from alast.training import loop
 
     from .render import console, make_progress, training_hooks
@@ -70,7 +84,7 @@ def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
     if cfg.policy.target_flops is not None:
         from alast.planning.plan import solve_target
 
-        overrides_for_planner, plan_info = solve_target(cfg)
+        overrides_for_planner, plan_info = solve_target(cfg, cost_model)
         if comm.is_main:
             console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {plan_info['knobs']}[/dim]")
     kwargs = dict(resume=resume, comm=comm, planner_overrides=overrides_for_planner, plan_info=plan_info)
@@ -81,13 +95,14 @@ def _train(cfg, run_dir: Path, resume: bool, comm) -> dict[str, Any]:
 
 
 def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple[str, ...], out: Path | None,
-           resume: bool, force: bool, named: dict[str, Any]) -> None:
+           resume: bool, force: bool, named: dict[str, Any], cost_model: Path | None = None) -> None:
     """Check the input once here (one clean error instead of one per rank), then rerun on N ranks."""
     from alast.training.rundir import check_run_dir
 
     from .launch import launch_torchrun
 
     cfg = _resolve(config, overrides, out, resume, named)
+    check_cost_model(cfg, cost_model)
     if out is None:  # every rank must write to the same directory
         ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
     check_run_dir(Path(out), resume, force or cfg.output.force)
@@ -105,15 +120,18 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="data-parallel processes (runs torchrun)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--cost-model", type=click.Path(path_type=Path),
+              help="cost model JSON from `alast profile` to plan --target-flops with (default: profile now)")
 @click.pass_context
 def train_command(ctx: click.Context, config, overrides, out, resume, force, skip_bad_images, nproc, as_json,
-                  **named) -> None:
+                  cost_model, **named) -> None:
     """Fine-tune a ViT with a policy (alast, full, freeze, tokens, random, +lora)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
     if nproc > 1:
-        run_guarded(lambda: launch(ctx, nproc, config, overrides, out, resume, force, named), debug)
+        run_guarded(lambda: launch(ctx, nproc, config, overrides, out, resume, force, named, cost_model), debug)
         return
-    work = lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named)  # noqa: E731
+    work = lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named,  # noqa: E731
+                             cost_model)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         _run_worker(lambda: run_guarded(work, debug), quiet=not debug and int(os.environ.get("RANK", "0")) > 0)
     else:

@@ -74,3 +74,36 @@ def test_existing_run_dir_is_never_overwritten(runner, tmp_path):
 def test_debug_shows_traceback(runner, tmp_path):
     res = runner.invoke(cli, ["--debug", "train", *FAST, "--policy", "magic", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "Traceback" in res.stderr
+
+
+def test_a_saved_cost_model_plans_the_target_without_profiling(runner, tmp_path, monkeypatch):
+    """`alast train --cost-model FILE` and `alast bench --cost-model FILE` plan --target-flops from
+    the file `alast profile` wrote; a file of another model, or one without a target, is refused."""
+    import alast.planning.plan as plan_module
+
+    cm = tmp_path / "cm.json"
+    res = runner.invoke(cli, ["profile", "alast_demo_vit", "--out", str(cm)])
+    assert res.exit_code == 0, res.output
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled although a cost model was given")
+
+    monkeypatch.setattr(plan_module, "profile", no_profiling)
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--steps", "4", "--batch-size", "8", "--target-flops", "0.5",
+                              "--cost-model", str(cm), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
+    res = runner.invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--batch-size", "8",
+                              "--target-flops", "0.5", "--no-matched", "--cost-model", str(cm),
+                              "--out", str(tmp_path / "bench"), "--json"])
+    assert res.exit_code == 0, res.output
+    for args, fragment in [(["--cost-model", str(cm)], "add --target-flops"),
+                           (["--target-flops", "0.5", "--cost-model", str(tmp_path / "none.json")], "not found"),
+                           (["--model", "alast_vit12", "--target-flops", "0.5", "--cost-model", str(cm)],
+                            "is for 'alast_demo_vit', not 'alast_vit12'")]:
+        res = runner.invoke(cli, ["train", *FAST, *args, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2, res.output
+        assert fragment in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "bad").exists()
