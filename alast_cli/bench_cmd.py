@@ -2,6 +2,7 @@
 (``--matched``) and as accuracy-versus-FLOPs curves over several targets (``--targets``)."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,6 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         matched = target is not None and "alast" in names
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets)
-    import functools
-
     from alast.planning.plan import solve_target
 
     progress = make_progress()

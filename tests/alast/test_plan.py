@@ -66,7 +66,7 @@ def test_target_run_lands_on_target(runs):
 
 
 @pytest.mark.parametrize("name", ["full", "tokens"])
-def test_predicted_memory_within_20_percent(runs, name):
+def test_predicted_memory_within_2_percent(runs, name):
     _, run_dir, summary = runs[name]
     trace = replay_run(run_dir)["trace"]
     assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(summary["peak_memory_bytes"], rel=0.02)
