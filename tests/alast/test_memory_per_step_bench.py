@@ -1,0 +1,23 @@
+"""benchmarks/memory_per_step.py measures every step's peak and sets the plan's prediction beside it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_step_is_measured_and_predicted_within_2_percent(tmp_path):
+    spec = importlib.util.spec_from_file_location("memory_per_step", REPO / "benchmarks" / "memory_per_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "m.json"
+    bench.main(["--data", "random:64", "--steps", "5", "--batch-size", "16", "--target-flops", "0.5",
+                "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["step"] for row in r["rows"]] == [1, 2, 3, 4]  # step 0: AdamW's state comes after its peak
+    # the early phase (the top 5 of 6 blocks), then the other sparse steps and the dense final phase
+    assert r["rows"][0]["trained_blocks"] == [1, 2, 3, 4, 5] and r["rows"][-1]["trained_blocks"] == [4, 5]
+    for row in r["rows"]:
+        assert abs(row["predicted_mib"] / row["measured_mib"] - 1) < 0.02, row
