@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from alast.config import load_config  # noqa: E402
-from alast.planning.plan import cost_models, solve_target  # noqa: E402
-from alast.training.build import build_model, build_planner, create_runtime  # noqa: E402
-from planners import Observation  # noqa: E402
-from planners.simulate import RunAccumulator, StepShape, step_cost  # noqa: E402
-from runtimes.token_schedule import head_reads_prefix  # noqa: E402
+from alast.config import load_config
+from alast.planning.plan import cost_models, solve_target
+from alast.training.build import build_model, build_planner, create_runtime
+from planners import Observation
+from planners.simulate import RunAccumulator, StepShape, step_cost
+from runtimes.token_schedule import head_reads_prefix
 
 MIB = 2**20
 
