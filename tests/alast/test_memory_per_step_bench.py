@@ -1,20 +1,17 @@
 """benchmarks/memory_per_step.py measures every step's peak and sets the plan's prediction beside it."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_step_is_measured_and_predicted_within_2_percent(tmp_path):
-    spec = importlib.util.spec_from_file_location("memory_per_step", REPO / "benchmarks" / "memory_per_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    main = runpy.run_path(str(REPO / "benchmarks" / "memory_per_step.py"))["main"]
     out = tmp_path / "m.json"
-    bench.main(["--data", "random:64", "--steps", "5", "--batch-size", "16", "--target-flops", "0.5",
-                "--out", str(out)])
+    main(["--data", "random:64", "--steps", "5", "--batch-size", "16", "--target-flops", "0.5", "--out", str(out)])
     r = json.loads(out.read_text())
     assert [row["step"] for row in r["rows"]] == [1, 2, 3, 4]  # step 0: AdamW's state comes after its peak
     # the early phase (the top 5 of 6 blocks), then the other sparse steps and the dense final phase
