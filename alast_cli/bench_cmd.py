@@ -53,10 +53,9 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         if target is None and curve_targets is None:
             raise ValueError("--cost-model is read to plan FLOPs targets only; add --target-flops or --targets, "
                              "or leave it out")
-        from alast.planning.plan import model_img_size
-        from planners.costmodel import load_cost_model
+        from alast.planning.plan import load_cost_model_for
 
-        load_cost_model(Path(cost_model), model=cfg.model.name, img_size=model_img_size(cfg))
+        load_cost_model_for(cfg, cost_model)
     if matched is None:  # default: on under one FLOPs target, where the compute-matched row answers it
         matched = target is not None and "alast" in names
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,

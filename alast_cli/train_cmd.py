@@ -35,10 +35,9 @@ def check_cost_model(cfg, cost_model: Path | None) -> None:
         return
     if cfg.policy.target_flops is None:
         raise ValueError("--cost-model is read to plan a FLOPs target only; add --target-flops or leave it out")
-    from alast.planning.plan import model_img_size
-    from planners.costmodel import load_cost_model
+    from alast.planning.plan import load_cost_model_for
 
-    load_cost_model(Path(cost_model), model=cfg.model.name, img_size=model_img_size(cfg))
+    load_cost_model_for(cfg, cost_model)
 
 
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,

@@ -85,6 +85,12 @@ def _for_device(cm: CostModel, device: str) -> CostModel:
     return dataclasses.replace(cm, memory=mem)
 
 
+def load_cost_model_for(cfg: AlastConfig, path: Path) -> CostModel:
+    """The cost model in ``path`` (from `alast profile`), refused unless it is of ``cfg``'s model at its
+    image size."""
+    return load_cost_model(Path(path), model=cfg.model.name, img_size=model_img_size(cfg), lora=None)
+
+
 def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[CostModel, CostModel, str]:
     """(plain model's cost model, the policy's (LoRA variant if any), where they came from)."""
     img = model_img_size(cfg)
@@ -92,7 +98,7 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
     device = training_device(cfg)
     lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
     if cost_model_path is not None:
-        plain = load_cost_model(Path(cost_model_path), model=cfg.model.name, img_size=img, lora=None)
+        plain = load_cost_model_for(cfg, cost_model_path)
         source = f"file {cost_model_path}"
     else:
         plain = profile(cfg.model.name, img_size=img, num_classes=classes, device=device)

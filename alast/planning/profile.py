@@ -163,6 +163,16 @@ def _backward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], t
     return max(0.0, float(peak - before))
 
 
+def _per_sample(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                state: str, n: int, dim: int) -> tuple[float, float]:
+    """:func:`_backward_excess` of ``n`` tokens as a line in the batch, from the two
+    :data:`TRANSIENT_BATCHES`: ``(bytes per sample, the rest)``."""
+    (b1, y1), (b2, y2) = ((b, _backward_excess(block, fn, params, state, torch.randn(b, n, dim)))
+                          for b in TRANSIENT_BATCHES)
+    per = (y2 - y1) / (b2 - b1)
+    return per, y1 - b1 * per
+
+
 def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int]
                ) -> tuple[float, float, float]:
     """``(g, c, c0)``: bytes the block's backward allocates at its peak (:func:`_backward_excess`)
@@ -174,10 +184,9 @@ def _transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: in
     """
     whole = lambda blk, x: blk(x)
     g = _backward_excess(block, whole, params, state, torch.randn(1, ns[0], dim))
-    (b1, y1), (b2, y2) = ((b, _backward_excess(block, whole, params, state, torch.randn(b, ns[-1], dim)))
-                          for b in TRANSIENT_BATCHES)
-    c = max(0.0, (y2 - y1) / ((b2 - b1) * ns[-1]))
-    return g, c, max(0.0, y1 - b1 * ns[-1] * c)
+    per, rest = _per_sample(block, whole, params, state, ns[-1], dim)
+    # a line falling with the batch counts as flat: all of the smaller batch's bytes are the rest
+    return g, max(0.0, per) / ns[-1], max(0.0, rest + TRANSIENT_BATCHES[0] * min(per, 0.0))
 
 
 def transient_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
@@ -227,12 +236,12 @@ def _drop_transient(block: nn.Module, params: list[nn.Parameter], state: str, di
     block that selects inside (:meth:`planners.costmodel.DropCost.transient`), from
     :func:`transient_pairs` at the two :data:`TRANSIENT_BATCHES`."""
     pairs = transient_pairs(ns, num_prefix)
-    (b1, b2), slopes, rests = TRANSIENT_BATCHES, [], []
+    slopes, rests = [], []
     for n_in, n_out in pairs:
         fn = lambda blk, x: forward_selecting(blk, x, n_out - num_prefix, num_prefix)[0]  # noqa: B023
-        y1, y2 = (_backward_excess(block, fn, params, state, torch.randn(b, n_in, dim)) for b in (b1, b2))
-        slopes.append((y2 - y1) / (b2 - b1))
-        rests.append(y1 - b1 * slopes[-1])
+        per, rest = _per_sample(block, fn, params, state, n_in, dim)
+        slopes.append(per)
+        rests.append(rest)
     planes, _ = _fit_max_of_planes(pairs, slopes)
     return (max(0.0, float(np.median(rests))), *planes)
 
