@@ -83,7 +83,7 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
     if cfg.policy.target_flops is not None:
         from alast.planning.plan import solve_target
 
-        overrides_for_planner, plan_info = solve_target(cfg, cost_model)
+        overrides_for_planner, plan_info = solve_target(cfg, cost_model, comm.world_size)
         if comm.is_main:
             console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {plan_info['knobs']}[/dim]")
     kwargs = dict(resume=resume, comm=comm, planner_overrides=overrides_for_planner, plan_info=plan_info)

@@ -161,8 +161,9 @@ class AlastPlanner:
     ``freeze_mode='last'``: the first fraction of training trains ``k_trained + 1`` blocks, the one
     below the top ``k_trained`` too (with ``'frozen'`` sparing, it then drops tokens like the others),
     which then stays frozen. Under a target its steps spend at most the others' per-step FLOPs and
-    save no more activations for the backward than an other sparse step does at ``b_init``
-    (``early_act_cap``, from the cost model), so each keeps fewer tokens; the target solver raises
+    peak at no more memory in the backward than an other sparse step does at ``b_init``
+    (``early_peak_cap``: the cost model's backward walk at ``batch_size``, the samples one device
+    runs per step; None prices a large batch), so each keeps fewer tokens; the target solver raises
     the other steps' target to pay for what they do not spend. Without a target they cost one
     trained block more.
 
@@ -200,6 +201,7 @@ class AlastPlanner:
         token_multiple: int = 1,
         trim_last: bool = False,
         early_frac: float = 0.0,
+        batch_size: int | None = None,
     ) -> None:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
@@ -237,17 +239,19 @@ class AlastPlanner:
         except ValueError as e:
             raise PlannerError(str(e)) from None
         self.target_flops = None if target_flops is None else float(target_flops)
+        if batch_size is not None and int(batch_size) < 1:
+            raise PlannerError(f"batch_size must be >= 1 (the samples one device runs per step), got {batch_size}")
         self.projection = (None if self.target_flops is None else
                            TargetProjection(cost_model, self.target_flops, self.min_tokens,
-                                            token_multiple=self.token_multiple))
+                                            token_multiple=self.token_multiple, batch_size=batch_size))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
-        # under a target the early steps save no more activations than the others do at b_init
-        self.early_act_cap = None
+        # under a target the early steps peak no higher in the backward than the others do at b_init
+        self.early_peak_cap = None
         if self.projection is not None and self.k_early > self.k_trained:
             main = tuple(i >= num_blocks - self.k_trained for i in range(num_blocks))
             ratios = self.projection.project(self.budgets, main, self.spare_first, self.trim_last)
-            self.early_act_cap = self.projection.cost(ratios, main).act_bytes
+            self.early_peak_cap = self.projection.peak_bytes(ratios, main)
         self.shares = rules.ShareState()
         # With freeze_mode 'last' the trained top blocks' CLS changes grow as they train while the
         # frozen ones' cannot: the normalized rule compares each block with its own kind only.
@@ -275,7 +279,7 @@ class AlastPlanner:
                 return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
             ratios = dense
         elif self.projection is not None:
-            spare, cap = (self.spare_early, self.early_act_cap) if early else (self.spare_first, None)
+            spare, cap = (self.spare_early, self.early_peak_cap) if early else (self.spare_first, None)
             ratios = self.projection.project(budgets, trained, spare, self.trim_last, cap)
         else:
             spare = self.spare_early if early else self.spare_first

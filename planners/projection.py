@@ -17,6 +17,7 @@ from .simulate import StepCost, StepShape, full_step_flops, step_cost
 BUDGET_FLOOR = 0.01  # lowest keep ratio a projection (or the target solver) uses
 _SHIFT_TOLERANCE = 1e-7
 _CACHE_SIZE = 4096
+LARGE_BATCH = 1024  # the batch a peak is priced at when none is given: per-sample activations dominate
 
 
 def shifted(budgets: Sequence[float], shift: float, floor: float = BUDGET_FLOOR) -> tuple[float, ...]:
@@ -43,48 +44,59 @@ def common_shift(ratio_of: Callable[[tuple[float, ...]], float], budgets: Sequen
 class TargetProjection:
     """Projects budgets onto ``target`` x the full fine-tuning step FLOPs of ``cm``.
 
-    ``min_tokens`` must be the runtime's (the token counts are computed as the runtime keeps them).
-    Step costs are cached by step shape: the bisection revisits the same token counts.
+    ``min_tokens`` must be the runtime's (the token counts are computed as the runtime keeps them);
+    ``batch_size``, the samples one device runs per step, prices a step's peak memory
+    (:meth:`peak_bytes`; None: ``LARGE_BATCH``). Step costs are cached by step shape: the bisection
+    revisits the same token counts.
     """
 
     def __init__(self, cm: CostModel, target: float, min_tokens: int = 1, floor: float = BUDGET_FLOOR,
-                 token_multiple: int = 1) -> None:
+                 token_multiple: int = 1, batch_size: int | None = None) -> None:
         self.cm = cm
         self.target = float(target)
         self.min_tokens = int(min_tokens)
         self.token_multiple = int(token_multiple)
         self.floor = float(floor)
+        self.batch_size = LARGE_BATCH if batch_size is None else int(batch_size)
         self.full_flops = full_step_flops(cm)
-        self._cache: dict[tuple[tuple[int, ...], tuple[bool, ...]], StepCost] = {}
+        self._cache: dict[tuple[int, tuple[int, ...], tuple[bool, ...]], StepCost] = {}
 
-    def cost(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> StepCost:
-        """One sample's step with these keep ratios and trained blocks."""
+    def _cost(self, keep_ratios: Sequence[float], trained: Sequence[bool], batch: int) -> StepCost:
         tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
-        key = (tout, tuple(trained))
+        key = (batch, tout, tuple(trained))
         if key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
-            self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[1]), 1)
+            self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[2]), batch)
         return self._cache[key]
+
+    def cost(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> StepCost:
+        """One sample's step with these keep ratios and trained blocks."""
+        return self._cost(keep_ratios, trained, 1)
+
+    def peak_bytes(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
+        """The bytes alive at the worst moment of the backward of a ``batch_size`` step with these keep
+        ratios and trained blocks (activations, gradients done and in flight)."""
+        return self._cost(keep_ratios, trained, self.batch_size).bwd_peak_bytes
 
     def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
         return self.cost(keep_ratios, trained).train_flops / self.full_flops
 
     def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0,
-                trim_last: bool = False, max_act_bytes: float | None = None) -> tuple[float, ...]:
+                trim_last: bool = False, max_peak_bytes: float | None = None) -> tuple[float, ...]:
         """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target; the
         first ``spare_first`` blocks keep every token whatever the shift, and with ``trim_last`` the
-        last block keeps none (ratio 0: ``min_tokens`` of them). ``max_act_bytes``: the shift also
-        keeps the activations one sample saves for the backward within it."""
+        last block keeps none (ratio 0: ``min_tokens`` of them). ``max_peak_bytes``: the shift also
+        keeps the step's backward peak (:meth:`peak_bytes`) within it."""
         trained, m = tuple(trained), int(spare_first)
         last = (0.0,) if trim_last else ()
         rest = tuple(budgets[m:len(budgets) - len(last)])
 
         def load(r: tuple[float, ...]) -> float:  # the step's share of its limits; 1: at the tighter one
-            cost = self.cost((1.0,) * m + r + last, trained)
-            flops = cost.train_flops / self.full_flops / self.target
-            return flops if max_act_bytes is None else max(flops, cost.act_bytes / max_act_bytes)
+            ratios = (1.0,) * m + r + last
+            flops = self.cost(ratios, trained).train_flops / self.full_flops / self.target
+            return flops if max_peak_bytes is None else max(flops, self.peak_bytes(ratios, trained) / max_peak_bytes)
 
         if not rest:
             return (1.0,) * m + last

@@ -50,10 +50,10 @@ def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
     return registry.create_runtime(cfg.backend.name, cfg, model, comm=comm)
 
 
-def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False) -> dict[str, Any]:
+def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False, world_size: int = 1) -> dict[str, Any]:
     """The planner options from the policy section (only those the policy takes).
     ``head_reads_prefix``: whether the model's head reads only the prefix tokens (``policy.trim_last``
-    applies only then)."""
+    applies only then); ``world_size``: the processes ``train.batch_size`` is split over."""
     from planners import planner_options
 
     p = cfg.policy
@@ -63,12 +63,12 @@ def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False) -> dict[st
                   dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks, rule=p.rule,
                   gain=p.gain, ema=p.ema, spare_first=p.spare_first, early_frac=p.early_phase,
                   token_multiple=cfg.backend.token_multiple, trim_last=p.trim_last and head_reads_prefix,
-                  seed=cfg.train.seed)
+                  batch_size=max(1, cfg.train.batch_size // world_size), seed=cfg.train.seed)
     accepted = set(planner_options(p.planner))
     return {k: v for k, v in values.items() if k in accepted}
 
 
 def build_planner(cfg: AlastConfig, num_blocks: int, overrides: dict[str, Any] | None = None,
-                  head_reads_prefix: bool = False) -> Planner:
-    options = {**policy_options(cfg, head_reads_prefix), **(overrides or {})}
+                  head_reads_prefix: bool = False, world_size: int = 1) -> Planner:
+    options = {**policy_options(cfg, head_reads_prefix, world_size), **(overrides or {})}
     return create_planner(cfg.policy.planner, num_blocks, **options)

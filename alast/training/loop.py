@@ -110,7 +110,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model))
+    planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
+                            world_size=comm.world_size)
     steps = total_steps(cfg, len(data.train))
     run = _Run(cfg, run_dir, comm, runtime, planner)
     run.tally.schedule_window = schedule_window(steps)

@@ -73,6 +73,18 @@ def test_embeddings_and_k_follow_the_freeze_mode(overrides, frozen, k_trained):
         assert build_planner(cfg, 6).k_trained == k_trained
 
 
+def test_the_planner_prices_memory_at_each_devices_batch():
+    """``train.batch_size`` is split over the processes: the planner's memory cap is each device's."""
+    from alast.training.build import build_planner, policy_options
+    from tests.planners.fixtures import synthetic_cost_model
+
+    cfg = load_config(None, ["train.batch_size=48"])
+    assert [policy_options(cfg, world_size=w)["batch_size"] for w in (1, 2, 4, 64)] == [48, 24, 12, 1]
+    target = {"target_flops": 0.5, "cost_model": synthetic_cost_model(num_blocks=6)}
+    assert [build_planner(cfg, 6, target, world_size=w).projection.batch_size for w in (1, 3)] == [48, 16]
+    assert "batch_size" not in policy_options(load_config(None, ["policy.name=tokens"]))
+
+
 @pytest.mark.parametrize("value,expected", [("frozen", "frozen"), ("0", 0), ("3", 3)])
 def test_spare_first_takes_a_block_count_or_frozen(value, expected):
     assert load_config(None, [f"policy.spare_first={value}"]).policy.spare_first == expected

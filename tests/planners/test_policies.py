@@ -147,6 +147,7 @@ def test_default_k_trained():
     ("alast", {"ema": 1.0}, "ema"),
     ("alast", {"target_flops": 0.5}, "needs the model's cost model"),
     ("alast", {"target_flops": 0.0}, "target_flops must be > 0"),
+    ("alast", {"batch_size": 0}, "batch_size must be >= 1"),
     ("full", {"keep_ratio": 0.5}, "does not take option(s) keep_ratio"),
     ("tokens", {"keep_ratio": 1.5}, "keep_ratio"),
 ])
