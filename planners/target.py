@@ -245,7 +245,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
 
     predicted, ratios, early_ratios = predict(sparse_target)
     if early:
-        # The early steps save no more activations than the others, so they spend less: the other
+        # The early steps peak no higher in memory than the others, so they spend less: the other
         # sparse steps' target rises (and the early steps' cap with it) until the total is on target.
         points = [(sparse_target, predicted)]
         for _ in range(EARLY_ROUNDS):
