@@ -80,10 +80,10 @@ class PolicyConfig(_Section):
     early_frac: float | None = Field(
         None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
         "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
-        "which then stays frozen; under a target those steps spend at most the others' FLOPs and peak no higher "
-        "in memory than they do at each device's batch (fewer tokens each), and the others pay for the difference; without one "
-        f"they cost one trained block more; default: {EARLY_FRAC:g} under a FLOPs target with freeze_mode "
-        "'last', else 0 (off)")
+        "which then stays frozen; under a target those steps spend at most the others' FLOPs and peak no "
+        "higher in memory than they do at each device's batch (fewer tokens each), and the others pay for the "
+        f"difference; without one they cost one trained block more; default: {EARLY_FRAC:g} under a FLOPs "
+        "target with freeze_mode 'last', else 0 (off)")
     spare_first: int | Literal["frozen"] = Field(
         "frozen", description="alast, beyond the paper: the first N blocks keep every token (dropping starts "
         "after them; under a target the other blocks pay for it); 'frozen': with freeze_mode 'last', the "
