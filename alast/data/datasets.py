@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(ValueError):
@@ -150,6 +150,22 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     return bad
 
 
+def _check_class_folders(path: Path) -> None:
+    """Name the class folders that hold no readable image, and what they hold instead."""
+    if not path.is_dir():
+        return
+    empty = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        if not any(f.name.lower().endswith(IMG_EXTENSIONS) for f in files):
+            other = sorted({f.suffix.lower() or f.name for f in files})[:3]
+            empty.append(f"{folder.name!r}" + (f" (only {', '.join(other)} files)" if other else ""))
+    if empty:
+        what = "class folder {} holds" if len(empty) == 1 else "class folders {} hold"
+        raise DataError(f"{what.format(', '.join(empty[:3]))} no image in {path} "
+                        f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+
+
 def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
@@ -157,6 +173,7 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
         raise DataError(f"image folder not found: {root}; pass imagefolder:PATH to a directory of class folders")
 
     def load(path: Path) -> tuple[Dataset, list[str], int]:
+        _check_class_folders(path)
         try:
             ds = ImageFolder(str(path), transform=transform, allow_empty=False,
                              is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
@@ -270,6 +287,9 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
         bundle = _imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images)
     else:
         bundle = _torchvision(arg, data_dir, download, eval_tf, val_fraction, seed)
+    if len(bundle.val) == 0:
+        raise DataError(f"{spec} leaves no validation images (a class with one image goes to training); add "
+                        "images or give PATH/train and PATH/val folders")
     if augment:
         _set_transform(bundle.train, train_tf)
     return bundle

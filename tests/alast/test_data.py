@@ -47,6 +47,48 @@ def test_missing_torchvision_data_says_how_to_get_it(tmp_path):
         build_data("torchvision:MNIST", CFG, data_dir=tmp_path)
 
 
+def _image_folder(root, files):
+    from PIL import Image
+
+    for rel, mode in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "text":
+            path.write_text("not an image")
+        else:
+            Image.new(mode, (20, 12)).save(path)
+    return root
+
+
+def test_image_folder_reads_every_pillow_mode_and_gif(tmp_path):
+    root = _image_folder(tmp_path, {"a/0.png": "RGBA", "a/1.gif": "P", "a/2.jpg": "L", "a/3.BMP": "RGB",
+                                    "b/0.png": "LA", "b/1.gif": "RGB", "b/2.tif": "I;16", "b/3.webp": "RGB"})
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25)
+    assert len(bundle.train) == 6 and len(bundle.val) == 2
+    for i in range(6):
+        x, _ = bundle.train[i]
+        assert x.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("files,needles", [
+    ({"a/0.png": "RGB", "a/1.png": "RGB", "b/notes.txt": "text"}, ["class folder 'b' (only .txt files)"]),
+    ({"a/0.png": "RGB", "a/1.png": "RGB", "b/.keep": "text", "c/x.svg": "text"},
+     ["class folders 'b', 'c' (only .svg files) hold no image"]),
+])
+def test_image_folder_names_the_class_folders_without_images(tmp_path, files, needles):
+    root = _image_folder(tmp_path, files)
+    with pytest.raises(DataError) as err:
+        build_data(f"imagefolder:{root}", CFG)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_image_folder_without_validation_images_is_refused(tmp_path):
+    root = _image_folder(tmp_path, {"a/0.png": "RGB", "b/0.png": "RGB"})
+    with pytest.raises(DataError, match="leaves no validation images"):
+        build_data(f"imagefolder:{root}", CFG)
+
+
 def test_batches_are_a_function_of_seed_step_and_rank():
     a = StepBatchSampler(100, 8, seed=3, start_step=0, total_steps=30)
     b = StepBatchSampler(100, 8, seed=3, start_step=20, total_steps=30)
