@@ -156,9 +156,14 @@ def _check_class_folders(path: Path) -> None:
         return
     empty = []
     for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")]
-        if not any(f.name.lower().endswith(IMG_EXTENSIONS) for f in files):
-            other = sorted({f.suffix.lower() or f.name for f in files})[:3]
+        files = (f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        kinds: set[str] = set()  # walked only until the first image: a class folder may hold many files
+        for f in files:
+            if f.name.lower().endswith(IMG_EXTENSIONS):
+                break
+            kinds.add(f.suffix.lower() or f.name)
+        else:
+            other = sorted(kinds)[:3]
             empty.append(f"{folder.name!r}" + (f" (only {', '.join(other)} files)" if other else ""))
     if empty:
         what = "class folder {} holds" if len(empty) == 1 else "class folders {} hold"
