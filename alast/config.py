@@ -77,6 +77,10 @@ class PolicyConfig(_Section):
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
+    dense_final_interleave: bool = Field(
+        False, description="alast, beyond the paper: every other step of the dense final phase is a sparse step "
+        "(the k_trained blocks, budgets as keep ratios), so the blocks below the phase's top ones train to the end; "
+        "under a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens")
     early_frac: float | None = Field(
         None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
         "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "

@@ -144,8 +144,10 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         d = result["dense_final"]
         trains = (f"train the top {d['top_blocks']} of {d['num_blocks']} blocks with the embeddings frozen"
                   if d["top_blocks"] else "train the blocks drawn as in the other steps")
-        console.print(f"{d['policy']}: dense final phase: the last {d['frac']:.0%} of steps keep every token "
-                      f"and {trains}")
+        every = "every other step of " if d.get("interleave") else ""
+        console.print(f"{d['policy']}: dense final phase: {every}the last {d['frac']:.0%} of steps keep every token "
+                      f"and {trains}" + ("; the steps between are sparse steps at a dense step's cost"
+                                         if d.get("interleave") else ""))
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
             console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "

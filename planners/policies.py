@@ -12,6 +12,7 @@ from . import rules
 from .costmodel import CostModel
 from .projection import TargetProjection
 from .registry import PlannerError, register_planner
+from .simulate import StepShape, step_cost
 from .types import Budget, Observation
 
 
@@ -174,6 +175,13 @@ class AlastPlanner:
     phase needs few FLOPs and little activation memory; or ``'sampled'``, the ``k_trained`` blocks
     drawn as in the sparse phase, with the embeddings (the backward then runs through every block
     at full width). Budget updates continue unchanged.
+
+    ``dense_final_interleave`` (beyond the paper): every other step of the dense final phase (the odd
+    ones) is a sparse step instead, so the blocks below the phase's top ones keep training to the end
+    of the run. Its keep ratios are the budgets projected onto what a dense step of the phase costs
+    (without a target: the budgets, as in the other sparse steps), and its backward peaks no higher
+    than the phase's dense step or a sparse step at ``b_init``, whichever is higher: the phase costs
+    the FLOPs and memory it costs without interleaving, and the other steps keep their tokens.
     """
 
     name = "alast"
@@ -192,6 +200,7 @@ class AlastPlanner:
         seed: int = 0,
         dense_final_frac: float = 0.0,
         dense_final_blocks: int | str = "auto",
+        dense_final_interleave: bool = False,
         rule: str = "normalized",
         gain: float = 0.1,
         ema: float = 0.9,
@@ -238,6 +247,7 @@ class AlastPlanner:
             self.dense_top = rules.dense_final_top(num_blocks, dense_final_blocks)
         except ValueError as e:
             raise PlannerError(str(e)) from None
+        self.dense_final_interleave = bool(dense_final_interleave)
         self.target_flops = None if target_flops is None else float(target_flops)
         if batch_size is not None and int(batch_size) < 1:
             raise PlannerError(f"batch_size must be >= 1 (the samples one device runs per step), got {batch_size}")
@@ -252,6 +262,8 @@ class AlastPlanner:
             main = tuple(i >= num_blocks - self.k_trained for i in range(num_blocks))
             ratios = self.projection.project(self.budgets, main, self.spare_first, self.trim_last)
             self.early_peak_cap = self.projection.peak_bytes(ratios, main)
+        # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
+        self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
         self.shares = rules.ShareState()
         # With freeze_mode 'last' the trained top blocks' CLS changes grow as they train while the
         # frozen ones' cannot: the normalized rule compares each block with its own kind only.
@@ -274,6 +286,8 @@ class AlastPlanner:
         last = (0.0,) if self.trim_last else ()  # the head reads none of the last block's patch tokens
         if rules.in_dense_final(progress, self.dense_final_frac):
             dense = (1.0,) * (L - len(last)) + last
+            if self.dense_final_interleave and rules.interleaved(step):
+                return self._interleaved(budgets, trained, dense)
             if self.dense_top is not None:
                 top = tuple(i >= L - self.dense_top for i in range(L))
                 return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
@@ -284,6 +298,33 @@ class AlastPlanner:
         else:
             spare = self.spare_early if early else self.spare_first
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
+        return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
+
+    def _dense_step(self, dense: tuple[float, ...], trained: tuple[bool, ...]) -> tuple[tuple[bool, ...], bool]:
+        """The trained blocks and embeddings of the dense final phase's dense step (``trained``: the
+        sparse draw, which the phase trains where ``dense_final_blocks`` is 'sampled')."""
+        if self.dense_top is None:
+            return trained, True
+        return tuple(i >= self.num_blocks - self.dense_top for i in range(self.num_blocks)), False
+
+    def _interleaved(self, budgets: tuple[float, ...], trained: tuple[bool, ...],
+                     dense: tuple[float, ...]) -> Budget:
+        """A sparse step inside the dense final phase (``dense_final_interleave``)."""
+        L, last = self.num_blocks, (0.0,) if self.trim_last else ()
+        if self.projection is None:
+            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:L - len(last)] + last
+            return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
+        if trained not in self._interleave_limits:
+            top, embed = self._dense_step(dense, trained)
+            shape = StepShape.from_budget(Budget(dense, top, self.min_tokens, dense, self.token_multiple, embed),
+                                          self.projection.cm.num_patches)
+            dense_ratio = step_cost(self.projection.cm, shape, 1).train_flops / self.projection.full_flops
+            dense_peak = step_cost(self.projection.cm, shape, self.projection.batch_size).bwd_peak_bytes
+            sparse = self.projection.project((self.b_init,) * L, trained, self.spare_first, self.trim_last)
+            peak = max(dense_peak, self.projection.peak_bytes(sparse, trained))
+            self._interleave_limits[trained] = (dense_ratio, peak)
+        target, peak = self._interleave_limits[trained]
+        ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last, peak, target=target)
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
     def observe(self, observation: Observation) -> None:

@@ -84,18 +84,21 @@ class TargetProjection:
         return self.cost(keep_ratios, trained).train_flops / self.full_flops
 
     def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0,
-                trim_last: bool = False, max_peak_bytes: float | None = None) -> tuple[float, ...]:
+                trim_last: bool = False, max_peak_bytes: float | None = None,
+                target: float | None = None) -> tuple[float, ...]:
         """The step's keep ratios: ``budgets`` shifted by the common amount that meets the target; the
         first ``spare_first`` blocks keep every token whatever the shift, and with ``trim_last`` the
         last block keeps none (ratio 0: ``min_tokens`` of them). ``max_peak_bytes``: the shift also
-        keeps the step's backward peak (:meth:`peak_bytes`) within it."""
+        keeps the step's backward peak (:meth:`peak_bytes`) within it. ``target``: this step's FLOPs
+        target in place of the projection's."""
         trained, m = tuple(trained), int(spare_first)
+        target = self.target if target is None else float(target)
         last = (0.0,) if trim_last else ()
         rest = tuple(budgets[m:len(budgets) - len(last)])
 
         def load(r: tuple[float, ...]) -> float:  # the step's share of its limits; 1: at the tighter one
             ratios = (1.0,) * m + r + last
-            flops = self.cost(ratios, trained).train_flops / self.full_flops / self.target
+            flops = self.cost(ratios, trained).train_flops / self.full_flops / target
             return flops if max_peak_bytes is None else max(flops, self.peak_bytes(ratios, trained) / max_peak_bytes)
 
         if not rest:

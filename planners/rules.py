@@ -234,6 +234,20 @@ def in_dense_final(progress: float, frac: float) -> bool:
     return frac > 0 and progress >= 1.0 - frac
 
 
+def interleaved(step: int) -> bool:
+    """Whether ``step`` of a dense final phase with ``dense_final_interleave`` is a sparse step (the odd ones)."""
+    return step % 2 == 1
+
+
+def interleaved_share(frac: float, steps: int | None = None) -> float:
+    """The share of a run's steps that are the dense final phase's interleaved sparse steps: exactly
+    as :func:`in_dense_final` and :func:`interleaved` count them over ``steps`` steps, or half the
+    phase when the steps are not known."""
+    if not steps:
+        return float(frac) / 2
+    return sum(in_dense_final(s / steps, frac) and interleaved(s) for s in range(steps)) / steps
+
+
 def in_early(progress: float, frac: float) -> bool:
     """Whether a step at ``progress`` (step / steps) belongs to an early phase of share ``frac``
     (``policy.early_frac``)."""

@@ -27,6 +27,7 @@ from .rules import (
     dense_final_share,
     dense_final_top,
     early_share,
+    interleaved_share,
     kept_token_counts,
     spared_blocks,
 )
@@ -167,6 +168,8 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     k = int(options.get("k_trained") or default_k_trained(L, mode))
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
+    # with dense_final_interleave, this share of the steps are the phase's sparse steps
+    inter = interleaved_share(frac, options.get("steps")) if frac and options.get("dense_final_interleave") else 0.0
     early_frac = float(options.get("early_frac") or 0.0)
     early = early_share(early_frac, options.get("steps"))  # steps that train one block more
     if early_frac and mode != "last":
@@ -197,7 +200,14 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         k_early = min(L, k + 1)
         sparse = sparse_ratio(b, k)
         early_cost = max(sparse, sparse_ratio(BUDGET_FLOOR, k_early)) if early else 0.0
-        return (1.0 - dense - early) * sparse + early * early_cost + dense * dense_ratio(k)
+        return (1.0 - dense - early) * sparse + early * early_cost + phase_cost(k)
+
+    def phase_cost(k: int, interleaved: float | None = None) -> float:
+        # the dense final phase's FLOPs per step of the run; an interleaved step holds a dense step's
+        # cost where its floor allows (``interleaved``: its simulated mean cost)
+        if interleaved is None:
+            interleaved = max(dense_ratio(k), sparse_ratio(BUDGET_FLOOR, k))
+        return (dense - inter) * dense_ratio(k) + inter * interleaved
 
     while k < L and fn(1.0, k) < target:
         k += 1
@@ -224,7 +234,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
             why += (f"; its early phase (policy.early_frac={early_frac:g}) trains {k_early} blocks, "
                     f"{early_floor:.3f}x per step at the floor: lower early_frac or set it to 0")
         raise TargetError(why)
-    sparse_target = (target - dense * dense_ratio(k)) / (1.0 - dense)
+    sparse_target = (target - phase_cost(k)) / (1.0 - dense)
     if early and early_floor > sparse_target * (1 + TARGET_TOLERANCE):
         raise TargetError(f"target {target:g}x full FLOPs is out of reach for policy {policy!r} with its early phase "
                           f"(policy.early_frac={early_frac:g}): training k_trained+1={k_early} blocks costs "
@@ -241,12 +251,15 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
         early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
         mean, early_mean = sum(ratios) / len(ratios), sum(early_ratios) / len(early_ratios)
-        return (1.0 - dense - early) * mean + early * early_mean + dense * dense_ratio(k), ratios, early_ratios
+        phase = phase_cost(k, _mean(_projected_ratios(cm, full, {**options, **knobs}, interleaved=True)) if inter
+                           else None)
+        return (1.0 - dense - early) * mean + early * early_mean + phase, ratios, early_ratios
 
     predicted, ratios, early_ratios = predict(sparse_target)
-    if early:
-        # The early steps peak no higher in memory than the others, so they spend less: the other
-        # sparse steps' target rises (and the early steps' cap with it) until the total is on target.
+    if early or inter:
+        # The early steps (and the interleaved ones) peak no higher in memory than the others, so they
+        # may spend less: the other sparse steps' target rises (and the caps with it) until the total
+        # is on target.
         points = [(sparse_target, predicted)]
         for _ in range(EARLY_ROUNDS):
             (s0, p0), (s1, p1) = points[-2:] if len(points) > 1 else (points[0], points[0])
@@ -256,8 +269,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
             sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
             predicted, ratios, early_ratios = predict(sparse_target)
             points.append((sparse_target, predicted))
-    lo, hi = ((1.0 - dense) * r + dense * dense_ratio(k) for r in (min(ratios + early_ratios),
-                                                                    max(ratios + early_ratios)))
+    lo, hi = ((1.0 - dense) * r + phase_cost(k) for r in (min(ratios + early_ratios), max(ratios + early_ratios)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
                           f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens to "
@@ -265,19 +277,25 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     return TargetSolution(policy, target, knobs, predicted, (lo, hi))
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], early: bool = False,
-                      steps: int = PROJECTION_STEPS) -> list[float]:
+                      interleaved: bool = False, steps: int = PROJECTION_STEPS) -> list[float]:
     """Per-step train FLOPs / ``full`` of the planner's sparse steps (budgets at ``b_init``, its own
     trained-block draws, each step projected onto its target): those of its early phase (one block
-    more trained, ``early_frac``) or the others."""
+    more trained, ``early_frac``), those interleaved in its dense final phase
+    (``dense_final_interleave``), or the others."""
     accepted = set(planner_options("alast"))
     opts = {k: v for k, v in options.items() if k in accepted}
-    opts["dense_final_frac"] = 0.0
+    opts["dense_final_frac"] = 0.5 if interleaved else 0.0
     opts["early_frac"] = 0.5 if early else 0.0
     planner = create_planner("alast", cm.num_blocks, cost_model=cm, **opts)
     out = []
     for step in range(steps):
-        budget = planner.plan(step, 0.0)
+        step, progress = (2 * step + 1, 0.75) if interleaved else (step, 0.0)
+        budget = planner.plan(step, progress)
         out.append(step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / full)
     return out
 

@@ -230,7 +230,8 @@ def _dense_final(cfg: AlastConfig, num_blocks: int) -> dict[str, Any] | None:
     if p.planner != "alast" or not p.dense_final_frac:
         return None
     return {"policy": p.name, "frac": p.dense_final_frac,
-            "top_blocks": dense_final_top(num_blocks, p.dense_final_blocks), "num_blocks": num_blocks}
+            "top_blocks": dense_final_top(num_blocks, p.dense_final_blocks), "num_blocks": num_blocks,
+            "interleave": p.dense_final_interleave}
 
 
 def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | None) -> dict[str, Any] | None:

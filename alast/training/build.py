@@ -60,7 +60,8 @@ def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False, world_size
     values = dict(alpha=p.alpha if p.alpha is not None else cfg.train.lr, b_init=p.b_init, b_min=p.b_min,
                   b_max=p.b_max, k_trained=p.k_trained, freeze_mode=p.freeze_mode,
                   delta_reduction=p.delta_reduction, min_tokens=p.min_tokens, keep_ratio=p.keep_ratio,
-                  dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks, rule=p.rule,
+                  dense_final_frac=p.dense_final_frac, dense_final_blocks=p.dense_final_blocks,
+                  dense_final_interleave=p.dense_final_interleave, rule=p.rule,
                   gain=p.gain, ema=p.ema, spare_first=p.spare_first, early_frac=p.early_phase,
                   token_multiple=cfg.backend.token_multiple, trim_last=p.trim_last and head_reads_prefix,
                   batch_size=max(1, cfg.train.batch_size // world_size), seed=cfg.train.seed)
