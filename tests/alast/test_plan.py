@@ -253,3 +253,26 @@ def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
     assert "early phase: the first 30% of steps train the top 5 of 6 blocks" in res.output
     res = CliRunner().invoke(cli, ["plan", "--steps", "10"])  # without a target it is off unless set
     assert res.exit_code == 0 and "early phase" not in res.output, res.output
+
+
+def test_target_with_an_interleaved_dense_phase_is_met_by_a_real_run(runner, tmp_path):
+    """``policy.dense_final_interleave``: the dense final phase's odd steps train the top four blocks on
+    dropped tokens, its even steps the top two on every token; the counted run lands on the target and
+    the plan replays it and says so."""
+    out = tmp_path / "interleaved"
+    args = ["--steps", "10", "--batch-size", "8", "--target-flops", "0.5", "--set", "policy.dense_final_interleave=true"]
+    res = runner.invoke(cli, ["train", *args, "--set", "backend.threads=1", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records[7:]:  # the last 30%: steps 7, 8, 9
+        if r["step"] % 2:
+            assert r["trained_blocks"] == [2, 3, 4, 5] and r["kept_tokens"][2] < 64, r
+        else:
+            assert r["trained_blocks"] == [4, 5] and r["kept_tokens"][:-1] == [64] * 5, r
+    res = runner.invoke(cli, ["plan", "--trace", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-3
+    res = runner.invoke(cli, ["plan", *args])
+    assert res.exit_code == 0 and "every other step of the last 30% of steps" in res.output, res.output

@@ -293,3 +293,15 @@ def test_cost_model_is_an_argument_not_a_setting():
     assert full.plan(0, 0.0).keep_ratios == (1.0,) * 4
     with pytest.raises(PlannerError, match="it takes: min_tokens, seed$"):
         create_planner("full", 4, cost_modle=None)
+
+
+def test_an_interleaved_dense_phase_without_a_target_uses_the_budgets_on_odd_steps():
+    p = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, freeze_mode="last", spare_first="frozen",
+                       dense_final_frac=0.2, dense_final_interleave=True)
+    dense, sparse = p.plan(90, 0.9), p.plan(91, 0.91)
+    assert dense.keep_ratios == (1.0,) * 6 and dense.trained_blocks == (4, 5) and not dense.train_embeddings
+    assert sparse.keep_ratios == (1.0, 1.0, 0.6, 0.6, 0.6, 0.6) and sparse.trained_blocks == (2, 3, 4, 5)
+    assert p.plan(11, 0.11) == sparse  # as the sparse phase's steps
+    plain = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, freeze_mode="last",
+                           spare_first="frozen", dense_final_frac=0.2)
+    assert plain.plan(91, 0.91) == dense

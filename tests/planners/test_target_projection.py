@@ -290,3 +290,34 @@ def test_the_early_phase_is_validated():
     # where every block already trains there is no block more to train: the early phase changes nothing
     p = create_planner("alast", CM.num_blocks, early_frac=0.5, freeze_mode="last", k_trained=CM.num_blocks)
     assert p.plan(0, 0.0).trained_blocks == p.plan(9, 0.9).trained_blocks == tuple(range(CM.num_blocks))
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5])
+def test_an_interleaved_dense_phase_trains_the_lower_blocks_at_a_dense_steps_cost(target):
+    """``dense_final_interleave``: the dense final phase's odd steps are sparse steps (the top
+    k_trained blocks, tokens dropped) that cost no more than the phase's dense steps and peak no
+    higher than a dense step or a sparse step at ``b_init``; the other sparse steps keep the target
+    they have without interleaving, and the run lands on the target."""
+    options = {"spare_first": "frozen", "freeze_mode": "last", "dense_final_frac": 0.3, "early_frac": 0.25,
+               "batch_size": 64, "steps": 100}
+    plain = solve_target(CM, "alast", target, {"min_tokens": 1, **options})
+    options["dense_final_interleave"] = True
+    sol = solve_target(CM, "alast", target, {"min_tokens": 1, **options})
+    assert sol.knobs["target_flops"] >= plain.knobs["target_flops"] * 0.995
+    planner_opts = {k: v for k, v in options.items() if k != "steps"}
+    budgets, ratios = _run_on_noise(target, seed=0, steps=100, **planner_opts)
+    L, k, top = CM.num_blocks, sol.knobs["k_trained"], 3
+    peaks = [step_cost(CM, StepShape.from_budget(b, CM.num_patches), 64).bwd_peak_bytes for b in budgets]
+    for step in range(70, 100):
+        budget = budgets[step]
+        if step % 2 == 0:
+            assert budget.trained_blocks == tuple(range(L - top, L)) and not budget.drops_tokens
+        else:
+            assert budget.trained_blocks == tuple(range(L - k, L)) and budget.drops_tokens
+            assert budget.keep_ratios[:L - k] == (1.0,) * (L - k)
+            cap = max(peaks[step - 1], max(peaks[25:70]))
+            assert ratios[step] <= ratios[step - 1] * 1.001 and peaks[step] <= cap * 1.001
+            # held at one of its two limits (token counts are whole numbers)
+            assert ratios[step] >= ratios[step - 1] * 0.97 or peaks[step] >= cap * 0.97
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
+    assert sol.predicted_ratio == pytest.approx(statistics.mean(ratios), rel=0.02)
