@@ -300,7 +300,7 @@ class AlastPlanner:
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
-    def _dense_step(self, dense: tuple[float, ...], trained: tuple[bool, ...]) -> tuple[tuple[bool, ...], bool]:
+    def _dense_step(self, trained: tuple[bool, ...]) -> tuple[tuple[bool, ...], bool]:
         """The trained blocks and embeddings of the dense final phase's dense step (``trained``: the
         sparse draw, which the phase trains where ``dense_final_blocks`` is 'sampled')."""
         if self.dense_top is None:
@@ -315,7 +315,7 @@ class AlastPlanner:
             ratios = (1.0,) * self.spare_first + budgets[self.spare_first:L - len(last)] + last
             return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
         if trained not in self._interleave_limits:
-            top, embed = self._dense_step(dense, trained)
+            top, embed = self._dense_step(trained)
             shape = StepShape.from_budget(Budget(dense, top, self.min_tokens, dense, self.token_multiple, embed),
                                           self.projection.cm.num_patches)
             dense_ratio = step_cost(self.projection.cm, shape, 1).train_flops / self.projection.full_flops
