@@ -244,10 +244,12 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": mt, "trim_last": trim}
 
-    def predict(sparse_target: float) -> tuple[float, list[float], list[float]]:
+    def knob(sparse_target: float) -> float:
         # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
-        knobs["target_flops"] = (sparse_target if full == full_step_flops(cm)
-                                 else sparse_target * full / full_step_flops(cm))
+        return sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
+
+    def predict(sparse_target: float) -> tuple[float, list[float], list[float]]:
+        knobs["target_flops"] = knob(sparse_target)
         ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
         early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
         mean, early_mean = sum(ratios) / len(ratios), sum(early_ratios) / len(early_ratios)
@@ -260,15 +262,18 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         # The early steps (and the interleaved ones) peak no higher in memory than the others, so they
         # may spend less: the other sparse steps' target rises (and the caps with it) until the total
         # is on target.
-        points = [(sparse_target, predicted)]
+        # Whole token counts make the total a step function, so the secant may circle the target:
+        # the run takes the nearest point it visited (the latest of equals).
+        points = [(sparse_target, predicted, ratios, early_ratios)]
         for _ in range(EARLY_ROUNDS):
-            (s0, p0), (s1, p1) = points[-2:] if len(points) > 1 else (points[0], points[0])
+            (s0, p0, *_), (s1, p1, *_) = points[-2:] if len(points) > 1 else (points[0], points[0])
             if _miss(p1, target) < 1e-3:
                 break
             slope = (p1 - p0) / (s1 - s0) if s1 != s0 and p1 != p0 else 1.0 - dense
             sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
-            predicted, ratios, early_ratios = predict(sparse_target)
-            points.append((sparse_target, predicted))
+            points.append((sparse_target, *predict(sparse_target)))
+        sparse_target, predicted, ratios, early_ratios = min(reversed(points), key=lambda p: _miss(p[1], target))
+        knobs["target_flops"] = knob(sparse_target)
     lo, hi = ((1.0 - dense) * r + phase_cost(k) for r in (min(ratios + early_ratios), max(ratios + early_ratios)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
