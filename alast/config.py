@@ -78,9 +78,10 @@ class PolicyConfig(_Section):
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
     dense_final_interleave: bool = Field(
-        False, description="alast, beyond the paper: every other step of the dense final phase is a sparse step "
+        True, description="alast, beyond the paper: every other step of the dense final phase is a sparse step "
         "(the k_trained blocks, budgets as keep ratios), so the blocks below the phase's top ones train to the end; "
-        "under a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens")
+        "under a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens; "
+        "false: every step of the phase is dense")
     early_frac: float | None = Field(
         None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
         "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
@@ -331,7 +332,8 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 # Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
 # was trained with the value here, and is read back with it (export, evaluation and resume).
 EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention",
-                                                           "trim_last": False, "spare_first": 0, "early_frac": 0.0}}
+                                                           "trim_last": False, "spare_first": 0, "early_frac": 0.0,
+                                                           "dense_final_interleave": False}}
 
 
 def build_run_config(data: dict[str, Any]) -> AlastConfig:

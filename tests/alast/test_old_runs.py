@@ -43,8 +43,9 @@ def test_old_config_loads_with_todays_defaults_for_new_keys():
     assert saved["policy"]["trim_last"] is False and cfg.policy.trim_last is True
     assert saved["policy"]["spare_first"] == 0 and cfg.policy.spare_first == "frozen"
     assert saved["policy"]["early_frac"] == 0.0 and cfg.policy.early_frac is None
+    assert saved["policy"]["dense_final_interleave"] is False and cfg.policy.dense_final_interleave is True
     saved["policy"].update(token_select="sample", token_score="contribution", trim_last=True, spare_first="frozen",
-                           early_frac=None)
+                           early_frac=None, dense_final_interleave=True)
     assert saved == cfg.model_dump()
 
 
@@ -58,7 +59,8 @@ def test_an_old_checkpoints_config_matches_its_run_config_on_resume():
     assert "token_select" not in old["policy"]
     assert result_changes(old, saved_config(FIXTURE)) == []
     assert result_changes(old, load_config(FIXTURE / "config.yaml")) == [
-        "policy.early_frac (0.0 -> null)", "policy.spare_first (0 -> frozen)", "policy.token_score (attention -> contribution)",
+        "policy.dense_final_interleave (false -> true)", "policy.early_frac (0.0 -> null)",
+        "policy.spare_first (0 -> frozen)", "policy.token_score (attention -> contribution)",
         "policy.token_select (top -> sample)", "policy.trim_last (false -> true)"]
 
 

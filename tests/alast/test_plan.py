@@ -170,7 +170,8 @@ def test_trace_dir_without_metrics_exits_2(runner, tmp_path):
 
 
 def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
-    """The FLOPs target accounts for the full-token final phase: the counted run lands on it."""
+    """The FLOPs target accounts for the full-token final phase: the counted run lands on it (every
+    step of the phase dense: ``policy.dense_final_interleave=false``)."""
     import json
 
     from click.testing import CliRunner
@@ -179,7 +180,8 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
 
     out = tmp_path / "dense"
     res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
-                                   "--set", "policy.dense_final_frac=0.2", "--out", str(out), "--json"])
+                                   "--set", "policy.dense_final_frac=0.2", "--set", "policy.dense_final_interleave=false",
+                                   "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
@@ -204,7 +206,7 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
 
 def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     """Counts rounded to multiples of 8: the plan replays what the run counts; a target the coarse
-    counts cannot meet (64 tokens) is refused in one line; the ort backend keeps exact counts."""
+    counts cannot meet (multiples of 32 of 64 tokens) is refused in one line; the ort backend keeps exact counts."""
     run = tmp_path / "r"
     res = runner.invoke(cli, ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.token_multiple=8",
                               "--set", "backend.threads=1", "--out", str(run)])
@@ -216,7 +218,7 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
-    res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.5", "--set", "backend.token_multiple=8",
+    res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.5", "--set", "backend.token_multiple=32",
                               "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "too few tokens to divide finer" in res.output
     res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
@@ -236,7 +238,7 @@ def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
     out = tmp_path / "early"
     res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
                                    "--set", "policy.early_frac=0.4", "--set", "policy.dense_final_frac=0.2",
-                                   "--out", str(out), "--json"])
+                                   "--set", "policy.dense_final_interleave=false", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
