@@ -288,11 +288,14 @@ class AlastPlanner:
             dense = (1.0,) * (L - len(last)) + last
             if self.dense_final_interleave and rules.interleaved(step):
                 return self._interleaved(budgets, trained, dense)
-            if self.dense_top is not None:
-                top = tuple(i >= L - self.dense_top for i in range(L))
-                return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=False)
-            ratios = dense
-        elif self.projection is not None:
+            top, embed = self._dense_step(trained)
+            return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=embed)
+        return self._sparse(budgets, trained, early)
+
+    def _sparse(self, budgets: tuple[float, ...], trained: tuple[bool, ...], early: bool) -> Budget:
+        """A sparse step: the budgets as keep ratios, projected onto the target where there is one."""
+        L, last = self.num_blocks, (0.0,) if self.trim_last else ()
+        if self.projection is not None:
             spare, cap = (self.spare_early, self.early_peak_cap) if early else (self.spare_first, None)
             ratios = self.projection.project(budgets, trained, spare, self.trim_last, cap)
         else:
@@ -310,10 +313,9 @@ class AlastPlanner:
     def _interleaved(self, budgets: tuple[float, ...], trained: tuple[bool, ...],
                      dense: tuple[float, ...]) -> Budget:
         """A sparse step inside the dense final phase (``dense_final_interleave``)."""
-        L, last = self.num_blocks, (0.0,) if self.trim_last else ()
         if self.projection is None:
-            ratios = (1.0,) * self.spare_first + budgets[self.spare_first:L - len(last)] + last
-            return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
+            return self._sparse(budgets, trained, early=False)
+        L = self.num_blocks
         if trained not in self._interleave_limits:
             top, embed = self._dense_step(trained)
             shape = StepShape.from_budget(Budget(dense, top, self.min_tokens, dense, self.token_multiple, embed),

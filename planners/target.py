@@ -252,7 +252,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         knobs["target_flops"] = knob(sparse_target)
         ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
         early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
-        mean, early_mean = sum(ratios) / len(ratios), sum(early_ratios) / len(early_ratios)
+        mean, early_mean = _mean(ratios), _mean(early_ratios)
         phase = phase_cost(k, _mean(_projected_ratios(cm, full, {**options, **knobs}, interleaved=True)) if inter
                            else None)
         return (1.0 - dense - early) * mean + early * early_mean + phase, ratios, early_ratios
