@@ -77,11 +77,11 @@ class PolicyConfig(_Section):
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
         "k_trained blocks drawn as in the other steps, with the embeddings")
-    dense_final_interleave: bool = Field(
-        True, description="alast, beyond the paper: every other step of the dense final phase is a sparse step "
-        "(the k_trained blocks, budgets as keep ratios), so the blocks below the phase's top ones train to the end; "
-        "under a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens; "
-        "false: every step of the phase is dense")
+    dense_final_interleave: int = Field(
+        2, description="alast, beyond the paper: one step in N of the dense final phase is a sparse step (the "
+        "k_trained blocks, budgets as keep ratios), so the blocks below the phase's top ones train to the end; under "
+        "a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens; "
+        "true: 2 (every other step); false or 0: every step of the phase is dense")
     early_frac: float | None = Field(
         None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
         "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
@@ -124,6 +124,18 @@ class PolicyConfig(_Section):
     keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
     lora: LoraConfig | None = None
+
+    @field_validator("dense_final_interleave", mode="before")
+    @classmethod
+    def _interleave(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return 2 if v else 0
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if type(v) is int and (v == 0 or v >= 2):
+            return v
+        raise ValueError("must be a period N >= 2 (one step in N of the dense final phase is sparse), "
+                         "true (2) or false (0)")
 
     @field_validator("spare_first", mode="before")
     @classmethod

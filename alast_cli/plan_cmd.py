@@ -144,10 +144,11 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         d = result["dense_final"]
         trains = (f"train the top {d['top_blocks']} of {d['num_blocks']} blocks with the embeddings frozen"
                   if d["top_blocks"] else "train the blocks drawn as in the other steps")
-        every = "every other step of " if d.get("interleave") else ""
+        period = int(d.get("interleave") or 0)
+        every = {0: "", 2: "every other step of "}.get(period, f"{period - 1} steps in {period} of ")
+        between = {0: "", 2: "; the steps between are"}.get(period, "; the others are")
         console.print(f"{d['policy']}: dense final phase: {every}the last {d['frac']:.0%} of steps keep every token "
-                      f"and {trains}" + ("; the steps between are sparse steps at a dense step's cost"
-                                         if d.get("interleave") else ""))
+                      f"and {trains}" + (f"{between} sparse steps at a dense step's cost" if period else ""))
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
             console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "

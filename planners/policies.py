@@ -176,8 +176,8 @@ class AlastPlanner:
     drawn as in the sparse phase, with the embeddings (the backward then runs through every block
     at full width). Budget updates continue unchanged.
 
-    ``dense_final_interleave`` (beyond the paper): every other step of the dense final phase (the odd
-    ones) is a sparse step instead, so the blocks below the phase's top ones keep training to the end
+    ``dense_final_interleave`` (beyond the paper): one step in N of the dense final phase (the last of
+    every N; ``True``: N = 2, the odd steps) is a sparse step instead, so the blocks below the phase's top ones keep training to the end
     of the run. Its keep ratios are the budgets projected onto what a dense step of the phase costs
     (without a target: the budgets, as in the other sparse steps), and its backward peaks no higher
     than the phase's dense step or a sparse step at ``b_init``, whichever is higher: the phase costs
@@ -200,7 +200,7 @@ class AlastPlanner:
         seed: int = 0,
         dense_final_frac: float = 0.0,
         dense_final_blocks: int | str = "auto",
-        dense_final_interleave: bool = False,
+        dense_final_interleave: bool | int = False,
         rule: str = "normalized",
         gain: float = 0.1,
         ema: float = 0.9,
@@ -247,7 +247,10 @@ class AlastPlanner:
             self.dense_top = rules.dense_final_top(num_blocks, dense_final_blocks)
         except ValueError as e:
             raise PlannerError(str(e)) from None
-        self.dense_final_interleave = bool(dense_final_interleave)
+        try:
+            self.interleave = rules.interleave_period(dense_final_interleave)
+        except ValueError as e:
+            raise PlannerError(str(e)) from None
         self.target_flops = None if target_flops is None else float(target_flops)
         if batch_size is not None and int(batch_size) < 1:
             raise PlannerError(f"batch_size must be >= 1 (the samples one device runs per step), got {batch_size}")
@@ -286,7 +289,7 @@ class AlastPlanner:
         last = (0.0,) if self.trim_last else ()  # the head reads none of the last block's patch tokens
         if rules.in_dense_final(progress, self.dense_final_frac):
             dense = (1.0,) * (L - len(last)) + last
-            if self.dense_final_interleave and rules.interleaved(step):
+            if rules.interleaved(step, self.interleave):
                 return self._interleaved(budgets, trained, dense)
             top, embed = self._dense_step(trained)
             return Budget(dense, top, self.min_tokens, budgets, self.token_multiple, train_embeddings=embed)

@@ -234,18 +234,34 @@ def in_dense_final(progress: float, frac: float) -> bool:
     return frac > 0 and progress >= 1.0 - frac
 
 
-def interleaved(step: int) -> bool:
-    """Whether ``step`` of a dense final phase with ``dense_final_interleave`` is a sparse step (the odd ones)."""
-    return step % 2 == 1
+def interleave_period(setting: bool | int | None) -> int:
+    """The period of ``dense_final_interleave``: one step in N of the dense final phase is a sparse
+    step; 0 (``False``, ``None``): none; ``True``: every other step (N = 2)."""
+    if setting is None or setting is False:
+        return 0
+    if setting is True:
+        return 2
+    if not isinstance(setting, int) or setting == 1 or setting < 0:
+        raise ValueError(f"dense_final_interleave must be false/0 (every step of the dense final phase is dense), "
+                         f"true (every other step is sparse) or a period N >= 2 (one step in N), got {setting!r}")
+    return setting
 
 
-def interleaved_share(frac: float, steps: int | None = None) -> float:
+def interleaved(step: int, period: int = 2) -> bool:
+    """Whether ``step`` of a dense final phase is one of its sparse steps: the last of every
+    ``period`` steps (the odd ones for 2; none for 0)."""
+    return period > 0 and step % period == period - 1
+
+
+def interleaved_share(frac: float, steps: int | None = None, period: int = 2) -> float:
     """The share of a run's steps that are the dense final phase's interleaved sparse steps: exactly
-    as :func:`in_dense_final` and :func:`interleaved` count them over ``steps`` steps, or half the
-    phase when the steps are not known."""
+    as :func:`in_dense_final` and :func:`interleaved` count them over ``steps`` steps, or the
+    phase's share over ``period`` when the steps are not known."""
+    if not period:
+        return 0.0
     if not steps:
-        return float(frac) / 2
-    return sum(in_dense_final(s / steps, frac) and interleaved(s) for s in range(steps)) / steps
+        return float(frac) / period
+    return sum(in_dense_final(s / steps, frac) and interleaved(s, period) for s in range(steps)) / steps
 
 
 def in_early(progress: float, frac: float) -> bool:

@@ -27,6 +27,7 @@ from .rules import (
     dense_final_share,
     dense_final_top,
     early_share,
+    interleave_period,
     interleaved_share,
     kept_token_counts,
     spared_blocks,
@@ -169,7 +170,11 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     frac = float(options.get("dense_final_frac") or 0.0)
     dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
     # with dense_final_interleave, this share of the steps are the phase's sparse steps
-    inter = interleaved_share(frac, options.get("steps")) if frac and options.get("dense_final_interleave") else 0.0
+    try:
+        period = interleave_period(options.get("dense_final_interleave"))
+    except ValueError as e:
+        raise TargetError(str(e)) from None
+    inter = interleaved_share(frac, options.get("steps"), period) if frac else 0.0
     early_frac = float(options.get("early_frac") or 0.0)
     early = early_share(early_frac, options.get("steps"))  # steps that train one block more
     if early_frac and mode != "last":
@@ -295,11 +300,12 @@ def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], early
     accepted = set(planner_options("alast"))
     opts = {k: v for k, v in options.items() if k in accepted}
     opts["dense_final_frac"] = 0.5 if interleaved else 0.0
+    period = interleave_period(opts.get("dense_final_interleave"))
     opts["early_frac"] = 0.5 if early else 0.0
     planner = create_planner("alast", cm.num_blocks, cost_model=cm, **opts)
     out = []
     for step in range(steps):
-        step, progress = (2 * step + 1, 0.75) if interleaved else (step, 0.0)
+        step, progress = (period * step + period - 1, 0.75) if interleaved else (step, 0.0)
         budget = planner.plan(step, progress)
         out.append(step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / full)
     return out

@@ -96,6 +96,17 @@ def test_spare_first_refuses_anything_else_in_one_line(value):
         load_config(None, [f"policy.spare_first={value}"])
 
 
+@pytest.mark.parametrize("value,expected", [("true", 2), ("false", 0), ("0", 0), ("2", 2), ("3", 3), ("5", 5)])
+def test_dense_final_interleave_takes_a_period_or_a_switch(value, expected):
+    assert load_config(None, [f"policy.dense_final_interleave={value}"]).policy.dense_final_interleave == expected
+
+
+@pytest.mark.parametrize("value", ["1", "-2", "1.5", "often"])
+def test_dense_final_interleave_refuses_anything_else_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"policy\.dense_final_interleave.*period N >= 2"):
+        load_config(None, [f"policy.dense_final_interleave={value}"])
+
+
 def test_early_frac_needs_the_top_blocks_trained_and_room_before_the_dense_phase():
     assert load_config(None, ["policy.early_frac=0.2"]).policy.early_phase == 0.2
     # unset: on under a FLOPs target with the top blocks trained, off otherwise

@@ -20,6 +20,7 @@ from alast.training.resume import saved_config
 from alast_cli.main import cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1"
+DEFAULT_PERIOD = 2  # today's policy.dense_final_interleave
 
 
 @pytest.fixture
@@ -43,10 +44,22 @@ def test_old_config_loads_with_todays_defaults_for_new_keys():
     assert saved["policy"]["trim_last"] is False and cfg.policy.trim_last is True
     assert saved["policy"]["spare_first"] == 0 and cfg.policy.spare_first == "frozen"
     assert saved["policy"]["early_frac"] == 0.0 and cfg.policy.early_frac is None
-    assert saved["policy"]["dense_final_interleave"] is False and cfg.policy.dense_final_interleave is True
+    assert saved["policy"]["dense_final_interleave"] == 0 and cfg.policy.dense_final_interleave == DEFAULT_PERIOD
     saved["policy"].update(token_select="sample", token_score="contribution", trim_last=True, spare_first="frozen",
-                           early_frac=None, dense_final_interleave=True)
+                           early_frac=None, dense_final_interleave=DEFAULT_PERIOD)
     assert saved == cfg.model_dump()
+
+
+def test_a_run_saved_with_interleave_true_reads_back_as_every_other_step():
+    """Runs written when ``dense_final_interleave`` was a switch saved ``true`` (every other step)."""
+    from alast.config import build_run_config
+    from alast.training.resume import result_changes
+
+    old = {"policy": {"dense_final_interleave": True}}
+    assert build_run_config(old).policy.dense_final_interleave == 2
+    assert result_changes(old, build_run_config({"policy": {"dense_final_interleave": 2}})) == []
+    assert result_changes(old, build_run_config({"policy": {"dense_final_interleave": 3}})) == [
+        "policy.dense_final_interleave (2 -> 3)"]
 
 
 def test_an_old_checkpoints_config_matches_its_run_config_on_resume():
@@ -59,7 +72,7 @@ def test_an_old_checkpoints_config_matches_its_run_config_on_resume():
     assert "token_select" not in old["policy"]
     assert result_changes(old, saved_config(FIXTURE)) == []
     assert result_changes(old, load_config(FIXTURE / "config.yaml")) == [
-        "policy.dense_final_interleave (false -> true)", "policy.early_frac (0.0 -> null)",
+        f"policy.dense_final_interleave (0 -> {DEFAULT_PERIOD})", "policy.early_frac (0.0 -> null)",
         "policy.spare_first (0 -> frozen)", "policy.token_score (attention -> contribution)",
         "policy.token_select (top -> sample)", "policy.trim_last (false -> true)"]
 

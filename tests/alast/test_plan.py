@@ -278,3 +278,6 @@ def test_target_with_an_interleaved_dense_phase_is_met_by_a_real_run(runner, tmp
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-3
     res = runner.invoke(cli, ["plan", *args])
     assert res.exit_code == 0 and "every other step of the last 30% of steps" in res.output, res.output
+    res = runner.invoke(cli, ["plan", *args[:-1], "policy.dense_final_interleave=3"])
+    assert res.exit_code == 0 and "2 steps in 3 of the last 30% of steps" in res.output, res.output
+    assert "the others are sparse steps at a dense step's cost" in res.output, res.output

@@ -305,3 +305,15 @@ def test_an_interleaved_dense_phase_without_a_target_uses_the_budgets_on_odd_ste
     plain = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, freeze_mode="last",
                            spare_first="frozen", dense_final_frac=0.2)
     assert plain.plan(91, 0.91) == dense
+    # a period of 3: the last of every three steps is sparse; 2 is True's period, 0 is off
+    every3 = create_planner("alast", 6, k_trained=4, b_init=0.6, b_min=0.6, freeze_mode="last",
+                            spare_first="frozen", dense_final_frac=0.2, dense_final_interleave=3)
+    assert [every3.plan(s, s / 100) == sparse for s in range(90, 96)] == [False, False, True, False, False, True]
+    assert [every3.plan(s, s / 100) == dense for s in range(90, 96)] == [True, True, False, True, True, False]
+    assert create_planner("alast", 6, dense_final_frac=0.2, dense_final_interleave=2).plan(91, 0.91) == \
+        create_planner("alast", 6, dense_final_frac=0.2, dense_final_interleave=True).plan(91, 0.91)
+    assert create_planner("alast", 6, dense_final_frac=0.2, dense_final_interleave=0).plan(91, 0.91) == \
+        create_planner("alast", 6, dense_final_frac=0.2).plan(91, 0.91)
+    for bad in (1, -2):
+        with pytest.raises(PlannerError, match="dense_final_interleave must be"):
+            create_planner("alast", 6, dense_final_frac=0.2, dense_final_interleave=bad)
