@@ -178,10 +178,11 @@ class AlastPlanner:
 
     ``dense_final_interleave`` (beyond the paper): one step in N of the dense final phase (the last of
     every N; ``True``: N = 2, the odd steps) is a sparse step instead, so the blocks below the
-    phase's top ones keep training to the end of the run. Its keep ratios are the budgets projected onto what a dense step of the phase costs
-    (without a target: the budgets, as in the other sparse steps), and its backward peaks no higher
-    than the phase's dense step or a sparse step at ``b_init``, whichever is higher: the phase costs
-    the FLOPs and memory it costs without interleaving, and the other steps keep their tokens.
+    phase's top ones keep training to the end of the run. Its keep ratios are the budgets projected
+    onto what a dense step of the phase costs (without a target: the budgets, as in the other sparse
+    steps), and its backward peaks no higher than the phase's dense step or a sparse step at
+    ``b_init``, whichever is higher: the phase costs the FLOPs and memory it costs without
+    interleaving, and the other steps keep their tokens.
     """
 
     name = "alast"
