@@ -128,14 +128,17 @@ class PolicyConfig(_Section):
     @field_validator("dense_final_interleave", mode="before")
     @classmethod
     def _interleave(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            return 2 if v else 0
+        from planners.rules import interleave_period
+
         if isinstance(v, str) and v.strip().isdigit():
             v = int(v)
-        if type(v) is int and (v == 0 or v >= 2):
-            return v
-        raise ValueError("must be a period N >= 2 (one step in N of the dense final phase is sparse), "
-                         "true (2) or false (0)")
+        try:
+            if v is None:
+                raise ValueError
+            return interleave_period(v)
+        except ValueError:
+            raise ValueError("must be a period N >= 2 (one step in N of the dense final phase is sparse), "
+                             "true (2) or false (0)") from None
 
     @field_validator("spare_first", mode="before")
     @classmethod

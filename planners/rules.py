@@ -241,7 +241,7 @@ def interleave_period(setting: bool | int | None) -> int:
         return 0
     if setting is True:
         return 2
-    if not isinstance(setting, int) or setting == 1 or setting < 0:
+    if type(setting) is not int or setting == 1 or setting < 0:
         raise ValueError(f"dense_final_interleave must be false/0 (every step of the dense final phase is dense), "
                          f"true (every other step is sparse) or a period N >= 2 (one step in N), got {setting!r}")
     return setting
