@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens
+from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
 
 
 def head_reads_prefix(model: nn.Module) -> bool:
@@ -72,14 +72,16 @@ def drops_tokens(kept: Sequence[int] | None, num_patches: int) -> bool:
 @contextlib.contextmanager
 def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Sequence[int | None] | None,
                     deltas: list[Tensor] | None = None, fuse: bool = False, select: str = "top",
-                    noise: Tensor | None = None, score: str = "attention") -> Iterator[None]:
+                    noise: Tensor | None = None, score: str = "attention", pool: int | None = None
+                    ) -> Iterator[None]:
     """Within the block, after block ``l`` keep the ``prefix`` tokens plus the top ``keep[l]`` patch
     tokens (``keep[l]`` None, or ``keep`` None: all of them); with ``deltas``, append each block's
     per-sample CLS delta to it. With ``fuse`` (fixed counts only), the last kept slot holds the
     dropped tokens fused, as in training with ``policy.fuse_tokens``. ``score`` and ``select`` score
     and choose the tokens as ``policy.token_score`` and ``policy.token_select`` say; ``noise``
     (``[L, B, prefix + patches]`` uniform draws; block ``l`` reads the leading columns of
-    ``noise[l]``) supplies the draws."""
+    ``noise[l]``) supplies the draws. ``pool``: how the model is read, its class token (None) or
+    its pooled patch tokens (:func:`~runtimes.torch_backend.tokens.summary_pool`)."""
     if fuse and isinstance(keep, Tensor):
         raise ValueError("token fusion needs fixed token counts, not a keep tensor")
     scores: dict[int, Tensor] = {}
@@ -88,18 +90,22 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
     def qkv_hook(i: int, attn: nn.Module):
         def hook(_mod, _inputs, out: Tensor) -> None:
             scores[i] = cls_attention_scores(out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm,
-                                             attn.k_norm, score)
+                                             attn.k_norm, score, pool)
         return hook
 
     def block_hook(i: int):
         def hook(_mod, inputs, out: Tensor) -> Tensor:
+            x, selected = inputs[0], out
+            if keep is not None and keep[i] is not None:
+                s = scores.pop(i)
+                draws = None if noise is None else noise[i, :, :s.shape[1]]
+                rank = ranking_scores(s, select, draws)
+                selected = select_tokens(out, s, keep[i], prefix, fuse=fuse, rank=rank)
+                if deltas is not None and pool is not None:  # a pooled delta reads the kept tokens
+                    x, out = select_tokens(x.detach(), s, keep[i], prefix, fuse=fuse, rank=rank), selected
             if deltas is not None:
-                deltas.append(cls_delta(inputs[0], out))
-            if keep is None or keep[i] is None:
-                return out
-            s = scores.pop(i)
-            draws = None if noise is None else noise[i, :, :s.shape[1]]
-            return select_tokens(out, s, keep[i], prefix, fuse=fuse, rank=ranking_scores(s, select, draws))
+                deltas.append(cls_delta(x, out, pool))
+            return selected
         return hook
 
     try:
@@ -128,7 +134,7 @@ def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fals
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
     with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse,
-                         score=score):
+                         score=score, pool=summary_pool(vit)):
         yield
 
 

@@ -32,7 +32,7 @@ from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.runtime import embedding_parameters
-from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens
+from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
 _NOT_MATMUL = ("norm", "upsample", "pool", "grid_sampler")
 _STATES = {"weights_and_input": (True, True), "weights_only": (True, False), "input_only": (False, True)}
@@ -231,14 +231,14 @@ def _fit_max_of_planes(pairs: list[tuple[int, int]], ys: list[float], rounds: in
 
 
 def _drop_transient(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int],
-                    num_prefix: int) -> tuple[float, ...]:
+                    num_prefix: int, pool: int | None) -> tuple[float, ...]:
     """``(c0, a0, a_in, a_out, b0, b_in, b_out)``: bytes in flight at the peak of the backward of a
     block that selects inside (:meth:`planners.costmodel.DropCost.transient`), from
     :func:`transient_pairs` at the two :data:`TRANSIENT_BATCHES`."""
     pairs = transient_pairs(ns, num_prefix)
     slopes, rests = [], []
     for n_in, n_out in pairs:
-        fn = lambda blk, x: forward_selecting(blk, x, n_out - num_prefix, num_prefix)[0]  # noqa: B023
+        fn = lambda blk, x: forward_selecting(blk, x, n_out - num_prefix, num_prefix, pool=pool)[0]  # noqa: B023
         per, rest = _per_sample(block, fn, params, state, n_in, dim)
         slopes.append(per)
         rests.append(rest)
@@ -267,11 +267,11 @@ def drop_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[int], dim: int, num_prefix: int
-                     ) -> tuple[DropCost | None, float]:
+def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[int], dim: int, num_prefix: int,
+                     pool: int | None = None) -> tuple[DropCost | None, float]:
     """The block's costs when it selects its tokens inside (None where the runtime cannot: it runs
     the block whole, then drops), with ``trainable`` its parameters that train; returns them and
-    the worst fit error."""
+    the worst fit error. ``pool``: how the model is read (``tokens.summary_pool``)."""
     if not selects_in_block(block):
         return None, 0.0
     exclude = _param_ids(block)
@@ -281,7 +281,7 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
         for state, (weights, inp) in _STATES.items():
             _set_grad(trainable, weights)
             x = torch.randn(1, n_in, dim).requires_grad_(inp)
-            f, b, a = _count(lambda: forward_selecting(block, x, n_out - num_prefix, num_prefix)[0],  # noqa: B023
+            f, b, a = _count(lambda: forward_selecting(block, x, n_out - num_prefix, num_prefix, pool=pool)[0],  # noqa: B023
                              exclude)
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
@@ -296,13 +296,16 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in _STATES},
                     act_bytes={s: fit(meas[s]["act"]) for s in _STATES},
-                    transient_bytes={s: _drop_transient(block, trainable, s, dim, ns, num_prefix) for s in _STATES})
+                    transient_bytes={s: _drop_transient(block, trainable, s, dim, ns, num_prefix, pool)
+                                     for s in _STATES})
     return cost, max(errs)
 
 
-def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_prefix: int = 1
-                  ) -> tuple[BlockCost, float]:
-    """Measure one block (see the module docstring); returns its costs and worst fit error."""
+def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_prefix: int = 1,
+                  pool: int | None = None) -> tuple[BlockCost, float]:
+    """Measure one block (see the module docstring); returns its costs and worst fit error.
+    ``pool``: how the model is read, its class token (None) or its pooled patch tokens
+    (``tokens.summary_pool``)."""
     trainable = [p for p in block.parameters() if p.requires_grad]
     exclude = _param_ids(block)
     macs, errs = [], []
@@ -325,10 +328,10 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     fwd_macs, fwd_flops = fit(macs), fit(meas["weights_and_input"]["fwd"])
     bwd = {s: fit(meas[s]["bwd"]) for s in _STATES}
     act = {"none": (0.0,), **{s: fit(meas[s]["act"]) for s in _STATES}}
-    select = fit([_select_flops(block, n, dim) for n in ns], 1)
+    select = fit([_select_flops(block, n, pool) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
     transient = {s: _transient(block, trainable, s, dim, ns) for s in _STATES}
-    drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix)
+    drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix, pool)
     errs.append(drop_err)
     _set_grad(trainable, True)
     sizes = [p.numel() * p.element_size() for p in trainable]
@@ -342,12 +345,12 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     return cost, max(errs)
 
 
-def _select_flops(block: nn.Module, n: int, dim: int) -> float:
+def _select_flops(block: nn.Module, n: int, pool: int | None) -> float:
     """FLOPs of the CLS-attention scores the patched block computes from its qkv output."""
     attn = block.attn
     qkv = torch.randn(1, n, 3 * attn.num_heads * attn.head_dim)
     with counter() as fc:
-        cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm)
+        cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, pool=pool)
     return float(fc.get_total_flops())
 
 
@@ -442,7 +445,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     for i, blk in enumerate(vit.blocks):
         sig = _block_signature(blk)
         if sig not in cache:
-            cache[sig] = profile_block(blk, i, ns, dim, num_prefix)
+            cache[sig] = profile_block(blk, i, ns, dim, num_prefix, summary_pool(vit))
         cost, err = cache[sig]
         blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
         errs.append(err)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..token_schedule import selection_hooks
 from ..torch_backend.runtime import embedding_parameters
+from ..torch_backend.tokens import summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
 INPUTS_SELECT = ("images", "labels", "keep")
@@ -81,7 +82,7 @@ class TrainingGraph(nn.Module):
         deltas: list[Tensor] = []
         m = self.model
         with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
-                             select=self.token_select, noise=noise, score=self.token_score):
+                             select=self.token_select, noise=noise, score=self.token_score, pool=summary_pool(m)):
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -205,7 +206,8 @@ class StepFlops:
             deltas: list[Tensor] = []
             with counter() as fc:
                 with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
-                                     select=self.graph.token_select, score=self.graph.token_score):
+                                     select=self.graph.token_select, score=self.graph.token_score,
+                                     pool=summary_pool(self.model)):
                     out = functional_call(blk, params, (x_in,))
                 wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
                 if wanted:

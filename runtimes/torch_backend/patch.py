@@ -3,7 +3,9 @@
 Each block's class is replaced by a subclass of its own class whose ``forward`` calls
 ``super().forward`` (so LayerScale, drop-path and any upstream change are kept) and then, in
 training mode only, records the block's CLS delta and keeps the top-scoring patch tokens.
-CLS-attention scores come from a forward hook on the block's fused ``qkv`` projection.
+CLS-attention scores come from a forward hook on the block's fused ``qkv`` projection. A model
+without a class token is read through the mean of its patch tokens instead (``pool``, see
+:mod:`.tokens`).
 
 A block that drops tokens after it computes its output for the kept tokens only, where it is
 timm's standard ``Block`` with timm's ``Attention`` (:func:`selects_in_block`): the tokens are
@@ -22,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tokens import cls_attention_scores, cls_delta, kept_indices, ranking_scores, select_tokens, take_tokens
+from .tokens import (
+    cls_attention_scores,
+    cls_delta,
+    kept_indices,
+    ranking_scores,
+    select_tokens,
+    summary_pool,
+    take_tokens,
+)
 
 
 class PatchError(ValueError):
@@ -54,6 +64,7 @@ class _AlastBlockMixin:
 
     _alast_index: int
     _alast_prefix: int
+    _alast_pool: int | None  # see tokens.summary_pool
     _alast_control: StepControl
     _alast_in_block: bool  # see selects_in_block
 
@@ -65,14 +76,15 @@ class _AlastBlockMixin:
         dropping = keep is not None and keep < n_patch
         if dropping and self._alast_in_block and not ctl.fuse and not args and not kwargs:
             try:
-                out, scores = forward_selecting(
+                out, scores, kept = forward_selecting(
                     self, x, int(keep), self._alast_prefix, ctl.score,
                     lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
-                    parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"))
+                    parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool)
             finally:
                 self.attn.qkv.__dict__.pop("_alast_qkv_out", None)
             ctl.tokens_in[i] = n_patch
-            ctl.deltas[i] = cls_delta(x, out)
+            ctl.deltas[i] = cls_delta(x if self._alast_pool is None else take_tokens(x.detach(), kept), out,
+                                      self._alast_pool)
             ctl.scores[i] = scores
             return out
         qkv = self.attn.qkv
@@ -84,17 +96,23 @@ class _AlastBlockMixin:
         if not self.training or ctl.keep is None:
             return out
         ctl.tokens_in[i] = n_patch
-        ctl.deltas[i] = cls_delta(x, out)
         ctl.scores[i] = None
-        if dropping:
-            if qkv_out is None:
-                raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
-            attn = self.attn
-            ctl.scores[i] = scores = cls_attention_scores(
-                qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, ctl.score)
-            out = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse,
-                                rank=ranking_scores(scores, ctl.select, generator=ctl.generator))
-        return out
+        pool = self._alast_pool
+        if not dropping:
+            ctl.deltas[i] = cls_delta(x, out, pool)
+            return out
+        if qkv_out is None:
+            raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
+        attn = self.attn
+        ctl.scores[i] = scores = cls_attention_scores(
+            qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, ctl.score, pool)
+        rank = ranking_scores(scores, ctl.select, generator=ctl.generator)
+        kept = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse, rank=rank)
+        # a pooled delta compares the kept tokens with their own inputs (selection is linear in x)
+        x_kept = x if pool is None else select_tokens(x.detach(), scores, int(keep), self._alast_prefix,
+                                                      fuse=ctl.fuse, rank=rank)
+        ctl.deltas[i] = cls_delta(x_kept, kept, pool)
+        return kept
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The upstream block forward; compiled once for all blocks by :meth:`AlastPatch.compile_blocks`."""
@@ -115,7 +133,8 @@ def selects_in_block(block: nn.Module) -> bool:
 
 def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, score: str = "attention",
                       rank: Callable[[Tensor], Tensor] | None = None,
-                      parts: tuple[Callable, Callable] | None = None) -> tuple[Tensor, Tensor]:
+                      parts: tuple[Callable, Callable] | None = None, pool: int | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """timm's ``Block.forward`` on ``x`` ``[B, N, D]`` for the tokens it keeps: the prefix and the
     ``keep`` patch tokens ranked highest by ``rank(scores)`` (default: the scores), in their order.
 
@@ -123,8 +142,9 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     runs, so only the kept tokens are queries, and the attention's output projection, the
     residuals and the MLP run on them alone; every token is still a key and a value. The kept
     tokens' outputs equal those of the whole block (``select_tokens(block(x), ...)``): the dropped
-    tokens' outputs were never read. Returns ``(out [B, num_prefix + keep, D], scores [B, N])``.
-    ``block`` must pass :func:`selects_in_block`.
+    tokens' outputs were never read. Returns ``(out [B, num_prefix + keep, D], scores [B, N],
+    kept [B, num_prefix + keep])``, ``kept`` the positions of ``out``'s tokens in ``x``. ``pool``:
+    the scores' query (see :mod:`.tokens`). ``block`` must pass :func:`selects_in_block`.
 
     The block runs in two parts, :func:`selecting_head` (up to the scores) and
     :func:`selecting_tail` (the kept tokens' attention, projection and MLP); ``parts`` replaces
@@ -132,18 +152,20 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     the choice of the kept indices run between them, eagerly.
     """
     head, tail = parts or (selecting_head, selecting_tail)
-    h, qkv, scores = head(block, x, score)
+    h, qkv, scores = head(block, x, score, pool)
     kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
-    return tail(block, x, h, qkv, kept), scores
+    return tail(block, x, h, qkv, kept), scores, kept
 
 
-def selecting_head(block: nn.Module, x: Tensor, score: str) -> tuple[Tensor, Tensor, Tensor]:
+def selecting_head(block: nn.Module, x: Tensor, score: str, pool: int | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """The first part of :func:`forward_selecting`: the normed input ``h``, the qkv projection and
     the tokens' scores."""
     attn = block.attn
     h = block.norm1(x)
     qkv = attn.qkv(h)
-    scores = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, score)
+    scores = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, score,
+                                  pool)
     return h, qkv, scores
 
 
@@ -196,12 +218,14 @@ class AlastPatch:
         self.blocks: list[nn.Module] = list(model.blocks)
         self.num_blocks = len(self.blocks)
         self.num_prefix = int(model.num_prefix_tokens)
+        self.pool = summary_pool(model)
         self.num_patches = int(model.patch_embed.num_patches)
         self.control = StepControl()
         self._hooks = []
         for i, blk in enumerate(self.blocks):
             blk._alast_index = i
             blk._alast_prefix = self.num_prefix
+            blk._alast_pool = self.pool
             blk._alast_control = self.control
             blk._alast_in_block = selects_in_block(blk)
             blk.__class__ = _patched_class(type(blk))
@@ -214,7 +238,7 @@ class AlastPatch:
             h.remove()
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
-            for attr in ("_alast_index", "_alast_prefix", "_alast_control", "_alast_in_block", "_alast_compiled",
+            for attr in ("_alast_index", "_alast_prefix", "_alast_pool", "_alast_control", "_alast_in_block", "_alast_compiled",
                          "_alast_compiled_parts"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
@@ -264,6 +288,9 @@ class AlastPatch:
             ctl.scores = [None] * self.num_blocks
 
 
+POOLED_HEADS = ("avg", "avgmax", "max", "map")  # timm's global_pool values that read every patch token
+
+
 def check_patchable(model: nn.Module) -> None:
     """Raise :class:`PatchError` unless ``model`` is a timm ViT/DeiT that ALaST can drive."""
     from timm.models.vision_transformer import VisionTransformer
@@ -271,8 +298,10 @@ def check_patchable(model: nn.Module) -> None:
     name = type(model).__name__
     if not isinstance(model, VisionTransformer):
         raise PatchError(f"{name} is not a timm VisionTransformer; ALaST supports timm ViT/DeiT models")
-    if not getattr(model, "cls_token", None) is not None:
-        raise PatchError(f"{name} has no class token; ALaST ranks layers and tokens by the CLS token")
+    if getattr(model, "cls_token", None) is None and model.global_pool not in POOLED_HEADS:
+        raise PatchError(f"{name} has neither a class token nor a pooled head (global_pool={model.global_pool!r}); "
+                         f"ALaST reads a model through its class token or the mean of its patch tokens: use "
+                         f"global_pool='avg' or 'map'")
     if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
         raise PatchError(f"{name} has no sequential transformer blocks")
     for i, blk in enumerate(model.blocks):

@@ -1,6 +1,13 @@
 """Token math for ALaST on tensors: CLS deltas, token scores from the CLS attention, selection.
 
 Pure functions with no model code, shared by the eager backend and the ONNX training graph.
+
+The paper reads a block's importance and the tokens' ranks from the class token. A model without
+one (global average or attention pooling, as in SigLIP or timm's ``*_gap_*`` ViTs) is read through
+its pooled patch tokens instead: ``pool`` is the position its patch tokens start at (after any
+register tokens), and the mean of the tokens from there on takes the class token's place, in the
+delta (:func:`cls_delta`) and as the query that ranks the tokens (:func:`cls_attention_scores`).
+``pool=None`` is the class token at position 0 (:func:`summary_pool` says which a model needs).
 """
 from __future__ import annotations
 
@@ -8,10 +15,25 @@ import torch
 from torch import Tensor
 
 
-def cls_delta(x_in: Tensor, x_out: Tensor) -> Tensor:
-    """Per-sample ``||CLS_out - CLS_in||^2`` (shape ``[B]``, float32, no gradient)."""
+def summary_pool(vit: torch.nn.Module) -> int | None:
+    """``pool`` for a timm ViT: None where it has a class token, else where its patch tokens start."""
+    return None if getattr(vit, "cls_token", None) is not None else int(vit.num_prefix_tokens)
+
+
+def cls_delta(x_in: Tensor, x_out: Tensor, pool: int | None = None) -> Tensor:
+    """Per-sample ``||CLS_out - CLS_in||^2`` (shape ``[B]``, float32, no gradient).
+
+    With ``pool`` (a model without a class token), the squared norm of the mean update of the
+    tokens from position ``pool`` on: ``||mean_j (out_j - in_j)||^2``, ``x_in`` holding the same
+    tokens as ``x_out`` (a dropping block's kept tokens, selected from its input as from its output).
+    """
     with torch.no_grad():
-        return (x_out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1)
+        if pool is None:
+            return (x_out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1)
+        if x_in.shape != x_out.shape:
+            raise ValueError(f"a pooled delta needs the block's input and output for the same tokens, "
+                             f"got {tuple(x_in.shape)} and {tuple(x_out.shape)}")
+        return (x_out[:, pool:].float() - x_in[:, pool:].float()).mean(1).pow(2).sum(-1)
 
 
 TOKEN_SCORES = ("attention", "contribution")
@@ -30,7 +52,8 @@ def check_token_choice(select: str, score: str) -> None:
 
 
 def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: float,
-                         q_norm: torch.nn.Module, k_norm: torch.nn.Module, score: str = "attention") -> Tensor:
+                         q_norm: torch.nn.Module, k_norm: torch.nn.Module, score: str = "attention",
+                         pool: int | None = None) -> Tensor:
     """Per-token scores from the CLS query's attention, from the fused qkv projection.
 
     ``qkv`` is the output of the attention's qkv linear, ``[B, N, 3 * heads * head_dim]``.
@@ -38,12 +61,19 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
     attention map (the paper); with ``"contribution"`` that row times the norm of each token's value
     vector, the size of what the token adds to the class token's update (Kobayashi et al., 2020,
     "Attention is not only a weight"; Fayyaz et al., 2022, ATS).
+
+    With ``pool`` (a model without a class token) the query is the mean of the queries of the
+    tokens from position ``pool`` on: one attention row, as cheap as the class token's. (The mean of
+    every token's attention row would cost a second attention map per block.)
     """
     _check_known("score", score, TOKEN_SCORES)
     with torch.no_grad():
         b, n, _ = qkv.shape
         qkv = qkv.detach().reshape(b, n, 3, num_heads, head_dim)
-        q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
+        if pool is None:
+            q = q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]
+        else:
+            q = q_norm(qkv[:, pool:, 0].transpose(1, 2)).mean(dim=2, keepdim=True)
         k = k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
         # In the activations' dtype (the product is one row per head); softmax in float32.
         attn = ((q * scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).squeeze(2)  # [B, H, N]

@@ -184,13 +184,15 @@ def test_cost_model_type_is_plain_numbers(tiny_cm):
     assert math.isfinite(full_step_flops(tiny_cm))
 
 
-@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["qkv"]}])
-def test_step_cost_matches_the_runtime_count(lora, batch):
-    """Token dropping, frozen blocks, and with LoRA blocks below the lowest trained one (no backward)."""
+@pytest.mark.parametrize("lora,pool", [(None, "token"), ({"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["qkv"]},
+                                                      "token"), (None, "avg")])
+def test_step_cost_matches_the_runtime_count(lora, pool, batch):
+    """Token dropping, frozen blocks, and with LoRA blocks below the lowest trained one (no backward);
+    also a model without a class token (global average pooling)."""
     from planners import Budget
     from runtimes.torch_backend.runtime import TorchRuntime
 
-    rt = TorchRuntime(make_tiny_vit(), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu", lora=lora,
+    rt = TorchRuntime(make_tiny_vit(global_pool=pool), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu", lora=lora,
                       memory_probe_steps=lambda s: False)
     cm = profile_model(rt.model, "tiny", img_size=32, lora=lora)
     assert cm.embed.trainable is (lora is None)

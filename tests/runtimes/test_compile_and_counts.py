@@ -12,9 +12,9 @@ from runtimes.torch_backend.runtime import TorchRuntime, make_optimizer
 from tests.conftest import make_tiny_vit
 
 
-def make_runtime(**kw):
+def make_runtime(global_pool="token", **kw):
     opts = dict(lr=1e-2, weight_decay=0.05, grad_clip=1.0, device="cpu", memory_probe_steps=lambda s: False)
-    return TorchRuntime(make_tiny_vit(), **{**opts, **kw})
+    return TorchRuntime(make_tiny_vit(global_pool=global_pool), **{**opts, **kw})
 
 
 def moving_budgets(n: int, seed: int = 0, freeze_stem: bool = False):
@@ -48,11 +48,14 @@ def test_compiled_run_stops_recompiling_after_warm_up(batch):
     assert sum(r.compile_time_s for r in results) == pytest.approx(rt.compile_time_s)
 
 
-def test_compiled_step_matches_eager(batch):
-    """The compiled parts of a block that drops tokens inside compute what the eager ones do."""
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_compiled_step_matches_eager(batch, pool):
+    """The compiled parts of a block that drops tokens inside compute what the eager ones do (with
+    a class token, and without one: the pooled query and deltas)."""
     x, y = batch
     b = Budget((0.75, 1.0, 0.5, 1.0), (True, False, True, True))
-    eager, comp = make_runtime(count_flops="off"), make_runtime(compile=True, count_flops="off")
+    eager = make_runtime(pool, count_flops="off")
+    comp = make_runtime(pool, compile=True, count_flops="off")
     assert all(blk._alast_in_block for blk in comp.patch.blocks)
     for step in range(2):
         r1, r2 = eager.train_step(x, y, b, 1e-2, step), comp.train_step(x, y, b, 1e-2, step)

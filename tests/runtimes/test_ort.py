@@ -200,6 +200,20 @@ def test_ort_losses_match_torch(case):
 
 
 @needs_ort
+def test_ort_matches_torch_without_a_class_token():
+    """A model read through its pooled patch tokens (global average pooling, a register token):
+    the same losses, deltas and kept counts on both runtimes."""
+    model = make_tiny_vit(reg_tokens=1, global_pool="avg")
+    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    for step, ((x, y), budget) in enumerate(zip(data(4), _switching_budgets(4))):
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-3)
+        assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-3)
+        assert res["ort"].kept_tokens == res["torch"].kept_tokens
+        assert min(res["torch"].deltas) > 0
+
+
+@needs_ort
 @pytest.mark.parametrize("select", ["sample", "random"])
 def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
     """policy.token_select sample/random on ort: the step's draws come from the runtime's generator

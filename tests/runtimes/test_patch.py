@@ -176,6 +176,31 @@ def test_cls_delta_hand_computed():
     x_out[0, 0] = torch.tensor([3.0, 4.0])
     x_out[1, 1] = 7.0  # not the CLS token: no effect
     assert cls_delta(x_in, x_out).tolist() == [25.0, 0.0]
+    # without a class token: the mean update of the tokens from the pool position on
+    x_out = torch.zeros(2, 3, 2)
+    x_out[0, 0] = 100.0  # a register token: not pooled
+    x_out[0, 1] = torch.tensor([4.0, 2.0])
+    x_out[0, 2] = torch.tensor([2.0, 0.0])
+    x_out[1, 1], x_out[1, 2] = 5.0, -5.0  # updates that cancel in the mean
+    assert cls_delta(x_in, x_out, pool=1).tolist() == [10.0, 0.0]  # ||(3, 1)||^2
+    with pytest.raises(ValueError, match="same tokens"):
+        cls_delta(x_in, x_out[:, :2], pool=1)
+
+
+def test_pooled_scores_rank_by_the_mean_query():
+    """A model without a class token scores its tokens with the attention row of its patch tokens'
+    mean query (one row, as cheap as the class token's)."""
+    model = make_tiny_vit(reg_tokens=2, global_pool="avg")
+    attn = model.blocks[0].attn
+    qkv = attn.qkv(torch.randn(3, 18, 32))
+    q, k, v = qkv.reshape(3, 18, 3, 2, 16).permute(2, 0, 3, 1, 4)  # [B, H, N, d]
+    row = ((q[:, :, 2:].mean(2, keepdim=True) * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]
+    scores = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, pool=2)
+    assert torch.allclose(scores, row.mean(1), atol=1e-6)
+    contribution = cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm,
+                                        "contribution", pool=2)
+    assert torch.allclose(contribution, (row.unsqueeze(-1) * v).norm(dim=-1).mean(1), atol=1e-6)
+    assert AlastPatch(model).pool == 2 and AlastPatch(make_tiny_vit()).pool is None
 
 
 def test_cls_attention_scores_match_explicit_attention(tiny_vit):
@@ -216,8 +241,9 @@ def test_non_vit_is_refused():
     from timm.models.vision_transformer import VisionTransformer
 
     m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False,
-                          global_pool="avg")
-    with pytest.raises(PatchError, match="no class token"):
+                          global_pool="")
+    with pytest.raises(PatchError, match="neither a class token nor a pooled head .*global_pool=''.* use "
+                                         "global_pool='avg' or 'map'"):
         AlastPatch(m)
 
 
@@ -230,14 +256,16 @@ def _run_dropping(model, patch, x, y, keep):
                                                      if p.grad is not None}
 
 
-@pytest.mark.parametrize("init_values,reg_tokens", [(None, 0), (1e-2, 2)])
-def test_selecting_inside_the_block_equals_the_whole_block_then_selection(init_values, reg_tokens, batch):
+@pytest.mark.parametrize("init_values,reg_tokens,pool", [(None, 0, "token"), (1e-2, 2, "token"), (None, 0, "avg"),
+                                                         (1e-2, 2, "map")])
+def test_selecting_inside_the_block_equals_the_whole_block_then_selection(init_values, reg_tokens, pool, batch):
     """Only the kept tokens are queries and pass the MLP; their outputs, the deltas and every
-    gradient are those of the whole block followed by the selection."""
+    gradient are those of the whole block followed by the selection (also without a class token,
+    where the deltas read the kept tokens' mean update)."""
     from runtimes.torch_backend.flops import counter
 
     x, y = batch
-    model = make_tiny_vit(init_values=init_values, reg_tokens=reg_tokens)
+    model = make_tiny_vit(init_values=init_values, reg_tokens=reg_tokens, global_pool=pool)
     patch = AlastPatch(model)
     model.train()
     assert all(b._alast_in_block for b in patch.blocks)

@@ -36,11 +36,13 @@ def test_keep_per_block_and_window_mean():
     assert drops_tokens((16, 16, 15, 15), 16)
 
 
-def test_schedule_reproduces_the_training_forward(batch):
-    """Evaluation on the schedule computes what a training forward with the same counts computes."""
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
+def test_schedule_reproduces_the_training_forward(batch, pool):
+    """Evaluation on the schedule computes what a training forward with the same counts computes
+    (with a class token, or without one, where the tokens are ranked by the pooled query)."""
     images, _ = batch
     kept = (12, 9, 9, 4)
-    model = make_tiny_vit()
+    model = make_tiny_vit(global_pool=pool)
     patch = AlastPatch(model)
     model.train()  # no dropout or drop-path in the tiny model: train and eval differ only in dropping
     with torch.no_grad(), patch.training_forward(keep_per_block(kept, 16)):
