@@ -109,17 +109,15 @@ def test_a_saved_cost_model_plans_the_target_without_profiling(runner, tmp_path,
         assert not (tmp_path / "bad").exists()
 
 
-def test_a_timm_model_without_class_token_trains_drops_tokens_and_exports(runner, tmp_path):
-    """A timm ViT with global average pooling and a register token, no class token: trained with
-    dropping, deployed and exported like any other (its cost model: tests/alast/test_profile.py)."""
-    out, onnx = tmp_path / "run", tmp_path / "m.onnx"
-    res = runner.invoke(cli, ["train", "--model", "vit_wee_patch16_reg1_gap_256", "--set", "model.img_size=64",
-                              "--steps", "4", "--batch-size", "8", "--set", "backend.count_flops=off",
+def test_a_timm_model_without_class_token_trains_and_drops_tokens(runner, tmp_path):
+    """A timm ViT with global average pooling and a register token, no class token, trains with
+    dropping (its cost model: tests/alast/test_profile.py; its ONNX graph:
+    tests/runtimes/test_token_schedule.py)."""
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--model", "vit_wee_patch16_reg1_gap_256", "--set", "model.img_size=48",
+                              "--steps", "2", "--batch-size", "4", "--set", "backend.count_flops=off",
                               "--out", str(out)])
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert min(min(r["kept_tokens"]) for r in recs) < 16  # it dropped tokens
+    assert min(min(r["kept_tokens"]) for r in recs) < 9  # it dropped tokens
     assert all(len(r["budgets"]) == 14 for r in recs)
-    res = runner.invoke(cli, ["export", str(out), "--out", str(onnx)])
-    assert res.exit_code == 0, res.output
-    assert onnx.exists() and "verified" in res.output

@@ -93,13 +93,14 @@ def test_inference_flops_follow_the_schedule():
     assert inference_flops(model, (16, 16, 16, 16)) == every
 
 
-def test_onnx_graph_follows_the_schedule(tmp_path, batch):
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_onnx_graph_follows_the_schedule(tmp_path, batch, pool):
     pytest.importorskip("onnxruntime")
     import onnx
 
     from runtimes.onnx_export import export_inference_bytes, max_logit_diff
 
-    model = make_tiny_vit().eval()
+    model = make_tiny_vit(global_pool=pool).eval()
     kept = (12, 6, 6, 3)
     path = tmp_path / "s.onnx"
     path.write_bytes(export_inference_bytes(model, kept=kept))
