@@ -281,8 +281,8 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
         for state, (weights, inp) in _STATES.items():
             _set_grad(trainable, weights)
             x = torch.randn(1, n_in, dim).requires_grad_(inp)
-            f, b, a = _count(lambda: forward_selecting(block, x, n_out - num_prefix, num_prefix, pool=pool)[0],  # noqa: B023
-                             exclude)
+            keep = n_out - num_prefix
+            f, b, a = _count(lambda: forward_selecting(block, x, keep, num_prefix, pool=pool)[0], exclude)  # noqa: B023
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
     _set_grad(trainable, True)

@@ -238,8 +238,8 @@ class AlastPatch:
             h.remove()
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
-            for attr in ("_alast_index", "_alast_prefix", "_alast_pool", "_alast_control", "_alast_in_block", "_alast_compiled",
-                         "_alast_compiled_parts"):
+            for attr in ("_alast_index", "_alast_prefix", "_alast_pool", "_alast_control", "_alast_in_block",
+                         "_alast_compiled", "_alast_compiled_parts"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:

@@ -192,8 +192,8 @@ def test_step_cost_matches_the_runtime_count(lora, pool, batch):
     from planners import Budget
     from runtimes.torch_backend.runtime import TorchRuntime
 
-    rt = TorchRuntime(make_tiny_vit(global_pool=pool), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu", lora=lora,
-                      memory_probe_steps=lambda s: False)
+    rt = TorchRuntime(make_tiny_vit(global_pool=pool), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu",
+                      lora=lora, memory_probe_steps=lambda s: False)
     cm = profile_model(rt.model, "tiny", img_size=32, lora=lora)
     assert cm.embed.trainable is (lora is None)
     images, labels = batch
