@@ -1,6 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The cost-model disk cache (alast/planning/profile_cache.py) in a folder of this test session's
+# own: shared by the xdist workers (they inherit it) and the CLI subprocesses, never the user's.
+if "PYTEST_XDIST_WORKER" not in os.environ or "ALAST_TEST_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="alast-test-cache-")
+    os.environ["ALAST_CACHE_DIR"] = os.environ["ALAST_TEST_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

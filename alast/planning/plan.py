@@ -13,7 +13,7 @@ from typing import Any
 
 from alast.config import AlastConfig, load_run_config
 from alast.planning.calibrate import calibrate_time
-from alast.planning.profile import profile
+from alast.planning.profile import profile_with_source
 from alast.training.build import model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import CostModel, TimeModel, load_cost_model
@@ -101,16 +101,15 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
         plain = load_cost_model_for(cfg, cost_model_path)
         source = f"file {cost_model_path}"
     else:
-        plain = profile(cfg.model.name, img_size=img, num_classes=classes, device=device)
-        source = "profiled now (fvcore + torch.utils.flop_counter)"
+        plain, source = profile_with_source(cfg.model.name, img_size=img, num_classes=classes, device=device)
     if classes:
         plain = plain.with_num_classes(classes)
     plain = _for_device(plain, device)
     if lora is None:
         return plain, _policy_runtime(plain, cfg), source
-    pcm = _for_device(profile(cfg.model.name, img_size=img, num_classes=plain.num_classes, lora=lora, device=device),
-                      device)
-    return plain, _policy_runtime(pcm, cfg), source + "; LoRA variant profiled now"
+    pcm, lora_source = profile_with_source(cfg.model.name, img_size=img, num_classes=plain.num_classes, lora=lora,
+                                           device=device)
+    return plain, _policy_runtime(_for_device(pcm, device), cfg), f"{source}; LoRA variant {lora_source}"
 
 
 def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:

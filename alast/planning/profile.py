@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from alast.models import SHIPPED_MODELS, create_model
+from alast.planning import profile_cache
 from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost, fit_error, poly2
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter
@@ -488,7 +489,13 @@ def default_num_classes(name: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key: tuple | None, device: str) -> CostModel:
+def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key: tuple | None, device: str
+                    ) -> tuple[CostModel, str]:
+    key = profile_cache.cache_key(name=name, img_size=img_size, num_classes=num_classes, lora=lora_key,
+                                  device=device)
+    hit = profile_cache.read(key)
+    if hit is not None:
+        return hit[0], f"cached (profiled earlier with this code: {hit[1]})"
     lora = dict(lora_key) if lora_key is not None else None
     if lora is not None:
         lora["targets"] = list(lora["targets"])
@@ -501,11 +508,21 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
         model = apply_lora(model, **lora)
     size = int(_timm(model).patch_embed.img_size[0])
     with torch.random.fork_rng():
-        return profile_model(model, name, img_size=size, lora=lora, device=device)
+        cm = profile_model(model, name, img_size=size, lora=lora, device=device)
+    profile_cache.write(key, cm)
+    return cm, "profiled now (fvcore + torch.utils.flop_counter)"
+
+
+def profile_with_source(name: str, img_size: int | None = None, num_classes: int | None = None,
+                        lora: dict[str, Any] | None = None, device: str = "cpu") -> tuple[CostModel, str]:
+    """Build ``name`` (random weights; nothing is downloaded) and profile it, or read the profile
+    this machine measured before with the same code and libraries (:mod:`.profile_cache`); cached
+    per process too. Returns the cost model and where it came from."""
+    key = None if lora is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in lora.items()))
+    return _profile_cached(name, img_size, num_classes or default_num_classes(name), key, device)
 
 
 def profile(name: str, img_size: int | None = None, num_classes: int | None = None,
             lora: dict[str, Any] | None = None, device: str = "cpu") -> CostModel:
-    """Build ``name`` (random weights; nothing is downloaded) and profile it. Cached per process."""
-    key = None if lora is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in lora.items()))
-    return _profile_cached(name, img_size, num_classes or default_num_classes(name), key, device)
+    """:func:`profile_with_source`'s cost model."""
+    return profile_with_source(name, img_size, num_classes, lora, device)[0]

@@ -88,7 +88,7 @@ def test_a_saved_cost_model_plans_the_target_without_profiling(runner, tmp_path,
     def no_profiling(*args, **kwargs):
         raise AssertionError("profiled although a cost model was given")
 
-    monkeypatch.setattr(plan_module, "profile", no_profiling)
+    monkeypatch.setattr(plan_module, "profile_with_source", no_profiling)
     out = tmp_path / "run"
     res = runner.invoke(cli, ["train", "--steps", "6", "--batch-size", "8", "--target-flops", "0.5",
                               "--cost-model", str(cm), "--out", str(out), "--json"])

@@ -1,0 +1,54 @@
+"""The MemTracker the runtime and the profiler use reports the same peaks as torch's own."""
+import pytest
+import torch
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from runtimes.torch_backend.memory import frozen_aware_mem_tracker
+from runtimes.torch_backend.patch import forward_selecting
+from tests.conftest import make_tiny_vit
+
+
+class _Upstream(MemTracker):
+    """torch's MemTracker with only the frozen-parameter fix (no gradient hooks)."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+
+class _Forward(nn.Module):
+    """The model's blocks, each selecting 8 of its patch tokens inside (or run whole), as one module
+    (MemTracker refuses a module called twice at top level)."""
+
+    def __init__(self, model, select):
+        super().__init__()
+        self.model, self.select = model, select
+
+    def forward(self, x):
+        h = self.model.norm_pre(self.model._pos_embed(self.model.patch_embed(x)))
+        for blk in self.model.blocks:
+            h = forward_selecting(blk, h, 8, 1)[0] if self.select else blk(h)
+        return self.model.forward_head(self.model.norm(h))
+
+
+def _peaks(tracker, model, x, select):
+    run = _Forward(model, select)
+    tracker.track_external(run)
+    with tracker:
+        loss = run(x).pow(2).sum()
+        current = tracker.get_tracker_snapshot("current")
+        loss.backward()
+    return current, tracker.get_tracker_snapshot("peak")
+
+
+@pytest.mark.parametrize("select", [False, True])
+def test_peaks_and_snapshots_equal_upstream(select):
+    results = []
+    for make in (frozen_aware_mem_tracker, _Upstream):
+        model = make_tiny_vit()
+        model.blocks[0].requires_grad_(False)  # a frozen block, as ALaST trains
+        results.append(_peaks(make(), model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                              select))
+    (cur, peak), (up_cur, up_peak) = results
+    assert cur == up_cur and peak == up_peak
+    assert next(iter(peak.values()))["Total"] > next(iter(cur.values()))["Total"] > 0
