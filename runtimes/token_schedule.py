@@ -146,10 +146,17 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fal
     param = next(vit.parameters())
     x = torch.zeros(1, vit.patch_embed.proj.in_channels, img[0], img[1], device=param.device, dtype=param.dtype)
     was_training = vit.training
+    # parameters off, not only no_grad: under no_grad a parameter's view (attention pooling's
+    # latent query) still reads as requiring grad, and the counter's module hooks refuse it
+    flags = [(p, p.requires_grad) for p in vit.parameters()]
     vit.eval()
     try:
+        for p, _ in flags:
+            p.requires_grad_(False)
         with torch.no_grad(), token_schedule(vit, kept, fuse, score), counter() as fc:
             vit(x)
     finally:
         vit.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return float(fc.get_total_flops())

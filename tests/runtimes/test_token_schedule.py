@@ -84,16 +84,20 @@ def test_schedule_with_register_tokens_keeps_the_prefix(batch):
     assert seen == [1 + 2 + 2]  # CLS, two registers, two patch tokens
 
 
-def test_inference_flops_follow_the_schedule():
-    model = make_tiny_vit()
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
+def test_inference_flops_follow_the_schedule(pool):
+    model = make_tiny_vit(global_pool=pool)
+    model.blocks[0].requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
     every = inference_flops(model, None)
     half = inference_flops(model, (8, 8, 8, 8))
-    assert model.training  # the count leaves the mode as it was
+    assert model.training  # the count leaves the mode as it was, and each parameter's flag
+    assert [p.requires_grad for p in model.parameters()] == flags
     assert 0.45 < half / every < 0.75  # block 0 sees every token; the head's FLOPs do not shrink
     assert inference_flops(model, (16, 16, 16, 16)) == every
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
 def test_onnx_graph_follows_the_schedule(tmp_path, batch, pool):
     pytest.importorskip("onnxruntime")
     import onnx
