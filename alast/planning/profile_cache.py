@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from planners.costmodel import CostModel, CostModelError
+from planners.costmodel import CostModel, CostModelError, load_cost_model
 
 OFF = "off"
 _PACKAGES = ("alast", "planners", "runtimes")
@@ -73,8 +73,8 @@ def read(key: str) -> tuple[CostModel, Path] | None:
         return None
     path = folder / key
     try:
-        return CostModel.from_dict(json.loads(path.read_text())), path
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CostModelError):
+        return load_cost_model(path), path
+    except CostModelError:  # absent, unreadable, or not a cost model this alast reads
         return None
 
 
@@ -88,9 +88,8 @@ def write(key: str, cm: CostModel) -> Path | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cm.to_dict(), f, indent=1)
-        os.replace(tmp, folder / key)
+        os.close(fd)
+        os.replace(cm.save(Path(tmp)), folder / key)
     except OSError:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
