@@ -140,7 +140,7 @@ def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fals
 
 def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False, score: str = "attention") -> float:
     """Counted FLOPs (``torch.utils.flop_counter``, 2 per multiply-add) of one image's forward."""
-    from .torch_backend.flops import counter
+    from .torch_backend.flops import counter, grad_flags_restored
 
     img = vit.patch_embed.img_size
     param = next(vit.parameters())
@@ -148,15 +148,13 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fal
     was_training = vit.training
     # parameters off, not only no_grad: under no_grad a parameter's view (attention pooling's
     # latent query) still reads as requiring grad, and the counter's module hooks refuse it
-    flags = [(p, p.requires_grad) for p in vit.parameters()]
     vit.eval()
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad(), token_schedule(vit, kept, fuse, score), counter() as fc:
-            vit(x)
+        with grad_flags_restored(vit.parameters()) as params:
+            for p in params:
+                p.requires_grad_(False)
+            with torch.no_grad(), token_schedule(vit, kept, fuse, score), counter() as fc:
+                vit(x)
     finally:
         vit.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
     return float(fc.get_total_flops())

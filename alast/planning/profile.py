@@ -30,7 +30,7 @@ from alast.models import SHIPPED_MODELS, create_model
 from alast.planning import profile_cache
 from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost, fit_error, poly2
 from runtimes.token_schedule import head_reads_prefix
-from runtimes.torch_backend.flops import counter
+from runtimes.torch_backend.flops import counter, grad_flags_restored
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.runtime import embedding_parameters
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
@@ -376,22 +376,19 @@ def _segment(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, param
              inputs: list[torch.Tensor], ns: list[int] | None, with_input_grad: bool) -> tuple[SegmentCost, float]:
     """Profile the embedding (``ns`` None: one input) or the head (one input per token count)."""
     trainable = [p for p in params if p.requires_grad]
-    flags = [p.requires_grad for p in params]
     exclude = _param_ids(owner)
     macs, fwd, bwd_w, bwd_wi, act = [], [], [], [], []
-    for x in inputs:
-        macs.append(fvcore_macs(_Fn(fn, owner), x))
-        _set_grad(params, True)
-        # the embedding's input is the image batch: counted as input bytes, not as an activation
-        skip = exclude | ({x.untyped_storage().data_ptr()} if ns is None else set())
-        f, b, a = _count(lambda: fn(x), skip)  # noqa: B023
-        fwd.append(f), bwd_w.append(b), act.append(a)
-        if with_input_grad:
-            xi = x.clone().requires_grad_(True)
-            bwd_wi.append(_count(lambda: fn(xi), exclude)[1])  # noqa: B023
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
-        p.grad = None
+    with grad_flags_restored(params, clear_grads=True):
+        for x in inputs:
+            macs.append(fvcore_macs(_Fn(fn, owner), x))
+            _set_grad(params, True)
+            # the embedding's input is the image batch: counted as input bytes, not as an activation
+            skip = exclude | ({x.untyped_storage().data_ptr()} if ns is None else set())
+            f, b, a = _count(lambda: fn(x), skip)  # noqa: B023
+            fwd.append(f), bwd_w.append(b), act.append(a)
+            if with_input_grad:
+                xi = x.clone().requires_grad_(True)
+                bwd_wi.append(_count(lambda: fn(xi), exclude)[1])  # noqa: B023
     errs: list[float] = []
 
     def fit(ys: list[float]) -> tuple[float, ...]:

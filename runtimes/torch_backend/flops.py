@@ -6,7 +6,11 @@ SDPA kernels.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
+from torch import nn
 from torch.utils import flop_counter as fc
 
 _REGISTERED = False
@@ -83,3 +87,18 @@ class StepFlopCache:
                 self.blocks[k] = v
             self.rest[rest] = total - sum(per_block)
         return total
+
+
+@contextlib.contextmanager
+def grad_flags_restored(params: Iterable[nn.Parameter], clear_grads: bool = False) -> Iterator[list[nn.Parameter]]:
+    """Let a measurement switch parameters' ``requires_grad`` freely: each flag is put back on exit
+    (and, with ``clear_grads``, the gradients the measurement left are dropped)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    try:
+        yield params
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            if clear_grads:
+                p.grad = None

@@ -14,7 +14,7 @@ from planners import Budget, StepResult, kept_token_counts
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
-from .flops import StepFlopCache, counter
+from .flops import StepFlopCache, counter, grad_flags_restored
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
@@ -74,19 +74,14 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     with a stem parameter of its own is covered too."""
     in_blocks = {id(p) for p in vit.blocks.parameters()}
     outside = [p for p in vit.parameters() if id(p) not in in_blocks]
-    flags = [p.requires_grad for p in outside]
     ref = next(vit.parameters())
     in_chans = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
     x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
-    try:
+    with grad_flags_restored(outside), torch.enable_grad():
         for p in outside:
             p.requires_grad_(True)
-        with torch.enable_grad():
-            stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-            grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
-    finally:
-        for p, flag in zip(outside, flags):
-            p.requires_grad_(flag)
+        stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
     return [p for p, g in zip(outside, grads) if g is not None]
 
 
@@ -333,22 +328,18 @@ class TorchRuntime:
         # With LoRA the reference is full fine-tuning of the plain model: adapters off.
         no_adapters = getattr(self.model, "disable_adapter", None)
         adapters_off = no_adapters() if no_adapters is not None else contextlib.nullcontext()
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         img = self.timm_model.patch_embed.img_size
-        try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
-                for p, _ in flags:
-                    if not p.is_floating_point():
-                        continue
+        with (
+            grad_flags_restored(self.model.parameters(), clear_grads=True) as params,
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+        ):
+            x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
+            for p in params:
+                if p.is_floating_point():
                     p.requires_grad_(not _is_adapter(p, self.model) if no_adapters else True)
-                self.model.train()
-                with adapters_off, counter() as fc, self._autocast():
-                    self.model(x).float().sum().backward()
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-                p.grad = None
+            self.model.train()
+            with adapters_off, counter() as fc, self._autocast():
+                self.model(x).float().sum().backward()
         self._full_step_flops[batch_size] = float(fc.get_total_flops())
         return self._full_step_flops[batch_size]
 

@@ -56,6 +56,20 @@ def test_full_ft_count_leaves_state_untouched(batch):
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_grad_flags_are_restored_when_the_measurement_fails():
+    from runtimes.torch_backend.flops import grad_flags_restored
+
+    lin = torch.nn.Linear(3, 2)
+    lin.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"), grad_flags_restored(lin.parameters(), clear_grads=True) as ps:
+        for p in ps:
+            p.requires_grad_(True)
+        lin(torch.ones(1, 3)).sum().backward()
+        raise RuntimeError("boom")
+    assert [p.requires_grad for p in lin.parameters()] == [True, False]
+    assert lin.weight.grad is None and lin.bias.grad is None
+
+
 def test_fused_attention_is_counted_on_cpu():
     register_cpu_sdpa()
     q = torch.randn(2, 2, 17, 16, requires_grad=True)
