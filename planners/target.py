@@ -155,7 +155,8 @@ def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
     best = _nearest(fn, target, BUDGET_FLOOR, 1.0)
     if _miss(fn(best), target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs: "
-                          f"the nearest keep ratio gives {fn(best):.3f}x (too few tokens to divide finer)")
+                          f"the nearest keep ratio gives {fn(best):.3f}x (too few tokens to divide finer); "
+                          f"ask for --target-flops {fn(best):.3f} or use a larger input")
     return TargetSolution(policy, target, {"keep_ratio": best, "min_tokens": mt}, fn(best), (fn(best), fn(best)))
 
 
@@ -281,9 +282,13 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         knobs["target_flops"] = knob(sparse_target)
     lo, hi = ((1.0 - dense) * r + phase_cost(k) for r in (min(ratios + early_ratios), max(ratios + early_ratios)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
+        hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"
+                + (f", or a smaller backend.token_multiple (now {tm})" if tm > 1 else "")
+                + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their peak memory to the "
+                   "others' by dropping tokens)" if early else ""))
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
-                          f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens to "
-                          "divide finer)")
+                          f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens or "
+                          f"steps to divide finer); {hint}")
     return TargetSolution(policy, target, knobs, predicted, (lo, hi))
 
 

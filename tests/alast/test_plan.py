@@ -1,5 +1,6 @@
 """The planner against real short runs (counted FLOPs, sampled memory), and the plan/profile CLI."""
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -106,6 +107,20 @@ def test_plan_target_flops_sets_knobs(runner):
     assert set(out["target"]["knobs"]) == {"k_trained", "b_init", "b_min", "b_max", "min_tokens", "target_flops",
                                            "trim_last"}
     assert out["policies"]["alast"]["ratio_to_full"]["train_flops"] == pytest.approx(0.4, rel=0.05)
+
+
+def test_unreachable_target_names_remedies_that_work(runner):
+    # two steps at batch 2: one early step, held to the other's peak memory, and one dense-phase step
+    base = ["plan", "--policy", "alast", "--steps", "2", "--batch-size", "2", "--json"]
+    res = runner.invoke(cli, [*base, "--target-flops", "0.5"])
+    assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
+    suggested = re.search(r"ask for --target-flops (\d\.\d+)", res.output).group(1)
+    assert "set policy.early_frac=0" in res.output
+    for fix in (["--target-flops", suggested], ["--target-flops", "0.5", "--set", "policy.early_frac=0"]):
+        res = runner.invoke(cli, [*base, *fix])
+        assert res.exit_code == 0, res.output
+        ratio = _last_json(res)["policies"]["alast"]["ratio_to_full"]["train_flops"]
+        assert ratio == pytest.approx(float(fix[1]), rel=0.05)
 
 
 def test_profile_cli_writes_versioned_json(runner, tmp_path):
@@ -220,7 +235,8 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
     res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.5", "--set", "backend.token_multiple=32",
                               "--out", str(tmp_path / "t")])
-    assert res.exit_code == 2 and "too few tokens to divide finer" in res.output
+    assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
+    assert "smaller backend.token_multiple (now 32)" in res.output and "ask for --target-flops 0." in res.output
     res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "token_multiple" in res.output
