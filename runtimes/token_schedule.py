@@ -150,11 +150,9 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fal
     # latent query) still reads as requiring grad, and the counter's module hooks refuse it
     vit.eval()
     try:
-        with grad_flags_restored(vit.parameters()) as params:
-            for p in params:
-                p.requires_grad_(False)
-            with torch.no_grad(), token_schedule(vit, kept, fuse, score), counter() as fc:
-                vit(x)
+        with (grad_flags_restored(vit.parameters(), set_to=False), torch.no_grad(),
+              token_schedule(vit, kept, fuse, score), counter() as fc):
+            vit(x)
     finally:
         vit.train(was_training)
     return float(fc.get_total_flops())

@@ -90,12 +90,17 @@ class StepFlopCache:
 
 
 @contextlib.contextmanager
-def grad_flags_restored(params: Iterable[nn.Parameter], clear_grads: bool = False) -> Iterator[list[nn.Parameter]]:
-    """Let a measurement switch parameters' ``requires_grad`` freely: each flag is put back on exit
-    (and, with ``clear_grads``, the gradients the measurement left are dropped)."""
+def grad_flags_restored(params: Iterable[nn.Parameter], clear_grads: bool = False,
+                        set_to: bool | None = None) -> Iterator[list[nn.Parameter]]:
+    """Let a measurement switch parameters' ``requires_grad`` freely (``set_to``: every one set so on
+    entry): each flag is put back on exit (and, with ``clear_grads``, the gradients the measurement
+    left are dropped)."""
     params = list(params)
     flags = [p.requires_grad for p in params]
     try:
+        if set_to is not None:
+            for p in params:
+                p.requires_grad_(set_to)
         yield params
     finally:
         for p, flag in zip(params, flags):

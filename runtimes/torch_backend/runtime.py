@@ -77,9 +77,7 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     ref = next(vit.parameters())
     in_chans = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
     x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
-    with grad_flags_restored(outside), torch.enable_grad():
-        for p in outside:
-            p.requires_grad_(True)
+    with grad_flags_restored(outside, set_to=True), torch.enable_grad():
         stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
         grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
     return [p for p, g in zip(outside, grads) if g is not None]
