@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+VAL_FOLDERS = ("val", "valid", "validation", "test")  # beside PATH/train, the first found is the validation set
 
 
 class DataError(ValueError):
@@ -156,7 +157,7 @@ def _check_class_folders(path: Path) -> None:
         return
     empty = []
     for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = (f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        files = (f for f in folder.rglob("*") if f.is_file() and _visible(f, folder))
         kinds: set[str] = set()  # walked only until the first image: a class folder may hold many files
         for f in files:
             if f.name.lower().endswith(IMG_EXTENSIONS):
@@ -171,6 +172,27 @@ def _check_class_folders(path: Path) -> None:
                         f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
 
 
+def _visible(path: Path, root: Path) -> bool:
+    """No part of ``path`` below ``root`` is hidden (``.ipynb_checkpoints/``, macOS's ``._x.jpg``)."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _split_folders(root: Path) -> tuple[Path, Path | None] | None:
+    """``(train, val)`` where ``root`` is laid out in splits, else None (``root`` holds the classes).
+
+    Splits: ``root/train`` beside one of :data:`VAL_FOLDERS` (the first found is the validation
+    set), or ``root/train`` with nothing but split folders beside it (``val`` None: the training
+    images are split by ``data.val_fraction``).
+    """
+    if not (root / "train").is_dir():
+        return None
+    for name in VAL_FOLDERS:
+        if (root / name).is_dir():
+            return root / "train", root / name
+    others = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "train"]
+    return (root / "train", None) if not others else None
+
+
 def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
@@ -179,26 +201,38 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
 
     def load(path: Path) -> tuple[Dataset, list[str], int]:
         _check_class_folders(path)
-        try:
-            ds = ImageFolder(str(path), transform=transform, allow_empty=False,
-                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+        try:  # allow_empty: a hidden folder (.ipynb_checkpoints) is a class of no image, dropped below
+            ds = ImageFolder(str(path), transform=transform, allow_empty=True,
+                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) and _visible(Path(p), path))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"{path} is not an image folder ({str(exc).splitlines()[0]}); "
                             "expected PATH/<class>/<image> files") from None
+        classes = [c for c in ds.classes if not c.startswith(".")]
+        if not classes:
+            raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
         bad = set(_check_images([s[0] for s in ds.samples], skip_bad))
-        if bad:
-            ds.samples = [s for i, s in enumerate(ds.samples) if i not in bad]
-            ds.targets = [s[1] for s in ds.samples]
-            ds.imgs = ds.samples
+        index = {ds.class_to_idx[c]: i for i, c in enumerate(classes)}  # every sample is in a visible class
+        ds.samples = [(f, index[t]) for i, (f, t) in enumerate(ds.samples) if i not in bad]
+        ds.targets = [t for _, t in ds.samples]
+        ds.imgs = ds.samples
+        ds.classes, ds.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
         return ds, list(ds.classes), len(bad)
 
-    if (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()):
-        train, classes, nb1 = load(root / "train")
-        val, vclasses, nb2 = load(root / "val" if (root / "val").is_dir() else root / "test")
-        if vclasses != classes:
-            raise DataError(f"{root}/train and its validation folder have different class folders")
+    splits = _split_folders(root)
+    if splits is not None and splits[1] is not None:
+        train, classes, nb1 = load(splits[0])
+        val, vclasses, nb2 = load(splits[1])
+        unknown = [c for c in vclasses if c not in classes]
+        if unknown:
+            raise DataError(f"{splits[1]} has class folders that {splits[0]} lacks ({', '.join(map(repr, unknown[:3]))}"
+                            f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
+                            "never trained on: add their training images or remove them")
+        index = {i: classes.index(c) for i, c in enumerate(vclasses)}  # a class may have no validation images
+        val.samples = val.imgs = [(f, index[t]) for f, t in val.samples]
+        val.targets = [t for _, t in val.samples]
+        val.classes, val.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
         return DataBundle(train, val, classes, nb1 + nb2)
-    ds, classes, nb = load(root)
+    ds, classes, nb = load(root if splits is None else splits[0])
     tr, va = _split_indices(ds.targets, val_fraction, seed)
     return DataBundle(Subset(ds, tr), Subset(ds, va), classes, nb)
 

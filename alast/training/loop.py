@@ -120,7 +120,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
-                                  "blocks": runtime.num_blocks, "patches": runtime.num_patches})
+                                  "blocks": runtime.num_blocks, "patches": runtime.num_patches,
+                                  "skipped": data.skipped_files})
     if cfg.output.tensorboard and comm.is_main:
         run.open_tensorboard(start)
     try:

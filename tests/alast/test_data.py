@@ -1,4 +1,5 @@
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,44 @@ def test_image_folder_names_the_class_folders_without_images(tmp_path, files, ne
         build_data(f"imagefolder:{root}", CFG)
     for needle in needles:
         assert needle in str(err.value)
+
+
+def test_image_folder_ignores_hidden_folders_and_files(tmp_path):
+    # Jupyter's .ipynb_checkpoints (empty, or holding copies) and macOS's ._x.jpg are not data
+    root = _image_folder(tmp_path, {"a/0.png": "RGB", "a/1.png": "RGB", "b/0.png": "RGB", "b/1.png": "RGB",
+                                    ".ipynb_checkpoints/0.png": "RGB", "a/._2.png": "text",
+                                    "b/.ipynb_checkpoints/3.png": "RGB"})
+    (root / ".empty").mkdir()
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.5)
+    assert bundle.classes == ["a", "b"] and bundle.skipped_files == 0
+    files = sorted(Path(f).relative_to(root).as_posix() for f, _ in bundle.train.dataset.samples)
+    assert files == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation", "test"])
+def test_image_folder_in_splits_reads_each_validation_name(tmp_path, val_name):
+    root = _image_folder(tmp_path, {"train/a/0.png": "RGB", "train/b/0.png": "RGB", "train/b/1.png": "RGB",
+                                    f"{val_name}/a/0.png": "RGB", f"{val_name}/b/0.png": "RGB"})
+    bundle = build_data(f"imagefolder:{root}", CFG)
+    assert bundle.classes == ["a", "b"] and (len(bundle.train), len(bundle.val)) == (3, 2)
+
+
+def test_image_folder_with_train_alone_splits_it(tmp_path):
+    # the split folder is never a class: PATH/train alone is split by data.val_fraction
+    root = _image_folder(tmp_path, {f"train/{c}/{i}.png": "RGB" for c in "ab" for i in range(4)})
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25)
+    assert bundle.classes == ["a", "b"] and (len(bundle.train), len(bundle.val)) == (6, 2)
+
+
+def test_validation_folder_may_lack_a_class_but_not_add_one(tmp_path):
+    root = _image_folder(tmp_path, {"train/a/0.png": "RGB", "train/b/0.png": "RGB", "train/c/0.png": "RGB",
+                                    "val/b/0.png": "RGB", "val/c/0.png": "RGB"})
+    bundle = build_data(f"imagefolder:{root}", CFG)
+    assert bundle.classes == ["a", "b", "c"]
+    assert sorted(bundle.val[i][1] for i in range(2)) == [1, 2]  # train's label indices, not val's own
+    _image_folder(tmp_path, {"val/d/0.png": "RGB"})
+    with pytest.raises(DataError, match=r"class folders that .*train lacks \('d'\)"):
+        build_data(f"imagefolder:{root}", CFG)
 
 
 def test_image_folder_without_validation_images_is_refused(tmp_path):

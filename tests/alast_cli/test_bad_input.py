@@ -126,8 +126,9 @@ def test_corrupt_image_is_named_and_skip_bad_images_counts(tmp_path):
                                  "--skip-bad-images")
     assert "broken.png" in line or "notes.jpg" in line
 
-    res = run_cli([*args, "--skip-bad-images", "--out", str(tmp_path / "b"), "--json"])
+    res = run_cli([*args, "--skip-bad-images", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
+    assert "2 unreadable image file(s) skipped" in res.output
     import json
 
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
