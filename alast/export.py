@@ -145,6 +145,7 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
         "data": str(cfg.data.spec),
         "val_fraction": str(cfg.data.val_fraction),
         "seed": str(cfg.train.seed),
+        "skip_bad_images": json.dumps(bool(cfg.data.skip_bad_images)),
         "kept_tokens": json.dumps(list(kept) if kept else None),
         "fuse_tokens": json.dumps(bool(kept) and run.fuse_tokens),
         "token_score": str(run.token_score) if kept else "",
@@ -217,10 +218,11 @@ def data_config_from_metadata(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fraction: float, seed: int,
-              classes: list[str]) -> Any:
+              classes: list[str], skip_bad_images: bool = False) -> Any:
     from alast.data import DataError, build_data
 
-    bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed)
+    bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
+                        skip_bad_images=skip_bad_images)
     if classes and list(bundle.classes) != list(classes):
         raise DataError(f"data {spec!r} has classes {bundle.classes[:5]}... but the model was trained on "
                         f"{classes[:5]}...; evaluate on data with the same class folders")
@@ -238,11 +240,12 @@ def _accumulate(batches: Any, predict) -> dict[str, float]:
 
 
 def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = None,
-                  batch_size: int | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
     """Accuracy of an exported model with onnxruntime, preprocessing read from its metadata.
 
-    Without ``spec`` it evaluates on the validation split the run was trained against;
-    ``batch_size=None`` sizes batches for memory (:func:`alast.data.datasets.auto_eval_batch_size`).
+    Without ``spec`` it evaluates on the validation split the run was trained against (skipping
+    unreadable images where the run did, so the split is the run's); ``batch_size=None`` sizes
+    batches for memory (:func:`alast.data.datasets.auto_eval_batch_size`).
     """
     import onnxruntime as ort
 
@@ -251,7 +254,8 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     meta = read_metadata(path)
     spec = spec or meta.get("data", "digits")
     val = _val_data(spec, data_config_from_metadata(meta), data_dir, float(meta.get("val_fraction", 0.2)),
-                    int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")))
+                    int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")),
+                    skip_bad_images or json.loads(meta.get("skip_bad_images", "false")))
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # invalid graph
@@ -264,32 +268,36 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     return {**metrics, "source": "onnx", "path": str(path), "data": spec}
 
 
-def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None = None) -> Any:
-    """The run's validation split (or ``spec``'s), with the run's preprocessing and class check."""
+def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None = None,
+                 skip_bad_images: bool = False) -> Any:
+    """The run's validation split (or ``spec``'s), with the run's preprocessing and class check;
+    unreadable images are skipped where the run skipped them, or with ``skip_bad_images``."""
     cfg = run.config
     dc = run.summary.get("data_config") or {}
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
     return _val_data(spec or cfg.data.spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction,
-                     cfg.train.seed, list(run.summary.get("classes") or []))
+                     cfg.train.seed, list(run.summary.get("classes") or []),
+                     skip_bad_images or cfg.data.skip_bad_images)
 
 
 def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None = None, data_dir: Path | None = None,
-                   batch_size: int | None = None) -> dict[str, float]:
+                   batch_size: int | None = None, skip_bad_images: bool = False) -> dict[str, float]:
     """Accuracy, loss and sample count of the run's model on the token schedule ``kept`` (None: every
     token), on its validation split or ``spec``."""
     from alast.data import eval_batches
 
-    val = run_val_data(run, spec, data_dir)
+    val = run_val_data(run, spec, data_dir, skip_bad_images)
     with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens, run.token_score):
         return _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
 
 
 def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,
-                 batch_size: int | None = None, all_tokens: bool = False) -> dict[str, Any]:
+                 batch_size: int | None = None, all_tokens: bool = False,
+                 skip_bad_images: bool = False) -> dict[str, Any]:
     """Accuracy of a run's fine-tuned PyTorch model on its validation split (or on ``spec``), as
     deployed: on its token schedule, if any (every token with ``all_tokens``)."""
     run = load_run(run_dir)
     kept = None if all_tokens else run.kept_tokens
-    metrics = evaluate_model(run, kept, spec, data_dir, batch_size)
+    metrics = evaluate_model(run, kept, spec, data_dir, batch_size, skip_bad_images)
     return {**metrics, "source": "run", "path": str(run_dir), "data": spec or run.config.data.spec,
             "kept_tokens": list(kept) if kept else None}

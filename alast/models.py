@@ -151,5 +151,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     except (OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
-        raise ModelError(f"cannot load {where} for {name}: {reason}") from None
+        remedy = "" if checkpoint else ("; run once where the Hugging Face hub is reachable (timm caches the weights), "
+                                        "or pass --checkpoint PATH to local weights, or --no-pretrained")
+        raise ModelError(f"cannot load {where} for {name}: {reason}{remedy}") from None
     return model

@@ -53,22 +53,24 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per batch (default: the run's train.eval_batch_size, else sized for memory)")
 @click.option("--all-tokens", is_flag=True, help="a run directory: keep every token instead of its token schedule")
+@click.option("--skip-bad-images", is_flag=True,
+              help="skip unreadable images instead of failing (on by default where the run skipped them)")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @click.pass_context
 def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: Path | None, batch_size: int | None,
-                 all_tokens: bool, as_json: bool) -> None:
+                 all_tokens: bool, skip_bad_images: bool, as_json: bool) -> None:
     """Evaluate a run directory (PyTorch) or an exported .onnx model (onnxruntime)."""
 
     def go() -> None:
         from alast.export import evaluate_onnx, evaluate_run
 
         if target.is_dir():
-            metrics = evaluate_run(target, spec, data_dir, batch_size, all_tokens)
+            metrics = evaluate_run(target, spec, data_dir, batch_size, all_tokens, skip_bad_images)
         elif all_tokens:
             raise click.UsageError("--all-tokens applies to run directories; an ONNX model has its schedule "
                                    "built in (export it again with --all-tokens)")
         else:
-            metrics = evaluate_onnx(target, spec, data_dir, batch_size)
+            metrics = evaluate_onnx(target, spec, data_dir, batch_size, skip_bad_images)
         if as_json:
             click.echo(json.dumps(metrics))
             return

@@ -76,3 +76,17 @@ def test_vit12_has_the_papers_depth_and_token_count_and_refuses_missing_weights(
             create_model(VIT12_MODEL, 10, pretrained=pretrained)
         message = str(info.value)
         assert "weights missing" in message and "--no-pretrained" in message and "\n" not in message
+
+
+def test_unreachable_pretrained_weights_name_the_local_remedies(monkeypatch):
+    import timm
+
+    def offline(*_args, **_kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ModelError) as info:
+        create_model("vit_tiny_patch16_224", 3, pretrained=True)
+    message = str(info.value)
+    assert "couldn't connect" in message and "--checkpoint PATH" in message and "--no-pretrained" in message
+    assert "\n" not in message

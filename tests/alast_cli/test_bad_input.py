@@ -133,6 +133,11 @@ def test_corrupt_image_is_named_and_skip_bad_images_counts(tmp_path):
 
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["skipped_files"] == 2 and summary["num_classes"] == 2
+    # evaluating the run reads its data as the run did: the same split, the bad files skipped again
+    res = run_cli(["eval", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert (metrics["samples"], metrics["accuracy"]) == (summary["val_samples"], summary["val_accuracy"])
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(tmp_path):
