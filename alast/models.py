@@ -149,9 +149,11 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
+        reason = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300].rstrip(".")  # torch: "Error(s):"
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
-        remedy = "" if checkpoint else ("; run once where the Hugging Face hub is reachable (timm caches the weights), "
-                                        "or pass --checkpoint PATH to local weights, or --no-pretrained")
+        remedy = (f"; are these weights of {name}? pass the model they were trained as with --model" if checkpoint
+                  else "; run once where the Hugging Face hub is reachable (timm caches the weights), "
+                       "or pass --checkpoint PATH to local weights, or --no-pretrained")
         raise ModelError(f"cannot load {where} for {name}: {reason}{remedy}") from None
     return model

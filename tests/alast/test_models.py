@@ -90,3 +90,14 @@ def test_unreachable_pretrained_weights_name_the_local_remedies(monkeypatch):
     message = str(info.value)
     assert "couldn't connect" in message and "--checkpoint PATH" in message and "--no-pretrained" in message
     assert "\n" not in message
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatch(tmp_path):
+    import timm
+
+    path = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=32).state_dict(), path)
+    with pytest.raises(ModelError) as info:
+        create_model("deit_small_patch16_224", 3, checkpoint=path, img_size=32)
+    message = str(info.value)
+    assert "size mismatch for cls_token" in message and "--model" in message and "\n" not in message
