@@ -162,11 +162,12 @@ class AlastPlanner:
     ``freeze_mode='last'``: the first fraction of training trains ``k_trained + 1`` blocks, the one
     below the top ``k_trained`` too (with ``'frozen'`` sparing, it then drops tokens like the others),
     which then stays frozen. Under a target its steps spend at most the others' per-step FLOPs and
-    peak at no more memory in the backward than an other sparse step does at ``b_init``
+    peak at no more memory in the backward than an other sparse step does at ``b_init``, plus the
+    weight gradients of the block they train more, which no token count buys back
     (``early_peak_cap``: the cost model's backward walk at ``batch_size``, the samples one device
-    runs per step; None prices a large batch), so each keeps fewer tokens; the target solver raises
-    the other steps' target to pay for what they do not spend. Without a target they cost one
-    trained block more.
+    runs per step; None prices a large batch): each keeps fewer tokens, so that its activations
+    fit in what the others' need, and the target solver raises the other steps' target to pay for
+    what they do not spend. Without a target they cost one trained block more.
 
     ``dense_final_frac`` (beyond the paper): in the last fraction of training every block sees all
     tokens again, so the model adapts to the full-token inputs it gets at evaluation and export.
@@ -260,12 +261,15 @@ class AlastPlanner:
                                             token_multiple=self.token_multiple, batch_size=batch_size))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
-        # under a target the early steps peak no higher in the backward than the others do at b_init
+        # under a target the early steps peak no higher in the backward than the others do at b_init,
+        # but for the weight gradients of the one block they train more
         self.early_peak_cap = None
         if self.projection is not None and self.k_early > self.k_trained:
             main = tuple(i >= num_blocks - self.k_trained for i in range(num_blocks))
             ratios = self.projection.project(self.budgets, main, self.spare_first, self.trim_last)
-            self.early_peak_cap = self.projection.peak_bytes(ratios, main)
+            # the extra block's weight gradients are the phase's price: no token count buys them back
+            extra = cost_model.blocks[num_blocks - self.k_early].trainable_bytes
+            self.early_peak_cap = self.projection.peak_bytes(ratios, main) + extra
         # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
         self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
         self.shares = rules.ShareState()

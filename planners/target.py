@@ -284,8 +284,8 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     if _miss(predicted, target) > TARGET_TOLERANCE:
         hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"
                 + (f", or a smaller backend.token_multiple (now {tm})" if tm > 1 else "")
-                + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their peak memory to the "
-                   "others' by dropping tokens)" if early else ""))
+                + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their activation memory to the "
+                   "others' by dropping tokens)" if early and _mean(early_ratios) < 0.95 * _mean(ratios) else ""))
         raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
                           f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens or "
                           f"steps to divide finer); {hint}")

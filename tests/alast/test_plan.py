@@ -110,13 +110,14 @@ def test_plan_target_flops_sets_knobs(runner):
 
 
 def test_unreachable_target_names_remedies_that_work(runner):
-    # two steps at batch 2: one early step, held to the other's peak memory, and one dense-phase step
-    base = ["plan", "--policy", "alast", "--steps", "2", "--batch-size", "2", "--json"]
-    res = runner.invoke(cli, [*base, "--target-flops", "0.5"])
+    # two steps at batch 2, every block's kept tokens a multiple of 32 of the 64: too coarse for 0.35x
+    base = ["plan", "--policy", "alast", "--steps", "2", "--batch-size", "2", "--json",
+            "--set", "backend.token_multiple=32"]
+    res = runner.invoke(cli, [*base, "--target-flops", "0.35"])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
     suggested = re.search(r"ask for --target-flops (\d\.\d+)", res.output).group(1)
-    assert "set policy.early_frac=0" in res.output
-    for fix in (["--target-flops", suggested], ["--target-flops", "0.5", "--set", "policy.early_frac=0"]):
+    assert "a smaller backend.token_multiple (now 32)" in res.output
+    for fix in (["--target-flops", suggested], ["--target-flops", "0.35", "--set", "backend.token_multiple=1"]):
         res = runner.invoke(cli, [*base, *fix])
         assert res.exit_code == 0, res.output
         ratio = _last_json(res)["policies"]["alast"]["ratio_to_full"]["train_flops"]
