@@ -39,10 +39,9 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
         state["task"] = progress.add_task("train", total=total, completed=start, loss=float("nan"), kept=1.0,
                                           trained="-")
         state["tokens"] = info["patches"] * info["blocks"]
+        skipped = f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else ""
         progress.console.print(f"[dim]{info['train']} train / {info['val']} val images, {info['classes']} classes, "
-                               f"{info['blocks']} blocks x {info['patches']} patch tokens"
-                               + (f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else "")
-                               + "[/dim]")
+                               f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}[/dim]")
 
     def on_step(step: int, result, record: dict[str, Any]) -> None:
         kept = sum(result.tokens_in) / max(state["tokens"], 1)
