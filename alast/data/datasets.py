@@ -193,6 +193,15 @@ def _split_folders(root: Path) -> tuple[Path, Path | None] | None:
     return (root / "train", None) if not others else None
 
 
+def _relabel(ds: Dataset, classes: list[str], drop: set[int] | frozenset[int] = frozenset()) -> None:
+    """Give a torchvision ImageFolder ``classes`` (each of its samples' classes among them) as its
+    label set, in that order, without the samples at the indices in ``drop``."""
+    index = {ds.class_to_idx[c]: classes.index(c) for c in ds.classes if c in classes}
+    ds.samples = ds.imgs = [(f, index[t]) for i, (f, t) in enumerate(ds.samples) if i not in drop]
+    ds.targets = [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = list(classes), {c: i for i, c in enumerate(classes)}
+
+
 def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
@@ -211,11 +220,7 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
         if not classes:
             raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
         bad = set(_check_images([s[0] for s in ds.samples], skip_bad))
-        index = {ds.class_to_idx[c]: i for i, c in enumerate(classes)}  # every sample is in a visible class
-        ds.samples = [(f, index[t]) for i, (f, t) in enumerate(ds.samples) if i not in bad]
-        ds.targets = [t for _, t in ds.samples]
-        ds.imgs = ds.samples
-        ds.classes, ds.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
+        _relabel(ds, classes, drop=bad)  # every sample is in a visible class
         return ds, list(ds.classes), len(bad)
 
     splits = _split_folders(root)
@@ -227,10 +232,7 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
             raise DataError(f"{splits[1]} has class folders that {splits[0]} lacks ({', '.join(map(repr, unknown[:3]))}"
                             f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
                             "never trained on: add their training images or remove them")
-        index = {i: classes.index(c) for i, c in enumerate(vclasses)}  # a class may have no validation images
-        val.samples = val.imgs = [(f, index[t]) for f, t in val.samples]
-        val.targets = [t for _, t in val.samples]
-        val.classes, val.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
+        _relabel(val, classes)  # train's label indices; a class may have no validation images
         return DataBundle(train, val, classes, nb1 + nb2)
     ds, classes, nb = load(root if splits is None else splits[0])
     tr, va = _split_indices(ds.targets, val_fraction, seed)
