@@ -79,14 +79,16 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
 
     from .render import console, make_progress, training_hooks
 
-    overrides_for_planner, plan_info = None, None
+    solve = None
     if cfg.policy.target_flops is not None:
-        from alast.planning.plan import solve_target
+        def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
+            from alast.planning.plan import solve_target
 
-        overrides_for_planner, plan_info = solve_target(cfg, cost_model, comm.world_size)
-        if comm.is_main:
-            console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {plan_info['knobs']}[/dim]")
-    kwargs = dict(resume=resume, comm=comm, planner_overrides=overrides_for_planner, plan_info=plan_info)
+            overrides, info = solve_target(cfg, cost_model, comm.world_size)
+            if comm.is_main:
+                console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {info['knobs']}[/dim]")
+            return overrides, info
+    kwargs = dict(resume=resume, comm=comm, solve=solve)
     if not comm.is_main:
         return loop.train(cfg, run_dir, **kwargs)
     with make_progress() as progress:

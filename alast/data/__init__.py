@@ -4,10 +4,11 @@ from alast.data.datasets import (
     DataError,
     StepBatchSampler,
     build_data,
+    check_batch_size,
     describe_spec,
     eval_batches,
     train_batches,
 )
 
-__all__ = ["DataBundle", "DataError", "StepBatchSampler", "build_data", "describe_spec", "eval_batches",
-           "train_batches"]
+__all__ = ["DataBundle", "DataError", "StepBatchSampler", "build_data", "check_batch_size", "describe_spec",
+           "eval_batches", "train_batches"]

@@ -343,15 +343,20 @@ def _set_transform(ds: Dataset, tf: Callable) -> None:
         ds.transform = RGBTransform(tf)
 
 
+def check_batch_size(n: int, batch_size: int, world_size: int = 1) -> None:
+    """Refuse a batch the training set (``n`` images) cannot fill, or ``world_size`` ranks cannot share."""
+    if batch_size > n:
+        raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
+    if batch_size % world_size:
+        raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks")
+
+
 class StepBatchSampler:
     """Index lists for steps ``start..total-1``: a pure function of (seed, step, rank)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int,
                  rank: int = 0, world_size: int = 1) -> None:
-        if batch_size > n:
-            raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
-        if batch_size % world_size:
-            raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks")
+        check_batch_size(n, batch_size, world_size)
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start, self.total = start_step, total_steps
         self.rank, self.world = rank, world_size

@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 
 from alast.config import AlastConfig, dump_config
-from alast.data import StepBatchSampler, eval_batches, train_batches
+from alast.data import StepBatchSampler, check_batch_size, eval_batches, train_batches
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import MetricsWriter
-from alast.training.rundir import CONFIG, HEATMAP, Interrupted, prepare_run_dir
+from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
@@ -90,20 +90,29 @@ def _val_batches(data, cfg: AlastConfig):
 
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
           comm: Comm | None = None, planner_overrides: dict[str, Any] | None = None,
-          plan_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune per ``cfg`` into ``run_dir``; returns the summary (also written as summary.json)."""
+          plan_info: dict[str, Any] | None = None,
+          solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` into ``run_dir``; returns the summary (also written as summary.json).
+
+    ``solve`` gives ``(planner_overrides, plan_info)`` for a FLOPs target; it runs once the data is
+    loaded and the batch checked against it, so a batch the data cannot fill fails before the
+    planner profiles the model, and before the run directory is made."""
     hooks = hooks or Hooks()
     comm = comm or Comm()
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     if cfg.output.tensorboard and comm.is_main:
         check_tensorboard()
-    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
+    on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     data, data_cfg = load_data(cfg)
+    check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
+    if solve is not None:
+        planner_overrides, plan_info = solve()
+    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     model = build_model(cfg, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)
     if comm.world_size > 1 and not runtime.capabilities.data_parallel:

@@ -180,3 +180,19 @@ def test_export_or_eval_of_something_missing(tmp_path, command):
     args = [command, str(tmp_path / "no_run")] + (["--out", str(tmp_path / "m.onnx")] if command == "export" else [])
     res = run_cli(args)
     assert_one_line_error(res, 2, "no_run")
+
+
+def test_a_batch_the_data_cannot_fill_fails_before_the_target_is_planned(tmp_path, monkeypatch):
+    """Planning a target profiles the model (minutes on a large one); a batch larger than the
+    training set is refused first, and leaves no run directory behind."""
+    import alast.planning.plan as plan
+
+    def must_not_plan(*args, **kwargs):
+        raise AssertionError("the target was planned before the batch was checked")
+
+    monkeypatch.setattr(plan, "solve_target", must_not_plan)
+    out = tmp_path / "run"
+    res = run_cli(["train", "--data", "random:4", "--steps", "2", "--batch-size", "64", "--target-flops", "0.5",
+                   "--set", "backend.threads=1", "--out", str(out)])
+    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
+    assert not out.exists()
