@@ -185,7 +185,7 @@ def test_export_or_eval_of_something_missing(tmp_path, command):
 def test_a_batch_the_data_cannot_fill_fails_before_the_target_is_planned(tmp_path, monkeypatch):
     """Planning a target profiles the model (minutes on a large one); a batch larger than the
     training set is refused first, and leaves no run directory behind."""
-    import alast.planning.plan as plan
+    from alast.planning import plan
 
     def must_not_plan(*args, **kwargs):
         raise AssertionError("the target was planned before the batch was checked")
