@@ -128,21 +128,23 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int,
 
     run_dir = plan.out / "runs" / spec.dir_name()
     cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps)
-    overrides, info = None, None
+    solve = None
     if spec.solve:
         if solve_target is None:
             raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
-        try:
-            overrides, info = solve_target(cfg)
-        except TargetError as exc:
-            if plan.targets is None:
-                raise
-            return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
-                    "skipped": str(exc).strip().splitlines()[0]}
+
+        def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
+            return solve_target(cfg)
     _release_memory()  # the previous run's model must not count towards this run's peak
     shown = spec.name + (f" at {spec.target:g}x" if spec.target is not None else "")
     hooks = on_run(index, total, shown, spec.seed) if on_run else None
-    summary = train(cfg, run_dir, hooks=hooks, planner_overrides=overrides, plan_info=info)
+    try:
+        summary = train(cfg, run_dir, hooks=hooks, solve=solve)
+    except TargetError as exc:  # raised by ``solve``, before the run directory is made
+        if plan.targets is None:
+            raise
+        return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
+                "skipped": str(exc).strip().splitlines()[0]}
     summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target)
     return summary
 

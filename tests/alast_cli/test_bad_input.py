@@ -196,3 +196,18 @@ def test_a_batch_the_data_cannot_fill_fails_before_the_target_is_planned(tmp_pat
                    "--set", "backend.threads=1", "--out", str(out)])
     assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
     assert not out.exists()
+
+
+def test_a_bench_with_a_batch_the_data_cannot_fill_fails_before_planning(tmp_path, monkeypatch):
+    """The bench's runs solve their targets the same way: after the data is loaded and checked."""
+    from alast.planning import plan
+
+    def must_not_plan(*args, **kwargs):
+        raise AssertionError("the target was planned before the batch was checked")
+
+    monkeypatch.setattr(plan, "solve_target", must_not_plan)
+    out = tmp_path / "bench"
+    res = run_cli(["bench", "--data", "random:4", "--policies", "alast,full", "--seeds", "1", "--steps", "2",
+                   "--batch-size", "64", "--target-flops", "0.5", "--set", "backend.threads=1", "--out", str(out)])
+    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
