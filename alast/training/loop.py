@@ -96,7 +96,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
 
     ``solve`` gives ``(planner_overrides, plan_info)`` for a FLOPs target; it runs once the data is
     loaded and the batch checked against it, so a batch the data cannot fill fails before the
-    planner profiles the model, and before the run directory is made."""
+    planner profiles the model, and before the run directory is made. It leaves the random
+    generators as it found them."""
     hooks = hooks or Hooks()
     comm = comm or Comm()
     run_dir = Path(run_dir)
@@ -111,7 +112,11 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     data, data_cfg = load_data(cfg)
     check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
     if solve is not None:
+        # profiling builds models from the seeded generators; whether it runs (or the cost model is
+        # cached) must not change the run: the seeded state is put back
+        seeded = rng_state()
         planner_overrides, plan_info = solve()
+        set_rng_state(seeded)
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     model = build_model(cfg, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)

@@ -298,3 +298,26 @@ def test_target_with_an_interleaved_dense_phase_is_met_by_a_real_run(runner, tmp
     res = runner.invoke(cli, ["plan", *args[:-1], "policy.dense_final_interleave=3"])
     assert res.exit_code == 0 and "2 steps in 3 of the last 30% of steps" in res.output, res.output
     assert "the others are sparse steps at a dense step's cost" in res.output, res.output
+
+
+def test_a_target_run_does_not_depend_on_whether_its_model_was_profiled(tmp_path):
+    """Profiling builds models from the seeded generators, a cached cost model does not: the run
+    after either must be the same run (same seed, same losses)."""
+    import torch
+
+    cfg = load_config(None, BASE + RUNS["target"])
+    solved = solve_target(cfg)
+
+    def cached():
+        return solved
+
+    def profiled():
+        torch.randn(1000), __import__("random").random(), __import__("numpy").random.rand(10)
+        return solved
+
+    losses = []
+    for name, solve in (("cached", cached), ("profiled", profiled)):
+        train(cfg, tmp_path / name, solve=solve)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["loss"] for line in lines if '"loss"' in line])
+    assert losses[0] and losses[0] == losses[1]
