@@ -78,6 +78,13 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         _render_table(result, out)
 
 
+TERMINAL_COLUMNS = {  # results key -> short header
+    "steps": "steps", "val_accuracy": "acc %", "val_accuracy_std": "± std", "train_flops_ratio": "FLOPs",
+    "inference_flops_ratio": "infer", "peak_memory_bytes": "MiB", "peak_memory_bytes_ratio": "mem",
+    "speedup_vs_full": "speed", "wall_time_s_ratio": "wall",
+}
+
+
 def _render_table(table: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
@@ -85,15 +92,21 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
 
     from .render import console
 
-    t = Table(title=f"alast bench -> {out}")
-    for name, _, _ in COLUMNS:
-        t.add_column(name, justify="left" if name == "policy" else "right")
+    from rich import box
+
+    # the terminal gets the columns that fit 80 characters; results.md has them all
+    columns = [c for c in COLUMNS[1:] if c[1] in TERMINAL_COLUMNS]
+    t = Table(title=f"alast bench -> {out}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
+              caption="ratios to full: FLOPs, infer(ence FLOPs), mem, speed (step), wall")
+    t.add_column("policy", no_wrap=True, min_width=max(len(p) for p in table["policies"]))
+    for _, key, _ in columns:
+        t.add_column(TERMINAL_COLUMNS[key], justify="right")
     for policy, e in table["policies"].items():
-        t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in COLUMNS[1:]])
+        t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in columns])
     console.print(t)
     if table.get("matched"):
         console.print(table["matched"]["line"])
-    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots: {out}/*.png")
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
 
 
 def _render_curves(result: dict[str, Any], out: Path) -> None:
