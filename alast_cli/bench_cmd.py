@@ -86,13 +86,12 @@ TERMINAL_COLUMNS = {  # results key -> short header
 
 
 def _render_table(table: dict[str, Any], out: Path) -> None:
+    from rich import box
     from rich.table import Table
 
     from alast.bench import COLUMNS, _fmt
 
     from .render import console
-
-    from rich import box
 
     # the terminal gets the columns that fit 80 characters; results.md has them all
     columns = [c for c in COLUMNS[1:] if c[1] in TERMINAL_COLUMNS]
