@@ -191,6 +191,7 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
         fr = e.get("train_flops_ratio")
         e["speedup_share_of_flop_bound"] = (e["speedup_vs_full"] / (1 / fr)) if fr and e["speedup_vs_full"] else None
     out["matched"] = _matched_comparison(results) if MATCHED in policies else None
+    out["same_steps"] = _same_steps_comparison(results, out["policies"]) if "alast" in policies else None
     first = next((r for r in results if _row(r) != MATCHED and "skipped" not in r), {})
     out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
     return out
@@ -204,6 +205,20 @@ def _matched_comparison(results: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     c = compare(a, b)
     c["line"] = (f"Compute-matched: alast {100 * c['a_mean']:.2f}% vs {MATCHED} {100 * c['b_mean']:.2f}% "
+                 f"({c['diff'] * 100:+.2f} pts): alast is {judgement(c)}.")
+    return c
+
+
+def _same_steps_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) -> dict[str, Any] | None:
+    """alast against full fine-tuning with the same steps, at alast's counted FLOPs, with a one-line verdict."""
+    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
+    b = [r["val_accuracy"] for r in results if _row(r) == "full" and "skipped" not in r]
+    if not a or not b:
+        return None
+    c = compare(a, b)
+    ratio = rows["alast"].get("train_flops_ratio")
+    at = f" at {ratio:.3f}x its FLOPs" if ratio else ""
+    c["line"] = (f"Same steps: alast {100 * c['a_mean']:.2f}%{at} vs full {100 * c['b_mean']:.2f}% "
                  f"({c['diff'] * 100:+.2f} pts): alast is {judgement(c)}.")
     return c
 
@@ -243,6 +258,8 @@ def markdown_table(table: dict[str, Any]) -> str:
             f"models (`policy.eval_tokens`), then the same models on their token schedule and on every token; "
             f"inference FLOPs: the deployed forward against every token's; costs: mean.")
     text = head + "\n\n" + "\n".join(lines) + "\n"
+    if table.get("same_steps"):
+        text += f"\n{table['same_steps']['line']}\n"
     if table.get("matched"):
         text += (f"\n`{MATCHED}`: full fine-tuning for fewer steps, as many as cost the alast run's counted FLOPs "
                  f"(same seed). {table['matched']['line']}\n")

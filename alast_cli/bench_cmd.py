@@ -103,8 +103,9 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
     for policy, e in table["policies"].items():
         t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in columns])
     console.print(t)
-    if table.get("matched"):
-        console.print(table["matched"]["line"])
+    for key in ("same_steps", "matched"):
+        if table.get(key):
+            console.print(table[key]["line"])
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
 
 

@@ -21,6 +21,10 @@ def test_bench_writes_results_table_and_plots(tmp_path):
     for name in ("results.json", "results.md", "accuracy_vs_flops.png", "step_time.png", "budgets_alast.png"):
         assert (out / name).exists(), name
     assert "| alast |" in (out / "results.md").read_text()
+    same = table["same_steps"]
+    assert abs(same["diff"] - (alast["val_accuracy"] - full["val_accuracy"])) < 1e-12
+    assert same["line"].startswith("Same steps: alast") and same["line"] in (out / "results.md").read_text()
+    assert f"at {alast['train_flops_ratio']:.3f}x its FLOPs" in same["line"]
     _check_matched(out, table)
 
 
