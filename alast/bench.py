@@ -217,9 +217,9 @@ def _same_steps_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) 
         return None
     c = compare(a, b)
     ratio = rows["alast"].get("train_flops_ratio")
-    at = f" at {ratio:.3f}x its FLOPs" if ratio else ""
-    c["line"] = (f"Same steps: alast {100 * c['a_mean']:.2f}%{at} vs full {100 * c['b_mean']:.2f}% "
-                 f"({c['diff'] * 100:+.2f} pts): alast is {judgement(c)}.")
+    at = f", at {ratio:.3f}x full's counted FLOPs" if ratio else ""
+    c["line"] = (f"Same steps: alast {100 * c['a_mean']:.2f}% vs full {100 * c['b_mean']:.2f}% "
+                 f"({c['diff'] * 100:+.2f} pts{at}): alast is {judgement(c)}.")
     return c
 
 

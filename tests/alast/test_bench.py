@@ -24,7 +24,7 @@ def test_bench_writes_results_table_and_plots(tmp_path):
     same = table["same_steps"]
     assert abs(same["diff"] - (alast["val_accuracy"] - full["val_accuracy"])) < 1e-12
     assert same["line"].startswith("Same steps: alast") and same["line"] in (out / "results.md").read_text()
-    assert f"at {alast['train_flops_ratio']:.3f}x its FLOPs" in same["line"]
+    assert f"at {alast['train_flops_ratio']:.3f}x full's counted FLOPs" in same["line"]
     _check_matched(out, table)
 
 

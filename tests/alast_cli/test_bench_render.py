@@ -29,7 +29,7 @@ def test_the_terminal_table_fits_80_columns_and_results_md_has_every_column(monk
     assert "…" not in text and max(len(line) for line in lines) <= 80
     for policy in POLICIES:
         assert any(line.startswith(policy + " ") for line in lines), policy
-    assert "Same steps: alast 91.23% at 2.000x its FLOPs vs full 91.23% (+0.00 pts)" in " ".join(text.split())
+    assert "Same steps: alast 91.23% vs full 91.23% (+0.00 pts, at 2.000x full's counted FLOPs)" in " ".join(text.split())
     header = next(line for line in lines if line.startswith("policy"))
     assert header.split() == ["policy", *(h for h in bench_cmd.TERMINAL_COLUMNS.values() for h in h.split())]
     md = markdown_table({**table, "setting": {k: "x" for k in ("model", "data", "backend", "steps", "batch_size",
