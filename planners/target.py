@@ -160,111 +160,153 @@ def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
     return TargetSolution(policy, target, {"keep_ratio": best, "min_tokens": mt}, fn(best), (fn(best), fn(best)))
 
 
+@dataclass(frozen=True)
+class _AlastRun:
+    """The alast policy's steps, each kind's train FLOPs as a fraction of ``full``: the sparse steps
+    (the top ``k`` trained, budgets at ``b``), the early phase's (one block more), the dense final
+    phase's (every token, the top blocks; with ``dense_final_interleave`` some of its steps sparse)."""
+
+    cm: CostModel
+    full: float
+    options: dict[str, Any]
+    mode: str
+    min_tokens: int
+    token_multiple: int
+    trim: bool  # only where the head reads no patch token
+    top: int | None  # the blocks the dense final phase trains (None: the planner's k)
+    dense_frac: float
+    dense: float  # the share of the steps the dense final phase will take
+    inter: float  # with dense_final_interleave, this share of the steps are the phase's sparse steps
+    early_frac: float
+    early: float  # the share of the steps that train one block more
+
+    @classmethod
+    def create(cls, cm: CostModel, full: float, options: dict[str, Any]) -> _AlastRun:
+        mode = str(options.get("freeze_mode", "sample"))
+        frac = float(options.get("dense_final_frac") or 0.0)
+        early_frac = float(options.get("early_frac") or 0.0)
+        try:
+            period = interleave_period(options.get("dense_final_interleave"))
+        except ValueError as e:
+            raise TargetError(str(e)) from None
+        if early_frac and mode != "last":
+            raise TargetError(f"policy.early_frac trains the block below the top k_trained ones: it needs "
+                              f"freeze_mode='last', not {mode!r}")
+        try:
+            top = dense_final_top(cm.num_blocks, options.get("dense_final_blocks", "auto"))
+        except ValueError as e:
+            raise TargetError(str(e)) from None
+        steps = options.get("steps")
+        return cls(cm, full, options, mode, int(options.get("min_tokens", 1)), int(options.get("token_multiple", 1)),
+                   bool(options.get("trim_last")) and cm.head_reads_prefix, top, frac, dense_final_share(frac, steps),
+                   interleaved_share(frac, steps, period) if frac else 0.0, early_frac, early_share(early_frac, steps))
+
+    def dense_ratio(self, k: int) -> float:
+        cm, L = self.cm, self.cm.num_blocks
+        if self.top is None:
+            return expected_step_flops(cm, 1.0, k, self.min_tokens, self.mode) / self.full
+        ratios = [1.0] * (L - 1) + [0.0 if self.trim else 1.0]
+        tin, tout = kept_token_counts(ratios, cm.num_patches, self.min_tokens, self.token_multiple)
+        shape = StepShape(tin, tout, tuple(i >= L - self.top for i in range(L)), False)
+        return step_cost(cm, shape, 1).train_flops / self.full
+
+    def spare(self, k: int) -> int:
+        return spared_blocks(self.options.get("spare_first") or 0, self.cm.num_blocks, k, self.mode)
+
+    def sparse_ratio(self, b: float, k: int) -> float:
+        return expected_step_flops(self.cm, b, k, self.min_tokens, self.mode, self.spare(k), self.token_multiple,
+                                   self.trim) / self.full
+
+    def early_floor(self, k: int) -> float:
+        """An early step's cost with every budget at the floor (0 without an early phase)."""
+        return self.sparse_ratio(BUDGET_FLOOR, min(self.cm.num_blocks, k + 1)) if self.early else 0.0
+
+    def phase_cost(self, k: int, interleaved: float | None = None) -> float:
+        """The dense final phase's FLOPs per step of the run; an interleaved step holds a dense step's
+        cost where its floor allows (``interleaved``: its simulated mean cost)."""
+        if interleaved is None:
+            interleaved = max(self.dense_ratio(k), self.sparse_ratio(BUDGET_FLOOR, k))
+        return (self.dense - self.inter) * self.dense_ratio(k) + self.inter * interleaved
+
+    def total(self, b: float, k: int) -> float:
+        """The run's FLOPs per step; the early steps hold the sparse steps' target, or their floor."""
+        sparse = self.sparse_ratio(b, k)
+        early_cost = max(sparse, self.early_floor(k))
+        return (1.0 - self.dense - self.early) * sparse + self.early * early_cost + self.phase_cost(k)
+
+    def choose_k(self, target: float) -> int:
+        """The fewest trained blocks that reach ``target`` with every token, unless fewer cost less."""
+        L = self.cm.num_blocks
+        k = int(self.options.get("k_trained") or default_k_trained(L, self.mode))
+        while k < L and self.total(1.0, k) < target:
+            k += 1
+        # fewer trained blocks cost less, unless each one more frozen block keeps every token ('frozen')
+        while k > 1 and self.total(BUDGET_FLOOR, k) > target and \
+                self.total(BUDGET_FLOOR, k - 1) < self.total(BUDGET_FLOOR, k):
+            k -= 1
+        return k
+
+    def floor_error(self, policy: str, target: float, k: int) -> TargetError:
+        """Why ``target`` is below the cheapest run with ``k`` trained blocks, and what to change."""
+        cm, L, spare = self.cm, self.cm.num_blocks, self.spare(k)
+        ratios = [1.0] * spare + [BUDGET_FLOOR] * (L - spare - self.trim) + [0.0] * self.trim
+        tin, tout = kept_token_counts(ratios, cm.num_patches, self.min_tokens, self.token_multiple)
+        # a step of the sparse phase, the top k trained (a sampled draw may train lower blocks)
+        shape = StepShape(tin, tout, tuple(i >= L - k for i in range(L)), False)
+        why = _floor_message(cm, policy, target, self.total(BUDGET_FLOOR, k), self.min_tokens, shape,
+                             f"k_trained={k} and every budget at the floor")
+        if spare:
+            setting = self.options.get("spare_first") or 0
+            why += (f"; the bottom {spare} blocks keep every token (policy.spare_first={setting}): "
+                    "set policy.spare_first=0 to let them drop tokens")
+        if self.dense:
+            why += (f"; its dense final phase (policy.dense_final_frac={self.dense_frac:g}) costs "
+                    f"{self.dense_ratio(k):.3f}x per step: lower dense_final_frac or set it to 0")
+        if self.early and self.early_floor(k) > self.sparse_ratio(BUDGET_FLOOR, k):
+            why += (f"; its early phase (policy.early_frac={self.early_frac:g}) trains {min(L, k + 1)} blocks, "
+                    f"{self.early_floor(k):.3f}x per step at the floor: lower early_frac or set it to 0")
+        return TargetError(why)
+
+    def predict(self, k: int, knobs: dict[str, Any]) -> tuple[float, list[float], list[float]]:
+        """The run's mean ratio with the planner's projection (``knobs``), and the sparse and early
+        steps' simulated ratios."""
+        options = {**self.options, **knobs}
+        ratios = _projected_ratios(self.cm, self.full, options, early=False)
+        early_ratios = _projected_ratios(self.cm, self.full, options, early=True) if self.early else ratios
+        inter = _mean(_projected_ratios(self.cm, self.full, options, interleaved=True)) if self.inter else None
+        total = (1.0 - self.dense - self.early) * _mean(ratios) + self.early * _mean(early_ratios)
+        return total + self.phase_cost(k, inter), ratios, early_ratios
+
+
 def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     """K as the closed form says (the fewest blocks trained with all tokens at or above the target),
     then a per-step ``target_flops`` the planner projects its budgets onto, lowered for the sparse
     steps when the dense final phase costs more, so the run's total lands on ``target``."""
-    L = cm.num_blocks
-    mt = int(options.get("min_tokens", 1))
-    mode = str(options.get("freeze_mode", "sample"))
-    k = int(options.get("k_trained") or default_k_trained(L, mode))
-    frac = float(options.get("dense_final_frac") or 0.0)
-    dense = dense_final_share(frac, options.get("steps"))  # the share of the steps the phase will take
-    # with dense_final_interleave, this share of the steps are the phase's sparse steps
-    try:
-        period = interleave_period(options.get("dense_final_interleave"))
-    except ValueError as e:
-        raise TargetError(str(e)) from None
-    inter = interleaved_share(frac, options.get("steps"), period) if frac else 0.0
-    early_frac = float(options.get("early_frac") or 0.0)
-    early = early_share(early_frac, options.get("steps"))  # steps that train one block more
-    if early_frac and mode != "last":
-        raise TargetError(f"policy.early_frac trains the block below the top k_trained ones: it needs "
-                          f"freeze_mode='last', not {mode!r}")
-    spare_setting = options.get("spare_first") or 0
-    tm = int(options.get("token_multiple", 1))
-    trim = bool(options.get("trim_last")) and cm.head_reads_prefix  # only where the head reads no patch token
-
-    try:
-        top = dense_final_top(L, options.get("dense_final_blocks", "auto"))
-    except ValueError as e:
-        raise TargetError(str(e)) from None
-
-    def dense_ratio(k: int) -> float:
-        if top is None:
-            return expected_step_flops(cm, 1.0, k, mt, mode) / full
-        tin, tout = kept_token_counts([1.0] * (L - 1) + [0.0 if trim else 1.0], cm.num_patches, mt, tm)
-        shape = StepShape(tin, tout, tuple(i >= L - top for i in range(L)), False)
-        return step_cost(cm, shape, 1).train_flops / full
-
-    def sparse_ratio(b: float, k: int) -> float:
-        spare = spared_blocks(spare_setting, L, k, mode)
-        return expected_step_flops(cm, b, k, mt, mode, spare, tm, trim) / full
-
-    def fn(b: float, k: int) -> float:
-        # the early steps hold the sparse steps' target; where they cannot, their floor counts
-        k_early = min(L, k + 1)
-        sparse = sparse_ratio(b, k)
-        early_cost = max(sparse, sparse_ratio(BUDGET_FLOOR, k_early)) if early else 0.0
-        return (1.0 - dense - early) * sparse + early * early_cost + phase_cost(k)
-
-    def phase_cost(k: int, interleaved: float | None = None) -> float:
-        # the dense final phase's FLOPs per step of the run; an interleaved step holds a dense step's
-        # cost where its floor allows (``interleaved``: its simulated mean cost)
-        if interleaved is None:
-            interleaved = max(dense_ratio(k), sparse_ratio(BUDGET_FLOOR, k))
-        return (dense - inter) * dense_ratio(k) + inter * interleaved
-
-    while k < L and fn(1.0, k) < target:
-        k += 1
-    # fewer trained blocks cost less, unless each one more frozen block keeps every token ('frozen')
-    while k > 1 and fn(BUDGET_FLOOR, k) > target and fn(BUDGET_FLOOR, k - 1) < fn(BUDGET_FLOOR, k):
-        k -= 1
-    floor = fn(BUDGET_FLOOR, k)
-    k_early = min(L, k + 1)  # blocks the early steps train
-    early_floor = sparse_ratio(BUDGET_FLOOR, k_early) if early else 0.0
-    if floor > target * (1 + TARGET_TOLERANCE):
-        spare = spared_blocks(spare_setting, L, k, mode)
-        ratios = [1.0] * spare + [BUDGET_FLOOR] * (L - spare - trim) + [0.0] * trim
-        tin, tout = kept_token_counts(ratios, cm.num_patches, mt, tm)
-        # a step of the sparse phase, the top k trained (a sampled draw may train lower blocks)
-        shape = StepShape(tin, tout, tuple(i >= L - k for i in range(L)), False)
-        why = _floor_message(cm, policy, target, floor, mt, shape, f"k_trained={k} and every budget at the floor")
-        if spare:
-            why += (f"; the bottom {spare} blocks keep every token (policy.spare_first={spare_setting}): "
-                    "set policy.spare_first=0 to let them drop tokens")
-        if dense:
-            why += (f"; its dense final phase (policy.dense_final_frac={frac:g}) costs {dense_ratio(k):.3f}x per "
-                    "step: lower dense_final_frac or set it to 0")
-        if early and early_floor > sparse_ratio(BUDGET_FLOOR, k):
-            why += (f"; its early phase (policy.early_frac={early_frac:g}) trains {k_early} blocks, "
-                    f"{early_floor:.3f}x per step at the floor: lower early_frac or set it to 0")
-        raise TargetError(why)
-    sparse_target = (target - phase_cost(k)) / (1.0 - dense)
-    if early and early_floor > sparse_target * (1 + TARGET_TOLERANCE):
+    run = _AlastRun.create(cm, full, options)
+    k = run.choose_k(target)
+    if run.total(BUDGET_FLOOR, k) > target * (1 + TARGET_TOLERANCE):
+        raise run.floor_error(policy, target, k)
+    sparse_target = (target - run.phase_cost(k)) / (1.0 - run.dense)
+    if run.early and run.early_floor(k) > sparse_target * (1 + TARGET_TOLERANCE):
         raise TargetError(f"target {target:g}x full FLOPs is out of reach for policy {policy!r} with its early phase "
-                          f"(policy.early_frac={early_frac:g}): training k_trained+1={k_early} blocks costs "
-                          f"{early_floor:.3f}x per step at the floor, above the "
+                          f"(policy.early_frac={run.early_frac:g}): training k_trained+1={min(cm.num_blocks, k + 1)} "
+                          f"blocks costs {run.early_floor(k):.3f}x per step at the floor, above the "
                           f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
     knobs = {"k_trained": k, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
-             "min_tokens": mt, "trim_last": trim}
+             "min_tokens": run.min_tokens, "trim_last": run.trim}
 
     def knob(sparse_target: float) -> float:
         # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
-        return sparse_target if full == full_step_flops(cm) else sparse_target * full / full_step_flops(cm)
+        own = full_step_flops(cm)
+        return sparse_target if full == own else sparse_target * full / own
 
     def predict(sparse_target: float) -> tuple[float, list[float], list[float]]:
         knobs["target_flops"] = knob(sparse_target)
-        ratios = _projected_ratios(cm, full, {**options, **knobs}, early=False)
-        early_ratios = _projected_ratios(cm, full, {**options, **knobs}, early=True) if early else ratios
-        mean, early_mean = _mean(ratios), _mean(early_ratios)
-        phase = phase_cost(k, _mean(_projected_ratios(cm, full, {**options, **knobs}, interleaved=True)) if inter
-                           else None)
-        return (1.0 - dense - early) * mean + early * early_mean + phase, ratios, early_ratios
+        return run.predict(k, knobs)
 
     predicted, ratios, early_ratios = predict(sparse_target)
-    if early or inter:
+    if run.early or run.inter:
         # The early steps (and the interleaved ones) peak no higher in memory than the others, so they
         # may spend less: the other sparse steps' target rises (and the caps with it) until the total
         # is on target.
@@ -275,13 +317,15 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
             (s0, p0, *_), (s1, p1, *_) = points[-2:] if len(points) > 1 else (points[0], points[0])
             if _miss(p1, target) < 1e-3:
                 break
-            slope = (p1 - p0) / (s1 - s0) if s1 != s0 and p1 != p0 else 1.0 - dense
+            slope = (p1 - p0) / (s1 - s0) if s1 != s0 and p1 != p0 else 1.0 - run.dense
             sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
             points.append((sparse_target, *predict(sparse_target)))
         sparse_target, predicted, ratios, early_ratios = min(reversed(points), key=lambda p: _miss(p[1], target))
         knobs["target_flops"] = knob(sparse_target)
-    lo, hi = ((1.0 - dense) * r + phase_cost(k) for r in (min(ratios + early_ratios), max(ratios + early_ratios)))
+    steps = ratios + early_ratios
+    lo, hi = ((1.0 - run.dense) * r + run.phase_cost(k) for r in (min(steps), max(steps)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
+        tm, early = run.token_multiple, run.early
         hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"
                 + (f", or a smaller backend.token_multiple (now {tm})" if tm > 1 else "")
                 + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their activation memory to the "
