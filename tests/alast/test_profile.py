@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from alast.planning.profile import fvcore_macs, profile_model
+from alast.planning.measure import fvcore_macs
+from alast.planning.profile import profile_model
 from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly
 from planners.simulate import (
     StepShape,
@@ -231,7 +232,7 @@ def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
 def test_backward_transients_extrapolate_to_other_batches_and_kept_tokens():
     """Measured at batches 4 and 16, a block's backward transient predicts what its backward
     allocates at batch 48: whole, and selecting inside with one patch token kept, half, all but one."""
-    from alast.planning.profile import _backward_excess
+    from alast.planning.measure import backward_excess
     from runtimes.torch_backend.patch import forward_selecting
 
     model = _vit(dim=48, heads=4, mlp_ratio=4.0, patch=4, depth=1)  # 64 patch tokens
@@ -239,16 +240,16 @@ def test_backward_transients_extrapolate_to_other_batches_and_kept_tokens():
     blk, cost = model.blocks[0], cm.blocks[0]
     params = list(blk.parameters())
     for state in ("weights_and_input", "weights_only", "input_only"):
-        whole = _backward_excess(blk, lambda b, x: b(x), params, state, torch.randn(48, 65, 48))
+        whole = backward_excess(blk, lambda b, x: b(x), params, state, torch.randn(48, 65, 48))
         assert cost.transient(state, 65, 48) == pytest.approx(whole, rel=0.02), state
         for keep in (1, 32, 63):
             fn = lambda b, x: forward_selecting(b, x, keep, 1)[0]  # noqa: B023
-            measured = _backward_excess(blk, fn, params, state, torch.randn(48, 65, 48))
+            measured = backward_excess(blk, fn, params, state, torch.randn(48, 65, 48))
             assert cost.dropping_transient(state, 65, 1 + keep, 48) == pytest.approx(measured, rel=0.1), (state, keep)
 
 
 def test_max_of_two_planes_fit_recovers_them():
-    from alast.planning.profile import _fit_max_of_planes, transient_pairs
+    from alast.planning.measure import fit_max_of_planes, transient_pairs
 
     pairs = transient_pairs([2, 17, 33, 65], 1)
     assert all(1 < o < i for i, o in pairs) and (65, 2) in pairs and (65, 64) in pairs
@@ -256,7 +257,7 @@ def test_max_of_two_planes_fit_recovers_them():
     plane = lambda c, i, o: c[0] + c[1] * i + c[2] * o
     assert 4 <= sum(plane(b, i, o) > plane(a, i, o) for i, o in pairs) <= len(pairs) - 4  # each the max at 4+
     ys = [max(plane(a, i, o), plane(b, i, o)) for i, o in pairs]
-    coef, err = _fit_max_of_planes(pairs, ys)
+    coef, err = fit_max_of_planes(pairs, ys)
     assert coef == pytest.approx((*a, *b), abs=1e-6) and err < 1e-9
 
 
