@@ -217,23 +217,11 @@ class AlastPlanner:
         _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
         self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
-        self.early_frac = float(early_frac)
-        if not 0.0 <= self.early_frac < 1.0 or self.early_frac + float(dense_final_frac) >= 1.0:
-            raise PlannerError(f"early_frac must lie in [0, 1) and leave steps after it and the dense final phase "
-                               f"(dense_final_frac={dense_final_frac:g}), got {early_frac}")
-        if self.early_frac and freeze_mode != "last":
-            raise PlannerError(f"early_frac trains the block below the top k_trained ones: it needs "
-                               f"freeze_mode='last', not {freeze_mode!r}")
+        self.early_frac = _check_early(early_frac, dense_final_frac, freeze_mode)
         # the early steps train one block more (none where every block already trains)
         self.k_early = min(num_blocks, self.k_trained + 1) if self.early_frac else self.k_trained
-        try:
-            self.spare_first = rules.spared_blocks(spare_first, num_blocks, self.k_trained, freeze_mode)
-            self.spare_early = rules.spared_blocks(spare_first, num_blocks, self.k_early, freeze_mode)
-        except ValueError as e:
-            raise PlannerError(str(e)) from None
-        if not 0 <= self.spare_first < num_blocks:
-            raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
-                               f"got {spare_first}")
+        self.spare_first, self.spare_early = (_check_spare(spare_first, num_blocks, k, freeze_mode)
+                                              for k in (self.k_trained, self.k_early))
         self.trim_last = bool(trim_last)
         self.token_multiple = _check_multiple(token_multiple)
         self.num_blocks = num_blocks
@@ -261,15 +249,7 @@ class AlastPlanner:
                                             token_multiple=self.token_multiple, batch_size=batch_size))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
-        # under a target the early steps peak no higher in the backward than the others do at b_init,
-        # but for the weight gradients of the one block they train more
-        self.early_peak_cap = None
-        if self.projection is not None and self.k_early > self.k_trained:
-            main = tuple(i >= num_blocks - self.k_trained for i in range(num_blocks))
-            ratios = self.projection.project(self.budgets, main, self.spare_first, self.trim_last)
-            # the extra block's weight gradients are the phase's price: no token count buys them back
-            extra = cost_model.blocks[num_blocks - self.k_early].trainable_bytes
-            self.early_peak_cap = self.projection.peak_bytes(ratios, main) + extra
+        self.early_peak_cap = self._early_peak_cap(cost_model)
         # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
         self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
         self.shares = rules.ShareState()
@@ -277,6 +257,18 @@ class AlastPlanner:
         # frozen ones' cannot: the normalized rule compares each block with its own kind only.
         self.share_groups = (tuple(int(i >= num_blocks - self.k_trained) for i in range(num_blocks))
                              if freeze_mode == "last" else None)
+
+    def _early_peak_cap(self, cost_model: CostModel | None) -> float | None:
+        """Under a target the early steps peak no higher in the backward than the others do at
+        ``b_init``, but for the weight gradients of the one block they train more (None: no cap)."""
+        if self.projection is None or self.k_early == self.k_trained:
+            return None
+        L = self.num_blocks
+        main = tuple(i >= L - self.k_trained for i in range(L))
+        ratios = self.projection.project([self.b_init] * L, main, self.spare_first, self.trim_last)
+        # the extra block's weight gradients are the phase's price: no token count buys them back
+        extra = cost_model.blocks[L - self.k_early].trainable_bytes
+        return self.projection.peak_bytes(ratios, main) + extra
 
     def plan(self, step: int, progress: float) -> Budget:
         early = rules.in_early(progress, self.early_frac)
@@ -382,6 +374,29 @@ class AlastPlanner:
             self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
                                            tuple(float(r) for r in state["reference"]),
                                            int(state["observations"]))
+
+
+def _check_early(early_frac: float, dense_final_frac: float, freeze_mode: str) -> float:
+    early_frac = float(early_frac)
+    if not 0.0 <= early_frac < 1.0 or early_frac + float(dense_final_frac) >= 1.0:
+        raise PlannerError(f"early_frac must lie in [0, 1) and leave steps after it and the dense final phase "
+                           f"(dense_final_frac={dense_final_frac:g}), got {early_frac}")
+    if early_frac and freeze_mode != "last":
+        raise PlannerError(f"early_frac trains the block below the top k_trained ones: it needs "
+                           f"freeze_mode='last', not {freeze_mode!r}")
+    return early_frac
+
+
+def _check_spare(spare_first: int | str, num_blocks: int, k: int, freeze_mode: str) -> int:
+    """The bottom blocks that keep every token when the top ``k`` train."""
+    try:
+        spare = rules.spared_blocks(spare_first, num_blocks, k, freeze_mode)
+    except ValueError as e:
+        raise PlannerError(str(e)) from None
+    if not 0 <= spare < num_blocks:
+        raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
+                           f"got {spare_first}")
+    return spare
 
 
 def _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
