@@ -267,15 +267,16 @@ class _AlastRun:
                     f"{self.early_floor(k):.3f}x per step at the floor: lower early_frac or set it to 0")
         return TargetError(why)
 
-    def predict(self, k: int, knobs: dict[str, Any]) -> tuple[float, list[float], list[float]]:
-        """The run's mean ratio with the planner's projection (``knobs``), and the sparse and early
-        steps' simulated ratios."""
+    def predict(self, k: int, knobs: dict[str, Any]) -> tuple[float, list[float], list[float], float]:
+        """The run's mean ratio with the planner's projection (``knobs``), the sparse and early steps'
+        simulated ratios, and the dense final phase's share of the mean."""
         options = {**self.options, **knobs}
         ratios = _projected_ratios(self.cm, self.full, options, early=False)
         early_ratios = _projected_ratios(self.cm, self.full, options, early=True) if self.early else ratios
         inter = _mean(_projected_ratios(self.cm, self.full, options, interleaved=True)) if self.inter else None
         total = (1.0 - self.dense - self.early) * _mean(ratios) + self.early * _mean(early_ratios)
-        return total + self.phase_cost(k, inter), ratios, early_ratios
+        phase = self.phase_cost(k, inter)
+        return total + phase, ratios, early_ratios, phase
 
 
 def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
@@ -301,18 +302,18 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         own = full_step_flops(cm)
         return sparse_target if full == own else sparse_target * full / own
 
-    def predict(sparse_target: float) -> tuple[float, list[float], list[float]]:
+    def predict(sparse_target: float) -> tuple[float, list[float], list[float], float]:
         knobs["target_flops"] = knob(sparse_target)
         return run.predict(k, knobs)
 
-    predicted, ratios, early_ratios = predict(sparse_target)
+    predicted, ratios, early_ratios, phase = predict(sparse_target)
     if run.early or run.inter:
         # The early steps (and the interleaved ones) peak no higher in memory than the others, so they
         # may spend less: the other sparse steps' target rises (and the caps with it) until the total
         # is on target.
         # Whole token counts make the total a step function, so the secant may circle the target:
         # the run takes the nearest point it visited (the latest of equals).
-        points = [(sparse_target, predicted, ratios, early_ratios)]
+        points = [(sparse_target, predicted, ratios, early_ratios, phase)]
         for _ in range(EARLY_ROUNDS):
             (s0, p0, *_), (s1, p1, *_) = points[-2:] if len(points) > 1 else (points[0], points[0])
             if _miss(p1, target) < 1e-3:
@@ -320,10 +321,11 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
             slope = (p1 - p0) / (s1 - s0) if s1 != s0 and p1 != p0 else 1.0 - run.dense
             sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
             points.append((sparse_target, *predict(sparse_target)))
-        sparse_target, predicted, ratios, early_ratios = min(reversed(points), key=lambda p: _miss(p[1], target))
+        sparse_target, predicted, ratios, early_ratios, phase = min(reversed(points), key=lambda p: _miss(p[1], target))
         knobs["target_flops"] = knob(sparse_target)
+    # the run's total with every sparse and early step at the cheapest (dearest) step simulated
     steps = ratios + early_ratios
-    lo, hi = ((1.0 - run.dense) * r + run.phase_cost(k) for r in (min(steps), max(steps)))
+    lo, hi = ((1.0 - run.dense) * r + phase for r in (min(steps), max(steps)))
     if _miss(predicted, target) > TARGET_TOLERANCE:
         tm, early = run.token_multiple, run.early
         hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"

@@ -340,6 +340,8 @@ def test_an_interleaved_dense_phase_trains_the_lower_blocks_at_a_dense_steps_cos
             assert ratios[step] >= ratios[step - 1] * 0.97 or peaks[step] >= cap * 0.97
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
     assert sol.predicted_ratio == pytest.approx(statistics.mean(ratios), rel=0.02)
+    lo, hi = sol.ratio_range  # the run's total with every sparse step at its cheapest and dearest draw
+    assert lo <= sol.predicted_ratio <= hi
 
 
 @pytest.mark.parametrize("target", [0.40, 0.43, 0.51])
