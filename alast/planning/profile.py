@@ -76,7 +76,8 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
             set_grad(trainable, weights)
             x = torch.randn(1, n_in, dim).requires_grad_(inp)
             keep = n_out - num_prefix
-            f, b, a = count_costs(lambda: forward_selecting(block, x, keep, num_prefix, pool=pool)[0], exclude)  # noqa: B023
+            run = lambda: forward_selecting(block, x, keep, num_prefix, pool=pool)[0]  # noqa: B023
+            f, b, a = count_costs(run, exclude)
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
     set_grad(trainable, True)
