@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,7 +44,7 @@ from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 RUNTIME_OF = {"full": "full", "alast": "alast", "alast_dense": "alast"}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -55,117 +56,141 @@ def main(argv: list[str] | None = None) -> None:
                     help="run alast as `alast train --target-flops T` does, at today's defaults")
     ap.add_argument("--steps", type=int, default=150, help="with --target-flops: the run length the solver plans for")
     ap.add_argument("--out", type=Path, default=Path("overhead.json"))
-    args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    torch.manual_seed(0)
+    return ap.parse_args(argv)
 
-    def fresh():
-        return create_model(args.model, 10).to(dev)
 
-    size = fresh().patch_embed.img_size
-    x = torch.randn(args.batch_size, 3, *size, device=dev)
-    y = torch.randint(0, 10, (args.batch_size,), device=dev)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.precision == "bf16" else None
+class Bench:
+    """One batch, and the steps timed on it: the plain timm model's, and the runtimes' (``full`` and
+    ``alast``, each with its planner)."""
 
-    plain = fresh()
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.dev = torch.device(args.device)
+        torch.manual_seed(0)
+        self.model_name = args.model
+        size = self.fresh().patch_embed.img_size
+        self.x = torch.randn(args.batch_size, 3, *size, device=self.dev)
+        self.y = torch.randint(0, 10, (args.batch_size,), device=self.dev)
+        self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.precision == "bf16" else None
+        self.plain = self.fresh()
+        self.opt = torch.optim.AdamW(self.plain.parameters(), lr=1e-4)
+        self.cfg, self.dense_share, alast_kw = alast_setup(args)
+        self.runtimes, self.planners = {}, {}
+        for name in ("full", "alast"):
+            rt = TorchRuntime(self.fresh(), lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device,
+                              precision=args.precision, count_flops="off", memory_probe_steps=lambda s: False,
+                              freeze_embeddings=name == "alast" and self.cfg.policy.embeddings_frozen,
+                              token_select=self.cfg.policy.token_select, token_score=self.cfg.policy.token_score)
+            self.runtimes[name] = rt
+            self.planners[name] = (create_planner(name, rt.num_blocks) if name == "full" else
+                                   build_planner(self.cfg, rt.num_blocks, alast_kw))
+        self.steps = {"full": 0, "alast": 0}
+        self.progress = {"full": 0.0, "alast": 0.0, "alast_dense": 0.999}
 
-    def plain_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        if amp:
-            with amp():
-                loss = F.cross_entropy(plain(x).float(), y)
+    def fresh(self) -> torch.nn.Module:
+        return create_model(self.model_name, 10).to(self.dev)
+
+    def plain_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.amp:
+            with self.amp():
+                loss = F.cross_entropy(self.plain(self.x).float(), self.y)
         else:
-            loss = F.cross_entropy(plain(x), y)
+            loss = F.cross_entropy(self.plain(self.x), self.y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.plain.parameters(), 1.0)
+        self.opt.step()
 
-    runtimes, planners = {}, {}
-    cfg, dense_share, alast_kw = alast_setup(args)
-    for name in ("full", "alast"):
-        runtimes[name] = TorchRuntime(fresh(), lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device,
-                                      precision=args.precision, count_flops="off",
-                                      memory_probe_steps=lambda s: False,
-                                      freeze_embeddings=name == "alast" and cfg.policy.embeddings_frozen,
-                                      token_select=cfg.policy.token_select, token_score=cfg.policy.token_score)
-        planners[name] = (create_planner(name, runtimes[name].num_blocks) if name == "full" else
-                          build_planner(cfg, runtimes[name].num_blocks, alast_kw))
-    steps = {"full": 0, "alast": 0}
-    progress = {"full": 0.0, "alast": 0.0, "alast_dense": 0.999}
-
-    def rt_step(name: str) -> None:
+    def rt_step(self, name: str) -> None:
         key = RUNTIME_OF[name]
-        planner, rt = planners[key], runtimes[key]
-        budget = planner.plan(steps[key], progress[name])
-        r = rt.train_step(x, y, budget, 1e-4, steps[key])
-        steps[key] += 1
-        planner.observe(Observation(steps[key], progress[name], r.deltas))
+        planner, rt = self.planners[key], self.runtimes[key]
+        budget = planner.plan(self.steps[key], self.progress[name])
+        r = rt.train_step(self.x, self.y, budget, 1e-4, self.steps[key])
+        self.steps[key] += 1
+        planner.observe(Observation(self.steps[key], self.progress[name], r.deltas))
 
-    def patched_step() -> None:
-        rt = runtimes["full"]
-        budget = planners["full"].plan(0, 0.0)
-        rt.train_step(x, y, budget, 1e-4, 0)
+    def patched_step(self) -> None:
+        """The patched model at full budget: the ``full`` runtime's first step, again."""
+        budget = self.planners["full"].plan(0, 0.0)
+        self.runtimes["full"].train_step(self.x, self.y, budget, 1e-4, 0)
 
-    fns = {"plain": plain_step, "patched": patched_step, "full": lambda: rt_step("full"),
-           "alast": lambda: rt_step("alast")}
-    if dense_share:
-        fns["alast_dense"] = lambda: rt_step("alast_dense")
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-    for fn in fns.values():  # warm-up
-        fn(), fn()
-    times = {k: [] for k in fns}
-    for r in range(args.rounds):
-        order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-        for k in order:
-            sync()
-            t = time.perf_counter()
-            fns[k]()
-            sync()
-            times[k].append(time.perf_counter() - t)
-    flops = {}
-    for k in ("full", "alast", "alast_dense")[:3 if dense_share else 2]:
-        key = RUNTIME_OF[k]
-        runtimes[key].count_flops = "every"
-        budget = planners[key].plan(steps[key], progress[k])
-        flops[k] = runtimes[key].train_step(x, y, budget, 1e-4, steps[key]).train_flops
-    with counter() as c:
-        plain_step()
-    flops["plain"] = c.get_total_flops()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def timed(self) -> dict[str, Callable[[], None]]:
+        fns = {"plain": self.plain_step, "patched": self.patched_step, "full": lambda: self.rt_step("full"),
+               "alast": lambda: self.rt_step("alast")}
+        if self.dense_share:
+            fns["alast_dense"] = lambda: self.rt_step("alast_dense")
+        return fns
+
+    def median_times(self, rounds: int) -> dict[str, float]:
+        """Each timed step's median over ``rounds``, in alternating order, after two warm-up calls."""
+        fns = self.timed()
+        sync = (lambda: torch.cuda.synchronize()) if self.dev.type == "cuda" else (lambda: None)
+        for fn in fns.values():
+            fn(), fn()
+        times = {k: [] for k in fns}
+        for r in range(rounds):
+            order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
+            for k in order:
+                sync()
+                t = time.perf_counter()
+                fns[k]()
+                sync()
+                times[k].append(time.perf_counter() - t)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    def flops(self) -> dict[str, float]:
+        """Each step's counted FLOPs (torch.utils.flop_counter)."""
+        flops = {}
+        for k in ("full", "alast", "alast_dense")[:3 if self.dense_share else 2]:
+            key = RUNTIME_OF[k]
+            self.runtimes[key].count_flops = "every"
+            budget = self.planners[key].plan(self.steps[key], self.progress[k])
+            flops[k] = self.runtimes[key].train_step(self.x, self.y, budget, 1e-4, self.steps[key]).train_flops
+        with counter() as c:
+            self.plain_step()
+        flops["plain"] = c.get_total_flops()
+        return flops
+
+    def peak_memory(self) -> dict[str, int]:
+        """Peak training memory of the full and alast steps: the CUDA allocator's, or MemTracker's on CPU."""
+        mem = {}
+        for k in ("full", "alast"):
+            if self.dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(2):
+                    self.rt_step(k)
+                mem[k] = torch.cuda.max_memory_allocated()
+            else:
+                rt = self.runtimes[k]
+                rt._probe = lambda s: True
+                rt._peak_bytes = None
+                self.rt_step(k)
+                mem[k] = rt.peak_memory_bytes()
+        return mem
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bench = Bench(args)
+    med = bench.median_times(args.rounds)
+    flops = bench.flops()
     result = {
-        "model": args.model, "batch_size": args.batch_size, "device": str(dev), "precision": args.precision,
+        "model": args.model, "batch_size": args.batch_size, "device": str(bench.dev), "precision": args.precision,
         "threads": torch.get_num_threads(), "rounds": args.rounds,
         "median_step_s": med, "overhead_patched_vs_plain": med["patched"] / med["plain"] - 1,
         "flops": flops, "flops_ratio_alast_vs_full": flops["alast"] / flops["full"],
         "speedup_alast_vs_full": med["full"] / med["alast"],
     }
-    if cfg.policy.target_flops is not None:
-        run_s = (1 - dense_share) * med["alast"] + dense_share * med.get("alast_dense", 0.0)
-        run_flops = (1 - dense_share) * flops["alast"] + dense_share * flops.get("alast_dense", 0.0)
-        result.update(target_flops=cfg.policy.target_flops, steps=args.steps, dense_final_share=dense_share,
+    if bench.cfg.policy.target_flops is not None:
+        share = bench.dense_share
+        run_s = (1 - share) * med["alast"] + share * med.get("alast_dense", 0.0)
+        run_flops = (1 - share) * flops["alast"] + share * flops.get("alast_dense", 0.0)
+        result.update(target_flops=bench.cfg.policy.target_flops, steps=args.steps, dense_final_share=share,
                       run_step_s_alast=run_s, run_flops_ratio_alast_vs_full=run_flops / flops["full"],
                       run_speedup_alast_vs_full=med["full"] / run_s,
                       run_share_of_flop_bound=(med["full"] / run_s) / (flops["full"] / run_flops))
-    if dev.type == "cuda":
-        mem = {}
-        for k in ("full", "alast"):
-            torch.cuda.reset_peak_memory_stats()
-            for _ in range(2):
-                rt_step(k)
-            mem[k] = torch.cuda.max_memory_allocated()
-        result["peak_memory_bytes"] = mem
-        result["memory_ratio_alast_vs_full"] = mem["alast"] / mem["full"]
-    else:
-        mem = {}
-        for k in ("full", "alast"):
-            rt = runtimes[k]
-            rt._probe = lambda s: True
-            rt._peak_bytes = None
-            rt_step(k)
-            mem[k] = rt.peak_memory_bytes()
-        result["peak_memory_bytes"] = mem
-        result["memory_ratio_alast_vs_full"] = mem["alast"] / mem["full"]
+    mem = bench.peak_memory()
+    result["peak_memory_bytes"] = mem
+    result["memory_ratio_alast_vs_full"] = mem["alast"] / mem["full"]
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
