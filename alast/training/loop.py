@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from alast.config import AlastConfig, dump_config
-from alast.data import StepBatchSampler, check_batch_size, eval_batches, train_batches
+from alast.data import DataBundle, StepBatchSampler, check_batch_size, eval_batches, train_batches
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
@@ -102,33 +102,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     comm = comm or Comm()
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    if cfg.output.tensorboard and comm.is_main:
-        check_tensorboard()
-    on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
-    if cfg.backend.threads:
-        torch.set_num_threads(cfg.backend.threads)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-
-    data, data_cfg = load_data(cfg)
-    check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
-    if solve is not None:
-        # profiling builds models from the seeded generators; whether it runs (or the cost model is
-        # cached) must not change the run: the seeded state is put back
-        seeded = rng_state()
-        planner_overrides, plan_info = solve()
-        set_rng_state(seeded)
-    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
-    model = build_model(cfg, len(data.classes))
-    runtime = create_runtime(cfg, model, comm=comm.extra)
-    if comm.world_size > 1 and not runtime.capabilities.data_parallel:
-        raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
-    if comm.is_main and hasattr(runtime, "bind_run_dir"):
-        runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
-                            world_size=comm.world_size)
-    steps = total_steps(cfg, len(data.train))
-    run = _Run(cfg, run_dir, comm, runtime, planner)
-    run.tally.schedule_window = schedule_window(steps)
+    data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve)
+    runtime = run.runtime
     start = run.restore() if resume else 0
     if not resume:
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
@@ -156,6 +131,42 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
             run.tb.close()
     hooks.on_end(summary)
     return summary
+
+
+def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_overrides: dict[str, Any] | None,
+           plan_info: dict[str, Any] | None, solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None
+           ) -> tuple[DataBundle, dict[str, Any], _Run, int, dict[str, Any] | None]:
+    """Everything before the first step: checks, seeding, data, the target's plan, the run dir, the
+    model, runtime and planner. Returns the data and its config, the run, its length in steps, and
+    the plan's description."""
+    if cfg.output.tensorboard and comm.is_main:
+        check_tensorboard()
+    on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
+    if cfg.backend.threads:
+        torch.set_num_threads(cfg.backend.threads)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    data, data_cfg = load_data(cfg)
+    check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
+    if solve is not None:
+        # profiling builds models from the seeded generators; whether it runs (or the cost model is
+        # cached) must not change the run: the seeded state is put back
+        seeded = rng_state()
+        planner_overrides, plan_info = solve()
+        set_rng_state(seeded)
+    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
+    model = build_model(cfg, len(data.classes))
+    runtime = create_runtime(cfg, model, comm=comm.extra)
+    if comm.world_size > 1 and not runtime.capabilities.data_parallel:
+        raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
+    if comm.is_main and hasattr(runtime, "bind_run_dir"):
+        runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
+    planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
+                            world_size=comm.world_size)
+    steps = total_steps(cfg, len(data.train))
+    run = _Run(cfg, run_dir, comm, runtime, planner)
+    run.tally.schedule_window = schedule_window(steps)
+    return data, data_cfg, run, steps, plan_info
 
 
 class _Run:
