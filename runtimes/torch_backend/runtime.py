@@ -151,24 +151,10 @@ class TorchRuntime:
         self.model = model.to(self.device)
         self.timm_model = _timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
-        self.patch.control.fuse = bool(fuse_tokens)
-        check_token_choice(token_select, token_score)
-        self.patch.control.select = token_select
-        self.patch.control.score = token_score
-        # token draws from their own generator, saved with the state: a resumed run draws as the original
-        self.token_rng = torch.Generator(device=self.device)
-        self.token_rng.manual_seed(int(seed) + 7919 * int(getattr(comm, "rank", 0)))
-        self.patch.control.generator = self.token_rng
+        self._choose_tokens(fuse_tokens, token_select, token_score, seed)
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
-        stem = embedding_parameters(self.timm_model)  # one autograd pass over the stem
-        if freeze_embeddings:
-            for p in stem:
-                p.requires_grad_(False)
-        self.embed_params = [p for p in stem if p.requires_grad]
-        self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
-        in_blocks = {id(p) for ps in self.block_params for p in ps}
-        self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
+        self._group_parameters(freeze_embeddings)
         if comm is not None:
             comm.broadcast_parameters(list(self.model.parameters()))
         self.optimizer = make_optimizer(self.model, lr, weight_decay, self.device)
@@ -181,6 +167,29 @@ class TorchRuntime:
         self._full_step_flops: dict[int, float] = {}  # by batch size: shapes alone decide the count
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _choose_tokens(self, fuse: bool, select: str, score: str, seed: int) -> None:
+        """How dropping blocks pick and keep their tokens (``policy.fuse_tokens``, ``token_select``,
+        ``token_score``); the draws come from the runtime's own generator, saved with its state, so a
+        resumed run draws as the original did."""
+        check_token_choice(select, score)
+        ctl = self.patch.control
+        ctl.fuse, ctl.select, ctl.score = bool(fuse), select, score
+        self.token_rng = torch.Generator(device=self.device)
+        self.token_rng.manual_seed(int(seed) + 7919 * int(getattr(self.comm, "rank", 0)))
+        ctl.generator = self.token_rng
+
+    def _group_parameters(self, freeze_embeddings: bool) -> None:
+        """The trainable parameters by where they live: the embeddings (none if frozen), each block's,
+        and the rest (head, final norm); a step sets ``requires_grad`` per group."""
+        stem = embedding_parameters(self.timm_model)  # one autograd pass over the stem
+        if freeze_embeddings:
+            for p in stem:
+                p.requires_grad_(False)
+        self.embed_params = [p for p in stem if p.requires_grad]
+        self.block_params = [[p for p in blk.parameters() if p.requires_grad] for blk in self.patch.blocks]
+        in_blocks = {id(p) for ps in self.block_params for p in ps}
+        self.other_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_blocks]
 
     # -- training --------------------------------------------------------------------------
     def _set_trained(self, budget: Budget) -> bool:
