@@ -43,8 +43,8 @@ from alast.planning.measure import (
 from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
+from runtimes.torch_backend.params import embedding_parameters
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
-from runtimes.torch_backend.runtime import embedding_parameters
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
 
@@ -294,7 +294,7 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
     model = create_model(name, num_classes, pretrained=False, img_size=img_size)  # costs need no weights
     check_patchable(model)  # a model ALaST cannot drive is refused before profiling trips over it
     if lora is not None:
-        from runtimes.torch_backend.runtime import apply_lora
+        from runtimes.torch_backend.params import apply_lora
 
         model = apply_lora(model, **lora)
     size = int(_timm(model).patch_embed.img_size[0])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..token_schedule import selection_hooks
-from ..torch_backend.runtime import embedding_parameters
+from ..torch_backend.params import embedding_parameters
 from ..torch_backend.tokens import summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)

@@ -36,7 +36,7 @@ from planners.rules import reduce_deltas
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
-from ..torch_backend.runtime import embedding_parameters
+from ..torch_backend.params import embedding_parameters
 from ..torch_backend.tokens import check_token_choice
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph

@@ -16,6 +16,7 @@ from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
 from .memory import default_memory_probe, frozen_aware_mem_tracker
+from .params import apply_lora, embedding_parameters, is_adapter, make_optimizer, timm_model
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .tokens import check_token_choice
@@ -27,60 +28,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("backend.device=cuda but no CUDA device is visible; use backend.device=cpu")
     return torch.device(name)
-
-
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters on ``targets``; the head stays fully trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ValueError(f"LoRA target(s) {missing} not found in the model; e.g. qkv, proj, fc1, fc2")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                     modules_to_save=["head"])
-    return get_peft_model(model, cfg)
-
-
-def _timm_model(model: nn.Module) -> nn.Module:
-    """The timm VisionTransformer inside a (possibly peft-wrapped) model."""
-    base = getattr(model, "base_model", None)
-    return base.model if base is not None and hasattr(base, "model") else model
-
-
-def _is_adapter(param: nn.Parameter, model: nn.Module) -> bool:
-    names = getattr(model, "_alast_adapter_ids", None)
-    if names is None:
-        names = {id(p) for n, p in model.named_parameters() if "lora_" in n}
-        model._alast_adapter_ids = names
-    return id(param) in names
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    skip = set(getattr(_timm_model(model), "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        short = name.split("base_model.model.", 1)[-1]
-        (no_decay if p.ndim <= 1 or short in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
-    """Every parameter outside the blocks that feeds block 0 of a timm ViT: the patch embedding, the
-    class, register and distillation tokens, the position embedding, a pre-norm. With them frozen,
-    autograd stops at the lowest trained block. Found by autograd on one blank image, so a model
-    with a stem parameter of its own is covered too."""
-    in_blocks = {id(p) for p in vit.blocks.parameters()}
-    outside = [p for p in vit.parameters() if id(p) not in in_blocks]
-    ref = next(vit.parameters())
-    in_chans = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
-    x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
-    with grad_flags_restored(outside, set_to=True), torch.enable_grad():
-        stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-        grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
-    return [p for p, g in zip(outside, grads) if g is not None]
 
 
 def _compile_seconds() -> float:
@@ -99,15 +46,6 @@ def resolve_observe_lag(setting: str | bool, device: torch.device) -> bool:
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"backend.sync_free must be auto, on or off, got {setting!r}")
     return device.type == "cuda" if setting == "auto" else setting == "on"
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
-    """AdamW; on CUDA the fused kernel (one launch for all parameters instead of several per
-    tensor group), which needs floating-point parameters on the device."""
-    groups = _param_groups(model, weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    fused = device.type == "cuda" and all(p.is_floating_point() and p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 class TorchRuntime:
@@ -149,7 +87,7 @@ class TorchRuntime:
         if lora is not None:
             model = apply_lora(model, **lora)
         self.model = model.to(self.device)
-        self.timm_model = _timm_model(self.model)
+        self.timm_model = timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
         self._choose_tokens(fuse_tokens, token_select, token_score, seed)
         self.num_blocks = self.patch.num_blocks
@@ -238,10 +176,7 @@ class TorchRuntime:
         and deltas stay on the device until :meth:`PendingStep.resolve`, one step later.
         """
         lag = self.observe_lag
-        if lag and self.device.type == "cuda" and not images.is_pinned():
-            images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        images, labels = self._to_device(images, labels)
         tokens_in, tokens_out = kept_token_counts(budget.keep_ratios, self.num_patches, budget.min_tokens,
                                                   self.token_multiple)
         keep = tuple(o if o < i else None for i, o in zip(tokens_in, tokens_out))
@@ -269,11 +204,7 @@ class TorchRuntime:
                     raise NonFiniteLoss(step, float(loss.detach()))
                 loss.backward()
             deltas = torch.stack([d if d is not None else torch.zeros_like(ctl.deltas[0]) for d in ctl.deltas])
-            self._reduce_gradients(budget)
-            if self.grad_clip:
-                params = [p for p in self.model.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.optimizer.step()
+            self._update(budget)
         if counting:
             flops = self._flops.record(fc, flop_keys)
         if not lag:
@@ -287,6 +218,19 @@ class TorchRuntime:
                       embeddings_trained=embeddings,
                       batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
         return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s)
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observe_lag and self.device.type == "cuda" and not images.is_pinned():
+            images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _update(self, budget: Budget) -> None:
+        """The optimizer step on this step's gradients: reduced across ranks, clipped."""
+        self._reduce_gradients(budget)
+        if self.grad_clip:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
 
     def _reduce_gradients(self, budget: Budget) -> None:
         if self.comm is None:
@@ -343,7 +287,7 @@ class TorchRuntime:
             x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
             for p in params:
                 if p.is_floating_point():
-                    p.requires_grad_(not _is_adapter(p, self.model) if no_adapters else True)
+                    p.requires_grad_(not is_adapter(p, self.model) if no_adapters else True)
             self.model.train()
             with adapters_off, counter() as fc, self._autocast():
                 self.model(x).float().sum().backward()

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from alast_cli.main import cli
 from planners import Budget
-from runtimes.torch_backend.runtime import TorchRuntime, embedding_parameters
+from runtimes.torch_backend.params import embedding_parameters
+from runtimes.torch_backend.runtime import TorchRuntime
 from tests.conftest import make_tiny_vit
 
 TRAIN = ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.threads=1",

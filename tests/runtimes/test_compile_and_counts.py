@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from planners import Budget, kept_token_counts
-from runtimes.torch_backend.runtime import TorchRuntime, make_optimizer
+from runtimes.torch_backend.params import make_optimizer
+from runtimes.torch_backend.runtime import TorchRuntime
 from tests.conftest import make_tiny_vit
 
 

@@ -131,7 +131,7 @@ def test_a_step_that_freezes_the_embeddings_stops_its_backward_at_the_lowest_tra
     and as the cost model predicts it) does not reach the blocks below."""
     from alast.planning.profile import profile_model
     from planners.simulate import StepShape, step_cost
-    from runtimes.torch_backend.runtime import embedding_parameters
+    from runtimes.torch_backend.params import embedding_parameters
 
     x, y = batch
     rt = make_runtime()
