@@ -9,24 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import rules
+from .checks import check_alast, check_early, check_k, check_multiple, check_spare
 from .costmodel import CostModel
 from .projection import TargetProjection
 from .registry import PlannerError, register_planner
 from .simulate import StepShape, step_cost
 from .types import Budget, Observation
-
-
-def _check_multiple(token_multiple: int) -> int:
-    if int(token_multiple) < 1:
-        raise PlannerError(f"token_multiple must be >= 1, got {token_multiple}")
-    return int(token_multiple)
-
-
-def _check_k(k: int | None, num_blocks: int, freeze_mode: str = "sample") -> int:
-    k = rules.default_k_trained(num_blocks, freeze_mode) if k is None else int(k)
-    if not 1 <= k <= num_blocks:
-        raise PlannerError(f"k_trained must be between 1 and {num_blocks} (the model depth), got {k}")
-    return k
 
 
 class _Stateless:
@@ -74,7 +62,7 @@ class _KBlocks(_Stateless):
     def __init__(self, num_blocks: int, k_trained: int | None = None, min_tokens: int = 1,
                  seed: int = 0) -> None:
         super().__init__(num_blocks, min_tokens, seed)
-        self.k_trained = _check_k(k_trained, num_blocks)
+        self.k_trained = check_k(k_trained, num_blocks)
 
 
 @register_planner("freeze")
@@ -93,7 +81,7 @@ class TokensPlanner(_Stateless):
     def __init__(self, num_blocks: int, keep_ratio: float | Sequence[float] = 0.8,
                  min_tokens: int = 1, seed: int = 0, token_multiple: int = 1) -> None:
         super().__init__(num_blocks, min_tokens, seed)
-        self.token_multiple = _check_multiple(token_multiple)
+        self.token_multiple = check_multiple(token_multiple)
         ratios = [float(keep_ratio)] * num_blocks if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
         if len(ratios) != num_blocks:
             raise PlannerError(f"keep_ratio has {len(ratios)} entries for {num_blocks} blocks")
@@ -214,16 +202,16 @@ class AlastPlanner:
         early_frac: float = 0.0,
         batch_size: int | None = None,
     ) -> None:
-        _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
+        check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
                      dense_final_frac, rule, gain, ema, target_flops, cost_model)
-        self.k_trained = _check_k(k_trained, num_blocks, freeze_mode)
-        self.early_frac = _check_early(early_frac, dense_final_frac, freeze_mode)
+        self.k_trained = check_k(k_trained, num_blocks, freeze_mode)
+        self.early_frac = check_early(early_frac, dense_final_frac, freeze_mode)
         # the early steps train one block more (none where every block already trains)
         self.k_early = min(num_blocks, self.k_trained + 1) if self.early_frac else self.k_trained
-        self.spare_first, self.spare_early = (_check_spare(spare_first, num_blocks, k, freeze_mode)
+        self.spare_first, self.spare_early = (check_spare(spare_first, num_blocks, k, freeze_mode)
                                               for k in (self.k_trained, self.k_early))
         self.trim_last = bool(trim_last)
-        self.token_multiple = _check_multiple(token_multiple)
+        self.token_multiple = check_multiple(token_multiple)
         self.num_blocks = num_blocks
         self.rule = rule
         self.alpha, self.gain, self.ema = float(alpha), float(gain), float(ema)
@@ -374,59 +362,3 @@ class AlastPlanner:
             self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
                                            tuple(float(r) for r in state["reference"]),
                                            int(state["observations"]))
-
-
-def _check_early(early_frac: float, dense_final_frac: float, freeze_mode: str) -> float:
-    early_frac = float(early_frac)
-    if not 0.0 <= early_frac < 1.0 or early_frac + float(dense_final_frac) >= 1.0:
-        raise PlannerError(f"early_frac must lie in [0, 1) and leave steps after it and the dense final phase "
-                           f"(dense_final_frac={dense_final_frac:g}), got {early_frac}")
-    if early_frac and freeze_mode != "last":
-        raise PlannerError(f"early_frac trains the block below the top k_trained ones: it needs "
-                           f"freeze_mode='last', not {freeze_mode!r}")
-    return early_frac
-
-
-def _check_spare(spare_first: int | str, num_blocks: int, k: int, freeze_mode: str) -> int:
-    """The bottom blocks that keep every token when the top ``k`` train."""
-    try:
-        spare = rules.spared_blocks(spare_first, num_blocks, k, freeze_mode)
-    except ValueError as e:
-        raise PlannerError(str(e)) from None
-    if not 0 <= spare < num_blocks:
-        raise PlannerError(f"spare_first must lie in [0, {num_blocks - 1}] (blocks that keep every token), "
-                           f"got {spare_first}")
-    return spare
-
-
-def _check_alast(num_blocks, alpha, b_init, b_min, b_max, freeze_mode, delta_reduction, min_tokens,
-                 dense_final_frac, rule, gain, ema, target_flops, cost_model) -> None:
-    if not 0.0 <= dense_final_frac < 1.0:
-        raise PlannerError(f"dense_final_frac must lie in [0, 1), got {dense_final_frac}")
-    if not 0.0 < b_min <= b_max <= 1.0:
-        raise PlannerError(f"need 0 < b_min <= b_max <= 1, got b_min={b_min}, b_max={b_max}")
-    if not b_min <= b_init <= b_max:
-        raise PlannerError(f"b_init={b_init} must lie in [b_min, b_max] = [{b_min}, {b_max}]")
-    if rule not in ("normalized", "paper"):
-        raise PlannerError(f"rule must be 'normalized' or 'paper', got {rule!r}")
-    if alpha < 0:
-        raise PlannerError(f"alpha must be >= 0, got {alpha}")
-    if gain < 0:
-        raise PlannerError(f"gain must be >= 0, got {gain}")
-    if not 0.0 <= ema < 1.0:
-        raise PlannerError(f"ema must lie in [0, 1), got {ema}")
-    if freeze_mode not in ("sample", "topk", "last"):
-        raise PlannerError(f"freeze_mode must be 'sample', 'topk' or 'last', got {freeze_mode!r}")
-    if delta_reduction not in ("mean", "sum"):
-        raise PlannerError(f"delta_reduction must be 'mean' or 'sum', got {delta_reduction!r}")
-    if min_tokens < 1:
-        raise PlannerError(f"min_tokens must be >= 1, got {min_tokens}")
-    if target_flops is not None:
-        if not target_flops > 0:
-            raise PlannerError(f"target_flops must be > 0 (a fraction of full fine-tuning), got {target_flops}")
-        if cost_model is None:
-            raise PlannerError("target_flops needs the model's cost model: "
-                               "create_planner('alast', num_blocks, cost_model=cm, target_flops=...)")
-    if cost_model is not None and cost_model.num_blocks != num_blocks:
-        raise PlannerError(f"cost model {cost_model.model!r} has {cost_model.num_blocks} blocks, "
-                           f"the model has {num_blocks}")
