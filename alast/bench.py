@@ -95,6 +95,8 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
     """Run ``plan`` (a ``full@matched`` run right after each alast run when ``plan.matched``); write
     ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over targets)
     under ``plan.out``; return what ``results.json`` holds."""
+    if plan.targets is None and solve_target is not None:
+        _solve_up_front(plan, solve_target)
     plan.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     total = len(plan.runs) + (sum(r.policy == "alast" for r in plan.runs) if plan.matched else 0)
@@ -117,6 +119,26 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
     table = aggregate(results, plan.rows)
     write_outputs(plan, results, table)
     return table
+
+
+def _solve_up_front(plan: BenchPlan, solve_target: Solver) -> None:
+    """Solve each policy's FLOPs target before the first run trains, so a target out of a policy's
+    reach fails the bench at once, not after the runs before it (each run solves again once its
+    data is loaded, from the cached cost model). As in a run, a batch the data cannot fill is
+    refused first, before the solver profiles the model."""
+    from alast.data import check_batch_size
+    from alast.training.build import load_data
+
+    solved: set[str] = set()
+    for spec in plan.runs:
+        if not spec.solve or spec.policy in solved:
+            continue
+        cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(), spec.target,
+                            spec.steps)
+        if not solved:
+            check_batch_size(len(load_data(cfg)[0].train), cfg.train.batch_size, 1)
+        solve_target(cfg)
+        solved.add(spec.policy)
 
 
 def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int,

@@ -69,3 +69,14 @@ def test_aggregate_means_and_ratios():
     a = t["policies"]["alast"]
     assert a["train_flops_ratio"] == 0.4 and a["peak_memory_bytes_ratio"] == 0.5 and a["speedup_vs_full"] == 2.0
     assert abs(a["speedup_share_of_flop_bound"] - 0.8) < 1e-12
+
+
+def test_a_target_out_of_a_policys_reach_fails_the_bench_before_any_run(tmp_path):
+    """Full fine-tuning runs first (seed 0's order); the alast target it cannot reach must stop the
+    bench before that run trains, not after it."""
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--batch-size", "2",
+                                   "--set", "backend.threads=1", "--set", "backend.token_multiple=32",
+                                   "--target-flops", "0.35", "--out", str(out)])
+    assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.stderr
+    assert not (out / "runs").exists() and not (out / "raw.jsonl").exists()
