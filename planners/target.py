@@ -282,7 +282,9 @@ class _AlastRun:
 def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     """K as the closed form says (the fewest blocks trained with all tokens at or above the target),
     then a per-step ``target_flops`` the planner projects its budgets onto, lowered for the sparse
-    steps when the dense final phase costs more, so the run's total lands on ``target``."""
+    steps when the dense final phase costs more, so the run's total lands on ``target``. Where the
+    early steps, held to the others' memory, leave more than the other sparse steps can spend with
+    every token, one block more trains."""
     run = _AlastRun.create(cm, full, options)
     k = run.choose_k(target)
     if run.total(BUDGET_FLOOR, k) > target * (1 + TARGET_TOLERANCE):
@@ -293,6 +295,31 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
                           f"(policy.early_frac={run.early_frac:g}): training k_trained+1={min(cm.num_blocks, k + 1)} "
                           f"blocks costs {run.early_floor(k):.3f}x per step at the floor, above the "
                           f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
+    fits = [_fit(run, cm, full, target, k, options)]
+    while fits[-1][1] < target * (1 - TARGET_TOLERANCE) and k < cm.num_blocks and (run.early or run.inter):
+        k += 1
+        fits.append(_fit(run, cm, full, target, k, options))
+    knobs, predicted, ratios, early_ratios, phase = min(reversed(fits), key=lambda f: _miss(f[1], target))
+    k = knobs["k_trained"]
+    # the run's total with every sparse and early step at the cheapest (dearest) step simulated
+    steps = ratios + early_ratios
+    lo, hi = ((1.0 - run.dense) * r + phase for r in (min(steps), max(steps)))
+    if _miss(predicted, target) > TARGET_TOLERANCE:
+        tm, early = run.token_multiple, run.early
+        hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"
+                + (f", or a smaller backend.token_multiple (now {tm})" if tm > 1 else "")
+                + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their activation memory to the "
+                   "others' by dropping tokens)" if early and _mean(early_ratios) < 0.95 * _mean(ratios) else ""))
+        raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
+                          f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens or "
+                          f"steps to divide finer); {hint}")
+    return TargetSolution(policy, target, knobs, predicted, (lo, hi))
+
+
+def _fit(run: _AlastRun, cm: CostModel, full: float, target: float, k: int, options: dict[str, Any]
+         ) -> tuple[dict[str, Any], float, list[float], list[float], float]:
+    """The knobs with ``k`` trained blocks whose simulated run lands nearest ``target``: their
+    predicted ratio, the sparse and early steps' simulated ratios, the dense phase's share."""
     knobs = {"k_trained": k, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": run.min_tokens, "trim_last": run.trim}
@@ -306,6 +333,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         knobs["target_flops"] = knob(sparse_target)
         return run.predict(k, knobs)
 
+    sparse_target = (target - run.phase_cost(k)) / (1.0 - run.dense)
     predicted, ratios, early_ratios, phase = predict(sparse_target)
     if run.early or run.inter:
         # The early steps (and the interleaved ones) peak no higher in memory than the others, so they
@@ -323,19 +351,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
             points.append((sparse_target, *predict(sparse_target)))
         sparse_target, predicted, ratios, early_ratios, phase = min(reversed(points), key=lambda p: _miss(p[1], target))
         knobs["target_flops"] = knob(sparse_target)
-    # the run's total with every sparse and early step at the cheapest (dearest) step simulated
-    steps = ratios + early_ratios
-    lo, hi = ((1.0 - run.dense) * r + phase for r in (min(steps), max(steps)))
-    if _miss(predicted, target) > TARGET_TOLERANCE:
-        tm, early = run.token_multiple, run.early
-        hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"
-                + (f", or a smaller backend.token_multiple (now {tm})" if tm > 1 else "")
-                + (f", or set policy.early_frac=0 (its {early:.0%} of the steps hold their activation memory to the "
-                   "others' by dropping tokens)" if early and _mean(early_ratios) < 0.95 * _mean(ratios) else ""))
-        raise TargetError(f"policy {policy!r} cannot get within {TARGET_TOLERANCE:.0%} of {target:g}x full FLOPs "
-                          f"with k_trained={k}: projecting the budgets gives {predicted:.3f}x (too few tokens or "
-                          f"steps to divide finer); {hint}")
-    return TargetSolution(policy, target, knobs, predicted, (lo, hi))
+    return knobs, predicted, ratios, early_ratios, phase
 
 
 def _mean(values: list[float]) -> float:

@@ -358,3 +358,18 @@ def test_the_secant_on_coarse_token_counts_keeps_the_nearest_point(target):
                              dense_final_frac=0.3, batch_size=64, **sol.knobs)
     total = sum(step_ratio(cm, planner.plan(s, s / 300)) for s in range(300)) / 300
     assert total == pytest.approx(sol.predicted_ratio, rel=1e-6)  # the knobs are the chosen point's
+
+
+def test_where_the_early_steps_leave_more_than_every_token_can_spend_one_block_more_trains():
+    """16 patch tokens and the embeddings frozen (as with LoRA): the early steps, held to the others'
+    peak, leave more FLOPs than the closed form's K blocks can spend on every token in the other
+    sparse steps. The solver trains more blocks instead of refusing, and the run lands on the target."""
+    from planners.target import _AlastRun
+
+    cm = synthetic_cost_model(num_blocks=8, num_patches=16, embed_trainable=False, select_inside=True)
+    options = {"min_tokens": 1, "freeze_mode": "last", "early_frac": 0.3, "dense_final_frac": 0.3, "batch_size": 16}
+    sol = solve_target(cm, "alast", 0.6, {**options, "steps": 100})
+    assert sol.knobs["k_trained"] > _AlastRun.create(cm, full_step_flops(cm), {**options, "steps": 100}).choose_k(0.6)
+    planner = create_planner("alast", 8, cost_model=cm, seed=0, **{**options, **sol.knobs})
+    total = statistics.mean(step_ratio(cm, planner.plan(s, s / 100)) for s in range(100))
+    assert total == pytest.approx(0.6, rel=0.05) and sol.predicted_ratio == pytest.approx(total, rel=0.02)
