@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .costmodel import CostModel
 from .projection import BUDGET_FLOOR
@@ -295,11 +295,11 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
                           f"(policy.early_frac={run.early_frac:g}): training k_trained+1={min(cm.num_blocks, k + 1)} "
                           f"blocks costs {run.early_floor(k):.3f}x per step at the floor, above the "
                           f"{sparse_target:.3f}x the sparse steps may spend; lower early_frac or set it to 0")
-    fits = [_fit(run, cm, full, target, k, options)]
-    while fits[-1][1] < target * (1 - TARGET_TOLERANCE) and k < cm.num_blocks and (run.early or run.inter):
+    fits = [_fit(run, target, k)]
+    while fits[-1].predicted < target * (1 - TARGET_TOLERANCE) and k < cm.num_blocks and (run.early or run.inter):
         k += 1
-        fits.append(_fit(run, cm, full, target, k, options))
-    knobs, predicted, ratios, early_ratios, phase = min(reversed(fits), key=lambda f: _miss(f[1], target))
+        fits.append(_fit(run, target, k))
+    knobs, predicted, ratios, early_ratios, phase = min(reversed(fits), key=lambda f: _miss(f.predicted, target))
     k = knobs["k_trained"]
     # the run's total with every sparse and early step at the cheapest (dearest) step simulated
     steps = ratios + early_ratios
@@ -316,18 +316,26 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     return TargetSolution(policy, target, knobs, predicted, (lo, hi))
 
 
-def _fit(run: _AlastRun, cm: CostModel, full: float, target: float, k: int, options: dict[str, Any]
-         ) -> tuple[dict[str, Any], float, list[float], list[float], float]:
-    """The knobs with ``k`` trained blocks whose simulated run lands nearest ``target``: their
-    predicted ratio, the sparse and early steps' simulated ratios, the dense phase's share."""
+class _Fit(NamedTuple):
+    """Knobs for one K, and their simulated run (see :meth:`_AlastRun.predict`)."""
+
+    knobs: dict[str, Any]
+    predicted: float
+    ratios: list[float]
+    early_ratios: list[float]
+    phase: float
+
+
+def _fit(run: _AlastRun, target: float, k: int) -> _Fit:
+    """The knobs with ``k`` trained blocks whose simulated run lands nearest ``target``."""
+    cm, options = run.cm, run.options
+    own = full_step_flops(cm)  # the planner measures against its own cost model's full step
     knobs = {"k_trained": k, "b_init": float(options.get("b_init", B_INIT)),
              "b_min": float(options.get("b_min", B_MIN)), "b_max": float(options.get("b_max", B_MAX)),
              "min_tokens": run.min_tokens, "trim_last": run.trim}
 
-    def knob(sparse_target: float) -> float:
-        # the planner measures against its own cost model's full step (the LoRA variant's, with LoRA)
-        own = full_step_flops(cm)
-        return sparse_target if full == own else sparse_target * full / own
+    def knob(sparse_target: float) -> float:  # with LoRA the planner's own full step is the LoRA variant's
+        return sparse_target if run.full == own else sparse_target * run.full / own
 
     def predict(sparse_target: float) -> tuple[float, list[float], list[float], float]:
         knobs["target_flops"] = knob(sparse_target)
@@ -351,7 +359,7 @@ def _fit(run: _AlastRun, cm: CostModel, full: float, target: float, k: int, opti
             points.append((sparse_target, *predict(sparse_target)))
         sparse_target, predicted, ratios, early_ratios, phase = min(reversed(points), key=lambda p: _miss(p[1], target))
         knobs["target_flops"] = knob(sparse_target)
-    return knobs, predicted, ratios, early_ratios, phase
+    return _Fit(knobs, predicted, ratios, early_ratios, phase)
 
 
 def _mean(values: list[float]) -> float:
