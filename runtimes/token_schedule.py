@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .torch_backend.params import timm_model
 from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
 
 
@@ -29,8 +30,7 @@ def head_reads_prefix(model: nn.Module) -> bool:
     DINOv2): then the last block's patch tokens are never read."""
     from timm.models.vision_transformer import VisionTransformer
 
-    base = getattr(model, "base_model", None)  # a peft-wrapped model
-    vit = base.model if base is not None and hasattr(base, "model") else model
+    vit = timm_model(model)  # inside a peft wrapper
     if not isinstance(vit, VisionTransformer) or getattr(vit, "attn_pool", None) is not None:
         return False
     own_head = all(getattr(type(vit), f) is getattr(VisionTransformer, f) for f in ("forward_head", "pool"))

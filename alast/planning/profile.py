@@ -43,7 +43,7 @@ from alast.planning.measure import (
 from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
-from runtimes.torch_backend.params import embedding_parameters
+from runtimes.torch_backend.params import embedding_parameters, timm_model
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
@@ -213,11 +213,6 @@ def token_counts(num_patches: int, num_prefix: int) -> list[int]:
     return sorted(pts)
 
 
-def _timm(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    return base.model if base is not None and hasattr(base, "model") else model
-
-
 def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str, Any] | None = None,
                   device: str = "cpu") -> CostModel:
     """Cost model of an instantiated timm ViT (possibly wrapped by peft LoRA), trained on ``device``."""
@@ -227,7 +222,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         warnings.simplefilter("ignore", FutureWarning)
         import fvcore
 
-    vit = _timm(model)
+    vit = timm_model(model)
     vit.train()
     dim = int(vit.embed_dim)
     num_prefix = int(vit.num_prefix_tokens)
@@ -297,7 +292,7 @@ def _profile_cached(name: str, img_size: int | None, num_classes: int, lora_key:
         from runtimes.torch_backend.params import apply_lora
 
         model = apply_lora(model, **lora)
-    size = int(_timm(model).patch_embed.img_size[0])
+    size = int(timm_model(model).patch_embed.img_size[0])
     with torch.random.fork_rng():
         cm = profile_model(model, name, img_size=size, lora=lora, device=device)
     profile_cache.write(key, cm)
