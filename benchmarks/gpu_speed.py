@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     targets = [float(t) for t in args.targets.split(",") if t]
     policies = [("full", None), ("alast@1.0", None)] + [(f"alast@{t:g}", t) for t in targets]
     rows, solved = [], {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for compiled in compiles:
@@ -214,9 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     rows.append(measure(model, batch, compiled, policy, target, args, solved))
                     print(f"  {model} b{batch} compile={compiled} {policy}: "
                           f"{rows[-1]['window_step_ms']:.1f} ms", file=sys.stderr, flush=True)
-    add_ratios(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+                    add_ratios(rows)  # rewritten after every row: a grid stopped part-way keeps its rows
+                    args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     print(f"wrote {args.out}")
     return rows

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU work in one command, sized for a short lease on one GPU:
+#   1. a check of the CUDA paths (seconds; stops the job at the first failure),
+#   2. pre-training of the 12-block backbone (examples/pretrain_vit12_backbone.py, MINUTES of training),
+#   3. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
+#      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come).
+# Everything lands in OUT_DIR: the backbone's weights and record, the grids' JSON, and nothing else.
+#
+#   bash benchmarks/gpu_job.sh OUT_DIR                 # on a CUDA machine: about 9 minutes
+#   DEVICE=cpu QUICK=1 bash benchmarks/gpu_job.sh DIR  # the same steps, tiny, on the CPU (a dry run)
+set -uo pipefail
+OUT_DIR=${1:?usage: bash benchmarks/gpu_job.sh OUT_DIR}
+DEVICE=${DEVICE:-cuda}
+MINUTES=${MINUTES:-4.5}          # pre-training loop's wall clock
+DEADLINE_S=${DEADLINE_S:-520}    # the whole job ends by then (the speed grids are cut there)
+PY=${PYTHON:-python3}
+START=$(date +%s)
+mkdir -p "$OUT_DIR"
+left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
+upto() { local s=$(($(left) - $1)); echo $((s > 1 ? s : 1)); }  # seconds left, less a reserve
+
+if [[ -n "${QUICK:-}" ]]; then
+  PRE=(--steps 4 --batch-size 16 --classes 10 --eval-size 20 --log-every 2)
+  GRID=(--models alast_demo_vit --batches 8 --steps 2 --warmup 1 --precision fp32)
+  COMPILED=(--models alast_demo_vit --batches 8 --steps 2 --warmup 2 --precision fp32)
+else
+  PRE=(--minutes "$MINUTES" --log-every 1000)
+  GRID=(--models vit_base_patch16_224,deit_small_patch16_224 --batches 256,64 --steps 8 --warmup 4)
+  COMPILED=(--models vit_base_patch16_224 --batches 256 --steps 8 --warmup 6)
+fi
+
+echo "== check ($(date -u +%T))"
+[[ $DEVICE == cuda ]] && { nvidia-smi -L || exit 1; }
+$PY -c "import torch, timm, pydantic, fvcore, safetensors; print('torch', torch.__version__, 'timm', timm.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+CHECK=$(mktemp -d)
+$PY examples/pretrain_vit12_backbone.py --device "$DEVICE" --steps 3 --batch-size 16 --classes 10 --eval-size 20 \
+  --log-every 2 --out "$CHECK/w.safetensors" || exit 1
+$PY benchmarks/gpu_speed.py --device "$DEVICE" --models alast_demo_vit --batches 8 --steps 2 --warmup 1 \
+  --compile off --targets 0.5 --precision fp32 --out "$CHECK/speed.json" || exit 1
+
+echo "== pre-training ($(date -u +%T), $(left) s left)"
+$PY examples/pretrain_vit12_backbone.py --device "$DEVICE" "${PRE[@]}" --out "$OUT_DIR/alast_vit12_fdsl.safetensors" \
+  || exit 1
+
+echo "== speed grid, eager ($(date -u +%T), $(left) s left)"
+timeout "$(upto 60)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${GRID[@]}" --compile off \
+  --out "$OUT_DIR/gpu_speed_eager.json"
+echo "== speed grid, compiled ($(date -u +%T), $(left) s left)"
+timeout "$(upto 0)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${COMPILED[@]}" --compile on \
+  --out "$OUT_DIR/gpu_speed_compiled.json"
+echo "== done ($(date -u +%T), $(($(date +%s) - START)) s)"
