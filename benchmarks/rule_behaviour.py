@@ -26,13 +26,13 @@ import torch  # noqa: E402
 
 from alast.config import load_config  # noqa: E402
 from alast.data import build_data  # noqa: E402
-from alast.models import DEMO_MODEL, create_model  # noqa: E402
+from alast.models import DEMO_MODEL, SHIPPED_MODELS, create_model  # noqa: E402
 from alast.training.build import model_data_config  # noqa: E402
 from planners import Observation, create_planner  # noqa: E402
 from runtimes.token_schedule import head_reads_prefix  # noqa: E402
 from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
 
-SHIPPED = {DEMO_MODEL}
+SHIPPED = set(SHIPPED_MODELS)  # the backbones alast ships start from their weights, timm models at random
 IMG_SIZE = {"vit_small_patch14_reg4_dinov2": 224}  # 518 px by default: too slow for a CPU check
 
 
