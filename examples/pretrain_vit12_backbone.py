@@ -3,12 +3,14 @@
 Every step draws fresh fractal images of 1,000 IFS classes (alast/data/formula.py) on the device: no
 natural image, no download. The backbone (without ``head.*``) goes to ``--out`` as fp16 safetensors,
 with a JSON record next to it. The learning rate follows warm-up + cosine over the run's progress,
-the larger of step/--steps and elapsed/--minutes, so a run fits a fixed GPU slot. One H100/H200:
-    python examples/pretrain_vit12_backbone.py --device cuda --minutes 8
+the larger of step/--steps and elapsed/--minutes, so a run fits a fixed GPU slot. The shipped weights
+come from one H200 in 4.5 minutes (3,290 steps of 1,024 images at 112 px, 96.5% held-out on the 1,000
+classes; record alast/assets/alast_vit12_fdsl.json; `bash benchmarks/gpu_job.sh OUT` ran it):
+    python examples/pretrain_vit12_backbone.py --device cuda --minutes 4.5
 Without a GPU, most of the run can see smaller images (--img-size 56: 7x7 = 49 patch tokens, about
 3.5x more images a second on two CPU cores); the position embedding stays a 14x14 grid, resampled on
-the fly, and the last --full-res-frac of the run trains at 112 px, the size the backbone is fine-tuned at. The shipped
-weights come from two CPU cores (78.6% held-out on the 256 classes; record alast/assets/alast_vit12_fdsl.json):
+the fly, and the last --full-res-frac of the run trains at 112 px, the size the backbone is fine-tuned
+at. The backbone shipped before came from two CPU cores this way (78.6% held-out on 256 classes):
     python examples/pretrain_vit12_backbone.py --device cpu --minutes 45 --img-size 56 --full-res-frac 0.15 \
         --batch-size 64 --lr 5e-4 --classes 256 --eval-size 1024 --log-every 500
 CPU smoke check (seconds): ... --smoke --out /tmp/vit12.safetensors
