@@ -25,9 +25,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alast.models import create_model  # noqa: E402
-from benchmarks.gpu_speed import CLASSES, policy_config, planner_for, run_steps  # noqa: E402
-from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
+from alast.models import create_model
+from benchmarks.gpu_speed import CLASSES, planner_for, policy_config, run_steps
+from runtimes.torch_backend.runtime import TorchRuntime
 
 TOP = 15
 
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _ops(prof, key: str) -> list[dict[str, Any]]:
     """The ``TOP`` ops by ``key`` ('self_device_time_total' or 'self_cpu_time_total'), microseconds."""
-    rows = [dict(op=e.key, calls=e.count, self_device_us=getattr(e, "self_device_time_total", 0.0),
-                 self_cpu_us=e.self_cpu_time_total) for e in prof.key_averages()]
+    rows = [{"op": e.key, "calls": e.count, "self_device_us": getattr(e, "self_device_time_total", 0.0),
+             "self_cpu_us": e.self_cpu_time_total} for e in prof.key_averages()]
     field = "self_device_us" if key == "self_device_time_total" else "self_cpu_us"
     return sorted(rows, key=lambda r: -r[field])[:TOP]
 
@@ -85,12 +85,12 @@ def measure(policy: str, target: float | None, args: argparse.Namespace) -> dict
         run_steps(rt, planner, x, y, args.warmup + args.steps, args.steps, total)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
-    row = dict(model=args.model, batch=args.batch, precision=args.precision, policy=policy, target=target,
-               token_select=cfg.policy.token_select, steps=args.steps,
-               host_launch_ms=1000 * statistics.median(launch_s),
-               device_step_ms=1000 * statistics.median(r.step_time_s for r in results),
-               kept_tokens=list(results[-1].kept_tokens),
-               top_device_ops=_ops(prof, "self_device_time_total"), top_host_ops=_ops(prof, "self_cpu_time_total"))
+    row = {"model": args.model, "batch": args.batch, "precision": args.precision, "policy": policy, "target": target,
+           "token_select": cfg.policy.token_select, "steps": args.steps,
+           "host_launch_ms": 1000 * statistics.median(launch_s),
+           "device_step_ms": 1000 * statistics.median(r.step_time_s for r in results),
+           "kept_tokens": list(results[-1].kept_tokens),
+           "top_device_ops": _ops(prof, "self_device_time_total"), "top_host_ops": _ops(prof, "self_cpu_time_total")}
     print(f"{policy:<10} launch {row['host_launch_ms']:.1f} ms (host)  step {row['device_step_ms']:.1f} ms (device)")
     for title, ops, field in (("device", row["top_device_ops"], "self_device_us"), ("host", row["top_host_ops"], "self_cpu_us")):
         print(f"  top {title} self time over {args.steps} steps:")

@@ -27,3 +27,46 @@ def test_gpu_speed_grid_on_cpu(tmp_path):
     assert full["flops_ratio"] == 1.0 and full["speedup_vs_full"] == 1.0
     assert machinery["flops_ratio"] == 1.0  # every keep ratio 1, every block trained
     assert 0.3 < target["flops_ratio"] < 0.7  # solved for 0.5 of full fine-tuning
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_grid_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    bench = _load("gpu_speed")
+    measured = []
+
+    def measure(model, batch, compiled, policy, target, args, solved):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # as a job's deadline would stop it
+        measured.append(policy)
+        return {"model": model, "batch": batch, "precision": "fp32", "compile": compiled, "policy": policy,
+                "window_step_ms": 10.0 * len(measured), "flops_ratio": 1.0}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    out = tmp_path / "grid.json"
+    try:
+        bench.main(["--device", "cpu", "--models", "alast_demo_vit", "--batches", "2", "--compile", "off",
+                    "--out", str(out)])
+    except KeyboardInterrupt:
+        pass
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["full", "alast@1.0"]
+    assert rows[1]["speedup_vs_full"] == 0.5
+
+
+def test_gpu_profile_times_launch_and_step_and_names_the_top_ops_on_cpu(tmp_path):
+    prof = _load("gpu_profile")
+    out = tmp_path / "profile.json"
+    prof.main(["--device", "cpu", "--model", "alast_demo_vit", "--batch", "2", "--steps", "1", "--warmup", "1",
+               "--precision", "fp32", "--out", str(out)])
+    full, alast = json.loads(out.read_text())
+    assert (full["policy"], alast["policy"]) == ("full", "alast@0.5")
+    for row in (full, alast):
+        assert row["host_launch_ms"] > 0 and row["device_step_ms"] > 0
+        assert row["top_host_ops"] and all(op["calls"] > 0 for op in row["top_host_ops"])
+    assert sum(alast["kept_tokens"]) < sum(full["kept_tokens"])  # the target drops tokens
