@@ -6,7 +6,7 @@
 #      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come).
 # Everything lands in OUT_DIR: the backbone's weights and record, the grids' JSON, and nothing else.
 #
-#   bash benchmarks/gpu_job.sh OUT_DIR                 # on a CUDA machine: about 9 minutes
+#   bash benchmarks/gpu_job.sh OUT_DIR                 # on a CUDA machine: 439 s on an H200
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_job.sh DIR  # the same steps, tiny, on the CPU (a dry run)
 set -uo pipefail
 OUT_DIR=${1:?usage: bash benchmarks/gpu_job.sh OUT_DIR}

@@ -6,7 +6,7 @@ with a JSON record next to it. The learning rate follows warm-up + cosine over t
 the larger of step/--steps and elapsed/--minutes, so a run fits a fixed GPU slot. The shipped weights
 come from one H200 in 4.5 minutes (3,290 steps of 1,024 images at 112 px, 96.5% held-out on the 1,000
 classes; record alast/assets/alast_vit12_fdsl.json; `bash benchmarks/gpu_job.sh OUT` ran it):
-    python examples/pretrain_vit12_backbone.py --device cuda --minutes 4.5
+    python examples/pretrain_vit12_backbone.py --device cuda --minutes 4.5 --log-every 1000
 Without a GPU, most of the run can see smaller images (--img-size 56: 7x7 = 49 patch tokens, about
 3.5x more images a second on two CPU cores); the position embedding stays a 14x14 grid, resampled on
 the fly, and the last --full-res-frac of the run trains at 112 px, the size the backbone is fine-tuned
