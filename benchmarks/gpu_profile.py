@@ -25,9 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alast.models import create_model
-from benchmarks.gpu_speed import CLASSES, planner_for, policy_config, run_steps
-from runtimes.torch_backend.runtime import TorchRuntime
+from benchmarks.gpu_speed import build, policy_config, run_steps
 
 TOP = 15
 
@@ -60,17 +58,7 @@ def measure(policy: str, target: float | None, args: argparse.Namespace) -> dict
     cfg = policy_config(args.model, args.batch, policy, target, args)
     if args.token_select:
         cfg.policy.token_select = args.token_select
-    rt = TorchRuntime(create_model(args.model, CLASSES, pretrained=False), lr=1e-4, weight_decay=0.05,
-                      grad_clip=1.0, device=args.device, precision=args.precision, count_flops="off",
-                      sync_free="on", memory_probe_steps=lambda s: False,
-                      freeze_embeddings=cfg.policy.embeddings_frozen and policy != "full",
-                      token_select=cfg.policy.token_select, token_score=cfg.policy.token_score)
-    planner = planner_for(cfg, rt.num_blocks, policy, {})
-    img = rt.timm_model.patch_embed.img_size
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(args.batch, 3, img[0], img[1], generator=g), torch.randint(0, CLASSES, (args.batch,), generator=g)
-    if rt.device.type == "cuda":
-        x, y = x.pin_memory(), y.pin_memory()
+    rt, planner, x, y = build(cfg, policy, False, args, {})
     total = args.warmup + 2 * args.steps
     run_steps(rt, planner, x, y, 0, args.warmup, total)
     launch_s, results = [], []

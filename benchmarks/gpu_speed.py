@@ -129,24 +129,29 @@ def syncs_while_launching(rt: TorchRuntime, planner, x, y, total: int) -> int | 
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def measure(model_name: str, batch: int, compiled: bool, policy: str, target: float | None, args,
-            solved: dict) -> dict[str, Any]:
-    cfg = policy_config(model_name, batch, policy, target, args)
-    model = create_model(model_name, CLASSES, pretrained=False)
+def build(cfg, policy: str, compiled: bool, args, solved: dict) -> tuple[TorchRuntime, Any, torch.Tensor, torch.Tensor]:
+    """A row's runtime (random weights), planner, and one fixed random batch (pinned on CUDA)."""
+    batch = cfg.train.batch_size
     multiple = args.token_multiple if policy.startswith("alast") else 1
-    rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=args.device, precision=args.precision,
-                      count_flops="off", compile=compiled, token_multiple=multiple, sync_free="on",
-                      memory_probe_steps=lambda s: False,
+    rt = TorchRuntime(create_model(cfg.model.name, CLASSES, pretrained=False), lr=1e-4, weight_decay=0.05,
+                      grad_clip=1.0, device=args.device, precision=args.precision, count_flops="off", compile=compiled,
+                      token_multiple=multiple, sync_free="on", memory_probe_steps=lambda s: False,
                       freeze_embeddings=cfg.policy.embeddings_frozen and policy != "alast@1.0",
                       token_select=cfg.policy.token_select, token_score=cfg.policy.token_score)
     planner = planner_for(cfg, rt.num_blocks, policy, solved)
-    total = args.warmup + args.steps
     img = rt.timm_model.patch_embed.img_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img[0], img[1], generator=g)
     y = torch.randint(0, CLASSES, (batch,), generator=g)
     if rt.device.type == "cuda":
         x, y = x.pin_memory(), y.pin_memory()
+    return rt, planner, x, y
+
+
+def measure(model_name: str, batch: int, compiled: bool, policy: str, target: float | None, args,
+            solved: dict) -> dict[str, Any]:
+    rt, planner, x, y = build(policy_config(model_name, batch, policy, target, args), policy, compiled, args, solved)
+    total = args.warmup + args.steps
     run_steps(rt, planner, x, y, 0, args.warmup, total)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,14 +166,14 @@ def measure(model_name: str, batch: int, compiled: bool, policy: str, target: fl
     ratio = count_flops_ratio(rt, [b for _, b in timed], x, y, batch)
     row = {"device": torch.cuda.get_device_name() if rt.device.type == "cuda" else "cpu",
            "torch": torch.__version__, "model": model_name, "batch": batch, "precision": args.precision,
-           "compile": compiled, "policy": policy, "target": target, "token_multiple": multiple,
+           "compile": compiled, "policy": policy, "target": target, "token_multiple": rt.token_multiple,
            "steps": args.steps, "warmup": args.warmup,
            "median_step_ms": 1000 * statistics.median(r.step_time_s for r, _ in timed),
            "window_step_ms": 1000 * window / args.steps, "images_per_s": batch * args.steps / window,
            "peak_memory_bytes": peak, "flops_ratio": ratio, "compile_time_s": rt.compile_time_s,
            "host_syncs_launching_2_steps": syncs,
            "mean_kept_tokens_last_block": statistics.mean(r.kept_tokens[-1] for r, _ in timed)}
-    del rt, model
+    del rt, planner
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
