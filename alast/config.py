@@ -71,8 +71,8 @@ class PolicyConfig(_Section):
     delta_reduction: Literal["mean", "sum"] = "mean"
     min_tokens: int = Field(1, ge=1)
     dense_final_frac: float = Field(
-        0.3, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
-        "and train only the top blocks (policy.dense_final_blocks); 0: the paper's rule")
+        0.0, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
+        "and train only the top blocks (policy.dense_final_blocks); 0 (the default): none, as in the paper")
     dense_final_blocks: int | Literal["auto", "sampled"] = Field(
         "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
         "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "

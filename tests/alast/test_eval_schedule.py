@@ -154,25 +154,25 @@ def test_plan_predicts_the_schedule_and_its_inference_flops(run):
 
 
 def test_plan_before_training_names_the_schedule():
-    sparse_end = ["--set", "policy.dense_final_frac=0"]
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *sparse_end, "--json"])
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])  # no dense final phase by default
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["eval_tokens"] == "auto"
+    assert json.loads(res.stdout)["eval_tokens"] == "auto" and json.loads(res.stdout)["dense_final"] is None
     alast = json.loads(res.stdout)["policies"]["alast"]
     assert len(alast["eval_kept_tokens"]) == 6 and 0.3 < alast["inference_flops_ratio"] < 0.9
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *sparse_end, "--set", "policy.eval_tokens=all",
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--set", "policy.eval_tokens=all",
                                    "--json"])
     alast = json.loads(res.stdout)["policies"]["alast"]
     assert alast["eval_kept_tokens"] is None and alast["inference_flops_ratio"] is None
     # a run that ends with an all-dense phase: every token, and the plan says so
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--set", "policy.dense_final_interleave=false",
+    phase = ["--set", "policy.dense_final_frac=0.3"]
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *phase, "--set", "policy.dense_final_interleave=false",
                                    "--json"])
     out = json.loads(res.stdout)
     assert out["policies"]["alast"]["eval_kept_tokens"] is None
     assert out["dense_final"] == {"policy": "alast", "frac": 0.3, "top_blocks": 2, "num_blocks": 6,
                                   "interleave": 0}
-    # the default interleaves sparse steps in the phase: its last steps average to a schedule
-    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", "--json"])
+    # by default the phase interleaves sparse steps: its last steps average to a schedule
+    res = CliRunner().invoke(cli, ["plan", "--target-flops", "0.5", *phase, "--json"])
     out = json.loads(res.stdout)
     kept = out["policies"]["alast"]["eval_kept_tokens"]
     assert kept[:2] == [64, 64] and 1 < kept[-1] < 64 and out["dense_final"]["interleave"] >= 2

@@ -234,7 +234,7 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
-    res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.5", "--set", "backend.token_multiple=32",
+    res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.45", "--set", "backend.token_multiple=32",
                               "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
     assert "smaller backend.token_multiple (now 32)" in res.output and "ask for --target-flops 0." in res.output
@@ -279,7 +279,8 @@ def test_target_with_an_interleaved_dense_phase_is_met_by_a_real_run(runner, tmp
     dropped tokens, its even steps the top two on every token; the counted run lands on the target and
     the plan replays it and says so."""
     out = tmp_path / "interleaved"
-    args = ["--steps", "10", "--batch-size", "8", "--target-flops", "0.5", "--set", "policy.dense_final_interleave=true"]
+    args = ["--steps", "10", "--batch-size", "8", "--target-flops", "0.5", "--set", "policy.dense_final_frac=0.3",
+            "--set", "policy.dense_final_interleave=true"]
     res = runner.invoke(cli, ["train", *args, "--set", "backend.threads=1", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
