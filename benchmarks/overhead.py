@@ -10,9 +10,10 @@ Times, alternating in rounds (medians):
 and counts each one's FLOPs with torch.utils.flop_counter, and peak memory (CUDA allocator or
 MemTracker on CPU). Writes JSON to --out.
 
-With --target-flops the alast run has two kinds of step, a sparse one and (in the last
-policy.dense_final_frac of the steps) a dense one; both are timed (``alast`` and ``alast_dense``)
-and ``run_*`` combine them by the phase's share: what a whole run of that many steps costs.
+With --target-flops the alast run has sparse steps and, where a dense final phase is set (``--set
+policy.dense_final_frac=0.3``; none by default), dense ones in the last policy.dense_final_frac of
+the steps; both are timed (``alast`` and ``alast_dense``) and ``run_*`` combine them by the phase's
+share: what a whole run of that many steps costs.
 
   python benchmarks/overhead.py --model vit_base_patch16_224 --batch-size 8 --rounds 5 --target-flops 0.4
 """
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from alast.config import AlastConfig  # noqa: E402
+from alast.config import AlastConfig, apply_overrides, build_config  # noqa: E402
 from alast.models import create_model  # noqa: E402
 from alast.planning.plan import solve_target  # noqa: E402
 from alast.training.build import build_planner  # noqa: E402
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-flops", type=float, default=None,
                     help="run alast as `alast train --target-flops T` does, at today's defaults")
     ap.add_argument("--steps", type=int, default=150, help="with --target-flops: the run length the solver plans for")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --target-flops: config override, as in alast train (e.g. policy.dense_final_frac=0.3)")
     ap.add_argument("--out", type=Path, default=Path("overhead.json"))
     return ap.parse_args(argv)
 
@@ -199,14 +202,16 @@ def alast_setup(args) -> tuple[AlastConfig, float, dict]:
     """The alast policy's config, the dense final phase's share of a run, and the planner overrides:
     with --target-flops, the solver's knobs and cost model (as `alast train` uses them)."""
     if args.target_flops is None:
+        if args.set:
+            raise SystemExit("--set applies with --target-flops; without one, give the planner's options as --policy-kw")
         cfg = AlastConfig.model_validate({"model": {"name": args.model},
                                           "policy": {"dense_final_frac": 0.0, "early_frac": 0.0}})
         return cfg, 0.0, json.loads(args.policy_kw)
     # the timed sparse steps are the ones after the early phase (policy.early_frac: off here)
-    cfg = AlastConfig.model_validate({"model": {"name": args.model},
-                                      "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
-                                      "train": {"steps": args.steps, "batch_size": args.batch_size},
-                                      "backend": {"device": args.device, "precision": args.precision}})
+    cfg = build_config(apply_overrides({"model": {"name": args.model},
+                                        "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
+                                        "train": {"steps": args.steps, "batch_size": args.batch_size},
+                                        "backend": {"device": args.device, "precision": args.precision}}, args.set))
     knobs, _ = solve_target(cfg)
     return cfg, dense_final_share(cfg.policy.dense_final_frac, args.steps), knobs
 

@@ -14,7 +14,7 @@ def test_overhead_at_a_target_combines_the_two_phases(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "overhead.json"
     bench.main(["--model", "alast_demo_vit", "--batch-size", "2", "--rounds", "1", "--device", "cpu",
-                "--target-flops", "0.4", "--steps", "40", "--out", str(out)])
+                "--target-flops", "0.4", "--steps", "40", "--set", "policy.dense_final_frac=0.3", "--out", str(out)])
     r = json.loads(out.read_text())
     assert set(r["median_step_s"]) == {"plain", "patched", "full", "alast", "alast_dense"}
     assert r["dense_final_share"] == 0.3
