@@ -208,6 +208,8 @@ def alast_setup(args) -> tuple[AlastConfig, float, dict]:
                                           "policy": {"dense_final_frac": 0.0, "early_frac": 0.0}})
         return cfg, 0.0, json.loads(args.policy_kw)
     # the timed sparse steps are the ones after the early phase (policy.early_frac: off here)
+    if any(o.split("=", 1)[0].strip() == "policy.early_frac" for o in args.set):
+        raise SystemExit("policy.early_frac is off here (the timed sparse steps are those after it); drop that --set")
     cfg = build_config(apply_overrides({"model": {"name": args.model},
                                         "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
                                         "train": {"steps": args.steps, "batch_size": args.batch_size},
