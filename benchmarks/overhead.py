@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from alast.config import AlastConfig, apply_overrides, build_config  # noqa: E402
+from alast.config import AlastConfig, ConfigError, apply_overrides, build_config  # noqa: E402
 from alast.models import create_model  # noqa: E402
 from alast.planning.plan import solve_target  # noqa: E402
 from alast.training.build import build_planner  # noqa: E402
@@ -208,12 +208,15 @@ def alast_setup(args) -> tuple[AlastConfig, float, dict]:
                                           "policy": {"dense_final_frac": 0.0, "early_frac": 0.0}})
         return cfg, 0.0, json.loads(args.policy_kw)
     # the timed sparse steps are the ones after the early phase (policy.early_frac: off here)
-    if any(o.split("=", 1)[0].strip() == "policy.early_frac" for o in args.set):
+    try:
+        cfg = build_config(apply_overrides({"model": {"name": args.model},
+                                            "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
+                                            "train": {"steps": args.steps, "batch_size": args.batch_size},
+                                            "backend": {"device": args.device, "precision": args.precision}}, args.set))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    if cfg.policy.early_frac:
         raise SystemExit("policy.early_frac is off here (the timed sparse steps are those after it); drop that --set")
-    cfg = build_config(apply_overrides({"model": {"name": args.model},
-                                        "policy": {"target_flops": args.target_flops, "early_frac": 0.0},
-                                        "train": {"steps": args.steps, "batch_size": args.batch_size},
-                                        "backend": {"device": args.device, "precision": args.precision}}, args.set))
     knobs, _ = solve_target(cfg)
     return cfg, dense_final_share(cfg.policy.dense_final_frac, args.steps), knobs
 

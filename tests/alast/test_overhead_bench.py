@@ -21,3 +21,20 @@ def test_overhead_at_a_target_combines_the_two_phases(tmp_path):
     assert r["flops"]["alast"] < r["flops"]["alast_dense"] < r["flops"]["full"] == r["flops"]["plain"]
     assert abs(r["run_flops_ratio_alast_vs_full"] - 0.4) < 0.4 * 0.03  # the solver's target, counted
     assert r["run_speedup_alast_vs_full"] > 0 and r["memory_ratio_alast_vs_full"] < 1
+
+
+def test_overhead_refuses_settings_its_timing_cannot_honour(tmp_path):
+    spec = importlib.util.spec_from_file_location("overhead", REPO / "benchmarks" / "overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = ["--model", "alast_demo_vit", "--device", "cpu", "--out", str(tmp_path / "o.json")]
+    for extra, says in ((["--target-flops", "0.4", "--set", "policy.early_frac=0.3"], "policy.early_frac is off"),
+                        (["--target-flops", "0.4", "--set", "policy.no_such_key=1"], "no_such_key"),
+                        (["--set", "policy.dense_final_frac=0.3"], "--set applies with --target-flops")):
+        try:
+            bench.main(base + extra)
+        except SystemExit as e:
+            assert says in str(e.code), e.code
+        else:
+            raise AssertionError(f"{extra} was not refused")
+    assert not (tmp_path / "o.json").exists()
