@@ -98,14 +98,33 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fit_position_grid(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Resample the checkpoint's position embedding to the model's patch grid where they differ (a
+    model built at another ``img_size``), as timm does when it loads its own weights."""
+    pos, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pos is None or own is None or pos.shape == own.shape or pos.ndim != 3 or pos.shape[-1] != own.shape[-1]:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    grid = pos.shape[1] - prefix
+    side = int(round(grid ** 0.5))
+    if side * side != grid:
+        return  # not a square grid: left to the shape check below, which names it
+    state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(model.patch_embed.grid_size),
+                                                old_size=[side, side], num_prefix_tokens=prefix)
+
+
 def load_weights(model: nn.Module, path: Path, skip_head: bool = False) -> None:
-    """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``)."""
+    """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``); a
+    position embedding for another input size is resampled to the model's grid."""
     state = _read_state_dict(Path(path))
     own = model.state_dict()
     head_keys = [k for k in state if k.startswith("head.")]
     if skip_head or any(k in own and own[k].shape != state[k].shape for k in head_keys):
         for k in head_keys:
             state.pop(k)
+    _fit_position_grid(state, model)
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if mismatched:
         raise ModelError(f"checkpoint {path} does not fit the model: shape mismatch at {mismatched[0]}")

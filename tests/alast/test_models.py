@@ -101,3 +101,21 @@ def test_a_checkpoint_of_another_model_names_the_first_mismatch(tmp_path):
         create_model("deit_small_patch16_224", 3, checkpoint=path, img_size=32)
     message = str(info.value)
     assert "size mismatch for cls_token" in message and "--model" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name,size", [("alast_demo_vit", 48), ("alast_vit12", 64)])
+def test_shipped_backbones_load_at_another_input_size_with_a_resampled_position_grid(name, size):
+    from safetensors.torch import load_file
+    from timm.layers import resample_abs_pos_embed
+
+    from alast.models import SHIPPED_MODELS
+
+    shipped = load_file(str(SHIPPED_MODELS[name].weights))
+    model = create_model(name, 4, img_size=size)
+    grid = model.patch_embed.grid_size
+    assert model.pos_embed.shape[1] == 1 + grid[0] * grid[1] != shipped["pos_embed"].shape[1]
+    expected = resample_abs_pos_embed(shipped["pos_embed"].float(), new_size=list(grid), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected.to(model.pos_embed.dtype))
+    assert torch.equal(model.pos_embed[0, 0], shipped["pos_embed"][0, 0].float())  # the class token's row is kept
+    assert torch.equal(model.blocks[2].attn.qkv.weight, shipped["blocks.2.attn.qkv.weight"].float())
+    assert model(torch.zeros(1, 3, size, size)).shape == (1, 4)
