@@ -6,6 +6,7 @@ data-parallel ranks take disjoint slices of the same global batch.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from alast.data.images import jpeg_has_end, to_rgb
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 VAL_FOLDERS = ("val", "valid", "validation", "test")  # beside PATH/train, the first found is the validation set
+# split folder names match in any case: Train/, Val/, TEST/
 
 
 class DataError(ValueError):
     """The data spec, directory or files are unusable; the message names the problem."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker
+        # process 0.\nOriginal Traceback ...\nalast.data.datasets.DataError: <message>"): put the
+        # message first so that a one-line report still names the file; the traceback follows it.
+        tag = f"{type(self).__name__}: "
+        if isinstance(message, str) and message.startswith(f"Caught {type(self).__name__} ") and "\nOriginal Traceback" in message:
+            found = [line.split(tag, 1)[1] for line in message.splitlines() if tag in line]
+            message = f"{found[-1]}\n{message}" if found else message
+        super().__init__(message)
 
 
 @dataclass
@@ -143,12 +157,34 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                im.verify()
+                if im.format in ("JPEG", "MPO") and not jpeg_has_end(im.fp):
+                    im.load()  # decoded only when its end marker is missing: cut short, or trailing bytes
+                else:
+                    im.verify()  # PNG: every chunk's CRC; JPEG: its header (its end was checked above)
         except Exception:
             if not skip_bad:
                 raise DataError(f"corrupt or non-image file: {f}; remove it or pass --skip-bad-images") from None
             bad.append(i)
     return bad
+
+
+def load_image(path: str) -> Any:
+    """The image file at ``path`` as RGB (:func:`~alast.data.images.to_rgb`), for ImageFolder.
+
+    The error names the file, which PIL's "image file is truncated" does not. In an image folder, a
+    file that fails here passed the pre-run check (:func:`_check_images` reads headers and JPEG
+    ends, not every pixel, or the file changed since), so ``--skip-bad-images`` would not skip it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = to_rgb(im)
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read image {path} ({reason}); fix or remove the file and run again") from None
+    return rgb
 
 
 def _check_class_folders(path: Path) -> None:
@@ -182,15 +218,29 @@ def _split_folders(root: Path) -> tuple[Path, Path | None] | None:
 
     Splits: ``root/train`` beside one of :data:`VAL_FOLDERS` (the first found is the validation
     set), or ``root/train`` with nothing but split folders beside it (``val`` None: the training
-    images are split by ``data.val_fraction``).
+    images are split by ``data.val_fraction``). Names match in any case (``Train``, ``VAL``).
     """
-    if not (root / "train").is_dir():
+    folders: dict[str, list[Path]] = {}
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            folders.setdefault(p.name.lower(), []).append(p)
+    for name in ("train", *VAL_FOLDERS):
+        if len(folders.get(name, [])) > 1:
+            both = " and ".join(p.name for p in folders[name])
+            raise DataError(f"{root} has split folders {both}, which differ only in case; merge or rename one")
+    if "train" not in folders:
         return None
+    train = folders["train"][0]
     for name in VAL_FOLDERS:
-        if (root / name).is_dir():
-            return root / "train", root / name
-    others = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "train"]
-    return (root / "train", None) if not others else None
+        if name in folders:
+            return train, folders[name][0]
+    return (train, None) if len(folders) == 1 else None
+
+
+def _split(ds: Dataset, train: list[int], val: list[int]) -> tuple[Subset, Subset]:
+    """Train and validation subsets of ``ds`` over two shallow copies of it: the same sample list,
+    each copy with its own ``transform``, so augmenting training leaves validation unaugmented."""
+    return Subset(ds, train), Subset(copy.copy(ds), val)
 
 
 def _relabel(ds: Dataset, classes: list[str], drop: set[int] | frozenset[int] = frozenset()) -> None:
@@ -205,13 +255,15 @@ def _relabel(ds: Dataset, classes: list[str], drop: set[int] | frozenset[int] = 
 def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
+    if root.is_file():
+        raise DataError(f"{root} is a file, not a folder; pass imagefolder:PATH to a directory of class folders")
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}; pass imagefolder:PATH to a directory of class folders")
 
     def load(path: Path) -> tuple[Dataset, list[str], int]:
         _check_class_folders(path)
         try:  # allow_empty: a hidden folder (.ipynb_checkpoints) is a class of no image, dropped below
-            ds = ImageFolder(str(path), transform=transform, allow_empty=True,
+            ds = ImageFolder(str(path), transform=transform, loader=load_image, allow_empty=True,
                              is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) and _visible(Path(p), path))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"{path} is not an image folder ({str(exc).splitlines()[0]}); "
@@ -226,6 +278,7 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
     splits = _split_folders(root)
     if splits is not None and splits[1] is not None:
         train, classes, nb1 = load(splits[0])
+        _need_two_classes(classes, str(splits[0]))
         val, vclasses, nb2 = load(splits[1])
         unknown = [c for c in vclasses if c not in classes]
         if unknown:
@@ -235,8 +288,15 @@ def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int
         _relabel(val, classes)  # train's label indices; a class may have no validation images
         return DataBundle(train, val, classes, nb1 + nb2)
     ds, classes, nb = load(root if splits is None else splits[0])
-    tr, va = _split_indices(ds.targets, val_fraction, seed)
-    return DataBundle(Subset(ds, tr), Subset(ds, va), classes, nb)
+    _need_two_classes(classes, str(root if splits is None else splits[0]))
+    return DataBundle(*_split(ds, *_split_indices(ds.targets, val_fraction, seed)), classes, nb)
+
+
+def _need_two_classes(classes: list[str], where: str) -> None:
+    """Refuse fewer than 2 classes: a one-class model is always right, so its accuracy means nothing."""
+    if len(classes) < 2:
+        has = f"only one class ({classes[0]!r})" if classes else "no class"
+        raise DataError(f"{where} has {has}; a classifier needs at least 2 classes: add a class folder")
 
 
 def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Callable,
@@ -256,6 +316,8 @@ def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Ca
         kw: dict[str, Any] = dict(root=root, transform=transform)
         if "download" in params:
             kw["download"] = download
+        if "loader" in params:  # ImageFolder, DatasetFolder: 16-bit and palette images read right
+            kw["loader"] = load_image
         if "train" in params:
             kw["train"] = train
         elif "split" in params:
@@ -272,22 +334,23 @@ def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Ca
     else:
         full = make(True)
         targets = getattr(full, "targets", None) or [full[i][1] for i in range(len(full))]
-        tr, va = _split_indices(targets, val_fraction, seed)
-        train, val = Subset(full, tr), Subset(full, va)
+        train, val = _split(full, *_split_indices(targets, val_fraction, seed))
     base = train.dataset if isinstance(train, Subset) else train
     classes = list(getattr(base, "classes", [])) or [str(i) for i in range(_count_classes(base))]
+    _need_two_classes([str(c) for c in classes], f"torchvision:{name} under {root}")
     return DataBundle(train, val, [str(c) for c in classes])
 
 
 class RGBTransform:
-    """Convert a PIL image to RGB before ``transform`` (timm's transforms normalise 3 channels)."""
+    """Convert a PIL image to RGB (:func:`~alast.data.images.to_rgb`) before ``transform`` (timm's
+    transforms normalise 3 channels)."""
 
     def __init__(self, transform: Callable) -> None:
         self.transform = transform
 
     def __call__(self, img: Any) -> Any:
         if hasattr(img, "convert") and getattr(img, "mode", "RGB") != "RGB":
-            img = img.convert("RGB")
+            img = to_rgb(img)
         return self.transform(img)
 
 

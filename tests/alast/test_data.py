@@ -128,6 +128,137 @@ def test_image_folder_without_validation_images_is_refused(tmp_path):
         build_data(f"imagefolder:{root}", CFG)
 
 
+@pytest.mark.parametrize("split_names", [("train", "Val"), ("Train", "Validation"), ("TRAIN", "TEST")])
+def test_split_folder_names_match_in_any_case(tmp_path, split_names):
+    train, val = split_names
+    root = _image_folder(tmp_path, {f"{train}/a/0.png": "RGB", f"{train}/b/0.png": "RGB", f"{train}/b/1.png": "RGB",
+                                    f"{val}/a/0.png": "RGB", f"{val}/b/0.png": "RGB"})
+    bundle = build_data(f"imagefolder:{root}", CFG)
+    assert bundle.classes == ["a", "b"] and (len(bundle.train), len(bundle.val)) == (3, 2)
+    alone = _image_folder(tmp_path / "alone", {f"{train}/{c}/{i}.png": "RGB" for c in "ab" for i in range(4)})
+    assert build_data(f"imagefolder:{alone}", CFG, val_fraction=0.25).classes == ["a", "b"]
+
+
+@pytest.mark.parametrize("files,where", [({"a/0.png": "RGB", "a/1.png": "RGB"}, ""),
+                                         ({"train/a/0.png": "RGB", "val/a/0.png": "RGB"}, "train")])
+def test_image_folder_with_one_class_is_refused(tmp_path, files, where):
+    # a one-class model is always right: its accuracy of 1.0 means nothing
+    root = _image_folder(tmp_path / "data", files)
+    with pytest.raises(DataError, match="only one class") as err:
+        build_data(f"imagefolder:{root}", CFG)
+    assert str(err.value).startswith(f"{root / where if where else root} has only one class ('a')")
+
+
+def test_image_folder_path_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "list.txt").write_text("a/0.png\n")
+    with pytest.raises(DataError, match=r"list\.txt is a file, not a folder"):
+        build_data(f"imagefolder:{tmp_path / 'list.txt'}", CFG)
+
+
+def _noise_images(root, names, fmt="png", side=40, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / f"{name}.{fmt}")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "torchvision"])
+def test_augment_leaves_the_split_off_validation_images_alone(tmp_path, kind):
+    """One folder split in two: augmenting training must not reach the validation share of it."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    root = _noise_images(tmp_path, [f"{c}/{i}" for c in "ab" for i in range(5)])
+    spec = f"imagefolder:{root}" if kind == "imagefolder" else "torchvision:ImageFolder"
+    bundle = build_data(spec, CFG, data_dir=tmp_path, val_fraction=0.4, augment=True)
+    eval_tf = create_transform(**CFG, is_training=False)
+    torch.manual_seed(0)
+    for k in range(len(bundle.val)):
+        x = bundle.val[k][0]
+        path = bundle.val.dataset.samples[bundle.val.indices[k]][0]
+        assert torch.equal(x, bundle.val[k][0]) and torch.equal(x, eval_tf(Image.open(path).convert("RGB")))
+    assert not torch.equal(bundle.train[0][0], bundle.train[0][0])  # training still augments
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_truncated_jpeg_is_found_by_the_pre_run_check(tmp_path):
+    root = _noise_images(tmp_path / "data", [f"{c}/{i}" for c in "ab" for i in range(3)], fmt="jpg")
+    _truncate(root / "a" / "1.jpg")
+    with pytest.raises(DataError, match=r"corrupt or non-image file: .*a/1\.jpg; .*--skip-bad-images"):
+        build_data(f"imagefolder:{root}", CFG)
+    bundle = build_data(f"imagefolder:{root}", CFG, skip_bad_images=True, val_fraction=0.4)
+    assert bundle.skipped_files == 1 and len(bundle.train) + len(bundle.val) == 5
+    for split in (bundle.train, bundle.val):
+        assert all(split[k][0].shape == (3, 32, 32) for k in range(len(split)))
+    # bytes after a complete JPEG's end marker (some cameras append them): decoded, and accepted
+    with open(root / "a" / "1.jpg", "wb") as fh:
+        fh.write((root / "a" / "0.jpg").read_bytes() + b"trailer")
+    assert build_data(f"imagefolder:{root}", CFG).skipped_files == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_image_unreadable_when_read_is_named(tmp_path, num_workers):
+    """A file that breaks after the pre-run check fails in one line naming it, from workers too."""
+    root = _noise_images(tmp_path, [f"{c}/{i}" for c in "ab" for i in range(3)], fmt="jpg")
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.4)
+    for i in range(3):
+        _truncate(root / "a" / f"{i}.jpg")
+    with pytest.raises(DataError) as err:
+        list(eval_batches(bundle.val, 2, num_workers=num_workers))
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"cannot read image {root / 'a'}") and "image file is truncated" in first
+    assert first.endswith("fix or remove the file and run again")
+
+
+def test_16_bit_grey_keeps_its_brightness(tmp_path):
+    from PIL import Image
+
+    from alast.data.images import to_rgb
+
+    grey = np.linspace(0, 65535, 20 * 12).reshape(12, 20).astype(np.uint16)
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(grey).save(tmp_path / c / f"{i}.png")  # mode I;16
+    assert Image.open(tmp_path / "a" / "0.png").mode == "I;16"
+    plain = {**CFG, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x, _ = build_data(f"imagefolder:{tmp_path}", plain, val_fraction=0.5).train[0]
+    assert float(x.mean()) == pytest.approx(grey.mean() / 65535, abs=0.01)  # not clipped to white
+    expect = (grey >> 8).astype(np.uint8)
+    for mode in ("I;16B", "I;16L"):
+        img = Image.frombytes(mode, (20, 12), grey.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+        assert np.array_equal(np.asarray(to_rgb(img))[..., 0], expect)
+    # 32-bit I within 16 bits and F within [0, 1] keep their scale; others stretch their own range
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(grey.astype(np.int32))))[..., 0], expect)
+    assert np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 0.5, np.float32)))).max() == 128
+    wide = to_rgb(Image.fromarray(np.array([[-1000.0, 3000.0]], np.float32)))
+    assert np.asarray(wide)[..., 0].tolist() == [[0, 255]]
+
+
+def test_palette_with_per_entry_transparency_reads_without_warning(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    pal = Image.new("P", (20, 12))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            pal.save(tmp_path / c / f"{i}.png", transparency=bytes([128, 255]))  # alpha per palette entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bundle = build_data(f"imagefolder:{tmp_path}", CFG, val_fraction=0.5)
+        assert bundle.train[0][0].shape == (3, 32, 32)
+
+
 def test_batches_are_a_function_of_seed_step_and_rank():
     a = StepBatchSampler(100, 8, seed=3, start_step=0, total_steps=30)
     b = StepBatchSampler(100, 8, seed=3, start_step=20, total_steps=30)
