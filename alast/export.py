@@ -13,6 +13,7 @@ file appears under its final name. Works with plain ``onnxruntime`` or ``onnxrun
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alast.training.checkpoint import file_mode
 from runtimes.onnx_export import INPUT, OUTPUT, ExportError, export_inference_bytes, max_logit_diff
 from runtimes.protocol import RuntimeError_
 from runtimes.token_schedule import ScheduleError, check_schedule, token_schedule
@@ -153,16 +155,79 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
+def check_out(run_dir: Path, out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that is a directory, that is one of the run's own files (always), or
+    that exists (unless ``force``)."""
+    from alast.training.rundir import is_run_file
+
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
+    if is_run_file(run_dir, out):
+        raise ExportError(f"--out {out} is one of the run's own files, which export never writes over; "
+                          f"choose another --out, e.g. {Path(run_dir) / 'model.onnx'}")
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
+
+
+# The lowest opset that has scaled_dot_product_attention (timm's fused attention) in the exporter.
+MIN_OPSET = 14
+
+
+@functools.lru_cache(maxsize=1)
+def supported_opsets() -> tuple[int, int]:
+    """The opsets an export can use here: from :data:`MIN_OPSET` up to the lowest of the highest the
+    TorchScript exporter writes and the highest this onnxruntime (which verifies every export) loads."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # a private module: should it move, the TorchScript exporter's long-time maximum
+        torch_max = 20
+    for opset in range(torch_max, MIN_OPSET - 1, -1):
+        if _runtime_loads(opset):
+            return MIN_OPSET, opset
+    return MIN_OPSET, torch_max
+
+
+def _runtime_loads(opset: int) -> bool:
+    """Whether onnxruntime loads a one-node model of ``opset`` (milliseconds)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - onnxruntime's own error types: this opset is too new for it
+        return False
+    return True
+
+
+def check_opset(opset: int, source: str = "--opset") -> int:
+    """``opset`` if an export can use it, else :class:`ExportError` with the supported range."""
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        raise ExportError(f"{source} {opset} is not supported: this torch and onnxruntime export and verify "
+                          f"opsets {low} to {high} (timm's attention needs {MIN_OPSET}); pass --opset in that range")
+    return opset
+
+
 def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: int | None = None,
-               all_tokens: bool = False) -> ExportReport:
+               all_tokens: bool = False, force: bool = False) -> ExportReport:
     """Export ``run_dir`` to ``out`` on its token schedule (every token with ``all_tokens``); the
-    file appears only if it verified within ``atol``."""
+    file appears only if it verified within ``atol``. An existing ``out`` is replaced only with
+    ``force``, and the run's own files never are."""
     import onnx
 
+    check_out(run_dir, out, force)
+    if opset is not None:
+        opset = check_opset(int(opset))  # before the run loads: a bad --opset fails at once
     run = load_run(run_dir)
     kept = None if all_tokens else run.kept_tokens
     atol = float(atol if atol is not None else run.config.export.atol)
-    opset = int(opset if opset is not None else run.config.export.opset)
+    if opset is None:
+        opset = check_opset(int(run.config.export.opset), "the run's export.opset")
     model = onnx.load_from_string(export_inference_bytes(run.model, opset, kept=kept, fuse=run.fuse_tokens,
                                                                score=run.token_score))
     meta = run_metadata(run, kept)
@@ -177,9 +242,7 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
     tmp = Path(tmp_name)
     try:
         onnx.save(model, str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would make the model private
         diff = max_logit_diff(tmp, run.model, kept=kept, fuse=run.fuse_tokens, score=run.token_score)
         if not diff <= atol:
             raise VerificationError(f"verification failed: ONNX logits differ from PyTorch by {diff:.3g} "

@@ -19,17 +19,18 @@ def _debug(ctx: click.Context) -> bool:
 @click.option("--atol", type=float, help="max |logit difference| vs PyTorch (default: the run's export.atol)")
 @click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
 @click.option("--all-tokens", is_flag=True, help="keep every token, whatever the run deployed")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists (never one of the run's own files)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.pass_context
 def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | None, opset: int | None,
-                   all_tokens: bool, as_json: bool) -> None:
+                   all_tokens: bool, force: bool, as_json: bool) -> None:
     """Export a finished run's deployed model (on its token schedule, or every token) to ONNX, verified
     against PyTorch."""
 
     def go() -> None:
         from alast.export import export_run
 
-        report = export_run(run_dir, out, atol=atol, opset=opset, all_tokens=all_tokens)
+        report = export_run(run_dir, out, atol=atol, opset=opset, all_tokens=all_tokens, force=force)
         kept = list(report.kept_tokens) if report.kept_tokens else None
         if as_json:
             click.echo(json.dumps({"path": str(report.path), "max_abs_diff": report.max_abs_diff,
@@ -63,7 +64,11 @@ def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: P
 
     def go() -> None:
         from alast.export import evaluate_onnx, evaluate_run
+        from runtimes.onnx_export import ExportError
 
+        if not target.exists():
+            raise ExportError(f"{target} not found: there is neither a run directory nor an .onnx file at that "
+                              "path; give a run directory (`alast train --out`) or a model from `alast export`")
         if target.is_dir():
             metrics = evaluate_run(target, spec, data_dir, batch_size, all_tokens, skip_bad_images)
         elif all_tokens:

@@ -47,14 +47,32 @@ def _profile_table(cm) -> Any:
     return t
 
 
+def check_out_file(out: Path | None, force: bool) -> None:
+    """Refuse ``--out`` that is a directory or a run's own file, or that exists unless ``force``
+    (before any work)."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the file to write, e.g. {out / 'cost.json'}")
+    from alast.training.rundir import owning_run
+
+    run_dir = owning_run(out)
+    if run_dir is not None:
+        raise ValueError(f"--out {out} is one of the files of the run {run_dir}, which profile never writes "
+                         "over; choose another --out")
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
+
+
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
-                calibrate: bool, batch_size: int, device: str) -> None:
+                calibrate: bool, batch_size: int, device: str, force: bool = False) -> None:
     from alast.planning.calibrate import calibrate_time
     from alast.planning.profile import profile
     from planners.simulate import full_step_flops
 
     from .render import console, human
 
+    check_out_file(out, force)
     if device == "auto":
         import torch
 
@@ -80,6 +98,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 @click.argument("model")
 @click.option("--img-size", type=int, help="input size (default: the model's own)")
 @click.option("--out", type=click.Path(path_type=Path), help="write the JSON cost model here")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the cost model as JSON")
 @click.option("--num-classes", type=int, help="classifier classes (default: the model's own; the demo: 10)")
 @click.option("--calibrate", is_flag=True, help="also time real training steps on this machine")
@@ -87,11 +106,11 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="device the model will train on (memory model, --calibrate)")
 @click.pass_context
-def profile_command(ctx: click.Context, model, img_size, out, as_json, num_classes, calibrate, batch_size,
+def profile_command(ctx: click.Context, model, img_size, out, force, as_json, num_classes, calibrate, batch_size,
                     device) -> None:
     """Profile MODEL per block (fvcore + torch's FLOP counter) into a JSON cost model."""
-    run_guarded(lambda: run_profile(model, img_size, out, as_json, num_classes, calibrate, batch_size, device),
-                _debug(ctx))
+    run_guarded(lambda: run_profile(model, img_size, out, as_json, num_classes, calibrate, batch_size, device,
+                                    force), _debug(ctx))
 
 
 def _plan_table(result: dict[str, Any]) -> Any:

@@ -116,7 +116,8 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
 @config_options
 @click.option("--out", type=click.Path(path_type=Path), help="run directory (default runs/<time>-<policy>)")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
-@click.option("--force", is_flag=True, help="write into an existing non-empty run directory")
+@click.option("--force", is_flag=True, help="replace the run in an existing --out: removes the files alast wrote "
+              "there (checkpoints, metrics, results) and keeps any others")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of failing")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="data-parallel processes (runs torchrun)")

@@ -38,12 +38,22 @@ class CheckpointRefused(ValueError):
     """A checkpoint alast will not read (not the safe format), or no checkpoint it can resume from."""
 
 
+def file_mode() -> int:
+    """The permissions ``open()`` gives a new file under the current umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, fsynced, renamed over it. The file
+    gets the permissions a plainly created one would (mkstemp's own 0600 would make it private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -3,17 +3,28 @@
 A run directory: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per step),
 ``checkpoints/`` (see :mod:`alast.training.checkpoint`), ``summary.json``, ``final_model.safetensors``,
 ``budgets.png``, optionally ``tensorboard/`` and, for the ort backend, ``ort_artifacts/``.
+Nothing else in it is alast's: ``--force`` replaces a run by removing exactly these (other files stay).
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from alast.training import checkpoint as ckpt
+from alast.training.report import METRICS
+from alast.training.tensorboard import TB_DIR
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 FINAL_WEIGHTS = "final_model.safetensors"
 HEATMAP = "budgets.png"
+ORT_DIR = "ort_artifacts"  # runtimes.ort_backend.artifacts.CACHE_DIR, named here without importing onnxruntime
+# What a run writes: the files at its top level, and the folders that are wholly its own.
+RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL_WEIGHTS, HEATMAP)
+RUN_DIRS = (ckpt.CKPT_DIR, TB_DIR, ORT_DIR)
 
 
 class RunDirError(ValueError):
@@ -33,20 +44,94 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     if resume:
         if not (run_dir / CONFIG).exists():
             raise RunDirError(f"cannot resume {run_dir}: no {CONFIG} there; start a new run instead")
+        _check_writable(run_dir, resume)
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir} is a file; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise RunDirError(f"run dir {run_dir} exists and is not empty; pass --resume to continue it, "
-                          "--force to write into it, or choose another --out")
+                          "--force to replace the run in it, or choose another --out")
+    _check_writable(run_dir, resume)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Make the run dir; a new run over an existing one (``force``) first removes the old run's files."""
     check_run_dir(run_dir, resume, force)
     if resume:
         for stale in (run_dir / ckpt.CKPT_DIR).glob(".*.tmp"):  # from a write killed half-way
             stale.unlink(missing_ok=True)
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create run dir {run_dir} ({exc.strerror or exc}); "
+                              "choose a writable --out") from None
+        clear_run(run_dir)
+    _probe_write(run_dir, resume)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what alast writes in ``run_dir`` (:data:`RUN_FILES`, :data:`RUN_DIRS`, their temp
+    files), so that a new run never resumes from, prunes against or reports the old run's files.
+    Anything else in the directory stays."""
+    temps = tuple(f".{name}." for name in RUN_FILES)
+    for path in run_dir.iterdir():
+        if path.name in RUN_DIRS and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.name in RUN_FILES or path.name == FINAL_WEIGHTS + ".tmp" or (
+                path.name.startswith(temps) and path.name.endswith(".tmp")):
+            path.unlink()
+
+
+def is_run_file(run_dir: Path, path: Path) -> bool:
+    """Whether ``path`` is, or would be, one of the files a run writes in ``run_dir``."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return False
+    parts = rel.parts
+    return bool(parts) and (parts[0] in RUN_DIRS or (len(parts) == 1 and parts[0] in RUN_FILES))
+
+
+def owning_run(path: Path) -> Path | None:
+    """The run directory whose own file ``path`` is (a folder holding both ``config.yaml`` and
+    ``metrics.jsonl``), or None."""
+    parent = Path(path).resolve().parent
+    for run_dir in (parent, parent.parent):
+        if (run_dir / CONFIG).is_file() and (run_dir / METRICS).is_file() and is_run_file(run_dir, path):
+            return run_dir
+    return None
+
+
+def _check_writable(run_dir: Path, resume: bool) -> None:
+    """Refuse a run dir on a read-only file system or in a folder without write permission,
+    judged on the nearest folder that exists; touches nothing."""
+    where = Path(run_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        return  # a file in the way: creating the run dir says so
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or not os.access(where, os.W_OK | os.X_OK):
+        _refuse_unwritable(run_dir, "read-only file system" if read_only else f"no write permission in {where}",
+                           resume)
+
+
+def _probe_write(run_dir: Path, resume: bool) -> None:
+    """Write and remove a temp file, so that an unwritable run dir fails here, in one line."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=run_dir)
+    except OSError as exc:
+        _refuse_unwritable(run_dir, str(exc.strerror or exc).lower(), resume)
+    os.close(fd)
+    os.unlink(name)
+
+
+def _refuse_unwritable(run_dir: Path, why: str, resume: bool) -> NoReturn:
+    remedy = "make it writable to resume the run there" if resume else "choose a writable --out"
+    raise RunDirError(f"cannot write to run dir {run_dir} ({why}); {remedy}")
 
 

@@ -61,13 +61,11 @@ def _deployment(cfg, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_final(run_dir: Path, runtime, summary: dict[str, Any], cfg: AlastConfig) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = runtime.export_model()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / (FINAL_WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(run_dir / FINAL_WEIGHTS)
+    ckpt.atomic_write_bytes(run_dir / FINAL_WEIGHTS, save(state))  # whole or absent; the umask's mode
     ckpt.atomic_write_json(run_dir / SUMMARY, summary)
     records = read_metrics(run_dir / METRICS)
     budget_heatmap(records, run_dir / HEATMAP, f"{cfg.policy.name}: {cfg.model.name} on {cfg.data.spec}")

@@ -115,9 +115,75 @@ def test_bad_eval_input_exits_2(tmp_path):
     text.write_text("this is not a model\n" * 20)
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(plain), dynamo=False)
-    cases = [(text, "not an ONNX model"), (tmp_path / "missing.onnx", "not found"),
+    nothing = "neither a run directory nor an .onnx file"
+    cases = [(text, "not an ONNX model"), (tmp_path / "missing.onnx", nothing), (tmp_path / "no_run", nothing),
              (plain, "no alast preprocessing metadata")]
     for target, fragment in cases:
         res = CliRunner().invoke(cli, ["eval", str(target)])
         assert res.exit_code == 2, (target, res.output)
         assert fragment in _err(res)
+
+
+def test_export_never_overwrites_silently(runs, tmp_path):
+    """An existing --out needs --force; the run's own files are refused even with it; a directory
+    is named as one (no temp file name)."""
+    from alast.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    mine = tmp_path / "m.onnx"
+    mine.write_text("keep me\n")
+    own = ["summary.json", "config.yaml", "final_model.safetensors", "metrics.jsonl", "budgets.png",
+           str(ckpt.list_checkpoints(run)[-1].relative_to(run)), "../run/summary.json"]
+    cases = [([str(mine)], "exists; pass --force"), ([str(tmp_path)], "is a directory"),
+             *(([str(run / name), "--force"], "the run's own files") for name in own)]
+    for out, fragment in cases:
+        res = CliRunner().invoke(cli, ["export", str(run), "--out", *out])
+        assert res.exit_code == 2, (out, res.output)
+        assert fragment in _err(res) and ".tmp" not in _err(res), _err(res)
+    assert mine.read_text() == "keep me\n"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(mine), "--force"])
+    assert res.exit_code == 0, res.output
+    assert mine.read_bytes().startswith(b"\x08")  # an ONNX protobuf (ir_version field) now
+
+
+@pytest.mark.parametrize("opset", [12, 13, 99])
+def test_unsupported_opset_is_refused_before_exporting(runs, tmp_path, monkeypatch, opset):
+    import alast.export as export
+
+    def never(*a, **k):
+        raise AssertionError("the exporter ran")
+
+    monkeypatch.setattr(export, "export_inference_bytes", never)  # it would print pages of Torch IR
+    low, high = export.supported_opsets()
+    res = CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(tmp_path / "m.onnx"),
+                                   "--opset", str(opset)])
+    assert res.exit_code == 2, res.output
+    assert f"--opset {opset} is not supported" in _err(res) and f"opsets {low} to {high}" in _err(res)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_supported_opsets_really_export(runs, tmp_path):
+    from alast.export import MIN_OPSET, supported_opsets
+
+    low, high = supported_opsets()
+    assert low == MIN_OPSET == 14 and high >= 17
+    for opset in (low, high):
+        res = CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(tmp_path / f"{opset}.onnx"),
+                                       "--opset", str(opset), "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["opset"] == opset
+
+
+def test_an_unsupported_opset_in_the_run_config_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    text = (run / "config.yaml").read_text()
+    assert "opset: 17" in text
+    (run / "config.yaml").write_text(text.replace("opset: 17", "opset: 13"))
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2 and "export.opset 13 is not supported" in _err(res)
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx"), "--opset", "17"])
+    assert res.exit_code == 0, res.output

@@ -276,3 +276,37 @@ def test_version_2_cost_models_still_read(tiny_cm, tmp_path):
     assert blk.transient("weights_only", 17, 8) == max(g, 8 * 17 * c)
     assert blk.dropping_transient("weights_only", 17, 5, 8) == blk.transient("weights_only", 17, 8)
     assert old.version == 2 and old.to_dict()["version"] == 2
+
+
+def test_profile_out_never_overwrites_silently(tmp_path, monkeypatch):
+    """An existing --out needs --force; a run directory's own files are refused even with it; a
+    directory is named as one. All refused before profiling."""
+    from click.testing import CliRunner
+
+    import alast.planning.profile as prof
+    from alast_cli.main import cli
+
+    real = prof.profile
+    monkeypatch.setattr(prof, "profile", lambda *a, **k: pytest.fail("profiled before refusing --out"))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/step_00000002.safetensors"):
+        (run / name).write_text("the run's\n")
+    mine = tmp_path / "cost.json"
+    mine.write_text("keep me\n")
+    cases = [([str(mine)], "exists; pass --force"), ([str(tmp_path)], "is a directory"),
+             ([str(run / "config.yaml"), "--force"], "files of the run"),
+             ([str(run / "summary.json"), "--force"], "files of the run"),
+             ([str(run / "checkpoints" / "step_00000002.safetensors"), "--force"], "files of the run")]
+    for out, fragment in cases:
+        res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--out", *out])
+        assert res.exit_code == 2, (out, res.output)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in res.output, res.output
+    assert mine.read_text() == "keep me\n" and not (run / "summary.json").exists()
+    assert all((run / n).read_text() == "the run's\n" for n in ("config.yaml", "metrics.jsonl"))
+
+    monkeypatch.setattr(prof, "profile", real)
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--out", str(mine), "--force", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(mine.read_text())["model"] == "alast_demo_vit"

@@ -215,3 +215,75 @@ def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path):
     with pytest.raises(ckpt.CheckpointRefused, match="no older readable checkpoint"):
         ckpt.latest_checkpoint(tmp_path)
     assert ckpt.latest_checkpoint(tmp_path / "empty") is None  # no checkpoint at all: start from 0
+
+
+# -- --force over a finished run, and a failed final evaluation -------------------------------
+FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+
+
+def test_force_replaces_the_old_run_and_resume_continues_the_new_one(tmp_path, monkeypatch):
+    """--force starts from a clean slate of alast's own files: the old run's checkpoints can neither
+    be resumed nor prune the new run's; its results are gone; the user's own files stay."""
+    from alast.training import report
+
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "6", "--set", "output.checkpoint_every=3", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    (run / "notes.txt").write_text("mine\n")
+    for planted in ("tensorboard/events.out.tfevents.1", "ort_artifacts/full/fingerprint", ".summary.json.x.tmp",
+                    "checkpoints/.step_00000009.safetensors.x.tmp"):
+        (run / planted).parent.mkdir(parents=True, exist_ok=True)
+        (run / planted).write_text("old run\n")
+
+    write = report.MetricsWriter.write
+
+    def write_then_interrupt(self, record):
+        write(self, record)
+        if record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(report.MetricsWriter, "write", write_then_interrupt)
+    res = invoke(*FAST, "--steps", "4", "--set", "train.lr=0.002", "--set", "output.checkpoint_every=1",
+                 "--out", str(run), "--force")
+    assert res.exit_code == 130, res.output
+    monkeypatch.undo()
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "notes.txt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.safetensors",
+                                                                       "step_00000002.safetensors"]
+    assert (run / "notes.txt").read_text() == "mine\n"
+
+    res = invoke("--resume", "--out", str(run), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert [step for step, _ in losses(run)] == [0, 1, 2, 3]
+
+
+def test_a_failed_final_evaluation_keeps_the_training(reference, tmp_path, monkeypatch):
+    """The final checkpoint is written before the final evaluation: resume redoes only the end."""
+    from alast.data import DataError
+    from alast.training import loop
+
+    def unreadable(self, data):
+        raise DataError("cannot read image val/7.png")
+
+    monkeypatch.setattr(loop._Run, "final_evaluation", unreadable)
+    run = tmp_path / "run"
+    res = invoke(*BASE, "--out", str(run))
+    assert res.exit_code == 2 and "cannot read image" in res.stderr
+    assert ckpt.list_checkpoints(run)[-1].name == f"step_{STEPS:08d}.safetensors"
+    assert not (run / "summary.json").exists()
+    monkeypatch.undo()
+
+    trained: list[int] = []
+    step = loop._Run.step
+    monkeypatch.setattr(loop._Run, "step", lambda self, *a: trained.append(a[2]) or step(self, *a))
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert trained == []  # no step trained again
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == STEPS and summary["steps"] == STEPS
+    assert losses(run) == losses(reference)
+    ref = json.loads((reference / "summary.json").read_text())
+    assert summary["val_accuracy"] == ref["val_accuracy"] and summary["val_loss"] == ref["val_loss"]

@@ -1,0 +1,133 @@
+"""What alast writes: run files with the permissions the umask gives, and an unwritable --out
+refused in one line (exit 2) before any work."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from alast.training import checkpoint as ckpt
+from alast.training import rundir
+from alast_cli.main import cli
+
+FAST = ["--steps", "2", "--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+
+
+def one_error_line(res, code: int) -> str:
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        ckpt.atomic_write_text(tmp_path / "a.txt", "x")
+        ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=2)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a.txt") == 0o666 & ~umask
+    assert mode(ckpt.checkpoint_path(tmp_path, 1)) == 0o666 & ~umask
+
+
+def test_run_files_follow_the_umask(tmp_path, umask_027):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", *FAST, "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    files = ["config.yaml", "summary.json", "metrics.jsonl", "budgets.png", "final_model.safetensors",
+             *ckpt.list_checkpoints(run)]
+    assert {str(f): oct(mode(run / f)) for f in files} == {str(f): oct(umask_027) for f in files}
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch) -> Path:
+    """``tmp_path/romnt``, reported by statvfs as a read-only mount (tests may run as root, for whom
+    permission bits do not stop writes)."""
+    mnt = tmp_path / "romnt"
+    mnt.mkdir()
+    real = os.statvfs
+
+    def statvfs(path):
+        st = real(path)
+        if Path(path).resolve().is_relative_to(mnt):
+            return SimpleNamespace(f_flag=st.f_flag | os.ST_RDONLY)
+        return st
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    return mnt
+
+
+@pytest.mark.parametrize("sub", ["run", "a/b/run", ""])
+def test_a_read_only_out_is_refused_in_one_line(read_only, sub):
+    out = read_only / sub if sub else read_only
+    res = CliRunner().invoke(cli, ["train", *FAST, "--out", str(out)])
+    line = one_error_line(res, 2)
+    assert f"cannot write to run dir {out} (read-only file system); choose a writable --out" in line
+    assert ".tmp" not in line and list(read_only.iterdir()) == []
+
+
+def test_resume_in_a_read_only_run_is_refused_in_one_line(read_only):
+    (read_only / "config.yaml").write_text("{}\n")
+    res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(read_only)])
+    line = one_error_line(res, 2)
+    assert "read-only file system" in line and "make it writable to resume" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_folder_without_write_permission_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    res = CliRunner().invoke(cli, ["train", *FAST, "--out", str(locked / "run")])
+    assert "no write permission" in one_error_line(res, 2)
+
+
+def test_a_write_that_fails_anyway_is_one_line(tmp_path, monkeypatch):
+    """Permissions can lie (network and FUSE file systems): the run dir is written to once before
+    the run starts, and a failure there is the same one-line refusal."""
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(rundir.RunDirError, match=r"cannot write to run dir .*read-only file system.*writable --out"):
+        rundir.prepare_run_dir(tmp_path / "run", resume=False, force=False)
+
+
+def test_force_clears_only_what_alast_wrote(tmp_path):
+    run = tmp_path / "run"
+    for name in (*rundir.RUN_FILES, "final_model.safetensors.tmp", ".config.yaml.ab12.tmp",
+                 "checkpoints/step_00000300.safetensors", "tensorboard/events.out.tfevents.1",
+                 "ort_artifacts/full/fingerprint", "notes.txt", "data/config.yaml", ".hidden"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    rundir.prepare_run_dir(run, resume=False, force=True)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert left == [".hidden", "data", "data/config.yaml", "notes.txt"]
+
+
+def test_run_dir_names_match_their_writers():
+    from alast.training.report import METRICS
+    from alast.training.tensorboard import TB_DIR
+
+    artifacts = pytest.importorskip("runtimes.ort_backend.artifacts")
+    assert rundir.ORT_DIR == artifacts.CACHE_DIR
+    assert METRICS in rundir.RUN_FILES and TB_DIR in rundir.RUN_DIRS and ckpt.CKPT_DIR in rundir.RUN_DIRS
