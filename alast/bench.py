@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alast.bench_runs import MATCHED, RunSpec, compare, curve_runs, judgement, matched_steps, mean_std, same_step_runs
-from alast.config import AlastConfig, build_config
+from alast.config import AlastConfig, build_config, check_policy_name
 from alast.training.loop import Hooks, train
 
 COST_KEYS = ("train_flops", "peak_memory_bytes", "wall_time_s", "median_step_time_s", "train_time_s")
@@ -45,6 +45,8 @@ class BenchPlan:
             raise ValueError("bench needs 'full' among --policies: every cost is reported as a ratio to it")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError("--policies lists a policy twice")
+        for name in self.policies:
+            check_policy_name(name, "--policies")
         if self.targets is not None and self.target_flops is not None:
             raise ValueError("give either --target-flops (one target) or --targets (curves), not both")
         if self.matched and "alast" not in self.policies:

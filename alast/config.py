@@ -239,7 +239,8 @@ class OutputConfig(_Section):
     dir: Path | None = Field(None, description="run directory; default runs/<time>-<policy>")
     checkpoint_every: int = Field(0, ge=0, description="0: only the final checkpoint")
     keep_last: int = Field(2, ge=1)
-    force: bool = Field(False, description="allow writing into an existing non-empty run dir")
+    force: bool = Field(False, description="replace the run in an existing non-empty run dir: the files alast "
+                        "wrote there (checkpoints, metrics, results) are removed, any others kept")
     tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard "
                               "(pip install 'alast[tensorboard]')")
 
@@ -365,6 +366,40 @@ def build_run_config(data: dict[str, Any]) -> AlastConfig:
 def load_run_config(path: Path) -> AlastConfig:
     """A run's saved ``config.yaml`` (see :func:`build_run_config`)."""
     return build_run_config(read_yaml(path))
+
+
+def with_absolute_paths(cfg: AlastConfig) -> AlastConfig:
+    """``cfg`` with its local paths (an ``imagefolder:`` spec, ``data.data_dir``, ``model.checkpoint``)
+    made absolute from the current directory, so that a run's saved config finds its data and
+    weights from any directory (``alast eval``, ``export``, ``--resume``)."""
+    kind, sep, path = cfg.data.spec.partition(":")
+    if kind == "imagefolder" and sep and path:
+        cfg.data.spec = f"imagefolder:{Path(path).expanduser().absolute()}"
+    if cfg.data.data_dir is not None:
+        cfg.data.data_dir = Path(cfg.data.data_dir).expanduser().absolute()
+    if cfg.model.checkpoint is not None:
+        cfg.model.checkpoint = Path(cfg.model.checkpoint).expanduser().absolute()
+    return cfg
+
+
+def check_policy_name(name: str, where: str = "policy.name") -> None:
+    """Refuse an unknown policy name (a registered planner, ``lora``, or either with ``+lora``)."""
+    from planners import available_planners
+
+    known = available_planners()
+    if ("full" if name == "lora" else name.removesuffix("+lora")) not in known:
+        raise ConfigError(f"unknown policy {name!r} in {where}; choose from: {', '.join(known)}, lora, or a "
+                          "policy with +lora (e.g. alast+lora)")
+
+
+def check_single_run(cfg: AlastConfig) -> None:
+    """Refuse settings that one run (``alast train``, ``alast plan``) would not honour as written."""
+    p = cfg.policy
+    check_policy_name(p.name)
+    if p.lora is not None and not (p.name == "lora" or p.name.endswith("+lora")):
+        lora = "lora" if p.name == "full" else f"{p.name}+lora"
+        raise ConfigError(f"policy.lora is set but policy {p.name!r} does not use LoRA; use --policy {lora}, "
+                          "or drop the policy.lora settings")
 
 
 def dump_config(cfg: AlastConfig) -> str:

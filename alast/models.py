@@ -2,6 +2,7 @@
 the backbones alast pre-trains itself (``alast_demo_vit``, ``alast_vit12``)."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ def build_demo_model(num_classes: int, pretrained: bool = True, **overrides: Any
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ModelError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"checkpoint {path} is a directory; pass the weights file in it (.safetensors/.pth)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -108,7 +111,7 @@ def _fit_position_grid(state: dict[str, torch.Tensor], model: nn.Module) -> None
 
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
     grid = pos.shape[1] - prefix
-    side = int(round(grid ** 0.5))
+    side = round(grid ** 0.5)
     if side * side != grid:
         return  # not a square grid: left to the shape check below, which names it
     state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(model.patch_embed.grid_size),
@@ -135,6 +138,23 @@ def load_weights(model: nn.Module, path: Path, skip_head: bool = False) -> None:
         raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
 
 
+def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None) -> str:
+    """Where :func:`create_model`'s weights come from, in words (the run's first line says it)."""
+    if checkpoint is not None:
+        return f"weights from {checkpoint}"
+    if name in SHIPPED_MODELS:
+        return "random initialisation (--no-pretrained)" if pretrained is False else "the shipped pre-trained backbone"
+    if pretrained:
+        return "timm's pretrained weights"
+    return "random initialisation (pass --pretrained or --checkpoint PATH to start from weights)"
+
+
+def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> None:
+    if img_size is not None and img_size < patch:
+        raise ModelError(f"image size {img_size} is smaller than {name}'s patch size {patch}; use --img-size "
+                         f"{patch} or more ({name}'s own: {own})")
+
+
 def create_model(name: str, num_classes: int, *, pretrained: bool | None = None, checkpoint: Path | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
     """Build ``name`` with a fresh ``num_classes`` head.
@@ -143,7 +163,10 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     default for those); ``checkpoint`` loads local weights instead (timm's
     ``pretrained_cfg_overlay=dict(file=...)``).
     """
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ModelError(f"checkpoint {checkpoint} is a directory; pass the weights file in it (.safetensors/.pth)")
     if name in SHIPPED_MODELS:
+        _check_img_size(name, img_size, SHIPPED_MODELS[name].arch["patch_size"], SHIPPED_MODELS[name].arch["img_size"])
         extra = {"img_size": img_size} if img_size else {}
         use_shipped = checkpoint is None and pretrained is not False
         model = build_shipped_model(name, num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate,
@@ -154,7 +177,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+        close = difflib.get_close_matches(name, [*SHIPPED_MODELS, *timm.list_models()], n=5, cutoff=0.6)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; use a timm ViT/DeiT name such as vit_base_patch16_224")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
@@ -165,14 +188,25 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
             raise ModelError(f"checkpoint not found: {checkpoint}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
         pretrained = True
+    if img_size:
+        with torch.device("meta"):  # the architecture only: no weights allocated or initialised
+            arch = timm.create_model(name, pretrained=False, num_classes=0).patch_embed
+        _check_img_size(name, img_size, max(arch.patch_size), max(arch.img_size))
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
         reason = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300].rstrip(".")  # torch: "Error(s):"
+        if "weights_only" in str(exc):  # torch.load refused to unpickle it: not a weights file
+            reason = "not a state dict torch can load safely (a .safetensors or .pth file of tensors)"
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
         remedy = (f"; are these weights of {name}? pass the model they were trained as with --model" if checkpoint
                   else "; run once where the Hugging Face hub is reachable (timm caches the weights), "
                        "or pass --checkpoint PATH to local weights, or --no-pretrained")
         raise ModelError(f"cannot load {where} for {name}: {reason}{remedy}") from None
+    except Exception as exc:  # torch.load of a file that is no checkpoint can raise anything
+        if checkpoint is None:
+            raise
+        raise ModelError(f"cannot load checkpoint {checkpoint} for {name}: not a weights file "
+                         f"({exc.__class__.__name__}); pass a .safetensors or .pth state dict") from None
     return model

@@ -39,7 +39,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     from .render import console, make_progress, training_hooks
 
     target = named.pop("target_flops", None)
-    cfg = resolve_config(config, overrides, **named)
+    cfg = resolve_config(config, overrides, single_run=False, **named)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if seeds < 1:
         raise click.BadParameter("--seeds must be >= 1")

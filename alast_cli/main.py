@@ -9,8 +9,19 @@ from .plan_cmd import plan_command, profile_command
 from .train_cmd import train_command
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="show tracebacks")
+class _Cli(click.Group):
+    """Takes ``--debug`` anywhere before ``--`` (``alast train ... --debug`` as well as ``alast --debug train``):
+    every error message points the user at it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks (also accepted after the command)")
 @click.version_option(package_name="alast")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from alast.config import AlastConfig, load_config
+from alast.config import AlastConfig, ConfigError, check_single_run, load_config, with_absolute_paths
 
 
 def config_options(fn: Callable) -> Callable:
@@ -43,8 +43,12 @@ _NAMED = {
 }
 
 
-def resolve_config(config: Path | None, overrides: tuple[str, ...], **named: Any) -> AlastConfig:
-    """Config file < named options < --set overrides."""
+def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: bool = True,
+                   **named: Any) -> AlastConfig:
+    """Config file < named options < --set overrides; local paths made absolute. ``single_run``: the
+    config of one run (not bench's base config, whose policy each run replaces), checked as such."""
+    if named.get("steps") is not None and named.get("epochs") is not None:
+        raise ConfigError("--steps and --epochs both given; pass one of them")
     sets = []
     for key, dotted in _NAMED.items():
         value = named.get(key)
@@ -55,7 +59,10 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...], **named: Any
         if key == "steps":
             sets.append("train.epochs=null")
         sets.append(f"{dotted}={_yaml_scalar(value)}")
-    return load_config(config, sets + list(overrides))
+    cfg = with_absolute_paths(load_config(config, sets + list(overrides)))
+    if single_run:
+        check_single_run(cfg)
+    return cfg
 
 
 def _yaml_scalar(value: Any) -> str:

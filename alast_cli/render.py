@@ -36,12 +36,15 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
     state: dict[str, Any] = {}
 
     def on_start(start: int, total: int, info: dict[str, Any]) -> None:
+        resuming = start > 0
         state["task"] = progress.add_task("train", total=total, completed=start, loss=float("nan"), kept=1.0,
                                           trained="-")
         state["tokens"] = info["patches"] * info["blocks"]
         skipped = f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else ""
         progress.console.print(f"[dim]{info['train']} train / {info['val']} val images, {info['classes']} classes, "
                                f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}[/dim]")
+        if not resuming and info.get("weights"):
+            progress.console.print(f"[dim]starting from {info['weights']}[/dim]")
 
     def on_step(step: int, result, record: dict[str, Any]) -> None:
         kept = sum(result.tokens_in) / max(state["tokens"], 1)

@@ -241,7 +241,9 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
     if p.planner != "alast" or not p.early_phase:
         return None
     k = (target or {}).get("knobs", {}).get("k_trained") or p.k_trained or default_k_trained(num_blocks, p.freeze_mode)
-    return {"policy": p.name, "frac": p.early_phase, "trained": min(num_blocks, k + 1), "num_blocks": num_blocks}
+    if k >= num_blocks:
+        return None  # every block trains in every step: the phase has no block to add
+    return {"policy": p.name, "frac": p.early_phase, "trained": k + 1, "num_blocks": num_blocks}
 
 
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,

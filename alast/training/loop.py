@@ -19,6 +19,7 @@ import torch
 
 from alast.config import AlastConfig, dump_config
 from alast.data import DataBundle, StepBatchSampler, check_batch_size, eval_batches, train_batches
+from alast.models import initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
@@ -110,16 +111,19 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
-                                  "skipped": data.skipped_files})
+                                  "skipped": data.skipped_files,
+                                  "weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint)})
     if cfg.output.tensorboard and comm.is_main:
         run.open_tensorboard(start)
     try:
         run.steps(data, start, steps, hooks, truncate=resume)
         # The training peak, read before evaluation and the full fine-tuning reference step allocate.
         run.tally.peak_memory_bytes = run.tally.peak(runtime)
+        # Checkpoint before the final evaluation: if it fails (an unreadable validation image, out
+        # of memory), --resume redoes only the end, not the training.
+        run.save(steps)
         metrics = run.final_evaluation(data)
         run.on_eval(hooks, steps, metrics)
-        run.save(steps)
         summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
                               plan_info)
         if comm.is_main:

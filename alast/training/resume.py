@@ -19,6 +19,7 @@ from alast.config import (
     build_run_config,
     load_run_config,
     read_yaml,
+    with_absolute_paths,
 )
 from alast.training.rundir import CONFIG as RUN_CONFIG
 from alast.training.rundir import RunDirError
@@ -113,9 +114,9 @@ def resume_config(run_dir: Path, config_path: Path | None, overrides: Sequence[s
     and ``--set`` overrides, and refuses (ConfigError) any difference from the run's config that
     would change results, naming the keys.
     """
-    saved = saved_config(run_dir)
+    saved = with_absolute_paths(saved_config(run_dir))  # a run written before paths were stored absolute
     base = read_yaml(config_path) if config_path is not None else saved.model_dump(mode="json")
-    wanted = build_config(apply_overrides(base, named_sets(named_options) + list(overrides)))
+    wanted = with_absolute_paths(build_config(apply_overrides(base, named_sets(named_options) + list(overrides))))
     check_compatible(saved, wanted, run_dir)
     return wanted
 

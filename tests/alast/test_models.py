@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,13 @@ def test_shipped_backbones_load_at_another_input_size_with_a_resampled_position_
     assert torch.equal(model.pos_embed[0, 0], shipped["pos_embed"][0, 0].float())  # the class token's row is kept
     assert torch.equal(model.blocks[2].attn.qkv.weight, shipped["blocks.2.attn.qkv.weight"].float())
     assert model(torch.zeros(1, 3, size, size)).shape == (1, 4)
+
+
+def test_the_first_line_says_where_the_weights_come_from():
+    from alast.models import initial_weights
+
+    assert initial_weights("alast_demo_vit", None, None) == "the shipped pre-trained backbone"
+    assert initial_weights("alast_vit12", False, None).startswith("random initialisation")
+    assert initial_weights("deit_small_patch16_224", True, None) == "timm's pretrained weights"
+    assert "--pretrained or --checkpoint" in initial_weights("deit_small_patch16_224", None, None)
+    assert initial_weights("deit_small_patch16_224", None, Path("/w.pth")) == "weights from /w.pth"

@@ -322,3 +322,13 @@ def test_a_target_run_does_not_depend_on_whether_its_model_was_profiled(tmp_path
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(line)["loss"] for line in lines if '"loss"' in line])
     assert losses[0] and losses[0] == losses[1]
+
+
+def test_a_target_above_alasts_ceiling_says_so_and_the_suggested_target_works(runner):
+    base = ["plan", "--policy", "alast", "--steps", "300", "--json"]
+    res = runner.invoke(cli, [*base, "--target-flops", "1.0"])
+    assert res.exit_code == 2 and "is above what policy 'alast' spends with every block trained" in res.output
+    assert "--policy full" in res.output and "too few tokens" not in res.output
+    suggested = re.search(r"ask for --target-flops (\d\.\d+) or less", res.output).group(1)
+    res = runner.invoke(cli, [*base, "--target-flops", suggested])
+    assert res.exit_code == 0, res.output

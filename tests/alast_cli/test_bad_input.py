@@ -77,7 +77,24 @@ CASES = [
     ("model ALaST cannot drive", ["plan", "--model", "vit_relpos_small_patch16_224", "--set", "model.img_size=32",
                                   "--target-flops", "0.5"], 2, ["VisionTransformerRelPos is not a timm VisionTransformer"]),
     ("unknown policy", ["train", "--policy", "yolo", "--steps", "1", *FAST, "--out", "{dir}/run"], 2,
-     ["unknown policy 'yolo'"]),
+     ["unknown policy 'yolo'", "full", "lora", "+lora"]),
+    ("unknown policy in bench", ["bench", "--policies", "full,yolo", "--steps", "1", *FAST, "--out", "{dir}/b"], 2,
+     ["unknown policy 'yolo' in --policies"]),
+    ("LoRA settings without a LoRA policy", ["train", "--policy", "full", "--set", "policy.lora.rank=4", "--steps",
+                                             "1", *FAST, "--out", "{dir}/run"], 2,
+     ["policy.lora is set", "'full' does not use LoRA", "--policy lora"]),
+    ("steps and epochs", ["train", "--steps", "3", "--epochs", "1", *FAST], 2, ["--steps and --epochs"]),
+    ("model name close to one", ["train", "--model", "vit_tiny_patch16_22", "--steps", "1", *FAST], 2,
+     ["similar: vit_tiny_patch16_224"]),
+    ("image below the patch size", ["train", "--img-size", "3", "--steps", "1", *FAST, "--out", "{dir}/run"], 2,
+     ["image size 3 is smaller than alast_demo_vit's patch size 4", "--img-size 4"]),
+    ("timm image below the patch size", ["train", "--model", "vit_tiny_patch16_224", "--img-size", "8", "--steps",
+                                         "1", *FAST, "--out", "{dir}/run"], 2, ["patch size 16"]),
+    ("checkpoint is a directory", ["train", "--checkpoint", "{dir}/full", "--steps", "1", *FAST, "--out",
+                                   "{dir}/run"], 2, ["is a directory", "weights file"]),
+    ("checkpoint is no weights file", ["train", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                                       "--checkpoint", "{dir}/syntax.yaml", "--steps", "1", *FAST, "--out",
+                                       "{dir}/run"], 2, ["syntax.yaml", "not a weights file"]),
     ("unknown data spec", ["train", "--data", "mnist", "--steps", "1", *FAST], 2, ["unknown data spec"]),
     ("missing data dir", ["train", "--data", "imagefolder:{dir}/no_such_dir", "--steps", "1", *FAST], 2,
      ["image folder not found", "no_such_dir"]),
@@ -113,9 +130,34 @@ def test_unreadable_config(tmp_path):
     assert_one_line_error(run_cli(["train", str(cfg)]), 2, "cannot read config")
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    res = run_cli(["--debug", "train", str(tmp_path / "nope.yaml")])
+@pytest.mark.parametrize("where", ["before the command", "after it"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    args = ["train", str(tmp_path / "nope.yaml")]
+    res = run_cli(["--debug", *args] if where == "before the command" else [*args, "--debug"])
     assert res.exit_code == 2 and "Traceback" in res.stderr
+
+
+def test_bench_refuses_an_unknown_policy_before_any_run(tmp_path):
+    res = run_cli(["bench", "--policies", "full,alast,yolo", "--steps", "1", *FAST, "--out", str(tmp_path / "b")])
+    assert_one_line_error(res, 2, "unknown policy 'yolo'")
+    assert not (tmp_path / "b").exists()  # nothing ran, so the directory can be used again
+
+
+def test_a_run_on_a_relative_image_folder_is_read_back_from_another_directory(tmp_path, monkeypatch):
+    """The saved config holds the folder's absolute path: eval (and resume) work from anywhere."""
+    import json
+
+    make_image_folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(["train", "--data", "imagefolder:imgs", "--steps", "1", *FAST, "--out", "run"])
+    assert res.exit_code == 0, res.output
+    assert "starting from the shipped pre-trained backbone" in res.output
+    assert f"imagefolder:{tmp_path / 'imgs'}" in (tmp_path / "run" / "config.yaml").read_text()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = run_cli(["eval", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["samples"] == json.loads((tmp_path / "run" / "summary.json").read_text())["val_samples"]
 
 
 def test_corrupt_image_is_named_and_skip_bad_images_counts(tmp_path):
