@@ -137,7 +137,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
              throughput: float | None, cost_model: Path | None) -> dict[str, Any]:
     from alast.planning.plan import plan, plot_plan, replay_run
 
-    from .render import console, human
+    from .render import console, human, knobs_text
 
     if trace is not None:
         result = replay_run(trace, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
@@ -153,7 +153,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     console.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
     if result.get("target"):
         tg = result["target"]
-        console.print(f"target {tg['target']:g}x full FLOPs -> {tg['knobs']} (predicted {tg['predicted_ratio']:.3f}x, "
+        console.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'])} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
     if result.get("early_phase"):
         e = result["early_phase"]

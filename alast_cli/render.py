@@ -23,6 +23,16 @@ def human(n: float | None, unit: str = "") -> str:
     return f"{n:.0f} {unit}".strip()
 
 
+def knobs_text(knobs: dict[str, Any]) -> str:
+    """A FLOPs target's planner settings as ``key=value`` pairs (floats to 3 significant digits)."""
+    def show(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={show(v)}" for k, v in knobs.items())
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"

@@ -77,7 +77,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
 def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None) -> dict[str, Any]:
     from alast.training import loop
 
-    from .render import console, make_progress, training_hooks
+    from .render import console, knobs_text, make_progress, training_hooks
 
     solve = None
     if cfg.policy.target_flops is not None:
@@ -86,7 +86,7 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
 
             overrides, info = solve_target(cfg, cost_model, comm.world_size)
             if comm.is_main:
-                console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {info['knobs']}[/dim]")
+                console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {knobs_text(info['knobs'])}[/dim]")
             return overrides, info
     kwargs = dict(resume=resume, comm=comm, solve=solve)
     if not comm.is_main:

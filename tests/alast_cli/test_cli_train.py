@@ -121,3 +121,10 @@ def test_a_timm_model_without_class_token_trains_and_drops_tokens(runner, tmp_pa
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert min(min(r["kept_tokens"]) for r in recs) < 9  # it dropped tokens
     assert all(len(r["budgets"]) == 14 for r in recs)
+
+
+def test_a_targets_settings_print_as_key_value_pairs():
+    from alast_cli.render import knobs_text
+
+    knobs = {"k_trained": 4, "b_max": 1.0, "trim_last": True, "target_flops": 0.5180777947524645}
+    assert knobs_text(knobs) == "k_trained=4, b_max=1, trim_last=true, target_flops=0.518"
