@@ -287,9 +287,28 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                         skip_bad_images=skip_bad_images)
     if classes and list(bundle.classes) != list(classes):
-        raise DataError(f"data {spec!r} has classes {bundle.classes[:5]}... but the model was trained on "
-                        f"{classes[:5]}...; evaluate on data with the same class folders")
+        unknown = [c for c in bundle.classes if c not in classes]
+        if unknown:
+            raise DataError(f"data {spec!r} has classes the model was not trained on ({', '.join(unknown[:5])}); "
+                            f"it knows {len(classes)}: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}; "
+                            "evaluate on data with the run's class folders (a subset is fine)")
+        return _Relabelled(bundle.val, [classes.index(c) for c in bundle.classes])
     return bundle.val
+
+
+class _Relabelled(torch.utils.data.Dataset):
+    """``dataset`` with its labels mapped to the model's (``labels[i]``: the model's index of the
+    data's class ``i``), for evaluation data that holds some of the model's classes."""
+
+    def __init__(self, dataset: Any, labels: list[int]) -> None:
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.dataset[i]
+        return image, self.labels[int(label)]
 
 
 def _accumulate(batches: Any, predict) -> dict[str, float]:

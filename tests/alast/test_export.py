@@ -187,3 +187,29 @@ def test_an_unsupported_opset_in_the_run_config_is_refused(runs, tmp_path):
     assert res.exit_code == 2 and "export.opset 13 is not supported" in _err(res)
     res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx"), "--opset", "17"])
     assert res.exit_code == 0, res.output
+
+
+def test_eval_data_with_some_of_the_models_classes_is_scored_on_the_models_labels(tmp_path):
+    """Evaluation data may hold a subset of the run's classes (as a run's validation folder may):
+    its labels are the model's indices of its class names. A class the model never saw is refused."""
+    from PIL import Image
+
+    from alast.data import DataError
+    from alast.export import _val_data
+
+    colours = {"blue": (0, 0, 200), "green": (0, 200, 0), "red": (200, 0, 0)}
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("green", "red"):
+            (tmp_path / "sub" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), colours[c]).save(tmp_path / "sub" / split / c / f"{i}.png")
+    data_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0, "crop_mode": "center"}
+    val = _val_data(f"imagefolder:{tmp_path / 'sub'}", data_cfg, None, 0.2, 0, ["blue", "green", "red"])
+    labels = [val[i][1] for i in range(len(val))]
+    assert sorted(labels) == [1, 1, 2, 2]  # green and red as the model numbers them
+    for i in range(len(val)):  # the red channel tells the image's class
+        image, label = val[i]
+        assert (image[0].mean() > 0) == (label == 2)
+    with pytest.raises(DataError, match="not trained on \\(green, red\\)"):
+        _val_data(f"imagefolder:{tmp_path / 'sub'}", data_cfg, None, 0.2, 0, ["blue", "yellow"])
