@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from alast.training import checkpoint as ckpt
 from alast.training.safe_state import TAG, UnsupportedValue, flatten, unflatten
 from alast_cli.main import cli
+from tests.cli_errors import one_error_line
 
 FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
 
@@ -164,14 +165,6 @@ def finished_run(tmp_path_factory) -> Path:
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["step_00000002.safetensors", "step_00000004.safetensors"]
     return run
-
-
-def one_error_line(res, code: int) -> str:
-    assert res.exit_code == code, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    return errors[0]
 
 
 @pytest.mark.parametrize("name,payload", [("step_00000003.pt", torch_pickle),

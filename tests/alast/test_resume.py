@@ -103,8 +103,8 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):
     assert losses(run) == losses(reference)
 
 
-def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, monkeypatch):
-    """SIGINT asks the loop to stop at the next step boundary, with a checkpoint (CLI: exit 130)."""
+def interrupt_after_step_1(monkeypatch) -> None:
+    """SIGINT this process once step 1's metrics are written, as Ctrl-C would."""
     from alast.training import report
 
     write = report.MetricsWriter.write
@@ -115,6 +115,11 @@ def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, mo
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(report.MetricsWriter, "write", write_then_interrupt)
+
+
+def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, monkeypatch):
+    """SIGINT asks the loop to stop at the next step boundary, with a checkpoint (CLI: exit 130)."""
+    interrupt_after_step_1(monkeypatch)
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup/background jobs
     res = invoke(*BASE, "--steps", "4", "--out", str(tmp_path / "run"))
     assert res.exit_code == 130
@@ -224,8 +229,6 @@ FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "bac
 def test_force_replaces_the_old_run_and_resume_continues_the_new_one(tmp_path, monkeypatch):
     """--force starts from a clean slate of alast's own files: the old run's checkpoints can neither
     be resumed nor prune the new run's; its results are gone; the user's own files stay."""
-    from alast.training import report
-
     run = tmp_path / "run"
     res = invoke(*FAST, "--steps", "6", "--set", "output.checkpoint_every=3", "--out", str(run))
     assert res.exit_code == 0, res.output
@@ -235,14 +238,7 @@ def test_force_replaces_the_old_run_and_resume_continues_the_new_one(tmp_path, m
         (run / planted).parent.mkdir(parents=True, exist_ok=True)
         (run / planted).write_text("old run\n")
 
-    write = report.MetricsWriter.write
-
-    def write_then_interrupt(self, record):
-        write(self, record)
-        if record["step"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(report.MetricsWriter, "write", write_then_interrupt)
+    interrupt_after_step_1(monkeypatch)
     res = invoke(*FAST, "--steps", "4", "--set", "train.lr=0.002", "--set", "output.checkpoint_every=1",
                  "--out", str(run), "--force")
     assert res.exit_code == 130, res.output

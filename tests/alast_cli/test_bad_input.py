@@ -13,23 +13,13 @@ from click.testing import CliRunner
 
 from alast.training import checkpoint as ckpt
 from alast_cli.main import cli
+from tests.cli_errors import one_error_line as assert_one_line_error
 
 FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
 
 
 def run_cli(args: list[str]):
     return CliRunner().invoke(cli, args)
-
-
-def assert_one_line_error(res, code: int, *needles: str) -> str:
-    """The run exited with ``code`` and printed exactly one ``error:`` line containing ``needles``."""
-    assert res.exit_code == code, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def make_image_folder(root: Path, bad: dict[str, bytes] | None = None) -> Path:

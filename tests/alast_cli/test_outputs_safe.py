@@ -15,16 +15,9 @@ from click.testing import CliRunner
 from alast.training import checkpoint as ckpt
 from alast.training import rundir
 from alast_cli.main import cli
+from tests.cli_errors import one_error_line
 
 FAST = ["--steps", "2", "--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
-
-
-def one_error_line(res, code: int) -> str:
-    assert res.exit_code == code, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    return errors[0]
 
 
 @pytest.fixture
