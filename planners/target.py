@@ -286,6 +286,12 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     early steps, held to the others' memory, leave more than the other sparse steps can spend with
     every token, one block more trains."""
     run = _AlastRun.create(cm, full, options)
+    ceiling = run.total(1.0, cm.num_blocks)
+    if target > ceiling * (1 + TARGET_TOLERANCE):
+        raise TargetError(f"target {target:g}x full FLOPs is above what policy {policy!r} spends with every block "
+                          f"trained on every token: {ceiling:.3f}x at most (the embeddings stay frozen and the last "
+                          "block skips the tokens the head does not read: policy.freeze_embeddings, "
+                          f"policy.trim_last); ask for --target-flops {ceiling:.3f} or less, or use --policy full")
     k = run.choose_k(target)
     if run.total(BUDGET_FLOOR, k) > target * (1 + TARGET_TOLERANCE):
         raise run.floor_error(policy, target, k)
@@ -304,11 +310,6 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
     # the run's total with every sparse and early step at the cheapest (dearest) step simulated
     steps = ratios + early_ratios
     lo, hi = ((1.0 - run.dense) * r + phase for r in (min(steps), max(steps)))
-    if _miss(predicted, target) > TARGET_TOLERANCE and predicted < target and k >= cm.num_blocks:
-        raise TargetError(f"target {target:g}x full FLOPs is above what policy {policy!r} spends with every block "
-                          f"trained on every token: {predicted:.3f}x at most (the embeddings stay frozen and the last "
-                          "block skips the tokens the head does not read: policy.freeze_embeddings, "
-                          f"policy.trim_last); ask for --target-flops {predicted:.3f} or less, or use --policy full")
     if _miss(predicted, target) > TARGET_TOLERANCE:
         tm, early = run.token_multiple, run.early
         hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .token_schedule import token_schedule
+from .torch_backend.params import input_channels
 
 INPUT, OUTPUT = "images", "logits"
 
@@ -35,7 +36,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     was_training = model.training
     model.eval()
     img = model.patch_embed.img_size
-    x = torch.zeros(2, model.patch_embed.proj.in_channels, img[0], img[1])
+    x = torch.zeros(2, input_channels(model), img[0], img[1])
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score):
@@ -62,7 +63,7 @@ def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int 
 
     img = model.patch_embed.img_size
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.patch_embed.proj.in_channels, img[0], img[1], generator=g)
+    x = torch.randn(batch, input_channels(model), img[0], img[1], generator=g)
     with torch.no_grad(), token_schedule(model, kept, fuse, score):
         ref = model.eval()(x).float()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

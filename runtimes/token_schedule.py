@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .torch_backend.params import timm_model
+from .torch_backend.params import input_channels, timm_model
 from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
 
 
@@ -144,7 +144,7 @@ def inference_flops(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fal
 
     img = vit.patch_embed.img_size
     param = next(vit.parameters())
-    x = torch.zeros(1, vit.patch_embed.proj.in_channels, img[0], img[1], device=param.device, dtype=param.dtype)
+    x = torch.zeros(1, input_channels(vit), img[0], img[1], device=param.device, dtype=param.dtype)
     was_training = vit.training
     # parameters off, not only no_grad: under no_grad a parameter's view (attention pooling's
     # latent query) still reads as requiring grad, and the counter's module hooks refuse it

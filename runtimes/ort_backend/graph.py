@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..token_schedule import selection_hooks
-from ..torch_backend.params import embedding_parameters
+from ..torch_backend.params import embedding_parameters, input_channels
 from ..torch_backend.tokens import summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
@@ -107,7 +107,7 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
     """
     graph = TrainingGraph(model, label_smoothing, select, token_select, token_score).train()
     img = model.patch_embed.img_size
-    in_chans = model.patch_embed.proj.in_channels
+    in_chans = input_channels(model)
     images = torch.zeros(batch_size, in_chans, img[0], img[1])
     labels = torch.zeros(batch_size, dtype=torch.int64)
     args: tuple = (images, labels)
@@ -149,7 +149,7 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
 
     model = graph.model
     img = model.patch_embed.img_size
-    in_chans = model.patch_embed.proj.in_channels
+    in_chans = input_channels(model)
     with FakeTensorMode():
         params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(f"model.{n}" in trained_param_names)
                   for n, p in model.named_parameters()}

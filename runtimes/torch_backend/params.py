@@ -48,6 +48,13 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def input_channels(vit: nn.Module) -> int:
+    """The image channels a timm ViT takes: those of the first convolution of its patch embedding
+    (``patch_embed.proj`` is that convolution in a plain ViT, but the layer after a CNN stem in a
+    hybrid one, ``HybridEmbed``, where it may even be an ``Identity``)."""
+    return next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
 def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     """Every parameter outside the blocks that feeds block 0 of a timm ViT: the patch embedding, the
     class, register and distillation tokens, the position embedding, a pre-norm. With them frozen,
@@ -56,7 +63,7 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     in_blocks = {id(p) for p in vit.blocks.parameters()}
     outside = [p for p in vit.parameters() if id(p) not in in_blocks]
     ref = next(vit.parameters())
-    in_chans = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+    in_chans = input_channels(vit)
     x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
     with grad_flags_restored(outside, set_to=True), torch.enable_grad():
         stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))

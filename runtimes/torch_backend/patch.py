@@ -309,6 +309,11 @@ def check_patchable(model: nn.Module) -> None:
         qkv = getattr(attn, "qkv", None)
         linear = getattr(qkv, "base_layer", qkv)  # a peft LoRA layer wraps the original Linear
         if attn is None or not isinstance(linear, nn.Linear) or not hasattr(attn, "num_heads"):
-            raise PatchError(f"block {i} of {name} has no fused qkv attention; ALaST supports standard ViT blocks")
+            raise PatchError(f"block {i} of {name} is a {type(blk).__name__}, with no attention module of its own "
+                             "that has a qkv projection (block.attn.qkv); ALaST supports standard ViT blocks")
+        head_dim = getattr(attn, "head_dim", None)
+        if head_dim is None or linear.out_features != 3 * attn.num_heads * head_dim:
+            raise PatchError(f"block {i} of {name} has {type(attn).__name__}, whose qkv projection is not one query, "
+                             "key and value per head; ALaST supports timm's standard Attention")
     if isinstance(model.blocks[0], _AlastBlockMixin):
         raise PatchError("model is already patched for ALaST")

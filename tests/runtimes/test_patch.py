@@ -333,3 +333,18 @@ def make_tiny_vit_pooled():
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="avg")
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("vit_dwee_patch16_reg1_gap_256", "has DiffAttention, whose qkv projection is not one query, key and value per head"),
+    ("vit_base_patch16_xp_224", "is a ParallelScalingBlock, with no attention module of its own"),
+])
+def test_blocks_alast_cannot_read_are_refused_by_name(name, needle):
+    """Blocks that look like ViT blocks but are not timm's (differential attention: two maps per head;
+    parallel blocks: attention fused with the MLP) are refused in one line naming their class."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=3)
+    with pytest.raises(PatchError, match=needle):
+        AlastPatch(model)

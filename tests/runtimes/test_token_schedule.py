@@ -114,3 +114,22 @@ def test_onnx_graph_follows_the_schedule(tmp_path, batch, pool):
     assert max_logit_diff(path, model, kept=kept) < 1e-4
     assert max_logit_diff(path, model) > 1e-3  # it is not the every-token model
     assert "TopK" not in [n.op_type for n in onnx.load_from_string(export_inference_bytes(model)).graph.node]
+
+
+def test_a_hybrid_stem_is_fed_images_with_the_image_channels(tmp_path):
+    """A hybrid ViT (a CNN stem, timm's HybridEmbed) counts, exports and verifies: its
+    ``patch_embed.proj`` takes the stem's channels, not the image's."""
+    import timm
+
+    from runtimes.onnx_export import export_inference_bytes, max_logit_diff
+    from runtimes.torch_backend.params import input_channels
+    from runtimes.token_schedule import inference_flops
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=128, num_classes=3)
+    assert vit.patch_embed.proj.in_channels != 3 and input_channels(vit) == 3
+    kept = (16, 16, 16, 12, 12, 12, 8, 8, 8, 4, 4, 4)
+    assert 0 < inference_flops(vit, kept) < inference_flops(vit, None)
+    path = tmp_path / "hybrid.onnx"
+    path.write_bytes(export_inference_bytes(vit, 17, kept=kept))
+    assert max_logit_diff(path, vit, kept=kept) < 1e-4
