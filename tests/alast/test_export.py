@@ -151,7 +151,7 @@ def test_export_never_overwrites_silently(runs, tmp_path):
 
 @pytest.mark.parametrize("opset", [12, 13, 99])
 def test_unsupported_opset_is_refused_before_exporting(runs, tmp_path, monkeypatch, opset):
-    import alast.export as export
+    from alast import export
 
     def never(*a, **k):
         raise AssertionError("the exporter ran")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from planners import schedule_from_steps
 from runtimes.token_schedule import (
     ScheduleError,
     check_schedule,
@@ -10,7 +11,6 @@ from runtimes.token_schedule import (
     keep_per_block,
     token_schedule,
 )
-from planners import schedule_from_steps
 from runtimes.torch_backend.patch import AlastPatch
 from tests.conftest import make_tiny_vit
 
@@ -122,8 +122,8 @@ def test_a_hybrid_stem_is_fed_images_with_the_image_channels(tmp_path):
     import timm
 
     from runtimes.onnx_export import export_inference_bytes, max_logit_diff
-    from runtimes.torch_backend.params import input_channels
     from runtimes.token_schedule import inference_flops
+    from runtimes.torch_backend.params import input_channels
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=128, num_classes=3)
