@@ -73,10 +73,13 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     from .render import console, human
 
     check_out_file(out, force)
-    if device == "auto":
-        import torch
+    import torch
 
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if calibrate and device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--calibrate times training steps on the --device, but no CUDA device is visible here; "
+                         "calibrate on the GPU machine, or pass --device cpu")
     cm = profile(model, img_size=img_size, num_classes=num_classes, device=device)
     if calibrate:
         cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size, device=device))

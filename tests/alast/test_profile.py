@@ -310,3 +310,17 @@ def test_profile_out_never_overwrites_silently(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--out", str(mine), "--force", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(mine.read_text())["model"] == "alast_demo_vit"
+
+
+def test_calibrating_for_a_gpu_on_a_machine_without_one_names_the_option(tmp_path, monkeypatch):
+    import torch
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+    from tests.cli_errors import one_error_line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--device", "cuda", "--calibrate",
+                                   "--out", str(tmp_path / "cost.json")])
+    one_error_line(res, 2, "--calibrate", "no CUDA device", "--device cpu")
+    assert not (tmp_path / "cost.json").exists()
