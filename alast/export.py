@@ -155,21 +155,6 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
-def check_out(run_dir: Path, out: Path, force: bool) -> None:
-    """Refuse an ``--out`` that is a directory, that is one of the run's own files (always), or
-    that exists (unless ``force``)."""
-    from alast.training.rundir import is_run_file
-
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
-    if is_run_file(run_dir, out):
-        raise ExportError(f"--out {out} is one of the run's own files, which export never writes over; "
-                          f"choose another --out, e.g. {Path(run_dir) / 'model.onnx'}")
-    if out.exists() and not force:
-        raise ExportError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
-
-
 # The lowest opset that has scaled_dot_product_attention (timm's fused attention) in the exporter.
 MIN_OPSET = 14
 
@@ -220,7 +205,9 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
     ``force``, and the run's own files never are."""
     import onnx
 
-    check_out(run_dir, out, force)
+    from alast.training.rundir import check_out_file
+
+    check_out_file(out, force, "export", "model.onnx", run_dir)
     if opset is not None:
         opset = check_opset(int(opset))  # before the run loads: a bad --opset fails at once
     run = load_run(run_dir)

@@ -47,23 +47,6 @@ def _profile_table(cm) -> Any:
     return t
 
 
-def check_out_file(out: Path | None, force: bool) -> None:
-    """Refuse ``--out`` that is a directory or a run's own file, or that exists unless ``force``
-    (before any work)."""
-    if out is None:
-        return
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give the file to write, e.g. {out / 'cost.json'}")
-    from alast.training.rundir import owning_run
-
-    run_dir = owning_run(out)
-    if run_dir is not None:
-        raise ValueError(f"--out {out} is one of the files of the run {run_dir}, which profile never writes "
-                         "over; choose another --out")
-    if out.exists() and not force:
-        raise ValueError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
-
-
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
                 calibrate: bool, batch_size: int, device: str, force: bool = False) -> None:
     from alast.planning.calibrate import calibrate_time
@@ -72,7 +55,10 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 
     from .render import console, human
 
-    check_out_file(out, force)
+    if out is not None:
+        from alast.training.rundir import check_out_file
+
+        check_out_file(out, force, "profile", "cost.json")
     import torch
 
     if device == "auto":
