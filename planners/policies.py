@@ -130,7 +130,9 @@ class AlastPlanner:
     ``target_flops`` with ``cost_model`` (beyond the paper): each step's keep ratios are the budgets
     shifted by one common amount so the step's train FLOPs are ``target_flops`` x the full
     fine-tuning step of ``cost_model`` (see :mod:`planners.projection`); the budgets themselves
-    still follow the deltas. ``Budget.budgets`` logs the raw budgets, ``keep_ratios`` the projected
+    still follow the deltas. Token counts are whole, so a step lands at or just below its target; the
+    next sparse step's target carries the shortfall, and their mean lands on ``target_flops`` even
+    with few patch tokens. ``Budget.budgets`` logs the raw budgets, ``keep_ratios`` the projected
     ones. ``cost_model`` alone changes nothing.
 
     ``spare_first`` (beyond the paper, default 0): the first ``spare_first`` blocks keep every token;
@@ -237,6 +239,9 @@ class AlastPlanner:
                                             token_multiple=self.token_multiple, batch_size=batch_size))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
+        # under a target, the sparse steps' FLOPs so far (ratios to full) and their count: each step
+        # may spend what the ones before left of the target (see :meth:`_step_target`)
+        self.spent, self.spent_steps = 0.0, 0
         self.early_peak_cap = self._early_peak_cap(cost_model)
         # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
         self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
@@ -283,13 +288,26 @@ class AlastPlanner:
     def _sparse(self, budgets: tuple[float, ...], trained: tuple[bool, ...], early: bool) -> Budget:
         """A sparse step: the budgets as keep ratios, projected onto the target where there is one."""
         L, last = self.num_blocks, (0.0,) if self.trim_last else ()
-        if self.projection is not None:
-            spare, cap = (self.spare_early, self.early_peak_cap) if early else (self.spare_first, None)
-            ratios = self.projection.project(budgets, trained, spare, self.trim_last, cap)
+        if self.projection is not None and early:
+            ratios = self.projection.project(budgets, trained, self.spare_early, self.trim_last, self.early_peak_cap)
+        elif self.projection is not None:
+            ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last,
+                                             target=self._step_target())
+            self.spent += self.projection.ratio(ratios, trained)
+            self.spent_steps += 1
         else:
             spare = self.spare_early if early else self.spare_first
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
+
+    def _step_target(self) -> float:
+        """This sparse step's FLOPs target: ``target_flops`` plus what the sparse steps so far left of
+        theirs (or minus what they spent above it), at most one step's target either way. A step's
+        token counts are whole, so a projected step lands at or just below its target; carried over,
+        the shortfall is spent by a later step and the steps' mean lands on ``target_flops`` however
+        coarse the counts (with 9 patch tokens a step keeps all 9 or drops one in a block)."""
+        carry = self.target_flops * self.spent_steps - self.spent
+        return self.target_flops + min(self.target_flops, max(-self.target_flops, carry))
 
     def _dense_step(self, trained: tuple[bool, ...]) -> tuple[tuple[bool, ...], bool]:
         """The trained blocks and embeddings of the dense final phase's dense step (``trained``: the
@@ -334,7 +352,8 @@ class AlastPlanner:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),
-                 "prev_deltas": list(self.prev_deltas), "k_trained": self.k_trained}
+                 "prev_deltas": list(self.prev_deltas), "k_trained": self.k_trained,
+                 "spent": self.spent, "spent_steps": self.spent_steps}
         if self.rule == "normalized":
             state.update(shares=list(self.shares.shares), reference=list(self.shares.reference),
                          observations=self.shares.count)
@@ -358,6 +377,8 @@ class AlastPlanner:
                                "resume it with the alast version that started it, or start a new run")
         self.budgets = [float(b) for b in state["budgets"]]
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
+        # states from before the carried target start its count again
+        self.spent, self.spent_steps = float(state.get("spent", 0.0)), int(state.get("spent_steps", 0))
         if self.rule == "normalized":
             self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
                                            tuple(float(r) for r in state["reference"]),

@@ -2,7 +2,8 @@
 
 * ``alast``: the number of trained blocks K and ``target_flops``, the per-step target the planner
   projects its budgets onto (one common shift of every keep ratio, :mod:`planners.projection`), so
-  the budgets keep adapting in the policy's own ``[b_min, b_max]`` while every step lands on target.
+  the budgets keep adapting in the policy's own ``[b_min, b_max]`` while the steps land on target
+  (each at or below its own, which carries what the steps before left of theirs).
   With ``dense_final_frac`` the sparse steps' target moves so the run's total lands on it (an
   optional ``steps`` option gives the phase's exact share of a short run).
   The planner needs the cost model: ``create_planner("alast", L, cost_model=cm, **knobs)``.
@@ -307,9 +308,12 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         fits.append(_fit(run, target, k))
     knobs, predicted, ratios, early_ratios, phase = min(reversed(fits), key=lambda f: _miss(f.predicted, target))
     k = knobs["k_trained"]
-    # the run's total with every sparse and early step at the cheapest (dearest) step simulated
-    steps = ratios + early_ratios
-    lo, hi = ((1.0 - run.dense) * r + phase for r in (min(steps), max(steps)))
+    # the run's total had it stopped after any number of simulated steps: a step spends what the
+    # ones before left of the target, so their running mean, not one step, says where a run lands
+    sparse = 1.0 - run.dense - run.early
+    totals = [sparse * _mean(ratios[:n]) + run.early * _mean(early_ratios[:n]) + phase
+              for n in range(1, len(ratios) + 1)]
+    lo, hi = min(totals), max(totals)
     if _miss(predicted, target) > TARGET_TOLERANCE:
         tm, early = run.token_multiple, run.early
         hint = (f"ask for --target-flops {predicted:.3f}, or use more steps or a larger input"

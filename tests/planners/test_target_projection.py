@@ -28,6 +28,11 @@ def drifting_deltas(steps, num_blocks=12, seed=0):
     return out
 
 
+def assert_never_ahead(ratios, target):
+    """A step may spend what the ones before left of the target; the run so far never spends more."""
+    assert all(sum(ratios[:n]) <= n * target * (1 + 1e-9) for n in range(1, len(ratios) + 1))
+
+
 def step_ratio(cm, budget, full=None):
     return step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / (full or full_step_flops(cm))
 
@@ -55,8 +60,8 @@ def test_projected_steps_land_on_target_and_stay_adaptive(target, freeze_mode):
         keeps.append(budget.keep_ratios)
         raws.append(budget.budgets)
         p.observe(Observation(step, step / 200, d))
-    assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
-    assert max(ratios) <= target * (1 + 1e-9)  # never above the target when it is reachable
+    assert statistics.mean(ratios) == pytest.approx(target, rel=0.01)
+    assert_never_ahead(ratios, target)
     assert all(0.5 <= b <= 1.0 for raw in raws for b in raw)  # raw budgets: the policy's own range
     assert len({round(r, 6) for r in keeps[-1]}) > 3  # blocks differ within a step
     assert len({keeps[i] for i in range(0, 200, 20)}) == 10  # and across steps
@@ -64,6 +69,39 @@ def test_projected_steps_land_on_target_and_stay_adaptive(target, freeze_mode):
     for keep, raw in zip(keeps, raws):
         order = sorted(range(12), key=lambda i: raw[i])
         assert all(keep[a] <= keep[b] for a, b in itertools.pairwise(order))
+
+
+@pytest.mark.parametrize("steps", [3, 20])
+def test_a_target_holds_with_few_tokens(steps):
+    """With 9 patch tokens a step keeps all 9 or drops one in some block: each step alone lands well
+    below its target, so the planner carries the shortfall to the next step; the run lands on it."""
+    cm = synthetic_cost_model(num_blocks=12, num_patches=9)
+    sol = solve_target(cm, "alast", 0.5, {"min_tokens": 1})
+    assert sol.predicted_ratio == pytest.approx(0.5, rel=0.03)
+    p = create_planner("alast", 12, cost_model=cm, **sol.knobs)
+    ratios = []
+    for step, d in enumerate(drifting_deltas(steps, seed=2)):
+        ratios.append(step_ratio(cm, p.plan(step, step / steps)))
+        p.observe(Observation(step, step / steps, d))
+    assert statistics.mean(ratios) == pytest.approx(0.5, rel=0.03)
+
+
+def test_the_carried_target_resumes():
+    run = create_planner("alast", 12, target_flops=0.5, cost_model=CM, seed=3)
+    deltas = drifting_deltas(12, seed=5)
+    plans = []
+    for step, d in enumerate(deltas):
+        if step == 6:
+            resumed = create_planner("alast", 12, target_flops=0.5, cost_model=CM, seed=3)
+            resumed.load_state_dict(run.state_dict())
+            run = resumed
+        plans.append(run.plan(step, step / 12).keep_ratios)
+        run.observe(Observation(step, step / 12, d))
+    straight = create_planner("alast", 12, target_flops=0.5, cost_model=CM, seed=3)
+    for step, d in enumerate(deltas):
+        assert straight.plan(step, step / 12).keep_ratios == plans[step]
+        straight.observe(Observation(step, step / 12, d))
+    assert straight.spent_steps == 12 and straight.spent > 0
 
 
 def test_projection_bounds():
@@ -147,7 +185,7 @@ def test_spared_blocks_keep_every_token_and_the_target_still_holds(target):
     for budget in budgets:
         assert budget.keep_ratios[:2] == (1.0, 1.0) and min(budget.keep_ratios[2:]) < 1.0
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
-    assert max(ratios) <= target * 1.001
+    assert_never_ahead(ratios, target)
 
 
 @pytest.mark.parametrize("target", [0.4, 0.5])
@@ -162,7 +200,7 @@ def test_frozen_blocks_keep_every_token_and_the_target_still_holds(target, k):
         assert min(budget.trained_blocks) == first
         assert budget.keep_ratios[:first] == (1.0,) * first and min(budget.keep_ratios[first:]) < 1.0
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
-    assert max(ratios) <= target * 1.001
+    assert_never_ahead(ratios, target)
 
 
 def test_a_target_out_of_reach_with_frozen_blocks_spared_says_what_to_change():
@@ -201,7 +239,7 @@ def test_projection_holds_the_target_with_counts_rounded_to_multiples_of_8(targe
         shape = StepShape.from_budget(budget, CM.num_patches)
         assert all(n % 8 == 0 or n == CM.num_patches for n in shape.kept_tokens)
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
-    assert max(ratios) <= target * 1.001
+    assert_never_ahead(ratios, target)
 
 
 def test_the_dense_phase_share_of_a_short_run_is_counted_as_the_planner_counts_it():
@@ -271,7 +309,8 @@ def test_the_early_phase_trains_one_block_more_within_the_others_memory_and_the_
     assert max(peaks[:25]) <= planner.early_peak_cap * (1 + 1e-9)
     assert planner.early_peak_cap - extra == pytest.approx(statistics.mean(peaks[25:70]), rel=0.05)
     assert statistics.mean(ratios[:25]) < statistics.mean(ratios[25:70])
-    assert max(ratios[:70]) <= sol.knobs["target_flops"] * 1.001
+    assert max(ratios[:25]) <= sol.knobs["target_flops"] * 1.001
+    assert_never_ahead(ratios[25:70], sol.knobs["target_flops"])
     assert statistics.mean(ratios) == pytest.approx(target, rel=0.03)
     assert sol.predicted_ratio == pytest.approx(statistics.mean(ratios), rel=0.02)
 
@@ -357,7 +396,8 @@ def test_the_secant_on_coarse_token_counts_keeps_the_nearest_point(target):
     planner = create_planner("alast", 6, cost_model=cm, freeze_mode="last", spare_first="frozen", early_frac=0.3,
                              dense_final_frac=0.3, batch_size=64, **sol.knobs)
     total = sum(step_ratio(cm, planner.plan(s, s / 300)) for s in range(300)) / 300
-    assert total == pytest.approx(sol.predicted_ratio, rel=1e-6)  # the knobs are the chosen point's
+    # the knobs are the chosen point's (the solver simulates fewer sparse steps than the run takes)
+    assert total == pytest.approx(sol.predicted_ratio, rel=1e-3)
 
 
 def test_where_the_early_steps_leave_more_than_every_token_can_spend_one_block_more_trains():
@@ -368,8 +408,8 @@ def test_where_the_early_steps_leave_more_than_every_token_can_spend_one_block_m
 
     cm = synthetic_cost_model(num_blocks=8, num_patches=16, embed_trainable=False, select_inside=True)
     options = {"min_tokens": 1, "freeze_mode": "last", "early_frac": 0.3, "dense_final_frac": 0.3, "batch_size": 16}
-    sol = solve_target(cm, "alast", 0.6, {**options, "steps": 100})
-    assert sol.knobs["k_trained"] > _AlastRun.create(cm, full_step_flops(cm), {**options, "steps": 100}).choose_k(0.6)
+    sol = solve_target(cm, "alast", 0.72, {**options, "steps": 100})
+    assert sol.knobs["k_trained"] > _AlastRun.create(cm, full_step_flops(cm), {**options, "steps": 100}).choose_k(0.72)
     planner = create_planner("alast", 8, cost_model=cm, seed=0, **{**options, **sol.knobs})
     total = statistics.mean(step_ratio(cm, planner.plan(s, s / 100)) for s in range(100))
-    assert total == pytest.approx(0.6, rel=0.05) and sol.predicted_ratio == pytest.approx(total, rel=0.02)
+    assert total == pytest.approx(0.72, rel=0.05) and sol.predicted_ratio == pytest.approx(total, rel=0.02)
