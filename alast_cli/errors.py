@@ -28,6 +28,19 @@ def _bad_input_types() -> tuple[type, ...]:
     return (ConfigError, DataError, ModelError, PlannerError, PatchError, RunDirError, FileNotFoundError)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message. torch re-raises a DataLoader worker's error with the
+    worker's traceback as its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ... alast.data.datasets.DataError: cannot read image ..."): for one, the original line."""
+    lines = str(exc).strip().splitlines()
+    if lines and lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        tag = f"{type(exc).__name__}: "
+        found = [line.split(tag, 1)[1].strip() for line in lines[1:] if tag in line]
+        if found:
+            return found[-1]
+    return lines[0] if lines else exc.__class__.__name__
+
+
 def run_guarded(fn: Callable[[], T], debug: bool) -> T:
     """Run ``fn``; on a known problem print ``error: ...`` and exit with its code (traceback if debug)."""
     try:
@@ -47,7 +60,7 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
                        "continue with --resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
         code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        msg = first_line(exc)
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step
             msg = "out of GPU memory; lower train.batch_size or use backend.precision=bf16"
         if isinstance(exc, OSError) and getattr(exc, "strerror", None):

@@ -26,16 +26,6 @@ VAL_FOLDERS = ("val", "valid", "validation", "test")  # beside PATH/train, the f
 class DataError(ValueError):
     """The data spec, directory or files are unusable; the message names the problem."""
 
-    def __init__(self, message: str = "") -> None:
-        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker
-        # process 0.\nOriginal Traceback ...\nalast.data.datasets.DataError: <message>"): put the
-        # message first so that a one-line report still names the file; the traceback follows it.
-        tag = f"{type(self).__name__}: "
-        if isinstance(message, str) and message.startswith(f"Caught {type(self).__name__} ") and "\nOriginal Traceback" in message:
-            found = [line.split(tag, 1)[1] for line in message.splitlines() if tag in line]
-            message = f"{found[-1]}\n{message}" if found else message
-        super().__init__(message)
-
 
 @dataclass
 class DataBundle:

@@ -8,6 +8,7 @@ import torch
 from alast.data import DataError, StepBatchSampler, build_data, eval_batches, train_batches
 from alast.data.datasets import auto_eval_batch_size
 from alast.training.build import model_data_config
+from alast_cli.errors import first_line
 
 CFG = model_data_config("alast_demo_vit")
 
@@ -212,7 +213,7 @@ def test_image_unreadable_when_read_is_named(tmp_path, num_workers):
         _truncate(root / "a" / f"{i}.jpg")
     with pytest.raises(DataError) as err:
         list(eval_batches(bundle.val, 2, num_workers=num_workers))
-    first = str(err.value).splitlines()[0]
+    first = first_line(err.value)  # the CLI's one line (a worker's error arrives wrapped by torch)
     assert first.startswith(f"cannot read image {root / 'a'}") and "image file is truncated" in first
     assert first.endswith("fix or remove the file and run again")
 
