@@ -9,6 +9,7 @@ alone writes files, and every rank learns of a failure on rank 0 instead of hang
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -298,6 +299,10 @@ class _Run:
                 self.flush(hooks, writer)
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message()) from None
+        except RuntimeError as exc:  # the CPU allocator's failure is a plain RuntimeError
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise OutOfMemory(self._oom_message(cpu_failure=str(exc))) from None
         except NonFiniteLoss as exc:
             kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
             exc.args = (f"{exc.args[0] if exc.args else exc}; stopped, {kept}",)
@@ -366,13 +371,20 @@ class _Run:
             self.tb.step(record)
         hooks.on_step(step, result, record)
 
-    def _oom_message(self) -> str:
-        """One line: where it ran out, how to see the predicted peak, what to lower."""
+    def _oom_message(self, cpu_failure: str | None = None) -> str:
+        """One line: where it ran out, how to see the predicted peak, what to lower. ``cpu_failure``:
+        the CPU allocator's message (it names the size it could not get)."""
         batch = self.cfg.train.batch_size
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
-        return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
-                f"--batch-size {batch}` predicts the peak; lower train.batch_size, use backend.precision=bf16 or a "
-                f"lower --target-flops; {kept}")
+        if cpu_failure is None:
+            return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
+                    f"--batch-size {batch}` predicts the peak; lower train.batch_size, use backend.precision=bf16 "
+                    f"or a lower --target-flops; {kept}")
+        size = re.search(r"allocate (\d+) bytes", cpu_failure)
+        asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
+        px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""
+        return (f"out of memory at step {self.current_step} with batch size {batch}{px}{asked}; `alast plan "
+                f"--batch-size {batch}` predicts the peak; lower train.batch_size or model.img_size; {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""
