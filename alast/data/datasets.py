@@ -147,10 +147,10 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                if im.format in ("JPEG", "MPO") and not jpeg_has_end(im.fp):
-                    im.load()  # decoded only when its end marker is missing: cut short, or trailing bytes
-                else:
-                    im.verify()  # PNG: every chunk's CRC; JPEG: its header (its end was checked above)
+                if im.format == "PNG" or im.format == "WEBP" or im.format in ("JPEG", "MPO") and jpeg_has_end(im.fp):
+                    im.verify()  # PNG: every chunk's CRC; JPEG: its header (its end was checked); WebP: decoded at open
+                else:  # a JPEG without its end marker (cut short, or trailing bytes), and BMP, TIFF, GIF, PPM, ...
+                    im.load()  # whose headers do not show a short file: decoded
         except Exception:
             if not skip_bad:
                 raise DataError(f"corrupt or non-image file: {f}; remove it or pass --skip-bad-images") from None
@@ -162,8 +162,9 @@ def load_image(path: str) -> Any:
     """The image file at ``path`` as RGB (:func:`~alast.data.images.to_rgb`), for ImageFolder.
 
     The error names the file, which PIL's "image file is truncated" does not. In an image folder, a
-    file that fails here passed the pre-run check (:func:`_check_images` reads headers and JPEG
-    ends, not every pixel, or the file changed since), so ``--skip-bad-images`` would not skip it.
+    file that fails here passed the pre-run check (:func:`_check_images` reads a JPEG's end and a
+    PNG's chunks, not their pixels, or the file changed since), so ``--skip-bad-images`` would not
+    skip it.
     """
     from PIL import Image
 

@@ -189,18 +189,19 @@ def _truncate(path):
     path.write_bytes(data[:len(data) // 2])
 
 
-def test_truncated_jpeg_is_found_by_the_pre_run_check(tmp_path):
-    root = _noise_images(tmp_path / "data", [f"{c}/{i}" for c in "ab" for i in range(3)], fmt="jpg")
-    _truncate(root / "a" / "1.jpg")
-    with pytest.raises(DataError, match=r"corrupt or non-image file: .*a/1\.jpg; .*--skip-bad-images"):
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp", "bmp", "tiff", "gif", "ppm"])
+def test_truncated_image_is_found_by_the_pre_run_check(tmp_path, fmt):
+    root = _noise_images(tmp_path / "data", [f"{c}/{i}" for c in "ab" for i in range(3)], fmt=fmt)
+    _truncate(root / "a" / f"1.{fmt}")
+    with pytest.raises(DataError, match=rf"corrupt or non-image file: .*a/1\.{fmt}; .*--skip-bad-images"):
         build_data(f"imagefolder:{root}", CFG)
     bundle = build_data(f"imagefolder:{root}", CFG, skip_bad_images=True, val_fraction=0.4)
     assert bundle.skipped_files == 1 and len(bundle.train) + len(bundle.val) == 5
     for split in (bundle.train, bundle.val):
         assert all(split[k][0].shape == (3, 32, 32) for k in range(len(split)))
-    # bytes after a complete JPEG's end marker (some cameras append them): decoded, and accepted
-    with open(root / "a" / "1.jpg", "wb") as fh:
-        fh.write((root / "a" / "0.jpg").read_bytes() + b"trailer")
+    # bytes after a complete file's end (some cameras append them to a JPEG): decoded, and accepted
+    with open(root / "a" / f"1.{fmt}", "wb") as fh:
+        fh.write((root / "a" / f"0.{fmt}").read_bytes() + b"trailer")
     assert build_data(f"imagefolder:{root}", CFG).skipped_files == 0
 
 
