@@ -159,16 +159,17 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         seeded = rng_state()
         planner_overrides, plan_info = solve()
         set_rng_state(seeded)
-    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     model = build_model(cfg, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)
     if comm.world_size > 1 and not runtime.capabilities.data_parallel:
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
-    if comm.is_main and hasattr(runtime, "bind_run_dir"):
-        runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
                             world_size=comm.world_size)
     steps = total_steps(cfg, len(data.train))
+    # only now, with every check passed, is --out made (or an old run in it replaced with --force)
+    on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
+    if comm.is_main and hasattr(runtime, "bind_run_dir"):
+        runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     run = _Run(cfg, run_dir, comm, runtime, planner)
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info

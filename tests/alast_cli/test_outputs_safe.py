@@ -124,3 +124,22 @@ def test_run_dir_names_match_their_writers():
     artifacts = pytest.importorskip("runtimes.ort_backend.artifacts")
     assert rundir.ORT_DIR == artifacts.CACHE_DIR
     assert METRICS in rundir.RUN_FILES and TB_DIR in rundir.RUN_DIRS and ckpt.CKPT_DIR in rundir.RUN_DIRS
+
+
+@pytest.mark.parametrize("refused", [["--model", "vit_small_patch16_18x2_224", "--no-pretrained", "--img-size", "32"],
+                                     ["--backend", "ort", "--policy", "alast+lora"]])
+def test_a_run_refused_at_its_model_or_runtime_touches_no_out_folder(tmp_path, refused):
+    """The model and runtime checks come before --out is made or, with --force, an old run cleared."""
+    if "ort" in refused:
+        pytest.importorskip("onnxruntime.training")
+    old = tmp_path / "old"
+    for name in ("config.yaml", "summary.json", "final_model.safetensors", "checkpoints/step_00000002.safetensors"):
+        (old / name).parent.mkdir(parents=True, exist_ok=True)
+        (old / name).write_text("x")
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    res = CliRunner().invoke(cli, ["train", *FAST, *refused, "--out", str(old), "--force"])
+    one_error_line(res, 2)
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before
+    res = CliRunner().invoke(cli, ["train", *FAST, *refused, "--out", str(tmp_path / "new")])
+    one_error_line(res, 2)
+    assert not (tmp_path / "new").exists()
