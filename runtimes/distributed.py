@@ -94,10 +94,15 @@ class TorchComm:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_equal(self, text: str) -> bool:
         """Whether every rank passed the same string (used to compare weight digests)."""
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, text)
+        out = self.all_gather_object(text)
         return all(o == out[0] for o in out)
 
     def close(self, barrier: bool = True) -> None:

@@ -237,16 +237,19 @@ class _Run:
 
     def restore(self) -> int:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
-        from alast.training.resume import check_compatible
+        from alast.training.resume import check_compatible, check_world_size
 
         found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn)
         if found is None:
             return 0
         self.last_ckpt, state = found
         check_compatible(state["config"], self.cfg, self.run_dir)
+        check_world_size(state.get("world_size", 1), self.comm.world_size, self.run_dir)
         self.runtime.load_state_dict(state["runtime"])
         self.planner.load_state_dict(state["planner"])
         set_rng_state(state["rng"])
+        if state.get("rank_random"):  # each rank continues its own draws, not rank 0's
+            self._set_random_state(state["rank_random"][self.comm.rank])
         if "tally" in state:
             self.tally = _Tally(**{**state["tally"], "schedule_window": self.tally.schedule_window})
         self.resumed_from = int(state["step"])
@@ -258,13 +261,26 @@ class _Run:
         if self.comm.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    def _random_state(self) -> dict[str, Any]:
+        """This rank's random generators: its own token draws (seeded per rank) and the global ones."""
+        tokens = getattr(self.runtime, "token_rng", None)
+        return {"rng": rng_state(), "token_rng": None if tokens is None else tokens.get_state()}
+
+    def _set_random_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(state["rng"])
+        if state["token_rng"] is not None:
+            self.runtime.token_rng.set_state(state["token_rng"])
+
     def save(self, step_done: int) -> Path | None:
-        """Checkpoint after ``step_done`` steps (rank 0 writes; all ranks learn if it failed)."""
+        """Checkpoint after ``step_done`` steps (rank 0 writes, with every rank's random state; all
+        ranks learn if it failed)."""
+        ranks = self.comm.all_gather_object(self._random_state()) if self.comm.world_size > 1 else None
+
         def write() -> Path:
             payload = {"step": step_done, "runtime": self.runtime.state_dict(), "planner": self.planner.state_dict(),
                        "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
                        "tally": asdict(self.tally) | {"peak_memory_bytes": self.tally.peak(self.runtime)},
-                       "world_size": self.comm.world_size,
+                       "world_size": self.comm.world_size, "rank_random": ranks,
                        "unobserved": asdict(self.unobserved) if self.unobserved else None}
             try:
                 return ckpt.save_checkpoint(self.run_dir, step_done, payload, self.cfg.output.keep_last)

@@ -32,6 +32,9 @@ class Comm:
     def broadcast_object(self, obj: Any) -> Any:
         return self.extra.broadcast_object(obj) if self._has("broadcast_object") else obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self.extra.all_gather_object(obj) if self._has("all_gather_object") else [obj]
+
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)

@@ -127,3 +127,15 @@ def check_compatible(saved: AlastConfig | Mapping[str, Any], wanted: AlastConfig
     if changed:
         raise ConfigError(f"cannot resume {run_dir} with a changed config: {', '.join(changed)} would change "
                           "the results; drop these changes, or start a new run with another --out")
+
+
+def check_world_size(saved: int, world_size: int, run_dir: Path) -> None:
+    """A run resumes with the process count it was trained with: each process trains its own share
+    of the batch with its own token draws, and the counted FLOPs are per process."""
+    if int(saved) != world_size:
+        def procs(n: int) -> str:
+            return "1 process" if n == 1 else f"{n} processes"
+
+        how = "without --nproc" if saved == 1 else f"with --nproc {saved}"
+        raise ConfigError(f"cannot resume {run_dir} with {procs(world_size)}: it was trained with {procs(int(saved))}, "
+                          f"which its checkpoints, batch shares and token draws follow; resume it {how}")

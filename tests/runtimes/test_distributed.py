@@ -171,3 +171,35 @@ def test_cli_nproc_2_exit_code_of_bad_input(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "image folder not found" in errors[0]
     assert "Traceback" not in res.stderr
+
+
+def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
+    """A 2-process run resumed from its step-2 checkpoint repeats the uninterrupted run's steps 2-3:
+    each rank goes on with its own token draws (drawn tokens, the default), not rank 0's. Resuming
+    with one process is refused in one line."""
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+    from tests.cli_errors import one_error_line
+
+    common = ["--steps", "4", "--batch-size", "8", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+              "--set", "output.checkpoint_every=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "two"
+
+    def train(*extra: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", *common, "--out", str(run),
+                              *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    def steps() -> list[tuple]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["kept_tokens"], r["deltas"]) for r in records]
+
+    train()
+    straight = steps()
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()  # as if stopped after step 2
+    one_error_line(CliRunner().invoke(cli, ["train", *common, "--out", str(run), "--resume"]), 2,
+                   "trained with 2 processes", "resume it with --nproc 2")
+    train("--resume")
+    assert len(straight) == 4 and steps() == straight
