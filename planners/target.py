@@ -180,6 +180,7 @@ class _AlastRun:
     inter: float  # with dense_final_interleave, this share of the steps are the phase's sparse steps
     early_frac: float
     early: float  # the share of the steps that train one block more
+    sparse_steps: int  # the other sparse steps the solver simulates: the run's, at most PROJECTION_STEPS
 
     @classmethod
     def create(cls, cm: CostModel, full: float, options: dict[str, Any]) -> _AlastRun:
@@ -198,9 +199,13 @@ class _AlastRun:
         except ValueError as e:
             raise TargetError(str(e)) from None
         steps = options.get("steps")
+        dense, early = dense_final_share(frac, steps), early_share(early_frac, steps)
+        # each of these steps may spend what the ones before left of their target: a short run's mean
+        # is its own few steps', a long one's within a fraction of a step's rounding of the target
+        sparse = PROJECTION_STEPS if not steps else max(1, min(PROJECTION_STEPS, round(steps * (1 - dense - early))))
         return cls(cm, full, options, mode, int(options.get("min_tokens", 1)), int(options.get("token_multiple", 1)),
-                   bool(options.get("trim_last")) and cm.head_reads_prefix, top, frac, dense_final_share(frac, steps),
-                   interleaved_share(frac, steps, period) if frac else 0.0, early_frac, early_share(early_frac, steps))
+                   bool(options.get("trim_last")) and cm.head_reads_prefix, top, frac, dense,
+                   interleaved_share(frac, steps, period) if frac else 0.0, early_frac, early, sparse)
 
     def dense_ratio(self, k: int) -> float:
         cm, L = self.cm, self.cm.num_blocks
@@ -272,7 +277,7 @@ class _AlastRun:
         """The run's mean ratio with the planner's projection (``knobs``), the sparse and early steps'
         simulated ratios, and the dense final phase's share of the mean."""
         options = {**self.options, **knobs}
-        ratios = _projected_ratios(self.cm, self.full, options, early=False)
+        ratios = _projected_ratios(self.cm, self.full, options, early=False, steps=self.sparse_steps)
         early_ratios = _projected_ratios(self.cm, self.full, options, early=True) if self.early else ratios
         inter = _mean(_projected_ratios(self.cm, self.full, options, interleaved=True)) if self.inter else None
         total = (1.0 - self.dense - self.early) * _mean(ratios) + self.early * _mean(early_ratios)

@@ -234,7 +234,7 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
-    res = runner.invoke(cli, ["train", "--steps", "10", "--target-flops", "0.45", "--set", "backend.token_multiple=32",
+    res = runner.invoke(cli, ["train", "--steps", "2", "--target-flops", "0.35", "--set", "backend.token_multiple=32",
                               "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
     assert "smaller backend.token_multiple (now 32)" in res.output and "ask for --target-flops 0." in res.output
