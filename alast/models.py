@@ -155,6 +155,20 @@ def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> No
                          f"{patch} or more ({name}'s own: {own})")
 
 
+def _check_architecture(name: str, img_size: int | None) -> None:
+    """Refuse a timm model ALaST cannot drive, and an ``img_size`` below its patch size, before any
+    weights are downloaded or built (a ResNet has no patch embedding to read a patch size from)."""
+    import timm
+
+    from runtimes.torch_backend.patch import check_patchable
+
+    with torch.device("meta"):  # the architecture only: no weights allocated or initialised
+        arch = timm.create_model(name, pretrained=False, num_classes=0)
+    check_patchable(arch)
+    if img_size:
+        _check_img_size(name, img_size, max(arch.patch_embed.patch_size), max(arch.patch_embed.img_size))
+
+
 def create_model(name: str, num_classes: int, *, pretrained: bool | None = None, checkpoint: Path | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
     """Build ``name`` with a fresh ``num_classes`` head.
@@ -188,10 +202,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
             raise ModelError(f"checkpoint not found: {checkpoint}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
         pretrained = True
-    if img_size:
-        with torch.device("meta"):  # the architecture only: no weights allocated or initialised
-            arch = timm.create_model(name, pretrained=False, num_classes=0).patch_embed
-        _check_img_size(name, img_size, max(arch.patch_size), max(arch.img_size))
+    _check_architecture(name, img_size)
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:

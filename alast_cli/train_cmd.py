@@ -1,10 +1,15 @@
 """`alast train`: fine-tune with a policy and backend, write a run directory."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,8 @@ import click
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_guarded
 from .options import config_options, resolve_config
+
+RANK_ERRORS = "ALAST_RANK_ERRORS"  # set by --nproc: the folder where each failed rank leaves its message
 
 
 def default_run_dir(policy: str) -> Path:
@@ -107,9 +114,26 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
     if out is None:  # every rank must write to the same directory
         ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
     check_run_dir(Path(out), resume, force or cfg.output.force)
-    code = launch_torchrun(nproc, ctx)
+    with tempfile.TemporaryDirectory(prefix="alast-ranks-") as folder:
+        os.environ[RANK_ERRORS] = folder  # the workers inherit it
+        try:
+            code = launch_torchrun(nproc, ctx)
+        finally:
+            os.environ.pop(RANK_ERRORS, None)
+        if code:
+            _echo_other_ranks(Path(folder))
     if code:
         sys.exit(code)
+
+
+def _echo_other_ranks(folder: Path) -> None:
+    """Print the failures of ranks > 0 that rank 0 did not report (rank 0 printed its own)."""
+    left = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
+    said = {left[0]["message"]} if 0 in left else set()
+    for rank in sorted(r for r in left if r > 0):
+        if left[rank]["message"] not in said:
+            said.add(left[rank]["message"])
+            sys.stderr.write(left[rank]["output"] + left[rank]["message"])
 
 
 @click.command("train")
@@ -135,31 +159,76 @@ def train_command(ctx: click.Context, config, overrides, out, resume, force, ski
     work = lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named,  # noqa: E731
                              cost_model)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        _run_worker(lambda: run_guarded(work, debug), quiet=not debug and int(os.environ.get("RANK", "0")) > 0)
+        _run_worker(work, int(os.environ.get("RANK", "0") or 0), debug)
     else:
         run_guarded(work, debug)
 
 
-def _run_worker(fn, quiet: bool) -> None:
+def _run_worker(work: Callable[[], Any], rank: int, debug: bool) -> None:
     """Run one torchrun worker.
 
     SIGTERM is ignored outside the training loop (which turns it into save-and-stop): torchrun
     sends it to every other rank as soon as one rank exits, and a rank failing on the same bad
-    input must still get to say why. On ranks > 0 (``quiet``) the message of a bad-input or
-    interrupt exit is dropped, since every rank stops alike and rank 0 reports it; other failures
-    may be rank-specific and are shown.
+    input must still get to say why. Most failures end every rank alike (bad input, a non-finite
+    loss, an interrupt), so rank 0 alone prints: a rank > 0 holds back its output and, under
+    ``--nproc``, leaves its failure in :data:`RANK_ERRORS`, for the launcher to print where rank 0
+    said something else (a failure of that rank alone). Under a plain torchrun a rank > 0 prints
+    its failure unless it is bad input or an interrupt. With ``debug`` every rank prints its traceback.
     """
-    import contextlib
-    import io
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    buf = io.StringIO()
+    if debug:
+        run_guarded(work, debug)
+        return
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held) if rank else contextlib.nullcontext():
+        failure = _failure(work)
+    if failure is None:
+        sys.stderr.write(held.getvalue())
+        return
+    code, message = _message(failure)
+    if rank == 0:
+        sys.stderr.write(message)
+    left = _leave_for_launcher(rank, held.getvalue(), message)
+    if rank > 0 and not left and code not in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+        sys.stderr.write(held.getvalue() + message)
+    sys.exit(code)
+
+
+def _leave_for_launcher(rank: int, output: str, message: str) -> bool:
+    """Write this rank's failure to the launcher's :data:`RANK_ERRORS` folder; False without one."""
+    folder = os.environ.get(RANK_ERRORS)
+    if not folder:
+        return False
+    path = Path(folder) / f"rank{rank}.json"
     try:
-        with contextlib.redirect_stderr(buf) if quiet else contextlib.nullcontext():
-            fn()
-    except SystemExit as exc:
-        if exc.code not in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
-            sys.stderr.write(buf.getvalue())
+        path.with_suffix(".tmp").write_text(json.dumps({"output": output, "message": message}))
+        path.with_suffix(".tmp").replace(path)  # whole or absent when the launcher reads it
+    except OSError:
+        return False
+    return True
+
+
+def _failure(work: Callable[[], Any]) -> BaseException | None:
+    """Run ``work``; what it raised, for :func:`_message` (click's own exits pass through, as in
+    :func:`run_guarded`)."""
+    try:
+        work()
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
-    sys.stderr.write(buf.getvalue())
+    except BaseException as exc:  # noqa: BLE001 - reported by _message
+        return exc
+    return None
+
+
+def _message(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the text :func:`run_guarded` prints for ``exc``."""
+    def reraise() -> None:
+        raise exc
+
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            run_guarded(reraise, debug=False)
+    except SystemExit as stop:
+        return int(stop.code or 0), text.getvalue()
+    return 0, text.getvalue()  # not reached: run_guarded exits on every exception

@@ -402,7 +402,10 @@ def check_batch_size(n: int, batch_size: int, world_size: int = 1) -> None:
     if batch_size > n:
         raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
     if batch_size % world_size:
-        raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks")
+        below = batch_size - batch_size % world_size
+        fits = [b for b in (below, below + world_size) if 0 < b <= n]
+        fix = f"use a multiple of {world_size}, such as {' or '.join(map(str, fits))}" if fits else "use fewer ranks"
+        raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks; {fix}")
 
 
 class StepBatchSampler:

@@ -326,6 +326,12 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
                          "--backend torch")
     if cfg.backend.precision != "fp32":
         raise ValueError("the ort backend trains in fp32; set backend.precision=fp32 or use --backend torch")
+    if cfg.backend.compile:
+        raise ValueError("the ort backend runs ONNX Runtime graphs, not torch.compile; set backend.compile=false "
+                         "or use --backend torch")
+    if cfg.backend.sync_free == "on":
+        raise ValueError("the ort backend reads each step's loss as the step ends; set backend.sync_free=auto or "
+                         "use --backend torch")
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,

@@ -82,7 +82,11 @@ def test_vit12_has_the_papers_depth_and_token_count_and_refuses_missing_weights(
 def test_unreachable_pretrained_weights_name_the_local_remedies(monkeypatch):
     import timm
 
-    def offline(*_args, **_kwargs):
+    real = timm.create_model
+
+    def offline(*args, pretrained=False, **kwargs):  # only a download needs the hub
+        if not pretrained:
+            return real(*args, **kwargs)
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
     monkeypatch.setattr(timm, "create_model", offline)
@@ -130,3 +134,23 @@ def test_the_first_line_says_where_the_weights_come_from():
     assert initial_weights("deit_small_patch16_224", True, None) == "timm's pretrained weights"
     assert "--pretrained or --checkpoint" in initial_weights("deit_small_patch16_224", None, None)
     assert initial_weights("deit_small_patch16_224", None, Path("/w.pth")) == "weights from /w.pth"
+
+
+@pytest.mark.parametrize("img_size", [None, 32])
+def test_a_model_that_is_no_vit_is_refused_before_it_is_built(img_size):
+    from runtimes.torch_backend.patch import PatchError
+
+    with pytest.raises(PatchError, match="^ResNet is not a timm VisionTransformer; ALaST supports timm ViT/DeiT"):
+        create_model("resnet18", 3, pretrained=True, img_size=img_size)  # refused before any download
+
+
+@pytest.mark.parametrize("size", [[], ["--img-size", "32"]], ids=["own size", "img-size"])
+def test_cli_refuses_a_model_that_is_no_vit_in_one_line_with_or_without_img_size(tmp_path, size):
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+    from tests.cli_errors import one_error_line
+
+    res = CliRunner().invoke(cli, ["train", "--model", "resnet18", "--no-pretrained", *size, "--steps", "1",
+                                   "--batch-size", "4", "--set", "backend.threads=1", "--out", str(tmp_path / "r")])
+    one_error_line(res, 2, "ResNet is not a timm VisionTransformer")
