@@ -97,6 +97,7 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
         t.add_row("FLOPs vs full", f"{tf / full:.3f}x  ({full / tf:.2f}x fewer)")
     t.add_row("wall time", f"{summary['wall_time_s']:.1f} s (training steps {summary['train_time_s']:.1f} s)")
     t.add_row("median step time", f"{(summary['median_step_time_s'] or 0) * 1000:.1f} ms")
-    t.add_row("peak memory", human_bytes(summary.get("peak_memory_bytes")))
+    per = " (per process)" if (summary.get("world_size") or 1) > 1 else ""
+    t.add_row(f"peak memory{per}", human_bytes(summary.get("peak_memory_bytes")))
     t.add_row("run dir", str(run_dir))
     return t

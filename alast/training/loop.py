@@ -193,14 +193,15 @@ class _Run:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
         running ratio, are counted here, before training, so that the reference step cannot raise
         the training peak the run reports (on CUDA the peak counter is reset after it)."""
-        rt = self.runtime
-        full = rt.full_ft_step_flops(self.cfg.train.batch_size // self.comm.world_size)
+        rt, ws = self.runtime, self.comm.world_size
+        full = rt.full_ft_step_flops(self.cfg.train.batch_size // ws)
+        full = None if full is None else full * ws  # the whole step, as the records count it
         device = getattr(rt, "device", None)
         if device is not None and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.tb = TensorBoardLog(self.run_dir, start, full)
         counted_steps = len(self.tally.step_times) - self.tally.uncounted_steps
-        self.tb.resume_counts(self.tally.counted_flops, counted_steps)
+        self.tb.resume_counts(self.tally.counted_flops * ws, counted_steps)
 
     def on_eval(self, hooks: Hooks, step: int, metrics: dict[str, float]) -> None:
         hooks.on_eval(step, metrics)
@@ -316,14 +317,14 @@ class _Run:
                 self.flush(hooks, writer)
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message()) from None
-        except RuntimeError as exc:  # the CPU allocator's failure is a plain RuntimeError
-            if "can't allocate memory" not in str(exc):
-                raise
-            raise OutOfMemory(self._oom_message(cpu_failure=str(exc))) from None
         except NonFiniteLoss as exc:
             kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
             exc.args = (f"{exc.args[0] if exc.args else exc}; stopped, {kept}",)
             raise
+        except RuntimeError as exc:  # the CPU allocator's failure is a plain RuntimeError (after NonFiniteLoss, one too)
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise OutOfMemory(self._oom_message(cpu_failure=str(exc))) from None
         finally:
             if writer:
                 writer.close()
@@ -374,7 +375,8 @@ class _Run:
                   "keep_ratios": list(budget.keep_ratios), "tokens_in": list(result.tokens_in),
                   "kept_tokens": list(result.kept_tokens), "trained_blocks": list(result.trained_blocks),
                   "deltas": list(result.deltas), "batch_size": result.batch_size * self.comm.world_size,
-                  "step_time_s": result.step_time_s, "train_flops": result.train_flops,
+                  "step_time_s": result.step_time_s,  # the whole step's FLOPs, over every process's share
+                  "train_flops": None if result.train_flops is None else result.train_flops * self.comm.world_size,
                   "memory_measured": result.memory_measured}
         if not result.embeddings_trained:
             record["embeddings_trained"] = False

@@ -135,9 +135,10 @@ def _read_losses(run: Path) -> list[float]:
 
 def test_cli_nproc_2_end_to_end(tmp_path):
     """`alast train --nproc 2` (torchrun): rank 0 alone writes; same losses as 1 rank within tolerance
-    (with the highest-scoring tokens kept: drawn tokens come from each rank's own generator)."""
-    common = ["--steps", "3", "--batch-size", "8", "--set", 'backend.count_flops="off"',
-              "--set", "backend.threads=1", "--set", "policy.token_select=top", "--json"]
+    (with the highest-scoring tokens kept: drawn tokens come from each rank's own generator), and
+    the same FLOPs per step in its records: the whole step's, not one process's share."""
+    common = ["--steps", "3", "--batch-size", "8", "--set", "backend.threads=1", "--set", "policy.token_select=top",
+              "--json"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", *common,
                           "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
@@ -159,6 +160,9 @@ def test_cli_nproc_2_end_to_end(tmp_path):
     assert one.exit_code == 0, one.output
     a, b = _read_losses(tmp_path / "one"), _read_losses(tmp_path / "two")
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL
+    flops = [[json.loads(line)["train_flops"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "two")]
+    assert flops[0] == pytest.approx(flops[1], rel=1e-6) and sum(flops[1]) == pytest.approx(s["train_flops"], rel=1e-6)
 
 
 def test_cli_nproc_2_exit_code_of_bad_input(tmp_path):
@@ -203,3 +207,27 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
                    "trained with 2 processes", "resume it with --nproc 2")
     train("--resume")
     assert len(straight) == 4 and steps() == straight
+
+
+def test_cli_nproc_2_failure_on_every_rank_is_reported_once(tmp_path):
+    """A non-finite loss stops both ranks alike: one message (rank 0's), not one per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", "--steps", "3",
+                          "--batch-size", "8", "--lr", "1e9", "--set", 'backend.count_flops="off"',
+                          "--set", "backend.threads=1", "--out", str(tmp_path / "run")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 1, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss became nan" in errors[0], res.stderr[-2000:]
+
+
+def test_a_global_batch_the_ranks_cannot_share_names_sizes_they_can():
+    from alast.data import DataError, check_batch_size
+
+    with pytest.raises(DataError, match="^global batch size 15 is not divisible by 2 ranks; use a multiple of 2, "
+                                        "such as 14 or 16$"):
+        check_batch_size(100, 15, 2)
+    with pytest.raises(DataError, match="; use a multiple of 4, such as 4$"):
+        check_batch_size(5, 3, 4)  # 8 would exceed the 5 training images
+    with pytest.raises(DataError, match="; use fewer ranks$"):
+        check_batch_size(1, 1, 2)
