@@ -83,9 +83,16 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
 
 def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None) -> dict[str, Any]:
     from alast.training import loop
+    from alast.training.rundir import finished_summary
 
     from .render import console, knobs_text, make_progress, training_hooks
 
+    done = finished_summary(run_dir) if resume else None
+    if done is not None:  # nothing to redo: its results stay as they are
+        if comm.is_main:
+            console.print(f"{run_dir} finished its {done['steps']} steps already; nothing to resume. Its results "
+                          f"are below and in {run_dir / 'summary.json'}; `alast eval {run_dir}` evaluates it again")
+        return done
     solve = None
     if cfg.policy.target_flops is not None:
         def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded

@@ -55,6 +55,7 @@ class _Tally:
 
     counted_flops: float = 0.0
     uncounted_steps: int = 0
+    wall_time_s: float = 0.0  # the earlier sessions' wall time, up to the checkpoint this one resumed from
     step_times: list[float] = field(default_factory=list)
     allreduce_bytes: list[int] = field(default_factory=list)
     peak_memory_bytes: int | None = None
@@ -105,6 +106,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve)
+    run.t_start = t_start
     runtime = run.runtime
     start = run.restore() if resume else 0
     if not resume:
@@ -125,8 +127,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
         run.save(steps)
         metrics = run.final_evaluation(data)
         run.on_eval(hooks, steps, metrics)
-        summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, time.perf_counter() - t_start,
-                              plan_info)
+        summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, run.wall_time(), plan_info)
         if comm.is_main:
             write_final(run_dir, runtime, summary, cfg)
             if run.tb:
@@ -188,6 +189,7 @@ class _Run:
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
         self.current_step: int | None = None  # the step being run (for the out-of-memory message)
+        self.t_start = time.perf_counter()  # this session's start (train() sets it before any work)
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
@@ -262,6 +264,10 @@ class _Run:
         if self.comm.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    def wall_time(self) -> float:
+        """The run's wall time so far: the earlier sessions' and this one's."""
+        return self.tally.wall_time_s + time.perf_counter() - self.t_start
+
     def _random_state(self) -> dict[str, Any]:
         """This rank's random generators: its own token draws (seeded per rank) and the global ones."""
         tokens = getattr(self.runtime, "token_rng", None)
@@ -280,7 +286,8 @@ class _Run:
         def write() -> Path:
             payload = {"step": step_done, "runtime": self.runtime.state_dict(), "planner": self.planner.state_dict(),
                        "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
-                       "tally": asdict(self.tally) | {"peak_memory_bytes": self.tally.peak(self.runtime)},
+                       "tally": asdict(self.tally) | {"peak_memory_bytes": self.tally.peak(self.runtime),
+                                                      "wall_time_s": self.wall_time()},
                        "world_size": self.comm.world_size, "rank_random": ranks,
                        "unobserved": asdict(self.unobserved) if self.unobserved else None}
             try:

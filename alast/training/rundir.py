@@ -7,11 +7,12 @@ Nothing else in it is alast's: ``--force`` replaces a run by removing exactly th
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from alast.training import checkpoint as ckpt
 from alast.training.report import METRICS
@@ -25,6 +26,16 @@ ORT_DIR = "ort_artifacts"  # runtimes.ort_backend.artifacts.CACHE_DIR, named her
 # What a run writes: the files at its top level, and the folders that are wholly its own.
 RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL_WEIGHTS, HEATMAP)
 RUN_DIRS = (ckpt.CKPT_DIR, TB_DIR, ORT_DIR)
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of the run in ``run_dir`` if it finished (``summary.json`` is written at its end),
+    else None (a run stopped in its final evaluation has its last checkpoint and no summary)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "steps" in summary else None
 
 
 class RunDirError(ValueError):

@@ -283,3 +283,36 @@ def test_a_failed_final_evaluation_keeps_the_training(reference, tmp_path, monke
     assert losses(run) == losses(reference)
     ref = json.loads((reference / "summary.json").read_text())
     assert summary["val_accuracy"] == ref["val_accuracy"] and summary["val_loss"] == ref["val_loss"]
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    assert invoke(*FAST, "--steps", "3", "--out", str(run)).exit_code == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = invoke("--resume", "--out", str(run), "--json")
+    assert res.exit_code == 0, res.output
+    assert f"{run} finished its 3 steps already; nothing to resume" in res.stderr
+    assert json.loads(res.stdout) == json.loads((run / "summary.json").read_text())
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resumed_runs_wall_time_includes_the_earlier_session(tmp_path, monkeypatch):
+    from alast.training import loop
+
+    run = tmp_path / "run"
+    step = loop._Run.step
+
+    def slow_step(self, *a):  # a second of wall time per step, outside the timed step
+        time.sleep(1.0)
+        return step(self, *a)
+
+    monkeypatch.setattr(loop._Run, "step", slow_step)
+    interrupt_after_step_1(monkeypatch)
+    assert invoke(*FAST, "--steps", "3", "--set", "output.checkpoint_every=1", "--out", str(run)).exit_code == 130
+    monkeypatch.undo()
+    t0 = time.perf_counter()
+    assert invoke("--resume", "--out", str(run)).exit_code == 0
+    resumed = time.perf_counter() - t0
+    summary = json.loads((run / "summary.json").read_text())
+    # the first session slept 2 s before its checkpoint: the run's wall time holds it, beyond this session's
+    assert summary["resumed_from_step"] == 2 and summary["wall_time_s"] >= resumed + 1.0
