@@ -78,7 +78,22 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
             click.echo(json.dumps(summary))
         else:
             console.print(summary_table(summary, run_dir))
+        _warn_target_miss(summary, cfg.policy.target_flops, run_dir, cost_model)
     return summary
+
+
+def _warn_target_miss(summary: dict[str, Any], target: float | None, run_dir: Path, cost_model: Path | None) -> None:
+    """One warning line where the counted FLOPs missed the target by more than 3%."""
+    from alast.training.summary import target_miss
+
+    miss = target_miss(summary, target)
+    if miss is None:
+        return
+    fix = (f"re-profile {cost_model} (`alast profile MODEL --img-size N --out {cost_model}`) or drop --cost-model"
+           if cost_model else f"`alast plan --trace {run_dir}` compares the plan with the run step by step")
+    click.echo(f"warning: the run counted {summary['flops_ratio_vs_full']:.3f}x full fine-tuning's FLOPs, "
+               f"{miss:+.1%} off --target-flops {target:g}: the cost model it was planned on does not price "
+               f"its steps as they ran; {fix}", err=True)
 
 
 def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None) -> dict[str, Any]:

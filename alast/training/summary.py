@@ -43,6 +43,16 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     }
 
 
+def target_miss(summary: dict[str, Any], target: float | None, tolerance: float = 0.03) -> float | None:
+    """How far (relative) the run's counted FLOPs landed from ``target`` x full fine-tuning's, where
+    beyond ``tolerance``; None where within it, or nothing was counted or targeted."""
+    ratio = summary.get("flops_ratio_vs_full")
+    if target is None or ratio is None:
+        return None
+    miss = ratio / target - 1.0
+    return miss if abs(miss) > tolerance else None
+
+
 def _deployment(cfg, metrics: dict[str, Any]) -> dict[str, Any]:
     """How the model is evaluated and exported (``eval_kept_tokens``: its token schedule, None for
     every token), and both candidates when the run dropped tokens."""

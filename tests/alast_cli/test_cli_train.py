@@ -128,3 +128,25 @@ def test_a_targets_settings_print_as_key_value_pairs():
 
     knobs = {"k_trained": 4, "b_max": 1.0, "trim_last": True, "target_flops": 0.5180777947524645}
     assert knobs_text(knobs) == "k_trained=4, b_max=1, trim_last=true, target_flops=0.518"
+
+
+def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
+    """A cost model that prices one block at 3x its real cost plans steps that spend too much: the
+    run ends with one warning naming the miss and the file to re-profile. The true one: no warning."""
+    cm = tmp_path / "cm.json"
+    assert runner.invoke(cli, ["profile", "alast_demo_vit", "--out", str(cm)]).exit_code == 0
+    doctored = json.loads(cm.read_text())
+    block = doctored["blocks"][2]
+    block["fwd_flops"][2] *= 3
+    block["fwd_macs"][2] *= 3
+    for costs in block["bwd_flops"].values():
+        costs[2] *= 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doctored))
+    args = ["train", "--steps", "8", "--batch-size", "16", "--target-flops", "0.5", "--set", "backend.threads=1"]
+    res = runner.invoke(cli, [*args, "--cost-model", str(bad), "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "off --target-flops 0.5" in warnings[0] and f"re-profile {bad}" in warnings[0]
+    res = runner.invoke(cli, [*args, "--cost-model", str(cm), "--out", str(tmp_path / "good")])
+    assert res.exit_code == 0 and "warning:" not in res.stderr
