@@ -55,6 +55,9 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 
     from .render import console, human
 
+    for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be 1 or more, got {value}")
     if out is not None:
         from alast.training.rundir import check_out_file
 
@@ -109,7 +112,7 @@ def _plan_table(result: dict[str, Any]) -> Any:
 
     t = Table(title=f"{result['model']}: {result['steps']} steps at batch {result['batch_size']} "
                     f"({result['device']})")
-    for col in ("policy", "train FLOPs", "vs full", "peak memory", "vs full", "time", "vs full", "method"):
+    for col in ("policy", "train FLOPs", "vs full", "peak memory\n(all steps)", "vs full", "time", "vs full", "method"):
         t.add_column(col, justify="left" if col in ("policy", "method") else "right")
     ratio = lambda r: f"{r:.3f}x" if r is not None else "n/a"  # noqa: E731
     secs = lambda s: f"{s:.1f} s" if s is not None else "n/a"  # noqa: E731
@@ -122,19 +125,30 @@ def _plan_table(result: dict[str, Any]) -> Any:
     return t
 
 
+def check_plot(plot: Path, force: bool) -> None:
+    """Refuse a ``--plot`` that is a directory, one of a run's files, or an existing file without
+    ``--force``, judged on the file the plot goes to (``plan.plot_file``), before planning."""
+    from alast.planning.plan import plot_file
+    from alast.training.rundir import check_out_file
+
+    check_out_file(plot if Path(plot).is_dir() else plot_file(plot), force, "plan", "plan.png", option="--plot")
+
+
 def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: Path | None, calibrate: bool,
-             throughput: float | None, cost_model: Path | None) -> dict[str, Any]:
+             throughput: float | None, cost_model: Path | None, force: bool = False) -> dict[str, Any]:
     from alast.planning.plan import plan, plot_plan, replay_run
 
-    from .render import console, human, knobs_text
+    from .render import console, human, human_bytes, knobs_text
 
+    if plot is not None:
+        check_plot(plot, force)
     if trace is not None:
         result = replay_run(trace, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
     else:
         cfg = resolve_config(config, overrides, **named)
         result = plan(cfg, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
     if plot is not None:
-        plot_plan(result, plot)
+        plot = plot_plan(result, plot)
     if as_json:
         click.echo(json.dumps(result))
         return result
@@ -167,6 +181,12 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         err = tr["train_flops_rel_error"]
         console.print(f"trace {tr['run_dir']}: predicted {human(tr['predicted_train_flops'], 'FLOP')}, counted "
                       f"{human(tr['counted_train_flops'], 'FLOP')}" + (f" ({err:+.2%})" if err is not None else ""))
+        if tr.get("measured_peak_memory_bytes") is not None:  # the table's peak is over all steps
+            sampled = tr.get("predicted_peak_memory_sampled_steps_bytes")
+            which = "the steps the run measured (1, 2, every 50th)" if sampled is not None else "all steps"
+            predicted = sampled if sampled is not None else tr["predicted_peak_memory_bytes"]
+            console.print(f"peak memory over {which}: predicted {human_bytes(int(predicted))}, measured "
+                          f"{human_bytes(int(tr['measured_peak_memory_bytes']))} (the table's: over all steps)")
         if tr.get("counted_inference_flops_ratio") and tr.get("predicted_inference_flops_ratio"):
             console.print(f"inference on the token schedule: predicted {tr['predicted_inference_flops_ratio']:.3f}x, "
                           f"counted {tr['counted_inference_flops_ratio']:.3f}x")
@@ -178,14 +198,16 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
 @click.command("plan")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (per policy: FLOPs, memory, time, ratios)")
-@click.option("--plot", type=click.Path(path_type=Path), help="write a figure: per-block costs and token profile")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="write a figure: per-block costs and token profile (PNG unless the name has another suffix)")
+@click.option("--force", is_flag=True, help="overwrite --plot if it exists (never one of a run's own files)")
 @click.option("--trace", type=click.Path(path_type=Path), help="replay a run directory's logged budgets")
 @click.option("--calibrate", is_flag=True, help="time a few real training steps on this machine for the time model")
 @click.option("--throughput", type=float, help="time from this throughput (FLOP/s) instead of a calibration")
 @click.option("--cost-model", type=click.Path(path_type=Path), help="cost model JSON from `alast profile`")
 @click.pass_context
-def plan_command(ctx: click.Context, config, overrides, as_json, plot, trace, calibrate, throughput, cost_model,
-                 **named) -> None:
+def plan_command(ctx: click.Context, config, overrides, as_json, plot, force, trace, calibrate, throughput,
+                 cost_model, **named) -> None:
     """Predict training FLOPs, peak memory and time of a policy against full fine-tuning."""
-    run_guarded(lambda: run_plan(config, overrides, named, as_json, plot, trace, calibrate, throughput, cost_model),
-                _debug(ctx))
+    run_guarded(lambda: run_plan(config, overrides, named, as_json, plot, trace, calibrate, throughput, cost_model,
+                                 force), _debug(ctx))

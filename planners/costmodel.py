@@ -214,7 +214,8 @@ class TimeModel:
     method: ``calibrated`` (least squares on real timed steps on ``device``) or ``throughput``
     (``train_flops / flops_per_s``, nothing else). Features: ``step`` (1), ``fwd_flops``,
     ``bwd_flops``, ``select_blocks`` (blocks that drop tokens), ``bwd_blocks`` (blocks with any
-    backward), all for the whole batch.
+    backward), all for the whole batch. A calibration holds for its ``device``, ``batch_size``,
+    ``count_flops`` and CPU ``threads`` (None: not recorded) only.
     """
 
     method: str
@@ -222,6 +223,7 @@ class TimeModel:
     device: str = ""
     batch_size: int | None = None
     count_flops: str = ""
+    threads: int | None = None
     points: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
 
@@ -267,10 +269,25 @@ class CostModel:
         return self.num_prefix_tokens + self.num_patches
 
     def with_num_classes(self, num_classes: int) -> "CostModel":
-        """The same model with a classifier head for ``num_classes`` (head costs scale linearly)."""
+        """The same model with a classifier head for ``num_classes``. The head's FLOPs scale linearly
+        (the classifier is its only matrix product under token or average pooling); its parameters
+        change by ``embed_dim`` weights and one bias per class, in the model's parameter bytes, the
+        head's trainable bytes and its largest tensor (the classifier's weight, or the final norm's
+        where that is larger)."""
         if num_classes == self.num_classes:
             return self
-        return replace(self, num_classes=num_classes, head=self.head.scaled(num_classes / self.num_classes))
+        head = self.head.scaled(num_classes / self.num_classes)
+        added = (self.embed_dim + 1) * (num_classes - self.num_classes)  # parameters
+        total = self.embed.params + self.head.params + sum(b.params for b in self.blocks)
+        width = round(self.memory.param_bytes / total) if total else 4  # bytes per parameter
+        if head.trainable:
+            old_w, new_w = (self.embed_dim * c * width for c in (self.num_classes, num_classes))
+            others = head.largest_trainable_bytes if head.largest_trainable_bytes != old_w else self.embed_dim * width
+            head = replace(head, trainable_bytes=head.trainable_bytes + added * width,
+                           largest_trainable_bytes=max(new_w, others))
+        head = replace(head, params=head.params + added)
+        memory = replace(self.memory, param_bytes=self.memory.param_bytes + added * width)
+        return replace(self, num_classes=num_classes, head=head, memory=memory)
 
     def with_time(self, time: TimeModel | None) -> "CostModel":
         return replace(self, time=time)
@@ -305,11 +322,12 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CostModel":
         if not isinstance(d, dict) or d.get("format") != COST_MODEL_FORMAT:
-            raise CostModelError("not an alast cost model (no 'format: alast-cost-model'); make one with `alast profile`")
+            raise CostModelError("not an alast cost model (no 'format: alast-cost-model'); make one with "
+                                 "`alast profile MODEL --out FILE`")
         if d.get("version") not in READABLE_VERSIONS:
             raise CostModelError(f"cost model version {d.get('version')} is not supported (this alast reads "
                                  f"versions {', '.join(map(str, READABLE_VERSIONS))}); "
-                                 f"re-run `alast profile {d.get('model', 'MODEL')}`")
+                                 f"re-run `alast profile {d.get('model', 'MODEL')} --out FILE`")
         try:
             blocks = tuple(_block(b) for b in d["blocks"])
             time = d.get("time")
@@ -324,7 +342,8 @@ class CostModel:
                 version=int(d["version"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CostModelError(f"malformed cost model ({exc.__class__.__name__}: {exc}); re-run `alast profile`") from None
+            raise CostModelError(f"malformed cost model ({exc.__class__.__name__}: {exc}); "
+                                 "re-run `alast profile MODEL --out FILE`") from None
 
 
 def _block(b: dict[str, Any]) -> BlockCost:
@@ -371,11 +390,14 @@ def load_cost_model(path: Path, model: str | None = None, img_size: int | None =
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CostModelError(f"cannot read cost model {path}: {exc.__class__.__name__}; is it JSON from `alast profile`?") from None
     cm = CostModel.from_dict(data)
+    size = f" --img-size {img_size}" if img_size is not None else ""
     if model is not None and cm.model != model:
-        raise CostModelError(f"cost model {path} is for {cm.model!r}, not {model!r}; run `alast profile {model}`")
+        raise CostModelError(f"cost model {path} is for {cm.model!r}, not {model!r}; make one with "
+                             f"`alast profile {model}{size} --out FILE` and pass that, or leave out --cost-model")
     if img_size is not None and cm.img_size != img_size:
-        raise CostModelError(f"cost model {path} was profiled at image size {cm.img_size}, not {img_size}; "
-                             f"run `alast profile {cm.model} --img-size {img_size}`")
+        raise CostModelError(f"cost model {path} was profiled at image size {cm.img_size}, not {img_size}; make one "
+                             f"with `alast profile {cm.model}{size} --out FILE` and pass that, or leave out "
+                             "--cost-model")
     if lora is not False and (cm.lora or None) != (lora or None):
         raise CostModelError(f"cost model {path} has lora={cm.lora}, the plan needs lora={lora}")
     return cm

@@ -68,6 +68,8 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     coefficients = {f: 0.0 for f in _TIME_FEATURES}
     for j, c in zip(used, coef / scale):
         coefficients[_TIME_FEATURES[j]] = float(c)
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
-                     points=points, note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch "
-                     f"{batch_size} on {rt.device} (FLOP counting {count_flops})")
+                     threads=threads, points=points,
+                     note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch {batch_size} on "
+                     f"{rt.device} (FLOP counting {count_flops})")

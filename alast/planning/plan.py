@@ -6,8 +6,11 @@ policy uses LoRA), and puts the answers in the shape the CLI prints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from alast.planning.calibrate import calibrate_time
 from alast.planning.profile import profile_with_source
 from alast.training.build import model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
-from planners.costmodel import CostModel, TimeModel, load_cost_model
+from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model
 from planners.simulate import Prediction, replay, simulate
 from planners.target import check_target
 from planners.target import solve_target as _solve
@@ -34,6 +37,16 @@ def cpu_memory_sampled(step: int) -> bool:
 
 class TraceError(ValueError):
     """A run directory cannot be replayed (missing, or without metrics)."""
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """``warning: message`` on stderr, once per process (a run reads its cost model more than once)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def model_img_size(cfg: AlastConfig) -> int:
@@ -87,8 +100,19 @@ def _for_device(cm: CostModel, device: str) -> CostModel:
 
 def load_cost_model_for(cfg: AlastConfig, path: Path) -> CostModel:
     """The cost model in ``path`` (from `alast profile`), refused unless it is of ``cfg``'s model at its
-    image size."""
-    return load_cost_model(Path(path), model=cfg.model.name, img_size=model_img_size(cfg), lora=None)
+    image size; a warning where it was profiled with other libraries or an older cost-model version
+    than these (the disk cache would measure afresh; a named file is taken as it is)."""
+    from alast.planning.profile_cache import library_versions
+
+    cm = load_cost_model(Path(path), model=cfg.model.name, img_size=model_img_size(cfg), lora=None)
+    ours = {**library_versions(), "cost-model version": str(COST_MODEL_VERSION)}
+    theirs = {**{k: str(v) for k, v in cm.provenance.items()}, "cost-model version": str(cm.version)}
+    changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+    if changed:
+        warn(f"cost model {path} was profiled with {', '.join(f'{k} {theirs[k]}' for k in changed)}, not "
+             f"{', '.join(f'{k} {ours[k]}' for k in changed)} as here: its costs may be off; re-profile with "
+             f"`alast profile {cm.model} --img-size {cm.img_size} --out {path} --force`")
+    return cm
 
 
 def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[CostModel, CostModel, str]:
@@ -167,27 +191,77 @@ def planned_steps(cfg: AlastConfig) -> int:
 def _time_models(cfg: AlastConfig, plain: CostModel, pcm: CostModel, calibrate: bool, throughput: float | None,
                  batch: int, budget: Any = None) -> tuple[CostModel, CostModel]:
     """Attach time models: a given throughput, or a calibration (timing ``budget``, the policy's
-    own step, beside the standard shapes), or whatever a loaded cost model carries."""
+    own step, beside the standard shapes), or whatever a loaded cost model carries. A calibration
+    times the plain model, so it is fitted on ``plain``'s features and applied to ``pcm``'s (the
+    policy's frozen embeddings, its backend's selection)."""
     if throughput is not None:
         tm = TimeModel.from_throughput(throughput)
         return plain.with_time(tm), pcm.with_time(tm)
     if not calibrate:
+        if plain.time is not None and _time_model_differs(cfg, plain, batch):
+            return plain.with_time(None), pcm.with_time(None)
         return plain, pcm
     device, count = training_device(cfg), cfg.backend.count_flops
     extra = {"policy": budget} if budget is not None else None
-    if pcm.lora is None:
+    with _torch_threads(cfg.backend.threads):
+        if pcm.lora is None:
+            tm = calibrate_time(plain, cfg.model.name, batch_size=batch, device=device, count_flops=count,
+                                extra=extra)
+            return plain.with_time(tm), pcm.with_time(tm)
         plain = plain.with_time(calibrate_time(plain, cfg.model.name, batch_size=batch, device=device,
-                                               count_flops=count, extra=extra))
-        return plain, plain
-    plain = plain.with_time(calibrate_time(plain, cfg.model.name, batch_size=batch, device=device, count_flops=count))
-    return plain, pcm.with_time(calibrate_time(pcm, cfg.model.name, batch_size=batch, device=device,
-                                               count_flops=count, lora=pcm.lora, extra=extra))
+                                               count_flops=count))
+        return plain, pcm.with_time(calibrate_time(pcm, cfg.model.name, batch_size=batch, device=device,
+                                                   count_flops=count, lora=pcm.lora, extra=extra))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``backend.threads`` meanwhile (as the run sets them), if given."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_model_differs(cfg: AlastConfig, cm: CostModel, batch: int) -> bool:
+    """Whether ``cm``'s calibrated time model (from a cost model file) was timed at another batch size,
+    device, FLOP counting or thread count than the planned run's; if so, warns that it is left out."""
+    import torch
+
+    tm = cm.time
+    if tm is None or tm.method != "calibrated":
+        return False
+    device = training_device(cfg).split(":")[0]
+    ours = {"batch": batch, "device": device, "FLOP counting": cfg.backend.count_flops,
+            "threads": (cfg.backend.threads or torch.get_num_threads()) if device == "cpu" else None}
+    theirs = {"batch": tm.batch_size, "device": tm.device.split(":")[0], "FLOP counting": tm.count_flops,
+              "threads": tm.threads}
+    changed = [k for k in ours if theirs[k] not in (None, "") and ours[k] is not None and theirs[k] != ours[k]]
+    if not changed:
+        return False
+    why = "fixed per-step costs weigh more in small batches" if "batch" in changed else "it was timed on other steps"
+    fix = "pass --calibrate"
+    if set(changed) <= {"batch", "device"}:
+        fix += (f", or re-profile with `alast profile {cm.model} --img-size {cm.img_size} --calibrate --batch-size "
+                f"{batch}" + (f" --device {device}" if "device" in changed else "") + " --out FILE`")
+    calibrated, planned = (", ".join(f"{k} {d[k]}" for k in changed) for d in (theirs, ours))
+    warn(f"no time predicted: the cost model's time model was calibrated at {calibrated}, this run has {planned}, "
+         f"and step time does not carry over ({why}); {fix}")
+    return True
 
 
 def first_budget(cm: CostModel, planner: str, options: dict[str, Any]) -> Any:
-    """The policy's step-0 budget (a representative step shape)."""
+    """The policy's step-0 budget (a representative step shape); a ``target_flops`` option without
+    a ``cost_model`` projects on ``cm``, as :func:`planners.simulate.planner_shapes` does."""
     from planners import create_planner
 
+    if options.get("target_flops") is not None and options.get("cost_model") is None:
+        options = {**options, "cost_model": cm}
     return create_planner(planner, cm.num_blocks, **options).plan(0, 0.0)
 
 
@@ -323,8 +397,16 @@ def _logged_budget(rec: dict[str, Any], cm: CostModel, cfg: AlastConfig) -> Any:
     return Budget(ratios, tuple(i in trained for i in range(cm.num_blocks)), cfg.policy.min_tokens)
 
 
+def plot_file(path: Path) -> Path:
+    """The file :func:`plot_plan` writes for ``path``: matplotlib adds ``.png`` to a name without a
+    suffix."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name.rstrip(".") + ".png")
+
+
 def plot_plan(result: dict[str, Any], path: Path) -> Path:
-    """Per-block cost split (policy vs full) and the predicted tokens / trained share per block."""
+    """Per-block cost split (policy vs full) and the predicted tokens / trained share per block, in
+    :func:`plot_file` of ``path``; returns that file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,7 +437,8 @@ def plot_plan(result: dict[str, Any], path: Path) -> Path:
     t.set_ylabel("share of steps trained")
     a2.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = plot_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return path

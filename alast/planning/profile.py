@@ -19,7 +19,6 @@ times real training steps of the torch runtime on this machine for the time mode
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -216,12 +215,6 @@ def token_counts(num_patches: int, num_prefix: int) -> list[int]:
 def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str, Any] | None = None,
                   device: str = "cpu") -> CostModel:
     """Cost model of an instantiated timm ViT (possibly wrapped by peft LoRA), trained on ``device``."""
-    import timm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import fvcore
-
     vit = timm_model(model)
     vit.train()
     dim = int(vit.embed_dim)
@@ -260,8 +253,8 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         embed=embed, blocks=tuple(blocks), head=head, memory=memory, lora=lora, head_reads_prefix=head_reads_prefix(vit),
         token_counts=tuple(ns),
         fit_max_rel_error=max(errs + [e1, e2]),
-        provenance={"torch": torch.__version__, "timm": timm.__version__, "fvcore": getattr(fvcore, "__version__", "?"),
-                    "device": device, "measured_on": "cpu, batch 1 (costs per sample)"},
+        provenance={**profile_cache.library_versions(), "device": device,
+                    "measured_on": "cpu, batch 1 (costs per sample)"},
     )
 
 

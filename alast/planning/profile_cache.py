@@ -49,18 +49,25 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(**parts: Any) -> str:
-    """The file name for a profile of ``parts`` (model, size, classes, LoRA, device) with today's
-    library versions and code."""
-    import fvcore
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a profile measures through (what a cost model's provenance records)."""
+    import warnings
+
     import timm
     import torch
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import fvcore
+    return {"torch": torch.__version__, "timm": timm.__version__, "fvcore": getattr(fvcore, "__version__", "?")}
+
+
+def cache_key(**parts: Any) -> str:
+    """The file name for a profile of ``parts`` (model, size, classes, LoRA, device) with today's
+    library versions and code."""
     from planners.costmodel import COST_MODEL_VERSION
 
-    record = {**parts, "torch": torch.__version__, "timm": timm.__version__,
-              "fvcore": getattr(fvcore, "__version__", "?"), "cost_model_version": COST_MODEL_VERSION,
-              "code": code_digest()}
+    record = {**parts, **library_versions(), "cost_model_version": COST_MODEL_VERSION, "code": code_digest()}
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
     name = str(parts.get("name", "model")).replace("/", "_")
     return f"{name}-{digest}.json"

@@ -114,18 +114,19 @@ def owning_run(path: Path) -> Path | None:
     return None
 
 
-def check_out_file(out: Path, force: bool, command: str, example: str, run_dir: Path | None = None) -> None:
-    """Refuse an ``--out`` file of ``command`` that is a directory, that is a file of a run (of
+def check_out_file(out: Path, force: bool, command: str, example: str, run_dir: Path | None = None,
+                   option: str = "--out") -> None:
+    """Refuse an ``option`` file of ``command`` that is a directory, that is a file of a run (of
     ``run_dir``, or of the run whose folder holds it; always), or that exists (unless ``force``)."""
     out = Path(out)
     if out.is_dir():
-        raise RunDirError(f"--out {out} is a directory; give the file to write, e.g. {out / example}")
+        raise RunDirError(f"{option} {out} is a directory; give the file to write, e.g. {out / example}")
     owner = (run_dir if is_run_file(run_dir, out) else None) if run_dir is not None else owning_run(out)
     if owner is not None:
-        raise RunDirError(f"--out {out} is one of the files of the run {owner}: the run's own files are never "
-                          f"written over by {command}; choose another --out, e.g. {Path(owner) / example}")
+        raise RunDirError(f"{option} {out} is one of the files of the run {owner}: the run's own files are never "
+                          f"written over by {command}; choose another {option}, e.g. {Path(owner) / example}")
     if out.exists() and not force:
-        raise RunDirError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
+        raise RunDirError(f"{option} {out} exists; pass --force to overwrite it, or choose another {option}")
 
 
 def _check_writable(run_dir: Path, resume: bool) -> None:

@@ -147,6 +147,28 @@ def test_head_scales_with_classes(tiny_cm):
     assert poly(cm10.head.fwd_flops, 17) == pytest.approx(2 * poly(tiny_cm.head.fwd_flops, 17))
 
 
+def _leaves(value, path=""):
+    if isinstance(value, dict):
+        for k, v in sorted(value.items()):
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+@pytest.mark.parametrize("profiled,wanted", [(1000, 25), (25, 1000), (5, 7)])
+def test_a_head_for_other_classes_equals_one_profiled_for_them(profiled, wanted):
+    """Every FLOP and memory figure, the parameter bytes and the head's largest tensor included."""
+    scaled = profile_model(make_tiny_vit(num_classes=profiled), "tiny", img_size=32).with_num_classes(wanted)
+    direct = profile_model(make_tiny_vit(num_classes=wanted), "tiny", img_size=32)
+    got, want = dict(_leaves(scaled.to_dict())), dict(_leaves(direct.to_dict()))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value, rel=1e-9, abs=1e-6) if isinstance(value, float) else value), key
+
+
 @pytest.mark.parametrize("policy,target", [("alast", 0.5), ("alast", 0.8), ("alast", 1.0), ("tokens", 0.6),
                                           ("freeze", 0.9), ("random", 0.95)])
 def test_target_solver_hits_the_target(tiny_cm, policy, target):
