@@ -6,6 +6,10 @@ Runs alternate: seed s runs the policies in an order rotated by s, so a machine 
 Beside the same-steps table: ``matched`` adds, right after each ALaST run, full fine-tuning for the
 steps that cost the same counted FLOPs (row ``full@matched``); ``targets`` runs every policy at
 several FLOPs targets and draws accuracy-versus-FLOPs curves (:mod:`alast.bench_curves`).
+
+A bench writes what it was asked to run to ``bench.json`` before its first run; ``resume`` finishes
+an interrupted bench: the same arguments, runs with a ``summary.json`` read back (not rerun), an
+interrupted run continued from its last checkpoint, then the rest, and the same tables.
 """
 from __future__ import annotations
 
@@ -14,30 +18,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from alast.bench_runs import MATCHED, RunSpec, compare, curve_runs, judgement, matched_steps, mean_std, same_step_runs
-from alast.config import AlastConfig, build_config, check_policy_name
+from alast.bench_runs import (
+    BY_STEPS,
+    MATCHED,
+    RunSpec,
+    _row,
+    aggregate,
+    curve_runs,
+    markdown_table,
+    matched_steps,
+    same_step_runs,
+)
+from alast.config import AlastConfig, build_config, build_run_config, check_policy_name
 from alast.training.loop import Hooks, train
 
-COST_KEYS = ("train_flops", "peak_memory_bytes", "wall_time_s", "median_step_time_s", "train_time_s")
-TARGET_POLICIES = ("alast", "alast+lora", "tokens")
+MANIFEST = "bench.json"
+MANIFEST_ARGS = {"policies": "--policies", "seeds": "--seeds/--seed", "target_flops": "--target-flops",
+                 "targets": "--targets", "matched": "--matched", "cost_model": "--cost-model"}
 Solver = Callable[[AlastConfig], tuple[dict[str, Any], dict[str, Any]]]
+OnRun = Callable[[int, int, str, int], Hooks]
 
 
 @dataclass
 class BenchPlan:
-    """What to run. ``target_flops``: one target for ``target_policies`` at the same steps;
-    ``targets``: several, for curves (exclusive with ``target_flops``); ``matched``: a
-    compute-matched full fine-tuning run after each ``alast`` run."""
+    """What to run. ``target_flops``: one target for every policy that can be set to one, at the
+    same steps; ``targets``: several, for curves (exclusive with ``target_flops``); ``matched``: a
+    compute-matched full fine-tuning run after each ``alast`` run; ``cost_model``: the file the
+    targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``."""
 
     base: AlastConfig
     policies: list[str]
     seeds: list[int]
     out: Path
     target_flops: float | None = None
-    target_policies: tuple[str, ...] = TARGET_POLICIES
     matched: bool = False
     targets: tuple[float, ...] | None = None
     base_steps: int | None = None
+    cost_model: str | None = None
+    resume: bool = False
     runs: list[RunSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -55,7 +73,7 @@ class BenchPlan:
             raise ValueError("--matched and --targets compare counted FLOPs, but backend.count_flops is off; "
                              "drop --set backend.count_flops=off (or pass --no-matched)")
         if self.targets is None:
-            self.runs = same_step_runs(self.policies, self.seeds, self.target_flops, self.target_policies)
+            self.runs = same_step_runs(self.policies, self.seeds, self.target_flops)
             return
         if self.base_steps is None:
             self.base_steps = _planned_steps(self.base)
@@ -65,6 +83,12 @@ class BenchPlan:
     def rows(self) -> list[str]:
         """Row names of the same-steps table."""
         return self.policies + ([MATCHED] if self.matched else [])
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``bench.json`` records: the arguments that decide the runs, and the base config."""
+        return {"policies": self.policies, "seeds": self.seeds, "target_flops": self.target_flops,
+                "targets": None if self.targets is None else list(self.targets), "matched": self.matched,
+                "cost_model": self.cost_model, "config": self.base.model_dump(mode="json")}
 
 
 def _planned_steps(cfg: AlastConfig) -> int:
@@ -92,19 +116,68 @@ def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, targ
     return build_config(data)
 
 
-def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | None = None,
-              solve_target: Solver | None = None) -> dict[str, Any]:
+def check_resume(plan: BenchPlan) -> None:
+    """Refuse to resume ``plan.out`` unless it holds a bench started with ``plan``'s arguments (one
+    line naming what differs); config keys that never change results (threads, workers) may differ."""
+    from alast.training.resume import result_changes
+
+    out = plan.out
+    if not out.is_dir():
+        raise ValueError(f"cannot resume bench {out}: no such folder; drop --resume to start the bench there")
+    if not (out / MANIFEST).is_file():
+        raise ValueError(f"cannot resume {out}: it holds no {MANIFEST}, so it is not the output of an alast bench "
+                         "(or one from before --resume); drop --resume and choose an empty --out")
+    try:
+        saved = json.loads((out / MANIFEST).read_text())
+        saved_base = build_run_config(saved["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot resume {out}: its {MANIFEST} is unreadable ({str(exc).splitlines()[0]}); "
+                         "start a new bench with another --out") from None
+    wanted = plan.manifest()
+    changed = [f"{flag} ({_show(saved.get(key))} -> {_show(wanted[key])})" for key, flag in MANIFEST_ARGS.items()
+               if saved.get(key) != wanted[key]]
+    changed += result_changes(_run_neutral(saved_base), _run_neutral(plan.base))
+    if changed:
+        raise ValueError(f"cannot resume bench {out} with other arguments: {', '.join(changed)}; rerun it with the "
+                         "arguments it was started with, or start a new bench with another --out")
+
+
+def _run_neutral(cfg: AlastConfig) -> AlastConfig:
+    """``cfg`` with the keys each run sets for itself (policy, target, seed) made equal."""
+    data = cfg.model_dump(mode="json")
+    data["policy"]["name"], data["policy"]["target_flops"], data["train"]["seed"] = "full", None, 0
+    return build_config(data)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver | None = None,
+              on_reused: Callable[[int, int, str, int], None] | None = None) -> dict[str, Any]:
     """Run ``plan`` (a ``full@matched`` run right after each alast run when ``plan.matched``); write
-    ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over targets)
-    under ``plan.out``; return what ``results.json`` holds."""
-    if plan.targets is None and solve_target is not None:
-        _solve_up_front(plan, solve_target)
+    ``bench.json``, ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over
+    targets) under ``plan.out``; return what ``results.json`` holds. With ``plan.resume``, a finished
+    run is read back (``on_reused`` is told) and an interrupted one continues from its checkpoint."""
+    if plan.resume:
+        check_resume(plan)
+    unreachable = _solve_up_front(plan, solve_target) if solve_target is not None else {}
     plan.out.mkdir(parents=True, exist_ok=True)
+    if not plan.resume:
+        (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
+    (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
     total = len(plan.runs) + (sum(r.policy == "alast" for r in plan.runs) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
-        summary = _execute(plan, spec, len(results), total, on_run, solve_target)
+        why = _skip_reason(plan, spec, unreachable)
+        if why is not None:
+            summary = {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
+                       "skipped": why}
+        else:
+            summary = _execute(plan, spec, len(results), total, on_run, solve_target, on_reused)
         results.append(summary)
         with (plan.out / "raw.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
@@ -123,54 +196,101 @@ def run_bench(plan: BenchPlan, on_run: Callable[[int, int, str, int], Hooks] | N
     return table
 
 
-def _solve_up_front(plan: BenchPlan, solve_target: Solver) -> None:
+def _solve_up_front(plan: BenchPlan, solve_target: Solver) -> dict[tuple[str, float], str]:
     """Solve each policy's FLOPs target before the first run trains, so a target out of a policy's
     reach fails the bench at once, not after the runs before it (each run solves again once its
-    data is loaded, from the cached cost model). As in a run, a batch the data cannot fill is
-    refused first, before the solver profiles the model."""
+    data is loaded, from the cached cost model). Over several targets such a (policy, target) is
+    returned with the solver's one-line reason instead, to be skipped. As in a run, a batch the data
+    cannot fill is refused first, before the solver profiles the model."""
     from alast.data import check_batch_size
     from alast.training.build import load_data
+    from planners.target import TargetError
 
-    solved: set[str] = set()
+    solved: set[tuple[str, float | None]] = set()
+    unreachable: dict[tuple[str, float], str] = {}
     for spec in plan.runs:
-        if not spec.solve or spec.policy in solved:
+        if not spec.solve or (spec.policy, spec.target) in solved:
             continue
         cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(), spec.target,
                             spec.steps)
         if not solved:
             check_batch_size(len(load_data(cfg)[0].train), cfg.train.batch_size, 1)
-        solve_target(cfg)
-        solved.add(spec.policy)
+        solved.add((spec.policy, spec.target))
+        try:
+            solve_target(cfg)
+        except TargetError as exc:
+            if plan.targets is None:
+                raise
+            unreachable[(spec.policy, spec.target)] = str(exc).strip().splitlines()[0]
+    return unreachable
 
 
-def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int,
-             on_run: Callable[[int, int, str, int], Hooks] | None, solve_target: Solver | None) -> dict[str, Any]:
+def _skip_reason(plan: BenchPlan, spec: RunSpec, unreachable: dict[tuple[str, float], str]) -> str | None:
+    """Why ``spec`` is not run: its target is out of its policy's reach, or it is full fine-tuning by
+    steps at a target that no other policy reaches (nothing to compare it with)."""
+    if spec.solve:
+        return unreachable.get((spec.policy, spec.target))
+    if spec.label != BY_STEPS:
+        return None
+    others = {s.policy for s in plan.runs if s.solve and s.target == spec.target}
+    if others and all((p, spec.target) in unreachable for p in others):
+        return f"no other policy reaches {spec.target:g}x, so there is nothing to compare with"
+    return None
+
+
+def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnRun | None,
+             solve_target: Solver | None, on_reused: Callable[[int, int, str, int], None] | None) -> dict[str, Any]:
     """Train one run (its knobs solved for its target first) and return its summary, annotated with
     seed, run dir, row label and target. Over several targets, a target out of the policy's reach
-    returns a record with the solver's reason under ``skipped`` instead of failing the bench."""
+    returns a record with the solver's reason under ``skipped`` instead of failing the bench.
+    Resuming, a finished run's summary is read back and an unfinished one continued."""
     from planners.target import TargetError
 
     run_dir = plan.out / "runs" / spec.dir_name()
     cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps)
-    solve = None
-    if spec.solve:
-        if solve_target is None:
-            raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
-
-        def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
-            return solve_target(cfg)
-    _release_memory()  # the previous run's model must not count towards this run's peak
     shown = spec.name + (f" at {spec.target:g}x" if spec.target is not None else "")
-    hooks = on_run(index, total, shown, spec.seed) if on_run else None
-    try:
-        summary = train(cfg, run_dir, hooks=hooks, solve=solve)
-    except TargetError as exc:  # raised by ``solve``, before the run directory is made
-        if plan.targets is None:
-            raise
-        return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
-                "skipped": str(exc).strip().splitlines()[0]}
+    resume = plan.resume and _started(plan.out, run_dir, cfg)
+    if resume and (run_dir / "summary.json").is_file():
+        if on_reused:
+            on_reused(index, total, shown, spec.seed)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        if plan.resume and not resume and run_dir.exists():
+            cfg.output.force = True  # made, but stopped before its config was written: start it afresh
+        solve = None
+        if spec.solve:
+            if solve_target is None:
+                raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
+
+            def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
+                return solve_target(cfg)
+        _release_memory()  # the previous run's model must not count towards this run's peak
+        hooks = on_run(index, total, shown, spec.seed) if on_run else None
+        try:
+            summary = train(cfg, run_dir, resume=resume, hooks=hooks, solve=solve)
+        except TargetError as exc:  # raised by ``solve``, before the run directory is made
+            if plan.targets is None:
+                raise
+            return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
+                    "skipped": str(exc).strip().splitlines()[0]}
     summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target)
     return summary
+
+
+def _started(out: Path, run_dir: Path, cfg: AlastConfig) -> bool:
+    """Whether ``run_dir`` holds a run this bench started (its config.yaml); refuses one whose saved
+    config differs from ``cfg`` in what changes results."""
+    from alast.config import load_run_config
+    from alast.training.resume import result_changes
+    from alast.training.rundir import CONFIG
+
+    if not (run_dir / CONFIG).is_file():
+        return False
+    changed = result_changes(load_run_config(run_dir / CONFIG), cfg)
+    if changed:
+        raise ValueError(f"cannot resume bench {out}: {run_dir} was trained with another config: {', '.join(changed)}; "
+                         "start a new bench with another --out")
+    return True
 
 
 def _release_memory() -> None:
@@ -182,112 +302,6 @@ def _release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def _row(r: dict[str, Any]) -> str:
-    return r.get("label") or r["policy"]
-
-
-def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, Any]:
-    """One entry per row (policy, or label such as ``full@matched``): accuracy mean and std over
-    seeds, mean costs and their ratios to ``full``; ``matched``: alast against ``full@matched``."""
-    out: dict[str, Any] = {"policies": {}}
-    for policy in policies:
-        rs = [r for r in results if _row(r) == policy and "skipped" not in r]
-        acc_mean, acc_std = mean_std([r["val_accuracy"] for r in rs])
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "val_accuracy": acc_mean,
-                                 "val_accuracy_std": acc_std}
-        # the same models on their token schedule and on every token; the deployed model's inference FLOPs
-        for key in ("val_accuracy_token_schedule", "val_accuracy_all_tokens"):
-            entry[key], _ = mean_std([r.get(key) for r in rs])
-        entry["inference_flops_ratio"], _ = mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])
-        for key in COST_KEYS + ("full_ft_train_flops", "steps"):
-            entry[key], _ = mean_std([r.get(key) for r in rs])
-        entry["plan"] = rs[0].get("plan") if rs else None
-        out["policies"][policy] = entry
-    full = out["policies"]["full"]
-    for policy, e in out["policies"].items():
-        for key in COST_KEYS:
-            e[f"{key}_ratio"] = (e[key] / full[key]) if e.get(key) and full.get(key) else None
-        e["accuracy_delta_vs_full"] = (e["val_accuracy"] - full["val_accuracy"]
-                                       if full["val_accuracy"] is not None and e["val_accuracy"] is not None else None)
-        e["speedup_vs_full"] = (full["median_step_time_s"] / e["median_step_time_s"]) if e.get("median_step_time_s") else None
-        fr = e.get("train_flops_ratio")
-        e["speedup_share_of_flop_bound"] = (e["speedup_vs_full"] / (1 / fr)) if fr and e["speedup_vs_full"] else None
-    out["matched"] = _matched_comparison(results) if MATCHED in policies else None
-    out["same_steps"] = _same_steps_comparison(results, out["policies"]) if "alast" in policies else None
-    first = next((r for r in results if _row(r) != MATCHED and "skipped" not in r), {})
-    out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
-    return out
-
-
-def _matched_comparison(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """alast against full fine-tuning at the same counted FLOPs, with a one-line verdict."""
-    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
-    b = [r["val_accuracy"] for r in results if _row(r) == MATCHED]
-    if not a or not b:
-        return None
-    c = compare(a, b)
-    c["line"] = (f"Compute-matched: alast {100 * c['a_mean']:.2f}% vs {MATCHED} {100 * c['b_mean']:.2f}% "
-                 f"({c['diff'] * 100:+.2f} pts): alast is {judgement(c)}.")
-    return c
-
-
-def _same_steps_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) -> dict[str, Any] | None:
-    """alast against full fine-tuning with the same steps, at alast's counted FLOPs, with a one-line verdict."""
-    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
-    b = [r["val_accuracy"] for r in results if _row(r) == "full" and "skipped" not in r]
-    if not a or not b:
-        return None
-    c = compare(a, b)
-    ratio = rows["alast"].get("train_flops_ratio")
-    at = f", at {ratio:.3f}x full's counted FLOPs" if ratio else ""
-    c["line"] = (f"Same steps: alast {100 * c['a_mean']:.2f}% vs full {100 * c['b_mean']:.2f}% "
-                 f"({c['diff'] * 100:+.2f} pts{at}): alast is {judgement(c)}.")
-    return c
-
-
-_FORMATS: dict[str, Callable[[Any], str]] = {
-    "acc": lambda v: f"{100 * v:.2f}", "ratio": lambda v: f"{v:.3f}", "flops": lambda v: f"{v / 1e12:.3f}",
-    "bytes": lambda v: f"{v / 2**20:.1f}", "s": lambda v: f"{v:.2f}", "ms": lambda v: f"{1000 * v:.1f}",
-    "int": lambda v: f"{v:g}",
-}
-
-
-def _fmt(v: Any, kind: str) -> str:
-    if v is None:
-        return "n/a"
-    return _FORMATS.get(kind, str)(v)
-
-
-COLUMNS = [
-    ("policy", None, None), ("steps", "steps", "int"), ("acc %", "val_accuracy", "acc"), ("± std", "val_accuracy_std", "acc"),
-    ("acc schedule %", "val_accuracy_token_schedule", "acc"), ("acc all tokens %", "val_accuracy_all_tokens", "acc"),
-    ("TFLOPs", "train_flops", "flops"), ("FLOPs/full", "train_flops_ratio", "ratio"),
-    ("inference FLOPs", "inference_flops_ratio", "ratio"),
-    ("peak MiB", "peak_memory_bytes", "bytes"), ("mem/full", "peak_memory_bytes_ratio", "ratio"),
-    ("step ms", "median_step_time_s", "ms"), ("speed-up", "speedup_vs_full", "ratio"),
-    ("wall s", "wall_time_s", "s"), ("wall/full", "wall_time_s_ratio", "ratio"),
-]
-
-
-def markdown_table(table: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for policy, e in table["policies"].items():
-        cells = [policy] + [_fmt(e.get(key), kind) for _, key, kind in COLUMNS[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    s = table["setting"]
-    head = (f"Setting: model `{s['model']}`, data `{s['data']}`, backend `{s['backend']}`, {s['steps']} steps, "
-            f"batch {s['batch_size']}, device `{s['device']}`. Accuracy: mean (± std) over seeds of the deployed "
-            f"models (`policy.eval_tokens`), then the same models on their token schedule and on every token; "
-            f"inference FLOPs: the deployed forward against every token's; costs: mean.")
-    text = head + "\n\n" + "\n".join(lines) + "\n"
-    if table.get("same_steps"):
-        text += f"\n{table['same_steps']['line']}\n"
-    if table.get("matched"):
-        text += (f"\n`{MATCHED}`: full fine-tuning for fewer steps, as many as cost the alast run's counted FLOPs "
-                 f"(same seed). {table['matched']['line']}\n")
-    return text
 
 
 def write_outputs(plan: BenchPlan, results: list[dict[str, Any]], table: dict[str, Any]) -> None:

@@ -7,7 +7,9 @@ under ``skipped``. A point is the mean (± sample std) over seeds of one row at 
 
 Per target, a verdict computed from the records: alast against full fine-tuning by steps (the
 compute-matched reference), against ``full@matched`` where run, and against tokens: the mean
-accuracy difference and whether it exceeds the pooled std of the two rows.
+accuracy difference and whether it exceeds the pooled std of the two rows. A point whose counted
+FLOPs ratio is more than 3% off its target (full fine-tuning by steps rounded to few steps, a
+planner short of its target) is flagged in the table and the verdict, not called the same cost.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alast.bench_runs import BY_STEPS, MATCHED, compare, judgement, mean_std
+from alast.bench_runs import BY_STEPS, MATCHED, compare, judgement, mean_std, off_target, off_target_text
 
 CURVES = "curves.json"
 COMPARED = (BY_STEPS, MATCHED, "tokens")  # what alast is judged against, in this order
@@ -54,7 +56,8 @@ def points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio, ratio_std = mean_std([r["flops_ratio"] for r in rs])
         out.append({"policy": policy, "target": target, "seeds": [r["seed"] for r in rs],
                     "steps": mean_std([r["steps"] for r in rs])[0], "flops_ratio": ratio,
-                    "flops_ratio_std": ratio_std, "val_accuracy": acc, "val_accuracy_std": acc_std,
+                    "flops_ratio_std": ratio_std, "off_target": off_target(ratio, target),
+                    "val_accuracy": acc, "val_accuracy_std": acc_std,
                     "val_accuracy_token_schedule": sched, "val_accuracy_all_tokens": every,
                     "inference_flops_ratio": mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])[0],
                     "wall_time_s": mean_std([r["wall_time_s"] for r in rs])[0]})
@@ -81,18 +84,24 @@ def verdicts(records: list[dict[str, Any]], targets: tuple[float, ...]) -> list[
                 continue
             c = compare([r["val_accuracy"] for r in a], [r["val_accuracy"] for r in b])
             c["flops_ratio"] = mean_std([r["flops_ratio"] for r in b])[0]
+            c["off_target"] = off_target(c["flops_ratio"], t)
             comparisons[name] = c
-            parts.append(f"vs {name} {100 * c['b_mean']:.2f}% at {_x(c['flops_ratio'])}: "
+            parts.append(f"vs {name} {100 * c['b_mean']:.2f}% at {_x(c['flops_ratio'], c['off_target'])}: "
                          f"{100 * c['diff']:+.2f} pts, {judgement(c)}")
         acc = mean_std([r["val_accuracy"] for r in a])[0]
-        line = f"target {t:g}: alast {100 * acc:.2f}% at {_x(ra)}; " + ("; ".join(parts) or "nothing to compare with")
-        out.append({"target": t, "alast": {"val_accuracy": acc, "flops_ratio": ra, "n": len(a)},
+        off = off_target(ra, t)
+        line = (f"target {t:g}: alast {100 * acc:.2f}% at {_x(ra, off)}; "
+                + ("; ".join(parts) or "nothing to compare with"))
+        out.append({"target": t, "alast": {"val_accuracy": acc, "flops_ratio": ra, "off_target": off, "n": len(a)},
                     "comparisons": comparisons, "line": line})
     return out
 
 
-def _x(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.3f}x"
+def _x(ratio: float | None, off: float | None = None) -> str:
+    """``0.400x``, flagged ``0.400x (20.0% under the target: not the same cost)`` where ``off``."""
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.3f}x" + (f" ({off_target_text(off)}: not the same cost)" if off is not None else "")
 
 
 def _pct(v: float | None) -> str:
@@ -104,7 +113,8 @@ def _table(pts: list[dict[str, Any]]) -> list[str]:
              "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         wall = "n/a" if p["wall_time_s"] is None else f"{p['wall_time_s']:.2f}"
-        lines.append(f"| {p['policy']} | {len(p['seeds'])} | {p['steps']:g} | {_x(p['flops_ratio'])} | "
+        ratio = _x(p["flops_ratio"], p.get("off_target"))
+        lines.append(f"| {p['policy']} | {len(p['seeds'])} | {p['steps']:g} | {ratio} | "
                      f"{_pct(p['val_accuracy'])} | {_pct(p['val_accuracy_std'])} | "
                      f"{_pct(p.get('val_accuracy_token_schedule'))} | {_pct(p.get('val_accuracy_all_tokens'))} | "
                      f"{_x(p.get('inference_flops_ratio'))} | {wall} |")

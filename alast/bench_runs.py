@@ -8,18 +8,29 @@ Pure functions on numbers and summaries (no torch), so the bench's arithmetic is
 * Step counts: a compute-matched full fine-tuning run (``full@matched``) takes
   ``round(steps * train_flops / full_ft_train_flops)`` steps of the ALaST run it matches, from that
   run's counted FLOPs; full fine-tuning "by steps" at target t (``full@steps``) takes
-  ``round(steps * t)``. The learning-rate schedule follows the shorter step count as in any run.
+  ``round(steps * t)``. Rounding is half up (2.5 -> 3), not Python's half to even. The
+  learning-rate schedule follows the shorter step count as in any run.
+* Targets: every policy but ``full`` and the fixed-cost ones has its knobs solved for a target; a
+  counted ratio more than :data:`TARGET_TOLERANCE` (relative) off its target is flagged, not called
+  the same cost.
 * Comparison: the mean accuracy difference of two rows and whether it exceeds their pooled std.
+* The same-steps table: rows aggregated over seeds, costs as ratios to full, the verdicts, markdown.
 """
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 MATCHED = "full@matched"
 BY_STEPS = "full@steps"
 FIXED_COST = ("lora",)  # no FLOPs knob and no step change: one point at its own cost
+TARGET_TOLERANCE = 0.03  # a counted FLOPs ratio this far (relative) from its target is not "at" it
+COST_KEYS = ("train_flops", "peak_memory_bytes", "wall_time_s", "median_step_time_s", "train_time_s")
+# Costs shown as a ratio to full's. Not wall time: it holds the process's one-time start-up (imports,
+# the first model build, profiling, caches), which the first run alone pays, whichever policy it is.
+RATIO_KEYS = ("train_flops", "peak_memory_bytes", "median_step_time_s", "train_time_s")
 
 
 class RunSpec(NamedTuple):
@@ -53,13 +64,19 @@ def _rotate(items: list[Any], k: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
-def same_step_runs(policies: list[str], seeds: list[int], target: float | None,
-                   target_policies: tuple[str, ...]) -> list[RunSpec]:
-    """Every policy once per seed at the base step count; ``target`` goes to ``target_policies``."""
+def solves_target(policy: str) -> bool:
+    """Whether a FLOPs target sets ``policy``'s knobs: every policy but ``full`` (the reference, which
+    reaches a target by steps) and the fixed-cost ones."""
+    return policy != "full" and policy not in FIXED_COST
+
+
+def same_step_runs(policies: list[str], seeds: list[int], target: float | None) -> list[RunSpec]:
+    """Every policy once per seed at the base step count; ``target`` goes to each policy it can set
+    (:func:`solves_target`), as over several targets."""
     runs = []
     for i, seed in enumerate(seeds):
         for policy in _rotate(list(policies), i):
-            t = target if target is not None and policy in target_policies else None
+            t = target if target is not None and solves_target(policy) else None
             runs.append(RunSpec(policy, seed, t, solve=t is not None))
     return runs
 
@@ -73,7 +90,7 @@ def curve_runs(policies: list[str], seeds: list[int], targets: tuple[float, ...]
         for p in policies:
             if p == "full":
                 out.append(RunSpec("full", seed, target, BY_STEPS, scaled_steps(steps, target)))
-            elif p not in FIXED_COST:
+            elif solves_target(p):
                 out.append(RunSpec(p, seed, target, solve=True))
         return out
 
@@ -88,8 +105,22 @@ def curve_runs(policies: list[str], seeds: list[int], targets: tuple[float, ...]
 
 
 def scaled_steps(steps: int, fraction: float) -> int:
-    """Steps of full fine-tuning that cost ``fraction`` of ``steps`` (at least one)."""
-    return max(1, round(steps * fraction))
+    """Steps of full fine-tuning that cost ``fraction`` of ``steps``, rounded half up (at least one)."""
+    return max(1, math.floor(steps * fraction + 0.5))
+
+
+def off_target(ratio: float | None, target: float | None, tolerance: float = TARGET_TOLERANCE) -> float | None:
+    """``ratio / target - 1`` where it exceeds ``tolerance`` in size (the point is not at its target's
+    cost), else None (also when either is unknown)."""
+    if ratio is None or not target:
+        return None
+    off = ratio / target - 1
+    return off if abs(off) > tolerance else None
+
+
+def off_target_text(off: float) -> str:
+    """``"20.0% under the target"`` for ``off`` = -0.2."""
+    return f"{100 * abs(off):.1f}% {'under' if off < 0 else 'over'} the target"
 
 
 def matched_steps(summary: dict[str, Any]) -> int:
@@ -132,3 +163,122 @@ def judgement(c: dict[str, Any]) -> str:
     if c["exceeds_pooled_std"]:
         return f"{side}, beyond the pooled std {100 * c['pooled_std']:.2f} pts"
     return f"{side} but within the pooled std {100 * c['pooled_std']:.2f} pts: no clear difference"
+
+
+def _row(r: dict[str, Any]) -> str:
+    return r.get("label") or r["policy"]
+
+
+def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, Any]:
+    """One entry per row (policy, or label such as ``full@matched``): accuracy mean and std over
+    seeds, mean costs and their ratios to ``full``; ``matched``: alast against ``full@matched``."""
+    out: dict[str, Any] = {"policies": {}}
+    for policy in policies:
+        rs = [r for r in results if _row(r) == policy and "skipped" not in r]
+        acc_mean, acc_std = mean_std([r["val_accuracy"] for r in rs])
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "val_accuracy": acc_mean,
+                                 "val_accuracy_std": acc_std}
+        # the same models on their token schedule and on every token; the deployed model's inference FLOPs
+        for key in ("val_accuracy_token_schedule", "val_accuracy_all_tokens"):
+            entry[key], _ = mean_std([r.get(key) for r in rs])
+        entry["inference_flops_ratio"], _ = mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])
+        for key in COST_KEYS + ("full_ft_train_flops", "steps"):
+            entry[key], _ = mean_std([r.get(key) for r in rs])
+        entry["plan"] = rs[0].get("plan") if rs else None
+        out["policies"][policy] = entry
+    full = out["policies"]["full"]
+    for policy, e in out["policies"].items():
+        for key in RATIO_KEYS:
+            e[f"{key}_ratio"] = (e[key] / full[key]) if e.get(key) and full.get(key) else None
+        e["accuracy_delta_vs_full"] = (e["val_accuracy"] - full["val_accuracy"]
+                                       if full["val_accuracy"] is not None and e["val_accuracy"] is not None else None)
+        e["speedup_vs_full"] = (full["median_step_time_s"] / e["median_step_time_s"]) if e.get("median_step_time_s") else None
+        fr = e.get("train_flops_ratio")
+        e["speedup_share_of_flop_bound"] = (e["speedup_vs_full"] / (1 / fr)) if fr and e["speedup_vs_full"] else None
+    out["matched"] = _matched_comparison(results, out["policies"]) if MATCHED in policies else None
+    out["same_steps"] = _same_steps_comparison(results, out["policies"]) if "alast" in policies else None
+    first = next((r for r in results if _row(r) != MATCHED and "skipped" not in r), {})
+    out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
+    return out
+
+
+def _matched_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) -> dict[str, Any] | None:
+    """alast against full fine-tuning at the same counted FLOPs, with a one-line verdict that shows
+    both FLOPs ratios and flags a matched run more than 3% off alast's FLOPs (too few steps to match)."""
+    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
+    b = [r["val_accuracy"] for r in results if _row(r) == MATCHED]
+    if not a or not b:
+        return None
+    c = compare(a, b)
+    ra, rb = rows["alast"].get("train_flops_ratio"), rows[MATCHED].get("train_flops_ratio")
+    c["flops_ratios"] = {"alast": ra, MATCHED: rb}
+    off = off_target(rb, ra)
+    c["off_target"] = off
+    flag = (f"; {MATCHED} {100 * abs(off):.1f}% {'under' if off < 0 else 'over'} alast's FLOPs: not the same cost"
+            if off is not None else "")
+    c["line"] = (f"Compute-matched: alast {100 * c['a_mean']:.2f}% at {_x(ra)} vs {MATCHED} {100 * c['b_mean']:.2f}% "
+                 f"at {_x(rb)} ({c['diff'] * 100:+.2f} pts{flag}): alast is {judgement(c)}.")
+    return c
+
+
+def _x(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.3f}x"
+
+
+def _same_steps_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) -> dict[str, Any] | None:
+    """alast against full fine-tuning with the same steps, at alast's counted FLOPs, with a one-line verdict."""
+    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
+    b = [r["val_accuracy"] for r in results if _row(r) == "full" and "skipped" not in r]
+    if not a or not b:
+        return None
+    c = compare(a, b)
+    ratio = rows["alast"].get("train_flops_ratio")
+    at = f", at {ratio:.3f}x full's counted FLOPs" if ratio else ""
+    c["line"] = (f"Same steps: alast {100 * c['a_mean']:.2f}% vs full {100 * c['b_mean']:.2f}% "
+                 f"({c['diff'] * 100:+.2f} pts{at}): alast is {judgement(c)}.")
+    return c
+
+
+_FORMATS: dict[str, Callable[[Any], str]] = {
+    "acc": lambda v: f"{100 * v:.2f}", "ratio": lambda v: f"{v:.3f}", "flops": lambda v: f"{v / 1e12:.3f}",
+    "bytes": lambda v: f"{v / 2**20:.1f}", "s": lambda v: f"{v:.2f}", "ms": lambda v: f"{1000 * v:.1f}",
+    "int": lambda v: f"{v:g}",
+}
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "n/a"
+    return _FORMATS.get(kind, str)(v)
+
+
+COLUMNS = [
+    ("policy", None, None), ("steps", "steps", "int"), ("acc %", "val_accuracy", "acc"), ("± std", "val_accuracy_std", "acc"),
+    ("acc schedule %", "val_accuracy_token_schedule", "acc"), ("acc all tokens %", "val_accuracy_all_tokens", "acc"),
+    ("TFLOPs", "train_flops", "flops"), ("FLOPs/full", "train_flops_ratio", "ratio"),
+    ("inference FLOPs", "inference_flops_ratio", "ratio"),
+    ("peak MiB", "peak_memory_bytes", "bytes"), ("mem/full", "peak_memory_bytes_ratio", "ratio"),
+    ("step ms", "median_step_time_s", "ms"), ("speed-up", "speedup_vs_full", "ratio"),
+    ("train s", "train_time_s", "s"), ("train/full", "train_time_s_ratio", "ratio"), ("wall s", "wall_time_s", "s"),
+]
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for policy, e in table["policies"].items():
+        cells = [policy] + [_fmt(e.get(key), kind) for _, key, kind in COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = table["setting"]
+    head = (f"Setting: model `{s['model']}`, data `{s['data']}`, backend `{s['backend']}`, {s['steps']} steps, "
+            f"batch {s['batch_size']}, device `{s['device']}`. Accuracy: mean (± std) over seeds of the deployed "
+            f"models (`policy.eval_tokens`), then the same models on their token schedule and on every token; "
+            f"inference FLOPs: the deployed forward against every token's; costs: mean. Train s: the time in "
+            f"training steps (start-up, evaluation and checkpoints left out), the time compared to full's; wall s: "
+            f"the whole run, whose one-time start-up (imports, first model build, profiling) the first run pays.")
+    text = head + "\n\n" + "\n".join(lines) + "\n"
+    if table.get("same_steps"):
+        text += f"\n{table['same_steps']['line']}\n"
+    if table.get("matched"):
+        text += (f"\n`{MATCHED}`: full fine-tuning for fewer steps, as many as cost the alast run's counted FLOPs "
+                 f"(same seed). {table['matched']['line']}\n")
+    return text

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import run_guarded
+from .errors import EXIT_INTERRUPTED, run_guarded
 from .options import config_options, resolve_config
+
+# --set keys each run sets for itself: bench would ignore them, so it refuses them, naming its own option
+RUN_SET_KEYS = {"policy.name": "--policies", "policy.target_flops": "--target-flops or --targets",
+                "output.dir": "--out", "output.force": "a new --out (a bench never replaces runs)"}
 
 
 def parse_targets(text: str) -> tuple[float, ...]:
@@ -30,22 +35,55 @@ def parse_targets(text: str) -> tuple[float, ...]:
     return tuple(targets)
 
 
+def check_bench_options(named: dict[str, Any], overrides: tuple[str, ...]) -> None:
+    """Refuse what ``alast train`` takes but bench would ignore: ``--policy`` and ``--set`` of a key
+    each run sets for itself."""
+    if named.get("policy") is not None:
+        raise ValueError(f"bench runs each policy of --policies, so --policy {named['policy']} would be "
+                         f"ignored; list it in --policies instead (e.g. --policies full,{named['policy']})")
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in RUN_SET_KEYS:
+            raise ValueError(f"bench sets {key} for each run, so --set {item} would be ignored; "
+                             f"use {RUN_SET_KEYS[key]}")
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an --out that is a file, a non-empty one without --resume (saying so when it holds a
+    bench), and --resume without an existing --out."""
+    from alast.bench import MANIFEST
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"bench output {out} is a file; choose a folder for --out")
+    if resume:
+        if not out.is_dir():
+            raise ValueError(f"cannot resume bench {out}: no such folder; drop --resume to start the bench there")
+        return
+    if out.exists() and any(out.iterdir()):
+        again = ("it holds a bench: add --resume (with the same arguments) to finish it, or choose another --out"
+                 if (out / MANIFEST).is_file() else "choose another --out")
+        raise ValueError(f"bench output {out} exists and is not empty; {again}")
+
+
 def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
-           targets: str | None, matched: bool | None, cost_model: Path | None = None) -> None:
+           targets: str | None, matched: bool | None, cost_model: Path | None = None, resume: bool = False) -> None:
     import time
 
     from alast.bench import BenchPlan, run_bench
+    from alast.training.rundir import Interrupted
 
     from .render import console, make_progress, training_hooks
 
+    check_bench_options(named, overrides)
+    if resume and out is None:
+        raise ValueError("--resume needs --out DIR (the bench to finish)")
     target = named.pop("target_flops", None)
     cfg = resolve_config(config, overrides, single_run=False, **named)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if seeds < 1:
         raise click.BadParameter("--seeds must be >= 1")
     out = out or Path("bench") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"bench output {out} exists and is not empty; choose another --out")
+    check_out(out, resume)
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
     curve_targets = parse_targets(targets) if targets is not None else None
@@ -59,7 +97,8 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     if matched is None:  # default: on under one FLOPs target, where the compute-matched row answers it
         matched = target is not None and "alast" in names
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
-                     matched=matched, targets=curve_targets)
+                     matched=matched, targets=curve_targets,
+                     cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume)
     from alast.planning.plan import solve_target
 
     progress = make_progress()
@@ -68,8 +107,20 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         console.rule(f"[{i + 1}/{n}] {policy}, seed {seed}")
         return training_hooks(progress)
 
-    with progress:
-        result = run_bench(plan, on_run=on_run, solve_target=functools.partial(solve_target, cost_model_path=cost_model))
+    def on_reused(i: int, n: int, policy: str, seed: int) -> None:
+        console.print(f"[{i + 1}/{n}] {policy}, seed {seed}: finished before, read back")
+
+    again = "; finish the bench with the same arguments and --resume"
+    try:
+        with progress:
+            result = run_bench(plan, on_run=on_run, on_reused=on_reused,
+                               solve_target=functools.partial(solve_target, cost_model_path=cost_model))
+    except Interrupted as exc:
+        click.echo(f"interrupted at step {exc.step}; checkpoint saved to {exc.path}{again}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted{again}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if as_json:
         click.echo(json.dumps(result))
     elif curve_targets is not None:
@@ -81,7 +132,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
 TERMINAL_COLUMNS = {  # results key -> short header
     "steps": "steps", "val_accuracy": "acc %", "val_accuracy_std": "± std", "train_flops_ratio": "FLOPs",
     "inference_flops_ratio": "infer", "peak_memory_bytes": "MiB", "peak_memory_bytes_ratio": "mem",
-    "speedup_vs_full": "speed", "wall_time_s_ratio": "wall",
+    "speedup_vs_full": "speed", "train_time_s_ratio": "train",
 }
 
 
@@ -89,14 +140,14 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
     from rich import box
     from rich.table import Table
 
-    from alast.bench import COLUMNS, _fmt
+    from alast.bench_runs import COLUMNS, _fmt
 
     from .render import console
 
     # the terminal gets the columns that fit 80 characters; results.md has them all
     columns = [c for c in COLUMNS[1:] if c[1] in TERMINAL_COLUMNS]
     t = Table(title=f"alast bench -> {out}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
-              caption="ratios to full: FLOPs, infer(ence FLOPs), mem, speed (step), wall")
+              caption="ratios to full: FLOPs, infer(ence), mem, speed (step), train (time in steps)")
     t.add_column("policy", no_wrap=True, min_width=max(len(p) for p in table["policies"]))
     for _, key, _ in columns:
         t.add_column(TERMINAL_COLUMNS[key], justify="right")
@@ -118,10 +169,13 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
     for name in ("target", "policy", "seeds", "steps", "FLOPs/full", "acc %", "± std"):
         t.add_column(name, justify="left" if name == "policy" else "right")
     for p in result["points"]:
+        flag = " *" if p.get("off_target") is not None else ""
         t.add_row("-" if p["target"] is None else f"{p['target']:g}", p["policy"], str(len(p["seeds"])),
-                  f"{p['steps']:g}", f"{p['flops_ratio']:.3f}" if p["flops_ratio"] is not None else "n/a",
+                  f"{p['steps']:g}", f"{p['flops_ratio']:.3f}{flag}" if p["flops_ratio"] is not None else "n/a",
                   f"{100 * p['val_accuracy']:.2f}", f"{100 * (p['val_accuracy_std'] or 0):.2f}")
     console.print(t)
+    if any(p.get("off_target") is not None for p in result["points"]):
+        console.print("* more than 3% off its target: not at the target's cost")
     for s in {(r["policy"], r["target"]): r for r in result["skipped"]}.values():
         console.print(f"skipped {s['policy']} at {s['target']:g}: {s['skipped']}")
     for v in result["verdicts"]:
@@ -140,11 +194,13 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
               help="after each alast run, full fine-tuning for the steps that cost the same counted FLOPs "
                    "(row full@matched); default: on with --target-flops, off otherwise")
 @click.option("--out", type=click.Path(path_type=Path), help="output directory (default bench/<time>)")
+@click.option("--resume", is_flag=True, help="finish the interrupted bench in --out (same arguments): finished "
+              "runs are read back, an interrupted one continues from its checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print results.json to stdout")
 @click.option("--cost-model", type=click.Path(path_type=Path),
               help="cost model JSON from `alast profile` to plan the FLOPs targets with (default: profile now)")
 @click.pass_context
-def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, as_json,
+def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, resume, as_json,
                   cost_model, **named) -> None:
     """Train several policies on the same data, seeds and steps; write a table and plots.
 
@@ -152,4 +208,4 @@ def bench_command(ctx: click.Context, config, overrides, policies, seeds, target
     accuracy_vs_flops.png (accuracy against counted FLOPs, full fine-tuning by steps as reference)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
     run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched,
-                               cost_model), debug)
+                               cost_model, resume), debug)

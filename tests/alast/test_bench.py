@@ -1,7 +1,11 @@
 import json
+import os
+import signal
 
+import pytest
 from click.testing import CliRunner
 
+import alast.bench as bench_module
 from alast.bench import BenchPlan, aggregate
 from alast.bench_runs import MATCHED, matched_steps
 from alast.config import load_config
@@ -71,6 +75,72 @@ def test_aggregate_means_and_ratios():
     assert abs(a["speedup_share_of_flop_bound"] - 0.8) < 1e-12
 
 
+def test_time_ratios_do_not_depend_on_run_order():
+    """The first run of a process pays its one-time start-up in wall time; the ratios to full (time
+    in training steps, not wall time) come out the same whichever policy ran first."""
+    def runs(first: str):
+        rs = [{"policy": p, "seed": 0, "val_accuracy": 0.5, "train_flops": f, "peak_memory_bytes": 100,
+               "wall_time_s": 2.0 * t + (5.0 if p == first else 0.0), "median_step_time_s": t / 4,
+               "train_time_s": t, "full_ft_train_flops": 10.0} for p, f, t in (("full", 10.0, 2.0), ("freeze", 8.0, 1.6))]
+        return rs if first == "full" else rs[::-1]
+
+    a, b = (aggregate(runs(first), ["full", "freeze"])["policies"]["freeze"] for first in ("full", "freeze"))
+    ratios = {k: v for k, v in a.items() if k.endswith("_ratio")}
+    assert ratios == {k: v for k, v in b.items() if k.endswith("_ratio")}
+    assert abs(ratios["train_time_s_ratio"] - 0.8) < 1e-12 and "wall_time_s_ratio" not in ratios
+
+
+def test_matched_verdict_shows_both_ratios_and_flags_a_cost_off_alasts():
+    rs = [{"policy": "full", "label": lbl, "seed": 0, "val_accuracy": a, "train_flops": f, "full_ft_train_flops": 10.0}
+          for lbl, a, f in (("full", 0.8, 10.0), (MATCHED, 0.6, 4.0))]
+    rs.append({"policy": "alast", "seed": 0, "val_accuracy": 0.7, "train_flops": 5.0, "full_ft_train_flops": 10.0})
+    line = aggregate(rs, ["full", "alast", MATCHED])["matched"]["line"]
+    assert line.startswith("Compute-matched: alast 70.00% at 0.500x vs full@matched 60.00% at 0.400x (+10.00 pts; "
+                           "full@matched 20.0% under alast's FLOPs: not the same cost)"), line
+    rs[1]["train_flops"] = 5.1
+    line = aggregate(rs, ["full", "alast", MATCHED])["matched"]["line"]
+    assert "at 0.500x vs full@matched 60.00% at 0.510x (+10.00 pts)" in line and "not the same cost" not in line
+
+
+def test_bench_target_flops_sets_freeze_like_targets_does(tmp_path):
+    """--target-flops solves freeze's knobs as --targets and `alast plan --policy freeze` do."""
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,freeze", "--steps", "2", "--batch-size", "8",
+                                   "--set", "backend.threads=1", "--target-flops", "0.8", "--out", str(tmp_path / "b"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    freeze = json.loads(res.stdout.strip().splitlines()[-1])["policies"]["freeze"]
+    assert abs(freeze["train_flops_ratio"] / 0.8 - 1) < 0.03 and freeze["plan"]["knobs"]["k_trained"] >= 1
+
+
+def test_a_target_random_cannot_reach_stops_the_bench_before_any_run(tmp_path):
+    out = tmp_path / "b"
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,random", "--steps", "2", "--batch-size", "8",
+                                   "--set", "backend.threads=1", "--target-flops", "0.5", "--out", str(out)])
+    assert res.exit_code == 2 and "policy 'random' cannot reach" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "tokens"], "--policy tokens would be ignored; list it in --policies"),
+    (["--set", "policy.name=tokens"], "--set policy.name=tokens would be ignored; use --policies"),
+    (["--set", "policy.target_flops=0.5"], "use --target-flops or --targets"),
+    (["--set", "output.dir=x"], "use --out"),
+    (["--set", "output.force=true"], "a bench never replaces runs"),
+])
+def test_bench_refuses_train_options_it_would_ignore(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", *args,
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_out_that_is_a_file_exits_2(tmp_path):
+    (tmp_path / "afile").write_text("mine\n")
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full", "--steps", "2", "--out", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "is a file; choose a folder for --out" in res.stderr, res.output
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
 def test_a_target_out_of_a_policys_reach_fails_the_bench_before_any_run(tmp_path):
     """Full fine-tuning runs first (seed 0's order); the alast target it cannot reach must stop the
     bench before that run trains, not after it."""
@@ -80,3 +150,83 @@ def test_a_target_out_of_a_policys_reach_fails_the_bench_before_any_run(tmp_path
                                    "--target-flops", "0.35", "--out", str(out)])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.stderr
     assert not (out / "runs").exists() and not (out / "raw.jsonl").exists()
+
+
+RESUME_ARGS = ["bench", "--policies", "full,alast,tokens", "--target-flops", "0.5", "--steps", "3", "--batch-size", "8",
+               "--set", "backend.threads=1"]
+SAME_RESULTS = ("val_accuracy", "val_accuracy_std", "val_accuracy_token_schedule", "val_accuracy_all_tokens",
+                "train_flops", "train_flops_ratio", "full_ft_train_flops", "steps", "inference_flops_ratio")
+
+
+def interrupt_run_after_step_1(monkeypatch, run_name):
+    """SIGINT this process once step 1 of the run in ``runs/<run_name>`` is logged, as Ctrl-C would."""
+    from alast.training import report
+
+    write = report.MetricsWriter.write
+
+    def write_then_interrupt(self, record):
+        write(self, record)
+        if record["step"] == 1 and self.path.parent.name == run_name:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(report.MetricsWriter, "write", write_then_interrupt)
+
+
+def test_an_interrupted_bench_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch):
+    """Ctrl-C in the last run (tokens; alast and full@matched finished before it) says to resume the
+    bench; --resume trains only the rest of that run, from its checkpoint, and writes the results
+    an uninterrupted bench writes. Other arguments, or a run whose config was changed, are refused."""
+    ref, out = tmp_path / "ref", tmp_path / "bench"
+    res = CliRunner().invoke(cli, [*RESUME_ARGS, "--out", str(ref), "--json"])
+    assert res.exit_code == 0, res.output
+    reference = json.loads(res.stdout.strip().splitlines()[-1])
+
+    interrupt_run_after_step_1(monkeypatch, "tokens-t0.5-seed0")
+    res = CliRunner().invoke(cli, [*RESUME_ARGS, "--out", str(out)])
+    monkeypatch.undo()
+    assert res.exit_code == 130, res.output
+    assert "interrupted at step 2" in res.stderr and "finish the bench with the same arguments and --resume" in res.stderr
+    assert not (out / "runs" / "tokens-t0.5-seed0" / "summary.json").exists()
+    res = CliRunner().invoke(cli, [*RESUME_ARGS, "--out", str(out)])
+    assert res.exit_code == 2 and "add --resume" in res.stderr
+
+    for args, fragment in [(["--steps", "4"], "train.steps (3 -> 4)"), (["--policies", "full,alast"],
+                           "--policies (full,alast,tokens -> full,alast)"), (["--seeds", "2"], "--seeds/--seed (0 -> 0,1)"),
+                           (["--target-flops", "0.4"], "--target-flops (0.5 -> 0.4)"), (["--no-matched"], "--matched")]:
+        res = CliRunner().invoke(cli, [*RESUME_ARGS, *args, "--out", str(out), "--resume"])
+        assert res.exit_code == 2 and "cannot resume bench" in res.stderr and fragment in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1
+    saved = (out / "runs" / "full-seed0" / "config.yaml").read_text()
+    (out / "runs" / "full-seed0" / "config.yaml").write_text(saved.replace("lr: 0.001", "lr: 0.002"))
+    res = CliRunner().invoke(cli, [*RESUME_ARGS, "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "full-seed0 was trained with another config: train.lr" in res.stderr, res.output
+    (out / "runs" / "full-seed0" / "config.yaml").write_text(saved)
+
+    trained = []
+    train = bench_module.train
+    monkeypatch.setattr(bench_module, "train", lambda cfg, run_dir, **kw: trained.append((run_dir.name, kw["resume"]))
+                        or train(cfg, run_dir, **kw))
+    res = CliRunner().invoke(cli, [*RESUME_ARGS, "--out", str(out), "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert trained == [("tokens-t0.5-seed0", True)]  # the finished runs were read back, not rerun
+    table = json.loads(res.stdout.strip().splitlines()[-1])
+    assert table["policies"].keys() == reference["policies"].keys() == {"full", "alast", "tokens", MATCHED}
+    for row, entry in reference["policies"].items():
+        assert {k: table["policies"][row][k] for k in SAME_RESULTS} == {k: entry[k] for k in SAME_RESULTS}, row
+    assert table["same_steps"]["line"] == reference["same_steps"]["line"]
+    assert table["matched"]["line"] == reference["matched"]["line"]
+    summary = json.loads((out / "runs" / "tokens-t0.5-seed0" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2
+    raw = [json.loads(line)["label"] for line in (out / "raw.jsonl").read_text().splitlines()]
+    assert raw == [json.loads(line)["label"] for line in (ref / "raw.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_an_out_that_is_not_a_bench(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("policy: {name: full}\n")
+    for out, fragment in [(tmp_path / "run", "not the output of an alast bench"), (tmp_path / "none", "no such folder")]:
+        res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--out", str(out),
+                                       "--resume"])
+        assert res.exit_code == 2 and fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--resume"])
+    assert res.exit_code == 2 and "--resume needs --out" in res.stderr

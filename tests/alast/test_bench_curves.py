@@ -56,6 +56,30 @@ def _check_verdicts(verdict_list, trained, md):
         assert f"- {v['line']}" in md
 
 
+def test_full_by_steps_rounds_half_up_is_flagged_off_target_and_skipped_alone(tmp_path):
+    """5 steps at 0.5: full@steps takes 3 steps (not round()'s 2), whose 0.6x is flagged as off the
+    target in the table and the verdict; at 0.05, which no other policy reaches, it does not run."""
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(cli, ["bench", "--targets", "0.05,0.5", "--policies", "full,tokens,alast", "--steps", "5",
+                                   "--batch-size", "16", "--set", "backend.threads=1", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    records = json.loads((out / "curves.json").read_text())["records"]
+    trained = {(r["policy"], r["target"]): r for r in records if "skipped" not in r}
+    assert set(trained) == {(BY_STEPS, 0.5), (BY_STEPS, 1.0), ("tokens", 0.5), ("alast", 0.5)}
+    assert trained[(BY_STEPS, 0.5)]["steps"] == 3
+    skipped = {r["policy"]: r["skipped"] for r in records if "skipped" in r}
+    assert skipped.keys() == {BY_STEPS, "tokens", "alast"} and "nothing to compare with" in skipped[BY_STEPS]
+    assert not (out / "runs" / "full-steps-t0.05-seed0").exists()
+    point = next(p for p in result["points"] if (p["policy"], p["target"]) == (BY_STEPS, 0.5))
+    assert abs(point["off_target"] - 0.2) < 1e-9
+    flag = "0.600x (20.0% over the target: not the same cost)"
+    v = next(v for v in result["verdicts"] if v["target"] == 0.5)
+    assert f"vs {BY_STEPS} " in v["line"] and flag in v["line"]
+    md = (out / "results.md").read_text()
+    assert f"| {BY_STEPS} | 1 | 3 | {flag} |" in md and f"- {BY_STEPS}: skipped: no other policy reaches 0.05x" in md
+
+
 def test_verdicts_use_pooled_std_over_seeds():
     recs = [{"policy": p, "target": 0.5, "seed": s, "val_accuracy": a, "flops_ratio": 0.5}
             for p, s, a in (("alast", 0, 0.80), ("alast", 1, 0.82), (BY_STEPS, 0, 0.70), (BY_STEPS, 1, 0.71),
@@ -63,7 +87,8 @@ def test_verdicts_use_pooled_std_over_seeds():
     recs.append({"policy": "alast", "target": 0.3, "seed": 0, "skipped": "out of reach"})
     v5, v3 = verdicts(recs, (0.5, 0.3))
     assert v5["comparisons"][BY_STEPS]["exceeds_pooled_std"] is True
-    assert v5["comparisons"]["tokens"] == {**compare([0.80, 0.82], [0.75, 0.90]), "flops_ratio": 0.5}
+    assert v5["comparisons"]["tokens"] == {**compare([0.80, 0.82], [0.75, 0.90]), "flops_ratio": 0.5,
+                                           "off_target": None}
     assert v5["comparisons"]["tokens"]["exceeds_pooled_std"] is False and "no clear difference" in v5["line"]
     assert v3["alast"] is None and v3["line"] == "target 0.3: no verdict: out of reach"
 

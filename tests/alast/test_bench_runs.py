@@ -11,6 +11,7 @@ from alast.bench_runs import (
     curve_runs,
     judgement,
     matched_steps,
+    off_target,
     same_step_runs,
     scaled_steps,
 )
@@ -32,6 +33,18 @@ def test_scaled_steps():
     assert scaled_steps(4, 0.1) == 1
 
 
+def test_scaled_steps_round_half_up():
+    """round(2.5) is 2 in Python (half to even): full@steps at 0.5 of 5 steps would cost 0.4x."""
+    assert scaled_steps(5, 0.5) == 3 and scaled_steps(3, 0.5) == 2 and scaled_steps(7, 0.5) == 4
+    assert matched_steps({"policy": "alast", "steps": 5, "train_flops": 2.5, "full_ft_train_flops": 5.0}) == 3
+
+
+def test_off_target_flags_more_than_3_percent():
+    assert off_target(0.4, 0.5) == pytest.approx(-0.2) and off_target(0.6, 0.5) == pytest.approx(0.2)
+    assert off_target(0.51, 0.5) is None and off_target(0.49, 0.5) is None
+    assert off_target(None, 0.5) is None and off_target(0.4, None) is None
+
+
 def test_curve_runs_cover_every_policy_target_and_seed_once_rotated():
     runs = curve_runs(["full", "alast", "tokens", "lora"], [0, 1], (0.5, 0.7), steps=10)
     by_seed = {s: [r for r in runs if r.seed == s] for s in (0, 1)}
@@ -49,11 +62,16 @@ def test_curve_runs_do_not_repeat_full_at_one():
     assert [r.steps for r in runs if r.name == BY_STEPS].count(8) == 1
 
 
-def test_same_step_runs_rotate_and_target_only_target_policies():
-    runs = same_step_runs(["full", "alast", "freeze"], [0, 1, 2], 0.5, ("alast",))
-    assert [runs[i * 3].policy for i in range(3)] == ["full", "alast", "freeze"]
-    assert {(r.policy, r.target, r.solve) for r in runs} == {("full", None, False), ("alast", 0.5, True),
-                                                             ("freeze", None, False)}
+def test_same_step_runs_rotate_and_target_every_policy_with_a_knob():
+    """As over several targets (--targets), freeze and random are solved for --target-flops too;
+    full (the reference) and lora (no FLOPs knob) run at their own cost."""
+    runs = same_step_runs(["full", "alast", "freeze", "random", "lora"], [0, 1, 2], 0.5)
+    assert [runs[i * 5].policy for i in range(3)] == ["full", "alast", "freeze"]
+    assert {(r.policy, r.target, r.solve) for r in runs} == {
+        ("full", None, False), ("alast", 0.5, True), ("freeze", 0.5, True), ("random", 0.5, True),
+        ("lora", None, False)}
+    curves = curve_runs(["full", "alast", "freeze", "random", "lora"], [0], (0.5,), steps=4)
+    assert {r.policy for r in curves if r.solve} == {r.policy for r in runs if r.solve}
 
 
 def test_dir_names():

@@ -1,7 +1,7 @@
 """The bench's terminal table fits an 80-column terminal; results.md keeps every column."""
 from pathlib import Path
 
-from alast.bench import COLUMNS, aggregate, markdown_table
+from alast.bench_runs import COLUMNS, aggregate, markdown_table
 from alast_cli import bench_cmd
 from alast_cli.render import console
 
@@ -35,3 +35,17 @@ def test_the_terminal_table_fits_80_columns_and_results_md_has_every_column(monk
     md = markdown_table({**table, "setting": {k: "x" for k in ("model", "data", "backend", "steps", "batch_size",
                                                                  "device")}})
     assert md.splitlines()[2].count("|") == len(COLUMNS) + 1
+
+
+def test_the_time_compared_to_full_is_time_in_training_steps_not_wall_time():
+    """Wall time charges the process's one-time start-up to the first run: no ratio is taken of it."""
+    table = _table()
+    with console.capture() as cap:
+        bench_cmd._render_table(table, Path("bench/x"))
+    header = next(line for line in cap.get().splitlines() if line.startswith("policy")).split()
+    assert header[-1] == "train" and "wall" not in header
+    md = markdown_table({**table, "setting": {k: "x" for k in ("model", "data", "backend", "steps", "batch_size",
+                                                                 "device")}})
+    head = md.splitlines()[2]
+    assert "| train s | train/full | wall s |" in head and "wall/full" not in head
+    assert "Train s: the time in training steps" in md
