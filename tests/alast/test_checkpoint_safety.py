@@ -167,12 +167,20 @@ def finished_run(tmp_path_factory) -> Path:
     return run
 
 
+def unfinished_copy(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of the run without its summary, as if stopped in its final evaluation: resume reads its
+    checkpoints (a finished run's are left unread)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()
+    return run
+
+
 @pytest.mark.parametrize("name,payload", [("step_00000003.pt", torch_pickle),
                                           ("step_00000003.safetensors", raw_pickle)])
 def test_resume_with_only_a_planted_checkpoint_is_refused_in_one_line(finished_run, tmp_path, marker, name,
                                                                      payload):
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    run = unfinished_copy(finished_run, tmp_path)
     for old in ckpt.list_checkpoints(run):
         old.unlink()
     (run / "checkpoints" / name).write_bytes(payload(marker))
@@ -184,8 +192,7 @@ def test_resume_with_only_a_planted_checkpoint_is_refused_in_one_line(finished_r
 
 def test_resume_skips_a_planted_newer_pickle_with_a_warning(finished_run, tmp_path, marker):
     """An older safe checkpoint beside it: resume falls back to it, says so, never opens the pickle."""
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    run = unfinished_copy(finished_run, tmp_path)
     (run / "checkpoints" / "step_00000004.safetensors").unlink()
     (run / "checkpoints" / "step_00000003.pt").write_bytes(torch_pickle(marker))
     res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(run), "--json"])

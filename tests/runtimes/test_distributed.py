@@ -202,7 +202,8 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
 
     train()
     straight = steps()
-    (run / "checkpoints" / "step_00000004.safetensors").unlink()  # as if stopped after step 2
+    for end in (run / "checkpoints" / "step_00000004.safetensors", run / "summary.json"):
+        end.unlink()  # as if stopped after step 2
     one_error_line(CliRunner().invoke(cli, ["train", *common, "--out", str(run), "--resume"]), 2,
                    "trained with 2 processes", "resume it with --nproc 2")
     train("--resume")
