@@ -131,8 +131,11 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
 
     from .launch import launch_torchrun
 
+    from alast.data import check_batch_size
+
     cfg = _resolve(config, overrides, out, resume, named)
     check_cost_model(cfg, cost_model)
+    check_batch_size(None, cfg.train.batch_size, nproc)  # before torchrun starts (the data: on each rank)
     if out is None:  # every rank must write to the same directory
         ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
     check_run_dir(Path(out), resume, force or cfg.output.force)

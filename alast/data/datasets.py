@@ -397,13 +397,14 @@ def _set_transform(ds: Dataset, tf: Callable) -> None:
         ds.transform = RGBTransform(tf)
 
 
-def check_batch_size(n: int, batch_size: int, world_size: int = 1) -> None:
-    """Refuse a batch the training set (``n`` images) cannot fill, or ``world_size`` ranks cannot share."""
-    if batch_size > n:
+def check_batch_size(n: int | None, batch_size: int, world_size: int = 1) -> None:
+    """Refuse a batch the training set (``n`` images; None: not loaded yet) cannot fill, or
+    ``world_size`` ranks cannot share."""
+    if n is not None and batch_size > n:
         raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
     if batch_size % world_size:
         below = batch_size - batch_size % world_size
-        fits = [b for b in (below, below + world_size) if 0 < b <= n]
+        fits = [b for b in (below, below + world_size) if 0 < b and (n is None or b <= n)]
         fix = f"use a multiple of {world_size}, such as {' or '.join(map(str, fits))}" if fits else "use fewer ranks"
         raise DataError(f"global batch size {batch_size} is not divisible by {world_size} ranks; {fix}")
 

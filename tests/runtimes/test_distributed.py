@@ -233,3 +233,19 @@ def test_a_global_batch_the_ranks_cannot_share_names_sizes_they_can():
         check_batch_size(5, 3, 4)  # 8 would exceed the 5 training images
     with pytest.raises(DataError, match="; use fewer ranks$"):
         check_batch_size(1, 1, 2)
+
+
+def test_the_launcher_refuses_an_indivisible_batch_before_starting_processes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from alast_cli import launch
+    from alast_cli.main import cli
+    from tests.cli_errors import one_error_line
+
+    def started(*a, **k):
+        raise AssertionError("torchrun started")
+
+    monkeypatch.setattr(launch, "launch_torchrun", started)
+    res = CliRunner().invoke(cli, ["train", "--nproc", "2", "--batch-size", "15", "--out", str(tmp_path / "run")])
+    one_error_line(res, 2, "global batch size 15 is not divisible by 2 ranks; use a multiple of 2, such as 14 or 16")
+    assert not (tmp_path / "run").exists()
