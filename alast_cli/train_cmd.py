@@ -127,11 +127,10 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
 def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple[str, ...], out: Path | None,
            resume: bool, force: bool, named: dict[str, Any], cost_model: Path | None = None) -> None:
     """Check the input once here (one clean error instead of one per rank), then rerun on N ranks."""
+    from alast.data import check_batch_size
     from alast.training.rundir import check_run_dir
 
     from .launch import launch_torchrun
-
-    from alast.data import check_batch_size
 
     cfg = _resolve(config, overrides, out, resume, named)
     check_cost_model(cfg, cost_model)
