@@ -49,17 +49,13 @@ def check_bench_options(named: dict[str, Any], overrides: tuple[str, ...]) -> No
 
 
 def check_out(out: Path, resume: bool) -> None:
-    """Refuse an --out that is a file, a non-empty one without --resume (saying so when it holds a
-    bench), and --resume without an existing --out."""
+    """Refuse an --out that is a file, or a non-empty one without --resume (saying so when it holds
+    a bench); what --resume needs, run_bench checks (:func:`alast.bench.check_resume`)."""
     from alast.bench import MANIFEST
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"bench output {out} is a file; choose a folder for --out")
-    if resume:
-        if not out.is_dir():
-            raise ValueError(f"cannot resume bench {out}: no such folder; drop --resume to start the bench there")
-        return
-    if out.exists() and any(out.iterdir()):
+    if not resume and out.exists() and any(out.iterdir()):
         again = ("it holds a bench: add --resume (with the same arguments) to finish it, or choose another --out"
                  if (out / MANIFEST).is_file() else "choose another --out")
         raise ValueError(f"bench output {out} exists and is not empty; {again}")
