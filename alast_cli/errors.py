@@ -41,32 +41,35 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else exc.__class__.__name__
 
 
+def describe(exc: BaseException, debug: bool = False) -> tuple[int, str]:
+    """The exit code for ``exc`` and the line :func:`run_guarded` prints for it."""
+    from alast.training.rundir import Interrupted
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(exc, Interrupted):
+        return EXIT_INTERRUPTED, f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; continue with --resume"
+    code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
+    msg = first_line(exc)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step
+        msg = "out of GPU memory; lower train.batch_size or use backend.precision=bf16"
+    if isinstance(exc, OSError) and getattr(exc, "strerror", None):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        msg = f"{exc.strerror}{where}"
+        code = EXIT_FAILURE if not isinstance(exc, FileNotFoundError) else EXIT_BAD_INPUT
+    hint = "" if debug else " (run with --debug for the traceback)" if code == EXIT_FAILURE else ""
+    return code, f"error: {msg}{hint}"
+
+
 def run_guarded(fn: Callable[[], T], debug: bool) -> T:
     """Run ``fn``; on a known problem print ``error: ...`` and exit with its code (traceback if debug)."""
     try:
         return fn()
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
     except BaseException as exc:  # noqa: BLE001 - classify, then exit
-        from alast.training.rundir import Interrupted
-
-        if debug:
+        if debug and not isinstance(exc, KeyboardInterrupt):
             traceback.print_exc()
-        if isinstance(exc, Interrupted):
-            click.echo(f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; "
-                       "continue with --resume", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
-        msg = first_line(exc)
-        if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step
-            msg = "out of GPU memory; lower train.batch_size or use backend.precision=bf16"
-        if isinstance(exc, OSError) and getattr(exc, "strerror", None):
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            msg = f"{exc.strerror}{where}"
-            code = EXIT_FAILURE if not isinstance(exc, FileNotFoundError) else EXIT_BAD_INPUT
-        hint = "" if debug else " (run with --debug for the traceback)" if code == EXIT_FAILURE else ""
-        click.echo(f"error: {msg}{hint}", err=True)
+        code, line = describe(exc, debug)
+        click.echo(line, err=True)
         sys.exit(code)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_guarded
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, describe, run_guarded
 from .options import config_options, resolve_config
 
 RANK_ERRORS = "ALAST_RANK_ERRORS"  # set by --nproc: the folder where each failed rank leaves its message
@@ -209,7 +209,8 @@ def _run_worker(work: Callable[[], Any], rank: int, debug: bool) -> None:
     if failure is None:
         sys.stderr.write(held.getvalue())
         return
-    code, message = _message(failure)
+    code, line = describe(failure)
+    message = line + "\n"
     if rank == 0:
         sys.stderr.write(message)
     left = _leave_for_launcher(rank, held.getvalue(), message)
@@ -233,26 +234,13 @@ def _leave_for_launcher(rank: int, output: str, message: str) -> bool:
 
 
 def _failure(work: Callable[[], Any]) -> BaseException | None:
-    """Run ``work``; what it raised, for :func:`_message` (click's own exits pass through, as in
-    :func:`run_guarded`)."""
+    """Run ``work``; what it raised, for :func:`~.errors.describe` (click's own exits pass through, as
+    in :func:`run_guarded`)."""
     try:
         work()
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - reported by _message
+    except BaseException as exc:  # noqa: BLE001 - reported by describe
         return exc
     return None
 
-
-def _message(exc: BaseException) -> tuple[int, str]:
-    """The exit code and the text :func:`run_guarded` prints for ``exc``."""
-    def reraise() -> None:
-        raise exc
-
-    text = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(text):
-            run_guarded(reraise, debug=False)
-    except SystemExit as stop:
-        return int(stop.code or 0), text.getvalue()
-    return 0, text.getvalue()  # not reached: run_guarded exits on every exception
