@@ -48,6 +48,17 @@ def check_bench_options(named: dict[str, Any], overrides: tuple[str, ...]) -> No
                              f"use {RUN_SET_KEYS[key]}")
 
 
+def config_target(cfg, target: float | None, targets: str | None) -> float | None:
+    """The FLOPs target of every run: ``--target-flops``, else the config file's ``policy.target_flops``
+    (a config written for ``alast train``), unless ``--targets`` draws curves instead."""
+    if target is not None or cfg.policy.target_flops is None:
+        return target
+    if targets is not None:
+        raise ValueError(f"the config sets policy.target_flops: {cfg.policy.target_flops:g}, and --targets draws "
+                         "curves over several; remove it from the config, or use --target-flops instead of --targets")
+    return cfg.policy.target_flops
+
+
 def check_out(out: Path, resume: bool) -> None:
     """Refuse an --out that is a file, or a non-empty one without --resume (saying so when it holds
     a bench); what --resume needs, run_bench checks (:func:`alast.bench.check_resume`)."""
@@ -75,6 +86,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         raise ValueError("--resume needs --out DIR (the bench to finish)")
     target = named.pop("target_flops", None)
     cfg = resolve_config(config, overrides, single_run=False, **named)
+    target = config_target(cfg, target, targets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if seeds < 1:
         raise click.BadParameter("--seeds must be >= 1")

@@ -112,6 +112,22 @@ def test_bench_target_flops_sets_freeze_like_targets_does(tmp_path):
     assert abs(freeze["train_flops_ratio"] / 0.8 - 1) < 0.03 and freeze["plan"]["knobs"]["k_trained"] >= 1
 
 
+def test_a_config_files_target_is_the_benchs_target(tmp_path):
+    """A config written for `alast train` with policy.target_flops sets bench's target, as
+    --target-flops does; it was replaced by no target for every run without a word."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("policy:\n  name: alast\n  target_flops: 0.8\n")
+    res = CliRunner().invoke(cli, ["bench", str(config), "--policies", "full,freeze", "--steps", "2", "--batch-size",
+                                   "8", "--set", "backend.threads=1", "--out", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0, res.output
+    freeze = json.loads(res.stdout.strip().splitlines()[-1])["policies"]["freeze"]
+    assert abs(freeze["train_flops_ratio"] / 0.8 - 1) < 0.03
+    res = CliRunner().invoke(cli, ["bench", str(config), "--policies", "full,freeze", "--steps", "2", "--targets",
+                                   "0.5,0.7", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "the config sets policy.target_flops: 0.8, and --targets" in res.stderr, res.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_target_random_cannot_reach_stops_the_bench_before_any_run(tmp_path):
     out = tmp_path / "b"
     res = CliRunner().invoke(cli, ["bench", "--policies", "full,random", "--steps", "2", "--batch-size", "8",
