@@ -104,9 +104,9 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     hooks = hooks or Hooks()
     comm = comm or Comm()
     run_dir = Path(run_dir)
-    t_start = time.perf_counter()
-    data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve)
-    run.t_start = t_start
+    t_start = time.perf_counter()  # this session's start: data loading and planning count as wall time
+    data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve,
+                                                   t_start)
     runtime = run.runtime
     start = run.restore() if resume else 0
     if not resume:
@@ -140,8 +140,8 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
 
 
 def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_overrides: dict[str, Any] | None,
-           plan_info: dict[str, Any] | None, solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None
-           ) -> tuple[DataBundle, dict[str, Any], _Run, int, dict[str, Any] | None]:
+           plan_info: dict[str, Any] | None, solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None,
+           t_start: float) -> tuple[DataBundle, dict[str, Any], _Run, int, dict[str, Any] | None]:
     """Everything before the first step: checks, seeding, data, the target's plan, the run dir, the
     model, runtime and planner. Returns the data and its config, the run, its length in steps, and
     the plan's description."""
@@ -171,7 +171,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    run = _Run(cfg, run_dir, comm, runtime, planner)
+    run = _Run(cfg, run_dir, comm, runtime, planner, t_start)
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
 
@@ -179,7 +179,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
 class _Run:
     """The state of one run between steps, and what the loop does with it."""
 
-    def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner) -> None:
+    def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner, t_start: float) -> None:
         self.cfg, self.run_dir, self.comm, self.runtime, self.planner = cfg, run_dir, comm, runtime, planner
         self.trim_last = bool(getattr(planner, "trim_last", False))
         self.tally = _Tally()
@@ -189,7 +189,7 @@ class _Run:
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
         self.current_step: int | None = None  # the step being run (for the out-of-memory message)
-        self.t_start = time.perf_counter()  # this session's start (train() sets it before any work)
+        self.t_start = t_start  # this session's start (perf_counter)
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
