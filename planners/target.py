@@ -37,6 +37,7 @@ from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
 PROJECTION_STEPS = 64  # sparse steps the solver simulates to predict the projected ratio
+CARRY_SLACK = 0.01  # how far above its target a run may land if its sparse steps spend all theirs (see _fit)
 EARLY_ROUNDS = 8  # secant steps on the sparse steps' target that pay for a memory-bound early phase
 
 
@@ -373,6 +374,17 @@ def _fit(run: _AlastRun, target: float, k: int) -> _Fit:
             sparse_target = min(1.0, max(0.0, s1 + (target - p1) / slope))
             points.append((sparse_target, *predict(sparse_target)))
         sparse_target, predicted, ratios, early_ratios, phase = min(reversed(points), key=lambda p: _miss(p[1], target))
+        # The simulated steps keep every budget at b_init, so their counts move together and a step of
+        # few tokens falls short of its target. A run's budgets part after its first steps, its counts
+        # then divide finer, and each step spends what the ones before left: its sparse steps may land
+        # on their target. The target is held where that would not overshoot the run's by more than
+        # CARRY_SLACK (9 patch tokens over 3 steps: a knob raised to 0.632 counted 0.576x at 0.5x).
+        sparse = 1.0 - run.dense - run.early
+        ceiling = (target * (1 + CARRY_SLACK) - run.early * _mean(early_ratios) - phase) / sparse if sparse > 0 \
+            else sparse_target
+        if sparse_target > ceiling:
+            sparse_target = ceiling
+            predicted, ratios, early_ratios, phase = predict(sparse_target)
         knobs["target_flops"] = knob(sparse_target)
     return _Fit(knobs, predicted, ratios, early_ratios, phase)
 
