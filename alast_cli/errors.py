@@ -48,7 +48,8 @@ def describe(exc: BaseException, debug: bool = False) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, Interrupted):
-        return EXIT_INTERRUPTED, f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; continue with --resume"
+        return EXIT_INTERRUPTED, (f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; "
+                                  f"continue with {exc.resume_with}")
     code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
     msg = first_line(exc)
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step

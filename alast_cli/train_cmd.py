@@ -25,10 +25,12 @@ def default_run_dir(policy: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{policy.replace('+', '-')}"
 
 
-def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool,
+def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
              named: dict[str, Any]):
     if resume and out is None:
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
+    if resume and force:
+        raise ValueError("--resume continues the run in --out and --force replaces it; pass one of them")
     if resume:
         from alast.training.resume import resume_config
 
@@ -55,7 +57,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
 
     from .render import console, summary_table
 
-    cfg = _resolve(config, overrides, out, resume, named)
+    cfg = _resolve(config, overrides, out, resume, force, named)
     check_cost_model(cfg, cost_model)
     if skip_bad_images:
         cfg.data.skip_bad_images = True
@@ -132,7 +134,7 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
 
     from .launch import launch_torchrun
 
-    cfg = _resolve(config, overrides, out, resume, named)
+    cfg = _resolve(config, overrides, out, resume, force, named)
     check_cost_model(cfg, cost_model)
     check_batch_size(None, cfg.train.batch_size, nproc)  # before torchrun starts (the data: on each rank)
     if out is None:  # every rank must write to the same directory

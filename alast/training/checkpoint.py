@@ -186,13 +186,19 @@ def _why_not_safe(path: Path) -> str:
                             else "not named like one")
 
 
-def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None
+UNREADABLE = ".unreadable"  # suffix of a checkpoint resume set aside
+
+
+def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None, set_aside: bool = False
                       ) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable safe checkpoint, or None if there is no checkpoint at all.
 
     Newer files that cannot be used (truncated, or ``.pt`` pickles, which are never opened) are
     skipped and reported through ``warn``; if checkpoints exist but none is readable, resuming is
-    refused (:class:`CheckpointRefused`) rather than silently restarting from step 0.
+    refused (:class:`CheckpointRefused`) rather than silently restarting from step 0. With
+    ``set_aside`` (the resuming run's main process) a skipped unreadable checkpoint is renamed with
+    :data:`UNREADABLE` appended: kept for its owner, but no longer one of the newest that pruning
+    keeps, so the readable one the run resumed from is not pruned in its place.
     """
     def step_of(p: Path) -> tuple[int, bool]:
         m = _CKPT_RE.match(p.name)
@@ -200,14 +206,21 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None
 
     skipped: list[str] = []
     candidates = sorted(list_checkpoints(run_dir) + legacy_checkpoints(run_dir), key=step_of, reverse=True)
+    unreadable: list[Path] = []
     for path in candidates:
         try:
             state = load_checkpoint(path)
         except (CheckpointError, CheckpointRefused) as exc:
             skipped.append(str(exc))
+            if isinstance(exc, CheckpointError) and _CKPT_RE.match(path.name):
+                unreadable.append(path)
             continue
         for reason in skipped if warn else ():
             warn(f"skipped a newer checkpoint: {reason}; resuming from {path.name}")
+        for bad in unreadable if set_aside else ():
+            bad.replace(bad.with_name(bad.name + UNREADABLE))
+            if warn:
+                warn(f"renamed {bad.name} to {bad.name + UNREADABLE}, so that pruning keeps the readable ones")
         return path, state
     if skipped:
         ckpt_dir = Path(run_dir) / CKPT_DIR

@@ -110,7 +110,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     runtime = run.runtime
     start = run.restore() if resume else 0
     if not resume:
-        on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(cfg)))
+        on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(_as_recorded(cfg, run_dir))))
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
@@ -137,6 +137,14 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
             run.tb.close()
     hooks.on_end(summary)
     return summary
+
+
+def _as_recorded(cfg: AlastConfig, run_dir: Path) -> AlastConfig:
+    """``cfg`` as the run's config.yaml records it: its own folder, and never ``output.force``, so
+    that the file, given back to ``alast train`` as a config, cannot replace a run unasked."""
+    recorded = cfg.model_copy(deep=True)
+    recorded.output.dir, recorded.output.force = run_dir, False
+    return recorded
 
 
 def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_overrides: dict[str, Any] | None,
@@ -242,7 +250,7 @@ class _Run:
         """Load the newest readable checkpoint (every rank reads it); the step to continue from."""
         from alast.training.resume import check_compatible, check_world_size
 
-        found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn)
+        found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn, set_aside=self.comm.is_main)
         if found is None:
             return 0
         self.last_ckpt, state = found
@@ -320,7 +328,7 @@ class _Run:
                         self.save(done)
                     if done < steps and comm.any_true(stop.requested):
                         self.flush(hooks, writer)
-                        raise Interrupted(done, self.last_ckpt if saved else self.save(done))
+                        raise Interrupted(done, self.last_ckpt if saved else self.save(done), self.comm.world_size)
                 self.flush(hooks, writer)
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message()) from None

@@ -45,9 +45,14 @@ class RunDirError(ValueError):
 class Interrupted(Exception):
     """Ctrl-C (SIGINT) or SIGTERM during training; a checkpoint was written first."""
 
-    def __init__(self, step: int, path: Path | None) -> None:
+    def __init__(self, step: int, path: Path | None, world_size: int = 1) -> None:
         super().__init__(f"interrupted at step {step}; checkpoint {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.world_size = step, path, world_size
+
+    @property
+    def resume_with(self) -> str:
+        """The options that continue the run: a data-parallel run resumes only at its process count."""
+        return "--resume" if self.world_size == 1 else f"--resume --nproc {self.world_size}"
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -68,8 +73,8 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Make the run dir; a new run over an existing one (``force``) first removes the old run's files."""
     check_run_dir(run_dir, resume, force)
-    if resume:
-        for stale in (run_dir / ckpt.CKPT_DIR).glob(".*.tmp"):  # from a write killed half-way
+    if resume:  # temp files of writes killed half-way: the checkpoints' and the run files'
+        for stale in [*(run_dir / ckpt.CKPT_DIR).glob(".*.tmp"), *_run_file_temps(run_dir)]:
             stale.unlink(missing_ok=True)
     else:
         try:
@@ -81,17 +86,25 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     _probe_write(run_dir, resume)
 
 
+def _run_file_temps(run_dir: Path) -> list[Path]:
+    """The temp files of :data:`RUN_FILES` writes in ``run_dir`` (``.NAME.*.tmp``, and the final
+    weights' ``NAME.tmp``)."""
+    temps = tuple(f".{name}." for name in RUN_FILES)
+    return [p for p in run_dir.iterdir() if p.is_file() and (
+        p.name == FINAL_WEIGHTS + ".tmp" or p.name.startswith(temps) and p.name.endswith(".tmp"))]
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove what alast writes in ``run_dir`` (:data:`RUN_FILES`, :data:`RUN_DIRS`, their temp
     files), so that a new run never resumes from, prunes against or reports the old run's files.
     Anything else in the directory stays."""
-    temps = tuple(f".{name}." for name in RUN_FILES)
     for path in run_dir.iterdir():
         if path.name in RUN_DIRS and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.name in RUN_FILES or path.name == FINAL_WEIGHTS + ".tmp" or (
-                path.name.startswith(temps) and path.name.endswith(".tmp")):
+        elif path.name in RUN_FILES:
             path.unlink()
+    for path in _run_file_temps(run_dir):
+        path.unlink()
 
 
 def is_run_file(run_dir: Path, path: Path) -> bool:

@@ -213,6 +213,21 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
     assert len(warnings) == 1 and "step_00000004.safetensors is unreadable" in warnings[0]
 
 
+def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_readable_one(tmp_path):
+    """Resumed from step 2 past a truncated step 4, a run that writes step 6 with keep_last=2 used to
+    keep the truncated 4 and prune 2, the one readable before it."""
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
+    newest = tmp_path / "checkpoints" / "step_00000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])
+    warnings: list[str] = []
+    path, _ = ckpt.latest_checkpoint(tmp_path, warn=warnings.append, set_aside=True)
+    assert path.name == "step_00000002.safetensors" and "renamed step_00000004.safetensors" in warnings[-1]
+    ckpt.save_checkpoint(tmp_path, 6, {"step": 6}, keep_last=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000002.safetensors", "step_00000004.safetensors.unreadable", "step_00000006.safetensors"]
+
+
 def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path):
     """Checkpoints exist but none can be read: resume must not silently start again from step 0."""
     ckpt.save_checkpoint(tmp_path, 3, {"step": 3}, keep_last=2)

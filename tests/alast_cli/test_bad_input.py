@@ -93,6 +93,8 @@ CASES = [
     ("non-empty run dir", ["train", "--steps", "1", *FAST, "--out", "{dir}/full"], 2,
      ["not empty", "--resume", "--force"]),
     ("resume of nothing", ["train", "--resume", "--out", "{dir}/nothing"], 2, ["cannot resume"]),
+    ("resume and force", ["train", "--resume", "--force", "--out", "{dir}/full"], 2,
+     ["--resume continues the run", "--force replaces it; pass one of them"]),
     ("nproc 0", ["train", "--nproc", "0"], 2, []),
 ]
 

@@ -117,6 +117,34 @@ def test_force_clears_only_what_alast_wrote(tmp_path):
     assert left == [".hidden", "data", "data/config.yaml", "notes.txt"]
 
 
+def test_a_runs_config_given_back_as_a_config_cannot_replace_another_run(tmp_path):
+    """config.yaml recorded `--force` (output.force: true): given to `alast train` as a config for
+    another --out, it replaced the run there although no --force was typed."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["train", *FAST, "--out", str(first), "--force"])
+    assert res.exit_code == 0, res.output
+    recorded = (first / "config.yaml").read_text()
+    assert "force: false" in recorded and f"dir: {first}" in recorded
+    res = CliRunner().invoke(cli, ["train", str(first / "config.yaml"), "--out", str(other)])
+    one_error_line(res, 2, "exists and is not empty")
+    assert (other / "summary.json").read_text() == "{}"
+
+
+def test_resume_removes_the_temp_files_of_killed_writes_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    for name in ("config.yaml", ".summary.json.abc123.tmp", "final_model.safetensors.tmp",
+                 "checkpoints/.step_00000300.safetensors.xyz.tmp", "checkpoints/step_00000200.safetensors",
+                 ".notes.txt.tmp", "notes.txt"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    rundir.prepare_run_dir(run, resume=True, force=False)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert left == [".notes.txt.tmp", "checkpoints", "checkpoints/step_00000200.safetensors", "config.yaml",
+                    "notes.txt"]
+
+
 def test_run_dir_names_match_their_writers():
     from alast.training.report import METRICS
     from alast.training.tensorboard import TB_DIR

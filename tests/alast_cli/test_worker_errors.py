@@ -101,3 +101,13 @@ def test_the_launcher_gives_its_workers_a_folder_and_removes_it(monkeypatch, tmp
     ctx = click.Context(train_cmd.train_command, obj={})
     train_cmd.launch(ctx, 2, None, ("backend.threads=1",), tmp_path / "run", False, False, {})
     assert len(seen) == 1 and not Path(seen[0]).exists() and RANK_ERRORS not in os.environ
+
+
+@pytest.mark.parametrize("world_size, hint", [(1, "continue with --resume"), (2, "continue with --resume --nproc 2")])
+def test_an_interrupted_run_says_how_to_continue_it(world_size, hint):
+    """A data-parallel run resumes only at its own process count, so the hint names it."""
+    from alast.training.rundir import Interrupted
+    from alast_cli.errors import EXIT_INTERRUPTED, describe
+
+    code, line = describe(Interrupted(7, Path("run/checkpoints/step_00000007.safetensors"), world_size))
+    assert code == EXIT_INTERRUPTED and line.endswith(hint)
