@@ -150,9 +150,16 @@ def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None)
 
 
 def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> None:
+    """Refuse an image size below the patch size, or not a multiple of it (the patch grid would drop
+    the last pixels of every row and column without a word)."""
     if img_size is not None and img_size < patch:
         raise ModelError(f"image size {img_size} is smaller than {name}'s patch size {patch}; use --img-size "
                          f"{patch} or more ({name}'s own: {own})")
+    if img_size is not None and img_size % patch:
+        low = img_size - img_size % patch
+        raise ModelError(f"image size {img_size} is not a multiple of {name}'s patch size {patch}: its patches would "
+                         f"leave out the last {img_size - low} pixels of every row and column; use --img-size {low} "
+                         f"or {low + patch}")
 
 
 def _check_architecture(name: str, img_size: int | None) -> None:
