@@ -178,7 +178,7 @@ def _check_architecture(name: str, img_size: int | None) -> None:
 
 def create_model(name: str, num_classes: int, *, pretrained: bool | None = None, checkpoint: Path | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
-    """Build ``name`` with a fresh ``num_classes`` head.
+    """Build ``name`` with a ``num_classes`` head: fresh, or a ``checkpoint``'s own where it has that shape.
 
     ``pretrained`` downloads timm's weights (or, for alast's own models, uses the shipped backbone; the
     default for those); ``checkpoint`` loads local weights instead (timm's
@@ -227,4 +227,17 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
             raise
         raise ModelError(f"cannot load checkpoint {checkpoint} for {name}: not a weights file "
                          f"({exc.__class__.__name__}); pass a .safetensors or .pth state dict") from None
+    if checkpoint is not None:
+        _keep_matching_head(model, Path(checkpoint))
     return model
+
+
+def _keep_matching_head(model: nn.Module, path: Path) -> None:
+    """Load the checkpoint's classifier head where it has the run's shape, as :func:`load_weights`
+    does for alast's own models: timm drops a local file's head whenever the class count differs
+    from its pretrained config's, so a checkpoint of this very task lost its head."""
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    if head and all(k in own and own[k].shape == v.shape for k, v in head.items()):
+        model.load_state_dict(head, strict=False)

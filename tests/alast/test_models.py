@@ -19,6 +19,19 @@ def test_timm_model_loads_a_local_checkpoint_and_gets_a_new_head(tmp_path):
     assert model.head.out_features == 3
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "alast_demo_vit"])
+def test_a_checkpoints_head_of_the_runs_shape_is_kept(tmp_path, name):
+    """A checkpoint of this very task (same classes) keeps its head, for timm models as for alast's
+    own; timm dropped it whenever the class count differed from its pretrained config's 1000."""
+    torch.manual_seed(0)
+    src = create_model(name, 3, img_size=32, pretrained=False)
+    torch.nn.init.normal_(src.head.weight)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    assert torch.equal(create_model(name, 3, checkpoint=path, img_size=32).head.weight, src.head.weight)
+    assert create_model(name, 5, checkpoint=path, img_size=32).head.out_features == 5  # another task: a new head
+
+
 def test_demo_model_uses_the_shipped_backbone_unless_told_not_to():
     from safetensors.torch import load_file
 
