@@ -5,11 +5,14 @@ overridden with ``section.key=value`` strings (values parsed as YAML).
 """
 from __future__ import annotations
 
+import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,13 +41,22 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME")
+    spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | random[:N] (random images, N classes: timing only)")
     data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
     download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
     num_workers: int = Field(0, ge=0)
     skip_bad_images: bool = Field(False, description="skip unreadable images (counted) instead of failing")
     augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
+    train_split: str | None = Field(
+        None, min_length=1, description="torchvision:NAME: the split to train on (its split argument); default: "
+        "per dataset (train, trainval for FGVCAircraft and OxfordIIITPet, train-standard for Places365)")
+    val_split: str | None = Field(
+        None, min_length=1, description="torchvision:NAME: the split to validate on; default: test, or val "
+        "where there is none (ImageNet, Places365, Imagenette)")
+    subset: str | None = Field(
+        None, min_length=1, description="torchvision:NAME whose split argument names a subset beside a train "
+        "flag: EMNIST's byclass, bymerge, balanced, letters, digits or mnist")
 
 
 EARLY_FRAC = 0.3  # policy.early_frac's default with freeze_mode 'last'
@@ -245,9 +257,25 @@ class OutputConfig(_Section):
                               "(pip install 'alast[tensorboard]')")
 
 
+# The lowest ONNX opset an export can use: the first with scaled_dot_product_attention (timm's fused
+# attention) in the exporter. The highest depends on the installed torch and onnxruntime
+# (alast.export.supported_opsets), so only an export can check it.
+MIN_OPSET = 14
+
+
 class ExportConfig(_Section):
-    opset: int = Field(17, ge=13)
-    atol: float = Field(1e-4, gt=0.0)
+    opset: int = Field(17, description="ONNX opset; the highest one an export can use depends on the installed "
+                       "torch and onnxruntime (`alast export` says which)")
+    atol: float = Field(1e-4, gt=0.0, description="max |logit difference| of the ONNX model vs PyTorch")
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, v: int, info: ValidationInfo) -> int:
+        # A new run's config (see build_config) is held to the exporter's lower bound; a run's saved
+        # config is read as written, and `alast export` names its opset if it cannot use it.
+        if (info.context or {}).get("new") and v < MIN_OPSET:
+            raise ValueError(f"must be {MIN_OPSET} or more (timm's attention needs opset {MIN_OPSET})")
+        return v
 
 
 class AlastConfig(_Section):
@@ -272,7 +300,7 @@ def _format_validation_error(err: ValidationError) -> str:
     loc = ".".join(str(x) for x in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'; check the spelling (see `alast train --help` or examples/)"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     where = f"'{loc}'" if loc else "config"
@@ -290,21 +318,82 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed --set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        tag = _tag_problem(exc)
+        why = f"{tag}; give a plain value" if tag else f"value is not valid YAML ({exc.__class__.__name__})"
+        raise ConfigError(f"malformed --set {text!r}: {why}") from None
     return parts, value
+
+
+def _tag_problem(exc: yaml.YAMLError) -> str | None:
+    """What is wrong with the YAML tag that ``exc`` (from ``yaml.safe_load``) refused, or None when
+    it is not about a tag."""
+    if not isinstance(exc, yaml.constructor.ConstructorError):
+        return None
+    found = re.search(r"tag '([^']*)'", str(exc.problem))
+    if found is None:
+        return None
+    tag = found.group(1).replace("tag:yaml.org,2002:", "!!")
+    if tag.startswith("!!python/"):
+        return f"YAML tags that build Python objects ({tag}) are not allowed"
+    return f"unknown YAML tag {tag}"
+
+
+def _section_model(model: type[BaseModel] | None, key: str) -> tuple[bool, type[BaseModel] | None, bool]:
+    """Whether ``key`` is a field of the section ``model``, the section it holds (None: a value), and
+    whether that section may be null (``policy.lora``)."""
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return False, None, False
+    args = typing.get_args(field.annotation) or (field.annotation,)
+    sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return True, (sections[0] if sections else None), type(None) in args
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
+        node: dict[str, Any] = data
+        model: type[BaseModel] | None = AlastConfig
+        for i, p in enumerate(parts[:-1]):
+            key = ".".join(parts[:i + 1])
+            known, section, _ = _section_model(model, p)
+            if known and section is None:
+                raise ConfigError(f"cannot set {text!r}: '{key}' is a value, not a section; set it with "
+                                  f"--set {key}=VALUE")
+            child = node.get(p)
+            if child is None:  # absent, or an empty section
+                child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"cannot set {text!r}: '{p}' is a value, not a section")
-            node = child
+                raise ConfigError(f"cannot set {text!r}: '{key}' is a value ({child!r}) in the config, but it is "
+                                  "a section; write its keys under it")
+            node, model = child, section
         node[parts[-1]] = value
     return data
+
+
+def _check_sections(data: dict[str, Any], path: Path, model: type[BaseModel] | None = None,
+                    prefix: str = "") -> None:
+    """Read an empty section of the config file ``path`` as an empty one (its defaults), and refuse a
+    section given a value, naming it (nested sections included)."""
+    for key, value in data.items():
+        _, section, optional = _section_model(model or AlastConfig, key)
+        if section is None:
+            continue
+        if value is None and not optional:
+            data[key] = {}
+        elif isinstance(value, dict):
+            _check_sections(value, path, section, f"{prefix}{key}.")
+        elif value is not None:
+            raise ConfigError(f"'{prefix}{key}' in {path} must be a section (its keys indented under it), not "
+                              f"{value!r}; fix the file")
+
+
+def _check_steps_or_epochs(data: dict[str, Any]) -> None:
+    """Refuse a config that sets both ``train.steps`` and ``train.epochs``: one would be ignored."""
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("steps") is not None and train.get("epochs") is not None:
+        raise ConfigError(f"train.steps ({train['steps']!r}) and train.epochs ({train['epochs']!r}) are both set; "
+                          "set one of them to null (e.g. --set train.epochs=null)")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -324,6 +413,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tag = _tag_problem(exc)
+        if tag:
+            raise ConfigError(f"{tag} in {path}{where}; write plain values (numbers, strings, lists, "
+                              "mappings)") from None
         raise ConfigError(f"YAML syntax error in {path}{where}; fix the file and retry") from None
     if data is None:
         return {}
@@ -332,9 +425,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any]) -> AlastConfig:
+def build_config(data: dict[str, Any], new: bool = False) -> AlastConfig:
+    """``data`` validated. ``new``: the config of a new run (file, options, --set), also held to
+    what the run's export will accept, rather than a run's saved config, read back as written."""
     try:
-        return AlastConfig.model_validate(data)
+        return AlastConfig.model_validate(data, context={"new": new})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
 
@@ -342,7 +437,11 @@ def build_config(data: dict[str, Any]) -> AlastConfig:
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AlastConfig:
     """Read ``path`` (or start from the defaults), apply ``overrides``, validate."""
     data = read_yaml(path) if path is not None else {}
-    return build_config(apply_overrides(data, list(overrides or [])))
+    if path is not None:
+        _check_sections(data, path)
+    data = apply_overrides(data, list(overrides or []))
+    _check_steps_or_epochs(data)
+    return build_config(data, new=True)
 
 
 # Defaults changed since runs were written without these keys: a run's config.yaml that lacks one
@@ -388,7 +487,9 @@ def check_policy_name(name: str, where: str = "policy.name") -> None:
 
     known = available_planners()
     if ("full" if name == "lora" else name.removesuffix("+lora")) not in known:
-        raise ConfigError(f"unknown policy {name!r} in {where}; choose from: {', '.join(known)}, lora, or a "
+        close = difflib.get_close_matches(str(name), [*known, "lora", *(f"{k}+lora" for k in known)], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown policy {name!r} in {where}; {hint}choose from: {', '.join(known)}, lora, or a "
                           "policy with +lora (e.g. alast+lora)")
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alast.config import MIN_OPSET  # the lowest opset with scaled_dot_product_attention in the exporter
 from alast.training.checkpoint import file_mode
 from runtimes.onnx_export import INPUT, OUTPUT, ExportError, export_inference_bytes, max_logit_diff
 from runtimes.protocol import RuntimeError_
@@ -155,10 +156,6 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
-# The lowest opset that has scaled_dot_product_attention (timm's fused attention) in the exporter.
-MIN_OPSET = 14
-
-
 @functools.lru_cache(maxsize=1)
 def supported_opsets() -> tuple[int, int]:
     """The opsets an export can use here: from :data:`MIN_OPSET` up to the lowest of the highest the
@@ -268,11 +265,21 @@ def data_config_from_metadata(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fraction: float, seed: int,
-              classes: list[str], skip_bad_images: bool = False) -> Any:
+              classes: list[str], skip_bad_images: bool = False, for_eval: bool = False,
+              splits: dict[str, str | None] | None = None) -> Any:
+    """The data ``spec``'s evaluation images, labelled with the model's indices of its ``classes``.
+
+    ``for_eval``: ``spec`` is other data than the run's (see :func:`_other_data`): a flat image folder
+    is scored whole, and any of the model's classes, even one, will do. Otherwise the run's own
+    validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``.
+    """
+    import unicodedata
+
     from alast.data import DataError, build_data
 
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                        skip_bad_images=skip_bad_images)
+                        skip_bad_images=skip_bad_images, for_eval=for_eval, **(splits or {}))
+    classes = [unicodedata.normalize("NFC", c) for c in classes]  # older runs kept a folder's name as written
     if classes and list(bundle.classes) != list(classes):
         unknown = [c for c in bundle.classes if c not in classes]
         if unknown:
@@ -321,10 +328,11 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     from alast.data import eval_batches
 
     meta = read_metadata(path)
+    other = _other_data(spec, meta.get("data", "digits"))
     spec = spec or meta.get("data", "digits")
     val = _val_data(spec, data_config_from_metadata(meta), data_dir, float(meta.get("val_fraction", 0.2)),
                     int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")),
-                    skip_bad_images or json.loads(meta.get("skip_bad_images", "false")))
+                    skip_bad_images or json.loads(meta.get("skip_bad_images", "false")), for_eval=other)
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # invalid graph
@@ -344,9 +352,26 @@ def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None 
     cfg = run.config
     dc = run.summary.get("data_config") or {}
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
-    return _val_data(spec or cfg.data.spec, data_cfg, data_dir or cfg.data.data_dir, cfg.data.val_fraction,
-                     cfg.train.seed, list(run.summary.get("classes") or []),
-                     skip_bad_images or cfg.data.skip_bad_images)
+    other = _other_data(spec, cfg.data.spec)
+    spec = spec or cfg.data.spec
+    if spec.startswith("torchvision:"):  # the run's dataset root serves other torchvision data too
+        data_dir = data_dir or cfg.data.data_dir
+    splits = None if other else {k: getattr(cfg.data, k, None) for k in ("train_split", "val_split", "subset")}
+    return _val_data(spec, data_cfg, data_dir, cfg.data.val_fraction, cfg.train.seed,
+                     list(run.summary.get("classes") or []), skip_bad_images or cfg.data.skip_bad_images,
+                     for_eval=other, splits=splits)
+
+
+def _other_data(spec: str | None, run_spec: str) -> bool:
+    """Whether ``spec`` (``--data``) names other data than the run's ``run_spec``. The run's own
+    data is evaluated on its validation split, which training never saw; other data whole."""
+    if spec is None:
+        return False
+    kind, _, path = spec.partition(":")
+    run_kind, _, run_path = run_spec.partition(":")
+    if kind == run_kind == "imagefolder" and path and run_path:
+        return Path(path).expanduser().resolve() != Path(run_path).expanduser().resolve()
+    return spec != run_spec
 
 
 def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None = None, data_dir: Path | None = None,

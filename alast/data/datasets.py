@@ -7,8 +7,15 @@ data-parallel ranks take disjoint slices of the same global batch.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
-from dataclasses import dataclass
+import itertools
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -16,11 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from alast.data.images import jpeg_has_end, to_rgb
+from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb, to_rgb
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-VAL_FOLDERS = ("val", "valid", "validation", "test")  # beside PATH/train, the first found is the validation set
-# split folder names match in any case: Train/, Val/, TEST/
+# Split folder names, matched in any case and with "-" or a space for "_" (Train/, VAL/, Training Set/).
+# Validation is the validation folder, else the test folder (a test folder beside one is not used).
+TRAIN_FOLDERS = ("train", "training", "trn", "train_set", "training_set", "trainset", "seg_train")
+VAL_FOLDERS = ("val", "valid", "validation", "dev", "eval", "val_set", "validation_set", "valset", "seg_val")
+TEST_FOLDERS = ("test", "testing", "tst", "test_set", "testing_set", "testset", "seg_test")
+JUNK_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")  # Windows writes them into image folders
+JUNK_FOLDERS = ("__macosx",)  # macOS's zip archives: resource forks (._x.jpg), not images
 
 
 class DataError(ValueError):
@@ -33,6 +44,7 @@ class DataBundle:
     val: Dataset
     classes: list[str]
     skipped_files: int = 0
+    notes: list[str] = field(default_factory=list)  # what was left out, and why: printed once when built
 
 
 class ArrayImageDataset(Dataset):
@@ -140,92 +152,211 @@ def _random_images(data_cfg: dict[str, Any], n: int, seed: int, num_classes: int
 
 
 def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
-    """Indices of unreadable files; raises on the first one unless ``skip_bad``."""
-    from PIL import Image
-
+    """Indices of unreadable files (:func:`~alast.data.images.check_file`); raises on the first one
+    unless ``skip_bad``."""
     bad = []
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                if im.format == "PNG" or im.format == "WEBP" or im.format in ("JPEG", "MPO") and jpeg_has_end(im.fp):
-                    im.verify()  # PNG: every chunk's CRC; JPEG: its header (its end was checked); WebP: decoded at open
-                else:  # a JPEG without its end marker (cut short, or trailing bytes), and BMP, TIFF, GIF, PPM, ...
-                    im.load()  # whose headers do not show a short file: decoded
-        except Exception:
+            check_file(f)
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             if not skip_bad:
-                raise DataError(f"corrupt or non-image file: {f}; remove it or pass --skip-bad-images") from None
+                raise DataError(_unreadable(f, exc)) from None
             bad.append(i)
     return bad
 
 
+def _unreadable(path: str, exc: BaseException) -> str:
+    """The one line for a file the pre-run check refuses: a valid image too large for PIL is not corrupt."""
+    from PIL import Image
+
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"{path} has {failure(exc)}; resize it, or pass --skip-bad-images to skip it"
+    return f"corrupt or non-image file: {path}; remove it or pass --skip-bad-images"
+
+
 def load_image(path: str) -> Any:
-    """The image file at ``path`` as RGB (:func:`~alast.data.images.to_rgb`), for ImageFolder.
+    """The image file at ``path`` upright and RGB (:func:`~alast.data.images.read_rgb`), for ImageFolder.
 
     The error names the file, which PIL's "image file is truncated" does not. In an image folder, a
     file that fails here passed the pre-run check (:func:`_check_images` reads a JPEG's end and a
     PNG's chunks, not their pixels, or the file changed since), so ``--skip-bad-images`` would not
     skip it.
     """
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = to_rgb(im)
+        return read_rgb(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read image {path} ({reason}); fix or remove the file and run again") from None
-    return rgb
+        raise DataError(f"cannot read image {path} ({failure(exc)}); fix or remove the file and run again") from None
 
 
-def _check_class_folders(path: Path) -> None:
-    """Name the class folders that hold no readable image, and what they hold instead."""
-    if not path.is_dir():
-        return
-    empty = []
-    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = (f for f in folder.rglob("*") if f.is_file() and _visible(f, folder))
-        kinds: set[str] = set()  # walked only until the first image: a class folder may hold many files
-        for f in files:
-            if f.name.lower().endswith(IMG_EXTENSIONS):
-                break
-            kinds.add(f.suffix.lower() or f.name)
-        else:
-            other = sorted(kinds)[:3]
-            empty.append(f"{folder.name!r}" + (f" (only {', '.join(other)} files)" if other else ""))
-    if empty:
-        what = "class folder {} holds" if len(empty) == 1 else "class folders {} hold"
-        raise DataError(f"{what.format(', '.join(empty[:3]))} no image in {path} "
-                        f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+def _hidden(name: str) -> bool:
+    """Not data: hidden (``.ipynb_checkpoints/``, macOS's ``._x.jpg``) or macOS's ``__MACOSX/``."""
+    return name.startswith(".") or name.lower() in JUNK_FOLDERS
 
 
-def _visible(path: Path, root: Path) -> bool:
-    """No part of ``path`` below ``root`` is hidden (``.ipynb_checkpoints/``, macOS's ``._x.jpg``)."""
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+def _nfc(name: str) -> str:
+    """``name`` in Unicode NFC: macOS may write ``café`` as ``cafe`` + a combining accent (NFD)."""
+    return unicodedata.normalize("NFC", name)
 
 
-def _split_folders(root: Path) -> tuple[Path, Path | None] | None:
+def _walk(folder: str, loops: list[str]) -> Iterator[str]:
+    """The visible files under ``folder`` in torchvision's ImageFolder order, following links to
+    folders as it does (``os.walk(followlinks=True)``). A link to a folder it sits in is not
+    followed (``os.walk`` would follow it until the path grew too long) but added to ``loops``."""
+    chains = {folder: (os.path.realpath(folder),)}
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        chain, keep = chains.pop(root), []
+        for d in dirs:
+            if _hidden(d):
+                continue
+            path = os.path.join(root, d)
+            real = os.path.realpath(path)
+            if real in chain:
+                loops.append(path)
+                continue
+            chains[path] = (*chain, real)
+            keep.append(d)
+        dirs[:] = keep
+        found.append((root, sorted(f for f in files if not _hidden(f))))
+    for root, files in sorted(found):
+        yield from (os.path.join(root, f) for f in files)
+
+
+def _class_folders() -> type:
+    """:class:`ClassFolders`, defined on first use: importing this module does not import
+    torchvision (a second); the module's ``__getattr__`` finds it for pickle (spawned workers)."""
+    if "ClassFolders" in globals():
+        return globals()["ClassFolders"]
+    from torchvision.datasets import ImageFolder
+
+    class ClassFolders(ImageFolder):
+        """torchvision's ImageFolder over the visible class folders, their names in NFC (a class
+        matches across splits whichever form its folder's name was written in), and the files
+        :func:`_walk` finds with an image extension. ``other[c]`` counts class ``c``'s other files by
+        extension (Windows' ``Thumbs.db`` and ``desktop.ini`` uncounted); ``loops`` lists the folder
+        links not followed."""
+
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            names: dict[str, list[str]] = {}
+            with os.scandir(directory) as entries:
+                for e in entries:
+                    if e.is_dir() and not _hidden(e.name):
+                        names.setdefault(_nfc(e.name), []).append(e.name)
+            for same in names.values():
+                if len(same) > 1:
+                    raise DataError(f"{directory} has class folders {' and '.join(map(ascii, same))}, one name in "
+                                    "two Unicode forms; merge them")
+            self.folders = {c: same[0] for c, same in names.items()}
+            classes = sorted(self.folders)
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                         is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+            samples, self.other, self.loops = [], {}, []
+            for c in sorted(class_to_idx):
+                other = self.other[c] = Counter()
+                for f in _walk(os.path.join(directory, self.folders[c]), self.loops):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        samples.append((f, class_to_idx[c]))
+                    elif os.path.basename(f).lower() not in JUNK_FILES:
+                        other[os.path.splitext(f)[1].lower() or os.path.basename(f)] += 1
+            return samples
+
+    ClassFolders.__qualname__ = "ClassFolders"
+    globals()["ClassFolders"] = ClassFolders
+    return ClassFolders
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ClassFolders":
+        return _class_folders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _subfolders(path: Path) -> list[Path]:
+    """The visible folders in ``path``, sorted."""
+    try:
+        with os.scandir(path) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir() and not _hidden(e.name))
+    except OSError:
+        return []
+
+
+def _holds_images(path: Path) -> bool:
+    """Whether ``path`` holds an image file itself, not only in its folders (stops at the first one)."""
+    try:
+        with os.scandir(path) as entries:
+            return any(not _hidden(e.name) and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def _role(name: str) -> str | None:
+    key = _nfc(name).casefold().replace("-", "_").replace(" ", "_")
+    return next((role for role, names in (("train", TRAIN_FOLDERS), ("val", VAL_FOLDERS), ("test", TEST_FOLDERS))
+                 if key in names), None)
+
+
+def _names(paths: Sequence[Path]) -> str:
+    return ", ".join(p.name for p in paths[:4]) + (", ..." if len(paths) > 4 else "")
+
+
+def _looks_like_splits(folders: Sequence[Path]) -> bool:
+    """Whether ``folders`` look like the splits of one dataset rather than classes: none holds an
+    image itself, each holds two or more folders whose names mostly recur in the others', and those
+    hold their images themselves. Nested classes (``cat/indoor/1.jpg``) name their folders per class,
+    or keep images deeper, unless they look exactly like splits (``cat/2019``, ``dog/2019``)."""
+    if len(folders) < 2 or any(_holds_images(f) for f in folders):
+        return False
+    subs = [_subfolders(f) for f in folders]
+    names = [{_nfc(s.name) for s in sub} for sub in subs]
+    if any(len(a & b) < max(2, min(len(a), len(b)) / 2) for a, b in itertools.combinations(names, 2)):
+        return False
+    return all(_holds_images(s) or not _subfolders(s) for sub in subs for s in sub)
+
+
+def _split_folders(root: Path, notes: list[str]) -> tuple[Path | None, Path | None] | None:
     """``(train, val)`` where ``root`` is laid out in splits, else None (``root`` holds the classes).
 
-    Splits: ``root/train`` beside one of :data:`VAL_FOLDERS` (the first found is the validation
-    set), or ``root/train`` with nothing but split folders beside it (``val`` None: the training
-    images are split by ``data.val_fraction``). Names match in any case (``Train``, ``VAL``).
+    A split folder is named as in :data:`TRAIN_FOLDERS`, :data:`VAL_FOLDERS` or :data:`TEST_FOLDERS`
+    and holds class folders. ``val`` is the validation folder, else the test folder; None: the
+    training images are split by ``data.val_fraction``. ``train`` None: there is none (evaluation
+    can use ``val``). Split folders without class folders (Kaggle's unlabeled ``test/``) and other
+    folders beside the splits are left out, with a note. Folders that look like splits but are named
+    otherwise are refused: as classes they would train a model to tell the splits apart.
     """
-    folders: dict[str, list[Path]] = {}
-    for p in sorted(root.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
-            folders.setdefault(p.name.lower(), []).append(p)
-    for name in ("train", *VAL_FOLDERS):
-        if len(folders.get(name, [])) > 1:
-            both = " and ".join(p.name for p in folders[name])
-            raise DataError(f"{root} has split folders {both}, which differ only in case; merge or rename one")
-    if "train" not in folders:
+    roles: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
+    others = []
+    for p in _subfolders(root):
+        role = _role(p.name)
+        (roles[role] if role else others).append(p)
+    for role, found in roles.items():
+        if len(found) > 1:
+            why = "differ only in case" if len({p.name.lower() for p in found}) == 1 else f"are both {role} folders"
+            raise DataError(f"{root} has split folders {' and '.join(p.name for p in found)}, which {why}; "
+                            "merge or rename one")
+    named = roles["train"] + roles["val"] + roles["test"]
+    splits = [p for p in named if _subfolders(p) and not _holds_images(p)]
+    train = roles["train"][0] if roles["train"] and roles["train"][0] in splits else None
+    if (train is None and others) or (train is not None and others and not roles["val"] + roles["test"]):
+        if _looks_like_splits(named + others):
+            raise DataError(f"the folders in {root} ({_names(named + others)}) look like splits (each holds the same "
+                            "class folders), not classes; point imagefolder: at the training folder, or rename "
+                            "them train and val")
+        return None  # classes, some maybe named like splits (a "train" among vehicles)
+    if roles["train"] and train is None or not splits and named and all(_holds_images(p) for p in named):
+        raise DataError(f"{root} holds {_names(named)}, named like split folders but without class folders in "
+                        "them; give each split class folders (train/<class>/<image>), or rename the folders if "
+                        "they are classes")
+    if not splits:
         return None
-    train = folders["train"][0]
-    for name in VAL_FOLDERS:
-        if name in folders:
-            return train, folders[name][0]
-    return (train, None) if len(folders) == 1 else None
+    val = next((p for p in roles["val"] + roles["test"] if p in splits), None)
+    left = [p for p in roles["val"] + roles["test"] if p is not val] + (others if train or val else [])
+    for p in left:
+        why = f"validation reads {val.name}" if p in splits else \
+            "it holds no class folders (unlabeled?)" if p in named else "it is not a split folder"
+        notes.append(f"not using {p}: {why}")
+    return train, val
 
 
 def _split(ds: Dataset, train: list[int], val: list[int]) -> tuple[Subset, Subset]:
@@ -243,44 +374,75 @@ def _relabel(ds: Dataset, classes: list[str], drop: set[int] | frozenset[int] = 
     ds.classes, ds.class_to_idx = list(classes), {c: i for i, c in enumerate(classes)}
 
 
-def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool) -> DataBundle:
-    from torchvision.datasets import ImageFolder
+def _load_folder(path: Path, transform: Callable, skip_bad: bool, role: str,
+                 notes: list[str]) -> tuple[Dataset, list[str], int]:
+    """The image folder ``path`` read and checked, its classes, and the unreadable files skipped.
 
+    ``role`` "train": every class needs a readable image; "val" and "eval": an empty class folder
+    is fine (a validation split may lack a class) and its class is left out of the classes.
+    """
+    try:
+        ds = _class_folders()(str(path), transform=transform, loader=load_image, allow_empty=True)
+    except OSError as exc:
+        raise DataError(f"{path} is not an image folder ({exc.strerror or exc}); "
+                        "expected PATH/<class>/<image> files") from None
+    if not ds.classes:
+        raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
+    other = sum(ds.other.values(), Counter())
+    if other:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in other.most_common(4)) + (", ..." if len(other) > 4 else "")
+        notes.append(f"left out {sum(other.values())} files in {path} that are not images alast reads ({kinds})")
+    if ds.loops:
+        notes.append(f"not following {len(ds.loops)} link(s) in {path} back to a folder they sit in ({ds.loops[0]})")
+    count = Counter(ds.targets)
+    empty = [c for c in ds.classes if not count[ds.class_to_idx[c]]]
+    if empty and (role == "train" or len(empty) == len(ds.classes)):
+        listed = [repr(ds.folders[c]) + (f" (only {', '.join(sorted(ds.other[c])[:3])} files)" if ds.other[c] else "")
+                  for c in empty]
+        what = "class folder {} holds" if len(empty) == 1 else "class folders {} hold"
+        raise DataError(f"{what.format(', '.join(listed[:3]))} no image in {path} "
+                        f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+    bad = set(_check_images([s[0] for s in ds.samples], skip_bad))
+    readable = Counter(t for i, t in enumerate(ds.targets) if i not in bad)
+    lost = [c for c in ds.classes if count[ds.class_to_idx[c]] and not readable[ds.class_to_idx[c]]]
+    if lost and role == "train":
+        raise DataError(f"class {lost[0]!r} in {path} has no readable image (all {count[ds.class_to_idx[lost[0]]]} "
+                        "skipped as unreadable); fix its images or remove its folder")
+    classes = ds.classes if role == "train" else [c for c in ds.classes if readable[ds.class_to_idx[c]]]
+    _relabel(ds, classes, drop=bad)
+    return ds, classes, len(bad)
+
+
+def _imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool,
+                 for_eval: bool = False) -> DataBundle:
     if root.is_file():
         raise DataError(f"{root} is a file, not a folder; pass imagefolder:PATH to a directory of class folders")
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}; pass imagefolder:PATH to a directory of class folders")
-
-    def load(path: Path) -> tuple[Dataset, list[str], int]:
-        _check_class_folders(path)
-        try:  # allow_empty: a hidden folder (.ipynb_checkpoints) is a class of no image, dropped below
-            ds = ImageFolder(str(path), transform=transform, loader=load_image, allow_empty=True,
-                             is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) and _visible(Path(p), path))
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise DataError(f"{path} is not an image folder ({str(exc).splitlines()[0]}); "
-                            "expected PATH/<class>/<image> files") from None
-        classes = [c for c in ds.classes if not c.startswith(".")]
-        if not classes:
-            raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
-        bad = set(_check_images([s[0] for s in ds.samples], skip_bad))
-        _relabel(ds, classes, drop=bad)  # every sample is in a visible class
-        return ds, list(ds.classes), len(bad)
-
-    splits = _split_folders(root)
-    if splits is not None and splits[1] is not None:
-        train, classes, nb1 = load(splits[0])
-        _need_two_classes(classes, str(splits[0]))
-        val, vclasses, nb2 = load(splits[1])
-        unknown = [c for c in vclasses if c not in classes]
-        if unknown:
-            raise DataError(f"{splits[1]} has class folders that {splits[0]} lacks ({', '.join(map(repr, unknown[:3]))}"
-                            f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
-                            "never trained on: add their training images or remove them")
-        _relabel(val, classes)  # train's label indices; a class may have no validation images
-        return DataBundle(train, val, classes, nb1 + nb2)
-    ds, classes, nb = load(root if splits is None else splits[0])
-    _need_two_classes(classes, str(root if splits is None else splits[0]))
-    return DataBundle(*_split(ds, *_split_indices(ds.targets, val_fraction, seed)), classes, nb)
+    notes: list[str] = []
+    splits = _split_folders(root, notes)
+    train_dir, val_dir = splits if splits is not None else (root, None)
+    if for_eval and (val_dir is not None or splits is None):  # every image of the evaluation folder is scored
+        where = val_dir or root
+        ds, classes, nb = _load_folder(where, transform, skip_bad, "eval", notes)
+        notes.append(f"evaluating on every image in {where} ({len(ds)})")
+        return DataBundle(Subset(ds, []), ds, classes, nb, notes)
+    if train_dir is None:
+        raise DataError(f"{root} has {val_dir.name}/ but no training folder beside it; add {root / 'train'} with "
+                        "class folders, or point imagefolder: at a folder of class folders")
+    train, classes, nb1 = _load_folder(train_dir, transform, skip_bad, "eval" if for_eval else "train", notes)
+    if not for_eval:
+        _need_two_classes(classes, str(train_dir))
+    if val_dir is None:
+        return DataBundle(*_split(train, *_split_indices(train.targets, val_fraction, seed)), classes, nb1, notes)
+    val, vclasses, nb2 = _load_folder(val_dir, transform, skip_bad, "val", notes)
+    unknown = [c for c in vclasses if c not in classes]
+    if unknown:
+        raise DataError(f"{val_dir} has class folders that {train_dir} lacks ({', '.join(map(repr, unknown[:3]))}"
+                        f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
+                        "never trained on: add their training images or remove them")
+    _relabel(val, classes)  # train's label indices; a class may have no validation images
+    return DataBundle(train, val, classes, nb1 + nb2, notes)
 
 
 def _need_two_classes(classes: list[str], where: str) -> None:
@@ -290,46 +452,176 @@ def _need_two_classes(classes: list[str], where: str) -> None:
         raise DataError(f"{where} has {has}; a classifier needs at least 2 classes: add a class folder")
 
 
-def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Callable,
-                 val_fraction: float, seed: int) -> DataBundle:
+# (training, validation) splits of torchvision datasets where "train" and "test" do not both fit, or
+# where the standard protocol trains on more (FGVCAircraft's train + val); others with a split argument
+# use "train" and "test", or else the first of _TV_TRAIN and _TV_VAL that they accept.
+_TV_SPLITS = {"FGVCAircraft": ("trainval", "test"), "OxfordIIITPet": ("trainval", "test"),
+              "Places365": ("train-standard", "val"), "ImageNet": ("train", "val"), "Imagenette": ("train", "val")}
+_TV_TRAIN = ("train", "trainval", "train-standard", "training")
+_TV_VAL = ("test", "val", "valid", "validation")
+_TV_BASES = ("VisionDataset", "DatasetFolder")  # generic bases: they need a loader and a layout
+# attributes that hold a torchvision dataset's class names, then its labels (ints, or pairs ending in one)
+_NAME_ATTRS = ("classes", "categories")
+_LABEL_ATTRS = ("targets", "_labels", "labels", "y", "_samples", "samples")
+
+
+def _torchvision_class(name: str) -> type:
+    """The torchvision dataset class ``name``, or the nearest names in the error."""
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, name, None)
-    if cls is None or not isinstance(cls, type):
-        raise DataError(f"unknown torchvision dataset {name!r}; e.g. Flowers102, CIFAR100, Food101")
+    if name in _TV_BASES:
+        raise DataError(f"torchvision:{name} is a base class, not a dataset; for a folder of class folders use "
+                        "imagefolder:PATH")
+    names = {n.lower(): n for n in getattr(tvd, "__all__", dir(tvd)) if isinstance(getattr(tvd, n, None), type)}
+    if name not in names.values():
+        near = [names[name.lower()]] if name.lower() in names else \
+            [names[n] for n in difflib.get_close_matches(name.lower(), list(names), n=3, cutoff=0.75)]
+        hint = f"did you mean {' or '.join(near)}? (names are case-sensitive)" if near else \
+            "e.g. Flowers102, CIFAR100, Food101"
+        raise DataError(f"unknown torchvision dataset {name!r}; {hint}")
+    return getattr(tvd, name)
+
+
+def _valid_values(exc: ValueError, argument: str) -> list[str] | None:
+    """The values torchvision's ``verify_str_arg`` lists for ``argument`` in ``exc``, else None."""
+    found = re.search(rf"for argument {argument}\. Valid values are \{{(.*)\}}", str(exc))
+    return [v.strip(" '\"") for v in found.group(1).split(",")] if found else None
+
+
+def _torchvision(name: str, data_dir: Path | None, download: bool, transform: Callable, val_fraction: float,
+                 seed: int, skip_bad: bool = False, splits: dict[str, str | None] | None = None,
+                 for_eval: bool = False) -> DataBundle:
+    """torchvision's dataset ``name`` under ``data_dir``: its own splits where it has them (``splits``:
+    ``train_split``, ``val_split`` and ``subset`` from the data config, None: automatic), else split
+    by ``val_fraction``. ``ImageFolder`` is read as ``imagefolder:DATA_DIR``, with its checks."""
+    cls = _torchvision_class(name)
     if data_dir is None:
-        raise DataError(f"torchvision:{name} needs --data-dir (where the dataset lives or should be downloaded)")
-    params = inspect.signature(cls.__init__).parameters
-    root = str(data_dir)
-    transform = RGBTransform(transform)  # MNIST-style datasets yield grayscale PIL images
-
-    def make(train: bool) -> Dataset:
-        kw: dict[str, Any] = dict(root=root, transform=transform)
-        if "download" in params:
-            kw["download"] = download
-        if "loader" in params:  # ImageFolder, DatasetFolder: 16-bit and palette images read right
-            kw["loader"] = load_image
-        if "train" in params:
-            kw["train"] = train
-        elif "split" in params:
-            kw["split"] = "train" if train else "test"
-        try:
-            return cls(**kw)
-        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted..."
-            hint = "" if download else " or pass --set data.download=true (needs internet)"
-            raise DataError(f"torchvision:{name} not found under {root} ({str(exc).splitlines()[0]})"
-                            f"; put it there{hint}") from None
-
-    if "train" in params or "split" in params:
-        train, val = make(True), make(False)
+        raise DataError(f"torchvision:{name} needs --data-dir (where the dataset lives or should be downloaded)"
+                        + ("; or pass imagefolder:PATH" if name == "ImageFolder" else ""))
+    splits = {k: v for k, v in (splits or {}).items() if v is not None}
+    if name == "ImageFolder":
+        _refuse_settings(splits, f"torchvision:{name}")
+        return _imagefolder(Path(data_dir).expanduser(), transform, val_fraction, seed, skip_bad, for_eval)
+    tv = _TorchvisionSplits(cls, name, str(data_dir), download, RGBTransform(transform), splits)
+    if for_eval:  # only the split that is scored; all of a dataset without splits
+        train = val = tv.split(False)
+    elif tv.has_splits:
+        train, val = tv.split(True), tv.split(False)
     else:
-        full = make(True)
-        targets = getattr(full, "targets", None) or [full[i][1] for i in range(len(full))]
-        train, val = _split(full, *_split_indices(targets, val_fraction, seed))
-    base = train.dataset if isinstance(train, Subset) else train
-    classes = list(getattr(base, "classes", [])) or [str(i) for i in range(_count_classes(base))]
-    _need_two_classes([str(c) for c in classes], f"torchvision:{name} under {root}")
-    return DataBundle(train, val, [str(c) for c in classes])
+        full = tv.make(True, None)
+        labels = _labels(full)
+        labels = labels if labels is not None else [full[i][1] for i in range(len(full))]
+        train, val = _split(full, *_split_indices(labels, val_fraction, seed))
+    classes = _class_names(train, name)
+    if not for_eval:
+        _need_two_classes(classes, f"torchvision:{name} under {data_dir}")
+    return DataBundle(Subset(val, []) if for_eval else train, val, classes)
+
+
+class _TorchvisionSplits:
+    """The splits of torchvision dataset class ``cls`` (named ``name``) under ``root``: the arguments
+    it takes, the split names to pass, and one line for each error torchvision raises.
+
+    A ``split`` argument beside ``train`` names a subset (EMNIST's ``letters``): ``data.subset``.
+    Split names: ``splits`` (``train_split``, ``val_split``), else :data:`_TV_SPLITS`, else "train"
+    and "test", else the first of :data:`_TV_TRAIN` and :data:`_TV_VAL` that the dataset accepts.
+    """
+
+    def __init__(self, cls: type, name: str, root: str, download: bool, transform: Callable,
+                 splits: dict[str, str]) -> None:
+        self.cls, self.name, self.root, self.download, self.transform = cls, name, root, download, transform
+        self.params, self.splits = _init_params(cls), splits
+        self.has_subset = "train" in self.params and "split" in self.params
+        self.has_split = "split" in self.params and not self.has_subset
+        self.has_splits = self.has_split or "train" in self.params
+        needs = [k for k, v in self.params.items() if k not in ("self", "root") and v.default is v.empty
+                 and v.kind != v.VAR_POSITIONAL and not (self.has_subset and k == "split")]
+        if "root" not in self.params:
+            raise DataError(f"torchvision:{name} reads no files (it takes no root); for noise images use random:N")
+        if needs:
+            raise DataError(f"torchvision:{name} needs {', '.join(needs)}, which alast does not pass; alast reads "
+                            "image-classification datasets (root, train or split, download)")
+        _refuse_settings({k: v for k, v in splits.items()
+                          if (k == "subset") != self.has_subset or not (self.has_split or self.has_subset)},
+                         f"torchvision:{name}")
+        if self.has_subset and "subset" not in splits:
+            choices = getattr(cls, "splits", None)
+            raise DataError(f"torchvision:{name} needs a subset: --set data.subset=NAME"
+                            + (f" (one of {', '.join(choices)})" if choices else ""))
+
+    def make(self, train: bool, split: str | None) -> Dataset:
+        kw: dict[str, Any] = dict(root=self.root, transform=self.transform)
+        if "download" in self.params:
+            kw["download"] = self.download
+        if "loader" in self.params:  # 16-bit and palette images read right, photos upright
+            kw["loader"] = load_image
+        if "train" in self.params:
+            kw["train"] = train
+        if split is not None:
+            kw["split"] = split
+        try:
+            return self.cls(**kw)
+        except (RuntimeError, FileNotFoundError) as exc:  # "Dataset not found or corrupted...", USPS's missing file
+            if "download" not in self.params:
+                hint = f" (torchvision cannot download {self.name})"
+            else:
+                hint = "" if self.download else " or pass --set data.download=true (needs internet)"
+            raise DataError(f"torchvision:{self.name} not found under {self.root} ({_first_line(exc)}); "
+                            f"put it there{hint}") from None
+        except ImportError as exc:  # LSUN reads lmdb files
+            package = (exc.name or "").split(".")[0]
+            raise DataError(f"torchvision:{self.name} needs the Python package {package or _first_line(exc)}; "
+                            f"install it (pip install {package or '...'})") from None
+        except TypeError as exc:  # arguments this dataset does not take as alast passes them
+            raise DataError(f"torchvision:{self.name} cannot be read by alast ({_first_line(exc)}); alast reads "
+                            "image-classification datasets (root, train or split, download)") from None
+
+    def split(self, train: bool) -> Dataset:
+        """The training or validation split (a dataset with a train flag or without splits: ``make``'s)."""
+        key = "subset" if self.has_subset else "train_split" if train else "val_split"
+        if not (self.has_split or self.has_subset):
+            return self.make(train, None)
+        name = self.splits.get(key) or _TV_SPLITS.get(self.name, ("train", "test"))[0 if train else 1]
+        try:
+            return self.make(train, name)
+        except DataError:
+            raise
+        except ValueError as exc:  # torchvision's "Unknown value 'train' for argument split. Valid values are {...}"
+            valid = _valid_values(exc, "split")
+            if valid is None:
+                raise DataError(f"torchvision:{self.name} under {self.root}: {_first_line(exc)}") from None
+            chosen = None if key in self.splits else \
+                next((v for v in (_TV_TRAIN if train else _TV_VAL) if v in valid), None)
+            if chosen is None:
+                raise DataError(f"torchvision:{self.name} has no {'subset' if self.has_subset else 'split'} "
+                                f"{name!r}; set data.{key} to one of {', '.join(valid)}") from None
+            return self.make(train, chosen)
+
+
+def _init_params(cls: type) -> dict[str, inspect.Parameter]:
+    """The arguments ``cls`` takes, its bases' too where its ``__init__`` passes ``**kwargs`` on
+    (EMNIST: ``root, split, **kwargs`` to MNIST's ``train``, ``download``)."""
+    params: dict[str, inspect.Parameter] = {}
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        own = inspect.signature(base.__init__).parameters
+        params.update({k: v for k, v in own.items() if k not in params and v.kind != v.VAR_KEYWORD})
+        if not any(v.kind == v.VAR_KEYWORD for v in own.values()):
+            break
+    return params
+
+
+def _refuse_settings(settings: dict[str, str], what: str) -> None:
+    """Refuse a split or subset name (``data.train_split``, ...) set for data that takes none."""
+    if settings:
+        key = next(iter(settings))
+        raise DataError(f"data.{key} does not apply to {what} (it takes no {'subset' if key == 'subset' else 'split'} "
+                        "name); unset it")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class RGBTransform:
@@ -345,11 +637,35 @@ class RGBTransform:
         return self.transform(img)
 
 
-def _count_classes(ds: Dataset) -> int:
-    targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None)
-    if targets is None:
-        raise DataError("cannot tell the number of classes of this dataset")
-    return int(max(targets)) + 1
+def _labels(ds: Dataset) -> list[int] | None:
+    """A torchvision dataset's labels from the first of :data:`_LABEL_ATTRS` that holds them: ints
+    (``targets``, SVHN's and SEMEION's ``labels``, Caltech101's ``y``), or pairs whose second item is
+    the label (GTSRB's and FER2013's ``_samples``); None where none does."""
+    for attr in _LABEL_ATTRS:
+        values = getattr(ds, attr, None)
+        values = values.tolist() if hasattr(values, "tolist") else values
+        if not isinstance(values, (list, tuple)) or not values:
+            continue
+        if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
+            values = [v[1] for v in values]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return list(values)
+    return None
+
+
+def _class_names(ds: Dataset, name: str) -> list[str]:
+    """The class names of torchvision dataset ``ds``, or ``0..N-1`` from its labels."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    for attr in _NAME_ATTRS:
+        names = getattr(ds, attr, None)
+        if isinstance(names, (list, tuple)) and names:
+            return [str(c) for c in names]
+    labels = _labels(ds)
+    if labels is None:
+        raise DataError(f"cannot tell the classes of torchvision:{name}: it has none of the attributes "
+                        f"{', '.join(_NAME_ATTRS + _LABEL_ATTRS)}")
+    return [str(i) for i in range(max(labels) + 1)]
 
 
 def describe_spec(spec: str) -> tuple[str, str]:
@@ -362,14 +678,41 @@ def describe_spec(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
+_said: set[str] = set()
+
+
+def _say(notes: Sequence[str]) -> None:
+    """Each note once per process, on stderr, from the first rank only (every rank builds the data)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for note in notes:
+        if note not in _said:
+            _said.add(note)
+            print(f"note: {note}", file=sys.stderr, flush=True)
+
+
 def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = None, download: bool = False,
-               val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False) -> DataBundle:
-    """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``."""
+               val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False,
+               train_split: str | None = None, val_split: str | None = None, subset: str | None = None,
+               for_eval: bool = False) -> DataBundle:
+    """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``.
+
+    ``train_split``, ``val_split``, ``subset``: a torchvision dataset's split and subset names (None:
+    automatic). ``for_eval``: the data scores a trained model and nothing trains on it, so a flat
+    image folder (or a torchvision dataset without splits) is scored whole, not split, one class is
+    enough, and ``val`` is the only split read.
+    """
     from timm.data import create_transform
 
     kind, arg = describe_spec(spec)
+    if kind == "imagefolder" and data_dir is not None:
+        raise DataError(f"--data-dir (data.data_dir) applies to torchvision:NAME only, not to {spec}, whose folder "
+                        "is its path; drop it (--set data.data_dir=null)")
+    splits = {"train_split": train_split, "val_split": val_split, "subset": subset}
+    if kind != "torchvision":
+        _refuse_settings({k: v for k, v in splits.items() if v is not None}, spec)
     eval_tf = create_transform(**data_cfg, is_training=False)
-    train_tf = create_transform(**data_cfg, is_training=True) if augment else eval_tf
+    train_tf = create_transform(**data_cfg, is_training=True) if augment and not for_eval else eval_tf
     if kind == "digits":
         return _digits(train_tf, eval_tf, val_fraction, seed)
     if kind == "shapes":
@@ -379,14 +722,15 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     if kind == "random":
         return _random_images(data_cfg, int(arg) if arg else 256, seed)
     if kind == "imagefolder":
-        bundle = _imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images)
+        bundle = _imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images, for_eval)
     else:
-        bundle = _torchvision(arg, data_dir, download, eval_tf, val_fraction, seed)
+        bundle = _torchvision(arg, data_dir, download, eval_tf, val_fraction, seed, skip_bad_images, splits, for_eval)
     if len(bundle.val) == 0:
         raise DataError(f"{spec} leaves no validation images (a class with one image goes to training); add "
                         "images or give PATH/train and PATH/val folders")
-    if augment:
+    if train_tf is not eval_tf:
         _set_transform(bundle.train, train_tf)
+    _say(bundle.notes)
     return bundle
 
 

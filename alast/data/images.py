@@ -1,17 +1,67 @@
-"""Image files as 8-bit RGB, whatever their depth, and a cheap test that a JPEG was written to its end.
+"""Image files as 8-bit RGB, whatever their depth, upright as their camera recorded, and a cheap
+pre-run check that a file is whole.
 
 torchvision's ``pil_loader`` is ``Image.open(f).convert("RGB")``. Pillow's conversion clips 16- and
 32-bit grey at 255 (a 16-bit photo comes out almost white) and warns when a palette image stores its
 transparency per palette entry; :func:`to_rgb` scales wide pixels down and takes palettes via RGBA.
+Phones store a photo as the sensor read it and its rotation in an EXIF tag: :func:`read_rgb` applies it.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, BinaryIO
 
 import numpy as np
 
 JPEG_EOI = b"\xff\xd9"  # end-of-image marker, the last two bytes of a complete JPEG
+# the image files alast reads; .jfif and .jpe are JPEG's other names (Windows saves web images as .jfif)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")
+EXIF_ORIENTATION = 0x0112
+
+
+def read_rgb(path: str) -> Any:
+    """The image file at ``path`` decoded, turned upright by its EXIF orientation and made RGB
+    (:func:`to_rgb`); PIL's own exception where it cannot."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        return to_rgb(im)
+
+
+def check_file(path: str) -> None:
+    """Raise PIL's exception where the file at ``path`` is not a whole image :func:`read_rgb` reads.
+
+    PNG: every chunk's CRC; JPEG: its header, its end marker (:func:`jpeg_has_end`) and its EXIF
+    (:func:`read_rgb` reads the orientation there); WebP: decoded when opened; BMP, TIFF, GIF, PPM
+    and a JPEG without its end marker (cut short, or trailing bytes), whose headers do not show a
+    short file: decoded, and their EXIF read. Pixels are not decoded where the header shows a whole file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if "exif" in im.info:  # read at open; PNG's getexif would decode the pixels without it
+            im.getexif()
+        if im.format == "PNG" or im.format == "WEBP" or im.format in ("JPEG", "MPO") and jpeg_has_end(im.fp):
+            im.verify()
+        else:
+            im.load()
+            im.getexif()
+
+
+def failure(exc: BaseException) -> str:
+    """Why :func:`read_rgb` or :func:`check_file` failed with ``exc``, in a few words: PIL's reason,
+    or for its decompression-bomb guard, which refuses valid but very large images, the pixel count."""
+    from PIL import Image
+
+    if isinstance(exc, Image.DecompressionBombError):
+        found = re.findall(r"\d+", str(exc))  # "Image size (N pixels) exceeds limit of M pixels, ..."
+        count = f" ({int(found[0]):,} pixels; the limit is {int(found[1]):,})" if len(found) >= 2 else ""
+        return f"too many pixels for PIL's safety limit{count}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def to_rgb(img: Any) -> Any:

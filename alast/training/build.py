@@ -35,7 +35,8 @@ def load_data(cfg: AlastConfig) -> tuple[DataBundle, dict[str, Any]]:
     data_cfg = model_data_config(cfg.model.name, cfg.model.img_size)
     d = cfg.data
     bundle = build_data(d.spec, data_cfg, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
-                        seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images)
+                        seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
+                        train_split=d.train_split, val_split=d.val_split, subset=d.subset)
     return bundle, data_cfg
 
 

@@ -174,7 +174,8 @@ def test_augment_leaves_the_split_off_validation_images_alone(tmp_path, kind):
 
     root = _noise_images(tmp_path, [f"{c}/{i}" for c in "ab" for i in range(5)])
     spec = f"imagefolder:{root}" if kind == "imagefolder" else "torchvision:ImageFolder"
-    bundle = build_data(spec, CFG, data_dir=tmp_path, val_fraction=0.4, augment=True)
+    data_dir = tmp_path if kind == "torchvision" else None  # --data-dir is for torchvision:NAME only
+    bundle = build_data(spec, CFG, data_dir=data_dir, val_fraction=0.4, augment=True)
     eval_tf = create_transform(**CFG, is_training=False)
     torch.manual_seed(0)
     for k in range(len(bundle.val)):
@@ -425,3 +426,192 @@ def test_training_evaluates_with_the_configured_eval_batch_size(tmp_path, monkey
         loop.train(cfg, tmp_path / str(bs))
     # one evaluation after step 1; at the end, on the token schedule and on every token
     assert sizes == [5, 5, 5, None, None, None]
+
+
+# --- image files: orientation, size ------------------------------------------------------------
+def test_exif_orientation_is_applied_in_training_evaluation_and_the_check(tmp_path):
+    """A phone photo stores the sensor's pixels and its rotation in EXIF: it is read upright."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from alast.data.datasets import load_image
+
+    sensor = Image.new("RGB", (40, 20), (255, 255, 255))
+    sensor.paste((0, 0, 0), (0, 0, 20, 20))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show: the left half ends up on top
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            sensor.save(tmp_path / c / f"{i}.jpg", exif=exif.tobytes(), quality=95)
+    upright = load_image(str(tmp_path / "a" / "0.jpg"))
+    assert upright.size == (20, 40)
+    top, bottom = np.asarray(upright)[:20].mean(), np.asarray(upright)[20:].mean()
+    assert top < 30 and bottom > 225
+    bundle = build_data(f"imagefolder:{tmp_path}", CFG, val_fraction=0.5)
+    eval_tf = create_transform(**CFG, is_training=False)
+    for k in range(len(bundle.val)):
+        assert torch.equal(bundle.val[k][0], eval_tf(upright))
+
+
+def test_image_over_pils_pixel_limit_is_called_too_large_not_corrupt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from alast.data.datasets import load_image
+
+    root = _noise_images(tmp_path, [f"{c}/{i}" for c in "ab" for i in range(3)], side=40)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x40 = 1,600 pixels > 2 x 500: PIL's error
+    with pytest.raises(DataError) as err:
+        build_data(f"imagefolder:{root}", CFG)
+    msg = str(err.value)
+    assert "corrupt" not in msg
+    assert "has too many pixels for PIL's safety limit (1,600 pixels; the limit is 1,000)" in msg
+    assert msg.endswith("resize it, or pass --skip-bad-images to skip it")
+    with pytest.raises(DataError, match=r"cannot read image .*\(too many pixels for PIL's safety limit"):
+        load_image(str(root / "a" / "0.png"))
+
+
+# --- torchvision: labels, split names, errors -------------------------------------------------
+class _FakeSet(torch.utils.data.Dataset):
+    """A torchvision-style dataset of 6 tiny images; subclasses set the label attribute."""
+
+    def __init__(self, root, split="train", transform=None, download=False):
+        from PIL import Image
+        from torchvision.datasets.utils import verify_str_arg
+
+        self.split = verify_str_arg(split, "split", self.valid)
+        self.transform, self.images = transform, [Image.new("L", (8, 8), i * 40) for i in range(6)]
+        self.y = [0, 1, 2, 0, 1, 2]  # the labels, also under the subclass's attribute
+
+    valid = ("train", "test")
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.y[i]
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """Register dataset classes under torchvision.datasets for the test."""
+    import torchvision.datasets as tvd
+
+    def register(name, cls):
+        monkeypatch.setattr(tvd, name, cls, raising=False)
+        monkeypatch.setattr(tvd, "__all__", [*tvd.__all__, name])
+    return register
+
+
+def _svhn_like(self):  # numpy labels, as SVHN's and SEMEION's .labels
+    self.labels = np.array(self.y)
+
+
+def _gtsrb_like(self):  # (path, label) pairs, as GTSRB's and FER2013's ._samples
+    self._samples = [(f"{i}.ppm", y) for i, y in enumerate(self.y)]
+
+
+@pytest.mark.parametrize("store", [_svhn_like, _gtsrb_like, lambda self: None])  # the last: Caltech101's .y
+def test_torchvision_labels_are_read_from_their_attributes(tmp_path, fake_torchvision, store):
+    class Labelled(_FakeSet):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            store(self)
+
+    fake_torchvision("Labelled", Labelled)
+    bundle = build_data("torchvision:Labelled", CFG, data_dir=tmp_path)
+    assert bundle.classes == ["0", "1", "2"] and len(bundle.train) == len(bundle.val) == 6
+
+    class NoSplit(Labelled):  # split by data.val_fraction on the labels, without reading the images
+        def __init__(self, root, transform=None, download=False):
+            super().__init__(root, "train", transform, download)
+
+        def __getitem__(self, i):
+            raise AssertionError("the labels come from the attribute")
+
+    fake_torchvision("NoSplit", NoSplit)
+    bundle = build_data("torchvision:NoSplit", CFG, data_dir=tmp_path, val_fraction=0.5)
+    assert (len(bundle.train), len(bundle.val)) == (3, 3)
+
+
+def test_torchvision_without_labels_names_the_attributes_looked_for(tmp_path, fake_torchvision):
+    class Unlabelled(_FakeSet):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            del self.y
+
+    fake_torchvision("Unlabelled", Unlabelled)
+    with pytest.raises(DataError, match=r"cannot tell the classes of torchvision:Unlabelled: it has none of the "
+                                        r"attributes classes, categories, targets, _labels, labels, y, _samples"):
+        build_data("torchvision:Unlabelled", CFG, data_dir=tmp_path)
+
+
+def test_torchvision_split_names_come_from_the_table_the_dataset_or_the_config(tmp_path, fake_torchvision):
+    used = []
+
+    class Splits(_FakeSet):
+        valid = ("train-standard", "val", "holdout")
+
+        def __init__(self, root, split="train-standard", transform=None, download=False):
+            super().__init__(root, split, transform, download)
+            used.append(split)
+
+    fake_torchvision("Splits", Splits)
+    build_data("torchvision:Splits", CFG, data_dir=tmp_path)  # neither train nor test: the names it accepts
+    assert used == ["train-standard", "val"]
+    used.clear()
+    build_data("torchvision:Splits", CFG, data_dir=tmp_path, val_split="holdout")
+    assert used == ["train-standard", "holdout"]
+    with pytest.raises(DataError) as err:
+        build_data("torchvision:Splits", CFG, data_dir=tmp_path, train_split="trainval")
+    assert str(err.value) == ("torchvision:Splits has no split 'trainval'; set data.train_split to one of "
+                              "train-standard, val, holdout")
+    used.clear()
+
+    class OxfordIIITPet(Splits):
+        valid = ("trainval", "test")
+
+    fake_torchvision("OxfordIIITPet", OxfordIIITPet)
+    build_data("torchvision:OxfordIIITPet", CFG, data_dir=tmp_path)
+    assert used == ["trainval", "test"]
+
+
+def test_torchvision_subset_datasets_need_data_subset(tmp_path):
+    with pytest.raises(DataError, match=r"^torchvision:EMNIST needs a subset: --set data.subset=NAME \(one of byclass"):
+        build_data("torchvision:EMNIST", CFG, data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"^torchvision:EMNIST has no subset 'x'; set data.subset to one of byclass"):
+        build_data("torchvision:EMNIST", CFG, data_dir=tmp_path, subset="x")
+    with pytest.raises(DataError, match=r"^data.val_split does not apply to torchvision:MNIST"):
+        build_data("torchvision:MNIST", CFG, data_dir=tmp_path, val_split="test")
+
+
+def test_split_keys_are_validated_in_the_config():
+    from alast.config import ConfigError, build_config
+
+    assert build_config({"data": {"spec": "torchvision:EMNIST", "subset": "letters"}}).data.subset == "letters"
+    assert build_config({}).data.train_split is None
+    with pytest.raises(ConfigError, match="train_split"):
+        build_config({"data": {"train_split": ""}})
+
+
+@pytest.mark.parametrize("name,needles,absent", [
+    ("USPS", ["torchvision:USPS not found under", "put it there or pass --set data.download=true"], []),
+    ("FER2013", ["torchvision:FER2013 not found under", "(torchvision cannot download FER2013)"], ["download=true"]),
+    ("VisionDataset", ["is a base class, not a dataset", "imagefolder:PATH"], []),
+    ("mnist", ["unknown torchvision dataset 'mnist'; did you mean MNIST?"], []),
+])
+def test_torchvision_errors_say_what_to_do(tmp_path, name, needles, absent):
+    with pytest.raises(DataError) as err:
+        build_data(f"torchvision:{name}", CFG, data_dir=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and all(n in msg for n in needles) and not any(a in msg for a in absent)
+
+
+def test_torchvision_missing_package_is_named(tmp_path, fake_torchvision):
+    class NeedsLmdb(_FakeSet):  # as LSUN without the lmdb package
+        def __init__(self, root, transform=None):
+            raise ModuleNotFoundError("No module named 'lmdb'", name="lmdb")
+
+    fake_torchvision("NeedsLmdb", NeedsLmdb)
+    with pytest.raises(DataError, match=r"^torchvision:NeedsLmdb needs the Python package lmdb; install it"):
+        build_data("torchvision:NeedsLmdb", CFG, data_dir=tmp_path)
