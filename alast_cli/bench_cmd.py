@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .errors import EXIT_INTERRUPTED, run_guarded
-from .options import config_options, resolve_config
+from .options import check_out_path, config_options, resolve_config
 
 # --set keys each run sets for itself: bench would ignore them, so it refuses them, naming its own option
 RUN_SET_KEYS = {"policy.name": "--policies", "policy.target_flops": "--target-flops or --targets",
@@ -60,8 +60,9 @@ def config_target(cfg, target: float | None, targets: str | None) -> float | Non
 
 
 def check_out(out: Path, resume: bool) -> None:
-    """Refuse an --out that is a file, or a non-empty one without --resume (saying so when it holds
-    a bench); what --resume needs, run_bench checks (:func:`alast.bench.check_resume`)."""
+    """Refuse an --out that is a file, a non-empty one without --resume (saying so when it holds a
+    bench), or one that cannot be created or written; what --resume needs, run_bench checks
+    (:func:`alast.bench.check_resume`)."""
     from alast.bench import MANIFEST
 
     if out.exists() and not out.is_dir():
@@ -70,6 +71,7 @@ def check_out(out: Path, resume: bool) -> None:
         again = ("it holds a bench: add --resume (with the same arguments) to finish it, or choose another --out"
                  if (out / MANIFEST).is_file() else "choose another --out")
         raise ValueError(f"bench output {out} exists and is not empty; {again}")
+    check_out_path(out, folder=True)
 
 
 def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
@@ -89,7 +91,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     target = config_target(cfg, target, targets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if seeds < 1:
-        raise click.BadParameter("--seeds must be >= 1")
+        raise ValueError(f"--seeds must be 1 or more, got {seeds}")
     out = out or Path("bench") / time.strftime("%Y%m%d-%H%M%S")
     check_out(out, resume)
     if target is not None and not 0 < target <= 1:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Callable, TypeVar
+from typing import IO, Any, Callable, TypeVar
 
 import click
 
@@ -15,6 +15,18 @@ EXIT_INTERRUPTED = 130
 
 class UsageProblem(click.ClickException):
     exit_code = EXIT_BAD_INPUT
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+
+
+def one_line_usage_error(exc: click.UsageError) -> UsageProblem:
+    """Click's usage error (``Usage: ...``, ``Try ...``, ``Error: ...``) as the one ``error:`` line
+    every other bad input gets, naming the command's help."""
+    ctx = exc.ctx
+    msg = exc.format_message().rstrip(".")
+    return UsageProblem(f"{msg}; see `{ctx.command_path} --help`" if ctx is not None else msg)
+
 
 
 def _bad_input_types() -> tuple[type, ...]:

@@ -7,16 +7,30 @@ from pathlib import Path
 import click
 
 from .errors import run_guarded
+from .options import check_out_path
 
 
 def _debug(ctx: click.Context) -> bool:
     return bool(ctx.obj.get("debug", False)) if ctx.obj else False
 
 
+def check_export_options(run_dir: Path, out: Path, atol: float | None) -> None:
+    """Refuse, before the run loads, an ``--atol`` that no export can meet (the config's bound:
+    above 0), a ``RUN_DIR`` that is not there and an ``--out`` that cannot be written."""
+    if atol is not None and not atol > 0:  # NaN included
+        raise ValueError(f"--atol must be above 0 (the largest |logit difference| vs PyTorch to accept), got "
+                         f"{atol:g}; e.g. --atol 1e-4")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}; give the folder `alast train` wrote (its "
+                                "--out, e.g. runs/<time>-<policy>)")
+    check_out_path(out)
+
+
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="the .onnx file to write")
-@click.option("--atol", type=float, help="max |logit difference| vs PyTorch (default: the run's export.atol)")
+@click.option("--atol", type=float,
+              help="max |logit difference| vs PyTorch, above 0 (default: the run's export.atol)")
 @click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
 @click.option("--all-tokens", is_flag=True, help="keep every token, whatever the run deployed")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists (never one of the run's own files)")
@@ -30,6 +44,7 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
     def go() -> None:
         from alast.export import export_run
 
+        check_export_options(run_dir, out, atol)
         report = export_run(run_dir, out, atol=atol, opset=opset, all_tokens=all_tokens, force=force)
         kept = list(report.kept_tokens) if report.kept_tokens else None
         if as_json:

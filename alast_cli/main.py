@@ -1,9 +1,12 @@
 """The `alast` command line. With no command it runs the built-in demo (`alast train`)."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .bench_cmd import bench_command
+from .errors import one_line_usage_error
 from .export_cmd import eval_command, export_command
 from .plan_cmd import plan_command, profile_command
 from .train_cmd import train_command
@@ -18,6 +21,20 @@ class _Cli(click.Group):
         if "--debug" in args[:end]:
             args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
         return super().parse_args(ctx, args)
+
+    # Usage errors (a bad option value, an unknown option) get one `error:` line like any other bad
+    # input: those of the group's own options, and those of a command (raised inside invoke).
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise one_line_usage_error(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise one_line_usage_error(exc) from None
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,22 +1,27 @@
 """Shared CLI options: a config file plus named options and --set overrides, resolved to a config."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from alast.config import AlastConfig, ConfigError, check_single_run, load_config, with_absolute_paths
+from alast.config import AlastConfig, ConfigError, check_policy_name, check_single_run, load_config, with_absolute_paths
 
 
 def config_options(fn: Callable) -> Callable:
     opts = [
         click.argument("config", required=False, type=click.Path(path_type=Path)),
         click.option("--model", help="timm model name (ViT/DeiT), alast_demo_vit or alast_vit12"),
-        click.option("--pretrained/--no-pretrained", default=None, help="load timm's pretrained weights"),
+        click.option("--pretrained/--no-pretrained", default=None,
+                     help="start from pretrained weights: timm's download for a timm model (default: off), the "
+                          "shipped backbone for alast_demo_vit / alast_vit12 (default: on)"),
         click.option("--checkpoint", type=click.Path(path_type=Path), help="local weights to start from"),
         click.option("--img-size", type=int, help="input image size"),
-        click.option("--data", help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME"),
+        click.option("--data", help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
+                                    "random[:N] (random images, N classes: timing only)"),
         click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets"),
         click.option("--policy", help="alast | full | freeze | tokens | random | lora | alast+lora ..."),
         click.option("--backend", help="torch | ort"),
@@ -60,6 +65,8 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: 
             sets.append("train.epochs=null")
         sets.append(f"{dotted}={_yaml_scalar(value)}")
     cfg = with_absolute_paths(load_config(config, sets + list(overrides)))
+    if named.get("policy") is not None and cfg.policy.name == named["policy"]:  # not replaced by --set
+        check_policy_name(cfg.policy.name, "--policy")
     if single_run:
         check_single_run(cfg)
     return cfg
@@ -73,3 +80,32 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
+
+
+def check_out_path(out: Path, option: str = "--out", folder: bool = False) -> None:
+    """Refuse an output ``option`` whose folder (``out`` itself with ``folder``, else the one it goes
+    in) cannot be created or written, before any work, naming ``out``. Judged on the nearest folder
+    that exists: a file in the way, a read-only file system, no write permission, or a probe file
+    that cannot be made there (file systems whose permissions lie, such as /proc); the probe is
+    removed at once."""
+    out = Path(out)
+    where = out if folder else out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    fix = f"choose a writable {option}"
+    if not where.is_dir():
+        raise ValueError(f"cannot write {option} {out}: {where} is a file, not a folder; {fix}")
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or not os.access(where, os.W_OK | os.X_OK):
+        why = "read-only file system" if read_only else f"no write permission in {where}"
+        raise ValueError(f"cannot write {option} {out} ({why}); {fix}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=where)
+    except OSError as exc:
+        raise ValueError(f"cannot write {option} {out} (no file can be created in {where}: "
+                         f"{str(exc.strerror or exc).lower()}); {fix}") from None
+    os.close(fd)
+    os.unlink(name)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .errors import run_guarded
-from .options import config_options, resolve_config
+from .options import check_out_path, config_options, resolve_config
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -62,6 +62,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
         from alast.training.rundir import check_out_file
 
         check_out_file(out, force, "profile", "cost.json")
+        check_out_path(out)
     import torch
 
     if device == "auto":
@@ -126,12 +127,38 @@ def _plan_table(result: dict[str, Any]) -> Any:
 
 
 def check_plot(plot: Path, force: bool) -> None:
-    """Refuse a ``--plot`` that is a directory, one of a run's files, or an existing file without
-    ``--force``, judged on the file the plot goes to (``plan.plot_file``), before planning."""
+    """Refuse a ``--plot`` that is a directory, one of a run's files, an existing file without
+    ``--force``, a format matplotlib cannot write, or in a folder that cannot be written, judged on
+    the file the plot goes to (``plan.plot_file``), before planning."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     from alast.planning.plan import plot_file
     from alast.training.rundir import check_out_file
 
-    check_out_file(plot if Path(plot).is_dir() else plot_file(plot), force, "plan", "plan.png", option="--plot")
+    target = plot if Path(plot).is_dir() else plot_file(plot)
+    check_out_file(target, force, "plan", "plan.png", option="--plot")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if target.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {plot}: cannot write a {target.suffix} figure; end the name in one of "
+                         f"{', '.join('.' + f for f in formats)} (.png when it has no suffix)")
+    check_out_path(target, "--plot")
+
+
+def check_plan_options(config, overrides, named, trace: Path | None, calibrate: bool,
+                       throughput: float | None) -> None:
+    """Refuse options that would be ignored: config input beside ``--trace`` (the replay reads the
+    run's own config.yaml), and ``--calibrate`` beside ``--throughput`` (either sets the time model)."""
+    if calibrate and throughput is not None:
+        raise ValueError("--throughput and --calibrate both set the time model (from a FLOP rate, or from "
+                         "timing real steps); drop one of them")
+    if trace is None:
+        return
+    given = [f"CONFIG ({config})"] if config is not None else []
+    given += ["--set"] if overrides else []
+    given += ["--no-pretrained" if key == "pretrained" and value is False else f"--{key.replace('_', '-')}"
+              for key, value in named.items() if value is not None]
+    if given:
+        raise ValueError(f"--trace replays RUN's own config; drop {', '.join(given)}")
 
 
 def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: Path | None, calibrate: bool,
@@ -140,6 +167,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
 
     from .render import console, human, human_bytes, knobs_text
 
+    check_plan_options(config, overrides, named, trace, calibrate, throughput)
     if plot is not None:
         check_plot(plot, force)
     if trace is not None:
@@ -201,7 +229,9 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
 @click.option("--plot", type=click.Path(path_type=Path),
               help="write a figure: per-block costs and token profile (PNG unless the name has another suffix)")
 @click.option("--force", is_flag=True, help="overwrite --plot if it exists (never one of a run's own files)")
-@click.option("--trace", type=click.Path(path_type=Path), help="replay a run directory's logged budgets")
+@click.option("--trace", type=click.Path(path_type=Path),
+              help="replay a run directory's logged budgets, with its own config (no CONFIG, --set or other "
+                   "config options)")
 @click.option("--calibrate", is_flag=True, help="time a few real training steps on this machine for the time model")
 @click.option("--throughput", type=float, help="time from this throughput (FLOP/s) instead of a calibration")
 @click.option("--cost-model", type=click.Path(path_type=Path), help="cost model JSON from `alast profile`")

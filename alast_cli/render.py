@@ -67,8 +67,20 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
     return Hooks(on_start=on_start, on_step=on_step, on_eval=on_eval)
 
 
+class _Progress(Progress):
+    """rich's Progress, less the blank line it prints on stopping into a file or pipe when it has shown
+    nothing (no task yet: the run failed before its first step), which would split an error from
+    the lines before it."""
+
+    def stop(self) -> None:
+        if self.tasks or self.disable:
+            super().stop()
+        else:
+            self.live.stop()
+
+
 def make_progress() -> Progress:
-    return Progress(
+    return _Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("tokens {task.fields[kept]:.0%}"),
         TextColumn("trained {task.fields[trained]}"), TimeElapsedColumn(), TimeRemainingColumn(),

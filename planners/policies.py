@@ -84,7 +84,8 @@ class TokensPlanner(_Stateless):
         self.token_multiple = check_multiple(token_multiple)
         ratios = [float(keep_ratio)] * num_blocks if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
         if len(ratios) != num_blocks:
-            raise PlannerError(f"keep_ratio has {len(ratios)} entries for {num_blocks} blocks")
+            raise PlannerError(f"policy.keep_ratio has {len(ratios)} entries for {num_blocks} blocks; give one value "
+                               f"for all blocks, or {num_blocks} values, one per block")
         if any(not 0.0 < r <= 1.0 for r in ratios):
             raise PlannerError(f"keep_ratio values must lie in (0, 1], got {ratios}")
         self.keep_ratios = ratios

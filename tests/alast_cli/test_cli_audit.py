@@ -1,0 +1,257 @@
+"""Bad input found by a CLI audit: each refused up front in one line (exit 2), before any work.
+
+Ignored options (``plan --trace``), unwritable outputs, impossible export settings, conflicting
+config keys, config messages that named the wrong thing, help texts, and usage errors.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from alast.config import ConfigError, PolicyConfig, load_config
+from alast_cli.errors import describe
+from alast_cli.main import cli
+from alast_cli.options import resolve_config
+from tests.cli_errors import one_error_line
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "usage.md"
+
+
+def run_cli(args: list[str]):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def afile(tmp_path: Path) -> Path:
+    """A regular file where an output's folder should be."""
+    path = tmp_path / "afile"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A folder named as a run: the checks under test come before the run is read."""
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+# -- 1. plan --trace replays the run's config: config input beside it is refused -----------------
+@pytest.mark.parametrize("extra, dropped", [
+    (["{tmp}/nonexist.yaml"], "CONFIG"),
+    (["--set", "bogus.key=1"], "--set"),
+    (["--policy", "nonsense"], "--policy"),
+    (["--target-flops", "0.5"], "--target-flops"),
+    (["--steps", "3"], "--steps"),
+    (["--model", "vit_tiny_patch16_224"], "--model"),
+    (["--no-pretrained"], "--no-pretrained"),
+])
+def test_trace_refuses_config_input(tmp_path, run_dir, extra, dropped):
+    args = ["plan", "--trace", run_dir, *(a.format(tmp=tmp_path) for a in extra)]
+    line = one_error_line(run_cli(args), 2, "--trace replays RUN's own config; drop", dropped)
+    assert "not a run" not in line and "no metrics" not in line
+
+
+def test_trace_names_every_ignored_option(run_dir):
+    line = one_error_line(run_cli(["plan", "x.yaml", "--trace", run_dir, "--set", "a.b=1", "--policy", "p"]), 2)
+    assert line.endswith("drop CONFIG (x.yaml), --set, --policy")
+
+
+def test_throughput_and_calibrate_are_refused_together():
+    one_error_line(run_cli(["plan", "--throughput", "1e10", "--calibrate"]), 2, "--throughput", "--calibrate",
+                   "drop one")
+
+
+# -- 2. an output that cannot be written is refused up front, naming the user's path --------------
+def _output_commands(afile: Path, run_dir: Path, out: str) -> dict[str, list]:
+    return {
+        "export --out": ["export", run_dir, "--out", f"{out}/x.onnx"],
+        "profile --out": ["profile", "alast_demo_vit", "--out", f"{out}/c.json"],
+        "plan --plot": ["plan", "--plot", f"{out}/p.png"],
+        "bench --out": ["bench", "--policies", "full", "--steps", "2", "--out", f"{out}/b"],
+    }
+
+
+@pytest.mark.parametrize("command", ["export --out", "profile --out", "plan --plot", "bench --out"])
+def test_an_output_under_a_file_is_refused(afile, run_dir, command):
+    args = _output_commands(afile, run_dir, str(afile))[command]
+    option = command.split()[1]
+    one_error_line(run_cli(args), 2, f"cannot write {option} {afile}/", f"{afile} is a file, not a folder",
+                   f"choose a writable {option}")
+
+
+@pytest.mark.parametrize("command", ["export --out", "profile --out", "plan --plot", "bench --out"])
+def test_an_output_where_no_file_can_be_made_names_the_users_path(tmp_path, afile, run_dir, monkeypatch, command):
+    """/proc, FUSE and network file systems: permissions say yes, creating a file fails."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(locked):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    args = _output_commands(afile, run_dir, str(locked))[command]
+    option = command.split()[1]
+    line = one_error_line(run_cli(args), 2, f"cannot write {option} {locked}/", "no such file or directory",
+                          f"choose a writable {option}")
+    assert ".tmp" not in line and list(locked.iterdir()) == []
+
+
+def test_an_output_on_a_read_only_file_system_is_refused(tmp_path, run_dir, monkeypatch):
+    mnt = tmp_path / "romnt"
+    mnt.mkdir()
+    real = os.statvfs
+
+    def statvfs(path):
+        st = real(path)
+        return SimpleNamespace(f_flag=st.f_flag | os.ST_RDONLY) if Path(path).resolve().is_relative_to(mnt) else st
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    one_error_line(run_cli(["export", run_dir, "--out", mnt / "sub" / "x.onnx"]), 2,
+                   f"cannot write --out {mnt}/sub/x.onnx (read-only file system)")
+
+
+# -- 3. export settings no export can use -------------------------------------------------------------
+@pytest.mark.parametrize("atol", ["0", "-1", "nan"])
+def test_export_refuses_an_atol_at_or_below_zero(tmp_path, run_dir, atol):
+    one_error_line(run_cli(["export", run_dir, "--out", tmp_path / "o.onnx", "--atol", atol]), 2,
+                   "--atol must be above 0")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_configs_opset_bound_is_the_exporters():
+    from alast.config import MIN_OPSET
+    from alast.export import MIN_OPSET as EXPORT_MIN_OPSET
+
+    assert MIN_OPSET == EXPORT_MIN_OPSET  # until alast.export imports the config's
+    with pytest.raises(ConfigError, match=f"'export.opset': must be {MIN_OPSET} or more"):
+        load_config(None, [f"export.opset={MIN_OPSET - 1}"])
+    assert load_config(None, [f"export.opset={MIN_OPSET}"]).export.opset == MIN_OPSET
+
+
+# -- 4. train.steps and train.epochs: one of them -----------------------------------------------------
+def test_steps_and_epochs_both_set_are_refused(tmp_path):
+    one_error_line(run_cli(["plan", "--epochs", "1", "--set", "train.steps=7", "--json"]), 2,
+                   "train.steps (7) and train.epochs (1.0) are both set", "null")
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  steps: 7\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="train.steps .* and train.epochs .* both set; set one of them to null"):
+        load_config(both)
+
+
+def test_a_named_steps_or_epochs_replaces_the_config_files_other(tmp_path):
+    epochs = tmp_path / "epochs.yaml"
+    epochs.write_text("train:\n  epochs: 2\n")
+    cfg = resolve_config(epochs, (), steps=5)
+    assert (cfg.train.steps, cfg.train.epochs) == (5, None)
+    steps = tmp_path / "steps.yaml"
+    steps.write_text("train:\n  steps: 9\n")
+    cfg = resolve_config(steps, (), epochs=1.5)
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 1.5)
+
+
+# -- 5. config messages name what the user wrote ------------------------------------------------------
+def test_a_section_given_a_value_names_the_files_key(tmp_path):
+    path = tmp_path / "t5.yaml"
+    path.write_text("train: 5\n")
+    line = one_error_line(run_cli(["plan", path, "--steps", "2"]), 2, f"'train' in {path} must be a section")
+    assert "null" not in line
+
+
+def test_a_value_set_as_a_section_says_it_is_a_value():
+    with pytest.raises(ConfigError, match=r"'train.steps' is a value, not a section; set it with --set train.steps="):
+        load_config(None, ["train.steps.x=3"])
+
+
+def test_a_python_tag_in_yaml_is_named(tmp_path):
+    path = tmp_path / "tag.yaml"
+    path.write_text("train:\n  steps: !!python/object/apply:os.system [\"echo hi\"]\n")
+    with pytest.raises(ConfigError, match="tags that build Python objects .* are not allowed") as info:
+        load_config(path)
+    assert "syntax" not in str(info.value)
+    with pytest.raises(ConfigError, match="tags that build Python objects .* are not allowed"):
+        load_config(None, ['train.steps=!!python/object/apply:os.system ["echo"]'])
+
+
+def test_an_empty_section_means_its_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("policy:\ntrain:\n  steps: 4\n")
+    cfg = load_config(path, ["policy.name=full"])
+    assert cfg.policy.model_dump() == PolicyConfig(name="full").model_dump() and cfg.train.steps == 4
+    assert load_config(path).policy == PolicyConfig()
+
+
+@pytest.mark.parametrize("override", ["policy.b_min=0.95", "policy.dense_final_interleave=1"])
+def test_pydantics_value_error_prefix_is_stripped(override):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert "Value error" not in str(info.value)
+
+
+def test_a_keep_ratio_of_the_wrong_length_names_the_key():
+    from planners import PlannerError, create_planner
+
+    with pytest.raises(PlannerError) as info:
+        create_planner("tokens", 6, keep_ratio=[0.5, 0.6])
+    code, line = describe(info.value)
+    assert code == 2 and line.startswith("error: policy.keep_ratio has 2 entries for 6 blocks; give one value for all blocks")
+
+
+# -- 6. help and docs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "plan", "bench"])
+def test_help_lists_every_data_spec_and_the_shipped_backbone(command):
+    out = " ".join(run_cli([command, "--help"]).output.split())
+    for spec in ("digits", "shapes", "letters", "imagefolder:PATH", "torchvision:NAME", "random[:N]"):
+        assert spec in out, spec
+    assert "shipped backbone for alast_demo_vit / alast_vit12 (default: on)" in out
+
+
+def test_docs_show_benchs_seed_default():
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `alast bench"))
+    assert "--seeds 3" not in row and "(default 1)" in row
+
+
+# -- 7. one line for usage errors, no blank line before an error, hints --------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--nproc", "0"], "'--nproc'"),
+    (["bench", "--seeds", "0"], "--seeds must be 1 or more"),
+    (["plan", "--bogus"], "--bogus"),
+    (["--bogus"], "--bogus"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    res = run_cli(args)
+    line = one_error_line(res, 2, needle)
+    assert res.stderr.strip() == line and "Usage:" not in res.output
+
+
+def test_a_progress_stopped_before_its_first_step_prints_nothing(capsys):
+    from alast_cli.render import make_progress
+
+    with pytest.raises(ValueError), make_progress():
+        raise ValueError("bad input")
+    assert capsys.readouterr().err == ""
+
+
+def test_export_of_a_missing_run_says_what_to_give(tmp_path):
+    one_error_line(run_cli(["export", tmp_path / "nope", "--out", tmp_path / "x.onnx"]), 2,
+                   "run directory not found", "alast train")
+
+
+def test_an_unknown_policy_names_the_option_and_the_closest_name():
+    one_error_line(run_cli(["plan", "--policy", "alsat"]), 2, "in --policy", "did you mean 'alast'")
+    one_error_line(run_cli(["plan", "--set", "policy.name=alsat"]), 2, "in policy.name")
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_up_front(tmp_path):
+    one_error_line(run_cli(["plan", "--plot", tmp_path / "p.txt"]), 2, "cannot write a .txt figure", ".png", ".svg")
+    assert list(tmp_path.iterdir()) == []
