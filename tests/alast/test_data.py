@@ -434,7 +434,7 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_the_check(tmp_pa
     from PIL import Image
     from timm.data import create_transform
 
-    from alast.data.datasets import load_image
+    from alast.data.folders import load_image
 
     sensor = Image.new("RGB", (40, 20), (255, 255, 255))
     sensor.paste((0, 0, 0), (0, 0, 20, 20))  # left half black
@@ -457,7 +457,7 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_the_check(tmp_pa
 def test_image_over_pils_pixel_limit_is_called_too_large_not_corrupt(tmp_path, monkeypatch):
     from PIL import Image
 
-    from alast.data.datasets import load_image
+    from alast.data.folders import load_image
 
     root = _noise_images(tmp_path, [f"{c}/{i}" for c in "ab" for i in range(3)], side=40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x40 = 1,600 pixels > 2 x 500: PIL's error
