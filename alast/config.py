@@ -41,7 +41,8 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | random[:N] (random images, N classes: timing only)")
+    spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
+                      "random[:N] (random images, N classes: timing only)")
     data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
     download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
