@@ -1,0 +1,292 @@
+"""The run configuration's schema: one pydantic model per YAML section, defaults in one place.
+
+Every section forbids unknown keys, so a misspelled key is an error that names it. Reading,
+overriding and writing configs is :mod:`alast.config`, which also exports these models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("alast_demo_vit", description="timm model name, or 'alast_demo_vit' / 'alast_vit12' (alast's own)")
+    pretrained: bool | None = Field(
+        None, description="start from pretrained weights: timm's download (needs internet) or, for "
+        "alast_demo_vit/alast_vit12, the shipped backbone; default: yes for those, no otherwise")
+    checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.bin) to start from")
+    img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["qkv"], description="module names inside each block")
+
+
+class DataConfig(_Section):
+    spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
+                      "random[:N] (random images, N classes: timing only)")
+    data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
+    download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
+    num_workers: int = Field(0, ge=0)
+    skip_bad_images: bool = Field(False, description="skip unreadable images (counted) instead of failing")
+    augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
+    train_split: str | None = Field(
+        None, min_length=1, description="torchvision:NAME: the split to train on (its split argument); default: "
+        "per dataset (train, trainval for FGVCAircraft and OxfordIIITPet, train-standard for Places365)")
+    val_split: str | None = Field(
+        None, min_length=1, description="torchvision:NAME: the split to validate on; default: test, or val "
+        "where there is none (ImageNet, Places365, Imagenette)")
+    subset: str | None = Field(
+        None, min_length=1, description="torchvision:NAME whose split argument names a subset beside a train "
+        "flag: EMNIST's byclass, bymerge, balanced, letters, digits or mnist")
+
+
+EARLY_FRAC = 0.3  # policy.early_frac's default with freeze_mode 'last'
+
+
+class PolicyConfig(_Section):
+    name: str = Field("alast", description="alast | full | freeze | tokens | random")
+    rule: Literal["normalized", "paper"] = Field(
+        "normalized", description="alast budget rule: 'normalized' (scale-free, the default) or 'paper' (the "
+        "literal b += alpha * (delta - delta_prev), whose step depends on the model's activation scale)")
+    gain: float = Field(0.1, ge=0.0, description="normalized rule: budget gap per doubling of a block's share "
+                        "of the CLS change, relative to the other blocks")
+    ema: float = Field(0.9, ge=0.0, lt=1.0, description="normalized rule: smoothing of the per-block shares")
+    alpha: float | None = Field(None, ge=0.0, description="paper rule: budget step size; default: train.lr")
+    b_init: float = Field(0.9, gt=0.0, le=1.0)
+    b_min: float = Field(0.5, gt=0.0, le=1.0)
+    b_max: float = Field(1.0, gt=0.0, le=1.0)
+    k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default 9 of 12: "
+                                     "round(0.75 L), halves rounded down with freeze_mode 'last' (4 of 6)")
+    freeze_mode: Literal["sample", "topk", "last"] = Field(
+        "last", description="alast: which blocks train each step: 'last', the top k_trained blocks (beyond the "
+        "paper: with the embeddings frozen the backward stops below them, and the budgets set the tokens); "
+        "'sample', k_trained drawn from softmax(budgets) (the paper); 'topk', the k_trained highest budgets")
+    delta_reduction: Literal["mean", "sum"] = "mean"
+    min_tokens: int = Field(1, ge=1)
+    dense_final_frac: float = Field(
+        0.0, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
+        "and train only the top blocks (policy.dense_final_blocks); 0 (the default): none, as in the paper")
+    dense_final_blocks: int | Literal["auto", "sampled"] = Field(
+        "auto", description="alast: blocks the dense final phase trains: the top N, with the embeddings frozen so "
+        "the backward stops at them (few FLOPs, little memory; 'auto': a quarter of the depth), or 'sampled': "
+        "k_trained blocks drawn as in the other steps, with the embeddings")
+    dense_final_interleave: int = Field(
+        2, description="alast, beyond the paper: one step in N of the dense final phase is a sparse step (the "
+        "k_trained blocks, budgets as keep ratios), so the blocks below the phase's top ones train to the end; under "
+        "a target it costs what a dense step costs and peaks no higher, so the other steps keep their tokens; "
+        "true: 2 (every other step); false or 0: every step of the phase is dense")
+    early_frac: float | None = Field(
+        None, ge=0.0, lt=1.0, description="alast with freeze_mode 'last', beyond the paper (progressive freezing, "
+        "as in FreezeOut): share of the first steps that also train the block below the top k_trained ones, "
+        "which then stays frozen; under a target those steps spend at most the others' FLOPs and peak no "
+        "higher in memory than they do at each device's batch (fewer tokens each), and the others pay for the "
+        f"difference; without one they cost one trained block more; default: {EARLY_FRAC:g} under a FLOPs "
+        "target with freeze_mode 'last', else 0 (off)")
+    spare_first: int | Literal["frozen"] = Field(
+        "frozen", description="alast, beyond the paper: the first N blocks keep every token (dropping starts "
+        "after them; under a target the other blocks pay for it); 'frozen': with freeze_mode 'last', the "
+        "frozen blocks below the trained ones (their budgets stay at b_init, a token costs them a forward "
+        "only, and a token they drop is lost to every trained block above)")
+    fuse_tokens: bool = Field(False, description="beyond the paper (EViT): the dropped tokens of each block are fused "
+                              "into one token, their score-weighted mean, which takes the last kept slot (same cost)")
+    token_score: Literal["attention", "contribution"] = Field(
+        "contribution", description="what ranks a block's patch tokens: 'attention', the class token's "
+        "attention to them averaged over heads (the paper); 'contribution', beyond the paper, that attention "
+        "times the norm of the token's value vector, per head: the size of what the token adds to the class "
+        "token")
+    token_select: Literal["top", "sample", "random"] = Field(
+        "sample", description="which patch tokens a block keeps in training: 'top', the highest scores (the "
+        "paper); 'sample', beyond the paper, drawn anew each step without replacement with probability "
+        "proportional to the score; 'random', a uniform random subset. Evaluation on a token schedule keeps "
+        "the highest scores")
+    trim_last: bool = Field(
+        True, description="alast, beyond the paper: where the model's head reads only the class token (and the "
+        "other prefix tokens), the last block keeps none of its patch tokens in training (policy.min_tokens of "
+        "them), dense final phase included: their outputs are never read, and the torch backend then computes "
+        "the last block for the kept tokens only. Logits, deltas and gradients are unchanged; under a FLOPs "
+        "target the saving buys tokens in the other blocks")
+    freeze_embeddings: bool | None = Field(
+        None, description="beyond the paper: keep everything that feeds block 0 (patch embedding, class, register "
+        "and distillation tokens, position embedding, pre-norm) frozen, so blocks below the lowest trained block "
+        "need no backward pass at all; default: frozen for alast with freeze_mode 'last', trained otherwise")
+    eval_tokens: Literal["auto", "trained", "all"] = Field(
+        "auto", description="how a model trained with token dropping is evaluated and exported: 'trained' on its "
+        "token schedule (after each block, as many tokens as the final 10% of training steps kept: the model runs "
+        "as it was trained, and inference costs fewer FLOPs); 'all' on every token; 'auto' measures both at the "
+        "end and keeps the more accurate on the validation data (the schedule on a tie)")
+    keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
+    target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
+    lora: LoraConfig | None = None
+
+    @field_validator("dense_final_interleave", mode="before")
+    @classmethod
+    def _interleave(cls, v: Any) -> Any:
+        from planners.rules import interleave_period
+
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        try:
+            if v is None:
+                raise ValueError
+            return interleave_period(v)
+        except ValueError:
+            raise ValueError("must be a period N >= 2 (one step in N of the dense final phase is sparse), "
+                             "true (2) or false (0)") from None
+
+    @field_validator("spare_first", mode="before")
+    @classmethod
+    def _spare_first(cls, v: Any) -> Any:
+        if v == "frozen" or (type(v) is int and v >= 0):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError("must be a number of blocks (0 or more) or 'frozen'")
+
+    @property
+    def embeddings_frozen(self) -> bool:
+        """``freeze_embeddings``, resolved: unset means frozen exactly when alast trains the last blocks."""
+        if self.freeze_embeddings is not None:
+            return self.freeze_embeddings
+        return self.planner == "alast" and self.freeze_mode == "last"
+
+    @property
+    def planner(self) -> str:
+        """The registered planner behind this policy name ('lora' is full fine-tuning with LoRA)."""
+        if self.name == "lora":
+            return "full"
+        return self.name.removesuffix("+lora")
+
+    @property
+    def early_phase(self) -> float:
+        """``early_frac``, resolved: unset means :data:`EARLY_FRAC` under a FLOPs target with freeze_mode
+        'last' (the target's cost model holds the phase's FLOPs and memory), else 0."""
+        if self.early_frac is not None:
+            return self.early_frac
+        return EARLY_FRAC if self.freeze_mode == "last" and self.target_flops is not None else 0.0
+
+    @model_validator(mode="after")
+    def _early_phase(self) -> PolicyConfig:
+        if self.planner == "alast" and self.early_phase:
+            if self.freeze_mode != "last":
+                raise ValueError(f"early_frac trains the block below the top k_trained ones: it needs "
+                                 f"freeze_mode 'last', not {self.freeze_mode!r}")
+            if self.early_phase + self.dense_final_frac >= 1.0:
+                raise ValueError(f"early_frac ({self.early_phase:g}) and dense_final_frac ({self.dense_final_frac:g}) "
+                                 "must leave steps between them: their sum must stay below 1; lower either")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_default(self) -> "PolicyConfig":
+        if (self.name == "lora" or self.name.endswith("+lora")) and self.lora is None:
+            self.__dict__["lora"] = LoraConfig()
+        return self
+
+
+class BackendConfig(_Section):
+    name: Literal["torch", "ort"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
+    count_flops: Literal["every", "off"] = Field(
+        "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    compile: bool = Field(False, description="torch: torch.compile the block compute (every policy, "
+                          "full fine-tuning included); token counts are dynamic, so budgets do not recompile")
+    token_multiple: int = Field(1, ge=1, description="round each kept token count down to a multiple of "
+                                "this (8 suits GPU tensor cores; never below policy.min_tokens); 1: exact")
+    sync_free: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch: read each step's loss and deltas one step late, so the host never "
+        "waits on the device (the planner sees step i when planning step i+2); auto: on for CUDA")
+
+    @field_validator("count_flops", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False and `on` as True.
+        return {False: "off", True: "every"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("sync_free", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
+
+class TrainConfig(_Section):
+    steps: int | None = Field(150, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
+    min_lr_frac: float = Field(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="validation batch size; default: the most images whose input tensor fits "
+        "in 8 MiB, between 1 and 256 (results do not depend on it)")
+    seed: int = 0
+    deterministic: bool = False
+
+
+class OutputConfig(_Section):
+    dir: Path | None = Field(None, description="run directory; default runs/<time>-<policy>")
+    checkpoint_every: int = Field(0, ge=0, description="0: only the final checkpoint")
+    keep_last: int = Field(2, ge=1)
+    force: bool = Field(False, description="replace the run in an existing non-empty run dir: the files alast "
+                        "wrote there (checkpoints, metrics, results) are removed, any others kept")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard "
+                              "(pip install 'alast[tensorboard]')")
+
+
+# The lowest ONNX opset an export can use: the first with scaled_dot_product_attention (timm's fused
+# attention) in the exporter. The highest depends on the installed torch and onnxruntime
+# (alast.export.supported_opsets), so only an export can check it.
+MIN_OPSET = 14
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, description="ONNX opset; the highest one an export can use depends on the installed "
+                       "torch and onnxruntime (`alast export` says which)")
+    atol: float = Field(1e-4, gt=0.0, description="max |logit difference| of the ONNX model vs PyTorch")
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, v: int, info: ValidationInfo) -> int:
+        # A new run's config (see build_config) is held to the exporter's lower bound; a run's saved
+        # config is read as written, and `alast export` names its opset if it cannot use it.
+        if (info.context or {}).get("new") and v < MIN_OPSET:
+            raise ValueError(f"must be {MIN_OPSET} or more (timm's attention needs opset {MIN_OPSET})")
+        return v
+
+
+class AlastConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlastConfig":
+        p = self.policy
+        if not p.b_min <= p.b_init <= p.b_max:
+            raise ValueError(f"policy.b_init={p.b_init} must lie in [policy.b_min, policy.b_max] = [{p.b_min}, {p.b_max}]")
+        return self
