@@ -1,8 +1,6 @@
 """Shared CLI options: a config file plus named options and --set overrides, resolved to a config."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,24 +86,16 @@ def check_out_path(out: Path, option: str = "--out", folder: bool = False) -> No
     that exists: a file in the way, a read-only file system, no write permission, or a probe file
     that cannot be made there (file systems whose permissions lie, such as /proc); the probe is
     removed at once."""
+    from alast.training.rundir import nearest_existing, probe_write, unwritable
+
     out = Path(out)
-    where = out if folder else out.parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    where = nearest_existing(out if folder else out.parent)
     fix = f"choose a writable {option}"
     if not where.is_dir():
         raise ValueError(f"cannot write {option} {out}: {where} is a file, not a folder; {fix}")
-    try:
-        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only or not os.access(where, os.W_OK | os.X_OK):
-        why = "read-only file system" if read_only else f"no write permission in {where}"
+    why = unwritable(where)
+    if why:
         raise ValueError(f"cannot write {option} {out} ({why}); {fix}")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=where)
-    except OSError as exc:
-        raise ValueError(f"cannot write {option} {out} (no file can be created in {where}: "
-                         f"{str(exc.strerror or exc).lower()}); {fix}") from None
-    os.close(fd)
-    os.unlink(name)
+    why = probe_write(where)
+    if why:
+        raise ValueError(f"cannot write {option} {out} (no file can be created in {where}: {why}); {fix}")

@@ -142,31 +142,54 @@ def check_out_file(out: Path, force: bool, command: str, example: str, run_dir: 
         raise RunDirError(f"{option} {out} exists; pass --force to overwrite it, or choose another {option}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest folder above it that exists (where creating it would start)."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be written in the existing ``folder`` (a read-only file system, no write
+    permission), or None; touches nothing."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or not os.access(folder, os.W_OK | os.X_OK):
+        return "read-only file system" if read_only else f"no write permission in {folder}"
+    return None
+
+
+def probe_write(folder: Path) -> str | None:
+    """Write and remove a temp file in ``folder``; why it failed, or None. For file systems whose
+    permissions lie (network, FUSE, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        return str(exc.strerror or exc).lower()
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 def _check_writable(run_dir: Path, resume: bool) -> None:
     """Refuse a run dir on a read-only file system or in a folder without write permission,
     judged on the nearest folder that exists; touches nothing."""
-    where = Path(run_dir)
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    where = nearest_existing(run_dir)
     if not where.is_dir():
         return  # a file in the way: creating the run dir says so
-    try:
-        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only or not os.access(where, os.W_OK | os.X_OK):
-        _refuse_unwritable(run_dir, "read-only file system" if read_only else f"no write permission in {where}",
-                           resume)
+    why = unwritable(where)
+    if why:
+        _refuse_unwritable(run_dir, why, resume)
 
 
 def _probe_write(run_dir: Path, resume: bool) -> None:
     """Write and remove a temp file, so that an unwritable run dir fails here, in one line."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=run_dir)
-    except OSError as exc:
-        _refuse_unwritable(run_dir, str(exc.strerror or exc).lower(), resume)
-    os.close(fd)
-    os.unlink(name)
+    why = probe_write(run_dir)
+    if why:
+        _refuse_unwritable(run_dir, why, resume)
 
 
 def _refuse_unwritable(run_dir: Path, why: str, resume: bool) -> NoReturn:
