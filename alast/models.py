@@ -2,7 +2,11 @@
 the backbones alast pre-trains itself (``alast_demo_vit``, ``alast_vit12``)."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,13 +215,16 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         pretrained = True
     _check_architecture(name, img_size)
     try:
-        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+        with _hub_access(bool(pretrained) and checkpoint is None) as offline:
+            model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
         reason = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300].rstrip(".")  # torch: "Error(s):"
         if "weights_only" in str(exc):  # torch.load refused to unpickle it: not a weights file
             reason = "not a state dict torch can load safely (a .safetensors or .pth file of tensors)"
         where = f"checkpoint {checkpoint}" if checkpoint else "timm's pretrained weights (needs internet)"
+        if offline:
+            reason = f"{offline} cannot be reached and the weights are not in the local cache"
         remedy = (f"; are these weights of {name}? pass the model they were trained as with --model" if checkpoint
                   else "; run once where the Hugging Face hub is reachable (timm caches the weights), "
                        "or pass --checkpoint PATH to local weights, or --no-pretrained")
@@ -230,6 +237,51 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     if checkpoint is not None:
         _keep_matching_head(model, Path(checkpoint))
     return model
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_host() -> tuple[str, int] | None:
+    """The Hugging Face hub's host and port, None where it is reached through a proxy (which a direct
+    probe cannot judge) or huggingface_hub is already offline or absent."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    from urllib.parse import urlsplit
+
+    url = urlsplit(constants.ENDPOINT)
+    return (url.hostname, url.port or (443 if url.scheme == "https" else 80)) if url.hostname else None
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_access(download: bool) -> Iterator[str | None]:
+    """Load timm's weights from the local cache alone where the Hugging Face hub cannot be reached:
+    huggingface_hub retries each file for about 50 s before it falls back on its cache or fails, at
+    every start of an offline machine. Yields the unreachable host, or None where the hub is used as usual."""
+    host = _hub_host() if download else None
+    if host is None or _reachable(*host):
+        yield None
+        return
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield host[0]
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _keep_matching_head(model: nn.Module, path: Path) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alast import models
 from alast.models import DEMO_WEIGHTS, ModelError, create_model
 
 
@@ -103,11 +104,61 @@ def test_unreachable_pretrained_weights_name_the_local_remedies(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(models, "_reachable", lambda host, port: True)  # the hub answers, the download fails
     with pytest.raises(ModelError) as info:
         create_model("vit_tiny_patch16_224", 3, pretrained=True)
     message = str(info.value)
     assert "couldn't connect" in message and "--checkpoint PATH" in message and "--no-pretrained" in message
     assert "\n" not in message
+
+
+def _hub_cache(root, model):
+    """A Hugging Face cache holding ``model``'s weights as timm's default tag of vit_tiny_patch16_224."""
+    from safetensors.torch import save_file
+
+    repo = root / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snapshot / "model.safetensors")
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_unreachable_hub_uses_the_local_cache_at_once(tmp_path, monkeypatch, cached):
+    """Offline, huggingface_hub retried each file for about 50 s before it used its cache or failed."""
+    import huggingface_hub.constants
+    import timm
+
+    for name in models.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    probes = []
+    monkeypatch.setattr(models, "_reachable", lambda host, port: probes.append(host) and False)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    if cached:
+        _hub_cache(tmp_path, reference)
+        model = create_model("vit_tiny_patch16_224", 3, pretrained=True)
+        assert torch.equal(model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
+        assert model.head.out_features == 3
+    else:
+        with pytest.raises(ModelError) as info:
+            create_model("vit_tiny_patch16_224", 3, pretrained=True)
+        message = str(info.value)
+        assert "huggingface.co cannot be reached and the weights are not in the local cache" in message
+        assert "--no-pretrained" in message and "\n" not in message
+    assert probes == ["huggingface.co"]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # only while the weights load
+
+
+def test_the_hub_is_not_probed_through_a_proxy_or_for_local_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_reachable", lambda host, port: pytest.fail("probed the hub"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert models._hub_host() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    with models._hub_access(download=False) as offline:  # a --checkpoint or --no-pretrained: no download
+        assert offline is None
 
 
 def test_a_checkpoint_of_another_model_names_the_first_mismatch(tmp_path):
