@@ -33,6 +33,7 @@ from runtimes.protocol import RuntimeError_
 from runtimes.token_schedule import ScheduleError, check_schedule, token_schedule
 
 META_PREFIX = "alast."
+SPLIT_KEYS = ("train_split", "val_split", "subset")  # a torchvision dataset's split names in the data config
 
 
 class VerificationError(RuntimeError_):
@@ -149,6 +150,7 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
         "val_fraction": str(cfg.data.val_fraction),
         "seed": str(cfg.train.seed),
         "skip_bad_images": json.dumps(bool(cfg.data.skip_bad_images)),
+        "splits": json.dumps({k: getattr(cfg.data, k, None) for k in SPLIT_KEYS}),
         "kept_tokens": json.dumps(list(kept) if kept else None),
         "fuse_tokens": json.dumps(bool(kept) and run.fuse_tokens),
         "token_score": str(run.token_score) if kept else "",
@@ -330,9 +332,11 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     meta = read_metadata(path)
     other = _other_data(spec, meta.get("data", "digits"))
     spec = spec or meta.get("data", "digits")
+    splits = None if other else json.loads(meta.get("splits", "null"))  # exports before 'splits': automatic
     val = _val_data(spec, data_config_from_metadata(meta), data_dir, float(meta.get("val_fraction", 0.2)),
                     int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")),
-                    skip_bad_images or json.loads(meta.get("skip_bad_images", "false")), for_eval=other)
+                    skip_bad_images or json.loads(meta.get("skip_bad_images", "false")), for_eval=other,
+                    splits=splits)
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # invalid graph
@@ -356,7 +360,7 @@ def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None 
     spec = spec or cfg.data.spec
     if spec.startswith("torchvision:"):  # the run's dataset root serves other torchvision data too
         data_dir = data_dir or cfg.data.data_dir
-    splits = None if other else {k: getattr(cfg.data, k, None) for k in ("train_split", "val_split", "subset")}
+    splits = None if other else {k: getattr(cfg.data, k, None) for k in SPLIT_KEYS}
     return _val_data(spec, data_cfg, data_dir, cfg.data.val_fraction, cfg.train.seed,
                      list(run.summary.get("classes") or []), skip_bad_images or cfg.data.skip_bad_images,
                      for_eval=other, splits=splits)

@@ -84,6 +84,34 @@ def test_eval_of_run_equals_eval_of_onnx(runs, tmp_path):
     assert ra["accuracy"] == pytest.approx(summary["val_accuracy"])
 
 
+def test_an_onnx_model_is_evaluated_on_the_runs_own_split_names(runs, tmp_path, monkeypatch):
+    """A torchvision run's ``data.val_split``/``subset`` travel in the metadata: without them
+    ``alast eval model.onnx`` read the dataset's automatic split, not the run's."""
+    import onnx
+
+    import alast.export as export
+
+    out = tmp_path / "m.onnx"
+    assert CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out)]).exit_code == 0
+    meta = export.read_metadata(out)
+    assert json.loads(meta["splits"]) == {"train_split": None, "val_split": None, "subset": None}
+    model = onnx.load(str(out))
+    recorded = {"train_split": "train", "val_split": "holdout", "subset": "letters"}
+    next(p for p in model.metadata_props if p.key == "alast.splits").value = json.dumps(recorded)
+    onnx.save(model, str(out))
+    seen = []
+
+    def val_data(*args, splits=None, **kwargs):
+        seen.append(splits)
+        raise export.ExportError("stop")
+
+    monkeypatch.setattr(export, "_val_data", val_data)
+    for data in (None, "letters"):  # the run's own data, then other data (no split of the run's)
+        with pytest.raises(export.ExportError):
+            export.evaluate_onnx(out, data)
+    assert seen == [recorded, None]
+
+
 def test_failed_verification_exits_1_and_leaves_no_file(runs, tmp_path, monkeypatch):
     import alast.export as export
 
