@@ -275,13 +275,12 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     is scored whole, and any of the model's classes, even one, will do. Otherwise the run's own
     validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``.
     """
-    import unicodedata
-
     from alast.data import DataError, build_data
+    from alast.data.common import nfc
 
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                         skip_bad_images=skip_bad_images, for_eval=for_eval, **(splits or {}))
-    classes = [unicodedata.normalize("NFC", c) for c in classes]  # older runs kept a folder's name as written
+    classes = [nfc(c) for c in classes]  # older runs kept a folder's name as written
     if classes and list(bundle.classes) != list(classes):
         unknown = [c for c in bundle.classes if c not in classes]
         if unknown:

@@ -3,6 +3,7 @@ and the RGB conversion in front of timm's transforms."""
 from __future__ import annotations
 
 import copy
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,11 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from alast.data.images import to_rgb
+
+
+def nfc(name: str) -> str:
+    """``name`` in Unicode NFC: macOS may write ``café`` as ``cafe`` + a combining accent (NFD)."""
+    return unicodedata.normalize("NFC", name)
 
 
 class DataError(ValueError):

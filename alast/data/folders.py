@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from alast.data.common import DataBundle, DataError, _need_two_classes, _split, _split_indices
+from alast.data.common import DataBundle, DataError, _need_two_classes, _split, _split_indices, nfc
 from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb
 
 # Split folder names, matched in any case and with "-" or a space for "_" (Train/, VAL/, Training Set/).
@@ -67,11 +66,6 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_FOLDERS
 
 
-def _nfc(name: str) -> str:
-    """``name`` in Unicode NFC: macOS may write ``café`` as ``cafe`` + a combining accent (NFD)."""
-    return unicodedata.normalize("NFC", name)
-
-
 def _walk(folder: str, loops: list[str]) -> Iterator[str]:
     """The visible files under ``folder`` in torchvision's ImageFolder order, following links to
     folders as it does (``os.walk(followlinks=True)``). A link to a folder it sits in is not
@@ -115,7 +109,7 @@ def _class_folders() -> type:
             with os.scandir(directory) as entries:
                 for e in entries:
                     if e.is_dir() and not _hidden(e.name):
-                        names.setdefault(_nfc(e.name), []).append(e.name)
+                        names.setdefault(nfc(e.name), []).append(e.name)
             for same in names.values():
                 if len(same) > 1:
                     raise DataError(f"{directory} has class folders {' and '.join(map(ascii, same))}, one name in "
@@ -166,7 +160,7 @@ def _holds_images(path: Path) -> bool:
 
 
 def _role(name: str) -> str | None:
-    key = _nfc(name).casefold().replace("-", "_").replace(" ", "_")
+    key = nfc(name).casefold().replace("-", "_").replace(" ", "_")
     return next((role for role, names in (("train", TRAIN_FOLDERS), ("val", VAL_FOLDERS), ("test", TEST_FOLDERS))
                  if key in names), None)
 
@@ -183,7 +177,7 @@ def _looks_like_splits(folders: Sequence[Path]) -> bool:
     if len(folders) < 2 or any(_holds_images(f) for f in folders):
         return False
     subs = [_subfolders(f) for f in folders]
-    names = [{_nfc(s.name) for s in sub} for sub in subs]
+    names = [{nfc(s.name) for s in sub} for sub in subs]
     if any(len(a & b) < max(2, min(len(a), len(b)) / 2) for a, b in itertools.combinations(names, 2)):
         return False
     return all(_holds_images(s) or not _subfolders(s) for sub in subs for s in sub)

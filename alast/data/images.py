@@ -61,6 +61,11 @@ def failure(exc: BaseException) -> str:
         found = re.findall(r"\d+", str(exc))  # "Image size (N pixels) exceeds limit of M pixels, ..."
         count = f" ({int(found[0]):,} pixels; the limit is {int(found[1]):,})" if len(found) >= 2 else ""
         return f"too many pixels for PIL's safety limit{count}"
+    return first_line(exc)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its class name where it has none."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 

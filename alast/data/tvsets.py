@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from alast.data.common import DataBundle, DataError, RGBTransform, _need_two_classes, _split, _split_indices
 from alast.data.folders import imagefolder, load_image
+from alast.data.images import first_line
 
 # (training, validation) splits of torchvision datasets where "train" and "test" do not both fit, or
 # where the standard protocol trains on more (FGVCAircraft's train + val); others with a split argument
@@ -129,14 +130,14 @@ class _TorchvisionSplits:
                 hint = f" (torchvision cannot download {self.name})"
             else:
                 hint = "" if self.download else " or pass --set data.download=true (needs internet)"
-            raise DataError(f"torchvision:{self.name} not found under {self.root} ({_first_line(exc)}); "
+            raise DataError(f"torchvision:{self.name} not found under {self.root} ({first_line(exc)}); "
                             f"put it there{hint}") from None
         except ImportError as exc:  # LSUN reads lmdb files
             package = (exc.name or "").split(".")[0]
-            raise DataError(f"torchvision:{self.name} needs the Python package {package or _first_line(exc)}; "
+            raise DataError(f"torchvision:{self.name} needs the Python package {package or first_line(exc)}; "
                             f"install it (pip install {package or '...'})") from None
         except TypeError as exc:  # arguments this dataset does not take as alast passes them
-            raise DataError(f"torchvision:{self.name} cannot be read by alast ({_first_line(exc)}); alast reads "
+            raise DataError(f"torchvision:{self.name} cannot be read by alast ({first_line(exc)}); alast reads "
                             "image-classification datasets (root, train or split, download)") from None
 
     def split(self, train: bool) -> Dataset:
@@ -152,7 +153,7 @@ class _TorchvisionSplits:
         except ValueError as exc:  # torchvision's "Unknown value 'train' for argument split. Valid values are {...}"
             valid = _valid_values(exc, "split")
             if valid is None:
-                raise DataError(f"torchvision:{self.name} under {self.root}: {_first_line(exc)}") from None
+                raise DataError(f"torchvision:{self.name} under {self.root}: {first_line(exc)}") from None
             chosen = None if key in self.splits else \
                 next((v for v in (_TV_TRAIN if train else _TV_VAL) if v in valid), None)
             if chosen is None:
@@ -181,10 +182,6 @@ def refuse_settings(settings: dict[str, str], what: str) -> None:
         key = next(iter(settings))
         raise DataError(f"data.{key} does not apply to {what} (it takes no {'subset' if key == 'subset' else 'split'} "
                         "name); unset it")
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _labels(ds: Dataset) -> list[int] | None:
