@@ -24,7 +24,9 @@ class RuntimeError_(RuntimeError):
 
 class NonFiniteLoss(RuntimeError_):
     def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"loss became {loss} at step {step}; lower train.lr or check the data")
+        # ``step`` counts from 0, as metrics.jsonl does; the progress bar counts from 1
+        super().__init__(f"loss became {loss} at step {step + 1} (metrics.jsonl step {step}); "
+                         "lower train.lr or check the data")
         self.step, self.loss = step, loss
 
 

@@ -106,7 +106,7 @@ def test_lagged_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(TorchRuntime, "launch_step", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLoss, match="at step 4.*step_00000003"):
+    with pytest.raises(NonFiniteLoss, match=r"at step 5 \(metrics.jsonl step 4\).*step_00000003"):
         loop.train(cfg("backend.sync_free=on"), run)
     assert [r["step"] for r in records(run)] == [0, 1, 2, 3]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())

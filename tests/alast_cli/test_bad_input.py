@@ -182,7 +182,8 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(tmp_path):
     res = run_cli(["train", "--steps", "6", *FAST, "--lr", "1e30", "--set", "output.checkpoint_every=1",
                    "--out", str(run)])
     line = assert_one_line_error(res, 1, "loss became", "at step", "last good checkpoint")
-    step = int(line.split("at step ")[1].split(";")[0])
+    step = int(line.split("(metrics.jsonl step ")[1].split(")")[0])
+    assert f"at step {step + 1} (" in line  # counted as the progress bar counts
     kept = ckpt.list_checkpoints(run)
     assert kept and kept[-1].name == f"step_{step:08d}.safetensors"  # the checkpoint before the bad step
     assert ckpt.load_checkpoint(kept[-1])["step"] == step
