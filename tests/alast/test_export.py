@@ -89,7 +89,7 @@ def test_an_onnx_model_is_evaluated_on_the_runs_own_split_names(runs, tmp_path, 
     ``alast eval model.onnx`` read the dataset's automatic split, not the run's."""
     import onnx
 
-    import alast.export as export
+    from alast import export
 
     out = tmp_path / "m.onnx"
     assert CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out)]).exit_code == 0
