@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 CKPT_DIR = "checkpoints"
+FALL_BACK = "delete it to fall back to an older one"  # the remedy, where resume has not fallen back itself
 SUFFIX = ".safetensors"
 FORMAT = "alast-checkpoint"
 VERSION = 1
@@ -146,7 +147,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointRefused(f"{path} is {sniffed}, not a safe checkpoint; alast never unpickles "
                                     "checkpoints because loading one can run code") from None
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}); it may be truncated: "
-                              "delete it to fall back to an older one") from None
+                              f"{FALL_BACK}") from None
     return _decode(path, meta, tensors)
 
 
@@ -211,7 +212,7 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None, 
         try:
             state = load_checkpoint(path)
         except (CheckpointError, CheckpointRefused) as exc:
-            skipped.append(str(exc))
+            skipped.append(str(exc).removesuffix(f": {FALL_BACK}"))
             if isinstance(exc, CheckpointError) and _CKPT_RE.match(path.name):
                 unreadable.append(path)
             continue

@@ -24,8 +24,8 @@ from alast.models import initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
-from alast.training.report import MetricsWriter
-from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir
+from alast.training.report import METRICS, MetricsWriter
+from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir, release_run_dir
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
@@ -105,10 +105,22 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
     comm = comm or Comm()
     run_dir = Path(run_dir)
     t_start = time.perf_counter()  # this session's start: data loading and planning count as wall time
+    try:
+        return _train(cfg, run_dir, resume, hooks, comm, planner_overrides, plan_info, solve, t_start)
+    finally:
+        if comm.is_main:
+            release_run_dir(run_dir)
+
+
+def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Comm,
+           planner_overrides: dict[str, Any] | None, plan_info: dict[str, Any] | None,
+           solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None, t_start: float) -> dict[str, Any]:
     data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve,
                                                    t_start)
     runtime = run.runtime
     start = run.restore() if resume else 0
+    if resume and comm.is_main:
+        run.say_where_it_resumes(start)
     if not resume:
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(_as_recorded(cfg, run_dir))))
 
@@ -153,8 +165,8 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     """Everything before the first step: checks, seeding, data, the target's plan, the run dir, the
     model, runtime and planner. Returns the data and its config, the run, its length in steps, and
     the plan's description."""
-    if cfg.output.tensorboard and comm.is_main:
-        check_tensorboard()
+    if cfg.output.tensorboard:
+        on_main(comm, check_tensorboard)  # every rank gets the one error, not a peer's lost connection
     on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
@@ -268,6 +280,16 @@ class _Run:
             self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
         return self.resumed_from
 
+    def say_where_it_resumes(self, start: int) -> None:
+        """One line: the checkpoint the run continues from, or that it has none and starts again."""
+        if self.last_ckpt is not None:
+            print(f"resuming from {self.last_ckpt} (step {start})", file=sys.stderr, flush=True)
+            if not (self.run_dir / METRICS).exists():
+                self._warn(f"{self.run_dir / METRICS} is missing: its log, and {HEATMAP}, start at step {start}")
+        else:
+            self._warn(f"no checkpoint in {self.run_dir / ckpt.CKPT_DIR}: the run starts again from step 0 "
+                       "(output.checkpoint_every=N writes one every N steps; 0, the default: at the end only)")
+
     def _warn(self, message: str) -> None:
         if self.comm.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -326,7 +348,7 @@ class _Run:
                     if saved:
                         self.flush(hooks, writer)
                         self.save(done)
-                    if done < steps and comm.any_true(stop.requested):
+                    if comm.any_true(stop.requested):  # at the last step too: the evaluation can take minutes
                         self.flush(hooks, writer)
                         raise Interrupted(done, self.last_ckpt if saved else self.save(done), self.comm.world_size)
                 self.flush(hooks, writer)

@@ -1,6 +1,7 @@
 """Run artefacts that are not checkpoints: metrics.jsonl and the budget heatmap."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS
         if truncate_after_step is None:
             self.path.write_text("")
-        elif self.path.exists():
+        elif self.path.exists():  # whole or not at all: a kill here must not lose the steps before
+            from alast.training.checkpoint import atomic_write_text
+
             kept = [l for l in read_metrics(self.path) if l.get("step", -1) < truncate_after_step]
-            self.path.write_text("".join(json.dumps(l) + "\n" for l in kept))
+            atomic_write_text(self.path, "".join(json.dumps(l) + "\n" for l in kept))
         self._f = open(self.path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -71,6 +74,10 @@ def budget_heatmap(records: list[dict[str, Any]], path: Path, title: str = "") -
     axes[-1].set_xlabel("step")
     axes[0].set_title(title or "ALaST per-block budgets")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    from alast.training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), image.getvalue())
     return Path(path)

@@ -3,12 +3,14 @@
 A run directory: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per step),
 ``checkpoints/`` (see :mod:`alast.training.checkpoint`), ``summary.json``, ``final_model.safetensors``,
 ``budgets.png``, optionally ``tensorboard/`` and, for the ort backend, ``ort_artifacts/``.
-Nothing else in it is alast's: ``--force`` replaces a run by removing exactly these (other files stay).
+Nothing else in it is alast's: ``--force`` replaces a run by removing exactly these (other files stay),
+and refuses where its folders hold files alast did not write. ``.alast.lock`` marks a run in progress.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +28,13 @@ ORT_DIR = "ort_artifacts"  # runtimes.ort_backend.artifacts.CACHE_DIR, named her
 # What a run writes: the files at its top level, and the folders that are wholly its own.
 RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL_WEIGHTS, HEATMAP)
 RUN_DIRS = (ckpt.CKPT_DIR, TB_DIR, ORT_DIR)
+LOCK = ".alast.lock"  # held (flock) by the process writing the run; holds its pid
+# The files alast writes in RUN_DIRS: checkpoints (and older pickles, set-aside and temp ones),
+# TensorBoard's event files, and the ort backend's artifact sets (one folder each).
+_OWN_IN = {
+    ckpt.CKPT_DIR: re.compile(r"^(step_\d{8}\.(safetensors|pt)(\.unreadable)?|\.step_.*\.tmp)$"),
+    TB_DIR: re.compile(r"^events\.out\.tfevents\..*"),
+}
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -55,35 +64,129 @@ class Interrupted(Exception):
         return "--resume" if self.world_size == 1 else f"--resume --nproc {self.world_size}"
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse a run dir that cannot be used as asked; touches nothing."""
+def check_run_dir(run_dir: Path, resume: bool, force: bool, config: Path | None = None) -> None:
+    """Refuse a run dir that cannot be used as asked; touches nothing. ``config``: the config file
+    the run was given, which ``force`` must not replace."""
     if resume:
         if not (run_dir / CONFIG).exists():
             raise RunDirError(f"cannot resume {run_dir}: no {CONFIG} there; start a new run instead")
         _check_writable(run_dir, resume)
+        _check_unlocked(run_dir)
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir} is a file; choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise RunDirError(f"run dir {run_dir} exists and is not empty; pass --resume to continue it, "
-                          "--force to replace the run in it, or choose another --out")
+    if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
+        if not force:
+            raise RunDirError(f"run dir {run_dir} exists and is not empty; pass --resume to continue it, "
+                              "--force to replace the run in it, or choose another --out")
+        _check_replaceable(run_dir, config)
     _check_writable(run_dir, resume)
+    if run_dir.is_dir():
+        _check_unlocked(run_dir)
+
+
+def _check_replaceable(run_dir: Path, config: Path | None) -> None:
+    """Refuse ``--force`` where it would delete what alast did not write: a file in the run's own
+    folders, or the config file given to this very command (the run's ``config.yaml``)."""
+    if config is not None and (run_dir / CONFIG).exists() and (run_dir / CONFIG).samefile(config):
+        raise RunDirError(f"the config {config} is the {CONFIG} that --force would replace in {run_dir}; "
+                          "copy it out of the run dir and pass the copy, or choose another --out")
+    foreign = [path.relative_to(run_dir) for folder in RUN_DIRS for path in _foreign_in(run_dir / folder)]
+    if foreign:
+        listed = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirError(f"--force would delete {listed} in {run_dir}, which alast did not write; move "
+                          f"{'it' if len(foreign) == 1 else 'them'} out of the run dir, or choose another --out")
+
+
+def _foreign_in(folder: Path) -> list[Path]:
+    """What in ``folder`` (one of :data:`RUN_DIRS`) is not alast's."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    own = _OWN_IN.get(folder.name)
+    if own is None:  # ort_artifacts: a folder per artifact set
+        return sorted(p for p in folder.iterdir() if not p.is_dir() or p.is_symlink())
+    return sorted(p for p in folder.iterdir() if not own.match(p.name))
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid recorded by the process that holds ``run_dir``'s lock, "?" where unreadable, or None
+    where no process holds it (or locks are not supported here)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: runs are not locked
+        return None
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _check_unlocked(run_dir: Path) -> None:
+    holder = _lock_holder(run_dir)
+    if holder is not None:
+        raise RunDirError(f"run dir {run_dir} is in use by another alast process (pid {holder}); wait for it to "
+                          "end or stop it, or choose another --out")
+
+
+_HELD: dict[Path, int] = {}  # run dir -> the locked file descriptor, while this process writes the run
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Mark ``run_dir`` as written by this process until :func:`release_run_dir` (or its exit): a
+    second ``alast train --resume`` or ``--force`` on it is refused instead of writing beside it."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        return
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(f"run dir {run_dir} is in use by another alast process (pid {holder}); wait for it to "
+                          "end or stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Make the run dir; a new run over an existing one (``force``) first removes the old run's files."""
+    """Make and lock the run dir; a new run over an existing one (``force``) first removes the old
+    run's files. The caller releases the lock (:func:`release_run_dir`) when the run ends."""
     check_run_dir(run_dir, resume, force)
-    if resume:  # temp files of writes killed half-way: the checkpoints' and the run files'
-        for stale in [*(run_dir / ckpt.CKPT_DIR).glob(".*.tmp"), *_run_file_temps(run_dir)]:
-            stale.unlink(missing_ok=True)
-    else:
+    if not resume:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirError(f"cannot create run dir {run_dir} ({exc.strerror or exc}); "
                               "choose a writable --out") from None
-        clear_run(run_dir)
     _probe_write(run_dir, resume)
+    lock_run_dir(run_dir)
+    if resume:  # temp files of writes killed half-way: the checkpoints' and the run files'
+        for stale in [*(run_dir / ckpt.CKPT_DIR).glob(".*.tmp"), *_run_file_temps(run_dir)]:
+            stale.unlink(missing_ok=True)
+    else:
+        if not force and any(p.name != LOCK for p in run_dir.iterdir()):  # another new run got here first
+            release_run_dir(run_dir)
+            check_run_dir(run_dir, resume, force)
+        clear_run(run_dir)
 
 
 def _run_file_temps(run_dir: Path) -> list[Path]:

@@ -128,6 +128,93 @@ def test_sigint_in_process_saves_at_the_step_boundary_and_exits_130(tmp_path, mo
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
+def test_ctrl_c_in_the_last_step_stops_before_the_final_evaluation(tmp_path, monkeypatch):
+    """The request used to be dropped at the last step, and the run went on through an evaluation
+    that can take minutes; now it stops with the final checkpoint, and resume only evaluates."""
+    from alast.training import loop
+
+    interrupt_after_step_1(monkeypatch)
+    evaluated = []
+    monkeypatch.setattr(loop._Run, "final_evaluation", lambda self, data: evaluated.append(1))
+    run = tmp_path / "run"
+    res = invoke(*BASE, "--steps", "2", "--out", str(run))
+    assert res.exit_code == 130 and "interrupted at step 2" in res.stderr, res.output
+    assert evaluated == [] and [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002.safetensors"]
+    monkeypatch.undo()
+    res = invoke("--resume", "--out", str(run), "--json")
+    assert res.exit_code == 0, res.output
+    assert f"resuming from {run / 'checkpoints' / 'step_00000002.safetensors'} (step 2)" in res.stderr
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 2
+
+
+def test_resume_without_a_checkpoint_says_it_starts_again(tmp_path):
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "2", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(run / "checkpoints")
+    (run / "summary.json").unlink()  # as after a kill -9 before any checkpoint
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert f"warning: no checkpoint in {run / 'checkpoints'}: the run starts again from step 0" in res.stderr
+
+
+def test_resume_without_the_log_says_where_the_log_starts(tmp_path):
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "2", "--set", "output.checkpoint_every=1", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step_00000002.safetensors").unlink()
+    (run / "metrics.jsonl").unlink()
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert f"warning: {run / 'metrics.jsonl'} is missing: its log, and budgets.png, start at step 1" in res.stderr
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_a_run_dir_in_use_is_refused_to_a_second_process(tmp_path):
+    """A second ``--resume`` (or ``--force``) on a run still training used to write beside it: two
+    processes appended to one metrics.jsonl."""
+    from alast.training import rundir
+
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "2", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert not rundir._HELD  # the run released its lock when it ended
+    (run / "summary.json").unlink()  # as if still training
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alast.training.rundir import "
+                               "lock_run_dir; lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in (["--resume"], [*FAST, "--steps", "2", "--force"]):
+            res = invoke(*extra, "--out", str(run))
+            assert res.exit_code == 2, res.output
+            assert res.stderr.strip() == (f"error: run dir {run} is in use by another alast process (pid {holder.pid}); "
+                                          "wait for it to end or stop it, or choose another --out")
+    finally:
+        holder.kill()
+        holder.wait()
+    res = invoke("--resume", "--out", str(run))  # the lock died with its process
+    assert res.exit_code == 0, res.output
+
+
+def test_force_keeps_what_alast_did_not_write(tmp_path):
+    """--force deleted everything in checkpoints/ (a user's resnet_epoch90.pth too)."""
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "2", "--set", "output.checkpoint_every=1", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    for mine in ("checkpoints/resnet_epoch90.pth", "tensorboard/notes.txt", "ort_artifacts/readme"):
+        (run / mine).parent.mkdir(exist_ok=True)
+        (run / mine).write_text("mine\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = invoke(*FAST, "--steps", "2", "--out", str(run), "--force")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (f"error: --force would delete checkpoints/resnet_epoch90.pth, tensorboard/notes.txt, "
+                                  f"ort_artifacts/readme in {run}, which alast did not write; move them out of the "
+                                  "run dir, or choose another --out")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_changed_config_resume_is_refused_naming_the_keys(reference, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -211,6 +298,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
     path, state = ckpt.latest_checkpoint(tmp_path, warn=warnings.append)
     assert path.name == "step_00000002.safetensors" and state["step"] == 2
     assert len(warnings) == 1 and "step_00000004.safetensors is unreadable" in warnings[0]
+    assert "delete it" not in warnings[0] and warnings[0].endswith("resuming from step_00000002.safetensors")
 
 
 def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_readable_one(tmp_path):
@@ -260,7 +348,7 @@ def test_force_replaces_the_old_run_and_resume_continues_the_new_one(tmp_path, m
     assert res.exit_code == 130, res.output
     monkeypatch.undo()
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "notes.txt"]
+    assert names == [".alast.lock", "checkpoints", "config.yaml", "metrics.jsonl", "notes.txt"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.safetensors",
                                                                        "step_00000002.safetensors"]
     assert (run / "notes.txt").read_text() == "mine\n"

@@ -113,8 +113,9 @@ def test_force_clears_only_what_alast_wrote(tmp_path):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     rundir.prepare_run_dir(run, resume=False, force=True)
+    rundir.release_run_dir(run)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    assert left == [".hidden", "data", "data/config.yaml", "notes.txt"]
+    assert left == [".alast.lock", ".hidden", "data", "data/config.yaml", "notes.txt"]
 
 
 def test_a_runs_config_given_back_as_a_config_cannot_replace_another_run(tmp_path):
@@ -140,8 +141,9 @@ def test_resume_removes_the_temp_files_of_killed_writes_and_nothing_else(tmp_pat
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     rundir.prepare_run_dir(run, resume=True, force=False)
+    rundir.release_run_dir(run)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    assert left == [".notes.txt.tmp", "checkpoints", "checkpoints/step_00000200.safetensors", "config.yaml",
+    assert left == [".alast.lock", ".notes.txt.tmp", "checkpoints", "checkpoints/step_00000200.safetensors", "config.yaml",
                     "notes.txt"]
 
 
