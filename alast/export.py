@@ -33,6 +33,8 @@ from runtimes.protocol import RuntimeError_
 from runtimes.token_schedule import ScheduleError, check_schedule, token_schedule
 
 META_PREFIX = "alast."
+# the metadata values written as JSON (the others are plain strings)
+JSON_METADATA = ("classes", "input_size", "mean", "std", "skip_bad_images", "splits", "kept_tokens", "fuse_tokens")
 SPLIT_KEYS = ("train_split", "val_split", "subset")  # a torchvision dataset's split names in the data config
 
 
@@ -256,6 +258,12 @@ def read_metadata(path: Path) -> dict[str, str]:
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     if "input_size" not in meta:
         raise ExportError(f"{path} has no alast preprocessing metadata; export it with `alast export`")
+    for key in JSON_METADATA:
+        try:
+            json.loads(meta.get(key, "null"))
+        except ValueError:
+            raise ExportError(f"{path}: its metadata {META_PREFIX}{key} is not JSON ({meta[key][:40]!r}); export "
+                              "the model again with `alast export`") from None
     return meta
 
 

@@ -233,11 +233,12 @@ def owning_run(path: Path) -> Path | None:
 def check_out_file(out: Path, force: bool, command: str, example: str, run_dir: Path | None = None,
                    option: str = "--out") -> None:
     """Refuse an ``option`` file of ``command`` that is a directory, that is a file of a run (of
-    ``run_dir``, or of the run whose folder holds it; always), or that exists (unless ``force``)."""
+    ``run_dir``, which need not exist yet, or of any run whose folder holds it; always), or that
+    exists (unless ``force``)."""
     out = Path(out)
     if out.is_dir():
         raise RunDirError(f"{option} {out} is a directory; give the file to write, e.g. {out / example}")
-    owner = (run_dir if is_run_file(run_dir, out) else None) if run_dir is not None else owning_run(out)
+    owner = run_dir if run_dir is not None and is_run_file(run_dir, out) else owning_run(out)
     if owner is not None:
         raise RunDirError(f"{option} {out} is one of the files of the run {owner}: the run's own files are never "
                           f"written over by {command}; choose another {option}, e.g. {Path(owner) / example}")

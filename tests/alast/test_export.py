@@ -177,6 +177,33 @@ def test_export_never_overwrites_silently(runs, tmp_path):
     assert mine.read_bytes().startswith(b"\x08")  # an ONNX protobuf (ir_version field) now
 
 
+def test_export_never_writes_over_another_runs_files(runs, tmp_path):
+    """Only the exported run's own files were refused: ``--out OTHER_RUN/final_model.safetensors
+    --force`` replaced the other run's weights with an ONNX file."""
+    other = tmp_path / "other"
+    shutil.copytree(runs["torch"], other)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    for name in ("final_model.safetensors", "metrics.jsonl", "checkpoints/step_00000099.safetensors"):
+        res = CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(other / name), "--force"])
+        assert res.exit_code == 2, (name, res.output)
+        assert f"is one of the files of the run {other.resolve()}" in _err(res), _err(res)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_onnx_metadata_that_is_not_json_is_named(runs, tmp_path):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out)]).exit_code == 0
+    model = onnx.load(str(out))
+    next(p for p in model.metadata_props if p.key == "alast.classes").value = "['0', '1'"
+    onnx.save(model, str(out))
+    res = CliRunner().invoke(cli, ["eval", str(out)])
+    assert res.exit_code == 2
+    assert _err(res) == (f"error: {out}: its metadata alast.classes is not JSON (\"['0', '1'\"); export the model "
+                         "again with `alast export`")
+
+
 @pytest.mark.parametrize("opset", [12, 13, 99])
 def test_unsupported_opset_is_refused_before_exporting(runs, tmp_path, monkeypatch, opset):
     from alast import export
