@@ -246,7 +246,12 @@ class TrainConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path | None = Field(None, description="run directory; default runs/<time>-<policy>")
-    checkpoint_every: int = Field(0, ge=0, description="0: only the final checkpoint")
+    checkpoint_every: int = Field(0, ge=0, description="also write a checkpoint every N steps; 0: by "
+                                  "checkpoint_minutes only")
+    checkpoint_minutes: float | None = Field(
+        10.0, gt=0, description="also write a checkpoint about every N minutes of training (the step count "
+        "is fixed from the first steps' median time, on every rank alike), so a killed run loses at most that; "
+        "null: only at the end of training and on Ctrl-C/SIGTERM")
     keep_last: int = Field(2, ge=1)
     force: bool = Field(False, description="replace the run in an existing non-empty run dir: the files alast "
                         "wrote there (checkpoints, metrics, results) are removed, any others kept")

@@ -10,6 +10,7 @@ alone writes files, and every rank learns of a failure on rank 0 instead of hang
 from __future__ import annotations
 
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
 from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
 from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
+
+TIMED_AFTER_STEPS = 10  # output.checkpoint_minutes: the steps timed before the interval is fixed
 
 
 @dataclass
@@ -280,6 +283,13 @@ class _Run:
             self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
         return self.resumed_from
 
+    def steps_per(self, minutes: float) -> int:
+        """How many steps take about ``minutes``, from the median time of this session's steps."""
+        recent = self.tally.step_times[-TIMED_AFTER_STEPS:]
+        if not recent:
+            return 0
+        return max(1, round(minutes * 60 / max(statistics.median(recent), 1e-9)))
+
     def say_where_it_resumes(self, start: int) -> None:
         """One line: the checkpoint the run continues from, or that it has none and starts again."""
         if self.last_ckpt is not None:
@@ -336,6 +346,7 @@ class _Run:
         sampler = StepBatchSampler(len(data.train), cfg.train.batch_size, cfg.train.seed, start, steps,
                                    comm.rank, comm.world_size)
         writer = MetricsWriter(self.run_dir, truncate_after_step=start if truncate else None) if comm.is_main else None
+        timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
             with StopOnSignal() as stop:
                 batches = train_batches(data.train, sampler, cfg.data.num_workers)
@@ -344,7 +355,11 @@ class _Run:
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                         self.flush(hooks, writer)
                         self.on_eval(hooks, done, self.evaluate(data))
-                    saved = cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < steps
+                    if done - start == TIMED_AFTER_STEPS and cfg.output.checkpoint_minutes:
+                        timed_every = on_main(comm, lambda: self.steps_per(cfg.output.checkpoint_minutes))
+                    saved = done < steps and (
+                        cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0
+                        or timed_every and (done - start) % timed_every == 0)
                     if saved:
                         self.flush(hooks, writer)
                         self.save(done)

@@ -37,7 +37,7 @@ NAMED_OPTION_KEYS: dict[str, str] = {
 # step runs or what is measured, never the losses. (Thread count can change CPU rounding; bitwise
 # equal resumes need the same backend.threads.)
 NEUTRAL_KEYS = frozenset({
-    "output.dir", "output.checkpoint_every", "output.keep_last", "output.force",
+    "output.dir", "output.checkpoint_every", "output.checkpoint_minutes", "output.keep_last", "output.force",
     "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
     "output.tensorboard",
     "train.eval_batch_size",

@@ -147,6 +147,18 @@ def test_ctrl_c_in_the_last_step_stops_before_the_final_evaluation(tmp_path, mon
     assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 2
 
 
+@pytest.mark.parametrize("minutes", ["1e-7", "10", "null"])
+def test_timed_checkpoints_start_once_the_first_steps_are_timed(tmp_path, minutes):
+    """A kill -9 lost the whole run under the default checkpoint_every: 0; now a checkpoint is written
+    about every output.checkpoint_minutes (here every step, from the 10th, or never in so short a run)."""
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "13", "--set", f"output.checkpoint_minutes={minutes}",
+                 "--set", "output.keep_last=10", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    steps = [int(p.name[5:13]) for p in ckpt.list_checkpoints(run)]
+    assert steps == ([10, 11, 12, 13] if minutes == "1e-7" else [13])
+
+
 def test_resume_without_a_checkpoint_says_it_starts_again(tmp_path):
     run = tmp_path / "run"
     res = invoke(*FAST, "--steps", "2", "--out", str(run))
