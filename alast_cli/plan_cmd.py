@@ -48,16 +48,18 @@ def _profile_table(cm) -> Any:
 
 
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
-                calibrate: bool, batch_size: int, device: str, force: bool = False) -> None:
+                calibrate: bool, batch_size: int, device: str, force: bool = False, threads: int | None = None) -> None:
     from alast.planning.calibrate import calibrate_time
     from alast.planning.profile import profile
     from planners.simulate import full_step_flops
 
     from .render import console, human
 
-    for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size)):
+    for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size), ("--threads", threads)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be 1 or more, got {value}")
+    if threads is not None and not calibrate:
+        raise ValueError("--threads sets the CPU threads --calibrate times steps with; add --calibrate or leave it out")
     if out is not None:
         from alast.training.rundir import check_out_file
 
@@ -72,6 +74,8 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
                          "calibrate on the GPU machine, or pass --device cpu")
     cm = profile(model, img_size=img_size, num_classes=num_classes, device=device)
     if calibrate:
+        if threads is not None:  # as a run's backend.threads: a time model holds at its thread count only
+            torch.set_num_threads(threads)
         cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size, device=device))
     if out is not None:
         cm.save(out)
@@ -96,14 +100,16 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 @click.option("--num-classes", type=int, help="classifier classes (default: the model's own; the demo: 10)")
 @click.option("--calibrate", is_flag=True, help="also time real training steps on this machine")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batch size for --calibrate")
+@click.option("--threads", type=int, help="CPU threads for --calibrate, as the runs' backend.threads "
+              "(default: torch's)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="device the model will train on (memory model, --calibrate)")
 @click.pass_context
 def profile_command(ctx: click.Context, model, img_size, out, force, as_json, num_classes, calibrate, batch_size,
-                    device) -> None:
+                    threads, device) -> None:
     """Profile MODEL per block (fvcore + torch's FLOP counter) into a JSON cost model."""
     run_guarded(lambda: run_profile(model, img_size, out, as_json, num_classes, calibrate, batch_size, device,
-                                    force), _debug(ctx))
+                                    force, threads), _debug(ctx))
 
 
 def _plan_table(result: dict[str, Any]) -> Any:

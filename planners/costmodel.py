@@ -216,6 +216,11 @@ class TimeModel:
     ``bwd_flops``, ``select_blocks`` (blocks that drop tokens), ``bwd_blocks`` (blocks with any
     backward), all for the whole batch. A calibration holds for its ``device``, ``batch_size``,
     ``count_flops`` and CPU ``threads`` (None: not recorded) only.
+
+    What a torch runtime's step does beside training, timed by the calibration too (1 and 0: not
+    timed, as with a given throughput): ``first_step_s``, the extra time of a run's first step
+    (lazy initialisation); ``counted_factor``, a step run under the FLOP counter (one with a shape
+    not counted before) over a plain one; ``probed_factor``, a step whose CPU memory is measured.
     """
 
     method: str
@@ -226,6 +231,9 @@ class TimeModel:
     threads: int | None = None
     points: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
+    first_step_s: float = 0.0
+    counted_factor: float = 1.0
+    probed_factor: float = 1.0
 
     @classmethod
     def from_throughput(cls, flops_per_s: float) -> "TimeModel":
@@ -234,8 +242,12 @@ class TimeModel:
         return cls("throughput", {"fwd_flops": 1.0 / flops_per_s, "bwd_flops": 1.0 / flops_per_s},
                    note=f"train FLOPs / {flops_per_s:.3g} FLOP/s (given throughput)")
 
-    def step_time_s(self, features: dict[str, float]) -> float:
-        return sum(c * features.get(k, 0.0) for k, c in self.coefficients.items())
+    def step_time_s(self, features: dict[str, float], *, first: bool = False, counted: bool = False,
+                    probed: bool = False) -> float:
+        """A step's time; ``first``, ``counted``, ``probed``: what it does beside training (above)."""
+        plain = sum(c * features.get(k, 0.0) for k, c in self.coefficients.items())
+        scale = (self.counted_factor if counted else 1.0) * (self.probed_factor if probed else 1.0)
+        return plain * scale + (self.first_step_s if first else 0.0)
 
 
 @dataclass(frozen=True)

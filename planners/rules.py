@@ -287,3 +287,39 @@ def early_share(frac: float, steps: int | None = None) -> float:
 def dense_final_share(frac: float, steps: int | None = None) -> float:
     """The share of a run's steps in its dense final phase (:func:`phase_share`)."""
     return phase_share(in_dense_final, frac, steps)
+
+
+# -- what a torch runtime's step does beside training: the planner times these too ----------------
+def memory_probe_step(step: int) -> bool:
+    """Steps whose CPU peak memory the torch runtime measures (MemTracker slows a step about 2x): 1,
+    2, every 50th. Step 0 is skipped: AdamW creates its state in that step's update, after the peak."""
+    return step in (1, 2) or (step > 0 and step % 50 == 0)
+
+
+@dataclass
+class MemoryProbes:
+    """Which steps a torch runtime on the CPU measures: the scheduled ones (``probe``), and any step
+    heavier than every measured one (more tokens or more trained blocks, e.g. a dense final phase),
+    so the sampled peak does not miss it. ``load``: the most tokens and trained blocks measured."""
+
+    probe: Callable[[int], bool] = memory_probe_step
+    load: tuple[int, int] = (0, 0)
+
+    def __call__(self, step: int, tokens_in: Sequence[int], trained_blocks: int) -> bool:
+        load = (sum(tokens_in), trained_blocks)
+        heavier = step > 0 and (load[0] > 1.05 * self.load[0] or load[1] > self.load[1])
+        if not (self.probe(step) or heavier):
+            return False
+        self.load = (max(load[0], self.load[0]), max(load[1], self.load[1]))
+        return True
+
+
+def flop_count_keys(batch: int, tokens_in: Sequence[int], kept: Sequence[int], trained: Sequence[bool],
+                    embeddings: bool) -> tuple[list[tuple], tuple]:
+    """The pieces a step's counted FLOPs are cached by: per block (batch, tokens in, tokens kept,
+    trained, anything below it trained), and the rest of the model (batch, tokens leaving the last
+    block, embeddings trained). A torch runtime counts a step (slower: eagerly, under the counter)
+    only where one of its pieces is new."""
+    blocks = [(batch, n, o, bool(t), embeddings or any(trained[:i]))
+              for i, (n, o, t) in enumerate(zip(tokens_in, kept, trained))]
+    return blocks, (batch, kept[-1], bool(embeddings))

@@ -25,7 +25,7 @@ from typing import Any
 
 from .costmodel import CostModel, poly
 from .registry import create_planner
-from .rules import kept_token_counts, schedule_from_steps, schedule_window
+from .rules import MemoryProbes, flop_count_keys, kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
 
 
@@ -187,6 +187,8 @@ class RunAccumulator:
         self.peak = 0.0
         self.step_peaks: list[float] = []
         self.times: list[float] = []
+        self.counted: set[tuple] = set()  # the step pieces a torch runtime has counted FLOPs of
+        self.probes = MemoryProbes()
         self.ever = [False] * cm.num_blocks
         self.ever_other = False
         self.kept: list[tuple[int, ...]] = []
@@ -194,6 +196,18 @@ class RunAccumulator:
         self.sums = {"tokens_in": [0.0] * cm.num_blocks, "trained": [0.0] * cm.num_blocks,
                      "fwd_flops": [0.0] * cm.num_blocks, "bwd_flops": [0.0] * cm.num_blocks,
                      "select_flops": [0.0] * cm.num_blocks}
+
+    def _beside_training(self, shape: StepShape) -> dict[str, bool]:
+        """What the torch runtime does in this step beside training: its first step, a step counted
+        under the FLOP counter (a piece not counted before), a step whose CPU memory it measures."""
+        tm = self.cm.time
+        embeddings = shape.embed_trained and self.cm.embed.trainable
+        blocks, rest = flop_count_keys(self.batch, shape.tokens_in, shape.kept_tokens, shape.trained, embeddings)
+        new = [k for k in (*blocks, rest) if k not in self.counted]
+        self.counted.update(new)
+        counted = bool(new) and tm.count_flops == "every"
+        probed = tm.device.startswith("cpu") and self.probes(self.steps, shape.tokens_in, sum(shape.trained))
+        return {"first": self.steps == 0, "counted": counted, "probed": probed}
 
     def _opt_state(self) -> float:
         cm, per = self.cm, self.cm.memory.opt_state_bytes_per_param / 4
@@ -215,7 +229,7 @@ class RunAccumulator:
         self.fwd += cost.fwd_flops * flops_scale
         self.bwd += cost.bwd_flops * flops_scale
         if self.cm.time is not None:
-            self.times.append(self.cm.time.step_time_s(cost.time_features()))
+            self.times.append(self.cm.time.step_time_s(cost.time_features(), **self._beside_training(shape)))
         self.kept.append(shape.kept_tokens)
         for i, (f, b, s) in enumerate(cost.per_block):
             self.sums["tokens_in"][i] += shape.tokens_in[i]

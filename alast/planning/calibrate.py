@@ -30,9 +30,12 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     """Time real training steps of the torch runtime on this machine and fit the time model.
 
     Five step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
-    it is used), ``reps`` rounds after a warm-up round (alternating, so drift hits all alike),
+    it is used), ``reps`` rounds after a first round (alternating, so drift hits all alike),
     median per shape; non-negative least squares on the features of
-    :class:`~planners.costmodel.TimeModel`. Memory probing is off, FLOP counting as configured.
+    :class:`~planners.costmodel.TimeModel`. What a run's steps do beside training is timed too: the
+    first round's steps are the first of their shape, so counted under the FLOP counter (where
+    ``count_flops`` is ``every``), its first step is the runtime's first; and one more round
+    measures memory on every step (CPU).
     """
     import statistics
 
@@ -43,21 +46,33 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
 
     torch.manual_seed(0)
     model = create_model(name, cm.num_classes, pretrained=False, img_size=cm.img_size)  # timing needs no weights
+    # Memory is measured on the first step (the heaviest shape, so that no later step is measured
+    # for being heavier than every measured one) and in the last round.
+    probing = [False]
     rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
-                      lora=lora, memory_probe_steps=lambda s: False)
+                      lora=lora, memory_probe_steps=lambda s: probing[0] or s == 0)
     x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)
     y = torch.randint(0, max(cm.num_classes, 1), (batch_size,))
     budgets = {**_calibration_budgets(cm.num_blocks), **(extra or {})}
     times: dict[str, list[float]] = {k: [] for k in budgets}
-    for rnd in range(reps + 1):
+    first: dict[str, float] = {}  # round 0: each shape's first step, counted
+    probed: dict[str, float] = {}  # the last round: memory measured
+    probe_round = reps + 1 if rt.device.type == "cpu" else None
+    for rnd in range(reps + 2 if probe_round else reps + 1):
+        probing[0] = rnd == probe_round
         for i, (key, budget) in enumerate(budgets.items()):
             t = rt.train_step(x, y, budget, 1e-4, rnd * len(budgets) + i).step_time_s
-            if rnd:
+            if rnd == 0:
+                first[key] = t
+            elif probing[0]:
+                probed[key] = t
+            else:
                 times[key].append(t)
+    plain = {key: statistics.median(times[key]) for key in budgets}
     points, rows, ys = [], [], []
     for key, budget in budgets.items():
         feats = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), batch_size).time_features()
-        med = statistics.median(times[key])
+        med = plain[key]
         points.append({"shape": key, "step_time_s": med, **feats})
         rows.append([feats[f] for f in _TIME_FEATURES])
         ys.append(med)
@@ -68,8 +83,16 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     coefficients = {f: 0.0 for f in _TIME_FEATURES}
     for j, c in zip(used, coef / scale):
         coefficients[_TIME_FEATURES[j]] = float(c)
+    keys = list(budgets)
+    counted = [first[k] / plain[k] for k in keys[1:]]  # the very first step also initialises: apart
+    counted_factor = max(1.0, statistics.median(counted)) if count_flops == "every" and counted else 1.0
+    probed_factor = max(1.0, statistics.median(probed[k] / plain[k] for k in keys)) if probed else 1.0
+    first_step_s = max(0.0, first[keys[0]] - plain[keys[0]] * counted_factor * probed_factor)
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
-                     threads=threads, points=points,
+                     threads=threads, points=points, first_step_s=first_step_s, counted_factor=counted_factor,
+                     probed_factor=probed_factor,
                      note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch {batch_size} on "
-                     f"{rt.device} (FLOP counting {count_flops})")
+                     f"{rt.device} (FLOP counting {count_flops}); a counted step {counted_factor:.2f}x a plain one"
+                     + (f", a memory-measured step {probed_factor:.2f}x" if probed else "")
+                     + f", the first step +{first_step_s:.2f} s")

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils import flop_counter as fc
 
+from planners.rules import flop_count_keys
+
 _REGISTERED = False
 
 
@@ -63,11 +65,7 @@ class StepFlopCache:
         self.blocks: dict[tuple, float] = {}
         self.rest: dict[tuple, float] = {}
 
-    @staticmethod
-    def keys(batch: int, tokens_in, kept, trained, embeddings: bool) -> tuple[list[tuple], tuple]:
-        blocks = [(batch, n, o, bool(t), embeddings or any(trained[:i]))
-                  for i, (n, o, t) in enumerate(zip(tokens_in, kept, trained))]
-        return blocks, (batch, kept[-1], bool(embeddings))
+    keys = staticmethod(flop_count_keys)  # the planner predicts which steps are counted with the same keys
 
     def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
         blocks, rest = keys

@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import functools
 
+from planners.rules import memory_probe_step
 
-def default_memory_probe(step: int) -> bool:
-    """Steps whose CPU peak memory is measured (MemTracker slows a step about 2x): 1, 2, every 50th.
-
-    Step 0 is skipped because AdamW creates its state during that step's update, after the peak
-    of the forward/backward.
-    """
-    return step in (1, 2) or (step > 0 and step % 50 == 0)
+default_memory_probe = memory_probe_step  # one schedule: the planner predicts the probed steps from it
 
 
 @functools.lru_cache(maxsize=1)

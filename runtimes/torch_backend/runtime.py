@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planners import Budget, StepResult, kept_token_counts
+from planners.rules import MemoryProbes
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
@@ -80,8 +81,7 @@ class TorchRuntime:
         self.label_smoothing = label_smoothing
         self.grad_clip = grad_clip
         self.comm = comm
-        self._probe = memory_probe_steps or default_memory_probe
-        self._probed_load = (0, 0)  # most tokens and most trained blocks of a measured step
+        self._probes = MemoryProbes(memory_probe_steps or default_memory_probe)
         self.capabilities = Capabilities(dynamic_tokens=True, per_step_freezing=True, lora=True,
                                          data_parallel=True)
         if lora is not None:
@@ -243,14 +243,7 @@ class TorchRuntime:
 
     # -- memory ------------------------------------------------------------------------------
     def _should_probe(self, step: int, tokens_in: tuple[int, ...], budget: Budget) -> bool:
-        """The scheduled steps, plus any step heavier than every measured one (more tokens or more
-        trained blocks, e.g. a dense final phase), so the sampled peak does not miss it."""
-        load = (sum(tokens_in), len(budget.trained_blocks))
-        heavier = step > 0 and (load[0] > 1.05 * self._probed_load[0] or load[1] > self._probed_load[1])
-        if not (self._probe(step) or heavier):
-            return False
-        self._probed_load = (max(load[0], self._probed_load[0]), max(load[1], self._probed_load[1]))
-        return True
+        return self._probes(step, tokens_in, len(budget.trained_blocks))
 
     def _mem_tracker(self):
         mt = frozen_aware_mem_tracker()
@@ -312,12 +305,12 @@ class TorchRuntime:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "probed_load": list(self._probed_load), "token_rng": self.token_rng.get_state()}
+                "probed_load": list(self._probes.load), "token_rng": self.token_rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._probed_load = tuple(state.get("probed_load", (0, 0)))
+        self._probes.load = tuple(state.get("probed_load", (0, 0)))
         if "token_rng" in state:  # absent from checkpoints written before the token draws
             self.token_rng.set_state(state["token_rng"])
 
