@@ -29,9 +29,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
                          "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
                          "step of the same batch shape x steps") if counted_all else "not counted",
         "peak_memory_bytes": tally.peak_memory_bytes,
-        "peak_memory_method": ("torch.cuda.max_memory_allocated" if getattr(runtime, "device", None) is not None
-                               and runtime.device.type == "cuda" else
-                               "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"),
+        "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
@@ -41,6 +39,15 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
     }
+
+
+def _memory_method(runtime, peak: float | None) -> str | None:
+    """How the peak was measured; None where it was not (the ort backend measures no memory)."""
+    if peak is None:
+        return None
+    if getattr(runtime, "device", None) is not None and runtime.device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "torch MemTracker (params, grads, optimizer state, activations) on sampled steps"
 
 
 def target_miss(summary: dict[str, Any], target: float | None, tolerance: float = 0.03) -> float | None:

@@ -177,6 +177,13 @@ def test_export_never_overwrites_silently(runs, tmp_path):
     assert mine.read_bytes().startswith(b"\x08")  # an ONNX protobuf (ir_version field) now
 
 
+def test_an_ort_run_names_no_memory_method_for_the_memory_it_did_not_measure(runs):
+    if "ort" not in runs:
+        pytest.skip("onnxruntime-training is not installed")
+    summary = json.loads((runs["ort"] / "summary.json").read_text())
+    assert summary["peak_memory_bytes"] is None and summary["peak_memory_method"] is None  # was: MemTracker
+
+
 def test_export_never_writes_over_another_runs_files(runs, tmp_path):
     """Only the exported run's own files were refused: ``--out OTHER_RUN/final_model.safetensors
     --force`` replaced the other run's weights with an ONNX file."""
