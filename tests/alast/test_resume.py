@@ -193,9 +193,9 @@ def test_a_run_dir_in_use_is_refused_to_a_second_process(tmp_path):
     assert res.exit_code == 0, res.output
     assert not rundir._HELD  # the run released its lock when it ended
     (run / "summary.json").unlink()  # as if still training
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alast.training.rundir import "
-                               "lock_run_dir; lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
-                               str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time; from alast.training.rundir import lock_run_dir; lock_run_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         for extra in (["--resume"], [*FAST, "--steps", "2", "--force"]):

@@ -15,8 +15,8 @@ from tests.planners.fixtures import synthetic_cost_model
 
 
 def _time_model(**kw) -> TimeModel:
-    base = dict(device="cpu", batch_size=4, count_flops="every", first_step_s=10.0, counted_factor=2.0,
-                probed_factor=3.0)
+    base = {"device": "cpu", "batch_size": 4, "count_flops": "every", "first_step_s": 10.0, "counted_factor": 2.0,
+            "probed_factor": 3.0}
     return TimeModel("calibrated", {"step": 1.0}, **{**base, **kw})  # a plain step: 1 s
 
 
