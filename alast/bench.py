@@ -104,10 +104,8 @@ def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, targ
     data = base.model_dump(mode="json")
     data["policy"]["name"] = policy
     data["policy"]["target_flops"] = target
-    if policy in ("lora", "alast+lora") and data["policy"].get("lora") is None:
-        data["policy"]["lora"] = {}
-    if policy not in ("lora", "alast+lora"):
-        data["policy"]["lora"] = None
+    if not (policy == "lora" or policy.endswith("+lora")):
+        data["policy"]["lora"] = None  # every LoRA policy keeps the base's LoRA settings (its defaults if none)
     if steps is not None:
         data["train"]["steps"], data["train"]["epochs"] = int(steps), None
     data["train"]["seed"] = seed
@@ -163,13 +161,15 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     run is read back (``on_reused`` is told) and an interrupted one continues from its checkpoint."""
     if plan.resume:
         check_resume(plan)
-    unreachable = _solve_up_front(plan, solve_target) if solve_target is not None else {}
+    shapes = check_policies(plan)
+    unreachable = _solve_up_front(plan, solve_target, shapes) if solve_target is not None else {}
     plan.out.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
         (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
     (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
-    total = len(plan.runs) + (sum(r.policy == "alast" for r in plan.runs) if plan.matched else 0)
+    todo = [r for r in plan.runs if _skip_reason(plan, r, unreachable) is None]  # the progress counts these
+    total = len(todo) + (sum(r.policy == "alast" for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
         why = _skip_reason(plan, spec, unreachable)
@@ -177,7 +177,8 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
             summary = {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
                        "skipped": why}
         else:
-            summary = _execute(plan, spec, len(results), total, on_run, solve_target, on_reused)
+            done = sum("skipped" not in r for r in results)
+            summary = _execute(plan, spec, done, total, on_run, solve_target, on_reused)
         results.append(summary)
         with (plan.out / "raw.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
@@ -196,14 +197,46 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     return table
 
 
-def _solve_up_front(plan: BenchPlan, solve_target: Solver) -> dict[tuple[str, float], str]:
+def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
+    """Build each run's config, then its runtime and planner as the run will, on the model with
+    random weights and two classes (the checks need its layers, not its weights or the data), so
+    that what would refuse a later run (LoRA on the ort backend, a bad ``policy.lora.targets``, a
+    policy option) stops the bench before the first run trains, not after the runs before it.
+    A runtime is built once per LoRA setting and embedding freezing (all it reads of a policy); a
+    planner under a FLOPs target is built once the target is solved (:func:`_solve_up_front`).
+    Returns each policy's (blocks, whether the head reads only the prefix tokens)."""
+    from alast.models import create_model
+    from alast.training.build import build_planner, create_runtime
+    from runtimes.token_schedule import head_reads_prefix
+
+    built: dict[str, tuple[int, bool]] = {}
+    shapes: dict[str, tuple[int, bool]] = {}
+    for spec in {(s.policy, s.target if s.solve else None): s for s in plan.runs}.values():
+        cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(),
+                            spec.target if spec.solve else None, spec.steps)
+        key = json.dumps([cfg.policy.lora and cfg.policy.lora.model_dump(), cfg.policy.embeddings_frozen])
+        if key not in built:
+            m = cfg.model
+            model = create_model(m.name, 2, pretrained=False, img_size=m.img_size, drop_path_rate=m.drop_path_rate)
+            built[key] = (create_runtime(cfg, model).num_blocks, head_reads_prefix(model))
+            del model
+            _release_memory()
+        shapes[spec.policy] = built[key]
+        if not spec.solve:
+            build_planner(cfg, built[key][0], head_reads_prefix=built[key][1])
+    return shapes
+
+
+def _solve_up_front(plan: BenchPlan, solve_target: Solver,
+                    shapes: dict[str, tuple[int, bool]]) -> dict[tuple[str, float], str]:
     """Solve each policy's FLOPs target before the first run trains, so a target out of a policy's
     reach fails the bench at once, not after the runs before it (each run solves again once its
-    data is loaded, from the cached cost model). Over several targets such a (policy, target) is
-    returned with the solver's one-line reason instead, to be skipped. As in a run, a batch the data
-    cannot fill is refused first, before the solver profiles the model."""
+    data is loaded, from the cached cost model); the policy's planner is built with the solution,
+    as its run will (``shapes``: from :func:`check_policies`). Over several targets such a
+    (policy, target) is returned with the solver's one-line reason instead, to be skipped. As in a
+    run, a batch the data cannot fill is refused first, before the solver profiles the model."""
     from alast.data import check_batch_size
-    from alast.training.build import load_data
+    from alast.training.build import build_planner, load_data
     from planners.target import TargetError
 
     solved: set[tuple[str, float | None]] = set()
@@ -217,12 +250,22 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver) -> dict[tuple[str, fl
             check_batch_size(len(load_data(cfg)[0].train), cfg.train.batch_size, 1)
         solved.add((spec.policy, spec.target))
         try:
-            solve_target(cfg)
+            overrides, _ = solve_target(cfg)
         except TargetError as exc:
             if plan.targets is None:
-                raise
-            unreachable[(spec.policy, spec.target)] = str(exc).strip().splitlines()[0]
+                raise TargetError(bench_reason(exc, curves=False)) from None
+            unreachable[(spec.policy, spec.target)] = bench_reason(exc, curves=True)
+            continue
+        blocks, prefix = shapes[spec.policy]
+        build_planner(cfg, blocks, overrides, head_reads_prefix=prefix)
     return unreachable
+
+
+def bench_reason(exc: Exception, curves: bool) -> str:
+    """The solver's one-line reason in bench's options: bench takes no ``--policy`` (full fine-tuning
+    is its reference row, there already), and over curves the targets are ``--targets``."""
+    line = str(exc).strip().splitlines()[0].replace(", or use --policy full", "")
+    return line.replace("--target-flops", "--targets") if curves else line
 
 
 def _skip_reason(plan: BenchPlan, spec: RunSpec, unreachable: dict[tuple[str, float], str]) -> str | None:
@@ -270,9 +313,9 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnR
             summary = train(cfg, run_dir, resume=resume, hooks=hooks, solve=solve)
         except TargetError as exc:  # raised by ``solve``, before the run directory is made
             if plan.targets is None:
-                raise
+                raise TargetError(bench_reason(exc, curves=False)) from None
             return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
-                    "skipped": str(exc).strip().splitlines()[0]}
+                    "skipped": bench_reason(exc, curves=True)}
     summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target)
     return summary
 

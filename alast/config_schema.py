@@ -30,10 +30,24 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["qkv"], description="module names inside each block")
+    """``policy.lora``: the adapters of the LoRA policies (``lora``, ``alast+lora``, any ``+lora``)."""
+
+    rank: int = Field(8, ge=1, description="rank r of each adapter: it trains r x (inputs + outputs) numbers "
+                      "per adapted layer")
+    alpha: float = Field(16.0, gt=0, description="scale: an adapter's update is multiplied by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input in training")
+    targets: list[str] = Field(
+        default_factory=lambda: ["qkv"], description="the Linear layers inside each block to adapt, by name: "
+        "qkv, proj, fc1, fc2 in a timm ViT (a dotted name such as attn.proj too); matched inside the blocks only. "
+        "The classifier heads train in full, the rest of the model stays frozen")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("is empty, so LoRA would adapt nothing; name Linear layers inside the blocks, "
+                             "e.g. [qkv] or [qkv, proj, fc1, fc2]")
+        return v
 
 
 class DataConfig(_Section):
@@ -288,6 +302,16 @@ class AlastConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("backend")
+    @classmethod
+    def _lora_backend(cls, v: BackendConfig, info: ValidationInfo) -> BackendConfig:
+        # Here, not only where the ort runtime is built, so that `alast plan` and each policy of
+        # `alast bench` are refused too, before anything is profiled or trained.
+        p = info.data.get("policy")
+        if v.name == "ort" and p is not None and (p.name == "lora" or p.name.endswith("+lora")):
+            raise ValueError(f"the ort backend does not support LoRA (policy {p.name!r}); use --backend torch")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "AlastConfig":

@@ -368,6 +368,7 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
         preds["full"] = simulate(plain, "full", {}, len(records), batch)
     cfg.train.batch_size = batch
     out = _result(cfg, plain, source, preds, len(records), None)
+    out["early_phase"] = _early_phase(cfg, plain.num_blocks, _run_plan(cfg, summary, records))
     pred = preds[cfg.policy.name]
     counted = [r.get("train_flops") for r in records]
     counted_total = sum(counted) if all(c is not None for c in counted) else None
@@ -386,6 +387,15 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
         "counted_inference_flops_ratio": summary.get("inference_flops_ratio"),
     }
     return out
+
+
+def _run_plan(cfg: AlastConfig, summary: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What a run's FLOPs target chose (summary.json's ``plan``), whose ``k_trained`` sets the early
+    phase, not the default; for a targeted run without a summary yet, ``k_trained`` read from its
+    first logged step, an early step, which trains one block more (or every block)."""
+    if summary.get("plan") or cfg.policy.target_flops is None:
+        return summary.get("plan")
+    return {"knobs": {"k_trained": len(records[0]["trained_blocks"]) - 1}}
 
 
 def _logged_budget(rec: dict[str, Any], cm: CostModel, cfg: AlastConfig) -> Any:

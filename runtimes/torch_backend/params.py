@@ -2,6 +2,7 @@
 inside a peft wrapper, the stem feeding block 0, and AdamW's weight-decay groups."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -11,16 +12,50 @@ from .flops import grad_flags_restored
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters on ``targets``; the head stays fully trainable."""
+    """Wrap ``model`` with peft LoRA adapters on the blocks' Linear layers named ``targets``; every
+    classifier head (:func:`classifier_names`) stays fully trainable, as it is new for the task."""
     from peft import LoraConfig, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ValueError(f"LoRA target(s) {missing} not found in the model; e.g. qkv, proj, fc1, fc2")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                     modules_to_save=["head"])
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_pattern(model, targets),
+                     modules_to_save=classifier_names(model))
     return get_peft_model(model, cfg)
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """The names of the model's classifier heads: what ``get_classifier()`` returns (a tuple for a
+    distilled DeiT: ``head`` and ``head_dist``, whose logits it averages) and any other top-level
+    ``head*`` module with parameters. Each is re-made for the task's classes, so each must train."""
+    found = getattr(model, "get_classifier", lambda: ())()
+    ids = {id(m) for m in (found if isinstance(found, tuple) else (found,))}
+    return [n for n, m in model.named_children()
+            if (id(m) in ids or n.startswith("head")) and next(m.parameters(), None) is not None]
+
+
+def lora_target_pattern(model: nn.Module, targets: list[str]) -> str:
+    """peft's ``target_modules`` for ``policy.lora.targets``: a regex that peft full-matches against
+    module names, so that a target names a layer inside ``blocks.N.`` only (bare names would also
+    match by suffix outside them: ``proj`` is the patch embedding's convolution too, and a SigLIP
+    pooling head has ``proj``, ``fc1`` and ``fc2``). A ValueError in one line, naming the setting,
+    for an empty list or a target that is not a Linear layer in the blocks."""
+    linear = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.blocks[0].named_modules()
+                                if isinstance(m, nn.Linear)))
+    choose = f"name Linear layers inside the blocks, e.g. [{', '.join(linear)}]"
+    if not targets:
+        raise ValueError(f"policy.lora.targets is empty: LoRA would adapt nothing; {choose}")
+    for t in targets:
+        found = [m for blk in model.blocks for n, m in blk.named_modules() if n == t or n.endswith("." + t)]
+        other = sorted({type(m).__name__ for m in found if not isinstance(m, nn.Linear)})
+        if other:
+            raise ValueError(f"policy.lora.targets: {t!r} is a module of type {'/'.join(other)}, not a Linear "
+                             f"layer; {choose}")
+        if found:
+            continue
+        if t.split(".")[0].startswith("head") or t in classifier_names(model):
+            raise ValueError(f"policy.lora.targets: {t!r} is the classifier, which trains in full under LoRA; {choose}")
+        outside = next((n for n, _ in model.named_modules() if n == t or n.endswith("." + t)), None)
+        where = f"{t!r} is not inside a block (the model's {outside})" if outside else f"no layer {t!r} in the blocks"
+        raise ValueError(f"policy.lora.targets: {where}; {choose}")
+    return r"blocks\.\d+\.(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
 
 
 def timm_model(model: nn.Module) -> nn.Module:

@@ -246,3 +246,57 @@ def test_resume_refuses_an_out_that_is_not_a_bench(tmp_path):
         assert res.exit_code == 2 and fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--resume"])
     assert res.exit_code == 2 and "--resume needs --out" in res.stderr
+
+
+@pytest.mark.parametrize("policy", ["lora", "alast+lora", "freeze+lora", "random+lora", "tokens+lora", "full+lora"])
+def test_every_lora_policy_keeps_the_users_lora_settings(tmp_path, policy):
+    """Only `lora` and `alast+lora` kept them; the other `X+lora` runs fell back to the defaults
+    (rank 8, alpha 16, [qkv]) without a word, and the table compared different adapters."""
+    from alast.bench import policy_config
+
+    base = load_config(None, ["policy.lora.rank=2", "policy.lora.alpha=3", "policy.lora.targets=[qkv,fc1]"])
+    cfg = policy_config(base, policy, 0, tmp_path / "r", None)
+    assert cfg.policy.lora == base.policy.lora and cfg.policy.lora.targets == ["qkv", "fc1"]
+    assert policy_config(base, "freeze", 0, tmp_path / "r", None).policy.lora is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "full,alast,lora", "--set", "policy.lora.targets=[nope]"], "policy.lora.targets: no layer 'nope'"),
+    (["--policies", "full,freeze+lora", "--set", "policy.lora.targets=[attn]"], "'attn' is a module of type Attention"),
+    (["--policies", "full,alast,lora", "--backend", "ort"], "the ort backend does not support LoRA (policy 'lora')"),
+    (["--policies", "full,tokens", "--set", "policy.keep_ratio=[0.5,0.5]"], "policy.keep_ratio has 2 entries"),
+    (["--policies", "full,alast", "--set", "policy.spare_first=9"], "spare_first must lie in [0, 5]"),
+])
+def test_a_setting_that_refuses_a_later_run_stops_the_bench_before_any_run(tmp_path, args, message):
+    """full runs first (seed 0's order); the run a setting refuses came after it had trained, and a
+    --resume could neither finish the bench nor take other arguments."""
+    if "ort" in args:
+        pytest.importorskip("onnxruntime.training")
+    trained = []
+    out = tmp_path / "b"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_module, "train", lambda cfg, run_dir, **kw: trained.append(run_dir.name))
+        res = CliRunner().invoke(cli, ["bench", *args, "--steps", "2", "--batch-size", "4", "--set",
+                                       "backend.threads=1", "--out", str(out)])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert trained == [] and not (out / "runs").exists()
+
+
+def test_progress_counts_only_the_runs_that_train_and_skips_advise_benchs_options(tmp_path, monkeypatch):
+    """alast cannot reach 0.95x (its embeddings stay frozen), so it and full@steps at 0.95 are
+    skipped: the headers count the 3 runs that train ([1/3] .. [3/3], not [1/5], [3/5], [5/5]),
+    and the reason does not advise --policy, which bench refuses."""
+    import alast.bench_curves
+    from alast.planning.plan import solve_target
+
+    monkeypatch.setattr(bench_module, "train", lambda cfg, run_dir, **kw: {"policy": cfg.policy.name})
+    monkeypatch.setattr(alast.bench_curves, "write_curve_outputs", lambda *a: {})
+    base = load_config(None, ["train.steps=2", "train.batch_size=4", "backend.threads=1"])
+    plan = BenchPlan(base, ["full", "alast"], [0], tmp_path / "b", targets=(0.5, 0.95))
+    headers = []
+    bench_module.run_bench(plan, on_run=lambda i, n, name, seed: headers.append((i + 1, n, name)) or None,
+                           solve_target=solve_target)
+    assert headers == [(1, 3, "full@steps at 0.5x"), (2, 3, "alast at 0.5x"), (3, 3, "full@steps at 1x")]
+    raw = [json.loads(line) for line in (tmp_path / "b" / "raw.jsonl").read_text().splitlines()]
+    why = next(r["skipped"] for r in raw if r.get("skipped") and r["policy"] == "alast")
+    assert "ask for --targets 0." in why and "--policy" not in why and "--target-flops" not in why, why

@@ -332,3 +332,30 @@ def test_a_target_above_alasts_ceiling_says_so_and_the_suggested_target_works(ru
     suggested = re.search(r"ask for --target-flops (\d\.\d+) or less", res.output).group(1)
     res = runner.invoke(cli, [*base, "--target-flops", suggested])
     assert res.exit_code == 0, res.output
+
+
+def test_trace_reports_the_early_phase_the_run_trained(runner, tmp_path):
+    """The target chose k_trained=5 for alast+lora, so its early steps trained all 6 blocks; the trace
+    said the top 5 (the default k_trained 4, plus one), finished or not."""
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--policy", "alast+lora", "--target-flops", "0.5", "--steps", "3",
+                              "--batch-size", "4", "--set", "backend.threads=1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["plan"]["knobs"]["k_trained"] == 5
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(first["trained_blocks"]) == 6
+    for unfinished in (False, True):
+        if unfinished:
+            (out / "summary.json").unlink()
+        res = runner.invoke(cli, ["plan", "--trace", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "early phase: the first 30% of steps train the top 6 of 6 blocks" in res.output, res.output
+
+
+@pytest.mark.parametrize("policy", ["lora", "freeze+lora"])
+def test_plan_refuses_lora_on_the_ort_backend_as_train_does(runner, policy):
+    """`alast train` refuses it; `alast plan` printed a plan for it (exit 0)."""
+    res = runner.invoke(cli, ["plan", "--backend", "ort", "--policy", policy, "--steps", "3"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines() == [f"error: invalid value for 'backend': the ort backend does not support "
+                                               f"LoRA (policy {policy!r}); use --backend torch"]
