@@ -38,12 +38,37 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"unknown config key '{loc}'; check the spelling (see `alast train --help` or examples/)"
+        close = _close_keys(loc)
+        hint = f"did you mean '{close}'? " if close else ""
+        return f"unknown config key '{loc}'; {hint}check the spelling (see `alast train --help` or examples/)"
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     where = f"'{loc}'" if loc else "config"
     return f"invalid value for {where}: {msg}{shown}"
+
+
+def _config_keys(section: Any = AlastConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema, sections included (``policy.lora.rank``)."""
+    keys = []
+    for name, field in section.model_fields.items():
+        keys.append(prefix + name)
+        for kind in (field.annotation, *typing.get_args(field.annotation)):  # LoraConfig | None too
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys += _config_keys(kind, f"{prefix}{name}.")
+                break
+    return keys
+
+
+def _close_keys(key: str) -> str | None:
+    """The schema's key ``key`` was meant as: one ending in it (``lora`` -> ``policy.lora``), else
+    the closest spelling."""
+    keys = _config_keys()
+    ending = [k for k in keys if k.endswith("." + key)]
+    if ending:
+        return ending[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -226,7 +251,9 @@ def check_policy_name(name: str, where: str = "policy.name") -> None:
 
     known = available_planners()
     if ("full" if name == "lora" else name.removesuffix("+lora")) not in known:
-        close = difflib.get_close_matches(str(name), [*known, "lora", *(f"{k}+lora" for k in known)], n=1)
+        head, plus, tail = str(name).partition("+")
+        swapped = f"{tail}+{head}" if plus and head == "lora" else str(name)  # lora+alast: alast+lora
+        close = difflib.get_close_matches(swapped, [*known, "lora", *(f"{k}+lora" for k in known)], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown policy {name!r} in {where}; {hint}choose from: {', '.join(known)}, lora, or a "
                           "policy with +lora (e.g. alast+lora)")

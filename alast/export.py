@@ -96,7 +96,7 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise ExportError(f"{run_dir} is not a run directory (no {CONFIG})")
     if not (run_dir / SUMMARY).exists() or not (run_dir / FINAL_WEIGHTS).exists():
         raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); "
-                          "finish it with `alast train --resume --out RUN_DIR`")
+                          f"finish it with `alast train --resume --out {run_dir}`")
     cfg = load_run_config(run_dir / CONFIG)
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())

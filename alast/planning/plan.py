@@ -188,6 +188,19 @@ def planned_steps(cfg: AlastConfig) -> int:
     return total_steps(cfg, len(data.train))
 
 
+def check_backend(cfg: AlastConfig, calibrate: bool) -> None:
+    """Refuse a plan of what the run's backend would refuse, and ``--calibrate`` for the ort backend
+    (it times the torch runtime's steps, not ONNX Runtime's, which also builds training graphs)."""
+    if cfg.backend.name != "ort":
+        return
+    from runtimes.ort_backend.runtime import check_config
+
+    check_config(cfg)
+    if calibrate:
+        raise ValueError("--calibrate times the torch runtime's steps, not the ort backend's; plan it with "
+                         "--throughput FLOP/s, or without a time")
+
+
 def _time_models(cfg: AlastConfig, plain: CostModel, pcm: CostModel, calibrate: bool, throughput: float | None,
                  batch: int, budget: Any = None) -> tuple[CostModel, CostModel]:
     """Attach time models: a given throughput, or a calibration (timing ``budget``, the policy's
@@ -198,7 +211,7 @@ def _time_models(cfg: AlastConfig, plain: CostModel, pcm: CostModel, calibrate: 
         tm = TimeModel.from_throughput(throughput)
         return plain.with_time(tm), pcm.with_time(tm)
     if not calibrate:
-        if plain.time is not None and _time_model_differs(cfg, plain, batch):
+        if plain.time is not None and (_time_model_differs(cfg, plain, batch) or _torch_timed_for_ort(cfg, plain)):
             return plain.with_time(None), pcm.with_time(None)
         return plain, pcm
     device, count = training_device(cfg), cfg.backend.count_flops
@@ -252,6 +265,16 @@ def _time_model_differs(cfg: AlastConfig, cm: CostModel, batch: int) -> bool:
     calibrated, planned = (", ".join(f"{k} {d[k]}" for k in changed) for d in (theirs, ours))
     warn(f"no time predicted: the cost model's time model was calibrated at {calibrated}, this run has {planned}, "
          f"and step time does not carry over ({why}); {fix}")
+    return True
+
+
+def _torch_timed_for_ort(cfg: AlastConfig, cm: CostModel) -> bool:
+    """Whether ``cm``'s calibrated time model (the torch runtime's steps) would be applied to an ort
+    run; if so, warns that it is left out."""
+    if cfg.backend.name != "ort" or cm.time is None or cm.time.method != "calibrated":
+        return False
+    warn("no time predicted: the cost model's time model timed the torch runtime's steps, not the ort backend's; "
+         "pass --throughput FLOP/s for a time")
     return True
 
 
@@ -323,6 +346,7 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,
          throughput: float | None = None) -> dict[str, Any]:
     """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
+    check_backend(cfg, calibrate)
     steps, batch = planned_steps(cfg), cfg.train.batch_size
     plain, pcm, source = cost_models(cfg, cost_model_path)
     options, target = policy_options(cfg, pcm.head_reads_prefix), None
@@ -354,6 +378,7 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     if not (run_dir / "config.yaml").is_file():
         raise TraceError(f"{run_dir} has no config.yaml; --trace needs a run directory written by `alast train`")
     cfg = load_run_config(run_dir / "config.yaml")
+    check_backend(cfg, calibrate)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     world = int(summary.get("world_size", 1) or 1)
     batch = int(records[0].get("batch_size", cfg.train.batch_size))

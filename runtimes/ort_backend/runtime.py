@@ -313,10 +313,8 @@ class OrtRuntime:
         return self.cache.stats.summary()
 
 
-@register_runtime("ort")
-def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
-    if comm is not None:
-        raise ValueError("the ort backend trains in one process; use --backend torch for data-parallel runs")
+def check_config(cfg: Any) -> None:
+    """Refuse what the ort backend cannot do, in one line (``alast plan`` refuses it too)."""
     if cfg.policy.lora is not None:
         raise ValueError(f"the ort backend does not support LoRA (policy {cfg.policy.name!r}); use --backend torch")
     if cfg.backend.token_multiple != 1:
@@ -332,6 +330,13 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     if cfg.backend.sync_free == "on":
         raise ValueError("the ort backend reads each step's loss as the step ends; set backend.sync_free=auto or "
                          "use --backend torch")
+
+
+@register_runtime("ort")
+def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
+    if comm is not None:
+        raise ValueError("the ort backend trains in one process; use --backend torch for data-parallel runs")
+    check_config(cfg)
     return OrtRuntime(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,

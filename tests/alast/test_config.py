@@ -121,3 +121,19 @@ def test_early_frac_needs_the_top_blocks_trained_and_room_before_the_dense_phase
         load_config(None, ["policy.early_frac=1.5"])
     # another policy ignores it, as it ignores every alast knob
     assert load_config(None, ["policy.name=full", "policy.early_frac=0.3", "policy.freeze_mode=sample"])
+
+
+@pytest.mark.parametrize(("key", "meant"), [("lora.rank=4", "policy.lora"), ("train.lrr=0.1", "train.lr"),
+                                            ("trian.lr=0.1", "train")])
+def test_an_unknown_key_names_the_key_it_was_meant_as(key, meant):
+    """The LoRA settings live under policy.lora; `--set lora.rank=4` named no way there."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [key])
+    assert f"did you mean '{meant}'?" in str(info.value)
+
+
+def test_a_swapped_lora_policy_name_is_suggested_the_right_way_round():
+    from alast.config import check_policy_name
+
+    with pytest.raises(ConfigError, match="did you mean 'alast\\+lora'"):
+        check_policy_name("lora+alast")

@@ -129,8 +129,11 @@ def test_bad_export_input_exits_2(runs, tmp_path):
     (bad / "final_model.safetensors").write_bytes(b"\x00garbage" * 10)
     notrun = tmp_path / "empty"
     notrun.mkdir()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["torch"], unfinished)
+    (unfinished / "summary.json").unlink()
     cases = [(tmp_path / "nope", "run directory not found"), (notrun, "not a run directory"),
-             (bad, "corrupt")]
+             (bad, "corrupt"), (unfinished, f"finish it with `alast train --resume --out {unfinished}`")]
     for run, fragment in cases:
         res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
         assert res.exit_code == 2, (run, res.output)

@@ -68,3 +68,15 @@ def test_a_replayed_run_says_over_which_steps_its_peak_memory_is(tmp_path):
     assert "the steps the run measured" in line and "the table's: over all steps" in line
     measured = summary["peak_memory_bytes"] / 2**20
     assert f"measured {measured:.1f} MiB" in line
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--set", "policy.fuse_tokens=true"], "the ort backend does not fuse dropped tokens"),
+    (["--set", "backend.token_multiple=8"], "the ort backend keeps exact token counts"),
+    (["--calibrate"], "--calibrate times the torch runtime's steps, not the ort backend's"),
+])
+def test_plan_refuses_for_the_ort_backend_what_its_run_would(extra, fragment):
+    """`alast plan --backend ort` predicted runs that `alast train` refuses, and timed the torch runtime."""
+    pytest.importorskip("onnxruntime.training")
+    res = CliRunner().invoke(cli, ["plan", *TINY, "--backend", "ort", *extra])
+    one_error_line(res, 2, fragment)

@@ -305,9 +305,10 @@ def test_masked_freezing_matches_exact_and_counts_what_ran():
 
 @needs_ort
 def test_factory_refuses_what_ort_cannot_do(monkeypatch):
-    cfg = build_config({"backend": {"name": "ort"}, "policy": {"name": "alast+lora"}})
-    with pytest.raises(ValueError, match="LoRA"):
-        create_runtime(cfg, make_tiny_vit())
+    with pytest.raises(ValueError, match="LoRA"):  # the config refuses it, so that `alast plan` does too
+        build_config({"backend": {"name": "ort"}, "policy": {"name": "alast+lora"}})
+    with pytest.raises(ValueError, match="does not fuse dropped tokens"):
+        create_runtime(build_config({"backend": {"name": "ort"}, "policy": {"fuse_tokens": True}}), make_tiny_vit())
     with pytest.raises(ValueError, match="one process"):
         create_runtime(make_cfg("ort"), make_tiny_vit(), comm=object())
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
