@@ -1,8 +1,10 @@
-"""Map exceptions to one-line messages and exit codes: 2 bad input, 1 failure during a run, 130 Ctrl-C."""
+"""Map exceptions to one-line messages and exit codes: 2 bad input, 1 failure during a run, 130 Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
 
 import click
@@ -27,6 +29,59 @@ def one_line_usage_error(exc: click.UsageError) -> UsageProblem:
     msg = exc.format_message().rstrip(".")
     return UsageProblem(f"{msg}; see `{ctx.command_path} --help`" if ctx is not None else msg)
 
+
+
+def resume_with(world_size: int) -> str:
+    """The options that continue a run (as ``Interrupted.resume_with``): a data-parallel run resumes
+    only at its process count."""
+    return "--resume" if world_size == 1 else f"--resume --nproc {world_size}"
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM where the loop could not stop at a step boundary: before training, during
+    the final evaluation, or mid-step at a second signal. ``checkpoint``: the run's newest, which
+    ``--resume`` continues from (None: it has none); ``when``: where it stopped, as words."""
+
+    def __init__(self, checkpoint: Path | None, world_size: int = 1, when: str = "") -> None:
+        super().__init__(f"interrupted {when}".strip())
+        self.checkpoint, self.world_size, self.when = checkpoint, world_size, when
+
+
+class RankKilled(Exception):
+    """A data-parallel rank was ended by a signal that the launcher did not send (``kill -9``, the
+    out-of-memory killer); the other ranks' lost connections are its consequence, not news."""
+
+    def __init__(self, rank: int, signum: int, world_size: int, checkpoint: Path | None = None) -> None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(f"rank {rank} was killed by {name}")
+        self.rank, self.signum, self.world_size, self.checkpoint = rank, signum, world_size, checkpoint
+
+
+# gloo's words for a peer that has gone (its process ended): the other side of a collective fails with them
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank ended: that rank's own end
+    (its failure, its stop, the signal that killed it) is what to report."""
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in _PEER_LOST)
+
+
+def _stopped_line(exc: Stopped) -> str:
+    said = f"interrupted {exc.when}".strip()
+    if exc.checkpoint is None:
+        return said if exc.when.startswith("before") else f"{said}; no checkpoint was saved"
+    return f"{said}; the last checkpoint is {exc.checkpoint}; continue with {resume_with(exc.world_size)}"
+
+
+def _killed_line(exc: RankKilled) -> str:
+    why = " (often the out-of-memory killer: see `dmesg`)" if exc.signum == signal.SIGKILL else ""
+    then = (f"; the last checkpoint is {exc.checkpoint}; continue with {resume_with(exc.world_size)}"
+            if exc.checkpoint is not None else "; no checkpoint was saved")
+    return f"error: {exc}{why}{then}"
 
 
 def _bad_input_types() -> tuple[type, ...]:
@@ -59,6 +114,10 @@ def describe(exc: BaseException, debug: bool = False) -> tuple[int, str]:
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(exc, Stopped):
+        return EXIT_INTERRUPTED, _stopped_line(exc)
+    if isinstance(exc, RankKilled):
+        return EXIT_FAILURE, _killed_line(exc)
     if isinstance(exc, Interrupted):
         return EXIT_INTERRUPTED, (f"interrupted at step {exc.step}; checkpoint saved to {exc.path}; "
                                   f"continue with {exc.resume_with}")
@@ -81,7 +140,7 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, then exit
-        if debug and not isinstance(exc, KeyboardInterrupt):
+        if debug and not isinstance(exc, (KeyboardInterrupt, Stopped)):
             traceback.print_exc()
         code, line = describe(exc, debug)
         click.echo(line, err=True)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -15,7 +17,7 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, describe, run_guarded
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RankKilled, Stopped, describe, peer_lost, run_guarded
 from .options import config_options, resolve_config
 
 RANK_ERRORS = "ALAST_RANK_ERRORS"  # set by --nproc: the folder where each failed rank leaves its message
@@ -49,14 +51,43 @@ def check_cost_model(cfg, cost_model: Path | None) -> None:
     load_cost_model_for(cfg, cost_model)
 
 
+@dataclasses.dataclass
+class _Reached:
+    """How far this session of the run got (from the loop's hooks), for the line a stop prints."""
+
+    total: int | None = None  # the run's steps, once training starts
+    done: int = 0
+
+    def watch(self, hooks):
+        started, stepped = hooks.on_start, hooks.on_step
+
+        def on_start(start: int, total: int, info: dict[str, Any]) -> None:
+            self.total, self.done = total, start
+            started(start, total, info)
+
+        def on_step(step: int, result, record: dict[str, Any]) -> None:
+            self.done = step + 1
+            stepped(step, result, record)
+
+        return dataclasses.replace(hooks, on_start=on_start, on_step=on_step)
+
+    @property
+    def when(self) -> str:
+        if self.total is None:
+            return "before training started"
+        return "during the final evaluation" if self.done >= self.total else ""
+
+
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
               as_json: bool, skip_bad_images: bool, named: dict[str, Any],
               cost_model: Path | None = None) -> dict[str, Any]:
-    from alast.training.process import Comm
+    from alast.training.process import Comm, stop_signalled
     from runtimes.distributed import init_from_env
 
+    from .launch import newest_checkpoint
     from .render import console, summary_table
 
+    since = time.time()  # a checkpoint written after this is this run's (newest_checkpoint)
     cfg = _resolve(config, overrides, out, resume, force, named)
     check_cost_model(cfg, cost_model)
     if skip_bad_images:
@@ -66,12 +97,16 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     # Under torchrun (WORLD_SIZE > 1) join the process group; rank 0 alone prints and writes.
     dist_comm = init_from_env(cfg.backend.device)
     comm = Comm(dist_comm.rank, dist_comm.world_size, dist_comm) if dist_comm else Comm()
-    finished = False
+    finished, reached = False, _Reached()
+    run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
     try:
-        run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
         run_dir = Path(comm.broadcast_object(str(run_dir)))
-        summary = _train(cfg, run_dir, resume, comm, cost_model)
+        summary = _train(cfg, run_dir, resume, comm, cost_model, reached)
         finished = True
+    except (KeyboardInterrupt, RuntimeError) as exc:  # a stop outside the loop's step boundaries
+        if isinstance(exc, RuntimeError) and not (stop_signalled() and peer_lost(exc)):
+            raise  # (with a signal, a peer that stopped first is why a collective failed)
+        raise Stopped(newest_checkpoint(run_dir, resume, since), comm.world_size, reached.when) from None
     finally:
         if dist_comm is not None:
             dist_comm.close(barrier=finished)  # no barrier after an error: a peer may never reach it
@@ -98,7 +133,8 @@ def _warn_target_miss(summary: dict[str, Any], target: float | None, run_dir: Pa
                f"its steps as they ran; {fix}", err=True)
 
 
-def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None) -> dict[str, Any]:
+def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None,
+           reached: _Reached | None = None) -> dict[str, Any]:
     from alast.training import loop
     from alast.training.rundir import finished_summary
 
@@ -120,46 +156,94 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
                 console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {knobs_text(info['knobs'])}[/dim]")
             return overrides, info
     kwargs = dict(resume=resume, comm=comm, solve=solve)
+    reached = reached or _Reached()
     if not comm.is_main:
-        return loop.train(cfg, run_dir, **kwargs)
+        return loop.train(cfg, run_dir, hooks=reached.watch(loop.Hooks()), **kwargs)
     with make_progress() as progress:
-        return loop.train(cfg, run_dir, hooks=training_hooks(progress), **kwargs)
+        return loop.train(cfg, run_dir, hooks=reached.watch(training_hooks(progress)), **kwargs)
 
 
 def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple[str, ...], out: Path | None,
            resume: bool, force: bool, named: dict[str, Any], cost_model: Path | None = None) -> None:
-    """Check the input once here (one clean error instead of one per rank), then rerun on N ranks."""
+    """Check the input once here (one clean error instead of one per rank), then rerun on N ranks
+    and say once how they ended."""
     from alast.data import check_batch_size
     from alast.training.rundir import check_run_dir
 
-    from .launch import launch_torchrun
+    from .launch import LAUNCHER_PID, RanksFailed, check_nproc, launch_torchrun, newest_checkpoint
 
+    since = time.time()
     cfg = _resolve(config, overrides, out, resume, force, named)
+    check_nproc(nproc, cfg.backend.device)
     check_cost_model(cfg, cost_model)
     check_batch_size(None, cfg.train.batch_size, nproc)  # before torchrun starts (the data: on each rank)
     if out is None:  # every rank must write to the same directory
         ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
     check_run_dir(Path(out), resume, force or cfg.output.force)
     with tempfile.TemporaryDirectory(prefix="alast-ranks-") as folder:
-        os.environ[RANK_ERRORS] = folder  # the workers inherit it
+        os.environ.update({RANK_ERRORS: folder, LAUNCHER_PID: str(os.getpid())})  # the workers inherit them
+        resume_from = lambda: newest_checkpoint(Path(out), resume, since)  # noqa: E731
         try:
-            code = launch_torchrun(nproc, ctx)
+            code = launch_torchrun(nproc, ctx)  # not 0: stopped by a signal to this process
+            if code:
+                _echo_other_ranks(Path(folder), describe(Stopped(resume_from(), nproc))[1])
+        except RanksFailed as exc:
+            code = _ranks_ended(Path(folder), exc.codes, nproc, resume_from)
         finally:
-            os.environ.pop(RANK_ERRORS, None)
-        if code:
-            _echo_other_ranks(Path(folder))
+            for name in (RANK_ERRORS, LAUNCHER_PID):
+                os.environ.pop(name, None)
     if code:
         sys.exit(code)
 
 
-def _echo_other_ranks(folder: Path) -> None:
-    """Print the failures of ranks > 0 that rank 0 did not report (rank 0 printed its own)."""
-    left = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
-    said = {left[0]["message"]} if 0 in left else set()
-    for rank in sorted(r for r in left if r > 0):
-        if left[rank]["message"] not in said:
-            said.add(left[rank]["message"])
+def _ranks_ended(folder: Path, codes: dict[int, int], nproc: int, resume_from: Callable[[], Path | None]) -> int:
+    """Say why the ranks ended (``codes``: see :class:`~.launch.RanksFailed`) and return the exit
+    code. A rank's own failure is the cause where there is one (a rank that left none in ``folder``
+    said its own); else a rank killed by a signal (:class:`RankKilled`: the others only lost their
+    peer, or got torchrun's SIGTERM); else a stop (130); else what the ranks said."""
+    left = _left(folder)
+    own = [rank for rank in sorted(codes) if codes[rank] > 0 and not left.get(rank, {}).get("consequence")]
+    if own:
+        _echo_other_ranks(folder)
+        return codes[own[0]]
+    killed = sorted((rank for rank in codes if codes[rank] < 0), key=lambda r: (codes[r] == -signal.SIGTERM, r))
+    if killed:
+        raise RankKilled(killed[0], -codes[killed[0]], nproc, resume_from())
+    if EXIT_INTERRUPTED in codes.values():
+        _echo_other_ranks(folder, describe(Stopped(resume_from(), nproc))[1])
+        return EXIT_INTERRUPTED
+    _echo_other_ranks(folder)
+    return codes[min(codes)]
+
+
+def _echo_other_ranks(folder: Path, stopped: str | None = None) -> None:
+    """Print what the ranks left in ``folder`` that no one has printed. After a stop (``stopped``:
+    the launcher's own line for it), rank 0's line on where it stopped, or else ``stopped``; the
+    other ranks' add nothing. Otherwise each rank's own failure (not a lost peer, not the SIGTERM
+    torchrun sends once a rank ends) that rank 0 did not print, once (port numbers aside), with
+    what that rank printed before it; where no rank failed on its own, what they said."""
+    left = _left(folder)
+    if stopped is not None:
+        zero = left.get(0, {})
+        if not zero.get("printed"):
+            sys.stderr.write(zero["message"] if zero.get("code") == EXIT_INTERRUPTED else stopped + "\n")
+        return
+    said = {_sans_ports(left[0]["message"])} if left.get(0, {}).get("printed") else set()
+    own = [rank for rank in sorted(left) if not left[rank].get("consequence")]
+    for rank in own or sorted(left):
+        if _sans_ports(left[rank]["message"]) not in said:
+            said.add(_sans_ports(left[rank]["message"]))
             sys.stderr.write(left[rank]["output"] + left[rank]["message"])
+
+
+def _left(folder: Path) -> dict[int, dict[str, Any]]:
+    """Rank -> what it left in ``folder`` (:func:`_run_worker`)."""
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
+
+
+def _sans_ports(message: str) -> str:
+    """``message`` without the port numbers in it: gloo's errors name each rank's own port."""
+    return re.sub(r"(\]|\b\d{1,3}(?:\.\d{1,3}){3}|localhost):\d+", r"\1:<port>", message)
 
 
 @click.command("train")
@@ -180,55 +264,95 @@ def train_command(ctx: click.Context, config, overrides, out, resume, force, ski
     """Fine-tune a ViT with a policy (alast, full, freeze, tokens, random, +lora)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
     if nproc > 1:
-        run_guarded(lambda: launch(ctx, nproc, config, overrides, out, resume, force, named, cost_model), debug)
+        run_guarded(_stops_at_once(lambda: launch(ctx, nproc, config, overrides, out, resume, force, named,
+                                                  cost_model)), debug)
         return
     work = lambda: run_train(config, overrides, out, resume, force, as_json, skip_bad_images, named,  # noqa: E731
                              cost_model)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         _run_worker(work, int(os.environ.get("RANK", "0") or 0), debug)
     else:
-        run_guarded(work, debug)
+        run_guarded(_stops_at_once(work), debug)
+
+
+def _stops_at_once(work: Callable[[], Any], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+                   ) -> Callable[[], Any]:
+    """``work`` with ``signals`` stopping it wherever it is (:class:`~alast.training.process.StopAtOnce`;
+    the training loop saves and stops at a step boundary)."""
+    def run() -> Any:
+        from alast.training.process import StopAtOnce
+
+        with StopAtOnce(signals):
+            return work()
+    return run
+
+
+@contextlib.contextmanager
+def _reporting():
+    """SIGINT and SIGTERM wait while a worker reports how it ended: torchrun sends SIGTERM to every
+    rank as soon as one ends, and a rank failing on the same bad input must still get to say why."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _run_worker(work: Callable[[], Any], rank: int, debug: bool) -> None:
     """Run one torchrun worker.
 
-    SIGTERM is ignored outside the training loop (which turns it into save-and-stop): torchrun
-    sends it to every other rank as soon as one rank exits, and a rank failing on the same bad
-    input must still get to say why. Most failures end every rank alike (bad input, a non-finite
-    loss, an interrupt), so rank 0 alone prints: a rank > 0 holds back its output and, under
-    ``--nproc``, leaves its failure in :data:`RANK_ERRORS`, for the launcher to print where rank 0
-    said something else (a failure of that rank alone). Under a plain torchrun a rank > 0 prints
-    its failure unless it is bad input or an interrupt. With ``debug`` every rank prints its traceback.
+    Most failures end every rank alike (bad input, a non-finite loss, an interrupt), so rank 0
+    alone prints: a rank > 0 holds back its output and, under ``--nproc``, leaves its failure in
+    :data:`RANK_ERRORS`, for the launcher to print where rank 0 said something else (a failure of
+    that rank alone). Under ``--nproc`` rank 0 also leaves, unprinted, an interrupt and a collective
+    that failed for a lost peer: torchrun stops every rank with SIGTERM once one ends, and a peer
+    may have been killed; the launcher, which knows how each rank ended, says it once. Under a
+    plain torchrun a rank > 0 prints its failure unless it is bad input or an interrupt, and, as
+    nothing there tells torchrun's SIGTERM after another rank's failure from a request to stop,
+    SIGTERM only stops the training loop (at a step boundary): elsewhere a rank failing on the same
+    bad input must still get to say why. With ``debug`` every rank prints its traceback. A worker
+    of ``--nproc`` dies with the launcher.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .launch import die_with_launcher
+
+    die_with_launcher()
+    if os.environ.get(RANK_ERRORS):
+        work = _stops_at_once(work)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        work = _stops_at_once(work, (signal.SIGINT,))
     if debug:
         run_guarded(work, debug)
         return
     held = io.StringIO()
     with contextlib.redirect_stderr(held) if rank else contextlib.nullcontext():
         failure = _failure(work)
-    if failure is None:
-        sys.stderr.write(held.getvalue())
-        return
-    code, line = describe(failure)
-    message = line + "\n"
-    if rank == 0:
-        sys.stderr.write(message)
-    left = _leave_for_launcher(rank, held.getvalue(), message)
-    if rank > 0 and not left and code not in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
-        sys.stderr.write(held.getvalue() + message)
-    sys.exit(code)
+    with _reporting():
+        if failure is None:
+            sys.stderr.write(held.getvalue())
+            return
+        code, line = describe(failure)
+        message = line + "\n"
+        consequence = code == EXIT_INTERRUPTED or peer_lost(failure)
+        printed = rank == 0 and not (consequence and os.environ.get(RANK_ERRORS))
+        if printed:
+            sys.stderr.write(message)
+        left = _leave_for_launcher(rank, {"output": held.getvalue(), "message": message, "code": code,
+                                          "printed": printed, "consequence": consequence})
+        if rank > 0 and not left and code not in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+            sys.stderr.write(held.getvalue() + message)
+        sys.exit(code)
 
 
-def _leave_for_launcher(rank: int, output: str, message: str) -> bool:
+def _leave_for_launcher(rank: int, failure: dict[str, Any]) -> bool:
     """Write this rank's failure to the launcher's :data:`RANK_ERRORS` folder; False without one."""
     folder = os.environ.get(RANK_ERRORS)
     if not folder:
         return False
     path = Path(folder) / f"rank{rank}.json"
     try:
-        path.with_suffix(".tmp").write_text(json.dumps({"output": output, "message": message}))
+        path.with_suffix(".tmp").write_text(json.dumps(failure))
         path.with_suffix(".tmp").replace(path)  # whole or absent when the launcher reads it
     except OSError:
         return False
