@@ -31,12 +31,6 @@ def one_line_usage_error(exc: click.UsageError) -> UsageProblem:
 
 
 
-def resume_with(world_size: int) -> str:
-    """The options that continue a run (as ``Interrupted.resume_with``): a data-parallel run resumes
-    only at its process count."""
-    return "--resume" if world_size == 1 else f"--resume --nproc {world_size}"
-
-
 class Stopped(Exception):
     """Ctrl-C or SIGTERM where the loop could not stop at a step boundary: before training, during
     the final evaluation, or mid-step at a second signal. ``checkpoint``: the run's newest, which
@@ -71,15 +65,19 @@ def peer_lost(exc: BaseException) -> bool:
 
 
 def _stopped_line(exc: Stopped) -> str:
+    from alast.training.rundir import resume_options
+
     said = f"interrupted {exc.when}".strip()
     if exc.checkpoint is None:
         return said if exc.when.startswith("before") else f"{said}; no checkpoint was saved"
-    return f"{said}; the last checkpoint is {exc.checkpoint}; continue with {resume_with(exc.world_size)}"
+    return f"{said}; the last checkpoint is {exc.checkpoint}; continue with {resume_options(exc.world_size)}"
 
 
 def _killed_line(exc: RankKilled) -> str:
+    from alast.training.rundir import resume_options
+
     why = " (often the out-of-memory killer: see `dmesg`)" if exc.signum == signal.SIGKILL else ""
-    then = (f"; the last checkpoint is {exc.checkpoint}; continue with {resume_with(exc.world_size)}"
+    then = (f"; the last checkpoint is {exc.checkpoint}; continue with {resume_options(exc.world_size)}"
             if exc.checkpoint is not None else "; no checkpoint was saved")
     return f"error: {exc}{why}{then}"
 

@@ -81,7 +81,8 @@ class _Reached:
 def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
               as_json: bool, skip_bad_images: bool, named: dict[str, Any],
               cost_model: Path | None = None) -> dict[str, Any]:
-    from alast.training.process import Comm, stop_signalled
+    from alast.training.process import Comm, on_main, stop_signalled
+    from alast.training.rundir import check_run_dir
     from runtimes.distributed import init_from_env
 
     from .launch import newest_checkpoint
@@ -101,6 +102,8 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     run_dir = Path(out) if out is not None else (cfg.output.dir or default_run_dir(cfg.policy.name))
     try:
         run_dir = Path(comm.broadcast_object(str(run_dir)))
+        if config is not None and not resume:  # --force must not delete the config being read
+            on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force, config))
         summary = _train(cfg, run_dir, resume, comm, cost_model, reached)
         finished = True
     except (KeyboardInterrupt, RuntimeError) as exc:  # a stop outside the loop's step boundaries
@@ -179,7 +182,7 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
     check_batch_size(None, cfg.train.batch_size, nproc)  # before torchrun starts (the data: on each rank)
     if out is None:  # every rank must write to the same directory
         ctx.params["out"] = out = cfg.output.dir or default_run_dir(cfg.policy.name)
-    check_run_dir(Path(out), resume, force or cfg.output.force)
+    check_run_dir(Path(out), resume, force or cfg.output.force, config)
     with tempfile.TemporaryDirectory(prefix="alast-ranks-") as folder:
         os.environ.update({RANK_ERRORS: folder, LAUNCHER_PID: str(os.getpid())})  # the workers inherit them
         resume_from = lambda: newest_checkpoint(Path(out), resume, since)  # noqa: E731

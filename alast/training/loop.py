@@ -143,10 +143,13 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
         metrics = run.final_evaluation(data)
         run.on_eval(hooks, steps, metrics)
         summary = run_summary(cfg, runtime, data, data_cfg, steps, metrics, run, run.wall_time(), plan_info)
-        if comm.is_main:
+
+        def write_results() -> None:  # through on_main: a stop signal waits for the files to be written
             write_final(run_dir, runtime, summary, cfg)
             if run.tb:
                 run.tb.heatmap(run_dir / HEATMAP, steps)
+
+        on_main(comm, write_results)
     finally:
         if run.tb:
             run.tb.close()

@@ -60,8 +60,12 @@ class Interrupted(Exception):
 
     @property
     def resume_with(self) -> str:
-        """The options that continue the run: a data-parallel run resumes only at its process count."""
-        return "--resume" if self.world_size == 1 else f"--resume --nproc {self.world_size}"
+        return resume_options(self.world_size)
+
+
+def resume_options(world_size: int) -> str:
+    """The options that continue a run: a data-parallel run resumes only at its process count."""
+    return "--resume" if world_size == 1 else f"--resume --nproc {world_size}"
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool, config: Path | None = None) -> None:

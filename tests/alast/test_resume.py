@@ -227,6 +227,21 @@ def test_force_keeps_what_alast_did_not_write(tmp_path):
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
+def test_force_does_not_replace_the_config_it_was_given(tmp_path):
+    """``alast train run/config.yaml --out run --force`` deleted the config it was reading."""
+    run = tmp_path / "run"
+    res = invoke(*FAST, "--steps", "2", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    config = run / "config.yaml"
+    text = config.read_text() + "# my notes\n"
+    config.write_text(text)
+    res = CliRunner().invoke(cli, ["train", str(config), "--out", str(run), "--force"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (f"error: the config {config} is the config.yaml that --force would replace in "
+                                  f"{run}; copy it out of the run dir and pass the copy, or choose another --out")
+    assert config.read_text() == text
+
+
 def test_changed_config_resume_is_refused_naming_the_keys(reference, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
