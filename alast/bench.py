@@ -35,7 +35,7 @@ from alast.training.loop import Hooks, train
 MANIFEST = "bench.json"
 MANIFEST_ARGS = {"policies": "--policies", "seeds": "--seeds/--seed", "target_flops": "--target-flops",
                  "targets": "--targets", "matched": "--matched", "cost_model": "--cost-model"}
-Solver = Callable[[AlastConfig], tuple[dict[str, Any], dict[str, Any]]]
+Solver = Callable[..., tuple[dict[str, Any], dict[str, Any]]]  # plan.solve_target: (cfg, steps=None)
 OnRun = Callable[[int, int, str, int], Hooks]
 
 
@@ -305,8 +305,8 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnR
             if solve_target is None:
                 raise ValueError("a FLOPs target needs the planner (alast.planning.plan)")
 
-            def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
-                return solve_target(cfg)
+            def solve(steps: int) -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
+                return solve_target(cfg, steps=steps)
         _release_memory()  # the previous run's model must not count towards this run's peak
         hooks = on_run(index, total, shown, spec.seed) if on_run else None
         try:

@@ -151,10 +151,10 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
         return done
     solve = None
     if cfg.policy.target_flops is not None:
-        def solve() -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
+        def solve(steps: int) -> tuple[dict[str, Any], dict[str, Any]]:  # run by the loop once the data is loaded
             from alast.planning.plan import solve_target
 
-            overrides, info = solve_target(cfg, cost_model, comm.world_size)
+            overrides, info = solve_target(cfg, cost_model, comm.world_size, steps)
             if comm.is_main:
                 console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {knobs_text(info['knobs'])}[/dim]")
             return overrides, info

@@ -156,17 +156,18 @@ def _policy_embeddings(cm: CostModel, cfg: AlastConfig) -> CostModel:
     return dataclasses.replace(cm, embed=embed)
 
 
-def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None,
-                 world_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None, world_size: int = 1,
+                 steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Planner options that put ``cfg``'s policy at ``policy.target_flops`` x full fine-tuning FLOPs, and
     the solution's description. The options include the cost model itself (``cost_model``): the alast
     planner projects every step's budgets onto the target with it. ``world_size``: the processes
-    ``train.batch_size`` is split over (the early phase caps each device's peak)."""
+    ``train.batch_size`` is split over (the early phase caps each device's peak). ``steps``: the
+    run's (None: :func:`planned_steps`, which loads the data for ``train.epochs``)."""
     if cfg.policy.target_flops is None:
         raise ValueError("no FLOPs target: set --target-flops or policy.target_flops")
     check_target(cfg.policy.target_flops)
     plain, pcm, _ = cost_models(cfg, cost_model_path)
-    steps = cfg.train.steps if cfg.train.epochs is None else None  # the dense final phase's exact share
+    steps = planned_steps(cfg) if steps is None else steps  # the phases' exact shares, as `alast plan` has them
     options = {**policy_options(cfg, pcm.head_reads_prefix, world_size), "steps": steps}
     sol = _solve(pcm, cfg.policy.planner, cfg.policy.target_flops, options, full_cm=plain, policy=cfg.policy.name)
     return {**sol.knobs, "cost_model": pcm}, sol.info()

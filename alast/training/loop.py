@@ -97,7 +97,7 @@ def _val_batches(data, cfg: AlastConfig):
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
           comm: Comm | None = None, planner_overrides: dict[str, Any] | None = None,
           plan_info: dict[str, Any] | None = None,
-          solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
+          solve: Callable[[int], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Fine-tune per ``cfg`` into ``run_dir``; returns the summary (also written as summary.json).
 
     ``solve`` gives ``(planner_overrides, plan_info)`` for a FLOPs target; it runs once the data is
@@ -117,7 +117,7 @@ def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks
 
 def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Comm,
            planner_overrides: dict[str, Any] | None, plan_info: dict[str, Any] | None,
-           solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None, t_start: float) -> dict[str, Any]:
+           solve: Callable[[int], tuple[dict[str, Any], dict[str, Any]]] | None, t_start: float) -> dict[str, Any]:
     data, data_cfg, run, steps, plan_info = _start(cfg, run_dir, resume, comm, planner_overrides, plan_info, solve,
                                                    t_start)
     runtime = run.runtime
@@ -166,7 +166,7 @@ def _as_recorded(cfg: AlastConfig, run_dir: Path) -> AlastConfig:
 
 
 def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_overrides: dict[str, Any] | None,
-           plan_info: dict[str, Any] | None, solve: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None,
+           plan_info: dict[str, Any] | None, solve: Callable[[int], tuple[dict[str, Any], dict[str, Any]]] | None,
            t_start: float) -> tuple[DataBundle, dict[str, Any], _Run, int, dict[str, Any] | None]:
     """Everything before the first step: checks, seeding, data, the target's plan, the run dir, the
     model, runtime and planner. Returns the data and its config, the run, its length in steps, and
@@ -180,11 +180,12 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
 
     data, data_cfg = load_data(cfg)
     check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
+    steps = total_steps(cfg, len(data.train))
     if solve is not None:
         # profiling builds models from the seeded generators; whether it runs (or the cost model is
         # cached) must not change the run: the seeded state is put back
         seeded = rng_state()
-        planner_overrides, plan_info = solve()
+        planner_overrides, plan_info = solve(steps)
         set_rng_state(seeded)
     model = build_model(cfg, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)
@@ -192,7 +193,6 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
                             world_size=comm.world_size)
-    steps = total_steps(cfg, len(data.train))
     # only now, with every check passed, is --out made (or an old run in it replaced with --force)
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if comm.is_main and hasattr(runtime, "bind_run_dir"):

@@ -359,3 +359,23 @@ def test_plan_refuses_lora_on_the_ort_backend_as_train_does(runner, policy):
     assert res.exit_code == 2, res.output
     assert res.stderr.strip().splitlines() == [f"error: invalid value for 'backend': the ort backend does not support "
                                                f"LoRA (policy {policy!r}); use --backend torch"]
+
+
+def test_an_epochs_run_with_a_target_uses_the_plans_knobs(tmp_path):
+    """With --epochs the run solved its target without the step count (`steps=None`) while `alast
+    plan` had it, so the plan described knobs the run did not use (target_flops 0.532 against 0.541)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+
+    args = ["--epochs", "0.1", "--batch-size", "11", "--target-flops", "0.5", "--set", "policy.dense_final_frac=0.3",
+            "--set", "backend.threads=1"]
+    res = CliRunner().invoke(cli, ["plan", *args, "--json"])
+    assert res.exit_code == 0, res.output
+    planned = json.loads(res.stdout.strip().splitlines()[-1])["target"]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", *args, "--out", str(out), "--set", 'backend.count_flops="off"'])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["plan"]["knobs"] == planned["knobs"]
