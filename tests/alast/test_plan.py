@@ -309,10 +309,10 @@ def test_a_target_run_does_not_depend_on_whether_its_model_was_profiled(tmp_path
     cfg = load_config(None, BASE + RUNS["target"])
     solved = solve_target(cfg)
 
-    def cached():
+    def cached(steps):
         return solved
 
-    def profiled():
+    def profiled(steps):
         torch.randn(1000), __import__("random").random(), __import__("numpy").random.rand(10)
         return solved
 
