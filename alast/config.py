@@ -259,6 +259,21 @@ def check_policy_name(name: str, where: str = "policy.name") -> None:
                           "policy with +lora (e.g. alast+lora)")
 
 
+# policy.* keys that are planner options of the same name: a planner that does not take one ignores it
+PLANNER_KEYS = ("alpha", "b_init", "b_min", "b_max", "k_trained", "freeze_mode", "delta_reduction", "min_tokens",
+                "keep_ratio", "dense_final_frac", "dense_final_blocks", "dense_final_interleave", "rule", "gain",
+                "ema", "spare_first", "early_frac", "trim_last")
+
+
+def unused_policy_keys(cfg: AlastConfig) -> list[str]:
+    """The ``policy.*`` keys set (in the config or with ``--set``) that the policy's planner does not
+    take, so that the run ignores them (``policy.k_trained`` under ``lora``, ``keep_ratio`` under ``alast``)."""
+    from planners import planner_options
+
+    taken = set(planner_options(cfg.policy.planner))
+    return [k for k in PLANNER_KEYS if k in cfg.policy.model_fields_set and k not in taken]
+
+
 def check_single_run(cfg: AlastConfig) -> None:
     """Refuse settings that one run (``alast train``, ``alast plan``) would not honour as written."""
     p = cfg.policy

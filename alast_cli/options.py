@@ -1,12 +1,21 @@
 """Shared CLI options: a config file plus named options and --set overrides, resolved to a config."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from alast.config import AlastConfig, ConfigError, check_policy_name, check_single_run, load_config, with_absolute_paths
+from alast.config import (
+    AlastConfig,
+    ConfigError,
+    check_policy_name,
+    check_single_run,
+    load_config,
+    unused_policy_keys,
+    with_absolute_paths,
+)
 
 
 def config_options(fn: Callable) -> Callable:
@@ -67,6 +76,11 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: 
         check_policy_name(cfg.policy.name, "--policy")
     if single_run:
         check_single_run(cfg)
+        unused = unused_policy_keys(cfg)
+        if unused and "LOCAL_RANK" not in os.environ:  # a torchrun worker: its launcher said it
+            keys = ", ".join(f"policy.{k}" for k in unused)
+            click.echo(f"note: {keys} {'is' if len(unused) == 1 else 'are'} not used by policy {cfg.policy.name!r} "
+                       "and ignored", err=True)
     return cfg
 
 

@@ -137,3 +137,27 @@ def test_a_swapped_lora_policy_name_is_suggested_the_right_way_round():
 
     with pytest.raises(ConfigError, match="did you mean 'alast\\+lora'"):
         check_policy_name("lora+alast")
+
+
+@pytest.mark.parametrize(("policy", "sets", "unused"), [
+    ("lora", ["policy.k_trained=2"], ["k_trained"]),  # LoRA trains every block's adapters
+    ("alast", ["policy.keep_ratio=0.3"], ["keep_ratio"]),  # the tokens policy's
+    ("alast", ["policy.k_trained=3", "policy.gain=0.2"], []),
+    ("full", [], []),
+])
+def test_policy_keys_the_policy_does_not_take_are_named(policy, sets, unused):
+    """They were ignored without a word: `--policy lora --set policy.k_trained=2` trained every block."""
+    from alast.config import unused_policy_keys
+
+    assert unused_policy_keys(load_config(None, [f"policy.name={policy}", *sets])) == unused
+
+
+def test_the_cli_notes_an_ignored_policy_key_once():
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["plan", "--policy", "alast", "--set", "policy.keep_ratio=0.3", "--steps", "2",
+                                   "--throughput", "1e10"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("note: policy.keep_ratio is not used by policy 'alast' and ignored") == 1
