@@ -8,7 +8,10 @@ For each policy it runs a real short training run (``alast.training.loop.train``
     50th; CUDA: all steps) against what it measured;
   * step time: the calibrated time model (real timed steps of this machine, taken before the runs)
     against the run's median step time over steps the runtime did not memory-probe (probing slows
-    a step down several times).
+    a step down several times);
+  * the run's time in training steps (``train_time_s``): the plan's ``time_s``, which adds what the
+    steps do beside training (the first step, FLOP-counted and memory-measured steps), a priori
+    and replayed from the run's trace.
 
   OMP_NUM_THREADS=1 python benchmarks/check_planner.py --steps 20 --batch-size 32 --out planner.json
   OMP_NUM_THREADS=1 python benchmarks/check_planner.py --model vit_base_patch16_224 --batch-size 4 \
@@ -127,6 +130,10 @@ def check(args) -> dict:
             "measured_step_time_s": measured_time, "predicted_step_time_s": traced.step_time_s,
             "time_rel_error": _rel(traced.step_time_s, measured_time),
             "measured_median_step_time_all_steps_s": summary["median_step_time_s"], "calibration_s": calib_s,
+            # the run's time in training steps (what `alast plan` predicts as time_s): a priori and replayed
+            "measured_train_time_s": summary["train_time_s"], "planned_time_s": planned.time_s,
+            "planned_time_rel_error": _rel(planned.time_s, summary["train_time_s"]),
+            "replayed_time_s": traced.time_s, "replayed_time_rel_error": _rel(traced.time_s, summary["train_time_s"]),
         }
         print(_line(policy, out["policies"][policy]), flush=True)
     out["time_models"] = {k: v.coefficients for k, v in time_models.items()}
@@ -143,7 +150,9 @@ def _line(policy: str, r: dict) -> str:
     return (f"{policy:12s} FLOPs counted {r['counted_train_flops']:.4g} ({r['counted_ratio_vs_full']:.3f}x full) "
             f"plan {pct(r['planned_rel_error'])} replay {pct(r['replayed_rel_error'])} | memory "
             f"{r['measured_peak_memory_bytes'] / 2**20:.1f} MiB pred {pct(r['memory_rel_error'])} | step "
-            f"{(r['measured_step_time_s'] or 0) * 1e3:.0f} ms pred {pct(r['time_rel_error'])}")
+            f"{(r['measured_step_time_s'] or 0) * 1e3:.0f} ms pred {pct(r['time_rel_error'])} | run "
+            f"{r['measured_train_time_s']:.2f} s plan {pct(r['planned_time_rel_error'])} "
+            f"replay {pct(r['replayed_time_rel_error'])}")
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     counted = [first[k] / plain[k] for k in keys[1:]]  # the very first step also initialises: apart
     counted_factor = max(1.0, statistics.median(counted)) if count_flops == "every" and counted else 1.0
     probed_factor = max(1.0, statistics.median(probed[k] / plain[k] for k in keys)) if probed else 1.0
-    first_step_s = max(0.0, first[keys[0]] - plain[keys[0]] * counted_factor * probed_factor)
+    first_step_s = max(0.0, first[keys[0]] - plain[keys[0]] * (counted_factor + probed_factor - 1.0))
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
                      threads=threads, points=points, first_step_s=first_step_s, counted_factor=counted_factor,

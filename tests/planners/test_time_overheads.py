@@ -50,3 +50,9 @@ def test_the_runtime_and_the_planner_share_the_rules():
     assert [probes(s, (16, 16), 2) for s in range(4)] == [False, True, True, False]
     assert probes(4, (16, 18), 2) and not probes(5, (16, 18), 2)  # heavier than every measured step, once
     assert probes(6, (16, 16), 3)  # more trained blocks
+
+
+def test_a_step_both_counted_and_measured_adds_both_extra_times():
+    tm = _time_model()
+    assert tm.step_time_s({"step": 1}, counted=True, probed=True) == pytest.approx(1 + (2 - 1) + (3 - 1))
+    assert tm.step_time_s({"step": 1}, first=True) == pytest.approx(1 + 10)
