@@ -185,7 +185,10 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
     check_run_dir(Path(out), resume, force or cfg.output.force, config)
     with tempfile.TemporaryDirectory(prefix="alast-ranks-") as folder:
         os.environ.update({RANK_ERRORS: folder, LAUNCHER_PID: str(os.getpid())})  # the workers inherit them
-        resume_from = lambda: newest_checkpoint(Path(out), resume, since)  # noqa: E731
+
+        def resume_from() -> Path | None:
+            return newest_checkpoint(Path(out), resume, since)
+
         try:
             code = launch_torchrun(nproc, ctx)  # not 0: stopped by a signal to this process
             if code:

@@ -6,7 +6,7 @@ import random
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
 import numpy as np
 import torch
@@ -132,14 +132,14 @@ class StopAtOnce:
             self._pending = False
             raise KeyboardInterrupt
 
-    def __enter__(self) -> "StopAtOnce":
+    def __enter__(self) -> Self:
         global _command
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in self.signals}
             self._outer, _command = _command, self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         global _command
         for s, old in self._old.items():
             signal.signal(s, old)

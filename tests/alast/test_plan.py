@@ -357,8 +357,8 @@ def test_plan_refuses_lora_on_the_ort_backend_as_train_does(runner, policy):
     """`alast train` refuses it; `alast plan` printed a plan for it (exit 0)."""
     res = runner.invoke(cli, ["plan", "--backend", "ort", "--policy", policy, "--steps", "3"])
     assert res.exit_code == 2, res.output
-    assert res.stderr.strip().splitlines() == [f"error: invalid value for 'backend': the ort backend does not support "
-                                               f"LoRA (policy {policy!r}); use --backend torch"]
+    assert res.stderr.strip().splitlines() == [(f"error: invalid value for 'backend': the ort backend does not support "
+                                                f"LoRA (policy {policy!r}); use --backend torch")]
 
 
 def test_an_epochs_run_with_a_target_uses_the_plans_knobs(tmp_path):

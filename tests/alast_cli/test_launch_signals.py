@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from alast.training import loop
-from alast_cli.main import cli
 from alast_cli.errors import describe
+from alast_cli.main import cli
 from alast_cli.train_cmd import RANK_ERRORS, _echo_other_ranks, _run_worker
 from tests.cli_errors import one_error_line
 
@@ -228,9 +228,9 @@ def test_nproc_a_rank_killed_by_a_signal_is_named_once(nproc_run):
     os.kill(run.workers()[1], signal.SIGKILL)
     code, err = run.end(timeout_s=AGENT_GRACE_S - 5)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 1 and errors == [
+    assert code == 1 and errors == [(
         "error: rank 1 was killed by SIGKILL (often the out-of-memory killer: see `dmesg`); the last checkpoint is "
-        f"{run.run_dir / 'checkpoints' / 'step_00000001.safetensors'}; continue with --resume --nproc 2"], err
+        f"{run.run_dir / 'checkpoints' / 'step_00000001.safetensors'}; continue with --resume --nproc 2")], err
     assert "gloo" not in err and "Traceback" not in err and "interrupted" not in err
 
 
@@ -282,9 +282,9 @@ def test_a_rank_killed_by_sigkill_comes_before_its_peers_lost_connection(launche
     checkpoint = Path("run/checkpoints/step_00000004.safetensors")
     with pytest.raises(RankKilled) as killed:
         _ranks_ended(launcher, {0: 1, 1: -signal.SIGKILL}, 2, lambda: checkpoint)
-    assert describe(killed.value) == (1, "error: rank 1 was killed by SIGKILL (often the out-of-memory killer: see "
-                                         "`dmesg`); the last checkpoint is run/checkpoints/step_00000004.safetensors; "
-                                         "continue with --resume --nproc 2")
+    assert describe(killed.value) == (1, ("error: rank 1 was killed by SIGKILL (often the out-of-memory killer: see "
+                                          "`dmesg`); the last checkpoint is run/checkpoints/step_00000004.safetensors; "
+                                          "continue with --resume --nproc 2"))
 
 
 def test_rank_errors_that_differ_only_in_ports_are_printed_once(launcher, capsys):

@@ -9,7 +9,7 @@ from runtimes.torch_backend.params import apply_lora
 from runtimes.torch_backend.runtime import TorchRuntime
 from tests.conftest import make_tiny_vit
 
-LORA = dict(rank=2, alpha=4.0, dropout=0.0)
+LORA = {"rank": 2, "alpha": 4.0, "dropout": 0.0}
 
 
 def _adapted(model) -> set[str]:
@@ -77,10 +77,10 @@ def test_bad_targets_are_refused_naming_the_setting_and_the_blocks_linear_layers
 
 
 @pytest.mark.parametrize("targets, line", [
-    ("[attn]", "policy.lora.targets: 'attn' is a module of type Attention, not a Linear layer; name Linear layers "
-               "inside the blocks, e.g. [qkv, proj, fc1, fc2]"),
-    ("[]", "invalid value for 'policy.lora.targets': is empty, so LoRA would adapt nothing; name Linear layers "
-           "inside the blocks, e.g. [qkv] or [qkv, proj, fc1, fc2] (got [])"),
+    ("[attn]", ("policy.lora.targets: 'attn' is a module of type Attention, not a Linear layer; name Linear layers "
+                "inside the blocks, e.g. [qkv, proj, fc1, fc2]")),
+    ("[]", ("invalid value for 'policy.lora.targets': is empty, so LoRA would adapt nothing; name Linear layers "
+            "inside the blocks, e.g. [qkv] or [qkv, proj, fc1, fc2] (got [])")),
 ])
 def test_train_refuses_bad_targets_in_one_line_naming_the_setting(tmp_path, targets, line):
     """peft's own messages were cut to their first line: ``Target module Attention(`` for ``attn``,
