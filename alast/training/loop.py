@@ -301,7 +301,7 @@ class _Run:
                 self._warn(f"{self.run_dir / METRICS} is missing: its log, and {HEATMAP}, start at step {start}")
         else:
             self._warn(f"no checkpoint in {self.run_dir / ckpt.CKPT_DIR}: the run starts again from step 0 "
-                       "(output.checkpoint_every=N writes one every N steps; 0, the default: at the end only)")
+                       "(a run writes one about every output.checkpoint_minutes, on Ctrl-C and at its end)")
 
     def _warn(self, message: str) -> None:
         if self.comm.is_main:
