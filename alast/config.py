@@ -271,7 +271,9 @@ def unused_policy_keys(cfg: AlastConfig) -> list[str]:
     from planners import planner_options
 
     taken = set(planner_options(cfg.policy.planner))
-    return [k for k in PLANNER_KEYS if k in cfg.policy.model_fields_set and k not in taken]
+    fields = type(cfg.policy).model_fields  # a run's config.yaml lists every key: only a value off its default asks
+    return [k for k in PLANNER_KEYS if k in cfg.policy.model_fields_set and k not in taken
+            and getattr(cfg.policy, k) != fields[k].get_default(call_default_factory=True)]
 
 
 def check_single_run(cfg: AlastConfig) -> None:

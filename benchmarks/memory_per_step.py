@@ -44,7 +44,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, pcm.num_classes)
     runtime = create_runtime(cfg, model)
-    runtime._probe = lambda step: step > 0  # measure every step but the first
+    runtime._probes.probe = lambda step: step > 0  # measure every step but the first
     planner = build_planner(cfg, runtime.num_blocks, overrides, head_reads_prefix(model))
     acc = RunAccumulator(pcm, args.batch_size)
     size = pcm.img_size

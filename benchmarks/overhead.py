@@ -164,7 +164,7 @@ class Bench:
                 mem[k] = torch.cuda.max_memory_allocated()
             else:
                 rt = self.runtimes[k]
-                rt._probe = lambda s: True
+                rt._probes.probe = lambda s: True
                 rt._peak_bytes = None
                 self.rt_step(k)
                 mem[k] = rt.peak_memory_bytes()

@@ -144,6 +144,7 @@ def test_a_swapped_lora_policy_name_is_suggested_the_right_way_round():
     ("alast", ["policy.keep_ratio=0.3"], ["keep_ratio"]),  # the tokens policy's
     ("alast", ["policy.k_trained=3", "policy.gain=0.2"], []),
     ("full", [], []),
+    ("alast", ["policy.keep_ratio=0.8", "policy.dense_final_blocks=auto"], []),  # defaults, as config.yaml has them
 ])
 def test_policy_keys_the_policy_does_not_take_are_named(policy, sets, unused):
     """They were ignored without a word: `--policy lora --set policy.k_trained=2` trained every block."""
@@ -161,3 +162,13 @@ def test_the_cli_notes_an_ignored_policy_key_once():
                                    "--throughput", "1e10"])
     assert res.exit_code == 0, res.output
     assert res.stderr.count("note: policy.keep_ratio is not used by policy 'alast' and ignored") == 1
+
+
+def test_a_runs_own_config_yaml_given_back_names_nothing(tmp_path):
+    """config.yaml lists every key; read back as a config it asks for nothing the policy ignores."""
+    from alast.config import dump_config, unused_policy_keys
+
+    for policy in ("alast", "lora", "tokens", "full"):
+        path = tmp_path / f"{policy}.yaml"
+        path.write_text(dump_config(load_config(None, [f"policy.name={policy}"])))
+        assert unused_policy_keys(load_config(path, [])) == [], policy
