@@ -264,7 +264,7 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver,
 def bench_reason(exc: Exception, curves: bool) -> str:
     """The solver's one-line reason in bench's options: bench takes no ``--policy`` (full fine-tuning
     is its reference row, there already), and over curves the targets are ``--targets``."""
-    line = str(exc).strip().splitlines()[0].replace(", or use --policy full", "")
+    line = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
     return line.replace("--target-flops", "--targets") if curves else line
 
 

@@ -42,7 +42,13 @@ EARLY_ROUNDS = 8  # secant steps on the sparse steps' target that pay for a memo
 
 
 class TargetError(PlannerError):
-    """The FLOPs target is malformed or out of the policy's reach."""
+    """The FLOPs target is malformed or out of the policy's reach. ``reason``: the message without
+    the advice to train another policy (``other_policy``), which a caller that picks the policies
+    itself (``alast bench``) leaves out."""
+
+    def __init__(self, reason: str, other_policy: str | None = None) -> None:
+        super().__init__(reason + (f", or use --policy {other_policy}" if other_policy else ""))
+        self.reason, self.other_policy = reason, other_policy
 
 
 @dataclass(frozen=True)
@@ -298,7 +304,7 @@ def _solve_alast(cm, planner, policy, target, full, options) -> TargetSolution:
         raise TargetError(f"target {target:g}x full FLOPs is above what policy {policy!r} spends with every block "
                           f"trained on every token: {ceiling:.3f}x at most (the embeddings stay frozen and the last "
                           "block skips the tokens the head does not read: policy.freeze_embeddings, "
-                          f"policy.trim_last); ask for --target-flops {ceiling:.3f} or less, or use --policy full")
+                          f"policy.trim_last); ask for --target-flops {ceiling:.3f} or less", other_policy="full")
     k = run.choose_k(target)
     if run.total(BUDGET_FLOOR, k) > target * (1 + TARGET_TOLERANCE):
         raise run.floor_error(policy, target, k)

@@ -135,8 +135,12 @@ def _lock_holder(run_dir: Path) -> str | None:
 def _check_unlocked(run_dir: Path) -> None:
     holder = _lock_holder(run_dir)
     if holder is not None:
-        raise RunDirError(f"run dir {run_dir} is in use by another alast process (pid {holder}); wait for it to "
-                          "end or stop it, or choose another --out")
+        raise _in_use(run_dir, holder)
+
+
+def _in_use(run_dir: Path, holder: str) -> RunDirError:
+    return RunDirError(f"run dir {run_dir} is in use by another alast process (pid {holder}); wait for it to "
+                       "end or stop it, or choose another --out")
 
 
 _HELD: dict[Path, int] = {}  # run dir -> the locked file descriptor, while this process writes the run
@@ -158,8 +162,7 @@ def lock_run_dir(run_dir: Path) -> None:
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise RunDirError(f"run dir {run_dir} is in use by another alast process (pid {holder}); wait for it to "
-                          "end or stop it, or choose another --out") from None
+        raise _in_use(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd

@@ -314,9 +314,8 @@ class OrtRuntime:
 
 
 def check_config(cfg: Any) -> None:
-    """Refuse what the ort backend cannot do, in one line (``alast plan`` refuses it too)."""
-    if cfg.policy.lora is not None:
-        raise ValueError(f"the ort backend does not support LoRA (policy {cfg.policy.name!r}); use --backend torch")
+    """Refuse what the ort backend cannot do, in one line (``alast plan`` refuses it too; LoRA is
+    refused by the config itself, ``AlastConfig``'s backend check)."""
     if cfg.backend.token_multiple != 1:
         raise ValueError("the ort backend keeps exact token counts; drop backend.token_multiple or use --backend torch")
     if cfg.policy.fuse_tokens:
