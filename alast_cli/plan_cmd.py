@@ -190,7 +190,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     console.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
     if result.get("target"):
         tg = result["target"]
-        console.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'])} (predicted {tg['predicted_ratio']:.3f}x, "
+        console.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'], tg.get('policy', ''))} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
     if result.get("early_phase"):
         e = result["early_phase"]

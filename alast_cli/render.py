@@ -23,14 +23,20 @@ def human(n: float | None, unit: str = "") -> str:
     return f"{n:.0f} {unit}".strip()
 
 
-def knobs_text(knobs: dict[str, Any]) -> str:
-    """A FLOPs target's planner settings as ``key=value`` pairs (floats to 3 significant digits)."""
-    def show(v: Any) -> str:
+def knobs_text(knobs: dict[str, Any], policy: str = "") -> str:
+    """A FLOPs target's planner settings as ``key=value`` pairs (floats to 3 significant digits).
+    Under LoRA (``policy`` ``X+lora``) the per-step ``target_flops`` is a fraction of the LoRA
+    model's own step on every token, which computes no weight gradients for the frozen weights, so
+    the text says so."""
+    def show(k: str, v: Any) -> str:
         if isinstance(v, bool):
             return str(v).lower()
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        text = f"{v:.3g}" if isinstance(v, float) else str(v)
+        if k == "target_flops" and policy.endswith("+lora"):
+            text += " (of a LoRA step on every token)"
+        return text
 
-    return ", ".join(f"{k}={show(v)}" for k, v in knobs.items())
+    return ", ".join(f"{k}={show(k, v)}" for k, v in knobs.items())
 
 
 def human_bytes(n: int | None) -> str:

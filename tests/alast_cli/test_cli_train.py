@@ -128,6 +128,8 @@ def test_a_targets_settings_print_as_key_value_pairs():
 
     knobs = {"k_trained": 4, "b_max": 1.0, "trim_last": True, "target_flops": 0.5180777947524645}
     assert knobs_text(knobs) == "k_trained=4, b_max=1, trim_last=true, target_flops=0.518"
+    # under LoRA the per-step target is relative to the LoRA model's own step, and says so
+    assert knobs_text(knobs, "alast+lora").endswith("target_flops=0.518 (of a LoRA step on every token)")
 
 
 def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
