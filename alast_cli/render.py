@@ -113,6 +113,10 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
     t.add_row("full fine-tuning FLOPs (same steps)", human(full, "FLOP"))
     if tf and full:
         t.add_row("FLOPs vs full", f"{tf / full:.3f}x  ({full / tf:.2f}x fewer)")
+    if summary.get("parameters"):
+        n = summary["parameters"]
+        t.add_row("parameters updated", f"{n['updated'] / 1e6:.2f} M of {n['total'] / 1e6:.2f} M "
+                                        f"({n['updated'] / max(n['total'], 1):.0%})")
     t.add_row("wall time", f"{summary['wall_time_s']:.1f} s (training steps {summary['train_time_s']:.1f} s)")
     t.add_row("median step time", f"{(summary['median_step_time_s'] or 0) * 1000:.1f} ms")
     per = " (per process)" if (summary.get("world_size") or 1) > 1 else ""

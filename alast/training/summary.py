@@ -28,6 +28,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
                          "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
                          "step of the same batch shape x steps") if counted_all else "not counted",
+        "parameters": runtime.parameter_counts() if hasattr(runtime, "parameter_counts") else None,
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),

@@ -36,7 +36,7 @@ from planners.rules import reduce_deltas
 
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
-from ..torch_backend.params import embedding_parameters
+from ..torch_backend.params import embedding_parameters, parameter_counts
 from ..torch_backend.tokens import check_token_choice
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
@@ -284,6 +284,12 @@ class OrtRuntime:
         sess = ort.InferenceSession(self._inference_bytes[kept], opts, providers=providers)
         sess._alast_keep_alive = keep_alive  # the session reads these buffers while it lives
         return sess
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, trainable and updated parameters (:func:`~runtimes.torch_backend.params.parameter_counts`)."""
+        stem = {id(p) for p in embedding_parameters(self.model)} if self.freeze_embeddings else set()
+        trainable = [p for p in self.model.parameters() if id(p) not in stem]
+        return parameter_counts(self.model, trainable, self.optimizer)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

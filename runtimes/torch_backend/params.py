@@ -113,3 +113,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     params = [p for g in groups for p in g["params"]]
     fused = device.type == "cuda" and all(p.is_floating_point() and p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def parameter_counts(model: nn.Module, trainable: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter counts for the run's summary: ``total`` (every parameter training works on: under
+    LoRA the frozen base weights and the adapters, with peft's frozen copy of the classifier left
+    out, since the trained copy replaces it), ``trainable`` (those the policy may train: with LoRA
+    the adapters and the classifier; frozen embeddings left out) and ``updated`` (those the
+    optimizer stepped at least once: AdamW keeps state only for a parameter that had a gradient,
+    and a checkpoint carries that state across a resume)."""
+    stepped = {id(p) for p, state in optimizer.state.items() if state}
+    params = [p for n, p in model.named_parameters() if ".original_module." not in n]
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in {id(p): p for p in trainable}.values()),
+            "updated": sum(p.numel() for p in params if id(p) in stepped)}

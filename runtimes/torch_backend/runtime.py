@@ -17,7 +17,7 @@ from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
 from .memory import default_memory_probe, frozen_aware_mem_tracker
-from .params import apply_lora, embedding_parameters, is_adapter, make_optimizer, timm_model
+from .params import apply_lora, embedding_parameters, is_adapter, make_optimizer, parameter_counts, timm_model
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .tokens import check_token_choice
@@ -302,6 +302,11 @@ class TorchRuntime:
             correct += int((logits.argmax(-1) == labels).sum())
             total += int(labels.numel())
         return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, trainable and updated parameters (:func:`~.params.parameter_counts`)."""
+        trainable = [*self.embed_params, *(p for ps in self.block_params for p in ps), *self.other_params]
+        return parameter_counts(self.model, trainable, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -23,6 +23,8 @@ def test_train_writes_a_complete_run_dir(runner, tmp_path):
         assert key in summary
     assert summary["policy"] == "alast" and summary["steps"] == 4 and summary["world_size"] == 1
     assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
+    n = summary["parameters"]  # alast trains the top blocks, the embeddings stay frozen
+    assert 0 < n["updated"] <= n["trainable"] < n["total"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     rec = json.loads(lines[0])

@@ -345,6 +345,8 @@ def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["backend"] == "ort" and summary["steps"] == 4
     assert 0 < summary["train_flops"] < summary["full_ft_train_flops"]
+    n = summary["parameters"]  # alast trains the top blocks, the embeddings stay frozen
+    assert 0 < n["updated"] <= n["trainable"] < n["total"]
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert (out / "ort_artifacts" / "stats.json").exists()
     (out / "checkpoints" / "step_00000004.safetensors").unlink()  # as if killed after step 2's checkpoint

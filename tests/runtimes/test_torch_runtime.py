@@ -30,6 +30,23 @@ def test_frozen_blocks_get_no_gradient_and_do_not_change(batch):
     assert not any(id(p) in state_ids for p in rt.block_params[0])
 
 
+def test_parameter_counts_name_what_the_optimizer_updated(batch):
+    x, y = batch
+    rt = make_runtime()
+    total = sum(p.numel() for p in rt.model.parameters())
+    assert rt.parameter_counts() == {"total": total, "trainable": total, "updated": 0}
+    rt.train_step(x, y, Budget((1.0,) * 4, (False, True, False, True), train_embeddings=False), 1e-2, 0)
+    frozen = sum(p.numel() for i in (0, 2) for p in rt.block_params[i])
+    embeddings = sum(p.numel() for p in rt.embed_params)
+    assert rt.parameter_counts()["updated"] == total - frozen - embeddings
+    rt.train_step(x, y, Budget((1.0,) * 4, (True,) * 4), 1e-2, 1)
+    assert rt.parameter_counts()["updated"] == total  # a union over the run's steps
+    lora = make_runtime(lora=dict(rank=2, alpha=4.0, dropout=0.0, targets=["qkv"]))
+    counts = lora.parameter_counts()
+    adapters = sum(p.numel() for n, p in lora.model.named_parameters() if "lora_" in n)
+    assert counts["total"] == total + adapters and 0 < adapters < counts["trainable"] < total
+
+
 def test_step_result_reports_tokens_deltas_and_flops(batch):
     x, y = batch
     rt = make_runtime()
