@@ -4,8 +4,10 @@ Runs alternate: seed s runs the policies in an order rotated by s, so a machine 
 (thermal, a noisy neighbour) does not favour the policy that always runs first.
 
 Beside the same-steps table: ``matched`` adds, right after each ALaST run, full fine-tuning for the
-steps that cost the same counted FLOPs (row ``full@matched``); ``targets`` runs every policy at
-several FLOPs targets and draws accuracy-versus-FLOPs curves (:mod:`alast.bench_curves`).
+steps that cost the same counted FLOPs (row ``full@matched``), and right after each ALaST+LoRA run,
+LoRA on every block and token for the steps that cost the same (row ``lora@matched``); ``targets``
+runs every policy at several FLOPs targets and draws accuracy-versus-FLOPs curves
+(:mod:`alast.bench_curves`).
 
 A bench writes what it was asked to run to ``bench.json`` before its first run; ``resume`` finishes
 an interrupted bench: the same arguments, runs with a ``summary.json`` read back (not rerun), an
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 from alast.bench_runs import (
     BY_STEPS,
-    MATCHED,
+    MATCHED_ROWS,
     RunSpec,
     _row,
     aggregate,
@@ -43,7 +45,8 @@ OnRun = Callable[[int, int, str, int], Hooks]
 class BenchPlan:
     """What to run. ``target_flops``: one target for every policy that can be set to one, at the
     same steps; ``targets``: several, for curves (exclusive with ``target_flops``); ``matched``: a
-    compute-matched full fine-tuning run after each ``alast`` run; ``cost_model``: the file the
+    compute-matched full fine-tuning run after each ``alast`` run and a compute-matched LoRA run
+    after each ``alast+lora`` run (:data:`~alast.bench_runs.MATCHED_ROWS`); ``cost_model``: the file the
     targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``."""
 
     base: AlastConfig
@@ -67,8 +70,9 @@ class BenchPlan:
             check_policy_name(name, "--policies")
         if self.targets is not None and self.target_flops is not None:
             raise ValueError("give either --target-flops (one target) or --targets (curves), not both")
-        if self.matched and "alast" not in self.policies:
-            raise ValueError("--matched matches full fine-tuning to the alast run's FLOPs: add alast to --policies")
+        if self.matched and not self.matched_policies:
+            raise ValueError("--matched matches full fine-tuning to the alast run's FLOPs and LoRA to the alast+lora "
+                             "run's: add alast to --policies, or alast+lora")
         if (self.matched or self.targets) and self.base.backend.count_flops == "off":
             raise ValueError("--matched and --targets compare counted FLOPs, but backend.count_flops is off; "
                              "drop --set backend.count_flops=off (or pass --no-matched)")
@@ -80,9 +84,14 @@ class BenchPlan:
         self.runs = curve_runs(self.policies, self.seeds, tuple(self.targets), self.base_steps)
 
     @property
+    def matched_policies(self) -> list[str]:
+        """The policies of ``policies`` that a compute-matched row follows (alast, alast+lora)."""
+        return [p for p in MATCHED_ROWS if p in self.policies]
+
+    @property
     def rows(self) -> list[str]:
-        """Row names of the same-steps table."""
-        return self.policies + ([MATCHED] if self.matched else [])
+        """Row names of the same-steps table: the policies, then the compute-matched rows."""
+        return self.policies + ([MATCHED_ROWS[p][0] for p in self.matched_policies] if self.matched else [])
 
     def manifest(self) -> dict[str, Any]:
         """What ``bench.json`` records: the arguments that decide the runs, and the base config."""
@@ -155,7 +164,8 @@ def _show(value: Any) -> str:
 
 def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver | None = None,
               on_reused: Callable[[int, int, str, int], None] | None = None) -> dict[str, Any]:
-    """Run ``plan`` (a ``full@matched`` run right after each alast run when ``plan.matched``); write
+    """Run ``plan`` (when ``plan.matched``, a ``full@matched`` run right after each alast run and a
+    ``lora@matched`` run right after each alast+lora run); write
     ``bench.json``, ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over
     targets) under ``plan.out``; return what ``results.json`` holds. With ``plan.resume``, a finished
     run is read back (``on_reused`` is told) and an interrupted one continues from its checkpoint."""
@@ -169,7 +179,7 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
     todo = [r for r in plan.runs if _skip_reason(plan, r, unreachable) is None]  # the progress counts these
-    total = len(todo) + (sum(r.policy == "alast" for r in todo) if plan.matched else 0)
+    total = len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
         why = _skip_reason(plan, spec, unreachable)
@@ -186,8 +196,9 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
 
     for spec in plan.runs:
         summary = execute(spec)
-        if plan.matched and spec.policy == "alast" and "skipped" not in summary:
-            execute(RunSpec("full", spec.seed, spec.target, MATCHED, matched_steps(summary)))
+        if plan.matched and spec.policy in MATCHED_ROWS and "skipped" not in summary:
+            row, policy, _ = MATCHED_ROWS[spec.policy]
+            execute(RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row)))
     if plan.targets is not None:
         from alast.bench_curves import write_curve_outputs
 
@@ -203,7 +214,9 @@ def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
     that what would refuse a later run (LoRA on the ort backend, a bad ``policy.lora.targets``, a
     policy option) stops the bench before the first run trains, not after the runs before it.
     A runtime is built once per LoRA setting and embedding freezing (all it reads of a policy); a
-    planner under a FLOPs target is built once the target is solved (:func:`_solve_up_front`).
+    planner under a FLOPs target is built once the target is solved (:func:`_solve_up_front`). The
+    policy of each compute-matched row ``plan.matched`` adds (``lora`` after alast+lora) is checked
+    too, though it is not among ``--policies``.
     Returns each policy's (blocks, whether the head reads only the prefix tokens)."""
     from alast.models import create_model
     from alast.training.build import build_planner, create_runtime
@@ -211,7 +224,10 @@ def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
 
     built: dict[str, tuple[int, bool]] = {}
     shapes: dict[str, tuple[int, bool]] = {}
-    for spec in {(s.policy, s.target if s.solve else None): s for s in plan.runs}.values():
+    specs = {(s.policy, s.target if s.solve else None): s for s in plan.runs}
+    for row, policy, _ in (MATCHED_ROWS[p] for p in plan.matched_policies if plan.matched):
+        specs.setdefault((policy, None), RunSpec(policy, plan.seeds[0] if plan.seeds else 0, label=row))
+    for spec in specs.values():
         cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(),
                             spec.target if spec.solve else None, spec.steps)
         key = json.dumps([cfg.policy.lora and cfg.policy.lora.model_dump(), cfg.policy.embeddings_frozen])

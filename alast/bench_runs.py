@@ -7,23 +7,31 @@ Pure functions on numbers and summaries (no torch), so the bench's arithmetic is
   not favour the policy that always runs first.
 * Step counts: a compute-matched full fine-tuning run (``full@matched``) takes
   ``round(steps * train_flops / full_ft_train_flops)`` steps of the ALaST run it matches, from that
-  run's counted FLOPs; full fine-tuning "by steps" at target t (``full@steps``) takes
-  ``round(steps * t)``. Rounding is half up (2.5 -> 3), not Python's half to even. The
-  learning-rate schedule follows the shorter step count as in any run.
+  run's counted FLOPs; a compute-matched LoRA run (``lora@matched``, after an ``alast+lora`` run)
+  takes ``round(train_flops / every_token_step_flops)``, the counted cost of one step of the same
+  LoRA model on every block and token (a LoRA step computes no weight gradients for the frozen
+  base, so it costs less than a full fine-tuning step); full fine-tuning "by steps" at target t
+  (``full@steps``) takes ``round(steps * t)``. Rounding is half up (2.5 -> 3), not Python's half
+  to even. The learning-rate schedule follows the shorter step count as in any run.
 * Targets: every policy but ``full`` and the fixed-cost ones has its knobs solved for a target; a
   counted ratio more than :data:`TARGET_TOLERANCE` (relative) off its target is flagged, not called
   the same cost.
 * Comparison: the mean accuracy difference of two rows and whether it exceeds their pooled std.
-* The same-steps table: rows aggregated over seeds, costs as ratios to full, the verdicts, markdown.
+* The same-steps table: rows aggregated over seeds, costs as ratios to full (the ``full`` row, for
+  the matched rows too), the verdicts, markdown.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 MATCHED = "full@matched"
+LORA_MATCHED = "lora@matched"
+# the policy whose runs a compute-matched row follows -> (that row, the policy it runs, its result key)
+MATCHED_ROWS = {"alast": (MATCHED, "full", "matched"), "alast+lora": (LORA_MATCHED, "lora", "lora_matched")}
 BY_STEPS = "full@steps"
 FIXED_COST = ("lora",)  # no FLOPs knob and no step change: one point at its own cost
 TARGET_TOLERANCE = 0.03  # a counted FLOPs ratio this far (relative) from its target is not "at" it
@@ -48,7 +56,8 @@ class RunSpec(NamedTuple):
 
     @property
     def name(self) -> str:
-        """The row the run reports to: the label (``full@matched``, ``full@steps``) or the policy."""
+        """The row the run reports to: the label (``full@matched``, ``lora@matched``, ``full@steps``)
+        or the policy."""
         return self.label or self.policy
 
     def dir_name(self) -> str:
@@ -123,9 +132,19 @@ def off_target_text(off: float) -> str:
     return f"{100 * abs(off):.1f}% {'under' if off < 0 else 'over'} the target"
 
 
-def matched_steps(summary: dict[str, Any]) -> int:
-    """Steps of full fine-tuning whose counted FLOPs equal those of the run ``summary`` describes:
-    ``round(steps * train_flops / full_ft_train_flops)`` (full fine-tuning costs the same each step)."""
+def matched_steps(summary: dict[str, Any], row: str = MATCHED) -> int:
+    """Steps of the compute-matched ``row`` whose counted FLOPs equal those of the run ``summary``
+    describes. ``full@matched``: ``round(steps * train_flops / full_ft_train_flops)`` (full
+    fine-tuning costs the same each step). ``lora@matched``: ``round(train_flops /
+    every_token_step_flops)``, the counted cost of one LoRA step on every block and token, worked
+    out exactly on the counted figures (no float rounding at a half)."""
+    if row == LORA_MATCHED:
+        flops, step = summary.get("train_flops"), summary.get("every_token_step_flops")
+        if not flops or not step:
+            raise ValueError(f"a compute-matched LoRA run needs the {summary.get('policy')} run's counted FLOPs, but "
+                             f"its summary has train_flops={flops}, every_token_step_flops={step} (a run from before "
+                             "this count, or with backend.count_flops off); keep backend.count_flops on")
+        return max(1, math.floor(Fraction(flops) / Fraction(step) + Fraction(1, 2)))
     flops, full, steps = summary.get("train_flops"), summary.get("full_ft_train_flops"), summary.get("steps")
     if not flops or not full or not steps:
         raise ValueError(f"a compute-matched run needs the {summary.get('policy')} run's counted FLOPs, but its "
@@ -171,7 +190,8 @@ def _row(r: dict[str, Any]) -> str:
 
 def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, Any]:
     """One entry per row (policy, or label such as ``full@matched``): accuracy mean and std over
-    seeds, mean costs and their ratios to ``full``; ``matched``: alast against ``full@matched``."""
+    seeds, mean costs and their ratios to ``full``; ``matched``: alast against ``full@matched``;
+    ``lora_matched``: alast+lora against ``lora@matched``."""
     out: dict[str, Any] = {"policies": {}}
     for policy in policies:
         rs = [r for r in results if _row(r) == policy and "skipped" not in r]
@@ -195,29 +215,33 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
         e["speedup_vs_full"] = (full["median_step_time_s"] / e["median_step_time_s"]) if e.get("median_step_time_s") else None
         fr = e.get("train_flops_ratio")
         e["speedup_share_of_flop_bound"] = (e["speedup_vs_full"] / (1 / fr)) if fr and e["speedup_vs_full"] else None
-    out["matched"] = _matched_comparison(results, out["policies"]) if MATCHED in policies else None
+    for policy, (row, _, key) in MATCHED_ROWS.items():
+        out[key] = _matched_comparison(results, out["policies"], policy, row) if row in policies else None
     out["same_steps"] = _same_steps_comparison(results, out["policies"]) if "alast" in policies else None
-    first = next((r for r in results if _row(r) != MATCHED and "skipped" not in r), {})
+    matched_rows = {row for row, _, _ in MATCHED_ROWS.values()}
+    first = next((r for r in results if _row(r) not in matched_rows and "skipped" not in r), {})
     out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
     return out
 
 
-def _matched_comparison(results: list[dict[str, Any]], rows: dict[str, Any]) -> dict[str, Any] | None:
-    """alast against full fine-tuning at the same counted FLOPs, with a one-line verdict that shows
-    both FLOPs ratios and flags a matched run more than 3% off alast's FLOPs (too few steps to match)."""
-    a = [r["val_accuracy"] for r in results if _row(r) == "alast" and "skipped" not in r]
-    b = [r["val_accuracy"] for r in results if _row(r) == MATCHED]
-    if not a or not b:
+def _matched_comparison(results: list[dict[str, Any]], rows: dict[str, Any], policy: str = "alast",
+                        row: str = MATCHED) -> dict[str, Any] | None:
+    """``policy`` (alast, alast+lora) against its compute-matched ``row`` (full@matched, lora@matched)
+    at the same counted FLOPs, with a one-line verdict that shows both FLOPs ratios (to full) and
+    flags a matched run more than 3% off the policy's FLOPs (too few steps to match)."""
+    a = [r["val_accuracy"] for r in results if _row(r) == policy and "skipped" not in r]
+    b = [r["val_accuracy"] for r in results if _row(r) == row and "skipped" not in r]
+    if not a or not b or policy not in rows:
         return None
     c = compare(a, b)
-    ra, rb = rows["alast"].get("train_flops_ratio"), rows[MATCHED].get("train_flops_ratio")
-    c["flops_ratios"] = {"alast": ra, MATCHED: rb}
+    ra, rb = rows[policy].get("train_flops_ratio"), rows[row].get("train_flops_ratio")
+    c["flops_ratios"] = {policy: ra, row: rb}
     off = off_target(rb, ra)
     c["off_target"] = off
-    flag = (f"; {MATCHED} {100 * abs(off):.1f}% {'under' if off < 0 else 'over'} alast's FLOPs: not the same cost"
+    flag = (f"; {row} {100 * abs(off):.1f}% {'under' if off < 0 else 'over'} {policy}'s FLOPs: not the same cost"
             if off is not None else "")
-    c["line"] = (f"Compute-matched: alast {100 * c['a_mean']:.2f}% at {_x(ra)} vs {MATCHED} {100 * c['b_mean']:.2f}% "
-                 f"at {_x(rb)} ({c['diff'] * 100:+.2f} pts{flag}): alast is {judgement(c)}.")
+    c["line"] = (f"Compute-matched: {policy} {100 * c['a_mean']:.2f}% at {_x(ra)} vs {row} {100 * c['b_mean']:.2f}% "
+                 f"at {_x(rb)} ({c['diff'] * 100:+.2f} pts{flag}): {policy} is {judgement(c)}.")
     return c
 
 
@@ -281,4 +305,7 @@ def markdown_table(table: dict[str, Any]) -> str:
     if table.get("matched"):
         text += (f"\n`{MATCHED}`: full fine-tuning for fewer steps, as many as cost the alast run's counted FLOPs "
                  f"(same seed). {table['matched']['line']}\n")
+    if table.get("lora_matched"):
+        text += (f"\n`{LORA_MATCHED}`: LoRA (every block, every token) for fewer steps, as many as cost the "
+                 f"alast+lora run's counted FLOPs (same seed and LoRA settings). {table['lora_matched']['line']}\n")
     return text

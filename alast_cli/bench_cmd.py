@@ -1,5 +1,6 @@
 """`alast bench`: the paper's comparison in one command, at the same steps, at equal counted FLOPs
-(``--matched``) and as accuracy-versus-FLOPs curves over several targets (``--targets``)."""
+(``--matched``: full fine-tuning matched to each alast run, LoRA to each alast+lora run) and as
+accuracy-versus-FLOPs curves over several targets (``--targets``)."""
 from __future__ import annotations
 
 import functools
@@ -79,6 +80,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     import time
 
     from alast.bench import BenchPlan, run_bench
+    from alast.bench_runs import MATCHED_ROWS
     from alast.training.rundir import Interrupted
 
     from .render import console, make_progress, training_hooks
@@ -104,8 +106,8 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         from alast.planning.plan import load_cost_model_for
 
         load_cost_model_for(cfg, cost_model)
-    if matched is None:  # default: on under one FLOPs target, where the compute-matched row answers it
-        matched = target is not None and "alast" in names
+    if matched is None:  # default: on under one FLOPs target, where the compute-matched rows answer it
+        matched = target is not None and any(p in MATCHED_ROWS for p in names)
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets,
                      cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume)
@@ -164,7 +166,7 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
     for policy, e in table["policies"].items():
         t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in columns])
     console.print(t)
-    for key in ("same_steps", "matched"):
+    for key in ("same_steps", "matched", "lora_matched"):
         if table.get(key):
             console.print(table[key]["line"])
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
@@ -202,7 +204,8 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
               "--target-flops): each policy at each target, full fine-tuning by steps (round(steps x target))")
 @click.option("--matched/--no-matched", default=None,
               help="after each alast run, full fine-tuning for the steps that cost the same counted FLOPs "
-                   "(row full@matched); default: on with --target-flops, off otherwise")
+                   "(row full@matched), and after each alast+lora run, LoRA on every block and token for the "
+                   "steps that cost the same (row lora@matched); default: on with --target-flops, off otherwise")
 @click.option("--out", type=click.Path(path_type=Path), help="output directory (default bench/<time>)")
 @click.option("--resume", is_flag=True, help="finish the interrupted bench in --out (same arguments): finished "
               "runs are read back, an interrupted one continues from its checkpoint")

@@ -17,6 +17,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     full_step = runtime.full_ft_step_flops(cfg.train.batch_size // ws)
     train_flops = tally.counted_flops * ws if counted_all else None
     full = full_step * steps * ws if full_step is not None and counted_all else None
+    every_token = _every_token_step_flops(runtime, cfg.train.batch_size // ws) if counted_all else None
     sent = tally.allreduce_bytes
     return {
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
@@ -24,6 +25,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
         **_deployment(cfg, metrics),
         "train_flops": train_flops, "full_ft_train_flops": full,
+        "every_token_step_flops": every_token * ws if every_token is not None else None,
         "flops_ratio_vs_full": (train_flops / full) if train_flops and full else None,
         "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
                          "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
@@ -40,6 +42,14 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
     }
+
+
+def _every_token_step_flops(runtime, batch_size: int) -> float | None:
+    """Counted flops of one step of the run's own model (LoRA adapters on, trained as LoRA trains
+    them) on every token and every block, per process; None on a runtime that does not count it
+    (the ort backend, which takes no LoRA: there it would equal a full fine-tuning step)."""
+    count = getattr(runtime, "every_token_step_flops", None)
+    return count(batch_size) if count is not None else None
 
 
 def _memory_method(runtime, peak: float | None) -> str | None:

@@ -17,7 +17,8 @@ from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
 from .memory import default_memory_probe, frozen_aware_mem_tracker
-from .params import apply_lora, embedding_parameters, is_adapter, make_optimizer, parameter_counts, timm_model
+from .params import (apply_lora, embedding_parameters, input_channels, is_adapter, make_optimizer, parameter_counts,
+                     timm_model)
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .tokens import check_token_choice
@@ -103,6 +104,7 @@ class TorchRuntime:
             self.patch.compile_blocks()
         self._peak_bytes: int | None = None
         self._full_step_flops: dict[int, float] = {}  # by batch size: shapes alone decide the count
+        self._every_token_flops: dict[int, float] = {}  # the same, of the run's own model (LoRA)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -267,25 +269,57 @@ class TorchRuntime:
         per batch size (the TensorBoard log and the summary both ask)."""
         if self.count_flops == "off":
             return None
-        if batch_size in self._full_step_flops:
-            return self._full_step_flops[batch_size]
-        # With LoRA the reference is full fine-tuning of the plain model: adapters off.
-        no_adapters = getattr(self.model, "disable_adapter", None)
-        adapters_off = no_adapters() if no_adapters is not None else contextlib.nullcontext()
-        img = self.timm_model.patch_embed.img_size
-        with (
-            grad_flags_restored(self.model.parameters(), clear_grads=True) as params,
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
-        ):
-            x = torch.randn(batch_size, 3, img[0], img[1], device=self.device)
-            for p in params:
-                if p.is_floating_point():
-                    p.requires_grad_(not is_adapter(p, self.model) if no_adapters else True)
-            self.model.train()
-            with adapters_off, counter() as fc, self._autocast():
-                self.model(x).float().sum().backward()
-        self._full_step_flops[batch_size] = float(fc.get_total_flops())
+        if batch_size not in self._full_step_flops:
+            # With LoRA the reference is full fine-tuning of the plain model: adapters off.
+            lora = self._has_lora()
+            self._full_step_flops[batch_size] = self._count_step(
+                batch_size, lambda p: not is_adapter(p, self.model) if lora else True, adapters_off=True)
         return self._full_step_flops[batch_size]
+
+    def every_token_step_flops(self, batch_size: int) -> float | None:
+        """Counted flops of one step of this run's own model training every block on every token at
+        this batch size: under LoRA the adapters on, and trained as LoRA trains them (the adapters and
+        the classifier, the base weights frozen), which is what a ``lora`` run's every step costs;
+        without LoRA, :meth:`full_ft_step_flops`. State, grads, flags and RNG are left as they were;
+        counted once per batch size."""
+        if self.count_flops == "off":
+            return None
+        if not self._has_lora():
+            return self.full_ft_step_flops(batch_size)
+        if batch_size not in self._every_token_flops:
+            trained = {id(p) for p in (*self.embed_params, *(p for ps in self.block_params for p in ps),
+                                       *self.other_params)}
+            self._every_token_flops[batch_size] = self._count_step(batch_size, lambda p: id(p) in trained,
+                                                                   adapters_off=False)
+        return self._every_token_flops[batch_size]
+
+    def _has_lora(self) -> bool:
+        return getattr(self.model, "disable_adapter", None) is not None
+
+    def _count_step(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool) -> float:
+        """Counted flops of one forward and backward on every token of a random batch, with each
+        floating-point parameter's ``requires_grad`` set by ``trained`` (and LoRA's adapters off where
+        ``adapters_off``); every flag, the grads (none after a step) and the RNG are put back. The
+        blocks run eagerly, as in a counted step, so that the counter sees every op."""
+        adapters = self.model.disable_adapter() if adapters_off and self._has_lora() else contextlib.nullcontext()
+        img = self.timm_model.patch_embed.img_size
+        ctl = self.patch.control
+        eager, ctl.eager = ctl.eager, True
+        try:
+            with (
+                grad_flags_restored(self.model.parameters(), clear_grads=True) as params,
+                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            ):
+                x = torch.randn(batch_size, input_channels(self.timm_model), img[0], img[1], device=self.device)
+                for p in params:
+                    if p.is_floating_point():
+                        p.requires_grad_(trained(p))
+                self.model.train()
+                with adapters, counter() as fc, self._autocast():
+                    self.model(x).float().sum().backward()
+        finally:
+            ctl.eager = eager
+        return float(fc.get_total_flops())
 
     # -- evaluation, state, export -----------------------------------------------------------
     @torch.no_grad()

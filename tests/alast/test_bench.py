@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import alast.bench as bench_module
 from alast.bench import BenchPlan, aggregate
-from alast.bench_runs import MATCHED, matched_steps
+from alast.bench_runs import LORA_MATCHED, MATCHED, RunSpec, matched_steps
 from alast.config import load_config
 from alast_cli.main import cli
 
@@ -300,3 +300,117 @@ def test_progress_counts_only_the_runs_that_train_and_skips_advise_benchs_option
     raw = [json.loads(line) for line in (tmp_path / "b" / "raw.jsonl").read_text().splitlines()]
     why = next(r["skipped"] for r in raw if r.get("skipped") and r["policy"] == "alast")
     assert "ask for --targets 0." in why and "--policy" not in why and "--target-flops" not in why, why
+
+
+def test_lora_matched_steps_are_the_alast_lora_runs_counted_flops_over_one_lora_step():
+    """A LoRA step on every token costs less than full fine-tuning's: lora@matched takes
+    round(train_flops / every_token_step_flops) steps, rounded half up, exactly on the counted figures."""
+    run = {"policy": "alast+lora", "steps": 150, "train_flops": 4.13e12, "full_ft_train_flops": 10.0e12,
+           "every_token_step_flops": 0.05e12}
+    assert matched_steps(run, LORA_MATCHED) == 83  # 4.13 / 0.05 = 82.6; full@matched would take 62
+    assert matched_steps(run) == 62
+    assert matched_steps({**run, "train_flops": 2.5, "every_token_step_flops": 1.0}, LORA_MATCHED) == 3  # half up
+    assert matched_steps({**run, "train_flops": 1.0}, LORA_MATCHED) == 1  # never zero steps
+    # 2.4999999999999998..: the float quotient rounds to 2.5 (3 steps); the counted figures give 2
+    assert matched_steps({**run, "train_flops": 7500000000000002.0, "every_token_step_flops": 3000000000000001.0},
+                         LORA_MATCHED) == 2
+    for missing in ({"every_token_step_flops": None}, {"train_flops": None}):
+        with pytest.raises(ValueError, match="counted FLOPs.*every_token_step_flops"):
+            matched_steps({**run, **missing}, LORA_MATCHED)
+    assert RunSpec("lora", 1, 0.5, LORA_MATCHED, 7).dir_name() == "lora-matched-t0.5-seed1"
+    assert RunSpec("lora", 1, None, LORA_MATCHED, 7).dir_name() == "lora-matched-seed1"
+
+
+def test_lora_matched_follows_each_alast_lora_run_and_is_counted_in_the_progress(tmp_path, monkeypatch):
+    """--matched with alast+lora adds lora@matched right after it (lora needs not be in --policies):
+    LoRA with the same adapters for the steps of the alast+lora run's counted FLOPs; the progress
+    counts it, the table has the row (ratios to full) and the verdict sits beside alast's."""
+    from pathlib import Path
+
+    from alast_cli import bench_cmd
+    from alast_cli.render import console
+
+    base = load_config(None, ["train.steps=10", "train.batch_size=4", "backend.threads=1", "policy.lora.rank=2"])
+    per_step = {"full": 10.0, "alast": 5.0, "alast+lora": 3.5, "lora": 7.0}  # a LoRA step on every token: 7
+    accuracy = {"full": 0.9, "alast": 0.85, "alast+lora": 0.8, "lora": 0.75}
+    trained = []
+
+    def fake_train(cfg, run_dir, **kw):
+        name, steps = cfg.policy.name, cfg.train.steps
+        trained.append((run_dir.name, name, steps, cfg.policy.lora))
+        lora = cfg.policy.lora is not None
+        return {"policy": name, "steps": steps, "val_accuracy": accuracy[name] - 0.01 * (steps < 10),
+                "train_flops": per_step[name] * steps, "full_ft_train_flops": 10.0 * steps,
+                "every_token_step_flops": 7.0 if lora else 10.0}
+
+    monkeypatch.setattr(bench_module, "train", fake_train)
+    plan = BenchPlan(base, ["full", "alast+lora", "alast"], [0], tmp_path / "b", matched=True)
+    headers = []
+    table = bench_module.run_bench(plan, on_run=lambda i, n, name, seed: headers.append((i + 1, n, name)) or None)
+    assert headers == [(1, 5, "full"), (2, 5, "alast+lora"), (3, 5, LORA_MATCHED), (4, 5, "alast"), (5, 5, MATCHED)]
+    assert [t[:3] for t in trained] == [("full-seed0", "full", 10), ("alast-lora-seed0", "alast+lora", 10),
+                                        ("lora-matched-seed0", "lora", 5),  # 35 / 7
+                                        ("alast-seed0", "alast", 10), ("full-matched-seed0", "full", 5)]
+    assert trained[2][3] == base.policy.lora and trained[2][3].rank == 2  # the alast+lora run's adapters
+    assert list(table["policies"]) == ["full", "alast+lora", "alast", MATCHED, LORA_MATCHED]
+    row = table["policies"][LORA_MATCHED]
+    assert row["steps"] == 5 and row["train_flops_ratio"] == 0.35  # to the full row: 35 / 100
+    line = table["lora_matched"]["line"]
+    assert line == ("Compute-matched: alast+lora 80.00% at 0.350x vs lora@matched 74.00% at 0.350x (+6.00 pts): "
+                    "alast+lora is above (one seed on a side: no spread to judge by)."), line
+    assert table["matched"]["line"].startswith("Compute-matched: alast 85.00% at 0.500x vs full@matched 89.00% at ")
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert line in md and table["matched"]["line"] in md and "| lora@matched | 5 |" in md
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["lora_matched"]["line"] == line
+    with console.capture() as cap:
+        bench_cmd._render_table(table, Path("bench/x"))
+    text = " ".join(cap.get().split())
+    assert line in text and table["matched"]["line"] in text
+
+
+def test_matched_without_alast_or_alast_lora_is_refused(tmp_path):
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,lora,tokens", "--matched", "--steps", "2",
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert "add alast to --policies, or alast+lora" in res.stderr
+    assert not (tmp_path / "b").exists()
+
+
+LORA_ARGS = ["bench", "--policies", "full,lora,alast+lora", "--target-flops", "0.5", "--steps", "4", "--batch-size",
+             "8", "--set", "backend.threads=1", "--set", "policy.lora.rank=2"]
+
+
+def test_a_target_bench_with_alast_lora_matches_lora_to_its_counted_flops(tmp_path, monkeypatch):
+    """--target-flops with alast+lora turns --matched on: lora@matched, right after alast+lora, costs
+    the alast+lora run's counted FLOPs within 3% (else the verdict says it is not the same cost),
+    every step of it what the summary counts a LoRA step on every token; a resume reads it back."""
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(cli, [*LORA_ARGS, "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "bench.json").read_text())["matched"] is True
+    raw = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
+    labels = [r["label"] for r in raw]
+    assert labels[labels.index("alast+lora") + 1] == LORA_MATCHED and MATCHED not in labels
+    full, lora, al, lm = (raw[labels.index(k)] for k in ("full", "lora", "alast+lora", LORA_MATCHED))
+    assert lm["policy"] == "lora" and lm["seed"] == al["seed"] and lm["run_dir"].endswith("lora-matched-t0.5-seed0")
+    step = al["every_token_step_flops"]
+    assert 0 < step < full["full_ft_train_flops"] / full["steps"]  # no weight gradients for the frozen base
+    assert full["every_token_step_flops"] == full["full_ft_train_flops"] / full["steps"]  # no LoRA: full's step
+    assert lora["every_token_step_flops"] == lm["every_token_step_flops"] == step
+    assert lora["train_flops"] == lora["steps"] * step and lm["train_flops"] == lm["steps"] * step
+    assert lm["steps"] == matched_steps(al, LORA_MATCHED) and abs(lm["steps"] - al["train_flops"] / step) <= 0.5
+    off = lm["train_flops"] / al["train_flops"] - 1
+    line = table["lora_matched"]["line"]
+    assert line.startswith("Compute-matched: alast+lora ") and " vs lora@matched " in line
+    assert ("not the same cost" in line) == (abs(off) > 0.03), (off, line)
+    row = table["policies"][LORA_MATCHED]
+    assert row["steps"] == lm["steps"] and row["train_flops_ratio"] == lm["train_flops"] / full["train_flops"]
+    assert table["matched"] is None and line in (out / "results.md").read_text()
+
+    trained = []
+    monkeypatch.setattr(bench_module, "train", lambda cfg, run_dir, **kw: trained.append(run_dir.name))
+    res = CliRunner().invoke(cli, [*LORA_ARGS, "--out", str(out), "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert trained == [] and "lora@matched at 0.5x, seed 0: finished before, read back" in res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["lora_matched"]["line"] == line

@@ -73,6 +73,46 @@ def test_full_ft_count_leaves_state_untouched(batch):
     assert torch.equal(rng, torch.get_rng_state())
 
 
+LORA = dict(rank=2, alpha=4.0, dropout=0.0, targets=["qkv"])
+
+
+def test_every_token_step_flops_is_what_a_lora_step_on_every_token_counts(batch):
+    """Under LoRA a step on every block and token computes no weight gradients for the frozen base:
+    it costs less than full fine-tuning's, and exactly what the run counts for such a step (what
+    lora@matched is sized by). Without LoRA it is full fine-tuning's step."""
+    x, y = batch
+    plain = make_runtime()
+    assert plain.every_token_step_flops(6) == plain.full_ft_step_flops(6)
+    rt = make_runtime(lora=LORA)
+    every, full = rt.every_token_step_flops(6), rt.full_ft_step_flops(6)
+    assert full == plain.full_ft_step_flops(6) and 0 < every < full
+    res = rt.train_step(x, y, Budget((1.0,) * 4, (True,) * 4), 1e-3, 0)
+    again = rt.train_step(x, y, Budget((1.0,) * 4, (True,) * 4), 1e-3, 1)  # from the per-block cache
+    assert res.train_flops == again.train_flops == every
+    assert rt.every_token_step_flops(3) < every  # per batch size
+    assert rt._every_token_flops == {6: every, 3: rt.every_token_step_flops(3)}  # counted once each
+    assert make_runtime(lora=LORA, count_flops="off").every_token_step_flops(6) is None
+
+
+def test_every_token_count_leaves_state_untouched(batch):
+    x, y = batch
+    rt = make_runtime(lora=LORA)
+    rt.train_step(x, y, Budget((0.5,) * 4, (True, False, True, False)), 1e-3, 0)
+    flags = [p.requires_grad for p in rt.model.parameters()]
+    params = [p.detach().clone() for p in rt.model.parameters()]
+    moments = {id(p): {k: v.clone() for k, v in st.items()} for p, st in rt.optimizer.state.items()}
+    rng, eager = torch.get_rng_state(), rt.patch.control.eager
+    rt.every_token_step_flops(6)
+    assert flags == [p.requires_grad for p in rt.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params, rt.model.parameters()))
+    assert all(p.grad is None for p in rt.model.parameters())
+    assert torch.equal(rng, torch.get_rng_state()) and rt.patch.control.eager == eager
+    assert {id(p) for p in rt.optimizer.state} == set(moments)
+    assert all(torch.equal(v, moments[id(p)][k]) for p, st in rt.optimizer.state.items() for k, v in st.items())
+    res = rt.train_step(x, y, Budget((0.5,) * 4, (True, False, True, False)), 1e-3, 1)
+    assert res.trained_blocks == (0, 2) and all(p.grad is None for p in rt.block_params[1])
+
+
 def test_grad_flags_are_restored_when_the_measurement_fails():
     from runtimes.torch_backend.flops import grad_flags_restored
 
