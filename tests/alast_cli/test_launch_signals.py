@@ -137,7 +137,8 @@ class NprocRun:
         self.marks.mkdir()
         (hook / "sitecustomize.py").write_text(PAUSE)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]), OMP_NUM_THREADS="1",
-                   ALAST_TEST_PAUSE=stage, ALAST_TEST_MARKS=str(self.marks))
+                   ALAST_TEST_PAUSE=stage, ALAST_TEST_MARKS=str(self.marks),
+                   TMPDIR=str(tmp_path))  # a launcher killed by SIGKILL leaves its rank-error folder there
         # output to a file, not a pipe: waiting for a pipe's end would wait for every worker
         self.stderr = tmp_path / "stderr"
         with self.stderr.open("w") as err:
