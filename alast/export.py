@@ -123,7 +123,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
-        raise ExportError(f"cannot read {path} ({exc.__class__.__name__}); the weights file is corrupt") from None
+        raise ExportError(f"cannot read {path} ({exc.__class__.__name__}); the weights file is corrupt: restore "
+                          "it from a copy, or train the run again") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -242,6 +243,9 @@ def export_run(run_dir: Path, out: Path, *, atol: float | None = None, opset: in
 
 
 # -- ONNX evaluation -----------------------------------------------------------------------------
+_ONNX_OR_RUN = "pass a run directory or a model written by `alast export`"
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The alast metadata of an ONNX model (prefix stripped), or :class:`ExportError`."""
     import onnx
@@ -252,9 +256,9 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # protobuf DecodeError and friends
-        raise ExportError(f"{path} is not an ONNX model") from None
+        raise ExportError(f"{path} is not an ONNX model; {_ONNX_OR_RUN}") from None
     if len(model.graph.node) == 0:
-        raise ExportError(f"{path} is not an ONNX model (no graph)")
+        raise ExportError(f"{path} is not an ONNX model (no graph); {_ONNX_OR_RUN}")
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     if "input_size" not in meta:
         raise ExportError(f"{path} has no alast preprocessing metadata; export it with `alast export`")

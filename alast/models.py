@@ -83,9 +83,13 @@ def build_demo_model(num_classes: int, pretrained: bool = True, **overrides: Any
     return build_shipped_model(DEMO_MODEL, num_classes, pretrained, **overrides)
 
 
+def _not_found(path: Path) -> str:
+    return f"checkpoint not found: {path}; pass the path of a weights file (.safetensors/.pth/.bin), or drop --checkpoint"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise ModelError(f"checkpoint not found: {path}")
+        raise ModelError(_not_found(path))
     if path.is_dir():
         raise ModelError(f"checkpoint {path} is a directory; pass the weights file in it (.safetensors/.pth)")
     try:
@@ -176,7 +180,7 @@ def _check_architecture(name: str, img_size: int | None) -> None:
     with torch.device("meta"):  # the architecture only: no weights allocated or initialised
         arch = timm.create_model(name, pretrained=False, num_classes=0)
     check_patchable(arch)
-    if img_size:
+    if img_size is not None:
         _check_img_size(name, img_size, max(arch.patch_embed.patch_size), max(arch.patch_embed.img_size))
 
 
@@ -192,7 +196,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         raise ModelError(f"checkpoint {checkpoint} is a directory; pass the weights file in it (.safetensors/.pth)")
     if name in SHIPPED_MODELS:
         _check_img_size(name, img_size, SHIPPED_MODELS[name].arch["patch_size"], SHIPPED_MODELS[name].arch["img_size"])
-        extra = {"img_size": img_size} if img_size else {}
+        extra = {"img_size": img_size} if img_size is not None else {}
         use_shipped = checkpoint is None and pretrained is not False
         model = build_shipped_model(name, num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate,
                                     **extra)
@@ -206,11 +210,11 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; use a timm ViT/DeiT name such as vit_base_patch16_224")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
-    if img_size:
+    if img_size is not None:
         kwargs["img_size"] = img_size
     if checkpoint is not None:
         if not Path(checkpoint).exists():
-            raise ModelError(f"checkpoint not found: {checkpoint}")
+            raise ModelError(_not_found(checkpoint))
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
         pretrained = True
     _check_architecture(name, img_size)
