@@ -82,6 +82,14 @@ def torchvision_data(name: str, data_dir: Path | None, download: bool, transform
     return DataBundle(Subset(val, []) if for_eval else train, val, classes)
 
 
+def _remove_if_no_files(root: Path) -> None:
+    """Remove ``root`` (which a failed download created) where it holds folders alone, no file."""
+    if root.is_dir() and not any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+        for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        root.rmdir()
+
+
 class _TorchvisionSplits:
     """The splits of torchvision dataset class ``cls`` (named ``name``) under ``root``: the arguments
     it takes, the split names to pass, and one line for each error torchvision raises.
@@ -123,6 +131,7 @@ class _TorchvisionSplits:
             kw["train"] = train
         if split is not None:
             kw["split"] = split
+        created = not Path(self.root).exists()
         try:
             return self.cls(**kw)
         except (RuntimeError, FileNotFoundError) as exc:  # "Dataset not found or corrupted...", USPS's missing file
@@ -132,6 +141,14 @@ class _TorchvisionSplits:
                 hint = "" if self.download else " or pass --set data.download=true (needs internet)"
             raise DataError(f"torchvision:{self.name} not found under {self.root} ({first_line(exc)}); "
                             f"put it there{hint}") from None
+        except OSError as exc:  # the download: no network, a proxy, a server gone (URLError, socket errors)
+            if not self.download:
+                raise
+            if created:
+                _remove_if_no_files(Path(self.root))
+            raise DataError(f"could not download torchvision:{self.name} ({first_line(exc)}); download it where the "
+                            f"internet is reachable and put its files under {self.root} as torchvision lays them "
+                            "out, then run without data.download") from None
         except ImportError as exc:  # LSUN reads lmdb files
             package = (exc.name or "").split(".")[0]
             raise DataError(f"torchvision:{self.name} needs the Python package {package or first_line(exc)}; "

@@ -24,6 +24,7 @@ from alast.data import DataBundle, StepBatchSampler, check_batch_size, eval_batc
 from alast.models import initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
+from runtimes.torch_backend.runtime import resolve_device
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
 from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir, release_run_dir
@@ -177,6 +178,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
 
     data, data_cfg = load_data(cfg)
     check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)

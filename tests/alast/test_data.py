@@ -49,6 +49,27 @@ def test_missing_torchvision_data_says_how_to_get_it(tmp_path):
         build_data("torchvision:MNIST", CFG, data_dir=tmp_path)
 
 
+def test_a_failed_download_says_what_to_do_and_leaves_no_empty_folder(tmp_path, fake_torchvision):
+    import urllib.error
+
+    class Offline(_FakeSet):
+        def __init__(self, root, split="train", transform=None, download=False):
+            Path(root, "offline", "raw").mkdir(parents=True)  # as torchvision makes its folders first
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    fake_torchvision("Offline", Offline)
+    root = tmp_path / "new"
+    with pytest.raises(DataError, match=r"could not download torchvision:Offline \(<urlopen error .*Name or service.*"
+                                        r"put its files under .*new .*run without data.download"):
+        build_data("torchvision:Offline", CFG, data_dir=root, download=True)
+    assert not root.exists()  # the failed download created it, and left no file in it
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(DataError, match="could not download"):
+        build_data("torchvision:Offline", CFG, data_dir=kept, download=True)
+    assert kept.is_dir()  # the user's folder stays
+
+
 def _image_folder(root, files):
     from PIL import Image
 

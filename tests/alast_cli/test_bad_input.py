@@ -255,3 +255,12 @@ def test_a_bench_with_a_batch_the_data_cannot_fill_fails_before_planning(tmp_pat
                    "--batch-size", "64", "--target-flops", "0.5", "--set", "backend.threads=1", "--out", str(out)])
     assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
     assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_cuda_device_stops_the_run_before_a_download(tmp_path):
+    root = tmp_path / "tv"
+    res = run_cli(["train", "--data", "torchvision:CIFAR10", "--data-dir", str(root), "--set", "data.download=true",
+                   "--set", "backend.device=cuda", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert_one_line_error(res, 2, "backend.device=cuda but no CUDA device is visible")
+    assert not root.exists()  # no download was tried
