@@ -77,16 +77,20 @@ def check_nproc(nproc: int, device: str) -> None:
 
 
 def newest_checkpoint(run_dir: Path, resume: bool, since: float) -> Path | None:
-    """The checkpoint ``--resume`` would continue this run from: the newest one, if it is the run's
+    """The checkpoint ``--resume`` would continue this run from: the newest complete one, if it is the run's
     own (with ``resume`` any is; else one written since ``since``, a ``time.time()``: an older one
     belongs to the run that ``--force`` is replacing)."""
-    from alast.training.checkpoint import list_checkpoints
+    from alast.training.checkpoint import list_checkpoints, looks_complete
 
-    found = list_checkpoints(run_dir)
-    try:
-        return found[-1] if found and (resume or found[-1].stat().st_mtime >= since) else None
-    except OSError:  # pruned meanwhile
-        return None
+    for path in reversed(list_checkpoints(run_dir)):  # newest first; a truncated one is skipped, as resume skips it
+        try:
+            if not (resume or path.stat().st_mtime >= since):
+                return None
+        except OSError:  # pruned meanwhile
+            continue
+        if looks_complete(path):
+            return path
+    return None
 
 
 def die_with_launcher() -> None:

@@ -124,6 +124,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return _listed(run_dir, _CKPT_RE)
 
 
+def looks_complete(path: Path) -> bool:
+    """Whether the safetensors file ``path`` is as long as its header says (its header read alone, not
+    its tensors): a cheap test that a checkpoint was not truncated, for naming the one a resume would
+    continue from (:func:`latest_checkpoint` reads each one whole)."""
+    try:
+        with Path(path).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return Path(path).stat().st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def legacy_checkpoints(run_dir: Path) -> list[Path]:
     """``step_*.pt`` pickles (older alast): listed so resume can name them, never opened."""
     return _listed(run_dir, _LEGACY_RE)

@@ -328,6 +328,19 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
     assert "delete it" not in warnings[0] and warnings[0].endswith("resuming from step_00000002.safetensors")
 
 
+@pytest.mark.parametrize("cut", [20, -1])  # the header cut, the last tensor's last byte missing
+def test_an_interrupted_resume_names_the_checkpoint_it_would_continue_from(tmp_path, cut):
+    from alast_cli.launch import newest_checkpoint
+
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(5)}, keep_last=3)
+    assert newest_checkpoint(tmp_path, True, 0.0).name == "step_00000004.safetensors"
+    newest = tmp_path / "checkpoints" / "step_00000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:cut])
+    assert newest_checkpoint(tmp_path, True, 0.0).name == "step_00000002.safetensors"
+    assert ckpt.latest_checkpoint(tmp_path)[0].name == "step_00000002.safetensors"  # what resume takes
+
+
 def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_readable_one(tmp_path):
     """Resumed from step 2 past a truncated step 4, a run that writes step 6 with keep_last=2 used to
     keep the truncated 4 and prune 2, the one readable before it."""
