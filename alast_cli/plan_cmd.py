@@ -112,6 +112,20 @@ def profile_command(ctx: click.Context, model, img_size, out, force, as_json, nu
                                     force, threads), _debug(ctx))
 
 
+def _deployment(result: dict[str, Any]) -> str:
+    """How the run deploys its token schedule, per ``policy.eval_tokens``; with ``--trace`` of a finished
+    run, what it deployed."""
+    how = result.get("eval_tokens")
+    said = ("the run measures it and every token on the validation data and deploys the more accurate "
+            "(policy.eval_tokens=auto)" if how == "auto" else f"the run evaluates and exports on it "
+            f"(policy.eval_tokens={how})")
+    trace = result.get("trace") or {}
+    if "deployed_kept_tokens" in trace:
+        kept = trace["deployed_kept_tokens"]
+        said += f"; this run deployed {f'its token schedule {list(kept)}' if kept else 'every token'}"
+    return said
+
+
 def _plan_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -208,8 +222,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
             console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "
-                          f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token; the run evaluates and exports "
-                          f"on it per policy.eval_tokens={result.get('eval_tokens')}")
+                          f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token; {_deployment(result)}")
     if result.get("trace"):
         tr = result["trace"]
         err = tr["train_flops_rel_error"]
@@ -244,6 +257,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
 @click.pass_context
 def plan_command(ctx: click.Context, config, overrides, as_json, plot, force, trace, calibrate, throughput,
                  cost_model, **named) -> None:
-    """Predict training FLOPs, peak memory and time of a policy against full fine-tuning."""
+    """Predict training FLOPs, peak memory and time (time with --calibrate or --throughput) of a policy against
+    full fine-tuning."""
     run_guarded(lambda: run_plan(config, overrides, named, as_json, plot, trace, calibrate, throughput, cost_model,
                                  force), _debug(ctx))

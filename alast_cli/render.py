@@ -25,15 +25,15 @@ def human(n: float | None, unit: str = "") -> str:
 
 def knobs_text(knobs: dict[str, Any], policy: str = "") -> str:
     """A FLOPs target's planner settings as ``key=value`` pairs (floats to 3 significant digits).
-    Under LoRA (``policy`` ``X+lora``) the per-step ``target_flops`` is a fraction of the LoRA
-    model's own step on every token, which computes no weight gradients for the frozen weights, so
-    the text says so."""
+    ``target_flops`` is the sparse steps' per-step target (the early phase spends less, the run's mean
+    lands on its target), and under LoRA (``policy`` ``X+lora``) a fraction of the LoRA model's own
+    step on every token, which computes no weight gradients for the frozen weights: the text says so."""
     def show(k: str, v: Any) -> str:
         if isinstance(v, bool):
             return str(v).lower()
         text = f"{v:.3g}" if isinstance(v, float) else str(v)
-        if k == "target_flops" and policy.endswith("+lora"):
-            text += " (of a LoRA step on every token)"
+        if k == "target_flops":  # not the run's target: each sparse step's, which pays for the other steps
+            text += " (per sparse step" + (", of a LoRA step on every token)" if policy.endswith("+lora") else ")")
         return text
 
     return ", ".join(f"{k}={show(k, v)}" for k, v in knobs.items())

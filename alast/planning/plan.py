@@ -411,6 +411,8 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
         "counted_full_ft_train_flops": summary.get("full_ft_train_flops"),
         "predicted_inference_flops_ratio": out["policies"][cfg.policy.name]["inference_flops_ratio"],
         "counted_inference_flops_ratio": summary.get("inference_flops_ratio"),
+        # what the finished run deployed (None: every token; absent: the run has not finished)
+        **({"deployed_kept_tokens": summary.get("eval_kept_tokens")} if "val_accuracy" in summary else {}),
     }
     return out
 

@@ -143,6 +143,16 @@ def test_plan_trace_cli(runner, runs):
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 0.01
 
 
+def test_plan_trace_says_what_the_run_deployed(runner, runs):
+    _, run_dir, summary = runs["alast"]
+    res = runner.invoke(cli, ["plan", "--trace", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "deploys the more accurate (policy.eval_tokens=auto)" in text
+    kept = summary["eval_kept_tokens"]
+    assert f"this run deployed {f'its token schedule {kept}' if kept else 'every token'}" in text
+
+
 def _bad_cost_model(tmp_path, **change):
     from alast.planning.profile import profile
 

@@ -129,9 +129,9 @@ def test_a_targets_settings_print_as_key_value_pairs():
     from alast_cli.render import knobs_text
 
     knobs = {"k_trained": 4, "b_max": 1.0, "trim_last": True, "target_flops": 0.5180777947524645}
-    assert knobs_text(knobs) == "k_trained=4, b_max=1, trim_last=true, target_flops=0.518"
+    assert knobs_text(knobs) == "k_trained=4, b_max=1, trim_last=true, target_flops=0.518 (per sparse step)"
     # under LoRA the per-step target is relative to the LoRA model's own step, and says so
-    assert knobs_text(knobs, "alast+lora").endswith("target_flops=0.518 (of a LoRA step on every token)")
+    assert knobs_text(knobs, "alast+lora").endswith("target_flops=0.518 (per sparse step, of a LoRA step on every token)")
 
 
 def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
