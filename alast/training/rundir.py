@@ -95,11 +95,31 @@ def _check_replaceable(run_dir: Path, config: Path | None) -> None:
     if config is not None and (run_dir / CONFIG).exists() and (run_dir / CONFIG).samefile(config):
         raise RunDirError(f"the config {config} is the {CONFIG} that --force would replace in {run_dir}; "
                           "copy it out of the run dir and pass the copy, or choose another --out")
+    named = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_FILES or p.name in RUN_DIRS)
+    if named and not _holds_run(run_dir):
+        listed = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+        raise RunDirError(f"--force replaces a run, but {run_dir} holds none: its {listed} "
+                          f"{'was' if len(named) == 1 else 'were'} not written by alast; move "
+                          f"{'it' if len(named) == 1 else 'them'} out, or choose another --out")
     foreign = [path.relative_to(run_dir) for folder in RUN_DIRS for path in _foreign_in(run_dir / folder)]
     if foreign:
         listed = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunDirError(f"--force would delete {listed} in {run_dir}, which alast did not write; move "
                           f"{'it' if len(foreign) == 1 else 'them'} out of the run dir, or choose another --out")
+
+
+def _holds_run(run_dir: Path) -> bool:
+    """Whether an alast run wrote in ``run_dir``: its lock file (every run since it existed makes one),
+    or a ``config.yaml`` as a run records it (a mapping with ``policy`` and ``output.dir``)."""
+    if (run_dir / LOCK).exists():
+        return True
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / CONFIG).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and "policy" in cfg and isinstance(cfg.get("output"), dict) and "dir" in cfg["output"]
 
 
 def _foreign_in(folder: Path) -> list[Path]:

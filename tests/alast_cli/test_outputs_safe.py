@@ -112,10 +112,25 @@ def test_force_clears_only_what_alast_wrote(tmp_path):
                  "ort_artifacts/full/fingerprint", "notes.txt", "data/config.yaml", ".hidden"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
+    # a run from before the lock file: its config.yaml, as a run records it, says an alast run wrote there
+    (run / "config.yaml").write_text(f"policy:\n  name: alast\noutput:\n  dir: {run}\n")
     rundir.prepare_run_dir(run, resume=False, force=True)
     rundir.release_run_dir(run)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert left == [".alast.lock", ".hidden", "data", "data/config.yaml", "notes.txt"]
+
+
+@pytest.mark.parametrize("config", ["precious\n", "train:\n  steps: 9\n"])  # not a run's record of its config
+def test_force_replaces_no_file_of_a_folder_that_holds_no_run(tmp_path, config):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text(config)
+    (mine / "notes.txt").write_text("mine\n")
+    res = CliRunner().invoke(cli, ["train", *FAST, "--out", str(mine), "--force"])
+    one_error_line(res, 2, f"--force replaces a run, but {mine} holds none: its config.yaml was not written by "
+                           "alast; move it out, or choose another --out")
+    assert (mine / "config.yaml").read_text() == config and sorted(p.name for p in mine.iterdir()) == [
+        "config.yaml", "notes.txt"]
 
 
 def test_a_runs_config_given_back_as_a_config_cannot_replace_another_run(tmp_path):
