@@ -26,7 +26,8 @@ class ModelConfig(_Section):
         "alast_demo_vit/alast_vit12, the shipped backbone; default: yes for those, no otherwise")
     checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.bin) to start from")
     img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate passed to timm when "
+                                  "the model is built (0: off)")
 
 
 class LoraConfig(_Section):
@@ -52,11 +53,12 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     spec: str = Field("digits", description="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
-                      "random[:N] (random images, N classes: timing only)")
+                      "random[:N] (N random images, default 256, 10 classes: timing only)")
     data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
     download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for the training and validation "
+                             "batches; 0: load them in the main process")
     skip_bad_images: bool = Field(False, description="skip unreadable images (counted) instead of failing")
     augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
     train_split: str | None = Field(
@@ -74,7 +76,8 @@ EARLY_FRAC = 0.3  # policy.early_frac's default with freeze_mode 'last'
 
 
 class PolicyConfig(_Section):
-    name: str = Field("alast", description="alast | full | freeze | tokens | random")
+    name: str = Field("alast", description="alast | full | freeze | tokens | random | lora (full fine-tuning "
+                      "through LoRA adapters) | X+lora (policy X with LoRA adapters, e.g. alast+lora)")
     rule: Literal["normalized", "paper"] = Field(
         "normalized", description="alast budget rule: 'normalized' (scale-free, the default) or 'paper' (the "
         "literal b += alpha * (delta - delta_prev), whose step depends on the model's activation scale)")
@@ -82,17 +85,21 @@ class PolicyConfig(_Section):
                         "of the CLS change, relative to the other blocks")
     ema: float = Field(0.9, ge=0.0, lt=1.0, description="normalized rule: smoothing of the per-block shares")
     alpha: float | None = Field(None, ge=0.0, description="paper rule: budget step size; default: train.lr")
-    b_init: float = Field(0.9, gt=0.0, le=1.0)
-    b_min: float = Field(0.5, gt=0.0, le=1.0)
-    b_max: float = Field(1.0, gt=0.0, le=1.0)
+    b_init: float = Field(0.9, gt=0.0, le=1.0, description="alast: every block's budget (keep ratio) at the "
+                          "start, and the level the normalized rule moves the budgets around; in [b_min, b_max]")
+    b_min: float = Field(0.5, gt=0.0, le=1.0, description="alast: the lowest a budget can go (clip bound)")
+    b_max: float = Field(1.0, gt=0.0, le=1.0, description="alast: the highest a budget can go (clip bound)")
     k_trained: int | None = Field(None, ge=1, description="blocks trained per step; default 9 of 12: "
                                      "round(0.75 L), halves rounded down with freeze_mode 'last' (4 of 6)")
     freeze_mode: Literal["sample", "topk", "last"] = Field(
         "last", description="alast: which blocks train each step: 'last', the top k_trained blocks (beyond the "
         "paper: with the embeddings frozen the backward stops below them, and the budgets set the tokens); "
         "'sample', k_trained drawn from softmax(budgets) (the paper); 'topk', the k_trained highest budgets")
-    delta_reduction: Literal["mean", "sum"] = "mean"
-    min_tokens: int = Field(1, ge=1)
+    delta_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="how each block's per-image class-token changes are reduced over the batch for the "
+        "budget rule: 'mean' or 'sum'")
+    min_tokens: int = Field(1, ge=1, description="the fewest patch tokens a block that drops tokens keeps (or "
+                            "all of them if fewer remain)")
     dense_final_frac: float = Field(
         0.0, ge=0.0, lt=1.0, description="alast, beyond the paper: share of final steps that keep every token "
         "and train only the top blocks (policy.dense_final_blocks); 0 (the default): none, as in the paper")
@@ -144,9 +151,14 @@ class PolicyConfig(_Section):
         "token schedule (after each block, as many tokens as the final 10% of training steps kept: the model runs "
         "as it was trained, and inference costs fewer FLOPs); 'all' on every token; 'auto' measures both at the "
         "end and keeps the more accurate on the validation data (the schedule on a tie)")
-    keep_ratio: float | list[float] = Field(0.8, description="'tokens' policy: keep ratio per block")
+    keep_ratio: float | list[float] = Field(
+        0.8, description="'tokens' policy (static token dropping): the share of the patch tokens it receives "
+        "that each block keeps (dropping is cumulative), one number for every block or one per block; under a "
+        "FLOPs target the solver chooses it")
     target_flops: float | None = Field(None, gt=0.0, le=1.0, description="fraction of full fine-tuning FLOPs")
-    lora: LoraConfig | None = None
+    lora: LoraConfig | None = Field(
+        None, description="the LoRA adapters' settings (rank, alpha, dropout, targets); only for the LoRA "
+        "policies (lora, X+lora), which get the defaults when it is unset")
 
     @field_validator("dense_final_interleave", mode="before")
     @classmethod
@@ -213,8 +225,11 @@ class PolicyConfig(_Section):
 
 
 class BackendConfig(_Section):
-    name: Literal["torch", "ort"] = "torch"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    name: Literal["torch", "ort"] = Field("torch", description="the training backend: 'torch' (PyTorch) or "
+                                          "'ort' (ONNX Runtime Training)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train: 'auto' is CUDA where it is visible (for ort: to both ONNX Runtime "
+        "and torch), else the CPU")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
     count_flops: Literal["every", "off"] = Field(
         "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
@@ -241,21 +256,30 @@ class BackendConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int | None = Field(150, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
-    min_lr_frac: float = Field(0.01, ge=0.0, le=1.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    steps: int | None = Field(150, ge=1, description="training steps (one batch each); null with epochs")
+    epochs: float | None = Field(None, gt=0, description="training epochs instead of steps: steps = "
+                                 "ceil(epochs x (training images // batch_size)); set steps to null with it")
+    batch_size: int = Field(64, ge=1, description="global batch size: with --nproc N each process trains on "
+                            "batch_size / N images per step")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate of AdamW (linear warm-up, then cosine "
+                      "decay); also the paper rule's budget step when policy.alpha is unset")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay (none on 1-D parameters and on "
+                                "timm's no_weight_decay() names)")
+    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0, description="share of the steps over which the learning "
+                               "rate rises linearly to lr")
+    min_lr_frac: float = Field(0.01, ge=0.0, le=1.0, description="the learning rate the cosine decay ends at, "
+                               "as a fraction of lr")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy loss")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradients' global norm to this; null: "
+                                    "no clipping")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_batch_size: int | None = Field(
         None, ge=1, description="validation batch size; default: the most images whose input tensor fits "
         "in 8 MiB, between 1 and 256 (results do not depend on it)")
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = Field(0, description="random seed: new weights (the classifier head), the data's validation "
+                      "split and batch order, the policies' draws (ALaST's token draws: seed plus the rank)")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (warn only where an op "
+                                "has no deterministic version)")
 
 
 class OutputConfig(_Section):
@@ -266,7 +290,8 @@ class OutputConfig(_Section):
         10.0, gt=0, description="also write a checkpoint about every N minutes of training (the step count "
         "is fixed from the first steps' median time, on every rank alike), so a killed run loses at most that; "
         "null: only at the end of training and on Ctrl-C/SIGTERM")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="how many of the newest checkpoints to keep; older ones are "
+                           "removed when a new one is written")
     force: bool = Field(False, description="replace the run in an existing non-empty run dir: the files alast "
                         "wrote there (checkpoints, metrics, results) are removed, any others kept")
     tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard "

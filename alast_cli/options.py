@@ -28,7 +28,7 @@ def config_options(fn: Callable) -> Callable:
         click.option("--checkpoint", type=click.Path(path_type=Path), help="local weights to start from"),
         click.option("--img-size", type=int, help="input image size"),
         click.option("--data", help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
-                                    "random[:N] (random images, N classes: timing only)"),
+                                    "random[:N] (N random images, default 256, of 10 classes: timing only)"),
         click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets"),
         click.option("--policy", help="alast | full | freeze | tokens | random | lora | alast+lora ..."),
         click.option("--backend", help="torch | ort"),
