@@ -129,11 +129,16 @@ def _warn_target_miss(summary: dict[str, Any], target: float | None, run_dir: Pa
     miss = target_miss(summary, target)
     if miss is None:
         return
+    ratio = summary["flops_ratio_vs_full"]
+    said = f"warning: the run counted {ratio:.3f}x full fine-tuning's FLOPs, {miss:+.1%} off --target-flops {target:g}"
+    predicted = (summary.get("plan") or {}).get("predicted_ratio")
+    if predicted and abs(ratio / predicted - 1) < 0.01:  # the plan said so: its knobs cannot divide finer
+        click.echo(f"{said}, as its plan predicted ({predicted:.3f}x): too few tokens or steps to divide the "
+                   "target finer; use more steps or a larger input", err=True)
+        return
     fix = (f"re-profile {cost_model} (`alast profile MODEL --img-size N --out {cost_model}`) or drop --cost-model"
            if cost_model else f"`alast plan --trace {run_dir}` compares the plan with the run step by step")
-    click.echo(f"warning: the run counted {summary['flops_ratio_vs_full']:.3f}x full fine-tuning's FLOPs, "
-               f"{miss:+.1%} off --target-flops {target:g}: the cost model it was planned on does not price "
-               f"its steps as they ran; {fix}", err=True)
+    click.echo(f"{said}: the cost model it was planned on does not price its steps as they ran; {fix}", err=True)
 
 
 def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = None,

@@ -134,6 +134,17 @@ def test_a_targets_settings_print_as_key_value_pairs():
     assert knobs_text(knobs, "alast+lora").endswith("target_flops=0.518 (per sparse step, of a LoRA step on every token)")
 
 
+def test_a_miss_the_plan_predicted_is_not_blamed_on_the_cost_model(capsys, tmp_path):
+    from alast_cli.train_cmd import _warn_target_miss
+
+    summary = {"flops_ratio_vs_full": 0.4800, "plan": {"predicted_ratio": 0.4801}}
+    _warn_target_miss(summary, 0.5, tmp_path, None)
+    err = capsys.readouterr().err
+    assert "-4.0% off --target-flops 0.5, as its plan predicted (0.480x)" in err and "cost model" not in err
+    _warn_target_miss({**summary, "plan": {"predicted_ratio": 0.5}}, 0.5, tmp_path, None)
+    assert "does not price its steps as they ran" in capsys.readouterr().err
+
+
 def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
     """A cost model that prices one block at 3x its real cost plans steps that spend too much: the
     run ends with one warning naming the miss and the file to re-profile. The true one: no warning."""

@@ -436,3 +436,23 @@ def test_where_the_early_steps_leave_more_than_every_token_can_spend_one_block_m
     planner = create_planner("alast", 8, cost_model=cm, seed=0, **{**options, **sol.knobs})
     total = statistics.mean(step_ratio(cm, planner.plan(s, s / 100)) for s in range(100))
     assert total == pytest.approx(0.72, rel=0.05) and sol.predicted_ratio == pytest.approx(total, rel=0.02)
+
+
+def test_a_tokens_target_its_keep_ratio_cannot_divide_finely_is_refused_naming_both_neighbours():
+    """With 16 patch tokens the tokens policy's counts move in coarse steps; its plan is exact, and a
+    run it accepted landed 4% off 0.5x (the planner took 5%, as for alast's simulated estimate)."""
+    from planners.target import TargetError, solve_target
+
+    cm = synthetic_cost_model(num_blocks=12, num_patches=16)
+    refused = 0
+    for target in [round(0.3 + 0.05 * i, 2) for i in range(13)]:
+        try:
+            sol = solve_target(cm, "tokens", target, {})
+        except TargetError as exc:
+            refused += 1
+            near = [float(x) for x in re.findall(r"(\d\.\d{3})x", str(exc))]
+            assert len(near) == 2 and near[0] < target < near[1], str(exc)
+            assert f"ask for --target-flops {near[0]:.3f} or {near[1]:.3f}" in str(exc)
+        else:
+            assert abs(sol.predicted_ratio / target - 1) <= 0.03
+    assert refused  # 0.35x lies between 0.335x and 0.363x
