@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -157,12 +158,20 @@ def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None)
     return "random initialisation (pass --pretrained or --checkpoint PATH to start from weights)"
 
 
+MAX_PATCH_TOKENS = 256 * 256  # a 4096 px image at patch 16: far beyond any ViT fine-tuning, and a sure hang
+
+
 def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> None:
     """Refuse an image size below the patch size, or not a multiple of it (the patch grid would drop
     the last pixels of every row and column without a word)."""
     if img_size is not None and img_size < patch:
         raise ModelError(f"image size {img_size} is smaller than {name}'s patch size {patch}; use --img-size "
                          f"{patch} or more ({name}'s own: {own})")
+    if img_size is not None and (img_size // patch) ** 2 > MAX_PATCH_TOKENS:
+        most = math.isqrt(MAX_PATCH_TOKENS) * patch
+        raise ModelError(f"image size {img_size} gives {(img_size // patch) ** 2:,} patch tokens per image at "
+                         f"{name}'s patch size {patch}, more than the {MAX_PATCH_TOKENS:,} alast accepts (attention "
+                         f"grows with their square); use --img-size {most} or less ({name}'s own: {own})")
     if img_size is not None and img_size % patch:
         low = img_size - img_size % patch
         raise ModelError(f"image size {img_size} is not a multiple of {name}'s patch size {patch}: its patches would "
