@@ -179,6 +179,17 @@ def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> No
                          f"or {low + patch}")
 
 
+def _drivable(name: str) -> bool:
+    """Whether alast can drive ``name`` (a shipped model, or a timm ViT that passes the patch check)."""
+    if name in SHIPPED_MODELS:
+        return True
+    try:
+        _check_architecture(name, None)
+    except Exception:  # noqa: BLE001 - any failure to build or patch: not a suggestion
+        return False
+    return True
+
+
 def _check_architecture(name: str, img_size: int | None) -> None:
     """Refuse a timm model ALaST cannot drive, and an ``img_size`` below its patch size, before any
     weights are downloaded or built (a ResNet has no patch embedding to read a patch size from)."""
@@ -215,7 +226,8 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, [*SHIPPED_MODELS, *timm.list_models()], n=5, cutoff=0.6)
+        close = [c for c in difflib.get_close_matches(name, [*SHIPPED_MODELS, *timm.list_models()], n=12, cutoff=0.6)
+                 if _drivable(c)][:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; use a timm ViT/DeiT name such as vit_base_patch16_224")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)

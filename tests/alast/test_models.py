@@ -218,3 +218,12 @@ def test_cli_refuses_a_model_that_is_no_vit_in_one_line_with_or_without_img_size
     res = CliRunner().invoke(cli, ["train", "--model", "resnet18", "--no-pretrained", *size, "--steps", "1",
                                    "--batch-size", "4", "--set", "backend.threads=1", "--out", str(tmp_path / "r")])
     one_error_line(res, 2, "ResNet is not a timm VisionTransformer")
+
+
+def test_an_unknown_models_suggestions_leave_out_models_alast_refuses():
+    with pytest.raises(ModelError) as err:
+        create_model("eva02_tiny_patch14_22", 3)  # close to eva02_tiny_patch14_224, an Eva: refused
+    similar = str(err.value).partition("(similar: ")[2].partition(")")[0]
+    assert similar and "eva02" not in similar
+    with pytest.raises(ModelError, match=r"similar: vit_tiny_patch16_224"):
+        create_model("vit_tinyy_patch16_224", 3)
