@@ -454,13 +454,13 @@ class _Run:
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
         if cpu_failure is None:
             return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
-                    f"--batch-size {batch}` predicts the peak; lower train.batch_size, use backend.precision=bf16 "
+                    f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size), use backend.precision=bf16 "
                     f"or a lower --target-flops; {kept}")
         size = re.search(r"allocate (\d+) bytes", cpu_failure)
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""
         return (f"out of memory at step {self.current_step} with batch size {batch}{px}{asked}; `alast plan "
-                f"--batch-size {batch}` predicts the peak; lower train.batch_size or model.img_size; {kept}")
+                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size; {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""

@@ -35,6 +35,6 @@ def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypat
     lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.output
     line = lines[0]
-    for part in ("batch size 8", "lower train.batch_size", "step_00000003", *says):
+    for part in ("batch size 8", "lower --batch-size (train.batch_size)", "step_00000003", *says):
         assert part in line, line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.safetensors"]
