@@ -460,7 +460,7 @@ class _Run:
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""
         return (f"out of memory at step {self.current_step} with batch size {batch}{px}{asked}; `alast plan "
-                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size; {kept}")
+                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size (model.img_size); {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""
