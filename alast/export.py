@@ -34,7 +34,8 @@ from runtimes.token_schedule import ScheduleError, check_schedule, token_schedul
 
 META_PREFIX = "alast."
 # the metadata values written as JSON (the others are plain strings)
-JSON_METADATA = ("classes", "input_size", "mean", "std", "skip_bad_images", "splits", "kept_tokens", "fuse_tokens")
+JSON_METADATA = ("classes", "input_size", "mean", "std", "skip_bad_images", "splits", "kept_tokens", "fuse_tokens",
+                 "data_fingerprint")
 SPLIT_KEYS = ("train_split", "val_split", "subset")  # a torchvision dataset's split names in the data config
 
 
@@ -154,6 +155,7 @@ def run_metadata(run: LoadedRun, kept: tuple[int, ...] | None = None) -> dict[st
         "seed": str(cfg.train.seed),
         "skip_bad_images": json.dumps(bool(cfg.data.skip_bad_images)),
         "splits": json.dumps({k: getattr(cfg.data, k, None) for k in SPLIT_KEYS}),
+        "data_fingerprint": json.dumps(s.get("data_fingerprint")),
         "kept_tokens": json.dumps(list(kept) if kept else None),
         "fuse_tokens": json.dumps(bool(kept) and run.fuse_tokens),
         "token_score": str(run.token_score) if kept else "",
@@ -280,18 +282,22 @@ def data_config_from_metadata(meta: dict[str, str]) -> dict[str, Any]:
 
 def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fraction: float, seed: int,
               classes: list[str], skip_bad_images: bool = False, for_eval: bool = False,
-              splits: dict[str, str | None] | None = None) -> Any:
+              splits: dict[str, str | None] | None = None, fingerprint: dict[str, Any] | None = None) -> Any:
     """The data ``spec``'s evaluation images, labelled with the model's indices of its ``classes``.
 
     ``for_eval``: ``spec`` is other data than the run's (see :func:`_other_data`): a flat image folder
     is scored whole, and any of the model's classes, even one, will do. Otherwise the run's own
-    validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``.
+    validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``; an image
+    folder whose files differ from the ``fingerprint`` the run recorded of them is refused (its split
+    moved: it would score training images).
     """
     from alast.data import DataError, build_data
-    from alast.data.common import nfc
+    from alast.data.common import check_fingerprint, nfc
 
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                         skip_bad_images=skip_bad_images, for_eval=for_eval, **(splits or {}))
+    if not for_eval:
+        check_fingerprint(fingerprint, bundle)
     classes = [nfc(c) for c in classes]  # older runs kept a folder's name as written
     if classes and list(bundle.classes) != list(classes):
         unknown = [c for c in bundle.classes if c not in classes]
@@ -347,7 +353,7 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
     val = _val_data(spec, data_config_from_metadata(meta), data_dir, float(meta.get("val_fraction", 0.2)),
                     int(meta.get("seed", 0)), json.loads(meta.get("classes", "[]")),
                     skip_bad_images or json.loads(meta.get("skip_bad_images", "false")), for_eval=other,
-                    splits=splits)
+                    splits=splits, fingerprint=json.loads(meta.get("data_fingerprint", "null")))
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # invalid graph
@@ -374,7 +380,7 @@ def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None 
     splits = None if other else {k: getattr(cfg.data, k, None) for k in SPLIT_KEYS}
     return _val_data(spec, data_cfg, data_dir, cfg.data.val_fraction, cfg.train.seed,
                      list(run.summary.get("classes") or []), skip_bad_images or cfg.data.skip_bad_images,
-                     for_eval=other, splits=splits)
+                     for_eval=other, splits=splits, fingerprint=run.summary.get("data_fingerprint"))
 
 
 def _other_data(spec: str | None, run_spec: str) -> bool:

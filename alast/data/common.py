@@ -3,6 +3,8 @@ and the RGB conversion in front of timm's transforms."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,36 @@ class DataBundle:
     classes: list[str]
     skipped_files: int = 0
     notes: list[str] = field(default_factory=list)  # what was left out, and why: printed once when built
+    # an image folder split by data.val_fraction: the files split (:func:`files_fingerprint`), else None
+    fingerprint: dict[str, Any] | None = None
+
+
+def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, Any]:
+    """What a split by ``data.val_fraction`` depends on, beside the fraction and seed: ``samples``'
+    paths (relative to ``folder``) and classes, in order. Adding, removing or renaming a file changes
+    it (the split would move images between training and validation); the file contents do not."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(os.fsencode(os.path.relpath(path, folder)) + b"\0" + os.fsencode(classes[label]) + b"\n")
+    return {"folder": os.path.abspath(folder), "files": len(samples), "sha256": h.hexdigest()}
+
+
+def check_fingerprint(recorded: dict[str, Any] | None, bundle: DataBundle) -> None:
+    """Refuse to rebuild a run's validation split from an image folder whose files changed since the
+    run split it (``recorded``: its fingerprint then; None: a run made before fingerprints, or data
+    not split from an image folder): the new split would hold images the run trained on."""
+    if not recorded or not isinstance(recorded, dict):
+        return
+    now = bundle.fingerprint or {}
+    if (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256")):
+        return
+    folder = now.get("folder") or recorded.get("folder") or "the run's image folder"
+    counts = f"{recorded.get('files')} images then, {now['files']} now" if now else \
+        f"{recorded.get('files')} images then; it is no longer split by data.val_fraction"
+    raise DataError(f"the files in {folder} changed since the run trained ({counts}): its validation split cannot "
+                    "be rebuilt, and scoring the folder now would score images the run trained on; restore the "
+                    "folder as it was, or score another folder with --data imagefolder:PATH (every image of it "
+                    "is scored)")
 
 
 def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -12,7 +12,8 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from alast.data.common import DataBundle, DataError, _need_two_classes, _split, _split_indices, nfc
+from alast.data.common import (DataBundle, DataError, _need_two_classes, _split, _split_indices, files_fingerprint,
+                               nfc)
 from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb
 
 # Split folder names, matched in any case and with "-" or a space for "_" (Train/, VAL/, Training Set/).
@@ -68,9 +69,14 @@ def _hidden(name: str) -> bool:
 
 def _walk(folder: str, loops: list[str]) -> Iterator[str]:
     """The visible files under ``folder`` in torchvision's ImageFolder order, following links to
-    folders as it does (``os.walk(followlinks=True)``). A link to a folder it sits in is not
-    followed (``os.walk`` would follow it until the path grew too long) but added to ``loops``."""
-    chains = {folder: (os.path.realpath(folder),)}
+    folders as it does (``os.walk(followlinks=True)``). A link back to a folder it sits in is not
+    followed (``os.walk`` would follow it until the path grew too long) but added to ``loops``: one
+    to ``folder``, to a folder above it (the data folder, or higher), or to any folder on the way
+    down to the link, or above one of those. Walked one level, such a link would file every other
+    class's images under this class."""
+    here = os.path.abspath(folder)
+    above = {os.path.realpath(p) for p in (here, *Path(here).parents)}  # the folders ``folder`` sits in
+    chains = {folder: (os.path.realpath(folder), *above)}
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         chain, keep = chains.pop(root), []
@@ -79,15 +85,21 @@ def _walk(folder: str, loops: list[str]) -> Iterator[str]:
                 continue
             path = os.path.join(root, d)
             real = os.path.realpath(path)
-            if real in chain:
+            if _leads_back(real, chain):
                 loops.append(path)
                 continue
-            chains[path] = (*chain, real)
+            chains[path] = (real, *chain)
             keep.append(d)
         dirs[:] = keep
         found.append((root, sorted(f for f in files if not _hidden(f))))
     for root, files in sorted(found):
         yield from (os.path.join(root, f) for f in files)
+
+
+def _leads_back(real: str, chain: Sequence[str]) -> bool:
+    """Whether the folder ``real`` (resolved) is one of the folders in ``chain`` or holds one."""
+    inside = real.rstrip(os.sep) + os.sep
+    return any(c == real or c.startswith(inside) for c in chain)
 
 
 def _class_folders() -> type:
@@ -295,8 +307,9 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
     train, classes, nb1 = _load_folder(train_dir, transform, skip_bad, "eval" if for_eval else "train", notes)
     if not for_eval:
         _need_two_classes(classes, str(train_dir))
-    if val_dir is None:
-        return DataBundle(*_split(train, *_split_indices(train.targets, val_fraction, seed)), classes, nb1, notes)
+    if val_dir is None:  # the split moves when files come or go: the run records which files it split
+        return DataBundle(*_split(train, *_split_indices(train.targets, val_fraction, seed)), classes, nb1, notes,
+                          files_fingerprint(str(train_dir), train.samples, classes))
     val, vclasses, nb2 = _load_folder(val_dir, transform, skip_bad, "val", notes)
     unknown = [c for c in vclasses if c not in classes]
     if unknown:

@@ -40,6 +40,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "ranks_in_sync": run.ranks_in_sync(), "resumed_from_step": run.resumed_from,
         "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
+        "data_fingerprint": getattr(data, "fingerprint", None),  # the files an image folder's split drew from
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
     }
 

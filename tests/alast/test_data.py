@@ -1,3 +1,4 @@
+import os
 import struct
 from pathlib import Path
 
@@ -131,6 +132,66 @@ def test_image_folder_with_train_alone_splits_it(tmp_path):
     root = _image_folder(tmp_path, {f"train/{c}/{i}.png": "RGB" for c in "ab" for i in range(4)})
     bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25)
     assert bundle.classes == ["a", "b"] and (len(bundle.train), len(bundle.val)) == (6, 2)
+
+
+def _loop_up(tmp_path):
+    """root/a/up -> .. (relative): a link in a class folder back to the data folder."""
+    root = _image_folder(tmp_path / "data", {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(3)})
+    os.symlink("..", root / "a" / "up")
+    return root, root, root / "a" / "up"
+
+
+def _loop_through_links(tmp_path):
+    """links/{a,b} -> real/{a,b}, and real/a/loop -> links: read as imagefolder:links, class a's folder
+    holds a link to the data folder (links) through which class b's images would come."""
+    real = _image_folder(tmp_path / "real", {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(3)})
+    links = tmp_path / "links"
+    links.mkdir()
+    for c in "ab":
+        os.symlink(real / c, links / c)
+    os.symlink(links, real / "a" / "loop")
+    return links, links, links / "a" / "loop"
+
+
+def _loop_above_root(tmp_path):
+    """root/b/top -> the folder holding the data folder: above it, so it would walk every class."""
+    root = _image_folder(tmp_path / "data", {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(3)})
+    os.symlink(tmp_path, root / "b" / "top")
+    return root, root, root / "b" / "top"
+
+
+def _loop_to_train(tmp_path):
+    """A split layout: train/a/sub/back -> ../.. (train itself, a folder above the class folder)."""
+    root = _image_folder(tmp_path / "data", {f"{s}/{c}/{i}.png": "RGB" for s in ("train", "val") for c in "ab"
+                                             for i in range(3 if s == "train" else 1)})
+    (root / "train" / "a" / "sub").mkdir()
+    os.symlink("../..", root / "train" / "a" / "sub" / "back")
+    return root, root / "train", root / "train" / "a" / "sub" / "back"
+
+
+@pytest.mark.parametrize("layout", [_loop_up, _loop_through_links, _loop_above_root, _loop_to_train])
+def test_a_link_up_the_tree_is_not_followed_and_no_image_changes_class(tmp_path, layout):
+    # followed one level, a link to the data folder (or above) filed every other class's images
+    # under the class holding the link
+    root, classes_in, link = layout(tmp_path)
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.34)
+    train = getattr(bundle.train, "dataset", bundle.train)  # the folder split, or train/ of split folders
+    assert bundle.classes == ["a", "b"] and len(train.samples) == 6
+    for path, label in train.samples:  # each image under its own class, read through the link or not
+        assert Path(path).relative_to(classes_in).parts[0] == bundle.classes[label]
+    assert f"not following 1 link(s) in {classes_in} back to a folder they sit in ({link})" in bundle.notes
+
+
+def test_the_files_split_by_val_fraction_are_fingerprinted(tmp_path):
+    files = {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(4)}
+    root = _image_folder(tmp_path / "data", files)
+    first = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25).fingerprint
+    assert first["files"] == 8 and first["folder"] == str(root) and len(first["sha256"]) == 64
+    assert build_data(f"imagefolder:{root}", CFG, val_fraction=0.5).fingerprint == first  # not the contents
+    (root / "a" / "3.png").rename(root / "a" / "9.png")
+    assert build_data(f"imagefolder:{root}", CFG, val_fraction=0.25).fingerprint["sha256"] != first["sha256"]
+    splits = _image_folder(tmp_path / "splits", {f"{s}/{f}": m for s in ("train", "val") for f, m in files.items()})
+    assert build_data(f"imagefolder:{splits}", CFG).fingerprint is None  # its own split: files do not move
 
 
 def test_validation_folder_may_lack_a_class_but_not_add_one(tmp_path):

@@ -278,3 +278,50 @@ def test_eval_data_with_some_of_the_models_classes_is_scored_on_the_models_label
         assert (image[0].mean() > 0) == (label == 2)
     with pytest.raises(DataError, match="not trained on \\(green, red\\)"):
         _val_data(f"imagefolder:{tmp_path / 'sub'}", data_cfg, None, 0.2, 0, ["blue", "yellow"])
+
+
+def test_eval_refuses_a_run_whose_image_folder_changed_since_it_trained(tmp_path):
+    """A split by data.val_fraction reshuffles when a file comes or goes: rebuilt on a changed folder,
+    the "validation split" would hold images the run trained on. The run records which files it
+    split, and eval (of the run or of its export) refuses, in one line, a folder whose files differ."""
+    from PIL import Image
+
+    from tests.cli_errors import one_error_line
+
+    root = tmp_path / "imgs"
+    for c, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), tuple(min(255, v + 5 * i) for v in colour)).save(root / c / f"{i}.png")
+    run, onnx_file = tmp_path / "run", tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["train", "--data", f"imagefolder:{root}", "--steps", "1", "--batch-size", "4",
+                                   "--set", "backend.count_flops=off", "--set", "backend.threads=1", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data_fingerprint"]["files"] == 12
+    res = CliRunner().invoke(cli, ["eval", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["samples"] == summary["val_samples"]
+    assert CliRunner().invoke(cli, ["export", str(run), "--out", str(onnx_file)]).exit_code == 0
+
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(root / "cat" / "new.png")
+    for target in (run, onnx_file):
+        one_error_line(CliRunner().invoke(cli, ["eval", str(target)]), 2, f"the files in {root} changed since the "
+                       "run trained (12 images then, 13 now)", "validation split cannot be rebuilt",
+                       "would score images the run trained on", "restore the folder", "--data imagefolder:PATH")
+    res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{root}"])  # the run's own folder
+    assert res.exit_code == 2, res.output
+    (root / "cat" / "new.png").rename(root / "dog" / "new.png")  # as many files, one moved: refused too
+    assert CliRunner().invoke(cli, ["eval", str(run)]).exit_code == 2
+
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{other}", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["samples"] == 13  # all of it
+
+    del summary["data_fingerprint"]  # a run written before fingerprints is evaluated as before
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert CliRunner().invoke(cli, ["eval", str(run), "--json"]).exit_code == 0
+    (root / "dog" / "new.png").unlink()  # restored: the export scores the run's split again
+    res = CliRunner().invoke(cli, ["eval", str(onnx_file), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["samples"] == summary["val_samples"]
