@@ -154,7 +154,7 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
 
     from alast.bench_runs import COLUMNS, _fmt
 
-    from .render import console
+    from .render import results
 
     # the terminal gets the columns that fit 80 characters; results.md has them all
     columns = [c for c in COLUMNS[1:] if c[1] in TERMINAL_COLUMNS]
@@ -165,17 +165,17 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
         t.add_column(TERMINAL_COLUMNS[key], justify="right")
     for policy, e in table["policies"].items():
         t.add_row(policy, *[_fmt(e.get(key), kind) for _, key, kind in columns])
-    console.print(t)
+    results.print(t)
     for key in ("same_steps", "matched", "lora_matched"):
         if table.get(key):
-            console.print(table[key]["line"])
-    console.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
+            results.print(table[key]["line"])
+    results.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
 
 
 def _render_curves(result: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
-    from .render import console
+    from .render import results
 
     t = Table(title=f"alast bench --targets -> {out}  (FLOPs/full: {result['x']})")
     for name in ("target", "policy", "seeds", "steps", "FLOPs/full", "acc %", "± std"):
@@ -185,14 +185,14 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
         t.add_row("-" if p["target"] is None else f"{p['target']:g}", p["policy"], str(len(p["seeds"])),
                   f"{p['steps']:g}", f"{p['flops_ratio']:.3f}{flag}" if p["flops_ratio"] is not None else "n/a",
                   f"{100 * p['val_accuracy']:.2f}", f"{100 * (p['val_accuracy_std'] or 0):.2f}")
-    console.print(t)
+    results.print(t)
     if any(p.get("off_target") is not None for p in result["points"]):
-        console.print("* more than 3% off its target: not at the target's cost")
+        results.print("* more than 3% off its target: not at the target's cost")
     for s in {(r["policy"], r["target"]): r for r in result["skipped"]}.values():
-        console.print(f"skipped {s['policy']} at {s['target']:g}: {s['skipped']}")
+        results.print(f"skipped {s['policy']} at {s['target']:g}: {s['skipped']}")
     for v in result["verdicts"]:
-        console.print(v["line"])
-    console.print(f"results: {out / 'curves.json'}, {out / 'results.md'}, plot: {out / 'accuracy_vs_flops.png'}")
+        results.print(v["line"])
+    results.print(f"results: {out / 'curves.json'}, {out / 'results.md'}, plot: {out / 'accuracy_vs_flops.png'}")
 
 
 @click.command("bench")

@@ -51,12 +51,12 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
             click.echo(json.dumps({"path": str(report.path), "max_abs_diff": report.max_abs_diff,
                                    "atol": report.atol, "opset": report.opset, "kept_tokens": kept}))
             return
-        from .render import console
+        from .render import results
 
-        console.print(f"token schedule: {kept} patch tokens after each block" if kept else "every token")
-        console.print(f"verified: max |logit diff| vs PyTorch {report.max_abs_diff:.2e} <= {report.atol:g} "
+        results.print(f"token schedule: {kept} patch tokens after each block" if kept else "every token")
+        results.print(f"verified: max |logit diff| vs PyTorch {report.max_abs_diff:.2e} <= {report.atol:g} "
                       f"(onnxruntime, batch {report.batch}, opset {report.opset})")
-        console.print(f"wrote {report.path}")
+        results.print(f"wrote {report.path}")
 
     run_guarded(go, _debug(ctx))
 
@@ -94,9 +94,9 @@ def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: P
         if as_json:
             click.echo(json.dumps(metrics))
             return
-        from .render import console
+        from .render import results
 
-        console.print(f"{metrics['source']} {metrics['path']} on {metrics['data']}: accuracy "
+        results.print(f"{metrics['source']} {metrics['path']} on {metrics['data']}: accuracy "
                       f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} ({metrics['samples']} images"
                       + (f", token schedule {metrics['kept_tokens']})" if metrics.get("kept_tokens") else ")"))
 

@@ -53,7 +53,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     from alast.planning.profile import profile
     from planners.simulate import full_step_flops
 
-    from .render import console, human
+    from .render import human, results
 
     for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size), ("--threads", threads)):
         if value is not None and value < 1:
@@ -82,13 +82,13 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     if as_json:
         click.echo(json.dumps(cm.to_dict()))
         return
-    console.print(_profile_table(cm))
-    console.print(f"full fine-tuning step: {human(full_step_flops(cm), 'FLOP')} per image; fit error "
+    results.print(_profile_table(cm))
+    results.print(f"full fine-tuning step: {human(full_step_flops(cm), 'FLOP')} per image; fit error "
                   f"{cm.fit_max_rel_error:.1e}; units: macs = multiply-adds (fvcore), flops = 2 per multiply-add")
     if cm.time is not None:
-        console.print(f"time model: {cm.time.note}")
+        results.print(f"time model: {cm.time.note}")
     if out is not None:
-        console.print(f"cost model written to {out}")
+        results.print(f"cost model written to {out}")
 
 
 @click.command("profile")
@@ -185,7 +185,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
              throughput: float | None, cost_model: Path | None, force: bool = False) -> dict[str, Any]:
     from alast.planning.plan import plan, plot_plan, replay_run
 
-    from .render import console, human, human_bytes, knobs_text
+    from .render import human, human_bytes, knobs_text, results
 
     check_plan_options(config, overrides, named, trace, calibrate, throughput)
     if plot is not None:
@@ -200,15 +200,15 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     if as_json:
         click.echo(json.dumps(result))
         return result
-    console.print(_plan_table(result))
-    console.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
+    results.print(_plan_table(result))
+    results.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
     if result.get("target"):
         tg = result["target"]
-        console.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'], tg.get('policy', ''))} (predicted {tg['predicted_ratio']:.3f}x, "
+        results.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'], tg.get('policy', ''))} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
     if result.get("early_phase"):
         e = result["early_phase"]
-        console.print(f"{e['policy']}: early phase: the first {e['frac']:.0%} of steps train the top {e['trained']} of "
+        results.print(f"{e['policy']}: early phase: the first {e['frac']:.0%} of steps train the top {e['trained']} of "
                       f"{e['num_blocks']} blocks, one more than the others")
     if result.get("dense_final"):
         d = result["dense_final"]
@@ -217,28 +217,28 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         period = int(d.get("interleave") or 0)
         every = {0: "", 2: "every other step of "}.get(period, f"{period - 1} steps in {period} of ")
         between = {0: "", 2: "; the steps between are"}.get(period, "; the others are")
-        console.print(f"{d['policy']}: dense final phase: {every}the last {d['frac']:.0%} of steps keep every token "
+        results.print(f"{d['policy']}: dense final phase: {every}the last {d['frac']:.0%} of steps keep every token "
                       f"and {trains}" + (f"{between} sparse steps at a dense step's cost" if period else ""))
     for name, p in result["policies"].items():
         if p.get("inference_flops_ratio"):
-            console.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "
+            results.print(f"{name}: token schedule {list(p['eval_kept_tokens'])} (the final 10% of steps), inference "
                           f"{p['inference_flops_ratio']:.3f}x the FLOPs of every token; {_deployment(result)}")
     if result.get("trace"):
         tr = result["trace"]
         err = tr["train_flops_rel_error"]
-        console.print(f"trace {tr['run_dir']}: predicted {human(tr['predicted_train_flops'], 'FLOP')}, counted "
+        results.print(f"trace {tr['run_dir']}: predicted {human(tr['predicted_train_flops'], 'FLOP')}, counted "
                       f"{human(tr['counted_train_flops'], 'FLOP')}" + (f" ({err:+.2%})" if err is not None else ""))
         if tr.get("measured_peak_memory_bytes") is not None:  # the table's peak is over all steps
             sampled = tr.get("predicted_peak_memory_sampled_steps_bytes")
             which = "the steps the run measured (1, 2, every 50th)" if sampled is not None else "all steps"
             predicted = sampled if sampled is not None else tr["predicted_peak_memory_bytes"]
-            console.print(f"peak memory over {which}: predicted {human_bytes(int(predicted))}, measured "
+            results.print(f"peak memory over {which}: predicted {human_bytes(int(predicted))}, measured "
                           f"{human_bytes(int(tr['measured_peak_memory_bytes']))} (the table's: over all steps)")
         if tr.get("counted_inference_flops_ratio") and tr.get("predicted_inference_flops_ratio"):
-            console.print(f"inference on the token schedule: predicted {tr['predicted_inference_flops_ratio']:.3f}x, "
+            results.print(f"inference on the token schedule: predicted {tr['predicted_inference_flops_ratio']:.3f}x, "
                           f"counted {tr['counted_inference_flops_ratio']:.3f}x")
     if plot is not None:
-        console.print(f"plot written to {plot}")
+        results.print(f"plot written to {plot}")
     return result
 
 

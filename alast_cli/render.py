@@ -11,7 +11,10 @@ from rich.table import Table
 from alast.training.loop import Hooks
 
 # Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
+# Progress, notes and warnings go to stderr; a command's results (tables, predictions, verdicts) to
+# stdout, so that `alast plan > plan.txt` keeps them (with --json, stdout holds the JSON alone).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+results = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def human(n: float | None, unit: str = "") -> str:

@@ -86,7 +86,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     from runtimes.distributed import init_from_env
 
     from .launch import newest_checkpoint
-    from .render import console, summary_table
+    from .render import results, summary_table
 
     since = time.time()  # a checkpoint written after this is this run's (newest_checkpoint)
     cfg = _resolve(config, overrides, out, resume, force, named)
@@ -117,7 +117,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
         if as_json:
             click.echo(json.dumps(summary))
         else:
-            console.print(summary_table(summary, run_dir))
+            results.print(summary_table(summary, run_dir))
         _warn_target_miss(summary, cfg.policy.target_flops, run_dir, cost_model)
     return summary
 
@@ -146,12 +146,12 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
     from alast.training import loop
     from alast.training.rundir import finished_summary
 
-    from .render import console, knobs_text, make_progress, training_hooks
+    from .render import console, knobs_text, make_progress, results, training_hooks
 
     done = finished_summary(run_dir) if resume else None
     if done is not None:  # nothing to redo: its results stay as they are
         if comm.is_main:
-            console.print(f"{run_dir} finished its {done['steps']} steps already; nothing to resume. Its results "
+            results.print(f"{run_dir} finished its {done['steps']} steps already; nothing to resume. Its results "
                           f"are below and in {run_dir / 'summary.json'}; `alast eval {run_dir}` evaluates it again")
         return done
     solve = None

@@ -328,7 +328,7 @@ def test_lora_matched_follows_each_alast_lora_run_and_is_counted_in_the_progress
     from pathlib import Path
 
     from alast_cli import bench_cmd
-    from alast_cli.render import console
+    from alast_cli.render import results as console
 
     base = load_config(None, ["train.steps=10", "train.batch_size=4", "backend.threads=1", "policy.lora.rank=2"])
     per_step = {"full": 10.0, "alast": 5.0, "alast+lora": 3.5, "lora": 7.0}  # a LoRA step on every token: 7

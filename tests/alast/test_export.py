@@ -55,7 +55,7 @@ def test_export_verifies_and_writes_metadata(runs, tmp_path, backend):
     out = tmp_path / "m.onnx"
     res = CliRunner().invoke(cli, ["export", str(runs[backend]), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "max |logit diff| vs PyTorch" in res.stderr and out.exists()
+    assert "max |logit diff| vs PyTorch" in res.stdout and out.exists()
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["alast.input_size"]) == [3, 32, 32]
     assert json.loads(meta["alast.mean"]) == [0.5, 0.5, 0.5] and meta["alast.interpolation"] == "bilinear"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from alast.bench_runs import COLUMNS, aggregate, markdown_table
 from alast_cli import bench_cmd
-from alast_cli.render import console
+from alast_cli.render import results as console
 
 POLICIES = ["full", "alast", "tokens", "alast+lora", "full@matched"]
 

@@ -165,3 +165,17 @@ def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
     assert len(warnings) == 1 and "off --target-flops 0.5" in warnings[0] and f"re-profile {bad}" in warnings[0]
     res = runner.invoke(cli, [*args, "--cost-model", str(cm), "--out", str(tmp_path / "good")])
     assert res.exit_code == 0 and "warning:" not in res.stderr
+
+
+def test_results_go_to_stdout_and_notes_to_stderr(runner, tmp_path):
+    """`alast plan > plan.txt` kept nothing: every line went to stderr."""
+    res = runner.invoke(cli, ["plan", "--steps", "3", "--target-flops", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "train FLOPs" in res.stdout and "target 0.5x full FLOPs ->" in res.stdout
+    assert "train FLOPs" not in res.stderr
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--steps", "2", "--batch-size", "8", "--set", "backend.threads=1", "--out",
+                              str(out)])
+    assert res.exit_code == 0, res.output
+    assert "validation accuracy" in res.stdout and "validation accuracy" not in res.stderr
+    assert "train / " in res.stderr  # the data line is a note
