@@ -341,6 +341,9 @@ class AlastConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "AlastConfig":
         p = self.policy
+        if p.b_min > p.b_max:
+            raise ValueError(f"policy.b_min={p.b_min} is above policy.b_max={p.b_max}: no budget lies between them; "
+                             "swap them")
         if not p.b_min <= p.b_init <= p.b_max:
             raise ValueError(f"policy.b_init={p.b_init} must lie in [policy.b_min, policy.b_max] = [{p.b_min}, {p.b_max}]")
         return self

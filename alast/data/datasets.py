@@ -191,7 +191,7 @@ def check_batch_size(n: int | None, batch_size: int, world_size: int = 1) -> Non
     """Refuse a batch the training set (``n`` images; None: not loaded yet) cannot fill, or
     ``world_size`` ranks cannot share."""
     if n is not None and batch_size > n:
-        raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower train.batch_size")
+        raise DataError(f"batch size {batch_size} exceeds the {n} training images; lower --batch-size (train.batch_size)")
     if batch_size % world_size:
         below = batch_size - batch_size % world_size
         fits = [b for b in (below, below + world_size) if 0 < b and (n is None or b <= n)]

@@ -25,6 +25,7 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["backend.name=tensorflow"], "invalid value for 'backend.name'"),
     ("", ["train.lr=abc"], "invalid value for 'train.lr'"),
     ("", ["policy.b_init=0.3"], "b_init"),
+    ("", ["policy.b_min=0.9", "policy.b_max=0.5"], "policy.b_min=0.9 is above policy.b_max=0.5"),
     ("", ["steps=3"], "malformed --set"),
     ("", ["train.steps"], "malformed --set"),
     ("train: [1, 2\n", [], "YAML syntax error"),

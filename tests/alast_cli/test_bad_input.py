@@ -241,7 +241,7 @@ def test_a_batch_the_data_cannot_fill_fails_before_the_target_is_planned(tmp_pat
     out = tmp_path / "run"
     res = run_cli(["train", "--data", "random:4", "--steps", "2", "--batch-size", "64", "--target-flops", "0.5",
                    "--set", "backend.threads=1", "--out", str(out)])
-    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
+    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower --batch-size (train.batch_size)")
     assert not out.exists()
 
 
@@ -256,7 +256,7 @@ def test_a_bench_with_a_batch_the_data_cannot_fill_fails_before_planning(tmp_pat
     out = tmp_path / "bench"
     res = run_cli(["bench", "--data", "random:4", "--policies", "alast,full", "--seeds", "1", "--steps", "2",
                    "--batch-size", "64", "--target-flops", "0.5", "--set", "backend.threads=1", "--out", str(out)])
-    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower train.batch_size")
+    assert_one_line_error(res, 2, "batch size 64 exceeds the", "lower --batch-size (train.batch_size)")
     assert not (out / "runs").exists() or not any((out / "runs").iterdir())
 
 
