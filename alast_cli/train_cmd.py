@@ -146,12 +146,12 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
     from alast.training import loop
     from alast.training.rundir import finished_summary
 
-    from .render import console, knobs_text, make_progress, results, training_hooks
+    from .render import console, knobs_text, make_progress, training_hooks
 
     done = finished_summary(run_dir) if resume else None
     if done is not None:  # nothing to redo: its results stay as they are
         if comm.is_main:
-            results.print(f"{run_dir} finished its {done['steps']} steps already; nothing to resume. Its results "
+            console.print(f"{run_dir} finished its {done['steps']} steps already; nothing to resume. Its results "
                           f"are below and in {run_dir / 'summary.json'}; `alast eval {run_dir}` evaluates it again")
         return done
     solve = None
