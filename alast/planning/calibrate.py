@@ -19,9 +19,19 @@ def _calibration_budgets(num_blocks: int) -> dict[str, Any]:
     L = num_blocks
     top = tuple(i == L - 1 for i in range(L))
     half = tuple(i < max(1, L // 2) for i in range(L))
+
+    def alast_like(frozen: int, keep: float) -> Budget:
+        """ALaST's own step: the bottom blocks frozen on every token, the embeddings frozen, the
+        blocks above trained and dropping. Without such steps the fit, extrapolated to them, priced
+        them 7-9% high (the demo ViT at batch 32, held-out shapes)."""
+        frozen = min(max(1, frozen), L - 1) if L > 1 else 0
+        return Budget(tuple(1.0 if i < frozen else keep for i in range(L)), tuple(i >= frozen for i in range(L)),
+                      train_embeddings=False)
+
     return {"full": Budget((1.0,) * L, (True,) * L), "top1": Budget((1.0,) * L, top),
             "tokens0.5": Budget((0.5,) * L, (True,) * L), "tokens0.5-top1": Budget((0.5,) * L, top),
-            "tokens0.8-lowhalf": Budget((0.8,) * L, half)}
+            "tokens0.8-lowhalf": Budget((0.8,) * L, half),
+            "frozen-third-tokens0.7": alast_like(L // 3, 0.7), "frozen-half-tokens0.85": alast_like(L // 2, 0.85)}
 
 
 def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "cpu", count_flops: str = "every",
@@ -29,7 +39,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
                    ) -> "TimeModel":
     """Time real training steps of the torch runtime on this machine and fit the time model.
 
-    Five step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
+    Seven step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
     it is used), ``reps`` rounds after a first round (alternating, so drift hits all alike),
     median per shape; non-negative least squares on the features of
     :class:`~planners.costmodel.TimeModel`. What a run's steps do beside training is timed too: the
