@@ -12,8 +12,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from alast.data.common import (DataBundle, DataError, _need_two_classes, _split, _split_indices, files_fingerprint,
-                               nfc)
+from alast.data.common import DataBundle, DataError, _need_two_classes, _split, _split_indices, files_fingerprint, nfc
 from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb
 
 # Split folder names, matched in any case and with "-" or a space for "_" (Train/, VAL/, Training Set/).

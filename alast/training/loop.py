@@ -24,7 +24,6 @@ from alast.data import DataBundle, StepBatchSampler, check_batch_size, eval_batc
 from alast.models import initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
-from runtimes.torch_backend.runtime import resolve_device
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
 from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir, release_run_dir
@@ -35,6 +34,7 @@ from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
 from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
 from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
+from runtimes.torch_backend.runtime import resolve_device
 
 TIMED_AFTER_STEPS = 10  # output.checkpoint_minutes: the steps timed before the interval is fixed
 

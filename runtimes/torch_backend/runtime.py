@@ -17,8 +17,15 @@ from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
 from .memory import default_memory_probe, frozen_aware_mem_tracker
-from .params import (apply_lora, embedding_parameters, input_channels, is_adapter, make_optimizer, parameter_counts,
-                     timm_model)
+from .params import (
+    apply_lora,
+    embedding_parameters,
+    input_channels,
+    is_adapter,
+    make_optimizer,
+    parameter_counts,
+    timm_model,
+)
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .tokens import check_token_choice

@@ -41,7 +41,7 @@ def test_parameter_counts_name_what_the_optimizer_updated(batch):
     assert rt.parameter_counts()["updated"] == total - frozen - embeddings
     rt.train_step(x, y, Budget((1.0,) * 4, (True,) * 4), 1e-2, 1)
     assert rt.parameter_counts()["updated"] == total  # a union over the run's steps
-    lora = make_runtime(lora=dict(rank=2, alpha=4.0, dropout=0.0, targets=["qkv"]))
+    lora = make_runtime(lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["qkv"]})
     counts = lora.parameter_counts()
     adapters = sum(p.numel() for n, p in lora.model.named_parameters() if "lora_" in n)
     assert counts["total"] == total + adapters and 0 < adapters < counts["trainable"] < total
@@ -73,7 +73,7 @@ def test_full_ft_count_leaves_state_untouched(batch):
     assert torch.equal(rng, torch.get_rng_state())
 
 
-LORA = dict(rank=2, alpha=4.0, dropout=0.0, targets=["qkv"])
+LORA = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["qkv"]}
 
 
 def test_every_token_step_flops_is_what_a_lora_step_on_every_token_counts(batch):
