@@ -46,18 +46,29 @@ def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: 
     return {"folder": os.path.abspath(folder), "files": len(samples), "sha256": h.hexdigest()}
 
 
+def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> tuple[str, str] | None:
+    """Where an image folder's files differ from the ``recorded`` fingerprint of them (None: a run
+    made before fingerprints, or data not split from an image folder): the folder and the counts
+    then and now, in words; None where they are the same."""
+    if not recorded or not isinstance(recorded, dict):
+        return None
+    now = now or {}
+    if (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256")):
+        return None
+    folder = now.get("folder") or recorded.get("folder") or "the run's image folder"
+    counts = f"{recorded.get('files')} images then, {now['files']} now" if now else \
+        f"{recorded.get('files')} images then; it is no longer split by data.val_fraction"
+    return folder, counts
+
+
 def check_fingerprint(recorded: dict[str, Any] | None, bundle: DataBundle) -> None:
     """Refuse to rebuild a run's validation split from an image folder whose files changed since the
     run split it (``recorded``: its fingerprint then; None: a run made before fingerprints, or data
     not split from an image folder): the new split would hold images the run trained on."""
-    if not recorded or not isinstance(recorded, dict):
+    changed = files_changed(recorded, bundle.fingerprint)
+    if changed is None:
         return
-    now = bundle.fingerprint or {}
-    if (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256")):
-        return
-    folder = now.get("folder") or recorded.get("folder") or "the run's image folder"
-    counts = f"{recorded.get('files')} images then, {now['files']} now" if now else \
-        f"{recorded.get('files')} images then; it is no longer split by data.val_fraction"
+    folder, counts = changed
     raise DataError(f"the files in {folder} changed since the run trained ({counts}): its validation split cannot "
                     "be rebuilt, and scoring the folder now would score images the run trained on; restore the "
                     "folder as it was, or score another folder with --data imagefolder:PATH (every image of it "

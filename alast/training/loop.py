@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 
 from alast.config import AlastConfig, dump_config
-from alast.data import DataBundle, StepBatchSampler, check_batch_size, eval_batches, train_batches
+from alast.data import DataBundle, DataError, StepBatchSampler, check_batch_size, eval_batches, train_batches
+from alast.data.common import files_changed
 from alast.models import initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
@@ -200,6 +201,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     run = _Run(cfg, run_dir, comm, runtime, planner, t_start)
+    run.data_fingerprint = data.fingerprint
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
 
@@ -213,6 +215,7 @@ class _Run:
         self.tally = _Tally()
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
+        self.data_fingerprint: dict[str, Any] | None = None  # the image folder's files the split drew from
         self.tb: TensorBoardLog | None = None
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
@@ -276,6 +279,11 @@ class _Run:
         self.last_ckpt, state = found
         check_compatible(state["config"], self.cfg, self.run_dir)
         check_world_size(state.get("world_size", 1), self.comm.world_size, self.run_dir)
+        changed = files_changed(state.get("data_fingerprint"), self.data_fingerprint)
+        if changed is not None:
+            raise DataError(f"cannot resume {self.run_dir}: the files in {changed[0]} changed since the run started "
+                            f"({changed[1]}): its split by data.val_fraction would move images between training "
+                            "and validation; restore the folder as it was, or start a new run")
         self.runtime.load_state_dict(state["runtime"])
         self.planner.load_state_dict(state["planner"])
         set_rng_state(state["rng"])
@@ -334,7 +342,8 @@ class _Run:
                        "tally": asdict(self.tally) | {"peak_memory_bytes": self.tally.peak(self.runtime),
                                                       "wall_time_s": self.wall_time()},
                        "world_size": self.comm.world_size, "rank_random": ranks,
-                       "unobserved": asdict(self.unobserved) if self.unobserved else None}
+                       "unobserved": asdict(self.unobserved) if self.unobserved else None,
+                       "data_fingerprint": self.data_fingerprint}
             try:
                 return ckpt.save_checkpoint(self.run_dir, step_done, payload, self.cfg.output.keep_last)
             except OSError as exc:

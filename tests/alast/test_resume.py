@@ -460,3 +460,25 @@ def test_a_resumed_runs_wall_time_includes_the_earlier_session(tmp_path, monkeyp
     summary = json.loads((run / "summary.json").read_text())
     # the first session slept 2 s before its checkpoint: the run's wall time holds it, beyond this session's
     assert summary["resumed_from_step"] == 2 and summary["wall_time_s"] >= resumed + 1.0
+
+
+def test_resume_refuses_an_image_folder_whose_files_changed(tmp_path):
+    """The split by data.val_fraction is drawn over the folder's files: one more file moves images
+    between training and validation, and the resumed run would train on the ones it validated on."""
+    from tests.alast_cli.test_bad_input import make_image_folder
+
+    data, run = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    args = [*FAST, "--data", f"imagefolder:{data}", "--steps", "4", "--set", "output.checkpoint_every=2",
+            "--set", "output.keep_last=5", "--out", str(run)]
+    assert invoke(*args).exit_code == 0
+    (run / "summary.json").unlink()  # as if killed after step 2's checkpoint
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    extra = data / "cat" / "extra.png"
+    shutil.copy(data / "cat" / "0.png", extra)
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: cannot resume {run}: the files in ")
+    assert "(12 images then, 13 now)" in res.stderr and "restore the folder as it was" in res.stderr
+    extra.unlink()
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
