@@ -202,6 +202,8 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
         for key in ("val_accuracy_token_schedule", "val_accuracy_all_tokens"):
             entry[key], _ = mean_std([r.get(key) for r in rs])
         entry["inference_flops_ratio"], _ = mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])
+        # the share of the parameters the optimizer changed over the run (summary.json's parameters)
+        entry["parameters_updated_share"], _ = mean_std([_updated_share(r.get("parameters")) for r in rs])
         for key in COST_KEYS + ("full_ft_train_flops", "steps"):
             entry[key], _ = mean_std([r.get(key) for r in rs])
         entry["plan"] = rs[0].get("plan") if rs else None
@@ -222,6 +224,10 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
     first = next((r for r in results if _row(r) not in matched_rows and "skipped" not in r), {})
     out["setting"] = {k: first.get(k) for k in ("model", "data", "backend", "steps", "batch_size", "device")}
     return out
+
+
+def _updated_share(counts: dict[str, int] | None) -> float | None:
+    return counts["updated"] / counts["total"] if counts and counts.get("total") else None
 
 
 def _matched_comparison(results: list[dict[str, Any]], rows: dict[str, Any], policy: str = "alast",
@@ -280,7 +286,7 @@ COLUMNS = [
     ("policy", None, None), ("steps", "steps", "int"), ("acc %", "val_accuracy", "acc"), ("± std", "val_accuracy_std", "acc"),
     ("acc schedule %", "val_accuracy_token_schedule", "acc"), ("acc all tokens %", "val_accuracy_all_tokens", "acc"),
     ("TFLOPs", "train_flops", "flops"), ("FLOPs/full", "train_flops_ratio", "ratio"),
-    ("inference FLOPs", "inference_flops_ratio", "ratio"),
+    ("inference FLOPs", "inference_flops_ratio", "ratio"), ("params updated %", "parameters_updated_share", "acc"),
     ("peak MiB", "peak_memory_bytes", "bytes"), ("mem/full", "peak_memory_bytes_ratio", "ratio"),
     ("step ms", "median_step_time_s", "ms"), ("speed-up", "speedup_vs_full", "ratio"),
     ("train s", "train_time_s", "s"), ("train/full", "train_time_s_ratio", "ratio"), ("wall s", "wall_time_s", "s"),

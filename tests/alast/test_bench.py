@@ -407,6 +407,9 @@ def test_a_target_bench_with_alast_lora_matches_lora_to_its_counted_flops(tmp_pa
     row = table["policies"][LORA_MATCHED]
     assert row["steps"] == lm["steps"] and row["train_flops_ratio"] == lm["train_flops"] / full["train_flops"]
     assert table["matched"] is None and line in (out / "results.md").read_text()
+    shares = {k: table["policies"][k]["parameters_updated_share"] for k in ("full", "lora", "alast+lora")}
+    assert shares["full"] == 1.0 and 0 < shares["alast+lora"] <= shares["lora"] < 0.2  # adapters and the head
+    assert "| params updated % |" in (out / "results.md").read_text()
 
     trained = []
     monkeypatch.setattr(bench_module, "train", lambda cfg, run_dir, **kw: trained.append(run_dir.name))
