@@ -200,8 +200,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    run = _Run(cfg, run_dir, comm, runtime, planner, t_start)
-    run.data_fingerprint = data.fingerprint
+    run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint)
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
 
@@ -209,13 +208,14 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
 class _Run:
     """The state of one run between steps, and what the loop does with it."""
 
-    def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner, t_start: float) -> None:
+    def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner, t_start: float,
+                 data_fingerprint: dict[str, Any] | None = None) -> None:
         self.cfg, self.run_dir, self.comm, self.runtime, self.planner = cfg, run_dir, comm, runtime, planner
         self.trim_last = bool(getattr(planner, "trim_last", False))
         self.tally = _Tally()
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
-        self.data_fingerprint: dict[str, Any] | None = None  # the image folder's files the split drew from
+        self.data_fingerprint = data_fingerprint  # the image folder's files the split drew from (checkpointed)
         self.tb: TensorBoardLog | None = None
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
@@ -463,13 +463,14 @@ class _Run:
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
         if cpu_failure is None:
             return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
-                    f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size), use backend.precision=bf16 "
-                    f"or a lower --target-flops; {kept}")
+                    f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size), use "
+                    f"backend.precision=bf16 or a lower --target-flops; {kept}")
         size = re.search(r"allocate (\d+) bytes", cpu_failure)
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""
         return (f"out of memory at step {self.current_step} with batch size {batch}{px}{asked}; `alast plan "
-                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size (model.img_size); {kept}")
+                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size "
+                f"(model.img_size); {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""

@@ -17,7 +17,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     full_step = runtime.full_ft_step_flops(cfg.train.batch_size // ws)
     train_flops = tally.counted_flops * ws if counted_all else None
     full = full_step * steps * ws if full_step is not None and counted_all else None
-    every_token = _every_token_step_flops(runtime, cfg.train.batch_size // ws) if counted_all else None
+    every_token = _optional(runtime, "every_token_step_flops", cfg.train.batch_size // ws) if counted_all else None
     sent = tally.allreduce_bytes
     return {
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
@@ -30,7 +30,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
                          "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
                          "step of the same batch shape x steps") if counted_all else "not counted",
-        "parameters": runtime.parameter_counts() if hasattr(runtime, "parameter_counts") else None,
+        "parameters": _optional(runtime, "parameter_counts"),
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
@@ -45,12 +45,11 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     }
 
 
-def _every_token_step_flops(runtime, batch_size: int) -> float | None:
-    """Counted flops of one step of the run's own model (LoRA adapters on, trained as LoRA trains
-    them) on every token and every block, per process; None on a runtime that does not count it
-    (the ort backend, which takes no LoRA: there it would equal a full fine-tuning step)."""
-    count = getattr(runtime, "every_token_step_flops", None)
-    return count(batch_size) if count is not None else None
+def _optional(runtime, method: str, *args: Any) -> Any:
+    """``runtime.method(*args)``, or None on a runtime without it: ``every_token_step_flops`` (the ort
+    backend, which takes no LoRA, has none) and ``parameter_counts``."""
+    fn = getattr(runtime, method, None)
+    return fn(*args) if fn is not None else None
 
 
 def _memory_method(runtime, peak: float | None) -> str | None:
