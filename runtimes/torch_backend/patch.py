@@ -49,7 +49,8 @@ class StepControl:
     """
 
     keep: tuple[int | None, ...] | None = None
-    deltas: list[Tensor | None] = field(default_factory=list)
+    deltas: list[Tensor | None] = field(default_factory=list)  # per block, read through the mean of its tokens
+    cls_rows: Tensor | None = None  # [L + 1, B, D] float32: the class token entering block 0, then leaving each
     tokens_in: list[int] = field(default_factory=list)
     scores: list[Tensor | None] = field(default_factory=list)
     eager: bool = False  # run the upstream forward uncompiled (FLOP counting sees every op)
@@ -57,6 +58,38 @@ class StepControl:
     select: str = "top"  # how kept tokens are chosen from the scores: see tokens.ranking_scores
     score: str = "attention"  # what scores the tokens: see tokens.cls_attention_scores
     generator: torch.Generator | None = None  # the draws of select 'sample' / 'random' (None: torch's default)
+
+    def record_delta(self, i: int, x_in: Tensor, x_out: Tensor, pool: int | None) -> None:
+        """Record block ``i``'s update for :meth:`block_deltas`.
+
+        With a class token, one copy of the token leaving the block (and, at block 0, of the one
+        entering it) into :attr:`cls_rows`: the blocks run in sequence, so block ``i``'s input class
+        token is block ``i - 1``'s output, and all the deltas come out of the rows at once, in three
+        kernels, instead of three per block. With ``pool``, :func:`cls_delta` of the tokens given.
+        """
+        if pool is not None:
+            self.deltas[i] = cls_delta(x_in, x_out, pool)
+            return
+        with torch.no_grad():
+            if i == 0:
+                self.cls_rows = x_out.new_empty((len(self.deltas) + 1, x_out.shape[0], x_out.shape[-1]),
+                                                dtype=torch.float32)
+                self.cls_rows[0].copy_(x_in[:, 0])
+            elif self.cls_rows is None:
+                raise RuntimeError(f"block {i} ran before block 0 in a training forward; ALaST needs the blocks "
+                                   "run in sequence")
+            self.cls_rows[i + 1].copy_(x_out[:, 0])
+
+    def block_deltas(self) -> Tensor:
+        """The per-sample delta of every block, ``[L, B]`` float32 (:func:`cls_delta`'s value)."""
+        with torch.no_grad():
+            if self.cls_rows is not None:
+                d = self.cls_rows[1:] - self.cls_rows[:-1]
+                return d.pow_(2).sum(-1)
+            if any(d is None for d in self.deltas):
+                missing = [i for i, d in enumerate(self.deltas) if d is None]
+                raise RuntimeError(f"blocks {missing} recorded no delta in this training forward")
+            return torch.stack(self.deltas)  # type: ignore[arg-type]
 
 
 class _AlastBlockMixin:
@@ -83,8 +116,8 @@ class _AlastBlockMixin:
             finally:
                 self.attn.qkv.__dict__.pop("_alast_qkv_out", None)
             ctl.tokens_in[i] = n_patch
-            ctl.deltas[i] = cls_delta(x if self._alast_pool is None else take_tokens(x.detach(), kept), out,
-                                      self._alast_pool)
+            ctl.record_delta(i, x if self._alast_pool is None else take_tokens(x.detach(), kept), out,
+                             self._alast_pool)
             ctl.scores[i] = scores
             return out
         qkv = self.attn.qkv
@@ -99,7 +132,7 @@ class _AlastBlockMixin:
         ctl.scores[i] = None
         pool = self._alast_pool
         if not dropping:
-            ctl.deltas[i] = cls_delta(x, out, pool)
+            ctl.record_delta(i, x, out, pool)
             return out
         if qkv_out is None:
             raise RuntimeError(f"block {i}: the qkv hook did not run; is this a standard timm Attention?")
@@ -111,7 +144,7 @@ class _AlastBlockMixin:
         # a pooled delta compares the kept tokens with their own inputs (selection is linear in x)
         x_kept = x if pool is None else select_tokens(x.detach(), scores, int(keep), self._alast_prefix,
                                                       fuse=ctl.fuse, rank=rank)
-        ctl.deltas[i] = cls_delta(x_kept, kept, pool)
+        ctl.record_delta(i, x_kept, kept, pool)
         return kept
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -175,10 +208,12 @@ def selecting_tail(block: nn.Module, x: Tensor, h: Tensor, qkv: Tensor, kept: Te
     attn = block.attn
     b, n, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = qkv.reshape(b, n, 3, heads, head_dim)
-    q = attn.q_norm(take_tokens(qkv[:, :, 0], kept).transpose(1, 2))  # [B, H, kept, d]
-    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
-    v = qkv[:, :, 2].transpose(1, 2)
+    # One unbind, not three slices: its backward stacks the three gradients in one kernel, where each
+    # slice's backward would write a zero-filled copy of the whole projection and then add them up.
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).unbind(2)
+    q = attn.q_norm(take_tokens(q, kept).transpose(1, 2))  # [B, H, kept, d]
+    k = attn.k_norm(k.transpose(1, 2))
+    v = v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if block.training else 0.0,
                                        scale=attn.scale)
     o = o.transpose(1, 2).reshape(b, kept.shape[1], heads * head_dim)
@@ -279,6 +314,7 @@ class AlastPatch:
         ctl = self.control
         ctl.keep = tuple(keep)
         ctl.deltas = [None] * self.num_blocks
+        ctl.cls_rows = None
         ctl.scores = [None] * self.num_blocks
         ctl.tokens_in = [0] * self.num_blocks
         try:

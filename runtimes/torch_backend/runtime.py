@@ -212,7 +212,7 @@ class TorchRuntime:
                 if not lag and not torch.isfinite(loss.detach()):
                     raise NonFiniteLoss(step, float(loss.detach()))
                 loss.backward()
-            deltas = torch.stack([d if d is not None else torch.zeros_like(ctl.deltas[0]) for d in ctl.deltas])
+            deltas = ctl.block_deltas()
             self._update(budget)
         if counting:
             flops = self._flops.record(fc, flop_keys)

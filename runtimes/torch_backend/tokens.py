@@ -78,7 +78,8 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
         # In the activations' dtype (the product is one row per head); softmax in float32.
         attn = ((q * scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).squeeze(2)  # [B, H, N]
         if score == "contribution":
-            attn = attn * qkv[:, :, 2].float().norm(dim=-1).transpose(1, 2)  # ||v_j|| per head: [B, H, N]
+            v_norm = torch.linalg.vector_norm(qkv[:, :, 2], dim=-1, dtype=torch.float32)  # ||v_j||: [B, N, H]
+            attn = attn * v_norm.transpose(1, 2)
         return attn.mean(dim=1)
 
 
@@ -86,11 +87,13 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
     """Scores whose top-k is the kept set, from non-negative token ``scores`` ``[B, N]``.
 
-    ``top``: the scores themselves (the paper's top-k). ``sample``: the top-k of the scores'
-    logarithm plus Gumbel noise, a draw of k tokens without replacement with probability proportional
-    to the score (Gumbel-top-k). ``random``: uniform noise, a random subset. ``noise``: the uniform
-    draws in [0, 1) to use, shaped like ``scores`` (an ONNX graph takes them as an input); default:
-    drawn here from ``generator`` (torch's default generator if None).
+    ``top``: the scores themselves (the paper's top-k). ``sample``: a draw of k tokens without
+    replacement with probability proportional to the score: each token's score over an exponential
+    draw ``-log(u)``, whose top-k is the Gumbel-top-k of the scores' logarithm with the same draws
+    (``log s - log(-log u)``, a monotone function of it), in three kernels instead of nine.
+    ``random``: uniform noise, a random subset. ``noise``: the uniform draws in [0, 1) to use, shaped
+    like ``scores`` (an ONNX graph takes them as an input); default: drawn here from ``generator``
+    (torch's default generator if None).
     """
     if select == "top":
         return scores
@@ -100,8 +103,9 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
             noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         if select == "random":
             return noise
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))  # select == "sample"
-        return scores.clamp_min(1e-30).log() + gumbel
+        # select == "sample": log(u) / s ranks as s / (-log u). A zero score ranks below every positive
+        # one and is drawn among its equals (the clamp); u = 0 ranks last (-inf).
+        return noise.log() / scores.clamp_min(1e-30)
 
 
 class _TakeTokens(torch.autograd.Function):
@@ -129,12 +133,28 @@ def _top_in_order(rank: Tensor, keep: int | Tensor) -> Tensor:
     return rank.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
+_PREFIX_MASKS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def _prefix_mask(n: int, num_prefix: int, device: torch.device) -> Tensor:
+    """``[N]`` bool, True at the prefix positions; built once per shape and device."""
+    key = (n, num_prefix, device)
+    if key not in _PREFIX_MASKS:
+        _PREFIX_MASKS[key] = torch.arange(n, device=device) < num_prefix
+    return _PREFIX_MASKS[key]
+
+
 def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
     """Sequence positions a selection keeps, ``[B, num_prefix + keep]``: the prefix tokens, then
-    the ``keep`` patch tokens ranked highest by ``rank`` ``[B, N]``, in their original order."""
-    idx = _top_in_order(rank[:, num_prefix:], keep) + num_prefix
-    prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], -1)
-    return torch.cat([prefix, idx], dim=1)
+    the ``keep`` patch tokens ranked highest by ``rank`` ``[B, N]``, in their original order.
+
+    The prefix is ranked first (+inf) and taken by the same top-k: three kernels, where the patch
+    tokens' top-k, an offset and a concatenation with the prefix positions took five."""
+    if num_prefix == 0:
+        return _top_in_order(rank, keep)
+    with torch.no_grad():
+        ranked = rank.masked_fill(_prefix_mask(rank.shape[1], num_prefix, rank.device), float("inf"))
+    return _top_in_order(ranked, num_prefix + keep)
 
 
 def take_tokens(x: Tensor, positions: Tensor) -> Tensor:

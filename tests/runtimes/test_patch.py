@@ -22,7 +22,7 @@ def test_full_budget_parity_logits_and_grads(init_values, reg_tokens, batch):
     assert torch.allclose(out, ref(x), atol=1e-6)
     for (n, a), (_, b) in zip(ref.named_parameters(), pat.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), n
-    assert all(d is not None and d.shape == (6,) for d in ctl.deltas)
+    assert ctl.block_deltas().shape == (4, 6)
 
 
 def test_unpatch_restores_plain_model(tiny_vit, batch):
@@ -252,7 +252,7 @@ def _run_dropping(model, patch, x, y, keep):
     with patch.training_forward(keep) as ctl:
         logits = model(x)
     torch.nn.functional.cross_entropy(logits, y).backward()
-    return logits, [d.clone() for d in ctl.deltas], {n: p.grad.clone() for n, p in model.named_parameters()
+    return logits, list(ctl.block_deltas()), {n: p.grad.clone() for n, p in model.named_parameters()
                                                      if p.grad is not None}
 
 
@@ -348,3 +348,40 @@ def test_blocks_alast_cannot_read_are_refused_by_name(name, needle):
         model = timm.create_model(name, pretrained=False, num_classes=3)
     with pytest.raises(PatchError, match=needle):
         AlastPatch(model)
+
+
+@pytest.mark.parametrize("keep", [(None,) * 4, (12, None, 5, 2)])
+def test_block_deltas_are_each_blocks_class_token_update(keep, batch):
+    """The deltas come out of one buffer of class tokens (each block's input is the block before's
+    output): they equal ``cls_delta`` of every block's own input and output, dropping or not."""
+    x, _ = batch
+    model = make_tiny_vit(reg_tokens=2)
+    patch = AlastPatch(model)
+    model.train()
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach()))) for b in model.blocks]
+    with patch.training_forward(keep) as ctl:
+        model(x)
+    for h in hooks:
+        h.remove()
+    want = torch.stack([cls_delta(i, o) for i, o in seen])
+    assert ctl.block_deltas().shape == (4, x.shape[0])
+    assert torch.allclose(ctl.block_deltas(), want, rtol=1e-6, atol=0)
+    assert (want > 0).all()
+
+
+def test_sampled_tokens_are_the_gumbel_top_k_of_the_same_draws():
+    """'sample' ranks by log(u) / s: with the same uniform draws it keeps exactly the tokens the
+    Gumbel-top-k of log(s) keeps (computed here in float64, away from rounding ties)."""
+    from runtimes.torch_backend.tokens import kept_indices
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(64, 50, generator=g).pow(3)
+    scores[:, 7] = 0.0  # a zero score is ranked too
+    noise = torch.rand(64, 50, generator=g)
+    gumbel = scores.double().clamp_min(1e-30).log() - torch.log(-torch.log(noise.double()))
+    for keep in (1, 10, 40):
+        got = kept_indices(ranking_scores(scores, "sample", noise), keep, num_prefix=1)
+        want = kept_indices(gumbel, keep, num_prefix=1)
+        assert torch.equal(got, want), keep
+        assert (got[:, 0] == 0).all() and (got[:, 1:].diff(dim=1) > 0).all()
