@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU work in one command, sized for a short lease on one GPU:
 #   1. a check of the CUDA paths (seconds; stops the job at the first failure),
-#   2. pre-training of the 12-block backbone (examples/pretrain_vit12_backbone.py, MINUTES of training),
-#   3. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
-#      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come).
-# Everything lands in OUT_DIR: the backbone's weights and record, the grids' JSON, and nothing else.
+#   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
+#   3. where a batch-64 step's time goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against
+#      the device's time),
+#   4. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
+#      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
+#   5. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
+#      (examples/pretrain_vit12_backbone.py, MINUTES of training; the shipped weights came from it).
+# Everything lands in OUT_DIR: the JSON of each step (and the backbone's weights and record with
+# PRETRAIN=1), and nothing else.
 #
-#   bash benchmarks/gpu_job.sh OUT_DIR                 # on a CUDA machine: 439 s on an H200
+#   bash benchmarks/gpu_job.sh OUT_DIR                 # on a CUDA machine
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_job.sh DIR  # the same steps, tiny, on the CPU (a dry run)
 set -uo pipefail
 OUT_DIR=${1:?usage: bash benchmarks/gpu_job.sh OUT_DIR}
@@ -19,12 +24,18 @@ mkdir -p "$OUT_DIR"
 left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
 upto() { local s=$(($(left) - $1)); echo $((s > 1 ? s : 1)); }  # seconds left, less a reserve
 
+PRECISION=bf16
+[[ $DEVICE == cpu ]] && PRECISION=fp32
 if [[ -n "${QUICK:-}" ]]; then
   PRE=(--steps 4 --batch-size 16 --classes 10 --eval-size 20 --log-every 2)
+  OPS=(--models alast_demo_vit)
+  PROFILE=(--model alast_demo_vit --batch 8 --warmup 1 --steps 2)
   GRID=(--models alast_demo_vit --batches 8 --steps 2 --warmup 1 --precision fp32)
   COMPILED=(--models alast_demo_vit --batches 8 --steps 2 --warmup 2 --precision fp32)
 else
   PRE=(--minutes "$MINUTES" --log-every 1000)
+  OPS=(--models deit_small_patch16_224,vit_base_patch16_224)
+  PROFILE=(--model deit_small_patch16_224 --batch 64)
   GRID=(--models vit_base_patch16_224,deit_small_patch16_224 --batches 256,64 --steps 8 --warmup 4)
   COMPILED=(--models vit_base_patch16_224 --batches 256 --steps 8 --warmup 6)
 fi
@@ -39,9 +50,18 @@ $PY examples/pretrain_vit12_backbone.py --device "$DEVICE" --steps 3 --batch-siz
 $PY benchmarks/gpu_speed.py --device "$DEVICE" --models alast_demo_vit --batches 8 --steps 2 --warmup 1 \
   --compile off --targets 0.5 --precision fp32 --out "$CHECK/speed.json" || exit 1
 
-echo "== pre-training ($(date -u +%T), $(left) s left)"
-$PY examples/pretrain_vit12_backbone.py --device "$DEVICE" "${PRE[@]}" --out "$OUT_DIR/alast_vit12_fdsl.safetensors" \
-  || exit 1
+if [[ -n "${PRETRAIN:-}" ]]; then
+  echo "== pre-training ($(date -u +%T), $(left) s left)"
+  $PY examples/pretrain_vit12_backbone.py --device "$DEVICE" "${PRE[@]}" --out "$OUT_DIR/alast_vit12_fdsl.safetensors" \
+    || exit 1
+fi
+
+echo "== ops per step ($(date -u +%T), $(left) s left)"
+timeout "$(upto 60)" $PY benchmarks/op_count.py --device "$DEVICE" --precision "$PRECISION" "${OPS[@]}" \
+  --out "$OUT_DIR/op_count.json"
+echo "== a batch-64 step's time ($(date -u +%T), $(left) s left)"
+timeout "$(upto 60)" $PY benchmarks/gpu_profile.py --device "$DEVICE" --precision "$PRECISION" "${PROFILE[@]}" \
+  --out "$OUT_DIR/gpu_profile.json"
 
 echo "== speed grid, eager ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${GRID[@]}" --compile off \

@@ -70,3 +70,23 @@ def test_gpu_profile_times_launch_and_step_and_names_the_top_ops_on_cpu(tmp_path
         assert row["host_launch_ms"] > 0 and row["device_step_ms"] > 0
         assert row["top_host_ops"] and all(op["calls"] > 0 for op in row["top_host_ops"])
     assert sum(alast["kept_tokens"]) < sum(full["kept_tokens"])  # the target drops tokens
+
+
+def test_op_count_on_cpu(tmp_path):
+    """benchmarks/op_count.py counts a step's kernels; the machinery at full budget adds none, and a
+    dropping block launches no zero-filled copy of its qkv gradient (one unbind, not three slices)
+    and one log for its sampled tokens."""
+    bench = _load("op_count")
+    out = tmp_path / "ops.json"
+    bench.main(["--models", "alast_demo_vit", "--targets", "0.5", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["full", "alast@1.0", "alast@0.5"]
+    full, machinery, target = rows
+    assert machinery["step_ops"] == full["step_ops"]
+    assert target["step_ops"] > full["step_ops"] and target["optimizer_ops"] < full["optimizer_ops"]
+    assert full["step_host_reads"] == target["step_host_reads"] == 0
+    ops = target["step_ops_by_name"]
+    dropping = ops["topk"]
+    assert dropping >= 1
+    assert ops["select_backward"] == full["step_ops_by_name"]["select_backward"]  # the head's class token alone
+    assert ops["log"] == dropping
