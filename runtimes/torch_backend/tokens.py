@@ -133,15 +133,17 @@ def _top_in_order(rank: Tensor, keep: int | Tensor) -> Tensor:
     return rank.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-_PREFIX_MASKS: dict[tuple[int, int, torch.device], Tensor] = {}
+_PREFIX_MASKS: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _prefix_mask(n: int, num_prefix: int, device: torch.device) -> Tensor:
-    """``[N]`` bool, True at the prefix positions; built once per shape and device."""
-    key = (n, num_prefix, device)
-    if key not in _PREFIX_MASKS:
-        _PREFIX_MASKS[key] = torch.arange(n, device=device) < num_prefix
-    return _PREFIX_MASKS[key]
+    """``[n]`` bool, True at the prefix positions: a view of a mask built once per prefix and device
+    (and again only for a longer sequence), so that new token counts launch no kernel."""
+    key = (num_prefix, device)
+    mask = _PREFIX_MASKS.get(key)
+    if mask is None or mask.shape[0] < n:
+        mask = _PREFIX_MASKS[key] = torch.arange(max(n, 1024), device=device) < num_prefix
+    return mask[:n]
 
 
 def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
