@@ -206,3 +206,24 @@ def test_a_step_that_freezes_the_embeddings_stops_its_backward_at_the_lowest_tra
     assert with_stem.train_flops == pytest.approx(step_cost(cm, StepShape((16,) * 4, (16,) * 4, top),
                                                             x.shape[0]).train_flops, rel=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(stem, embedding_parameters(rt.timm_model)))
+
+
+def test_a_step_after_evaluation_or_an_inference_count_trains_in_training_mode(batch):
+    """The step switches the model to training mode only where it is not (the switch visits every
+    module); after an evaluation, an inference FLOP count of the timm model, or a caller's eval(),
+    the next step still drops tokens and draws dropout as a training step does."""
+    from runtimes.token_schedule import inference_flops
+
+    x, y = batch
+    rt = make_runtime()
+    budget = Budget((0.5,) * 4, (True,) * 4)
+    for leave_eval in (lambda: rt.evaluate([(x, y)]), lambda: inference_flops(rt.timm_model, None),
+                       lambda: rt.timm_model.eval(), lambda: rt.patch.blocks[-1].eval()):
+        leave_eval()
+        seen = []
+        hook = rt.timm_model.norm.register_forward_hook(lambda m, i, o: seen.append((m.training, o.shape[1])))
+        res = rt.train_step(x, y, budget, 1e-3, 0)
+        hook.remove()
+        assert seen == [(True, 2)]  # the prefix and one kept token leave the last block
+        assert res.kept_tokens == (8, 4, 2, 1)
+        assert all(m.training for m in rt.model.modules())
