@@ -90,7 +90,7 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     ``top``: the scores themselves (the paper's top-k). ``sample``: a draw of k tokens without
     replacement with probability proportional to the score: each token's score over an exponential
     draw ``-log(u)``, whose top-k is the Gumbel-top-k of the scores' logarithm with the same draws
-    (``log s - log(-log u)``, a monotone function of it), in three kernels instead of nine.
+    (``log s - log(-log u)``, a monotone function of it): four kernels with the draw, not nine.
     ``random``: uniform noise, a random subset. ``noise``: the uniform draws in [0, 1) to use, shaped
     like ``scores`` (an ONNX graph takes them as an input); default: drawn here from ``generator``
     (torch's default generator if None).
