@@ -221,7 +221,7 @@ def test_a_step_after_evaluation_or_an_inference_count_trains_in_training_mode(b
                        lambda: rt.timm_model.eval(), lambda: rt.patch.blocks[-1].eval()):
         leave_eval()
         seen = []
-        hook = rt.timm_model.norm.register_forward_hook(lambda m, i, o: seen.append((m.training, o.shape[1])))
+        hook = rt.timm_model.norm.register_forward_hook(lambda m, i, o, seen=seen: seen.append((m.training, o.shape[1])))
         res = rt.train_step(x, y, budget, 1e-3, 0)
         hook.remove()
         assert seen == [(True, 2)]  # the prefix and one kept token leave the last block
