@@ -13,7 +13,6 @@ Rows go to ``--out`` as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_speed import build, policy_config, run_steps
+from benchmarks.gpu_speed import build, policy_config, require_device, run_steps, write_rows
 
 TOP = 15
 
@@ -89,11 +88,9 @@ def measure(policy: str, target: float | None, args: argparse.Namespace) -> dict
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device visible; use --device cpu for a smoke run")
+    require_device(args.device, "use --device cpu for a smoke run")
     rows = [measure("full", None, args), measure(f"alast@{args.target:g}", args.target, args)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_rows(rows, args.out)
     print(f"wrote {args.out}")
     return rows
 

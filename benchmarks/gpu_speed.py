@@ -82,6 +82,25 @@ def planner_for(cfg, num_blocks: int, policy: str, solved: dict[tuple, dict]):
     return build_planner(cfg, num_blocks, solved[key])
 
 
+def require_device(device: str, hint: str) -> None:
+    """Exit with one line where ``--device cuda`` was asked for and no CUDA device is visible."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: no CUDA device visible; {hint}")
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path) -> None:
+    """Write a benchmark's rows to ``out`` as JSON (its folder made where missing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def grid_policies(targets: str) -> list[tuple[str, float | None]]:
+    """The rows of a grid, ``(policy, target)``: full fine-tuning, the ALaST machinery at full budget,
+    and ALaST at each of the comma-separated ``targets``."""
+    fractions = [float(t) for t in targets.split(",") if t]
+    return [("full", None), ("alast@1.0", None)] + [(f"alast@{t:g}", t) for t in fractions]
+
+
 def run_steps(rt: TorchRuntime, planner, x, y, first: int, n: int, total: int) -> list[Any]:
     """``n`` sync-free steps (plan -> launch -> read back the previous one -> observe)."""
     pending, results = None, []
@@ -204,15 +223,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device visible; use --device cpu with tiny settings for a smoke run")
+    require_device(args.device, "use --device cpu with tiny settings for a smoke run")
     if args.steps < 1 or args.warmup < 0:
         sys.exit("error: --steps must be >= 1 and --warmup >= 0")
     compiles = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    targets = [float(t) for t in args.targets.split(",") if t]
-    policies = [("full", None), ("alast@1.0", None)] + [(f"alast@{t:g}", t) for t in targets]
+    policies = grid_policies(args.targets)
     rows, solved = [], {}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for compiled in compiles:
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     print(f"  {model} b{batch} compile={compiled} {policy}: "
                           f"{rows[-1]['window_step_ms']:.1f} ms", file=sys.stderr, flush=True)
                     add_ratios(rows)  # rewritten after every row: a grid stopped part-way keeps its rows
-                    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+                    write_rows(rows, args.out)
     print(table(rows))
     print(f"wrote {args.out}")
     return rows

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_speed import build, policy_config, run_steps  # noqa: E402
+from benchmarks.gpu_speed import build, grid_policies, policy_config, require_device, run_steps, write_rows
 
 HOST_READ = "_local_scalar_dense"
 ALIASES = {"_unsafe_view"}  # not a view in its schema, but it launches no kernel either
@@ -102,18 +101,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device visible; use --device cpu")
+    require_device(args.device, "use --device cpu")
     if args.batch < 1 or args.warmup < 0:
         sys.exit("error: --batch must be >= 1 and --warmup >= 0")
-    targets = [float(t) for t in args.targets.split(",") if t]
-    policies = [("full", None), ("alast@1.0", None)] + [(f"alast@{t:g}", t) for t in targets]
     torch.manual_seed(0)
-    rows = [count(m, p, t, args) for m in args.models.split(",") for p, t in policies]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(table(rows))
-    print(f"wrote {args.out}")
+    rows = [count(m, p, t, args) for m in args.models.split(",") for p, t in grid_policies(args.targets)]
+    write_rows(rows, args.out)
+    print(f"{table(rows)}\nwrote {args.out}")
     return rows
 
 
