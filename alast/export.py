@@ -99,14 +99,34 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); "
                           f"finish it with `alast train --resume --out {run_dir}`")
     cfg = load_run_config(run_dir / CONFIG)
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text())
-        num_classes = int(summary["num_classes"])
-    except (ValueError, KeyError, TypeError):
-        raise ExportError(f"{run_dir / SUMMARY} is corrupt (no num_classes); rerun the training") from None
+    summary, num_classes = _read_summary(run_dir / SUMMARY)
     model = _build_model(cfg, num_classes)
     _load_weights(model, run_dir / FINAL_WEIGHTS)
     return LoadedRun(run_dir, cfg, summary, model.eval())
+
+
+def _read_summary(path: Path) -> tuple[dict[str, Any], int]:
+    """A run's summary and class count, or :class:`ExportError` naming what is missing: the class
+    count, one name per class, and the input size and normalisation its images were prepared with
+    (an export writes them into the model's metadata, and evaluation prepares its images by them)."""
+    fix = "rerun the training, or restore the summary.json the run wrote"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path} is not valid JSON ({type(e).__name__}); {fix}") from None
+    try:
+        num_classes = int(summary["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportError(f"{path} is corrupt (no num_classes); {fix}") from None
+    classes = summary.get("classes")
+    if not isinstance(classes, list) or len(classes) != num_classes:
+        raise ExportError(f"{path} is corrupt (classes should name its {num_classes} classes); {fix}")
+    data_cfg = summary.get("data_config")
+    missing = [k for k in ("input_size", "mean", "std")
+               if not isinstance(data_cfg, dict) or not isinstance(data_cfg.get(k), list) or not data_cfg[k]]
+    if missing:
+        raise ExportError(f"{path} is corrupt (its data_config lacks {', '.join(missing)}); {fix}")
+    return summary, num_classes
 
 
 def _build_model(cfg: Any, num_classes: int) -> nn.Module:

@@ -216,12 +216,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         clear_run(run_dir)
 
 
-def _run_file_temps(run_dir: Path) -> list[Path]:
-    """The temp files of :data:`RUN_FILES` writes in ``run_dir`` (``.NAME.*.tmp``, and the final
+def _is_run_file_temp(name: str) -> bool:
+    """Whether ``name`` is a temp file of a :data:`RUN_FILES` write (``.NAME.*.tmp``, and the final
     weights' ``NAME.tmp``)."""
-    temps = tuple(f".{name}." for name in RUN_FILES)
-    return [p for p in run_dir.iterdir() if p.is_file() and (
-        p.name == FINAL_WEIGHTS + ".tmp" or p.name.startswith(temps) and p.name.endswith(".tmp"))]
+    return name == FINAL_WEIGHTS + ".tmp" or (name.startswith(tuple(f".{n}." for n in RUN_FILES))
+                                              and name.endswith(".tmp"))
+
+
+def _run_file_temps(run_dir: Path) -> list[Path]:
+    """The temp files of :data:`RUN_FILES` writes in ``run_dir`` (see :func:`_is_run_file_temp`)."""
+    return [p for p in run_dir.iterdir() if p.is_file() and _is_run_file_temp(p.name)]
 
 
 def clear_run(run_dir: Path) -> None:
@@ -238,13 +242,15 @@ def clear_run(run_dir: Path) -> None:
 
 
 def is_run_file(run_dir: Path, path: Path) -> bool:
-    """Whether ``path`` is, or would be, one of the files a run writes in ``run_dir``."""
+    """Whether ``path`` is, or would be, one of the files a run writes in ``run_dir``: its run files,
+    their temp files (a resume removes them as leftovers), its lock, and what its folders hold."""
     try:
         rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
     except ValueError:
         return False
     parts = rel.parts
-    return bool(parts) and (parts[0] in RUN_DIRS or (len(parts) == 1 and parts[0] in RUN_FILES))
+    return bool(parts) and (parts[0] in RUN_DIRS or (len(parts) == 1 and (
+        parts[0] in RUN_FILES or parts[0] == LOCK or _is_run_file_temp(parts[0]))))
 
 
 def owning_run(path: Path) -> Path | None:

@@ -166,13 +166,14 @@ def test_export_never_overwrites_silently(runs, tmp_path):
     mine = tmp_path / "m.onnx"
     mine.write_text("keep me\n")
     own = ["summary.json", "config.yaml", "final_model.safetensors", "metrics.jsonl", "budgets.png",
-           str(ckpt.list_checkpoints(run)[-1].relative_to(run)), "../run/summary.json"]
+           str(ckpt.list_checkpoints(run)[-1].relative_to(run)), "../run/summary.json",
+           ".alast.lock", ".summary.json.x1.tmp"]  # the lock another writer takes; a temp a resume removes
     cases = [([str(mine)], "exists; pass --force"), ([str(tmp_path)], "is a directory"),
              *(([str(run / name), "--force"], "the run's own files") for name in own)]
     for out, fragment in cases:
         res = CliRunner().invoke(cli, ["export", str(run), "--out", *out])
         assert res.exit_code == 2, (out, res.output)
-        assert fragment in _err(res) and ".tmp" not in _err(res), _err(res)
+        assert fragment in _err(res) and ".tmp" not in _err(res).replace(out[0], ""), _err(res)  # no temp name
     assert mine.read_text() == "keep me\n"
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     res = CliRunner().invoke(cli, ["export", str(run), "--out", str(mine), "--force"])
@@ -193,7 +194,7 @@ def test_export_never_writes_over_another_runs_files(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs["torch"], other)
     before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
-    for name in ("final_model.safetensors", "metrics.jsonl", "checkpoints/step_00000099.safetensors"):
+    for name in ("final_model.safetensors", "metrics.jsonl", "checkpoints/step_00000099.safetensors", ".alast.lock"):
         res = CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(other / name), "--force"])
         assert res.exit_code == 2, (name, res.output)
         assert f"is one of the files of the run {other.resolve()}" in _err(res), _err(res)
@@ -325,3 +326,31 @@ def test_eval_refuses_a_run_whose_image_folder_changed_since_it_trained(tmp_path
     (root / "dog" / "new.png").unlink()  # restored: the export scores the run's split again
     res = CliRunner().invoke(cli, ["eval", str(onnx_file), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["samples"] == summary["val_samples"]
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda s: s.pop("data_config"), "its data_config lacks input_size, mean, std"),
+    (lambda s: s["data_config"].update(mean=[]), "its data_config lacks mean"),
+    (lambda s: s.pop("classes"), "classes should name its"),
+    (lambda s: s.update(classes=s["classes"][:1]), "classes should name its"),
+    (None, "is not valid JSON (JSONDecodeError)"),
+])
+def test_a_damaged_summary_is_refused_by_export_and_eval(runs, tmp_path, damage, fragment):
+    """A summary without the input size, normalisation or class names exported a model whose metadata
+    said `[]` (and whose evaluation then failed with an AssertionError); invalid JSON was called a
+    missing num_classes."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    path = run / "summary.json"
+    if damage is None:
+        path.write_text(path.read_text()[:-20])
+    else:
+        summary = json.loads(path.read_text())
+        damage(summary)
+        path.write_text(json.dumps(summary))
+    for args in (["export", str(run), "--out", str(tmp_path / "m.onnx")], ["eval", str(run)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert fragment in _err(res) and "rerun the training" in _err(res), _err(res)
+        assert len(_err(res).splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
