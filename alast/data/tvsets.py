@@ -138,7 +138,7 @@ class _TorchvisionSplits:
             if "download" not in self.params:
                 hint = f" (torchvision cannot download {self.name})"
             else:
-                hint = "" if self.download else " or pass --set data.download=true (needs internet)"
+                hint = "" if self.download else " or let `alast train` fetch it with --set data.download=true (needs internet)"
             raise DataError(f"torchvision:{self.name} not found under {self.root} ({first_line(exc)}); "
                             f"put it there{hint}") from None
         except OSError as exc:  # the download: no network, a proxy, a server gone (URLError, socket errors)

@@ -677,7 +677,7 @@ def test_split_keys_are_validated_in_the_config():
 
 
 @pytest.mark.parametrize("name,needles,absent", [
-    ("USPS", ["torchvision:USPS not found under", "put it there or pass --set data.download=true"], []),
+    ("USPS", ["torchvision:USPS not found under", "put it there or let `alast train` fetch it with --set data.download=true"], []),
     ("FER2013", ["torchvision:FER2013 not found under", "(torchvision cannot download FER2013)"], ["download=true"]),
     ("VisionDataset", ["is a base class, not a dataset", "imagefolder:PATH"], []),
     ("mnist", ["unknown torchvision dataset 'mnist'; did you mean MNIST?"], []),
