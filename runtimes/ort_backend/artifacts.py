@@ -41,6 +41,7 @@ class ArtifactStats:
     generated: int = 0
     generation_s: float = 0.0
     loaded_from_disk: int = 0
+    rebuilt_damaged: int = 0  # sets on disk ONNX Runtime could not load (a disk fault, an edit): built again
     sessions: int = 0
     session_s: float = 0.0
     switches: int = 0
@@ -199,12 +200,22 @@ class ArtifactCache:
             self._live.move_to_end(name)
             return self._live[name], False
         directory = self._variant_dir(variant) / name
-        if all((directory / f).exists() for f in _FILES):
-            self.stats.loaded_from_disk += 1
-        else:
-            self._generate(variant, trained, directory)
         t0 = time.perf_counter()
-        ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
+        if all((directory / f).exists() for f in _FILES):
+            try:
+                with _quiet_native_stderr():
+                    ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
+                self.stats.loaded_from_disk += 1
+            except Exception:  # ONNX Runtime's own errors: a truncated model, a checkpoint that fails to verify
+                # The files are a cache of what _generate builds from the graph: build them again.
+                self.stats.rebuilt_damaged += 1
+                ts = None
+        else:
+            ts = None
+        if ts is None:
+            self._generate(variant, trained, directory)
+            t0 = time.perf_counter()
+            ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
         self.stats.sessions += 1
         self.stats.session_s += time.perf_counter() - t0
         self._live[name] = ts

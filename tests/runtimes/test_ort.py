@@ -261,6 +261,26 @@ def test_artifact_sets_are_cached_in_memory_and_on_disk(tmp_path):
 
 
 @needs_ort
+@pytest.mark.parametrize("damaged", ["training_model.onnx", "nominal_checkpoint"])
+def test_a_damaged_set_on_disk_is_built_again(tmp_path, damaged):
+    """A set ONNX Runtime cannot load (truncated by a disk fault or an edit) stopped a resume with
+    ONNX Runtime's C++ error; the files are a cache of the graph, so the set is built again."""
+    (x, y), = data(1)
+    rt = make("ort")
+    rt.bind_run_dir(tmp_path)
+    first = rt.train_step(x, y, FULL, 1e-3, 0)
+    path = next((tmp_path / "ort_artifacts").rglob(damaged))
+    path.write_bytes(path.read_bytes()[:500])
+    again = make("ort")
+    again.bind_run_dir(tmp_path)
+    res = again.train_step(x, y, FULL, 1e-3, 0)
+    st = again.artifact_stats
+    assert st["rebuilt_damaged"] == 1 and st["generated"] == 1 and st["loaded_from_disk"] == 0
+    assert res.loss == pytest.approx(first.loss, rel=1e-6)
+    assert path.stat().st_size > 500
+
+
+@needs_ort
 def test_changed_graph_regenerates_disk_cache(tmp_path):
     (x, y), = data(1)
     for smoothing, generated in ((0.0, 1), (0.2, 1)):
