@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from alast.bench_runs import (
     BY_STEPS,
+    MATCHED,
     MATCHED_ROWS,
     RunSpec,
     _row,
@@ -30,6 +31,7 @@ from alast.bench_runs import (
     markdown_table,
     matched_steps,
     same_step_runs,
+    scaled_steps,
 )
 from alast.config import AlastConfig, build_config, build_run_config, check_policy_name
 from alast.training.loop import Hooks, train
@@ -285,10 +287,14 @@ def bench_reason(exc: Exception, curves: bool) -> str:
 
 
 def _skip_reason(plan: BenchPlan, spec: RunSpec, unreachable: dict[tuple[str, float], str]) -> str | None:
-    """Why ``spec`` is not run: its target is out of its policy's reach, or it is full fine-tuning by
-    steps at a target that no other policy reaches (nothing to compare it with)."""
+    """Why ``spec`` is not run: its target is out of its policy's reach, it is full fine-tuning by
+    steps at a target that no other policy reaches (nothing to compare it with), or it is a
+    compute-matched full fine-tuning run over targets whose steps are those of ``full@steps`` at its
+    target (the same run again)."""
     if spec.solve:
         return unreachable.get((spec.policy, spec.target))
+    if spec.label == MATCHED and plan.targets is not None and spec.steps == scaled_steps(plan.base_steps, spec.target):
+        return f"the same run as {BY_STEPS} at {spec.target:g}x ({spec.steps} steps, seed {spec.seed})"
     if spec.label != BY_STEPS:
         return None
     others = {s.policy for s in plan.runs if s.solve and s.target == spec.target}

@@ -20,7 +20,7 @@ from typing import Any
 from alast.bench_runs import BY_STEPS, MATCHED, compare, judgement, mean_std, off_target, off_target_text
 
 CURVES = "curves.json"
-COMPARED = (BY_STEPS, MATCHED, "tokens")  # what alast is judged against, in this order
+COMPARED = (BY_STEPS, MATCHED, "tokens")  # what alast is judged against first, in this order; then every other row
 RECORD_KEYS = ("steps", "train_flops", "val_accuracy", "val_accuracy_token_schedule", "val_accuracy_all_tokens",
                "inference_flops_ratio", "wall_time_s", "run_dir")
 
@@ -65,7 +65,8 @@ def points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts(records: list[dict[str, Any]], targets: tuple[float, ...]) -> list[dict[str, Any]]:
-    """Per target: alast against each row of :data:`COMPARED` that ran there (none if alast never ran)."""
+    """Per target: alast against each row that ran there, those of :data:`COMPARED` first, then the
+    others (freeze, random, lora) in the order they ran; none if alast never ran."""
     if not any(r["policy"] == "alast" for r in records):
         return []
     out = []
@@ -78,7 +79,8 @@ def verdicts(records: list[dict[str, Any]], targets: tuple[float, ...]) -> list[
             continue
         ra = mean_std([r["flops_ratio"] for r in a])[0]
         comparisons, parts = {}, []
-        for name in COMPARED:
+        others = [r["policy"] for r in records if r["target"] == t and r["policy"] not in (*COMPARED, "alast")]
+        for name in (*COMPARED, *dict.fromkeys(others)):
             b = _trained(records, name, t)
             if not b:
                 continue

@@ -105,3 +105,26 @@ def test_bench_bad_curve_options_exit_2(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", *FAST, "--out", str(tmp_path / "b"), *args])
     assert res.exit_code == 2 and message in res.stderr, res.output
     assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_verdicts_name_every_row_that_ran_at_the_target():
+    """A loss to freeze or random at the same target was left out of the verdicts."""
+    recs = [{"policy": p, "target": 0.8, "seed": 0, "val_accuracy": a, "flops_ratio": 0.8}
+            for p, a in (("alast", 0.20), ("freeze", 0.29), (BY_STEPS, 0.15), ("random", 0.10))]
+    recs.append({"policy": "tokens", "target": 0.8, "seed": 0, "skipped": "out of reach"})
+    (v,) = verdicts(recs, (0.8,))
+    assert list(v["comparisons"]) == [BY_STEPS, "freeze", "random"]
+    assert "vs freeze 29.00% at 0.800x: -9.00 pts, below" in v["line"]
+
+
+def test_matched_over_targets_does_not_run_full_by_steps_again(tmp_path):
+    """Over targets, full@matched at the steps of full@steps is the same run; it ran twice."""
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(cli, ["bench", "--targets", "0.5", "--policies", "full,alast", "--matched", "--seeds", "1",
+                                   *FAST, "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    records = json.loads((out / "curves.json").read_text())["records"]
+    matched = [r for r in records if r["policy"] == "full@matched"]
+    assert len(matched) == 1 and matched[0]["skipped"] == f"the same run as {BY_STEPS} at 0.5x (2 steps, seed 0)"
+    assert not (out / "runs" / "full-matched-t0.5-seed0").exists()
+    assert "- full@matched: skipped: the same run as" in (out / "results.md").read_text()
