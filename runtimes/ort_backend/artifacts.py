@@ -78,6 +78,14 @@ def graph_fingerprint(model_bytes: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises for files it cannot load (its own classes, outside Python's tree)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    return (RuntimeError, ValueError, ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.NoSuchFile,
+            ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.RuntimeException)
+
+
 class TrainingSet:
     """A live artifact set: checkpoint state, training module, and its buffers as torch tensors."""
 
@@ -206,7 +214,7 @@ class ArtifactCache:
                 with _quiet_native_stderr():
                     ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
                 self.stats.loaded_from_disk += 1
-            except Exception:  # ONNX Runtime's own errors: a truncated model, a checkpoint that fails to verify
+            except _load_errors():  # a truncated model, a checkpoint that fails to verify
                 # The files are a cache of what _generate builds from the graph: build them again.
                 self.stats.rebuilt_damaged += 1
                 ts = None
