@@ -184,8 +184,11 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     total = len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
+        nonlocal total
         why = _skip_reason(plan, spec, unreachable)
         if why is not None:
+            if spec.label in {row for row, _, _ in MATCHED_ROWS.values()}:
+                total -= 1  # counted as a run to come, and known to be skipped only now
             summary = {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
                        "skipped": why}
         else:

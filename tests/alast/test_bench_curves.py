@@ -128,3 +128,6 @@ def test_matched_over_targets_does_not_run_full_by_steps_again(tmp_path):
     assert len(matched) == 1 and matched[0]["skipped"] == f"the same run as {BY_STEPS} at 0.5x (2 steps, seed 0)"
     assert not (out / "runs" / "full-matched-t0.5-seed0").exists()
     assert "- full@matched: skipped: the same run as" in (out / "results.md").read_text()
+    trained = sum("skipped" not in r for r in records)
+    last = re.findall(r"\[(\d+)/(\d+)\]", res.stderr)[-1]
+    assert last == (str(trained), str(trained))  # the count ends full once the skip is known
