@@ -307,7 +307,8 @@ MIN_OPSET = 14
 class ExportConfig(_Section):
     opset: int = Field(17, description="ONNX opset; the highest one an export can use depends on the installed "
                        "torch and onnxruntime (`alast export` says which)")
-    atol: float = Field(1e-4, gt=0.0, description="max |logit difference| of the ONNX model vs PyTorch")
+    atol: float = Field(1e-4, gt=0.0, allow_inf_nan=False,
+                        description="max |logit difference| of the ONNX model vs PyTorch")
 
     @field_validator("opset")
     @classmethod

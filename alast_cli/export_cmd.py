@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -17,9 +18,9 @@ def _debug(ctx: click.Context) -> bool:
 def check_export_options(run_dir: Path, out: Path, atol: float | None) -> None:
     """Refuse, before the run loads, an ``--atol`` that no export can meet (the config's bound:
     above 0), a ``RUN_DIR`` that is not there and an ``--out`` that cannot be written."""
-    if atol is not None and not atol > 0:  # NaN included
-        raise ValueError(f"--atol must be above 0 (the largest |logit difference| vs PyTorch to accept), got "
-                         f"{atol:g}; e.g. --atol 1e-4")
+    if atol is not None and not 0 < atol < math.inf:  # NaN included; inf would check nothing
+        raise ValueError(f"--atol must be a finite number above 0 (the largest |logit difference| vs PyTorch to "
+                         f"accept), got {atol:g}; e.g. --atol 1e-4")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}; give the folder `alast train` wrote (its "
                                 "--out, e.g. runs/<time>-<policy>)")

@@ -122,10 +122,10 @@ def test_an_output_on_a_read_only_file_system_is_refused(tmp_path, run_dir, monk
 
 
 # -- 3. export settings no export can use -------------------------------------------------------------
-@pytest.mark.parametrize("atol", ["0", "-1", "nan"])
-def test_export_refuses_an_atol_at_or_below_zero(tmp_path, run_dir, atol):
+@pytest.mark.parametrize("atol", ["0", "-1", "nan", "inf"])
+def test_export_refuses_an_atol_at_or_below_zero_or_infinite(tmp_path, run_dir, atol):
     one_error_line(run_cli(["export", run_dir, "--out", tmp_path / "o.onnx", "--atol", atol]), 2,
-                   "--atol must be above 0")
+                   "--atol must be a finite number above 0")
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -255,3 +255,10 @@ def test_an_unknown_policy_names_the_option_and_the_closest_name():
 def test_a_plot_format_matplotlib_cannot_write_is_refused_up_front(tmp_path):
     one_error_line(run_cli(["plan", "--plot", tmp_path / "p.txt"]), 2, "cannot write a .txt figure", ".png", ".svg")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_configs_atol_is_finite():
+    from alast.config import load_config
+
+    with pytest.raises(Exception, match="export.atol.*finite"):
+        load_config(None, ["export.atol=inf"])
