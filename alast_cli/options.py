@@ -57,10 +57,12 @@ _NAMED = {
 
 def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: bool = True,
                    **named: Any) -> AlastConfig:
-    """Config file < named options < --set overrides; local paths made absolute. ``single_run``: the
+    """Config file < named options and --set overrides (a named option and a --set of its key are
+    refused together); local paths made absolute. ``single_run``: the
     config of one run (not bench's base config, whose policy each run replaces), checked as such."""
     if named.get("steps") is not None and named.get("epochs") is not None:
         raise ConfigError("--steps and --epochs both given; pass one of them")
+    _refuse_named_and_set(named, overrides)
     sets = []
     for key, dotted in _NAMED.items():
         value = named.get(key)
@@ -82,6 +84,15 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: 
             click.echo(f"note: {keys} {'is' if len(unused) == 1 else 'are'} not used by policy {cfg.policy.name!r} "
                        "and ignored", err=True)
     return cfg
+
+
+def _refuse_named_and_set(named: dict[str, Any], overrides: tuple[str, ...]) -> None:
+    """Refuse a named option whose key a ``--set`` sets too: one of the two would be dropped."""
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    for key, dotted in _NAMED.items():
+        if named.get(key) is not None and dotted in set_keys:
+            flag = "--pretrained/--no-pretrained" if key == "pretrained" else "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} and --set {dotted} both given; pass one of them")
 
 
 def _yaml_scalar(value: Any) -> str:

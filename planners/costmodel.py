@@ -237,8 +237,8 @@ class TimeModel:
 
     @classmethod
     def from_throughput(cls, flops_per_s: float) -> "TimeModel":
-        if not flops_per_s > 0:
-            raise CostModelError(f"throughput must be > 0 FLOP/s, got {flops_per_s}")
+        if not 0 < flops_per_s < math.inf:  # NaN and inf included: inf would predict no time at all
+            raise CostModelError(f"throughput must be a finite number > 0 FLOP/s, got {flops_per_s}")
         return cls("throughput", {"fwd_flops": 1.0 / flops_per_s, "bwd_flops": 1.0 / flops_per_s},
                    note=f"train FLOPs / {flops_per_s:.3g} FLOP/s (given throughput)")
 

@@ -262,3 +262,20 @@ def test_the_configs_atol_is_finite():
 
     with pytest.raises(Exception, match="export.atol.*finite"):
         load_config(None, ["export.atol=inf"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "alast_vit12", "--set", "model.name=alast_demo_vit"], "--model and --set model.name both given"),
+    (["--set", "policy.name=tokens", "--policy", "freeze"], "--policy and --set policy.name both given"),
+    (["--target-flops", "0.4", "--set", "policy.target_flops=0.5"],
+     "--target-flops and --set policy.target_flops both given"),
+    (["--batch-size", "8", "--set", " train.batch_size=16"], "--batch-size and --set train.batch_size both given"),
+])
+def test_a_named_option_and_a_set_of_its_key_are_refused(args, message):
+    """The --set silently won over the named option, in either order: `--model X` planned another model."""
+    one_error_line(run_cli(["plan", *args]), 2, message)
+
+
+@pytest.mark.parametrize("throughput", ["inf", "nan", "0"])
+def test_plan_refuses_a_throughput_that_is_not_finite_and_positive(throughput):
+    one_error_line(run_cli(["plan", "--throughput", throughput]), 2, "throughput must be a finite number > 0")
