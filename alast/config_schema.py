@@ -5,6 +5,7 @@ overriding and writing configs is :mod:`alast.config`, which also exports these 
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,8 +16,28 @@ class ConfigError(ValueError):
     """The configuration is missing, unreadable or invalid; the message says what to fix."""
 
 
+def _types_of(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (``int | None`` -> {int, NoneType}; Literal values kept)."""
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    if typing.get_origin(annotation) is Literal:
+        return set(args)
+    return set().union(*(_types_of(a) for a in args))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """Refuse true/false for a number (pydantic's lax mode reads ``steps: true`` as 1 step)."""
+        if isinstance(v, bool) and info.field_name is not None:
+            types = _types_of(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError("a number is expected, not true or false")
+        return v
 
 
 class ModelConfig(_Section):

@@ -279,3 +279,10 @@ def test_a_named_option_and_a_set_of_its_key_are_refused(args, message):
 @pytest.mark.parametrize("throughput", ["inf", "nan", "0"])
 def test_plan_refuses_a_throughput_that_is_not_finite_and_positive(throughput):
     one_error_line(run_cli(["plan", "--throughput", throughput]), 2, "throughput must be a finite number > 0")
+
+
+@pytest.mark.parametrize("setting", ["train.steps=true", "train.lr=false", "policy.k_trained=true"])
+def test_true_or_false_for_a_number_is_refused(setting):
+    """pydantic's lax mode read `train.steps=true` as one step."""
+    one_error_line(run_cli(["plan", "--set", setting]), 2, f"invalid value for '{setting.split('=')[0]}'",
+                   "a number is expected, not true or false")
