@@ -10,6 +10,8 @@ import click
 from .errors import run_guarded
 from .options import check_out_path, config_options, resolve_config
 
+CALIBRATE_BATCH = 8  # profile --calibrate's batch unless --batch-size names one
+
 
 def _debug(ctx: click.Context) -> bool:
     return bool(ctx.obj.get("debug", False)) if ctx.obj else False
@@ -48,7 +50,8 @@ def _profile_table(cm) -> Any:
 
 
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
-                calibrate: bool, batch_size: int, device: str, force: bool = False, threads: int | None = None) -> None:
+                calibrate: bool, batch_size: int | None, device: str, force: bool = False,
+                threads: int | None = None) -> None:
     from alast.planning.calibrate import calibrate_time
     from alast.planning.profile import profile
     from planners.simulate import full_step_flops
@@ -58,8 +61,9 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size), ("--threads", threads)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be 1 or more, got {value}")
-    if threads is not None and not calibrate:
-        raise ValueError("--threads sets the CPU threads --calibrate times steps with; add --calibrate or leave it out")
+    for option, value, what in (("--threads", threads, "the CPU threads"), ("--batch-size", batch_size, "the batch")):
+        if value is not None and not calibrate:
+            raise ValueError(f"{option} sets {what} --calibrate times steps with; add --calibrate or leave it out")
     if out is not None:
         from alast.training.rundir import check_out_file
 
@@ -76,7 +80,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     if calibrate:
         if threads is not None:  # as a run's backend.threads: a time model holds at its thread count only
             torch.set_num_threads(threads)
-        cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size, device=device))
+        cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size or CALIBRATE_BATCH, device=device))
     if out is not None:
         cm.save(out)
     if as_json:
@@ -99,7 +103,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="print the cost model as JSON")
 @click.option("--num-classes", type=int, help="classifier classes (default: the model's own; the demo: 10)")
 @click.option("--calibrate", is_flag=True, help="also time real training steps on this machine")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="batch size for --calibrate")
+@click.option("--batch-size", type=int, help=f"batch size for --calibrate (default: {CALIBRATE_BATCH})")
 @click.option("--threads", type=int, help="CPU threads for --calibrate, as the runs' backend.threads "
               "(default: torch's)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

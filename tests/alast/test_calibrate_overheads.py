@@ -2,6 +2,8 @@
 memory-measured one, the first), so plans of short runs are not 40-80% too fast."""
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from alast_cli.main import cli
@@ -19,6 +21,8 @@ def test_a_calibrated_time_model_times_counted_measured_and_first_steps(tmp_path
     assert "a counted step" in time["note"] and "a memory-measured step" in time["note"]
 
 
-def test_threads_without_calibrate_is_refused():
-    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--threads", "1"])
-    one_error_line(res, 2, "--threads sets the CPU threads --calibrate times steps with")
+@pytest.mark.parametrize("option,what", [("--threads", "the CPU threads"), ("--batch-size", "the batch")])
+def test_a_calibration_option_without_calibrate_is_refused(option, what):
+    """Without --calibrate nothing reads them: ignoring them would let a user believe they took effect."""
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", option, "4"])
+    one_error_line(res, 2, f"{option} sets {what} --calibrate times steps with; add --calibrate or leave it out")

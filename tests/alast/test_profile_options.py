@@ -9,7 +9,6 @@ from tests.cli_errors import one_error_line
 @pytest.mark.parametrize("args,fragment", [
     (["--calibrate", "--batch-size", "0"], "--batch-size must be 1 or more, got 0"),
     (["--calibrate", "--batch-size", "-3"], "--batch-size must be 1 or more, got -3"),
-    (["--batch-size", "-3"], "--batch-size must be 1 or more, got -3"),
     (["--num-classes", "0"], "--num-classes must be 1 or more, got 0"),
     (["--num-classes", "-2"], "--num-classes must be 1 or more, got -2"),
 ])
