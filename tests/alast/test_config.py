@@ -30,6 +30,11 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["train.steps"], "malformed --set"),
     ("train: [1, 2\n", [], "YAML syntax error"),
     ("- a\n- b\n", [], "must be a mapping"),
+    # PyYAML keeps a key's last copy: the first section's keys would be lost without a word
+    ("train:\n  steps: 3\npolicy:\n  name: full\ntrain:\n  lr: 0.01\n", [],
+     "'train' is given twice in"),
+    ("train:\n  steps: 3\n  lr: 0.1\n  steps: 5\n", [], "(lines 2 and 4), and only one would count"),
+    ("policy: {name: full, name: alast}\n", [], "'name' is given twice"),
 ])
 def test_config_errors_name_the_key(tmp_path, yaml_text, overrides, fragment):
     p = tmp_path / "c.yaml"
