@@ -197,8 +197,12 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     if trace is not None:
         result = replay_run(trace, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
     else:
+        from .render import console
+
         cfg = resolve_config(config, overrides, **named)
-        result = plan(cfg, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
+        # every step is simulated (three times for alast), which takes minutes for a million steps
+        with console.status("planning: simulating every step of the run ..."):
+            result = plan(cfg, cost_model_path=cost_model, calibrate=calibrate, throughput=throughput)
     if plot is not None:
         plot = plot_plan(result, plot)
     if as_json:

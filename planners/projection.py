@@ -60,8 +60,20 @@ class TargetProjection:
         self.batch_size = LARGE_BATCH if batch_size is None else int(batch_size)
         self.full_flops = full_step_flops(cm)
         self._cache: dict[tuple[int, tuple[int, ...], tuple[bool, ...]], StepCost] = {}
+        # each step's bisection starts from the same shifts as the step before's, so the keep ratios
+        # it tries repeat while the budgets hold still (a simulated run, a steady one)
+        self._by_ratios: dict[tuple[int, tuple[float, ...], tuple[bool, ...]], StepCost] = {}
 
     def _cost(self, keep_ratios: Sequence[float], trained: Sequence[bool], batch: int) -> StepCost:
+        key = (batch, tuple(keep_ratios), tuple(trained))
+        found = self._by_ratios.get(key)
+        if found is None:
+            if len(self._by_ratios) >= _CACHE_SIZE:
+                self._by_ratios.clear()
+            found = self._by_ratios[key] = self._shape_cost(keep_ratios, trained, batch)
+        return found
+
+    def _shape_cost(self, keep_ratios: Sequence[float], trained: Sequence[bool], batch: int) -> StepCost:
         tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
         key = (batch, tout, tuple(trained))
         if key not in self._cache:

@@ -456,3 +456,20 @@ def test_a_tokens_target_its_keep_ratio_cannot_divide_finely_is_refused_naming_b
         else:
             assert abs(sol.predicted_ratio / target - 1) <= 0.03
     assert refused  # 0.35x lies between 0.335x and 0.363x
+
+
+def test_a_projection_reused_across_steps_answers_as_a_fresh_one():
+    """A projection remembers the costs of the keep ratios it tried; a reused one must still give
+    each step what a fresh one gives: the same budgets with other trained blocks or caps, and
+    nearby targets, included."""
+    rng = random.Random(3)
+    reused = TargetProjection(CM, 0.5, min_tokens=1)
+    for _ in range(300):
+        budgets = [round(rng.uniform(0.6, 1.0), 1) for _ in range(12)]  # repeats, as steady budgets do
+        trained = tuple(rng.random() < 0.75 for _ in range(12))
+        target = 0.5 + rng.choice([0.0, 1e-9, 1e-4, 0.01, -0.02])
+        cap = rng.choice([None, reused.peak_bytes([0.7] * 12, trained)])
+        fresh = TargetProjection(CM, 0.5, min_tokens=1)
+        args = (budgets, trained, rng.choice([0, 2]), rng.random() < 0.5, cap)
+        assert reused.project(*args, target=target) == fresh.project(*args, target=target)
+        assert reused.ratio(budgets, trained) == fresh.ratio(budgets, trained)
