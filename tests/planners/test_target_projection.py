@@ -464,9 +464,10 @@ def test_a_projection_reused_across_steps_answers_as_a_fresh_one():
     nearby targets, included."""
     rng = random.Random(3)
     reused = TargetProjection(CM, 0.5, min_tokens=1)
-    for _ in range(300):
-        budgets = [round(rng.uniform(0.6, 1.0), 1) for _ in range(12)]  # repeats, as steady budgets do
-        trained = tuple(rng.random() < 0.75 for _ in range(12))
+    steady = [[rng.uniform(0.6, 1.0) for _ in range(12)] for _ in range(3)]  # budgets that repeat
+    sets = [tuple(i >= 12 - k for i in range(12)) for k in (8, 9, 10)]
+    for _ in range(200):
+        budgets, trained = rng.choice(steady), rng.choice(sets)
         target = 0.5 + rng.choice([0.0, 1e-9, 1e-4, 0.01, -0.02])
         cap = rng.choice([None, reused.peak_bytes([0.7] * 12, trained)])
         fresh = TargetProjection(CM, 0.5, min_tokens=1)
