@@ -117,10 +117,17 @@ def _class_folders() -> type:
 
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
             names: dict[str, list[str]] = {}
+            self.loops = []
+            # a class folder that is a link to the data folder or above it would hold every class
+            above = [os.path.realpath(p) for p in (directory, *Path(os.path.abspath(directory)).parents)]
             with os.scandir(directory) as entries:
                 for e in entries:
-                    if e.is_dir() and not _hidden(e.name):
-                        names.setdefault(nfc(e.name), []).append(e.name)
+                    if not e.is_dir() or _hidden(e.name):
+                        continue
+                    if e.is_symlink() and _leads_back(os.path.realpath(e.path), above):
+                        self.loops.append(e.path)
+                        continue
+                    names.setdefault(nfc(e.name), []).append(e.name)
             for same in names.values():
                 if len(same) > 1:
                     raise DataError(f"{directory} has class folders {' and '.join(map(ascii, same))}, one name in "
@@ -131,7 +138,7 @@ def _class_folders() -> type:
 
         def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
                          is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
-            samples, self.other, self.loops = [], {}, []
+            samples, self.other = [], {}
             for c in sorted(class_to_idx):
                 other = self.other[c] = Counter()
                 for f in _walk(os.path.join(directory, self.folders[c]), self.loops):

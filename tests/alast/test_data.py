@@ -169,7 +169,23 @@ def _loop_to_train(tmp_path):
     return root, root / "train", root / "train" / "a" / "sub" / "back"
 
 
-@pytest.mark.parametrize("layout", [_loop_up, _loop_through_links, _loop_above_root, _loop_to_train])
+def _class_linked_to_root(tmp_path):
+    """root/self -> . : a class folder that is the data folder would hold every other class's images."""
+    root = _image_folder(tmp_path / "data", {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(3)})
+    os.symlink(".", root / "self")
+    return root, root, root / "self"
+
+
+def _class_linked_above_split(tmp_path):
+    """A split layout: train/up -> .. (the data folder, above train/)."""
+    root = _image_folder(tmp_path / "data", {f"{s}/{c}/{i}.png": "RGB" for s in ("train", "val") for c in "ab"
+                                             for i in range(3 if s == "train" else 1)})
+    os.symlink("..", root / "train" / "up")
+    return root, root / "train", root / "train" / "up"
+
+
+@pytest.mark.parametrize("layout", [_loop_up, _loop_through_links, _loop_above_root, _loop_to_train,
+                                    _class_linked_to_root, _class_linked_above_split])
 def test_a_link_up_the_tree_is_not_followed_and_no_image_changes_class(tmp_path, layout):
     # followed one level, a link to the data folder (or above) filed every other class's images
     # under the class holding the link
