@@ -34,6 +34,9 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)  # what was left out, and why: printed once when built
     # an image folder split by data.val_fraction: the files split (:func:`files_fingerprint`), else None
     fingerprint: dict[str, Any] | None = None
+    # a train/ folder beside a validation folder: its files (:func:`files_fingerprint`), which a resumed run
+    # must find as they were (its steps draw their batches from them), else None
+    train_files: dict[str, Any] | None = None
 
 
 def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, Any]:
@@ -46,18 +49,22 @@ def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: 
     return {"folder": os.path.abspath(folder), "files": len(samples), "sha256": h.hexdigest()}
 
 
-def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> tuple[str, str] | None:
+def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None,
+                  gone: str = "it is no longer split by data.val_fraction") -> tuple[str, str] | None:
     """Where an image folder's files differ from the ``recorded`` fingerprint of them (None: a run
     made before fingerprints, or data not split from an image folder): the folder and the counts
-    then and now, in words; None where they are the same."""
+    then and now, in words (``gone``: why there is no fingerprint now); None where they are the same."""
     if not recorded or not isinstance(recorded, dict):
         return None
     now = now or {}
     if (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256")):
         return None
     folder = now.get("folder") or recorded.get("folder") or "the run's image folder"
-    counts = f"{recorded.get('files')} images then, {now['files']} now" if now else \
-        f"{recorded.get('files')} images then; it is no longer split by data.val_fraction"
+    if not now:
+        return folder, f"{recorded.get('files')} images then; {gone}"
+    counts = f"{recorded.get('files')} images then, {now['files']} now"
+    if now.get("files") == recorded.get("files"):  # as many files, under other names or classes
+        counts += ", some renamed or moved"
     return folder, counts
 
 

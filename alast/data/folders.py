@@ -323,4 +323,5 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
                         f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
                         "never trained on: add their training images or remove them")
     _relabel(val, classes)  # train's label indices; a class may have no validation images
-    return DataBundle(train, val, classes, nb1 + nb2, notes)
+    return DataBundle(train, val, classes, nb1 + nb2, notes, train_files=files_fingerprint(str(train_dir), train.samples,
+                                                                                         classes))

@@ -200,7 +200,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
-    run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint)
+    run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint, data.train_files, data.classes)
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
 
@@ -209,13 +209,16 @@ class _Run:
     """The state of one run between steps, and what the loop does with it."""
 
     def __init__(self, cfg: AlastConfig, run_dir: Path, comm: Comm, runtime, planner, t_start: float,
-                 data_fingerprint: dict[str, Any] | None = None) -> None:
+                 data_fingerprint: dict[str, Any] | None = None, train_files: dict[str, Any] | None = None,
+                 classes: list[str] | None = None) -> None:
         self.cfg, self.run_dir, self.comm, self.runtime, self.planner = cfg, run_dir, comm, runtime, planner
         self.trim_last = bool(getattr(planner, "trim_last", False))
         self.tally = _Tally()
         self.last_ckpt: Path | None = None
         self.resumed_from: int | None = None
         self.data_fingerprint = data_fingerprint  # the image folder's files the split drew from (checkpointed)
+        self.train_files = train_files  # a train/ folder's files, where a val/ folder beside it validates
+        self.classes = classes  # the labels' names, in order (checkpointed: a resume must read them alike)
         self.tb: TensorBoardLog | None = None
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
@@ -279,11 +282,7 @@ class _Run:
         self.last_ckpt, state = found
         check_compatible(state["config"], self.cfg, self.run_dir)
         check_world_size(state.get("world_size", 1), self.comm.world_size, self.run_dir)
-        changed = files_changed(state.get("data_fingerprint"), self.data_fingerprint)
-        if changed is not None:
-            raise DataError(f"cannot resume {self.run_dir}: the files in {changed[0]} changed since the run started "
-                            f"({changed[1]}): its split by data.val_fraction would move images between training "
-                            "and validation; restore the folder as it was, or start a new run")
+        self._check_same_data(state)
         self.runtime.load_state_dict(state["runtime"])
         self.planner.load_state_dict(state["planner"])
         set_rng_state(state["rng"])
@@ -295,6 +294,31 @@ class _Run:
         if state.get("unobserved"):
             self.unobserved = Observation(**{**state["unobserved"], "deltas": tuple(state["unobserved"]["deltas"])})
         return self.resumed_from
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on other data than the run started with: other classes (its outputs would be
+        read as other labels), other training files (its batches would not be the run's), or other files
+        to split (the split would move images between training and validation). Checkpoints from
+        before a record was kept are not checked against it."""
+        then = state.get("classes")
+        if then is not None and self.classes is not None and list(then) != list(self.classes):
+            gone, new = [c for c in then if c not in self.classes], [c for c in self.classes if c not in then]
+            what = "; ".join(part for part in (f"gone: {', '.join(gone[:3])}" if gone else "",
+                                               f"new: {', '.join(new[:3])}" if new else "") if part) or "reordered"
+            raise DataError(f"cannot resume {self.run_dir}: the data's classes changed since the run started ({what}): "
+                            "the model's outputs would be read as other classes; restore the data as it was, or "
+                            "start a new run")
+        changed = files_changed(state.get("train_files"), self.train_files,
+                                gone="the data is no longer a training folder beside a validation folder")
+        if changed is not None:
+            raise DataError(f"cannot resume {self.run_dir}: the training files in {changed[0]} changed since the run "
+                            f"started ({changed[1]}): the steps after the resume would not draw the run's batches; "
+                            "restore the folder as it was, or start a new run")
+        changed = files_changed(state.get("data_fingerprint"), self.data_fingerprint)
+        if changed is not None:
+            raise DataError(f"cannot resume {self.run_dir}: the files in {changed[0]} changed since the run started "
+                            f"({changed[1]}): its split by data.val_fraction would move images between training "
+                            "and validation; restore the folder as it was, or start a new run")
 
     def steps_per(self, minutes: float) -> int:
         """How many steps take about ``minutes``, from the median time of this session's steps."""
@@ -343,7 +367,8 @@ class _Run:
                                                       "wall_time_s": self.wall_time()},
                        "world_size": self.comm.world_size, "rank_random": ranks,
                        "unobserved": asdict(self.unobserved) if self.unobserved else None,
-                       "data_fingerprint": self.data_fingerprint}
+                       "data_fingerprint": self.data_fingerprint, "train_files": self.train_files,
+                       "classes": self.classes}
             try:
                 return ckpt.save_checkpoint(self.run_dir, step_done, payload, self.cfg.output.keep_last)
             except OSError as exc:

@@ -482,3 +482,42 @@ def test_resume_refuses_an_image_folder_whose_files_changed(tmp_path):
     extra.unlink()
     res = invoke("--resume", "--out", str(run))
     assert res.exit_code == 0, res.output
+
+
+def _split_folder(root: Path) -> Path:
+    """train/ and val/ folders of three classes (4 and 1 images each)."""
+    from PIL import Image
+
+    for split, n in (("train", 4), ("val", 1)):
+        for c, colour in zip(("k0", "k1", "k2"), ((200, 0, 0), (0, 200, 0), (0, 0, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), tuple(v // (i + 1) for v in colour)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("change,fragment", [
+    # a class renamed: every label index after it would shift, and the run would train on wrong labels
+    (lambda d: [(d / s / "k0").rename(d / s / "k9") for s in ("train", "val")],
+     "the data's classes changed since the run started (gone: k0; new: k9): the model's outputs would be read as "
+     "other classes"),
+    # a class added: the head no longer fits (it was a state-dict size mismatch)
+    (lambda d: shutil.copytree(d / "train" / "k1", d / "train" / "k3"), "(new: k3)"),
+    # training images added or renamed: the steps after the resume would draw other batches
+    (lambda d: shutil.copy(d / "train" / "k1" / "0.png", d / "train" / "k1" / "9.png"),
+     "the training files in {data}/train changed since the run started (12 images then, 13 now)"),
+    (lambda d: (d / "train" / "k1" / "0.png").rename(d / "train" / "k1" / "8.png"),
+     "(12 images then, 12 now, some renamed or moved)"),
+])
+def test_resume_refuses_train_and_val_folders_that_changed(tmp_path, change, fragment):
+    data, run = _split_folder(tmp_path / "data"), tmp_path / "run"
+    args = [*FAST, "--data", f"imagefolder:{data}", "--steps", "4", "--batch-size", "4",
+            "--set", "output.checkpoint_every=2", "--out", str(run)]
+    assert invoke(*args).exit_code == 0
+    (run / "summary.json").unlink()  # as if killed after step 2's checkpoint
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    change(data)
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 2, res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot resume {run}: ") and fragment.format(data=data) in last, last
