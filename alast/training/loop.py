@@ -27,7 +27,8 @@ from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
-from alast.training.rundir import CONFIG, HEATMAP, Interrupted, check_run_dir, prepare_run_dir, release_run_dir
+from alast.training.rundir import (CONFIG, HEATMAP, Interrupted, check_outside_data, check_run_dir, prepare_run_dir,
+                                   release_run_dir)
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
@@ -176,6 +177,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if cfg.output.tensorboard:
         on_main(comm, check_tensorboard)  # every rank gets the one error, not a peer's lost connection
     on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
+    check_outside_data(run_dir, cfg.data.spec)
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)

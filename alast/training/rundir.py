@@ -89,6 +89,19 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool, config: Path | None 
         _check_unlocked(run_dir)
 
 
+def check_outside_data(run_dir: Path, data_spec: str) -> None:
+    """Refuse a run dir inside the image folder the run reads (``imagefolder:PATH``): the next run on
+    that folder would take the run's folder for a class (or its files for a class's), and the run's
+    own files would change the folder its checkpoints record."""
+    kind, _, arg = data_spec.partition(":")
+    if kind != "imagefolder" or not arg:
+        return
+    data, out = Path(arg).expanduser().resolve(), run_dir.expanduser().resolve()
+    if out == data or data in out.parents:
+        raise RunDirError(f"run dir {run_dir} is inside the image folder {arg}: its files would become part of "
+                          "the data (a class of their own, or files in one); write the run outside it with --out")
+
+
 def _check_replaceable(run_dir: Path, config: Path | None) -> None:
     """Refuse ``--force`` where it would delete what alast did not write: a file in the run's own
     folders, or the config file given to this very command (the run's ``config.yaml``)."""

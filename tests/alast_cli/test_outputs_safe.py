@@ -188,3 +188,19 @@ def test_a_run_refused_at_its_model_or_runtime_touches_no_out_folder(tmp_path, r
     res = CliRunner().invoke(cli, ["train", *FAST, *refused, "--out", str(tmp_path / "new")])
     one_error_line(res, 2)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("out", ["data/run1", "data/cat/run1", "default"])
+def test_a_run_inside_its_image_folder_is_refused(tmp_path, monkeypatch, out):
+    """Its folder would be a class (or its files a class's) of the next run on that folder."""
+    from tests.alast_cli.test_bad_input import make_image_folder
+
+    data = make_image_folder(tmp_path / "data")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    if out == "default":  # trained from inside the data folder, with the default runs/<time>-<policy>
+        monkeypatch.chdir(data)
+        res = CliRunner().invoke(cli, ["train", *FAST, "--data", "imagefolder:."])
+    else:
+        res = CliRunner().invoke(cli, ["train", *FAST, "--data", f"imagefolder:{data}", "--out", str(tmp_path / out)])
+    one_error_line(res, 2, f"is inside the image folder {data}: its files would become part of the data")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into it
