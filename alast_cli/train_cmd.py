@@ -28,7 +28,7 @@ def default_run_dir(policy: str) -> Path:
 
 
 def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, resume: bool, force: bool,
-             named: dict[str, Any]):
+             named: dict[str, Any], skip_bad_images: bool = False):
     if resume and out is None:
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
     if resume and force:
@@ -36,8 +36,27 @@ def _resolve(config: Path | None, overrides: tuple[str, ...], out: Path | None, 
     if resume:
         from alast.training.resume import resume_config
 
-        return resume_config(Path(out), config, overrides, named)
-    return resolve_config(config, overrides, **named)
+        cfg = resume_config(Path(out), config, overrides, named)
+    else:
+        cfg = resolve_config(config, overrides, **named)
+    _refuse_flag_and_set(cfg, overrides, out, force, skip_bad_images)
+    return cfg
+
+
+def _refuse_flag_and_set(cfg, overrides: tuple[str, ...], out: Path | None, force: bool, skip_bad_images: bool) -> None:
+    """Refuse ``--out``, ``--force`` or ``--skip-bad-images`` beside a ``--set`` of its key to another
+    value: the flag would win without a word. (Agreeing values pass: ``--nproc`` hands its ranks the
+    ``--out`` it chose.)"""
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    differ = (("--out", "output.dir", out is not None and "output.dir" in set_keys
+               and (cfg.output.dir is None or Path(cfg.output.dir).resolve() != Path(out).resolve())),
+              ("--force", "output.force", force and not cfg.output.force),
+              ("--skip-bad-images", "data.skip_bad_images", skip_bad_images and not cfg.data.skip_bad_images))
+    for flag, key, conflict in differ:
+        if conflict and key in set_keys:
+            from alast.config import ConfigError
+
+            raise ConfigError(f"{flag} and --set {key} give it two values; pass one of them")
 
 
 def check_cost_model(cfg, cost_model: Path | None) -> None:
@@ -89,7 +108,7 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
     from .render import results, summary_table
 
     since = time.time()  # a checkpoint written after this is this run's (newest_checkpoint)
-    cfg = _resolve(config, overrides, out, resume, force, named)
+    cfg = _resolve(config, overrides, out, resume, force, named, skip_bad_images)
     check_cost_model(cfg, cost_model)
     if skip_bad_images:
         cfg.data.skip_bad_images = True
@@ -181,7 +200,7 @@ def launch(ctx: click.Context, nproc: int, config: Path | None, overrides: tuple
     from .launch import LAUNCHER_PID, RanksFailed, check_nproc, launch_torchrun, newest_checkpoint
 
     since = time.time()
-    cfg = _resolve(config, overrides, out, resume, force, named)
+    cfg = _resolve(config, overrides, out, resume, force, named, bool(ctx.params.get("skip_bad_images")))
     check_nproc(nproc, cfg.backend.device)
     check_cost_model(cfg, cost_model)
     check_batch_size(None, cfg.train.batch_size, nproc)  # before torchrun starts (the data: on each rank)

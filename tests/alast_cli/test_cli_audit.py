@@ -286,3 +286,25 @@ def test_true_or_false_for_a_number_is_refused(setting):
     """pydantic's lax mode read `train.steps=true` as one step."""
     one_error_line(run_cli(["plan", "--set", setting]), 2, f"invalid value for '{setting.split('=')[0]}'",
                    "a number is expected, not true or false")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip-bad-images", "--set", "data.skip_bad_images=false"], "--skip-bad-images and --set data.skip_bad_images"),
+    (["--force", "--set", "output.force=false"], "--force and --set output.force"),
+    (["--out", "{tmp}/a", "--set", "output.dir={tmp}/b"], "--out and --set output.dir"),
+])
+def test_a_train_flag_and_a_set_of_its_key_to_another_value_are_refused(tmp_path, args, message):
+    """The flag silently won: `--skip-bad-images --set data.skip_bad_images=false` skipped."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    one_error_line(run_cli(["train", "--steps", "1", *args]), 2, f"{message} give it two values; pass one of them")
+    assert not any(tmp_path.iterdir())  # no run started
+
+
+def test_a_train_flag_and_a_set_that_agree_are_accepted(tmp_path):
+    """--nproc hands its ranks the --out it chose beside the --set that named it."""
+    out = tmp_path / "run"
+    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+                   'backend.count_flops="off"', "--out", out, "--set", f"output.dir={out}", "--skip-bad-images",
+                   "--set", "data.skip_bad_images=true"])
+    assert res.exit_code == 0, res.output
+    assert (out / "summary.json").is_file()
