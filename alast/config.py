@@ -195,7 +195,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config {path} is not UTF-8 text; is it a YAML file?") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except DuplicateKeyError as exc:
         raise ConfigError(f"{exc.key!r} is given twice in {path} (lines {exc.first.line + 1} and "
                           f"{exc.again.line + 1}), and only one would count; merge them into one") from None

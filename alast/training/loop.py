@@ -27,8 +27,15 @@ from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
-from alast.training.rundir import (CONFIG, HEATMAP, Interrupted, check_outside_data, check_run_dir, prepare_run_dir,
-                                   release_run_dir)
+from alast.training.rundir import (
+    CONFIG,
+    HEATMAP,
+    Interrupted,
+    check_outside_data,
+    check_run_dir,
+    prepare_run_dir,
+    release_run_dir,
+)
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog

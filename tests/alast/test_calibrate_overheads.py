@@ -3,7 +3,6 @@ memory-measured one, the first), so plans of short runs are not 40-80% too fast.
 import json
 
 import pytest
-
 from click.testing import CliRunner
 
 from alast_cli.main import cli

@@ -499,8 +499,8 @@ def _split_folder(root: Path) -> Path:
 @pytest.mark.parametrize("change,fragment", [
     # a class renamed: every label index after it would shift, and the run would train on wrong labels
     (lambda d: [(d / s / "k0").rename(d / s / "k9") for s in ("train", "val")],
-     "the data's classes changed since the run started (gone: k0; new: k9): the model's outputs would be read as "
-     "other classes"),
+     ("the data's classes changed since the run started (gone: k0; new: k9): the model's outputs would be read as "
+      "other classes")),
     # a class added: the head no longer fits (it was a state-dict size mismatch)
     (lambda d: shutil.copytree(d / "train" / "k1", d / "train" / "k3"), "(new: k3)"),
     # training images added or renamed: the steps after the resume would draw other batches
