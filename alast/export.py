@@ -309,7 +309,8 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     is scored whole, and any of the model's classes, even one, will do. Otherwise the run's own
     validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``; an image
     folder whose files differ from the ``fingerprint`` the run recorded of them is refused (its split
-    moved: it would score training images).
+    moved: it would score training images). The dataset carries ``skipped_files``, the unreadable
+    files skipped in reading ``spec`` (:attr:`~alast.data.common.DataBundle.skipped_files`).
     """
     from alast.data import DataError, build_data
     from alast.data.common import check_fingerprint, nfc
@@ -325,8 +326,11 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
             raise DataError(f"data {spec!r} has classes the model was not trained on ({', '.join(unknown[:5])}); "
                             f"it knows {len(classes)}: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}; "
                             "evaluate on data with the run's class folders (a subset is fine)")
-        return _Relabelled(bundle.val, [classes.index(c) for c in bundle.classes])
-    return bundle.val
+        val = _Relabelled(bundle.val, [classes.index(c) for c in bundle.classes])
+    else:
+        val = bundle.val
+    val.skipped_files = bundle.skipped_files
+    return val
 
 
 class _Relabelled(torch.utils.data.Dataset):
@@ -383,7 +387,8 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
         return torch.from_numpy(sess.run([OUTPUT], {INPUT: images.float().contiguous().numpy()})[0])
 
     metrics = _accumulate(eval_batches(val, batch_size), predict)
-    return {**metrics, "source": "onnx", "path": str(path), "data": spec}
+    return {**metrics, "skipped_files": getattr(val, "skipped_files", 0), "source": "onnx", "path": str(path),
+            "data": spec}
 
 
 def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None = None,
@@ -418,12 +423,13 @@ def _other_data(spec: str | None, run_spec: str) -> bool:
 def evaluate_model(run: LoadedRun, kept: Sequence[int] | None, spec: str | None = None, data_dir: Path | None = None,
                    batch_size: int | None = None, skip_bad_images: bool = False) -> dict[str, float]:
     """Accuracy, loss and sample count of the run's model on the token schedule ``kept`` (None: every
-    token), on its validation split or ``spec``."""
+    token), on its validation split or ``spec``, and the unreadable files skipped (``skipped_files``)."""
     from alast.data import eval_batches
 
     val = run_val_data(run, spec, data_dir, skip_bad_images)
     with torch.no_grad(), token_schedule(run.model, kept, run.fuse_tokens, run.token_score):
-        return _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
+        metrics = _accumulate(eval_batches(val, batch_size or run.config.train.eval_batch_size), run.model)
+    return {**metrics, "skipped_files": getattr(val, "skipped_files", 0)}
 
 
 def evaluate_run(run_dir: Path, spec: str | None = None, data_dir: Path | None = None,

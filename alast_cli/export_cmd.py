@@ -97,6 +97,8 @@ def eval_command(ctx: click.Context, target: Path, spec: str | None, data_dir: P
             return
         from .render import results
 
+        if metrics.get("skipped_files"):
+            click.echo(f"note: {metrics['skipped_files']} unreadable image file(s) skipped", err=True)
         results.print(f"{metrics['source']} {metrics['path']} on {metrics['data']}: accuracy "
                       f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} ({metrics['samples']} images"
                       + (f", token schedule {metrics['kept_tokens']})" if metrics.get("kept_tokens") else ")"))

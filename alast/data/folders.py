@@ -26,22 +26,55 @@ JUNK_FOLDERS = ("__macosx",)  # macOS's zip archives: resource forks (._x.jpg), 
 
 def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     """Indices of unreadable files (:func:`~alast.data.images.check_file`); raises on the first one
-    unless ``skip_bad``."""
-    bad = []
-    for i, f in enumerate(files):
-        try:
-            check_file(f)
-        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-            if not skip_bad:
-                raise DataError(_unreadable(f, exc)) from None
-            bad.append(i)
-    return bad
+    unless ``skip_bad``.
+
+    ``skip_bad``: every file is decoded (the cheap check passes a file damaged inside its compressed
+    data, which would fail when read, mid-run), on a few threads (PIL decodes without the GIL).
+    Files over PIL's warning level of pixels are named in one note (PIL's own warning is silenced).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from alast.data.datasets import _say
+
+    threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    size = max(1, min(256, -(-len(files) // (threads * 4))))  # files a task: 4 tasks a thread, or more
+
+    def check(start: int) -> list[int | None]:  # pixel counts of files[start:start + size], None: unreadable
+        out: list[int | None] = []
+        for f in files[start:start + size]:
+            try:
+                out.append(check_file(f, decode=skip_bad))
+            except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+                if not skip_bad:
+                    raise DataError(_unreadable(f, exc)) from None
+                out.append(None)
+        return out
+
+    starts = range(0, len(files), size)
+    if skip_bad and threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            pixels = [n for part in pool.map(check, starts) for n in part]
+    else:
+        pixels = [n for s in starts for n in check(s)]
+    limit = Image.MAX_IMAGE_PIXELS
+    large = [(f, n) for f, n in zip(files, pixels) if limit and n is not None and n > limit]
+    if large:
+        more = f" and {len(large) - 1} other image(s) have" if len(large) > 1 else " has"
+        _say([(f"{large[0][0]}{more} over {limit:,} pixels ({large[0][1]:,}), PIL's decompression-bomb warning "
+              "level; read all the same, slowly and with much memory (resize to train faster)")])
+    return [i for i, n in enumerate(pixels) if n is None]
 
 
 def _unreadable(path: str, exc: BaseException) -> str:
-    """The one line for a file the pre-run check refuses: a valid image too large for PIL is not corrupt."""
+    """The one line for a file the pre-run check refuses: a valid image too large for PIL is not corrupt,
+    nor is a link to nothing."""
     from PIL import Image
 
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"{path} is a link to {os.readlink(path)}, which does not exist; remove the link or pass "
+                "--skip-bad-images")
     if isinstance(exc, Image.DecompressionBombError):
         return f"{path} has {failure(exc)}; resize it, or pass --skip-bad-images to skip it"
     return f"corrupt or non-image file: {path}; remove it or pass --skip-bad-images"
@@ -51,14 +84,17 @@ def load_image(path: str) -> Any:
     """The image file at ``path`` upright and RGB (:func:`~alast.data.images.read_rgb`), for ImageFolder.
 
     The error names the file, which PIL's "image file is truncated" does not. In an image folder, a
-    file that fails here passed the pre-run check (:func:`_check_images` reads a JPEG's end and a
-    PNG's chunks, not their pixels, or the file changed since), so ``--skip-bad-images`` would not
-    skip it.
+    file that fails here passed the pre-run check: the cheap one (:func:`_check_images` reads a
+    JPEG's end and a PNG's chunks, not their pixels) where ``--skip-bad-images`` is off, whose full
+    decode would have skipped it; or the file changed since. The error says so, and how a run goes
+    on: ``--resume`` refuses a run whose file list changed (a file removed), not a file replaced.
     """
     try:
         return read_rgb(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        raise DataError(f"cannot read image {path} ({failure(exc)}); fix or remove the file and run again") from None
+        raise DataError(f"cannot read image {path} ({failure(exc)}); fix or remove the file and run again, or pass "
+                        "--skip-bad-images (it decodes every image first and skips such files); to --resume a run, "
+                        "replace the file with a readable one of the same name") from None
 
 
 def _hidden(name: str) -> bool:
@@ -323,5 +359,6 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
                         f"{', ...' if len(unknown) > 3 else ''}); a model cannot be validated on classes it "
                         "never trained on: add their training images or remove them")
     _relabel(val, classes)  # train's label indices; a class may have no validation images
-    return DataBundle(train, val, classes, nb1 + nb2, notes, train_files=files_fingerprint(str(train_dir), train.samples,
-                                                                                         classes))
+    # its own split: files that come or go do not move images; they change the batches a resume draws
+    train_files = files_fingerprint(str(train_dir), train.samples, classes)
+    return DataBundle(train, val, classes, nb1 + nb2, notes, train_files=train_files)

@@ -1,15 +1,21 @@
-"""Image files as 8-bit RGB, whatever their depth, upright as their camera recorded, and a cheap
-pre-run check that a file is whole.
+"""Image files as 8-bit RGB, whatever their depth, upright as their camera recorded, and a pre-run
+check that a file is whole (cheap, or a full decode with ``--skip-bad-images``).
 
 torchvision's ``pil_loader`` is ``Image.open(f).convert("RGB")``. Pillow's conversion clips 16- and
 32-bit grey at 255 (a 16-bit photo comes out almost white) and warns when a palette image stores its
 transparency per palette entry; :func:`to_rgb` scales wide pixels down and takes palettes via RGBA.
 Phones store a photo as the sensor read it and its rotation in an EXIF tag: :func:`read_rgb` applies it.
+
+PIL warns (``DecompressionBombWarning``, with its own source line) when it opens an image of more than
+``Image.MAX_IMAGE_PIXELS`` pixels (about 89 million) and refuses one of twice that. alast reports both
+itself (:func:`check_file` returns the pixel count; :func:`failure` names the limit), so the files read
+here do not raise PIL's warning (:func:`quiet_bomb_warning`).
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -26,23 +32,39 @@ def read_rgb(path: str) -> Any:
     (:func:`to_rgb`); PIL's own exception where it cannot."""
     from PIL import Image, ImageOps
 
+    quiet_bomb_warning()
     with Image.open(path) as im:
         im.load()
         ImageOps.exif_transpose(im, in_place=True)
         return to_rgb(im)
 
 
-def check_file(path: str) -> None:
-    """Raise PIL's exception where the file at ``path`` is not a whole image :func:`read_rgb` reads.
+def check_file(path: str, decode: bool = False) -> int:
+    """Raise PIL's exception where the file at ``path`` is not a whole image :func:`read_rgb` reads;
+    else return its pixel count (PIL warns past ``Image.MAX_IMAGE_PIXELS``: the caller may say so).
 
-    PNG: every chunk's CRC; JPEG: its header, its end marker (:func:`jpeg_has_end`) and its EXIF
-    (:func:`read_rgb` reads the orientation there); WebP: decoded when opened; BMP, TIFF, GIF, PPM
-    and a JPEG without its end marker (cut short, or trailing bytes), whose headers do not show a
-    short file: decoded, and their EXIF read. Pixels are not decoded where the header shows a whole file.
+    ``decode``: every file is decoded as :func:`read_rgb` decodes it (upright, RGB), the one check
+    that finds damage inside the compressed data (a PNG whose chunk CRCs hold but whose data does
+    not inflate, a JPEG damaged in its middle): PIL's "broken data stream". A JPEG is decoded at 1/8
+    scale (PIL's ``draft``: every coefficient is still read, so damage is found alike), about half
+    the time of a full decode. Otherwise the cheap check: PNG: every chunk's CRC; JPEG: its header,
+    its end marker (:func:`jpeg_has_end`) and its EXIF (:func:`read_rgb` reads the orientation
+    there); WebP: decoded when opened; BMP, TIFF, GIF, PPM and a JPEG without its end marker (cut
+    short, or trailing bytes), whose headers do not show a short file: decoded, and their EXIF read.
+    Pixels are not decoded where the header shows a whole file.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
+    quiet_bomb_warning()
     with Image.open(path) as im:
+        pixels = im.size[0] * im.size[1]
+        if decode:
+            if im.format in ("JPEG", "MPO"):
+                im.draft(im.mode, (1, 1))  # the largest reduction PIL's JPEG decoder has: 1/8
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            to_rgb(im)
+            return pixels
         if "exif" in im.info:  # read at open; PNG's getexif would decode the pixels without it
             im.getexif()
         if im.format == "PNG" or im.format == "WEBP" or im.format in ("JPEG", "MPO") and jpeg_has_end(im.fp):
@@ -50,6 +72,18 @@ def check_file(path: str) -> None:
         else:
             im.load()
             im.getexif()
+    return pixels
+
+
+def quiet_bomb_warning() -> None:
+    """Ignore PIL's ``DecompressionBombWarning`` in this process (once: the filter is added where
+    it is not there yet, e.g. after a test restored the filters). alast says itself which images
+    are that large (:func:`check_file`), in one note instead of PIL's warning and source line."""
+    from PIL import Image
+
+    category = Image.DecompressionBombWarning
+    if not any(f[0] == "ignore" and f[2] is category for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def failure(exc: BaseException) -> str:
