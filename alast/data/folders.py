@@ -213,6 +213,15 @@ def _holds_images(path: Path) -> bool:
         return False
 
 
+def _loose_images(path: Path) -> int:
+    """The image files in ``path`` itself (a data folder's images belong in its class folders)."""
+    try:
+        with os.scandir(path) as entries:
+            return sum(not _hidden(e.name) and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() for e in entries)
+    except OSError:
+        return 0
+
+
 def _role(name: str) -> str | None:
     key = nfc(name).casefold().replace("-", "_").replace(" ", "_")
     return next((role for role, names in (("train", TRAIN_FOLDERS), ("val", VAL_FOLDERS), ("test", TEST_FOLDERS))
@@ -304,6 +313,10 @@ def _load_folder(path: Path, transform: Callable, skip_bad: bool, role: str,
                         "expected PATH/<class>/<image> files") from None
     if not ds.classes:
         raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
+    loose = _loose_images(path)
+    if loose:
+        notes.append(f"left out {loose} image(s) in {path} itself, outside any class folder; a class's images go "
+                     f"in its folder ({path}/<class>/<image>)")
     other = sum(ds.other.values(), Counter())
     if other:
         kinds = ", ".join(f"{n} {ext}" for ext, n in other.most_common(4)) + (", ..." if len(other) > 4 else "")
@@ -350,6 +363,11 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
     if not for_eval:
         _need_two_classes(classes, str(train_dir))
     if val_dir is None:  # the split moves when files come or go: the run records which files it split
+        alone = [c for c, n in sorted(Counter(classes[t] for t in train.targets).items()) if n == 1]
+        if alone and not for_eval:
+            notes.append(f"class{'es' if len(alone) > 1 else ''} {', '.join(map(repr, alone[:3]))}"
+                         f"{', ...' if len(alone) > 3 else ''} {'have' if len(alone) > 1 else 'has'} one image: "
+                         "trained on, never validated (a class needs two images to be held out)")
         return DataBundle(*_split(train, *_split_indices(train.targets, val_fraction, seed)), classes, nb1, notes,
                           files_fingerprint(str(train_dir), train.samples, classes))
     val, vclasses, nb2 = _load_folder(val_dir, transform, skip_bad, "val", notes)

@@ -315,7 +315,7 @@ def test_image_unreadable_when_read_is_named(tmp_path, num_workers):
         list(eval_batches(bundle.val, 2, num_workers=num_workers))
     first = first_line(err.value)  # the CLI's one line (a worker's error arrives wrapped by torch)
     assert first.startswith(f"cannot read image {root / 'a'}") and "image file is truncated" in first
-    assert first.endswith("fix or remove the file and run again")
+    assert "fix or remove the file and run again" in first and first.endswith("of the same name")
 
 
 def test_16_bit_grey_keeps_its_brightness(tmp_path):
@@ -713,3 +713,19 @@ def test_torchvision_missing_package_is_named(tmp_path, fake_torchvision):
     fake_torchvision("NeedsLmdb", NeedsLmdb)
     with pytest.raises(DataError, match=r"^torchvision:NeedsLmdb needs the Python package lmdb; install it"):
         build_data("torchvision:NeedsLmdb", CFG, data_dir=tmp_path)
+
+
+def test_images_outside_class_folders_and_classes_never_validated_are_named(tmp_path):
+    """An image at the top of the data folder was left out, and a one-image class went unvalidated,
+    without a word."""
+    files = {**{f"{c}/{i}.png": "RGB" for c in "ab" for i in range(4)}, "Fish/0.png": "RGB", "stray.png": "RGB",
+             "Koi/0.png": "RGB"}
+    root = _image_folder(tmp_path / "data", files)
+    bundle = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25)
+    assert len(bundle.train) + len(bundle.val) == 10  # the stray image is not read
+    assert (f"left out 1 image(s) in {root} itself, outside any class folder; a class's images go in its folder "
+            f"({root}/<class>/<image>)") in bundle.notes
+    assert ("classes 'Fish', 'Koi' have one image: trained on, never validated (a class needs two images to be "
+            "held out)") in bundle.notes
+    splits = _image_folder(tmp_path / "splits", {f"{s}/{c}/0.png": "RGB" for s in ("train", "val") for c in "ab"})
+    assert not any("never validated" in n for n in build_data(f"imagefolder:{splits}", CFG).notes)  # val/ does
