@@ -2,18 +2,20 @@
 
 Batches are a pure function of (seed, step): step ``s`` reads slice ``s mod E`` of the permutation
 drawn for epoch ``s // E``. A resumed run therefore sees exactly the batches it would have seen, and
-data-parallel ranks take disjoint slices of the same global batch.
+data-parallel ranks take disjoint slices of the same global batch. With ``data.augment``, each
+sample's random augmentation is a pure function of (seed, step, index) too (StepSeededAugment).
 """
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from alast.data.common import DataBundle, DataError, RGBTransform, _split_indices
 
@@ -228,8 +230,73 @@ class StepBatchSampler:
         return max(0, self.total - self.start)
 
 
-def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
+_AUGMENT_SALT = 0x61756720  # keeps the augmentation streams apart from other draws seeded from train.seed
+
+
+class _StepKeyedSampler:
+    """A :class:`StepBatchSampler`'s batches as ``(index, step)`` pairs: the same indices, each
+    tagged with the step that draws it, for :class:`StepSeededAugment`."""
+
+    def __init__(self, sampler: StepBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for s in range(self.sampler.start, self.sampler.total):
+            yield [(i, s) for i in self.sampler.indices(s)]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class StepSeededAugment(Dataset):
+    """Reads ``ds[index]`` for an ``(index, step)`` key with the global random generators that
+    augmentations draw from (Python's ``random``, numpy's and torch's CPU generator) seeded from
+    (seed, step, index), and puts them back as they were afterwards.
+
+    A sample's augmentation is then a pure function of (train.seed, step, index): the same whether
+    the run resumed or not, whatever ``data.num_workers`` (a worker's own generators would depend on
+    which samples it served before, and are not checkpointed), and on however many ranks, since
+    ranks share the global batch. With no workers it runs in the training process, whose own
+    draws it leaves untouched. Module-level, so it pickles for spawned workers.
+    """
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        self.ds, self.seed = ds, seed % (1 << 64)
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, step = key
+        words = np.random.SeedSequence([self.seed, _AUGMENT_SALT, int(step), int(index)]).generate_state(8)
+        # a worker's generators serve only these reads, each reseeded: only the training process's
+        # need putting back (saving numpy's costs about 0.1 ms)
+        saved = None if get_worker_info() else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            random.seed(int(words[0]) << 32 | int(words[1]))
+            np.random.seed(words[2:6])
+            torch.default_generator.manual_seed(int(words[6]) << 31 | int(words[7]) >> 1)  # CPU only, not CUDA
+            return self.ds[index]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, augment: bool = False) -> DataLoader:
+    """The batches of ``sampler``'s steps from ``ds``.
+
+    The loader has its own generator, so building and iterating it never draws from torch's global
+    one (which a resume restores from the checkpoint before the loader starts). ``augment``: the
+    samples are randomly augmented, and each is read by :class:`StepSeededAugment` with its
+    randomness seeded from (``sampler.seed``, step, index); without it nothing is wrapped.
+    """
+    generator = torch.Generator().manual_seed(sampler.seed % (1 << 63))
+    if not augment:
+        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, generator=generator)
+    return DataLoader(StepSeededAugment(ds, sampler.seed), batch_sampler=_StepKeyedSampler(sampler),
+                      num_workers=num_workers, generator=generator)
 
 
 EVAL_BATCH_BYTES = 8 << 20  # input-tensor budget of one automatic evaluation batch
@@ -249,8 +316,11 @@ def auto_eval_batch_size(sample_bytes: int) -> int:
 
 
 def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 0) -> DataLoader:
-    """Validation batches in order; ``batch_size=None`` sizes them from the first sample's bytes."""
+    """Validation batches in order; ``batch_size=None`` sizes them from the first sample's bytes.
+
+    The loader's own generator keeps evaluations (their number: train.eval_every) out of torch's
+    global one, which training draws from (drop path, LoRA dropout)."""
     if batch_size is None:
         x = ds[0][0] if len(ds) else None
         batch_size = auto_eval_batch_size(x.numel() * x.element_size()) if isinstance(x, torch.Tensor) else 1
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator())

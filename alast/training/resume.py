@@ -35,7 +35,8 @@ NAMED_OPTION_KEYS: dict[str, str] = {
 
 # Keys a resume may change: they affect where files go, how often they are written, how fast a
 # step runs or what is measured, never the losses. (Thread count can change CPU rounding; bitwise
-# equal resumes need the same backend.threads.)
+# equal resumes need the same backend.threads. data.num_workers is neutral because augmentation is
+# seeded per sample from (train.seed, step, index): alast.data.datasets.StepSeededAugment.)
 NEUTRAL_KEYS = frozenset({
     "output.dir", "output.checkpoint_every", "output.checkpoint_minutes", "output.keep_last", "output.force",
     "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
