@@ -94,6 +94,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if seeds < 1:
         raise ValueError(f"--seeds must be 1 or more, got {seeds}")
+    named_out = out is not None
     out = out or Path("bench") / time.strftime("%Y%m%d-%H%M%S")
     check_out(out, resume)
     if target is not None and not 0 < target <= 1:
@@ -122,7 +123,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     def on_reused(i: int, n: int, policy: str, seed: int) -> None:
         console.print(f"[{i + 1}/{n}] {policy}, seed {seed}: finished before, read back")
 
-    again = "; finish the bench with the same arguments and --resume"
+    again = "; finish the bench with the same arguments and --resume" + ("" if named_out else f" --out {out}")
     try:
         with progress:
             result = run_bench(plan, on_run=on_run, on_reused=on_reused,

@@ -65,19 +65,21 @@ def peer_lost(exc: BaseException) -> bool:
 
 
 def _stopped_line(exc: Stopped) -> str:
-    from alast.training.rundir import resume_options
+    from alast.training.rundir import checkpoint_run_dir, resume_options
 
     said = f"interrupted {exc.when}".strip()
     if exc.checkpoint is None:
         return said if exc.when.startswith("before") else f"{said}; no checkpoint was saved"
-    return f"{said}; the last checkpoint is {exc.checkpoint}; continue with {resume_options(exc.world_size)}"
+    return (f"{said}; the last checkpoint is {exc.checkpoint}; continue with "
+            f"{resume_options(exc.world_size, checkpoint_run_dir(exc.checkpoint))}")
 
 
 def _killed_line(exc: RankKilled) -> str:
-    from alast.training.rundir import resume_options
+    from alast.training.rundir import checkpoint_run_dir, resume_options
 
     why = " (often the out-of-memory killer: see `dmesg`)" if exc.signum == signal.SIGKILL else ""
-    then = (f"; the last checkpoint is {exc.checkpoint}; continue with {resume_options(exc.world_size)}"
+    then = (f"; the last checkpoint is {exc.checkpoint}; continue with "
+            f"{resume_options(exc.world_size, checkpoint_run_dir(exc.checkpoint))}"
             if exc.checkpoint is not None else "; no checkpoint was saved")
     return f"error: {exc}{why}{then}"
 

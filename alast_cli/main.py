@@ -12,14 +12,21 @@ from .plan_cmd import plan_command, profile_command
 from .train_cmd import train_command
 
 
+_GROUP_OPTIONS = ("--version", "-h", "--help", "--")  # the options of `alast` itself, before a command
+
+
 class _Cli(click.Group):
     """Takes ``--debug`` anywhere before ``--`` (``alast train ... --debug`` as well as ``alast --debug train``):
-    every error message points the user at it."""
+    every error message points the user at it. Without a command, the options are ``train``'s: the demo's
+    ``alast --steps 50`` is ``alast train --steps 50``, and ``alast --resume --out RUN`` continues it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
         if "--debug" in args[:end]:
             args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+        first = 1 if args[:1] == ["--debug"] else 0
+        if args[first:] and args[first].startswith("-") and args[first] not in _GROUP_OPTIONS:
+            args = args[:first] + ["train"] + args[first:]
         return super().parse_args(ctx, args)
 
     # Usage errors (a bad option value, an unknown option) get one `error:` line like any other bad

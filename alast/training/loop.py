@@ -35,6 +35,7 @@ from alast.training.rundir import (
     check_run_dir,
     prepare_run_dir,
     release_run_dir,
+    resume_options,
 )
 from alast.training.schedule import lr_at, total_steps
 from alast.training.summary import run_summary, write_final
@@ -384,7 +385,8 @@ class _Run:
                 kept = f"the last good checkpoint {self.last_ckpt} is intact" if self.last_ckpt else "no checkpoint kept"
                 raise ckpt.CheckpointError(
                     f"cannot write the step-{step_done} checkpoint in {self.run_dir / ckpt.CKPT_DIR}: "
-                    f"{exc.strerror or exc}; {kept}; free space and continue with --resume") from None
+                    f"{exc.strerror or exc}; {kept}; free space and continue with "
+                    f"{resume_options(self.comm.world_size, self.run_dir)}") from None
 
         self.last_ckpt = on_main(self.comm, write) or self.last_ckpt
         return self.last_ckpt
@@ -397,7 +399,7 @@ class _Run:
         timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
             with StopOnSignal() as stop:
-                batches = train_batches(data.train, sampler, cfg.data.num_workers)
+                batches = train_batches(data.train, sampler, cfg.data.num_workers, augment=cfg.data.augment)
                 for step, (images, labels) in zip(range(start, steps), batches):
                     done = self.step(images, labels, step, steps, hooks, writer) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
@@ -413,7 +415,8 @@ class _Run:
                         self.save(done)
                     if comm.any_true(stop.requested):  # at the last step too: the evaluation can take minutes
                         self.flush(hooks, writer)
-                        raise Interrupted(done, self.last_ckpt if saved else self.save(done), self.comm.world_size)
+                        raise Interrupted(done, self.last_ckpt if saved else self.save(done), self.comm.world_size,
+                                          self.run_dir)
                 self.flush(hooks, writer)
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message()) from None

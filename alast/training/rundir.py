@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,18 +55,25 @@ class RunDirError(ValueError):
 class Interrupted(Exception):
     """Ctrl-C (SIGINT) or SIGTERM during training; a checkpoint was written first."""
 
-    def __init__(self, step: int, path: Path | None, world_size: int = 1) -> None:
+    def __init__(self, step: int, path: Path | None, world_size: int = 1, run_dir: Path | None = None) -> None:
         super().__init__(f"interrupted at step {step}; checkpoint {path}")
-        self.step, self.path, self.world_size = step, path, world_size
+        self.step, self.path, self.world_size, self.run_dir = step, path, world_size, run_dir
 
     @property
     def resume_with(self) -> str:
-        return resume_options(self.world_size)
+        return resume_options(self.world_size, self.run_dir)
 
 
-def resume_options(world_size: int) -> str:
-    """The options that continue a run: a data-parallel run resumes only at its process count."""
-    return "--resume" if world_size == 1 else f"--resume --nproc {world_size}"
+def resume_options(world_size: int, run_dir: Path | str | None = None) -> str:
+    """The options that continue a run: a data-parallel run resumes only at its process count, and
+    ``--out`` names the run (the interrupted command may have left it to its default)."""
+    nproc = "" if world_size == 1 else f" --nproc {world_size}"
+    return f"--resume{nproc}" + ("" if run_dir is None else f" --out {shlex.quote(str(run_dir))}")
+
+
+def checkpoint_run_dir(checkpoint: Path | str | None) -> Path | None:
+    """The run directory a checkpoint file is in (``RUN/checkpoints/step_N.safetensors``)."""
+    return None if checkpoint is None else Path(checkpoint).parent.parent
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool, config: Path | None = None) -> None:

@@ -417,3 +417,15 @@ def test_a_target_bench_with_alast_lora_matches_lora_to_its_counted_flops(tmp_pa
     assert res.exit_code == 0, res.output
     assert trained == [] and "lora@matched at 0.5x, seed 0: finished before, read back" in res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["lora_matched"]["line"] == line
+
+
+def test_an_interrupted_bench_in_its_default_folder_names_it_to_resume(tmp_path, monkeypatch):
+    """Without --out the bench's folder is bench/<time>; "the same arguments and --resume" was refused
+    for want of --out."""
+    monkeypatch.chdir(tmp_path)
+    interrupt_run_after_step_1(monkeypatch, "full-seed0")
+    res = CliRunner().invoke(cli, RESUME_ARGS)
+    assert res.exit_code == 130, res.output
+    (out,) = (tmp_path / "bench").iterdir()
+    assert res.stderr.strip().splitlines()[-1].endswith(
+        f"finish the bench with the same arguments and --resume --out {out.relative_to(tmp_path)}")

@@ -93,12 +93,13 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(reference, tmp_path):
     assert "Traceback" not in err
     line = [l for l in err.splitlines() if l.startswith("interrupted at step")][0]
     step = int(line.split()[3].rstrip(";"))
-    assert 4 <= step < STEPS and "continue with --resume" in line
+    assert 4 <= step < STEPS and line.endswith(f"continue with --resume --out {run}")
     # the checkpoint is at the step boundary where the loop stopped: exactly `step` logged steps
     assert (run / "checkpoints" / f"step_{step:08d}.safetensors").exists()
     assert len(losses(run)) == step
 
-    res = invoke("--resume", "--out", str(run))
+    # what the line says, typed after `alast` (the demo) as after `alast train`
+    res = CliRunner().invoke(cli, line.split("continue with ")[1].split(), catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert losses(run) == losses(reference)
 

@@ -6,6 +6,7 @@ config keys, config messages that named the wrong thing, help texts, and usage e
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -308,3 +309,14 @@ def test_a_train_flag_and_a_set_that_agree_are_accepted(tmp_path):
                    "--set", "data.skip_bad_images=true"])
     assert res.exit_code == 0, res.output
     assert (out / "summary.json").is_file()
+
+
+def test_alast_without_a_command_takes_trains_options(tmp_path):
+    """`alast` is the demo (`alast train`): `alast --steps 1` was "No such option '--steps'"."""
+    out = tmp_path / "run"
+    res = run_cli(["--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+                   'backend.count_flops="off"', "--out", out])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    one_error_line(run_cli(["--stepz", "1"]), 2, "No such option '--stepz'", "train --help`")
+    assert "[OPTIONS] [COMMAND]" in run_cli(["--help"]).output  # alast's own help, not train's

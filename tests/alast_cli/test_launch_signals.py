@@ -105,7 +105,7 @@ def test_a_stop_during_the_final_evaluation_names_the_checkpoint_to_resume_from(
     res = CliRunner().invoke(cli, ["train", *TINY, "--out", str(run)])
     line = one_interrupt_line(res, 130, "interrupted during the final evaluation")
     assert line.endswith(f"the last checkpoint is {run / 'checkpoints' / 'step_00000003.safetensors'}; "
-                         "continue with --resume")
+                         f"continue with --resume --out {run}")
     if signum == signal.SIGTERM:  # what the line says to do works: only the evaluation is left
         monkeypatch.setattr(loop._Run, "final_evaluation", evaluate)
         again = CliRunner().invoke(cli, ["train", "--out", str(run), "--resume"])
@@ -212,7 +212,7 @@ def test_nproc_sigterm_during_the_final_evaluation_names_the_checkpoint(nproc_ru
     code, err = run.end(timeout_s=AGENT_GRACE_S - 5)
     ckpt = run.run_dir / "checkpoints" / "step_00000003.safetensors"
     assert code == 130 and interrupt_line(err) == (f"interrupted during the final evaluation; the last checkpoint "
-                                                   f"is {ckpt}; continue with --resume --nproc 2")
+                                                   f"is {ckpt}; continue with --resume --nproc 2 --out {run.run_dir}")
 
 
 def test_nproc_sigterm_during_training_exits_130_as_one_process_does(nproc_run):
@@ -221,7 +221,8 @@ def test_nproc_sigterm_during_training_exits_130_as_one_process_does(nproc_run):
     run.proc.send_signal(signal.SIGTERM)
     code, err = run.end(timeout_s=AGENT_GRACE_S - 5)
     line = interrupt_line(err)
-    assert code == 130 and line.startswith("interrupted at step ") and line.endswith("continue with --resume --nproc 2")
+    assert code == 130 and line.startswith("interrupted at step ")
+    assert line.endswith(f"continue with --resume --nproc 2 --out {run.run_dir}")
 
 
 def test_nproc_a_rank_killed_by_a_signal_is_named_once(nproc_run):
@@ -231,7 +232,8 @@ def test_nproc_a_rank_killed_by_a_signal_is_named_once(nproc_run):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and errors == [(
         "error: rank 1 was killed by SIGKILL (often the out-of-memory killer: see `dmesg`); the last checkpoint is "
-        f"{run.run_dir / 'checkpoints' / 'step_00000001.safetensors'}; continue with --resume --nproc 2")], err
+        f"{run.run_dir / 'checkpoints' / 'step_00000001.safetensors'}; continue with --resume --nproc 2 --out "
+        f"{run.run_dir}")], err
     assert "gloo" not in err and "Traceback" not in err and "interrupted" not in err
 
 
@@ -285,7 +287,7 @@ def test_a_rank_killed_by_sigkill_comes_before_its_peers_lost_connection(launche
         _ranks_ended(launcher, {0: 1, 1: -signal.SIGKILL}, 2, lambda: checkpoint)
     assert describe(killed.value) == (1, ("error: rank 1 was killed by SIGKILL (often the out-of-memory killer: see "
                                           "`dmesg`); the last checkpoint is run/checkpoints/step_00000004.safetensors; "
-                                          "continue with --resume --nproc 2"))
+                                          "continue with --resume --nproc 2 --out run"))
 
 
 def test_rank_errors_that_differ_only_in_ports_are_printed_once(launcher, capsys):
