@@ -40,7 +40,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         close = _close_keys(loc)
         hint = f"did you mean '{close}'? " if close else ""
-        return f"unknown config key '{loc}'; {hint}check the spelling (see `alast train --help` or examples/)"
+        return f"unknown config key '{loc}'; {hint}check the spelling (every key: docs/usage.md#configuration, alast/config_schema.py)"
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"

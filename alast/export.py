@@ -96,8 +96,12 @@ def load_run(run_dir: Path) -> LoadedRun:
     if not (run_dir / CONFIG).exists():
         raise ExportError(f"{run_dir} is not a run directory (no {CONFIG})")
     if not (run_dir / SUMMARY).exists() or not (run_dir / FINAL_WEIGHTS).exists():
-        raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); "
-                          f"finish it with `alast train --resume --out {run_dir}`")
+        from alast.training.rundir import lock_holder
+
+        holder = lock_holder(run_dir)
+        then = (f"it is still training (process {holder}); export it when that ends" if holder else
+                f"finish it with `alast train --resume --out {run_dir}`")
+        raise ExportError(f"run {run_dir} has not finished (no {SUMMARY} or {FINAL_WEIGHTS}); {then}")
     cfg = load_run_config(run_dir / CONFIG)
     summary, num_classes = _read_summary(run_dir / SUMMARY)
     model = _build_model(cfg, num_classes)

@@ -100,8 +100,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, wrong format
-        raise ModelError(f"cannot read checkpoint {path}: {exc.__class__.__name__}; is it a complete "
-                         ".safetensors/.pth file?") from None
+        reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
+        raise ModelError(f"cannot read checkpoint {path} as weights ({reader} failed: {exc.__class__.__name__}); "
+                         "pass a complete weights file (.safetensors, .pth or .bin)") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -54,7 +54,8 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
             return
         from .render import results
 
-        results.print(f"token schedule: {kept} patch tokens after each block" if kept else "every token")
+        results.print(f"token schedule: {kept} patch tokens after each block" if kept
+                      else "every token in every block (no token schedule)")
         results.print(f"verified: max |logit diff| vs PyTorch {report.max_abs_diff:.2e} <= {report.atol:g} "
                       f"(onnxruntime, batch {report.batch}, opset {report.opset})")
         results.print(f"wrote {report.path}")

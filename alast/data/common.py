@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,18 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from alast.data.images import to_rgb
+
+_said: set[str] = set()
+
+
+def say_once(notes: Sequence[str]) -> None:
+    """Each note once per process, on stderr, from the first rank only (every rank builds the data)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for note in notes:
+        if note not in _said:
+            _said.add(note)
+            print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def nfc(name: str) -> str:

@@ -7,9 +7,7 @@ sample's random augmentation is a pure function of (seed, step, index) too (Step
 """
 from __future__ import annotations
 
-import os
 import random
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
-from alast.data.common import DataBundle, DataError, RGBTransform, _split_indices
+from alast.data.common import DataBundle, DataError, RGBTransform, _split_indices, say_once
 
 
 class ArrayImageDataset(Dataset):
@@ -116,20 +114,10 @@ def describe_spec(spec: str) -> tuple[str, str]:
                         "torchvision:NAME or random[:N] (timing only)")
     if kind in ("imagefolder", "torchvision") and not arg:
         raise DataError(f"data spec {spec!r} needs a value, e.g. {kind}:{'PATH' if kind == 'imagefolder' else 'CIFAR100'}")
+    if kind == "random" and arg and not arg.strip().isdigit():
+        raise DataError(f"data spec {spec!r}: N in random:N is a number of images, e.g. random:256")
     return kind, arg
 
-
-_said: set[str] = set()
-
-
-def _say(notes: Sequence[str]) -> None:
-    """Each note once per process, on stderr, from the first rank only (every rank builds the data)."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for note in notes:
-        if note not in _said:
-            _said.add(note)
-            print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = None, download: bool = False,
@@ -178,7 +166,7 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
                         "images or give PATH/train and PATH/val folders")
     if train_tf is not eval_tf:
         _set_transform(bundle.train, train_tf)
-    _say(bundle.notes)
+    say_once(bundle.notes)
     return bundle
 
 

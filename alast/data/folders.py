@@ -12,7 +12,16 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from alast.data.common import DataBundle, DataError, _need_two_classes, _split, _split_indices, files_fingerprint, nfc
+from alast.data.common import (
+    DataBundle,
+    DataError,
+    _need_two_classes,
+    _split,
+    _split_indices,
+    files_fingerprint,
+    nfc,
+    say_once,
+)
 from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb
 
 # Split folder names, matched in any case and with "-" or a space for "_" (Train/, VAL/, Training Set/).
@@ -35,8 +44,6 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
-
-    from alast.data.datasets import _say
 
     threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     size = max(1, min(256, -(-len(files) // (threads * 4))))  # files a task: 4 tasks a thread, or more
@@ -62,7 +69,7 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     large = [(f, n) for f, n in zip(files, pixels) if limit and n is not None and n > limit]
     if large:
         more = f" and {len(large) - 1} other image(s) have" if len(large) > 1 else " has"
-        _say([(f"{large[0][0]}{more} over {limit:,} pixels ({large[0][1]:,}), PIL's decompression-bomb warning "
+        say_once([(f"{large[0][0]}{more} over {limit:,} pixels ({large[0][1]:,}), PIL's decompression-bomb warning "
               "level; read all the same, slowly and with much memory (resize to train faster)")])
     return [i for i, n in enumerate(pixels) if n is None]
 

@@ -85,6 +85,11 @@ def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
 
         return len(LETTERS), kind
     if kind == "imagefolder":
+        if not Path(arg).expanduser().is_dir():  # as train refuses it: a plan for data that is not there
+            from alast.data import DataError
+
+            what = "is a file, not a folder" if Path(arg).expanduser().exists() else "not found"
+            raise DataError(f"image folder {what}: {arg}; pass imagefolder:PATH to a directory of class folders")
         root = Path(arg) / "train" if (Path(arg) / "train").is_dir() else Path(arg)
         if root.is_dir():
             return sum(1 for p in root.iterdir() if p.is_dir()), "class folders"
@@ -370,7 +375,8 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     """Predict what a logged run cost from its ``metrics.jsonl`` and compare with what it counted."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise TraceError(f"trace run dir not found: {run_dir}")
+        raise TraceError(f"trace run dir {'is a file' if run_dir.exists() else 'not found'}: {run_dir}; pass the "
+                         "folder of a run `alast train` wrote")
     if not (run_dir / METRICS).is_file():
         raise TraceError(f"{run_dir} has no {METRICS}; --trace needs a run directory written by `alast train`")
     records = sorted(read_metrics(run_dir / METRICS), key=lambda r: r["step"])

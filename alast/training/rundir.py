@@ -88,6 +88,9 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool, config: Path | None 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir} is a file; choose another --out")
     if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
+        if not force and not _holds_run(run_dir):  # neither --resume nor --force would take it
+            raise RunDirError(f"run dir {run_dir} exists and holds files but no alast run (no run's {CONFIG}); choose another "
+                              "--out (a new or empty folder)")
         if not force:
             raise RunDirError(f"run dir {run_dir} exists and is not empty; pass --resume to continue it, "
                               "--force to replace the run in it, or choose another --out")
@@ -153,7 +156,7 @@ def _foreign_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not own.match(p.name))
 
 
-def _lock_holder(run_dir: Path) -> str | None:
+def lock_holder(run_dir: Path) -> str | None:
     """The pid recorded by the process that holds ``run_dir``'s lock, "?" where unreadable, or None
     where no process holds it (or locks are not supported here)."""
     try:
@@ -174,7 +177,7 @@ def _lock_holder(run_dir: Path) -> str | None:
 
 
 def _check_unlocked(run_dir: Path) -> None:
-    holder = _lock_holder(run_dir)
+    holder = lock_holder(run_dir)
     if holder is not None:
         raise _in_use(run_dir, holder)
 

@@ -204,6 +204,10 @@ def test_a_run_dir_in_use_is_refused_to_a_second_process(tmp_path):
             assert res.exit_code == 2, res.output
             assert res.stderr.strip() == (f"error: run dir {run} is in use by another alast process (pid {holder.pid}); "
                                           "wait for it to end or stop it, or choose another --out")
+        # export told to finish the run with the resume refused just above
+        res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+        assert res.exit_code == 2 and res.stderr.strip().endswith(
+            f"it is still training (process {holder.pid}); export it when that ends"), res.output
     finally:
         holder.kill()
         holder.wait()

@@ -320,3 +320,21 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     one_error_line(run_cli(["--stepz", "1"]), 2, "No such option '--stepz'", "train --help`")
     assert "[OPTIONS] [COMMAND]" in run_cli(["--help"]).output  # alast's own help, not train's
+
+
+@pytest.mark.parametrize("args, message", [
+    # plan exited 0 with a plan for a folder that is not there (train refuses it)
+    (["plan", "--data", "imagefolder:{tmp}/nope"], "image folder not found: {tmp}/nope"),
+    (["plan", "--data", "imagefolder:{tmp}/afile"], "image folder is a file, not a folder: {tmp}/afile"),
+    # was "invalid literal for int() with base 10: 'abc'"
+    (["train", "--data", "random:abc", "--steps", "1"], "data spec 'random:abc': N in random:N is a number of images"),
+    # was "trace run dir not found" for a path that is there
+    (["plan", "--trace", "{tmp}/afile"], "trace run dir is a file: {tmp}/afile"),
+    # was "...: IndexError; is it a complete .safetensors/.pth file?"
+    (["train", "--checkpoint", "{tmp}/afile", "--steps", "1"], "cannot read checkpoint {tmp}/afile as weights (torch.load failed"),
+    # `train --help` lists no config keys
+    (["plan", "--set", "train.stepz=3"], "check the spelling (every key: docs/usage.md#configuration"),
+])
+def test_audited_messages_name_the_problem(tmp_path, args, message):
+    (tmp_path / "afile").write_text("a: 1\n")
+    one_error_line(run_cli([a.format(tmp=tmp_path) for a in args]), 2, message.format(tmp=tmp_path))

@@ -69,7 +69,7 @@ def test_existing_run_dir_is_never_overwritten(runner, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     res = runner.invoke(cli, ["train", *FAST, "--out", str(out)])
-    assert res.exit_code == 2 and "exists and is not empty" in res.stderr
+    assert res.exit_code == 2 and "exists and holds files but no alast run" in res.stderr and "--resume" not in res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 

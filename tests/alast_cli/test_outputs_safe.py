@@ -144,7 +144,7 @@ def test_a_runs_config_given_back_as_a_config_cannot_replace_another_run(tmp_pat
     recorded = (first / "config.yaml").read_text()
     assert "force: false" in recorded and f"dir: {first}" in recorded
     res = CliRunner().invoke(cli, ["train", str(first / "config.yaml"), "--out", str(other)])
-    one_error_line(res, 2, "exists and is not empty")
+    one_error_line(res, 2, "exists and holds files but no alast run")
     assert (other / "summary.json").read_text() == "{}"
 
 
