@@ -103,7 +103,7 @@ CASES = [
     ("missing torchvision dir", ["train", "--data", "torchvision:CIFAR10", "--steps", "1", *FAST], 2,
      ["needs --data-dir"]),
     ("non-empty run dir", ["train", "--steps", "1", *FAST, "--out", "{dir}/full"], 2,
-     ["not empty", "--resume", "--force"]),
+     ["holds files but no alast run", "choose another --out"]),
     ("resume of nothing", ["train", "--resume", "--out", "{dir}/nothing"], 2, ["cannot resume"]),
     ("resume and force", ["train", "--resume", "--force", "--out", "{dir}/full"], 2,
      ["--resume continues the run", "--force replaces it; pass one of them"]),
