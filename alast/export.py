@@ -310,7 +310,9 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     """The data ``spec``'s evaluation images, labelled with the model's indices of its ``classes``.
 
     ``for_eval``: ``spec`` is other data than the run's (see :func:`_other_data`): a flat image folder
-    is scored whole, and any of the model's classes, even one, will do. Otherwise the run's own
+    is scored whole (but one that holds the very files the run split, by the ``fingerprint`` it
+    recorded of them, a copy of the run's folder, gets the run's split again: scored whole, it would
+    count the images the run trained on), and any of the model's classes, even one, will do. Otherwise the run's own
     validation split, as training drew it from ``val_fraction``, ``seed`` and ``splits``; an image
     folder whose files differ from the ``fingerprint`` the run recorded of them is refused (its split
     moved: it would score training images). The dataset carries ``skipped_files``, the unreadable
@@ -320,7 +322,8 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     from alast.data.common import check_fingerprint, nfc
 
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                        skip_bad_images=skip_bad_images, for_eval=for_eval, **(splits or {}))
+                        skip_bad_images=skip_bad_images, for_eval=for_eval, run_files=fingerprint if for_eval else None,
+                        **(splits or {}))
     if not for_eval:
         check_fingerprint(fingerprint, bundle)
     classes = [nfc(c) for c in classes]  # older runs kept a folder's name as written

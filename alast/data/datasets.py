@@ -123,13 +123,14 @@ def describe_spec(spec: str) -> tuple[str, str]:
 def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = None, download: bool = False,
                val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False,
                train_split: str | None = None, val_split: str | None = None, subset: str | None = None,
-               for_eval: bool = False) -> DataBundle:
+               for_eval: bool = False, run_files: dict[str, Any] | None = None) -> DataBundle:
     """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``.
 
     ``train_split``, ``val_split``, ``subset``: a torchvision dataset's split and subset names (None:
     automatic). ``for_eval``: the data scores a trained model and nothing trains on it, so a flat
     image folder (or a torchvision dataset without splits) is scored whole, not split, one class is
-    enough, and ``val`` is the only split read.
+    enough, and ``val`` is the only split read; but an image folder that holds the files a run split
+    (``run_files``: the run's ``data_fingerprint``) is split again as the run split it.
     """
     from timm.data import create_transform
 
@@ -155,7 +156,8 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     if kind == "imagefolder":
         from alast.data.folders import imagefolder
 
-        bundle = imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images, for_eval)
+        bundle = imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images, for_eval,
+                             run_files)
     else:
         from alast.data.tvsets import torchvision_data
 

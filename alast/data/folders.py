@@ -350,7 +350,12 @@ def _load_folder(path: Path, transform: Callable, skip_bad: bool, role: str,
 
 
 def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int, skip_bad: bool,
-                 for_eval: bool = False) -> DataBundle:
+                 for_eval: bool = False, run_files: dict[str, Any] | None = None) -> DataBundle:
+    """The image folder ``root``'s training and validation data (see the module). ``for_eval``: the
+    data scores a trained model: a folder of class folders is scored whole, unless it holds the very
+    files a run split by ``data.val_fraction`` (``run_files``: the run's fingerprint of them), a copy
+    of the run's folder or the folder moved, whose whole would count the images the run trained on:
+    then the run's validation split, drawn again."""
     if root.is_file():
         raise DataError(f"{root} is a file, not a folder; pass imagefolder:PATH to a directory of class folders")
     if not root.is_dir():
@@ -361,6 +366,13 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
     if for_eval and (val_dir is not None or splits is None):  # every image of the evaluation folder is scored
         where = val_dir or root
         ds, classes, nb = _load_folder(where, transform, skip_bad, "eval", notes)
+        files = files_fingerprint(str(where), ds.samples, classes)
+        if val_dir is None and run_files and (files["files"], files["sha256"]) == (run_files.get("files"),
+                                                                                  run_files.get("sha256")):
+            train, val = _split(ds, *_split_indices(ds.targets, val_fraction, seed))
+            notes.append(f"{where} holds the files the run split by data.val_fraction: scoring its validation split "
+                         f"({len(val)} images), not the images it trained on")
+            return DataBundle(train, val, classes, nb, notes, files)
         notes.append(f"evaluating on every image in {where} ({len(ds)})")
         return DataBundle(Subset(ds, []), ds, classes, nb, notes)
     if train_dir is None:

@@ -354,3 +354,24 @@ def test_a_damaged_summary_is_refused_by_export_and_eval(runs, tmp_path, damage,
         assert fragment in _err(res) and "rerun the training" in _err(res), _err(res)
         assert len(_err(res).splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_copy_of_the_runs_folder_is_scored_on_the_runs_split(tmp_path):
+    """`eval --data imagefolder:COPY` of the folder a run split scored every image of the copy, the
+    ones the run trained on too; the same files under another path now get the run's split."""
+    from tests.alast_cli.test_bad_input import make_image_folder
+
+    data, run = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--data", f"imagefolder:{data}", "--steps", "1", "--batch-size", "4",
+                                   "--set", "backend.threads=1", "--set", "backend.count_flops=off", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    own = json.loads(CliRunner().invoke(cli, ["eval", str(run), "--json"]).stdout)
+    copy = shutil.copytree(data, tmp_path / "copy")
+    res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{copy}", "--json"])
+    assert res.exit_code == 0, res.output
+    assert {k: json.loads(res.stdout)[k] for k in ("accuracy", "loss", "samples")} == \
+        {k: own[k] for k in ("accuracy", "loss", "samples")} and own["samples"] < 12
+    assert f"{copy} holds the files the run split by data.val_fraction: scoring its validation split" in res.stderr
+    shutil.copy(copy / "cat" / "0.png", copy / "cat" / "new.png")  # other files: other data, scored whole
+    res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{copy}", "--json"])
+    assert json.loads(res.stdout)["samples"] == 13 and "evaluating on every image" in res.stderr
