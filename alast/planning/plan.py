@@ -411,8 +411,9 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
         "predicted_peak_memory_bytes": pred.peak_memory_bytes,
         "predicted_peak_memory_sampled_steps_bytes": pred.peak_memory_sampled_bytes,
         "measured_peak_memory_bytes": summary.get("peak_memory_bytes"),
-        "memory_note": ("the runtime measures CPU memory on sampled steps (1, 2, every 50th); the sampled "
-                        "prediction covers the same steps") if sampled else "measured over all steps",
+        "memory_note": ("the runtime measures CPU memory on sampled steps (1, 2, every 50th, and any heavier "
+                        "than those measured; metrics.jsonl marks them); the sampled prediction covers the same "
+                        "steps") if sampled else "measured over all steps",
         "predicted_step_time_s": pred.step_time_s, "measured_median_step_time_s": summary.get("median_step_time_s"),
         "counted_full_ft_train_flops": summary.get("full_ft_train_flops"),
         "predicted_inference_flops_ratio": out["policies"][cfg.policy.name]["inference_flops_ratio"],
