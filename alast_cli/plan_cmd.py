@@ -238,8 +238,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
                       f"{human(tr['counted_train_flops'], 'FLOP')}" + (f" ({err:+.2%})" if err is not None else ""))
         if tr.get("measured_peak_memory_bytes") is not None:  # the table's peak is over all steps
             sampled = tr.get("predicted_peak_memory_sampled_steps_bytes")
-            which = ("the steps the run measured (1, 2, every 50th, any heavier)" if sampled is not None
-                     else "all steps")
+            which = "the steps the run measured" if sampled is not None else "all steps"
             predicted = sampled if sampled is not None else tr["predicted_peak_memory_bytes"]
             results.print(f"peak memory over {which}: predicted {human_bytes(int(predicted))}, measured "
                           f"{human_bytes(int(tr['measured_peak_memory_bytes']))} (the table's: over all steps)")
