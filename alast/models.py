@@ -7,6 +7,7 @@ import difflib
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return _unprefixed(load_file(str(path)))
+        import argparse
+
+        # timm's train.py stores its arguments beside the weights: allowed, as timm's own loader allows them
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, wrong format
         reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
         raise ModelError(f"cannot read checkpoint {path} as weights ({reader} failed: {exc.__class__.__name__}); "
@@ -106,8 +111,23 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ModelError(f"checkpoint {path} holds no state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint {path} holds no state dict of tensors; save the model's state_dict() "
+                         "(torch.save(model.state_dict(), FILE)) and pass that")
+    return _unprefixed(state)
+
+
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP / DataParallel, Lightning, torch.compile
+
+
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without a prefix every key carries from a wrapper (``module.`` of DDP, ``model.`` of a
+    Lightning module, ``_orig_mod.`` of torch.compile), however many are nested."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -128,24 +148,46 @@ def _fit_position_grid(state: dict[str, torch.Tensor], model: nn.Module) -> None
                                                 old_size=[side, side], num_prefix_tokens=prefix)
 
 
-def load_weights(model: nn.Module, path: Path, skip_head: bool = False) -> None:
-    """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``); a
-    position embedding for another input size is resampled to the model's grid."""
+def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_filter: bool = False) -> None:
+    """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``; the
+    run is told which head it trains anew); a position embedding for another input size is resampled
+    to the model's grid. ``timm_filter``: first the checkpoint filter of the model's timm module, as
+    timm applies it to its own weights (a patch embedding for another patch size resized, other
+    layouts of ViT weights, e.g. OpenAI CLIP's, converted). Every other key must match: a checkpoint
+    that leaves weights unset, or brings weights the model lacks, is refused."""
     state = _read_state_dict(Path(path))
+    if timm_filter:
+        module = sys.modules.get(type(model).__module__)
+        filter_fn = getattr(module, "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
     own = model.state_dict()
     head_keys = [k for k in state if k.startswith("head.")]
+    if not skip_head and any(k in own and own[k].shape != state[k].shape for k in head_keys):
+        outputs = state.get("head.weight", state[head_keys[0]]).shape[0]
+        _note(f"the checkpoint's classifier head has {outputs} outputs, this run's {own['head.weight'].shape[0]} "
+              f"classes: a new head is trained on them")
     if skip_head or any(k in own and own[k].shape != state[k].shape for k in head_keys):
         for k in head_keys:
             state.pop(k)
     _fit_position_grid(state, model)
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if mismatched:
-        raise ModelError(f"checkpoint {path} does not fit the model: shape mismatch at {mismatched[0]}")
+        k = mismatched[0]
+        raise ModelError(f"checkpoint {path} does not fit the model: {k} is {tuple(state[k].shape)} there, "
+                         f"{tuple(own[k].shape)} here; is it for this architecture? pass the model it was trained "
+                         "as with --model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
+
+
+def _note(text: str) -> None:
+    """A note on stderr, from the first rank only (every rank builds the model)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None) -> str:
@@ -210,8 +252,8 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     """Build ``name`` with a ``num_classes`` head: fresh, or a ``checkpoint``'s own where it has that shape.
 
     ``pretrained`` downloads timm's weights (or, for alast's own models, uses the shipped backbone; the
-    default for those); ``checkpoint`` loads local weights instead (timm's
-    ``pretrained_cfg_overlay=dict(file=...)``).
+    default for those); ``checkpoint`` loads local weights instead (:func:`load_weights`, strictly but
+    for the head, with timm's checkpoint filter for timm models).
     """
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise ModelError(f"checkpoint {checkpoint} is a directory; pass the weights file in it (.safetensors/.pth)")
@@ -237,8 +279,9 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     if checkpoint is not None:
         if not Path(checkpoint).exists():
             raise ModelError(_not_found(checkpoint))
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
-        pretrained = True
+        # read here, not by timm's pretrained_cfg_overlay: timm loads a file whose head differs from its
+        # pretrained config's without strictness, so weights it cannot place were left at random silently
+        pretrained = False
     _check_architecture(name, img_size)
     try:
         with _hub_access(bool(pretrained) and checkpoint is None) as offline:
@@ -261,7 +304,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         raise ModelError(f"cannot load checkpoint {checkpoint} for {name}: not a weights file "
                          f"({exc.__class__.__name__}); pass a .safetensors or .pth state dict") from None
     if checkpoint is not None:
-        _keep_matching_head(model, Path(checkpoint))
+        load_weights(model, Path(checkpoint), timm_filter=True)
     return model
 
 
@@ -310,12 +353,3 @@ def _hub_access(download: bool) -> Iterator[str | None]:
         constants.HF_HUB_OFFLINE = False
 
 
-def _keep_matching_head(model: nn.Module, path: Path) -> None:
-    """Load the checkpoint's classifier head where it has the run's shape, as :func:`load_weights`
-    does for alast's own models: timm drops a local file's head whenever the class count differs
-    from its pretrained config's, so a checkpoint of this very task lost its head."""
-    state = _read_state_dict(path)
-    own = model.state_dict()
-    head = {k: v for k, v in state.items() if k.startswith("head.")}
-    if head and all(k in own and own[k].shape == v.shape for k, v in head.items()):
-        model.load_state_dict(head, strict=False)

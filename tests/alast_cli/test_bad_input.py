@@ -96,7 +96,7 @@ CASES = [
                                    "{dir}/run"], 2, ["is a directory", "weights file"]),
     ("checkpoint is no weights file", ["train", "--model", "vit_tiny_patch16_224", "--img-size", "32",
                                        "--checkpoint", "{dir}/syntax.yaml", "--steps", "1", *FAST, "--out",
-                                       "{dir}/run"], 2, ["syntax.yaml", "not a weights file"]),
+                                       "{dir}/run"], 2, ["syntax.yaml", "cannot read checkpoint", "as weights"]),
     ("unknown data spec", ["train", "--data", "mnist", "--steps", "1", *FAST], 2, ["unknown data spec"]),
     ("missing data dir", ["train", "--data", "imagefolder:{dir}/no_such_dir", "--steps", "1", *FAST], 2,
      ["image folder not found", "no_such_dir"]),
