@@ -33,6 +33,7 @@ from alast.training.rundir import (
     Interrupted,
     check_outside_data,
     check_run_dir,
+    check_weights_outside,
     prepare_run_dir,
     release_run_dir,
     resume_options,
@@ -186,6 +187,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         on_main(comm, check_tensorboard)  # every rank gets the one error, not a peer's lost connection
     on_main(comm, lambda: check_run_dir(run_dir, resume, cfg.output.force))
     check_outside_data(run_dir, cfg.data.spec)
+    check_weights_outside(run_dir, cfg.model.checkpoint, cfg.output.force and not resume)
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)

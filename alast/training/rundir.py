@@ -113,6 +113,17 @@ def check_outside_data(run_dir: Path, data_spec: str) -> None:
                           "the data (a class of their own, or files in one); write the run outside it with --out")
 
 
+def check_weights_outside(run_dir: Path, checkpoint: Path | None, force: bool) -> None:
+    """Refuse ``--force`` where the run's starting weights (``model.checkpoint``) lie in the run dir it
+    replaces: the new run would overwrite the file it starts from, and its config would name it."""
+    if not force or checkpoint is None or not run_dir.exists():
+        return
+    out, weights = run_dir.resolve(), Path(checkpoint).expanduser().resolve()
+    if out in weights.parents:
+        raise RunDirError(f"--checkpoint {checkpoint} is in {run_dir}, the run dir --force would replace; copy it "
+                          "out of the run dir and pass the copy, or choose another --out")
+
+
 def _check_replaceable(run_dir: Path, config: Path | None) -> None:
     """Refuse ``--force`` where it would delete what alast did not write: a file in the run's own
     folders, or the config file given to this very command (the run's ``config.yaml``)."""

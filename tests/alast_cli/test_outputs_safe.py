@@ -204,3 +204,14 @@ def test_a_run_inside_its_image_folder_is_refused(tmp_path, monkeypatch, out):
         res = CliRunner().invoke(cli, ["train", *FAST, "--data", f"imagefolder:{data}", "--out", str(tmp_path / out)])
     one_error_line(res, 2, f"is inside the image folder {data}: its files would become part of the data")
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into it
+
+
+def test_force_refuses_to_replace_the_weights_the_run_starts_from(tmp_path):
+    """The new run overwrote the final_model.safetensors it started from, and its config named it."""
+    run = tmp_path / "run"
+    assert CliRunner().invoke(cli, ["train", *FAST, "--out", str(run)]).exit_code == 0
+    weights = run / "final_model.safetensors"
+    before = weights.read_bytes()
+    res = CliRunner().invoke(cli, ["train", *FAST, "--checkpoint", str(weights), "--out", str(run), "--force"])
+    one_error_line(res, 2, f"--checkpoint {weights} is in {run}, the run dir --force would replace")
+    assert weights.read_bytes() == before
