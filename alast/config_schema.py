@@ -50,6 +50,15 @@ class ModelConfig(_Section):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate passed to timm when "
                                   "the model is built (0: off)")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _one_source(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        # a new run's config only: runs that recorded both load as they trained (from the checkpoint)
+        if v is not None and info.data.get("pretrained") is True and (info.context or {}).get("new"):
+            raise ValueError("model.pretrained=true and model.checkpoint both name the starting weights (the "
+                             "checkpoint would win); pass one of them")
+        return v
+
 
 class LoraConfig(_Section):
     """``policy.lora``: the adapters of the LoRA policies (``lora``, ``alast+lora``, any ``+lora``)."""

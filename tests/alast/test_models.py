@@ -276,3 +276,23 @@ def test_a_new_head_is_named(tmp_path, capsys):
     assert "note: the checkpoint's classifier head has 1000 outputs, this run's 10 classes: a new head is trained" \
         in capsys.readouterr().err
     assert torch.equal(model.blocks[3].mlp.fc1.weight, state["blocks.3.mlp.fc1.weight"])
+
+
+def test_a_run_records_where_its_weights_started_and_refuses_two_sources(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from alast_cli.main import cli
+
+    path = tmp_path / "w.safetensors"
+    save_file(_tiny_state(), path)
+    base = ["train", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--steps", "1", "--batch-size", "4",
+            "--set", "backend.threads=1", "--set", "backend.count_flops=off", "--checkpoint", str(path)]
+    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["initial_weights"] == f"weights from {path}"
+    res = CliRunner().invoke(cli, [*base, "--pretrained", "--out", str(tmp_path / "two")])  # --pretrained lost
+    assert res.exit_code == 2 and "model.pretrained=true and model.checkpoint both name the starting weights" \
+        in res.stderr
