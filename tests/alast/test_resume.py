@@ -467,17 +467,22 @@ def test_a_resumed_runs_wall_time_includes_the_earlier_session(tmp_path, monkeyp
     assert summary["resumed_from_step"] == 2 and summary["wall_time_s"] >= resumed + 1.0
 
 
+def _stopped_after_step_2(data: Path, run: Path, *extra: str) -> None:
+    """A 4-step run on the image folder ``data`` left as if killed after step 2's checkpoint."""
+    args = [*FAST, "--data", f"imagefolder:{data}", "--steps", "4", "--set", "output.checkpoint_every=2", *extra,
+            "--out", str(run)]
+    assert invoke(*args).exit_code == 0
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+
+
 def test_resume_refuses_an_image_folder_whose_files_changed(tmp_path):
     """The split by data.val_fraction is drawn over the folder's files: one more file moves images
     between training and validation, and the resumed run would train on the ones it validated on."""
     from tests.alast_cli.test_bad_input import make_image_folder
 
     data, run = make_image_folder(tmp_path / "data"), tmp_path / "run"
-    args = [*FAST, "--data", f"imagefolder:{data}", "--steps", "4", "--set", "output.checkpoint_every=2",
-            "--set", "output.keep_last=5", "--out", str(run)]
-    assert invoke(*args).exit_code == 0
-    (run / "summary.json").unlink()  # as if killed after step 2's checkpoint
-    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    _stopped_after_step_2(data, run, "--set", "output.keep_last=5")
     extra = data / "cat" / "extra.png"
     shutil.copy(data / "cat" / "0.png", extra)
     res = invoke("--resume", "--out", str(run))
@@ -516,11 +521,7 @@ def _split_folder(root: Path) -> Path:
 ])
 def test_resume_refuses_train_and_val_folders_that_changed(tmp_path, change, fragment):
     data, run = _split_folder(tmp_path / "data"), tmp_path / "run"
-    args = [*FAST, "--data", f"imagefolder:{data}", "--steps", "4", "--batch-size", "4",
-            "--set", "output.checkpoint_every=2", "--out", str(run)]
-    assert invoke(*args).exit_code == 0
-    (run / "summary.json").unlink()  # as if killed after step 2's checkpoint
-    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    _stopped_after_step_2(data, run, "--batch-size", "4")
     change(data)
     res = invoke("--resume", "--out", str(run))
     assert res.exit_code == 2, res.output
