@@ -69,8 +69,8 @@ def _check_images(files: Sequence[str], skip_bad: bool) -> list[int]:
     large = [(f, n) for f, n in zip(files, pixels) if limit and n is not None and n > limit]
     if large:
         more = f" and {len(large) - 1} other image(s) have" if len(large) > 1 else " has"
-        say_once([(f"{large[0][0]}{more} over {limit:,} pixels ({large[0][1]:,}), PIL's decompression-bomb warning "
-              "level; read all the same, slowly and with much memory (resize to train faster)")])
+        say_once([(f"{large[0][0]}{more} over {limit:,} pixels ({large[0][1]:,}), PIL's decompression-bomb "
+                   "warning level; read all the same, slowly and with much memory (resize to train faster)")])
     return [i for i, n in enumerate(pixels) if n is None]
 
 
