@@ -229,6 +229,13 @@ def _loose_images(path: Path) -> int:
         return 0
 
 
+def _holds_classes(path: Path) -> bool:
+    """Whether ``path`` holds class folders, as a split does: folders, and no image of its own unless
+    every folder in it holds images itself (then a stray image beside them, left out with a note)."""
+    subs = _subfolders(path)
+    return bool(subs) and (not _holds_images(path) or all(_holds_images(s) for s in subs))
+
+
 def _role(name: str) -> str | None:
     key = nfc(name).casefold().replace("-", "_").replace(" ", "_")
     return next((role for role, names in (("train", TRAIN_FOLDERS), ("val", VAL_FOLDERS), ("test", TEST_FOLDERS))
@@ -274,7 +281,7 @@ def _split_folders(root: Path, notes: list[str]) -> tuple[Path | None, Path | No
             raise DataError(f"{root} has split folders {' and '.join(p.name for p in found)}, which {why}; "
                             "merge or rename one")
     named = roles["train"] + roles["val"] + roles["test"]
-    splits = [p for p in named if _subfolders(p) and not _holds_images(p)]
+    splits = [p for p in named if _holds_classes(p)]
     train = roles["train"][0] if roles["train"] and roles["train"][0] in splits else None
     if (train is None and others) or (train is not None and others and not roles["val"] + roles["test"]):
         if _looks_like_splits(named + others):

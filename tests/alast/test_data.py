@@ -729,3 +729,15 @@ def test_images_outside_class_folders_and_classes_never_validated_are_named(tmp_
             "held out)") in bundle.notes
     splits = _image_folder(tmp_path / "splits", {f"{s}/{c}/0.png": "RGB" for s in ("train", "val") for c in "ab"})
     assert not any("never validated" in n for n in build_data(f"imagefolder:{splits}", CFG).notes)  # val/ does
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_stray_image_in_a_split_folder_leaves_the_layout_as_it_is(tmp_path, where):
+    """train/ or val/ holding one image beside its class folders was no split any more: "named like
+    split folders but without class folders", or no validation images at all."""
+    files = {**{f"{s}/{c}/{i}.png": "RGB" for s in ("train", "val") for c in "ab" for i in range(2)},
+             f"{where}/stray.png": "RGB"}
+    root = _image_folder(tmp_path / "data", files)
+    bundle = build_data(f"imagefolder:{root}", CFG)
+    assert bundle.classes == ["a", "b"] and len(bundle.train) == 4 and len(bundle.val) == 4
+    assert any(n.startswith(f"left out 1 image(s) in {root / where} itself") for n in bundle.notes)
