@@ -202,7 +202,12 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         seeded = rng_state()
         planner_overrides, plan_info = solve(steps)
         set_rng_state(seeded)
-    model = build_model(cfg, len(data.classes))
+    # a resumed run's checkpoint holds every weight: the file it started from may be gone by now
+    from_run = (resume and cfg.backend.name == "torch" and cfg.model.checkpoint is not None
+                and not Path(cfg.model.checkpoint).exists() and any((run_dir / ckpt.CKPT_DIR).glob(f"step_*{ckpt.SUFFIX}")))
+    built = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": None, "pretrained": False})}) \
+        if from_run else cfg
+    model = build_model(built, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)
     if comm.world_size > 1 and not runtime.capabilities.data_parallel:
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
@@ -213,6 +218,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint, data.train_files, data.classes)
+    run.weights_from_run = from_run
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
 
@@ -231,6 +237,7 @@ class _Run:
         self.data_fingerprint = data_fingerprint  # the image folder's files the split drew from (checkpointed)
         self.train_files = train_files  # a train/ folder's files, where a val/ folder beside it validates
         self.classes = classes  # the labels' names, in order (checkpointed: a resume must read them alike)
+        self.weights_from_run = False  # the model was built without its starting weights: a checkpoint must hold them
         self.tb: TensorBoardLog | None = None
         self.pending: tuple | None = None  # a launched step not yet read back (sync-free runtimes)
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
@@ -289,6 +296,12 @@ class _Run:
         from alast.training.resume import check_compatible, check_world_size
 
         found = ckpt.latest_checkpoint(self.run_dir, warn=self._warn, set_aside=self.comm.is_main)
+        if found is None and self.weights_from_run:  # none readable: the run would start from random weights
+            from alast.models import ModelError
+
+            raise ModelError(f"cannot resume {self.run_dir}: no checkpoint of it is readable, and the weights it "
+                             f"started from ({self.cfg.model.checkpoint}) are gone; restore that file, or start a "
+                             "new run")
         if found is None:
             return 0
         self.last_ckpt, state = found

@@ -527,3 +527,25 @@ def test_resume_refuses_train_and_val_folders_that_changed(tmp_path, change, fra
     assert res.exit_code == 2, res.output
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot resume {run}: ") and fragment.format(data=data) in last, last
+
+
+def test_a_resume_needs_no_longer_the_weights_file_the_run_started_from(tmp_path):
+    """The model was rebuilt from model.checkpoint before the run's checkpoint replaced every weight:
+    with that file moved away, --resume stopped ("checkpoint not found ... or drop --checkpoint")."""
+    first, weights = tmp_path / "first", tmp_path / "w.safetensors"
+    assert invoke(*FAST, "--steps", "1", "--out", str(first)).exit_code == 0
+    shutil.copy(first / "final_model.safetensors", weights)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = [*FAST, "--checkpoint", str(weights), "--steps", "4", "--set", "output.checkpoint_every=2"]
+    assert invoke(*args, "--out", str(ref)).exit_code == 0
+    assert invoke(*args, "--out", str(run)).exit_code == 0
+    (run / "summary.json").unlink()  # as if killed after step 2's checkpoint
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    weights.unlink()
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert losses(run) == losses(ref)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints")  # nothing to resume from: the weights it started from are needed again
+    res = invoke("--resume", "--out", str(run))
+    assert res.exit_code == 2 and f"checkpoint not found: {weights}" in res.stderr
