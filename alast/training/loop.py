@@ -203,10 +203,11 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         planner_overrides, plan_info = solve(steps)
         set_rng_state(seeded)
     # a resumed run's checkpoint holds every weight: the file it started from may be gone by now
-    from_run = (resume and cfg.backend.name == "torch" and cfg.model.checkpoint is not None
-                and not Path(cfg.model.checkpoint).exists() and any((run_dir / ckpt.CKPT_DIR).glob(f"step_*{ckpt.SUFFIX}")))
-    built = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": None, "pretrained": False})}) \
-        if from_run else cfg
+    saved = any((run_dir / ckpt.CKPT_DIR).glob(f"step_*{ckpt.SUFFIX}")) if resume else False
+    from_run = (saved and cfg.backend.name == "torch" and cfg.model.checkpoint is not None
+                and not Path(cfg.model.checkpoint).exists())
+    built = (cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": None, "pretrained": False})})
+             if from_run else cfg)
     model = build_model(built, len(data.classes))
     runtime = create_runtime(cfg, model, comm=comm.extra)
     if comm.world_size > 1 and not runtime.capabilities.data_parallel:
