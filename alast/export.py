@@ -321,6 +321,8 @@ def _val_data(spec: str, data_cfg: dict[str, Any], data_dir: Path | None, val_fr
     from alast.data import DataError, build_data
     from alast.data.common import check_fingerprint, nfc
 
+    if data_dir is not None and not spec.startswith("torchvision:"):  # nothing would read it
+        raise DataError(f"--data-dir applies to torchvision:NAME data only, not to {spec}; drop it")
     bundle = build_data(spec, data_cfg, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                         skip_bad_images=skip_bad_images, for_eval=for_eval, run_files=fingerprint if for_eval else None,
                         **(splits or {}))
@@ -409,6 +411,7 @@ def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None 
     spec = spec or cfg.data.spec
     if spec.startswith("torchvision:"):  # the run's dataset root serves other torchvision data too
         data_dir = data_dir or cfg.data.data_dir
+
     splits = None if other else {k: getattr(cfg.data, k, None) for k in SPLIT_KEYS}
     return _val_data(spec, data_cfg, data_dir, cfg.data.val_fraction, cfg.train.seed,
                      list(run.summary.get("classes") or []), skip_bad_images or cfg.data.skip_bad_images,

@@ -338,3 +338,13 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
 def test_audited_messages_name_the_problem(tmp_path, args, message):
     (tmp_path / "afile").write_text("a: 1\n")
     one_error_line(run_cli([a.format(tmp=tmp_path) for a in args]), 2, message.format(tmp=tmp_path))
+
+
+def test_eval_refuses_a_data_dir_nothing_reads(tmp_path):
+    """`eval RUN --data-dir DIR` of a run on digits scored digits and ignored DIR without a word."""
+    run = tmp_path / "run"
+    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+                   'backend.count_flops="off"', "--out", run])
+    assert res.exit_code == 0, res.output
+    one_error_line(run_cli(["eval", run, "--data-dir", tmp_path]), 2,
+                   "--data-dir applies to torchvision:NAME data only, not to digits; drop it")
