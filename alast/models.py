@@ -163,11 +163,14 @@ def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_fil
             state = filter_fn(state, model)
     own = model.state_dict()
     head_keys = [k for k in state if k.startswith("head.")]
-    if not skip_head and any(k in own and own[k].shape != state[k].shape for k in head_keys):
+    head_differs = any(k in own and own[k].shape != state[k].shape for k in head_keys)
+    if head_differs and not skip_head:
+        from alast.data.common import say_once
+
         outputs = state.get("head.weight", state[head_keys[0]]).shape[0]
-        _note(f"the checkpoint's classifier head has {outputs} outputs, this run's {own['head.weight'].shape[0]} "
-              f"classes: a new head is trained on them")
-    if skip_head or any(k in own and own[k].shape != state[k].shape for k in head_keys):
+        say_once([(f"the checkpoint's classifier head has {outputs} outputs, this run's "
+                   f"{own['head.weight'].shape[0]} classes: a new head is trained on them")])
+    if skip_head or head_differs:
         for k in head_keys:
             state.pop(k)
     _fit_position_grid(state, model)
@@ -182,12 +185,6 @@ def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_fil
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
-
-
-def _note(text: str) -> None:
-    """A note on stderr, from the first rank only (every rank builds the model)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None) -> str:

@@ -11,7 +11,6 @@ from .export_cmd import eval_command, export_command
 from .plan_cmd import plan_command, profile_command
 from .train_cmd import train_command
 
-
 _GROUP_OPTIONS = ("--version", "-h", "--help", "--")  # the options of `alast` itself, before a command
 
 

@@ -86,11 +86,16 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...], single_run: 
     return cfg
 
 
+def set_keys(overrides: tuple[str, ...]) -> set[str]:
+    """The config keys the ``--set`` overrides name."""
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+
 def _refuse_named_and_set(named: dict[str, Any], overrides: tuple[str, ...]) -> None:
     """Refuse a named option whose key a ``--set`` sets too: one of the two would be dropped."""
-    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    keys = set_keys(overrides)
     for key, dotted in _NAMED.items():
-        if named.get(key) is not None and dotted in set_keys:
+        if named.get(key) is not None and dotted in keys:
             flag = "--pretrained/--no-pretrained" if key == "pretrained" else "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} and --set {dotted} both given; pass one of them")
 

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RankKilled, Stopped, describe, peer_lost, run_guarded
-from .options import config_options, resolve_config
+from .options import config_options, resolve_config, set_keys
 
 RANK_ERRORS = "ALAST_RANK_ERRORS"  # set by --nproc: the folder where each failed rank leaves its message
 
@@ -47,13 +47,13 @@ def _refuse_flag_and_set(cfg, overrides: tuple[str, ...], out: Path | None, forc
     """Refuse ``--out``, ``--force`` or ``--skip-bad-images`` beside a ``--set`` of its key to another
     value: the flag would win without a word. (Agreeing values pass: ``--nproc`` hands its ranks the
     ``--out`` it chose.)"""
-    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
-    differ = (("--out", "output.dir", out is not None and "output.dir" in set_keys
+    keys = set_keys(overrides)
+    differ = (("--out", "output.dir", out is not None and "output.dir" in keys
                and (cfg.output.dir is None or Path(cfg.output.dir).resolve() != Path(out).resolve())),
               ("--force", "output.force", force and not cfg.output.force),
               ("--skip-bad-images", "data.skip_bad_images", skip_bad_images and not cfg.data.skip_bad_images))
     for flag, key, conflict in differ:
-        if conflict and key in set_keys:
+        if conflict and key in keys:
             from alast.config import ConfigError
 
             raise ConfigError(f"{flag} and --set {key} give it two values; pass one of them")

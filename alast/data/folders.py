@@ -211,22 +211,19 @@ def _subfolders(path: Path) -> list[Path]:
         return []
 
 
+def _images_in(path: Path) -> Iterator[os.DirEntry]:
+    """The visible image files in ``path`` itself, not in its folders (none where it cannot be read)."""
+    try:
+        with os.scandir(path) as entries:
+            yield from (e for e in entries if not _hidden(e.name) and e.name.lower().endswith(IMG_EXTENSIONS)
+                        and e.is_file())
+    except OSError:
+        return
+
+
 def _holds_images(path: Path) -> bool:
     """Whether ``path`` holds an image file itself, not only in its folders (stops at the first one)."""
-    try:
-        with os.scandir(path) as entries:
-            return any(not _hidden(e.name) and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() for e in entries)
-    except OSError:
-        return False
-
-
-def _loose_images(path: Path) -> int:
-    """The image files in ``path`` itself (a data folder's images belong in its class folders)."""
-    try:
-        with os.scandir(path) as entries:
-            return sum(not _hidden(e.name) and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() for e in entries)
-    except OSError:
-        return 0
+    return next(_images_in(path), None) is not None
 
 
 def _holds_classes(path: Path) -> bool:
@@ -327,7 +324,7 @@ def _load_folder(path: Path, transform: Callable, skip_bad: bool, role: str,
                         "expected PATH/<class>/<image> files") from None
     if not ds.classes:
         raise DataError(f"{path} is not an image folder (no class folder); expected PATH/<class>/<image> files")
-    loose = _loose_images(path)
+    loose = sum(1 for _ in _images_in(path))  # a data folder's images belong in its class folders
     if loose:
         notes.append(f"left out {loose} image(s) in {path} itself, outside any class folder; a class's images go "
                      f"in its folder ({path}/<class>/<image>)")
