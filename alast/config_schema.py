@@ -46,6 +46,8 @@ class ModelConfig(_Section):
         None, description="start from pretrained weights: timm's download (needs internet) or, for "
         "alast_demo_vit/alast_vit12, the shipped backbone; default: yes for those, no otherwise")
     checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.bin) to start from")
+    checkpoint_ema: bool = Field(False, description="start from the EMA weights model.checkpoint holds beside its "
+                                 "trained ones (timm train.py's state_dict_ema, DeiT's model_ema) instead of those")
     img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate passed to timm when "
                                   "the model is built (0: off)")
@@ -57,6 +59,14 @@ class ModelConfig(_Section):
         if v is not None and info.data.get("pretrained") is True and (info.context or {}).get("new"):
             raise ValueError("model.pretrained=true and model.checkpoint both name the starting weights (the "
                              "checkpoint would win); pass one of them")
+        return v
+
+    @field_validator("checkpoint_ema")
+    @classmethod
+    def _ema_of_a_checkpoint(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("checkpoint") is None and "checkpoint" in info.data:
+            raise ValueError("loads the EMA weights of model.checkpoint, and no checkpoint is given; pass "
+                             "--checkpoint FILE, or drop model.checkpoint_ema")
         return v
 
 

@@ -369,7 +369,8 @@ def _accumulate(batches: Any, predict) -> dict[str, float]:
 
 def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = None,
                   batch_size: int | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
-    """Accuracy of an exported model with onnxruntime, preprocessing read from its metadata.
+    """Accuracy of an exported model with onnxruntime, preprocessing read from its metadata, and its
+    token schedule (``kept_tokens``, None where every token is kept) as :func:`evaluate_run` reports it.
 
     Without ``spec`` it evaluates on the validation split the run was trained against (skipping
     unreadable images where the run did, so the split is the run's); ``batch_size=None`` sizes
@@ -396,8 +397,9 @@ def evaluate_onnx(path: Path, spec: str | None = None, data_dir: Path | None = N
         return torch.from_numpy(sess.run([OUTPUT], {INPUT: images.float().contiguous().numpy()})[0])
 
     metrics = _accumulate(eval_batches(val, batch_size), predict)
+    kept = json.loads(meta.get("kept_tokens", "null"))  # the schedule built into the graph, as the export wrote it
     return {**metrics, "skipped_files": getattr(val, "skipped_files", 0), "source": "onnx", "path": str(path),
-            "data": spec}
+            "data": spec, "kept_tokens": list(kept) if kept else None}
 
 
 def run_val_data(run: LoadedRun, spec: str | None = None, data_dir: Path | None = None,

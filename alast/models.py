@@ -89,7 +89,45 @@ def _not_found(path: Path) -> str:
     return f"checkpoint not found: {path}; pass the path of a weights file (.safetensors/.pth/.bin), or drop --checkpoint"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+# Where training scripts keep the EMA (exponential moving average) weights beside the trained ones:
+# timm's train.py (``state_dict_ema``, ``state_dict_ema_v2`` for a second EMA), DeiT's (``model_ema``).
+EMA_KEYS = ("state_dict_ema", "state_dict_ema_v2", "model_ema")
+
+
+def _ema_key(state: Any) -> str | None:
+    """The first of :data:`EMA_KEYS` that holds a state dict in ``state``, None where there is none."""
+    return next((k for k in EMA_KEYS if isinstance(state, dict) and isinstance(state.get(k), dict)), None)
+
+
+def _held(state: Any) -> str:
+    """What a loaded checkpoint holds, in a few words (for an error that must say it)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"a bare state dict of {len(state)} tensors"
+    keys = [str(k) for k in state]
+    return "keys " + ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _select_ema(state: Any, path: Path, ema: bool) -> Any:
+    """``state``'s EMA weights where ``ema``, else ``state`` as it is, with a note where it also holds EMA
+    weights (which a user may have meant to fine-tune from)."""
+    key = _ema_key(state)
+    if ema and key is None:
+        raise ModelError(f"checkpoint {path} holds no EMA weights (none of {', '.join(EMA_KEYS)}; it holds "
+                         f"{_held(state)}); drop model.checkpoint_ema to load its weights")
+    if ema:
+        return state[key]
+    if key is not None:
+        from alast.data.common import say_once
+
+        say_once([(f"checkpoint {path} also holds EMA weights ({key}): its non-EMA weights are loaded; "
+                   "--set model.checkpoint_ema=true loads the EMA ones")])
+    return state
+
+
+def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, unwrapped and unprefixed; ``ema``: its EMA weights instead."""
     if not path.exists():
         raise ModelError(_not_found(path))
     if path.is_dir():
@@ -98,16 +136,18 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return _unprefixed(load_file(str(path)))
-        import argparse
+            state = load_file(str(path))
+        else:
+            import argparse
 
-        # timm's train.py stores its arguments beside the weights: allowed, as timm's own loader allows them
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            # timm's train.py stores its arguments beside the weights: allowed, as timm's own loader allows them
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, wrong format
         reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
         raise ModelError(f"cannot read checkpoint {path} as weights ({reader} failed: {exc.__class__.__name__}); "
                          "pass a complete weights file (.safetensors, .pth or .bin)") from None
+    state = _select_ema(state, path, ema)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -148,14 +188,16 @@ def _fit_position_grid(state: dict[str, torch.Tensor], model: nn.Module) -> None
                                                 old_size=[side, side], num_prefix_tokens=prefix)
 
 
-def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_filter: bool = False) -> None:
+def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_filter: bool = False,
+                 ema: bool = False) -> None:
     """Load a state dict, dropping the classifier head when its shape differs (or ``skip_head``; the
     run is told which head it trains anew); a position embedding for another input size is resampled
     to the model's grid. ``timm_filter``: first the checkpoint filter of the model's timm module, as
     timm applies it to its own weights (a patch embedding for another patch size resized, other
     layouts of ViT weights, e.g. OpenAI CLIP's, converted). Every other key must match: a checkpoint
-    that leaves weights unset, or brings weights the model lacks, is refused."""
-    state = _read_state_dict(Path(path))
+    that leaves weights unset, or brings weights the model lacks, is refused. ``ema``: the checkpoint's
+    EMA weights (timm's ``state_dict_ema``, :data:`EMA_KEYS`) instead of its trained ones, checked alike."""
+    state = _read_state_dict(Path(path), ema)
     if timm_filter:
         module = sys.modules.get(type(model).__module__)
         filter_fn = getattr(module, "checkpoint_filter_fn", None)
@@ -187,10 +229,11 @@ def load_weights(model: nn.Module, path: Path, skip_head: bool = False, timm_fil
         raise ModelError(f"checkpoint {path} does not fit the model ({what}); is it for this architecture?")
 
 
-def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None) -> str:
-    """Where :func:`create_model`'s weights come from, in words (the run's first line says it)."""
+def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None, ema: bool = False) -> str:
+    """Where :func:`create_model`'s weights come from, in words (the run's first line says it);
+    ``ema``: the checkpoint's EMA weights."""
     if checkpoint is not None:
-        return f"weights from {checkpoint}"
+        return f"weights from {checkpoint}" + (" (EMA)" if ema else "")
     if name in SHIPPED_MODELS:
         return "random initialisation (--no-pretrained)" if pretrained is False else "the shipped pre-trained backbone"
     if pretrained:
@@ -245,12 +288,13 @@ def _check_architecture(name: str, img_size: int | None) -> None:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool | None = None, checkpoint: Path | None = None,
-                 img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+                 img_size: int | None = None, drop_path_rate: float = 0.0, checkpoint_ema: bool = False) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head: fresh, or a ``checkpoint``'s own where it has that shape.
 
     ``pretrained`` downloads timm's weights (or, for alast's own models, uses the shipped backbone; the
     default for those); ``checkpoint`` loads local weights instead (:func:`load_weights`, strictly but
-    for the head, with timm's checkpoint filter for timm models).
+    for the head, with timm's checkpoint filter for timm models); ``checkpoint_ema``: its EMA weights
+    (ignored without a ``checkpoint``: a resumed run rebuilt from its own checkpoint has none).
     """
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise ModelError(f"checkpoint {checkpoint} is a directory; pass the weights file in it (.safetensors/.pth)")
@@ -261,7 +305,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         model = build_shipped_model(name, num_classes, pretrained=use_shipped, drop_path_rate=drop_path_rate,
                                     **extra)
         if checkpoint is not None:
-            load_weights(model, Path(checkpoint))
+            load_weights(model, Path(checkpoint), ema=checkpoint_ema)
         return model
     import timm
 
@@ -301,7 +345,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
         raise ModelError(f"cannot load checkpoint {checkpoint} for {name}: not a weights file "
                          f"({exc.__class__.__name__}); pass a .safetensors or .pth state dict") from None
     if checkpoint is not None:
-        load_weights(model, Path(checkpoint), timm_filter=True)
+        load_weights(model, Path(checkpoint), timm_filter=True, ema=checkpoint_ema)
     return model
 
 

@@ -43,7 +43,7 @@ def load_data(cfg: AlastConfig) -> tuple[DataBundle, dict[str, Any]]:
 def build_model(cfg: AlastConfig, num_classes: int):
     m = cfg.model
     return create_model(m.name, num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
-                        img_size=m.img_size, drop_path_rate=m.drop_path_rate)
+                        img_size=m.img_size, drop_path_rate=m.drop_path_rate, checkpoint_ema=m.checkpoint_ema)
 
 
 def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:

@@ -142,7 +142,8 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
                                   "skipped": data.skipped_files,
-                                  "weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint)})
+                                  "weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint,
+                                                             cfg.model.checkpoint_ema)})
     if cfg.output.tensorboard and comm.is_main:
         run.open_tensorboard(start)
     try:

@@ -22,7 +22,8 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     sent = tally.allreduce_bytes
     return {
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
-        "initial_weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint),
+        "initial_weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint,
+                                           cfg.model.checkpoint_ema),
         "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
         **_deployment(cfg, metrics),

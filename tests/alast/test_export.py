@@ -375,3 +375,18 @@ def test_a_copy_of_the_runs_folder_is_scored_on_the_runs_split(tmp_path):
     shutil.copy(copy / "cat" / "0.png", copy / "cat" / "new.png")  # other files: other data, scored whole
     res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{copy}", "--json"])
     assert json.loads(res.stdout)["samples"] == 13 and "evaluating on every image" in res.stderr
+
+
+def test_onnx_eval_json_reports_the_token_schedule_as_the_run_eval_does(runs, tmp_path):
+    """`eval model.onnx --json` lacked kept_tokens, which `eval RUN --json` reports; the ONNX file's
+    metadata holds it: the deployed schedule, or null for an --all-tokens export."""
+    for flags in ([], ["--all-tokens"]):
+        out = tmp_path / f"m{len(flags)}.onnx"
+        assert CliRunner().invoke(cli, ["export", str(runs["torch"]), "--out", str(out), *flags]).exit_code == 0
+        a = CliRunner().invoke(cli, ["eval", str(runs["torch"]), "--json", *flags])
+        b = CliRunner().invoke(cli, ["eval", str(out), "--json"])
+        assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+        ra, rb = json.loads(a.stdout.strip().splitlines()[-1]), json.loads(b.stdout.strip().splitlines()[-1])
+        assert "kept_tokens" in rb and rb["kept_tokens"] == ra["kept_tokens"]
+        assert (rb["kept_tokens"] is None) == bool(flags)
+        assert rb["kept_tokens"] is None or all(isinstance(k, int) for k in rb["kept_tokens"])

@@ -296,3 +296,76 @@ def test_a_run_records_where_its_weights_started_and_refuses_two_sources(tmp_pat
     res = CliRunner().invoke(cli, [*base, "--pretrained", "--out", str(tmp_path / "two")])  # --pretrained lost
     assert res.exit_code == 2 and "model.pretrained=true and model.checkpoint both name the starting weights" \
         in res.stderr
+
+
+def _small_vit():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=3)
+
+
+@pytest.mark.parametrize("ema_key", models.EMA_KEYS)
+def test_a_checkpoints_ema_weights_load_with_checkpoint_ema_and_are_named_without(tmp_path, capsys, ema_key):
+    """timm train.py's checkpoint holds state_dict_ema beside state_dict; the EMA weights were ignored
+    without a word. They load on request (unprefixed and checked as the trained ones), and otherwise a
+    note says the trained ones are used and how to load the others."""
+    torch.manual_seed(0)
+    trained, ema = _small_vit().state_dict(), _small_vit().state_dict()
+    assert not torch.equal(trained["blocks.1.mlp.fc1.weight"], ema["blocks.1.mlp.fc1.weight"])
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": trained, ema_key: {f"module.{k}": v for k, v in ema.items()}, "epoch": 3}, path)
+    for use_ema, expected in ((True, ema), (False, trained)):
+        model = _small_vit()
+        models.load_weights(model, path, timm_filter=True, ema=use_ema)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        notes = [line for line in capsys.readouterr().err.splitlines() if "EMA" in line]
+        assert notes == ([] if use_ema else [
+            (f"note: checkpoint {path} also holds EMA weights ({ema_key}): its non-EMA weights are loaded; "
+             "--set model.checkpoint_ema=true loads the EMA ones")])
+
+
+def test_checkpoint_ema_of_a_file_without_ema_weights_is_refused_naming_what_it_holds(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _small_vit().state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": state, "epoch": 3, "model_ema": None}, path)
+    with pytest.raises(ModelError, match=rf"^checkpoint {path} holds no EMA weights \(none of state_dict_ema, "
+                       r"state_dict_ema_v2, model_ema; it holds keys state_dict, epoch, model_ema\); drop "
+                       r"model.checkpoint_ema to load its weights$"):
+        models.load_weights(_small_vit(), path, timm_filter=True, ema=True)
+    bare = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, bare)
+    with pytest.raises(ModelError, match=rf"it holds a bare state dict of {len(state)} tensors\)"):
+        create_model("vit_tiny_patch16_224", 3, checkpoint=bare, img_size=32, checkpoint_ema=True)
+
+
+def test_a_run_from_ema_weights_records_them_resumes_without_the_file_and_needs_a_checkpoint(tmp_path):
+    """summary.json's initial_weights says the EMA weights were used; a resume whose --checkpoint file is
+    gone builds from the run's checkpoint as before; checkpoint_ema alone is refused in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from alast_cli.main import cli
+    from tests.cli_errors import one_error_line
+
+    trained, ema = _tiny_state(), _tiny_state()
+    ema = {k: v + 1 for k, v in ema.items()}
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": trained, "state_dict_ema": ema}, path)
+    base = ["train", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--steps", "1", "--batch-size", "4",
+            "--set", "backend.threads=1", "--set", "backend.count_flops=off"]
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, [*base, "--checkpoint", str(path), "--set", "model.checkpoint_ema=true",
+                                   "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["initial_weights"] == f"weights from {path} (EMA)"
+    (run / "summary.json").unlink()  # as if stopped in its final evaluation
+    path.unlink()
+    res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["initial_weights"] == f"weights from {path} (EMA)"
+    res = CliRunner().invoke(cli, [*base, "--set", "model.checkpoint_ema=true", "--out", str(tmp_path / "none")])
+    one_error_line(res, 2, "'model.checkpoint_ema'", "no checkpoint is given", "--checkpoint FILE")
