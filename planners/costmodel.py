@@ -34,12 +34,20 @@ from pathlib import Path
 from typing import Any
 
 COST_MODEL_FORMAT = "alast-cost-model"
-COST_MODEL_VERSION = 3  # 2: DropCost (tokens selected inside the block); 3: backward transients by batch and kept tokens
-READABLE_VERSIONS = (2, 3)  # a version-2 model reads as before: transients ``(g, c)``, none for a selecting block
+# 2: DropCost (tokens selected inside the block); 3: backward transients by batch and kept tokens; 4: memory events
+# of the forward and the backward (the peak of either, exact in the batch), the runtime's per-sample records
+COST_MODEL_VERSION = 4
+# a version-2 or 3 model reads as before: backward transients ``(g, c[, c0])`` (none for a selecting block in
+# version 2, two planes in version 3), no forward peak
+READABLE_VERSIONS = (2, 3, 4)
 BACKWARD_STATES = ("weights_and_input", "weights_only", "input_only", "none")
 
 Poly = tuple[float, ...]
 Poly2 = tuple[float, float, float, float]  # c0 + c_in * n_in + c_out * n_out + c_io * n_in * n_out
+# the moments of a block's forward or backward that can hold its most bytes, each ``(c..., s...)``: bytes
+# ``c + batch * s``, ``c`` and ``s`` polynomials in the tokens (:data:`Poly`, three coefficients) or in the
+# entering and kept ones (:data:`Poly2`); the block's peak is the largest, at least 0
+MemoryEvents = tuple[tuple[float, ...], ...]
 
 
 class CostModelError(ValueError):
@@ -58,6 +66,25 @@ def poly2(coeffs: Poly2, n_in: float, n_out: float) -> float:
     """``c0 + c_in n_in + c_out n_out + c_io n_in n_out``."""
     c0, c_in, c_out, c_io = coeffs
     return c0 + c_in * n_in + c_out * n_out + c_io * n_in * n_out
+
+
+def events_peak(events: MemoryEvents, batch: float, n: float, n_out: float | None = None) -> float:
+    """The most bytes any of ``events`` holds at ``batch`` and ``n`` tokens (or ``n`` entering and
+    ``n_out`` kept, for a selecting block's events), at least 0."""
+    best = 0.0
+    for e in events:
+        half = len(e) // 2
+        c, s = e[:half], e[half:]
+        v = poly(c, n) + batch * poly(s, n) if n_out is None else poly2(c, n, n_out) + batch * poly2(s, n, n_out)
+        best = max(best, v)
+    return best
+
+
+def _events(value: Any, width: int) -> MemoryEvents:
+    events = tuple(tuple(float(c) for c in e) for e in value)
+    if any(len(e) != width for e in events):
+        raise ValueError(f"a memory event has {width} coefficients")
+    return events
 
 
 def _poly(value: Any) -> Poly:
@@ -81,15 +108,17 @@ class DropCost:
     fwd_flops: Poly2
     bwd_flops: dict[str, Poly2]
     act_bytes: dict[str, Poly2]
-    transient_bytes: dict[str, Poly] | None = None
+    transient_bytes: dict[str, Poly] | None = None  # version 3: two planes (see :meth:`transient`)
+    fwd_events: dict[str, MemoryEvents] | None = None  # version 4, by state (``none`` included)
+    bwd_events: dict[str, MemoryEvents] | None = None  # version 4, by backward state
 
     def transient(self, state: str, n_in: float, n_out: float, batch: int) -> float | None:
         """Bytes the backward allocates at its peak beyond what was alive when it started (what the
-        block saved, its input, the gradient arriving at its output), ``c0 + batch * max(a0 + a_in
-        n_in + a_out n_out, b0 + b_in n_in + b_out n_out)``: the gradients of every entering token's
-        keys and values (the first plane; it falls with the kept tokens, whose saved tensors are
-        freed by then) or those of the kept tokens' MLP (the second). None where not profiled
-        (a version-2 cost model)."""
+        block saved, its input, the gradient arriving at its output): the largest of its
+        :data:`MemoryEvents`. A version-3 model has ``c0 + batch * max(a0 + a_in n_in + a_out n_out,
+        b0 + b_in n_in + b_out n_out)``; None where not profiled (a version-2 cost model)."""
+        if self.bwd_events is not None:
+            return events_peak(self.bwd_events[state], batch, n_in, n_out)
         if self.transient_bytes is None:
             return None
         c0, a0, a_in, a_out, b0, b_in, b_out = self.transient_bytes[state]
@@ -107,11 +136,11 @@ class BlockCost:
     act_bytes[state]: tensors autograd saves for the backward (parameters excluded).
     select_act_bytes: what token selection keeps alive, per entering token (the block's full output,
         which ``gather`` saves) and ``select_index_bytes`` per kept token (the int64 indices).
-    transient_bytes[state]: ``(g, c, c0)``: bytes the block's backward allocates at its peak beyond
-        what was alive when it started (gradients in flight), ``max(g, c0 + batch * n * c)``: the
-        weight gradients dominate small inputs (``g``), activation gradients large ones (``c`` per
-        token and sample, ``c0`` what does not grow with the batch). A version-2 model has
-        ``(g, c)``: ``c0`` is 0.
+    fwd_events[state], bwd_events[state]: the :data:`MemoryEvents` of the block's forward (beyond its
+        input) and of its backward (beyond what was alive when it started: what the block saved, its
+        input, the gradient arriving at its output).
+    transient_bytes[state]: what a version-2 or 3 model has instead, for the backward alone:
+        ``(g, c, c0)``, ``max(g, c0 + batch * n * c)`` (version 2: ``(g, c)``, ``c0`` 0).
     """
 
     index: int
@@ -126,8 +155,10 @@ class BlockCost:
     act_bytes: dict[str, Poly]
     select_act_bytes: float
     select_index_bytes: float
-    transient_bytes: dict[str, Poly]
+    transient_bytes: dict[str, Poly] | None = None
     drop: DropCost | None = None
+    fwd_events: dict[str, MemoryEvents] | None = None
+    bwd_events: dict[str, MemoryEvents] | None = None
 
     def forward_flops(self, n: float) -> float:
         return poly(self.fwd_flops, n)
@@ -139,8 +170,11 @@ class BlockCost:
         return poly(self.act_bytes[state], n)
 
     def transient(self, state: str, n: float, batch: int) -> float:
+        """Bytes the block's backward holds at its peak beyond what was alive when it started."""
         if state == "none":
             return 0.0
+        if self.bwd_events is not None:
+            return events_peak(self.bwd_events[state], batch, n)
         g, c, *rest = self.transient_bytes[state]
         return max(g, (rest[0] if rest else 0.0) + batch * n * c)
 
@@ -152,7 +186,16 @@ class BlockCost:
         t = self.drop.transient(state, n_in, n_out, batch) if self.drop is not None else None
         if t is None:
             return self.transient(state, n_in, batch)
-        return max(self.transient_bytes[state][0], t)
+        return t if self.bwd_events is not None else max(self.transient_bytes[state][0], t)
+
+    def forward_excess(self, state: str, n_in: float, n_out: float, batch: int) -> float | None:
+        """Bytes the block's forward holds at its peak beyond its input, keeping ``n_out`` of the
+        ``n_in`` tokens entering it (all where equal); None for a version-2 or 3 model."""
+        if self.fwd_events is None:
+            return None
+        if n_out < n_in and self.drop is not None and self.drop.fwd_events is not None:
+            return events_peak(self.drop.fwd_events[state], batch, n_in, n_out)
+        return events_peak(self.fwd_events[state], batch, n_in)
 
     def dropping(self, state: str, n_in: float, n_out: float) -> tuple[float, float, float, float]:
         """``(forward, backward, scores, saved bytes)`` per sample when the block keeps ``n_out`` of
@@ -198,13 +241,16 @@ class MemoryModel:
     """Bytes that do not depend on tokens. AdamW keeps two fp32 moments per trained parameter,
     created the first time the parameter is trained. ``optimizer_temp`` is what one optimizer step
     allocates on top: ``largest_param`` (single-tensor AdamW, the CPU default) or ``all_trained``
-    (multi-tensor ``foreach`` AdamW, the CUDA default)."""
+    (multi-tensor ``foreach`` AdamW, the CUDA default). ``record_bytes_per_sample``: what the torch
+    runtime keeps per sample from the first block's forward to the end of the backward, the class
+    token entering the blocks and leaving each (its deltas), or each block's delta without one."""
 
     param_bytes: int
     buffer_bytes: int
     opt_state_bytes_per_param: int = 8
     optimizer_temp: str = "largest_param"
     input_bytes_per_sample: int = 0
+    record_bytes_per_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -324,9 +370,10 @@ class CostModel:
             "polynomials": "[c0, c1, c2] = c0 + c1*n + c2*n^2, n = tokens entering the block incl. prefix",
             "drop": "[c0, c_in, c_out, c_io] = c0 + c_in*n_in + c_out*n_out + c_io*n_in*n_out, tokens entering and "
                     "leaving a block that selects inside (null: the block runs whole, then drops)",
-            "bytes": "bytes; act_bytes per sample (polynomial), transient_bytes [g, c, c0] = max(g, c0 + batch*n*c); "
-                     "drop transient_bytes [c0, a0, a_in, a_out, b0, b_in, b_out] = c0 + batch*max(a0 + a_in*n_in "
-                     "+ a_out*n_out, b0 + b_in*n_in + b_out*n_out), at least the block's g",
+            "bytes": "bytes; act_bytes per sample (polynomial); fwd_events / bwd_events: per state, the moments of "
+                     "the block's forward (beyond its input) or backward (beyond what was alive at its start) that "
+                     "can be its peak, each [c0, c1, c2, s0, s1, s2] = c(n) + batch*s(n) (drop: [c (4), s (4)] in "
+                     "n_in, n_out); the peak is the largest, at least 0",
         }
         return d
 
@@ -364,6 +411,8 @@ class CostModel:
 
 
 def _block(b: dict[str, Any]) -> BlockCost:
+    if b.get("transient_bytes") is None and b.get("bwd_events") is None:
+        raise ValueError(f"block {b.get('index')} has neither bwd_events nor transient_bytes")
     return BlockCost(
         index=int(b["index"]), params=int(b["params"]), trainable_params=int(b["trainable_params"]),
         trainable_bytes=int(b["trainable_bytes"]), largest_trainable_bytes=int(b["largest_trainable_bytes"]),
@@ -371,9 +420,15 @@ def _block(b: dict[str, Any]) -> BlockCost:
         bwd_flops={k: _poly(v) for k, v in b["bwd_flops"].items()}, select_flops=_poly(b["select_flops"]),
         act_bytes={k: _poly(v) for k, v in b["act_bytes"].items()}, select_act_bytes=float(b["select_act_bytes"]),
         select_index_bytes=float(b["select_index_bytes"]),
-        transient_bytes={k: _poly(v) for k, v in b["transient_bytes"].items()},
+        transient_bytes=_by_state(b.get("transient_bytes"), _poly),
         drop=_drop(b["drop"]) if b.get("drop") is not None else None,
+        fwd_events=_by_state(b.get("fwd_events"), lambda v: _events(v, 6)),
+        bwd_events=_by_state(b.get("bwd_events"), lambda v: _events(v, 6)),
     )
+
+
+def _by_state(value: dict[str, Any] | None, read: Any) -> dict[str, Any] | None:
+    return None if value is None else {k: read(v) for k, v in value.items()}
 
 
 def _drop(d: dict[str, Any]) -> DropCost:
@@ -383,7 +438,9 @@ def _drop(d: dict[str, Any]) -> DropCost:
         if any(len(v) != 7 for v in transient.values()):
             raise ValueError("a selecting block's transient_bytes has 7 coefficients")
     return DropCost(fwd_flops=_poly2(d["fwd_flops"]), bwd_flops={k: _poly2(v) for k, v in d["bwd_flops"].items()},
-                    act_bytes={k: _poly2(v) for k, v in d["act_bytes"].items()}, transient_bytes=transient)
+                    act_bytes={k: _poly2(v) for k, v in d["act_bytes"].items()}, transient_bytes=transient,
+                    fwd_events=_by_state(d.get("fwd_events"), lambda v: _events(v, 8)),
+                    bwd_events=_by_state(d.get("bwd_events"), lambda v: _events(v, 8)))
 
 
 def _segment(s: dict[str, Any]) -> SegmentCost:

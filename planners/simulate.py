@@ -71,7 +71,7 @@ class StepCost:
     bwd_flops: float
     select_blocks: int
     bwd_blocks: int
-    bwd_peak_bytes: float  # activations + gradients in flight at the backward's peak
+    peak_bytes: float  # activations and gradients in flight at the forward's or the backward's peak
     act_bytes: float  # the activations the blocks save for the backward
     grad_bytes: float
     opt_temp_bytes: float
@@ -120,9 +120,45 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     head_state = "weights_and_input" if bwd_blocks or embed_on else "weights_only"
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
     peak = _backward_peak(cm, states, shape, acts, batch, n_final)
+    fwd_peak = _forward_peak(cm, states, shape, acts, batch)
+    if fwd_peak is not None:
+        peak = max(peak, fwd_peak)
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest
     return StepCost(fwd, bwd, select_blocks, bwd_blocks, peak, float(sum(acts)), float(grad), float(opt_temp),
                     tuple(trained_params), tuple(per_block))
+
+
+def _records(cm: CostModel, shape: StepShape, batch: int, blocks: int) -> float:
+    """What the torch runtime keeps in the forward once ``blocks`` blocks have run: the class token's
+    rows (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, from the first block to
+    the end of the backward) and the float32 scores of each dropping block's tokens (until the
+    backward starts)."""
+    if not blocks:
+        return 0.0
+    p = cm.num_prefix_tokens
+    scored = sum(p + n_in for n_in, n_out in zip(shape.tokens_in[:blocks], shape.kept_tokens[:blocks]) if n_out < n_in)
+    return (cm.memory.record_bytes_per_sample + 4 * scored) * batch
+
+
+def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int
+                  ) -> float | None:
+    """Bytes alive at the worst moment of the forward, walking the blocks up: what the blocks below
+    saved, the block's input and what its forward holds beyond it; the first block's input too
+    where that block saves nothing (the caller holds it until the last block returns). None for a
+    cost model without forward events (version 2 or 3)."""
+    p, per_token = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 activation, per token
+    embed = cm.embed.act_bytes[0] * batch
+    held = per_token * (p + shape.tokens_in[0]) if states[0] == "none" else 0.0
+    below = peak = 0.0
+    for i, (blk, state) in enumerate(zip(cm.blocks, states)):
+        n_in, n_out = p + shape.tokens_in[i], p + shape.kept_tokens[i]
+        excess = blk.forward_excess(state, n_in, n_out, batch)
+        if excess is None:
+            return None
+        alive = embed + below + per_token * n_in + excess + (held + _records(cm, shape, batch, i) if i else 0.0)
+        peak = max(peak, alive)
+        below += acts[i]
+    return peak
 
 
 def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int,
@@ -131,7 +167,7 @@ def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: lis
     activations not yet consumed, the gradients of the blocks already done, and the block's own
     gradients in flight (the one arriving at its output and what its backward allocates)."""
     p, grad_bytes = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 gradient, per token
-    embed = cm.embed.act_bytes[0] * batch
+    embed = (cm.embed.act_bytes[0] + cm.memory.record_bytes_per_sample) * batch
     remaining = sum(acts)
     grads_done = float(cm.head.trainable_bytes)
     peak = embed + poly(cm.head.act_bytes, n_final) * batch + remaining + grads_done
@@ -141,7 +177,9 @@ def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: lis
             n_in, n_out = p + shape.tokens_in[i], p + shape.kept_tokens[i]
             transient = (blk.dropping_transient(state, n_in, n_out, batch) if n_out < n_in
                          else blk.transient(state, n_in, batch))
-            peak = max(peak, embed + remaining + grads_done + n_out * grad_bytes + transient)
+            # a version-4 transient holds the gradient arriving at the block's output until it frees it
+            arriving = 0.0 if blk.bwd_events is not None else n_out * grad_bytes
+            peak = max(peak, embed + remaining + grads_done + arriving + transient)
         remaining -= acts[i]
         if shape.trained[i]:
             grads_done += blk.trainable_bytes
@@ -223,7 +261,7 @@ class RunAccumulator:
         self.ever = [e or t for e, t in zip(self.ever, shape.trained)]
         self.ever_other = True
         after = static + self._opt_state()
-        step_peak = max(before + cost.bwd_peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes)
+        step_peak = max(before + cost.peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes)
         self.step_peaks.append(step_peak)
         self.peak = max(self.peak, step_peak)
         self.fwd += cost.fwd_flops * flops_scale

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +24,6 @@ from torch import nn
 
 from planners.costmodel import fit_error, poly2
 from runtimes.torch_backend.flops import counter
-from runtimes.torch_backend.patch import forward_selecting
 
 _NOT_MATMUL = ("norm", "upsample", "pool", "grid_sampler")
 STATES = {"weights_and_input": (True, True), "weights_only": (True, False), "input_only": (False, True)}
@@ -116,7 +117,8 @@ def param_storages(model: nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
-TRANSIENT_BATCHES = (4, 16)  # the batches the backward transients are measured at (they are linear in it)
+TRANSIENT_BATCHES = (4, 16)  # the batches memory timelines are measured at (every tensor is linear in it)
+EVENT_BATCHES = tuple(2 ** k for k in range(13))  # the batches an event must lead at to be kept (1 to 4096)
 
 
 class _Call(nn.Module):
@@ -131,57 +133,109 @@ class _Call(nn.Module):
         return self.fn(self.block, x)
 
 
-def backward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
-                     state: str, x: torch.Tensor) -> float:
-    """Bytes the backward of ``fn(block, x)`` allocates at its peak beyond what was alive when it
-    started (the saved tensors, the input, the gradient arriving at the output), by torch's
-    MemTracker; ``x`` enters as an activation, as it does inside a model."""
-    from runtimes.torch_backend.memory import frozen_aware_mem_tracker
+Timeline = list[tuple[str, int]]  # (op, bytes held beyond the start) after every op
 
-    weights, inp = STATES[state]
+
+@functools.lru_cache(maxsize=1)
+def _timeline_tracker_cls() -> type:
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+
+    from runtimes.torch_backend.memory import frozen_aware_tracker_cls
+
+    class TimelineTracker(frozen_aware_tracker_cls()):
+        """Records the bytes alive after every op while :attr:`record` is a list."""
+
+        record: list[tuple[str, int]] | None = None
+
+        def total(self) -> int:
+            return sum(s[_TOTAL_KEY] for s in self._curr_mem_snap.values())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if self.record is not None:
+                self.record.append((str(func), self.total()))
+            return out
+
+    return TimelineTracker
+
+
+def memory_timeline(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                    params: list[nn.Parameter], state: str, x: torch.Tensor) -> tuple[Timeline, Timeline]:
+    """The bytes ``fn(block, x)`` holds after every op of its forward beyond what was alive when it
+    started (``x``, which enters as an activation, as it does inside a model), and after every op of
+    its backward beyond what was alive when that started (the saved tensors, the input; the gradient
+    arriving at the output is the backward's first allocation), by torch's MemTracker. ``state``: a
+    backward state or ``none``."""
+    weights, inp = STATES.get(state, (False, False))
     set_grad(params, weights)
-    leaf = x.requires_grad_(inp)
     call = _Call(block, fn)
-    mt = frozen_aware_mem_tracker()
+    mt = _timeline_tracker_cls()()
     mt.track_external(call)
+    fwd: Timeline = []
+    bwd: Timeline = []
     with mt:
-        out = call(leaf * 1.0)
-        grad = torch.ones_like(out)
-        before = next(iter(mt.get_tracker_snapshot("current").values()))["Total"]
-        out.backward(grad)
-    peak = next(iter(mt.get_tracker_snapshot("peak").values()))["Total"]
-    return max(0.0, float(peak - before))
+        x = x.requires_grad_(inp) * 1.0
+        start, mt.record = mt.total(), fwd
+        out = call(x)
+        mt.record = None
+        if out.requires_grad:
+            # the gradient arriving at the output comes out of the backward, as inside a model: it is
+            # part of the backward's bytes, freed when the block is done with it
+            weight = torch.ones_like(out)  # held here: the product saves it, and must not free it
+            loss = (out * weight).sum()
+            before, mt.record = mt.total(), bwd
+            loss.backward()
+            mt.record = None
+            bwd = [(op, b - before) for op, b in bwd]
+    return [(op, b - start) for op, b in fwd], bwd
 
 
-def _per_sample(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
-                state: str, n: int, dim: int) -> tuple[float, float]:
-    """:func:`backward_excess` of ``n`` tokens as a line in the batch, from the two
-    :data:`TRANSIENT_BATCHES`: ``(bytes per sample, the rest)``."""
-    (b1, y1), (b2, y2) = ((b, backward_excess(block, fn, params, state, torch.randn(b, n, dim)))
+def backward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                    state: str, x: torch.Tensor) -> float:
+    """The most bytes the backward of ``fn(block, x)`` holds beyond what was alive when it started
+    (:func:`memory_timeline`)."""
+    return float(max((b for _, b in memory_timeline(block, fn, params, state, x)[1]), default=0))
+
+
+def forward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                   state: str, x: torch.Tensor) -> float:
+    """The most bytes the forward of ``fn(block, x)`` holds beyond its input (:func:`memory_timeline`)."""
+    return float(max((b for _, b in memory_timeline(block, fn, params, state, x)[0]), default=0))
+
+
+def _aligned(a: list[str], b: list[str]) -> list[tuple[int, int]]:
+    """Index pairs of the ops two runs of the same code share, in order (all of them where the two
+    ran the same ops, as they do but where a shape picks another kernel)."""
+    if a == b:
+        return [(i, i) for i in range(len(a))]
+    blocks = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+    return [(m.a + k, m.b + k) for m in blocks for k in range(m.size)]
+
+
+Lines = list[tuple[str, float, float]]  # per op: (op, c, s), bytes held c + batch * s
+
+
+def _lines(t1: Timeline, t2: Timeline) -> Lines:
+    """Each op's bytes as a line in the batch, from timelines at the two :data:`TRANSIENT_BATCHES`."""
+    (b1, b2), out = TRANSIENT_BATCHES, []
+    for i, j in _aligned([op for op, _ in t1], [op for op, _ in t2]):
+        s = (t2[j][1] - t1[i][1]) / (b2 - b1)
+        out.append((t1[i][0], t1[i][1] - b1 * s, s))
+    return out
+
+
+def memory_lines(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                 state: str, n: int, dim: int) -> tuple[Lines, Lines]:
+    """:func:`memory_timeline` of ``n`` tokens, every op's bytes a line in the batch: ``(forward,
+    backward)``."""
+    (f1, g1), (f2, g2) = (memory_timeline(block, fn, params, state, torch.randn(b, n, dim))
                           for b in TRANSIENT_BATCHES)
-    per = (y2 - y1) / (b2 - b1)
-    return per, y1 - b1 * per
-
-
-def transient_bytes(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int]
-               ) -> tuple[float, float, float]:
-    """``(g, c, c0)``: bytes the block's backward allocates at its peak (:func:`backward_excess`)
-    ~ ``max(g, c0 + batch * n * c)``.
-
-    Small inputs peak while the weight gradients are allocated (``g``, measured at batch 1 and the
-    fewest tokens); large ones while activation gradients are: ``c`` per token and sample and ``c0``
-    the rest, from all tokens at the two :data:`TRANSIENT_BATCHES`.
-    """
-    whole = lambda blk, x: blk(x)
-    g = backward_excess(block, whole, params, state, torch.randn(1, ns[0], dim))
-    per, rest = _per_sample(block, whole, params, state, ns[-1], dim)
-    # a line falling with the batch counts as flat: all of the smaller batch's bytes are the rest
-    return g, max(0.0, per) / ns[-1], max(0.0, rest + TRANSIENT_BATCHES[0] * min(per, 0.0))
+    return _lines(f1, f2), _lines(g1, g2)
 
 
 def transient_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
-    """(entering, kept) sequence lengths to measure a selecting block's backward transient at: for
-    each entering count of ``ns``, one patch token kept, a quarter, a half, three quarters, all but one."""
+    """(entering, kept) sequence lengths to measure a selecting block's memory at: for each entering
+    count of ``ns``, one patch token kept, a quarter, a half, three quarters, all but one."""
     pairs = set()
     for n_in in ns:
         patches = n_in - num_prefix
@@ -191,49 +245,44 @@ def transient_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def fit_max_of_planes(pairs: list[tuple[int, int]], ys: list[float], rounds: int = 20
-                       ) -> tuple[tuple[float, ...], float]:
-    """Least-squares ``max(a0 + a_in n_in + a_out n_out, b0 + b_in n_in + b_out n_out)`` and its
-    worst error relative to the largest value: the points split by kept share (the first plane
-    below the split, the second above), the best split refined by giving each point to the plane
-    that is the larger there."""
-    x = np.asarray([(1.0, i, o) for i, o in pairs])
-    y = np.asarray(ys, float)
-    frac = np.asarray([o / i for i, o in pairs])
+def fit_events(keys: list, lines: list[Lines], fit: Callable[[list[float]], tuple[tuple[float, ...], float]],
+               value: Callable[[np.ndarray, np.ndarray, tuple], np.ndarray], grid: list
+               ) -> tuple[tuple[tuple[float, ...], ...], float]:
+    """The moments of a block's forward or backward whose bytes can be its peak, each a line in the
+    batch with coefficients fitted over the token counts: ``(c..., s...)``, bytes ``c(key) + batch
+    * s(key)``; and the worst error of their largest against the peak measured at ``keys``.
 
-    def plane(mask: np.ndarray) -> np.ndarray:
-        if mask.sum() < 3:  # too few points for a plane of its own: fit them all
-            mask = np.ones_like(mask)
-        return np.linalg.lstsq(x[mask], y[mask], rcond=None)[0]
-
-    def fit(upper: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        a, b = plane(~upper), plane(upper)
-        return float(np.max(np.abs(np.maximum(x @ a, x @ b) - y))), a, b
-
-    err, a, b = min((fit(frac >= t) for t in np.unique(frac)), key=lambda f: f[0])
-    for _ in range(rounds):
-        upper = x @ b > x @ a
-        new = fit(upper)
-        if new[0] >= err:
-            break
-        err, a, b = new
-    return tuple(float(v) for v in (*a, *b)), err / max(float(np.max(np.abs(y))), 1.0)
-
-
-def drop_transient_bytes(block: nn.Module, params: list[nn.Parameter], state: str, dim: int, ns: list[int],
-                    num_prefix: int, pool: int | None) -> tuple[float, ...]:
-    """``(c0, a0, a_in, a_out, b0, b_in, b_out)``: bytes in flight at the peak of the backward of a
-    block that selects inside (:meth:`planners.costmodel.DropCost.transient`), from
-    :func:`transient_pairs` at the two :data:`TRANSIENT_BATCHES`."""
-    pairs = transient_pairs(ns, num_prefix)
-    slopes, rests = [], []
-    for n_in, n_out in pairs:
-        fn = lambda blk, x: forward_selecting(blk, x, n_out - num_prefix, num_prefix, pool=pool)[0]  # noqa: B023
-        per, rest = _per_sample(block, fn, params, state, n_in, dim)
-        slopes.append(per)
-        rests.append(rest)
-    planes, _ = fit_max_of_planes(pairs, slopes)
-    return (max(0.0, float(np.median(rests))), *planes)
+    ``lines[k]``: every op's line at ``keys[k]``; the ops are matched across keys in order (the
+    same code runs at every count), each op's ``c`` and ``s`` fitted with ``fit``. Kept are the ops
+    that hold the most at some key of ``grid`` (token counts or pairs) and batch of
+    :data:`EVENT_BATCHES`. ``value(c, s, key)``: a fitted event's two coefficient arrays at a key.
+    """
+    ref = [op for op, _, _ in lines[0]]
+    maps = [dict(_aligned(ref, [op for op, _, _ in ln])) for ln in lines]
+    common = [i for i in range(len(ref)) if all(i in m for m in maps)]
+    if not common:
+        return (), 0.0
+    events = []
+    for i in common:
+        c, _ = fit([ln[m[i]][1] for ln, m in zip(lines, maps)])
+        s, _ = fit([ln[m[i]][2] for ln, m in zip(lines, maps)])
+        events.append((c, s))
+    cs, ss = np.asarray([e[0] for e in events]), np.asarray([e[1] for e in events])
+    batches = np.asarray(EVENT_BATCHES, float)
+    lead = set()
+    for key in grid:
+        v = value(cs, ss, key)  # [events, 2]: c and s at the key
+        lead.update(np.argmax(v[:, :1] + v[:, 1:] * batches, axis=0).tolist())
+    kept = tuple(tuple(float(x) for x in (*events[i][0], *events[i][1])) for i in sorted(lead))
+    kc, ks = np.asarray([e[: len(events[0][0])] for e in kept]), np.asarray([e[len(events[0][0]):] for e in kept])
+    err = 0.0
+    for key, ln in zip(keys, lines):
+        v = value(kc, ks, key)
+        for b in TRANSIENT_BATCHES:
+            measured = max(0.0, max(c + b * s for _, c, s in ln))
+            predicted = max(0.0, float(np.max(v[:, 0] + b * v[:, 1])))
+            err = max(err, abs(predicted - measured) / max(measured, 1.0))
+    return kept, err
 
 
 def fit_bilinear(pairs: list[tuple[int, int]], ys: list[float]) -> tuple[tuple[float, float, float, float], float]:

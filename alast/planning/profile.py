@@ -22,6 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,15 +32,16 @@ from alast.planning.measure import (
     STATES,
     AsModule,
     count_costs,
-    drop_transient_bytes,
     fit_bilinear,
+    fit_events,
     fit_poly,
     fvcore_macs,
+    memory_lines,
     param_storages,
     set_grad,
-    transient_bytes,
+    transient_pairs,
 )
-from planners.costmodel import BlockCost, CostModel, DropCost, MemoryModel, SegmentCost
+from planners.costmodel import BlockCost, CostModel, DropCost, MemoryEvents, MemoryModel, SegmentCost
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
 from runtimes.torch_backend.params import embedding_parameters, timm_model
@@ -87,12 +89,51 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
         errs.append(err)
         return coef
 
+    mem_pairs = transient_pairs(ns, num_prefix)
+    grid = [(i, o) for i in _grid(ns) for o in _grid([num_prefix + 1, i - 1]) if o < i]
+    fwd_events, bwd_events = _memory_events(
+        block, trainable, mem_pairs, dim, lambda ys: fit_bilinear(mem_pairs, ys), _pair_value, grid, errs,
+        lambda pair: lambda blk, x: forward_selecting(blk, x, pair[1] - num_prefix, num_prefix, pool=pool)[0])
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in STATES},
                     act_bytes={s: fit(meas[s]["act"]) for s in STATES},
-                    transient_bytes={s: drop_transient_bytes(block, trainable, s, dim, ns, num_prefix, pool)
-                                     for s in STATES})
+                    fwd_events=fwd_events, bwd_events=bwd_events)
     return cost, max(errs)
+
+
+def _grid(ns: list[int], points: int = 24) -> list[int]:
+    """Token counts from ``ns[0]`` to ``ns[-1]``, at most ``points`` of them, both ends included."""
+    return sorted({round(v) for v in np.linspace(ns[0], ns[-1], points)})
+
+
+def _n_value(cs: np.ndarray, ss: np.ndarray, n: int) -> np.ndarray:
+    powers = np.asarray([1.0, n, n * n])[: cs.shape[1]]
+    return np.stack([cs @ powers, ss @ powers], axis=1)
+
+
+def _pair_value(cs: np.ndarray, ss: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
+    terms = np.asarray([1.0, pair[0], pair[1], pair[0] * pair[1]])
+    return np.stack([cs @ terms, ss @ terms], axis=1)
+
+
+def _memory_events(block: nn.Module, trainable: list[nn.Parameter], keys: list, dim: int,
+                   fit: Callable[[list[float]], tuple[tuple[float, ...], float]], value: Callable, grid: list,
+                   errs: list[float], fn_at: Callable[[Any], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+                   ) -> tuple[dict[str, MemoryEvents], dict[str, MemoryEvents]]:
+    """The block's forward memory events in every state (``none`` included) and its backward ones
+    in every backward state (:func:`~alast.planning.measure.fit_events`), over ``keys`` (token
+    counts or (entering, kept) pairs: ``fn_at(key)`` runs the block at one)."""
+    fwd, bwd = {}, {}
+    for state in (*STATES, "none"):
+        lines = [memory_lines(block, fn_at(k), trainable, state, k if isinstance(k, int) else k[0], dim)
+                 for k in keys]
+        for out, part in ((fwd, 0), (bwd, 1)):
+            if state == "none" and part == 1:
+                continue
+            out[state], err = fit_events(keys, [ln[part] for ln in lines], fit, value, grid)
+            errs.append(err)
+    set_grad(trainable, True)
+    return fwd, bwd
 
 
 def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_prefix: int = 1,
@@ -124,7 +165,8 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     act = {"none": (0.0,), **{s: fit(meas[s]["act"]) for s in STATES}}
     select = fit([_select_flops(block, n, pool) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
-    transient = {s: transient_bytes(block, trainable, s, dim, ns) for s in STATES}
+    fwd_events, bwd_events = _memory_events(block, trainable, ns, dim, lambda ys: fit_poly(ns, ys), _n_value,
+                                            _grid(ns), errs, lambda n: _whole)
     drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix, pool)
     errs.append(drop_err)
     set_grad(trainable, True)
@@ -134,9 +176,13 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
         trainable_params=sum(p.numel() for p in trainable), trainable_bytes=sum(sizes),
         largest_trainable_bytes=max(sizes, default=0), fwd_macs=fwd_macs, fwd_flops=fwd_flops, bwd_flops=bwd,
         select_flops=select, act_bytes=act, select_act_bytes=sel_act, select_index_bytes=sel_idx,
-        transient_bytes=transient, drop=drop,
+        fwd_events=fwd_events, bwd_events=bwd_events, drop=drop,
     )
     return cost, max(errs)
+
+
+def _whole(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
 
 
 def _select_flops(block: nn.Module, n: int, pool: int | None) -> float:
@@ -245,7 +291,8 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     cuda = device.startswith("cuda")
     memory = MemoryModel(param_bytes=params, buffer_bytes=buffers, opt_state_bytes_per_param=8,
                          optimizer_temp="all_trained" if cuda else "largest_param",
-                         input_bytes_per_sample=3 * img_size * img_size * 4 if cuda else 0)
+                         input_bytes_per_sample=3 * img_size * img_size * 4 if cuda else 0,
+                         record_bytes_per_sample=_record_bytes(vit))
     fused = all(getattr(b.attn, "fused_attn", False) for b in vit.blocks)
     return CostModel(
         model=name, img_size=img_size, num_patches=num_patches, num_prefix_tokens=num_prefix,
@@ -256,6 +303,14 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         provenance={**profile_cache.library_versions(), "device": device,
                     "measured_on": "cpu, batch 1 (costs per sample)"},
     )
+
+
+def _record_bytes(vit: nn.Module) -> int:
+    """:attr:`MemoryModel.record_bytes_per_sample` of the torch runtime (``StepControl.record_delta``):
+    the class token's rows entering the blocks and leaving each, in float32, or one float32 delta per
+    block without a class token."""
+    rows = len(vit.blocks) + 1 if summary_pool(vit) is None else 0
+    return 4 * (rows * int(vit.embed_dim) if rows else len(vit.blocks))
 
 
 def default_num_classes(name: str) -> int:

@@ -9,7 +9,7 @@ default_memory_probe = memory_probe_step  # one schedule: the planner predicts t
 
 
 @functools.lru_cache(maxsize=1)
-def _frozen_aware_tracker_cls():
+def frozen_aware_tracker_cls():
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class FrozenAwareMemTracker(MemTracker):
@@ -45,4 +45,4 @@ def _frozen_aware_tracker_cls():
 
 
 def frozen_aware_mem_tracker():
-    return _frozen_aware_tracker_cls()()
+    return frozen_aware_tracker_cls()()

@@ -68,9 +68,10 @@ def test_a_cost_model_from_other_library_versions_warns_and_names_the_command(tm
     data = json.loads(path.read_text())
     data["provenance"] = {}
     data["version"] = 2
-    for b in data["blocks"]:  # as a version-2 file holds them
-        b["transient_bytes"] = {s: v[:2] for s, v in b["transient_bytes"].items()}
-        b["drop"].pop("transient_bytes")
+    for b in data["blocks"]:  # as a version-2 file holds them: backward transients (g, c), no memory events
+        events = b.pop("bwd_events")
+        b.pop("fwd_events"), b["drop"].pop("fwd_events"), b["drop"].pop("bwd_events")
+        b["transient_bytes"] = {s: [1e5, 1e3] for s in events}
     path.write_text(json.dumps(data))
     res, _ = _plan(path)
     (line,) = _warnings(res)

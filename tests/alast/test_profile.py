@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from alast.planning.measure import fvcore_macs
+from alast.planning.measure import STATES, fit_poly, fvcore_macs
 from alast.planning.profile import profile_model
 from planners.costmodel import COST_MODEL_VERSION, CostModel, CostModelError, load_cost_model, poly
 from planners.simulate import (
@@ -251,53 +251,94 @@ def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
         assert all((b.drop is not None) is inside for b in cm.blocks), overrides
 
 
-def test_backward_transients_extrapolate_to_other_batches_and_kept_tokens():
-    """Measured at batches 4 and 16, a block's backward transient predicts what its backward
-    allocates at batch 48: whole, and selecting inside with one patch token kept, half, all but one."""
-    from alast.planning.measure import backward_excess
+@pytest.mark.parametrize("matmul_attention", [False, True])
+def test_memory_events_predict_the_forward_and_backward_peaks_at_other_batches_and_tokens(matmul_attention):
+    """Measured at batches 4 and 16 and four token counts, a block's memory events predict the
+    peaks of its forward (every state) and backward (every backward state) at batch 48 and token
+    counts it was not measured at: whole, and selecting inside with one patch token kept, about a
+    third, all but one. Exact: every tensor's bytes are linear in the batch and polynomial in the
+    tokens, and the events are the ops of the same code at every count."""
+    from alast.planning.measure import memory_timeline
     from runtimes.torch_backend.patch import forward_selecting
 
     model = _vit(dim=48, heads=4, mlp_ratio=4.0, patch=4, depth=1)  # 64 patch tokens
-    cm = profile_model(model, "transients", img_size=32)
+    model.blocks[0].attn.fused_attn = not matmul_attention
+    cm = profile_model(model, "events", img_size=32)
     blk, cost = model.blocks[0], cm.blocks[0]
     params = list(blk.parameters())
-    for state in ("weights_and_input", "weights_only", "input_only"):
-        whole = backward_excess(blk, lambda b, x: b(x), params, state, torch.randn(48, 65, 48))
-        assert cost.transient(state, 65, 48) == pytest.approx(whole, rel=0.02), state
-        for keep in (1, 32, 63):
-            fn = lambda b, x: forward_selecting(b, x, keep, 1)[0]  # noqa: B023
-            measured = backward_excess(blk, fn, params, state, torch.randn(48, 65, 48))
-            assert cost.dropping_transient(state, 65, 1 + keep, 48) == pytest.approx(measured, rel=0.1), (state, keep)
+    for state in ("weights_and_input", "weights_only", "input_only", "none"):
+        for n in (24, 65):
+            fwd, bwd = memory_timeline(blk, lambda b, x: b(x), params, state, torch.randn(48, n, 48))
+            assert cost.forward_excess(state, n, n, 48) == pytest.approx(max(b for _, b in fwd), abs=64), (state, n)
+            assert cost.transient(state, n, 48) == pytest.approx(max((b for _, b in bwd), default=0), abs=64)
+            for keep in (1, n // 3, n - 2):
+                fn = lambda b, x: forward_selecting(b, x, keep, 1)[0]  # noqa: B023
+                fwd, bwd = memory_timeline(blk, fn, params, state, torch.randn(48, n, 48))
+                assert cost.forward_excess(state, n, 1 + keep, 48) == pytest.approx(max(b for _, b in fwd), abs=64)
+                assert cost.dropping_transient(state, n, 1 + keep, 48) == pytest.approx(
+                    max((b for _, b in bwd), default=0), abs=64), (state, n, keep)
+    assert cm.fit_max_rel_error < 1e-9
 
 
-def test_max_of_two_planes_fit_recovers_them():
-    from alast.planning.measure import fit_max_of_planes, transient_pairs
+def test_memory_events_recover_every_op_that_can_lead_and_only_those():
+    """Each op's bytes ``c(n) + batch * s(n)``: the fit keeps the ops that hold the most at some
+    token count and batch (weight gradients at small batches, activation gradients at large ones),
+    exactly, and drops one that never leads; an op that runs at one count only is left out."""
+    from alast.planning.measure import fit_events
+    from alast.planning.profile import _n_value
 
-    pairs = transient_pairs([2, 17, 33, 65], 1)
-    assert all(1 < o < i for i, o in pairs) and (65, 2) in pairs and (65, 64) in pairs
-    a, b = (50.0, 12.0, -16.0), (10.0, -1.0, 12.0)  # the first falls with kept tokens, the second rises
-    plane = lambda c, i, o: c[0] + c[1] * i + c[2] * o
-    assert 4 <= sum(plane(b, i, o) > plane(a, i, o) for i, o in pairs) <= len(pairs) - 4  # each the max at 4+
-    ys = [max(plane(a, i, o), plane(b, i, o)) for i, o in pairs]
-    coef, err = fit_max_of_planes(pairs, ys)
-    assert coef == pytest.approx((*a, *b), abs=1e-6) and err < 1e-9
+    ns = [2, 17, 33, 65]
+    ops = {"mm": ((1000.0, 0.0, 0.0), (0.0, 8.0, 0.0)),  # weight gradients: no batch
+           "bmm": ((0.0, 0.0, 0.0), (0.0, 64.0, 0.5)),  # activations, with attention's n^2
+           "add": ((0.0, 0.0, 0.0), (0.0, 16.0, 0.0))}  # never the most
+    lines = [[(op, poly(c, n), poly(s, n)) for op, (c, s) in ops.items()] for n in ns]
+    fit = lambda ys: fit_poly(ns, ys)
+    events, err = fit_events(ns, lines, fit, _n_value, list(range(2, 66)))
+    assert sorted(events) == sorted((*c, *s) for op, (c, s) in ops.items() if op != "add") and err < 1e-12
+    lines[2].insert(1, ("topk", 1e9, 0.0))  # a kernel one count picks, and there the most: its error shows
+    events_again, err = fit_events(ns, lines, fit, _n_value, list(range(2, 66)))
+    assert events_again == events and err > 0.5
 
 
-def test_version_2_cost_models_still_read(tiny_cm, tmp_path):
-    """Cost models profiled before the batch-aware transients read as they were: ``(g, c)`` per
-    block, a selecting block's transient that of the whole block."""
-    data = json.loads(tiny_cm.save(tmp_path / "cost.json").read_text())
-    data["version"] = 2
+def _old_format(data, version):
+    """A version-4 cost model as a version-2 or 3 file holds it: backward transients ``(g, c[, c0])``
+    (version 3: two planes for a selecting block), no memory events."""
+    data = {**data, "version": version}
     for b in data["blocks"]:
-        b["transient_bytes"] = {s: v[:2] for s, v in b["transient_bytes"].items()}
-        b["drop"].pop("transient_bytes")
-    (tmp_path / "v2.json").write_text(json.dumps(data))
-    old = load_cost_model(tmp_path / "v2.json")
+        b.pop("fwd_events"), b.pop("bwd_events"), b["drop"].pop("fwd_events"), b["drop"].pop("bwd_events")
+        b["transient_bytes"] = {s: [100.0, 8.0 * 32, 64.0][: 2 if version == 2 else 3] for s in STATES}
+        b["drop"]["transient_bytes"] = None if version == 2 else {s: [64.0, 10.0, 4.0, -2.0, 5.0, 1.0, 3.0]
+                                                                   for s in STATES}
+    return data
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_cost_models_still_read(tiny_cm, tmp_path, version):
+    """Cost models profiled before the memory events read as they were: the backward transient of
+    their version, no forward peak (a step's peak is its backward's)."""
+    data = _old_format(json.loads(tiny_cm.save(tmp_path / "cost.json").read_text()), version)
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = load_cost_model(tmp_path / "old.json")
     blk = old.blocks[0]
-    g, c = blk.transient_bytes["weights_only"]
-    assert blk.transient("weights_only", 17, 8) == max(g, 8 * 17 * c)
-    assert blk.dropping_transient("weights_only", 17, 5, 8) == blk.transient("weights_only", 17, 8)
-    assert old.version == 2 and old.to_dict()["version"] == 2
+    assert blk.forward_excess("weights_only", 17, 17, 8) is None
+    if version == 2:
+        assert blk.transient("weights_only", 17, 8) == 8 * 17 * 8 * 32
+        assert blk.dropping_transient("weights_only", 17, 5, 8) == blk.transient("weights_only", 17, 8)
+    else:
+        assert blk.transient("weights_only", 17, 8) == 64.0 + 8 * 17 * 8 * 32
+        assert blk.dropping_transient("weights_only", 17, 5, 8) == 64.0 + 8 * max(10 + 4 * 17 - 2 * 5, 5 + 17 + 3 * 5)
+        assert blk.dropping_transient("weights_only", 2, 1, 1) == 100.0  # at least the weight gradients
+    assert old.version == version and old.to_dict()["version"] == version
+    shape = StepShape((16,) * 4, (16,) * 4, (False, True, True, True))
+    assert step_cost(old, shape, 8).peak_bytes > 0
+
+
+def test_a_version_4_block_without_memory_events_is_refused(tiny_cm, tmp_path):
+    data = json.loads(tiny_cm.save(tmp_path / "cost.json").read_text())
+    data["blocks"][1].pop("bwd_events")
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(CostModelError, match="block 1 has neither bwd_events nor transient_bytes"):
+        load_cost_model(tmp_path / "bad.json")
 
 
 def test_profile_out_never_overwrites_silently(tmp_path, monkeypatch):
