@@ -328,7 +328,7 @@ class AlastPlanner:
             shape = StepShape.from_budget(Budget(dense, top, self.min_tokens, dense, self.token_multiple, embed),
                                           self.projection.cm.num_patches)
             dense_ratio = step_cost(self.projection.cm, shape, 1).train_flops / self.projection.full_flops
-            dense_peak = step_cost(self.projection.cm, shape, self.projection.batch_size).peak_bytes
+            dense_peak = step_cost(self.projection.cm, shape, self.projection.batch_size).bwd_peak_bytes
             sparse = self.projection.project((self.b_init,) * L, trained, self.spare_first, self.trim_last)
             peak = max(dense_peak, self.projection.peak_bytes(sparse, trained))
             self._interleave_limits[trained] = (dense_ratio, peak)

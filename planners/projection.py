@@ -89,7 +89,7 @@ class TargetProjection:
     def peak_bytes(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """The bytes alive at the worst moment of the backward of a ``batch_size`` step with these keep
         ratios and trained blocks (activations, gradients done and in flight)."""
-        return self._cost(keep_ratios, trained, self.batch_size).peak_bytes
+        return self._cost(keep_ratios, trained, self.batch_size).bwd_peak_bytes
 
     def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""

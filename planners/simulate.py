@@ -71,12 +71,13 @@ class StepCost:
     bwd_flops: float
     select_blocks: int
     bwd_blocks: int
-    peak_bytes: float  # activations and gradients in flight at the forward's or the backward's peak
+    bwd_peak_bytes: float  # activations + gradients in flight at the backward's peak (what the early cap holds)
     act_bytes: float  # the activations the blocks save for the backward
     grad_bytes: float
     opt_temp_bytes: float
     trained_params: tuple[int, ...]  # per block, 0 when frozen
     per_block: tuple[tuple[float, float, float], ...]  # (fwd, bwd, select) flops
+    peak_bytes: float  # the step's: the larger of the forward's peak and the backward's
 
     @property
     def train_flops(self) -> float:
@@ -119,45 +120,35 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     fwd += poly(cm.head.fwd_flops, n_final) * batch
     head_state = "weights_and_input" if bwd_blocks or embed_on else "weights_only"
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
-    peak = _backward_peak(cm, states, shape, acts, batch, n_final)
+    bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final)
     fwd_peak = _forward_peak(cm, states, shape, acts, batch)
-    if fwd_peak is not None:
-        peak = max(peak, fwd_peak)
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest
-    return StepCost(fwd, bwd, select_blocks, bwd_blocks, peak, float(sum(acts)), float(grad), float(opt_temp),
-                    tuple(trained_params), tuple(per_block))
-
-
-def _records(cm: CostModel, shape: StepShape, batch: int, blocks: int) -> float:
-    """What the torch runtime keeps in the forward once ``blocks`` blocks have run: the class token's
-    rows (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, from the first block to
-    the end of the backward) and the float32 scores of each dropping block's tokens (until the
-    backward starts)."""
-    if not blocks:
-        return 0.0
-    p = cm.num_prefix_tokens
-    scored = sum(p + n_in for n_in, n_out in zip(shape.tokens_in[:blocks], shape.kept_tokens[:blocks]) if n_out < n_in)
-    return (cm.memory.record_bytes_per_sample + 4 * scored) * batch
+    return StepCost(fwd, bwd, select_blocks, bwd_blocks, bwd_peak, float(sum(acts)), float(grad), float(opt_temp),
+                    tuple(trained_params), tuple(per_block), max(bwd_peak, fwd_peak or 0.0))
 
 
 def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int
                   ) -> float | None:
     """Bytes alive at the worst moment of the forward, walking the blocks up: what the blocks below
     saved, the block's input and what its forward holds beyond it; the first block's input too
-    where that block saves nothing (the caller holds it until the last block returns). None for a
+    where that block saves nothing (the caller holds it until the last block returns); and what
+    the torch runtime keeps once the first block has run, the class token's rows
+    (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, to the end of the backward)
+    and the float32 scores of every dropping block's tokens (until the backward starts). None for a
     cost model without forward events (version 2 or 3)."""
     p, per_token = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 activation, per token
-    embed = cm.embed.act_bytes[0] * batch
+    below = cm.embed.act_bytes[0] * batch
     held = per_token * (p + shape.tokens_in[0]) if states[0] == "none" else 0.0
-    below = peak = 0.0
+    peak = 0.0
     for i, (blk, state) in enumerate(zip(cm.blocks, states)):
         n_in, n_out = p + shape.tokens_in[i], p + shape.kept_tokens[i]
         excess = blk.forward_excess(state, n_in, n_out, batch)
         if excess is None:
             return None
-        alive = embed + below + per_token * n_in + excess + (held + _records(cm, shape, batch, i) if i else 0.0)
-        peak = max(peak, alive)
-        below += acts[i]
+        peak = max(peak, below + per_token * n_in + excess)
+        if i == 0:
+            below += held + cm.memory.record_bytes_per_sample * batch
+        below += acts[i] + (4 * n_in * batch if n_out < n_in else 0.0)
     return peak
 
 

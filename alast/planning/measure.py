@@ -2,12 +2,12 @@
 
 * multiply-adds with fvcore (:func:`fvcore_macs`), forward and backward FLOPs with torch's counter
   and the bytes autograd saves (:func:`count_costs`), in each backward state (:data:`STATES`);
-* the bytes a block's backward allocates at its peak beyond what was alive when it started, by
-  torch's MemTracker (:func:`backward_excess`), as a line in the batch (:data:`TRANSIENT_BATCHES`);
+* the bytes a block holds after every op of its forward and of its backward, by torch's
+  MemTracker (:func:`memory_timeline`), each op's a line in the batch (:data:`TRANSIENT_BATCHES`);
 * least-squares fits to the exact form of each cost: a polynomial in the token count
-  (:func:`fit_poly`), a bilinear form in the entering and kept counts (:func:`fit_bilinear`), the
-  larger of two planes (:func:`fit_max_of_planes`); coefficients snapped to the simple fractions
-  counts are made of.
+  (:func:`fit_poly`), a bilinear form in the entering and kept counts (:func:`fit_bilinear`), and
+  of each op's line over the counts, kept where it can hold the most (:func:`fit_events`);
+  coefficients snapped to the simple fractions counts are made of.
 :mod:`alast.planning.profile` puts them together into a cost model.
 """
 from __future__ import annotations

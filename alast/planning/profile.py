@@ -7,8 +7,9 @@ transformer block, ``c0 + c1 n + c2 n^2``:
   * forward and backward FLOPs with ``torch.utils.flop_counter`` (the counter the runtime records,
     CPU fused attention included) in every backward state, so the planner reproduces the runtime's
     counts, and the CLS-attention scores a block computes when it drops tokens;
-  * bytes autograd saves for the backward (saved-tensor hooks) and the gradients in flight at the
-    peak of the block's backward (torch's MemTracker);
+  * bytes autograd saves for the backward (saved-tensor hooks), and the bytes held after every op
+    of the block's forward and backward (torch's MemTracker), each op's a line in the batch: the
+    ops that can hold the most are the block's memory events;
   * where the torch runtime selects a block's tokens inside it (timm's standard block), the same
     counts for that computation at several (entering, kept) token pairs, fitted to its exact form
     ``c0 + c_in n_in + c_out n_out + c_io n_in n_out``.

@@ -327,7 +327,7 @@ def test_the_early_phase_trains_one_block_more_within_the_others_memory_and_the_
         assert budget.keep_ratios[:L - k] == (1.0,) * (L - k)
     sol = solve_target(CM, "alast", target, {"min_tokens": 1, **options, "steps": 100})
     planner = create_planner("alast", L, cost_model=CM, **{**options, **sol.knobs})
-    peaks = [step_cost(CM, StepShape.from_budget(b, CM.num_patches), 64).peak_bytes for b in budgets]
+    peaks = [step_cost(CM, StepShape.from_budget(b, CM.num_patches), 64).bwd_peak_bytes for b in budgets]
     extra = CM.blocks[L - k - 1].trainable_bytes  # the weight gradients of the block they train more
     assert max(peaks[:25]) <= planner.early_peak_cap * (1 + 1e-9)
     assert planner.early_peak_cap - extra == pytest.approx(statistics.mean(peaks[25:70]), rel=0.05)
@@ -388,7 +388,7 @@ def test_an_interleaved_dense_phase_trains_the_lower_blocks_at_a_dense_steps_cos
     planner_opts = {k: v for k, v in options.items() if k != "steps"}
     budgets, ratios = _run_on_noise(target, seed=0, steps=100, **planner_opts)
     L, k, top = CM.num_blocks, sol.knobs["k_trained"], 3
-    peaks = [step_cost(CM, StepShape.from_budget(b, CM.num_patches), 64).peak_bytes for b in budgets]
+    peaks = [step_cost(CM, StepShape.from_budget(b, CM.num_patches), 64).bwd_peak_bytes for b in budgets]
     for step in range(70, 100):
         budget = budgets[step]
         if step % period != period - 1:
