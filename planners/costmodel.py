@@ -41,6 +41,7 @@ COST_MODEL_VERSION = 4
 # version 2, two planes in version 3), no forward peak
 READABLE_VERSIONS = (2, 3, 4)
 BACKWARD_STATES = ("weights_and_input", "weights_only", "input_only", "none")
+EMBED, HEAD, CLASSIFIER = -1, -2, -3  # owners of a parameter outside the blocks (MemoryModel.opt_groups)
 
 Poly = tuple[float, ...]
 Poly2 = tuple[float, float, float, float]  # c0 + c_in * n_in + c_out * n_out + c_io * n_in * n_out
@@ -243,7 +244,14 @@ class MemoryModel:
     allocates on top: ``largest_param`` (single-tensor AdamW, the CPU default) or ``all_trained``
     (multi-tensor ``foreach`` AdamW, the CUDA default). ``record_bytes_per_sample``: what the torch
     runtime keeps per sample from the first block's forward to the end of the backward, the class
-    token entering the blocks and leaving each (its deltas), or each block's delta without one."""
+    token entering the blocks and leaving each (its deltas), or each block's delta without one.
+
+    ``opt_groups``: AdamW's parameter groups as it steps them, each parameter ``(owner, bytes)``:
+    its block's index, :data:`EMBED` or :data:`HEAD`, or :data:`CLASSIFIER` (scaled with the class
+    count). Single-tensor AdamW steps the parameters of a group one by one, each with two
+    temporaries of its size (``sqrt``, then the division), while the previous one's denominator is
+    still bound: ``prev + 2 cur`` at most, among the parameters with a gradient in the step. Empty
+    (a version-2 or 3 model): twice the largest trained parameter."""
 
     param_bytes: int
     buffer_bytes: int
@@ -251,6 +259,7 @@ class MemoryModel:
     optimizer_temp: str = "largest_param"
     input_bytes_per_sample: int = 0
     record_bytes_per_sample: int = 0
+    opt_groups: tuple[tuple[tuple[int, int], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,7 +358,9 @@ class CostModel:
             head = replace(head, trainable_bytes=head.trainable_bytes + added * width,
                            largest_trainable_bytes=max(new_w, others))
         head = replace(head, params=head.params + added)
-        memory = replace(self.memory, param_bytes=self.memory.param_bytes + added * width)
+        groups = tuple(tuple((o, round(b * num_classes / self.num_classes) if o == CLASSIFIER else b) for o, b in g)
+                       for g in self.memory.opt_groups)
+        memory = replace(self.memory, param_bytes=self.memory.param_bytes + added * width, opt_groups=groups)
         return replace(self, num_classes=num_classes, head=head, memory=memory)
 
     def with_time(self, time: TimeModel | None) -> "CostModel":
@@ -399,7 +410,7 @@ class CostModel:
                 model=str(d["model"]), img_size=int(d["img_size"]), num_patches=int(d["num_patches"]),
                 num_prefix_tokens=int(d["num_prefix_tokens"]), num_classes=int(d["num_classes"]),
                 embed_dim=int(d["embed_dim"]), attention=str(d["attention"]), embed=_segment(d["embed"]),
-                blocks=blocks, head=_segment(d["head"]), memory=MemoryModel(**d["memory"]), lora=d.get("lora"),
+                blocks=blocks, head=_segment(d["head"]), memory=_memory(d["memory"]), lora=d.get("lora"),
                 head_reads_prefix=bool(d.get("head_reads_prefix", False)),
                 time=TimeModel(**time) if time else None, token_counts=tuple(d.get("token_counts", ())),
                 fit_max_rel_error=float(d.get("fit_max_rel_error", 0.0)), provenance=dict(d.get("provenance", {})),
@@ -425,6 +436,11 @@ def _block(b: dict[str, Any]) -> BlockCost:
         fwd_events=_by_state(b.get("fwd_events"), lambda v: _events(v, 6)),
         bwd_events=_by_state(b.get("bwd_events"), lambda v: _events(v, 6)),
     )
+
+
+def _memory(m: dict[str, Any]) -> MemoryModel:
+    groups = tuple(tuple((int(o), int(b)) for o, b in g) for g in m.get("opt_groups", ()))
+    return MemoryModel(**{**m, "opt_groups": groups})
 
 
 def _by_state(value: dict[str, Any] | None, read: Any) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .costmodel import CostModel, poly
+from .costmodel import EMBED, CostModel, poly
 from .registry import create_planner
 from .rules import MemoryProbes, flop_count_keys, kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
@@ -122,9 +122,24 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
     bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final)
     fwd_peak = _forward_peak(cm, states, shape, acts, batch)
-    opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else 2 * largest
+    opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else _adamw_temp(cm, shape, embed_on, largest)
     return StepCost(fwd, bwd, select_blocks, bwd_blocks, bwd_peak, float(sum(acts)), float(grad), float(opt_temp),
                     tuple(trained_params), tuple(per_block), max(bwd_peak, fwd_peak or 0.0))
+
+
+def _adamw_temp(cm: CostModel, shape: StepShape, embed_on: bool, largest: int) -> float:
+    """What single-tensor AdamW allocates at most beyond the state, stepping the parameters with a
+    gradient one by one (:attr:`~planners.costmodel.MemoryModel.opt_groups`); without the groups
+    (a version-2 or 3 model), twice the largest."""
+    if not cm.memory.opt_groups:
+        return 2.0 * largest
+    worst = 0
+    for group in cm.memory.opt_groups:
+        prev = 0
+        for owner, size in group:
+            if (shape.trained[owner] if owner >= 0 else embed_on if owner == EMBED else cm.head.trainable):
+                worst, prev = max(worst, prev + 2 * size), size
+    return float(worst)
 
 
 def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int
@@ -252,7 +267,9 @@ class RunAccumulator:
         self.ever = [e or t for e, t in zip(self.ever, shape.trained)]
         self.ever_other = True
         after = static + self._opt_state()
-        step_peak = max(before + cost.peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes)
+        # the optimizer steps with the gradients and the runtime's class-token rows alive
+        records = mem.record_bytes_per_sample * self.batch
+        step_peak = max(before + cost.peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes + records)
         self.step_peaks.append(step_peak)
         self.peak = max(self.peak, step_peak)
         self.fwd += cost.fwd_flops * flops_scale

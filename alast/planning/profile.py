@@ -42,10 +42,20 @@ from alast.planning.measure import (
     set_grad,
     transient_pairs,
 )
-from planners.costmodel import BlockCost, CostModel, DropCost, MemoryEvents, MemoryModel, SegmentCost
+from planners.costmodel import (
+    CLASSIFIER,
+    EMBED,
+    HEAD,
+    BlockCost,
+    CostModel,
+    DropCost,
+    MemoryEvents,
+    MemoryModel,
+    SegmentCost,
+)
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
-from runtimes.torch_backend.params import embedding_parameters, timm_model
+from runtimes.torch_backend.params import embedding_parameters, param_groups, timm_model
 from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
@@ -293,7 +303,8 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     memory = MemoryModel(param_bytes=params, buffer_bytes=buffers, opt_state_bytes_per_param=8,
                          optimizer_temp="all_trained" if cuda else "largest_param",
                          input_bytes_per_sample=3 * img_size * img_size * 4 if cuda else 0,
-                         record_bytes_per_sample=_record_bytes(vit))
+                         record_bytes_per_sample=_record_bytes(vit),
+                         opt_groups=_opt_groups(model, vit, in_embed))
     fused = all(getattr(b.attn, "fused_attn", False) for b in vit.blocks)
     return CostModel(
         model=name, img_size=img_size, num_patches=num_patches, num_prefix_tokens=num_prefix,
@@ -304,6 +315,17 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         provenance={**profile_cache.library_versions(), "device": device,
                     "measured_on": "cpu, batch 1 (costs per sample)"},
     )
+
+
+def _opt_groups(model: nn.Module, vit: nn.Module, in_embed: set[int]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """:attr:`MemoryModel.opt_groups`: the trainable parameters in the order the runtime's AdamW
+    steps them, each with its owner and bytes."""
+    owner = {id(p): i for i, blk in enumerate(vit.blocks) for p in blk.parameters()}
+    owner.update({i: EMBED for i in in_embed})
+    classifier = vit.get_classifier()
+    owner.update({id(p): CLASSIFIER for p in (classifier.parameters() if isinstance(classifier, nn.Module) else ())})
+    return tuple(tuple((owner.get(id(p), HEAD), p.numel() * p.element_size()) for p in g["params"])
+                 for g in param_groups(model, weight_decay=1.0))
 
 
 def _record_bytes(vit: nn.Module) -> int:

@@ -72,7 +72,9 @@ def is_adapter(param: nn.Parameter, model: nn.Module) -> bool:
     return id(param) in names
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups, in the order it steps them: the weights with decay, then the biases,
+    norms and the parameters timm exempts (``no_weight_decay``) without."""
     skip = set(getattr(timm_model(model), "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -109,7 +111,7 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
     """AdamW; on CUDA the fused kernel (one launch for all parameters instead of several per
     tensor group), which needs floating-point parameters on the device."""
-    groups = _param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     fused = device.type == "cuda" and all(p.is_floating_point() and p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)

@@ -147,6 +147,37 @@ def test_head_scales_with_classes(tiny_cm):
     assert poly(cm10.head.fwd_flops, 17) == pytest.approx(2 * poly(tiny_cm.head.fwd_flops, 17))
 
 
+@pytest.mark.parametrize("trained", [(True,) * 4, (False, True, False, True), (False, False, False, True)])
+def test_the_optimizer_steps_temporaries_are_predicted_for_the_parameters_it_steps(trained):
+    """Single-tensor AdamW (the CPU runtime's) holds two temporaries of a parameter's size while the
+    one before it in its group is still bound: the cost model's parameter order and sizes predict
+    what a step allocates beyond its state, for the blocks a step trains (the head always)."""
+    from planners.simulate import _adamw_temp
+    from runtimes.torch_backend.memory import frozen_aware_mem_tracker
+    from runtimes.torch_backend.params import make_optimizer
+
+    model = _vit(dim=32, heads=2, mlp_ratio=6.0, depth=4)  # fc1 and fc2 the largest, one after the other
+    cm = profile_model(model, "opt", img_size=32)
+    opt = make_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    in_blocks = {id(p): i for i, b in enumerate(model.blocks) for p in b.parameters()}
+    embed = {id(p) for p in (model.cls_token, model.pos_embed, *model.patch_embed.parameters())}
+    for _ in range(2):  # the first step creates the state; the second allocates only temporaries
+        opt.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            i = in_blocks.get(id(p))
+            if (trained[i] if i is not None else id(p) not in embed):
+                p.grad = torch.randn_like(p)
+        mt = frozen_aware_mem_tracker()
+        mt.track_external(model, opt)
+        with mt:
+            before = next(iter(mt.get_tracker_snapshot("current").values()))["Total"]
+            opt.step()
+        peak = next(iter(mt.get_tracker_snapshot("peak").values()))["Total"]
+    shape = StepShape((16,) * 4, (16,) * 4, trained)
+    assert _adamw_temp(cm, shape, False, 0) == peak - before
+    assert cm.memory.opt_groups[0][:2] == ((-1, 32 * 3 * 8 * 8 * 4), (0, 3 * 32 * 32 * 4))  # the patch conv, qkv
+
+
 def _leaves(value, path=""):
     if isinstance(value, dict):
         for k, v in sorted(value.items()):
