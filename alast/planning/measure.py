@@ -190,19 +190,6 @@ def memory_timeline(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], to
     return [(op, b - start) for op, b in fwd], bwd
 
 
-def backward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
-                    state: str, x: torch.Tensor) -> float:
-    """The most bytes the backward of ``fn(block, x)`` holds beyond what was alive when it started
-    (:func:`memory_timeline`)."""
-    return float(max((b for _, b in memory_timeline(block, fn, params, state, x)[1]), default=0))
-
-
-def forward_excess(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
-                   state: str, x: torch.Tensor) -> float:
-    """The most bytes the forward of ``fn(block, x)`` holds beyond its input (:func:`memory_timeline`)."""
-    return float(max((b for _, b in memory_timeline(block, fn, params, state, x)[0]), default=0))
-
-
 def _aligned(a: list[str], b: list[str]) -> list[tuple[int, int]]:
     """Index pairs of the ops two runs of the same code share, in order (all of them where the two
     ran the same ops, as they do but where a shape picks another kernel)."""
