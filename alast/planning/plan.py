@@ -349,12 +349,20 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
     return {"policy": p.name, "frac": p.early_phase, "trained": k + 1, "num_blocks": num_blocks}
 
 
+def _note_precision(cfg: AlastConfig) -> None:
+    """Warn where the run's activations are not the cost model's fp32 ones (bf16 autocast on CUDA)."""
+    if cfg.backend.precision == "bf16":
+        warn("peak memory is priced for fp32 activations, as the cost model measured them on the CPU; under "
+             "bf16 autocast most saved activations take half the bytes, so the run peaks lower (not modelled)")
+
+
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,
          throughput: float | None = None) -> dict[str, Any]:
     """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
     check_backend(cfg, calibrate)
     steps, batch = planned_steps(cfg), cfg.train.batch_size
     plain, pcm, source = cost_models(cfg, cost_model_path)
+    _note_precision(cfg)
     options, target = policy_options(cfg, pcm.head_reads_prefix), None
     if cfg.policy.target_flops is not None:
         check_target(cfg.policy.target_flops)
@@ -390,6 +398,7 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     world = int(summary.get("world_size", 1) or 1)
     batch = int(records[0].get("batch_size", cfg.train.batch_size))
     plain, pcm, source = cost_models(cfg, cost_model_path)
+    _note_precision(cfg)
     budget = _logged_budget(records[len(records) // 2], pcm, cfg) if calibrate else None
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch // world, budget)
     sampled = cpu_memory_sampled if str(summary.get("device", "cpu")).startswith("cpu") else None

@@ -80,3 +80,19 @@ def test_plan_refuses_for_the_ort_backend_what_its_run_would(extra, fragment):
     pytest.importorskip("onnxruntime.training")
     res = CliRunner().invoke(cli, ["plan", *TINY, "--backend", "ort", *extra])
     one_error_line(res, 2, fragment)
+
+
+def test_a_bf16_plan_says_its_memory_is_priced_in_fp32(monkeypatch):
+    """The cost model measures fp32 activations on the CPU: a plan for bf16 autocast says its peak
+    memory is that of fp32, once; an fp32 plan says nothing of it."""
+    import alast.planning.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_warned", set())
+    args = ["plan", *TINY, "--set", "backend.device=cuda", "--json"]
+    bf16 = CliRunner().invoke(cli, [*args, "--set", "backend.precision=bf16"])
+    fp32 = CliRunner().invoke(cli, args)
+    assert bf16.exit_code == 0 and fp32.exit_code == 0, bf16.output + fp32.output
+    lines = [ln for ln in bf16.stderr.splitlines() if "fp32 activations" in ln]
+    assert len(lines) == 1 and "bf16 autocast" in lines[0] and "not modelled" in lines[0]
+    assert "fp32 activations" not in fp32.stderr
+    assert _json(bf16)["policies"]["full"]["peak_memory_bytes"] == _json(fp32)["policies"]["full"]["peak_memory_bytes"]
