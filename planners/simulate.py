@@ -120,8 +120,9 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
     fwd += poly(cm.head.fwd_flops, n_final) * batch
     head_state = "weights_and_input" if bwd_blocks or embed_on else "weights_only"
     bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
-    bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final)
-    fwd_peak = _forward_peak(cm, states, shape, acts, batch)
+    saved = cm.embed.act_bytes[0] * batch if embed_on else 0.0  # what the embeddings keep for their backward
+    bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final, saved)
+    fwd_peak = _forward_peak(cm, states, shape, acts, batch, saved)
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else _adamw_temp(cm, shape, embed_on, largest)
     return StepCost(fwd, bwd, select_blocks, bwd_blocks, bwd_peak, float(sum(acts)), float(grad), float(opt_temp),
                     tuple(trained_params), tuple(per_block), max(bwd_peak, fwd_peak or 0.0))
@@ -142,17 +143,18 @@ def _adamw_temp(cm: CostModel, shape: StepShape, embed_on: bool, largest: int) -
     return float(worst)
 
 
-def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int
-                  ) -> float | None:
+def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int,
+                  embed: float) -> float | None:
     """Bytes alive at the worst moment of the forward, walking the blocks up: what the blocks below
     saved, the block's input and what its forward holds beyond it; the first block's input too
     where that block saves nothing (the caller holds it until the last block returns); and what
     the torch runtime keeps once the first block has run, the class token's rows
     (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, to the end of the backward)
-    and the float32 scores of every dropping block's tokens (until the backward starts). None for a
-    cost model without forward events (version 2 or 3)."""
+    and the float32 scores of every dropping block's tokens (until the backward starts). ``embed``:
+    what the embeddings saved (nothing where they do not train). None for a cost model without
+    forward events (version 2 or 3)."""
     p, per_token = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 activation, per token
-    below = cm.embed.act_bytes[0] * batch
+    below = embed
     held = per_token * (p + shape.tokens_in[0]) if states[0] == "none" else 0.0
     peak = 0.0
     for i, (blk, state) in enumerate(zip(cm.blocks, states)):
@@ -168,12 +170,13 @@ def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list
 
 
 def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int,
-                   n_final: int) -> float:
+                   n_final: int, embed: float) -> float:
     """Bytes alive at the worst moment of the backward, walking it from the head down: the
     activations not yet consumed, the gradients of the blocks already done, and the block's own
-    gradients in flight (the one arriving at its output and what its backward allocates)."""
+    gradients in flight (the one arriving at its output and what its backward allocates). ``embed``:
+    what the embeddings saved (nothing where they do not train)."""
     p, grad_bytes = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 gradient, per token
-    embed = (cm.embed.act_bytes[0] + cm.memory.record_bytes_per_sample) * batch
+    embed += cm.memory.record_bytes_per_sample * batch
     remaining = sum(acts)
     grads_done = float(cm.head.trainable_bytes)
     peak = embed + poly(cm.head.act_bytes, n_final) * batch + remaining + grads_done

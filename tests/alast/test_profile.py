@@ -418,3 +418,16 @@ def test_calibrating_for_a_gpu_on_a_machine_without_one_names_the_option(tmp_pat
                                    "--out", str(tmp_path / "cost.json")])
     one_error_line(res, 2, "--calibrate", "no CUDA device", "--device cpu")
     assert not (tmp_path / "cost.json").exists()
+
+
+def test_the_embeddings_saved_bytes_count_only_where_they_train(tiny_cm):
+    """A CNN stem saves large activations where it trains; frozen (the default), it saves none, and
+    the step's peak is that of a stem that saves nothing."""
+    from dataclasses import replace
+
+    stem = replace(tiny_cm, embed=replace(tiny_cm.embed, act_bytes=(1e6,), trainable=True))
+    bare = replace(tiny_cm, embed=replace(tiny_cm.embed, act_bytes=(0.0,), trainable=True))
+    for embed_trained in (False, True):
+        shape = StepShape((16,) * 4, (16,) * 4, (True,) * 4, embed_trained)
+        got, without = step_cost(stem, shape, 8).peak_bytes, step_cost(bare, shape, 8).peak_bytes
+        assert got == (without + 8e6 if embed_trained else without), embed_trained
