@@ -243,7 +243,7 @@ class MemoryModel:
     created the first time the parameter is trained. ``optimizer_temp`` is what one optimizer step
     allocates on top: ``largest_param`` (single-tensor AdamW, the CPU default) or ``all_trained``
     (multi-tensor ``foreach`` AdamW, the CUDA default). ``record_bytes_per_sample``: what the torch
-    runtime keeps per sample from the first block's forward to the end of the backward, the class
+    runtime keeps per sample from the first block's forward to the optimizer step, the class
     token entering the blocks and leaving each (its deltas), or each block's delta without one.
 
     ``opt_groups``: AdamW's parameter groups as it steps them, each parameter ``(owner, bytes)``:

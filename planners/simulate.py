@@ -149,7 +149,7 @@ def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list
     saved, the block's input and what its forward holds beyond it; the first block's input too
     where that block saves nothing (the caller holds it until the last block returns); and what
     the torch runtime keeps once the first block has run, the class token's rows
-    (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, to the end of the backward)
+    (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, to the optimizer step)
     and the float32 scores of every dropping block's tokens (until the backward starts). ``embed``:
     what the embeddings saved (nothing where they do not train). None for a cost model without
     forward events (version 2 or 3)."""
