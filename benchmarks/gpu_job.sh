@@ -4,9 +4,11 @@
 #   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
 #   3. where a batch-64 step's time goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against
 #      the device's time),
-#   4. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
+#   4. the plan's peak memory against the device's on every step of a DeiT-S run at 0.5x
+#      (benchmarks/memory_per_step.py, fp32 and bf16),
+#   5. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
 #      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
-#   5. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
+#   6. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
 #      (examples/pretrain_vit12_backbone.py, MINUTES of training; the shipped weights came from it).
 # Everything lands in OUT_DIR: the JSON of each step (and the backbone's weights and record with
 # PRETRAIN=1), and nothing else.
@@ -30,12 +32,14 @@ if [[ -n "${QUICK:-}" ]]; then
   PRE=(--steps 4 --batch-size 16 --classes 10 --eval-size 20 --log-every 2)
   OPS=(--models alast_demo_vit)
   PROFILE=(--model alast_demo_vit --batch 8 --warmup 1 --steps 2)
+  MEMORY=(--data random:32 --steps 3 --batch-size 8 --target-flops 0.5)
   GRID=(--models alast_demo_vit --batches 8 --steps 2 --warmup 1 --precision fp32)
   COMPILED=(--models alast_demo_vit --batches 8 --steps 2 --warmup 2 --precision fp32)
 else
   PRE=(--minutes "$MINUTES" --log-every 1000)
   OPS=(--models deit_small_patch16_224,vit_base_patch16_224)
   PROFILE=(--model deit_small_patch16_224 --batch 64)
+  MEMORY=(--model deit_small_patch16_224 --data random:512 --steps 8 --batch-size 64 --target-flops 0.5)
   GRID=(--models vit_base_patch16_224,deit_small_patch16_224 --batches 256,64 --steps 8 --warmup 4)
   COMPILED=(--models vit_base_patch16_224 --batches 256 --steps 8 --warmup 6)
 fi
@@ -62,6 +66,14 @@ timeout "$(upto 60)" $PY benchmarks/op_count.py --device "$DEVICE" --precision "
 echo "== a batch-64 step's time ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/gpu_profile.py --device "$DEVICE" --precision "$PRECISION" "${PROFILE[@]}" \
   --out "$OUT_DIR/gpu_profile.json"
+
+echo "== the plan's memory against the device's, every step ($(date -u +%T), $(left) s left)"
+PRECISIONS=(fp32)
+[[ $PRECISION != fp32 ]] && PRECISIONS+=("$PRECISION")  # bf16 on CUDA: the plan prices fp32 activations
+for prec in "${PRECISIONS[@]}"; do
+  timeout "$(upto 60)" $PY benchmarks/memory_per_step.py --device "$DEVICE" --precision "$prec" "${MEMORY[@]}" \
+    --out "$OUT_DIR/memory_per_step_$prec.json"
+done
 
 echo "== speed grid, eager ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${GRID[@]}" --compile off \

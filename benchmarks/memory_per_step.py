@@ -1,16 +1,20 @@
-"""Peak memory of every step, measured on the CPU and predicted by the cost model.
+"""Peak memory of every step, measured and predicted by the cost model.
 
 Builds the run `alast train` would build from the same options (model, runtime, planner; under
 ``--target-flops`` the solved knobs), trains on random images (memory depends on the step's shape,
-not on the pixels), measures each step's peak with torch's MemTracker (the runtime's own probe, on
-every step instead of the sampled ones) and sets it beside the plan's prediction for the shape the
-step ran (``planners.simulate``: the replay `alast plan --trace` does). Step 0 is skipped, as the
-runtime skips it: AdamW creates its state after that step's peak.
+not on the pixels), measures each step's peak and sets it beside the plan's prediction for the
+shape the step ran (``planners.simulate``: the replay `alast plan --trace` does). On the CPU the
+peak is torch's MemTracker's (the runtime's own probe, on every step instead of the sampled ones);
+with ``--device cuda``, ``torch.cuda.max_memory_allocated`` with the peak reset before each step
+(``--precision bf16``: autocast, which the plan does not model). Step 0 is skipped, as the runtime
+skips it: AdamW creates its state after that step's peak.
 
   OMP_NUM_THREADS=1 python benchmarks/memory_per_step.py --data letters --steps 40 --target-flops 0.5 \\
       --out memory_per_step.json
   OMP_NUM_THREADS=1 python benchmarks/memory_per_step.py --model alast_vit12 --data shapes --steps 40 \\
       --target-flops 0.5
+  python benchmarks/memory_per_step.py --device cuda --model deit_small_patch16_224 --data random:512 \\
+      --steps 8 --target-flops 0.5
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ MIB = 2**20
 
 def run(args) -> dict:
     sets = [f"model.name={args.model}", f"data.spec={args.data}", f"train.steps={args.steps}",
-            f"train.batch_size={args.batch_size}", f"policy.name={args.policy}", "backend.threads=1"]
+            f"train.batch_size={args.batch_size}", f"policy.name={args.policy}", "backend.threads=1",
+            f"backend.device={args.device}", f"backend.precision={args.precision}"]
     if args.target_flops is not None:
         sets.append(f"policy.target_flops={args.target_flops}")
     cfg = load_config(None, sets + list(args.set))
@@ -45,6 +50,7 @@ def run(args) -> dict:
     model = build_model(cfg, pcm.num_classes)
     runtime = create_runtime(cfg, model)
     runtime._probes.probe = lambda step: step > 0  # measure every step but the first
+    cuda = args.device.startswith("cuda")
     planner = build_planner(cfg, runtime.num_blocks, overrides, head_reads_prefix(model))
     acc = RunAccumulator(pcm, args.batch_size)
     size = pcm.img_size
@@ -55,19 +61,26 @@ def run(args) -> dict:
         x = torch.randn(args.batch_size, 3, size, size)
         y = torch.randint(0, pcm.num_classes, (args.batch_size,))
         runtime._peak_bytes = None  # this step's peak alone
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         result = runtime.train_step(x, y, budget, cfg.train.lr, step)
+        if cuda:
+            torch.cuda.synchronize()
         planner.observe(Observation(step, progress, result.deltas, result.loss))
         shape = StepShape(tuple(result.tokens_in), tuple(result.kept_tokens),
                           tuple(i in set(result.trained_blocks) for i in range(pcm.num_blocks)),
                           bool(result.embeddings_trained))
         acc.add(shape, step_cost(pcm, shape, args.batch_size))
         measured = runtime.peak_memory_bytes()
-        if measured is not None:
+        if measured is not None and step > 0:  # step 0: AdamW creates its state after the peak
             rows.append({"step": step, "tokens_in": list(result.tokens_in), "kept_tokens": list(result.kept_tokens),
                          "trained_blocks": list(result.trained_blocks), "measured_mib": measured / MIB,
                          "predicted_mib": acc.step_peaks[-1] / MIB})
     errors = [r["predicted_mib"] - r["measured_mib"] for r in rows]
     return {"model": args.model, "data": args.data, "policy": args.policy, "target_flops": args.target_flops,
+            "device": args.device, "precision": args.precision,
+            "measured_by": "torch.cuda.max_memory_allocated" if cuda else "torch's MemTracker",
             "steps": args.steps, "batch_size": args.batch_size, "sets": list(args.set),
             "max_abs_error_mib": max(map(abs, errors)), "peak_measured_mib": max(r["measured_mib"] for r in rows),
             "peak_predicted_mib": max(r["predicted_mib"] for r in rows), "rows": rows}
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--target-flops", type=float, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in alast train")
+    ap.add_argument("--device", default="cpu", help="cpu (torch's MemTracker) or cuda (max_memory_allocated per step)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA autocast")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.steps < 2:
