@@ -117,7 +117,7 @@ def param_storages(model: nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
-TRANSIENT_BATCHES = (4, 16)  # the batches memory timelines are measured at (every tensor is linear in it)
+TRANSIENT_BATCHES = (2, 8)  # the batches memory timelines are measured at (every tensor is linear in it)
 EVENT_BATCHES = tuple(2 ** k for k in range(13))  # the batches an event must lead at to be kept (1 to 4096)
 
 
