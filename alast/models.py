@@ -244,6 +244,12 @@ def initial_weights(name: str, pretrained: bool | None, checkpoint: Path | None,
 MAX_PATCH_TOKENS = 256 * 256  # a 4096 px image at patch 16: far beyond any ViT fine-tuning, and a sure hang
 
 
+def run_initial_weights(model_cfg: Any) -> str:
+    """:func:`initial_weights` of a run's ``model`` config section."""
+    m = model_cfg
+    return initial_weights(m.name, m.pretrained, m.checkpoint, m.checkpoint_ema)
+
+
 def _check_img_size(name: str, img_size: int | None, patch: int, own: int) -> None:
     """Refuse an image size below the patch size, or not a multiple of it (the patch grid would drop
     the last pixels of every row and column without a word)."""

@@ -22,7 +22,7 @@ import torch
 from alast.config import AlastConfig, dump_config
 from alast.data import DataBundle, DataError, StepBatchSampler, check_batch_size, eval_batches, train_batches
 from alast.data.common import files_changed
-from alast.models import initial_weights
+from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
@@ -142,8 +142,7 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
                                   "skipped": data.skipped_files,
-                                  "weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint,
-                                                             cfg.model.checkpoint_ema)})
+                                  "weights": run_initial_weights(cfg.model)})
     if cfg.output.tensorboard and comm.is_main:
         run.open_tensorboard(start)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from alast.config import AlastConfig
-from alast.models import initial_weights
+from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.report import METRICS, budget_heatmap, read_metrics
 from alast.training.rundir import FINAL_WEIGHTS, HEATMAP, SUMMARY
@@ -22,8 +22,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     sent = tally.allreduce_bytes
     return {
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
-        "initial_weights": initial_weights(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint,
-                                           cfg.model.checkpoint_ema),
+        "initial_weights": run_initial_weights(cfg.model),
         "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
         **_deployment(cfg, metrics),
