@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import os
 import socket
@@ -277,6 +278,20 @@ def _drivable(name: str) -> bool:
     except Exception:  # noqa: BLE001 - any failure to build or patch: not a suggestion
         return False
     return True
+
+
+@functools.lru_cache(maxsize=32)
+def rotary_model(name: str) -> bool:
+    """Whether the model ``name`` has rotary position embeddings (timm's ``Eva``), from its
+    architecture alone (built on the meta device: no weights)."""
+    import timm
+
+    if name in SHIPPED_MODELS or not timm.is_model(name):  # an unknown name is refused where it is built
+        return False
+    from runtimes.torch_backend.patch import is_eva_model
+
+    with torch.device("meta"):
+        return is_eva_model(timm.create_model(name, pretrained=False, num_classes=0))
 
 
 def _check_architecture(name: str, img_size: int | None) -> None:

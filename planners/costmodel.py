@@ -325,6 +325,9 @@ class CostModel:
     memory: MemoryModel
     lora: dict[str, Any] | None = None
     head_reads_prefix: bool = False  # the head reads only the prefix tokens (class token pooling)
+    # a token schedule at inference selects inside the blocks that drop, with their DropCost (timm's
+    # Eva); else it runs them whole, then selects
+    inference_selects_inside: bool = False
     time: TimeModel | None = None
     token_counts: tuple[int, ...] = ()
     fit_max_rel_error: float = 0.0
@@ -412,6 +415,7 @@ class CostModel:
                 embed_dim=int(d["embed_dim"]), attention=str(d["attention"]), embed=_segment(d["embed"]),
                 blocks=blocks, head=_segment(d["head"]), memory=_memory(d["memory"]), lora=d.get("lora"),
                 head_reads_prefix=bool(d.get("head_reads_prefix", False)),
+                inference_selects_inside=bool(d.get("inference_selects_inside", False)),
                 time=TimeModel(**time) if time else None, token_counts=tuple(d.get("token_counts", ())),
                 fit_max_rel_error=float(d.get("fit_max_rel_error", 0.0)), provenance=dict(d.get("provenance", {})),
                 version=int(d["version"]),

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .costmodel import EMBED, CostModel, poly
+from .costmodel import EMBED, CostModel, poly, poly2
 from .registry import create_planner
 from .rules import MemoryProbes, flop_count_keys, kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
@@ -434,13 +434,15 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
 
 def inference_flops(cm: CostModel, kept: Sequence[int] | None = None) -> float:
     """FLOPs of one image's eval forward on the token schedule ``kept`` (patch tokens leaving each
-    block; None: every token): the blocks that drop tokens also compute CLS-attention scores."""
+    block; None: every token): the blocks that drop tokens also compute CLS-attention scores, or
+    select inside (:attr:`CostModel.inference_selects_inside`)."""
     p, n = cm.num_prefix_tokens, cm.num_patches
     total = cm.embed.fwd_flops[0]
     for blk, k in zip(cm.blocks, kept if kept is not None else [n] * cm.num_blocks):
-        total += blk.forward_flops(p + n)
-        if k < n:
-            total += poly(blk.select_flops, p + n)
+        if k < n and cm.inference_selects_inside and blk.drop is not None:
+            total += poly2(blk.drop.fwd_flops, p + n, p + k)
+        else:
+            total += blk.forward_flops(p + n) + (poly(blk.select_flops, p + n) if k < n else 0.0)
         n = k
     return total + poly(cm.head.fwd_flops, p + n)
 

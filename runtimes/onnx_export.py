@@ -16,12 +16,26 @@ from torch import nn
 
 from .token_schedule import token_schedule
 from .torch_backend.params import input_channels
+from .torch_backend.patch import is_eva_model
 
 INPUT, OUTPUT = "images", "logits"
 
 
 class ExportError(ValueError):
     """Bad input for export or ONNX evaluation (missing run, corrupt weights, not an ONNX model)."""
+
+
+class _ImagesOnly(nn.Module):
+    """``model``'s forward on the images alone. The TorchScript exporter makes every default of
+    ``forward``'s signature a graph input, and timm's ``Eva`` has a bool one (``is_causal``), which
+    the attention then refuses as a tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
 
 
 def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,
@@ -41,7 +55,8 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     try:
         with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
+            traced = _ImagesOnly(model) if is_eva_model(model) else model  # a ViT's names stay the state dict's
+            torch.onnx.export(traced, (x,), buf, dynamo=False, opset_version=opset, export_params=True,
                               do_constant_folding=constant_folding, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     except Exception as exc:  # any exporter failure means the model cannot be exported
@@ -67,7 +82,12 @@ def max_logit_diff(onnx_path: Path, model: nn.Module, batch: int = 3, seed: int 
     with torch.no_grad(), token_schedule(model, kept, fuse, score):
         ref = model.eval()(x).float()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])
+    try:
+        got = torch.from_numpy(sess.run([OUTPUT], {INPUT: x.numpy()})[0])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: the graph does not run at this batch
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc.__class__.__name__
+        raise ExportError(f"the ONNX graph of {type(model).__name__} does not run at batch {batch} in onnxruntime "
+                          f"({reason})") from None
     if got.shape != ref.shape:
         return float("inf")
     return float((got - ref).abs().max())

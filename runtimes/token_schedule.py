@@ -16,24 +16,28 @@ uses the same hooks with a dynamic ``keep`` and per-sample CLS deltas.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .torch_backend.params import input_channels, timm_model
+from .torch_backend.patch import forward_selecting, is_eva_model, patch_positions, rope_at_positions
 from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
 
 
 def head_reads_prefix(model: nn.Module) -> bool:
     """Whether a timm ViT's head reads only the prefix tokens (class token pooling, as in ViT, DeiT,
-    DINOv2): then the last block's patch tokens are never read."""
+    DINOv2, EVA-02 CLIP, the RoPE ViTs): then the last block's patch tokens are never read."""
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     vit = timm_model(model)  # inside a peft wrapper
-    if not isinstance(vit, VisionTransformer) or getattr(vit, "attn_pool", None) is not None:
+    family = next((c for c in (VisionTransformer, Eva) if isinstance(vit, c)), None)
+    if family is None or getattr(vit, "attn_pool", None) is not None:
         return False
-    own_head = all(getattr(type(vit), f) is getattr(VisionTransformer, f) for f in ("forward_head", "pool"))
+    own_head = all(getattr(type(vit), f) is getattr(family, f) for f in ("forward_head", "pool"))
     return own_head and vit.global_pool == "token" and int(vit.num_prefix_tokens) >= 1
 
 
@@ -121,6 +125,39 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
 
 
 @contextlib.contextmanager
+def rotary_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "attention") -> Iterator[None]:
+    """:func:`selection_hooks` for timm's ``Eva``: a block that drops tokens selects them inside
+    (:func:`~runtimes.torch_backend.patch.forward_selecting`: only the kept tokens are queries), and
+    each block gets the rotary embeddings of the positions its tokens hold. Each block's ``forward``
+    is replaced on the instance within the block (a patched or peft-wrapped model too)."""
+    prefix, pool = int(vit.num_prefix_tokens), summary_pool(vit)
+    state: dict[str, Tensor | None] = {"positions": None}
+
+    def scheduled(i: int, blk: nn.Module, upstream, x: Tensor, rope: Tensor | None = None,
+                  attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if i == 0:
+            state["positions"] = None
+        if rope is not None and state["positions"] is not None:
+            rope = rope_at_positions(rope, state["positions"])
+        if keep[i] is None:
+            return upstream(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ScheduleError("a token schedule drops tokens only where every token attends to every other")
+        out, _, kept = forward_selecting(blk, x, int(keep[i]), prefix, score, pool=pool, rope=rope)
+        state["positions"] = patch_positions(state["positions"], kept, prefix)
+        return out
+
+    blocks = list(vit.blocks)
+    try:
+        for i, blk in enumerate(blocks):
+            blk.forward = functools.partial(scheduled, i, blk, blk.forward)
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
 def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = False,
                    score: str = "attention") -> Iterator[None]:
     """Within the block, forwards of the timm ViT ``vit`` follow the schedule ``kept`` (None: every
@@ -133,6 +170,12 @@ def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fals
         return
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
+    if is_eva_model(timm_model(vit)):
+        if fuse:
+            raise ScheduleError("a model with rotary position embeddings (timm's Eva) does not fuse dropped tokens")
+        with rotary_schedule(timm_model(vit), keep_per_block(kept, num_patches), score):
+            yield
+        return
     with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse,
                          score=score, pool=summary_pool(vit)):
         yield

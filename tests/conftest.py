@@ -29,6 +29,34 @@ def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0
                              qkv_bias=True, global_pool=global_pool, class_token=global_pool == "token")
 
 
+EVA_VARIANTS = {
+    # DINOv3's layout: rotate-half RoPE with its own grid, registers, LayerScale, no absolute positions
+    "dinov3": dict(rope_type="dinov3", rope_rotate_half=True, num_reg_tokens=2, init_values=0.1, use_abs_pos_emb=False,
+                   dynamic_img_size=True, qkv_bias=False, global_pool="avg"),
+    # EVA-02's: query and value biases beside a fused qkv, SwiGLU with a norm, interleaved RoPE
+    "eva02": dict(qkv_bias=True, swiglu_mlp=True, scale_mlp=True, global_pool="avg"),
+    # RoPE-ViT's mixed mode: learned per-block, per-head frequencies (timm's AttentionRope)
+    "mixed": dict(attn_type="rope", rope_type="mixed", init_values=0.1, global_pool="token"),
+    # no class token: read through the mean of the patch tokens
+    "gap": dict(class_token=False, num_reg_tokens=1, global_pool="avg", qkv_fused=False),
+}
+
+
+def make_tiny_eva(variant: str = "dinov3", num_classes=5, depth=3, seed=0):
+    """A timm ``Eva`` (rotary position embeddings) at the tiny ViT's size, in one of
+    :data:`EVA_VARIANTS`; the biases and gains drawn away from their initial zeros and ones."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(seed)
+    model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
+                num_classes=num_classes, use_rot_pos_emb=True, **EVA_VARIANTS[variant])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit()

@@ -55,8 +55,14 @@ from planners.costmodel import (
 )
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
-from runtimes.torch_backend.params import embedding_parameters, param_groups, timm_model
-from runtimes.torch_backend.patch import check_patchable, forward_selecting, selects_in_block
+from runtimes.torch_backend.params import embedding_parameters, param_groups, stem_tokens, timm_model
+from runtimes.torch_backend.patch import (
+    block_rope,
+    check_patchable,
+    forward_selecting,
+    is_eva_model,
+    selects_in_block,
+)
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
 
@@ -74,10 +80,11 @@ def drop_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
 
 
 def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[int], dim: int, num_prefix: int,
-                     pool: int | None = None) -> tuple[DropCost | None, float]:
+                     pool: int | None = None, rope: torch.Tensor | None = None) -> tuple[DropCost | None, float]:
     """The block's costs when it selects its tokens inside (None where the runtime cannot: it runs
     the block whole, then drops), with ``trainable`` its parameters that train; returns them and
-    the worst fit error. ``pool``: how the model is read (``tokens.summary_pool``)."""
+    the worst fit error. ``pool``: how the model is read (``tokens.summary_pool``); ``rope``: the
+    rotary embeddings of every patch token (:func:`~runtimes.torch_backend.patch.block_rope`)."""
     if not selects_in_block(block):
         return None, 0.0
     exclude = param_storages(block)
@@ -88,7 +95,8 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
             set_grad(trainable, weights)
             x = torch.randn(1, n_in, dim).requires_grad_(inp)
             keep = n_out - num_prefix
-            run = lambda: forward_selecting(block, x, keep, num_prefix, pool=pool)[0]  # noqa: B023
+            run = lambda: forward_selecting(block, x, keep, num_prefix, pool=pool,  # noqa: B023
+                                            rope=_rope_for(rope, x, num_prefix))[0]  # noqa: B023
             f, b, a = count_costs(run, exclude)
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
@@ -104,7 +112,8 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
     grid = [(i, o) for i in _grid(ns) for o in _grid([num_prefix + 1, i - 1]) if o < i]
     fwd_events, bwd_events = _memory_events(
         block, trainable, mem_pairs, dim, lambda ys: fit_bilinear(mem_pairs, ys), _pair_value, grid, errs,
-        lambda pair: lambda blk, x: forward_selecting(blk, x, pair[1] - num_prefix, num_prefix, pool=pool)[0])
+        lambda pair: lambda blk, x: forward_selecting(blk, x, pair[1] - num_prefix, num_prefix, pool=pool,
+                                                      rope=_rope_for(rope, x, num_prefix))[0])
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in STATES},
                     act_bytes={s: fit(meas[s]["act"]) for s in STATES},
@@ -148,20 +157,23 @@ def _memory_events(block: nn.Module, trainable: list[nn.Parameter], keys: list, 
 
 
 def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_prefix: int = 1,
-                  pool: int | None = None) -> tuple[BlockCost, float]:
+                  pool: int | None = None, rope: torch.Tensor | None = None) -> tuple[BlockCost, float]:
     """Measure one block (see the module docstring); returns its costs and worst fit error.
     ``pool``: how the model is read, its class token (None) or its pooled patch tokens
-    (``tokens.summary_pool``)."""
+    (``tokens.summary_pool``); ``rope``: the rotary embeddings of every patch token (timm's ``Eva``;
+    the block runs on the first ones)."""
+    whole = functools.partial(_whole, rope=rope, num_prefix=num_prefix)
     trainable = [p for p in block.parameters() if p.requires_grad]
     exclude = param_storages(block)
     macs, errs = [], []
     meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in STATES}
     for n in ns:
-        macs.append(fvcore_macs(block, torch.randn(1, n, dim)))
+        traced = block if rope is None else AsModule(functools.partial(whole, block), block)
+        macs.append(fvcore_macs(traced, torch.randn(1, n, dim)))
         for state, (weights, inp) in STATES.items():
             set_grad(trainable, weights)
             x = torch.randn(1, n, dim).requires_grad_(inp)
-            f, b, a = count_costs(lambda: block(x), exclude)  # noqa: B023
+            f, b, a = count_costs(lambda: whole(block, x), exclude)  # noqa: B023
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
     set_grad(trainable, True)
@@ -177,8 +189,8 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     select = fit([_select_flops(block, n, pool) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
     fwd_events, bwd_events = _memory_events(block, trainable, ns, dim, lambda ys: fit_poly(ns, ys), _n_value,
-                                            _grid(ns), errs, lambda n: _whole)
-    drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix, pool)
+                                            _grid(ns), errs, lambda n: whole)
+    drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix, pool, rope)
     errs.append(drop_err)
     set_grad(trainable, True)
     sizes = [p.numel() * p.element_size() for p in trainable]
@@ -192,8 +204,13 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     return cost, max(errs)
 
 
-def _whole(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block(x)
+def _whole(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix: int = 0) -> torch.Tensor:
+    return block(x) if rope is None else block(x, rope=_rope_for(rope, x, num_prefix))
+
+
+def _rope_for(rope: torch.Tensor | None, x: torch.Tensor, num_prefix: int) -> torch.Tensor | None:
+    """The rotary embeddings of the first patch tokens, as many as ``x`` ``[B, N, D]`` holds."""
+    return None if rope is None else rope[..., : x.shape[1] - num_prefix, :]
 
 
 def _select_flops(block: nn.Module, n: int, pool: int | None) -> float:
@@ -282,7 +299,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     for i, blk in enumerate(vit.blocks):
         sig = _block_signature(blk)
         if sig not in cache:
-            cache[sig] = profile_block(blk, i, ns, dim, num_prefix, summary_pool(vit))
+            cache[sig] = profile_block(blk, i, ns, dim, num_prefix, summary_pool(vit), block_rope(vit, i))
         cost, err = cache[sig]
         blocks.append(BlockCost(**{**cost.__dict__, "index": i}))
         errs.append(err)
@@ -291,7 +308,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     in_embed = {id(p) for p in embed_params}
     head_params = [p for p in vit.parameters() if id(p) not in in_blocks and id(p) not in in_embed]
     img = torch.randn(1, 3, img_size, img_size)
-    embed_fn = lambda x: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    embed_fn = functools.partial(stem_tokens, vit)
     embed, e1 = _segment(embed_fn, vit, embed_params, [img], None, with_input_grad=False)
     head_fn = lambda x: vit.forward_head(vit.norm(x))
     head_in = [torch.randn(1, n, dim) for n in ns]
@@ -310,6 +327,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
         model=name, img_size=img_size, num_patches=num_patches, num_prefix_tokens=num_prefix,
         num_classes=num_classes, embed_dim=dim, attention="fused_sdpa" if fused else "matmul",
         embed=embed, blocks=tuple(blocks), head=head, memory=memory, lora=lora, head_reads_prefix=head_reads_prefix(vit),
+        inference_selects_inside=is_eva_model(vit),
         token_counts=tuple(ns),
         fit_max_rel_error=max(errs + [e1, e2]),
         provenance={**profile_cache.library_versions(), "device": device,

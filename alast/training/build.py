@@ -8,6 +8,8 @@ from alast.data import DataBundle, build_data
 from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
+from runtimes.torch_backend.params import timm_model
+from runtimes.torch_backend.patch import is_eva_model
 
 
 def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
@@ -48,7 +50,20 @@ def build_model(cfg: AlastConfig, num_classes: int):
 
 def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
     """The backend ``cfg.backend.name`` for ``model`` (see :mod:`runtimes.registry`)."""
+    check_rotary(cfg, is_eva_model(timm_model(model)))
     return registry.create_runtime(cfg.backend.name, cfg, model, comm=comm)
+
+
+def check_rotary(cfg: AlastConfig, rotary: bool) -> None:
+    """Refuse, in one line, what a model with rotary position embeddings (timm's ``Eva``) cannot run:
+    the ort backend and fused dropped tokens."""
+    if not rotary:
+        return
+    what = f"{cfg.model.name} has rotary position embeddings (timm's Eva)"
+    if cfg.backend.name == "ort":
+        raise ValueError(f"{what}, which the ort backend's training graphs do not carry; use --backend torch")
+    if cfg.policy.fuse_tokens:
+        raise ValueError(f"{what}: a fused token has no position; set policy.fuse_tokens=false")
 
 
 def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False, world_size: int = 1) -> dict[str, Any]:

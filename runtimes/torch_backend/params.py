@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .flops import grad_flags_restored
+from .patch import rotary_embeddings
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
@@ -48,6 +49,12 @@ def lora_target_pattern(model: nn.Module, targets: list[str]) -> str:
         if other:
             raise ValueError(f"policy.lora.targets: {t!r} is a module of type {'/'.join(other)}, not a Linear "
                              f"layer; {choose}")
+        bypassed = [m for blk in model.blocks for n, m in blk.named_modules()
+                    if (n == t or n.endswith("." + t)) and _weight_read_alone(blk, m)]
+        if bypassed:
+            raise ValueError(f"policy.lora.targets: {t!r} of {type(model).__name__} is applied through its weight alone "
+                             "(timm's EvaAttention adds its query and value biases in F.linear), so a LoRA adapter on "
+                             f"it would never run; {choose.replace(t + ', ', '').replace(', ' + t + ']', ']')}")
         if found:
             continue
         if t.split(".")[0].startswith("head") or t in classifier_names(model):
@@ -58,8 +65,16 @@ def lora_target_pattern(model: nn.Module, targets: list[str]) -> str:
     return r"blocks\.\d+\.(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
 
 
+def _weight_read_alone(block: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``layer`` is the fused ``qkv`` of timm's ``EvaAttention`` with query and value biases,
+    whose forward calls ``F.linear`` on the layer's weight instead of calling the layer."""
+    attn = getattr(block, "attn", None)
+    return (layer is getattr(attn, "qkv", None) and getattr(attn, "q_bias", None) is not None
+            and not getattr(attn, "qkv_bias_separate", True))
+
+
 def timm_model(model: nn.Module) -> nn.Module:
-    """The timm VisionTransformer inside a (possibly peft-wrapped) model."""
+    """The timm VisionTransformer (or Eva) inside a (possibly peft-wrapped) model."""
     base = getattr(model, "base_model", None)
     return base.model if base is not None and hasattr(base, "model") else model
 
@@ -94,18 +109,34 @@ def input_channels(vit: nn.Module) -> int:
 
 def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
     """Every parameter outside the blocks that feeds block 0 of a timm ViT: the patch embedding, the
-    class, register and distillation tokens, the position embedding, a pre-norm. With them frozen,
-    autograd stops at the lowest trained block. Found by autograd on one blank image, so a model
-    with a stem parameter of its own is covered too."""
+    class, register and distillation tokens, the position embedding, a pre-norm, learned rotary
+    frequencies (they feed every block). With them frozen, autograd stops at the lowest trained
+    block. Found by autograd on one blank image, so a model with a stem parameter of its own is
+    covered too."""
     in_blocks = {id(p) for p in vit.blocks.parameters()}
     outside = [p for p in vit.parameters() if id(p) not in in_blocks]
     ref = next(vit.parameters())
     in_chans = input_channels(vit)
     x = torch.zeros(1, in_chans, *vit.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
     with grad_flags_restored(outside, set_to=True), torch.enable_grad():
-        stem = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-        grads = torch.autograd.grad(stem.sum(), outside, allow_unused=True)
+        stem = stem_tokens(vit, x).sum()
+        rope = rotary_embeddings(vit)
+        if rope is not None and rope.requires_grad:  # learned frequencies (timm's mixed mode) feed every block
+            stem = stem + rope.sum()
+        grads = torch.autograd.grad(stem, outside, allow_unused=True)
     return [p for p, g in zip(outside, grads) if g is not None]
+
+
+def stem_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tokens a timm ViT's stem feeds block 0 from images ``x``: the patch embedding, the prefix
+    tokens, the position embedding, patch dropout and the pre-norm (timm's ``Eva`` returns its rotary
+    embeddings beside the tokens, and drops patches inside ``_pos_embed``)."""
+    tokens = vit._pos_embed(vit.patch_embed(x))
+    if isinstance(tokens, tuple):
+        tokens = tokens[0]
+    else:
+        tokens = vit.patch_drop(tokens)
+    return vit.norm_pre(tokens)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):

@@ -1,4 +1,4 @@
-"""Patch a timm VisionTransformer instance for ALaST, and undo it.
+"""Patch a timm VisionTransformer or Eva instance for ALaST, and undo it.
 
 Each block's class is replaced by a subclass of its own class whose ``forward`` calls
 ``super().forward`` (so LayerScale, drop-path and any upstream change are kept) and then, in
@@ -13,6 +13,12 @@ chosen from the qkv projection, and only the kept tokens are queries and pass th
 output projection and the MLP (:func:`forward_selecting`). The dropped tokens still serve as
 keys and values, so the kept tokens' outputs are those of the whole block, at a fraction of its
 cost. Other block classes compute every token, then drop.
+
+timm's ``Eva`` (EVA-02, DINOv3, the RoPE ViTs, PE) gives every block rotary position embeddings
+for the patch tokens. Its blocks always select inside (:func:`eva_selecting_head`,
+:func:`eva_selecting_tail`: the queries and keys rotated as timm rotates them, the scores from
+them), and once a block has dropped tokens, the blocks after it get the rotary embeddings of the
+positions they still hold (:attr:`StepControl.positions`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from torch import Tensor, nn
 
 from .tokens import (
     cls_attention_scores,
+    row_attention_scores,
     cls_delta,
     kept_indices,
     ranking_scores,
@@ -58,6 +65,9 @@ class StepControl:
     select: str = "top"  # how kept tokens are chosen from the scores: see tokens.ranking_scores
     score: str = "attention"  # what scores the tokens: see tokens.cls_attention_scores
     generator: torch.Generator | None = None  # the draws of select 'sample' / 'random' (None: torch's default)
+    # rotary models: the patch positions (in the image's grid) of the patch tokens entering the next
+    # block, [B, n]; None while every patch token is still there
+    positions: Tensor | None = None
 
     def record_delta(self, i: int, x_in: Tensor, x_out: Tensor, pool: int | None) -> None:
         """Record block ``i``'s update for :meth:`block_deltas`.
@@ -107,6 +117,8 @@ class _AlastBlockMixin:
         n_patch = x.shape[1] - self._alast_prefix
         keep = ctl.keep[i] if self.training and ctl.keep is not None else None
         dropping = keep is not None and keep < n_patch
+        if self._alast_rotary:
+            return self._alast_eva_forward(ctl, i, x, n_patch, keep if dropping else None, *args, **kwargs)
         if dropping and self._alast_in_block and not ctl.fuse and not args and not kwargs:
             try:
                 out, scores, kept = forward_selecting(
@@ -147,6 +159,38 @@ class _AlastBlockMixin:
         ctl.record_delta(i, x_kept, kept, pool)
         return kept
 
+    def _alast_eva_forward(self, ctl: StepControl, i: int, x: Tensor, n_patch: int, keep: int | None,
+                           rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                           is_causal: bool = False) -> Tensor:
+        """:meth:`forward` of an ``EvaBlock``: the rotary embeddings follow the tokens that remain."""
+        if not self.training or ctl.keep is None:
+            return self._alast_block_compute(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if i == 0:
+            ctl.positions = None
+        if rope is not None and ctl.positions is not None:
+            rope = rope_at_positions(rope, ctl.positions)
+        ctl.tokens_in[i] = n_patch
+        ctl.scores[i] = None
+        if keep is None:
+            out = self._alast_block_compute(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            ctl.record_delta(i, x, out, self._alast_pool)
+            return out
+        if attn_mask is not None or is_causal:
+            raise RuntimeError(f"block {i} was given an attention mask; ALaST drops tokens only where every token "
+                               "attends to every other")
+        if ctl.fuse:
+            raise RuntimeError("fusing the dropped tokens (policy.fuse_tokens) is not supported with rotary "
+                               "position embeddings")
+        out, scores, kept = forward_selecting(
+            self, x, int(keep), self._alast_prefix, ctl.score,
+            lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
+            parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool,
+            rope=rope)
+        ctl.positions = patch_positions(ctl.positions, kept, self._alast_prefix)
+        ctl.record_delta(i, x if self._alast_pool is None else take_tokens(x.detach(), kept), out, self._alast_pool)
+        ctl.scores[i] = scores
+        return out
+
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The upstream block forward; compiled once for all blocks by :meth:`AlastPatch.compile_blocks`."""
         compiled = self.__dict__.get("_alast_compiled")
@@ -156,18 +200,73 @@ class _AlastBlockMixin:
 
 
 def selects_in_block(block: nn.Module) -> bool:
-    """Whether ``block`` (patched or not) runs timm's own ``Block.forward`` and ``Attention.forward``,
-    the computation :func:`forward_selecting` reproduces for the kept tokens."""
+    """Whether ``block`` (patched or not) runs timm's own ``Block.forward`` and ``Attention.forward``
+    (or ``EvaBlock.forward`` with ``EvaAttention`` or ``AttentionRope``), the computation
+    :func:`forward_selecting` reproduces for the kept tokens."""
     from timm.models.vision_transformer import Attention, Block
 
     base = getattr(block, "_alast_base", type(block))
-    return base.forward is Block.forward and type(getattr(block, "attn", None)).forward is Attention.forward
+    return is_eva_block(block) or (base.forward is Block.forward
+                                   and type(getattr(block, "attn", None)).forward is Attention.forward)
+
+
+def is_eva_block(block: nn.Module) -> bool:
+    """Whether ``block`` (patched or not) runs timm's own ``EvaBlock.forward`` with its
+    ``EvaAttention`` or ``AttentionRope`` (:func:`eva_selecting_head` reproduces them)."""
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    base = getattr(block, "_alast_base", type(block))
+    return base.forward is EvaBlock.forward and type(getattr(block, "attn", None)).forward in (
+        EvaAttention.forward, AttentionRope.forward)
+
+
+def rope_at_positions(rope: Tensor, positions: Tensor) -> Tensor:
+    """The rotary embeddings of the patch tokens at ``positions`` ``[B, n]`` (in the image's grid):
+    ``rope`` as timm's ``Eva`` gives a block, ``[N, D]``, ``[H, N, D]`` (per head: ``rope_mixed``), or
+    with a batch dimension in front (after timm's patch dropout), each with ``N`` on dim -2.
+    Returns ``[B, 1 or H, n, D]``, which broadcasts over the queries' and keys' heads."""
+    if rope.ndim == 2:
+        return rope[positions].unsqueeze(1)
+    if rope.ndim == 3:
+        return rope[:, positions].transpose(0, 1)
+    index = positions[:, None, :, None].expand(-1, rope.shape[1], -1, rope.shape[-1])
+    return torch.gather(rope, 2, index)
+
+
+def rotary_embeddings(model: nn.Module) -> Tensor | None:
+    """The rotary embeddings timm's ``Eva`` computes for every patch token (every block's, ``[depth,
+    ...]``, in mixed mode), as its ``_pos_embed`` does without augmentation; None without them."""
+    rope = getattr(model, "rope", None) if is_eva_model(model) else None
+    if rope is None:
+        return None
+    cached = getattr(rope, "feat_shape", None) is not None  # else timm passes the grid (dynamic_img_size)
+    return rope.get_embed() if cached else rope.get_embed(shape=list(model.patch_embed.grid_size))
+
+
+def block_rope(model: nn.Module, index: int = 0) -> Tensor | None:
+    """The rotary embeddings timm's ``Eva`` gives block ``index`` when every patch token is there
+    (None for a model without them), without a gradient: for measuring the block's costs."""
+    with torch.no_grad():
+        emb = rotary_embeddings(model)
+    if emb is None:
+        return None
+    return emb[index] if getattr(model, "rope_mixed", False) else emb
+
+
+def patch_positions(positions: Tensor | None, kept: Tensor, num_prefix: int) -> Tensor:
+    """The grid positions of the patch tokens a selection keeps: ``kept`` ``[B, num_prefix + k]``,
+    sequence positions with the prefix first, of tokens at grid ``positions`` (None: every patch
+    token, in order)."""
+    with torch.no_grad():
+        kept_patches = kept[:, num_prefix:] - num_prefix
+        return kept_patches if positions is None else torch.gather(positions, 1, kept_patches)
 
 
 def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, score: str = "attention",
                       rank: Callable[[Tensor], Tensor] | None = None,
-                      parts: tuple[Callable, Callable] | None = None, pool: int | None = None
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      parts: tuple[Callable, Callable] | None = None, pool: int | None = None,
+                      rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """timm's ``Block.forward`` on ``x`` ``[B, N, D]`` for the tokens it keeps: the prefix and the
     ``keep`` patch tokens ranked highest by ``rank(scores)`` (default: the scores), in their order.
 
@@ -182,10 +281,16 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     The block runs in two parts, :func:`selecting_head` (up to the scores) and
     :func:`selecting_tail` (the kept tokens' attention, projection and MLP); ``parts`` replaces
     them, e.g. with their compiled versions (:meth:`AlastPatch.compile_blocks`). The ranking and
-    the choice of the kept indices run between them, eagerly.
+    the choice of the kept indices run between them, eagerly. An ``EvaBlock`` runs
+    :func:`eva_selecting_head` and :func:`eva_selecting_tail`, with ``rope`` the rotary embeddings
+    of ``x``'s patch tokens (as its ``forward`` takes them).
     """
-    head, tail = parts or (selecting_head, selecting_tail)
-    h, qkv, scores = head(block, x, score, pool)
+    if is_eva_block(block):
+        head, tail = parts or (eva_selecting_head, eva_selecting_tail)
+        h, qkv, scores = head(block, x, score, pool, rope)
+    else:
+        head, tail = parts or (selecting_head, selecting_tail)
+        h, qkv, scores = head(block, x, score, pool)
     kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
     return tail(block, x, h, qkv, kept), scores, kept
 
@@ -226,6 +331,70 @@ def selecting_tail(block: nn.Module, x: Tensor, h: Tensor, qkv: Tensor, kept: Te
     return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
 
 
+def _eva_qkv(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries, keys and values of timm's ``EvaAttention`` or ``AttentionRope`` on ``h``, as its
+    ``forward`` computes them: ``[B, heads, N, d]`` (keys and values with their own head count under
+    grouped-query attention), before the norms and the rotation."""
+    b, n, _ = h.shape
+    heads = attn.num_heads
+    if attn.qkv is None:
+        kv_heads = getattr(attn, "num_kv_heads", heads)
+        q = attn.q_proj(h).reshape(b, n, heads, -1)
+        k = attn.k_proj(h).reshape(b, n, kv_heads, -1)
+        v = attn.v_proj(h).reshape(b, n, kv_heads, -1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q_bias = getattr(attn, "q_bias", None)
+    if q_bias is None:
+        qkv = attn.qkv(h)
+    else:
+        bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+        qkv = attn.qkv(h) + bias if attn.qkv_bias_separate else F.linear(h, attn.qkv.weight, bias)
+    q, k, v = qkv.reshape(b, n, 3, heads, -1).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def eva_selecting_head(block: nn.Module, x: Tensor, score: str, pool: int | None = None,
+                       rope: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """:func:`selecting_head` of an ``EvaBlock``: the normed input, the queries, keys and values as
+    its attention uses them (normed, the patch tokens rotated by ``rope``, the key and value heads
+    repeated under grouped-query attention) and the tokens' scores from them."""
+    from timm.layers import apply_rot_embed_cat
+
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = _eva_qkv(attn, h)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return h, (q, k, v), row_attention_scores(q, k, v, attn.scale, score, pool)
+
+
+def eva_selecting_tail(block: nn.Module, x: Tensor, h: Tensor, qkv: tuple[Tensor, Tensor, Tensor],
+                       kept: Tensor) -> Tensor:
+    """:func:`selecting_tail` of an ``EvaBlock``: its output for the ``kept`` positions."""
+    attn = block.attn
+    q, k, v = qkv
+    q = take_tokens(q.transpose(1, 2), kept).transpose(1, 2)  # [B, H, kept, d]
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if block.training else 0.0,
+                                       scale=attn.scale)
+    o = attn.norm(o.transpose(1, 2).reshape(x.shape[0], kept.shape[1], -1))
+    if attn.gate is not None:
+        o = o * attn.gate(take_tokens(h, kept)).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    if block.gamma_1 is not None:
+        o = block.gamma_1 * o
+    out = take_tokens(x, kept) + block.drop_path1(o)
+    m = block.mlp(block.norm2(out))
+    if block.gamma_2 is not None:
+        m = block.gamma_2 * m
+    return out + block.drop_path2(m)
+
+
 def _qkv_hook(module: nn.Module, _inputs, output: Tensor) -> None:
     """Keep the fused qkv projection's output for the block's CLS-attention scores.
 
@@ -256,6 +425,7 @@ class AlastPatch:
         self.pool = summary_pool(model)
         self.num_patches = int(model.patch_embed.num_patches)
         self.control = StepControl()
+        self.rotary = is_eva_model(model)
         self._hooks = []
         for i, blk in enumerate(self.blocks):
             blk._alast_index = i
@@ -263,8 +433,10 @@ class AlastPatch:
             blk._alast_pool = self.pool
             blk._alast_control = self.control
             blk._alast_in_block = selects_in_block(blk)
+            blk._alast_rotary = self.rotary
             blk.__class__ = _patched_class(type(blk))
-            self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
+            if not self.rotary:  # an Eva block always selects inside: it reads no hook
+                self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
         model._alast_patch = self
 
     def unpatch(self) -> nn.Module:
@@ -274,7 +446,7 @@ class AlastPatch:
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
             for attr in ("_alast_index", "_alast_prefix", "_alast_pool", "_alast_control", "_alast_in_block",
-                         "_alast_compiled", "_alast_compiled_parts"):
+                         "_alast_rotary", "_alast_compiled", "_alast_compiled_parts"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:
@@ -300,7 +472,8 @@ class AlastPatch:
             raise PatchError("blocks of different classes cannot share one compiled forward")
         options = {"dynamic": True, **options}
         compiled = torch.compile(base.forward, **options)
-        parts = (torch.compile(selecting_head, **options), torch.compile(selecting_tail, **options))
+        head, tail = (eva_selecting_head, eva_selecting_tail) if self.rotary else (selecting_head, selecting_tail)
+        parts = (torch.compile(head, **options), torch.compile(tail, **options))
         for blk in self.blocks:
             blk._alast_compiled = compiled
             if blk._alast_in_block:
@@ -317,30 +490,44 @@ class AlastPatch:
         ctl.cls_rows = None
         ctl.scores = [None] * self.num_blocks
         ctl.tokens_in = [0] * self.num_blocks
+        ctl.positions = None
         try:
             yield ctl
         finally:
             ctl.keep = None
             ctl.scores = [None] * self.num_blocks
+            ctl.positions = None
 
 
 POOLED_HEADS = ("avg", "avgmax", "max", "map")  # timm's global_pool values that read every patch token
 
 
+def is_eva_model(model: nn.Module) -> bool:
+    """Whether ``model`` is timm's ``Eva`` (rotary position embeddings: EVA-02, DINOv3, PE, RoPE ViTs)."""
+    from timm.models.eva import Eva
+
+    return isinstance(model, Eva)
+
+
 def check_patchable(model: nn.Module) -> None:
-    """Raise :class:`PatchError` unless ``model`` is a timm ViT/DeiT that ALaST can drive."""
+    """Raise :class:`PatchError` unless ``model`` is a timm ViT/DeiT (or ``Eva``) that ALaST can drive."""
     from timm.models.vision_transformer import VisionTransformer
 
     name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise PatchError(f"{name} is not a timm VisionTransformer; ALaST supports timm ViT/DeiT models")
+    eva = is_eva_model(model)
+    if not isinstance(model, VisionTransformer) and not eva:
+        raise PatchError(f"{name} is not a timm VisionTransformer or Eva; ALaST supports timm ViT/DeiT models and "
+                         "Eva (EVA-02, DINOv3, RoPE ViTs)")
     if getattr(model, "cls_token", None) is None and model.global_pool not in POOLED_HEADS:
         raise PatchError(f"{name} has neither a class token nor a pooled head (global_pool={model.global_pool!r}); "
                          f"ALaST reads a model through its class token or the mean of its patch tokens: use "
                          f"global_pool='avg' or 'map'")
-    if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
+    sequential = nn.ModuleList if eva else nn.Sequential  # Eva's forward runs its ModuleList in order
+    if not isinstance(model.blocks, sequential) or len(model.blocks) == 0:
         raise PatchError(f"{name} has no sequential transformer blocks")
-    for i, blk in enumerate(model.blocks):
+    if eva:
+        _check_eva(model, name)
+    for i, blk in enumerate(() if eva else model.blocks):
         attn = getattr(blk, "attn", None)
         qkv = getattr(attn, "qkv", None)
         linear = getattr(qkv, "base_layer", qkv)  # a peft LoRA layer wraps the original Linear
@@ -353,3 +540,15 @@ def check_patchable(model: nn.Module) -> None:
                              "key and value per head; ALaST supports timm's standard Attention")
     if isinstance(model.blocks[0], _AlastBlockMixin):
         raise PatchError("model is already patched for ALaST")
+
+
+def _check_eva(model: nn.Module, name: str) -> None:
+    """The part of :func:`check_patchable` for timm's ``Eva``: blocks that :func:`is_eva_block`."""
+    for i, blk in enumerate(model.blocks):
+        if not is_eva_block(blk):
+            raise PatchError(f"block {i} of {name} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                             "ALaST drives Eva models whose blocks are timm's pre-norm EvaBlock with EvaAttention or "
+                             "AttentionRope")
+        if blk.attn.num_prefix_tokens != model.num_prefix_tokens:
+            raise PatchError(f"block {i} of {name} rotates from token {blk.attn.num_prefix_tokens}, but the model has "
+                             f"{model.num_prefix_tokens} prefix tokens")

@@ -204,7 +204,7 @@ def test_the_first_line_says_where_the_weights_come_from():
 def test_a_model_that_is_no_vit_is_refused_before_it_is_built(img_size):
     from runtimes.torch_backend.patch import PatchError
 
-    with pytest.raises(PatchError, match="^ResNet is not a timm VisionTransformer; ALaST supports timm ViT/DeiT"):
+    with pytest.raises(PatchError, match="^ResNet is not a timm VisionTransformer or Eva; ALaST supports timm ViT/DeiT"):
         create_model("resnet18", 3, pretrained=True, img_size=img_size)  # refused before any download
 
 
@@ -222,9 +222,11 @@ def test_cli_refuses_a_model_that_is_no_vit_in_one_line_with_or_without_img_size
 
 def test_an_unknown_models_suggestions_leave_out_models_alast_refuses():
     with pytest.raises(ModelError) as err:
-        create_model("eva02_tiny_patch14_22", 3)  # close to eva02_tiny_patch14_224, an Eva: refused
+        create_model("vit_relpos_small_patch16_22", 3)  # close to vit_relpos_small_patch16_224: refused
     similar = str(err.value).partition("(similar: ")[2].partition(")")[0]
-    assert similar and "eva02" not in similar
+    assert similar and "relpos" not in similar
+    with pytest.raises(ModelError, match=r"similar: eva02_tiny_patch14_224"):  # an Eva, which alast drives
+        create_model("eva02_tiny_patch14_22", 3)
     with pytest.raises(ModelError, match=r"similar: vit_tiny_patch16_224"):
         create_model("vit_tinyy_patch16_224", 3)
 
