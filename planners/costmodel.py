@@ -260,6 +260,7 @@ class MemoryModel:
     input_bytes_per_sample: int = 0
     record_bytes_per_sample: int = 0
     opt_groups: tuple[tuple[tuple[int, int], ...], ...] = ()
+    rope_bytes: int = 0  # the rotary embeddings a forward computes (timm's Eva), held through the backward
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,8 @@ class RunAccumulator:
         after = static + self._opt_state()
         # the optimizer steps with the gradients and the runtime's class-token rows alive
         records = mem.record_bytes_per_sample * self.batch
-        step_peak = max(before + cost.peak_bytes, after + cost.grad_bytes + cost.opt_temp_bytes + records)
+        step_peak = max(before + cost.peak_bytes + mem.rope_bytes,
+                        after + cost.grad_bytes + cost.opt_temp_bytes + records)
         self.step_peaks.append(step_peak)
         self.peak = max(self.peak, step_peak)
         self.fwd += cost.fwd_flops * flops_scale

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,12 +160,15 @@ def _timeline_tracker_cls() -> type:
 
 
 def memory_timeline(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                    params: list[nn.Parameter], state: str, x: torch.Tensor) -> tuple[Timeline, Timeline]:
+                    params: list[nn.Parameter], state: str, x: torch.Tensor,
+                    held: Sequence[torch.Tensor] = ()) -> tuple[Timeline, Timeline]:
     """The bytes ``fn(block, x)`` holds after every op of its forward beyond what was alive when it
     started (``x``, which enters as an activation, as it does inside a model), and after every op of
     its backward beyond what was alive when that started (the saved tensors, the input; the gradient
     arriving at the output is the backward's first allocation), by torch's MemTracker. ``state``: a
-    backward state or ``none``."""
+    backward state or ``none``. ``held``: tensors ``fn`` reads that the model holds beside the block
+    (rotary embeddings), alive before it starts: MemTracker counts a storage where an op first
+    meets it, so each is met here first."""
     weights, inp = STATES.get(state, (False, False))
     set_grad(params, weights)
     call = _Call(block, fn)
@@ -175,6 +178,8 @@ def memory_timeline(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], to
     bwd: Timeline = []
     with mt:
         x = x.requires_grad_(inp) * 1.0
+        for t in held:
+            t.view_as(t)
         start, mt.record = mt.total(), fwd
         out = call(x)
         mt.record = None
@@ -212,10 +217,10 @@ def _lines(t1: Timeline, t2: Timeline) -> Lines:
 
 
 def memory_lines(block: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], params: list[nn.Parameter],
-                 state: str, n: int, dim: int) -> tuple[Lines, Lines]:
+                 state: str, n: int, dim: int, held: Sequence[torch.Tensor] = ()) -> tuple[Lines, Lines]:
     """:func:`memory_timeline` of ``n`` tokens, every op's bytes a line in the batch: ``(forward,
     backward)``."""
-    (f1, g1), (f2, g2) = (memory_timeline(block, fn, params, state, torch.randn(b, n, dim))
+    (f1, g1), (f2, g2) = (memory_timeline(block, fn, params, state, torch.randn(b, n, dim), held)
                           for b in TRANSIENT_BATCHES)
     return _lines(f1, f2), _lines(g1, g2)
 

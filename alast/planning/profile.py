@@ -61,6 +61,7 @@ from runtimes.torch_backend.patch import (
     check_patchable,
     forward_selecting,
     is_eva_model,
+    rotary_embeddings,
     selects_in_block,
 )
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
@@ -87,7 +88,7 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
     rotary embeddings of every patch token (:func:`~runtimes.torch_backend.patch.block_rope`)."""
     if not selects_in_block(block):
         return None, 0.0
-    exclude = param_storages(block)
+    exclude = param_storages(block) | _storages(rope)
     pairs = drop_pairs(ns, num_prefix)
     meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in STATES}
     for n_in, n_out in pairs:
@@ -113,7 +114,7 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
     fwd_events, bwd_events = _memory_events(
         block, trainable, mem_pairs, dim, lambda ys: fit_bilinear(mem_pairs, ys), _pair_value, grid, errs,
         lambda pair: lambda blk, x: forward_selecting(blk, x, pair[1] - num_prefix, num_prefix, pool=pool,
-                                                      rope=_rope_for(rope, x, num_prefix))[0])
+                                                      rope=_rope_for(rope, x, num_prefix))[0], _held(rope))
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in STATES},
                     act_bytes={s: fit(meas[s]["act"]) for s in STATES},
@@ -138,14 +139,15 @@ def _pair_value(cs: np.ndarray, ss: np.ndarray, pair: tuple[int, int]) -> np.nda
 
 def _memory_events(block: nn.Module, trainable: list[nn.Parameter], keys: list, dim: int,
                    fit: Callable[[list[float]], tuple[tuple[float, ...], float]], value: Callable, grid: list,
-                   errs: list[float], fn_at: Callable[[Any], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
-                   ) -> tuple[dict[str, MemoryEvents], dict[str, MemoryEvents]]:
+                   errs: list[float], fn_at: Callable[[Any], Callable[[nn.Module, torch.Tensor], torch.Tensor]],
+                   held: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, MemoryEvents], dict[str, MemoryEvents]]:
     """The block's forward memory events in every state (``none`` included) and its backward ones
     in every backward state (:func:`~alast.planning.measure.fit_events`), over ``keys`` (token
-    counts or (entering, kept) pairs: ``fn_at(key)`` runs the block at one)."""
+    counts or (entering, kept) pairs: ``fn_at(key)`` runs the block at one). ``held``: what the
+    model holds beside the block (its rotary embeddings), not the block's."""
     fwd, bwd = {}, {}
     for state in (*STATES, "none"):
-        lines = [memory_lines(block, fn_at(k), trainable, state, k if isinstance(k, int) else k[0], dim)
+        lines = [memory_lines(block, fn_at(k), trainable, state, k if isinstance(k, int) else k[0], dim, held)
                  for k in keys]
         for out, part in ((fwd, 0), (bwd, 1)):
             if state == "none" and part == 1:
@@ -164,7 +166,7 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     the block runs on the first ones)."""
     whole = functools.partial(_whole, rope=rope, num_prefix=num_prefix)
     trainable = [p for p in block.parameters() if p.requires_grad]
-    exclude = param_storages(block)
+    exclude = param_storages(block) | _storages(rope)
     macs, errs = [], []
     meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in STATES}
     for n in ns:
@@ -189,7 +191,7 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     select = fit([_select_flops(block, n, pool) for n in ns], 1)
     sel_act, sel_idx = _select_bytes(ns[-1], dim, block)
     fwd_events, bwd_events = _memory_events(block, trainable, ns, dim, lambda ys: fit_poly(ns, ys), _n_value,
-                                            _grid(ns), errs, lambda n: whole)
+                                            _grid(ns), errs, lambda n: whole, _held(rope))
     drop, drop_err = profile_dropping(block, trainable, ns, dim, num_prefix, pool, rope)
     errs.append(drop_err)
     set_grad(trainable, True)
@@ -206,6 +208,15 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
 
 def _whole(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix: int = 0) -> torch.Tensor:
     return block(x) if rope is None else block(x, rope=_rope_for(rope, x, num_prefix))
+
+
+def _held(rope: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if rope is None else (rope,)
+
+
+def _storages(rope: torch.Tensor | None) -> set[int]:
+    """The rotary embeddings' storage: the model's, not what the block saves."""
+    return set() if rope is None else {rope.untyped_storage().data_ptr()}
 
 
 def _rope_for(rope: torch.Tensor | None, x: torch.Tensor, num_prefix: int) -> torch.Tensor | None:
@@ -320,7 +331,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     memory = MemoryModel(param_bytes=params, buffer_bytes=buffers, opt_state_bytes_per_param=8,
                          optimizer_temp="all_trained" if cuda else "largest_param",
                          input_bytes_per_sample=3 * img_size * img_size * 4 if cuda else 0,
-                         record_bytes_per_sample=_record_bytes(vit),
+                         record_bytes_per_sample=_record_bytes(vit), rope_bytes=_rope_bytes(vit),
                          opt_groups=_opt_groups(model, vit, in_embed))
     fused = all(getattr(b.attn, "fused_attn", False) for b in vit.blocks)
     return CostModel(
@@ -344,6 +355,13 @@ def _opt_groups(model: nn.Module, vit: nn.Module, in_embed: set[int]) -> tuple[t
     owner.update({id(p): CLASSIFIER for p in (classifier.parameters() if isinstance(classifier, nn.Module) else ())})
     return tuple(tuple((owner.get(id(p), HEAD), p.numel() * p.element_size()) for p in g["params"])
                  for g in param_groups(model, weight_decay=1.0))
+
+
+def _rope_bytes(vit: nn.Module) -> int:
+    """:attr:`MemoryModel.rope_bytes`: the rotary embeddings timm's ``Eva`` computes in a forward."""
+    with torch.no_grad():
+        rope = rotary_embeddings(vit)
+    return 0 if rope is None else rope.untyped_storage().nbytes()
 
 
 def _record_bytes(vit: nn.Module) -> int:

@@ -19,3 +19,17 @@ def test_every_step_is_measured_and_predicted_within_a_tenth_of_a_percent(tmp_pa
     assert r["rows"][0]["trained_blocks"] == [1, 2, 3, 4, 5] and r["rows"][-1]["trained_blocks"] == [4, 5]
     for row in r["rows"]:
         assert abs(row["predicted_mib"] / row["measured_mib"] - 1) < 1e-3, row
+
+
+def test_an_evas_steps_are_predicted_with_its_rotary_embeddings_counted_once(tmp_path):
+    """Mixed-mode RoPE (every block's and head's embeddings in one tensor, ``rope_bytes``): the
+    blocks' profiles leave the embeddings out, the step counts them once."""
+    main = runpy.run_path(str(REPO / "benchmarks" / "memory_per_step.py"))["main"]
+    out = tmp_path / "m.json"
+    main(["--model", "vit_small_patch16_rope_mixed_224", "--data", "random:32", "--steps", "4", "--batch-size", "8",
+          "--target-flops", "0.5", "--set", "model.img_size=64", "--set", "model.pretrained=false",
+          "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert any(k < 16 for row in rows for k in row["kept_tokens"])
+    for row in rows:
+        assert abs(row["predicted_mib"] / row["measured_mib"] - 1) < 1e-3, row

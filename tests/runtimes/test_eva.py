@@ -228,3 +228,19 @@ def test_an_evas_step_costs_what_its_cost_model_says(variant, freeze_embeddings,
         counted = rt.train_step(images, labels, budget, 1e-3, 0).train_flops
         predicted = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), images.shape[0]).train_flops
         assert predicted == pytest.approx(counted, rel=1e-6), (ratios, trained)
+
+
+@pytest.mark.slow  # inductor on the CPU: about a minute per model
+def test_a_compiled_eva_step_matches_eager(batch):
+    """The compiled rotary selecting parts compute what the eager ones do (`backend.compile`)."""
+    from planners import Budget
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    x, y = batch
+    b = Budget((0.75, 0.5, 1.0), (True, False, True))
+    eager, comp = (TorchRuntime(make_tiny_eva("dinov3"), lr=1e-2, weight_decay=0.0, grad_clip=None, device="cpu",
+                                count_flops="off", compile=c) for c in (False, True))
+    for step in range(2):
+        r1, r2 = eager.train_step(x, y, b, 1e-2, step), comp.train_step(x, y, b, 1e-2, step)
+        assert r2.loss == pytest.approx(r1.loss, rel=1e-5) and r2.kept_tokens == r1.kept_tokens
+    assert comp.compile_time_s > 0
