@@ -31,14 +31,14 @@ def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0
 
 EVA_VARIANTS = {
     # DINOv3's layout: rotate-half RoPE with its own grid, registers, LayerScale, no absolute positions
-    "dinov3": dict(rope_type="dinov3", rope_rotate_half=True, num_reg_tokens=2, init_values=0.1, use_abs_pos_emb=False,
-                   dynamic_img_size=True, qkv_bias=False, global_pool="avg"),
+    "dinov3": {"rope_type": "dinov3", "rope_rotate_half": True, "num_reg_tokens": 2, "init_values": 0.1,
+               "use_abs_pos_emb": False, "dynamic_img_size": True, "qkv_bias": False, "global_pool": "avg"},
     # EVA-02's: query and value biases beside a fused qkv, SwiGLU with a norm, interleaved RoPE
-    "eva02": dict(qkv_bias=True, swiglu_mlp=True, scale_mlp=True, global_pool="avg"),
+    "eva02": {"qkv_bias": True, "swiglu_mlp": True, "scale_mlp": True, "global_pool": "avg"},
     # RoPE-ViT's mixed mode: learned per-block, per-head frequencies (timm's AttentionRope)
-    "mixed": dict(attn_type="rope", rope_type="mixed", init_values=0.1, global_pool="token"),
+    "mixed": {"attn_type": "rope", "rope_type": "mixed", "init_values": 0.1, "global_pool": "token"},
     # no class token: read through the mean of the patch tokens
-    "gap": dict(class_token=False, num_reg_tokens=1, global_pool="avg", qkv_fused=False),
+    "gap": {"class_token": False, "num_reg_tokens": 1, "global_pool": "avg", "qkv_fused": False},
 }
 
 

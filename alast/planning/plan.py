@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from alast.config import AlastConfig, load_run_config
+from alast.models import rotary_model
 from alast.planning.calibrate import calibrate_time
 from alast.planning.profile import profile_with_source
-from alast.models import rotary_model
 from alast.training.build import check_rotary, model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from .tokens import (
     cls_attention_scores,
-    row_attention_scores,
     cls_delta,
     kept_indices,
     ranking_scores,
+    row_attention_scores,
     select_tokens,
     summary_pool,
     take_tokens,

@@ -168,7 +168,7 @@ def test_lora_on_an_eva_trains_its_adapters_where_tokens_drop(variant, batch):
     x, y = batch
     targets = ["qkv", "fc2"] if variant == "dinov3" else ["q_proj", "v_proj"]
     rt = TorchRuntime(make_tiny_eva(variant), lr=1e-2, weight_decay=0.0, grad_clip=None, device="cpu",
-                      lora=dict(rank=2, alpha=4.0, dropout=0.0, targets=targets))
+                      lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": targets})
     adapters = {n: p.detach().clone() for n, p in rt.model.named_parameters() if "lora_B" in n}
     assert len(adapters) == 2 * 3
     res = rt.train_step(x, y, Budget((0.5,) * 3, (False, True, True)), 1e-2, 0)
