@@ -22,6 +22,7 @@ positions they still hold (:attr:`StepControl.positions`).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,15 +211,20 @@ def selects_in_block(block: nn.Module) -> bool:
                                    and type(getattr(block, "attn", None)).forward is Attention.forward)
 
 
-def is_eva_block(block: nn.Module) -> bool:
-    """Whether ``block`` (patched or not) runs timm's own ``EvaBlock.forward`` with its
-    ``EvaAttention`` or ``AttentionRope`` (:func:`eva_selecting_head` reproduces them)."""
+@functools.cache
+def _eva_forwards() -> tuple[Callable, tuple[Callable, ...]]:
     from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock
 
+    return EvaBlock.forward, (EvaAttention.forward, AttentionRope.forward)
+
+
+def is_eva_block(block: nn.Module) -> bool:
+    """Whether ``block`` (patched or not) runs timm's own ``EvaBlock.forward`` with its
+    ``EvaAttention`` or ``AttentionRope`` (:func:`eva_selecting_head` reproduces them)."""
+    block_forward, attn_forwards = _eva_forwards()
     base = getattr(block, "_alast_base", type(block))
-    return base.forward is EvaBlock.forward and type(getattr(block, "attn", None)).forward in (
-        EvaAttention.forward, AttentionRope.forward)
+    return base.forward is block_forward and type(getattr(block, "attn", None)).forward in attn_forwards
 
 
 def rope_at_positions(rope: Tensor, positions: Tensor) -> Tensor:
@@ -285,7 +291,10 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     :func:`eva_selecting_head` and :func:`eva_selecting_tail`, with ``rope`` the rotary embeddings
     of ``x``'s patch tokens (as its ``forward`` takes them).
     """
-    if is_eva_block(block):
+    rotary = block.__dict__.get("_alast_rotary")  # a patched block says; else (profiling) ask its class
+    if rotary is None:
+        rotary = is_eva_block(block)
+    if rotary:
         head, tail = parts or (eva_selecting_head, eva_selecting_tail)
         h, qkv, scores = head(block, x, score, pool, rope)
     else:
