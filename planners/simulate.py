@@ -436,11 +436,17 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
 def inference_flops(cm: CostModel, kept: Sequence[int] | None = None) -> float:
     """FLOPs of one image's eval forward on the token schedule ``kept`` (patch tokens leaving each
     block; None: every token): the blocks that drop tokens also compute CLS-attention scores, or
-    select inside (:attr:`CostModel.inference_selects_inside`)."""
+    select inside (:attr:`CostModel.inference_selects_inside`), where the last block of a head that
+    reads only the prefix keeps one patch token (``runtimes.token_schedule.scheduled_keep``)."""
     p, n = cm.num_prefix_tokens, cm.num_patches
+    kept = list(kept) if kept is not None else [n] * cm.num_blocks
+    inside = cm.inference_selects_inside and all(b.drop is not None for b in cm.blocks)
+    entering = kept[-2] if len(kept) > 1 else n
+    if inside and cm.head_reads_prefix and entering > 1 and any(k < n for k in kept):
+        kept[-1] = 1
     total = cm.embed.fwd_flops[0]
-    for blk, k in zip(cm.blocks, kept if kept is not None else [n] * cm.num_blocks):
-        if k < n and cm.inference_selects_inside and blk.drop is not None:
+    for blk, k in zip(cm.blocks, kept):
+        if k < n and inside:
             total += poly2(blk.drop.fwd_flops, p + n, p + k)
         else:
             total += blk.forward_flops(p + n) + (poly(blk.select_flops, p + n) if k < n else 0.0)

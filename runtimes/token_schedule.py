@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .torch_backend.params import input_channels, timm_model
-from .torch_backend.patch import forward_selecting, is_eva_model, patch_positions, rope_at_positions
+from .torch_backend.patch import (
+    forward_selecting,
+    is_eva_model,
+    patch_positions,
+    rope_at_positions,
+    selects_in_block,
+)
 from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
 
 
@@ -125,26 +131,31 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
 
 
 @contextlib.contextmanager
-def rotary_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "attention") -> Iterator[None]:
-    """:func:`selection_hooks` for timm's ``Eva``: a block that drops tokens selects them inside
-    (:func:`~runtimes.torch_backend.patch.forward_selecting`: only the kept tokens are queries), and
-    each block gets the rotary embeddings of the positions its tokens hold. Each block's ``forward``
-    is replaced on the instance within the block (a patched or peft-wrapped model too)."""
-    prefix, pool = int(vit.num_prefix_tokens), summary_pool(vit)
+def inside_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "attention") -> Iterator[None]:
+    """:func:`selection_hooks` where every block selects inside (timm's standard block, and
+    ``Eva``'s): a block that drops tokens runs
+    :func:`~runtimes.torch_backend.patch.forward_selecting`, where only the kept tokens are queries
+    and pass the MLP, as in training; an ``Eva`` block gets the rotary embeddings of the positions
+    its tokens hold. Each block's ``forward`` is replaced on the instance within the block (a patched
+    or peft-wrapped model too)."""
+    prefix, pool, rotary = int(vit.num_prefix_tokens), summary_pool(vit), is_eva_model(vit)
     state: dict[str, Tensor | None] = {"positions": None}
 
-    def scheduled(i: int, blk: nn.Module, upstream, x: Tensor, rope: Tensor | None = None,
-                  attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if i == 0:
-            state["positions"] = None
-        if rope is not None and state["positions"] is not None:
-            rope = rope_at_positions(rope, state["positions"])
+    def scheduled(i: int, blk: nn.Module, upstream, x: Tensor, *args, **kwargs) -> Tensor:
+        rope, attn_mask, is_causal = _eva_arguments(*args, **kwargs) if rotary else (None, *_vit_arguments(*args, **kwargs))
+        if rotary:
+            if i == 0:
+                state["positions"] = None
+            if rope is not None and state["positions"] is not None:
+                rope = rope_at_positions(rope, state["positions"])
+            args, kwargs = (), {"rope": rope, "attn_mask": attn_mask, "is_causal": is_causal}
         if keep[i] is None:
-            return upstream(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            return upstream(x, *args, **kwargs)
         if attn_mask is not None or is_causal:
             raise ScheduleError("a token schedule drops tokens only where every token attends to every other")
         out, _, kept = forward_selecting(blk, x, int(keep[i]), prefix, score, pool=pool, rope=rope)
-        state["positions"] = patch_positions(state["positions"], kept, prefix)
+        if rotary:
+            state["positions"] = patch_positions(state["positions"], kept, prefix)
         return out
 
     blocks = list(vit.blocks)
@@ -155,6 +166,36 @@ def rotary_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "at
     finally:
         for blk in blocks:
             blk.__dict__.pop("forward", None)
+
+
+def _vit_arguments(attn_mask: Tensor | None = None, is_causal: bool = False) -> tuple[Tensor | None, bool]:
+    """``Block.forward``'s arguments after ``x``."""
+    return attn_mask, is_causal
+
+
+def _eva_arguments(rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                   is_causal: bool = False) -> tuple[Tensor | None, Tensor | None, bool]:
+    """``EvaBlock.forward``'s arguments after ``x``."""
+    return rope, attn_mask, is_causal
+
+
+def scheduled_keep(vit: nn.Module, kept: Sequence[int], fuse: bool = False) -> tuple[int | None, ...]:
+    """Per block, the count a token schedule ``kept`` selects (:func:`keep_per_block`). Where the
+    schedule drops tokens, the blocks select inside and the head reads only the prefix tokens, the
+    last block keeps one patch token: its queries are the prefix and that token, every token is
+    still a key and a value, and the logits are the schedule's."""
+    num_patches = int(vit.patch_embed.num_patches)
+    keep = list(keep_per_block(kept, num_patches))
+    entering = kept[-2] if len(kept) > 1 else num_patches
+    if (entering > 1 and drops_tokens(kept, num_patches) and not fuse and head_reads_prefix(vit)
+            and selects_inside(vit)):
+        keep[-1] = 1
+    return tuple(keep)
+
+
+def selects_inside(vit: nn.Module) -> bool:
+    """Whether every block of ``vit`` selects its tokens inside (:func:`inside_schedule`)."""
+    return all(selects_in_block(b) for b in timm_model(vit).blocks)
 
 
 @contextlib.contextmanager
@@ -170,10 +211,10 @@ def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fals
         return
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
-    if is_eva_model(timm_model(vit)):
-        if fuse:
-            raise ScheduleError("a model with rotary position embeddings (timm's Eva) does not fuse dropped tokens")
-        with rotary_schedule(timm_model(vit), keep_per_block(kept, num_patches), score):
+    if fuse and is_eva_model(timm_model(vit)):
+        raise ScheduleError("a model with rotary position embeddings (timm's Eva) does not fuse dropped tokens")
+    if not fuse and selects_inside(vit):
+        with inside_schedule(timm_model(vit), scheduled_keep(vit, kept), score):
             yield
         return
     with selection_hooks(list(vit.blocks), int(vit.num_prefix_tokens), keep_per_block(kept, num_patches), fuse=fuse,

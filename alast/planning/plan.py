@@ -21,7 +21,7 @@ from alast.planning.profile import profile_with_source
 from alast.training.build import check_rotary, model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model
-from planners.simulate import Prediction, replay, simulate
+from planners.simulate import Prediction, inference_flops, replay, simulate
 from planners.target import check_target
 from planners.target import solve_target as _solve
 
@@ -151,6 +151,16 @@ def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:
     if cfg.backend.name == "ort" or cfg.policy.fuse_tokens:
         cm = cm.selecting_after_blocks()
     return cm
+
+
+def _deployed_inference(cfg: AlastConfig, plain: CostModel, pred: Prediction) -> None:
+    """Set ``pred``'s inference FLOPs on its token schedule as the deployed model runs it, whatever
+    the training backend: its blocks select inside, but with fused tokens (whole blocks, then the
+    selection)."""
+    if pred.eval_kept_tokens is None:
+        return
+    cm = plain.selecting_after_blocks() if cfg.policy.fuse_tokens else plain
+    pred.inference_flops_ratio = inference_flops(cm, pred.eval_kept_tokens) / inference_flops(cm)
 
 
 def _policy_embeddings(cm: CostModel, cfg: AlastConfig) -> CostModel:
@@ -375,6 +385,7 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
     preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name)}
     preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
+    _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, steps, batch)
     return _result(cfg, plain, source, preds, steps, target)
@@ -407,6 +418,7 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     trim = policy_options(cfg, pcm.head_reads_prefix).get("trim_last", False)
     preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
                                      trim_last=trim)}
+    _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, len(records), batch)
     cfg.train.batch_size = batch

@@ -74,14 +74,18 @@ def test_no_schedule_is_the_plain_model_and_hooks_leave(batch):
     assert not any(blk._forward_hooks or blk.attn.qkv._forward_hooks for blk in model.blocks)
 
 
-def test_schedule_with_register_tokens_keeps_the_prefix(batch):
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_schedule_with_register_tokens_keeps_the_prefix(batch, pool):
+    """The prefix survives every block; a head that reads only the prefix lets the last block keep
+    one patch token (its logits are the schedule's: ``test_schedule_reproduces_the_training_forward``)."""
     images, _ = batch
-    model = make_tiny_vit(reg_tokens=2).eval()
+    model = make_tiny_vit(reg_tokens=2, global_pool=pool).eval()
     seen = []
     model.norm.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
     with torch.no_grad(), token_schedule(model, (10, 5, 5, 2)):
         model(images)
-    assert seen == [1 + 2 + 2]  # CLS, two registers, two patch tokens
+    prefix = 3 if pool == "token" else 2  # CLS and two registers, or the registers
+    assert seen == [prefix + (1 if pool == "token" else 2)]
 
 
 @pytest.mark.parametrize("pool", ["token", "avg", "map"])
