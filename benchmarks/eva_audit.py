@@ -34,7 +34,7 @@ MODELS = {
 
 
 def alast(*args: str) -> tuple[int, str]:
-    r = subprocess.run([ALAST, *args], capture_output=True, text=True)
+    r = subprocess.run([ALAST, *args], capture_output=True, text=True, check=False)
     return r.returncode, r.stdout + r.stderr
 
 
