@@ -6,7 +6,8 @@
 #      the device's time),
 #   4. the plan's peak memory against the device's on every step of a DeiT-S run at 0.5x
 #      (benchmarks/memory_per_step.py, fp32 and bf16),
-#   5. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16 and DeiT-S at batch 256 and 64, then
+#   5. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16, DeiT-S and DINOv3-S (rotary position
+#      embeddings, 256 patch tokens; last, so the deadline cuts it first) at batch 256 and 64, then
 #      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
 #   6. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
 #      (examples/pretrain_vit12_backbone.py, MINUTES of training; the shipped weights came from it).
@@ -40,7 +41,7 @@ else
   OPS=(--models deit_small_patch16_224,vit_base_patch16_224)
   PROFILE=(--model deit_small_patch16_224 --batch 64)
   MEMORY=(--model deit_small_patch16_224 --data random:512 --steps 8 --batch-size 64 --target-flops 0.5)
-  GRID=(--models vit_base_patch16_224,deit_small_patch16_224 --batches 256,64 --steps 8 --warmup 4)
+  GRID=(--models vit_base_patch16_224,deit_small_patch16_224,vit_small_patch16_dinov3 --batches 256,64 --steps 8 --warmup 4)
   COMPILED=(--models vit_base_patch16_224 --batches 256 --steps 8 --warmup 6)
 fi
 
