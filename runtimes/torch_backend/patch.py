@@ -555,9 +555,9 @@ def _check_eva(model: nn.Module, name: str) -> None:
     """The part of :func:`check_patchable` for timm's ``Eva``: blocks that :func:`is_eva_block`."""
     for i, blk in enumerate(model.blocks):
         if not is_eva_block(blk):
-            raise PatchError(f"block {i} of {name} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
-                             "ALaST drives Eva models whose blocks are timm's pre-norm EvaBlock with EvaAttention or "
-                             "AttentionRope")
+            raise PatchError(f"block {i} of {name} is {type(blk).__name__} (attention: "
+                             f"{type(getattr(blk, 'attn', None)).__name__}); ALaST drives Eva models whose blocks are "
+                             "timm's pre-norm EvaBlock with EvaAttention or AttentionRope")
         if blk.attn.num_prefix_tokens != model.num_prefix_tokens:
             raise PatchError(f"block {i} of {name} rotates from token {blk.attn.num_prefix_tokens}, but the model has "
                              f"{model.num_prefix_tokens} prefix tokens")

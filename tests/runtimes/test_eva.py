@@ -132,8 +132,8 @@ def test_what_an_eva_cannot_run_is_refused_in_one_line():
     from runtimes.torch_backend.params import lora_target_pattern
 
     post = Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_post_norm=True)
-    with pytest.raises(PatchError, match="block 0 of Eva is a EvaBlockPostNorm with EvaAttention; ALaST drives Eva "
-                                         "models whose blocks are timm's pre-norm EvaBlock"):
+    with pytest.raises(PatchError, match=r"block 0 of Eva is EvaBlockPostNorm \(attention: EvaAttention\); ALaST "
+                                         "drives Eva models whose blocks are timm's pre-norm EvaBlock"):
         check_patchable(post)
     with pytest.raises(ValueError, match="rotary position embeddings .* ort backend's training graphs"):
         create_runtime(build_config({"backend": {"name": "ort"}}), make_tiny_eva())
