@@ -119,7 +119,7 @@ def test_an_evas_token_schedule_runs_at_inference_and_in_its_onnx_graph(variant,
         if variant != "mixed":
             assert max_logit_diff(path, model, kept=kept) < 1e-4
             continue
-        # timm's per-head rotary embeddings (mixed mode) trace to a graph that onnxruntime cannot run
+        # onnxruntime refuses the traced graph of timm's mixed mode (its class token's Expand), alast or not
         with pytest.raises(ExportError, match="^the ONNX graph of Eva does not run at batch 3 in onnxruntime"):
             max_logit_diff(path, model, kept=kept)
 
