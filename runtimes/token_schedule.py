@@ -142,8 +142,10 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "at
     state: dict[str, Tensor | None] = {"positions": None}
 
     def scheduled(i: int, blk: nn.Module, upstream, x: Tensor, *args, **kwargs) -> Tensor:
-        rope, attn_mask, is_causal = _eva_arguments(*args, **kwargs) if rotary else (None, *_vit_arguments(*args, **kwargs))
-        if rotary:
+        if not rotary:
+            rope, (attn_mask, is_causal) = None, _vit_arguments(*args, **kwargs)
+        else:
+            rope, attn_mask, is_causal = _eva_arguments(*args, **kwargs)
             if i == 0:
                 state["positions"] = None
             if rope is not None and state["positions"] is not None:
