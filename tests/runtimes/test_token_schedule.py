@@ -137,3 +137,24 @@ def test_a_hybrid_stem_is_fed_images_with_the_image_channels(tmp_path):
     path = tmp_path / "hybrid.onnx"
     path.write_bytes(export_inference_bytes(vit, 17, kept=kept))
     assert max_logit_diff(path, vit, kept=kept) < 1e-4
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_the_schedule_selects_inside_the_blocks_as_training_does(batch, pool):
+    """A dropping block computes only the tokens it keeps, and a class-token head's last block keeps
+    one patch token: the logits of running each block whole, then selecting, at fewer FLOPs."""
+    from runtimes.token_schedule import selection_hooks
+    from runtimes.torch_backend.flops import counter
+    from runtimes.torch_backend.tokens import summary_pool
+
+    images, _ = batch
+    model = make_tiny_vit(global_pool=pool).eval()
+    kept = (12, 9, 9, 4)
+    with torch.no_grad():
+        with counter() as inside, token_schedule(model, kept):
+            got = model(images)
+        with counter() as whole, selection_hooks(list(model.blocks), model.num_prefix_tokens,
+                                                 keep_per_block(kept, 16), pool=summary_pool(model)):
+            want = model(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert inside.get_total_flops() < 0.9 * whole.get_total_flops()
