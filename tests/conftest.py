@@ -39,6 +39,8 @@ EVA_VARIANTS = {
     "mixed": {"attn_type": "rope", "rope_type": "mixed", "init_values": 0.1, "global_pool": "token"},
     # no class token: read through the mean of the patch tokens
     "gap": {"class_token": False, "num_reg_tokens": 1, "global_pool": "avg", "qkv_fused": False},
+    # grouped-query attention: half as many key and value heads (timm's AttentionRope)
+    "gqa": {"attn_type": "rope", "num_heads": 4, "num_kv_heads": 2, "qkv_fused": False, "global_pool": "token"},
 }
 
 
@@ -48,8 +50,8 @@ def make_tiny_eva(variant: str = "dinov3", num_classes=5, depth=3, seed=0):
     from timm.models.eva import Eva
 
     torch.manual_seed(seed)
-    model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
-                num_classes=num_classes, use_rot_pos_emb=True, **EVA_VARIANTS[variant])
+    model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=depth, mlp_ratio=2.0, num_classes=num_classes,
+                use_rot_pos_emb=True, **{"num_heads": 2, **EVA_VARIANTS[variant]})
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
