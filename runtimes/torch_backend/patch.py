@@ -122,17 +122,9 @@ class _AlastBlockMixin:
             return self._alast_eva_forward(ctl, i, x, n_patch, keep if dropping else None, *args, **kwargs)
         if dropping and self._alast_in_block and not ctl.fuse and not args and not kwargs:
             try:
-                out, scores, kept = forward_selecting(
-                    self, x, int(keep), self._alast_prefix, ctl.score,
-                    lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
-                    parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool)
+                return self._alast_select_inside(ctl, i, x, n_patch, int(keep))[0]
             finally:
                 self.attn.qkv.__dict__.pop("_alast_qkv_out", None)
-            ctl.tokens_in[i] = n_patch
-            ctl.record_delta(i, x if self._alast_pool is None else take_tokens(x.detach(), kept), out,
-                             self._alast_pool)
-            ctl.scores[i] = scores
-            return out
         qkv = self.attn.qkv
         try:
             out = self._alast_block_compute(x, *args, **kwargs)
@@ -182,15 +174,23 @@ class _AlastBlockMixin:
         if ctl.fuse:
             raise RuntimeError("fusing the dropped tokens (policy.fuse_tokens) is not supported with rotary "
                                "position embeddings")
+        out, kept = self._alast_select_inside(ctl, i, x, n_patch, int(keep), rope)
+        ctl.positions = patch_positions(ctl.positions, kept, self._alast_prefix)
+        return out
+
+    def _alast_select_inside(self, ctl: StepControl, i: int, x: Tensor, n_patch: int, keep: int,
+                             rope: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The block on the ``keep`` patch tokens it keeps (:func:`forward_selecting`), its records
+        in ``ctl``; returns its output and the kept positions."""
         out, scores, kept = forward_selecting(
-            self, x, int(keep), self._alast_prefix, ctl.score,
+            self, x, keep, self._alast_prefix, ctl.score,
             lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
             parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool,
             rope=rope)
-        ctl.positions = patch_positions(ctl.positions, kept, self._alast_prefix)
+        ctl.tokens_in[i] = n_patch
         ctl.record_delta(i, x if self._alast_pool is None else take_tokens(x.detach(), kept), out, self._alast_pool)
         ctl.scores[i] = scores
-        return out
+        return out, kept
 
     def _alast_block_compute(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The upstream block forward; compiled once for all blocks by :meth:`AlastPatch.compile_blocks`."""
