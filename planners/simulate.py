@@ -217,7 +217,9 @@ class Prediction:
     per_block: dict[str, list[float]] = field(default_factory=dict)
     knobs: dict[str, Any] = field(default_factory=dict)
     eval_kept_tokens: tuple[int, ...] | None = None  # the token schedule of the final steps (None: every token)
-    inference_flops_ratio: float | None = None  # a forward on it, over one on every token
+    # a forward on it, over one on every token: as the deployed model runs it, set by the caller
+    # that knows how (``alast.planning.plan``; the training cost model may run blocks otherwise)
+    inference_flops_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -305,7 +307,6 @@ class RunAccumulator:
             time_method=(tm.note or tm.method) if tm is not None else "none (pass --calibrate or --throughput)",
             per_block={k: [v / n for v in vals] for k, vals in self.sums.items()},
             eval_kept_tokens=kept,
-            inference_flops_ratio=inference_flops(self.cm, kept) / inference_flops(self.cm) if kept else None,
         )
 
 
