@@ -99,6 +99,10 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for the training and validation "
                              "batches; 0: load them in the main process")
+    cache: bool | Literal["auto"] = Field(
+        "auto", description="keep each image, once read and transformed, in memory (8 bits a value, exact) so "
+        "later epochs and evaluations skip the decode and the resize; not the training images under data.augment. "
+        "auto: where they fit in a quarter of the memory available; true: wherever they fit; false: never")
     skip_bad_images: bool = Field(False, description="skip unreadable images (counted) instead of failing")
     augment: bool = Field(False, description="timm training augmentation instead of the eval transform")
     train_split: str | None = Field(

@@ -120,7 +120,9 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
         n = summary["parameters"]
         t.add_row("parameters updated", f"{n['updated'] / 1e6:.2f} M of {n['total'] / 1e6:.2f} M "
                                         f"({n['updated'] / max(n['total'], 1):.0%})")
-    t.add_row("wall time", f"{summary['wall_time_s']:.1f} s (training steps {summary['train_time_s']:.1f} s)")
+    waited = summary.get("data_wait_s")
+    data = f", waiting for data {waited:.1f} s" if waited is not None else ""
+    t.add_row("wall time", f"{summary['wall_time_s']:.1f} s (training steps {summary['train_time_s']:.1f} s{data})")
     t.add_row("median step time", f"{(summary['median_step_time_s'] or 0) * 1000:.1f} ms")
     per = " (per process)" if (summary.get("world_size") or 1) > 1 else ""
     t.add_row(f"peak memory{per}", human_bytes(summary.get("peak_memory_bytes")))

@@ -138,7 +138,25 @@ def run_train(config: Path | None, overrides: tuple[str, ...], out: Path | None,
         else:
             results.print(summary_table(summary, run_dir))
         _warn_target_miss(summary, cfg.policy.target_flops, run_dir, cost_model)
+        _warn_data_bound(summary, cfg)
     return summary
+
+
+DATA_BOUND_SHARE = 0.2  # the share of the training loop spent waiting for batches that warrants a warning
+
+
+def _warn_data_bound(summary: dict[str, Any], cfg: Any) -> None:
+    """One warning line where the loop waited for its batches a fifth of its time or more (and at
+    least 2 s): the images, not the steps, set the pace, so fewer FLOPs cannot shorten the run."""
+    waited, steps = summary.get("data_wait_s") or 0.0, summary.get("train_time_s") or 0.0
+    if waited < 2.0 or waited < DATA_BOUND_SHARE * (waited + steps):
+        return
+    workers = cfg.data.num_workers
+    fixes = [f"raise data.num_workers ({workers} now, {os.cpu_count()} CPU cores here)"]
+    if cfg.data.cache is False:
+        fixes.append("set data.cache=auto to keep the decoded images in memory")
+    click.echo(f"warning: the steps waited {waited:.1f} s for their images, {waited / (waited + steps):.0%} of the "
+               f"training loop, so reading the data sets the pace, not the model; {' or '.join(fixes)}", err=True)
 
 
 def _warn_target_miss(summary: dict[str, Any], target: float | None, run_dir: Path, cost_model: Path | None) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
+from alast.data.cache import DecodedCache, collate
 from alast.data.common import DataBundle, DataError, RGBTransform, _split_indices, say_once
 
 
@@ -274,19 +275,30 @@ class StepSeededAugment(Dataset):
                 torch.set_rng_state(saved[2])
 
 
-def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, augment: bool = False) -> DataLoader:
+def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    """The DataLoader options every loader here shares; a :class:`~alast.data.cache.DecodedCache`
+    gets its storage (shared with the workers, if any) before they start, and assembles its own batches."""
+    if isinstance(ds, DecodedCache):
+        ds.allocate(shared=num_workers > 0)
+    return {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate}
+
+
+def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, augment: bool = False,
+                  pin_memory: bool = False) -> DataLoader:
     """The batches of ``sampler``'s steps from ``ds``.
 
     The loader has its own generator, so building and iterating it never draws from torch's global
     one (which a resume restores from the checkpoint before the loader starts). ``augment``: the
     samples are randomly augmented, and each is read by :class:`StepSeededAugment` with its
     randomness seeded from (``sampler.seed``, step, index); without it nothing is wrapped.
+    ``pin_memory``: batches in page-locked memory, for a copy to a CUDA device that does not wait.
     """
     generator = torch.Generator().manual_seed(sampler.seed % (1 << 63))
+    options = _loader_options(ds, num_workers, pin_memory)
     if not augment:
-        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, generator=generator)
+        return DataLoader(ds, batch_sampler=sampler, generator=generator, **options)
     return DataLoader(StepSeededAugment(ds, sampler.seed), batch_sampler=_StepKeyedSampler(sampler),
-                      num_workers=num_workers, generator=generator)
+                      generator=generator, **options)
 
 
 EVAL_BATCH_BYTES = 8 << 20  # input-tensor budget of one automatic evaluation batch
@@ -305,7 +317,8 @@ def auto_eval_batch_size(sample_bytes: int) -> int:
     return max(1, min(MAX_EVAL_BATCH, EVAL_BATCH_BYTES // max(1, sample_bytes)))
 
 
-def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 0) -> DataLoader:
+def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
     """Validation batches in order; ``batch_size=None`` sizes them from the first sample's bytes.
 
     The loader's own generator keeps evaluations (their number: train.eval_every) out of torch's
@@ -313,4 +326,5 @@ def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 
     if batch_size is None:
         x = ds[0][0] if len(ds) else None
         batch_size = auto_eval_batch_size(x.numel() * x.element_size()) if isinstance(x, torch.Tensor) else 1
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator())
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
+                      **_loader_options(ds, num_workers, pin_memory))

@@ -1,10 +1,13 @@
 """From a validated config to the objects a run needs: data, model, runtime, planner."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from alast.config import AlastConfig
 from alast.data import DataBundle, build_data
+from alast.data.cache import cache_bundle
+from alast.data.datasets import describe_spec
 from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
@@ -33,12 +36,17 @@ def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
     return resolve_data_config({}, pretrained_cfg=cfg)
 
 
-def load_data(cfg: AlastConfig) -> tuple[DataBundle, dict[str, Any]]:
+def load_data(cfg: AlastConfig, cache: bool = True) -> tuple[DataBundle, dict[str, Any]]:
+    """The run's data and its timm data config; ``cache``: behind the decoded-image cache where
+    ``data.cache`` says so (a run that reads its images more than once)."""
     data_cfg = model_data_config(cfg.model.name, cfg.model.img_size)
     d = cfg.data
     bundle = build_data(d.spec, data_cfg, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                         seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset)
+    if cache and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
+        bundle = cache_bundle(bundle, d.cache, d.augment, d.num_workers, data_cfg["mean"], data_cfg["std"],
+                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return bundle, data_cfg
 
 

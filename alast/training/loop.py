@@ -72,16 +72,18 @@ class _Tally:
     uncounted_steps: int = 0
     wall_time_s: float = 0.0  # the earlier sessions' wall time, up to the checkpoint this one resumed from
     step_times: list[float] = field(default_factory=list)
+    data_wait_s: float = 0.0  # how long the loop waited for batches
     allreduce_bytes: list[int] = field(default_factory=list)
     peak_memory_bytes: int | None = None
     schedule_window: int = 1
     recent_kept_tokens: list[list[int]] = field(default_factory=list)  # the last schedule_window steps
 
-    def add(self, result: StepResult, allreduce_bytes: int | None) -> None:
+    def add(self, result: StepResult, allreduce_bytes: int | None, data_wait_s: float = 0.0) -> None:
         recent = self.recent_kept_tokens  # updated in place: no copy of the window every step
         recent.append(list(result.kept_tokens))
         del recent[:-self.schedule_window]
         self.step_times.append(result.step_time_s)
+        self.data_wait_s += data_wait_s
         if result.train_flops is None:
             self.uncounted_steps += 1
         else:
@@ -101,9 +103,9 @@ class _Tally:
         return max(both) if both else None
 
 
-def _val_batches(data, cfg: AlastConfig):
+def _val_batches(data, cfg: AlastConfig, pin_memory: bool = False):
     """Validation batches sized by ``train.eval_batch_size`` (default: for memory, not the train batch)."""
-    return eval_batches(data.val, cfg.train.eval_batch_size, cfg.data.num_workers)
+    return eval_batches(data.val, cfg.train.eval_batch_size, cfg.data.num_workers, pin_memory)
 
 
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
@@ -272,17 +274,17 @@ class _Run:
         return self.tally.schedule(self.runtime.num_patches, self.trim_last)
 
     def evaluate(self, data) -> dict[str, Any]:
-        return self.runtime.evaluate(_val_batches(data, self.cfg), self.eval_schedule())
+        return self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory), self.eval_schedule())
 
     def final_evaluation(self, data) -> dict[str, Any]:
         """The final metrics of the deployed model (``kept_tokens``: its token schedule, None for
         every token) and, when the run dropped tokens, both candidates with their inference costs."""
         mode = self.cfg.policy.eval_tokens
         kept = None if mode == "all" else self.tally.schedule(self.runtime.num_patches, self.trim_last)
-        every = self.runtime.evaluate(_val_batches(data, self.cfg))
+        every = self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory))
         if kept is None:
             return {**every, "kept_tokens": None}
-        scheduled = self.runtime.evaluate(_val_batches(data, self.cfg), kept)
+        scheduled = self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory), kept)
         use = mode == "trained" or scheduled["accuracy"] >= every["accuracy"]
         vit = getattr(self.runtime, "timm_model", None) or self.runtime.model
         return {**(scheduled if use else every), "kept_tokens": list(kept) if use else None,
@@ -367,6 +369,12 @@ class _Run:
         if self.comm.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether batches come in page-locked memory: for a CUDA device, whose copies then do not wait."""
+        device = getattr(self.runtime, "device", None)
+        return device is not None and device.type == "cuda"
+
     def wall_time(self) -> float:
         """The run's wall time so far: the earlier sessions' and this one's."""
         return self.tally.wall_time_s + time.perf_counter() - self.t_start
@@ -415,9 +423,13 @@ class _Run:
         timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
             with StopOnSignal() as stop:
-                batches = train_batches(data.train, sampler, cfg.data.num_workers, augment=cfg.data.augment)
-                for step, (images, labels) in zip(range(start, steps), batches):
-                    done = self.step(images, labels, step, steps, hooks, writer) + 1
+                batches = iter(train_batches(data.train, sampler, cfg.data.num_workers, augment=cfg.data.augment,
+                                             pin_memory=self.pin_memory))
+                for step in range(start, steps):
+                    asked = time.perf_counter()
+                    images, labels = next(batches)
+                    waited = time.perf_counter() - asked
+                    done = self.step(images, labels, step, steps, hooks, writer, waited) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                         self.flush(hooks, writer)
                         self.on_eval(hooks, done, self.evaluate(data))
@@ -448,8 +460,9 @@ class _Run:
             if writer:
                 writer.close()
 
-    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer) -> int:
-        """One plan -> train_step -> observe; returns ``step``.
+    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer, data_wait_s: float = 0.0) -> int:
+        """One plan -> train_step -> observe; returns ``step``. ``data_wait_s``: how long the loop
+        waited for this step's batch.
 
         A sync-free runtime (``observe_lag``) launches step i and only then reads back step i-1,
         which the planner observes after planning step i: budgets lag one step (docs/gpu.md).
@@ -463,15 +476,15 @@ class _Run:
         if not getattr(runtime, "observe_lag", False):
             result = runtime.train_step(images, labels, budget, lr, step)
             self.planner.observe(Observation(step, progress, result.deltas, result.loss))
-            self._log(step, budget, lr, result, self._sent_bytes(), hooks, writer)
+            self._log(step, budget, lr, result, (self._sent_bytes(), data_wait_s), hooks, writer)
             return step
         launched = runtime.launch_step(images, labels, budget, lr, step)
-        sent = self._sent_bytes()
+        extra = (self._sent_bytes(), data_wait_s)
         self.flush(hooks, writer)
         if self.unobserved is not None:
             self.planner.observe(self.unobserved)
             self.unobserved = None
-        self.pending = (launched, budget, lr, progress, sent)
+        self.pending = (launched, budget, lr, progress, extra)
         return step
 
     def flush(self, hooks: Hooks, writer) -> None:
@@ -479,22 +492,27 @@ class _Run:
         flushing at a checkpoint, an evaluation or the end never changes what the planner sees."""
         if self.pending is None:
             return
-        launched, budget, lr, progress, sent = self.pending
+        launched, budget, lr, progress, extra = self.pending
         self.pending = None
         result = launched.resolve()
         self.unobserved = Observation(launched.step, progress, result.deltas, result.loss)
-        self._log(launched.step, budget, lr, result, sent, hooks, writer)
+        self._log(launched.step, budget, lr, result, extra, hooks, writer)
 
     def _sent_bytes(self) -> int | None:
         return getattr(self.comm.extra, "last_bytes", None) if self.comm.world_size > 1 else None
 
-    def _log(self, step: int, budget, lr: float, result: StepResult, sent, hooks: Hooks, writer) -> None:
-        self.tally.add(result, sent)
+    def _log(self, step: int, budget, lr: float, result: StepResult, extra: tuple[int | None, float], hooks: Hooks,
+             writer) -> None:
+        """Log a read-back step; ``extra``: the bytes its gradients' all-reduce sent (None: one
+        process) and the seconds the loop waited for its batch."""
+        sent, data_wait_s = extra
+        self.tally.add(result, sent, data_wait_s)
         record = {"step": step, "loss": result.loss, "lr": lr, "budgets": list(budget.budgets),
                   "keep_ratios": list(budget.keep_ratios), "tokens_in": list(result.tokens_in),
                   "kept_tokens": list(result.kept_tokens), "trained_blocks": list(result.trained_blocks),
                   "deltas": list(result.deltas), "batch_size": result.batch_size * self.comm.world_size,
-                  "step_time_s": result.step_time_s,  # the whole step's FLOPs, over every process's share
+                  "step_time_s": result.step_time_s, "data_wait_s": data_wait_s,
+                  # the whole step's FLOPs, over every process's share
                   "train_flops": None if result.train_flops is None else result.train_flops * self.comm.world_size,
                   "memory_measured": result.memory_measured}
         if not result.embeddings_trained:

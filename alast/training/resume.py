@@ -36,10 +36,11 @@ NAMED_OPTION_KEYS: dict[str, str] = {
 # Keys a resume may change: they affect where files go, how often they are written, how fast a
 # step runs or what is measured, never the losses. (Thread count can change CPU rounding; bitwise
 # equal resumes need the same backend.threads. data.num_workers is neutral because augmentation is
-# seeded per sample from (train.seed, step, index): alast.data.datasets.StepSeededAugment.)
+# seeded per sample from (train.seed, step, index): alast.data.datasets.StepSeededAugment. data.cache
+# is neutral because a cached image is the transformed tensor, bit for bit: alast.data.cache.)
 NEUTRAL_KEYS = frozenset({
     "output.dir", "output.checkpoint_every", "output.checkpoint_minutes", "output.keep_last", "output.force",
-    "backend.threads", "backend.count_flops", "data.num_workers", "data.data_dir", "train.eval_every",
+    "backend.threads", "backend.count_flops", "data.num_workers", "data.cache", "data.data_dir", "train.eval_every",
     "output.tensorboard",
     "train.eval_batch_size",
     "policy.eval_tokens",  # how the final model is evaluated, not how it is trained

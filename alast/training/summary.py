@@ -35,7 +35,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "parameters": _optional(runtime, "parameter_counts"),
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
-        "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)),
+        "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)), "data_wait_s": tally.data_wait_s,
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
         "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,

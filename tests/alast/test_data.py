@@ -512,9 +512,9 @@ def test_training_evaluates_with_the_configured_eval_batch_size(tmp_path, monkey
 
     sizes = []
 
-    def spy(ds, batch_size=None, num_workers=0):
+    def spy(ds, batch_size=None, num_workers=0, pin_memory=False):
         sizes.append(batch_size)
-        return eval_batches(ds, batch_size, num_workers)
+        return eval_batches(ds, batch_size, num_workers, pin_memory)
 
     monkeypatch.setattr(loop, "eval_batches", spy)
     for bs in (5, None):

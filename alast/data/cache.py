@@ -1,0 +1,214 @@
+"""The decoded-image cache (``data.cache``): each image is read, decoded and transformed once.
+
+Without augmentation, the transform an image goes through (timm's eval transform: resize, centre
+crop, to tensor, normalise) gives the same tensor at every read. Reading it again every epoch costs
+the JPEG decode and the resize each time: about 290 images/s per CPU core for 500x375 photos at
+224 px (``python benchmarks/data_speed.py``), far below what a GPU step consumes, so a GPU run would
+wait for its images whatever its FLOPs. :class:`DecodedCache` keeps each transformed image, as it is
+first read, in 8 bits: the transformed tensor is ``(p / 255 - mean) / std`` of the resized image's
+bytes ``p``, so ``p`` is recovered exactly and a read recomputes the same float32 tensor, bit for
+bit (checked on every image it stores; an image whose tensor does not round-trip is never stored
+and is transformed at every read instead). A batch from the cache is one gather and one normalise.
+
+With DataLoader workers the cache lives in shared memory, allocated before the workers start, so
+an image one worker decodes serves every worker after it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from alast.data.common import DataError
+
+AUTO_SHARE = 0.25  # data.cache=auto: at most this share of the memory available when the data loads
+SHM = "/dev/shm"  # where torch's shared memory lives on Linux (DataLoader workers)
+
+
+class CacheError(DataError):
+    """``data.cache=true`` cannot be honoured (one line: what does not fit, and what to do)."""
+
+
+class CachedBatch(tuple):
+    """A batch :class:`DecodedCache` assembled itself, ``(images, labels)``: :func:`collate` passes it on."""
+
+
+def collate(batch: Any) -> Any:
+    """The DataLoader's ``collate_fn``: a :class:`CachedBatch` as it is, anything else as torch collates it.
+    Module-level, so it pickles for spawned workers."""
+    return tuple(batch) if isinstance(batch, CachedBatch) else default_collate(batch)
+
+
+def _normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``ToTensor`` then ``Normalize`` of uint8 ``[..., C, H, W]``, as torchvision computes them."""
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+class DecodedCache(Dataset):
+    """``ds`` (items ``(image [C, H, W] float32, label)``, its transform deterministic), each image
+    kept as 8-bit pixels once read (module docstring). ``shape`` is the transformed images' ``[C, H,
+    W]``; ``mean`` and ``std`` the transform's normalisation. Storage is allocated by
+    :meth:`allocate`, in the training process before a DataLoader starts its workers."""
+
+    def __init__(self, ds: Dataset, shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.ds, self.shape = ds, tuple(int(s) for s in shape)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.pixels: torch.Tensor | None = None
+        self.labels = torch.zeros(0, dtype=torch.int64)
+        self.state = torch.zeros(0, dtype=torch.int8)  # per image: 0 not read, 1 stored, 2 read every time
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        """The pixels' bytes once every image is stored."""
+        c, h, w = self.shape
+        return len(self) * c * h * w
+
+    @property
+    def stored(self) -> int:
+        """How many images are stored."""
+        return int((self.state == 1).sum()) if self.pixels is not None else 0
+
+    def allocate(self, shared: bool) -> None:
+        """Make the storage (once); ``shared``: in shared memory, for DataLoader workers."""
+        if self.pixels is not None and (not shared or self.pixels.is_shared()):
+            return
+        n = len(self)
+        if self.pixels is None:
+            self.pixels = torch.empty((n, *self.shape), dtype=torch.uint8)
+            self.labels = torch.zeros(n, dtype=torch.int64)
+            self.state = torch.zeros(n, dtype=torch.int8)
+        if shared:
+            for t in (self.pixels, self.labels, self.state):
+                t.share_memory_()
+
+    def __getitem__(self, i: int):
+        images, labels = self.__getitems__([i])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> CachedBatch:
+        """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored)."""
+        if self.pixels is None:
+            self.allocate(shared=False)
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        redo = {}
+        for j, (i, state) in enumerate(zip(idx.tolist(), self.state[idx].tolist())):
+            if state == 0:
+                state = self._store(i)
+            if state == 2:
+                redo[j] = self.ds[i]
+        images = _normalise(self.pixels[idx], self.mean, self.std)
+        labels = self.labels[idx]
+        for j, (x, _) in redo.items():
+            images[j] = x
+        return CachedBatch((images, labels))
+
+    def _store(self, i: int) -> int:
+        """Read image ``i`` from ``ds`` and store it where its tensor round-trips; its new state."""
+        x, y = self.ds[i]
+        self.labels[i] = int(y)
+        state = 2
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and tuple(x.shape) == self.shape:
+            p = x.mul(self.std).add_(self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+            if torch.equal(_normalise(p, self.mean, self.std), x):
+                self.pixels[i] = p  # type: ignore[index]
+                state = 1
+        self.state[i] = state
+        return state
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What :func:`plan_cache` decided: the datasets to cache and the note to print (None: nothing)."""
+
+    train: bool
+    val: bool
+    nbytes: int
+    note: str | None = None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes where torch puts shared memory (Linux ``/dev/shm``; None elsewhere)."""
+    try:
+        return shutil.disk_usage(SHM).free
+    except OSError:
+        return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, workers: int, processes: int = 1,
+               available: int | None = None, shm_free: int | None = None) -> CachePlan:
+    """Whether to cache the training images (``train_bytes``; None: they are augmented, so never) and
+    the validation images, under ``data.cache`` ``mode`` ("auto", True, False), with ``processes``
+    training processes on this machine each holding its own cache. ``available`` and ``shm_free``
+    (bytes; None: unknown) are read from the machine when not given. True raises :class:`CacheError`
+    where the cache cannot fit; "auto" leaves it out with a note."""
+    if mode is False:
+        return CachePlan(False, False, 0)
+    nbytes = (train_bytes or 0) + val_bytes
+    available = available_memory() if available is None else available
+    shm_free = (shared_memory_free() if workers else None) if shm_free is None else shm_free
+    total = nbytes * processes
+    per = f" ({processes} processes, one cache each)" if processes > 1 else ""
+    what = f"the decoded images take {_size(total)}{per}"
+    if available is not None and total > (available if mode is True else AUTO_SHARE * available):
+        if mode is True:
+            raise CacheError(f"data.cache=true: {what}, more than the {_size(available)} of memory available; set "
+                             "data.cache=false, or lower model.img_size")
+        return CachePlan(False, False, 0, f"not caching the decoded images: {what}, more than a quarter of the "
+                                          f"{_size(available)} of memory available (data.cache=true caches anyway)")
+    if workers and shm_free is not None and total > shm_free:
+        msg = (f"{what}, more than the {_size(shm_free)} free in {SHM}, where DataLoader workers share them")
+        if mode is True:
+            raise CacheError(f"data.cache=true: {msg}; enlarge {SHM} (docker run --shm-size), set "
+                             "data.num_workers=0, or set data.cache=false")
+        return CachePlan(False, False, 0, f"not caching the decoded images: {msg}")
+    return CachePlan(train_bytes is not None, True, nbytes)
+
+
+def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, mean: Sequence[float], std: Sequence[float],
+                 processes: int = 1) -> Any:
+    """``bundle`` (a :class:`~alast.data.common.DataBundle`) with its datasets behind a
+    :class:`DecodedCache` where :func:`plan_cache` says so; the training images only without
+    ``augment``. Datasets whose items are not ``[C, H, W]`` tensors are left as they are."""
+    from dataclasses import replace
+
+    from alast.data.common import say_once
+
+    if mode is False or len(bundle.val) == 0:
+        return bundle
+    x = bundle.val[0][0]
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        return bundle
+    per_image = x.numel()  # one byte per value
+    plan = plan_cache(mode, None if augment else len(bundle.train) * per_image, len(bundle.val) * per_image,
+                      workers, processes)
+    if plan.note:
+        say_once([plan.note])
+    return replace(bundle, train=DecodedCache(bundle.train, x.shape, mean, std) if plan.train else bundle.train,
+                   val=DecodedCache(bundle.val, x.shape, mean, std) if plan.val else bundle.val)
