@@ -191,24 +191,23 @@ def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, worker
     return CachePlan(train_bytes is not None, True, nbytes)
 
 
-def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, mean: Sequence[float], std: Sequence[float],
+def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, data_cfg: dict[str, Any],
                  processes: int = 1) -> Any:
     """``bundle`` (a :class:`~alast.data.common.DataBundle`) with its datasets behind a
     :class:`DecodedCache` where :func:`plan_cache` says so; the training images only without
-    ``augment``. Datasets whose items are not ``[C, H, W]`` tensors are left as they are."""
+    ``augment``. ``data_cfg``: timm's data config, whose transform gives ``input_size`` images
+    normalised by ``mean`` and ``std`` (an image it does not give so is never stored)."""
     from dataclasses import replace
 
     from alast.data.common import say_once
 
-    if mode is False or len(bundle.val) == 0:
+    if mode is False:
         return bundle
-    x = bundle.val[0][0]
-    if not isinstance(x, torch.Tensor) or x.ndim != 3:
-        return bundle
-    per_image = x.numel()  # one byte per value
+    shape, mean, std = data_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
+    per_image = int(torch.Size(shape).numel())  # one byte per value
     plan = plan_cache(mode, None if augment else len(bundle.train) * per_image, len(bundle.val) * per_image,
                       workers, processes)
     if plan.note:
         say_once([plan.note])
-    return replace(bundle, train=DecodedCache(bundle.train, x.shape, mean, std) if plan.train else bundle.train,
-                   val=DecodedCache(bundle.val, x.shape, mean, std) if plan.val else bundle.val)
+    return replace(bundle, train=DecodedCache(bundle.train, shape, mean, std) if plan.train else bundle.train,
+                   val=DecodedCache(bundle.val, shape, mean, std) if plan.val else bundle.val)

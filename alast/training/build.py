@@ -45,7 +45,7 @@ def load_data(cfg: AlastConfig, cache: bool = True) -> tuple[DataBundle, dict[st
                         seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset)
     if cache and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
-        bundle = cache_bundle(bundle, d.cache, d.augment, d.num_workers, data_cfg["mean"], data_cfg["std"],
+        bundle = cache_bundle(bundle, d.cache, d.augment, d.num_workers, data_cfg,
                               processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return bundle, data_cfg
 

@@ -1,0 +1,163 @@
+"""The decoded-image cache (data.cache): exact batches, shared with workers, sized to fit; the loop's
+wait for batches, measured and warned about."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from alast.data.cache import AUTO_SHARE, CacheError, CachePlan, DecodedCache, cache_bundle, plan_cache
+from alast.data.datasets import StepBatchSampler, build_data, eval_batches, train_batches
+from alast.training.build import model_data_config
+from alast_cli.main import cli
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three classes of JPEG and PNG images of several sizes and modes (RGB, grey, RGBA, palette)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir()
+        for i in range(8):
+            h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            img = [img, img.convert("L"), img.convert("RGBA"), img.convert("P")][i % 4]
+            img.save(root / f"c{c}" / f"{i}.{'jpg' if img.mode in ('RGB', 'L') else 'png'}")
+    return root
+
+
+def _bundle(photos):
+    return build_data(f"imagefolder:{photos}", model_data_config("alast_demo_vit"), seed=0)
+
+
+def _cached(ds):
+    x = ds[0][0]
+    return DecodedCache(ds, x.shape, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_cached_batches_are_the_transformed_images_to_the_bit(photos):
+    ds = _bundle(photos).train
+    cache = _cached(ds)
+    reference = list(DataLoader(ds, batch_size=5))
+    for _ in range(2):  # the first pass decodes and stores, the second reads the store
+        got = list(eval_batches(cache, 5))
+        assert len(got) == len(reference)
+        for (x, y), (rx, ry) in zip(got, reference):
+            assert x.dtype == rx.dtype == torch.float32 and torch.equal(x, rx) and torch.equal(y, ry)
+        assert cache.stored == len(ds)
+    x, y = cache[3]
+    assert torch.equal(x, ds[3][0]) and y == ds[3][1]
+
+
+class _Noise(Dataset):
+    """Float images that no 8-bit image transforms to: never stored, read every time."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)), i % 2
+
+
+def test_an_image_whose_tensor_does_not_round_trip_is_never_stored():
+    cache = _cached(_Noise())
+    for _ in range(2):
+        (x, y), = list(eval_batches(cache, 6))
+        assert torch.equal(x, torch.stack([_Noise()[i][0] for i in range(6)])) and y.tolist() == [0, 1] * 3
+    assert cache.stored == 0
+
+
+def test_workers_fill_one_cache_in_shared_memory(photos):
+    ds = _bundle(photos).train
+    cache = _cached(ds)
+    sampler = StepBatchSampler(len(ds), 4, 0, 0, 12, 0, 1)
+    serial = list(train_batches(ds, sampler))
+    parallel = list(train_batches(cache, sampler, num_workers=2))
+    assert cache.pixels.is_shared()
+    assert cache.stored == len(ds)  # the workers' reads landed in the training process's cache
+    for (x, y), (rx, ry) in zip(parallel, serial):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_the_cache_is_planned_to_fit():
+    # auto: up to a quarter of the memory available; the training images only without augmentation
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, available=60 * MIB) == CachePlan(True, True, 15 * MIB)
+    assert plan_cache("auto", None, 5 * MIB, 0, available=60 * MIB) == CachePlan(False, True, 5 * MIB)
+    left_out = plan_cache("auto", 10 * MIB, 6 * MIB, 0, available=60 * MIB)
+    assert not left_out.train and not left_out.val
+    assert left_out.note == ("not caching the decoded images: the decoded images take 16.0 MiB, more than a quarter "
+                             "of the 60.0 MiB of memory available (data.cache=true caches anyway)")
+    assert AUTO_SHARE == 0.25
+    # every process on the machine holds its own
+    assert plan_cache("auto", 5 * MIB, 5 * MIB, 0, processes=2, available=60 * MIB).note.startswith(
+        "not caching the decoded images: the decoded images take 20.0 MiB (2 processes, one cache each)")
+    # true: wherever it fits at all
+    assert plan_cache(True, 10 * MIB, 6 * MIB, 0, available=60 * MIB).train
+    with pytest.raises(CacheError, match=r"^data.cache=true: the decoded images take 70.0 MiB, more than the 60.0 "
+                                         r"MiB of memory available; set data.cache=false"):
+        plan_cache(True, 60 * MIB, 10 * MIB, 0, available=60 * MIB)
+    # workers share it through /dev/shm
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 2, available=600 * MIB, shm_free=14 * MIB).note == (
+        "not caching the decoded images: the decoded images take 15.0 MiB, more than the 14.0 MiB free in "
+        "/dev/shm, where DataLoader workers share them")
+    with pytest.raises(CacheError, match=r"enlarge /dev/shm \(docker run --shm-size\), set data.num_workers=0"):
+        plan_cache(True, 10 * MIB, 5 * MIB, 2, available=600 * MIB, shm_free=14 * MIB)
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, available=600 * MIB, shm_free=14 * MIB).train  # no workers
+    assert plan_cache(False, 1, 1, 0, available=600 * MIB) == CachePlan(False, False, 0)
+
+
+def test_a_bundle_is_cached_as_planned(photos, monkeypatch):
+    import alast.data.cache as cache_mod
+
+    bundle = _bundle(photos)
+    monkeypatch.setattr(cache_mod, "available_memory", lambda: 1 << 40)
+    data_cfg = model_data_config("alast_demo_vit")
+    cached = cache_bundle(bundle, "auto", False, 0, data_cfg)
+    assert isinstance(cached.train, DecodedCache) and isinstance(cached.val, DecodedCache)
+    assert cached.train.nbytes == len(bundle.train) * 3 * 32 * 32
+    augmented = cache_bundle(bundle, "auto", True, 0, data_cfg)
+    assert augmented.train is bundle.train and isinstance(augmented.val, DecodedCache)
+    assert cache_bundle(bundle, False, False, 0, data_cfg) is bundle
+    monkeypatch.setattr(cache_mod, "available_memory", lambda: 1000)
+    assert cache_bundle(bundle, "auto", False, 0, data_cfg).train is bundle.train
+
+
+def _train(photos, out, *extra):
+    args = ["train", "--data", f"imagefolder:{photos}", "--steps", "8", "--batch-size", "8", "--out", str(out),
+            "--set", "backend.threads=1", "--set", 'backend.count_flops="off"', *extra]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], res
+
+
+def test_a_cached_run_trains_as_an_uncached_one_and_reports_its_wait_for_data(photos, tmp_path):
+    cached, res = _train(photos, tmp_path / "cached")
+    plain, _ = _train(photos, tmp_path / "plain", "--set", "data.cache=false")
+    assert [r["loss"] for r in cached] == [r["loss"] for r in plain]  # 8 steps of 8: four passes over 18 images
+    assert all(r["data_wait_s"] >= 0 for r in cached)
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    assert summary["data_wait_s"] == pytest.approx(sum(r["data_wait_s"] for r in cached))
+    assert "waiting for data" in res.output
+
+
+def test_a_run_that_waits_for_its_images_is_told_so(capsys):
+    from alast.config import build_config
+    from alast_cli.train_cmd import _warn_data_bound
+
+    cfg = build_config({"data": {"num_workers": 0, "cache": False}})
+    _warn_data_bound({"data_wait_s": 3.0, "train_time_s": 9.0}, cfg)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the steps waited 3.0 s for their images, 25% of the training loop, so reading the "
+                          "data sets the pace, not the model; raise data.num_workers (0 now, ")
+    assert err.rstrip().endswith("or set data.cache=auto to keep the decoded images in memory")
+    for summary in ({"data_wait_s": 2.0, "train_time_s": 9.0}, {"data_wait_s": 1.5, "train_time_s": 1.0}):
+        _warn_data_bound(summary, cfg)  # under a fifth of the loop; under 2 s
+        assert capsys.readouterr().err == ""
