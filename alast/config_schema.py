@@ -97,8 +97,10 @@ class DataConfig(_Section):
     data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
     download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for the training and validation "
-                             "batches; 0: load them in the main process")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes for the training and validation batches; 0: load them in "
+        "the training process; auto: none on the CPU (the training threads use its cores), on CUDA one per CPU core "
+        "each training process has, less one, up to 8")
     cache: bool | Literal["auto"] = Field(
         "auto", description="keep each image, once read and transformed, in memory (8 bits a value, exact) so "
         "later epochs and evaluations skip the decode and the resize; not the training images under data.augment. "

@@ -7,6 +7,7 @@ sample's random augmentation is a pure function of (seed, step, index) too (Step
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -273,6 +274,23 @@ class StepSeededAugment(Dataset):
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.set_rng_state(saved[2])
+
+
+AUTO_WORKERS_MAX = 8  # data.num_workers=auto on CUDA: at most this many per training process
+
+
+def resolve_workers(setting: int | str, device: str, processes: int = 1, cpus: int | None = None) -> int:
+    """``data.num_workers``: a count as given; ``auto``: none on the CPU, where the training threads
+    use every core, so a worker only moves the decoding (``benchmarks/data_speed.py``: one worker
+    reads no faster than the training process itself), and on CUDA, whose host only launches
+    kernels, one per CPU core each of ``processes`` training processes has, less one, 1 to
+    :data:`AUTO_WORKERS_MAX`."""
+    if setting != "auto":
+        return int(setting)
+    if device != "cuda":
+        return 0
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(AUTO_WORKERS_MAX, cpus // max(1, processes) - 1))
 
 
 def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 from alast.config import AlastConfig
 from alast.data import DataBundle, build_data
 from alast.data.cache import cache_bundle
-from alast.data.datasets import describe_spec
+from alast.data.datasets import describe_spec, resolve_workers
 from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
@@ -45,9 +45,20 @@ def load_data(cfg: AlastConfig, cache: bool = True) -> tuple[DataBundle, dict[st
                         seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset)
     if cache and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
-        bundle = cache_bundle(bundle, d.cache, d.augment, d.num_workers, data_cfg,
-                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        bundle = cache_bundle(bundle, d.cache, d.augment, data_workers(cfg), data_cfg, processes=local_processes())
     return bundle, data_cfg
+
+
+def local_processes() -> int:
+    """The training processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def data_workers(cfg: AlastConfig) -> int:
+    """The DataLoader workers of a run: ``data.num_workers`` for its device (``resolve_workers``)."""
+    from runtimes.torch_backend.runtime import resolve_device
+
+    return resolve_workers(cfg.data.num_workers, resolve_device(cfg.backend.device).type, local_processes())
 
 
 def build_model(cfg: AlastConfig, num_classes: int):

@@ -24,7 +24,7 @@ from alast.data import DataBundle, DataError, StepBatchSampler, check_batch_size
 from alast.data.common import files_changed
 from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
-from alast.training.build import build_model, build_planner, create_runtime, load_data
+from alast.training.build import build_model, build_planner, create_runtime, data_workers, load_data
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
 from alast.training.rundir import (
@@ -105,7 +105,7 @@ class _Tally:
 
 def _val_batches(data, cfg: AlastConfig, pin_memory: bool = False):
     """Validation batches sized by ``train.eval_batch_size`` (default: for memory, not the train batch)."""
-    return eval_batches(data.val, cfg.train.eval_batch_size, cfg.data.num_workers, pin_memory)
+    return eval_batches(data.val, cfg.train.eval_batch_size, data_workers(cfg), pin_memory)
 
 
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
@@ -423,7 +423,7 @@ class _Run:
         timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
             with StopOnSignal() as stop:
-                batches = iter(train_batches(data.train, sampler, cfg.data.num_workers, augment=cfg.data.augment,
+                batches = iter(train_batches(data.train, sampler, data_workers(cfg), augment=cfg.data.augment,
                                              pin_memory=self.pin_memory))
                 for step in range(start, steps):
                     asked = time.perf_counter()

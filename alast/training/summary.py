@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from alast.config import AlastConfig
+from alast.data.cache import DecodedCache
 from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
+from alast.training.build import data_workers
 from alast.training.report import METRICS, budget_heatmap, read_metrics
 from alast.training.rundir import FINAL_WEIGHTS, HEATMAP, SUMMARY
 
@@ -36,6 +38,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)), "data_wait_s": tally.data_wait_s,
+        "data_workers": data_workers(cfg), "cached_images": _cached_images(data),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
         "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,
@@ -45,6 +48,12 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "data_fingerprint": getattr(data, "fingerprint", None),  # the files an image folder's split drew from
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
     }
+
+
+def _cached_images(data) -> int | None:
+    """How many images the decoded-image cache holds at the end (None: no cache)."""
+    caches = [ds for ds in (data.train, data.val) if isinstance(ds, DecodedCache)]
+    return sum(c.stored for c in {id(c): c for c in caches}.values()) if caches else None
 
 
 def _optional(runtime, method: str, *args: Any) -> Any:

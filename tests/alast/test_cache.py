@@ -161,3 +161,13 @@ def test_a_run_that_waits_for_its_images_is_told_so(capsys):
     for summary in ({"data_wait_s": 2.0, "train_time_s": 9.0}, {"data_wait_s": 1.5, "train_time_s": 1.0}):
         _warn_data_bound(summary, cfg)  # under a fifth of the loop; under 2 s
         assert capsys.readouterr().err == ""
+
+
+def test_workers_by_default_on_cuda_only():
+    from alast.data.datasets import AUTO_WORKERS_MAX, resolve_workers
+
+    assert resolve_workers("auto", "cpu", cpus=16) == 0
+    assert resolve_workers("auto", "cuda", cpus=16) == AUTO_WORKERS_MAX == 8
+    assert resolve_workers("auto", "cuda", processes=4, cpus=16) == 3  # four cores each, one left to launch
+    assert resolve_workers("auto", "cuda", processes=8, cpus=8) == 1
+    assert resolve_workers(3, "cpu", cpus=16) == 3 and resolve_workers(0, "cuda", cpus=16) == 0
