@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="deit_small_patch16_224", help="whose input size and transform")
     ap.add_argument("--folder", type=Path, default=None, help="an image folder (default: photos written here)")
     ap.add_argument("--images", type=int, default=512, help="images written without --folder")
+    ap.add_argument("--write-folder", type=Path, default=None,
+                    help="write the photos here (kept) and read them; an image folder for alast train")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--passes", type=int, default=3, help="passes over the training images per setting")
     ap.add_argument("--workers", default="0,2", help="DataLoader worker counts to time")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder or write_photos(Path(tmp) / "photos", args.images)
+        folder = args.folder or write_photos(args.write_folder or Path(tmp) / "photos", args.images)
         data_cfg = model_data_config(args.model)
         train = build_data(f"imagefolder:{folder}", data_cfg, seed=0).train
         shape = train[0][0].shape
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"workers {workers}  cache {'on ' if cached else 'off'}  images/s per pass: "
                       + ", ".join(f"{r:.0f}" for r in rates), flush=True)
     result = {"model": args.model, "input": list(shape), "images": len(train), "batch_size": args.batch_size,
-              "threads": args.threads, "cpu_count": os.cpu_count(), "folder": str(args.folder or "sklearn photos"),
+              "threads": args.threads, "cpu_count": os.cpu_count(), "folder": str(args.folder or "sklearn photos"), "images_written": None if args.folder else args.images,
               "torch": torch.__version__, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
