@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from alast.data.cache import DecodedCache  # noqa: E402
-from alast.data.datasets import StepBatchSampler, build_data, train_batches  # noqa: E402
-from alast.training.build import model_data_config  # noqa: E402
+from alast.data.cache import DecodedCache
+from alast.data.datasets import StepBatchSampler, build_data, train_batches
+from alast.training.build import model_data_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

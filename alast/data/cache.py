@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 from alast.data.common import DataError
 
 AUTO_SHARE = 0.25  # data.cache=auto: at most this share of the memory available when the data loads
+NOTE_BYTES = 256 << 20  # a cache this large is announced in a note
 SHM = "/dev/shm"  # where torch's shared memory lives on Linux (DataLoader workers)
 
 
@@ -192,7 +194,11 @@ def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, worker
             raise CacheError(f"data.cache=true: {msg}; enlarge {SHM} (docker run --shm-size), set "
                              "data.num_workers=0, or set data.cache=false")
         return CachePlan(False, False, 0, f"not caching the decoded images: {msg}")
-    return CachePlan(train_bytes is not None, True, nbytes)
+    note = None
+    if total >= NOTE_BYTES:
+        note = (f"keeping the decoded images in memory as they are first read, up to {_size(total)}{per} "
+                "(data.cache=false: never)")
+    return CachePlan(train_bytes is not None, True, nbytes, note)
 
 
 def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, data_cfg: dict[str, Any],

@@ -112,6 +112,9 @@ def test_the_cache_is_planned_to_fit():
         plan_cache(True, 10 * MIB, 5 * MIB, 2, available=600 * MIB, shm_free=14 * MIB)
     assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, available=600 * MIB, shm_free=14 * MIB).train  # no workers
     assert plan_cache(False, 1, 1, 0, available=600 * MIB) == CachePlan(False, False, 0)
+    # a large cache is announced
+    assert plan_cache("auto", 200 * MIB, 100 * MIB, 0, available=2000 * MIB).note == (
+        "keeping the decoded images in memory as they are first read, up to 300.0 MiB (data.cache=false: never)")
 
 
 def test_a_bundle_is_cached_as_planned(photos, monkeypatch):
