@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -293,12 +294,25 @@ def resolve_workers(setting: int | str, device: str, processes: int = 1, cpus: i
     return max(1, min(AUTO_WORKERS_MAX, cpus // max(1, processes) - 1))
 
 
+def _leave_stop_signals_to_the_run(_worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: ignore SIGINT and SIGTERM, which a terminal, systemd
+    or a batch scheduler sends to every process of the run. The training process stops at the next
+    step boundary with a checkpoint (alast.training.process.StopOnSignal) and then ends its workers;
+    a worker killed by the signal would end the run at once, with an error and no checkpoint. A
+    worker whose training process dies ends by itself (torch's watchdog)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool) -> dict[str, Any]:
     """The DataLoader options every loader here shares; a :class:`~alast.data.cache.DecodedCache`
     gets its storage (shared with the workers, if any) before they start, and assembles its own batches."""
     if isinstance(ds, DecodedCache):
         ds.allocate(shared=num_workers > 0)
-    return {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate}
+    options = {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate}
+    if num_workers:
+        options["worker_init_fn"] = _leave_stop_signals_to_the_run
+    return options
 
 
 def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, augment: bool = False,

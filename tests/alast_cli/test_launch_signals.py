@@ -317,3 +317,28 @@ def test_nproc_above_the_cores_or_gpus_is_refused_before_anything_starts(tmp_pat
                                    "--out", str(tmp_path / "run")])
     one_error_line(res, 2, f"--nproc 2 is more than the {what}", "use --nproc 1 or fewer")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sigterm_to_every_process_of_a_run_with_data_workers_stops_at_a_step_boundary(tmp_path):
+    """systemd and batch schedulers signal every process of a run, its DataLoader workers too: they
+    leave the stop to the training process, which saves a checkpoint and exits 130."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "alast_cli", "train", "--data", "digits", "--batch-size", "16",
+                             "--steps", "100000", "--set", "backend.threads=1", "--set", "data.num_workers=2",
+                             "--set", 'backend.count_flops="off"', "--out", str(run)],
+                            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted at step ")]
+    assert len(lines) == 1 and "checkpoint saved to" in lines[0] and "error" not in err, err
+    assert list((run / "checkpoints").glob("step_*.safetensors"))
