@@ -278,20 +278,32 @@ class StepSeededAugment(Dataset):
 
 
 AUTO_WORKERS_MAX = 8  # data.num_workers=auto on CUDA: at most this many per training process
+LOADER_PREFETCH = 2  # batches a DataLoader worker prepares ahead (torch's prefetch_factor default)
 
 
-def resolve_workers(setting: int | str, device: str, processes: int = 1, cpus: int | None = None) -> int:
+def resolve_workers(setting: int | str, device: str, processes: int = 1, cpus: int | None = None,
+                    batch_bytes: int = 0, shm_free: int | None = None) -> int:
     """``data.num_workers``: a count as given; ``auto``: none on the CPU, where the training threads
     use every core, so a worker only moves the decoding (``benchmarks/data_speed.py``: one worker
     reads no faster than the training process itself), and on CUDA, whose host only launches
     kernels, one per CPU core each of ``processes`` training processes has, less one, 1 to
-    :data:`AUTO_WORKERS_MAX`."""
+    :data:`AUTO_WORKERS_MAX`; but no more than ``shm_free`` bytes of shared memory (None: unknown)
+    hold, each worker passing up to ``LOADER_PREFETCH`` batches of ``batch_bytes`` through it
+    (Docker's default /dev/shm holds 64 MiB: one batch of 128 images at 224 px is 77 MB)."""
     if setting != "auto":
         return int(setting)
     if device != "cuda":
         return 0
     cpus = cpus or os.cpu_count() or 1
-    return max(1, min(AUTO_WORKERS_MAX, cpus // max(1, processes) - 1))
+    workers = max(1, min(AUTO_WORKERS_MAX, cpus // max(1, processes) - 1))
+    if shm_free is not None and batch_bytes:
+        fit = shm_free // (LOADER_PREFETCH * batch_bytes * max(1, processes))
+        if fit < workers:
+            say_once([f"data.num_workers=auto: {fit} DataLoader workers, not {workers}: {shm_free / 2**20:.0f} MiB "
+                      f"are free in /dev/shm, through which each passes up to {LOADER_PREFETCH} batches of "
+                      f"{batch_bytes / 2**20:.0f} MiB (docker run --shm-size=8g gives more)"])
+            workers = fit
+    return workers
 
 
 def _leave_stop_signals_to_the_run(_worker_id: int) -> None:

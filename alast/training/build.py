@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from alast.config import AlastConfig
 from alast.data import DataBundle, build_data
 from alast.data.cache import cache_bundle
@@ -55,10 +57,17 @@ def local_processes() -> int:
 
 
 def data_workers(cfg: AlastConfig) -> int:
-    """The DataLoader workers of a run: ``data.num_workers`` for its device (``resolve_workers``)."""
+    """The DataLoader workers of a run: ``data.num_workers`` for its device (``resolve_workers``),
+    within the shared memory its training batches pass through."""
+    from alast.data.cache import shared_memory_free
     from runtimes.torch_backend.runtime import resolve_device
 
-    return resolve_workers(cfg.data.num_workers, resolve_device(cfg.backend.device).type, local_processes())
+    device = resolve_device(cfg.backend.device).type
+    if cfg.data.num_workers != "auto" or device != "cuda":
+        return resolve_workers(cfg.data.num_workers, device)
+    shape = model_data_config(cfg.model.name, cfg.model.img_size)["input_size"]
+    batch_bytes = 4 * cfg.train.batch_size // local_processes() * int(torch.Size(shape).numel())
+    return resolve_workers("auto", device, local_processes(), batch_bytes=batch_bytes, shm_free=shared_memory_free())
 
 
 def build_model(cfg: AlastConfig, num_classes: int):

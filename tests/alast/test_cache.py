@@ -174,3 +174,15 @@ def test_workers_by_default_on_cuda_only():
     assert resolve_workers("auto", "cuda", processes=4, cpus=16) == 3  # four cores each, one left to launch
     assert resolve_workers("auto", "cuda", processes=8, cpus=8) == 1
     assert resolve_workers(3, "cpu", cpus=16) == 3 and resolve_workers(0, "cuda", cpus=16) == 0
+
+
+def test_auto_workers_fit_the_shared_memory_their_batches_pass_through(capsys):
+    from alast.data.datasets import resolve_workers
+
+    batch = 154 * MIB  # 256 images at 224 px, float32
+    assert resolve_workers("auto", "cuda", cpus=16, batch_bytes=batch, shm_free=32 << 30) == 8
+    assert resolve_workers("auto", "cuda", cpus=16, batch_bytes=batch, shm_free=64 * MIB) == 0  # Docker's default
+    assert "0 DataLoader workers, not 8: 64 MiB are free in /dev/shm" in capsys.readouterr().err
+    assert resolve_workers("auto", "cuda", cpus=16, batch_bytes=batch, shm_free=1000 * MIB) == 3
+    assert resolve_workers("auto", "cuda", processes=2, cpus=16, batch_bytes=batch, shm_free=1000 * MIB) == 1
+    assert resolve_workers(4, "cuda", cpus=16, batch_bytes=batch, shm_free=64 * MIB) == 4  # as the user set
