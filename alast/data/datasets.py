@@ -299,9 +299,10 @@ def resolve_workers(setting: int | str, device: str, processes: int = 1, cpus: i
     if shm_free is not None and batch_bytes:
         fit = shm_free // (LOADER_PREFETCH * batch_bytes * max(1, processes))
         if fit < workers:
-            say_once([f"data.num_workers=auto: {fit} DataLoader workers, not {workers}: {shm_free / 2**20:.0f} MiB "
-                      f"are free in /dev/shm, through which each passes up to {LOADER_PREFETCH} batches of "
-                      f"{batch_bytes / 2**20:.0f} MiB (docker run --shm-size=8g gives more)"])
+            note = (f"data.num_workers=auto: {fit} DataLoader workers, not {workers}: {shm_free / 2**20:.0f} MiB "
+                    f"are free in /dev/shm, through which each passes up to {LOADER_PREFETCH} batches of "
+                    f"{batch_bytes / 2**20:.0f} MiB (docker run --shm-size=8g gives more)")
+            say_once([note])
             workers = fit
     return workers
 
