@@ -8,8 +8,11 @@
 #      (benchmarks/memory_per_step.py, fp32 and bf16),
 #   5. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16, DeiT-S and DINOv3-S (rotary position
 #      embeddings, 256 patch tokens; last, so the deadline cuts it first) at batch 256 and 64, then
-#      ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
-#   6. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
+#   6. the data path end to end: how fast batches of photos come (benchmarks/data_speed.py, with and
+#      without the decoded-image cache, with and without workers), then `alast train` from that image
+#      folder, full fine-tuning and ALaST, with the cache and without (each run's summary.json),
+#   7. ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
+#   8. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
 #      (examples/pretrain_vit12_backbone.py, MINUTES of training; the shipped weights came from it).
 # Everything lands in OUT_DIR: the JSON of each step (and the backbone's weights and record with
 # PRETRAIN=1), and nothing else.
@@ -36,6 +39,8 @@ if [[ -n "${QUICK:-}" ]]; then
   MEMORY=(--data random:32 --steps 3 --batch-size 8 --target-flops 0.5)
   GRID=(--models alast_demo_vit --batches 8 --steps 2 --warmup 1 --precision fp32)
   COMPILED=(--models alast_demo_vit --batches 8 --steps 2 --warmup 2 --precision fp32)
+  PHOTOS=(--model alast_demo_vit --images 64 --batch-size 16 --passes 2)
+  E2E=(--model alast_demo_vit --steps 4 --batch-size 16)
 else
   PRE=(--minutes "$MINUTES" --log-every 1000)
   OPS=(--models deit_small_patch16_224,vit_base_patch16_224)
@@ -43,7 +48,10 @@ else
   MEMORY=(--model deit_small_patch16_224 --data random:512 --steps 8 --batch-size 64 --target-flops 0.5)
   GRID=(--models vit_base_patch16_224,deit_small_patch16_224,vit_small_patch16_dinov3 --batches 256,64 --steps 8 --warmup 4)
   COMPILED=(--models vit_base_patch16_224 --batches 256 --steps 8 --warmup 6)
+  PHOTOS=(--model deit_small_patch16_224 --images 1024 --batch-size 128 --passes 3)
+  E2E=(--model deit_small_patch16_224 --steps 60 --batch-size 128)
 fi
+WORKERS=$(( $(nproc) - 1 < 8 ? $(nproc) - 1 : 8 ))
 
 echo "== check ($(date -u +%T))"
 [[ $DEVICE == cuda ]] && { nvidia-smi -L || exit 1; }
@@ -79,6 +87,17 @@ done
 echo "== speed grid, eager ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${GRID[@]}" --compile off \
   --out "$OUT_DIR/gpu_speed_eager.json"
+echo "== the data path: photos, cached and not, to alast train ($(date -u +%T), $(left) s left)"
+E2E_DIR=$(mktemp -d)
+timeout "$(upto 150)" $PY benchmarks/data_speed.py "${PHOTOS[@]}" --workers "0,$WORKERS" \
+  --write-folder "$E2E_DIR/photos" --out "$OUT_DIR/data_speed.json"
+for policy in full alast; do
+  for cache in auto false; do
+    timeout "$(upto 60)" $PY -m alast_cli train --data "imagefolder:$E2E_DIR/photos" "${E2E[@]}" --policy "$policy" \
+      --set "data.cache=$cache" --set "backend.device=$DEVICE" --out "$E2E_DIR/$policy-$cache" --json > /dev/null \
+      && cp "$E2E_DIR/$policy-$cache/summary.json" "$OUT_DIR/train_photos_${policy}_cache_$cache.json"
+  done
+done
 echo "== speed grid, compiled ($(date -u +%T), $(left) s left)"
 timeout "$(upto 0)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${COMPILED[@]}" --compile on \
   --out "$OUT_DIR/gpu_speed_compiled.json"
