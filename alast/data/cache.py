@@ -28,6 +28,7 @@ from alast.data.common import DataError
 
 AUTO_SHARE = 0.25  # data.cache=auto: at most this share of the memory available when the data loads
 NOTE_BYTES = 256 << 20  # a cache this large is announced in a note
+UNKNOWN_MEMORY_BYTES = 1 << 30  # data.cache=auto where the memory available cannot be read: at most this
 SHM = "/dev/shm"  # where torch's shared memory lives on Linux (DataLoader workers)
 
 
@@ -141,7 +142,8 @@ class CachePlan:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available now (Linux: MemAvailable), else None."""
+    """Bytes of memory available now: Linux's MemAvailable, else the free pages, else half the
+    physical memory (macOS); None where none of them can be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -149,10 +151,12 @@ def available_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    for name, share in (("SC_AVPHYS_PAGES", 1), ("SC_PHYS_PAGES", 2)):
+        try:
+            return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE") // share
+        except (ValueError, OSError, AttributeError):
+            continue
+    return None
 
 
 def shared_memory_free() -> int | None:
@@ -167,21 +171,22 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, workers: int, processes: int = 1,
-               available: int | None = None, shm_free: int | None = None) -> CachePlan:
+def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, workers: int, processes: int,
+               available: int | None, shm_free: int | None) -> CachePlan:
     """Whether to cache the training images (``train_bytes``; None: they are augmented, so never) and
     the validation images, under ``data.cache`` ``mode`` ("auto", True, False), with ``processes``
-    training processes on this machine each holding its own cache. ``available`` and ``shm_free``
-    (bytes; None: unknown) are read from the machine when not given. True raises :class:`CacheError`
-    where the cache cannot fit; "auto" leaves it out with a note."""
+    training processes on this machine each holding its own cache, ``available`` bytes of memory
+    and ``shm_free`` bytes of shared memory for ``workers`` (None: not known). True raises
+    :class:`CacheError` where the cache cannot fit; "auto" leaves it out with a note."""
     if mode is False:
         return CachePlan(False, False, 0)
     nbytes = (train_bytes or 0) + val_bytes
-    available = available_memory() if available is None else available
-    shm_free = (shared_memory_free() if workers else None) if shm_free is None else shm_free
     total = nbytes * processes
     per = f" ({processes} processes, one cache each)" if processes > 1 else ""
     what = f"the decoded images take {_size(total)}{per}"
+    if available is None and mode == "auto" and total > UNKNOWN_MEMORY_BYTES:
+        return CachePlan(False, False, 0, f"not caching the decoded images: {what}, and the memory available is "
+                                          "not known here (data.cache=true caches anyway)")
     if available is not None and total > (available if mode is True else AUTO_SHARE * available):
         if mode is True:
             raise CacheError(f"data.cache=true: {what}, more than the {_size(available)} of memory available; set "
@@ -216,7 +221,7 @@ def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, dat
     shape, mean, std = data_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
     per_image = int(torch.Size(shape).numel())  # one byte per value
     plan = plan_cache(mode, None if augment else len(bundle.train) * per_image, len(bundle.val) * per_image,
-                      workers, processes)
+                      workers, processes, available_memory(), shared_memory_free() if workers else None)
     if plan.note:
         say_once([plan.note])
     return replace(bundle, train=DecodedCache(bundle.train, shape, mean, std) if plan.train else bundle.train,

@@ -89,31 +89,38 @@ def test_workers_fill_one_cache_in_shared_memory(photos):
 
 def test_the_cache_is_planned_to_fit():
     # auto: up to a quarter of the memory available; the training images only without augmentation
-    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, available=60 * MIB) == CachePlan(True, True, 15 * MIB)
-    assert plan_cache("auto", None, 5 * MIB, 0, available=60 * MIB) == CachePlan(False, True, 5 * MIB)
-    left_out = plan_cache("auto", 10 * MIB, 6 * MIB, 0, available=60 * MIB)
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, 1, 60 * MIB, None) == CachePlan(True, True, 15 * MIB)
+    assert plan_cache("auto", None, 5 * MIB, 0, 1, 60 * MIB, None) == CachePlan(False, True, 5 * MIB)
+    left_out = plan_cache("auto", 10 * MIB, 6 * MIB, 0, 1, 60 * MIB, None)
     assert not left_out.train and not left_out.val
     assert left_out.note == ("not caching the decoded images: the decoded images take 16.0 MiB, more than a quarter "
                              "of the 60.0 MiB of memory available (data.cache=true caches anyway)")
     assert AUTO_SHARE == 0.25
     # every process on the machine holds its own
-    assert plan_cache("auto", 5 * MIB, 5 * MIB, 0, processes=2, available=60 * MIB).note.startswith(
+    assert plan_cache("auto", 5 * MIB, 5 * MIB, 0, 2, 60 * MIB, None).note.startswith(
         "not caching the decoded images: the decoded images take 20.0 MiB (2 processes, one cache each)")
     # true: wherever it fits at all
-    assert plan_cache(True, 10 * MIB, 6 * MIB, 0, available=60 * MIB).train
+    assert plan_cache(True, 10 * MIB, 6 * MIB, 0, 1, 60 * MIB, None).train
     with pytest.raises(CacheError, match=r"^data.cache=true: the decoded images take 70.0 MiB, more than the 60.0 "
                                          r"MiB of memory available; set data.cache=false"):
-        plan_cache(True, 60 * MIB, 10 * MIB, 0, available=60 * MIB)
+        plan_cache(True, 60 * MIB, 10 * MIB, 0, 1, 60 * MIB, None)
     # workers share it through /dev/shm
-    assert plan_cache("auto", 10 * MIB, 5 * MIB, 2, available=600 * MIB, shm_free=14 * MIB).note == (
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 2, 1, 600 * MIB, 14 * MIB).note == (
         "not caching the decoded images: the decoded images take 15.0 MiB, more than the 14.0 MiB free in "
         "/dev/shm, where DataLoader workers share them")
     with pytest.raises(CacheError, match=r"enlarge /dev/shm \(docker run --shm-size\), set data.num_workers=0"):
-        plan_cache(True, 10 * MIB, 5 * MIB, 2, available=600 * MIB, shm_free=14 * MIB)
-    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, available=600 * MIB, shm_free=14 * MIB).train  # no workers
-    assert plan_cache(False, 1, 1, 0, available=600 * MIB) == CachePlan(False, False, 0)
+        plan_cache(True, 10 * MIB, 5 * MIB, 2, 1, 600 * MIB, 14 * MIB)
+    assert plan_cache("auto", 10 * MIB, 5 * MIB, 0, 1, 600 * MIB, 14 * MIB).train  # no workers
+    assert plan_cache(False, 1, 1, 0, 1, 600 * MIB, None) == CachePlan(False, False, 0)
+    # where the memory available is not known, auto caches up to a gibibyte
+    assert plan_cache("auto", 600 * MIB, 300 * MIB, 0, 1, None, None) == CachePlan(
+        True, True, 900 * MIB, "keeping the decoded images in memory as they are first read, up to 900.0 MiB "
+        "(data.cache=false: never)")
+    assert plan_cache("auto", 900 * MIB, 300 * MIB, 0, 1, None, None).note == (
+        "not caching the decoded images: the decoded images take 1.17 GiB, and the memory available is not known "
+        "here (data.cache=true caches anyway)")
     # a large cache is announced
-    assert plan_cache("auto", 200 * MIB, 100 * MIB, 0, available=2000 * MIB).note == (
+    assert plan_cache("auto", 200 * MIB, 100 * MIB, 0, 1, 2000 * MIB, None).note == (
         "keeping the decoded images in memory as they are first read, up to 300.0 MiB (data.cache=false: never)")
 
 
