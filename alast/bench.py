@@ -268,7 +268,7 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver,
         cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(), spec.target,
                             spec.steps)
         if not solved:
-            check_batch_size(len(load_data(cfg, cache=False)[0].train), cfg.train.batch_size, 1)
+            check_batch_size(len(load_data(cfg)[0].train), cfg.train.batch_size, 1)
         solved.add((spec.policy, spec.target))
         try:
             overrides, _ = solve_target(cfg)

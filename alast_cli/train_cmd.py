@@ -151,9 +151,7 @@ def _warn_data_bound(summary: dict[str, Any], cfg: Any) -> None:
     waited, steps = summary.get("data_wait_s") or 0.0, summary.get("train_time_s") or 0.0
     if waited < 2.0 or waited < DATA_BOUND_SHARE * (waited + steps):
         return
-    from alast.training.build import data_workers
-
-    fixes = [f"raise data.num_workers ({data_workers(cfg)} now, {os.cpu_count()} CPU cores here)"]
+    fixes = [f"raise data.num_workers ({summary.get('data_workers')} now, {os.cpu_count()} CPU cores here)"]
     if cfg.data.cache is False:
         fixes.append("set data.cache=auto to keep the decoded images in memory")
     click.echo(f"warning: the steps waited {waited:.1f} s for their images, {waited / (waited + steps):.0%} of the "

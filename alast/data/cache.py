@@ -15,6 +15,8 @@ an image one worker decodes serves every worker after it.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import shutil
 from collections.abc import Sequence
@@ -64,6 +66,7 @@ class DecodedCache(Dataset):
         self.pixels: torch.Tensor | None = None
         self.labels = torch.zeros(0, dtype=torch.int64)
         self.state = torch.zeros(0, dtype=torch.int8)  # per image: 0 not read, 1 stored, 2 read every time
+        self._lock: Any = None  # with workers: orders the marks after the pixels (:meth:`allocate`)
 
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
@@ -91,44 +94,61 @@ class DecodedCache(Dataset):
         if shared:
             for t in (self.pixels, self.labels, self.state):
                 t.share_memory_()
+            # a worker marks an image stored under this lock after writing its pixels, and a worker
+            # reads the marks under it: it never sees a mark before the pixels (CPUs may reorder stores)
+            self._lock = multiprocessing.get_context().Lock()
+
+    def _marks(self) -> Any:
+        return self._lock if self._lock is not None else contextlib.nullcontext()
 
     def __getitem__(self, i: int):
-        images, labels = self.__getitems__([i])
-        return images[0], int(labels[0])
+        images, labels = collate(self.__getitems__([i]))
+        return images[0], labels[0].item() if isinstance(labels, torch.Tensor) else labels[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> CachedBatch:
-        """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored)."""
+    def __getitems__(self, indices: Sequence[int]) -> CachedBatch | list:
+        """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored): a
+        :class:`CachedBatch`, or, where an image read now is not one it could have stored (another
+        shape, a label that is not a class index), the items as read, for torch to collate."""
         if self.pixels is None:
             self.allocate(shared=False)
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
-        read = {}  # batch position -> the tensor read from ds now
-        for j, (i, state) in enumerate(zip(idx.tolist(), self.state[idx].tolist())):
+        with self._marks():
+            states = self.state[idx].tolist()
+        read = {}  # batch position -> the item read from ds now
+        for j, (i, state) in enumerate(zip(idx.tolist(), states)):
             if state == 1:
                 continue
-            x, y = self.ds[i]
-            read[j] = x
+            read[j] = x, y = self.ds[i]
             if state == 0:
                 self._store(i, x, y)
-        labels = self.labels[idx]
-        if len(read) == len(idx):  # nothing stored before (a first epoch): the tensors as read
-            return CachedBatch((torch.stack([read[j] for j in range(len(idx))]), labels))
+        if len(read) == len(idx):  # nothing stored before (a first epoch): the items as read
+            return [read[j] for j in range(len(idx))]
+        if not all(self._fits(x, y) for x, y in read.values()):
+            return [read[j] if j in read else self.ds[i] for j, i in enumerate(idx.tolist())]
         images = _normalise(self.pixels[idx], self.mean, self.std)  # type: ignore[index]
-        for j, x in read.items():
-            images[j] = x
+        labels = self.labels[idx]
+        for j, (x, y) in read.items():
+            images[j], labels[j] = x, int(y)
         return CachedBatch((images, labels))
 
-    def _store(self, i: int, x: Any, label: int) -> None:
+    def _fits(self, x: Any, y: Any) -> bool:
+        """Whether an item has the tensor and the label this cache stores: float32 ``shape``, a class index."""
+        label = isinstance(y, int) or isinstance(y, torch.Tensor) and y.ndim == 0 and not y.is_floating_point()
+        return label and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and tuple(x.shape) == self.shape
+
+    def _store(self, i: int, x: Any, label: Any) -> None:
         """Store image ``i``, read as ``x``, where its tensor round-trips through 8 bits (state 1), else
         mark it to be read at every use (state 2). One image at a time: measured faster than a
         batch, whose temporaries each take fresh pages."""
-        self.labels[i] = int(label)
         state = 2
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and tuple(x.shape) == self.shape:
+        if self._fits(x, label):
             p = x.mul(self.std).add_(self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
             if torch.equal(_normalise(p, self.mean, self.std), x):
                 self.pixels[i] = p  # type: ignore[index]
+                self.labels[i] = int(label)
                 state = 1
-        self.state[i] = state
+        with self._marks():
+            self.state[i] = state
 
 
 @dataclass(frozen=True)
@@ -207,11 +227,12 @@ def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, worker
 
 
 def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, data_cfg: dict[str, Any],
-                 processes: int = 1) -> Any:
+                 processes: int = 1, in_flight: int = 0) -> Any:
     """``bundle`` (a :class:`~alast.data.common.DataBundle`) with its datasets behind a
     :class:`DecodedCache` where :func:`plan_cache` says so; the training images only without
     ``augment``. ``data_cfg``: timm's data config, whose transform gives ``input_size`` images
-    normalised by ``mean`` and ``std`` (an image it does not give so is never stored)."""
+    normalised by ``mean`` and ``std`` (an image it does not give so is never stored).
+    ``in_flight``: the shared memory the workers' batches take, which the cache must leave them."""
     from dataclasses import replace
 
     from alast.data.common import say_once
@@ -220,8 +241,9 @@ def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, dat
         return bundle
     shape, mean, std = data_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
     per_image = int(torch.Size(shape).numel())  # one byte per value
+    shm_free = shared_memory_free() if workers else None
     plan = plan_cache(mode, None if augment else len(bundle.train) * per_image, len(bundle.val) * per_image,
-                      workers, processes, available_memory(), shared_memory_free() if workers else None)
+                      workers, processes, available_memory(), None if shm_free is None else max(0, shm_free - in_flight))
     if plan.note:
         say_once([plan.note])
     return replace(bundle, train=DecodedCache(bundle.train, shape, mean, std) if plan.train else bundle.train,

@@ -201,7 +201,7 @@ def planned_steps(cfg: AlastConfig) -> int:
         return total_steps(cfg, KNOWN_DATASETS[arg][1])
     from alast.training.build import load_data
 
-    data, _ = load_data(cfg, cache=False)
+    data, _ = load_data(cfg)
     return total_steps(cfg, len(data.train))
 
 

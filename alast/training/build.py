@@ -9,7 +9,7 @@ import torch
 from alast.config import AlastConfig
 from alast.data import DataBundle, build_data
 from alast.data.cache import cache_bundle
-from alast.data.datasets import describe_spec, resolve_workers
+from alast.data.datasets import LOADER_PREFETCH, describe_spec, resolve_workers
 from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
@@ -38,16 +38,19 @@ def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
     return resolve_data_config({}, pretrained_cfg=cfg)
 
 
-def load_data(cfg: AlastConfig, cache: bool = True) -> tuple[DataBundle, dict[str, Any]]:
-    """The run's data and its timm data config; ``cache``: behind the decoded-image cache where
-    ``data.cache`` says so (a run that reads its images more than once)."""
+def load_data(cfg: AlastConfig, workers: int | None = None) -> tuple[DataBundle, dict[str, Any]]:
+    """The run's data and its timm data config. ``workers``: the run's DataLoader workers
+    (:func:`data_workers`), and the data behind the decoded-image cache where ``data.cache`` says so
+    (a run that reads its images more than once); None: no cache (counting, planning)."""
     data_cfg = model_data_config(cfg.model.name, cfg.model.img_size)
     d = cfg.data
     bundle = build_data(d.spec, data_cfg, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                         seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset)
-    if cache and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
-        bundle = cache_bundle(bundle, d.cache, d.augment, data_workers(cfg), data_cfg, processes=local_processes())
+    if workers is not None and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
+        # the workers' batches pass through shared memory too: the cache may have what they leave
+        in_flight = workers * LOADER_PREFETCH * batch_bytes(cfg) * local_processes()
+        bundle = cache_bundle(bundle, d.cache, d.augment, workers, data_cfg, local_processes(), in_flight)
     return bundle, data_cfg
 
 
@@ -56,18 +59,30 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def data_workers(cfg: AlastConfig) -> int:
-    """The DataLoader workers of a run: ``data.num_workers`` for its device (``resolve_workers``),
-    within the shared memory its training batches pass through."""
-    from alast.data.cache import shared_memory_free
-    from runtimes.torch_backend.runtime import resolve_device
+def batch_bytes(cfg: AlastConfig) -> int:
+    """The bytes of one process's training batch of float32 images."""
+    shape = model_data_config(cfg.model.name, cfg.model.img_size)["input_size"]
+    return 4 * max(1, cfg.train.batch_size // local_processes()) * int(torch.Size(shape).numel())
 
-    device = resolve_device(cfg.backend.device).type
+
+def data_workers(cfg: AlastConfig) -> int:
+    """The DataLoader workers of a run: ``data.num_workers`` for the device its backend trains on
+    (``resolve_workers``), within the shared memory its training batches pass through. Decided once
+    per run, before the data are loaded (the decoded-image cache takes what they leave)."""
+    from alast.data.cache import shared_memory_free
+
+    if cfg.backend.name == "ort":  # trains on the CPU where its onnxruntime build has no CUDA provider
+        from runtimes.ort_backend.runtime import _resolve_device
+
+        device = _resolve_device(cfg.backend.device)
+    else:
+        from runtimes.torch_backend.runtime import resolve_device
+
+        device = resolve_device(cfg.backend.device).type
     if cfg.data.num_workers != "auto" or device != "cuda":
         return resolve_workers(cfg.data.num_workers, device)
-    shape = model_data_config(cfg.model.name, cfg.model.img_size)["input_size"]
-    batch_bytes = 4 * cfg.train.batch_size // local_processes() * int(torch.Size(shape).numel())
-    return resolve_workers("auto", device, local_processes(), batch_bytes=batch_bytes, shm_free=shared_memory_free())
+    return resolve_workers("auto", device, local_processes(), batch_bytes=batch_bytes(cfg),
+                           shm_free=shared_memory_free())
 
 
 def build_model(cfg: AlastConfig, num_classes: int):

@@ -103,9 +103,9 @@ class _Tally:
         return max(both) if both else None
 
 
-def _val_batches(data, cfg: AlastConfig, pin_memory: bool = False):
+def _val_batches(data, cfg: AlastConfig, workers: int = 0, pin_memory: bool = False):
     """Validation batches sized by ``train.eval_batch_size`` (default: for memory, not the train batch)."""
-    return eval_batches(data.val, cfg.train.eval_batch_size, data_workers(cfg), pin_memory)
+    return eval_batches(data.val, cfg.train.eval_batch_size, workers, pin_memory)
 
 
 def train(cfg: AlastConfig, run_dir: Path, *, resume: bool = False, hooks: Hooks | None = None,
@@ -195,7 +195,8 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
 
-    data, data_cfg = load_data(cfg)
+    workers = data_workers(cfg)
+    data, data_cfg = load_data(cfg, workers)
     check_batch_size(len(data.train), cfg.train.batch_size, comm.world_size)
     steps = total_steps(cfg, len(data.train))
     if solve is not None:
@@ -221,6 +222,7 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint, data.train_files, data.classes)
+    run.workers = workers
     run.weights_from_run = from_run
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
@@ -246,6 +248,7 @@ class _Run:
         self.unobserved: Observation | None = None  # read back, not yet given to the planner
         self.current_step: int | None = None  # the step being run (for the out-of-memory message)
         self.t_start = t_start  # this session's start (perf_counter)
+        self.workers = 0  # DataLoader workers (alast.training.build.data_workers: decided once, before the data)
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
@@ -274,17 +277,17 @@ class _Run:
         return self.tally.schedule(self.runtime.num_patches, self.trim_last)
 
     def evaluate(self, data) -> dict[str, Any]:
-        return self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory), self.eval_schedule())
+        return self.runtime.evaluate(_val_batches(data, self.cfg, self.workers, self.pin_memory), self.eval_schedule())
 
     def final_evaluation(self, data) -> dict[str, Any]:
         """The final metrics of the deployed model (``kept_tokens``: its token schedule, None for
         every token) and, when the run dropped tokens, both candidates with their inference costs."""
         mode = self.cfg.policy.eval_tokens
         kept = None if mode == "all" else self.tally.schedule(self.runtime.num_patches, self.trim_last)
-        every = self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory))
+        every = self.runtime.evaluate(_val_batches(data, self.cfg, self.workers, self.pin_memory))
         if kept is None:
             return {**every, "kept_tokens": None}
-        scheduled = self.runtime.evaluate(_val_batches(data, self.cfg, self.pin_memory), kept)
+        scheduled = self.runtime.evaluate(_val_batches(data, self.cfg, self.workers, self.pin_memory), kept)
         use = mode == "trained" or scheduled["accuracy"] >= every["accuracy"]
         vit = getattr(self.runtime, "timm_model", None) or self.runtime.model
         return {**(scheduled if use else every), "kept_tokens": list(kept) if use else None,
@@ -423,7 +426,7 @@ class _Run:
         timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
             with StopOnSignal() as stop:
-                batches = iter(train_batches(data.train, sampler, data_workers(cfg), augment=cfg.data.augment,
+                batches = iter(train_batches(data.train, sampler, self.workers, augment=cfg.data.augment,
                                              pin_memory=self.pin_memory))
                 for step in range(start, steps):
                     asked = time.perf_counter()

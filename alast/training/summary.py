@@ -9,7 +9,6 @@ from alast.config import AlastConfig
 from alast.data.cache import DecodedCache
 from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
-from alast.training.build import data_workers
 from alast.training.report import METRICS, budget_heatmap, read_metrics
 from alast.training.rundir import FINAL_WEIGHTS, HEATMAP, SUMMARY
 
@@ -38,7 +37,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)), "data_wait_s": tally.data_wait_s,
-        "data_workers": data_workers(cfg), "cached_images": _cached_images(data),
+        "data_workers": run.workers, "cached_images": _cached_images(data),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
         "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from alast.data.cache import AUTO_SHARE, CacheError, CachePlan, DecodedCache, cache_bundle, plan_cache
+from alast.data.cache import AUTO_SHARE, CacheError, CachePlan, DecodedCache, _normalise, cache_bundle, plan_cache
 from alast.data.datasets import StepBatchSampler, build_data, eval_batches, train_batches
 from alast.training.build import model_data_config
 from alast_cli.main import cli
@@ -163,7 +163,7 @@ def test_a_run_that_waits_for_its_images_is_told_so(capsys):
     from alast_cli.train_cmd import _warn_data_bound
 
     cfg = build_config({"data": {"num_workers": 0, "cache": False}})
-    _warn_data_bound({"data_wait_s": 3.0, "train_time_s": 9.0}, cfg)
+    _warn_data_bound({"data_wait_s": 3.0, "train_time_s": 9.0, "data_workers": 0}, cfg)
     err = capsys.readouterr().err
     assert err.startswith("warning: the steps waited 3.0 s for their images, 25% of the training loop, so reading the "
                           "data sets the pace, not the model; raise data.num_workers (0 now, ")
@@ -193,3 +193,44 @@ def test_auto_workers_fit_the_shared_memory_their_batches_pass_through(capsys):
     assert resolve_workers("auto", "cuda", cpus=16, batch_bytes=batch, shm_free=1000 * MIB) == 3
     assert resolve_workers("auto", "cuda", processes=2, cpus=16, batch_bytes=batch, shm_free=1000 * MIB) == 1
     assert resolve_workers(4, "cuda", cpus=16, batch_bytes=batch, shm_free=64 * MIB) == 4  # as the user set
+
+
+class _Odd(Dataset):
+    """Four images of the cache's shape (index 0 one-channel with ``odd``), labels as given."""
+
+    def __init__(self, odd: bool = True, label=lambda i: i % 2):
+        self.odd, self.label = odd, label
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        channels = 1 if self.odd and i == 0 else 3
+        half = torch.full((channels, 1, 1), 0.5)
+        return _normalise(torch.full((channels, 8, 8), 40 * i, dtype=torch.uint8), half, half), self.label(i)
+
+
+def test_a_batch_the_cache_cannot_assemble_is_collated_as_torch_collates_it():
+    from torch.utils.data import default_collate
+
+    cache = DecodedCache(_Odd(), (3, 8, 8), (0.5,) * 3, (0.5,) * 3)
+    assert [cache[i][1] for i in range(1, 4)] == [1, 0, 1]  # read one at a time, and stored
+    assert cache.stored == 3
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        list(eval_batches(cache, 4))  # the one-channel image beside stored ones: refused, as torch refuses it
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        default_collate([_Odd()[i] for i in range(4)])
+    labelled = _cached(_Odd(odd=False, label=lambda i: torch.tensor([i, 1 - i])))  # not a class index
+    for _ in range(2):
+        (x, y), = list(eval_batches(labelled, 4))
+        rx, ry = default_collate([labelled.ds[i] for i in range(4)])
+        assert torch.equal(x, rx) and torch.equal(y, ry) and y.shape == (4, 2)
+    assert labelled.stored == 0
+
+
+def test_shared_marks_are_ordered_by_a_lock(photos):
+    cache = _cached(_bundle(photos).train)
+    cache.allocate(shared=False)
+    assert cache._lock is None
+    cache.allocate(shared=True)
+    assert cache.pixels.is_shared() and cache._lock is not None
