@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import numbers
 import os
 import shutil
 from collections.abc import Sequence
@@ -133,7 +134,7 @@ class DecodedCache(Dataset):
 
     def _fits(self, x: Any, y: Any) -> bool:
         """Whether an item has the tensor and the label this cache stores: float32 ``shape``, a class index."""
-        label = isinstance(y, int) or isinstance(y, torch.Tensor) and y.ndim == 0 and not y.is_floating_point()
+        label = isinstance(y, numbers.Integral) or isinstance(y, torch.Tensor) and y.ndim == 0 and not y.is_floating_point()
         return label and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and tuple(x.shape) == self.shape
 
     def _store(self, i: int, x: Any, label: Any) -> None:

@@ -220,6 +220,11 @@ def test_a_batch_the_cache_cannot_assemble_is_collated_as_torch_collates_it():
         list(eval_batches(cache, 4))  # the one-channel image beside stored ones: refused, as torch refuses it
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         default_collate([_Odd()[i] for i in range(4)])
+    numpy_labels = DecodedCache(_Odd(odd=False, label=np.int64), (3, 8, 8), (0.5,) * 3, (0.5,) * 3)
+    for _ in range(2):
+        (x, y), = list(eval_batches(numpy_labels, 4))
+        assert torch.equal(x, default_collate([numpy_labels.ds[i] for i in range(4)])[0]) and y.tolist() == [0, 1, 2, 3]
+    assert numpy_labels.stored == 4
     labelled = _cached(_Odd(odd=False, label=lambda i: torch.tensor([i, 1 - i])))  # not a class index
     for _ in range(2):
         (x, y), = list(eval_batches(labelled, 4))
