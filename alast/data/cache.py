@@ -21,13 +21,13 @@ import numbers
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from alast.data.common import DataError
+from alast.data.common import DataError, say_once
 
 AUTO_SHARE = 0.25  # data.cache=auto: at most this share of the memory available when the data loads
 NOTE_BYTES = 256 << 20  # a cache this large is announced in a note
@@ -234,10 +234,6 @@ def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, dat
     ``augment``. ``data_cfg``: timm's data config, whose transform gives ``input_size`` images
     normalised by ``mean`` and ``std`` (an image it does not give so is never stored).
     ``in_flight``: the shared memory the workers' batches take, which the cache must leave them."""
-    from dataclasses import replace
-
-    from alast.data.common import say_once
-
     if mode is False:
         return bundle
     shape, mean, std = data_cfg["input_size"], data_cfg["mean"], data_cfg["std"]

@@ -51,8 +51,8 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
 
 def _cached_images(data) -> int | None:
     """How many images the decoded-image cache holds at the end (None: no cache)."""
-    caches = [ds for ds in (data.train, data.val) if isinstance(ds, DecodedCache)]
-    return sum(c.stored for c in {id(c): c for c in caches}.values()) if caches else None
+    caches = [ds for ds in (data.train, data.val) if isinstance(ds, DecodedCache)]  # two caches, never one
+    return sum(c.stored for c in caches) if caches else None
 
 
 def _optional(runtime, method: str, *args: Any) -> Any:
