@@ -13,7 +13,7 @@ from .checks import check_alast, check_early, check_k, check_multiple, check_spa
 from .costmodel import CostModel
 from .projection import TargetProjection
 from .registry import PlannerError, register_planner
-from .simulate import StepShape, step_cost
+from .simulate import StepShape, step_cost, step_flops
 from .types import Budget, Observation
 
 
@@ -327,7 +327,7 @@ class AlastPlanner:
             top, embed = self._dense_step(trained)
             shape = StepShape.from_budget(Budget(dense, top, self.min_tokens, dense, self.token_multiple, embed),
                                           self.projection.cm.num_patches)
-            dense_ratio = step_cost(self.projection.cm, shape, 1).train_flops / self.projection.full_flops
+            dense_ratio = step_flops(self.projection.cm, shape, 1) / self.projection.full_flops
             dense_peak = step_cost(self.projection.cm, shape, self.projection.batch_size).bwd_peak_bytes
             sparse = self.projection.project((self.b_init,) * L, trained, self.spare_first, self.trim_last)
             peak = max(dense_peak, self.projection.peak_bytes(sparse, trained))

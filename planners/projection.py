@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .costmodel import CostModel
 from .rules import kept_token_counts
-from .simulate import StepCost, StepShape, full_step_flops, step_cost
+from .simulate import StepCost, StepShape, full_step_flops, step_cost, step_flops
 
 BUDGET_FLOOR = 0.01  # lowest keep ratio a projection (or the target solver) uses
 _SHIFT_TOLERANCE = 1e-7
@@ -47,7 +47,8 @@ class TargetProjection:
     ``min_tokens`` must be the runtime's (the token counts are computed as the runtime keeps them);
     ``batch_size``, the samples one device runs per step, prices a step's peak memory
     (:meth:`peak_bytes`; None: ``LARGE_BATCH``). Step costs are cached by step shape: the bisection
-    revisits the same token counts.
+    revisits the same token counts. A step's FLOPs are priced on their own (:func:`step_flops`), its
+    memory only where a peak limits the step.
     """
 
     def __init__(self, cm: CostModel, target: float, min_tokens: int = 1, floor: float = BUDGET_FLOOR,
@@ -60,6 +61,7 @@ class TargetProjection:
         self.batch_size = LARGE_BATCH if batch_size is None else int(batch_size)
         self.full_flops = full_step_flops(cm)
         self._cache: dict[tuple[int, tuple[int, ...], tuple[bool, ...]], StepCost] = {}
+        self._flops: dict[tuple[tuple[int, ...], tuple[bool, ...]], float] = {}  # one sample's, by shape
         # each step's bisection starts from the same shifts as the step before's, so the keep ratios
         # it tries repeat while the budgets hold still (a simulated run, a steady one)
         self._by_ratios: dict[tuple[int, tuple[float, ...], tuple[bool, ...]], StepCost] = {}
@@ -82,9 +84,16 @@ class TargetProjection:
             self._cache[key] = step_cost(self.cm, StepShape(tin, tout, key[2]), batch)
         return self._cache[key]
 
-    def cost(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> StepCost:
-        """One sample's step with these keep ratios and trained blocks."""
-        return self._cost(keep_ratios, trained, 1)
+    def train_flops(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
+        """One sample's train FLOPs with these keep ratios and trained blocks (``cost(...).train_flops``)."""
+        tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
+        key = (tout, tuple(trained))
+        found = self._flops.get(key)
+        if found is None:
+            if len(self._flops) >= _CACHE_SIZE:
+                self._flops.clear()
+            found = self._flops[key] = step_flops(self.cm, StepShape(tin, tout, key[1]), 1)
+        return found
 
     def peak_bytes(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """The bytes alive at the worst moment of the backward of a ``batch_size`` step with these keep
@@ -93,7 +102,7 @@ class TargetProjection:
 
     def ratio(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
         """One sample's train FLOPs with these keep ratios and trained blocks / full fine-tuning's."""
-        return self.cost(keep_ratios, trained).train_flops / self.full_flops
+        return self.train_flops(keep_ratios, trained) / self.full_flops
 
     def project(self, budgets: Sequence[float], trained: Sequence[bool], spare_first: int = 0,
                 trim_last: bool = False, max_peak_bytes: float | None = None,
@@ -110,7 +119,7 @@ class TargetProjection:
 
         def load(r: tuple[float, ...]) -> float:  # the step's share of its limits; 1: at the tighter one
             ratios = (1.0,) * m + r + last
-            flops = self.cost(ratios, trained).train_flops / self.full_flops / target
+            flops = self.train_flops(ratios, trained) / self.full_flops / target
             return flops if max_peak_bytes is None else max(flops, self.peak_bytes(ratios, trained) / max_peak_bytes)
 
         if not rest:

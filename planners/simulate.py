@@ -88,22 +88,18 @@ class StepCost:
                 "select_blocks": float(self.select_blocks), "bwd_blocks": float(self.bwd_blocks)}
 
 
-def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
-    """Costs of one step of ``batch`` samples with the given shape."""
+def _flops(cm: CostModel, shape: StepShape, batch: int, states: Sequence[str], embed_on: bool
+           ) -> tuple[float, float, list[tuple[float, float, float]], list[float]]:
+    """A step's forward and backward FLOPs, each block's ``(forward, backward, scores)`` and the
+    bytes each block saves for its backward (:func:`step_cost`)."""
     p = cm.num_prefix_tokens
-    embed_on = cm.embed.trainable and shape.embed_trained
-    states = block_states(shape.trained, embed_on)
     fwd = cm.embed.fwd_flops[0] * batch
     bwd = cm.embed.bwd_flops["weights_only"][0] * batch if embed_on else 0.0
-    per_block, acts, trained_params = [], [], []
-    select_blocks = bwd_blocks = 0
-    grad = cm.head.trainable_bytes + (cm.embed.trainable_bytes if embed_on else 0)
-    largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if embed_on else 0)
-    for blk, state, n_in, n_out, t in zip(cm.blocks, states, shape.tokens_in, shape.kept_tokens, shape.trained):
+    per_block, acts = [], []
+    for blk, state, n_in, n_out in zip(cm.blocks, states, shape.tokens_in, shape.kept_tokens):
         n = p + n_in
         if n_out < n_in:
             f, b, s, a = (v * batch for v in blk.dropping(state, n, p + n_out))
-            select_blocks += 1
         else:
             f, b, s = blk.forward_flops(n) * batch, blk.backward_flops(state, n) * batch, 0.0
             a = blk.saved_bytes(state, n) * batch
@@ -111,15 +107,37 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
         acts.append(a)
         fwd += f + s
         bwd += b
-        bwd_blocks += state != "none"
+    n_final = p + shape.kept_tokens[-1]
+    fwd += poly(cm.head.fwd_flops, n_final) * batch
+    head_state = "weights_and_input" if any(st != "none" for st in states) or embed_on else "weights_only"
+    bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
+    return fwd, bwd, per_block, acts
+
+
+def step_flops(cm: CostModel, shape: StepShape, batch: int) -> float:
+    """``step_cost(cm, shape, batch).train_flops``, the same sums, without pricing the memory (a
+    fraction of the time: the target projection asks for it dozens of times a step)."""
+    embed_on = cm.embed.trainable and shape.embed_trained
+    fwd, bwd, _, _ = _flops(cm, shape, batch, block_states(shape.trained, embed_on), embed_on)
+    return fwd + bwd
+
+
+def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
+    """Costs of one step of ``batch`` samples with the given shape."""
+    embed_on = cm.embed.trainable and shape.embed_trained
+    states = block_states(shape.trained, embed_on)
+    fwd, bwd, per_block, acts = _flops(cm, shape, batch, states, embed_on)
+    select_blocks = sum(n_out < n_in for n_in, n_out in zip(shape.tokens_in, shape.kept_tokens))
+    bwd_blocks = sum(state != "none" for state in states)
+    grad = cm.head.trainable_bytes + (cm.embed.trainable_bytes if embed_on else 0)
+    largest = max(cm.head.largest_trainable_bytes, cm.embed.largest_trainable_bytes if embed_on else 0)
+    trained_params = []
+    for blk, t in zip(cm.blocks, shape.trained):
         trained_params.append(blk.trainable_params if t else 0)
         if t:
             grad += blk.trainable_bytes
             largest = max(largest, blk.largest_trainable_bytes)
-    n_final = p + shape.kept_tokens[-1]
-    fwd += poly(cm.head.fwd_flops, n_final) * batch
-    head_state = "weights_and_input" if bwd_blocks or embed_on else "weights_only"
-    bwd += poly(cm.head.bwd_flops[head_state], n_final) * batch
+    n_final = cm.num_prefix_tokens + shape.kept_tokens[-1]
     saved = cm.embed.act_bytes[0] * batch if embed_on else 0.0  # what the embeddings keep for their backward
     bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final, saved)
     fwd_peak = _forward_peak(cm, states, shape, acts, batch, saved)
@@ -420,7 +438,7 @@ def expected_step_flops(cm: CostModel, keep_ratio: float, k: int, min_tokens: in
         ratios[-1] = 0.0
     tin, tout = kept_token_counts(ratios, cm.num_patches, min_tokens, token_multiple)
     if freeze_mode in ("topk", "last"):
-        return step_cost(cm, StepShape(tin, tout, tuple(i >= L - k for i in range(L))), 1).train_flops
+        return step_flops(cm, StepShape(tin, tout, tuple(i >= L - k for i in range(L))), 1)
     total = cm.embed.fwd_flops[0] + (cm.embed.bwd_flops["weights_only"][0] if cm.embed.trainable else 0.0)
     for blk, probs, n_in, n_out in zip(cm.blocks, state_probabilities(L, k, cm.embed.trainable), tin, tout):
         n = p + n_in
@@ -458,4 +476,4 @@ def inference_flops(cm: CostModel, kept: Sequence[int] | None = None) -> float:
 def full_step_flops(cm: CostModel) -> float:
     """Train FLOPs of one sample's full fine-tuning step (every token, every block trained)."""
     L = cm.num_blocks
-    return step_cost(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1).train_flops
+    return step_flops(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1)

@@ -33,7 +33,7 @@ from .rules import (
     kept_token_counts,
     spared_blocks,
 )
-from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost
+from .simulate import StepShape, expected_step_flops, full_step_flops, step_cost, step_flops
 
 TARGET_TOLERANCE = 0.05  # a run may land this far (relative) from its target
 # where the planner's ratio is the run's (tokens: every step the same shape), it must land as close as
@@ -119,7 +119,7 @@ def _miss(ratio: float, target: float) -> float:
 
 def _solve_full(cm, planner, policy, target, full, options) -> TargetSolution:
     L = cm.num_blocks
-    ratio = step_cost(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1).train_flops / full
+    ratio = step_flops(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1) / full
     if _miss(ratio, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} has no knob: it always costs {ratio:.3f}x full fine-tuning, not "
                           f"{target:g}; use alast or tokens for a FLOPs target")
@@ -144,13 +144,13 @@ def _solve_k(cm, planner, policy, target, full, options) -> TargetSolution:
 
 def _freeze_ratio(cm: CostModel, k: int) -> float:
     L, N = cm.num_blocks, cm.num_patches
-    return step_cost(cm, StepShape((N,) * L, (N,) * L, tuple(i >= L - k for i in range(L))), 1).train_flops
+    return step_flops(cm, StepShape((N,) * L, (N,) * L, tuple(i >= L - k for i in range(L))), 1)
 
 
 def _tokens_flops(cm: CostModel, r: float, min_tokens: int, token_multiple: int = 1) -> float:
     L = cm.num_blocks
     tin, tout = kept_token_counts([r] * L, cm.num_patches, min_tokens, token_multiple)
-    return step_cost(cm, StepShape(tin, tout, (True,) * L), 1).train_flops
+    return step_flops(cm, StepShape(tin, tout, (True,) * L), 1)
 
 
 def _solve_tokens(cm, planner, policy, target, full, options) -> TargetSolution:
@@ -227,7 +227,7 @@ class _AlastRun:
         ratios = [1.0] * (L - 1) + [0.0 if self.trim else 1.0]
         tin, tout = kept_token_counts(ratios, cm.num_patches, self.min_tokens, self.token_multiple)
         shape = StepShape(tin, tout, tuple(i >= L - self.top for i in range(L)), False)
-        return step_cost(cm, shape, 1).train_flops / self.full
+        return step_flops(cm, shape, 1) / self.full
 
     def spare(self, k: int) -> int:
         return spared_blocks(self.options.get("spare_first") or 0, self.cm.num_blocks, k, self.mode)
@@ -421,7 +421,7 @@ def _projected_ratios(cm: CostModel, full: float, options: dict[str, Any], early
     for step in range(steps):
         step, progress = (period * step + period - 1, 0.75) if interleaved else (step, 0.0)
         budget = planner.plan(step, progress)
-        out.append(step_cost(cm, StepShape.from_budget(budget, cm.num_patches), 1).train_flops / full)
+        out.append(step_flops(cm, StepShape.from_budget(budget, cm.num_patches), 1) / full)
     return out
 
 

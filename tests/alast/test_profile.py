@@ -3,6 +3,7 @@ expectations of the simulator and the target solver."""
 import itertools
 import json
 import math
+import random
 import subprocess
 import sys
 
@@ -257,6 +258,23 @@ def test_step_cost_matches_the_runtime_count(lora, pool, batch):
         counted = rt.train_step(images, labels, budget, 1e-3, 0).train_flops
         predicted = step_cost(cm, StepShape.from_budget(budget, cm.num_patches), images.shape[0]).train_flops
         assert predicted == pytest.approx(counted, rel=1e-6), (ratios, trained)
+
+
+def test_step_flops_are_the_step_costs_flops_exactly(tiny_cm):
+    """The target projection prices FLOPs alone (``step_flops``) dozens of times a step: they must be
+    the step cost's to the bit, or a projected step and its simulation would part."""
+    from planners.rules import kept_token_counts
+    from planners.simulate import step_flops
+
+    L, N = tiny_cm.num_blocks, tiny_cm.num_patches
+    rng = random.Random(0)
+    for cm in (tiny_cm, tiny_cm.selecting_after_blocks()):
+        for _ in range(200):
+            tin, tout = kept_token_counts([rng.choice((1.0, rng.random())) for _ in range(L)], N,
+                                          rng.choice((1, 2)))
+            shape = StepShape(tin, tout, tuple(rng.random() < 0.5 for _ in range(L)), rng.random() < 0.5)
+            batch = rng.choice((1, 3, 64))
+            assert step_flops(cm, shape, batch) == step_cost(cm, shape, batch).train_flops
 
 
 def test_blocks_that_select_inside_cost_their_kept_tokens(tiny_cm):
