@@ -2,7 +2,10 @@
 through the decoded-image cache (``data.cache``) or not, with 0..N DataLoader workers.
 
 Times whole batches (the loader's own work, no model), each setting over ``--passes`` passes over
-the folder; the cache's first pass decodes, the later ones read what it stored. Without
+the folder; the cache's first pass decodes, the later ones read what it stored. A batch the cache
+assembles comes in 8 bits (``runtimes.images.Pixels``), normalised where it is used: on a GPU on
+the device, on the CPU by the training step. ``host_float_ms_per_batch`` times that normalisation
+on the host apart (what a CPU run or the ort backend pays for it in its step). Without
 ``--folder``, it writes one: ``--images`` crops of 500x375 from the two photographs scikit-learn
 ships (``sklearn.datasets.load_sample_images``), JPEG quality 90, in 4 classes.
 
@@ -25,6 +28,7 @@ import torch
 from alast.data.cache import DecodedCache
 from alast.data.datasets import StepBatchSampler, build_data, train_batches
 from alast.training.build import model_data_config
+from runtimes.images import Pixels, as_float
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,18 +63,28 @@ def write_photos(root: Path, n: int) -> Path:
     return root
 
 
-def time_passes(ds, batch_size: int, passes: int, workers: int) -> list[float]:
-    """Images per second of each pass over ``ds`` (the loader started before the clock)."""
+def time_passes(ds, batch_size: int, passes: int, workers: int) -> tuple[list[float], list[float | None]]:
+    """Images per second of each pass over ``ds`` (the loader started before the clock), and the
+    mean milliseconds of making each 8-bit batch float32 on the host (None: no such batch)."""
     per_pass = len(ds) // batch_size
     sampler = StepBatchSampler(len(ds), batch_size, 0, 0, per_pass * passes, 0, 1)
     batches = iter(train_batches(ds, sampler, num_workers=workers))
-    rates = []
+    rates, floats = [], []
     for _ in range(passes):
-        start = time.perf_counter()
+        loading = normalising = 0.0
+        eight_bit = 0
         for _ in range(per_pass):
-            next(batches)
-        rates.append(per_pass * batch_size / (time.perf_counter() - start))
-    return rates
+            start = time.perf_counter()
+            images, _ = next(batches)
+            loading += time.perf_counter() - start
+            if isinstance(images, Pixels):
+                start = time.perf_counter()
+                as_float(images)
+                normalising += time.perf_counter() - start
+                eight_bit += 1
+        rates.append(per_pass * batch_size / loading)
+        floats.append(round(1e3 * normalising / eight_bit, 2) if eight_bit else None)
+    return rates, floats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,11 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
         for workers in (int(w) for w in args.workers.split(",")):
             for cached in (False, True):
                 ds = DecodedCache(train, shape, data_cfg["mean"], data_cfg["std"]) if cached else train
-                rates = time_passes(ds, args.batch_size, args.passes, workers)
+                rates, floats = time_passes(ds, args.batch_size, args.passes, workers)
                 rows.append({"workers": workers, "cache": cached, "images_per_s": [round(r, 1) for r in rates],
-                             "ms_per_batch": [round(1e3 * args.batch_size / r, 2) for r in rates]})
+                             "ms_per_batch": [round(1e3 * args.batch_size / r, 2) for r in rates],
+                             "host_float_ms_per_batch": floats})
                 print(f"workers {workers}  cache {'on ' if cached else 'off'}  images/s per pass: "
-                      + ", ".join(f"{r:.0f}" for r in rates), flush=True)
+                      + ", ".join(f"{r:.0f}" for r in rates)
+                      + ("" if not any(floats) else "  (8-bit batches to float32 on the host, ms: "
+                         + ", ".join("-" if f is None else f"{f:.1f}" for f in floats) + ")"), flush=True)
     result = {"model": args.model, "input": list(shape), "images": len(train), "batch_size": args.batch_size,
               "threads": args.threads, "cpu_count": os.cpu_count(), "folder": str(args.folder or "sklearn photos"), "images_written": None if args.folder else args.images,
               "torch": torch.__version__, "rows": rows}

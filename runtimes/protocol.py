@@ -37,7 +37,9 @@ class Runtime(Protocol):
     num_blocks: int
     num_patches: int
 
-    def train_step(self, images: Any, labels: Any, budget: Budget, lr: float, step: int) -> StepResult: ...
+    def train_step(self, images: Any, labels: Any, budget: Budget, lr: float, step: int) -> StepResult:
+        """One step on a batch: ``images`` float32 ``[B, C, H, W]`` or 8-bit
+        :class:`~runtimes.images.Pixels` (as in :meth:`evaluate`'s batches), ``labels`` class indices."""
 
     def evaluate(self, batches: Iterable[tuple[Any, Any]], kept: Sequence[int] | None = None) -> dict[str, float]:
         """Accuracy, mean loss and sample count in eval mode, on every token or, with ``kept``, on

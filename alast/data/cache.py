@@ -8,7 +8,9 @@ wait for its images whatever its FLOPs. :class:`DecodedCache` keeps each transfo
 first read, in 8 bits: the transformed tensor is ``(p / 255 - mean) / std`` of the resized image's
 bytes ``p``, so ``p`` is recovered exactly and a read recomputes the same float32 tensor, bit for
 bit (checked on every image it stores; an image whose tensor does not round-trip is never stored
-and is transformed at every read instead). A batch from the cache is one gather and one normalise.
+and is transformed at every read instead). A batch from the cache is one gather, passed on in
+8 bits (:class:`Pixels`) and normalised where it is used: on a GPU, on the device
+(:class:`runtimes.images.DeviceImages`), so the host copies a quarter of the bytes and does no float work.
 
 With DataLoader workers the cache lives in shared memory, allocated before the workers start, so
 an image one worker decodes serves every worker after it.
@@ -28,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from alast.data.common import DataError, say_once
+from runtimes.images import Pixels, as_float, normalise
 
 AUTO_SHARE = 0.25  # data.cache=auto: at most this share of the memory available when the data loads
 NOTE_BYTES = 256 << 20  # a cache this large is announced in a note
@@ -49,11 +52,6 @@ def collate(batch: Any) -> Any:
     return tuple(batch) if isinstance(batch, CachedBatch) else default_collate(batch)
 
 
-def _normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``ToTensor`` then ``Normalize`` of uint8 ``[..., C, H, W]``, as torchvision computes them."""
-    return pixels.float().div_(255).sub_(mean).div_(std)
-
-
 class DecodedCache(Dataset):
     """``ds`` (items ``(image [C, H, W] float32, label)``, its transform deterministic), each image
     kept as 8-bit pixels once read (module docstring). ``shape`` is the transformed images' ``[C, H,
@@ -62,6 +60,7 @@ class DecodedCache(Dataset):
 
     def __init__(self, ds: Dataset, shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
         self.ds, self.shape = ds, tuple(int(s) for s in shape)
+        self.norm = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # a batch's Pixels carry them
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.pixels: torch.Tensor | None = None
@@ -104,12 +103,14 @@ class DecodedCache(Dataset):
 
     def __getitem__(self, i: int):
         images, labels = collate(self.__getitems__([i]))
-        return images[0], labels[0].item() if isinstance(labels, torch.Tensor) else labels[0]
+        return as_float(images)[0], labels[0].item() if isinstance(labels, torch.Tensor) else labels[0]
 
     def __getitems__(self, indices: Sequence[int]) -> CachedBatch | list:
         """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored): a
-        :class:`CachedBatch`, or, where an image read now is not one it could have stored (another
-        shape, a label that is not a class index), the items as read, for torch to collate."""
+        :class:`CachedBatch` of :class:`Pixels` where every image is stored now, of float32 images
+        where one read now could not be (its tensor does not round-trip through 8 bits), or, where
+        an image read now is not one it could have stored (another shape, a label that is not a
+        class index), the items as read, for torch to collate."""
         if self.pixels is None:
             self.allocate(shared=False)
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
@@ -126,7 +127,11 @@ class DecodedCache(Dataset):
             return [read[j] for j in range(len(idx))]
         if not all(self._fits(x, y) for x, y in read.values()):
             return [read[j] if j in read else self.ds[i] for j, i in enumerate(idx.tolist())]
-        images = _normalise(self.pixels[idx], self.mean, self.std)  # type: ignore[index]
+        with self._marks():
+            every = bool((self.state[idx] == 1).all())  # the images read now were stored too
+        if every:
+            return CachedBatch((Pixels(self.pixels[idx], *self.norm), self.labels[idx]))  # type: ignore[index]
+        images = normalise(self.pixels[idx], self.mean, self.std)  # type: ignore[index]
         labels = self.labels[idx]
         for j, (x, y) in read.items():
             images[j], labels[j] = x, int(y)
@@ -144,7 +149,7 @@ class DecodedCache(Dataset):
         state = 2
         if self._fits(x, label):
             p = x.mul(self.std).add_(self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
-            if torch.equal(_normalise(p, self.mean, self.std), x):
+            if torch.equal(normalise(p, self.mean, self.std), x):
                 self.pixels[i] = p  # type: ignore[index]
                 self.labels[i] = int(label)
                 state = 1

@@ -34,6 +34,7 @@ from torch import nn
 from planners import Budget, StepResult, kept_token_counts
 from planners.rules import reduce_deltas
 
+from ..images import as_float
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from ..torch_backend.params import embedding_parameters, parameter_counts
@@ -198,7 +199,7 @@ class OrtRuntime:
         mask = (*budget.trained, budget.train_embeddings and not self.freeze_embeddings)
         ran = self._artifact_trained(variant, mask)
         ts = self._activate(variant, ran)
-        feeds = [images.detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
+        feeds = [as_float(images).detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
         if select:
             feeds.append(np.asarray(tokens_out, dtype=np.int64))
             if self.graphs[variant].draws:
@@ -253,7 +254,7 @@ class OrtRuntime:
         sess = self._inference_session(None if kept is None else tuple(int(k) for k in kept))
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
-            logits = torch.from_numpy(sess.run(None, {"images": images.float().contiguous().numpy()})[0])
+            logits = torch.from_numpy(sess.run(None, {"images": as_float(images).float().contiguous().numpy()})[0])
             labels = labels.long()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())

@@ -12,6 +12,7 @@ from torch import nn
 from planners import Budget, StepResult, kept_token_counts
 from planners.rules import MemoryProbes
 
+from ..images import DeviceImages, Pixels
 from ..protocol import Capabilities, NonFiniteLoss
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
@@ -95,6 +96,7 @@ class TorchRuntime:
         if lora is not None:
             model = apply_lora(model, **lora)
         self.model = model.to(self.device)
+        self._images = DeviceImages(self.device)
         self.timm_model = timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
         self._choose_tokens(fuse_tokens, token_select, token_score, seed)
@@ -236,10 +238,12 @@ class TorchRuntime:
         if not (self.model.training and self.timm_model.training and self.patch.blocks[-1].training):
             self.model.train()
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.observe_lag and self.device.type == "cuda" and not images.is_pinned():
+    def _to_device(self, images: torch.Tensor | Pixels, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the device, its images float32 (8-bit :class:`Pixels` normalised there)."""
+        data = images.data if isinstance(images, Pixels) else images
+        if self.observe_lag and self.device.type == "cuda" and not data.is_pinned():
             images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        return self._images(images, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _update(self, budget: Budget) -> None:
         """The optimizer step on this step's gradients: reduced across ranks, clipped."""
@@ -343,7 +347,7 @@ class TorchRuntime:
         self.model.eval()
         correct, total, loss_sum = 0, 0, 0.0
         for images, labels in batches:
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = self._images(images), labels.to(self.device)
             with self._autocast(), token_schedule(self.timm_model, kept, self.patch.control.fuse,
                                                            self.patch.control.score):
                 logits = self.model(images).float()

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from alast.data.cache import AUTO_SHARE, CacheError, CachePlan, DecodedCache, _normalise, cache_bundle, plan_cache
+from alast.data.cache import AUTO_SHARE, CacheError, CachePlan, DecodedCache, cache_bundle, plan_cache
 from alast.data.datasets import StepBatchSampler, build_data, eval_batches, train_batches
 from alast.training.build import model_data_config
 from alast_cli.main import cli
+from runtimes.images import DeviceImages, Pixels, as_float, normalise
 
 MIB = 1 << 20
 
@@ -47,14 +48,30 @@ def test_cached_batches_are_the_transformed_images_to_the_bit(photos):
     ds = _bundle(photos).train
     cache = _cached(ds)
     reference = list(DataLoader(ds, batch_size=5))
-    for _ in range(2):  # the first pass decodes and stores, the second reads the store
+    for second in (False, True):  # the first pass decodes and stores, the second reads the store
         got = list(eval_batches(cache, 5))
         assert len(got) == len(reference)
         for (x, y), (rx, ry) in zip(got, reference):
-            assert x.dtype == rx.dtype == torch.float32 and torch.equal(x, rx) and torch.equal(y, ry)
+            assert isinstance(x, Pixels) == second  # stored images pass on in 8 bits
+            assert as_float(x).dtype == rx.dtype == torch.float32 and torch.equal(as_float(x), rx)
+            assert torch.equal(y, ry)
         assert cache.stored == len(ds)
     x, y = cache[3]
     assert torch.equal(x, ds[3][0]) and y == ds[3][1]
+
+
+def test_pixels_are_normalised_where_they_are_used_as_the_transform_does(photos):
+    ds = _bundle(photos).train
+    cache = _cached(ds)
+    list(eval_batches(cache, 5))
+    (x, y), = list(eval_batches(cache, len(ds)))
+    assert isinstance(x, Pixels) and x.data.dtype == torch.uint8 and x.shape == (len(ds), *cache.shape)
+    reference = torch.stack([ds[i][0] for i in range(len(ds))])
+    on_device = DeviceImages("cpu")
+    assert torch.equal(on_device(x), reference) and torch.equal(on_device(x), reference)  # constants kept once
+    assert len(on_device._constants) == 1
+    assert torch.equal(on_device(reference), reference)  # a float batch passes as it is
+    assert torch.equal(x.normalised(), reference) and as_float(reference) is reference
 
 
 class _Noise(Dataset):
@@ -83,8 +100,9 @@ def test_workers_fill_one_cache_in_shared_memory(photos):
     parallel = list(train_batches(cache, sampler, num_workers=2))
     assert cache.pixels.is_shared()
     assert cache.stored == len(ds)  # the workers' reads landed in the training process's cache
+    assert any(isinstance(x, Pixels) for x, _ in parallel)  # 8-bit batches cross from the workers
     for (x, y), (rx, ry) in zip(parallel, serial):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert torch.equal(as_float(x), rx) and torch.equal(y, ry)
 
 
 def test_the_cache_is_planned_to_fit():
@@ -155,6 +173,9 @@ def test_a_cached_run_trains_as_an_uncached_one_and_reports_its_wait_for_data(ph
     assert all(r["data_wait_s"] >= 0 for r in cached)
     summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
     assert summary["data_wait_s"] == pytest.approx(sum(r["data_wait_s"] for r in cached))
+    plain_summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert summary["cached_images"] > 0 and plain_summary["cached_images"] is None
+    assert summary["val_accuracy"] == plain_summary["val_accuracy"]  # evaluated on 8-bit batches too
     assert "waiting for data" in res.output
 
 
@@ -207,7 +228,7 @@ class _Odd(Dataset):
     def __getitem__(self, i):
         channels = 1 if self.odd and i == 0 else 3
         half = torch.full((channels, 1, 1), 0.5)
-        return _normalise(torch.full((channels, 8, 8), 40 * i, dtype=torch.uint8), half, half), self.label(i)
+        return normalise(torch.full((channels, 8, 8), 40 * i, dtype=torch.uint8), half, half), self.label(i)
 
 
 def test_a_batch_the_cache_cannot_assemble_is_collated_as_torch_collates_it():
@@ -223,7 +244,7 @@ def test_a_batch_the_cache_cannot_assemble_is_collated_as_torch_collates_it():
     numpy_labels = DecodedCache(_Odd(odd=False, label=np.int64), (3, 8, 8), (0.5,) * 3, (0.5,) * 3)
     for _ in range(2):
         (x, y), = list(eval_batches(numpy_labels, 4))
-        assert torch.equal(x, default_collate([numpy_labels.ds[i] for i in range(4)])[0]) and y.tolist() == [0, 1, 2, 3]
+        assert torch.equal(as_float(x), default_collate([numpy_labels.ds[i] for i in range(4)])[0]) and y.tolist() == [0, 1, 2, 3]
     assert numpy_labels.stored == 4
     labelled = _cached(_Odd(odd=False, label=lambda i: torch.tensor([i, 1 - i])))  # not a class index
     for _ in range(2):

@@ -71,6 +71,27 @@ def test_runtime_protocol_and_step_result(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_8_bit_pixels_train_and_evaluate_as_their_float_images(backend):
+    """The decoded-image cache passes batches on as 8-bit Pixels; each runtime normalises them as
+    the transform did, so a step and an evaluation on them are those on the float images."""
+    from runtimes.images import Pixels, normalise
+
+    g = torch.Generator().manual_seed(3)
+    pixels = [Pixels(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g), (0.4, 0.5, 0.6),
+                     (0.2, 0.25, 0.3)) for _ in range(2)]
+    labels = [torch.randint(0, 5, (6,), generator=g) for _ in range(2)]
+    floats = [normalise(p.data, torch.tensor(p.mean).view(-1, 1, 1), torch.tensor(p.std).view(-1, 1, 1))
+              for p in pixels]
+    model = make_tiny_vit()
+    a, b = make(backend, copy.deepcopy(model)), make(backend, copy.deepcopy(model))
+    for s in range(2):
+        ra = a.train_step(pixels[s], labels[s], HALF, 1e-3, s)
+        rb = b.train_step(floats[s], labels[s], HALF, 1e-3, s)
+        assert ra.loss == rb.loss and ra.deltas == rb.deltas
+    assert a.evaluate(list(zip(pixels, labels))) == b.evaluate(list(zip(floats, labels)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_blocks_do_not_change(backend):
     rt = make(backend)
     (x, y), = data(1)
