@@ -3,8 +3,8 @@
 #   1. a check of the CUDA paths (seconds; stops the job at the first failure; the 8-bit batches'
 #      normalisation on the device is reported),
 #   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
-#   3. where a batch-64 step's time goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against
-#      the device's time),
+#   3. the planner's host time per step (benchmarks/planner_time.py), then where a batch-64 step's time
+#      goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against the device's time),
 #   4. the plan's peak memory against the device's on every step of a DeiT-S run at 0.5x
 #      (benchmarks/memory_per_step.py, fp32 and bf16),
 #   5. the speed grid (benchmarks/gpu_speed.py): eager ViT-B/16, DeiT-S and DINOv3-S (rotary position
@@ -36,6 +36,7 @@ PRECISION=bf16
 if [[ -n "${QUICK:-}" ]]; then
   PRE=(--steps 4 --batch-size 16 --classes 10 --eval-size 20 --log-every 2)
   OPS=(--models alast_demo_vit)
+  PLANNER=(--models alast_demo_vit --targets 0.5 --steps 50 --rounds 1)
   PROFILE=(--model alast_demo_vit --batch 8 --warmup 1 --steps 2)
   MEMORY=(--data random:32 --steps 3 --batch-size 8 --target-flops 0.5)
   GRID=(--models alast_demo_vit --batches 8 --steps 2 --warmup 1 --precision fp32)
@@ -45,6 +46,7 @@ if [[ -n "${QUICK:-}" ]]; then
 else
   PRE=(--minutes "$MINUTES" --log-every 1000)
   OPS=(--models deit_small_patch16_224,vit_base_patch16_224)
+  PLANNER=(--models deit_small_patch16_224,alast_vit12 --targets 0.5,0.4)
   PROFILE=(--model deit_small_patch16_224 --batch 64)
   MEMORY=(--model deit_small_patch16_224 --data random:512 --steps 8 --batch-size 64 --target-flops 0.5)
   GRID=(--models vit_base_patch16_224,deit_small_patch16_224,vit_small_patch16_dinov3 --batches 256,64 --steps 8 --warmup 4)
@@ -64,8 +66,8 @@ $PY examples/pretrain_vit12_backbone.py --device "$DEVICE" --steps 3 --batch-siz
 $PY benchmarks/gpu_speed.py --device "$DEVICE" --models alast_demo_vit --batches 8 --steps 2 --warmup 1 \
   --compile off --targets 0.5 --precision fp32 --out "$CHECK/speed.json" || exit 1
 # 8-bit batches normalised on the device: the host's float images to the bit (reported, not fatal)
-$PY -m pytest -q -p no:xdist -p no:cacheprovider -rs tests/runtimes/test_images.py \
-  || echo "warning: the device's normalisation of 8-bit batches differs from the host's"
+$PY -m pytest -q -n 0 -p no:cacheprovider -rs tests/runtimes/test_images.py \
+  || echo "warning: tests/runtimes/test_images.py failed: 8-bit batches normalised on the device are not the host's"
 
 if [[ -n "${PRETRAIN:-}" ]]; then
   echo "== pre-training ($(date -u +%T), $(left) s left)"
@@ -76,6 +78,8 @@ fi
 echo "== ops per step ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/op_count.py --device "$DEVICE" --precision "$PRECISION" "${OPS[@]}" \
   --out "$OUT_DIR/op_count.json"
+echo "== the planner's host time per step ($(date -u +%T), $(left) s left)"
+timeout "$(upto 60)" $PY benchmarks/planner_time.py "${PLANNER[@]}" --out "$OUT_DIR/planner_time.json"
 echo "== a batch-64 step's time ($(date -u +%T), $(left) s left)"
 timeout "$(upto 60)" $PY benchmarks/gpu_profile.py --device "$DEVICE" --precision "$PRECISION" "${PROFILE[@]}" \
   --out "$OUT_DIR/gpu_profile.json"
