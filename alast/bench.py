@@ -34,6 +34,7 @@ from alast.bench_runs import (
     scaled_steps,
 )
 from alast.config import AlastConfig, build_config, build_run_config, check_policy_name
+from alast.data.cache import shared_between_runs
 from alast.training.loop import Hooks, train
 
 MANIFEST = "bench.json"
@@ -199,11 +200,12 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
             f.write(json.dumps(summary) + "\n")
         return summary
 
-    for spec in plan.runs:
-        summary = execute(spec)
-        if plan.matched and spec.policy in MATCHED_ROWS and "skipped" not in summary:
-            row, policy, _ = MATCHED_ROWS[spec.policy]
-            execute(RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row)))
+    with shared_between_runs():  # runs on the same data read each image once between them
+        for spec in plan.runs:
+            summary = execute(spec)
+            if plan.matched and spec.policy in MATCHED_ROWS and "skipped" not in summary:
+                row, policy, _ = MATCHED_ROWS[spec.policy]
+                execute(RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row)))
     if plan.targets is not None:
         from alast.bench_curves import write_curve_outputs
 

@@ -22,7 +22,7 @@ import multiprocessing
 import numbers
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -232,15 +232,57 @@ def plan_cache(mode: bool | str, train_bytes: int | None, val_bytes: int, worker
     return CachePlan(train_bytes is not None, True, nbytes, note)
 
 
+_SHARED: dict[str, dict[str, DecodedCache]] | None = None  # inside shared_between_runs: the caches, by data key
+
+
+@contextlib.contextmanager
+def shared_between_runs() -> Iterator[None]:
+    """Runs inside it (those of one ``alast bench``) share their decoded images: a run whose data
+    have the key of an earlier run's (:func:`cache_bundle`'s ``key``: everything that makes the data
+    sets, so the same images in the same order) takes over that run's caches instead of reading
+    every image again. One key's caches are kept at a time: a run on other data (another seed's
+    split) releases them first. Outside it, every run has its own caches."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _take_over(ds: Dataset, earlier: DecodedCache | None) -> Dataset | DecodedCache:
+    """``ds`` behind the storage of ``earlier``, a cache of the same images (``ds`` itself where
+    there is none)."""
+    if earlier is None:
+        return ds
+    cache = DecodedCache(ds, earlier.shape, *earlier.norm)
+    if len(cache) != len(earlier):
+        raise ValueError(f"a shared cache holds {len(earlier)} images, its data set {len(cache)}")
+    cache.pixels, cache.labels, cache.state, cache._lock = earlier.pixels, earlier.labels, earlier.state, earlier._lock
+    return cache
+
+
 def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, data_cfg: dict[str, Any],
-                 processes: int = 1, in_flight: int = 0) -> Any:
+                 processes: int = 1, in_flight: int = 0, key: str | None = None) -> Any:
     """``bundle`` (a :class:`~alast.data.common.DataBundle`) with its datasets behind a
     :class:`DecodedCache` where :func:`plan_cache` says so; the training images only without
     ``augment``. ``data_cfg``: timm's data config, whose transform gives ``input_size`` images
     normalised by ``mean`` and ``std`` (an image it does not give so is never stored).
-    ``in_flight``: the shared memory the workers' batches take, which the cache must leave them."""
+    ``in_flight``: the shared memory the workers' batches take, which the cache must leave them.
+    ``key``: what identifies the data (inside :func:`shared_between_runs`, the caches of an
+    earlier run with the same key are taken over, where they sit in the memory ``workers`` need)."""
     if mode is False:
         return bundle
+    if _SHARED is not None and key is not None:
+        earlier = _SHARED.get(key)
+        if earlier is not None and (not workers or all(c.pixels is None or c.pixels.is_shared()
+                                                       for c in earlier.values())):
+            cached = replace(bundle, train=_take_over(bundle.train, earlier.get("train")),
+                             val=_take_over(bundle.val, earlier.get("val")))
+            _share(key, cached)  # this run's caches, which hold the storage once the loaders allocate it
+            return cached
+        _SHARED.clear()  # another data set's images: released before these are planned
     shape, mean, std = data_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
     per_image = int(torch.Size(shape).numel())  # one byte per value
     shm_free = shared_memory_free() if workers else None
@@ -248,5 +290,13 @@ def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, dat
                       workers, processes, available_memory(), None if shm_free is None else max(0, shm_free - in_flight))
     if plan.note:
         say_once([plan.note])
-    return replace(bundle, train=DecodedCache(bundle.train, shape, mean, std) if plan.train else bundle.train,
-                   val=DecodedCache(bundle.val, shape, mean, std) if plan.val else bundle.val)
+    cached = replace(bundle, train=DecodedCache(bundle.train, shape, mean, std) if plan.train else bundle.train,
+                     val=DecodedCache(bundle.val, shape, mean, std) if plan.val else bundle.val)
+    if _SHARED is not None and key is not None and (plan.train or plan.val):
+        _share(key, cached)
+    return cached
+
+
+def _share(key: str, bundle: Any) -> None:
+    _SHARED[key] = {part: ds for part, ds in (("train", bundle.train), ("val", bundle.val))  # type: ignore[index]
+                    if isinstance(ds, DecodedCache)}

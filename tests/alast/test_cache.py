@@ -260,3 +260,53 @@ def test_shared_marks_are_ordered_by_a_lock(photos):
     assert cache._lock is None
     cache.allocate(shared=True)
     assert cache.pixels.is_shared() and cache._lock is not None
+
+
+def test_runs_inside_shared_between_runs_take_over_the_decoded_images_of_the_same_data(photos, monkeypatch):
+    import alast.data.cache as cache_mod
+    from alast.data.cache import shared_between_runs
+
+    monkeypatch.setattr(cache_mod, "available_memory", lambda: 1 << 40)
+    data_cfg = model_data_config("alast_demo_vit")
+
+    def run(key):
+        bundle = cache_bundle(_bundle(photos), "auto", False, 0, data_cfg, key=key)
+        list(eval_batches(bundle.train, 6))
+        return bundle
+
+    first = run("a")
+    assert run("a").train.pixels is not first.train.pixels  # outside the scope every run has its own cache
+    with shared_between_runs():
+        first = run("a")
+        again = run("a")
+        assert again.train.pixels is first.train.pixels and again.train.stored == len(first.train)
+        assert again.val.state is first.val.state  # the validation images too
+        other = run("b")  # other data: the earlier caches are released, these are new
+        assert other.train.pixels is not first.train.pixels
+        assert run("a").train.pixels is not first.train.pixels
+
+
+def test_a_bench_reads_each_image_once_for_all_its_runs_on_the_same_data(photos, tmp_path, monkeypatch):
+    import alast.data.folders as folders
+
+    reads = []
+    real = folders.load_image
+
+    def counted(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(folders, "load_image", counted)
+    res = CliRunner().invoke(cli, ["bench", "--data", f"imagefolder:{photos}", "--policies", "full,alast,tokens",
+                                   "--steps", "8", "--batch-size", "8", "--set", "backend.threads=1",
+                                   "--set", 'backend.count_flops="off"', "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert len(reads) > 0 and len(set(reads)) == len(reads) == 24  # every image once, in three runs
+    monkeypatch.setattr(folders, "load_image", counted)
+    reads.clear()
+    res = CliRunner().invoke(cli, ["bench", "--data", f"imagefolder:{photos}", "--policies", "full,alast",
+                                   "--steps", "8", "--batch-size", "8", "--set", "backend.threads=1",
+                                   "--set", 'backend.count_flops="off"', "--set", "data.cache=false",
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert len(reads) > 2 * 24  # without the cache: every draw reads its file
