@@ -6,9 +6,10 @@ backend (which evaluates its live weights through this graph).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +39,36 @@ class _ImagesOnly(nn.Module):
         return self.model(images)
 
 
+REPEAT_INTERLEAVE = "aten::repeat_interleave"
+
+
+@contextlib.contextmanager
+def _repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
+    """torch's TorchScript symbolic of ``repeat_interleave`` (opset 13 on) makes a negative ``dim``
+    positive by adding the rank in place to the tensor of ``dim``'s constant, and the tracer shares
+    one constant between every use of the same number. In timm's mixed-mode RoPE (``Eva`` with
+    ``rope_type='mixed'``) the rotary tables' ``repeat_interleave(x, 2, -1)`` on a rank-4 tensor thus
+    turned the class token's ``expand(B, -1, -1)`` into ``expand(B, 3, 3)``, a graph onnxruntime
+    refuses at any batch. Within this the symbolic gets a constant of its own (registered for
+    ``opset``, removed on leaving)."""
+    if opset < 13:
+        yield
+        return
+    from torch.onnx import symbolic_helper, symbolic_opset13
+
+    def symbolic(g, self, repeats, dim=None, output_size=None):  # noqa: ANN001 - the exporter's signature
+        value = None if symbolic_helper._is_none(dim) else symbolic_helper._maybe_get_const(dim, "i")
+        if isinstance(value, int):
+            dim = g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
+        return symbolic_opset13.repeat_interleave(g, self, repeats, dim, output_size)
+
+    torch.onnx.register_custom_op_symbolic(REPEAT_INTERLEAVE, symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(REPEAT_INTERLEAVE, opset)
+
+
 def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,
                            kept: Sequence[int] | None = None, fuse: bool = False, score: str = "attention") -> bytes:
     """The serialized eval-mode graph ``images [B,3,H,W] -> logits [B,C]``, on every token or,
@@ -53,7 +84,8 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     x = torch.zeros(2, input_channels(model), img[0], img[1])
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score):
+        with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score), \
+                _repeat_interleave_keeps_its_constants(opset):
             warnings.simplefilter("ignore")
             traced = _ImagesOnly(model) if is_eva_model(model) else model  # a ViT's names stay the state dict's
             torch.onnx.export(traced, (x,), buf, dynamo=False, opset_version=opset, export_params=True,

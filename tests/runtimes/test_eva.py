@@ -97,7 +97,7 @@ def test_a_patched_eva_keeps_its_outputs_in_eval_and_at_full_budget(variant, bat
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_an_evas_token_schedule_runs_at_inference_and_in_its_onnx_graph(variant, batch, tmp_path):
-    from runtimes.onnx_export import ExportError, export_inference_bytes, max_logit_diff
+    from runtimes.onnx_export import export_inference_bytes, max_logit_diff
     from runtimes.token_schedule import head_reads_prefix, inference_flops, token_schedule
 
     model = make_tiny_eva(variant).eval()
@@ -114,14 +114,33 @@ def test_an_evas_token_schedule_runs_at_inference_and_in_its_onnx_graph(variant,
     assert model.forward_features(x).shape == (x.shape[0], npt + 16, 32)  # the schedule is gone after its block
     assert inference_flops(model, (6, 6, 3)) < 0.6 * inference_flops(model, None)
     path = tmp_path / "m.onnx"
-    for kept in ((6, 6, 3), None):
+    for kept in ((6, 6, 3), None):  # mixed mode too: its repeat_interleave no longer rewrites the expand's -1
         path.write_bytes(export_inference_bytes(model, kept=kept))
-        if variant != "mixed":
-            assert max_logit_diff(path, model, kept=kept) < 1e-4
-            continue
-        # onnxruntime refuses the traced graph of timm's mixed mode (its class token's Expand), alast or not
-        with pytest.raises(ExportError, match="^the ONNX graph of Eva does not run at batch 3 in onnxruntime"):
-            max_logit_diff(path, model, kept=kept)
+        assert max_logit_diff(path, model, kept=kept) < 1e-4
+
+
+def test_the_exports_repeat_interleave_symbolic_is_removed_afterwards(monkeypatch):
+    """The export registers its own symbolic for repeat_interleave only while it runs."""
+    from torch.onnx import symbolic_opset13
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+
+    from runtimes.onnx_export import REPEAT_INTERLEAVE, ExportError, export_inference_bytes
+
+    def current():
+        return registry.get_function_group(REPEAT_INTERLEAVE).get(17)
+
+    assert current() is symbolic_opset13.repeat_interleave
+    export_inference_bytes(make_tiny_eva("mixed").eval())
+    assert current() is symbolic_opset13.repeat_interleave
+
+    def fails(*args, **kwargs):
+        assert current() is not symbolic_opset13.repeat_interleave  # registered while the exporter runs
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(ExportError, match="the exporter failed"):
+        export_inference_bytes(make_tiny_eva("mixed").eval())
+    assert current() is symbolic_opset13.repeat_interleave
 
 
 def test_what_an_eva_cannot_run_is_refused_in_one_line():
