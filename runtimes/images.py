@@ -34,7 +34,7 @@ class Pixels:
     def shape(self) -> torch.Size:
         return self.data.shape
 
-    def pin_memory(self) -> "Pixels":
+    def pin_memory(self) -> Pixels:
         """The same batch in page-locked memory (the DataLoader's ``pin_memory`` calls it)."""
         return replace(self, data=self.data.pin_memory())
 

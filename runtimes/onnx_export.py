@@ -56,7 +56,7 @@ def _repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
         return
     from torch.onnx import symbolic_helper, symbolic_opset13
 
-    def symbolic(g, self, repeats, dim=None, output_size=None):  # noqa: ANN001 - the exporter's signature
+    def symbolic(g, self, repeats, dim=None, output_size=None):
         value = None if symbolic_helper._is_none(dim) else symbolic_helper._maybe_get_const(dim, "i")
         if isinstance(value, int):
             dim = g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))

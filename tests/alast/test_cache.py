@@ -64,7 +64,7 @@ def test_pixels_are_normalised_where_they_are_used_as_the_transform_does(photos)
     ds = _bundle(photos).train
     cache = _cached(ds)
     list(eval_batches(cache, 5))
-    (x, y), = list(eval_batches(cache, len(ds)))
+    (x, _), = list(eval_batches(cache, len(ds)))
     assert isinstance(x, Pixels) and x.data.dtype == torch.uint8 and x.shape == (len(ds), *cache.shape)
     reference = torch.stack([ds[i][0] for i in range(len(ds))])
     on_device = DeviceImages("cpu")
@@ -287,7 +287,7 @@ def test_runs_inside_shared_between_runs_take_over_the_decoded_images_of_the_sam
 
 
 def test_a_bench_reads_each_image_once_for_all_its_runs_on_the_same_data(photos, tmp_path, monkeypatch):
-    import alast.data.folders as folders
+    from alast.data import folders
 
     reads = []
     real = folders.load_image

@@ -35,7 +35,7 @@ def test_pixels_on_a_gpu_are_the_transforms_float_images():
     """CUDA divides by a host number as a product with its reciprocal; DeviceImages divides by a
     tensor on the device, so its images are the host's to the bit."""
     pixels, reference = _batch(n=16, size=64)
-    pinned, labels = pin_memory((pixels, torch.arange(16)))  # as the DataLoader pins a batch
+    pinned, _ = pin_memory((pixels, torch.arange(16)))  # as the DataLoader pins a batch
     assert isinstance(pinned, Pixels) and pinned.data.is_pinned()
     on_gpu = DeviceImages("cuda")
     got = on_gpu(pinned, non_blocking=True)
