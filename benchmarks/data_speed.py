@@ -2,10 +2,10 @@
 through the decoded-image cache (``data.cache``) or not, with 0..N DataLoader workers.
 
 Times whole batches (the loader's own work, no model), each setting over ``--passes`` passes over
-the folder; the cache's first pass decodes, the later ones read what it stored. A batch the cache
-assembles comes in 8 bits (``runtimes.images.Pixels``), normalised where it is used: on a GPU on
-the device, on the CPU by the training step. ``host_float_ms_per_batch`` times that normalisation
-on the host apart (what a CPU run or the ort backend pays for it in its step). Without
+the folder; the cache's first pass decodes, the later ones read what it stored. The cache is timed
+twice: giving float32 batches (as for a run on the CPU) and 8-bit ones (``runtimes.images.Pixels``,
+as for a run on CUDA, which normalises them on the device); ``host_float_ms_per_batch`` times
+making an 8-bit batch float32 on the host apart. Without
 ``--folder``, it writes one: ``--images`` crops of 500x375 from the two photographs scikit-learn
 ships (``sklearn.datasets.load_sample_images``), JPEG quality 90, in 4 classes.
 
@@ -63,12 +63,13 @@ def write_photos(root: Path, n: int) -> Path:
     return root
 
 
-def time_passes(ds, batch_size: int, passes: int, workers: int) -> tuple[list[float], list[float | None]]:
+def time_passes(ds, batch_size: int, passes: int, workers: int, eight_bit: bool = False
+                ) -> tuple[list[float], list[float | None]]:
     """Images per second of each pass over ``ds`` (the loader started before the clock), and the
     mean milliseconds of making each 8-bit batch float32 on the host (None: no such batch)."""
     per_pass = len(ds) // batch_size
     sampler = StepBatchSampler(len(ds), batch_size, 0, 0, per_pass * passes, 0, 1)
-    batches = iter(train_batches(ds, sampler, num_workers=workers))
+    batches = iter(train_batches(ds, sampler, num_workers=workers, eight_bit=eight_bit))
     rates, floats = [], []
     for _ in range(passes):
         loading = normalising = 0.0
@@ -97,13 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
         shape = train[0][0].shape
         rows = []
         for workers in (int(w) for w in args.workers.split(",")):
-            for cached in (False, True):
+            for cached, eight_bit in ((False, False), (True, False), (True, True)):
                 ds = DecodedCache(train, shape, data_cfg["mean"], data_cfg["std"]) if cached else train
-                rates, floats = time_passes(ds, args.batch_size, args.passes, workers)
-                rows.append({"workers": workers, "cache": cached, "images_per_s": [round(r, 1) for r in rates],
+                rates, floats = time_passes(ds, args.batch_size, args.passes, workers, eight_bit)
+                rows.append({"workers": workers, "cache": cached, "batches": "8-bit" if eight_bit else "float32",
+                             "images_per_s": [round(r, 1) for r in rates],
                              "ms_per_batch": [round(1e3 * args.batch_size / r, 2) for r in rates],
                              "host_float_ms_per_batch": floats})
-                print(f"workers {workers}  cache {'on ' if cached else 'off'}  images/s per pass: "
+                print(f"workers {workers}  cache {'on ' if cached else 'off'}  "
+                      f"{'8-bit  ' if eight_bit else 'float32'}  images/s per pass: "
                       + ", ".join(f"{r:.0f}" for r in rates)
                       + ("" if not any(floats) else "  (8-bit batches to float32 on the host, ms: "
                          + ", ".join("-" if f is None else f"{f:.1f}" for f in floats) + ")"), flush=True)

@@ -115,8 +115,9 @@ def _flops(cm: CostModel, shape: StepShape, batch: int, states: Sequence[str], e
 
 
 def step_flops(cm: CostModel, shape: StepShape, batch: int) -> float:
-    """``step_cost(cm, shape, batch).train_flops``, the same sums, without pricing the memory (a
-    fraction of the time: the target projection asks for it dozens of times a step)."""
+    """``step_cost(cm, shape, batch).train_flops``, the same sums, without the memory peaks and the
+    optimizer's temporaries (less than half the time: the target projection asks for it dozens of
+    times a step)."""
     embed_on = cm.embed.trainable and shape.embed_trained
     fwd, bwd, _, _ = _flops(cm, shape, batch, block_states(shape.trained, embed_on), embed_on)
     return fwd + bwd

@@ -45,21 +45,29 @@ class Pixels:
 
 class DeviceImages:
     """A training batch's images as float32 on ``device``: a tensor copied there, a :class:`Pixels`
-    batch copied there in 8 bits and normalised there, its constants copied to the device once (a
-    later copy of host numbers would wait for the device's queue)."""
+    batch copied there in 8 bits and normalised there. Its constants are copied to the device once,
+    from page-locked memory on CUDA, so that the copy does not wait for the steps queued before it."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._constants: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[torch.Tensor, ...]] = {}
+        self._host: list[torch.Tensor] = []  # the page-locked sources, alive until their copies are done
+
+    def _upload(self, values: tuple[float, ...] | float, shape: tuple[int, ...]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.float32).view(shape)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        host = host.pin_memory()
+        self._host.append(host)
+        return host.to(self.device, non_blocking=True)
 
     def __call__(self, images: torch.Tensor | Pixels, non_blocking: bool = False) -> torch.Tensor:
         if not isinstance(images, Pixels):
             return images.to(self.device, non_blocking=non_blocking)
         key = (images.mean, images.std)
         if key not in self._constants:
-            self._constants[key] = (torch.tensor(images.mean).view(-1, 1, 1).to(self.device),
-                                    torch.tensor(images.std).view(-1, 1, 1).to(self.device),
-                                    torch.tensor(255.0).to(self.device))
+            self._constants[key] = (self._upload(images.mean, (-1, 1, 1)), self._upload(images.std, (-1, 1, 1)),
+                                    self._upload(255.0, ()))
         mean, std, scale = self._constants[key]
         return normalise(images.data.to(self.device, non_blocking=non_blocking), mean, std, scale)
 

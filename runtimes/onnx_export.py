@@ -11,6 +11,7 @@ import io
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,19 @@ class _ImagesOnly(nn.Module):
 REPEAT_INTERLEAVE = "aten::repeat_interleave"
 
 
+def _symbolics(name: str) -> Any:
+    """The TorchScript exporter's symbolic functions of ``name``, by opset (every opset's registered
+    first: the exporter registers them when it starts)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # torch before 2.9
+        from torch.onnx import utils
+        from torch.onnx._internal.registration import registry
+    utils._trigger_symbolic_function_registration()
+    return registry.get_function_group(name)
+
+
 @contextlib.contextmanager
 def _repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
     """torch's TorchScript symbolic of ``repeat_interleave`` (opset 13 on) makes a negative ``dim``
@@ -49,24 +63,29 @@ def _repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
     one constant between every use of the same number. In timm's mixed-mode RoPE (``Eva`` with
     ``rope_type='mixed'``) the rotary tables' ``repeat_interleave(x, 2, -1)`` on a rank-4 tensor thus
     turned the class token's ``expand(B, -1, -1)`` into ``expand(B, 3, 3)``, a graph onnxruntime
-    refuses at any batch. Within this the symbolic gets a constant of its own (registered for
-    ``opset``, removed on leaving)."""
+    refuses at any batch. Within this the symbolic the export would use (torch's, or one registered
+    before) gets a constant of its own; on leaving, the registration is as it was."""
     if opset < 13:
         yield
         return
-    from torch.onnx import symbolic_helper, symbolic_opset13
+    from torch.onnx import symbolic_helper
+
+    group = _symbolics(REPEAT_INTERLEAVE)
+    previous = group.get(opset)
 
     def symbolic(g, self, repeats, dim=None, output_size=None):
         value = None if symbolic_helper._is_none(dim) else symbolic_helper._maybe_get_const(dim, "i")
         if isinstance(value, int):
             dim = g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
-        return symbolic_opset13.repeat_interleave(g, self, repeats, dim, output_size)
+        return previous(g, self, repeats, dim, output_size)
 
     torch.onnx.register_custom_op_symbolic(REPEAT_INTERLEAVE, symbolic, opset)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic(REPEAT_INTERLEAVE, opset)
+        if group.get(opset) is not previous:  # it was someone's own at this opset, which ours replaced
+            torch.onnx.register_custom_op_symbolic(REPEAT_INTERLEAVE, previous, opset)
 
 
 def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,

@@ -8,9 +8,10 @@ wait for its images whatever its FLOPs. :class:`DecodedCache` keeps each transfo
 first read, in 8 bits: the transformed tensor is ``(p / 255 - mean) / std`` of the resized image's
 bytes ``p``, so ``p`` is recovered exactly and a read recomputes the same float32 tensor, bit for
 bit (checked on every image it stores; an image whose tensor does not round-trip is never stored
-and is transformed at every read instead). A batch from the cache is one gather, passed on in
-8 bits (:class:`Pixels`) and normalised where it is used: on a GPU, on the device
-(:class:`runtimes.images.DeviceImages`), so the host copies a quarter of the bytes and does no float work.
+and is transformed at every read instead). A batch from the cache is one gather and one
+normalisation; for a CUDA device the batch is passed on in 8 bits (:class:`Pixels`) and normalised
+there (:class:`runtimes.images.DeviceImages`), so the host copies a quarter of the bytes and does no
+float work. On the CPU the normalisation stays in the loader (in the workers, where there are any).
 
 With DataLoader workers the cache lives in shared memory, allocated before the workers start, so
 an image one worker decodes serves every worker after it.
@@ -64,6 +65,7 @@ class DecodedCache(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.pixels: torch.Tensor | None = None
+        self.eight_bit = False  # a batch of stored images as Pixels (for a device that normalises), else float32
         self.labels = torch.zeros(0, dtype=torch.int64)
         self.state = torch.zeros(0, dtype=torch.int8)  # per image: 0 not read, 1 stored, 2 read every time
         self._lock: Any = None  # with workers: orders the marks after the pixels (:meth:`allocate`)
@@ -107,8 +109,8 @@ class DecodedCache(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> CachedBatch | list:
         """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored): a
-        :class:`CachedBatch` of :class:`Pixels` where every image is stored now, of float32 images
-        where one read now could not be (its tensor does not round-trip through 8 bits), or, where
+        :class:`CachedBatch` of float32 images (of :class:`Pixels` with ``eight_bit``, where every
+        image is stored now; a device normalises them where it trains), or, where
         an image read now is not one it could have stored (another shape, a label that is not a
         class index), the items as read, for torch to collate."""
         if self.pixels is None:
@@ -127,10 +129,11 @@ class DecodedCache(Dataset):
             return [read[j] for j in range(len(idx))]
         if not all(self._fits(x, y) for x, y in read.values()):
             return [read[j] if j in read else self.ds[i] for j, i in enumerate(idx.tolist())]
-        with self._marks():
-            every = bool((self.state[idx] == 1).all())  # the images read now were stored too
-        if every:
-            return CachedBatch((Pixels(self.pixels[idx], *self.norm), self.labels[idx]))  # type: ignore[index]
+        if self.eight_bit:
+            with self._marks():
+                every = bool((self.state[idx] == 1).all())  # the images read now were stored too
+            if every:
+                return CachedBatch((Pixels(self.pixels[idx], *self.norm), self.labels[idx]))  # type: ignore[index]
         images = normalise(self.pixels[idx], self.mean, self.std)  # type: ignore[index]
         labels = self.labels[idx]
         for j, (x, y) in read.items():
@@ -257,10 +260,17 @@ def _take_over(ds: Dataset, earlier: DecodedCache | None) -> Dataset | DecodedCa
     if earlier is None:
         return ds
     cache = DecodedCache(ds, earlier.shape, *earlier.norm)
-    if len(cache) != len(earlier):
-        raise ValueError(f"a shared cache holds {len(earlier)} images, its data set {len(cache)}")
     cache.pixels, cache.labels, cache.state, cache._lock = earlier.pixels, earlier.labels, earlier.state, earlier._lock
     return cache
+
+
+def _can_take_over(earlier: dict[str, DecodedCache], bundle: Any, workers: int) -> bool:
+    """Whether a run with ``workers`` may take over ``earlier`` for ``bundle``: the same number of
+    images in each data set, and storage in shared memory where there are workers (moving it there
+    could overfill ``/dev/shm``, which only a new plan checks)."""
+    parts = {"train": bundle.train, "val": bundle.val}
+    return all(len(parts[part]) == len(c) and (not workers or c.pixels is None or c.pixels.is_shared())
+               for part, c in earlier.items())
 
 
 def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, data_cfg: dict[str, Any],
@@ -276,8 +286,7 @@ def cache_bundle(bundle: Any, mode: bool | str, augment: bool, workers: int, dat
         return bundle
     if _SHARED is not None and key is not None:
         earlier = _SHARED.get(key)
-        if earlier is not None and (not workers or all(c.pixels is None or c.pixels.is_shared()
-                                                       for c in earlier.values())):
+        if earlier is not None and _can_take_over(earlier, bundle, workers):
             cached = replace(bundle, train=_take_over(bundle.train, earlier.get("train")),
                              val=_take_over(bundle.val, earlier.get("val")))
             _share(key, cached)  # this run's caches, which hold the storage once the loaders allocate it

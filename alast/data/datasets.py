@@ -317,11 +317,14 @@ def _leave_stop_signals_to_the_run(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool) -> dict[str, Any]:
+def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool, eight_bit: bool | None) -> dict[str, Any]:
     """The DataLoader options every loader here shares; a :class:`~alast.data.cache.DecodedCache`
-    gets its storage (shared with the workers, if any) before they start, and assembles its own batches."""
+    gets its storage (shared with the workers, if any) before they start, and assembles its own
+    batches: 8-bit ones with ``eight_bit`` (None: with ``pin_memory``, for a CUDA device, which
+    normalises them where it trains), else float32 ones."""
     if isinstance(ds, DecodedCache):
         ds.allocate(shared=num_workers > 0)
+        ds.eight_bit = pin_memory if eight_bit is None else eight_bit
     options = {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate}
     if num_workers:
         options["worker_init_fn"] = _leave_stop_signals_to_the_run
@@ -329,7 +332,7 @@ def _loader_options(ds: Dataset, num_workers: int, pin_memory: bool) -> dict[str
 
 
 def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, augment: bool = False,
-                  pin_memory: bool = False) -> DataLoader:
+                  pin_memory: bool = False, eight_bit: bool | None = None) -> DataLoader:
     """The batches of ``sampler``'s steps from ``ds``.
 
     The loader has its own generator, so building and iterating it never draws from torch's global
@@ -337,9 +340,10 @@ def train_batches(ds: Dataset, sampler: StepBatchSampler, num_workers: int = 0, 
     samples are randomly augmented, and each is read by :class:`StepSeededAugment` with its
     randomness seeded from (``sampler.seed``, step, index); without it nothing is wrapped.
     ``pin_memory``: batches in page-locked memory, for a copy to a CUDA device that does not wait.
+    ``eight_bit``: see :func:`_loader_options`.
     """
     generator = torch.Generator().manual_seed(sampler.seed % (1 << 63))
-    options = _loader_options(ds, num_workers, pin_memory)
+    options = _loader_options(ds, num_workers, pin_memory, eight_bit)
     if not augment:
         return DataLoader(ds, batch_sampler=sampler, generator=generator, **options)
     return DataLoader(StepSeededAugment(ds, sampler.seed), batch_sampler=_StepKeyedSampler(sampler),
@@ -363,7 +367,7 @@ def auto_eval_batch_size(sample_bytes: int) -> int:
 
 
 def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, eight_bit: bool | None = None) -> DataLoader:
     """Validation batches in order; ``batch_size=None`` sizes them from the first sample's bytes.
 
     The loader's own generator keeps evaluations (their number: train.eval_every) out of torch's
@@ -372,4 +376,4 @@ def eval_batches(ds: Dataset, batch_size: int | None = None, num_workers: int = 
         x = ds[0][0] if len(ds) else None
         batch_size = auto_eval_batch_size(x.numel() * x.element_size()) if isinstance(x, torch.Tensor) else 1
     return DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
-                      **_loader_options(ds, num_workers, pin_memory))
+                      **_loader_options(ds, num_workers, pin_memory, eight_bit))

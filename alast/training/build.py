@@ -52,16 +52,19 @@ def load_data(cfg: AlastConfig, workers: int | None = None) -> tuple[DataBundle,
         # the workers' batches pass through shared memory too: the cache may have what they leave
         in_flight = workers * LOADER_PREFETCH * batch_bytes(cfg) * local_processes()
         bundle = cache_bundle(bundle, d.cache, d.augment, workers, data_cfg, local_processes(), in_flight,
-                              key=data_key(cfg, data_cfg))
+                              key=data_key(cfg, data_cfg, bundle))
     return bundle, data_cfg
 
 
-def data_key(cfg: AlastConfig, data_cfg: dict[str, Any]) -> str:
-    """Everything :func:`load_data` makes the data sets from: two runs with the same key read the
-    same images in the same order (``alast bench``'s runs share their decoded images by it)."""
+def data_key(cfg: AlastConfig, data_cfg: dict[str, Any], bundle: DataBundle) -> str:
+    """Everything :func:`load_data` makes the data sets from, and the image files it found where it
+    lists them (``bundle``'s fingerprints: a file added, removed or renamed changes them): two runs
+    with the same key read the same images in the same order (``alast bench``'s runs share their
+    decoded images by it)."""
     d = cfg.data
     return json.dumps([d.spec, str(d.data_dir), d.val_fraction, cfg.train.seed, d.augment, d.skip_bad_images,
-                       d.train_split, d.val_split, d.subset, data_cfg], sort_keys=True, default=str)
+                       d.train_split, d.val_split, d.subset, data_cfg, bundle.fingerprint, bundle.train_files],
+                      sort_keys=True, default=str)
 
 
 def local_processes() -> int:

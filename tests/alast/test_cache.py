@@ -3,6 +3,7 @@ wait for batches, measured and warned about."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,11 +49,12 @@ def test_cached_batches_are_the_transformed_images_to_the_bit(photos):
     ds = _bundle(photos).train
     cache = _cached(ds)
     reference = list(DataLoader(ds, batch_size=5))
-    for second in (False, True):  # the first pass decodes and stores, the second reads the store
-        got = list(eval_batches(cache, 5))
+    for second, eight_bit in ((False, None), (True, None), (True, True)):  # the first pass decodes and stores
+        got = list(eval_batches(cache, 5, eight_bit=eight_bit))
         assert len(got) == len(reference)
         for (x, y), (rx, ry) in zip(got, reference):
-            assert isinstance(x, Pixels) == second  # stored images pass on in 8 bits
+            # stored images pass on in 8 bits for a device that normalises them (CUDA), else as float32
+            assert isinstance(x, Pixels) == (second and bool(eight_bit))
             assert as_float(x).dtype == rx.dtype == torch.float32 and torch.equal(as_float(x), rx)
             assert torch.equal(y, ry)
         assert cache.stored == len(ds)
@@ -64,7 +66,7 @@ def test_pixels_are_normalised_where_they_are_used_as_the_transform_does(photos)
     ds = _bundle(photos).train
     cache = _cached(ds)
     list(eval_batches(cache, 5))
-    (x, _), = list(eval_batches(cache, len(ds)))
+    (x, _), = list(eval_batches(cache, len(ds), eight_bit=True))
     assert isinstance(x, Pixels) and x.data.dtype == torch.uint8 and x.shape == (len(ds), *cache.shape)
     reference = torch.stack([ds[i][0] for i in range(len(ds))])
     on_device = DeviceImages("cpu")
@@ -97,7 +99,7 @@ def test_workers_fill_one_cache_in_shared_memory(photos):
     cache = _cached(ds)
     sampler = StepBatchSampler(len(ds), 4, 0, 0, 12, 0, 1)
     serial = list(train_batches(ds, sampler))
-    parallel = list(train_batches(cache, sampler, num_workers=2))
+    parallel = list(train_batches(cache, sampler, num_workers=2, eight_bit=True))
     assert cache.pixels.is_shared()
     assert cache.stored == len(ds)  # the workers' reads landed in the training process's cache
     assert any(isinstance(x, Pixels) for x, _ in parallel)  # 8-bit batches cross from the workers
@@ -284,6 +286,31 @@ def test_runs_inside_shared_between_runs_take_over_the_decoded_images_of_the_sam
         other = run("b")  # other data: the earlier caches are released, these are new
         assert other.train.pixels is not first.train.pixels
         assert run("a").train.pixels is not first.train.pixels
+        fewer = replace(_bundle(photos), train=torch.utils.data.Subset(_bundle(photos).train, range(5)))
+        assert cache_bundle(fewer, "auto", False, 0, data_cfg, key="a").train.pixels is None  # not these images
+
+
+def test_workers_take_over_a_shared_cache_only_from_shared_memory(photos, monkeypatch):
+    import alast.data.cache as cache_mod
+    from alast.data.cache import shared_between_runs
+
+    monkeypatch.setattr(cache_mod, "available_memory", lambda: 1 << 40)
+    data_cfg = model_data_config("alast_demo_vit")
+
+    def run(key, workers):
+        bundle = cache_bundle(_bundle(photos), "auto", False, workers, data_cfg, key=key)
+        sampler = StepBatchSampler(len(bundle.train), 6, 0, 0, 4, 0, 1)
+        list(train_batches(bundle.train, sampler, num_workers=workers))
+        return bundle
+
+    with shared_between_runs():
+        first = run("a", 2)
+        assert first.train.pixels.is_shared() and first.train.stored > 0
+        again = run("a", 2)
+        assert again.train.pixels is first.train.pixels and again.train._lock is first.train._lock
+        private = run("b", 0)
+        assert not private.train.pixels.is_shared()
+        assert run("b", 2).train.pixels is not private.train.pixels  # moving it to /dev/shm is not planned
 
 
 def test_a_bench_reads_each_image_once_for_all_its_runs_on_the_same_data(photos, tmp_path, monkeypatch):

@@ -122,12 +122,11 @@ def test_an_evas_token_schedule_runs_at_inference_and_in_its_onnx_graph(variant,
 def test_the_exports_repeat_interleave_symbolic_is_removed_afterwards(monkeypatch):
     """The export registers its own symbolic for repeat_interleave only while it runs."""
     from torch.onnx import symbolic_opset13
-    from torch.onnx._internal.torchscript_exporter.registration import registry
 
-    from runtimes.onnx_export import REPEAT_INTERLEAVE, ExportError, export_inference_bytes
+    from runtimes.onnx_export import REPEAT_INTERLEAVE, ExportError, _symbolics, export_inference_bytes
 
     def current():
-        return registry.get_function_group(REPEAT_INTERLEAVE).get(17)
+        return _symbolics(REPEAT_INTERLEAVE).get(17)
 
     assert current() is symbolic_opset13.repeat_interleave
     export_inference_bytes(make_tiny_eva("mixed").eval())
@@ -137,9 +136,23 @@ def test_the_exports_repeat_interleave_symbolic_is_removed_afterwards(monkeypatc
         assert current() is not symbolic_opset13.repeat_interleave  # registered while the exporter runs
         raise RuntimeError("the exporter failed")
 
-    monkeypatch.setattr(torch.onnx, "export", fails)
-    with pytest.raises(ExportError, match="the exporter failed"):
+    with monkeypatch.context() as m:
+        m.setattr(torch.onnx, "export", fails)
+        with pytest.raises(ExportError, match="the exporter failed"):
+            export_inference_bytes(make_tiny_eva("mixed").eval())
+    assert current() is symbolic_opset13.repeat_interleave
+
+    def own(g, self, repeats, dim=None, output_size=None):  # a user's own symbolic: used, then kept
+        calls.append(dim)
+        return symbolic_opset13.repeat_interleave(g, self, repeats, dim, output_size)
+
+    calls = []
+    torch.onnx.register_custom_op_symbolic(REPEAT_INTERLEAVE, own, 17)
+    try:
         export_inference_bytes(make_tiny_eva("mixed").eval())
+        assert calls and current() is own
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(REPEAT_INTERLEAVE, 17)
     assert current() is symbolic_opset13.repeat_interleave
 
 
