@@ -110,9 +110,9 @@ class DecodedCache(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> CachedBatch | list:
         """The batch of ``indices``, the images not yet stored read from ``ds`` (and stored): a
         :class:`CachedBatch` of float32 images (of :class:`Pixels` with ``eight_bit``, where every
-        image is stored now; a device normalises them where it trains), or, where
-        an image read now is not one it could have stored (another shape, a label that is not a
-        class index), the items as read, for torch to collate."""
+        image is stored now; a device normalises them where it trains), or, where an image read now
+        is not one it could have stored (another shape, a label that is not a class index), the
+        items as read, for torch to collate."""
         if self.pixels is None:
             self.allocate(shared=False)
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
