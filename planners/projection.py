@@ -85,7 +85,7 @@ class TargetProjection:
         return self._cache[key]
 
     def train_flops(self, keep_ratios: Sequence[float], trained: Sequence[bool]) -> float:
-        """One sample's train FLOPs with these keep ratios and trained blocks (``cost(...).train_flops``)."""
+        """One sample's train FLOPs with these keep ratios and trained blocks (:func:`step_flops`, cached by shape)."""
         tin, tout = kept_token_counts(keep_ratios, self.cm.num_patches, self.min_tokens, self.token_multiple)
         key = (tout, tuple(trained))
         found = self._flops.get(key)

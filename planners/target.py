@@ -118,8 +118,7 @@ def _miss(ratio: float, target: float) -> float:
 
 
 def _solve_full(cm, planner, policy, target, full, options) -> TargetSolution:
-    L = cm.num_blocks
-    ratio = step_flops(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1) / full
+    ratio = full_step_flops(cm) / full
     if _miss(ratio, target) > TARGET_TOLERANCE:
         raise TargetError(f"policy {policy!r} has no knob: it always costs {ratio:.3f}x full fine-tuning, not "
                           f"{target:g}; use alast or tokens for a FLOPs target")

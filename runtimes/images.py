@@ -34,6 +34,9 @@ class Pixels:
     def shape(self) -> torch.Size:
         return self.data.shape
 
+    def is_pinned(self) -> bool:
+        return self.data.is_pinned()
+
     def pin_memory(self) -> Pixels:
         """The same batch in page-locked memory (the DataLoader's ``pin_memory`` calls it)."""
         return replace(self, data=self.data.pin_memory())

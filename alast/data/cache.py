@@ -119,21 +119,18 @@ class DecodedCache(Dataset):
         with self._marks():
             states = self.state[idx].tolist()
         read = {}  # batch position -> the item read from ds now
+        every = True  # every image of the batch stored (before, or now)
         for j, (i, state) in enumerate(zip(idx.tolist(), states)):
             if state == 1:
                 continue
             read[j] = x, y = self.ds[i]
-            if state == 0:
-                self._store(i, x, y)
+            every = (self._store(i, x, y) if state == 0 else state) == 1 and every
         if len(read) == len(idx):  # nothing stored before (a first epoch): the items as read
             return [read[j] for j in range(len(idx))]
         if not all(self._fits(x, y) for x, y in read.values()):
             return [read[j] if j in read else self.ds[i] for j, i in enumerate(idx.tolist())]
-        if self.eight_bit:
-            with self._marks():
-                every = bool((self.state[idx] == 1).all())  # the images read now were stored too
-            if every:
-                return CachedBatch((Pixels(self.pixels[idx], *self.norm), self.labels[idx]))  # type: ignore[index]
+        if self.eight_bit and every:
+            return CachedBatch((Pixels(self.pixels[idx], *self.norm), self.labels[idx]))  # type: ignore[index]
         images = normalise(self.pixels[idx], self.mean, self.std)  # type: ignore[index]
         labels = self.labels[idx]
         for j, (x, y) in read.items():
@@ -145,10 +142,10 @@ class DecodedCache(Dataset):
         label = isinstance(y, numbers.Integral) or isinstance(y, torch.Tensor) and y.ndim == 0 and not y.is_floating_point()
         return label and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and tuple(x.shape) == self.shape
 
-    def _store(self, i: int, x: Any, label: Any) -> None:
+    def _store(self, i: int, x: Any, label: Any) -> int:
         """Store image ``i``, read as ``x``, where its tensor round-trips through 8 bits (state 1), else
-        mark it to be read at every use (state 2). One image at a time: measured faster than a
-        batch, whose temporaries each take fresh pages."""
+        mark it to be read at every use (state 2); returns the state. One image at a time: measured
+        faster than a batch, whose temporaries each take fresh pages."""
         state = 2
         if self._fits(x, label):
             p = x.mul(self.std).add_(self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
@@ -158,6 +155,7 @@ class DecodedCache(Dataset):
                 state = 1
         with self._marks():
             self.state[i] = state
+        return state
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def load_data(cfg: AlastConfig, workers: int | None = None) -> tuple[DataBundle,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset)
     if workers is not None and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
         # the workers' batches pass through shared memory too: the cache may have what they leave
-        in_flight = workers * LOADER_PREFETCH * batch_bytes(cfg) * local_processes()
+        in_flight = workers * LOADER_PREFETCH * batch_bytes(cfg, data_cfg) * local_processes()
         bundle = cache_bundle(bundle, d.cache, d.augment, workers, data_cfg, local_processes(), in_flight,
                               key=data_key(cfg, data_cfg, bundle))
     return bundle, data_cfg
@@ -72,9 +72,10 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def batch_bytes(cfg: AlastConfig) -> int:
-    """The bytes of one process's training batch of float32 images."""
-    shape = model_data_config(cfg.model.name, cfg.model.img_size)["input_size"]
+def batch_bytes(cfg: AlastConfig, data_cfg: dict[str, Any] | None = None) -> int:
+    """The bytes of one process's training batch of float32 images (``data_cfg``: the model's timm
+    data config, where the caller has it)."""
+    shape = (data_cfg or model_data_config(cfg.model.name, cfg.model.img_size))["input_size"]
     return 4 * max(1, cfg.train.batch_size // local_processes()) * int(torch.Size(shape).numel())
 
 

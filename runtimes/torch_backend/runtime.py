@@ -240,8 +240,7 @@ class TorchRuntime:
 
     def _to_device(self, images: torch.Tensor | Pixels, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch on the device, its images float32 (8-bit :class:`Pixels` normalised there)."""
-        data = images.data if isinstance(images, Pixels) else images
-        if self.observe_lag and self.device.type == "cuda" and not data.is_pinned():
+        if self.observe_lag and self.device.type == "cuda" and not images.is_pinned():
             images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
         return self._images(images, non_blocking=True), labels.to(self.device, non_blocking=True)
 

@@ -27,7 +27,7 @@ def test_pixels_on_the_host_are_the_transforms_float_images():
     pixels, reference = _batch()
     assert torch.equal(as_float(pixels), reference)
     assert torch.equal(DeviceImages("cpu")(pixels), reference)
-    assert pixels.shape == reference.shape
+    assert pixels.shape == reference.shape and not pixels.is_pinned()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -36,7 +36,7 @@ def test_pixels_on_a_gpu_are_the_transforms_float_images():
     tensor on the device, so its images are the host's to the bit."""
     pixels, reference = _batch(n=16, size=64)
     pinned, _ = pin_memory((pixels, torch.arange(16)))  # as the DataLoader pins a batch
-    assert isinstance(pinned, Pixels) and pinned.data.is_pinned()
+    assert isinstance(pinned, Pixels) and pinned.is_pinned()
     on_gpu = DeviceImages("cuda")
     got = on_gpu(pinned, non_blocking=True)
     assert got.device.type == "cuda" and got.dtype == torch.float32
