@@ -9,6 +9,14 @@ trained-block set changes.
 
   OMP_NUM_THREADS=1 python benchmarks/ort_speed.py --models alast_demo_vit,vit_base_patch16_224 \
       --batch-size 8 --rounds 5 --out ort_speed.json
+
+``--replay RUN_DIR`` times the steps a run took instead: each step's budget from its
+``metrics.jsonl`` (keep ratios, trained blocks, embeddings), on runtimes built from its
+``config.yaml`` (policy and backend settings; FLOP counting off), at its batch size, both runtimes
+per step, alternating which goes first. Its first steps (the ort artifact sets' export and
+generation) are reported apart:
+
+  python benchmarks/ort_speed.py --replay RUN_DIR --out ort_replay.json
 """
 from __future__ import annotations
 
@@ -74,11 +82,56 @@ def bench_model(name: str, batch: int, rounds: int, threads: int) -> dict:
     return out
 
 
+def replay(run_dir: Path, warmup: int) -> dict:
+    """Both runtimes through the budgets of the run in ``run_dir``, step by step."""
+    from alast.config import build_config, read_yaml
+    from alast.training.build import create_runtime
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    data = read_yaml(run_dir / "config.yaml")
+    data["backend"].update(count_flops="off", device="cpu")
+    torch.manual_seed(0)
+    model = create_model(data["model"]["name"], 10)
+    runtimes = {}
+    for name in ("torch", "ort"):
+        cfg = build_config({**data, "backend": {**data["backend"], "name": name}})
+        runtimes[name] = create_runtime(cfg, copy.deepcopy(model))
+    depth, batch = len(model.blocks), int(data["train"]["batch_size"])
+    img = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img[0], img[1], generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    times: dict[str, list[float]] = {"torch": [], "ort": []}
+    for i, rec in enumerate(records):
+        trained = set(rec["trained_blocks"])
+        budget = Budget(tuple(rec["keep_ratios"]), tuple(b in trained for b in range(depth)),
+                        min_tokens=int(data["policy"]["min_tokens"]),
+                        train_embeddings=bool(rec.get("embeddings_trained", True)))
+        for name in (("torch", "ort") if i % 2 == 0 else ("ort", "torch")):
+            res = runtimes[name].train_step(x, y, budget, 1e-4, i)
+            assert res.kept_tokens == tuple(rec["kept_tokens"]), (name, i, res.kept_tokens, rec["kept_tokens"])
+            times[name].append(res.step_time_s)
+    timed = {k: v[warmup:] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in timed.items()}
+    total = {k: sum(v) for k, v in timed.items()}
+    print(f"{run_dir}: {len(records)} steps of {data['model']['name']} at batch {batch}; after {warmup} warm-up "
+          f"steps: median torch {med['torch'] * 1e3:.1f} ms, ort {med['ort'] * 1e3:.1f} ms "
+          f"(ort/torch {med['ort'] / med['torch']:.3f}); total {total['torch']:.2f} s against {total['ort']:.2f} s "
+          f"({total['ort'] / total['torch']:.3f}); first {warmup} steps: torch {sum(times['torch'][:warmup]):.2f} s, "
+          f"ort {sum(times['ort'][:warmup]):.2f} s", flush=True)
+    return {"run_dir": str(run_dir), "model": data["model"]["name"], "batch_size": batch, "steps": len(records),
+            "warmup_steps": warmup, "median_step_s": med, "ort_over_torch": med["ort"] / med["torch"],
+            "timed_total_s": total, "ort_over_torch_total": total["ort"] / total["torch"], "steps_s": times,
+            "ort_artifacts": runtimes["ort"].artifact_stats}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="alast_demo_vit,vit_base_patch16_224")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--replay", type=Path, default=None, help="a run directory: time the budgets of its steps")
+    ap.add_argument("--warmup", type=int, default=5, help="with --replay: first steps not in the medians")
     ap.add_argument("--out", type=Path, default=Path("ort_speed.json"))
     args = ap.parse_args()
     threads = torch.get_num_threads()
@@ -87,6 +140,12 @@ def main() -> None:
     result = {"machine": platform.platform(), "processor": platform.processor(), "torch_threads": threads,
               "ort_intra_op_threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
               "rounds": args.rounds, "models": []}
+    if args.replay is not None:
+        result = {k: v for k, v in result.items() if k not in ("rounds", "models")}
+        result["replay"] = replay(args.replay, args.warmup)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     for name in args.models.split(","):
         result["models"].append(bench_model(name.strip(), args.batch_size, args.rounds, threads))
         for k, v in result["models"][-1]["ort_artifacts"].items():

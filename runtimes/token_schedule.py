@@ -8,10 +8,12 @@ block ``l``, the ``kept[l]`` patch tokens with the highest CLS attention, exactl
 Inference then also costs fewer FLOPs, and the counts are fixed, so the ONNX graph has static TopK
 sizes.
 
-The selection runs in forward hooks around the model's own forward (no upstream code is copied):
-one on each block's fused ``qkv`` projection computes the block's CLS-attention row, one on the
-block replaces its output by the prefix tokens plus the top patch tokens. The ONNX training graph
-uses the same hooks with a dynamic ``keep`` and per-sample CLS deltas.
+Blocks that are timm's standard block (or ``Eva``'s) select inside (:func:`inside_schedule`):
+only the kept tokens are queries and pass the MLP. Other blocks run whole, in forward hooks around
+the model's own forward (:func:`selection_hooks`; no upstream code is copied): one on each block's
+fused ``qkv`` projection computes the block's CLS-attention row, one on the block replaces its
+output by the prefix tokens plus the top patch tokens. The ONNX training graph runs the same
+schedules with a dynamic ``keep`` and records per-sample CLS deltas.
 """
 from __future__ import annotations
 
@@ -30,7 +32,14 @@ from .torch_backend.patch import (
     rope_at_positions,
     selects_in_block,
 )
-from .torch_backend.tokens import cls_attention_scores, cls_delta, ranking_scores, select_tokens, summary_pool
+from .torch_backend.tokens import (
+    cls_attention_scores,
+    cls_delta,
+    ranking_scores,
+    select_tokens,
+    summary_pool,
+    take_tokens,
+)
 
 
 def head_reads_prefix(model: nn.Module) -> bool:
@@ -131,13 +140,20 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
 
 
 @contextlib.contextmanager
-def inside_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "attention") -> Iterator[None]:
+def inside_schedule(vit: nn.Module, keep: Sequence[int | None] | Tensor, score: str = "attention", *,
+                    deltas: list[Tensor] | None = None, select: str = "top", noise: Tensor | None = None
+                    ) -> Iterator[None]:
     """:func:`selection_hooks` where every block selects inside (timm's standard block, and
     ``Eva``'s): a block that drops tokens runs
     :func:`~runtimes.torch_backend.patch.forward_selecting`, where only the kept tokens are queries
     and pass the MLP, as in training; an ``Eva`` block gets the rotary embeddings of the positions
     its tokens hold. Each block's ``forward`` is replaced on the instance within the block (a patched
-    or peft-wrapped model too)."""
+    or peft-wrapped model too).
+
+    ``keep``: per block, the patch tokens it keeps (None: every token it receives), or an int64
+    tensor ``[L]`` (the ONNX training graph's dynamic counts; every block selects, a count equal to
+    the tokens entering keeps them all). ``deltas``, ``select`` and ``noise`` as in
+    :func:`selection_hooks`: each block's delta is recorded as the torch runtime records it."""
     prefix, pool, rotary = int(vit.num_prefix_tokens), summary_pool(vit), is_eva_model(vit)
     state: dict[str, Tensor | None] = {"positions": None}
 
@@ -152,10 +168,16 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "at
                 rope = rope_at_positions(rope, state["positions"])
             args, kwargs = (), {"rope": rope, "attn_mask": attn_mask, "is_causal": is_causal}
         if keep[i] is None:
-            return upstream(x, *args, **kwargs)
+            out = upstream(x, *args, **kwargs)
+            if deltas is not None:
+                deltas.append(cls_delta(x, out, pool))
+            return out
         if attn_mask is not None or is_causal:
             raise ScheduleError("a token schedule drops tokens only where every token attends to every other")
-        out, _, kept = forward_selecting(blk, x, int(keep[i]), prefix, score, pool=pool, rope=rope)
+        out, kept = select_in_block(blk, x, keep[i], prefix, score, pool, rope, select,
+                                    None if noise is None else noise[i])
+        if deltas is not None:  # a pooled delta compares the kept tokens with their own inputs
+            deltas.append(cls_delta(x if pool is None else take_tokens(x.detach(), kept), out, pool))
         if rotary:
             state["positions"] = patch_positions(state["positions"], kept, prefix)
         return out
@@ -168,6 +190,22 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None], score: str = "at
     finally:
         for blk in blocks:
             blk.__dict__.pop("forward", None)
+
+
+def select_in_block(blk: nn.Module, x: Tensor, keep: int | Tensor, prefix: int, score: str = "attention",
+                    pool: int | None = None, rope: Tensor | None = None, select: str = "top",
+                    noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``blk`` on the prefix and the ``keep`` patch tokens of ``x`` it keeps
+    (:func:`~runtimes.torch_backend.patch.forward_selecting`), ranked as ``policy.token_select``
+    ``select`` says; ``noise`` ``[B, >= N]``: the draws, read from its leading columns. ``keep``: an
+    int, or a 0-d tensor (a graph's dynamic count). Returns the output and the kept positions."""
+    rank = None
+    if select != "top":
+        def rank(s: Tensor) -> Tensor:
+            return ranking_scores(s, select, None if noise is None else noise[:, :s.shape[1]])
+    out, _, kept = forward_selecting(blk, x, keep if isinstance(keep, Tensor) else int(keep), prefix, score,
+                                     rank, pool=pool, rope=rope)
+    return out, kept
 
 
 def _vit_arguments(attn_mask: Tensor | None = None, is_causal: bool = False) -> tuple[Tensor | None, bool]:

@@ -144,11 +144,12 @@ def cost_models(cfg: AlastConfig, cost_model_path: Path | None = None) -> tuple[
 
 def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:
     """``cm`` as the configured policy and backend run it: the embeddings frozen where the policy
-    freezes them, and every block run whole before it drops tokens on the ``ort`` backend and
-    with token fusion (the torch runtime otherwise selects inside timm's standard blocks, eager or
-    compiled)."""
+    freezes them, and every block run whole before it drops tokens with token fusion, and on the
+    ``ort`` backend unless every block selects inside (its graph selects inside all blocks or none;
+    the torch runtime selects inside each of timm's standard blocks, eager or compiled)."""
     cm = _policy_embeddings(cm, cfg)
-    if cfg.backend.name == "ort" or cfg.policy.fuse_tokens:
+    some_whole = any(b.drop is None for b in cm.blocks)
+    if cfg.policy.fuse_tokens or (cfg.backend.name == "ort" and some_whole):
         cm = cm.selecting_after_blocks()
     return cm
 

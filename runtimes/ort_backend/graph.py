@@ -1,12 +1,16 @@
 """The ONNX training graph of an ALaST step, built from the timm model's own forward.
 
 :class:`TrainingGraph` wraps a timm VisionTransformer. Its forward calls the model itself (so no
-upstream forward is copied) while two forward hooks per block, installed only for the duration of
-that call (:func:`runtimes.token_schedule.selection_hooks`), do the ALaST work:
+upstream forward is copied) while, for the duration of that call, the blocks do the ALaST work:
 
-- a hook on ``attn.qkv`` computes the block's head-averaged CLS-attention row;
-- a hook on the block records the per-sample CLS delta and replaces the block output by the
-  prefix tokens plus the top ``keep[l]`` patch tokens.
+- where every block is timm's standard block (or ``Eva``'s), each selects inside, as the torch
+  runtime's blocks do (:func:`runtimes.token_schedule.inside_schedule`): the CLS-attention scores
+  come from the qkv projection, only the prefix and the top ``keep[l]`` patch tokens are queries
+  and pass the output projection and the MLP, every token is a key and a value; the per-sample
+  CLS delta is recorded;
+- otherwise two forward hooks per block (:func:`runtimes.token_schedule.selection_hooks`): one on
+  ``attn.qkv`` computes the scores, one on the block records the delta and replaces the block's
+  output by the prefix tokens plus the top ``keep[l]`` patch tokens (the block runs whole).
 
 ``keep`` is an int64 graph input (one count per block, computed on the host from the budget
 planned for this very step, so there is no lag behind the torch backend). Exported with the
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..token_schedule import selection_hooks
+from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import embedding_parameters, input_channels
 from ..torch_backend.tokens import summary_pool
 
@@ -69,6 +73,12 @@ class TrainingGraph(nn.Module):
         self.token_score = token_score
 
     @property
+    def inside(self) -> bool:
+        """Whether the blocks select their tokens inside, as the torch runtime's do (timm's standard
+        block, and ``Eva``'s): only the kept tokens are queries and pass the MLP."""
+        return selects_inside(self.model)
+
+    @property
     def draws(self) -> bool:
         """Whether the graph's selections are random draws (fed as the ``noise`` input)."""
         return self.select and self.token_select != "top"
@@ -81,8 +91,13 @@ class TrainingGraph(nn.Module):
                 noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         deltas: list[Tensor] = []
         m = self.model
-        with selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
-                             select=self.token_select, noise=noise, score=self.token_score, pool=summary_pool(m)):
+        if self.select and self.inside:
+            schedule = inside_schedule(m, keep, self.token_score, deltas=deltas, select=self.token_select, noise=noise)
+        else:
+            schedule = selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
+                                       select=self.token_select, noise=noise, score=self.token_score,
+                                       pool=summary_pool(m))
+        with schedule:
             logits = self.model(images)
         loss = classification_loss(logits, labels, self.label_smoothing)
         return loss, torch.stack(deltas)
@@ -169,27 +184,34 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
 class StepFlops:
     """Counted flops of a training step, from per-block counts cached by shape.
 
-    A step's count is ``rest(B, embeddings) + sum_l block_l(B, tokens_in_l, trained_l, select,
-    below_l)``: every counted op belongs to exactly one block or to the rest (patch embedding, head,
-    loss), and the rest does not depend on token counts. ``below_l``: whether anything under block
-    ``l`` (the embeddings or a lower block) is trained, so the block back-propagates to its input.
-    Caching per block keeps counting cheap when budgets and trained sets change every step.
+    A step's count is ``rest(B, embeddings) + sum_l block_l(B, tokens_in_l, kept_l, trained_l,
+    select, below_l)``: every counted op belongs to exactly one block or to the rest (patch
+    embedding, head, loss), and the rest does not depend on token counts. ``kept_l``: the patch
+    tokens block ``l`` keeps, the queries of a block that selects inside (:attr:`TrainingGraph.inside`).
+    ``below_l``: whether anything under block ``l`` (the embeddings or a lower block) is trained, so
+    the block back-propagates to its input. Caching per block keeps counting cheap when budgets and
+    trained sets change every step.
     """
 
     def __init__(self, graph: TrainingGraph) -> None:
         self.graph = graph
         self.model = graph.model
         self.prefix = int(self.model.num_prefix_tokens)
+        self.inside = graph.inside
         self._blocks: dict[tuple, float] = {}
         self._rest: dict[tuple[int, bool], float] = {}
 
-    def block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool, below: bool = True) -> float:
-        key = (index, batch, tokens_in, trained, select, below)
+    def block(self, index: int, batch: int, tokens_in: int, kept: int, trained: bool, select: bool,
+              below: bool = True) -> float:
+        if not (select and self.inside):
+            kept = tokens_in  # the block runs whole (and drops after it)
+        key = (index, batch, tokens_in, kept, trained, select, below)
         if key not in self._blocks:
             self._blocks[key] = self._count_block(*key)
         return self._blocks[key]
 
-    def _count_block(self, index: int, batch: int, tokens_in: int, trained: bool, select: bool, below: bool) -> float:
+    def _count_block(self, index: int, batch: int, tokens_in: int, kept: int, trained: bool, select: bool,
+                     below: bool) -> float:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
@@ -197,6 +219,7 @@ class StepFlops:
 
         blk = self.model.blocks[index]
         dim = self.model.embed_dim
+        graph, pool = self.graph, summary_pool(self.model)
         with FakeTensorMode():
             params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
                       for n, p in blk.named_parameters()}
@@ -205,10 +228,13 @@ class StepFlops:
             x_in = x.clone() if below else x.detach()
             deltas: list[Tensor] = []
             with counter() as fc:
-                with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
-                                     select=self.graph.token_select, score=self.graph.token_score,
-                                     pool=summary_pool(self.model)):
-                    out = functional_call(blk, params, (x_in,))
+                if select and self.inside:
+                    selecting = _Selecting(blk, kept, self.prefix, graph.token_score, pool, graph.token_select)
+                    out = functional_call(selecting, {f"block.{n}": p for n, p in params.items()}, (x_in,))
+                else:
+                    with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
+                                         select=graph.token_select, score=graph.token_score, pool=pool):
+                        out = functional_call(blk, params, (x_in,))
                 wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
                 if wanted:
                     torch.autograd.grad(out.sum(), wanted)
@@ -224,12 +250,25 @@ class StepFlops:
             dense = TrainingGraph(self.model, self.graph.label_smoothing, select=False)
             total = count_step_flops(dense, batch, None, names)
             n = int(self.model.patch_embed.num_patches)
-            self._rest[key] = total - sum(self.block(i, batch, n, True, False, embeddings or i > 0)
+            self._rest[key] = total - sum(self.block(i, batch, n, n, True, False, embeddings or i > 0)
                                           for i in range(len(self.model.blocks)))
         return self._rest[key]
 
-    def step(self, batch: int, tokens_in: Sequence[int], trained: Sequence[bool], select: bool,
-             embeddings: bool = True) -> float:
+    def step(self, batch: int, tokens_in: Sequence[int], kept: Sequence[int], trained: Sequence[bool],
+             select: bool, embeddings: bool = True) -> float:
         return self.rest(batch, embeddings) + sum(
-            self.block(i, batch, n, t, select, embeddings or any(trained[:i]))
-            for i, (n, t) in enumerate(zip(tokens_in, trained)))
+            self.block(i, batch, n, k, t, select, embeddings or any(trained[:i]))
+            for i, (n, k, t) in enumerate(zip(tokens_in, kept, trained)))
+
+
+class _Selecting(nn.Module):
+    """One block that selects ``keep`` of its patch tokens inside (:func:`select_in_block`), as a
+    module for :func:`torch.func.functional_call` (its parameters: the block's, under ``block.``)."""
+
+    def __init__(self, block: nn.Module, keep: int, prefix: int, score: str, pool: int | None, select: str) -> None:
+        super().__init__()
+        self.block = block
+        self.args = (keep, prefix, score, pool, None, select)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return select_in_block(self.block, x, *self.args)[0]

@@ -223,24 +223,24 @@ class OrtRuntime:
         for slot in self.slots.values():
             slot.grad = None
         elapsed = time.perf_counter() - t0
-        flops = self._step_flops(len(feeds[1]), tokens_in, ran, select)
+        flops = self._step_flops(len(feeds[1]), tokens_in, tokens_out, ran, select)
         per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
         return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
                           trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
                           train_flops=flops, embeddings_trained=mask[-1])
 
     # -- FLOPs -------------------------------------------------------------------------------
-    def _step_flops(self, batch: int, tokens_in: tuple[int, ...], mask: tuple[bool, ...],
+    def _step_flops(self, batch: int, tokens_in: tuple[int, ...], kept: tuple[int, ...], mask: tuple[bool, ...],
                     select: bool) -> float | None:
         """Counted flops of a step with these shapes and this artifact set's trained blocks and
         embeddings (``mask``: one flag per block, then the embeddings')."""
         if self.count_flops == "off":
             return None
-        return self.flops.step(batch, tokens_in, mask[:-1], select, embeddings=mask[-1])
+        return self.flops.step(batch, tokens_in, kept, mask[:-1], select, embeddings=mask[-1])
 
     def full_ft_step_flops(self, batch_size: int) -> float | None:
-        return self._step_flops(batch_size, (self.num_patches,) * self.num_blocks, (True,) * (self.num_blocks + 1),
-                                False)
+        every = (self.num_patches,) * self.num_blocks
+        return self._step_flops(batch_size, every, every, (True,) * (self.num_blocks + 1), False)
 
     def peak_memory_bytes(self) -> int | None:
         """Not measured: ONNX Runtime's allocations are invisible to torch's trackers."""

@@ -150,9 +150,15 @@ def _top_in_order(rank: Tensor, keep: int | Tensor) -> Tensor:
 _PREFIX_MASKS: dict[tuple[int, torch.device], Tensor] = {}
 
 
-def _prefix_mask(n: int, num_prefix: int, device: torch.device) -> Tensor:
-    """``[n]`` bool, True at the prefix positions: a view of a mask built once per prefix and device
-    (and again only for a longer sequence), so that new token counts launch no kernel."""
+def _prefix_mask(n: int, num_prefix: int, like: Tensor) -> Tensor:
+    """``[n]`` bool, True at the prefix positions, on ``like``'s device: a view of a mask built once
+    per prefix and device (and again only for a longer sequence), so that new token counts launch no
+    kernel. For fake tensors (FLOPs counted on shapes alone) a mask of their own, not kept."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    device = like.device
+    if is_fake(like):
+        return torch.arange(n, device=device) < num_prefix
     key = (num_prefix, device)
     mask = _PREFIX_MASKS.get(key)
     if mask is None or mask.shape[0] < n:
@@ -169,7 +175,7 @@ def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
     if num_prefix == 0:
         return _top_in_order(rank, keep)
     with torch.no_grad():
-        ranked = rank.masked_fill(_prefix_mask(rank.shape[1], num_prefix, rank.device), float("inf"))
+        ranked = rank.masked_fill(_prefix_mask(rank.shape[1], num_prefix, rank), float("inf"))
     return _top_in_order(ranked, num_prefix + keep)
 
 

@@ -82,6 +82,17 @@ def test_plan_refuses_for_the_ort_backend_what_its_run_would(extra, fragment):
     one_error_line(res, 2, fragment)
 
 
+def test_the_ort_backend_is_planned_as_the_torch_runtime_runs():
+    """Both runtimes compute a dropping block for its kept tokens only, so a target asks them for
+    the same knobs (the ort backend was planned with whole blocks, then the selection)."""
+    pytest.importorskip("onnxruntime.training")
+    args = ["plan", *TINY, "--policy", "alast", "--target-flops", "0.5", "--json"]
+    torch_plan = _json(CliRunner().invoke(cli, args))["target"]
+    ort_plan = _json(CliRunner().invoke(cli, [*args, "--backend", "ort"]))["target"]
+    assert ort_plan["knobs"] == torch_plan["knobs"]
+    assert ort_plan["predicted_ratio"] == torch_plan["predicted_ratio"]
+
+
 def test_a_bf16_plan_says_its_memory_is_priced_in_fp32(monkeypatch):
     """The cost model measures fp32 activations on the CPU: a plan for bf16 autocast says its peak
     memory is that of fp32, once; an fp32 plan says nothing of it."""
