@@ -57,7 +57,7 @@ def _symbolics(name: str) -> Any:
 
 
 @contextlib.contextmanager
-def _repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
+def repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
     """torch's TorchScript symbolic of ``repeat_interleave`` (opset 13 on) makes a negative ``dim``
     positive by adding the rank in place to the tensor of ``dim``'s constant, and the tracer shares
     one constant between every use of the same number. In timm's mixed-mode RoPE (``Eva`` with
@@ -104,7 +104,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score), \
-                _repeat_interleave_keeps_its_constants(opset):
+                repeat_interleave_keeps_its_constants(opset):
             warnings.simplefilter("ignore")
             traced = _ImagesOnly(model) if is_eva_model(model) else model  # a ViT's names stay the state dict's
             torch.onnx.export(traced, (x,), buf, dynamo=False, opset_version=opset, export_params=True,

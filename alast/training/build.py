@@ -113,14 +113,10 @@ def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
 
 def check_rotary(cfg: AlastConfig, rotary: bool) -> None:
     """Refuse, in one line, what a model with rotary position embeddings (timm's ``Eva``) cannot run:
-    the ort backend and fused dropped tokens."""
-    if not rotary:
-        return
-    what = f"{cfg.model.name} has rotary position embeddings (timm's Eva)"
-    if cfg.backend.name == "ort":
-        raise ValueError(f"{what}, which the ort backend's training graphs do not carry; use --backend torch")
-    if cfg.policy.fuse_tokens:
-        raise ValueError(f"{what}: a fused token has no position; set policy.fuse_tokens=false")
+    fused dropped tokens."""
+    if rotary and cfg.policy.fuse_tokens:
+        raise ValueError(f"{cfg.model.name} has rotary position embeddings (timm's Eva): a fused token has no "
+                         "position; set policy.fuse_tokens=false")
 
 
 def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False, world_size: int = 1) -> dict[str, Any]:

@@ -86,6 +86,17 @@ def _load_errors() -> tuple[type[BaseException], ...]:
             ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.RuntimeException)
 
 
+def ort_reason(exc: BaseException) -> str:
+    """The part of an ONNX Runtime error that says what went wrong, without the C++ source location
+    and signature it starts with (``... [ONNXRuntimeError] : 1 : FAIL : Node (...) ...``)."""
+    text = " ".join(str(exc).split())
+    if "[ONNXRuntimeError]" in text:
+        text = text.split("[ONNXRuntimeError]", 1)[1].lstrip(" :")
+        parts = text.split(" : ", 2)  # code, status name, message
+        text = parts[-1] if len(parts) == 3 else text
+    return text[:200] if text else exc.__class__.__name__
+
+
 class TrainingSet:
     """A live artifact set: checkpoint state, training module, and its buffers as torch tensors."""
 
@@ -223,7 +234,15 @@ class ArtifactCache:
         if ts is None:
             self._generate(variant, trained, directory)
             t0 = time.perf_counter()
-            ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
+            try:
+                with _quiet_native_stderr():
+                    ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
+            except _load_errors() as exc:  # a gradient graph ORT built but cannot run (its shape inference)
+                shutil.rmtree(directory, ignore_errors=True)
+                from .graph import GraphError
+
+                raise GraphError("ONNX Runtime Training cannot run the gradient graph it built for this model "
+                                 f"({ort_reason(exc)}); use --backend torch") from None
         self.stats.sessions += 1
         self.stats.session_s += time.perf_counter() - t0
         self._live[name] = ts
@@ -270,9 +289,8 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             from .graph import GraphError
 
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
             raise GraphError(f"ONNX Runtime Training cannot build the gradient graph for {directory.name} "
-                             f"({reason}); use --backend torch") from None
+                             f"({ort_reason(exc)}); use --backend torch") from None
         self.stats.generated += 1
         self.stats.generation_s += time.perf_counter() - t0
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..onnx_export import repeat_interleave_keeps_its_constants
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import embedding_parameters, input_channels
 from ..torch_backend.tokens import summary_pool
@@ -136,7 +137,7 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
     dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}, "noise": {1: "batch"}}
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng():
+        with warnings.catch_warnings(), torch.random.fork_rng(), repeat_interleave_keeps_its_constants(OPSET):
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, export_params=True,
                               training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
@@ -168,6 +169,8 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
     with FakeTensorMode():
         params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(f"model.{n}" in trained_param_names)
                   for n, p in model.named_parameters()}
+        # buffers too (Eva's rotary tables): shapes alone decide the count
+        params.update({f"model.{n}": torch.empty(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
         images = torch.empty(batch_size, in_chans, img[0], img[1])
         labels = torch.zeros(batch_size, dtype=torch.int64)
         args: tuple = (images, labels)
@@ -223,6 +226,7 @@ class StepFlops:
         with FakeTensorMode():
             params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
                       for n, p in blk.named_parameters()}
+            buffers = {n: torch.empty(b.shape, dtype=b.dtype) for n, b in blk.named_buffers()}  # Eva's zero k bias
             x = torch.empty(batch, self.prefix + tokens_in, dim).requires_grad_(True)
             # the counter's module hooks refuse leaf inputs under autograd.grad
             x_in = x.clone() if below else x.detach()
@@ -230,11 +234,11 @@ class StepFlops:
             with counter() as fc:
                 if select and self.inside:
                     selecting = _Selecting(blk, kept, self.prefix, graph.token_score, pool, graph.token_select)
-                    out = functional_call(selecting, {f"block.{n}": p for n, p in params.items()}, (x_in,))
+                    out = functional_call(selecting, {f"block.{n}": t for n, t in (params | buffers).items()}, (x_in,))
                 else:
                     with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
                                          select=graph.token_select, score=graph.token_score, pool=pool):
-                        out = functional_call(blk, params, (x_in,))
+                        out = functional_call(blk, params | buffers, (x_in,))
                 wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
                 if wanted:
                     torch.autograd.grad(out.sum(), wanted)

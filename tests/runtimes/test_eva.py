@@ -1,6 +1,8 @@
 """timm's ``Eva`` (rotary position embeddings: EVA-02, DINOv3, the RoPE ViTs, PE) under ALaST: the
 selection inside the block, the positions that follow the kept tokens, the token schedule at
 inference and its ONNX graph, and what such a model refuses."""
+import copy
+
 import pytest
 import torch
 
@@ -167,13 +169,58 @@ def test_what_an_eva_cannot_run_is_refused_in_one_line():
     with pytest.raises(PatchError, match=r"block 0 of Eva is EvaBlockPostNorm \(attention: EvaAttention\); ALaST "
                                          "drives Eva models whose blocks are timm's pre-norm EvaBlock"):
         check_patchable(post)
-    with pytest.raises(ValueError, match="rotary position embeddings .* ort backend's training graphs"):
-        create_runtime(build_config({"backend": {"name": "ort"}}), make_tiny_eva())
     with pytest.raises(ValueError, match="a fused token has no position; set policy.fuse_tokens=false"):
         create_runtime(build_config({"policy": {"fuse_tokens": True}}), make_tiny_eva())
     with pytest.raises(ValueError, match=r"'qkv' of Eva is applied through its weight alone .* e\.g\. \[proj, "):
         lora_target_pattern(make_tiny_eva("eva02"), ["qkv"])
     assert "qkv" in lora_target_pattern(make_tiny_eva("dinov3"), ["qkv"])  # no separate biases: the layer is called
+
+
+ORT_VARIANTS = [v for v in VARIANTS if v != "eva02"]  # eva02: below
+
+
+@pytest.mark.parametrize("variant", ORT_VARIANTS)
+def test_an_eva_trains_on_the_ort_backend_as_on_torch(variant):
+    """The ort graph's blocks select inside with the rotary embeddings of the kept positions, as the
+    torch runtime's: the same losses, deltas, kept tokens and (but for the scores of the blocks that
+    keep every token, which the graph computes) counted FLOPs, dense steps and dropping ones."""
+    pytest.importorskip("onnxruntime.training")
+    from alast.config import build_config
+    from alast.training.build import create_runtime
+    from planners import Budget
+
+    model = make_tiny_eva(variant, depth=4)
+    rts = {b: create_runtime(build_config({"backend": {"name": b, "device": "cpu"},
+                                           "policy": {"token_select": "top"}}), copy.deepcopy(model))
+           for b in ("torch", "ort")}
+    g = torch.Generator().manual_seed(1)
+    budgets = [Budget((1.0,) * 4, (True,) * 4), Budget((0.75, 0.5, 1.0, 0.5), (False, True, False, True)),
+               Budget((0.5, 0.75, 0.75, 0.5), (False, False, True, True), train_embeddings=False)]
+    for step, budget in enumerate(budgets):
+        x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert res["ort"].kept_tokens == res["torch"].kept_tokens
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-5)
+        assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-4)
+        assert res["ort"].train_flops == pytest.approx(res["torch"].train_flops, rel=2e-3)
+    assert res["torch"].loss != pytest.approx(rts["torch"].train_step(x, y, budgets[0], 1e-3, 3).loss, rel=1e-6)
+
+
+def test_an_eva_whose_gradient_graph_ort_cannot_run_is_refused_in_one_line():
+    """A class token, absolute positions and an average-pooled head (EVA-02's classifiers): ORT
+    Training builds the gradient graph, then its shape inference refuses it; the run stops with
+    one line that names the way out."""
+    pytest.importorskip("onnxruntime.training")
+    from alast.config import build_config
+    from alast.training.build import create_runtime
+    from planners import Budget
+    from runtimes.ort_backend.graph import GraphError
+
+    rt = create_runtime(build_config({"backend": {"name": "ort", "device": "cpu"}}), make_tiny_eva("eva02"))
+    with pytest.raises(GraphError, match=r"^ONNX Runtime Training cannot run the gradient graph it built for "
+                                         r"this model \(Node .*ShapeInferenceError.*\); use --backend torch$"):
+        rt.train_step(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), Budget((1.0,) * 3, (True,) * 3),
+                      1e-3, 0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
