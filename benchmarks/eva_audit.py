@@ -3,9 +3,11 @@
 For each model: ``alast train`` on a FLOPs target, ``alast plan --trace`` of the run (counted FLOPs,
 peak memory and the inference schedule against the plan), ``alast export`` and ``alast eval`` of the
 ONNX model (its accuracy against the run's), and an ``alast+lora`` run with the LoRA targets given.
-Prints one JSON record per model and writes them all to ``--out``.
+Prints one JSON record per model and writes them all to ``--out``. ``--backend ort`` trains on the
+ort backend (no LoRA run: it has none).
 
   python benchmarks/eva_audit.py --out docs/results/eva_audit.json
+  python benchmarks/eva_audit.py --backend ort --out docs/results/eva_audit_ort.json
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def last_json(text: str) -> dict:
 def audit(model: str, size: int, targets: str, work: Path, args: argparse.Namespace) -> dict:
     common = ["--model", model, "--no-pretrained", "--set", f"model.img_size={size}", "--batch-size",
               str(args.batch_size), "--target-flops", str(args.target_flops), "--data", "digits", "--set",
-              f"backend.threads={args.threads}"]
-    rec: dict = {"model": model, "img_size": size, "lora_targets": targets}
+              f"backend.threads={args.threads}", "--backend", args.backend]
+    rec: dict = {"model": model, "img_size": size, "backend": args.backend, "lora_targets": targets}
     rc, out = alast("train", *common, "--steps", str(args.steps), "--out", str(work / "run"))
     rec["train_rc"] = rc
     if rc == 0:
@@ -64,6 +66,9 @@ def audit(model: str, size: int, targets: str, work: Path, args: argparse.Namesp
         if rc == 0:
             got = last_json(alast("eval", str(work / "m.onnx"), "--data", "digits", "--json")[1])
             rec["onnx_accuracy_equals_run"] = abs(got["accuracy"] - s["val_accuracy"]) < 1e-9
+    if args.backend == "ort":
+        rec["lora"] = "not run: the ort backend has no LoRA"
+        return rec
     rc, out = alast("train", *common, "--steps", str(max(2, args.steps - 2)), "--policy", "alast+lora", "--set",
                     f"policy.lora.targets={targets}", "--out", str(work / "lora"))
     rec["lora"] = (json.loads((work / "lora" / "summary.json").read_text())["flops_ratio_vs_full"] if rc == 0
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--target-flops", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", choices=("torch", "ort"), default="torch", help="the runs' backend (ort: no LoRA run)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     records = []

@@ -203,6 +203,7 @@ class StepFlops:
         self.inside = graph.inside
         self._blocks: dict[tuple, float] = {}
         self._rest: dict[tuple[int, bool], float] = {}
+        self._heads: dict[tuple[int, int], float] = {}
 
     def block(self, index: int, batch: int, tokens_in: int, kept: int, trained: bool, select: bool,
               below: bool = True) -> float:
@@ -244,25 +245,66 @@ class StepFlops:
                     torch.autograd.grad(out.sum(), wanted)
         return float(fc.get_total_flops())
 
-    def rest(self, batch: int, embeddings: bool = True) -> float:
+    def rest(self, batch: int, embeddings: bool = True, head_tokens: int | None = None) -> float:
         """Patch embedding, head and loss: a full dense step (every block trained, the embeddings
-        as given) minus its blocks."""
+        as given) minus its blocks, with the head's cost at ``head_tokens`` patch tokens (those
+        leaving the last block; None: every one): an attention-pooling head's depends on them."""
         key = (batch, bool(embeddings))
+        n = int(self.model.patch_embed.num_patches)
         if key not in self._rest:
             stem = {id(p) for p in embedding_parameters(self.model)}
             names = {f"model.{n}" for n, p in self.model.named_parameters() if embeddings or id(p) not in stem}
             dense = TrainingGraph(self.model, self.graph.label_smoothing, select=False)
             total = count_step_flops(dense, batch, None, names)
-            n = int(self.model.patch_embed.num_patches)
             self._rest[key] = total - sum(self.block(i, batch, n, n, True, False, embeddings or i > 0)
                                           for i in range(len(self.model.blocks)))
-        return self._rest[key]
+        if head_tokens is None or head_tokens == n:
+            return self._rest[key]
+        return self._rest[key] + self.head(batch, head_tokens) - self.head(batch, n)
+
+    def head(self, batch: int, tokens: int) -> float:
+        """The final norm, the head and the loss on ``tokens`` patch tokens (and the prefix), forward
+        and backward to their input and the head's parameters."""
+        key = (batch, tokens)
+        if key not in self._heads:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            from torch.func import functional_call
+
+            from ..torch_backend.flops import counter
+
+            head = _Head(self.model, self.graph.label_smoothing)
+            inside = {id(p) for p in self.model.blocks.parameters()} | {
+                id(p) for p in embedding_parameters(self.model)}
+            with FakeTensorMode():
+                params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(id(p) not in inside)
+                          for n, p in self.model.named_parameters()}
+                params.update({f"model.{n}": torch.empty(b.shape, dtype=b.dtype)
+                               for n, b in self.model.named_buffers()})
+                x = torch.empty(batch, self.prefix + tokens, self.model.embed_dim).requires_grad_(True)
+                labels = torch.zeros(batch, dtype=torch.int64)
+                with counter() as fc:
+                    loss = functional_call(head, params, (x.clone(), labels))
+                    torch.autograd.grad(loss, [x] + [p for p in params.values() if p.requires_grad])
+            self._heads[key] = float(fc.get_total_flops())
+        return self._heads[key]
 
     def step(self, batch: int, tokens_in: Sequence[int], kept: Sequence[int], trained: Sequence[bool],
              select: bool, embeddings: bool = True) -> float:
-        return self.rest(batch, embeddings) + sum(
+        return self.rest(batch, embeddings, kept[-1]) + sum(
             self.block(i, batch, n, k, t, select, embeddings or any(trained[:i]))
             for i, (n, k, t) in enumerate(zip(tokens_in, kept, trained)))
+
+
+class _Head(nn.Module):
+    """The model's final norm, head and loss on the last block's output, for :meth:`StepFlops.head`."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return classification_loss(self.model.forward_head(self.model.norm(x)), labels, self.label_smoothing)
 
 
 class _Selecting(nn.Module):

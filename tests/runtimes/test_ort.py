@@ -430,14 +430,15 @@ def test_cli_ort_bad_input_exits_2(tmp_path, monkeypatch, args, fragment):
 
 
 @needs_ort
-def test_per_block_flop_counts_add_up_to_the_whole_graph():
+@pytest.mark.parametrize("pool", ["token", "map"])  # map: attention pooling over the last block's tokens
+def test_per_block_flop_counts_add_up_to_the_whole_graph(pool):
     from planners import kept_token_counts
     from runtimes.ort_backend.graph import StepFlops, TrainingGraph, count_step_flops
 
-    model = make_tiny_vit()
+    model = make_tiny_vit(global_pool=pool)
     counter = StepFlops(TrainingGraph(model, 0.0, select=True))
     blocks = [[f"model.blocks.{i}.{n}" for n, _ in b.named_parameters()] for i, b in enumerate(model.blocks)]
-    stem = {f"model.{n}" for n, _ in model.named_parameters() if n.startswith(("patch_embed.", "cls_", "pos_"))}
+    stem = {f"model.{n}" for n, _ in model.named_parameters() if n.startswith(("patch_embed.", "cls_", "pos_", "reg_"))}
     for ratios, trained, embeddings in [((1.0,) * 4, (True,) * 4, True),
                                         ((0.5, 0.75, 1.0, 0.5), (False, True, True, False), True),
                                         ((1.0,) * 4, (False, False, True, True), False),
