@@ -182,12 +182,19 @@ def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
 def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
     """``x[b, positions[b]]`` along dim 1 of ``x`` ``[B, N, ...]``; its backward keeps only the
     positions (see :class:`_TakeTokens`)."""
+    if torch.onnx.is_in_onnx_export():
+        # ONNX graphs: whole rows by one Gather on the flattened tokens, whose gradient ORT adds row
+        # by row, where GatherElements would read an index per element both ways
+        b, n = x.shape[0], x.shape[1]
+        rows = positions + torch.arange(b, device=positions.device).unsqueeze(1) * n
+        out = x.reshape(b * n, -1).index_select(0, rows.reshape(-1))
+        return out.reshape(b, positions.shape[1], *x.shape[2:])
     index = positions
     for _ in range(x.ndim - 2):
         index = index.unsqueeze(-1)
     index = index.expand(-1, -1, *x.shape[2:])
-    if torch.onnx.is_in_onnx_export() or not x.requires_grad:
-        return torch.gather(x, 1, index)  # ONNX graphs: a plain GatherElements (ORT builds the gradient)
+    if not x.requires_grad:
+        return torch.gather(x, 1, index)
     return _TakeTokens.apply(x, index)
 
 
