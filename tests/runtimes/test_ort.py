@@ -366,6 +366,30 @@ def test_factory_refuses_what_ort_cannot_do(monkeypatch):
 
 
 @needs_ort
+def test_a_gradient_graph_ort_cannot_run_is_refused_in_one_line(monkeypatch, tmp_path):
+    """A set ONNX Runtime generated but cannot load (its shape inference refuses the gradient graph):
+    one line with ORT's own reason, without its C++ location; no set left on disk."""
+    from runtimes.ort_backend import artifacts
+    from runtimes.ort_backend.graph import GraphError
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("/onnxruntime_src/orttraining/module.cc:312 onnxruntime::training::api::Module::Module("
+                           "const ModelIdentifiers&) [ONNXRuntimeError] : 1 : FAIL : Node (AccumulateGrad_x) Op (Sum) "
+                           "[ShapeInferenceError] Incompatible dimensions")
+
+    rt = make("ort")
+    rt.bind_run_dir(tmp_path)
+    monkeypatch.setattr(artifacts, "TrainingSet", refuse)
+    (x, y), = data(1)
+    with pytest.raises(GraphError) as err:
+        rt.train_step(x, y, FULL, 1e-3, 0)
+    assert str(err.value) == ("ONNX Runtime Training cannot run the gradient graph it built for this model (Node "
+                              "(AccumulateGrad_x) Op (Sum) [ShapeInferenceError] Incompatible dimensions); use "
+                              "--backend torch")
+    assert not [d for d in (tmp_path / "ort_artifacts").rglob("*") if d.is_dir() and (d / "training_model.onnx").exists()]
+
+
+@needs_ort
 def test_unexportable_model_is_bad_input(monkeypatch):
     from runtimes.ort_backend.graph import GraphError
 
