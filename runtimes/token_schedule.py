@@ -122,8 +122,8 @@ def selection_hooks(blocks: Sequence[nn.Module], prefix: int, keep: Tensor | Seq
                 selected = select_tokens(out, s, keep[i], prefix, fuse=fuse, rank=rank)
                 if deltas is not None and pool is not None:  # a pooled delta reads the kept tokens
                     x, out = select_tokens(x.detach(), s, keep[i], prefix, fuse=fuse, rank=rank), selected
-            if deltas is not None:
-                deltas.append(cls_delta(x, out, pool))
+            if deltas is not None:  # the block's input and whole output: the same tokens
+                deltas.append(cls_delta(x, out, pool, same_tokens=True))
             return selected
         return hook
 
@@ -170,7 +170,7 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None] | Tensor, score: 
         if keep[i] is None:
             out = upstream(x, *args, **kwargs)
             if deltas is not None:
-                deltas.append(cls_delta(x, out, pool))
+                deltas.append(cls_delta(x, out, pool, same_tokens=True))
             return out
         if attn_mask is not None or is_causal:
             raise ScheduleError("a token schedule drops tokens only where every token attends to every other")

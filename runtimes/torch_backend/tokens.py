@@ -20,19 +20,20 @@ def summary_pool(vit: torch.nn.Module) -> int | None:
     return None if getattr(vit, "cls_token", None) is not None else int(vit.num_prefix_tokens)
 
 
-def cls_delta(x_in: Tensor, x_out: Tensor, pool: int | None = None) -> Tensor:
+def cls_delta(x_in: Tensor, x_out: Tensor, pool: int | None = None, same_tokens: bool = False) -> Tensor:
     """Per-sample ``||CLS_out - CLS_in||^2`` (shape ``[B]``, float32, no gradient).
 
     With ``pool`` (a model without a class token), the squared norm of the mean update of the
     tokens from position ``pool`` on: ``||mean_j (out_j - in_j)||^2``, ``x_in`` holding the same
     tokens as ``x_out`` (a dropping block's kept tokens, selected from its input as from its output).
+    ``same_tokens``: ``x_in`` and ``x_out`` hold the same tokens (a block that kept them all); an ONNX
+    graph then takes the class token from the whole difference (the same numbers), as ONNX Runtime
+    Training mis-shapes the gradient of a block output whose class token is gathered beside a head's
+    slice of the other tokens (EVA-02's average-pooled head) and refuses the graph.
     """
     with torch.no_grad():
         if pool is None:
-            if torch.onnx.is_in_onnx_export() and x_in.shape == x_out.shape:
-                # The same numbers from the whole difference: ONNX Runtime Training mis-shapes the gradient
-                # of a block output whose class token is gathered beside a head's slice of the other
-                # tokens (EVA-02's average-pooled head), and refuses the graph.
+            if same_tokens and torch.onnx.is_in_onnx_export():
                 return (x_out.float() - x_in.float())[:, 0].pow(2).sum(-1)
             return (x_out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1)
         if x_in.shape != x_out.shape:

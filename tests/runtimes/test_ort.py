@@ -242,6 +242,23 @@ def test_ort_matches_torch_without_a_class_token():
 
 
 @needs_ort
+def test_ort_matches_torch_on_twelve_blocks():
+    """At 12 blocks the graph's trace keeps every token entering its last blocks (its example counts
+    reach 1), where a run's steps drop: nothing in the graph may depend on the traced counts."""
+    model = make_tiny_vit(depth=12)
+    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    rng = random.Random(1)
+    ratios = [(1.0,) * 11 + (0.5,), (1.0,) * 10 + (0.5, 0.5)]  # the last blocks drop of many tokens
+    ratios.append(tuple(rng.choice((0.5, 0.75, 0.9, 1.0)) for _ in range(12)))
+    for step, ((x, y), keep) in enumerate(zip(data(3), ratios)):
+        budget = Budget(keep, (False,) * 4 + (True,) * 8)
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert res["ort"].kept_tokens == res["torch"].kept_tokens
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-4)
+        assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-3)
+
+
+@needs_ort
 @pytest.mark.parametrize("select", ["sample", "random"])
 def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
     """policy.token_select sample/random on ort: the step's draws come from the runtime's generator
