@@ -90,8 +90,11 @@ def replay(run_dir: Path, warmup: int) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     data = read_yaml(run_dir / "config.yaml")
     data["backend"].update(count_flops="off", device="cpu")
-    torch.manual_seed(0)
-    model = create_model(data["model"]["name"], 10)
+    summary = run_dir / "summary.json"
+    classes = json.loads(summary.read_text())["num_classes"] if summary.exists() else 10
+    torch.manual_seed(0)  # the run's architecture, fresh weights (they do not change step time)
+    model = create_model(data["model"]["name"], classes, pretrained=False, img_size=data["model"].get("img_size"),
+                         drop_path_rate=float(data["model"].get("drop_path_rate") or 0.0))
     runtimes = {}
     for name in ("torch", "ort"):
         cfg = build_config({**data, "backend": {**data["backend"], "name": name}})
@@ -100,7 +103,7 @@ def replay(run_dir: Path, warmup: int) -> dict:
     img = model.patch_embed.img_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img[0], img[1], generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
     times: dict[str, list[float]] = {"torch": [], "ort": []}
     for i, rec in enumerate(records):
         trained = set(rec["trained_blocks"])

@@ -148,8 +148,8 @@ def _policy_runtime(cm: CostModel, cfg: AlastConfig) -> CostModel:
     ``ort`` backend unless every block selects inside (its graph selects inside all blocks or none;
     the torch runtime selects inside each of timm's standard blocks, eager or compiled)."""
     cm = _policy_embeddings(cm, cfg)
-    some_whole = any(b.drop is None for b in cm.blocks)
-    if cfg.policy.fuse_tokens or (cfg.backend.name == "ort" and some_whole):
+    every_block_inside = all(b.drop is not None for b in cm.blocks)
+    if cfg.policy.fuse_tokens or (cfg.backend.name == "ort" and not every_block_inside):
         cm = cm.selecting_after_blocks()
     return cm
 

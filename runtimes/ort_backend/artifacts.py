@@ -97,6 +97,14 @@ def ort_reason(exc: BaseException) -> str:
     return text[:200] if text else exc.__class__.__name__
 
 
+def _refuses_graph(exc: BaseException) -> bool:
+    """Whether ONNX Runtime refused a graph it was given (its shape or type inference, an invalid
+    graph), not failed for another reason (memory, a device, our own code)."""
+    text = str(exc)
+    return "[ONNXRuntimeError]" in text and any(
+        kind in text for kind in ("ShapeInferenceError", "TypeInferenceError", "INVALID_GRAPH"))
+
+
 class TrainingSet:
     """A live artifact set: checkpoint state, training module, and its buffers as torch tensors."""
 
@@ -235,9 +243,10 @@ class ArtifactCache:
             self._generate(variant, trained, directory)
             t0 = time.perf_counter()
             try:
-                with _quiet_native_stderr():
-                    ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
-            except _load_errors() as exc:  # a gradient graph ORT built but cannot run (its shape inference)
+                ts = TrainingSet(name, directory, self.param_names, self._session_options(), self.device)
+            except _load_errors() as exc:
+                if not _refuses_graph(exc):
+                    raise
                 shutil.rmtree(directory, ignore_errors=True)
                 from .graph import GraphError
 

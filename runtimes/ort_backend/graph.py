@@ -14,7 +14,8 @@ upstream forward is copied) while, for the duration of that call, the blocks do 
 
 ``keep`` is an int64 graph input (one count per block, computed on the host from the budget
 planned for this very step, so there is no lag behind the torch backend). Exported with the
-TorchScript exporter at opset 16, the selection becomes TopK + GatherElements with a dynamic K.
+TorchScript exporter at opset 16, the selection becomes TopK with a dynamic K and a Gather of the
+kept rows.
 Where ``keep[l]`` equals the current token count the selection is an identity permutation.
 With ``policy.token_select`` ``sample`` or ``random`` the selecting graph takes the uniform draws
 of its selections as one more input, ``noise``, drawn on the host from torch's generator.
@@ -92,8 +93,9 @@ class TrainingGraph(nn.Module):
                 noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         deltas: list[Tensor] = []
         m = self.model
-        if self.select and self.inside:
-            schedule = inside_schedule(m, keep, self.token_score, deltas=deltas, select=self.token_select, noise=noise)
+        if self.inside:
+            counts = keep if self.select else [None] * len(m.blocks)
+            schedule = inside_schedule(m, counts, self.token_score, deltas=deltas, select=self.token_select, noise=noise)
         else:
             schedule = selection_hooks(list(m.blocks), int(m.num_prefix_tokens), keep if self.select else None, deltas,
                                        select=self.token_select, noise=noise, score=self.token_score,
@@ -187,9 +189,10 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
 class StepFlops:
     """Counted flops of a training step, from per-block counts cached by shape.
 
-    A step's count is ``rest(B, embeddings) + sum_l block_l(B, tokens_in_l, kept_l, trained_l,
-    select, below_l)``: every counted op belongs to exactly one block or to the rest (patch
-    embedding, head, loss), and the rest does not depend on token counts. ``kept_l``: the patch
+    A step's count is ``rest(B, embeddings, kept_L) + sum_l block_l(B, tokens_in_l, kept_l,
+    trained_l, select, below_l)``: every counted op belongs to exactly one block or to the rest
+    (patch embedding, head, loss); the rest depends on token counts only through a head that reads
+    the last block's tokens (attention pooling), :meth:`head`. ``kept_l``: the patch
     tokens block ``l`` keeps, the queries of a block that selects inside (:attr:`TrainingGraph.inside`).
     ``below_l``: whether anything under block ``l`` (the embeddings or a lower block) is trained, so
     the block back-propagates to its input. Caching per block keeps counting cheap when budgets and
@@ -273,10 +276,10 @@ class StepFlops:
             from ..torch_backend.flops import counter
 
             head = _Head(self.model, self.graph.label_smoothing)
-            inside = {id(p) for p in self.model.blocks.parameters()} | {
+            below_head = {id(p) for p in self.model.blocks.parameters()} | {
                 id(p) for p in embedding_parameters(self.model)}
             with FakeTensorMode():
-                params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(id(p) not in inside)
+                params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(id(p) not in below_head)
                           for n, p in self.model.named_parameters()}
                 params.update({f"model.{n}": torch.empty(b.shape, dtype=b.dtype)
                                for n, b in self.model.named_buffers()})
@@ -314,7 +317,7 @@ class _Selecting(nn.Module):
     def __init__(self, block: nn.Module, keep: int, prefix: int, score: str, pool: int | None, select: str) -> None:
         super().__init__()
         self.block = block
-        self.args = (keep, prefix, score, pool, None, select)
+        self.options = {"keep": keep, "prefix": prefix, "score": score, "pool": pool, "select": select}
 
     def forward(self, x: Tensor) -> Tensor:
-        return select_in_block(self.block, x, *self.args)[0]
+        return select_in_block(self.block, x, **self.options)[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 def summary_pool(vit: torch.nn.Module) -> int | None:
@@ -160,10 +161,8 @@ def _prefix_mask(n: int, num_prefix: int, like: Tensor) -> Tensor:
     """``[n]`` bool, True at the prefix positions, on ``like``'s device: a view of a mask built once
     per prefix and device (and again only for a longer sequence), so that new token counts launch no
     kernel. For fake tensors (FLOPs counted on shapes alone) a mask of their own, not kept."""
-    from torch._subclasses.fake_tensor import is_fake
-
     device = like.device
-    if is_fake(like):
+    if type(like) is not Tensor and is_fake(like):
         return torch.arange(n, device=device) < num_prefix
     key = (num_prefix, device)
     mask = _PREFIX_MASKS.get(key)

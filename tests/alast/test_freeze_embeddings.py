@@ -66,8 +66,8 @@ def test_ort_trains_with_frozen_embeddings_as_torch_counts_it(tmp_path):
     assert all(r["embeddings_trained"] is False for r in runs["ort"])
     t, o = runs["torch"][0], runs["ort"][0]  # the same first budget (later ones follow each run's deltas)
     assert o["kept_tokens"] == t["kept_tokens"] and o["kept_tokens"] != o["tokens_in"]
-    # ort runs whole blocks before it drops tokens, torch computes the kept tokens only
-    assert o["train_flops"] > t["train_flops"]
+    # both compute a dropping block's kept tokens only (ort's graph also scores the blocks that keep all)
+    assert o["train_flops"] == pytest.approx(t["train_flops"], rel=2e-3)
     assert o["loss"] == pytest.approx(t["loss"], rel=1e-3)
     for backend in ("torch", "ort"):  # each counted as its plan predicts
         res = CliRunner().invoke(cli, ["plan", "--trace", str(tmp_path / backend), "--json"])

@@ -405,6 +405,13 @@ def test_a_gradient_graph_ort_cannot_run_is_refused_in_one_line(monkeypatch, tmp
                               "--backend torch")
     assert not [d for d in (tmp_path / "ort_artifacts").rglob("*") if d.is_dir() and (d / "training_model.onnx").exists()]
 
+    def fail(*_args, **_kwargs):  # another failure (memory, a device) is not the model's: it stays itself
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory")
+
+    monkeypatch.setattr(artifacts, "TrainingSet", fail)
+    with pytest.raises(RuntimeError, match="Failed to allocate memory"):
+        rt.train_step(x, y, FULL, 1e-3, 0)
+
 
 @needs_ort
 def test_unexportable_model_is_bad_input(monkeypatch):
