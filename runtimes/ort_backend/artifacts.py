@@ -88,12 +88,15 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 def ort_reason(exc: BaseException) -> str:
     """The part of an ONNX Runtime error that says what went wrong, without the C++ source location
-    and signature it starts with (``... [ONNXRuntimeError] : 1 : FAIL : Node (...) ...``)."""
+    and signature it starts with (``... [ONNXRuntimeError] : 1 : FAIL : Node (...) ...``, or a failed
+    check: ``.../file.cc:29 signature(...) condition was false. What went wrong``)."""
     text = " ".join(str(exc).split())
     if "[ONNXRuntimeError]" in text:
         text = text.split("[ONNXRuntimeError]", 1)[1].lstrip(" :")
         parts = text.split(" : ", 2)  # code, status name, message
         text = parts[-1] if len(parts) == 3 else text
+    elif " was false. " in text:
+        text = text.split(" was false. ", 1)[1]
     return text[:200] if text else exc.__class__.__name__
 
 
@@ -298,7 +301,7 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             from .graph import GraphError
 
-            raise GraphError(f"ONNX Runtime Training cannot build the gradient graph for {directory.name} "
+            raise GraphError("ONNX Runtime Training cannot build the gradient graph for this model "
                              f"({ort_reason(exc)}); use --backend torch") from None
         self.stats.generated += 1
         self.stats.generation_s += time.perf_counter() - t0

@@ -414,6 +414,29 @@ def test_a_gradient_graph_ort_cannot_run_is_refused_in_one_line(monkeypatch, tmp
 
 
 @needs_ort
+def test_an_op_without_a_gradient_in_ort_is_refused_in_one_line(monkeypatch):
+    """ORT Training without a gradient for an op (a CNN stem's InstanceNormalization, trained with the
+    embeddings): one line that names the op, not ORT's C++ location and signature."""
+    from onnxruntime.training import artifacts
+
+    from runtimes.ort_backend.graph import GraphError
+
+    def no_gradient(*_args, **_kwargs):
+        raise RuntimeError("/onnxruntime_src/orttraining/core/graph/gradient_builder_registry.cc:29 onnxruntime::"
+                           "training::GradientDef onnxruntime::training::GetGradientForOp(const Graph*, const "
+                           "std::unordered_set<std::string>&) gradient_builder != nullptr was false. The gradient "
+                           "builder has not been registered: InstanceNormalization for node /model/norm/Inst\n")
+
+    monkeypatch.setattr(artifacts, "generate_artifacts", no_gradient)
+    (x, y), = data(1)
+    with pytest.raises(GraphError) as err:
+        make("ort").train_step(x, y, FULL, 1e-3, 0)
+    assert str(err.value) == ("ONNX Runtime Training cannot build the gradient graph for this model (The gradient "
+                              "builder has not been registered: InstanceNormalization for node /model/norm/Inst); use "
+                              "--backend torch")
+
+
+@needs_ort
 def test_unexportable_model_is_bad_input(monkeypatch):
     from runtimes.ort_backend.graph import GraphError
 
