@@ -259,6 +259,27 @@ def test_ort_matches_torch_on_twelve_blocks():
 
 
 @needs_ort
+def test_ort_runs_blocks_whole_where_one_cannot_select_inside():
+    """A block of another class runs whole, then drops, on both runtimes; the ort graph then runs
+    every block so (its schedule is all or none), counted as it runs, to the same losses."""
+    from timm.models.vision_transformer import Block
+
+    class OwnBlock(Block):
+        def forward(self, x, **kwargs):
+            return super().forward(x, **kwargs) * 1.0
+
+    model = make_tiny_vit()
+    model.blocks[1].__class__ = OwnBlock
+    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    assert not rts["ort"].graphs["select"].inside
+    budget = Budget((0.75,) * 4, (True,) * 4)
+    for step, (x, y) in enumerate(data(2)):
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-4)
+        assert res["ort"].train_flops > 1.1 * res["torch"].train_flops  # torch's other three select inside
+
+
+@needs_ort
 @pytest.mark.parametrize("select", ["sample", "random"])
 def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
     """policy.token_select sample/random on ort: the step's draws come from the runtime's generator
