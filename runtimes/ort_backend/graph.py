@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,10 +169,7 @@ def count_step_flops(graph: TrainingGraph, batch_size: int, keep: Sequence[int] 
     img = model.patch_embed.img_size
     in_chans = input_channels(model)
     with FakeTensorMode():
-        params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(f"model.{n}" in trained_param_names)
-                  for n, p in model.named_parameters()}
-        # buffers too (Eva's rotary tables): shapes alone decide the count
-        params.update({f"model.{n}": torch.empty(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
+        params = _fake_state(model, lambda n, _p: f"model.{n}" in trained_param_names, "model.")
         images = torch.empty(batch_size, in_chans, img[0], img[1])
         labels = torch.zeros(batch_size, dtype=torch.int64)
         args: tuple = (images, labels)
@@ -227,22 +224,21 @@ class StepFlops:
         blk = self.model.blocks[index]
         dim = self.model.embed_dim
         graph, pool = self.graph, summary_pool(self.model)
+        inside = select and self.inside
         with FakeTensorMode():
-            params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained)
-                      for n, p in blk.named_parameters()}
-            buffers = {n: torch.empty(b.shape, dtype=b.dtype) for n, b in blk.named_buffers()}  # Eva's zero k bias
+            params = _fake_state(blk, lambda _n, _p: trained, "block." if inside else "")
             x = torch.empty(batch, self.prefix + tokens_in, dim).requires_grad_(True)
             # the counter's module hooks refuse leaf inputs under autograd.grad
             x_in = x.clone() if below else x.detach()
             deltas: list[Tensor] = []
             with counter() as fc:
-                if select and self.inside:
+                if inside:
                     selecting = _Selecting(blk, kept, self.prefix, graph.token_score, pool, graph.token_select)
-                    out = functional_call(selecting, {f"block.{n}": t for n, t in (params | buffers).items()}, (x_in,))
+                    out = functional_call(selecting, params, (x_in,))
                 else:
                     with selection_hooks([blk], self.prefix, [tokens_in] if select else None, deltas,
                                          select=graph.token_select, score=graph.token_score, pool=pool):
-                        out = functional_call(blk, params | buffers, (x_in,))
+                        out = functional_call(blk, params, (x_in,))
                 wanted = ([x] if below else []) + [p for p in params.values() if p.requires_grad]
                 if wanted:
                     torch.autograd.grad(out.sum(), wanted)
@@ -279,10 +275,7 @@ class StepFlops:
             below_head = {id(p) for p in self.model.blocks.parameters()} | {
                 id(p) for p in embedding_parameters(self.model)}
             with FakeTensorMode():
-                params = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype).requires_grad_(id(p) not in below_head)
-                          for n, p in self.model.named_parameters()}
-                params.update({f"model.{n}": torch.empty(b.shape, dtype=b.dtype)
-                               for n, b in self.model.named_buffers()})
+                params = _fake_state(self.model, lambda _n, p: id(p) not in below_head, "model.")
                 x = torch.empty(batch, self.prefix + tokens, self.model.embed_dim).requires_grad_(True)
                 labels = torch.zeros(batch, dtype=torch.int64)
                 with counter() as fc:
@@ -296,6 +289,16 @@ class StepFlops:
         return self.rest(batch, embeddings, kept[-1]) + sum(
             self.block(i, batch, n, k, t, select, embeddings or any(trained[:i]))
             for i, (n, k, t) in enumerate(zip(tokens_in, kept, trained)))
+
+
+def _fake_state(module: nn.Module, trained: Callable[[str, Tensor], bool], prefix: str = "") -> dict[str, Tensor]:
+    """Empty tensors shaped as ``module``'s parameters (requiring grad where ``trained(name, param)``)
+    and buffers (Eva's rotary tables and zero key bias), named ``prefix + name``, for
+    :func:`torch.func.functional_call` under a ``FakeTensorMode``: shapes alone decide a count."""
+    state = {prefix + n: torch.empty(p.shape, dtype=p.dtype).requires_grad_(trained(n, p))
+             for n, p in module.named_parameters()}
+    state.update({prefix + n: torch.empty(b.shape, dtype=b.dtype) for n, b in module.named_buffers()})
+    return state
 
 
 class _Head(nn.Module):
