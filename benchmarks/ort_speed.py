@@ -12,7 +12,8 @@ trained-block set changes.
 
 ``--replay RUN_DIR`` times the steps a run took instead: each step's budget from its
 ``metrics.jsonl`` (keep ratios, trained blocks, embeddings), on runtimes built from its
-``config.yaml`` (policy and backend settings; FLOP counting off), at its batch size, both runtimes
+``config.yaml`` (policy and backend settings; FLOP counting off; torch's thread count, which
+``OMP_NUM_THREADS`` sets, for both), at its batch size, both runtimes
 per step, alternating which goes first. Its first steps (the ort artifact sets' export and
 generation) are reported apart:
 
@@ -82,14 +83,15 @@ def bench_model(name: str, batch: int, rounds: int, threads: int) -> dict:
     return out
 
 
-def replay(run_dir: Path, warmup: int) -> dict:
-    """Both runtimes through the budgets of the run in ``run_dir``, step by step."""
+def replay(run_dir: Path, warmup: int, threads: int) -> dict:
+    """Both runtimes through the budgets of the run in ``run_dir``, step by step, on ``threads``
+    threads each (the run's own setting is not used: set the count with ``OMP_NUM_THREADS``)."""
     from alast.config import build_config, read_yaml
     from alast.training.build import create_runtime
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     data = read_yaml(run_dir / "config.yaml")
-    data["backend"].update(count_flops="off", device="cpu")
+    data["backend"].update(count_flops="off", device="cpu", threads=threads)
     summary = run_dir / "summary.json"
     classes = json.loads(summary.read_text())["num_classes"] if summary.exists() else 10
     torch.manual_seed(0)  # the run's architecture, fresh weights (they do not change step time)
@@ -145,7 +147,7 @@ def main() -> None:
               "rounds": args.rounds, "models": []}
     if args.replay is not None:
         result = {k: v for k, v in result.items() if k not in ("rounds", "models")}
-        result["replay"] = replay(args.replay, args.warmup)
+        result["replay"] = replay(args.replay, args.warmup, threads)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
         return

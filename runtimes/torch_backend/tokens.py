@@ -184,16 +184,35 @@ def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
     return _top_in_order(ranked, num_prefix + keep)
 
 
+class _TakeRowsOnnx(torch.autograd.Function):
+    """ONNX export only (opset 13 on): ``x[b, positions[b]]`` as one ``GatherND`` with ``batch_dims=1``.
+
+    ORT's CPU gradient of a ``Gather`` takes one mutex for every element it adds, so its threads
+    queue on it (a demo run's steps at batch 64 on two threads: ORT 3.39x the torch step's time,
+    1.29x with this; ``benchmarks/ort_speed.py --replay``); ``GatherND``'s adds rows in a loop.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, positions: Tensor, row: tuple[int, ...]) -> Tensor:  # the trace's values
+        b, n = x.shape[0], x.shape[1]
+        rows = positions + torch.arange(b, device=positions.device).unsqueeze(1) * n
+        out = x.reshape(b * n, -1).index_select(0, rows.reshape(-1))
+        return out.reshape(b, positions.shape[1], *row)
+
+    @staticmethod
+    def symbolic(g, x, positions, row):
+        index = g.op("Unsqueeze", positions, g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)))
+        out = g.op("GatherND", x, index, batch_dims_i=1)
+        # ONNX's shape inference loses GatherND's rank here: a Reshape to (B, K, row) gives it back
+        shape = g.op("Constant", value_t=torch.tensor([0, -1, *row], dtype=torch.int64))
+        return g.op("Reshape", out, shape)
+
+
 def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
     """``x[b, positions[b]]`` along dim 1 of ``x`` ``[B, N, ...]``; its backward keeps only the
     positions (see :class:`_TakeTokens`)."""
     if torch.onnx.is_in_onnx_export():
-        # ONNX graphs: whole rows by one Gather on the flattened tokens, whose gradient ORT adds row
-        # by row, where GatherElements would read an index per element both ways
-        b, n = x.shape[0], x.shape[1]
-        rows = positions + torch.arange(b, device=positions.device).unsqueeze(1) * n
-        out = x.reshape(b * n, -1).index_select(0, rows.reshape(-1))
-        return out.reshape(b, positions.shape[1], *x.shape[2:])
+        return _TakeRowsOnnx.apply(x, positions, tuple(int(d) for d in x.shape[2:]))
     index = positions
     for _ in range(x.ndim - 2):
         index = index.unsqueeze(-1)

@@ -259,6 +259,30 @@ def test_ort_matches_torch_on_twelve_blocks():
 
 
 @needs_ort
+def test_the_training_graph_takes_tokens_by_gather_nd():
+    """The kept tokens are one GatherND per take (ORT adds its gradient's rows in a loop; the
+    gradient of a Gather on the flattened rows takes a lock for every element), and the rows keep
+    their shape (a token's features, or its heads) for the shape inference of the ops after them."""
+    import onnx
+
+    from runtimes.ort_backend.graph import export_training_graph
+
+    model = make_tiny_vit()
+    graph = onnx.shape_inference.infer_shapes(onnx.load_from_string(
+        export_training_graph(model, select=True, label_smoothing=0.0, token_select="sample",
+                              token_score="contribution")))
+    nodes = list(graph.graph.node)
+    takes = [n for n in nodes if n.op_type == "GatherND"]
+    assert len(takes) >= len(model.blocks)
+    assert not [n for n in nodes if n.op_type == "GatherElements"]
+    shapes = {v.name: v.type.tensor_type.shape for v in graph.graph.value_info}
+    after = {n.input[0]: n for n in nodes if n.op_type == "Reshape"}
+    for take in takes:
+        shape = shapes[after[take.output[0]].output[0]]
+        assert len(shape.dim) >= 3 and all(d.dim_value > 0 for d in shape.dim[2:])
+
+
+@needs_ort
 def test_ort_runs_blocks_whole_where_one_cannot_select_inside():
     """A block of another class runs whole, then drops, on both runtimes; the ort graph then runs
     every block so (its schedule is all or none), counted as it runs, to the same losses."""
