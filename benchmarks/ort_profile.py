@@ -82,6 +82,9 @@ def runtime_config(backend: str, model_name: str, threads: int, overrides: list[
     return build_config(data)
 
 
+FIRST_STEP = 1001  # step numbers clear of the torch runtime's memory probes (steps 1, 2, every 50th)
+
+
 def the_budget(depth: int, keep: float) -> Budget:
     trained_k = default_k_trained(depth, "last")
     trained = tuple(b >= depth - trained_k for b in range(depth))
@@ -103,11 +106,11 @@ def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[dict, list
     from torch.profiler import ProfilerActivity, profile
 
     for i in range(warmup):
-        rt.train_step(x, y, budget, 1e-4, i)
+        rt.train_step(x, y, budget, 1e-4, FIRST_STEP + i)
     times = []
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
-            times.append(rt.train_step(x, y, budget, 1e-4, warmup + i).step_time_s)
+            times.append(rt.train_step(x, y, budget, 1e-4, FIRST_STEP + warmup + i).step_time_s)
     ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for ev in prof.key_averages():
         if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
@@ -120,11 +123,11 @@ def profile_ort(rt, x, y, budget, warmup: int, steps: int, trace_dir: Path) -> t
     """Kernel times from ONNX Runtime's profile of the steps after ``warmup`` (one artifact set), and
     the self times of the torch ops the same steps run (the AdamW update on ORT's buffers)."""
     for i in range(warmup):
-        rt.train_step(x, y, budget, 1e-4, i)
+        rt.train_step(x, y, budget, 1e-4, FIRST_STEP + i)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:  # the step's own torch ops: AdamW, the inputs
-        times = [rt.train_step(x, y, budget, 1e-4, warmup + i).step_time_s for i in range(steps)]
+        times = [rt.train_step(x, y, budget, 1e-4, FIRST_STEP + warmup + i).step_time_s for i in range(steps)]
     for ts in list(rt.cache._live.values()):  # the profile file is written when a session ends
         ts.module = None
         ts.state = None
@@ -248,7 +251,7 @@ def main() -> None:
     rt_ort = create_runtime(runtime_config("ort", args.model, threads, args.overrides), copy.deepcopy(model))
     rt_torch = create_runtime(runtime_config("torch", args.model, threads, args.overrides), copy.deepcopy(model))
     torch_ops, torch_times = profile_torch(rt_torch, x, y, budget, args.warmup, args.steps)
-    kept = list(rt_torch.train_step(x, y, budget, 1e-4, 99).kept_tokens)
+    kept = list(rt_torch.train_step(x, y, budget, 1e-4, FIRST_STEP + 40).kept_tokens)
     ort_ops, ort_times = profile_ort(rt_ort, x, y, budget, args.warmup, args.steps, trace_dir)
     artifacts.ArtifactCache._session_options = make_options
 
