@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import gc
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,13 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from alast.config import apply_overrides, build_config  # noqa: E402
-from alast.models import create_model  # noqa: E402
-from alast.training.build import create_runtime  # noqa: E402
-from planners import Budget  # noqa: E402
-from planners.rules import default_k_trained  # noqa: E402
+from alast.config import apply_overrides, build_config
+from alast.models import create_model
+from alast.training.build import create_runtime
+from planners import Budget
+from planners.rules import default_k_trained
 
 # (family, ONNX Runtime op types, ATen op names)
 FAMILIES = [
@@ -86,6 +89,7 @@ FIRST_STEP = 1001  # step numbers clear of the torch runtime's memory probes (st
 
 
 def the_budget(depth: int, keep: float) -> Budget:
+    """The default's bottom blocks frozen on every token, the others trained keeping ``keep``."""
     trained_k = default_k_trained(depth, "last")
     trained = tuple(b >= depth - trained_k for b in range(depth))
     ratios = tuple(keep if t else 1.0 for t in trained)
@@ -102,9 +106,15 @@ def run_budget(run_dir: Path, step: int, depth: int) -> Budget:
                   train_embeddings=bool(rec.get("embeddings_trained", True)))
 
 
-def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[dict, list[float]]:
-    from torch.profiler import ProfilerActivity, profile
+def add_aten_ops(ops: dict, prof, steps: int) -> None:
+    """Each ATen op's self time (ms) and calls per step, from a ``torch.profiler`` profile."""
+    for ev in prof.key_averages():
+        if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
+            ops[ev.key][0] += ev.self_cpu_time_total / 1e3 / steps  # us -> ms per step
+            ops[ev.key][1] += ev.count / steps
 
+
+def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[dict, list[float]]:
     for i in range(warmup):
         rt.train_step(x, y, budget, 1e-4, FIRST_STEP + i)
     times = []
@@ -112,10 +122,7 @@ def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[dict, list
         for i in range(steps):
             times.append(rt.train_step(x, y, budget, 1e-4, FIRST_STEP + warmup + i).step_time_s)
     ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.key_averages():
-        if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
-            ops[ev.key][0] += ev.self_cpu_time_total / 1e3 / steps  # us -> ms per step
-            ops[ev.key][1] += ev.count / steps
+    add_aten_ops(ops, prof, steps)
     return dict(ops), times
 
 
@@ -124,16 +131,12 @@ def profile_ort(rt, x, y, budget, warmup: int, steps: int, trace_dir: Path) -> t
     the self times of the torch ops the same steps run (the AdamW update on ORT's buffers)."""
     for i in range(warmup):
         rt.train_step(x, y, budget, 1e-4, FIRST_STEP + i)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:  # the step's own torch ops: AdamW, the inputs
         times = [rt.train_step(x, y, budget, 1e-4, FIRST_STEP + warmup + i).step_time_s for i in range(steps)]
-    for ts in list(rt.cache._live.values()):  # the profile file is written when a session ends
+    for ts in list(rt.cache._live.values()):  # ORT writes the profile when a session ends
         ts.module = None
         ts.state = None
     rt.cache._live.clear()
-    import gc
-
     gc.collect()
     ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     files = sorted(trace_dir.glob("ort_profile*.json"))
@@ -148,10 +151,7 @@ def profile_ort(rt, x, y, budget, warmup: int, steps: int, trace_dir: Path) -> t
                 op = ev["args"].get("op_name", "?")
                 ops[op][0] += ev["dur"] / 1e3 / steps
                 ops[op][1] += 1 / steps
-    for ev in prof.key_averages():
-        if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
-            ops[ev.key][0] += ev.self_cpu_time_total / 1e3 / steps
-            ops[ev.key][1] += ev.count / steps
+    add_aten_ops(ops, prof, steps)
     if runs != warmup + steps:
         raise SystemExit(f"expected {warmup + steps} profiled ONNX Runtime runs in one session, found {runs}")
     return dict(ops), times
@@ -210,7 +210,7 @@ def gemm_times(model, tokens_per_block: list[int], batch: int, reps: int = 10) -
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="alast_demo_vit")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true", help="also time the linear layers' matrix products alone")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("ort_profile.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     threads = torch.get_num_threads()
 
     torch.manual_seed(0)
@@ -248,12 +248,16 @@ def main() -> None:
         return opts
 
     artifacts.ArtifactCache._session_options = profiled
-    rt_ort = create_runtime(runtime_config("ort", args.model, threads, args.overrides), copy.deepcopy(model))
-    rt_torch = create_runtime(runtime_config("torch", args.model, threads, args.overrides), copy.deepcopy(model))
-    torch_ops, torch_times = profile_torch(rt_torch, x, y, budget, args.warmup, args.steps)
-    kept = list(rt_torch.train_step(x, y, budget, 1e-4, FIRST_STEP + 40).kept_tokens)
-    ort_ops, ort_times = profile_ort(rt_ort, x, y, budget, args.warmup, args.steps, trace_dir)
-    artifacts.ArtifactCache._session_options = make_options
+    try:
+        rt_ort = create_runtime(runtime_config("ort", args.model, threads, args.overrides), copy.deepcopy(model))
+        rt_torch = create_runtime(runtime_config("torch", args.model, threads, args.overrides),
+                                  copy.deepcopy(model))
+        torch_ops, torch_times = profile_torch(rt_torch, x, y, budget, args.warmup, args.steps)
+        kept = list(rt_torch.train_step(x, y, budget, 1e-4, FIRST_STEP + 40).kept_tokens)
+        ort_ops, ort_times = profile_ort(rt_ort, x, y, budget, args.warmup, args.steps, trace_dir)
+    finally:
+        artifacts.ArtifactCache._session_options = make_options
+        shutil.rmtree(trace_dir, ignore_errors=True)
 
     fam_t, fam_o = by_family(torch_ops), by_family(ort_ops)
     med_t, med_o = statistics.median(torch_times), statistics.median(ort_times)
@@ -271,8 +275,10 @@ def main() -> None:
         print(f"{fam:32s} {t['ms']:9.2f} {t['calls']:6.0f} {o['ms']:9.2f} {o['calls']:6.0f} {o['ms'] - t['ms']:+10.2f}")
     tot_t, tot_o = sum(r["torch_ms"] for r in rows), sum(r["ort_ms"] for r in rows)
     print(f"{'total (op self / kernel time)':32s} {tot_t:9.2f} {'':6s} {tot_o:9.2f} {'':6s} {tot_o - tot_t:+10.2f}")
-    out = {"command": " ".join(sys.argv), "model": args.model, "batch_size": args.batch_size, "threads": threads,
-           "keep": args.keep, "trained": list(budget.trained), "kept_tokens": kept,
+    command = ["python benchmarks/ort_profile.py", *(sys.argv[1:] if argv is None else argv)]
+    out = {"command": " ".join(command), "model": args.model, "batch_size": args.batch_size, "threads": threads,
+           "keep": None if args.from_run else args.keep,
+           "from_run": None if args.from_run is None else {"run_dir": str(args.from_run), "step": args.step}, "trained": list(budget.trained), "kept_tokens": kept,
            "median_step_ms": {"torch": med_t * 1e3, "ort": med_o * 1e3}, "families": rows,
            "torch_ops": {k: {"ms": v[0], "calls": v[1]} for k, v in sorted(torch_ops.items())},
            "ort_ops": {k: {"ms": v[0], "calls": v[1]} for k, v in sorted(ort_ops.items())},
