@@ -14,8 +14,9 @@ upstream forward is copied) while, for the duration of that call, the blocks do 
 
 ``keep`` is an int64 graph input (one count per block, computed on the host from the budget
 planned for this very step, so there is no lag behind the torch backend). Exported with the
-TorchScript exporter at opset 16, the selection becomes TopK with a dynamic K and a Gather of the
-kept rows.
+TorchScript exporter at opset 16, the selection becomes TopK with a dynamic K and a GatherND of the
+kept rows (:func:`runtimes.torch_backend.tokens.rows_by_gather_nd`: ONNX Runtime's CPU gradient of a
+``Gather`` locks a mutex per element).
 Where ``keep[l]`` equals the current token count the selection is an identity permutation.
 With ``policy.token_select`` ``sample`` or ``random`` the selecting graph takes the uniform draws
 of its selections as one more input, ``noise``, drawn on the host from torch's generator.
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from ..onnx_export import repeat_interleave_keeps_its_constants
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import embedding_parameters, input_channels
-from ..torch_backend.tokens import summary_pool
+from ..torch_backend.tokens import rows_by_gather_nd, summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
 INPUTS_SELECT = ("images", "labels", "keep")
@@ -139,7 +140,8 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
     dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}, "noise": {1: "batch"}}
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(), repeat_interleave_keeps_its_constants(OPSET):
+        with warnings.catch_warnings(), torch.random.fork_rng(), repeat_interleave_keeps_its_constants(OPSET), \
+                rows_by_gather_nd():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, export_params=True,
                               training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,

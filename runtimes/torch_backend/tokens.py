@@ -11,6 +11,9 @@ delta (:func:`cls_delta`) and as the query that ranks the tokens (:func:`cls_att
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
@@ -184,24 +187,44 @@ def kept_indices(rank: Tensor, keep: int, num_prefix: int) -> Tensor:
     return _top_in_order(ranked, num_prefix + keep)
 
 
-class _TakeRowsOnnx(torch.autograd.Function):
-    """ONNX export only (opset 13 on): ``x[b, positions[b]]`` as one ``GatherND`` with ``batch_dims=1``.
+_ROWS_BY_GATHER_ND = False  # inside rows_by_gather_nd(): ONNX training graphs take tokens by GatherND
 
-    ORT's CPU gradient of a ``Gather`` takes one mutex for every element it adds, so its threads
-    queue on it (a demo run's steps at batch 64 on two threads: ORT 3.39x the torch step's time,
-    1.29x with this; ``benchmarks/ort_speed.py --replay``); ``GatherND``'s adds rows in a loop.
-    """
+
+@contextlib.contextmanager
+def rows_by_gather_nd() -> Iterator[None]:
+    """Within it, :func:`take_tokens` exports as one ``GatherND`` (``batch_dims=1``): for ONNX
+    Runtime *training* graphs. ORT's CPU gradient of a ``Gather`` takes a mutex for every element
+    it adds, so its threads queue on it; ``GatherND``'s gradient is a serial loop without one.
+    Inference graphs keep the plain ``Gather``, which more runtimes support."""
+    global _ROWS_BY_GATHER_ND
+    outer = _ROWS_BY_GATHER_ND
+    _ROWS_BY_GATHER_ND = True
+    try:
+        yield
+    finally:
+        _ROWS_BY_GATHER_ND = outer
+
+
+def _take_rows(x: Tensor, positions: Tensor, row: tuple[int, ...]) -> Tensor:
+    """``x[b, positions[b]]`` by one ``index_select`` on the flattened rows (an ONNX ``Gather``)."""
+    b, n = x.shape[0], x.shape[1]
+    rows = positions + torch.arange(b, device=positions.device).unsqueeze(1) * n
+    out = x.reshape(b * n, -1).index_select(0, rows.reshape(-1))
+    return out.reshape(b, positions.shape[1], *row)
+
+
+class _TakeRowsByGatherND(torch.autograd.Function):
+    """ONNX export only: :func:`_take_rows` as one ``GatherND`` with ``batch_dims=1``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, positions: Tensor, row: tuple[int, ...]) -> Tensor:  # the trace's values
-        b, n = x.shape[0], x.shape[1]
-        rows = positions + torch.arange(b, device=positions.device).unsqueeze(1) * n
-        out = x.reshape(b * n, -1).index_select(0, rows.reshape(-1))
-        return out.reshape(b, positions.shape[1], *row)
+        return _take_rows(x, positions, row)
 
     @staticmethod
     def symbolic(g, x, positions, row):
-        index = g.op("Unsqueeze", positions, g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)))
+        from torch.onnx import symbolic_helper
+
+        index = symbolic_helper._unsqueeze_helper(g, positions, [-1])
         out = g.op("GatherND", x, index, batch_dims_i=1)
         # ONNX's shape inference loses GatherND's rank here: a Reshape to (B, K, row) gives it back
         shape = g.op("Constant", value_t=torch.tensor([0, -1, *row], dtype=torch.int64))
@@ -210,9 +233,13 @@ class _TakeRowsOnnx(torch.autograd.Function):
 
 def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
     """``x[b, positions[b]]`` along dim 1 of ``x`` ``[B, N, ...]``; its backward keeps only the
-    positions (see :class:`_TakeTokens`)."""
+    positions (see :class:`_TakeTokens`). Under ONNX export: one ``Gather`` of the flattened rows,
+    or within :func:`rows_by_gather_nd` one ``GatherND``."""
     if torch.onnx.is_in_onnx_export():
-        return _TakeRowsOnnx.apply(x, positions, tuple(int(d) for d in x.shape[2:]))
+        row = tuple(int(d) for d in x.shape[2:])
+        if _ROWS_BY_GATHER_ND:
+            return _TakeRowsByGatherND.apply(x, positions, row)
+        return _take_rows(x, positions, row)
     index = positions
     for _ in range(x.ndim - 2):
         index = index.unsqueeze(-1)
