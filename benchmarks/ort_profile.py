@@ -155,8 +155,9 @@ def run_budget(run_dir: Path, step: int, depth: int) -> tuple[Budget, tuple[int,
     return budget, tuple(rec["kept_tokens"])
 
 
-def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[OpTimes, list[float]]:
-    """The torch runtime's ops over ``steps`` steps after ``warmup``, and each step's seconds."""
+def profiled_steps(rt, x, y, budget, warmup: int, steps: int) -> tuple[OpTimes, list[float]]:
+    """``warmup`` untimed steps, then ``steps`` under ``torch.profiler``: the self time of every
+    torch op they ran, and each step's seconds."""
     numbers = iter(STEP_NUMBERS)
     for _ in range(warmup):
         rt.train_step(x, y, budget, 1e-4, next(numbers))
@@ -168,20 +169,14 @@ def profile_torch(rt, x, y, budget, warmup: int, steps: int) -> tuple[OpTimes, l
 
 
 def profile_ort(rt, x, y, budget, warmup: int, steps: int, trace_dir: Path) -> tuple[OpTimes, list[float]]:
-    """Kernel times from ONNX Runtime's profile of the steps after ``warmup`` (one artifact set), the
-    self times of the torch ops the same steps run (the AdamW update on ORT's buffers), and each
-    step's seconds."""
-    numbers = iter(STEP_NUMBERS)
-    for _ in range(warmup):
-        rt.train_step(x, y, budget, 1e-4, next(numbers))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step_s = [rt.train_step(x, y, budget, 1e-4, next(numbers)).step_time_s for _ in range(steps)]
+    """:func:`profiled_steps` on the ort runtime (its torch ops: the AdamW update on ORT's buffers),
+    plus the kernel times from ONNX Runtime's profile of the same steps (one artifact set)."""
+    ops, step_s = profiled_steps(rt, x, y, budget, warmup, steps)
     for ts in list(rt.cache._live.values()):  # ORT writes the profile when a session ends
         ts.module = None
         ts.state = None
     rt.cache._live.clear()
     gc.collect()
-    ops = OpTimes(steps)
     runs = 0
     for path in sorted(trace_dir.glob("ort_profile*.json")):
         events = json.loads(path.read_text())
@@ -191,7 +186,6 @@ def profile_ort(rt, x, y, budget, warmup: int, steps: int, trace_dir: Path) -> t
         for ev in events:
             if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] >= cutoff:
                 ops.add(ev["args"].get("op_name", "?"), ev["dur"] / 1e3, 1)
-    ops.add_torch(prof)
     if runs != warmup + steps:
         raise SystemExit(f"expected {warmup + steps} profiled ONNX Runtime runs in one session, found {runs}")
     return ops, step_s
@@ -251,7 +245,7 @@ def profile_both(args, model, budget, x, y, threads: int):
     try:
         ort_rt = create_runtime(runtime_config("ort", args.model, threads, args.overrides), copy.deepcopy(model))
         torch_rt = create_runtime(runtime_config("torch", args.model, threads, args.overrides), copy.deepcopy(model))
-        torch_prof = profile_torch(torch_rt, x, y, budget, args.warmup, args.steps)
+        torch_prof = profiled_steps(torch_rt, x, y, budget, args.warmup, args.steps)
         kept = torch_rt.train_step(x, y, budget, 1e-4, STEP_NUMBERS[args.warmup + args.steps]).kept_tokens
         ort_prof = profile_ort(ort_rt, x, y, budget, args.warmup, args.steps, trace_dir)
     finally:
