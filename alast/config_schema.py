@@ -276,7 +276,8 @@ class BackendConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: 'auto' is CUDA where it is visible (for ort: to both ONNX Runtime "
         "and torch), else the CPU")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast: on CUDA, or on a CPU "
+                                                             "with bf16 matrix instructions (AVX-512 BF16 or AMX)")
     count_flops: Literal["every", "off"] = Field(
         "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
     )

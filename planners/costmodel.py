@@ -271,7 +271,7 @@ class TimeModel:
     (``train_flops / flops_per_s``, nothing else). Features: ``step`` (1), ``fwd_flops``,
     ``bwd_flops``, ``select_blocks`` (blocks that drop tokens), ``bwd_blocks`` (blocks with any
     backward), all for the whole batch. A calibration holds for its ``device``, ``batch_size``,
-    ``count_flops`` and CPU ``threads`` (None: not recorded) only.
+    ``count_flops``, ``precision`` and CPU ``threads`` (None: not recorded) only.
 
     What a torch runtime's step does beside training, timed by the calibration too (1 and 0: not
     timed, as with a given throughput): ``first_step_s``, the extra time of a run's first step
@@ -285,6 +285,7 @@ class TimeModel:
     batch_size: int | None = None
     count_flops: str = ""
     threads: int | None = None
+    precision: str = "fp32"  # the steps' autocast: time models from before it was recorded timed fp32 steps
     points: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
     first_step_s: float = 0.0

@@ -35,8 +35,8 @@ def _calibration_budgets(num_blocks: int) -> dict[str, Any]:
 
 
 def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "cpu", count_flops: str = "every",
-                   lora: dict[str, Any] | None = None, reps: int = 5, extra: dict[str, Any] | None = None
-                   ) -> "TimeModel":
+                   lora: dict[str, Any] | None = None, reps: int = 5, extra: dict[str, Any] | None = None,
+                   precision: str = "fp32") -> "TimeModel":
     """Time real training steps of the torch runtime on this machine and fit the time model.
 
     Seven step shapes plus ``extra`` budgets (the planned policy's own step, so the fit holds where
@@ -60,7 +60,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     # for being heavier than every measured one) and in the last round.
     probing = [False]
     rt = TorchRuntime(model, lr=1e-4, weight_decay=0.05, grad_clip=1.0, device=device, count_flops=count_flops,
-                      lora=lora, memory_probe_steps=lambda s: probing[0] or s == 0)
+                      lora=lora, memory_probe_steps=lambda s: probing[0] or s == 0, precision=precision)
     x = torch.randn(batch_size, 3, cm.img_size, cm.img_size)
     y = torch.randint(0, max(cm.num_classes, 1), (batch_size,))
     budgets = {**_calibration_budgets(cm.num_blocks), **(extra or {})}
@@ -100,9 +100,9 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     first_step_s = max(0.0, first[keys[0]] - plain[keys[0]] * (counted_factor + probed_factor - 1.0))
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
-                     threads=threads, points=points, first_step_s=first_step_s, counted_factor=counted_factor,
+                     threads=threads, precision=precision, points=points, first_step_s=first_step_s, counted_factor=counted_factor,
                      probed_factor=probed_factor,
                      note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch {batch_size} on "
-                     f"{rt.device} (FLOP counting {count_flops}); a counted step {counted_factor:.2f}x a plain one"
+                     f"{rt.device} ({precision}, FLOP counting {count_flops}); a counted step {counted_factor:.2f}x a plain one"
                      + (f", a memory-measured step {probed_factor:.2f}x" if probed else "")
                      + f", the first step +{first_step_s:.2f} s")

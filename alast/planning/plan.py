@@ -233,17 +233,15 @@ def _time_models(cfg: AlastConfig, plain: CostModel, pcm: CostModel, calibrate: 
         if plain.time is not None and (_time_model_differs(cfg, plain, batch) or _torch_timed_for_ort(cfg, plain)):
             return plain.with_time(None), pcm.with_time(None)
         return plain, pcm
-    device, count = training_device(cfg), cfg.backend.count_flops
+    timed = {"batch_size": batch, "device": training_device(cfg), "count_flops": cfg.backend.count_flops,
+             "precision": cfg.backend.precision}
     extra = {"policy": budget} if budget is not None else None
     with _torch_threads(cfg.backend.threads):
         if pcm.lora is None:
-            tm = calibrate_time(plain, cfg.model.name, batch_size=batch, device=device, count_flops=count,
-                                extra=extra)
+            tm = calibrate_time(plain, cfg.model.name, extra=extra, **timed)
             return plain.with_time(tm), pcm.with_time(tm)
-        plain = plain.with_time(calibrate_time(plain, cfg.model.name, batch_size=batch, device=device,
-                                               count_flops=count))
-        return plain, pcm.with_time(calibrate_time(pcm, cfg.model.name, batch_size=batch, device=device,
-                                                   count_flops=count, lora=pcm.lora, extra=extra))
+        plain = plain.with_time(calibrate_time(plain, cfg.model.name, **timed))
+        return plain, pcm.with_time(calibrate_time(pcm, cfg.model.name, lora=pcm.lora, extra=extra, **timed))
 
 
 @contextlib.contextmanager
@@ -262,7 +260,8 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 def _time_model_differs(cfg: AlastConfig, cm: CostModel, batch: int) -> bool:
     """Whether ``cm``'s calibrated time model (from a cost model file) was timed at another batch size,
-    device, FLOP counting or thread count than the planned run's; if so, warns that it is left out."""
+    device, FLOP counting, precision or thread count than the planned run's; if so, warns that it is
+    left out."""
     import torch
 
     tm = cm.time
@@ -270,9 +269,10 @@ def _time_model_differs(cfg: AlastConfig, cm: CostModel, batch: int) -> bool:
         return False
     device = training_device(cfg).split(":")[0]
     ours = {"batch": batch, "device": device, "FLOP counting": cfg.backend.count_flops,
+            "precision": cfg.backend.precision,
             "threads": (cfg.backend.threads or torch.get_num_threads()) if device == "cpu" else None}
     theirs = {"batch": tm.batch_size, "device": tm.device.split(":")[0], "FLOP counting": tm.count_flops,
-              "threads": tm.threads}
+              "precision": tm.precision, "threads": tm.threads}
     changed = [k for k in ours if theirs[k] not in (None, "") and ours[k] is not None and theirs[k] != ours[k]]
     if not changed:
         return False
@@ -363,7 +363,7 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
 
 
 def _note_precision(cfg: AlastConfig) -> None:
-    """Warn where the run's activations are not the cost model's fp32 ones (bf16 autocast on CUDA)."""
+    """Warn where the run's activations are not the cost model's fp32 ones (bf16 autocast)."""
     if cfg.backend.precision == "bf16":
         warn("peak memory is priced for fp32 activations, as the cost model measured them on the CPU; under "
              "bf16 autocast most saved activations take half the bytes, so the run peaks lower (not modelled)")

@@ -29,6 +29,7 @@ from .params import (
 )
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
+from .precision import autocast, check_bf16
 from .tokens import check_token_choice
 
 
@@ -82,8 +83,8 @@ class TorchRuntime:
         if token_multiple < 1:
             raise ValueError(f"backend.token_multiple must be >= 1, got {token_multiple}")
         self.token_multiple = int(token_multiple)
-        if precision == "bf16" and self.device.type != "cuda":
-            raise ValueError("backend.precision=bf16 needs a CUDA device; use fp32 on CPU")
+        if precision == "bf16":
+            check_bf16(self.device)
         self.precision = precision
         self.count_flops = count_flops
         self.delta_reduction = delta_reduction
@@ -153,9 +154,7 @@ class TorchRuntime:
         return embeddings
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def _attention_kernels(self):
         """On CUDA, keep scaled_dot_product_attention off the cuDNN backend while tokens are dropped.

@@ -1,0 +1,68 @@
+"""bf16 autocast for the torch runtime, on CUDA and on CPUs with bf16 matrix instructions.
+
+On a CPU with AVX-512 BF16 or AMX, oneDNN multiplies bf16 matrices in hardware, and autocast's
+linear layers run about twice as fast as in fp32. torch's CPU flash attention is the exception:
+its backward in bf16 is slower than in fp32 (1.0x-1.6x with every query, 1.4x-5.4x with fewer
+queries than keys, as in a block that drops tokens; its forward in bf16 1.5x-3x faster;
+``benchmarks/cpu_bf16.py --attention``). So under CPU autocast an attention that will be
+differentiated runs in fp32 and hands bf16 back; one without gradient stays in bf16. On a CPU
+without the instructions bf16 is emulated, slower than fp32, and refused.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def check_bf16(device: torch.device) -> None:
+    """Refuse bf16 autocast (ValueError) on a device where it would not pay."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError("backend.precision=bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 "
+                         "or AMX), so bf16 would run slower than fp32; use backend.precision=fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend.precision=bf16 is for CUDA devices and CPUs, not {device.type}; use fp32")
+
+
+def _differentiated_attention_in_fp32(sdpa: Callable) -> Callable:
+    """``sdpa``, in fp32 where a gradient will flow through it (its output back in the queries' dtype)."""
+
+    def attention(query, key, value, attn_mask=None, *args, **kwargs):
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if not grad or query.dtype == torch.float32:
+            return sdpa(query, key, value, attn_mask, *args, **kwargs)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out = sdpa(query.float(), key.float(), value.float(), attn_mask, *args, **kwargs)
+        return out.to(query.dtype)
+
+    return attention
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bf16 autocast on ``device`` for ``precision == "bf16"`` (nothing for fp32). On a CPU,
+    ``F.scaled_dot_product_attention`` (which timm's blocks and alast's call through ``F``) runs in
+    fp32 meanwhile where it will be differentiated, and is put back on exit."""
+    if precision != "bf16":
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        if device.type != "cpu":
+            yield
+            return
+        sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _differentiated_attention_in_fp32(sdpa)
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = sdpa
