@@ -110,7 +110,8 @@ def run_steps(rt: TorchRuntime, planner, x, y, first: int, n: int, total: int) -
         if pending is not None:
             results.append(_settle(pending, planner, total))
         pending = (launched, budget)
-    results.append(_settle(pending, planner, total))
+    if pending is not None:  # n = 0 (no warm-up) launches nothing
+        results.append(_settle(pending, planner, total))
     return results
 
 

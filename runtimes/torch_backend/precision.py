@@ -1,12 +1,14 @@
 """bf16 autocast for the torch runtime, on CUDA and on CPUs with bf16 matrix instructions.
 
-On a CPU with AVX-512 BF16 or AMX, oneDNN multiplies bf16 matrices in hardware, and autocast's
-linear layers run about twice as fast as in fp32. torch's CPU flash attention is the exception:
-its backward in bf16 is slower than in fp32 (1.0x-1.6x with every query, 1.4x-5.4x with fewer
-queries than keys, as in a block that drops tokens; its forward in bf16 1.5x-3x faster;
-``benchmarks/cpu_bf16.py --attention``). So under CPU autocast an attention that will be
-differentiated runs in fp32 and hands bf16 back; one without gradient stays in bf16. On a CPU
-without the instructions bf16 is emulated, slower than fp32, and refused.
+On a CPU with AVX-512 BF16 or AMX, oneDNN multiplies bf16 matrices in hardware: full fine-tuning
+of ViT-B/16 or DeiT-S steps about twice as fast as in fp32 (``python benchmarks/cpu_bf16.py``).
+torch's CPU flash attention is the exception:
+with its backward it takes 1.03x-3.6x its fp32 time (fp32 with the casts there and back) with every
+query, 1.5x-5.1x with fewer queries than keys, as in a block that drops tokens; its forward alone
+0.42x-0.68x (``python benchmarks/cpu_bf16.py --attention``, docs/results/cpu_bf16_attention.json).
+So under CPU autocast an attention that will be differentiated runs in fp32 and hands bf16 back;
+one without gradient stays in bf16. On a CPU without the instructions bf16 is emulated, slower than
+fp32, and refused.
 """
 from __future__ import annotations
 

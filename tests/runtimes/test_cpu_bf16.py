@@ -130,3 +130,28 @@ def test_a_calibration_times_the_runs_precision(bf16_cpu):
     tm = calibrate_time(cm, "alast_demo_vit", batch_size=2, count_flops="off", reps=1, precision="bf16")
     assert tm.precision == "bf16" and "bf16" in tm.note
     assert calibrate_time(cm, "alast_demo_vit", batch_size=2, count_flops="off", reps=1).precision == "fp32"
+
+
+def test_alast_plan_calibrate_times_steps_in_the_runs_precision(monkeypatch):
+    """`alast plan --calibrate` hands the run's precision to the calibration (with and without LoRA)."""
+    import dataclasses
+
+    import alast.planning.plan as plan_module
+    from alast.config import load_config
+    from alast.planning.profile import profile
+    from planners.costmodel import TimeModel
+
+    seen = []
+
+    def fake_calibrate(cm, name, **kw):
+        seen.append(kw["precision"])
+        return TimeModel("calibrated", {"step": 0.1}, precision=kw["precision"])
+
+    monkeypatch.setattr(plan_module, "calibrate_time", fake_calibrate)
+    cm = profile("alast_demo_vit")
+    for precision, lora in (("bf16", None), ("fp32", None), ("bf16", {"rank": 2})):
+        cfg = load_config(None, [f"backend.precision={precision}"])
+        pcm = cm if lora is None else dataclasses.replace(cm, lora=lora)
+        _, timed = plan_module._time_models(cfg, cm, pcm, calibrate=True, throughput=None, batch=2)
+        assert timed.time.precision == precision
+    assert seen == ["bf16", "fp32", "bf16", "bf16"]  # with LoRA the plain and the adapted model are both timed
