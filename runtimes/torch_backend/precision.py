@@ -34,8 +34,17 @@ def check_bf16(device: torch.device) -> None:
         raise ValueError(f"backend.precision=bf16 is for CUDA devices and CPUs, not {device.type}; use fp32")
 
 
+_FP32_WRAPPERS: dict[Callable, Callable] = {}
+
+
 def _differentiated_attention_in_fp32(sdpa: Callable) -> Callable:
-    """``sdpa``, in fp32 where a gradient will flow through it (its output back in the queries' dtype)."""
+    """``sdpa``, in fp32 where a gradient will flow through it (its output back in the queries' dtype).
+    One wrapper per ``sdpa``, made once: compiled blocks (``backend.compile``) guard on the function
+    they traced, and a new one every step would recompile them every step."""
+    if sdpa in _FP32_WRAPPERS.values():
+        return sdpa  # entered inside another CPU autocast: already wrapped
+    if sdpa in _FP32_WRAPPERS:
+        return _FP32_WRAPPERS[sdpa]
 
     def attention(query, key, value, attn_mask=None, *args, **kwargs):
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
@@ -47,6 +56,7 @@ def _differentiated_attention_in_fp32(sdpa: Callable) -> Callable:
             out = sdpa(query.float(), key.float(), value.float(), attn_mask, *args, **kwargs)
         return out.to(query.dtype)
 
+    _FP32_WRAPPERS[sdpa] = attention
     return attention
 
 

@@ -155,3 +155,21 @@ def test_alast_plan_calibrate_times_steps_in_the_runs_precision(monkeypatch):
         _, timed = plan_module._time_models(cfg, cm, pcm, calibrate=True, throughput=None, batch=2)
         assert timed.time.precision == precision
     assert seen == ["bf16", "fp32", "bf16", "bf16"]  # with LoRA the plain and the adapted model are both timed
+
+
+def test_every_cpu_autocast_installs_the_same_attention_function():
+    """Compiled blocks guard on the attention function they traced: a new one per step would recompile
+    them every step. Nested autocasts do not wrap it twice."""
+    from runtimes.torch_backend.precision import autocast
+
+    cpu = torch.device("cpu")
+    original = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+    for _ in range(2):
+        with autocast(cpu, "bf16"):
+            seen.append(torch.nn.functional.scaled_dot_product_attention)
+            with autocast(cpu, "bf16"):
+                seen.append(torch.nn.functional.scaled_dot_product_attention)
+            seen.append(torch.nn.functional.scaled_dot_product_attention)
+    assert seen[0] is not original and all(f is seen[0] for f in seen)
+    assert torch.nn.functional.scaled_dot_product_attention is original
