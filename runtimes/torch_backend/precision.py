@@ -2,13 +2,12 @@
 
 On a CPU with AVX-512 BF16 or AMX, oneDNN multiplies bf16 matrices in hardware: full fine-tuning
 of ViT-B/16 or DeiT-S steps about twice as fast as in fp32 (``python benchmarks/cpu_bf16.py``).
-torch's CPU flash attention is the exception:
-with its backward it takes 1.03x-3.6x its fp32 time (fp32 with the casts there and back) with every
-query, 1.5x-5.1x with fewer queries than keys, as in a block that drops tokens; its forward alone
-0.42x-0.68x (``python benchmarks/cpu_bf16.py --attention``, docs/results/cpu_bf16_attention.json).
-So under CPU autocast an attention that will be differentiated runs in fp32 and hands bf16 back;
-one without gradient stays in bf16. On a CPU without the instructions bf16 is emulated, slower than
-fp32, and refused.
+torch's CPU flash attention is the exception. With its backward it takes 1.03x-3.6x its fp32 time
+(fp32 with the casts there and back) with every query, 1.5x-5.1x with fewer queries than keys, as
+in a block that drops tokens; its forward alone takes 0.42x-0.68x (``python benchmarks/cpu_bf16.py
+--attention``, docs/results/cpu_bf16_attention.json). So under CPU autocast an attention that will
+be differentiated runs in fp32 and hands bf16 back; one without gradient stays in bf16. On a CPU
+without the instructions bf16 is emulated, slower than fp32, and refused.
 """
 from __future__ import annotations
 
