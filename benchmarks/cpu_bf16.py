@@ -141,7 +141,8 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<24}{'batch':>6}  {'precision':<10}{'policy':<11}{'ms':>9}{'flops':>7}{'vs fp32 full':>14}{'vs own full':>13}"
+    head = (f"{'model':<24}{'batch':>6}  {'precision':<10}{'policy':<11}{'ms':>9}{'flops':>7}"
+            f"{'vs fp32 full':>14}{'vs own full':>13}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["model"], r["precision"] != "fp32", r["policy"] != "full", r["policy"])):
         lines.append(f"{r['model']:<24}{r['batch']:>6}  {r['precision']:<10}{r['policy']:<11}{r['step_ms']:>9.1f}"

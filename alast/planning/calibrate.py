@@ -100,9 +100,10 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     first_step_s = max(0.0, first[keys[0]] - plain[keys[0]] * (counted_factor + probed_factor - 1.0))
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     return TimeModel("calibrated", coefficients, device=str(rt.device), batch_size=batch_size, count_flops=count_flops,
-                     threads=threads, precision=precision, points=points, first_step_s=first_step_s, counted_factor=counted_factor,
-                     probed_factor=probed_factor,
+                     threads=threads, precision=precision, points=points, first_step_s=first_step_s,
+                     counted_factor=counted_factor, probed_factor=probed_factor,
                      note=f"calibrated: {reps} rounds of {len(budgets)} real step shapes at batch {batch_size} on "
-                     f"{rt.device} ({precision}, FLOP counting {count_flops}); a counted step {counted_factor:.2f}x a plain one"
+                     f"{rt.device} ({precision}, FLOP counting {count_flops}); a counted step "
+                     f"{counted_factor:.2f}x a plain one"
                      + (f", a memory-measured step {probed_factor:.2f}x" if probed else "")
                      + f", the first step +{first_step_s:.2f} s")

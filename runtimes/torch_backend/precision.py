@@ -59,14 +59,15 @@ def _differentiated_attention_in_fp32(sdpa: Callable) -> Callable:
     return attention
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` for ``precision == "bf16"`` (nothing for fp32). On a CPU,
     ``F.scaled_dot_product_attention`` (which timm's blocks and alast's call through ``F``) runs in
     fp32 meanwhile where it will be differentiated, and is put back on exit."""
-    if precision != "bf16":
-        yield
-        return
+    return _bf16_autocast(device) if precision == "bf16" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _bf16_autocast(device: torch.device) -> Iterator[None]:
     with torch.autocast(device.type, dtype=torch.bfloat16):
         if device.type != "cpu":
             yield
