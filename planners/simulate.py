@@ -25,6 +25,7 @@ from typing import Any
 
 from .costmodel import EMBED, CostModel, poly, poly2
 from .registry import create_planner
+from .countfit import StepCounts
 from .rules import MemoryProbes, flop_count_keys, kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
 
@@ -255,7 +256,7 @@ class RunAccumulator:
         self.peak = 0.0
         self.step_peaks: list[float] = []
         self.times: list[float] = []
-        self.counted: set[tuple] = set()  # the step pieces a torch runtime has counted FLOPs of
+        self.counted = StepCounts()  # the step pieces a torch runtime has counted FLOPs of, and can solve
         self.probes = MemoryProbes()
         self.ever = [False] * cm.num_blocks
         self.ever_other = False
@@ -267,13 +268,14 @@ class RunAccumulator:
 
     def _beside_training(self, shape: StepShape) -> dict[str, bool]:
         """What the torch runtime does in this step beside training: its first step, a step counted
-        under the FLOP counter (a piece not counted before), a step whose CPU memory it measures."""
+        under the FLOP counter (a piece neither counted before nor solvable from counted ones), a step
+        whose CPU memory it measures."""
         tm = self.cm.time
         embeddings = shape.embed_trained and self.cm.embed.trainable
         blocks, rest = flop_count_keys(self.batch, shape.tokens_in, shape.kept_tokens, shape.trained, embeddings)
-        new = [k for k in (*blocks, rest) if k not in self.counted]
-        self.counted.update(new)
-        counted = bool(new) and tm.count_flops == "every"
+        counted = tm.count_flops == "every" and not self.counted.known((blocks, rest))
+        if counted:
+            self.counted.record((blocks, rest))
         probed = tm.device.startswith("cpu") and self.probes(self.steps, shape.tokens_in, sum(shape.trained))
         return {"first": self.steps == 0, "counted": counted, "probed": probed}
 

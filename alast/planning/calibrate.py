@@ -43,7 +43,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     it is used), ``reps`` rounds after a first round (alternating, so drift hits all alike),
     median per shape; non-negative least squares on the features of
     :class:`~planners.costmodel.TimeModel`. What a run's steps do beside training is timed too: the
-    first round's steps are the first of their shape, so counted under the FLOP counter (where
+    first round's steps are the first of their shape, counted under the FLOP counter (where
     ``count_flops`` is ``every``), its first step is the runtime's first; and one more round
     measures memory on every step (CPU).
     """
@@ -70,6 +70,7 @@ def calibrate_time(cm: CostModel, name: str, *, batch_size: int, device: str = "
     probe_round = reps + 1 if rt.device.type == "cpu" else None
     for rnd in range(reps + 2 if probe_round else reps + 1):
         probing[0] = rnd == probe_round
+        rt.force_count = rnd == 0  # a shape solved from others' counts would run uncounted
         for i, (key, budget) in enumerate(budgets.items()):
             t = rt.train_step(x, y, budget, 1e-4, rnd * len(budgets) + i).step_time_s
             if rnd == 0:

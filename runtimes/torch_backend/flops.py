@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter as fc
 
+from planners.countfit import StepCounts
 from planners.rules import flop_count_keys
 
 _REGISTERED = False
@@ -47,14 +48,16 @@ def counter() -> fc.FlopCounterMode:
 
 
 class StepFlopCache:
-    """Counted flops of a training step, assembled from per-block counts cached by shape.
+    """Counted flops of a training step, assembled from per-block counts.
 
     A block's counted flops depend only on (batch, tokens in, tokens kept (a block that selects
     inside computes the kept ones only), whether it is trained, whether anything below it, a block
-    or the embeddings, is trained); the rest of
-    the model (embedding, head) only on (batch, tokens leaving the last block, whether the
-    embeddings are trained). A step whose every piece was counted before is not counted again: it
-    can run compiled and with no counter dispatch overhead. A new shape runs eagerly under the
+    or the embeddings, is trained); the rest of the model (embedding, head) only on (batch, tokens
+    leaving the last block, whether the embeddings are trained). A piece counted before is read
+    back; one never counted is solved exactly from counted pieces of its kind once they determine
+    its polynomial in the token counts and further counts agreed with it
+    (:class:`planners.countfit.StepCounts`). A step whose every piece is known is not counted: it
+    can run compiled and with no counter dispatch overhead. Otherwise it runs eagerly under the
     counter once, and its pieces are read from the counter's per-module totals (tested equal to a
     fresh count of the whole step). The backend's precision and LoRA are fixed for a run, so they
     are not part of the key.
@@ -62,16 +65,12 @@ class StepFlopCache:
 
     def __init__(self, block_names: list[str]) -> None:
         self.block_names = block_names
-        self.blocks: dict[tuple, float] = {}
-        self.rest: dict[tuple, float] = {}
+        self.counts = StepCounts()
 
     keys = staticmethod(flop_count_keys)  # the planner predicts which steps are counted with the same keys
 
     def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
-        blocks, rest = keys
-        if rest not in self.rest or any(k not in self.blocks for k in blocks):
-            return None
-        return self.rest[rest] + sum(self.blocks[k] for k in blocks)
+        return self.counts.lookup(keys)
 
     def record(self, fc: fc.FlopCounterMode, keys: tuple[list[tuple], tuple]) -> float:
         """Store the pieces of a step just counted by ``fc``; returns its total."""
@@ -80,10 +79,7 @@ class StepFlopCache:
         # A block name the counter did not report means the names do not match: cache nothing.
         if all(name in counts for name in self.block_names):
             per_block = [float(counts[name]) for name in self.block_names]
-            blocks, rest = keys
-            for k, v in zip(blocks, per_block):
-                self.blocks[k] = v
-            self.rest[rest] = total - sum(per_block)
+            self.counts.record(keys, per_block, total - sum(per_block))
         return total
 
 

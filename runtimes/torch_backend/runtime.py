@@ -111,6 +111,7 @@ class TorchRuntime:
         root = type(self.model).__name__
         names = {id(m): n for n, m in self.model.named_modules()}
         self._flops = StepFlopCache([f"{root}.{names[id(b)]}" for b in self.patch.blocks])
+        self.force_count = False  # count every step under the counter (calibration times what counting costs)
         if compile:
             self.patch.compile_blocks()
         self._peak_bytes: int | None = None
@@ -200,7 +201,7 @@ class TorchRuntime:
         mem_ctx = self._mem_tracker() if probe_mem else contextlib.nullcontext()
         flop_keys = StepFlopCache.keys(int(images.shape[0]), tokens_in, tokens_out, budget.trained, embeddings)
         flops = self._flops.lookup(flop_keys) if self.count_flops == "every" else None
-        counting = self.count_flops == "every" and flops is None
+        counting = self.count_flops == "every" and (flops is None or self.force_count)
         compiled_before = _compile_seconds() if self.compile else 0.0
         if not lag:
             self._sync()

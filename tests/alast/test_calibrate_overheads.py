@@ -1,6 +1,7 @@
 """`alast profile --calibrate` times what a run's steps do beside training (a FLOP-counted step, a
 memory-measured one, the first), so plans of short runs are not 40-80% too fast."""
 import json
+import random
 
 import pytest
 from click.testing import CliRunner
@@ -25,3 +26,28 @@ def test_a_calibration_option_without_calibrate_is_refused(option, what):
     """Without --calibrate nothing reads them: ignoring them would let a user believe they took effect."""
     res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", option, "4"])
     one_error_line(res, 2, f"{option} sets {what} --calibrate times steps with; add --calibrate or leave it out")
+
+
+def test_calibration_counts_every_first_round_step(monkeypatch):
+    """The counted-step factor is timed on the first round, every step of which runs under the FLOP
+    counter, although the runtime could solve most of their shapes from counted ones (and does in
+    the later rounds, none of which is counted)."""
+    from alast.planning.calibrate import _calibration_budgets, calibrate_time
+    from alast.planning.profile import profile
+    from planners import Budget
+    from runtimes.torch_backend import runtime
+
+    entered = []
+    real = runtime.counter
+
+    def counting():
+        entered.append(1)
+        return real()
+
+    monkeypatch.setattr(runtime, "counter", counting)
+    cm = profile("alast_vit12")
+    rng = random.Random(0)
+    extra = {f"moving{i}": Budget(tuple(rng.uniform(0.5, 1.0) for _ in range(12)), (True,) * 12) for i in range(4)}
+    tm = calibrate_time(cm, "alast_vit12", batch_size=2, reps=1, extra=extra)
+    assert len(entered) == len(_calibration_budgets(cm.num_blocks)) + len(extra)
+    assert tm.counted_factor >= 1.0
