@@ -279,7 +279,8 @@ class BackendConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast: on CUDA, or on a CPU "
                                                              "with bf16 matrix instructions (AVX-512 BF16 or AMX)")
     count_flops: Literal["every", "off"] = Field(
-        "every", description="count each step's FLOPs with torch.utils.flop_counter, or not at all"
+        "every", description="count each step's FLOPs with torch.utils.flop_counter (once per block "
+        "shape; torch solves most new shapes exactly from counted ones), or not at all"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     compile: bool = Field(False, description="torch: torch.compile the block compute (every policy, "

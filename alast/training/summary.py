@@ -30,9 +30,11 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "train_flops": train_flops, "full_ft_train_flops": full,
         "every_token_step_flops": every_token * ws if every_token is not None else None,
         "flops_ratio_vs_full": (train_flops / full) if train_flops and full else None,
-        "flops_method": ("torch.utils.flop_counter on every executed step (forward+backward, 2 flops per "
-                         "multiply-add, CPU fused attention registered); full fine-tuning counted on one "
-                         "step of the same batch shape x steps") if counted_all else "not counted",
+        "flops_method": ("torch.utils.flop_counter, every executed step (forward+backward, 2 flops per "
+                         "multiply-add, CPU fused attention registered) as the sum of its blocks' counts and "
+                         "the rest of the model's, each counted once per shape (torch: a block shape never "
+                         "counted is solved exactly from counted ones of its kind); full fine-tuning counted "
+                         "on one step of the same batch shape x steps") if counted_all else "not counted",
         "parameters": _optional(runtime, "parameter_counts"),
         "peak_memory_bytes": tally.peak_memory_bytes,
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),

@@ -1,0 +1,45 @@
+"""benchmarks/flop_counting.py runs `alast train` with and without FLOP counting (and in another
+checkout) end to end, and reports counted steps that the runs' own counts bear out."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = ["--steps", "5", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1"]
+
+
+@pytest.fixture
+def bench():
+    spec = importlib.util.spec_from_file_location("flop_counting", REPO / "benchmarks" / "flop_counting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counting_against_off_and_a_base_checkout(bench, tmp_path):
+    out = tmp_path / "fc.json"
+    record = bench.main(["--rounds", "1", "--base", str(REPO), "--out", str(out), "--", *TRAIN])
+    assert json.loads(out.read_text()) == record
+    med = record["medians"]
+    assert set(med) == {"counting", "counting (base)", "off"}
+    assert med["off"]["counted_steps"] == 0
+    # the first step is always counted; no more steps than the run has
+    assert 1 <= med["counting"]["counted_steps"] == med["counting (base)"]["counted_steps"] <= 5
+    flops = {r["train_flops"] for k in ("counting", "counting (base)") for r in record["runs"][k]}
+    assert len(flops) == 1 and flops.pop() > 0
+    assert record["runs"]["off"][0]["train_flops"] is None
+
+
+def test_refusals(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "1"])  # no `alast train` arguments
+    with pytest.raises(SystemExit):
+        bench.main(["--base", str(tmp_path), "--", *TRAIN])  # not a checkout
+    (tmp_path / "old.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "old.json"), "--", *TRAIN])  # nothing overwritten
+    assert (tmp_path / "old.json").read_text() == "{}"
