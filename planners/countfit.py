@@ -143,13 +143,19 @@ class PieceCounts:
         self.fits.setdefault(kind, _KindFit(len(point))).add(point, value)
 
 
+def block_kind(fixed: tuple, n: int, o: int) -> tuple[Hashable, tuple[int, ...]]:
+    """A block piece's kind and point: ``fixed`` (batch, trained flags, ...) and the tokens it takes
+    (``n``) and keeps (``o``). A block that keeps every token runs whole, one that drops selects
+    (different ops); keeping one token leaves no slot to fuse the dropped ones into (EViT): each
+    its own kind."""
+    if o >= n or o < 2:
+        return (*fixed, "whole" if o >= n else "one"), (n,)
+    return (*fixed, "drop"), (n, o)
+
+
 def _split_block(key: tuple) -> tuple[Hashable, tuple[int, ...]]:
     batch, n, o, trained, below = key
-    # A block that keeps every token runs whole, one that drops selects (different ops); keeping
-    # one token leaves no slot to fuse the dropped ones into (EViT): each its own kind.
-    if o >= n or o < 2:
-        return (batch, trained, below, "whole" if o >= n else "one"), (n,)
-    return (batch, trained, below, "drop"), (n, o)
+    return block_kind((batch, trained, below), n, o)
 
 
 def _split_rest(key: tuple) -> tuple[Hashable, tuple[int, ...]]:

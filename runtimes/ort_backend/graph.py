@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from planners.countfit import PieceCounts, block_kind
+
 from ..onnx_export import repeat_interleave_keeps_its_constants
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import embedding_parameters, input_channels
@@ -203,18 +205,24 @@ class StepFlops:
         self.model = graph.model
         self.prefix = int(self.model.num_prefix_tokens)
         self.inside = graph.inside
-        self._blocks: dict[tuple, float] = {}
+        # Blocks built alike share their counts (by the first of them); a shape never counted is
+        # solved from counted ones of its kind where they determine it (planners.countfit).
+        signatures = [_built_as(b) for b in self.model.blocks]
+        self._alike = [signatures.index(sig) for sig in signatures]
+        self._blocks = PieceCounts(lambda k: block_kind((k[0], k[1], k[4], k[5], k[6]), k[2], k[3]))
         self._rest: dict[tuple[int, bool], float] = {}
-        self._heads: dict[tuple[int, int], float] = {}
+        self._heads = PieceCounts(lambda k: (k[0], (k[1],)))
 
     def block(self, index: int, batch: int, tokens_in: int, kept: int, trained: bool, select: bool,
               below: bool = True) -> float:
         if not (select and self.inside):
             kept = tokens_in  # the block runs whole (and drops after it)
-        key = (index, batch, tokens_in, kept, trained, select, below)
-        if key not in self._blocks:
-            self._blocks[key] = self._count_block(*key)
-        return self._blocks[key]
+        key = (self._alike[index], batch, tokens_in, kept, trained, select, below)
+        value = self._blocks.get(key)
+        if value is None:
+            value = self._count_block(index, *key[1:])
+            self._blocks.add(key, value)
+        return value
 
     def _count_block(self, index: int, batch: int, tokens_in: int, kept: int, trained: bool, select: bool,
                      below: bool) -> float:
@@ -267,7 +275,8 @@ class StepFlops:
         """The final norm, the head and the loss on ``tokens`` patch tokens (and the prefix), forward
         and backward to their input and the head's parameters."""
         key = (batch, tokens)
-        if key not in self._heads:
+        value = self._heads.get(key)
+        if value is None:
             from torch._subclasses.fake_tensor import FakeTensorMode
             from torch.func import functional_call
 
@@ -283,14 +292,24 @@ class StepFlops:
                 with counter() as fc:
                     loss = functional_call(head, params, (x.clone(), labels))
                     torch.autograd.grad(loss, [x] + [p for p in params.values() if p.requires_grad])
-            self._heads[key] = float(fc.get_total_flops())
-        return self._heads[key]
+            value = float(fc.get_total_flops())
+            self._heads.add(key, value)
+        return value
 
     def step(self, batch: int, tokens_in: Sequence[int], kept: Sequence[int], trained: Sequence[bool],
              select: bool, embeddings: bool = True) -> float:
         return self.rest(batch, embeddings, kept[-1]) + sum(
             self.block(i, batch, n, k, t, select, embeddings or any(trained[:i]))
             for i, (n, k, t) in enumerate(zip(tokens_in, kept, trained)))
+
+
+def _built_as(block: nn.Module) -> tuple:
+    """What a block's count depends on beside the shapes it is given: its modules' types, its
+    parameters (names, shapes, whether trainable), buffers and heads."""
+    return (tuple(type(m).__name__ for m in block.modules()),
+            tuple((n, tuple(p.shape), p.requires_grad) for n, p in block.named_parameters()),
+            tuple((n, tuple(b.shape)) for n, b in block.named_buffers()),
+            getattr(getattr(block, "attn", None), "num_heads", None))
 
 
 def _fake_state(module: nn.Module, trained: Callable[[str, Tensor], bool], prefix: str = "") -> dict[str, Tensor]:

@@ -572,3 +572,35 @@ def test_per_block_flop_counts_add_up_to_the_whole_graph(pool):
                 continue
             whole = count_step_flops(TrainingGraph(model, 0.0, select=select), 6, kept if select else None, names)
             assert counter.step(6, tokens_in, kept, trained, select, embeddings) == pytest.approx(whole, rel=1e-12)
+
+
+@needs_ort
+@pytest.mark.parametrize("pool", ["token", "map"])
+def test_solved_block_counts_equal_fresh_counts(pool):
+    """Under moving budgets the ORT runtime's per-block counts (on fake tensors) are shared by
+    blocks built alike and solved for shapes never counted (planners.countfit): each step's total
+    equals counting every new shape's, with far fewer blocks counted."""
+    import random
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from planners import kept_token_counts
+    from runtimes.ort_backend.graph import StepFlops, TrainingGraph
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2, mlp_ratio=2.0,
+                              num_classes=5, global_pool=pool)  # 64 patch tokens
+    graph = TrainingGraph(model, 0.0, select=True)
+    solving, every = StepFlops(graph), StepFlops(graph)
+    every._blocks.split = every._heads.split = lambda key: (key, ())  # each shape its own kind: never solved
+    counted = []
+    real = solving._count_block
+    solving._count_block = lambda *a: counted.append(a) or real(*a)
+    rng = random.Random(0)
+    for _ in range(24):
+        tokens_in, kept = kept_token_counts(tuple(rng.uniform(0.6, 1.0) for _ in range(6)), 64, 1)
+        trained = tuple(rng.random() < 0.6 for _ in range(6))
+        embeddings = rng.random() < 0.5
+        assert solving.step(6, tokens_in, kept, trained, True, embeddings) == every.step(
+            6, tokens_in, kept, trained, True, embeddings)
+    assert len(counted) < 0.4 * len(every._blocks.exact)
