@@ -51,7 +51,7 @@ def _profile_table(cm) -> Any:
 
 def run_profile(model: str, img_size: int | None, out: Path | None, as_json: bool, num_classes: int | None,
                 calibrate: bool, batch_size: int | None, device: str, force: bool = False,
-                threads: int | None = None) -> None:
+                threads: int | None = None, precision: str | None = None) -> None:
     from alast.planning.calibrate import calibrate_time
     from alast.planning.profile import profile
     from planners.simulate import full_step_flops
@@ -61,7 +61,8 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     for option, value in (("--num-classes", num_classes), ("--batch-size", batch_size), ("--threads", threads)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be 1 or more, got {value}")
-    for option, value, what in (("--threads", threads, "the CPU threads"), ("--batch-size", batch_size, "the batch")):
+    for option, value, what in (("--threads", threads, "the CPU threads"), ("--batch-size", batch_size, "the batch"),
+                                ("--precision", precision, "the precision")):
         if value is not None and not calibrate:
             raise ValueError(f"{option} sets {what} --calibrate times steps with; add --calibrate or leave it out")
     if out is not None:
@@ -76,11 +77,16 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     if calibrate and device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--calibrate times training steps on the --device, but no CUDA device is visible here; "
                          "calibrate on the GPU machine, or pass --device cpu")
+    if precision == "bf16":
+        from runtimes.torch_backend.precision import check_bf16
+
+        check_bf16(torch.device(device), "--precision")  # before the profile: it takes a while
     cm = profile(model, img_size=img_size, num_classes=num_classes, device=device)
     if calibrate:
         if threads is not None:  # as a run's backend.threads: a time model holds at its thread count only
             torch.set_num_threads(threads)
-        cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size or CALIBRATE_BATCH, device=device))
+        cm = cm.with_time(calibrate_time(cm, model, batch_size=batch_size or CALIBRATE_BATCH, device=device,
+                                         precision=precision or "fp32"))
     if out is not None:
         cm.save(out)
     if as_json:
@@ -108,12 +114,14 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
               "(default: torch's)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="device the model will train on (memory model, --calibrate)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="precision for --calibrate, as the runs' backend.precision (default: fp32)")
 @click.pass_context
 def profile_command(ctx: click.Context, model, img_size, out, force, as_json, num_classes, calibrate, batch_size,
-                    threads, device) -> None:
+                    threads, device, precision) -> None:
     """Profile MODEL per block (fvcore + torch's FLOP counter) into a JSON cost model."""
     run_guarded(lambda: run_profile(model, img_size, out, as_json, num_classes, calibrate, batch_size, device,
-                                    force, threads), _debug(ctx))
+                                    force, threads, precision), _debug(ctx))
 
 
 def _deployment(result: dict[str, Any]) -> str:

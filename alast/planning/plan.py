@@ -278,9 +278,11 @@ def _time_model_differs(cfg: AlastConfig, cm: CostModel, batch: int) -> bool:
         return False
     why = "fixed per-step costs weigh more in small batches" if "batch" in changed else "it was timed on other steps"
     fix = "pass --calibrate"
-    if set(changed) <= {"batch", "device"}:
+    if "FLOP counting" not in changed:  # the rest are `alast profile --calibrate` options
+        options = {"device": f" --device {device}", "precision": f" --precision {ours['precision']}",
+                   "threads": f" --threads {ours['threads']}"}
         fix += (f", or re-profile with `alast profile {cm.model} --img-size {cm.img_size} --calibrate --batch-size "
-                f"{batch}" + (f" --device {device}" if "device" in changed else "") + " --out FILE`")
+                f"{batch}" + "".join(options[k] for k in changed if k in options) + " --out FILE`")
     calibrated, planned = (", ".join(f"{k} {d[k]}" for k in changed) for d in (theirs, ours))
     warn(f"no time predicted: the cost model's time model was calibrated at {calibrated}, this run has {planned}, "
          f"and step time does not carry over ({why}); {fix}")

@@ -24,13 +24,13 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def check_bf16(device: torch.device) -> None:
-    """Refuse bf16 autocast (ValueError) on a device where it would not pay."""
+def check_bf16(device: torch.device, setting: str = "backend.precision") -> None:
+    """Refuse bf16 autocast (ValueError, naming ``setting``) on a device where it would not pay."""
     if device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("backend.precision=bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 "
-                         "or AMX), so bf16 would run slower than fp32; use backend.precision=fp32")
+        raise ValueError(f"{setting}=bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 "
+                         f"or AMX), so bf16 would run slower than fp32; use {setting}=fp32")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend.precision=bf16 is for CUDA devices and CPUs, not {device.type}; use fp32")
+        raise ValueError(f"{setting}=bf16 is for CUDA devices and CPUs, not {device.type}; use fp32")
 
 
 _FP32_WRAPPERS: dict[Callable, Callable] = {}

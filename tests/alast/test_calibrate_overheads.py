@@ -21,10 +21,11 @@ def test_a_calibrated_time_model_times_counted_measured_and_first_steps(tmp_path
     assert "a counted step" in time["note"] and "a memory-measured step" in time["note"]
 
 
-@pytest.mark.parametrize("option,what", [("--threads", "the CPU threads"), ("--batch-size", "the batch")])
+@pytest.mark.parametrize("option,what", [("--threads", "the CPU threads"), ("--batch-size", "the batch"),
+                                         ("--precision", "the precision")])
 def test_a_calibration_option_without_calibrate_is_refused(option, what):
     """Without --calibrate nothing reads them: ignoring them would let a user believe they took effect."""
-    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", option, "4"])
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", option, "bf16" if option == "--precision" else "4"])
     one_error_line(res, 2, f"{option} sets {what} --calibrate times steps with; add --calibrate or leave it out")
 
 
@@ -51,3 +52,32 @@ def test_calibration_counts_every_first_round_step(monkeypatch):
     tm = calibrate_time(cm, "alast_vit12", batch_size=2, reps=1, extra=extra)
     assert len(entered) == len(_calibration_budgets(cm.num_blocks)) + len(extra)
     assert tm.counted_factor >= 1.0
+
+
+def test_calibrating_in_bf16_writes_a_bf16_time_model(tmp_path, monkeypatch):
+    """`alast profile --calibrate --precision bf16` times bf16 steps, so a bf16 run's plan can use
+    the file (it leaves an fp32 time model out)."""
+    from runtimes.torch_backend import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # functional on any CPU
+    out = tmp_path / "cm.json"
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--calibrate", "--batch-size", "2", "--threads", "1",
+                                   "--device", "cpu", "--precision", "bf16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    time = json.loads(out.read_text())["time"]
+    assert time["precision"] == "bf16" and "(bf16," in time["note"]
+    res = CliRunner().invoke(cli, ["plan", "--model", "alast_demo_vit", "--policy", "tokens", "--steps", "3",
+                                   "--batch-size", "2", "--cost-model", str(out), "--set", "backend.threads=1",
+                                   "--set", "backend.precision=bf16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["policies"]["tokens"]["time_s"] > 0
+
+
+def test_bf16_calibration_is_refused_on_a_cpu_without_bf16_matrix_instructions(tmp_path, monkeypatch):
+    from runtimes.torch_backend import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    res = CliRunner().invoke(cli, ["profile", "alast_demo_vit", "--calibrate", "--device", "cpu", "--precision",
+                                   "bf16", "--out", str(tmp_path / "cm.json")])
+    one_error_line(res, 2, "--precision=bf16 on this CPU: it has no bf16 matrix instructions")
+    assert not (tmp_path / "cm.json").exists()

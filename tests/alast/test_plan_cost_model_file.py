@@ -53,9 +53,11 @@ def test_a_time_model_calibrated_at_another_batch_is_left_out_with_a_warning(tmp
     res, out = _plan(path, "--batch-size", "8", "--set", "backend.threads=2")
     (line,) = _warnings(res)
     assert "threads 1" in line and "threads 2" in line and out["policies"]["full"]["time_s"] is None
+    assert "--calibrate --batch-size 8 --threads 2 --out FILE" in line
     res, out = _plan(path, "--batch-size", "8", "--set", "backend.threads=1", "--set", "backend.precision=bf16")
     (line,) = [w for w in _warnings(res) if "no time predicted" in w]  # beside the note on bf16's memory
     assert "precision fp32" in line and "precision bf16" in line and out["policies"]["full"]["time_s"] is None
+    assert "--calibrate --batch-size 8 --precision bf16 --out FILE" in line  # `alast profile` takes it
     res, out = _plan(path, "--batch-size", "32", "--throughput", "1e10")  # a given throughput is not questioned
     assert _warnings(res) == [] and out["policies"]["full"]["time_s"] > 0
 
