@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = ["--steps", "5", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1"]
+TRAIN = ["--steps", "3", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1"]
 
 
 @pytest.fixture
@@ -43,3 +43,14 @@ def test_refusals(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path / "old.json"), "--", *TRAIN])  # nothing overwritten
     assert (tmp_path / "old.json").read_text() == "{}"
+
+
+def test_the_solve_audit_counts_every_solved_step_afresh(tmp_path):
+    spec = importlib.util.spec_from_file_location("flop_solve_audit", REPO / "benchmarks" / "flop_solve_audit.py")
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)
+    out = tmp_path / "audit.json"
+    (row,) = audit.main(["--models", "alast_demo_vit", "--steps", "12", "--batch-size", "1", "--low", "0.3",
+                         "--out", str(out)])
+    assert row["counted"] + row["solved"] == 12 and row["solved"] > 0 and row["max_rel_difference"] == 0
+    assert json.loads(out.read_text())["rows"] == [row]
