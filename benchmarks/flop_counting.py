@@ -63,7 +63,7 @@ def run_once(train_args: list[str], code: Path, extra: list[str], work: Path, na
     out, counted = work / name, work / f"{name}.counted"
     env = {**os.environ, "PYTHONPATH": str(code), "ALAST_BENCH_COUNTED": str(counted)}
     cmd = [sys.executable, "-c", DRIVER, "train", *train_args, *extra, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from alast.models import create_model  # noqa: E402
-from planners import Budget, kept_token_counts  # noqa: E402
-from runtimes.torch_backend.flops import StepFlopCache  # noqa: E402
-from runtimes.torch_backend.runtime import TorchRuntime  # noqa: E402
+from alast.models import create_model
+from planners import Budget, kept_token_counts
+from runtimes.torch_backend.flops import StepFlopCache
+from runtimes.torch_backend.runtime import TorchRuntime
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

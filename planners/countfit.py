@@ -123,8 +123,7 @@ class PieceCounts:
     def known(self, key: tuple) -> bool:
         if key in self.exact:
             return True
-        kind, point = self.split(key)
-        fit = self.fits.get(kind)
+        fit = self.fits.get(self.split(key)[0])
         return fit is not None and fit.ready
 
     def get(self, key: tuple) -> float | None:

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .costmodel import EMBED, CostModel, poly, poly2
-from .registry import create_planner
 from .countfit import StepCounts
+from .registry import create_planner
 from .rules import MemoryProbes, flop_count_keys, kept_token_counts, schedule_from_steps, schedule_window
 from .types import Observation
 

@@ -2,7 +2,6 @@
 (:mod:`planners.countfit`); used only once further counts agreed, never where they disagree."""
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
