@@ -315,26 +315,32 @@ class TorchRuntime:
         return getattr(self.model, "disable_adapter", None) is not None
 
     def _count_step(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool) -> float:
-        """Counted flops of one forward and backward on every token of a random batch, with each
-        floating-point parameter's ``requires_grad`` set by ``trained`` (and LoRA's adapters off where
-        ``adapters_off``); every flag, the grads (none after a step) and the RNG are put back. The
-        blocks run eagerly, as in a counted step, so that the counter sees every op."""
+        """Counted flops of one forward and backward on every token of a batch, with each
+        floating-point parameter trained where ``trained`` says (and LoRA's adapters off where
+        ``adapters_off``). Counted on fake tensors (shapes, no data: no compute, so a ViT-B step at
+        batch 64 costs milliseconds, not a real step); the model's parameters, flags, grads and the
+        RNG are not touched. The blocks run eagerly, as in a counted step, so that the counter sees
+        every op."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.func import functional_call
+
         adapters = self.model.disable_adapter() if adapters_off and self._has_lora() else contextlib.nullcontext()
         img = self.timm_model.patch_embed.img_size
+        flags = {n: p.is_floating_point() and trained(p) for n, p in self.model.named_parameters()}
         ctl = self.patch.control
         eager, ctl.eager = ctl.eager, True
+        self.model.train()
         try:
-            with (
-                grad_flags_restored(self.model.parameters(), clear_grads=True) as params,
-                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
-            ):
-                x = torch.randn(batch_size, input_channels(self.timm_model), img[0], img[1], device=self.device)
-                for p in params:
-                    if p.is_floating_point():
-                        p.requires_grad_(trained(p))
-                self.model.train()
-                with adapters, counter() as fc, self._autocast():
-                    self.model(x).float().sum().backward()
+            with adapters, FakeTensorMode(allow_non_fake_inputs=False):
+                state = {n: torch.empty(p.shape, dtype=p.dtype, device=self.device).requires_grad_(flags[n])
+                         for n, p in self.model.named_parameters()}
+                state |= {n: torch.empty(b.shape, dtype=b.dtype, device=self.device)
+                          for n, b in self.model.named_buffers()}
+                x = torch.empty(batch_size, input_channels(self.timm_model), img[0], img[1], device=self.device)
+                wanted = [t for t in state.values() if t.requires_grad]
+                with counter() as fc, self._autocast():
+                    loss = functional_call(self.model, state, (x,)).float().sum()
+                    torch.autograd.grad(loss, wanted, allow_unused=True)
         finally:
             ctl.eager = eager
         return float(fc.get_total_flops())
