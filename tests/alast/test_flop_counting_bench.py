@@ -50,7 +50,8 @@ def test_the_solve_audit_counts_every_solved_step_afresh(tmp_path):
     audit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(audit)
     out = tmp_path / "audit.json"
-    (row,) = audit.main(["--models", "alast_demo_vit", "--steps", "12", "--batch-size", "1", "--low", "0.3",
+    (row,) = audit.main(["--models", "alast_demo_vit", "--steps", "12", "--batch-size", "1", "--low", "0.3", "--reference-batch", "2",
                          "--out", str(out)])
     assert row["counted"] + row["solved"] == 12 and row["solved"] > 0 and row["max_rel_difference"] == 0
+    assert row["reference_flops"] == row["real_step_flops"] > 0  # on fake tensors as on a real step
     assert json.loads(out.read_text())["rows"] == [row]
