@@ -314,16 +314,19 @@ class TorchRuntime:
     def _has_lora(self) -> bool:
         return getattr(self.model, "disable_adapter", None) is not None
 
-    def _count_step(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool) -> float:
+    def _count_step(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool,
+                    fake: bool | None = None) -> float:
         """Counted flops of one forward and backward on every token of a batch, with each
         floating-point parameter trained where ``trained`` says (and LoRA's adapters off where
-        ``adapters_off``). Counted on fake tensors (shapes, no data: no compute, so a ViT-B step at
-        batch 64 costs milliseconds, not a real step); the model's parameters, flags, grads and the
-        RNG are not touched. The blocks run eagerly, as in a counted step, so that the counter sees
-        every op."""
+        ``adapters_off``); the model's parameters, flags, grads and the RNG are left as they were.
+        ``fake`` (default: on the CPU) counts on fake tensors: shapes, no data and no compute, so a
+        ViT-B step at batch 16 costs half a second, not a real step's eight; a CUDA device runs the
+        real step, which costs it milliseconds. The blocks run eagerly, as in a counted step, so
+        that the counter sees every op."""
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
+        fake = self.device.type == "cpu" if fake is None else fake
         adapters = self.model.disable_adapter() if adapters_off and self._has_lora() else contextlib.nullcontext()
         img = self.timm_model.patch_embed.img_size
         flags = {n: p.is_floating_point() and trained(p) for n, p in self.model.named_parameters()}
@@ -331,12 +334,14 @@ class TorchRuntime:
         eager, ctl.eager = ctl.eager, True
         self.model.train()
         try:
-            with adapters, FakeTensorMode(allow_non_fake_inputs=False):
-                state = {n: torch.empty(p.shape, dtype=p.dtype, device=self.device).requires_grad_(flags[n])
-                         for n, p in self.model.named_parameters()}
-                state |= {n: torch.empty(b.shape, dtype=b.dtype, device=self.device)
-                          for n, b in self.model.named_buffers()}
-                x = torch.empty(batch_size, input_channels(self.timm_model), img[0], img[1], device=self.device)
+            with (grad_flags_restored(self.model.parameters()),  # peft's disable_adapter sets the adapters' flags
+                  adapters, FakeTensorMode() if fake else contextlib.nullcontext(),
+                  torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])):
+                like = (lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.device)) if fake else (
+                    lambda t: t.detach())
+                state = {n: like(p).requires_grad_(flags[n]) for n, p in self.model.named_parameters()}
+                state |= {n: like(b) for n, b in self.model.named_buffers()}
+                x = torch.randn(batch_size, input_channels(self.timm_model), img[0], img[1], device=self.device)
                 wanted = [t for t in state.values() if t.requires_grad]
                 with counter() as fc, self._autocast():
                     loss = functional_call(self.model, state, (x,)).float().sum()

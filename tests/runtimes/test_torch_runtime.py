@@ -82,6 +82,31 @@ def test_full_ft_count_leaves_state_untouched(batch):
 LORA = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["qkv"]}
 
 
+@pytest.mark.parametrize("variant", ["plain", "lora", "eva"])
+def test_the_reference_step_counts_alike_on_fake_and_real_tensors(variant, batch):
+    """The CPU counts full fine-tuning's reference step on fake tensors, a CUDA device on a real step
+    (milliseconds there): both count the same, and neither touches weights, flags, grads or RNG."""
+    from tests.conftest import make_tiny_eva
+
+    x, y = batch
+    if variant == "eva":
+        rt = TorchRuntime(make_tiny_eva("dinov3"), lr=1e-3, weight_decay=0.0, grad_clip=None, device="cpu",
+                          memory_probe_steps=lambda s: False)
+    else:
+        rt = make_runtime(lora=LORA if variant == "lora" else None)
+    rt.train_step(x, y, Budget((0.5,) * rt.num_blocks, (True,) + (False,) * (rt.num_blocks - 1)), 1e-3, 0)
+    flags = [p.requires_grad for p in rt.model.parameters()]
+    params, grads, rng = [p.detach().clone() for p in rt.model.parameters()], _grads(rt), torch.get_rng_state()
+    lora = variant == "lora"
+    trained = (lambda p: "lora_" not in next(n for n, q in rt.model.named_parameters() if q is p)) if lora else (
+        lambda p: True)
+    counts = {fake: rt._count_step(6, trained, adapters_off=lora, fake=fake) for fake in (True, False)}
+    assert counts[True] == counts[False] > 0
+    assert flags == [p.requires_grad for p in rt.model.parameters()] and _grads(rt) == grads
+    assert all(torch.equal(a, b) for a, b in zip(params, rt.model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def test_every_token_step_flops_is_what_a_lora_step_on_every_token_counts(batch):
     """Under LoRA a step on every block and token computes no weight gradients for the frozen base:
     it costs less than full fine-tuning's, and exactly what the run counts for such a step (what
