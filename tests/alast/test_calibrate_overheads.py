@@ -46,10 +46,11 @@ def test_calibration_counts_every_first_round_step(monkeypatch):
         return real()
 
     monkeypatch.setattr(runtime, "counter", counting)
-    cm = profile("alast_vit12")
+    cm = profile("alast_demo_vit")
     rng = random.Random(0)
-    extra = {f"moving{i}": Budget(tuple(rng.uniform(0.5, 1.0) for _ in range(12)), (True,) * 12) for i in range(4)}
-    tm = calibrate_time(cm, "alast_vit12", batch_size=2, reps=1, extra=extra)
+    extra = {f"moving{i}": Budget(tuple(rng.uniform(0.5, 1.0) for _ in range(cm.num_blocks)), (True,) * cm.num_blocks)
+             for i in range(4)}
+    tm = calibrate_time(cm, "alast_demo_vit", batch_size=2, reps=1, extra=extra)
     assert len(entered) == len(_calibration_budgets(cm.num_blocks)) + len(extra)
     assert tm.counted_factor >= 1.0
 

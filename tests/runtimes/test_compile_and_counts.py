@@ -122,7 +122,7 @@ def test_solved_step_counts_equal_a_fresh_count(variant, batch):
     x, y = batch
     rt, fresh = build(), build()
     solved = counted = 0
-    for step, b in enumerate(random_budgets(40, rt.num_blocks)):
+    for step, b in enumerate(random_budgets(30, rt.num_blocks)):
         keys = rt._flops.keys(x.shape[0], *kept_token_counts(b.keep_ratios, rt.num_patches), b.trained,
                               b.train_embeddings and bool(rt.embed_params))
         exact = rt._flops.counts.blocks.exact
@@ -134,7 +134,7 @@ def test_solved_step_counts_equal_a_fresh_count(variant, batch):
         fresh._flops = type(fresh._flops)(fresh._flops.block_names)  # always count
         assert got == before == fresh.train_step(x, y, b, 1e-3, step).train_flops, step
         solved += any(k not in exact for k in keys[0])
-    assert solved >= 10 and counted <= 20, (solved, counted)
+    assert solved >= 8 and counted <= 22, (solved, counted)
 
 
 @pytest.mark.parametrize("multiple,min_tokens,expected", [

@@ -597,7 +597,7 @@ def test_solved_block_counts_equal_fresh_counts(pool):
     real = solving._count_block
     solving._count_block = lambda *a: counted.append(a) or real(*a)
     rng = random.Random(0)
-    for _ in range(24):
+    for _ in range(16):
         tokens_in, kept = kept_token_counts(tuple(rng.uniform(0.6, 1.0) for _ in range(6)), 64, 1)
         trained = tuple(rng.random() < 0.6 for _ in range(6))
         embeddings = rng.random() < 0.5
