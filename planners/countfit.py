@@ -3,7 +3,8 @@
 A transformer block's counted FLOPs (matrix products: linear layers on its tokens, attention of
 its queries over its keys) are, for a fixed batch and fixed trained flags, a polynomial of degree
 two in its token counts: ``a + b*n + c*o + d*n*o`` for a block that takes ``n`` tokens and keeps
-``o``, on every timm ViT measured (DeiT, EVA, LoRA, attention pooling). Under moving budgets
+``o``, on every timm ViT measured (ViT, DeiT, DINOv2, EVA/DINOv3, LoRA, average and attention
+pooling, fused tokens: the tests and ``benchmarks/flop_solve_audit.py``). Under moving budgets
 almost every step has a new ``(n, o)`` for some block, so counting each new shape under the FLOP
 counter counts most steps. :class:`PieceCounts` instead solves the polynomial exactly (rational
 arithmetic) from counted points of the same kind once they determine it, and uses it only after
