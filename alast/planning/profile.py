@@ -55,7 +55,7 @@ from planners.costmodel import (
 )
 from runtimes.token_schedule import head_reads_prefix
 from runtimes.torch_backend.flops import counter, grad_flags_restored
-from runtimes.torch_backend.params import embedding_parameters, param_groups, stem_tokens, timm_model
+from runtimes.torch_backend.params import block_signature, embedding_parameters, param_groups, stem_tokens, timm_model
 from runtimes.torch_backend.patch import (
     block_rope,
     check_patchable,
@@ -64,11 +64,6 @@ from runtimes.torch_backend.patch import (
     selects_in_block,
 )
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
-
-
-def _block_signature(block: nn.Module) -> tuple:
-    return (type(block).__name__, tuple((n, tuple(p.shape), p.requires_grad) for n, p in block.named_parameters()),
-            getattr(block.attn, "fused_attn", None), getattr(block.attn, "num_heads", None))
 
 
 def drop_pairs(ns: list[int], num_prefix: int) -> list[tuple[int, int]]:
@@ -307,7 +302,7 @@ def profile_model(model: nn.Module, name: str, *, img_size: int, lora: dict[str,
     ns = token_counts(num_patches, num_prefix)
     blocks, errs, cache = [], [], {}
     for i, blk in enumerate(vit.blocks):
-        sig = _block_signature(blk)
+        sig = block_signature(blk)
         if sig not in cache:
             cache[sig] = profile_block(blk, i, ns, dim, num_prefix, summary_pool(vit), block_rope(vit, i))
         cost, err = cache[sig]

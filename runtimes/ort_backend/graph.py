@@ -41,7 +41,7 @@ from planners.countfit import PieceCounts, block_kind
 
 from ..onnx_export import repeat_interleave_keeps_its_constants
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
-from ..torch_backend.params import embedding_parameters, input_channels
+from ..torch_backend.params import block_signature, embedding_parameters, input_channels
 from ..torch_backend.tokens import rows_by_gather_nd, summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
@@ -207,7 +207,7 @@ class StepFlops:
         self.inside = graph.inside
         # Blocks built alike share their counts (by the first of them); a shape never counted is
         # solved from counted ones of its kind where they determine it (planners.countfit).
-        signatures = [_built_as(b) for b in self.model.blocks]
+        signatures = [block_signature(b) for b in self.model.blocks]
         self._alike = [signatures.index(sig) for sig in signatures]
         self._blocks = PieceCounts(lambda k: block_kind((k[0], k[1], k[4], k[5], k[6]), k[2], k[3]))
         self._rest: dict[tuple[int, bool], float] = {}
@@ -301,15 +301,6 @@ class StepFlops:
         return self.rest(batch, embeddings, kept[-1]) + sum(
             self.block(i, batch, n, k, t, select, embeddings or any(trained[:i]))
             for i, (n, k, t) in enumerate(zip(tokens_in, kept, trained)))
-
-
-def _built_as(block: nn.Module) -> tuple:
-    """What a block's count depends on beside the shapes it is given: its modules' types, its
-    parameters (names, shapes, whether trainable), buffers and heads."""
-    return (tuple(type(m).__name__ for m in block.modules()),
-            tuple((n, tuple(p.shape), p.requires_grad) for n, p in block.named_parameters()),
-            tuple((n, tuple(b.shape)) for n, b in block.named_buffers()),
-            getattr(getattr(block, "attn", None), "num_heads", None))
 
 
 def _fake_state(module: nn.Module, trained: Callable[[str, Tensor], bool], prefix: str = "") -> dict[str, Tensor]:

@@ -100,6 +100,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def block_signature(block: nn.Module) -> tuple:
+    """Blocks with equal signatures compute alike on the same shapes (the profile measures one of
+    them, the ORT backend counts one): their modules' types, parameters (names, shapes, whether
+    trainable), buffers, heads and attention kernel."""
+    attn = getattr(block, "attn", None)
+    return (tuple(type(m).__name__ for m in block.modules()),
+            tuple((n, tuple(p.shape), p.requires_grad) for n, p in block.named_parameters()),
+            tuple((n, tuple(b.shape)) for n, b in block.named_buffers()),
+            getattr(attn, "fused_attn", None), getattr(attn, "num_heads", None))
+
+
 def input_channels(vit: nn.Module) -> int:
     """The image channels a timm ViT takes: those of the first convolution of its patch embedding
     (``patch_embed.proj`` is that convolution in a plain ViT, but the layer after a CNN stem in a
