@@ -119,6 +119,7 @@ class PieceCounts:
     def __init__(self, split: Callable[[tuple], tuple[Hashable, tuple[int, ...]]]) -> None:
         self.split = split
         self.exact: dict[tuple, float | None] = {}
+        self.solved: dict[tuple, float] = {}
         self.fits: dict[Hashable, _KindFit] = {}
 
     def known(self, key: tuple) -> bool:
@@ -128,11 +129,17 @@ class PieceCounts:
         return fit is not None and fit.ready
 
     def get(self, key: tuple) -> float | None:
+        """The piece's count: counted, or solved (once per key: steps repeat their shapes)."""
         if key in self.exact:
             return self.exact[key]
+        if key in self.solved:
+            return self.solved[key]
         kind, point = self.split(key)
         fit = self.fits.get(kind)
-        return fit.predict(point) if fit is not None else None
+        value = fit.predict(point) if fit is not None else None
+        if value is not None:
+            self.solved[key] = value
+        return value
 
     def add(self, key: tuple, value: float | None = None) -> None:
         """Record a counted piece (``value`` None: only that it was counted, for the planner)."""
@@ -140,7 +147,10 @@ class PieceCounts:
             return
         self.exact[key] = value
         kind, point = self.split(key)
-        self.fits.setdefault(kind, _KindFit(len(point))).add(point, value)
+        fit = self.fits.setdefault(kind, _KindFit(len(point)))
+        fit.add(point, value)
+        if fit.broken:
+            self.solved.clear()  # nothing solved is trusted once a count disagrees
 
 
 def block_kind(fixed: tuple, n: int, o: int) -> tuple[Hashable, tuple[int, ...]]:
@@ -176,11 +186,15 @@ class StepCounts:
         return self.rest.known(rest) and all(self.blocks.known(k) for k in blocks)
 
     def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
+        """The step's count, or None where a piece is neither counted nor solvable (count the step)."""
         blocks, rest = keys
-        if not self.known(keys):
-            return None
-        parts = [self.rest.get(rest), *(self.blocks.get(k) for k in blocks)]
-        return None if any(p is None for p in parts) else sum(parts)
+        total = self.rest.get(rest)
+        for k in blocks:
+            if total is None:
+                return None
+            part = self.blocks.get(k)
+            total = None if part is None else total + part
+        return total
 
     def record(self, keys: tuple[list[tuple], tuple], block_values: Sequence[float] | None = None,
                rest_value: float | None = None) -> None:
