@@ -2,22 +2,18 @@
 checkout) end to end, and reports counted steps that the runs' own counts bear out."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
+
 TRAIN = ["--steps", "3", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1"]
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("flop_counting", REPO / "benchmarks" / "flop_counting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("flop_counting")
 
 
 def test_counting_against_off(bench, tmp_path):
@@ -43,9 +39,7 @@ def test_refusals(bench, tmp_path):
 
 
 def test_the_solve_audit_counts_every_solved_step_afresh(tmp_path):
-    spec = importlib.util.spec_from_file_location("flop_solve_audit", REPO / "benchmarks" / "flop_solve_audit.py")
-    audit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(audit)
+    audit = load_benchmark("flop_solve_audit")
     out = tmp_path / "audit.json"
     (row,) = audit.main(["--models", "alast_demo_vit", "--steps", "12", "--batch-size", "1", "--low", "0.3", "--reference-batch", "2",
                          "--out", str(out)])

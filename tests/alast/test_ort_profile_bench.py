@@ -1,21 +1,18 @@
 """benchmarks/ort_profile.py profiles one budget on both runtimes and groups the ops by family."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
+
 pytest.importorskip("onnxruntime.training.api")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("ort_profile", REPO / "benchmarks" / "ort_profile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("ort_profile")
 
 
 def test_ort_profile_groups_both_runtimes_ops_by_family(tmp_path, monkeypatch):
