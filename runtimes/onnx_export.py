@@ -88,6 +88,65 @@ def repeat_interleave_keeps_its_constants(opset: int) -> Iterator[None]:
             torch.onnx.register_custom_op_symbolic(REPEAT_INTERLEAVE, previous, opset)
 
 
+RMS_NORM = "aten::rms_norm"
+
+
+def _rms_norm_symbolic(opset: int):
+    """``torch.nn.functional.rms_norm`` (timm's ``RmsNorm``: AIMv2, ``norm_layer='rmsnorm'`` ViTs) as
+    the ONNX ops it is made of, ``x / sqrt(mean(x^2) + eps) * weight``: the TorchScript exporter has
+    no symbolic of its own for it below opset 23. The square is a ``Pow``, as in the pattern that
+    onnxruntime fuses into its ``SimplifiedLayerNormalization`` (whose gradient ORT Training has; with
+    ``Mul(x, x)`` the fusion half-matched and the training graph failed to build)."""
+    from torch.onnx import symbolic_helper
+
+    try:
+        from torch.onnx._internal.torchscript_exporter._type_utils import JitScalarType
+    except ImportError:  # torch before 2.9
+        from torch.onnx._type_utils import JitScalarType
+
+    def symbolic(g, x, normalized_shape, weight=None, eps=None):
+        dims = symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")
+        axes = list(range(-len(dims), 0))
+        dtype = JitScalarType.from_value(x, JitScalarType.FLOAT).dtype()
+        value = None if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+        value = torch.finfo(dtype).eps if value is None else value  # torch's default
+        square = g.op("Pow", x, g.op("Constant", value_t=torch.tensor(2.0, dtype=dtype)))
+        if opset >= 18:  # axes became an input
+            mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64)),
+                        keepdims_i=1)
+        else:
+            mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+        rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(value, dtype=dtype))))
+        out = g.op("Div", x, rms)
+        return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+    return symbolic
+
+
+@contextlib.contextmanager
+def rms_norm_decomposed(opset: int) -> Iterator[None]:
+    """Within this the exporter writes ``aten::rms_norm`` as :func:`_rms_norm_symbolic`'s ops, where it
+    has no symbolic at ``opset`` (one of torch's, or a user's, is left alone); on leaving, the
+    registration is as it was."""
+    group = _symbolics(RMS_NORM)
+    if group is not None and group.get(opset) is not None:
+        yield
+        return
+    torch.onnx.register_custom_op_symbolic(RMS_NORM, _rms_norm_symbolic(opset), opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(RMS_NORM, opset)
+
+
+@contextlib.contextmanager
+def exporter_symbolics(opset: int) -> Iterator[None]:
+    """What the TorchScript exporter needs of this module at ``opset`` to export the models ALaST
+    drives: :func:`repeat_interleave_keeps_its_constants` and :func:`rms_norm_decomposed`."""
+    with repeat_interleave_keeps_its_constants(opset), rms_norm_decomposed(opset):
+        yield
+
+
 def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: bool = True,
                            kept: Sequence[int] | None = None, fuse: bool = False, score: str = "attention") -> bytes:
     """The serialized eval-mode graph ``images [B,3,H,W] -> logits [B,C]``, on every token or,
@@ -104,7 +163,7 @@ def export_inference_bytes(model: nn.Module, opset: int = 17, constant_folding: 
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad(), token_schedule(model, kept, fuse, score), \
-                repeat_interleave_keeps_its_constants(opset):
+                exporter_symbolics(opset):
             warnings.simplefilter("ignore")
             traced = _ImagesOnly(model) if is_eva_model(model) else model  # a ViT's names stay the state dict's
             torch.onnx.export(traced, (x,), buf, dynamo=False, opset_version=opset, export_params=True,

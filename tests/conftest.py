@@ -30,15 +30,18 @@ def load_benchmark(name: str):
     return module
 
 
-def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0, global_pool="token"):
+def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0, global_pool="token",
+                  norm_layer=None):
     """img 32, patch 8 (16 patches), dim 32, 2 heads: forward+backward in milliseconds. Any
-    ``global_pool`` but "token" builds the model without a class token (as SigLIP, ``*_gap_*``)."""
+    ``global_pool`` but "token" builds the model without a class token (as SigLIP, ``*_gap_*``);
+    ``norm_layer``: timm's name of another norm ("rmsnorm", as AIMv2)."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
                              num_classes=num_classes, init_values=init_values, reg_tokens=reg_tokens,
-                             qkv_bias=True, global_pool=global_pool, class_token=global_pool == "token")
+                             qkv_bias=True, global_pool=global_pool, class_token=global_pool == "token",
+                             norm_layer=norm_layer)
 
 
 EVA_VARIANTS = {

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from planners.countfit import PieceCounts, block_kind
 
-from ..onnx_export import repeat_interleave_keeps_its_constants
+from ..onnx_export import exporter_symbolics
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import block_signature, embedding_parameters, input_channels
 from ..torch_backend.tokens import rows_by_gather_nd, summary_pool
@@ -142,7 +142,7 @@ def export_training_graph(model: nn.Module, *, select: bool, label_smoothing: fl
     dynamic = {"images": {0: "batch"}, "labels": {0: "batch"}, "deltas": {1: "batch"}, "noise": {1: "batch"}}
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(), repeat_interleave_keeps_its_constants(OPSET), \
+        with warnings.catch_warnings(), torch.random.fork_rng(), exporter_symbolics(OPSET), \
                 rows_by_gather_nd():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, export_params=True,
