@@ -259,7 +259,8 @@ def load_run_config(path: Path) -> AlastConfig:
 def with_absolute_paths(cfg: AlastConfig) -> AlastConfig:
     """``cfg`` with its local paths (an ``imagefolder:`` spec, ``data.data_dir``, ``model.checkpoint``)
     made absolute from the current directory, so that a run's saved config finds its data and
-    weights from any directory (``alast eval``, ``export``, ``--resume``)."""
+    weights from any directory (``alast eval``, ``export``, ``--resume``); a ``model.checkpoint``
+    directory becomes the weights file in it (:func:`alast.models.weights_in_directory`)."""
     kind, sep, path = cfg.data.spec.partition(":")
     if kind == "imagefolder" and sep and path:
         cfg.data.spec = f"imagefolder:{Path(path).expanduser().absolute()}"
@@ -267,6 +268,13 @@ def with_absolute_paths(cfg: AlastConfig) -> AlastConfig:
         cfg.data.data_dir = Path(cfg.data.data_dir).expanduser().absolute()
     if cfg.model.checkpoint is not None:
         cfg.model.checkpoint = Path(cfg.model.checkpoint).expanduser().absolute()
+        if cfg.model.checkpoint.is_dir():  # the run records, and a resume compares, the file itself
+            from alast.data.common import say_once
+            from alast.models import weights_in_directory
+
+            found = weights_in_directory(cfg.model.checkpoint)
+            say_once([f"checkpoint {cfg.model.checkpoint} is a directory: loading {found.name} from it"])
+            cfg.model.checkpoint = found
     return cfg
 
 

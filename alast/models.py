@@ -127,6 +127,24 @@ def _select_ema(state: Any, path: Path, ema: bool) -> Any:
     return state
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def weights_in_directory(path: Path) -> Path:
+    """The weights file a ``--checkpoint`` directory holds (a Hugging Face hub snapshot of a timm
+    model, a folder of one's own): its one weights file, or its one ``.safetensors`` where the others
+    are other formats (the hub's ``model.safetensors`` beside ``pytorch_model.bin``)."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    if len(files) == 1 or len(safe) == 1:
+        return files[0] if len(files) == 1 else safe[0]
+    if not files:
+        raise ModelError(f"checkpoint {path} is a directory with no weights file in it (.safetensors, .pth, .pt, "
+                         ".bin); pass the weights file")
+    names = ", ".join(p.name for p in files[:6]) + (", ..." if len(files) > 6 else "")
+    raise ModelError(f"checkpoint {path} is a directory with several weights files ({names}); pass the one to load")
+
+
 def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, unwrapped and unprefixed; ``ema``: its EMA weights instead."""
     if not path.exists():

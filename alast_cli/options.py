@@ -25,7 +25,8 @@ def config_options(fn: Callable) -> Callable:
         click.option("--pretrained/--no-pretrained", default=None,
                      help="start from pretrained weights: timm's download for a timm model (default: off), the "
                           "shipped backbone for alast_demo_vit / alast_vit12 (default: on)"),
-        click.option("--checkpoint", type=click.Path(path_type=Path), help="local weights to start from"),
+        click.option("--checkpoint", type=click.Path(path_type=Path),
+                     help="local weights to start from: a file, or a directory holding one (a hub snapshot)"),
         click.option("--img-size", type=int, help="input image size"),
         click.option("--data", help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
                                     "random[:N] (N random images, default 256, of 10 classes: timing only)"),

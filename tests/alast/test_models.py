@@ -20,6 +20,50 @@ def test_timm_model_loads_a_local_checkpoint_and_gets_a_new_head(tmp_path):
     assert model.head.out_features == 3
 
 
+def test_a_checkpoint_directory_of_the_hubs_layout_starts_a_run_from_its_safetensors(tmp_path):
+    """``--checkpoint`` a Hugging Face hub snapshot (``model.safetensors`` beside ``pytorch_model.bin``
+    and ``config.json``): the run loads the safetensors file and records it, not the directory."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from alast.config import load_run_config
+    from alast_cli.main import cli
+
+    torch.manual_seed(0)
+    src = create_model("alast_demo_vit", 10, pretrained=False)
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    save_file(src.state_dict(), str(snap / "model.safetensors"))
+    torch.save({k: torch.zeros_like(v) for k, v in src.state_dict().items()}, snap / "pytorch_model.bin")
+    (snap / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--checkpoint", str(snap), "--steps", "1", "--batch-size", "4",
+                                   "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"checkpoint {snap} is a directory: loading model.safetensors from it" in res.output
+    assert load_run_config(out / "config.yaml").model.checkpoint == snap / "model.safetensors"
+    first = create_model("alast_demo_vit", 10, checkpoint=snap / "model.safetensors")
+    assert torch.equal(first.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # not the zeros
+
+
+def test_a_checkpoint_directory_names_what_it_cannot_choose(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    with pytest.raises(ModelError, match="no weights file in it"):
+        models.weights_in_directory(d)
+    (d / "a.pth").write_bytes(b"")
+    assert models.weights_in_directory(d) == d / "a.pth"
+    (d / "b.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"several weights files \(a.pth, b.bin\); pass the one to load"):
+        models.weights_in_directory(d)
+    (d / "c.safetensors").write_bytes(b"")  # the one safetensors among other formats
+    assert models.weights_in_directory(d) == d / "c.safetensors"
+    (d / "e.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="several weights files"):
+        models.weights_in_directory(d)
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "alast_demo_vit"])
 def test_a_checkpoints_head_of_the_runs_shape_is_kept(tmp_path, name):
     """A checkpoint of this very task (same classes) keeps its head, for timm models as for alast's
