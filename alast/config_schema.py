@@ -45,7 +45,8 @@ class ModelConfig(_Section):
     pretrained: bool | None = Field(
         None, description="start from pretrained weights: timm's download (needs internet) or, for "
         "alast_demo_vit/alast_vit12, the shipped backbone; default: yes for those, no otherwise")
-    checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.pt/.bin) to start from, or a directory holding one")
+    checkpoint: Path | None = Field(None, description="local weights (.safetensors/.pth/.pt/.bin) to start from, "
+                                                      "or a directory holding one")
     checkpoint_ema: bool = Field(False, description="start from the EMA weights model.checkpoint holds beside its "
                                  "trained ones (timm train.py's state_dict_ema, DeiT's model_ema) instead of those")
     img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
