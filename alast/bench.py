@@ -50,7 +50,9 @@ class BenchPlan:
     same steps; ``targets``: several, for curves (exclusive with ``target_flops``); ``matched``: a
     compute-matched full fine-tuning run after each ``alast`` run and a compute-matched LoRA run
     after each ``alast+lora`` run (:data:`~alast.bench_runs.MATCHED_ROWS`); ``cost_model``: the file the
-    targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``."""
+    targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``;
+    ``optional``: policies the user did not name (``--policies``' default list), each left out, with its
+    reason in ``left_out``, where one FLOPs target is out of its reach, instead of the bench refused."""
 
     base: AlastConfig
     policies: list[str]
@@ -62,7 +64,9 @@ class BenchPlan:
     base_steps: int | None = None
     cost_model: str | None = None
     resume: bool = False
+    optional: frozenset[str] = frozenset()
     runs: list[RunSpec] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "full" not in self.policies:
@@ -89,12 +93,18 @@ class BenchPlan:
     @property
     def matched_policies(self) -> list[str]:
         """The policies of ``policies`` that a compute-matched row follows (alast, alast+lora)."""
-        return [p for p in MATCHED_ROWS if p in self.policies]
+        return [p for p in MATCHED_ROWS if p in self.policies and p not in self.left_out]
 
     @property
     def rows(self) -> list[str]:
         """Row names of the same-steps table: the policies, then the compute-matched rows."""
-        return self.policies + ([MATCHED_ROWS[p][0] for p in self.matched_policies] if self.matched else [])
+        kept = [p for p in self.policies if p not in self.left_out]
+        return kept + ([MATCHED_ROWS[p][0] for p in self.matched_policies] if self.matched else [])
+
+    def leave_out(self, policy: str, reason: str) -> None:
+        """Drop an ``optional`` policy's runs (its FLOPs target is out of its reach: ``reason``)."""
+        self.left_out[policy] = reason
+        self.runs = [r for r in self.runs if r.policy != policy]
 
     def manifest(self) -> dict[str, Any]:
         """What ``bench.json`` records: the arguments that decide the runs, and the base config."""
@@ -166,16 +176,21 @@ def _show(value: Any) -> str:
 
 
 def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver | None = None,
-              on_reused: Callable[[int, int, str, int], None] | None = None) -> dict[str, Any]:
+              on_reused: Callable[[int, int, str, int], None] | None = None,
+              on_left_out: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Run ``plan`` (when ``plan.matched``, a ``full@matched`` run right after each alast run and a
     ``lora@matched`` run right after each alast+lora run); write
     ``bench.json``, ``raw.jsonl``, ``results.json``/``results.md`` and plots (``curves.json`` too over
     targets) under ``plan.out``; return what ``results.json`` holds. With ``plan.resume``, a finished
-    run is read back (``on_reused`` is told) and an interrupted one continues from its checkpoint."""
+    run is read back (``on_reused`` is told) and an interrupted one continues from its checkpoint.
+    ``on_left_out(policy, reason)`` is told of each optional policy left out, before the first run."""
     if plan.resume:
         check_resume(plan)
     shapes = check_policies(plan)
     unreachable = _solve_up_front(plan, solve_target, shapes) if solve_target is not None else {}
+    for policy, reason in plan.left_out.items():
+        if on_left_out is not None:
+            on_left_out(policy, reason)
     plan.out.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
         (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
@@ -275,6 +290,9 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver,
         try:
             overrides, _ = solve_target(cfg)
         except TargetError as exc:
+            if plan.targets is None and spec.policy in plan.optional:
+                plan.leave_out(spec.policy, bench_reason(exc, curves=False))
+                continue
             if plan.targets is None:
                 raise TargetError(bench_reason(exc, curves=False)) from None
             unreachable[(spec.policy, spec.target)] = bench_reason(exc, curves=True)
@@ -376,6 +394,8 @@ def _release_memory() -> None:
 
 def write_outputs(plan: BenchPlan, results: list[dict[str, Any]], table: dict[str, Any]) -> None:
     out = plan.out
+    if plan.left_out:
+        table["left_out"] = dict(plan.left_out)
     (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(table))
     _plots(out, [r for r in results if "skipped" not in r], plan.rows)

@@ -314,4 +314,6 @@ def markdown_table(table: dict[str, Any]) -> str:
     if table.get("lora_matched"):
         text += (f"\n`{LORA_MATCHED}`: LoRA (every block, every token) for fewer steps, as many as cost the "
                  f"alast+lora run's counted FLOPs (same seed and LoRA settings). {table['lora_matched']['line']}\n")
+    for policy, reason in table.get("left_out", {}).items():
+        text += f"\nLeft out of the default policies, `{policy}`: {reason}\n"
     return text

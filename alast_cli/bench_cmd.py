@@ -76,7 +76,8 @@ def check_out(out: Path, resume: bool) -> None:
 
 
 def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
-           targets: str | None, matched: bool | None, cost_model: Path | None = None, resume: bool = False) -> None:
+           targets: str | None, matched: bool | None, cost_model: Path | None = None, resume: bool = False,
+           named_policies: bool = True) -> None:
     import time
 
     from alast.bench import BenchPlan, run_bench
@@ -109,9 +110,12 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         load_cost_model_for(cfg, cost_model)
     if matched is None:  # default: on under one FLOPs target, where the compute-matched rows answer it
         matched = target is not None and any(p in MATCHED_ROWS for p in names)
+    # the default list: a baseline that cannot reach the target is left out, not the bench refused
+    optional = frozenset() if named_policies else frozenset(names) - {"full", "alast"}
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets,
-                     cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume)
+                     cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume,
+                     optional=optional)
     from alast.planning.plan import solve_target
 
     progress = make_progress()
@@ -127,7 +131,9 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     try:
         with progress:
             result = run_bench(plan, on_run=on_run, on_reused=on_reused,
-                               solve_target=functools.partial(solve_target, cost_model_path=cost_model))
+                               solve_target=functools.partial(solve_target, cost_model_path=cost_model),
+                               on_left_out=lambda policy, why: click.echo(
+                                   f"note: {policy} left out of the default policies: {why}", err=True))
     except Interrupted as exc:
         click.echo(f"interrupted at step {exc.step}; checkpoint saved to {exc.path}{again}", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -170,6 +176,8 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
     for key in ("same_steps", "matched", "lora_matched"):
         if table.get(key):
             results.print(table[key]["line"])
+    for policy, why in table.get("left_out", {}).items():
+        results.print(f"left out of the default policies, {policy}: {why}")
     results.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
 
 
@@ -199,7 +207,8 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
 @click.command("bench")
 @config_options
 @click.option("--policies", default="full,alast,freeze,random,tokens,lora,alast+lora", show_default=True,
-              help="comma-separated policies; must include full")
+              help="comma-separated policies; must include full (of the default list, a policy that cannot "
+                   "reach --target-flops is left out and named; one named here stops the bench)")
 @click.option("--seeds", type=int, default=1, show_default=True, help="seeds per policy")
 @click.option("--targets", help="FLOPs targets for accuracy-versus-FLOPs curves, e.g. 0.3,0.5,0.7 (instead of "
               "--target-flops): each policy at each target, full fine-tuning by steps (round(steps x target))")
@@ -221,5 +230,6 @@ def bench_command(ctx: click.Context, config, overrides, policies, seeds, target
     With --targets, run each policy at each FLOPs target and write curves.json and
     accuracy_vs_flops.png (accuracy against counted FLOPs, full fine-tuning by steps as reference)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
+    named_policies = ctx.get_parameter_source("policies") is not click.core.ParameterSource.DEFAULT
     run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched,
-                               cost_model, resume), debug)
+                               cost_model, resume, named_policies), debug)

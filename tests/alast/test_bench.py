@@ -136,6 +136,41 @@ def test_a_target_random_cannot_reach_stops_the_bench_before_any_run(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and not (out / "runs").exists()
 
 
+@pytest.mark.parametrize("args, optional", [
+    ([], {"freeze", "random", "tokens", "lora", "alast+lora"}),  # the default list: full and alast always run
+    (["--policies", "full,alast,random"], set()),  # named: a target out of random's reach stops the bench
+])
+def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, optional):
+    seen = []
+
+    def fake_run_bench(plan, **kwargs):
+        seen.append(plan.optional)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(bench_module, "run_bench", fake_run_bench)
+    res = CliRunner().invoke(cli, ["bench", *args, "--steps", "2", "--target-flops", "0.5", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "stop here" in res.stderr, res.output
+    assert seen == [optional]
+
+
+def test_a_default_policy_that_cannot_reach_the_target_is_left_out_and_named(tmp_path):
+    """`alast bench --target-flops 0.5` with the default policies: freeze and random cannot reach
+    0.5x on the demo (their only knob is K, and the trained patch embedding costs every block its
+    input gradient); the bench used to stop before its first run."""
+    from alast.planning.plan import solve_target
+
+    base = load_config(None, ["train.steps=2", "train.batch_size=8", "backend.threads=1"])
+    plan = BenchPlan(base, ["full", "random"], [0], tmp_path / "b", target_flops=0.5, optional=frozenset({"random"}))
+    told = []
+    table = bench_module.run_bench(plan, solve_target=solve_target, on_left_out=lambda p, why: told.append((p, why)))
+    assert [p for p, _ in told] == ["random"] and "policy 'random' cannot reach 0.5x" in told[0][1]
+    assert list(table["policies"]) == ["full"] and table["left_out"] == dict(told)
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["left_out"] == dict(told)
+    assert "Left out of the default policies, `random`: policy 'random' cannot reach" in (
+        tmp_path / "b" / "results.md").read_text()
+    assert [json.loads(line)["policy"] for line in (tmp_path / "b" / "raw.jsonl").read_text().splitlines()] == ["full"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--policy", "tokens"], "--policy tokens would be ignored; list it in --policies"),
     (["--set", "policy.name=tokens"], "--set policy.name=tokens would be ignored; use --policies"),
