@@ -188,8 +188,8 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
         check_resume(plan)
     shapes = check_policies(plan)
     unreachable = _solve_up_front(plan, solve_target, shapes) if solve_target is not None else {}
-    for policy, reason in plan.left_out.items():
-        if on_left_out is not None:
+    if on_left_out is not None:
+        for policy, reason in plan.left_out.items():
             on_left_out(policy, reason)
     plan.out.mkdir(parents=True, exist_ok=True)
     if not plan.resume:

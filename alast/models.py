@@ -136,8 +136,10 @@ def weights_in_directory(path: Path) -> Path:
     are other formats (the hub's ``model.safetensors`` beside ``pytorch_model.bin``)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     safe = [p for p in files if p.suffix == ".safetensors"]
-    if len(files) == 1 or len(safe) == 1:
-        return files[0] if len(files) == 1 else safe[0]
+    if len(files) == 1:
+        return files[0]
+    if len(safe) == 1:
+        return safe[0]
     if not files:
         raise ModelError(f"checkpoint {path} is a directory with no weights file in it (.safetensors, .pth, .pt, "
                          ".bin); pass the weights file")
