@@ -24,7 +24,7 @@ def test_a_checkpoint_directory_of_the_hubs_layout_starts_a_run_from_its_safeten
     """``--checkpoint`` a Hugging Face hub snapshot (``model.safetensors`` beside ``pytorch_model.bin``
     and ``config.json``): the run loads the safetensors file and records it, not the directory."""
     from click.testing import CliRunner
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from alast.config import load_run_config
     from alast_cli.main import cli
@@ -43,8 +43,8 @@ def test_a_checkpoint_directory_of_the_hubs_layout_starts_a_run_from_its_safeten
     assert res.exit_code == 0, res.output
     assert f"checkpoint {snap} is a directory: loading model.safetensors from it" in res.output
     assert load_run_config(out / "config.yaml").model.checkpoint == snap / "model.safetensors"
-    first = create_model("alast_demo_vit", 10, checkpoint=snap / "model.safetensors")
-    assert torch.equal(first.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # not the zeros
+    trained = load_file(str(out / "final_model.safetensors"))  # block 0 stays frozen: the weights it started from
+    assert torch.equal(trained["blocks.0.attn.qkv.weight"], src.blocks[0].attn.qkv.weight)  # not the .bin's zeros
 
 
 def test_a_checkpoint_directory_names_what_it_cannot_choose(tmp_path):
