@@ -52,7 +52,8 @@ class BenchPlan:
     after each ``alast+lora`` run (:data:`~alast.bench_runs.MATCHED_ROWS`); ``cost_model``: the file the
     targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``;
     ``optional``: policies the user did not name (``--policies``' default list), each left out, with its
-    reason in ``left_out``, where one FLOPs target is out of its reach, instead of the bench refused."""
+    reason in ``left_out``, where one FLOPs target is out of its reach, instead of the bench refused
+    (``left_out`` may name others from the start: the default list's LoRA policies on the ort backend)."""
 
     base: AlastConfig
     policies: list[str]

@@ -93,6 +93,10 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     cfg = resolve_config(config, overrides, single_run=False, **named)
     target = config_target(cfg, target, targets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
+    left_out = {}  # of the default list, what the backend cannot run at all
+    if not named_policies and cfg.backend.name == "ort":
+        left_out = {p: "the ort backend does not support LoRA" for p in names if p == "lora" or p.endswith("+lora")}
+        names = [p for p in names if p not in left_out]
     if seeds < 1:
         raise ValueError(f"--seeds must be 1 or more, got {seeds}")
     named_out = out is not None
@@ -115,7 +119,7 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets,
                      cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume,
-                     optional=optional)
+                     optional=optional, left_out=left_out)
     from alast.planning.plan import solve_target
 
     progress = make_progress()

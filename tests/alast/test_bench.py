@@ -136,21 +136,35 @@ def test_a_target_random_cannot_reach_stops_the_bench_before_any_run(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and not (out / "runs").exists()
 
 
-@pytest.mark.parametrize("args, optional", [
-    ([], {"freeze", "random", "tokens", "lora", "alast+lora"}),  # the default list: full and alast always run
-    (["--policies", "full,alast,random"], set()),  # named: a target out of random's reach stops the bench
+DEFAULT = ["full", "alast", "freeze", "random", "tokens", "lora", "alast+lora"]
+
+
+@pytest.mark.parametrize("args, optional, policies", [
+    # the default list: full and alast always run
+    ([], {"freeze", "random", "tokens", "lora", "alast+lora"}, DEFAULT),
+    # named: a target out of random's reach stops the bench
+    (["--policies", "full,alast,random"], set(), ["full", "alast", "random"]),
+    # the default list on the ort backend: its LoRA policies are left out from the start
+    (["--backend", "ort"], {"freeze", "random", "tokens"}, DEFAULT[:5]),
 ])
-def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, optional):
+def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, optional, policies):
     seen = []
 
     def fake_run_bench(plan, **kwargs):
-        seen.append(plan.optional)
+        seen.append((plan.optional, plan.policies, plan.left_out))
         raise ValueError("stop here")
 
     monkeypatch.setattr(bench_module, "run_bench", fake_run_bench)
     res = CliRunner().invoke(cli, ["bench", *args, "--steps", "2", "--target-flops", "0.5", "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "stop here" in res.stderr, res.output
-    assert seen == [optional]
+    lora = {p: "the ort backend does not support LoRA" for p in DEFAULT[5:]} if "ort" in args else {}
+    assert seen == [(optional, policies, lora)]
+
+
+def test_the_lora_policies_named_on_the_ort_backend_stop_the_bench(tmp_path):
+    res = CliRunner().invoke(cli, ["bench", "--backend", "ort", "--policies", "full,lora", "--steps", "2",
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "the ort backend does not support LoRA (policy 'lora')" in res.stderr, res.output
 
 
 def test_a_default_policy_that_cannot_reach_the_target_is_left_out_and_named(tmp_path):
