@@ -211,8 +211,9 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
 @click.command("bench")
 @config_options
 @click.option("--policies", default="full,alast,freeze,random,tokens,lora,alast+lora", show_default=True,
-              help="comma-separated policies; must include full (of the default list, a policy that cannot "
-                   "reach --target-flops is left out and named; one named here stops the bench)")
+              help="comma-separated policies; must include full (of the default list, a policy the backend "
+                   "cannot run or that cannot reach --target-flops is left out and named; one named here stops "
+                   "the bench)")
 @click.option("--seeds", type=int, default=1, show_default=True, help="seeds per policy")
 @click.option("--targets", help="FLOPs targets for accuracy-versus-FLOPs curves, e.g. 0.3,0.5,0.7 (instead of "
               "--target-flops): each policy at each target, full fine-tuning by steps (round(steps x target))")
