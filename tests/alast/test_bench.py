@@ -155,7 +155,8 @@ def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, 
         raise ValueError("stop here")
 
     monkeypatch.setattr(bench_module, "run_bench", fake_run_bench)
-    res = CliRunner().invoke(cli, ["bench", *args, "--steps", "2", "--target-flops", "0.5", "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(cli, ["bench", *args, "--steps", "2", "--target-flops", "0.5",
+                                   "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "stop here" in res.stderr, res.output
     lora = {p: "the ort backend does not support LoRA" for p in DEFAULT[5:]} if "ort" in args else {}
     assert seen == [(optional, policies, lora)]
