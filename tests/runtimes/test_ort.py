@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from alast.config import build_config
 from alast.training.build import create_runtime
 from planners import Budget, StepResult
+from runtimes.onnx_export import RMS_NORM, _symbolics
 from runtimes.protocol import Capabilities, NonFiniteLoss, Runtime
 from tests.cli_errors import one_error_line
 from tests.conftest import make_tiny_vit
@@ -239,6 +240,20 @@ def test_ort_matches_torch_without_a_class_token():
         assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-3)
         assert res["ort"].kept_tokens == res["torch"].kept_tokens
         assert min(res["torch"].deltas) > 0
+
+
+@needs_ort
+def test_ort_trains_a_vit_with_rms_norm_as_torch_does():
+    model = make_tiny_vit(norm_layer="rmsnorm")
+    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    budgets = [Budget((1.0,) * 4, (True,) * 4), Budget((0.5, 0.75, 1.0, 0.5), (False, True, True, True))] * 2
+    for step, ((x, y), budget) in enumerate(zip(data(4), budgets)):
+        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
+        assert res["ort"].kept_tokens == res["torch"].kept_tokens
+        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-4)
+        assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-3)
+    group = _symbolics(RMS_NORM)
+    assert group is None or group.get(16) is None  # registered only while the exporter ran
 
 
 @needs_ort

@@ -1,18 +1,14 @@
 """ViTs normalised by RMSNorm (timm's ``norm_layer='rmsnorm'``: AIMv2, ``test_vit4``): the TorchScript
 exporter has no symbolic for ``aten::rms_norm`` below opset 23, so ``alast export`` and the ort
-backend write it as the ops it is made of."""
+backend write it as the ops it is made of (the ort backend's training: ``test_ort.py``)."""
 from __future__ import annotations
-
-import copy
 
 import onnx
 import pytest
 import torch
 
-from planners import Budget
 from runtimes.onnx_export import RMS_NORM, _symbolics, export_inference_bytes, max_logit_diff
 from tests.conftest import make_tiny_vit
-from tests.runtimes.test_ort import data, make, needs_ort
 
 
 def _registered(opset: int):
@@ -52,16 +48,3 @@ def test_a_symbolic_registered_before_is_the_one_used_and_kept(tmp_path):
         assert calls and _registered(17) is own
     finally:
         torch.onnx.unregister_custom_op_symbolic(RMS_NORM, 17)
-
-
-@needs_ort
-def test_ort_trains_a_vit_with_rms_norm_as_torch_does():
-    model = make_tiny_vit(norm_layer="rmsnorm")
-    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
-    budgets = [Budget((1.0,) * 4, (True,) * 4), Budget((0.5, 0.75, 1.0, 0.5), (False, True, True, True))] * 2
-    for step, ((x, y), budget) in enumerate(zip(data(4), budgets)):
-        res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
-        assert res["ort"].kept_tokens == res["torch"].kept_tokens
-        assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-4)
-        assert res["ort"].deltas == pytest.approx(res["torch"].deltas, rel=1e-3)
-    assert _registered(16) is None
