@@ -301,17 +301,18 @@ def _drivable(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def rotary_model(name: str) -> bool:
-    """Whether the model ``name`` has rotary position embeddings (timm's ``Eva``), from its
-    architecture alone (built on the meta device: no weights)."""
+def model_position_kind(name: str) -> str | None:
+    """:func:`~runtimes.torch_backend.patch.position_kind` of the model ``name`` (rotary embeddings,
+    relative position biases or neither), from its architecture alone (built on the meta device:
+    no weights)."""
     import timm
 
     if name in SHIPPED_MODELS or not timm.is_model(name):  # an unknown name is refused where it is built
-        return False
-    from runtimes.torch_backend.patch import is_eva_model
+        return None
+    from runtimes.torch_backend.patch import position_kind
 
     with torch.device("meta"):
-        return is_eva_model(timm.create_model(name, pretrained=False, num_classes=0))
+        return position_kind(timm.create_model(name, pretrained=False, num_classes=0))
 
 
 def _check_architecture(name: str, img_size: int | None) -> None:

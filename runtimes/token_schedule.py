@@ -27,11 +27,12 @@ from torch import Tensor, nn
 from .torch_backend.params import input_channels, timm_model
 from .torch_backend.patch import (
     forward_selecting,
-    is_eva_model,
     patch_positions,
+    position_kind,
     rope_at_positions,
     selects_in_block,
 )
+from .torch_backend.relpos import RelativePositions, beit_forward, sequence_positions, whole_bias
 from .torch_backend.tokens import (
     cls_attention_scores,
     cls_delta,
@@ -154,31 +155,34 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None] | Tensor, score: 
     tensor ``[L]`` (the ONNX training graph's dynamic counts; every block selects, a count equal to
     the tokens entering keeps them all). ``deltas``, ``select`` and ``noise`` as in
     :func:`selection_hooks`: each block's delta is recorded as the torch runtime records it."""
-    prefix, pool, rotary = int(vit.num_prefix_tokens), summary_pool(vit), is_eva_model(vit)
+    prefix, pool, kind = int(vit.num_prefix_tokens), summary_pool(vit), position_kind(vit)
     state: dict[str, Tensor | None] = {"positions": None}
 
     def scheduled(i: int, blk: nn.Module, upstream, x: Tensor, *args, **kwargs) -> Tensor:
-        if not rotary:
-            rope, (attn_mask, is_causal) = None, _vit_arguments(*args, **kwargs)
-        else:
-            rope, attn_mask, is_causal = _eva_arguments(*args, **kwargs)
-            if i == 0:
-                state["positions"] = None
-            if rope is not None and state["positions"] is not None:
-                rope = rope_at_positions(rope, state["positions"])
-            args, kwargs = (), {"rope": rope, "attn_mask": attn_mask, "is_causal": is_causal}
+        if i == 0:
+            state["positions"] = None
+        pos, attn_mask, is_causal = None, None, False
+        if kind is None:
+            attn_mask, is_causal = _vit_arguments(*args, **kwargs)
+        elif kind == "rotary":
+            pos, attn_mask, is_causal = _eva_arguments(*args, **kwargs)
+            if pos is not None and state["positions"] is not None:
+                pos = rope_at_positions(pos, state["positions"])
+            args, kwargs = (), {"rope": pos, "attn_mask": attn_mask, "is_causal": is_causal}
+        elif state["positions"] is not None or keep[i] is not None:  # relative: the biases of the tokens held
+            pos = RelativePositions(whole_bias(blk), sequence_positions(state["positions"], prefix))
         if keep[i] is None:
-            out = upstream(x, *args, **kwargs)
+            out = upstream(x, *args, **kwargs) if pos is None or kind == "rotary" else beit_forward(blk, x, pos)
             if deltas is not None:
                 deltas.append(cls_delta(x, out, pool, same_tokens=True))
             return out
         if attn_mask is not None or is_causal:
             raise ScheduleError("a token schedule drops tokens only where every token attends to every other")
-        out, kept = select_in_block(blk, x, keep[i], prefix, score, pool, rope, select,
+        out, kept = select_in_block(blk, x, keep[i], prefix, score, pool, pos, select,
                                     None if noise is None else noise[i])
         if deltas is not None:  # a pooled delta compares the kept tokens with their own inputs
             deltas.append(cls_delta(x if pool is None else take_tokens(x.detach(), kept), out, pool))
-        if rotary:
+        if kind is not None:
             state["positions"] = patch_positions(state["positions"], kept, prefix)
         return out
 
@@ -193,7 +197,7 @@ def inside_schedule(vit: nn.Module, keep: Sequence[int | None] | Tensor, score: 
 
 
 def select_in_block(blk: nn.Module, x: Tensor, keep: int | Tensor, prefix: int, score: str = "attention",
-                    pool: int | None = None, rope: Tensor | None = None, select: str = "top",
+                    pool: int | None = None, pos: Tensor | RelativePositions | None = None, select: str = "top",
                     noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``blk`` on the prefix and the ``keep`` patch tokens of ``x`` it keeps
     (:func:`~runtimes.torch_backend.patch.forward_selecting`), ranked as ``policy.token_select``
@@ -204,7 +208,7 @@ def select_in_block(blk: nn.Module, x: Tensor, keep: int | Tensor, prefix: int, 
         def rank(s: Tensor) -> Tensor:
             return ranking_scores(s, select, None if noise is None else noise[:, :s.shape[1]])
     out, _, kept = forward_selecting(blk, x, keep if isinstance(keep, Tensor) else int(keep), prefix, score,
-                                     rank, pool=pool, rope=rope)
+                                     rank, pool=pool, pos=pos)
     return out, kept
 
 
@@ -251,8 +255,9 @@ def token_schedule(vit: nn.Module, kept: Sequence[int] | None, fuse: bool = Fals
         return
     num_patches = int(vit.patch_embed.num_patches)
     kept = check_schedule(kept, len(vit.blocks), num_patches)
-    if fuse and is_eva_model(timm_model(vit)):
-        raise ScheduleError("a model with rotary position embeddings (timm's Eva) does not fuse dropped tokens")
+    if fuse and position_kind(timm_model(vit)) is not None:
+        raise ScheduleError("a model whose blocks take the positions of their tokens (timm's Eva or Beit) does not "
+                            "fuse dropped tokens")
     if not fuse and selects_inside(vit):
         with inside_schedule(timm_model(vit), scheduled_keep(vit, kept), score):
             yield

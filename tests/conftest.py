@@ -74,6 +74,29 @@ def make_tiny_eva(variant: str = "dinov3", num_classes=5, depth=3, seed=0):
     return model
 
 
+BEIT_VARIANTS = {
+    # BEiT v2's layout: a bias table per block, query and value biases, LayerScale, mean-pooled head
+    "beitv2": {"use_rel_pos_bias": True, "qkv_bias": True, "init_values": 0.1, "use_abs_pos_emb": False},
+    # no relative position bias: an absolute position embedding, the class token read
+    "absolute": {"use_rel_pos_bias": False, "use_abs_pos_emb": True, "global_pool": "token"},
+}
+
+
+def make_tiny_beit(variant: str = "beitv2", num_classes=5, depth=3, seed=0):
+    """A timm ``Beit`` (relative position biases) at the tiny ViT's size, in one of
+    :data:`BEIT_VARIANTS`; the bias tables, biases and gains drawn away from their initial zeros and ones."""
+    from timm.models.beit import Beit
+
+    torch.manual_seed(seed)
+    model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
+                 num_classes=num_classes, **BEIT_VARIANTS[variant])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or "relative_position_bias_table" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit()

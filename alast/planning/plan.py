@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from alast.config import AlastConfig, load_run_config
-from alast.models import rotary_model
+from alast.models import model_position_kind
 from alast.planning.calibrate import calibrate_time
 from alast.planning.profile import profile_with_source
-from alast.training.build import check_rotary, model_data_config, policy_options
+from alast.training.build import check_positions, model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model
 from planners.simulate import Prediction, inference_flops, replay, simulate
@@ -209,7 +209,7 @@ def planned_steps(cfg: AlastConfig) -> int:
 def check_backend(cfg: AlastConfig, calibrate: bool) -> None:
     """Refuse a plan of what the run's backend would refuse, and ``--calibrate`` for the ort backend
     (it times the torch runtime's steps, not ONNX Runtime's, which also builds training graphs)."""
-    check_rotary(cfg, rotary_model(cfg.model.name))
+    check_positions(cfg, model_position_kind(cfg.model.name))
     if cfg.backend.name != "ort":
         return
     from runtimes.ort_backend.runtime import check_config

@@ -63,6 +63,7 @@ from runtimes.torch_backend.patch import (
     rotary_embeddings,
     selects_in_block,
 )
+from runtimes.torch_backend.relpos import RelativePositions, beit_forward, is_beit_block, leading_positions
 from runtimes.torch_backend.tokens import cls_attention_scores, select_tokens, summary_pool
 
 
@@ -91,7 +92,7 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
             x = torch.randn(1, n_in, dim).requires_grad_(inp)
             keep = n_out - num_prefix
             run = lambda: forward_selecting(block, x, keep, num_prefix, pool=pool,  # noqa: B023
-                                            rope=_rope_for(rope, x, num_prefix))[0]  # noqa: B023
+                                            pos=_pos_for(block, rope, x, num_prefix))[0]  # noqa: B023
             f, b, a = count_costs(run, exclude)
             for key, v in (("fwd", f), ("bwd", b), ("act", a)):
                 meas[state][key].append(v)
@@ -108,7 +109,7 @@ def profile_dropping(block: nn.Module, trainable: list[nn.Parameter], ns: list[i
     fwd_events, bwd_events = _memory_events(
         block, trainable, mem_pairs, dim, lambda ys: fit_bilinear(mem_pairs, ys), _pair_value, grid, errs,
         lambda pair: lambda blk, x: forward_selecting(blk, x, pair[1] - num_prefix, num_prefix, pool=pool,
-                                                      rope=_rope_for(rope, x, num_prefix))[0], _held(rope))
+                                                      pos=_pos_for(blk, rope, x, num_prefix))[0], _held(rope))
     cost = DropCost(fwd_flops=fit(meas["weights_and_input"]["fwd"]),
                     bwd_flops={s: fit(meas[s]["bwd"]) for s in STATES},
                     act_bytes={s: fit(meas[s]["act"]) for s in STATES},
@@ -164,7 +165,7 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     macs, errs = [], []
     meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in STATES}
     for n in ns:
-        traced = block if rope is None else AsModule(functools.partial(whole, block), block)
+        traced = block if rope is None and not is_beit_block(block) else AsModule(functools.partial(whole, block), block)
         macs.append(fvcore_macs(traced, torch.randn(1, n, dim)))
         for state, (weights, inp) in STATES.items():
             set_grad(trainable, weights)
@@ -201,7 +202,13 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
 
 
 def _whole(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix: int = 0) -> torch.Tensor:
-    return block(x) if rope is None else block(x, rope=_rope_for(rope, x, num_prefix))
+    """The block on every token of ``x``: a BEiT block as it runs after a drop, biased per image
+    (:func:`~runtimes.torch_backend.relpos.beit_forward`; before the first drop timm's forward adds
+    one bias for the whole batch, which this counts per image: an upper bound on memory, the same FLOPs)."""
+    pos = _pos_for(block, rope, x, num_prefix)
+    if is_beit_block(block):
+        return beit_forward(block, x, pos)
+    return block(x) if pos is None else block(x, rope=pos)
 
 
 def _held(rope: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -213,17 +220,23 @@ def _storages(rope: torch.Tensor | None) -> set[int]:
     return set() if rope is None else {rope.untyped_storage().data_ptr()}
 
 
-def _rope_for(rope: torch.Tensor | None, x: torch.Tensor, num_prefix: int) -> torch.Tensor | None:
-    """The rotary embeddings of the first patch tokens, as many as ``x`` ``[B, N, D]`` holds."""
+def _pos_for(block: nn.Module, rope: torch.Tensor | None, x: torch.Tensor,
+             num_prefix: int) -> torch.Tensor | RelativePositions | None:
+    """The position input of the block for the first tokens, as many as ``x`` ``[B, N, D]`` holds:
+    their rotary embeddings (``rope``: every patch token's), or a BEiT block's relative positions."""
+    if is_beit_block(block):
+        return leading_positions(block, x)
     return None if rope is None else rope[..., : x.shape[1] - num_prefix, :]
 
 
 def _select_flops(block: nn.Module, n: int, pool: int | None) -> float:
     """FLOPs of the CLS-attention scores the patched block computes from its qkv output."""
     attn = block.attn
-    qkv = torch.randn(1, n, 3 * attn.num_heads * attn.head_dim)
+    head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)  # BEiT's has none
+    qkv = torch.randn(1, n, 3 * attn.num_heads * head_dim)
+    q_norm, k_norm = getattr(attn, "q_norm", nn.Identity()), getattr(attn, "k_norm", nn.Identity())
     with counter() as fc:
-        cls_attention_scores(qkv, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, pool=pool)
+        cls_attention_scores(qkv, attn.num_heads, head_dim, attn.scale, q_norm, k_norm, pool=pool)
     return float(fc.get_total_flops())
 
 

@@ -15,7 +15,7 @@ from alast.models import SHIPPED_MODELS, ModelError, create_model
 from planners import Planner, create_planner
 from runtimes import registry
 from runtimes.torch_backend.params import timm_model
-from runtimes.torch_backend.patch import is_eva_model
+from runtimes.torch_backend.patch import position_kind
 
 
 def model_data_config(name: str, img_size: int | None = None) -> dict[str, Any]:
@@ -107,16 +107,20 @@ def build_model(cfg: AlastConfig, num_classes: int):
 
 def create_runtime(cfg: AlastConfig, model: Any, comm: Any = None) -> Any:
     """The backend ``cfg.backend.name`` for ``model`` (see :mod:`runtimes.registry`)."""
-    check_rotary(cfg, is_eva_model(timm_model(model)))
+    check_positions(cfg, position_kind(timm_model(model)))
     return registry.create_runtime(cfg.backend.name, cfg, model, comm=comm)
 
 
-def check_rotary(cfg: AlastConfig, rotary: bool) -> None:
-    """Refuse, in one line, what a model with rotary position embeddings (timm's ``Eva``) cannot run:
-    fused dropped tokens."""
-    if rotary and cfg.policy.fuse_tokens:
-        raise ValueError(f"{cfg.model.name} has rotary position embeddings (timm's Eva): a fused token has no "
-                         "position; set policy.fuse_tokens=false")
+POSITION_KINDS = {"rotary": "rotary position embeddings (timm's Eva)",
+                  "relative": "relative position biases (timm's Beit)"}
+
+
+def check_positions(cfg: AlastConfig, kind: str | None) -> None:
+    """Refuse, in one line, what a model whose blocks take the positions of their tokens
+    (:func:`~runtimes.torch_backend.patch.position_kind` ``kind``) cannot run: fused dropped tokens."""
+    if kind is not None and cfg.policy.fuse_tokens:
+        raise ValueError(f"{cfg.model.name} has {POSITION_KINDS[kind]}: a fused token has no position; set "
+                         "policy.fuse_tokens=false")
 
 
 def policy_options(cfg: AlastConfig, head_reads_prefix: bool = False, world_size: int = 1) -> dict[str, Any]:

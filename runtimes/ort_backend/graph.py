@@ -42,6 +42,7 @@ from planners.countfit import PieceCounts, block_kind
 from ..onnx_export import exporter_symbolics
 from ..token_schedule import inside_schedule, select_in_block, selection_hooks, selects_inside
 from ..torch_backend.params import block_signature, embedding_parameters, input_channels
+from ..torch_backend.relpos import is_beit_block, leading_positions
 from ..torch_backend.tokens import rows_by_gather_nd, summary_pool
 
 OPSET = 16  # opset 17's fused LayerNormalization has no gradient in ORT 1.19 (see docs/backends.md)
@@ -335,4 +336,6 @@ class _Selecting(nn.Module):
         self.options = {"keep": keep, "prefix": prefix, "score": score, "pool": pool, "select": select}
 
     def forward(self, x: Tensor) -> Tensor:
-        return select_in_block(self.block, x, **self.options)[0]
+        # BEiT: its bias, which trains with the block, sends the attention down another kernel (counted apart)
+        pos = leading_positions(self.block, x) if is_beit_block(self.block) else None
+        return select_in_block(self.block, x, pos=pos, **self.options)[0]

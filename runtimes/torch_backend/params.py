@@ -10,6 +10,7 @@ from torch import nn
 
 from .flops import grad_flags_restored
 from .patch import rotary_embeddings
+from .relpos import is_beit_model
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
@@ -53,8 +54,9 @@ def lora_target_pattern(model: nn.Module, targets: list[str]) -> str:
                     if (n == t or n.endswith("." + t)) and _weight_read_alone(blk, m)]
         if bypassed:
             raise ValueError(f"policy.lora.targets: {t!r} of {type(model).__name__} is applied through its weight alone "
-                             "(timm's EvaAttention adds its query and value biases in F.linear), so a LoRA adapter on "
-                             f"it would never run; {choose.replace(t + ', ', '').replace(', ' + t + ']', ']')}")
+                             "(its attention adds the query and value biases in F.linear, as timm's Eva and BEiT do), "
+                             "so a LoRA adapter on it would never run; "
+                             f"{choose.replace(t + ', ', '').replace(', ' + t + ']', ']')}")
         if found:
             continue
         if t.split(".")[0].startswith("head") or t in classifier_names(model):
@@ -66,8 +68,8 @@ def lora_target_pattern(model: nn.Module, targets: list[str]) -> str:
 
 
 def _weight_read_alone(block: nn.Module, layer: nn.Module) -> bool:
-    """Whether ``layer`` is the fused ``qkv`` of timm's ``EvaAttention`` with query and value biases,
-    whose forward calls ``F.linear`` on the layer's weight instead of calling the layer."""
+    """Whether ``layer`` is the fused ``qkv`` of timm's ``EvaAttention`` (or BEiT's ``Attention``) with query
+    and value biases, whose forward calls ``F.linear`` on the layer's weight instead of calling the layer."""
     attn = getattr(block, "attn", None)
     return (layer is getattr(attn, "qkv", None) and getattr(attn, "q_bias", None) is not None
             and not getattr(attn, "qkv_bias_separate", True))
@@ -141,7 +143,11 @@ def embedding_parameters(vit: nn.Module) -> list[nn.Parameter]:
 def stem_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The tokens a timm ViT's stem feeds block 0 from images ``x``: the patch embedding, the prefix
     tokens, the position embedding, patch dropout and the pre-norm (timm's ``Eva`` returns its rotary
-    embeddings beside the tokens, and drops patches inside ``_pos_embed``)."""
+    embeddings beside the tokens, and drops patches inside ``_pos_embed``; timm's ``Beit`` adds its
+    class token and position embedding in ``forward_features``, as here)."""
+    if is_beit_model(vit):
+        tokens = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), vit.patch_embed(x)), dim=1)
+        return vit.pos_drop(tokens if vit.pos_embed is None else tokens + vit.pos_embed)
     tokens = vit._pos_embed(vit.patch_embed(x))
     if isinstance(tokens, tuple):
         tokens = tokens[0]

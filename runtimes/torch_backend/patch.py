@@ -18,7 +18,8 @@ timm's ``Eva`` (EVA-02, DINOv3, the RoPE ViTs, PE) gives every block rotary posi
 for the patch tokens. Its blocks always select inside (:func:`eva_selecting_head`,
 :func:`eva_selecting_tail`: the queries and keys rotated as timm rotates them, the scores from
 them), and once a block has dropped tokens, the blocks after it get the rotary embeddings of the
-positions they still hold (:attr:`StepControl.positions`).
+positions they still hold (:attr:`StepControl.positions`). timm's ``Beit`` (BEiT, BEiT v2) likewise,
+with the relative position biases of the pairs of positions its blocks hold (:mod:`.relpos`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .relpos import (
+    RelativePositions,
+    beit_forward,
+    beit_selecting_head,
+    beit_selecting_tail,
+    is_beit_block,
+    is_beit_model,
+    sequence_positions,
+    whole_bias,
+)
 from .tokens import (
     cls_attention_scores,
     cls_delta,
@@ -66,8 +77,8 @@ class StepControl:
     select: str = "top"  # how kept tokens are chosen from the scores: see tokens.ranking_scores
     score: str = "attention"  # what scores the tokens: see tokens.cls_attention_scores
     generator: torch.Generator | None = None  # the draws of select 'sample' / 'random' (None: torch's default)
-    # rotary models: the patch positions (in the image's grid) of the patch tokens entering the next
-    # block, [B, n]; None while every patch token is still there
+    # rotary and relative-bias models: the patch positions (in the image's grid) of the patch tokens
+    # entering the next block, [B, n]; None while every patch token is still there
     positions: Tensor | None = None
 
     def record_delta(self, i: int, x_in: Tensor, x_out: Tensor, pool: int | None) -> None:
@@ -111,6 +122,7 @@ class _AlastBlockMixin:
     _alast_pool: int | None  # see tokens.summary_pool
     _alast_control: StepControl
     _alast_in_block: bool  # see selects_in_block
+    _alast_positions: str | None  # see position_kind
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # type: ignore[override]
         ctl = self._alast_control
@@ -118,8 +130,10 @@ class _AlastBlockMixin:
         n_patch = x.shape[1] - self._alast_prefix
         keep = ctl.keep[i] if self.training and ctl.keep is not None else None
         dropping = keep is not None and keep < n_patch
-        if self._alast_rotary:
+        if self._alast_positions == "rotary":
             return self._alast_eva_forward(ctl, i, x, n_patch, keep if dropping else None, *args, **kwargs)
+        if self._alast_positions == "relative":
+            return self._alast_beit_forward(ctl, i, x, n_patch, keep if dropping else None, *args, **kwargs)
         if dropping and self._alast_in_block and not ctl.fuse and not args and not kwargs:
             try:
                 return self._alast_select_inside(ctl, i, x, n_patch, int(keep))[0]
@@ -178,15 +192,41 @@ class _AlastBlockMixin:
         ctl.positions = patch_positions(ctl.positions, kept, self._alast_prefix)
         return out
 
+    def _alast_beit_forward(self, ctl: StepControl, i: int, x: Tensor, n_patch: int, keep: int | None,
+                            shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        """:meth:`forward` of a BEiT block: the relative position biases follow the tokens that remain."""
+        if not self.training or ctl.keep is None:
+            return self._alast_block_compute(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        if i == 0:
+            ctl.positions = None
+        ctl.tokens_in[i] = n_patch
+        ctl.scores[i] = None
+        if keep is None and ctl.positions is None:
+            out = self._alast_block_compute(x, shared_rel_pos_bias=shared_rel_pos_bias)
+            ctl.record_delta(i, x, out, self._alast_pool)
+            return out
+        if ctl.fuse:
+            raise RuntimeError("fusing the dropped tokens (policy.fuse_tokens) is not supported with relative "
+                               "position biases")
+        pos = RelativePositions(whole_bias(self), sequence_positions(ctl.positions, self._alast_prefix))
+        if keep is None:  # every token it is given, biased for their positions
+            parts = None if ctl.eager else self.__dict__.get("_alast_compiled_parts")
+            out = beit_forward(self, x, pos, parts and parts[1])
+            ctl.record_delta(i, x, out, self._alast_pool)
+            return out
+        out, kept = self._alast_select_inside(ctl, i, x, n_patch, int(keep), pos)
+        ctl.positions = patch_positions(ctl.positions, kept, self._alast_prefix)
+        return out
+
     def _alast_select_inside(self, ctl: StepControl, i: int, x: Tensor, n_patch: int, keep: int,
-                             rope: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             pos: Tensor | RelativePositions | None = None) -> tuple[Tensor, Tensor]:
         """The block on the ``keep`` patch tokens it keeps (:func:`forward_selecting`), its records
         in ``ctl``; returns its output and the kept positions."""
         out, scores, kept = forward_selecting(
             self, x, keep, self._alast_prefix, ctl.score,
             lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
             parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool,
-            rope=rope)
+            pos=pos)
         ctl.tokens_in[i] = n_patch
         ctl.record_delta(i, x if self._alast_pool is None else take_tokens(x.detach(), kept), out, self._alast_pool)
         ctl.scores[i] = scores
@@ -202,12 +242,12 @@ class _AlastBlockMixin:
 
 def selects_in_block(block: nn.Module) -> bool:
     """Whether ``block`` (patched or not) runs timm's own ``Block.forward`` and ``Attention.forward``
-    (or ``EvaBlock.forward`` with ``EvaAttention`` or ``AttentionRope``), the computation
-    :func:`forward_selecting` reproduces for the kept tokens."""
+    (or ``EvaBlock.forward`` with ``EvaAttention`` or ``AttentionRope``, or BEiT's ``Block.forward``
+    with its ``Attention``), the computation :func:`forward_selecting` reproduces for the kept tokens."""
     from timm.models.vision_transformer import Attention, Block
 
     base = getattr(block, "_alast_base", type(block))
-    return is_eva_block(block) or (base.forward is Block.forward
+    return is_eva_block(block) or is_beit_block(block) or (base.forward is Block.forward
                                    and type(getattr(block, "attn", None)).forward is Attention.forward)
 
 
@@ -272,7 +312,7 @@ def patch_positions(positions: Tensor | None, kept: Tensor, num_prefix: int) -> 
 def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, score: str = "attention",
                       rank: Callable[[Tensor], Tensor] | None = None,
                       parts: tuple[Callable, Callable] | None = None, pool: int | None = None,
-                      rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      pos: Tensor | RelativePositions | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """timm's ``Block.forward`` on ``x`` ``[B, N, D]`` for the tokens it keeps: the prefix and the
     ``keep`` patch tokens ranked highest by ``rank(scores)`` (default: the scores), in their order.
 
@@ -288,18 +328,16 @@ def forward_selecting(block: nn.Module, x: Tensor, keep: int, num_prefix: int, s
     :func:`selecting_tail` (the kept tokens' attention, projection and MLP); ``parts`` replaces
     them, e.g. with their compiled versions (:meth:`AlastPatch.compile_blocks`). The ranking and
     the choice of the kept indices run between them, eagerly. An ``EvaBlock`` runs
-    :func:`eva_selecting_head` and :func:`eva_selecting_tail`, with ``rope`` the rotary embeddings
-    of ``x``'s patch tokens (as its ``forward`` takes them).
+    :func:`eva_selecting_head` and :func:`eva_selecting_tail`, with ``pos`` the rotary embeddings
+    of ``x``'s patch tokens (as its ``forward`` takes them); a BEiT block runs
+    :func:`~.relpos.beit_selecting_head` and :func:`~.relpos.beit_selecting_tail`, with ``pos`` the
+    :class:`~.relpos.RelativePositions` of ``x``'s tokens.
     """
-    rotary = block.__dict__.get("_alast_rotary")  # a patched block says; else (profiling) ask its class
-    if rotary is None:
-        rotary = is_eva_block(block)
-    if rotary:
-        head, tail = parts or (eva_selecting_head, eva_selecting_tail)
-        h, qkv, scores = head(block, x, score, pool, rope)
-    else:
-        head, tail = parts or (selecting_head, selecting_tail)
-        h, qkv, scores = head(block, x, score, pool)
+    kind = block.__dict__.get("_alast_positions", False)  # a patched block says; else (profiling) ask its class
+    if kind is False:
+        kind = block_position_kind(block)
+    head, tail = parts or SELECTING_PARTS[kind]
+    h, qkv, scores = head(block, x, score, pool) if kind is None else head(block, x, score, pool, pos)
     kept = kept_indices(scores if rank is None else rank(scores), keep, num_prefix)
     return tail(block, x, h, qkv, kept), scores, kept
 
@@ -404,6 +442,14 @@ def eva_selecting_tail(block: nn.Module, x: Tensor, h: Tensor, qkv: tuple[Tensor
     return out + block.drop_path2(m)
 
 
+# the two parts of forward_selecting, by the position input a model's blocks take (position_kind)
+SELECTING_PARTS: dict[str | None, tuple[Callable, Callable]] = {
+    None: (selecting_head, selecting_tail),
+    "rotary": (eva_selecting_head, eva_selecting_tail),
+    "relative": (beit_selecting_head, beit_selecting_tail),
+}
+
+
 def _qkv_hook(module: nn.Module, _inputs, output: Tensor) -> None:
     """Keep the fused qkv projection's output for the block's CLS-attention scores.
 
@@ -434,7 +480,7 @@ class AlastPatch:
         self.pool = summary_pool(model)
         self.num_patches = int(model.patch_embed.num_patches)
         self.control = StepControl()
-        self.rotary = is_eva_model(model)
+        self.positions = position_kind(model)
         self._hooks = []
         for i, blk in enumerate(self.blocks):
             blk._alast_index = i
@@ -442,9 +488,9 @@ class AlastPatch:
             blk._alast_pool = self.pool
             blk._alast_control = self.control
             blk._alast_in_block = selects_in_block(blk)
-            blk._alast_rotary = self.rotary
+            blk._alast_positions = self.positions
             blk.__class__ = _patched_class(type(blk))
-            if not self.rotary:  # an Eva block always selects inside: it reads no hook
+            if self.positions is None:  # an Eva or BEiT block always selects inside: it reads no hook
                 self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
         model._alast_patch = self
 
@@ -455,7 +501,7 @@ class AlastPatch:
         for blk in self.blocks:
             blk.__class__ = blk._alast_base
             for attr in ("_alast_index", "_alast_prefix", "_alast_pool", "_alast_control", "_alast_in_block",
-                         "_alast_rotary", "_alast_compiled", "_alast_compiled_parts"):
+                         "_alast_positions", "_alast_compiled", "_alast_compiled_parts"):
                 if attr in blk.__dict__:
                     delattr(blk, attr)
         if "_alast_patch" in self.model.__dict__:
@@ -481,8 +527,7 @@ class AlastPatch:
             raise PatchError("blocks of different classes cannot share one compiled forward")
         options = {"dynamic": True, **options}
         compiled = torch.compile(base.forward, **options)
-        head, tail = (eva_selecting_head, eva_selecting_tail) if self.rotary else (selecting_head, selecting_tail)
-        parts = (torch.compile(head, **options), torch.compile(tail, **options))
+        parts = tuple(torch.compile(part, **options) for part in SELECTING_PARTS[self.positions])
         for blk in self.blocks:
             blk._alast_compiled = compiled
             if blk._alast_in_block:
@@ -518,25 +563,44 @@ def is_eva_model(model: nn.Module) -> bool:
     return isinstance(model, Eva)
 
 
+def position_kind(model: nn.Module) -> str | None:
+    """What tells ``model``'s blocks where their tokens sit: ``rotary`` embeddings (timm's ``Eva``),
+    ``relative`` position biases (timm's ``Beit``), or None (positions added once, before the
+    blocks). Where they do, the blocks after a drop are given the positions of the tokens they hold,
+    and dropped tokens cannot be fused into one (it has no position)."""
+    if is_eva_model(model):
+        return "rotary"
+    return "relative" if is_beit_model(model) else None
+
+
+def block_position_kind(block: nn.Module) -> str | None:
+    """:func:`position_kind` of the model a block (patched or not) belongs to, from the block's class."""
+    if is_eva_block(block):
+        return "rotary"
+    return "relative" if is_beit_block(block) else None
+
+
 def check_patchable(model: nn.Module) -> None:
     """Raise :class:`PatchError` unless ``model`` is a timm ViT/DeiT (or ``Eva``) that ALaST can drive."""
     from timm.models.vision_transformer import VisionTransformer
 
     name = type(model).__name__
-    eva = is_eva_model(model)
-    if not isinstance(model, VisionTransformer) and not eva:
-        raise PatchError(f"{name} is not a timm VisionTransformer or Eva; ALaST supports timm ViT/DeiT models and "
-                         "Eva (EVA-02, DINOv3, RoPE ViTs)")
+    kind = position_kind(model)
+    if not isinstance(model, VisionTransformer) and kind is None:
+        raise PatchError(f"{name} is not a timm VisionTransformer, Eva or Beit; ALaST supports timm ViT/DeiT models, "
+                         "Eva (EVA-02, DINOv3, RoPE ViTs) and BEiT")
     if getattr(model, "cls_token", None) is None and model.global_pool not in POOLED_HEADS:
         raise PatchError(f"{name} has neither a class token nor a pooled head (global_pool={model.global_pool!r}); "
                          f"ALaST reads a model through its class token or the mean of its patch tokens: use "
                          f"global_pool='avg' or 'map'")
-    sequential = nn.ModuleList if eva else nn.Sequential  # Eva's forward runs its ModuleList in order
+    sequential = nn.Sequential if kind is None else nn.ModuleList  # Eva's and Beit's forward run theirs in order
     if not isinstance(model.blocks, sequential) or len(model.blocks) == 0:
         raise PatchError(f"{name} has no sequential transformer blocks")
-    if eva:
+    if kind == "rotary":
         _check_eva(model, name)
-    for i, blk in enumerate(() if eva else model.blocks):
+    if kind == "relative":
+        _check_beit(model, name)
+    for i, blk in enumerate(model.blocks if kind is None else ()):
         attn = getattr(blk, "attn", None)
         qkv = getattr(attn, "qkv", None)
         linear = getattr(qkv, "base_layer", qkv)  # a peft LoRA layer wraps the original Linear
@@ -549,6 +613,19 @@ def check_patchable(model: nn.Module) -> None:
                              "key and value per head; ALaST supports timm's standard Attention")
     if isinstance(model.blocks[0], _AlastBlockMixin):
         raise PatchError("model is already patched for ALaST")
+
+
+def _check_beit(model: nn.Module, name: str) -> None:
+    """The part of :func:`check_patchable` for timm's ``Beit``: blocks that :func:`~.relpos.is_beit_block`,
+    each with its own relative position bias (or none)."""
+    if getattr(model, "rel_pos_bias", None) is not None:
+        raise PatchError(f"{name} shares one relative position bias between its blocks (use_shared_rel_pos_bias); "
+                         "ALaST drives Beit models whose blocks have their own, as timm's BEiT and BEiT v2 models do")
+    for i, blk in enumerate(model.blocks):
+        if not is_beit_block(blk):
+            raise PatchError(f"block {i} of {name} is {type(blk).__name__} (attention: "
+                             f"{type(getattr(blk, 'attn', None)).__name__}); ALaST drives Beit models whose blocks are "
+                             "timm's BEiT Block with its Attention")
 
 
 def _check_eva(model: nn.Module, name: str) -> None:

@@ -94,14 +94,19 @@ def cls_attention_scores(qkv: Tensor, num_heads: int, head_dim: int, scale: floa
 
 
 def row_attention_scores(q: Tensor, k: Tensor, v: Tensor, scale: float, score: str = "attention",
-                         pool: int | None = None) -> Tensor:
+                         pool: int | None = None, bias: Tensor | None = None) -> Tensor:
     """:func:`cls_attention_scores` from a block's queries, keys and values ``[B, H, N, d]``, as
-    the attention uses them (normed, rotated where the model has rotary position embeddings)."""
+    the attention uses them (normed, rotated where the model has rotary position embeddings);
+    ``bias`` ``[B, H, 1, N]``: what the attention adds to the row's logits (BEiT's relative
+    position bias)."""
     _check_known("score", score, TOKEN_SCORES)
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         row = q[:, :, :1] if pool is None else q[:, :, pool:].mean(dim=2, keepdim=True)  # [B, H, 1, d]
-        attn = ((row * scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).squeeze(2)  # [B, H, N]
+        logits = (row * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        attn = logits.float().softmax(dim=-1).squeeze(2)  # [B, H, N]
         if score == "contribution":
             attn = attn * torch.linalg.vector_norm(v.detach(), dim=-1, dtype=torch.float32)
         return attn.mean(dim=1)

@@ -31,10 +31,10 @@ def test_selecting_inside_an_eva_block_equals_the_whole_block_then_selection(var
     blk, npt = model.blocks[1], model.num_prefix_tokens
     r = _block_rope(model, rope, 1)
     whole = blk(x, rope=r)
-    out, scores, kept = forward_selecting(blk, x, 16, npt, rope=r)
+    out, scores, kept = forward_selecting(blk, x, 16, npt, pos=r)
     assert torch.equal(kept[:, npt:], torch.arange(npt, npt + 16).expand(x.shape[0], -1))
     torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
-    out, scores, kept = forward_selecting(blk, x, 5, npt, rope=r)
+    out, scores, kept = forward_selecting(blk, x, 5, npt, pos=r)
     assert scores.shape == (x.shape[0], npt + 16) and kept.shape == (x.shape[0], npt + 5)
     ref = take_tokens(whole, kept)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
@@ -55,7 +55,7 @@ def _reference_features(model, images, keep0):
 
     x, rope = _stem(model, images)
     npt = model.num_prefix_tokens
-    out, _, kept = forward_selecting(model.blocks[0], x, keep0, npt, rope=_block_rope(model, rope, 0),
+    out, _, kept = forward_selecting(model.blocks[0], x, keep0, npt, pos=_block_rope(model, rope, 0),
                                      pool=summary_pool(model))
     keep_idx = kept[:, npt:] - npt
     for i, blk in enumerate(model.blocks[1:], 1):

@@ -1,0 +1,33 @@
+"""A timm ``Beit`` (BEiT v2 here) through the CLI: trained on a FLOPs target with its token schedule
+deployed, its plan replayed exactly from the run's trace, exported and evaluated."""
+import json
+
+from click.testing import CliRunner
+
+from alast_cli.main import cli
+
+
+def test_a_beit_trains_on_target_replays_exactly_and_exports_its_token_schedule(tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--model", "beitv2_base_patch16_224", "--no-pretrained", "--set",
+                              "model.img_size=48", "--data", "digits", "--steps", "4", "--batch-size", "4",
+                              "--target-flops", "0.5", "--set", "policy.eval_tokens=trained", "--set",
+                              "backend.threads=1", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    kept = summary["eval_kept_tokens"]
+    assert kept and kept[-1] < 9 and 0.48 < summary["flops_ratio_vs_full"] < 0.52
+    res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    trace = json.loads(res.output.strip().splitlines()[-1])["trace"]
+    assert abs(trace["train_flops_rel_error"]) < 1e-6
+    assert abs(trace["predicted_peak_memory_sampled_steps_bytes"] / summary["peak_memory_bytes"] - 1) < 1e-3
+    assert abs(trace["predicted_inference_flops_ratio"] / trace["counted_inference_flops_ratio"] - 1) < 1e-6
+    onnx = tmp_path / "m.onnx"
+    res = runner.invoke(cli, ["export", str(run), "--out", str(onnx)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["eval", str(onnx), "--data", "digits", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output.strip().splitlines()[-1])
+    assert got["kept_tokens"] == kept and abs(got["accuracy"] - summary["val_accuracy"]) < 1e-9
