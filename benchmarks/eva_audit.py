@@ -1,4 +1,5 @@
-"""timm's Eva models (rotary position embeddings) end to end through the CLI, at random initialisation.
+"""timm's Eva models (rotary position embeddings), or its BEiT models (relative position biases), end
+to end through the CLI, at random initialisation.
 
 For each model: ``alast train`` on a FLOPs target, ``alast plan --trace`` of the run (counted FLOPs,
 peak memory and the inference schedule against the plan), ``alast export`` and ``alast eval`` of the
@@ -8,6 +9,7 @@ ort backend (no LoRA run: it has none).
 
   python benchmarks/eva_audit.py --out docs/results/eva_audit.json
   python benchmarks/eva_audit.py --backend ort --out docs/results/eva_audit_ort.json
+  python benchmarks/eva_audit.py --family beit --out docs/results/beit_audit.json
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ MODELS = {
     "vit_pe_core_tiny_patch16_384": (64, "[qkv]"),
     "eva02_base_patch16_clip_224": (64, "[q_proj,v_proj]"),
 }
+# timm's Beit: every layout it lists (the 384 and 512 px variants are these at another size)
+BEIT_MODELS = {
+    "beit_base_patch16_224": (64, "[proj,fc1,fc2]"),
+    "beitv2_base_patch16_224": (64, "[proj,fc1,fc2]"),
+    "beit_large_patch16_224": (64, "[proj,fc1,fc2]"),
+    "beitv2_large_patch16_224": (64, "[proj,fc1,fc2]"),
+}
+FAMILIES = {"eva": MODELS, "beit": BEIT_MODELS}
 
 
 def alast(*args: str) -> tuple[int, str]:
@@ -78,7 +88,9 @@ def audit(model: str, size: int, targets: str, work: Path, args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    ap.add_argument("--family", choices=tuple(FAMILIES), default="eva", help="which models (default: eva)")
+    ap.add_argument("--models", help="comma-separated, from the family's: " + "; ".join(
+        f"{f}: {', '.join(m)}" for f, m in FAMILIES.items()) + " (default: all of them)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--target-flops", type=float, default=0.5)
@@ -86,13 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", choices=("torch", "ort"), default="torch", help="the runs' backend (ort: no LoRA run)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    family = FAMILIES[args.family]
     records = []
-    for model in args.models.split(","):
-        if model not in MODELS:
-            raise SystemExit(f"error: unknown model {model!r}; use some of {', '.join(MODELS)}")
-        work = Path(tempfile.mkdtemp(prefix="alast-eva-audit-"))
+    for model in (args.models or ",".join(family)).split(","):
+        if model not in family:
+            raise SystemExit(f"error: unknown {args.family} model {model!r}; use some of {', '.join(family)}")
+        work = Path(tempfile.mkdtemp(prefix=f"alast-{args.family}-audit-"))
         try:
-            records.append(audit(model, *MODELS[model], work, args))
+            records.append(audit(model, *family[model], work, args))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(records[-1]), flush=True)

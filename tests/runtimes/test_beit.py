@@ -230,3 +230,47 @@ def test_a_beit_trains_on_the_ort_backend_as_on_torch(variant):
         assert res["ort"].train_flops == pytest.approx(res["torch"].train_flops, rel=2e-3)
         losses.append(res["ort"].loss)
     assert abs(losses[-1] - losses[0]) > 1e-4  # the first batch again, after three updates
+
+
+def test_lora_on_a_beit_trains_its_adapters_where_tokens_drop(batch):
+    """Adapters on the attention's projection and the MLP train through the selecting path; the
+    fused qkv, which BEiT applies through its weight alone (query and value biases), is refused."""
+    from planners import Budget
+    from runtimes.torch_backend.params import lora_target_pattern
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    with pytest.raises(ValueError, match=r"'qkv' of Beit is applied through its weight alone .* e\.g\. \[proj, "):
+        lora_target_pattern(make_tiny_beit(), ["qkv"])
+    x, y = batch
+    rt = TorchRuntime(make_tiny_beit(), lr=1e-2, weight_decay=0.0, grad_clip=None, device="cpu",
+                      lora={"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["proj", "fc2"]})
+    adapters = {n: p.detach().clone() for n, p in rt.model.named_parameters() if "lora_B" in n}
+    assert len(adapters) == 2 * 3
+    res = rt.train_step(x, y, Budget((0.5,) * 3, (False, True, True)), 1e-2, 0)
+    assert res.kept_tokens == (8, 4, 2)
+    moved = {n for n, p in rt.model.named_parameters() if n in adapters and not torch.equal(p, adapters[n])}
+    assert moved == {n for n in adapters if ".blocks.0." not in n}
+
+
+def test_a_beit_model_name_is_known_to_take_relative_positions_before_it_is_built():
+    from alast.models import model_position_kind
+
+    assert model_position_kind("beitv2_base_patch16_224") == "relative"
+    assert model_position_kind("eva02_tiny_patch14_224") == "rotary"
+    assert model_position_kind("vit_tiny_patch16_224") is None
+
+
+@pytest.mark.slow  # inductor on the CPU: about a minute
+def test_a_compiled_beit_step_matches_eager(batch):
+    """The compiled BEiT selecting parts compute what the eager ones do (`backend.compile`)."""
+    from planners import Budget
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    x, y = batch
+    b = Budget((0.75, 0.5, 1.0), (True, False, True))
+    eager, comp = (TorchRuntime(make_tiny_beit(), lr=1e-2, weight_decay=0.0, grad_clip=None, device="cpu",
+                                count_flops="off", compile=c) for c in (False, True))
+    for step in range(2):
+        r1, r2 = eager.train_step(x, y, b, 1e-2, step), comp.train_step(x, y, b, 1e-2, step)
+        assert r2.loss == pytest.approx(r1.loss, rel=1e-5) and r2.kept_tokens == r1.kept_tokens
+    assert comp.compile_time_s > 0
