@@ -1,4 +1,4 @@
-"""Patch a timm VisionTransformer or Eva instance for ALaST, and undo it.
+"""Patch a timm VisionTransformer, Eva or Beit instance for ALaST, and undo it.
 
 Each block's class is replaced by a subclass of its own class whose ``forward`` calls
 ``super().forward`` (so LayerScale, drop-path and any upstream change are kept) and then, in
