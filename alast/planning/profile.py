@@ -165,7 +165,8 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
     macs, errs = [], []
     meas: dict[str, dict[str, list[float]]] = {s: {"fwd": [], "bwd": [], "act": []} for s in STATES}
     for n in ns:
-        traced = block if rope is None and not is_beit_block(block) else AsModule(functools.partial(whole, block), block)
+        plain = rope is None and not is_beit_block(block)
+        traced = block if plain else AsModule(functools.partial(whole, block), block)
         macs.append(fvcore_macs(traced, torch.randn(1, n, dim)))
         for state, (weights, inp) in STATES.items():
             set_grad(trainable, weights)
@@ -204,7 +205,7 @@ def profile_block(block: nn.Module, index: int, ns: list[int], dim: int, num_pre
 def _whole(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix: int = 0) -> torch.Tensor:
     """The block on every token of ``x``: a BEiT block as it runs after a drop, biased per image
     (:func:`~runtimes.torch_backend.relpos.beit_forward`; before the first drop timm's forward adds
-    one bias for the whole batch, which this counts per image: an upper bound on memory, the same FLOPs)."""
+    one bias for the whole batch, which this counts per image: the same FLOPs, a little more memory)."""
     pos = _pos_for(block, rope, x, num_prefix)
     if is_beit_block(block):
         return beit_forward(block, x, pos)

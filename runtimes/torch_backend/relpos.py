@@ -1,10 +1,10 @@
 """timm's BEiT (``Beit``: BEiT, BEiT v2) under ALaST: relative position biases that follow the kept tokens.
 
 Every BEiT block adds a learned bias to its attention logits, one per head and per pair of
-positions (the class token's row and column included), looked up in the block's own table. Once a block has dropped tokens, the
-tokens that remain sit at scattered positions of the grid, different in every image, so the blocks
-after it need the bias of exactly those pairs: :func:`pair_bias` gathers it per image from the
-block's whole bias. A block that drops tokens selects inside (:func:`beit_selecting_head`,
+positions (the class token's row and column included), looked up in the block's own table. Once
+a block has dropped tokens, the tokens that remain sit at scattered positions of the grid,
+different in every image, so the blocks after it need the bias of exactly those pairs:
+:func:`pair_bias` gathers it per image from the block's whole bias. A block that drops tokens selects inside (:func:`beit_selecting_head`,
 :func:`beit_selecting_tail`): its scores are the class token's attention with the bias (what the
 block itself computes), and only the kept tokens are queries and pass the MLP.
 """

@@ -248,7 +248,8 @@ def test_the_first_line_says_where_the_weights_come_from():
 def test_a_model_that_is_no_vit_is_refused_before_it_is_built(img_size):
     from runtimes.torch_backend.patch import PatchError
 
-    with pytest.raises(PatchError, match="^ResNet is not a timm VisionTransformer, Eva or Beit; ALaST supports timm ViT/DeiT"):
+    with pytest.raises(PatchError, match="^ResNet is not a timm VisionTransformer, Eva or Beit; ALaST supports timm "
+                                         "ViT/DeiT"):
         create_model("resnet18", 3, pretrained=True, img_size=img_size)  # refused before any download
 
 
