@@ -274,3 +274,25 @@ def test_a_compiled_beit_step_matches_eager(batch):
         r1, r2 = eager.train_step(x, y, b, 1e-2, step), comp.train_step(x, y, b, 1e-2, step)
         assert r2.loss == pytest.approx(r1.loss, rel=1e-5) and r2.kept_tokens == r1.kept_tokens
     assert comp.compile_time_s > 0
+
+
+def test_a_beit_checkpoint_for_another_input_size_loads_with_its_bias_tables_resized(tmp_path, batch):
+    """As timm loads its own BEiT weights at another size (its checkpoint filter resizes each
+    block's table), then the model trains on target shapes."""
+    from timm.models.beit import Beit
+
+    from alast.models import load_weights
+    from planners import Budget
+    from runtimes.torch_backend.runtime import TorchRuntime
+
+    path = tmp_path / "beit48.pth"
+    torch.save(Beit(img_size=48, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=5,
+                    **BEIT_VARIANTS["beitv2"]).state_dict(), path)
+    model = make_tiny_beit()  # 32 px: a 4 x 4 grid where the checkpoint has 6 x 6
+    old = model.blocks[0].attn.relative_position_bias_table.detach().clone()
+    with pytest.warns(UserWarning):  # timm's interpolation warns about its own indexing
+        load_weights(model, path, timm_filter=True)
+    table = model.blocks[0].attn.relative_position_bias_table
+    assert table.shape == old.shape == (7 * 7 + 3, 2) and not torch.equal(table, old)
+    rt = TorchRuntime(model, lr=1e-2, weight_decay=0.0, grad_clip=None, device="cpu")
+    assert rt.train_step(*batch, Budget((0.5,) * 3, (False, True, True)), 1e-2, 0).kept_tokens == (8, 4, 2)
