@@ -240,10 +240,10 @@ class AlastPlanner:
                                             token_multiple=self.token_multiple, batch_size=batch_size))
         self.budgets = [self.b_init] * num_blocks
         self.prev_deltas = [0.0] * num_blocks
-        # under a target, the projected steps' FLOPs so far (ratios to full), what the plan allowed
-        # them and their count: each step may spend what the ones before left (see :meth:`_projected`)
-        self.spent, self.allowed, self.spent_steps = 0.0, 0.0, 0
-        self._early_allowance: dict[tuple[bool, ...], float] = {}
+        # under a target, the sparse steps' FLOPs so far (ratios to full) and their count: each step
+        # may spend what the ones before left of the target (see :meth:`_step_target`)
+        self.spent, self.spent_steps = 0.0, 0
+        self._early_targets: dict[tuple[bool, ...], float] = {}
         self.early_peak_cap = self._early_peak_cap(cost_model)
         # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
         self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
@@ -291,41 +291,38 @@ class AlastPlanner:
         """A sparse step: the budgets as keep ratios, projected onto the target where there is one."""
         L, last = self.num_blocks, (0.0,) if self.trim_last else ()
         if self.projection is not None and early:
-            ratios = self._projected(budgets, trained, self.spare_early, self._early_step_allowance(trained),
-                                     self.early_peak_cap)
+            ratios = self.projection.project(budgets, trained, self.spare_early, self.trim_last, self.early_peak_cap,
+                                             target=self._early_step_target(trained))
         elif self.projection is not None:
-            ratios = self._projected(budgets, trained, self.spare_first, self.target_flops)
+            ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last,
+                                             target=self._step_target())
+            self.spent += self.projection.ratio(ratios, trained)
+            self.spent_steps += 1
         else:
             spare = self.spare_early if early else self.spare_first
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
-    def _projected(self, budgets: tuple[float, ...], trained: tuple[bool, ...], spare: int, planned: float,
-                   max_peak_bytes: float | None = None) -> tuple[float, ...]:
-        """A step's keep ratios under a target: the budgets projected onto ``planned`` (the step's
-        FLOPs in the plan: ``target_flops`` for a sparse step) plus what the steps so far left of
-        theirs (or minus what they spent above it), at most one step's plan either way. A step's
+    def _step_target(self) -> float:
+        """This sparse step's FLOPs target: ``target_flops`` plus what the sparse steps so far left of
+        theirs (or minus what they spent above it), at most one step's target either way. A step's
         token counts are whole, so a projected step lands at or just below its target; carried over,
-        the shortfall is spent by a later step and the steps' mean lands on the plan however coarse
-        the counts (with 9 patch tokens a step keeps all 9 or drops one in a block)."""
-        carry = self.allowed - self.spent
-        target = planned + min(planned, max(-planned, carry))
-        ratios = self.projection.project(budgets, trained, spare, self.trim_last, max_peak_bytes, target=target)
-        self.spent += self.projection.ratio(ratios, trained)
-        self.allowed += planned
-        self.spent_steps += 1
-        return ratios
+        the shortfall is spent by a later step and the steps' mean lands on ``target_flops`` however
+        coarse the counts (with 9 patch tokens a step keeps all 9 or drops one in a block)."""
+        carry = self.target_flops * self.spent_steps - self.spent
+        return self.target_flops + min(self.target_flops, max(-self.target_flops, carry))
 
-    def _early_step_allowance(self, trained: tuple[bool, ...]) -> float:
-        """An early step's FLOPs in the plan: what it spends with every budget at ``b_init``, held to
-        the early peak cap (the target solver simulates it so, and raises the other steps' target to
-        pay for what it leaves). Once the budgets part, an early step could fit more tokens under the
-        cap; held to this, and carried like the others, the run spends what it was planned to."""
-        if trained not in self._early_allowance:
+    def _early_step_target(self, trained: tuple[bool, ...]) -> float:
+        """An early step's FLOPs target: what the target solver planned for it, its cost with every
+        budget at ``b_init`` under the early peak cap (the solver raises the other steps' target to
+        pay for what it leaves). Once the budgets part, the cap alone could let an early step keep
+        more tokens and spend what the plan gave the other steps. Not carried: a shortfall spent at
+        once by the first sparse step would peak above every other step."""
+        if trained not in self._early_targets:
             b = (self.b_init,) * self.num_blocks
             ratios = self.projection.project(b, trained, self.spare_early, self.trim_last, self.early_peak_cap)
-            self._early_allowance[trained] = self.projection.ratio(ratios, trained)
-        return self._early_allowance[trained]
+            self._early_targets[trained] = self.projection.ratio(ratios, trained)
+        return self._early_targets[trained]
 
     def _dense_step(self, trained: tuple[bool, ...]) -> tuple[tuple[bool, ...], bool]:
         """The trained blocks and embeddings of the dense final phase's dense step (``trained``: the
@@ -371,7 +368,7 @@ class AlastPlanner:
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),
                  "prev_deltas": list(self.prev_deltas), "k_trained": self.k_trained,
-                 "spent": self.spent, "allowed": self.allowed, "spent_steps": self.spent_steps}
+                 "spent": self.spent, "spent_steps": self.spent_steps}
         if self.rule == "normalized":
             state.update(shares=list(self.shares.shares), reference=list(self.shares.reference),
                          observations=self.shares.count)
@@ -395,10 +392,8 @@ class AlastPlanner:
                                "resume it with the alast version that started it, or start a new run")
         self.budgets = [float(b) for b in state["budgets"]]
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
-        # states from before the carried target start its count again; those from before the early
-        # steps were carried allowed each of their (sparse) steps target_flops
+        # states from before the carried target start its count again
         self.spent, self.spent_steps = float(state.get("spent", 0.0)), int(state.get("spent_steps", 0))
-        self.allowed = float(state.get("allowed", (self.target_flops or 0.0) * self.spent_steps))
         if self.rule == "normalized":
             self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
                                            tuple(float(r) for r in state["reference"]),
