@@ -153,9 +153,9 @@ def test_what_a_beit_cannot_run_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"has relative position biases \(timm's Beit\): a fused token has no "
                                          "position; set policy.fuse_tokens=false"):
         create_runtime(build_config({"policy": {"fuse_tokens": True}}), make_tiny_beit())
-    with pytest.raises(ScheduleError, match=r"\(timm's Eva or Beit\) does not fuse dropped tokens"):
-        with token_schedule(make_tiny_beit(), (8, 4, 2), fuse=True):
-            pass
+    with (pytest.raises(ScheduleError, match=r"\(timm's Eva or Beit\) does not fuse dropped tokens"),
+          token_schedule(make_tiny_beit(), (8, 4, 2), fuse=True)):
+        pass
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
