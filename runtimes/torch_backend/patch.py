@@ -211,7 +211,7 @@ class _AlastBlockMixin:
         pos = RelativePositions(whole_bias(self), sequence_positions(ctl.positions, self._alast_prefix))
         if keep is None:  # every token it is given, biased for their positions
             parts = None if ctl.eager else self.__dict__.get("_alast_compiled_parts")
-            out = beit_forward(self, x, pos, parts and parts[1])
+            out = beit_forward(self, x, pos, None if parts is None else parts[1])
             ctl.record_delta(i, x, out, self._alast_pool)
             return out
         out, kept = self._alast_select_inside(ctl, i, x, n_patch, int(keep), pos)
@@ -480,7 +480,7 @@ class AlastPatch:
         self.pool = summary_pool(model)
         self.num_patches = int(model.patch_embed.num_patches)
         self.control = StepControl()
-        self.positions = position_kind(model)
+        self.position_kind = position_kind(model)
         self._hooks = []
         for i, blk in enumerate(self.blocks):
             blk._alast_index = i
@@ -488,9 +488,9 @@ class AlastPatch:
             blk._alast_pool = self.pool
             blk._alast_control = self.control
             blk._alast_in_block = selects_in_block(blk)
-            blk._alast_positions = self.positions
+            blk._alast_positions = self.position_kind
             blk.__class__ = _patched_class(type(blk))
-            if self.positions is None:  # an Eva or BEiT block always selects inside: it reads no hook
+            if self.position_kind is None:  # an Eva or BEiT block always selects inside: it reads no hook
                 self._hooks.append(blk.attn.qkv.register_forward_hook(_qkv_hook))
         model._alast_patch = self
 
@@ -527,7 +527,7 @@ class AlastPatch:
             raise PatchError("blocks of different classes cannot share one compiled forward")
         options = {"dynamic": True, **options}
         compiled = torch.compile(base.forward, **options)
-        parts = tuple(torch.compile(part, **options) for part in SELECTING_PARTS[self.positions])
+        parts = tuple(torch.compile(part, **options) for part in SELECTING_PARTS[self.position_kind])
         for blk in self.blocks:
             blk._alast_compiled = compiled
             if blk._alast_in_block:

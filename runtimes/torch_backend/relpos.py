@@ -4,9 +4,10 @@ Every BEiT block adds a learned bias to its attention logits, one per head and p
 positions (the class token's row and column included), looked up in the block's own table. Once
 a block has dropped tokens, the tokens that remain sit at scattered positions of the grid,
 different in every image, so the blocks after it need the bias of exactly those pairs:
-:func:`pair_bias` gathers it per image from the block's whole bias. A block that drops tokens selects inside (:func:`beit_selecting_head`,
-:func:`beit_selecting_tail`): its scores are the class token's attention with the bias (what the
-block itself computes), and only the kept tokens are queries and pass the MLP.
+:func:`pair_bias` gathers it per image from the block's whole bias. A block that drops tokens
+selects inside (:func:`beit_selecting_head`, :func:`beit_selecting_tail`): its scores are the
+class token's attention with the bias (what the block itself computes), and only the kept tokens
+are queries and pass the MLP.
 """
 from __future__ import annotations
 
