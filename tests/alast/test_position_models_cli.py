@@ -9,8 +9,11 @@ from click.testing import CliRunner
 from alast_cli.main import cli
 
 
-@pytest.mark.parametrize("model,img_size,patches", [("eva02_tiny_patch14_224", 56, 16),
-                                                    ("beitv2_base_patch16_224", 48, 9)])
+@pytest.mark.parametrize("model,img_size,patches", [
+    ("eva02_tiny_patch14_224", 56, 16),
+    # ViT-B's width: about 40 s here; the unit tests cover BEiT's parts, `benchmarks/eva_audit.py --family beit` all
+    pytest.param("beitv2_base_patch16_224", 48, 9, marks=pytest.mark.slow),
+])
 def test_it_trains_on_target_replays_exactly_and_exports_its_token_schedule(model, img_size, patches, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
