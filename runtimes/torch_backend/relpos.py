@@ -67,11 +67,9 @@ def pair_bias(bias: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
     if rows is None and cols is None:
         return bias.unsqueeze(0)
     n = bias.shape[-1]
-    every = torch.arange(n, device=bias.device)
-    if rows is None:
-        rows = every.expand(cols.shape[0], -1)
-    if cols is None:
-        cols = every.expand(rows.shape[0], -1)
+    if rows is None or cols is None:
+        every = torch.arange(n, device=bias.device).expand((cols if rows is None else rows).shape[0], -1)
+        rows, cols = (every, cols) if rows is None else (rows, every)
     flat = rows[:, :, None] * n + cols[:, None, :]  # [B, m, n]
     picked = bias.flatten(1).index_select(1, flat.flatten())  # [H, B * m * n]
     return picked.view(bias.shape[0], *flat.shape).transpose(0, 1)
@@ -118,10 +116,12 @@ def beit_selecting_head(block: nn.Module, x: Tensor, score: str, pool: int | Non
     if pos is not None and pos.bias is not None:
         with torch.no_grad():
             tokens = pos.tokens
-            if tokens is None:
-                tokens = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            rows = tokens[:, :1] if pool is None else tokens[:, pool:]
-            row_bias = pair_bias(pos.bias.detach(), rows, tokens).mean(dim=2, keepdim=True)  # [B, H, 1, N]
+            if tokens is None:  # every token, in order: the bias's own rows, for the whole batch
+                rows = pos.bias[:, :1] if pool is None else pos.bias[:, pool:]
+                row_bias = rows.detach().mean(dim=1, keepdim=True).unsqueeze(0)  # [1, H, 1, N]
+            else:
+                rows = tokens[:, :1] if pool is None else tokens[:, pool:]
+                row_bias = pair_bias(pos.bias.detach(), rows, tokens).mean(dim=2, keepdim=True)  # [B, H, 1, N]
     return h, (q, k, v, pos), row_attention_scores(q, k, v, attn.scale, score, pool, bias=row_bias)
 
 
