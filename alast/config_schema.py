@@ -277,8 +277,9 @@ class BackendConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: 'auto' is CUDA where it is visible (for ort: to both ONNX Runtime "
         "and torch), else the CPU")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast: on CUDA, or on a CPU "
-                                                             "with bf16 matrix instructions (AVX-512 BF16 or AMX)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 autocast: on a CUDA GPU with bf16 (Ampere or later), or on a CPU with bf16 "
+        "matrix instructions (AVX-512 BF16 or AMX); fp16 autocast with loss scaling: on CUDA (a T4, a V100)")
     count_flops: Literal["every", "off"] = Field(
         "every", description="count each step's FLOPs with torch.utils.flop_counter (once per block "
         "shape; torch solves most new shapes exactly from counted ones), or not at all"

@@ -77,10 +77,10 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
     if calibrate and device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--calibrate times training steps on the --device, but no CUDA device is visible here; "
                          "calibrate on the GPU machine, or pass --device cpu")
-    if precision == "bf16":
-        from runtimes.torch_backend.precision import check_bf16
+    if precision is not None:
+        from runtimes.torch_backend.precision import check_precision
 
-        check_bf16(torch.device(device), "--precision")  # before the profile: it takes a while
+        check_precision(torch.device(device), precision, "--precision")  # before the profile: it takes a while
     cm = profile(model, img_size=img_size, num_classes=num_classes, device=device)
     if calibrate:
         if threads is not None:  # as a run's backend.threads: a time model holds at its thread count only
@@ -114,7 +114,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
               "(default: torch's)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="device the model will train on (memory model, --calibrate)")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="precision for --calibrate, as the runs' backend.precision (default: fp32)")
 @click.pass_context
 def profile_command(ctx: click.Context, model, img_size, out, force, as_json, num_classes, calibrate, batch_size,

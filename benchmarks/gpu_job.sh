@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work in one command, sized for a short lease on one GPU:
-#   1. a check of the CUDA paths (seconds; stops the job at the first failure; the 8-bit batches'
-#      normalisation on the device is reported),
+#   1. a check of the CUDA paths (about a minute; stops the job at the first failure; fp16 with loss scaling and
+#      the 8-bit batches' normalisation on the device are reported),
 #   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
 #   3. the planner's host time per step (benchmarks/planner_time.py), then where a batch-64 step's time
 #      goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against the device's time),
@@ -65,6 +65,15 @@ $PY examples/pretrain_vit12_backbone.py --device "$DEVICE" --steps 3 --batch-siz
   --log-every 2 --out "$CHECK/w.safetensors" || exit 1
 $PY benchmarks/gpu_speed.py --device "$DEVICE" --models alast_demo_vit --batches 8 --steps 2 --warmup 1 \
   --compile off --targets 0.5 --precision fp32 --out "$CHECK/speed.json" || exit 1
+if [[ $DEVICE == cuda ]]; then
+  # fp16 with loss scaling (GPUs without bf16): a grid row (its host syncs should be 0), then the demo
+  # at 0.5x (its summary: accuracy, skipped_updates); reported, not fatal
+  timeout 120 $PY benchmarks/gpu_speed.py --device cuda --models alast_demo_vit --batches 64 --steps 4 --warmup 2 \
+    --compile off --targets 0.5 --precision fp16 --out "$OUT_DIR/fp16_speed_check.json" \
+    || echo "warning: the fp16 grid row failed"
+  timeout 180 $PY -m alast_cli train --target-flops 0.5 --set backend.precision=fp16 --out "$CHECK/fp16_run" \
+    && cp "$CHECK/fp16_run/summary.json" "$OUT_DIR/fp16_demo_summary.json" || echo "warning: the fp16 demo run failed"
+fi
 # 8-bit batches normalised on the device: the host's float images to the bit (reported, not fatal)
 $PY -m pytest -q -n 0 -p no:cacheprovider -rs tests/runtimes/test_images.py \
   || echo "warning: tests/runtimes/test_images.py failed: 8-bit batches normalised on the device are not the host's"

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="deit_small_patch16_224")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--target", type=float, default=0.5, help="ALaST's FLOPs target (fraction of full fine-tuning)")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--token-select", default=None, help="override policy.token_select (top, sample, random)")

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--models", default="vit_base_patch16_224,deit_small_patch16_224")
     ap.add_argument("--batches", default="64,128,256")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--compile", default="both", choices=["both", "on", "off"])
     ap.add_argument("--targets", default="0.5,0.4", help="ALaST FLOPs targets (fractions of full fine-tuning)")
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation happens here)")

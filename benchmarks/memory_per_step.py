@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target-flops", type=float, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in alast train")
     ap.add_argument("--device", default="cpu", help="cpu (torch's MemTracker) or cuda (max_memory_allocated per step)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA autocast")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16, fp16: CUDA autocast")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.steps < 2:

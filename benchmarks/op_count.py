@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=["cuda", "cpu"])
     ap.add_argument("--models", default="deit_small_patch16_224,vit_base_patch16_224")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="fp32", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--targets", default="0.5,0.4", help="ALaST FLOPs targets (fractions of full fine-tuning)")
     ap.add_argument("--warmup", type=int, default=3, help="steps the planner sees before the counted one")
     ap.add_argument("--out", type=Path, default=Path("docs/results/op_count.json"))

@@ -88,6 +88,8 @@ class StepResult:
     memory_measured: whether the runtime measured this step's peak memory (CPU runtimes sample).
     compile_time_s: seconds this step spent compiling (torch.compile), excluded from step_time_s.
     embeddings_trained: whether the step trained the embeddings (see :class:`Budget`).
+    loss_scale: the loss scale of an fp16 step's backward (None without one); ``update_skipped``: its
+        gradients overflowed, so the weights were left as they were.
     """
 
     loss: float
@@ -101,6 +103,8 @@ class StepResult:
     memory_measured: bool = False
     compile_time_s: float = 0.0
     embeddings_trained: bool = True
+    loss_scale: float | None = None
+    update_skipped: bool = False
 
 
 @runtime_checkable

@@ -30,6 +30,18 @@ class NonFiniteLoss(RuntimeError_):
         self.step, self.loss = step, loss
 
 
+class LossScaleCollapse(NonFiniteLoss):
+    """fp16's gradients overflowed on many steps in a row: the loss scale keeps halving and the weights
+    stop moving."""
+
+    def __init__(self, step: int, in_a_row: int, scale: float | None) -> None:
+        RuntimeError_.__init__(self, f"fp16 gradients overflowed on {in_a_row} steps in a row, to step {step + 1} "
+                               f"(metrics.jsonl step {step}; loss scale now {(scale or 0) / 2:g}), so none of "
+                               "them trained; use backend.precision=bf16 on a GPU with bf16 (Ampere or later) "
+                               "or fp32, or lower train.lr")
+        self.step, self.loss = step, float("nan")
+
+
 @runtime_checkable
 class Runtime(Protocol):
     name: str

@@ -365,10 +365,11 @@ def _early_phase(cfg: AlastConfig, num_blocks: int, target: dict[str, Any] | Non
 
 
 def _note_precision(cfg: AlastConfig) -> None:
-    """Warn where the run's activations are not the cost model's fp32 ones (bf16 autocast)."""
-    if cfg.backend.precision == "bf16":
+    """Warn where the run's activations are not the cost model's fp32 ones (bf16 or fp16 autocast)."""
+    if cfg.backend.precision != "fp32":
         warn("peak memory is priced for fp32 activations, as the cost model measured them on the CPU; under "
-             "bf16 autocast most saved activations take half the bytes, so the run peaks lower (not modelled)")
+             f"{cfg.backend.precision} autocast most saved activations take half the bytes, so the run peaks "
+             "lower (not modelled)")
 
 
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,

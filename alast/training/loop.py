@@ -43,11 +43,12 @@ from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
-from runtimes.protocol import NonFiniteLoss, RuntimeError_, check_budget
+from runtimes.protocol import LossScaleCollapse, NonFiniteLoss, RuntimeError_, check_budget
 from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
 from runtimes.torch_backend.runtime import resolve_device
 
 TIMED_AFTER_STEPS = 10  # output.checkpoint_minutes: the steps timed before the interval is fixed
+SKIPPED_IN_A_ROW = 24  # fp16: overflowed steps in a row that stop a run (the scale fell 2**24-fold)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class _Tally:
     peak_memory_bytes: int | None = None
     schedule_window: int = 1
     recent_kept_tokens: list[list[int]] = field(default_factory=list)  # the last schedule_window steps
+    skipped_updates: int = 0  # fp16 steps whose gradients overflowed (not applied)
+    skipped_in_a_row: int = 0
 
     def add(self, result: StepResult, allreduce_bytes: int | None, data_wait_s: float = 0.0) -> None:
         recent = self.recent_kept_tokens  # updated in place: no copy of the window every step
@@ -90,6 +93,11 @@ class _Tally:
             self.counted_flops += result.train_flops
         if allreduce_bytes is not None:
             self.allreduce_bytes.append(int(allreduce_bytes))
+        if result.update_skipped:
+            self.skipped_updates += 1
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
 
     def schedule(self, num_patches: int, trim_last: bool = False) -> tuple[int, ...] | None:
         """The token schedule of the recent steps (None when they kept every token); with
@@ -522,6 +530,9 @@ class _Run:
             record["embeddings_trained"] = False
         if result.compile_time_s:
             record["compile_time_s"] = result.compile_time_s
+        if result.loss_scale is not None:
+            record["loss_scale"] = result.loss_scale
+            record["update_skipped"] = result.update_skipped
         if sent is not None:
             record["grad_allreduce_bytes"] = sent
         if writer:
@@ -529,6 +540,8 @@ class _Run:
         if self.tb:
             self.tb.step(record)
         hooks.on_step(step, result, record)
+        if self.tally.skipped_in_a_row >= SKIPPED_IN_A_ROW:
+            raise LossScaleCollapse(step, self.tally.skipped_in_a_row, result.loss_scale)
 
     def _oom_message(self, cpu_failure: str | None = None) -> str:
         """One line: where it ran out, how to see the predicted peak, what to lower. ``cpu_failure``:
@@ -538,7 +551,7 @@ class _Run:
         if cpu_failure is None:
             return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
                     f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size), use "
-                    f"backend.precision=bf16 or a lower --target-flops; {kept}")
+                    f"backend.precision=bf16 (fp16 on a GPU without bf16) or a lower --target-flops; {kept}")
         size = re.search(r"allocate (\d+) bytes", cpu_failure)
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""

@@ -42,6 +42,8 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "data_workers": run.workers, "cached_images": _cached_images(data),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
+        # fp16: the steps whose gradients overflowed, left unapplied by the loss scaler
+        "skipped_updates": tally.skipped_updates if cfg.backend.precision == "fp16" else None,
         "grad_allreduce_bytes_per_step": statistics.mean(sent) if sent else None,
         "ranks_in_sync": run.ranks_in_sync(), "resumed_from_step": run.resumed_from,
         "num_classes": len(data.classes), "classes": data.classes, "skipped_files": data.skipped_files,

@@ -54,8 +54,8 @@ class DeviceTimer:
 class PendingStep:
     """What a launched step produced; :meth:`resolve` turns it into a :class:`StepResult`.
 
-    ``values`` holds ``[loss per rank..., deltas [L, B] flattened]`` (float32), on the host once
-    ``ready`` has fired. The token counts, trained blocks and counted flops are host values known
+    ``values`` holds ``[loss per rank..., deltas [L, B] flattened]`` (float32), then with fp16 the
+    loss scale before and after the step, on the host once ``ready`` has fired. The token counts, trained blocks and counted flops are host values known
     at launch.
     """
 
@@ -68,16 +68,20 @@ class PendingStep:
     timer: DeviceTimer
     fields: dict[str, Any]
     compile_time_s: float = 0.0
+    scaled: bool = False
     _result: StepResult | None = None
 
     @classmethod
     def launch(cls, step: int, loss: torch.Tensor, deltas: torch.Tensor, comm: Any, reduction: str,
-               timer: DeviceTimer, fields: dict[str, Any], compile_time_s: float) -> "PendingStep":
-        """Gather across ranks on the device, then one non-blocking copy to pinned host memory."""
+               timer: DeviceTimer, fields: dict[str, Any], compile_time_s: float,
+               scales: torch.Tensor | None = None) -> "PendingStep":
+        """Gather across ranks on the device, then one non-blocking copy to pinned host memory.
+        ``scales``: fp16's loss scale before and after the step (the same on every rank)."""
         loss = loss.detach().float().reshape(1, 1)
         if comm is not None:
             loss, deltas = comm.gather_batch(loss), comm.gather_batch(deltas)
-        packed = torch.cat([loss.flatten(), deltas.detach().float().flatten()])
+        parts = [loss.flatten(), deltas.detach().float().flatten()]
+        packed = torch.cat(parts if scales is None else [*parts, scales.to(parts[0].device)])
         ready = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -86,7 +90,7 @@ class PendingStep:
             ready.record()
             packed = host
         return cls(step, packed, ready, int(loss.numel()), int(deltas.shape[0]), reduction, timer, fields,
-                   compile_time_s)
+                   compile_time_s, scales is not None)
 
     def resolve(self) -> StepResult:
         """Wait for this step's copy (not for later steps), check the loss, reduce the deltas."""
@@ -95,6 +99,10 @@ class PendingStep:
         if self.ready is not None:
             self.ready.synchronize()
         flat = self.values.tolist()
+        scaling = {}
+        if self.scaled:
+            (before, after), flat = flat[-2:], flat[:-2]
+            scaling = {"loss_scale": before, "update_skipped": after < before}  # the scale halves on an overflow
         loss = sum(flat[: self.ranks]) / self.ranks
         if not math.isfinite(loss):
             raise NonFiniteLoss(self.step, loss)
@@ -104,5 +112,5 @@ class PendingStep:
                        for i in range(self.num_blocks))
         step_time = max(self.timer.seconds() - self.compile_time_s, 0.0)
         self._result = StepResult(loss=loss, deltas=deltas, step_time_s=step_time,
-                                  compile_time_s=self.compile_time_s, **self.fields)
+                                  compile_time_s=self.compile_time_s, **scaling, **self.fields)
         return self._result

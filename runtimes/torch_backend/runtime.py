@@ -29,7 +29,7 @@ from .params import (
 )
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
-from .precision import autocast, check_bf16
+from .precision import autocast, check_precision, loss_scaler
 from .tokens import check_token_choice
 
 
@@ -83,9 +83,9 @@ class TorchRuntime:
         if token_multiple < 1:
             raise ValueError(f"backend.token_multiple must be >= 1, got {token_multiple}")
         self.token_multiple = int(token_multiple)
-        if precision == "bf16":
-            check_bf16(self.device)
+        check_precision(self.device, precision)
         self.precision = precision
+        self.scaler = loss_scaler(self.device, precision)  # fp16 only
         self.count_flops = count_flops
         self.delta_reduction = delta_reduction
         self.label_smoothing = label_smoothing
@@ -214,9 +214,9 @@ class TorchRuntime:
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
                 if not lag and not torch.isfinite(loss.detach()):
                     raise NonFiniteLoss(step, float(loss.detach()))
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             deltas = ctl.block_deltas()
-            self._update(budget)
+            scales = self._update(budget)
         if counting:
             flops = self._flops.record(fc, flop_keys)
         if not lag:
@@ -229,7 +229,8 @@ class TorchRuntime:
         fields = dict(tokens_in=tokens_in, kept_tokens=tokens_out, trained_blocks=budget.trained_blocks,
                       embeddings_trained=embeddings,
                       batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
-        return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s)
+        return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s,
+                                  scales)
 
     def _train_mode(self) -> None:
         """``model.train()`` where the model is not in training mode already: the call visits every
@@ -244,13 +245,25 @@ class TorchRuntime:
             images, labels = images.pin_memory(), labels.pin_memory()  # else the copy waits on the stream
         return self._images(images, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def _update(self, budget: Budget) -> None:
-        """The optimizer step on this step's gradients: reduced across ranks, clipped."""
+    def _update(self, budget: Budget) -> torch.Tensor | None:
+        """The optimizer step on this step's gradients: reduced across ranks, unscaled (fp16),
+        clipped. With fp16, returns the loss scale before and after the step, on the device: a step
+        whose gradients overflowed was not applied and halved the scale. Every rank reduces before it
+        unscales, so all see the same overflow and keep the same scale."""
         self._reduce_gradients(budget)
+        scaler = self.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         if self.grad_clip:
             params = [p for p in self._all_params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+            return None
+        before = scaler._get_scale_async().detach().clone()  # the device tensor get_scale() would read
+        scaler.step(self.optimizer)  # the fused AdamW (CUDA) skips an overflowed step on the device
+        scaler.update()
+        return torch.stack([before, scaler._get_scale_async()]).float()
 
     def _reduce_gradients(self, budget: Budget) -> None:
         if self.comm is None:
@@ -373,11 +386,14 @@ class TorchRuntime:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 "probed_load": list(self._probes.load), "token_rng": self.token_rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "loss_scaler" in state:  # resume checks the precision matches
+            self.scaler.load_state_dict(state["loss_scaler"])
         self._probes.load = tuple(state.get("probed_load", (0, 0)))
         if "token_rng" in state:  # absent from checkpoints written before the token draws
             self.token_rng.set_state(state["token_rng"])
