@@ -5,6 +5,7 @@ tests here allow it on the CPU to run the same code: the scaled backward, the sk
 overflowed step, the scale in metrics.jsonl and the checkpoint, and the stop when every step
 overflows.
 """
+import itertools
 import json
 
 import pytest
@@ -131,7 +132,7 @@ def test_an_fp16_run_logs_its_scale_and_counts_its_skipped_updates(tmp_path, fp1
     assert len(rows) == 6 and rows[0]["loss_scale"] == 2.0 ** 20
     skipped = [r["update_skipped"] for r in rows]
     assert skipped[0] and not skipped[-1]  # overflowed at 2**20, trained once the scale fell
-    for r, nxt in zip(rows, rows[1:]):
+    for r, nxt in itertools.pairwise(rows):
         assert nxt["loss_scale"] == r["loss_scale"] / (2 if r["update_skipped"] else 1)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_updates"] == sum(skipped)
