@@ -10,19 +10,7 @@ from planners import Budget
 from runtimes.torch_backend import precision as torch_runtime
 from runtimes.torch_backend.runtime import TorchRuntime
 from tests.conftest import make_tiny_vit
-
-
-class _MatmulDtypes(TorchDispatchMode):
-    """The dtypes of the matrix products dispatched under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm"):
-            self.dtypes.add(args[0].dtype if func.overloadpacket.__name__ != "addmm" else args[1].dtype)
-        return func(*args, **(kwargs or {}))
+from tests.runtimes.dtypes import MatmulDtypes
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def test_a_bf16_step_multiplies_in_bf16_and_keeps_fp32_weights(batch, bf16_cpu):
     fp32, bf16 = _runtime("fp32"), _runtime("bf16")
     seen = {}
     for name, rt in (("fp32", fp32), ("bf16", bf16)):
-        with _MatmulDtypes() as mode:
+        with MatmulDtypes() as mode:
             seen[name] = rt.train_step(x, y, budget, 1e-2, 0)
         seen[name + " dtypes"] = mode.dtypes
     assert seen["fp32 dtypes"] == {torch.float32}

@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from alast.training.checkpoint import load_checkpoint, save_checkpoint
 from alast_cli.main import cli
@@ -20,19 +19,9 @@ from runtimes.torch_backend import precision, runtime
 from runtimes.torch_backend.runtime import TorchRuntime
 from tests.cli_errors import one_error_line
 from tests.conftest import make_tiny_vit
+from tests.runtimes.dtypes import MatmulDtypes
 
 BUDGET = Budget((0.5,) * 4, (False, True, True, True))
-
-
-class _MatmulDtypes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm"):
-            self.dtypes.add(args[0].dtype if func.overloadpacket.__name__ != "addmm" else args[1].dtype)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -78,7 +67,7 @@ def test_an_fp16_step_scales_the_loss_multiplies_in_fp16_and_keeps_fp32_weights(
     x, y = batch
     fp32, fp16 = _runtime("fp32"), _runtime("fp16", init_scale=2.0 ** 4, sync_free=sync_free)
     start = _weights(fp16)
-    with _MatmulDtypes() as mode:
+    with MatmulDtypes() as mode:
         b = fp16.launch_step(x, y, BUDGET, 1e-2, 0).resolve()
     a = fp32.train_step(x, y, BUDGET, 1e-2, 0)
     assert torch.float16 in mode.dtypes
