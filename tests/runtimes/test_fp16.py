@@ -112,7 +112,7 @@ def test_the_loss_scale_is_checkpointed_and_a_resumed_run_steps_as_the_uninterru
 def test_an_fp16_run_logs_its_scale_and_counts_its_skipped_updates(tmp_path, fp16_cpu, monkeypatch):
     monkeypatch.setattr(runtime, "loss_scaler", lambda device, prec: torch.amp.GradScaler("cpu", init_scale=2.0 ** 20))
     run = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", "--steps", "6", "--batch-size", "16", "--target-flops", "0.5",
+    res = CliRunner().invoke(cli, ["train", "--steps", "6", "--batch-size", "16",
                                    "--set", "backend.precision=fp16", "--set", "backend.threads=1",
                                    "--out", str(run)])
     assert res.exit_code == 0, res.output
