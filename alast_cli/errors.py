@@ -124,7 +124,8 @@ def describe(exc: BaseException, debug: bool = False) -> tuple[int, str]:
     code = EXIT_BAD_INPUT if isinstance(exc, _bad_input_types() + (ValueError,)) else EXIT_FAILURE
     msg = first_line(exc)
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside a training step
-        msg = "out of GPU memory; lower --batch-size (train.batch_size) or use backend.precision=bf16 (fp16 on a GPU without bf16)"
+        msg = ("out of GPU memory; lower --batch-size (train.batch_size) or use backend.precision=bf16 (fp16 on a "
+               "GPU without bf16)")
     if isinstance(exc, OSError) and getattr(exc, "strerror", None):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         msg = f"{exc.strerror}{where}"

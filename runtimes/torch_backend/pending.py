@@ -55,8 +55,8 @@ class PendingStep:
     """What a launched step produced; :meth:`resolve` turns it into a :class:`StepResult`.
 
     ``values`` holds ``[loss per rank..., deltas [L, B] flattened]`` (float32), then with fp16 the
-    loss scale before and after the step, on the host once ``ready`` has fired. The token counts, trained blocks and counted flops are host values known
-    at launch.
+    loss scale before and after the step, on the host once ``ready`` has fired. The token counts,
+    trained blocks and counted flops are host values known at launch.
     """
 
     step: int
