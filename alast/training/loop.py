@@ -45,6 +45,7 @@ from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
 from runtimes.protocol import LossScaleCollapse, NonFiniteLoss, RuntimeError_, check_budget
 from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
+from runtimes.torch_backend.precision import check_precision
 from runtimes.torch_backend.runtime import resolve_device
 
 TIMED_AFTER_STEPS = 10  # output.checkpoint_minutes: the steps timed before the interval is fixed
@@ -201,7 +202,9 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
+    device = resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
+    if cfg.backend.name == "torch":
+        check_precision(device, cfg.backend.precision)  # as early: a precision the device cannot run
 
     workers = data_workers(cfg)
     data, data_cfg = load_data(cfg, workers)
