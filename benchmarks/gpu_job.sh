@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work in one command, sized for a short lease on one GPU:
-#   1. a check of the CUDA paths (about a minute; stops the job at the first failure; fp16 with loss scaling and
-#      the 8-bit batches' normalisation on the device are reported),
+#   1. a check of the CUDA paths (about a minute; stops the job at the first failure; fp16 with loss
+#      scaling and the 8-bit batches' normalisation on the device are reported),
 #   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
 #   3. the planner's host time per step (benchmarks/planner_time.py), then where a batch-64 step's time
 #      goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against the device's time),
