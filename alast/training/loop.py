@@ -43,9 +43,9 @@ from alast.training.summary import run_summary, write_final
 from alast.training.tensorboard import TensorBoardLog
 from alast.training.tensorboard import check_available as check_tensorboard
 from planners import Observation, StepResult, schedule_from_steps, schedule_window
+from runtimes import registry
 from runtimes.protocol import LossScaleCollapse, NonFiniteLoss, RuntimeError_, check_budget
 from runtimes.token_schedule import drops_tokens, head_reads_prefix, inference_flops
-from runtimes.torch_backend.precision import check_precision
 from runtimes.torch_backend.runtime import resolve_device
 
 TIMED_AFTER_STEPS = 10  # output.checkpoint_minutes: the steps timed before the interval is fixed
@@ -202,9 +202,8 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
-    if cfg.backend.name == "torch":
-        check_precision(device, cfg.backend.precision)  # as early: a precision the device cannot run
+    resolve_device(cfg.backend.device)  # a device that is not there stops the run before any data download
+    registry.check_runtime_config(cfg.backend.name, cfg)  # as early: what the backend would refuse
 
     workers = data_workers(cfg)
     data, data_cfg = load_data(cfg, workers)

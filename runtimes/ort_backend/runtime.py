@@ -338,7 +338,7 @@ def check_config(cfg: Any) -> None:
                          "use --backend torch")
 
 
-@register_runtime("ort")
+@register_runtime("ort", check=check_config)
 def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
     if comm is not None:
         raise ValueError("the ort backend trains in one process; use --backend torch for data-parallel runs")

@@ -418,7 +418,12 @@ class TorchRuntime:
         return model
 
 
-@register_runtime("torch")
+def check_config(cfg: Any) -> None:
+    """Refuse a precision the run's device cannot run, or would run slower than fp32."""
+    check_precision(resolve_device(cfg.backend.device), cfg.backend.precision)
+
+
+@register_runtime("torch", check=check_config)
 def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
     lora = cfg.policy.lora.model_dump() if cfg.policy.lora is not None else None
     return TorchRuntime(
