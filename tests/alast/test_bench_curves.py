@@ -9,7 +9,7 @@ from alast.bench_curves import verdicts
 from alast.bench_runs import BY_STEPS, compare
 from alast_cli.main import cli
 
-FAST = ["--steps", "4", "--batch-size", "16", "--set", "backend.threads=1"]
+FAST = ["--steps", "4", "--batch-size", "16", "--set", "backend.threads=1", "--set", "data.val_fraction=0.05"]
 
 
 def test_bench_targets_writes_curves_skips_and_verdicts(tmp_path):

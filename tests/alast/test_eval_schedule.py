@@ -13,7 +13,8 @@ from planners import StepResult, schedule_from_steps
 
 STEPS = 20
 TRAIN = ["train", "--steps", str(STEPS), "--batch-size", "8", "--set", "backend.threads=1",
-         "--set", "backend.count_flops=off", "--set", "policy.dense_final_frac=0"]  # end sparse: a schedule
+         "--set", "backend.count_flops=off", "--set", "policy.dense_final_frac=0",  # end sparse: a schedule
+         "--set", "data.val_fraction=0.05"]
 TARGET = ["--target-flops", "0.6"]
 
 

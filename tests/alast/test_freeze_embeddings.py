@@ -15,7 +15,8 @@ from runtimes.torch_backend.runtime import TorchRuntime
 from tests.conftest import make_tiny_vit
 
 TRAIN = ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.threads=1",
-         "--set", "policy.freeze_embeddings=true", "--set", "policy.token_select=top"]  # no draws: backends comparable
+         "--set", "policy.freeze_embeddings=true", "--set", "policy.token_select=top",  # no draws: backends comparable
+         "--set", "data.val_fraction=0.05"]
 
 
 def _step_flops(freeze: bool, trained: tuple[bool, ...], batch) -> tuple[float, TorchRuntime]:

@@ -24,7 +24,8 @@ from alast_cli.main import cli
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 BASE = ["--steps", str(STEPS), "--batch-size", "16", "--set", 'backend.count_flops="off"',
-        "--set", "backend.threads=1", "--set", "output.checkpoint_every=3"]
+        "--set", "backend.threads=1", "--set", "output.checkpoint_every=3",
+        "--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations take a quarter of the time
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -372,7 +373,8 @@ def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path):
 
 
 # -- --force over a finished run, and a failed final evaluation -------------------------------
-FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+        "--set", "data.val_fraction=0.05"]
 
 
 def test_force_replaces_the_old_run_and_resume_continues_the_new_one(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from alast.training.report import read_metrics
 from runtimes.protocol import NonFiniteLoss
 
 BASE = ["train.steps=8", "train.batch_size=8", "backend.count_flops=off", "backend.threads=1",
-        "output.checkpoint_every=3", "policy.alpha=0.5"]
+        "output.checkpoint_every=3", "policy.alpha=0.5",
+        "data.val_fraction=0.05"]
 
 
 def cfg(*extra: str):

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from alast_cli.main import cli
 
-FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off"]
+FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off", "--set", "data.val_fraction=0.05"]
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_cli_nproc_2_end_to_end(tmp_path):
     (with the highest-scoring tokens kept: drawn tokens come from each rank's own generator), and
     the same FLOPs per step in its records: the whole step's, not one process's share."""
     common = ["--steps", "3", "--batch-size", "8", "--set", "backend.threads=1", "--set", "policy.token_select=top",
-              "--json"]
+              "--set", "data.val_fraction=0.05", "--json"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", *common,
                           "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
@@ -187,7 +187,7 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
     from tests.cli_errors import one_error_line
 
     common = ["--steps", "4", "--batch-size", "8", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
-              "--set", "output.checkpoint_every=2"]
+              "--set", "output.checkpoint_every=2", "--set", "data.val_fraction=0.05"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = tmp_path / "two"
 
