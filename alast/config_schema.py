@@ -311,6 +311,10 @@ class TrainConfig(_Section):
                                  "ceil(epochs x (training images // batch_size)); set steps to null with it")
     batch_size: int = Field(64, ge=1, description="global batch size: with --nproc N each process trains on "
                             "batch_size / N images per step")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="gradient accumulation: the most images one forward and backward pass takes on "
+        "a process; a step of more runs several passes, adds up their gradients and updates once (the same "
+        "step, with the activation memory of this many images). null: the whole per-process batch in one pass")
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of AdamW (linear warm-up, then cosine "
                       "decay); also the paper rule's budget step when policy.alpha is unset")
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay (none on 1-D parameters and on "
@@ -397,4 +401,8 @@ class AlastConfig(_Section):
                              "swap them")
         if not p.b_min <= p.b_init <= p.b_max:
             raise ValueError(f"policy.b_init={p.b_init} must lie in [policy.b_min, policy.b_max] = [{p.b_min}, {p.b_max}]")
+        t = self.train
+        if t.micro_batch_size is not None and t.micro_batch_size > t.batch_size:
+            raise ValueError(f"train.micro_batch_size={t.micro_batch_size} is above train.batch_size={t.batch_size}: a "
+                             f"pass cannot take more images than the step has; lower it, or raise the batch size")
         return self

@@ -36,6 +36,8 @@ def config_options(fn: Callable) -> Callable:
         click.option("--steps", type=int, help="training steps"),
         click.option("--epochs", type=float, help="training epochs (instead of --steps)"),
         click.option("--batch-size", type=int, help="global batch size"),
+        click.option("--micro-batch-size", type=int,
+                     help="gradient accumulation: the most images per forward and backward pass on a process"),
         click.option("--lr", type=float, help="peak learning rate"),
         click.option("--target-flops", type=float, help="fraction of full fine-tuning FLOPs, in (0, 1]"),
         click.option("--seed", type=int, help="random seed"),
@@ -51,7 +53,7 @@ _NAMED = {
     "model": "model.name", "pretrained": "model.pretrained", "checkpoint": "model.checkpoint",
     "img_size": "model.img_size", "data": "data.spec", "data_dir": "data.data_dir", "policy": "policy.name",
     "backend": "backend.name", "steps": "train.steps", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "lr": "train.lr", "target_flops": "policy.target_flops",
+    "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size", "lr": "train.lr", "target_flops": "policy.target_flops",
     "seed": "train.seed",
 }
 

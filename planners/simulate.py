@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .costmodel import EMBED, CostModel, poly, poly2
@@ -124,8 +124,10 @@ def step_flops(cm: CostModel, shape: StepShape, batch: int) -> float:
     return fwd + bwd
 
 
-def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
-    """Costs of one step of ``batch`` samples with the given shape."""
+def step_cost(cm: CostModel, shape: StepShape, batch: int, grads_held: bool = False) -> StepCost:
+    """Costs of one step of ``batch`` samples with the given shape. ``grads_held``: a later pass of
+    a step that accumulates gradients (``train.micro_batch_size``): the trained parameters' gradients
+    are alive from its start (its forward holds them; its backward adds to them in place)."""
     embed_on = cm.embed.trainable and shape.embed_trained
     states = block_states(shape.trained, embed_on)
     fwd, bwd, per_block, acts = _flops(cm, shape, batch, states, embed_on)
@@ -141,8 +143,10 @@ def step_cost(cm: CostModel, shape: StepShape, batch: int) -> StepCost:
             largest = max(largest, blk.largest_trainable_bytes)
     n_final = cm.num_prefix_tokens + shape.kept_tokens[-1]
     saved = cm.embed.act_bytes[0] * batch if embed_on else 0.0  # what the embeddings keep for their backward
-    bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final, saved)
+    bwd_peak = _backward_peak(cm, states, shape, acts, batch, n_final, saved, grad if grads_held else None)
     fwd_peak = _forward_peak(cm, states, shape, acts, batch, saved)
+    if grads_held and fwd_peak is not None:
+        fwd_peak += grad
     opt_temp = grad if cm.memory.optimizer_temp == "all_trained" else _adamw_temp(cm, shape, embed_on, largest)
     return StepCost(fwd, bwd, select_blocks, bwd_blocks, bwd_peak, float(sum(acts)), float(grad), float(opt_temp),
                     tuple(trained_params), tuple(per_block), max(bwd_peak, fwd_peak or 0.0))
@@ -190,15 +194,16 @@ def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list
 
 
 def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list[float], batch: int,
-                   n_final: int, embed: float) -> float:
+                   n_final: int, embed: float, held: float | None = None) -> float:
     """Bytes alive at the worst moment of the backward, walking it from the head down: the
     activations not yet consumed, the gradients of the blocks already done, and the block's own
     gradients in flight (the one arriving at its output and what its backward allocates). ``embed``:
-    what the embeddings saved (nothing where they do not train)."""
+    what the embeddings saved (nothing where they do not train). ``held``: the bytes of every
+    trained gradient, alive from the start (a later pass of an accumulating step)."""
     p, grad_bytes = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 gradient, per token
     embed += cm.memory.record_bytes_per_sample * batch
     remaining = sum(acts)
-    grads_done = float(cm.head.trainable_bytes)
+    grads_done = float(cm.head.trainable_bytes if held is None else held)
     peak = embed + poly(cm.head.act_bytes, n_final) * batch + remaining + grads_done
     for i in reversed(range(len(cm.blocks))):
         blk, state = cm.blocks[i], states[i]
@@ -210,7 +215,7 @@ def _backward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: lis
             arriving = 0.0 if blk.bwd_events is not None else n_out * grad_bytes
             peak = max(peak, embed + remaining + grads_done + arriving + transient)
         remaining -= acts[i]
-        if shape.trained[i]:
+        if shape.trained[i] and held is None:
             grads_done += blk.trainable_bytes
     return peak
 
@@ -333,10 +338,12 @@ class RunAccumulator:
 
 def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: str, method: str,
                batch_size: int, world_size: int = 1, sampled: Sequence[int] | None = None,
-               trim_last: bool = False) -> Prediction:
+               trim_last: bool = False, micro_batch: int | None = None) -> Prediction:
     """Fold ``(shape, global batch)`` pairs; memory is per device (batch / world_size). ``sampled``:
     positions of the steps whose memory a runtime measures (their peak is reported too).
-    ``trim_last``: the steps trimmed the last block (see :func:`planners.rules.schedule_from_steps`)."""
+    ``trim_last``: the steps trimmed the last block (see :func:`planners.rules.schedule_from_steps`).
+    ``micro_batch``: a device's step runs in passes of at most this many samples, its gradients
+    accumulated: the activations are a pass's (a later pass's, with every trained gradient alive)."""
     acc = RunAccumulator(cm, max(1, batch_size // world_size))
     acc.trim_last = trim_last
     cache: dict[tuple[StepShape, int], StepCost] = {}
@@ -344,7 +351,7 @@ def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: s
         per_device = max(1, batch // world_size)
         key = (shape, per_device)
         if key not in cache:
-            cache[key] = step_cost(cm, shape, per_device)
+            cache[key] = _accumulated(cm, shape, per_device, micro_batch)
         acc.batch = per_device
         acc.add(shape, cache[key], flops_scale=batch / per_device)
     pred = acc.result(policy, method, batch_size)
@@ -352,6 +359,16 @@ def run_shapes(cm: CostModel, shapes: Iterable[tuple[StepShape, int]], policy: s
         peaks = [acc.step_peaks[i] for i in sampled if 0 <= i < len(acc.step_peaks)]
         pred.peak_memory_sampled_bytes = max(peaks) if peaks else None
     return pred
+
+
+def _accumulated(cm: CostModel, shape: StepShape, batch: int, micro_batch: int | None) -> StepCost:
+    """:func:`step_cost` of ``batch`` samples run in passes of at most ``micro_batch``: the whole
+    batch's FLOPs, the memory of a later pass (which :func:`step_cost` ``grads_held`` gives)."""
+    cost = step_cost(cm, shape, batch)
+    if micro_batch is None or micro_batch >= batch:
+        return cost
+    later = step_cost(cm, shape, micro_batch, grads_held=True)
+    return replace(cost, bwd_peak_bytes=later.bwd_peak_bytes, act_bytes=later.act_bytes, peak_bytes=later.peak_bytes)
 
 
 def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int,
@@ -370,20 +387,21 @@ def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], st
 
 
 def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int, batch_size: int,
-             policy: str | None = None) -> Prediction:
-    """Predict a run of ``planner_name`` with planner ``options``; alast gets a [min, max] range."""
+             policy: str | None = None, micro_batch: int | None = None) -> Prediction:
+    """Predict a run of ``planner_name`` with planner ``options``; alast gets a [min, max] range.
+    ``micro_batch``: see :func:`run_shapes`."""
     policy = policy or planner_name
     if planner_name != "alast":
         return run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size), policy, "exact",
-                          batch_size)
+                          batch_size, micro_batch=micro_batch)
     trim = bool(options.get("trim_last"))
     pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size), policy, "expected", batch_size,
-                      trim_last=trim)
+                      trim_last=trim, micro_batch=micro_batch)
     bounds = []
     for b in (options.get("b_min", 0.5), options.get("b_max", 1.0)):
         held = {**options, "b_init": b, "b_min": b, "b_max": b}
         bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size), policy, "bound", batch_size,
-                                 trim_last=trim))
+                                 trim_last=trim, micro_batch=micro_batch))
     lo, hi = bounds
     pred.train_flops_range = (lo.train_flops, hi.train_flops)
     pred.peak_memory_range = (lo.peak_memory_bytes, hi.peak_memory_bytes)
@@ -393,9 +411,11 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
 
 
 def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,
-           memory_sampled: Callable[[int], bool] | None = None, trim_last: bool = False) -> Prediction:
+           memory_sampled: Callable[[int], bool] | None = None, trim_last: bool = False,
+           micro_batch: int | None = None) -> Prediction:
     """Predict exactly what the logged steps cost (``metrics.jsonl`` records, in step order).
-    ``memory_sampled(step)`` says which steps the runtime measured memory on."""
+    ``memory_sampled(step)`` says which steps the runtime measured memory on; ``micro_batch``: see
+    :func:`run_shapes`."""
     if not records:
         raise ValueError("the trace has no steps")
     batch = int(records[0].get("batch_size", 1))
@@ -406,7 +426,7 @@ def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trac
         sampled = [i for i, r in enumerate(records) if r.get("memory_measured")]
     elif memory_sampled is not None:
         sampled = [i for i, r in enumerate(records) if memory_sampled(int(r["step"]))]
-    return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled, trim_last)
+    return run_shapes(cm, shapes, policy, "trace", batch, world_size, sampled, trim_last, micro_batch)
 
 
 # -- expected costs in closed form (for the target solver) ------------------------------------------

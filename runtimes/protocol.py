@@ -80,3 +80,13 @@ def check_budget(runtime: Runtime, budget: Budget) -> None:
                          f"{runtime.name} runtime to multiples of {multiple}; set both from backend.token_multiple")
     if budget.freezes_blocks and not caps.per_step_freezing:
         raise ValueError(f"the {runtime.name} runtime cannot freeze blocks per step")
+
+
+def pass_sizes(batch_size: int, micro_batch: int | None) -> list[int]:
+    """The images of each forward and backward pass of a step of ``batch_size`` images under
+    ``train.micro_batch_size`` (gradient accumulation): one pass without it (None), else passes of
+    ``micro_batch`` and a last one of the rest."""
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"train.micro_batch_size must be >= 1, got {micro_batch}")
+    size = batch_size if micro_batch is None else min(micro_batch, batch_size)
+    return [min(size, batch_size - start) for start in range(0, batch_size, size)]

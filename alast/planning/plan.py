@@ -329,8 +329,8 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
     tm = next((p.time_method for p in preds.values()), "")
     return {
         "model": cfg.model.name, "img_size": plain.img_size, "num_classes": plain.num_classes, "steps": steps,
-        "batch_size": cfg.train.batch_size, "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
-        "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
+        "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
+        "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION, "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
         "time_method": tm, "target": target, "eval_tokens": cfg.policy.eval_tokens,
         "dense_final": _dense_final(cfg, plain.num_blocks),
         "early_phase": _early_phase(cfg, plain.num_blocks, target),
@@ -387,11 +387,13 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
         options, target = {**options, **sol.knobs}, sol.info()
     budget = first_budget(pcm, cfg.policy.planner, options) if calibrate else None
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
-    preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name)}
+    micro = cfg.train.micro_batch_size
+    preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name,
+                                       micro_batch=micro)}
     preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
-        preds["full"] = simulate(plain, "full", {}, steps, batch)
+        preds["full"] = simulate(plain, "full", {}, steps, batch, micro_batch=micro)
     return _result(cfg, plain, source, preds, steps, target)
 
 
@@ -421,10 +423,10 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     sampled = cpu_memory_sampled if str(summary.get("device", "cpu")).startswith("cpu") else None
     trim = policy_options(cfg, pcm.head_reads_prefix).get("trim_last", False)
     preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
-                                     trim_last=trim)}
+                                     trim_last=trim, micro_batch=cfg.train.micro_batch_size)}
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
-        preds["full"] = simulate(plain, "full", {}, len(records), batch)
+        preds["full"] = simulate(plain, "full", {}, len(records), batch, micro_batch=cfg.train.micro_batch_size)
     cfg.train.batch_size = batch
     out = _result(cfg, plain, source, preds, len(records), None)
     out["early_phase"] = _early_phase(cfg, plain.num_blocks, _run_plan(cfg, summary, records))

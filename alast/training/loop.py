@@ -548,18 +548,21 @@ class _Run:
     def _oom_message(self, cpu_failure: str | None = None) -> str:
         """One line: where it ran out, how to see the predicted peak, what to lower. ``cpu_failure``:
         the CPU allocator's message (it names the size it could not get)."""
-        batch = self.cfg.train.batch_size
+        batch, micro = self.cfg.train.batch_size, self.cfg.train.micro_batch_size
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+        passes = f" in passes of {micro}" if micro is not None and micro < batch else ""
+        plan = f"`alast plan --batch-size {batch}" + (f" --micro-batch-size {micro}`" if passes else "`")
+        smaller = ("a lower --micro-batch-size" if passes else "--micro-batch-size (the same steps in smaller "
+                   "passes, gradients accumulated)") + ", a lower --batch-size"
         if cpu_failure is None:
-            return (f"out of GPU memory at step {self.current_step} with batch size {batch}; `alast plan "
-                    f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size), use "
-                    f"backend.precision=bf16 (fp16 on a GPU without bf16) or a lower --target-flops; {kept}")
+            return (f"out of GPU memory at step {self.current_step} with batch size {batch}{passes}; {plan} predicts "
+                    f"the peak; use {smaller}, backend.precision=bf16 (fp16 on a GPU without bf16) or a lower "
+                    f"--target-flops; {kept}")
         size = re.search(r"allocate (\d+) bytes", cpu_failure)
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""
-        return (f"out of memory at step {self.current_step} with batch size {batch}{px}{asked}; `alast plan "
-                f"--batch-size {batch}` predicts the peak; lower --batch-size (train.batch_size) or --img-size "
-                f"(model.img_size); {kept}")
+        return (f"out of memory at step {self.current_step} with batch size {batch}{passes}{px}{asked}; {plan} "
+                f"predicts the peak; use {smaller} or --img-size (model.img_size); {kept}")
 
     def ranks_in_sync(self) -> bool | None:
         """Whether all ranks hold bit-identical weights (None with one rank)."""

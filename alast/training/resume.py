@@ -29,8 +29,8 @@ NAMED_OPTION_KEYS: dict[str, str] = {
     "model": "model.name", "pretrained": "model.pretrained", "checkpoint": "model.checkpoint",
     "img_size": "model.img_size", "data": "data.spec", "data_dir": "data.data_dir", "policy": "policy.name",
     "backend": "backend.name", "steps": "train.steps", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "lr": "train.lr", "target_flops": "policy.target_flops",
-    "seed": "train.seed",
+    "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size", "lr": "train.lr",
+    "target_flops": "policy.target_flops", "seed": "train.seed",
 }
 
 # Keys a resume may change: they affect where files go, how often they are written, how fast a

@@ -35,7 +35,7 @@ from planners import Budget, StepResult, kept_token_counts
 from planners.rules import reduce_deltas
 
 from ..images import as_float
-from ..protocol import Capabilities, NonFiniteLoss
+from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..torch_backend.params import embedding_parameters, parameter_counts
 from ..torch_backend.tokens import check_token_choice
@@ -91,10 +91,13 @@ class OrtRuntime:
                  label_smoothing: float = 0.0, delta_reduction: str = "mean", device: str = "auto",
                  threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
                  freeze_artifacts: str = "auto", freeze_embeddings: bool = False,
-                 token_select: str = "top", token_score: str = "attention", seed: int = 0) -> None:
+                 token_select: str = "top", token_score: str = "attention", seed: int = 0,
+                 micro_batch: int | None = None) -> None:
         from ..torch_backend.patch import check_patchable
 
         require_training()
+        pass_sizes(1, micro_batch)  # refuses a size below 1
+        self.micro_batch = micro_batch
         check_patchable(model)
         if freeze_artifacts not in FREEZE_MODES:
             raise ValueError(f"freeze_artifacts must be one of {FREEZE_MODES}, got {freeze_artifacts!r}")
@@ -199,20 +202,36 @@ class OrtRuntime:
         mask = (*budget.trained, budget.train_embeddings and not self.freeze_embeddings)
         ran = self._artifact_trained(variant, mask)
         ts = self._activate(variant, ran)
-        feeds = [as_float(images).detach().cpu().float().contiguous().numpy(), labels.detach().cpu().long().numpy()]
-        if select:
-            feeds.append(np.asarray(tokens_out, dtype=np.int64))
-            if self.graphs[variant].draws:
-                feeds.append(torch.rand(self.graphs[variant].noise_shape(len(feeds[1])), generator=self.token_rng).numpy())
-        ts.module.train()
-        ts.module.lazy_reset_grad()
-        loss, deltas = ts.module(*feeds)
-        loss_value = float(loss)
-        if not np.isfinite(loss_value):
-            raise NonFiniteLoss(step, loss_value)
+        images = as_float(images).detach().cpu().float().contiguous().numpy()
+        labels = labels.detach().cpu().long().numpy()
         trained = set(self.cache.trainable_names(mask))
+        ts.module.train()
+        sizes = pass_sizes(len(labels), self.micro_batch)
+        grads: dict[str, torch.Tensor] = {}  # with several passes: their gradients, each weighted by its share
+        loss_value, deltas, start = 0.0, [], 0
+        for size in sizes:
+            feeds = [images[start:start + size], labels[start:start + size]]
+            start += size
+            if select:
+                feeds.append(np.asarray(tokens_out, dtype=np.int64))
+                if self.graphs[variant].draws:
+                    feeds.append(torch.rand(self.graphs[variant].noise_shape(size), generator=self.token_rng).numpy())
+            ts.module.lazy_reset_grad()
+            loss, pass_deltas = ts.module(*feeds)
+            if not np.isfinite(float(loss)):
+                raise NonFiniteLoss(step, float(loss))
+            share = size / len(labels)
+            loss_value += float(loss) * share
+            deltas.append(np.asarray(pass_deltas))
+            if len(sizes) > 1:
+                for n in trained:
+                    g = ts.grads.get(n)
+                    if g is not None:
+                        grads[n] = g * share if n not in grads else grads[n].add_(g, alpha=share)
+        if len(sizes) == 1:
+            grads = {n: g for n, g in ts.grads.items() if n in trained}
         for n, slot in self.slots.items():
-            slot.grad = ts.grads.get(n) if n in trained else None
+            slot.grad = grads.get(n)
         if ran != mask:
             self.cache.stats.masked_steps += 1
         if self.grad_clip:
@@ -223,10 +242,10 @@ class OrtRuntime:
         for slot in self.slots.values():
             slot.grad = None
         elapsed = time.perf_counter() - t0
-        flops = self._step_flops(len(feeds[1]), tokens_in, tokens_out, ran, select)
-        per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.asarray(deltas).tolist())
+        flops = self._step_flops(len(labels), tokens_in, tokens_out, ran, select)
+        per_block = tuple(reduce_deltas(row, self.delta_reduction) for row in np.concatenate(deltas, axis=1).tolist())
         return StepResult(loss=loss_value, deltas=per_block, tokens_in=tokens_in, kept_tokens=tokens_out,
-                          trained_blocks=budget.trained_blocks, batch_size=len(feeds[1]), step_time_s=elapsed,
+                          trained_blocks=budget.trained_blocks, batch_size=len(labels), step_time_s=elapsed,
                           train_flops=flops, embeddings_trained=mask[-1])
 
     # -- FLOPs -------------------------------------------------------------------------------
@@ -347,4 +366,5 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
                       label_smoothing=cfg.train.label_smoothing, delta_reduction=cfg.policy.delta_reduction,
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
                       freeze_embeddings=cfg.policy.embeddings_frozen, token_select=cfg.policy.token_select,
-                      token_score=cfg.policy.token_score, seed=cfg.train.seed)
+                      token_score=cfg.policy.token_score, seed=cfg.train.seed,
+                      micro_batch=cfg.train.micro_batch_size)

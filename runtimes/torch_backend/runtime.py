@@ -13,7 +13,7 @@ from planners import Budget, StepResult, kept_token_counts
 from planners.rules import MemoryProbes
 
 from ..images import DeviceImages, Pixels
-from ..protocol import Capabilities, NonFiniteLoss
+from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
@@ -75,8 +75,11 @@ class TorchRuntime:
                  comm: Any = None, memory_probe_steps: Callable[[int], bool] | None = None,
                  freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
                  sync_free: str | bool = "auto", fuse_tokens: bool = False,
-                 token_select: str = "top", token_score: str = "attention", seed: int = 0) -> None:
+                 token_select: str = "top", token_score: str = "attention", seed: int = 0,
+                 micro_batch: int | None = None) -> None:
         self.device = resolve_device(device)
+        pass_sizes(1, micro_batch)  # refuses a size below 1
+        self.micro_batch = micro_batch
         self.observe_lag = resolve_observe_lag(sync_free, self.device)
         self.compile = compile
         self.compile_time_s = 0.0
@@ -209,13 +212,8 @@ class TorchRuntime:
         with mem_ctx as mt:
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
-                with self.patch.training_forward(keep) as ctl, self._autocast(), self._attention_kernels():
-                    logits = self.model(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-                if not lag and not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(step, float(loss.detach()))
-                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            deltas = ctl.block_deltas()
+                loss, deltas = self._forward_backward(images, labels, keep, step, check_loss=not lag,
+                                                      tracker=mt if probe_mem else None)
             scales = self._update(budget)
         if counting:
             flops = self._flops.record(fc, flop_keys)
@@ -231,6 +229,39 @@ class TorchRuntime:
                       batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
         return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s,
                                   scales)
+
+    def passes(self, batch_size: int) -> list[int]:
+        """The images of each forward and backward pass of a step (:func:`~..protocol.pass_sizes`)."""
+        return pass_sizes(batch_size, self.micro_batch)
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, keep: tuple[int | None, ...], step: int,
+                          check_loss: bool, tracker: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward and backward passes (:meth:`passes`), their gradients accumulated: each
+        pass's mean loss weighted by its share of the batch, so that the gradients are the whole
+        batch's. Returns the batch's mean loss and the per-sample deltas ``[L, B]``. ``check_loss``:
+        a non-finite loss raises before its backward. ``tracker``: the step's memory tracker, whose
+        per-module records each later pass clears (it refuses a module run twice; the peak stays)."""
+        batch = int(images.shape[0])
+        losses, deltas, start = [], [], 0
+        for size in self.passes(batch):
+            if start and tracker is not None:
+                tracker.reset_mod_stats()
+            # one pass takes the batch itself: a slice is a new tensor to the CPU memory tracker
+            x, y = (images, labels) if size == batch else (images[start:start + size], labels[start:start + size])
+            start += size
+            with self.patch.training_forward(keep) as ctl, self._autocast(), self._attention_kernels():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            if check_loss and not torch.isfinite(loss.detach()):
+                raise NonFiniteLoss(step, float(loss.detach()))
+            if size < batch:
+                loss = loss * (size / batch)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            losses.append(loss.detach())
+            deltas.append(ctl.block_deltas())
+        if len(losses) == 1:
+            return losses[0], deltas[0]
+        return torch.stack(losses).sum(), torch.cat(deltas, dim=1)
 
     def _train_mode(self) -> None:
         """``model.train()`` where the model is not in training mode already: the call visits every
@@ -303,7 +334,7 @@ class TorchRuntime:
         if batch_size not in self._full_step_flops:
             # With LoRA the reference is full fine-tuning of the plain model: adapters off.
             lora = self._has_lora()
-            self._full_step_flops[batch_size] = self._count_step(
+            self._full_step_flops[batch_size] = self._count_passes(
                 batch_size, lambda p: not is_adapter(p, self.model) if lora else True, adapters_off=True)
         return self._full_step_flops[batch_size]
 
@@ -320,12 +351,19 @@ class TorchRuntime:
         if batch_size not in self._every_token_flops:
             trained = {id(p) for p in (*self.embed_params, *(p for ps in self.block_params for p in ps),
                                        *self.other_params)}
-            self._every_token_flops[batch_size] = self._count_step(batch_size, lambda p: id(p) in trained,
-                                                                   adapters_off=False)
+            self._every_token_flops[batch_size] = self._count_passes(batch_size, lambda p: id(p) in trained,
+                                                                     adapters_off=False)
         return self._every_token_flops[batch_size]
 
     def _has_lora(self) -> bool:
         return getattr(self.model, "disable_adapter", None) is not None
+
+    def _count_passes(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool) -> float:
+        """:meth:`_count_step` of a step of ``batch_size`` images as the runtime trains it, in its
+        :meth:`passes` (on a GPU no larger batch than the run's passes is ever run), each size counted once."""
+        sizes = self.passes(batch_size)
+        counted = {n: self._count_step(n, trained, adapters_off) for n in set(sizes)}
+        return float(sum(counted[n] for n in sizes))
 
     def _count_step(self, batch_size: int, trained: Callable[[nn.Parameter], bool], adapters_off: bool,
                     fake: bool | None = None) -> float:
@@ -433,5 +471,5 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
         fuse_tokens=cfg.policy.fuse_tokens, token_select=cfg.policy.token_select, token_score=cfg.policy.token_score,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed, micro_batch=cfg.train.micro_batch_size,
     )

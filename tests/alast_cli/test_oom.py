@@ -13,11 +13,18 @@ CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPU
                        "you tried to allocate 2048000000 bytes. Error code 12 (Cannot allocate memory)")
 
 
-@pytest.mark.parametrize("error,says", [
-    (CUDA_OOM, ("out of GPU memory at step 4", "backend.precision=bf16")),
-    (CPU_OOM, ("out of memory at step 4", "at 32 px (a tensor of 1.91 GiB did not fit)", "model.img_size")),
+ONE_PASS = ("`alast plan --batch-size 8` predicts", "use --micro-batch-size (the same steps in smaller passes")
+IN_PASSES = ("batch size 8 in passes of 4", "`alast plan --batch-size 8 --micro-batch-size 4` predicts",
+             "use a lower --micro-batch-size")
+
+
+@pytest.mark.parametrize("error,extra,says", [
+    (CUDA_OOM, [], ("out of GPU memory at step 4", "backend.precision=bf16", *ONE_PASS)),
+    (CPU_OOM, [], ("out of memory at step 4", "at 32 px (a tensor of 1.91 GiB did not fit)", "model.img_size",
+                   *ONE_PASS)),
+    (CUDA_OOM, ["--micro-batch-size", "4"], ("out of GPU memory at step 4", *IN_PASSES)),
 ])
-def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypatch, error, says):
+def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypatch, error, extra, says):
     from runtimes.torch_backend.runtime import TorchRuntime
 
     launch = TorchRuntime.launch_step
@@ -30,11 +37,11 @@ def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypat
     monkeypatch.setattr(TorchRuntime, "launch_step", oom_at_4)
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, ["train", "--steps", "6", "--batch-size", "8", "--out", str(run), "--img-size", "32",
-                                   "--set", "backend.count_flops=off", "--set", "output.checkpoint_every=3"])
+                                   "--set", "backend.count_flops=off", "--set", "output.checkpoint_every=3", *extra])
     assert res.exit_code == 1
     lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.output
     line = lines[0]
-    for part in ("batch size 8", "lower --batch-size (train.batch_size)", "step_00000003", *says):
+    for part in ("batch size 8", "a lower --batch-size", "step_00000003", *says):
         assert part in line, line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.safetensors"]
