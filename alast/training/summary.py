@@ -24,7 +24,8 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
     return {
         "policy": cfg.policy.name, "backend": runtime.name, "model": cfg.model.name, "data": cfg.data.spec,
         "initial_weights": run_initial_weights(cfg.model),
-        "steps": steps, "batch_size": cfg.train.batch_size, "world_size": ws,
+        "steps": steps, "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
+        "world_size": ws,
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
         **_deployment(cfg, metrics),
         "train_flops": train_flops, "full_ft_train_flops": full,

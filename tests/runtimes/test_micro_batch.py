@@ -81,6 +81,7 @@ def test_a_run_in_passes_measures_the_memory_its_plan_predicts(tmp_path):
     peak, and the plan and the replay of the run price that peak."""
     _, whole = _run(tmp_path, "whole")
     run, passes = _run(tmp_path, "passes", "--micro-batch-size", "5")
+    assert (whole["micro_batch_size"], passes["micro_batch_size"]) == (None, 5)
     assert passes["train_flops"] == pytest.approx(whole["train_flops"], rel=1e-9)
     assert passes["peak_memory_bytes"] < 0.8 * whole["peak_memory_bytes"]
     res = CliRunner().invoke(cli, ["plan", "--batch-size", "16", "--micro-batch-size", "5", "--steps", "3",
