@@ -553,7 +553,7 @@ class _Run:
         passes = f" in passes of {micro}" if micro is not None and micro < batch else ""
         plan = f"`alast plan --batch-size {batch}" + (f" --micro-batch-size {micro}`" if passes else "`")
         smaller = ("a lower --micro-batch-size" if passes else "--micro-batch-size (the same steps in smaller "
-                   "passes, gradients accumulated)") + ", a lower --batch-size"
+                   "passes, gradients accumulated; --resume takes it)") + ", a lower --batch-size"
         if cpu_failure is None:
             return (f"out of GPU memory at step {self.current_step} with batch size {batch}{passes}; {plan} predicts "
                     f"the peak; use {smaller}, backend.precision=bf16 (fp16 on a GPU without bf16) or a lower "

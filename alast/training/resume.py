@@ -44,6 +44,7 @@ NEUTRAL_KEYS = frozenset({
     "output.tensorboard",
     "train.eval_batch_size",
     "policy.eval_tokens",  # how the final model is evaluated, not how it is trained
+    "train.micro_batch_size",  # the same steps in passes, their token draws the one pass's: float rounding only
 })
 NEUTRAL_SECTIONS = ("export.",)
 

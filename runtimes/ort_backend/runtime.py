@@ -208,14 +208,16 @@ class OrtRuntime:
         ts.module.train()
         sizes = pass_sizes(len(labels), self.micro_batch)
         grads: dict[str, torch.Tensor] = {}  # with several passes: their gradients, each weighted by its share
+        draws = select and self.graphs[variant].draws  # the whole batch's, [L, B, N]: a pass takes its rows
+        noise = torch.rand(self.graphs[variant].noise_shape(len(labels)), generator=self.token_rng) if draws else None
         loss_value, deltas, start = 0.0, [], 0
         for size in sizes:
             feeds = [images[start:start + size], labels[start:start + size]]
-            start += size
             if select:
                 feeds.append(np.asarray(tokens_out, dtype=np.int64))
-                if self.graphs[variant].draws:
-                    feeds.append(torch.rand(self.graphs[variant].noise_shape(size), generator=self.token_rng).numpy())
+                if noise is not None:
+                    feeds.append(noise[:, start:start + size].contiguous().numpy())
+            start += size
             ts.module.lazy_reset_grad()
             loss, pass_deltas = ts.module(*feeds)
             if not np.isfinite(float(loss)):

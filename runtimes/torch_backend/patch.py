@@ -80,6 +80,15 @@ class StepControl:
     # rotary and relative-bias models: the patch positions (in the image's grid) of the patch tokens
     # entering the next block, [B, n]; None while every patch token is still there
     positions: Tensor | None = None
+    # a step run in passes (gradient accumulation): per block, the draws of select 'sample' / 'random'
+    # for the whole batch, made before the first pass as one pass would make them, and the samples of
+    # the pass running; a pass takes its rows, so the passes draw what one pass would
+    noise: list[Tensor | None] | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def draws(self, i: int) -> Tensor | None:
+        """Block ``i``'s draws for the samples of this pass (None: draw them from :attr:`generator`)."""
+        return None if self.noise is None or self.noise[i] is None else self.noise[i][self.rows]
 
     def record_delta(self, i: int, x_in: Tensor, x_out: Tensor, pool: int | None) -> None:
         """Record block ``i``'s update for :meth:`block_deltas`.
@@ -158,7 +167,7 @@ class _AlastBlockMixin:
         attn = self.attn
         ctl.scores[i] = scores = cls_attention_scores(
             qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, ctl.score, pool)
-        rank = ranking_scores(scores, ctl.select, generator=ctl.generator)
+        rank = ranking_scores(scores, ctl.select, ctl.draws(i), ctl.generator)
         kept = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse, rank=rank)
         # a pooled delta compares the kept tokens with their own inputs (selection is linear in x)
         x_kept = x if pool is None else select_tokens(x.detach(), scores, int(keep), self._alast_prefix,
@@ -224,7 +233,7 @@ class _AlastBlockMixin:
         in ``ctl``; returns its output and the kept positions."""
         out, scores, kept = forward_selecting(
             self, x, keep, self._alast_prefix, ctl.score,
-            lambda s: ranking_scores(s, ctl.select, generator=ctl.generator),
+            lambda s: ranking_scores(s, ctl.select, ctl.draws(i), ctl.generator),
             parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool,
             pos=pos)
         ctl.tokens_in[i] = n_patch
@@ -534,12 +543,15 @@ class AlastPatch:
                 blk._alast_compiled_parts = parts
 
     @contextmanager
-    def training_forward(self, keep: tuple[int | None, ...]) -> Iterator[StepControl]:
-        """Within the block, training forwards drop tokens per ``keep`` and record deltas."""
+    def training_forward(self, keep: tuple[int | None, ...], noise: list[Tensor | None] | None = None,
+                         rows: slice = slice(None)) -> Iterator[StepControl]:
+        """Within the block, training forwards drop tokens per ``keep`` and record deltas. ``noise``
+        and ``rows``: a pass of a step run in passes (:attr:`StepControl.noise`)."""
         if len(keep) != self.num_blocks:
             raise ValueError(f"keep has {len(keep)} entries for {self.num_blocks} blocks")
         ctl = self.control
         ctl.keep = tuple(keep)
+        ctl.noise, ctl.rows = noise, rows
         ctl.deltas = [None] * self.num_blocks
         ctl.cls_rows = None
         ctl.scores = [None] * self.num_blocks
@@ -551,6 +563,7 @@ class AlastPatch:
             ctl.keep = None
             ctl.scores = [None] * self.num_blocks
             ctl.positions = None
+            ctl.noise, ctl.rows = None, slice(None)
 
 
 POOLED_HEADS = ("avg", "avgmax", "max", "map")  # timm's global_pool values that read every patch token

@@ -212,7 +212,7 @@ class TorchRuntime:
         with mem_ctx as mt:
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
-                loss, deltas = self._forward_backward(images, labels, keep, step, check_loss=not lag,
+                loss, deltas = self._forward_backward(images, labels, keep, tokens_in, step, check_loss=not lag,
                                                       tracker=mt if probe_mem else None)
             scales = self._update(budget)
         if counting:
@@ -234,22 +234,27 @@ class TorchRuntime:
         """The images of each forward and backward pass of a step (:func:`~..protocol.pass_sizes`)."""
         return pass_sizes(batch_size, self.micro_batch)
 
-    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, keep: tuple[int | None, ...], step: int,
-                          check_loss: bool, tracker: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, keep: tuple[int | None, ...],
+                          tokens_in: tuple[int, ...], step: int, check_loss: bool,
+                          tracker: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward and backward passes (:meth:`passes`), their gradients accumulated: each
         pass's mean loss weighted by its share of the batch, so that the gradients are the whole
-        batch's. Returns the batch's mean loss and the per-sample deltas ``[L, B]``. ``check_loss``:
-        a non-finite loss raises before its backward. ``tracker``: the step's memory tracker, whose
-        per-module records each later pass clears (it refuses a module run twice; the peak stays)."""
+        batch's, and its token draws the rows of the whole batch's (:meth:`_step_draws`): the passes
+        are the one-pass step, to float rounding. Returns the batch's mean loss and the per-sample
+        deltas ``[L, B]``. ``check_loss``: a non-finite loss raises before its backward.
+        ``tracker``: the step's memory tracker, whose per-module records each later pass clears (it
+        refuses a module run twice; the peak stays)."""
         batch = int(images.shape[0])
+        sizes = self.passes(batch)
+        noise = self._step_draws(batch, keep, tokens_in) if len(sizes) > 1 else None
         losses, deltas, start = [], [], 0
-        for size in self.passes(batch):
+        for size in sizes:
             if start and tracker is not None:
                 tracker.reset_mod_stats()
             # one pass takes the batch itself: a slice is a new tensor to the CPU memory tracker
             x, y = (images, labels) if size == batch else (images[start:start + size], labels[start:start + size])
-            start += size
-            with self.patch.training_forward(keep) as ctl, self._autocast(), self._attention_kernels():
+            rows, start = slice(start, start + size), start + size
+            with self.patch.training_forward(keep, noise, rows) as ctl, self._autocast(), self._attention_kernels():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
             if check_loss and not torch.isfinite(loss.detach()):
@@ -262,6 +267,18 @@ class TorchRuntime:
         if len(losses) == 1:
             return losses[0], deltas[0]
         return torch.stack(losses).sum(), torch.cat(deltas, dim=1)
+
+    def _step_draws(self, batch: int, keep: tuple[int | None, ...], tokens_in: tuple[int, ...]
+                    ) -> list[torch.Tensor | None] | None:
+        """The token draws of a step run in passes, made for the whole batch before its first pass:
+        per block that drops tokens, what one pass would draw there (``[B, prefix + tokens in]``,
+        from the same generator, in block order); None for select 'top', which draws nothing."""
+        if self.patch.control.select == "top":
+            return None
+        prefix = self.patch.num_prefix
+        return [None if k is None else
+                torch.rand((batch, prefix + n), generator=self.token_rng, device=self.device, dtype=torch.float32)
+                for k, n in zip(keep, tokens_in)]
 
     def _train_mode(self) -> None:
         """``model.train()`` where the model is not in training mode already: the call visits every

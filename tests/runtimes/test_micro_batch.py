@@ -21,9 +21,9 @@ BUDGETS = [Budget((0.75, 0.5, 0.75, 0.5), (False, True, False, True)), Budget((1
            Budget((0.5,) * 4, (True, True, False, False))]
 
 
-def make(backend, micro):
+def make(backend, micro, select="sample"):
     cfg = build_config({"backend": {"name": backend, "device": "cpu"},
-                        "policy": {"freeze_embeddings": False, "token_select": "top"},
+                        "policy": {"freeze_embeddings": False, "token_select": select},
                         "train": {"lr": 1e-3, "weight_decay": 0.05, "grad_clip": 1.0, "batch_size": 10,
                                   "micro_batch_size": micro}})
     return create_runtime(cfg, make_tiny_vit())
@@ -36,12 +36,14 @@ def test_pass_sizes():
         pass_sizes(10, 0)
 
 
+@pytest.mark.parametrize("select", ["sample", "random", "top"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_step_in_passes_is_the_step_in_one(backend):
-    """Passes of 4, 4 and 2 images give the one-pass step's loss, deltas, FLOPs and weights."""
+def test_a_step_in_passes_is_the_step_in_one(backend, select):
+    """Passes of 4, 4 and 2 images give the one-pass step's loss, deltas, FLOPs and weights; the
+    passes draw their tokens as one pass would (the draws are made for the whole batch first)."""
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 5, (10,), generator=g)) for _ in BUDGETS]
-    whole, passes = make(backend, None), make(backend, 4)
+    whole, passes = make(backend, None, select), make(backend, 4, select)
     for step, (budget, (x, y)) in enumerate(zip(BUDGETS, batches)):
         a = whole.train_step(x, y, budget, 1e-3, step)
         b = passes.train_step(x, y, budget, 1e-3, step)
@@ -59,7 +61,7 @@ def test_on_a_gpu_passes_give_the_step_at_a_lower_peak():
     """CUDA (steps read one step late): passes of 16 of a batch of 64 give the one-pass losses, with a
     lower peak of the device's memory."""
     def run(micro):
-        cfg = build_config({"backend": {"name": "torch", "device": "cuda"}, "policy": {"token_select": "top"},
+        cfg = build_config({"backend": {"name": "torch", "device": "cuda"},
                             "train": {"batch_size": 64, "micro_batch_size": micro}})
         rt = create_runtime(cfg, make_tiny_vit())
         torch.cuda.synchronize()
@@ -118,6 +120,24 @@ def test_a_run_in_passes_measures_the_memory_its_plan_predicts(tmp_path):
     assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(trace["measured_peak_memory_bytes"],
                                                                                 rel=0.05)
     assert trace["train_flops_rel_error"] == 0.0
+
+
+def test_a_run_stopped_for_memory_resumes_in_passes(tmp_path, monkeypatch):
+    """A resume may set the micro-batch size (what the out-of-memory line advises): the resumed run
+    logs the losses the uninterrupted run in one pass logs, to float rounding, token draws included."""
+    from tests.alast.test_resume import interrupt_after_step_1
+
+    args = ["train", "--steps", "4", "--batch-size", "16", "--target-flops", "0.5", "--set", "backend.threads=1",
+            "--set", "data.val_fraction=0.05", "--set", "output.checkpoint_every=1"]
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "whole")]).exit_code == 0
+    interrupt_after_step_1(monkeypatch)
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "run")]).exit_code == 130
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, [*args, "--micro-batch-size", "5", "--out", str(tmp_path / "run"), "--resume"])
+    assert res.exit_code == 0, res.output
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "run")]
+    assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("args,fragment", [
