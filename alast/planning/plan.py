@@ -372,6 +372,15 @@ def _note_precision(cfg: AlastConfig) -> None:
              "lower (not modelled)")
 
 
+def _note_passes(cfg: AlastConfig, timed: bool) -> None:
+    """Warn where a step runs in passes (``train.micro_batch_size``) and the plan times it: the time
+    model prices one pass of the whole batch."""
+    micro, batch = cfg.train.micro_batch_size, cfg.train.batch_size
+    if timed and micro is not None and micro < batch:
+        warn(f"step time is priced as one pass of the batch of {batch}; passes of {micro} add each pass's fixed "
+             "costs (kernel launches, the host's work), which the time model does not price")
+
+
 def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bool = False,
          throughput: float | None = None) -> dict[str, Any]:
     """Predict ``cfg``'s policy and full fine-tuning over the same steps; see the CLI contract."""
@@ -387,6 +396,7 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
         options, target = {**options, **sol.knobs}, sol.info()
     budget = first_budget(pcm, cfg.policy.planner, options) if calibrate else None
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
+    _note_passes(cfg, pcm.time is not None)
     micro = cfg.train.micro_batch_size
     preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name,
                                        micro_batch=micro)}

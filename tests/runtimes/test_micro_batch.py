@@ -109,8 +109,9 @@ def test_a_run_in_passes_measures_the_memory_its_plan_predicts(tmp_path):
     assert passes["train_flops"] == pytest.approx(whole["train_flops"], rel=1e-9)
     assert passes["peak_memory_bytes"] < 0.8 * whole["peak_memory_bytes"]
     res = CliRunner().invoke(cli, ["plan", "--batch-size", "16", "--micro-batch-size", "5", "--steps", "3",
-                                   "--target-flops", "0.5", "--json"])
+                                   "--target-flops", "0.5", "--throughput", "1e10", "--json"])
     assert res.exit_code == 0, res.output
+    assert "step time is priced as one pass of the batch of 16; passes of 5 add" in res.stderr
     planned = json.loads(res.stdout)
     assert planned["micro_batch_size"] == 5
     assert planned["policies"]["alast"]["peak_memory_bytes"] == pytest.approx(passes["peak_memory_bytes"], rel=0.05)
