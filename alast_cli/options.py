@@ -53,8 +53,8 @@ _NAMED = {
     "model": "model.name", "pretrained": "model.pretrained", "checkpoint": "model.checkpoint",
     "img_size": "model.img_size", "data": "data.spec", "data_dir": "data.data_dir", "policy": "policy.name",
     "backend": "backend.name", "steps": "train.steps", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size", "lr": "train.lr", "target_flops": "policy.target_flops",
-    "seed": "train.seed",
+    "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size", "lr": "train.lr",
+    "target_flops": "policy.target_flops", "seed": "train.seed",
 }
 
 

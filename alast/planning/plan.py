@@ -330,7 +330,8 @@ def _result(cfg: AlastConfig, plain: CostModel, source: str, preds: dict[str, Pr
     return {
         "model": cfg.model.name, "img_size": plain.img_size, "num_classes": plain.num_classes, "steps": steps,
         "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
-        "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION, "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
+        "device": training_device(cfg), "flops_convention": FLOPS_CONVENTION,
+        "cost_model": {"source": source, "version": plain.version, "fit_max_rel_error": plain.fit_max_rel_error},
         "time_method": tm, "target": target, "eval_tokens": cfg.policy.eval_tokens,
         "dense_final": _dense_final(cfg, plain.num_blocks),
         "early_phase": _early_phase(cfg, plain.num_blocks, target),
