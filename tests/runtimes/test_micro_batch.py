@@ -12,7 +12,7 @@ from alast_cli.main import cli
 from planners import Budget
 from runtimes.protocol import pass_sizes
 from tests.cli_errors import one_error_line
-from tests.conftest import make_tiny_vit
+from tests.conftest import make_tiny_beit, make_tiny_eva, make_tiny_vit
 from tests.runtimes.test_ort import needs_ort
 
 BACKENDS = ["torch", pytest.param("ort", marks=needs_ort)]
@@ -21,12 +21,12 @@ BUDGETS = [Budget((0.75, 0.5, 0.75, 0.5), (False, True, False, True)), Budget((1
            Budget((0.5,) * 4, (True, True, False, False))]
 
 
-def make(backend, micro, select="sample"):
+def make(backend, micro, select="sample", model=make_tiny_vit, **policy):
     cfg = build_config({"backend": {"name": backend, "device": "cpu"},
-                        "policy": {"freeze_embeddings": False, "token_select": select},
+                        "policy": {"freeze_embeddings": False, "token_select": select, **policy},
                         "train": {"lr": 1e-3, "weight_decay": 0.05, "grad_clip": 1.0, "batch_size": 10,
                                   "micro_batch_size": micro}})
-    return create_runtime(cfg, make_tiny_vit())
+    return create_runtime(cfg, model())
 
 
 def test_pass_sizes():
@@ -41,9 +41,27 @@ def test_pass_sizes():
 def test_a_step_in_passes_is_the_step_in_one(backend, select):
     """Passes of 4, 4 and 2 images give the one-pass step's loss, deltas, FLOPs and weights; the
     passes draw their tokens as one pass would (the draws are made for the whole batch first)."""
+    _same_steps(make(backend, None, select), make(backend, 4, select))
+
+
+MODELS = {
+    "rotary": dict(model=lambda: make_tiny_eva("dinov3", depth=4)),
+    "relative": dict(model=lambda: make_tiny_beit("beitv2", depth=4)),
+    "pooled": dict(model=lambda: make_tiny_vit(global_pool="avg")),
+    "fused": dict(fuse_tokens=True),
+}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_passes_on_every_kind_of_block_are_the_step_in_one(kind):
+    """The same with rotary position embeddings (Eva), relative position biases (BEiT), a model read
+    through its mean patch token, and the dropped tokens fused into one (torch)."""
+    _same_steps(make("torch", None, **MODELS[kind]), make("torch", 4, **MODELS[kind]))
+
+
+def _same_steps(whole, passes):
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 5, (10,), generator=g)) for _ in BUDGETS]
-    whole, passes = make(backend, None, select), make(backend, 4, select)
     for step, (budget, (x, y)) in enumerate(zip(BUDGETS, batches)):
         a = whole.train_step(x, y, budget, 1e-3, step)
         b = passes.train_step(x, y, budget, 1e-3, step)
