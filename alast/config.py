@@ -237,7 +237,8 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 # was trained with the value here, and is read back with it (export, evaluation and resume).
 EARLIER_DEFAULTS: dict[str, dict[str, Any]] = {"policy": {"token_select": "top", "token_score": "attention",
                                                            "trim_last": False, "spare_first": 0, "early_frac": 0.0,
-                                                           "dense_final_interleave": False}}
+                                                           "dense_final_interleave": False,
+                                                           "token_temperature": 1.0}}
 
 
 def build_run_config(data: dict[str, Any]) -> AlastConfig:

@@ -122,6 +122,9 @@ class DataConfig(_Section):
 EARLY_FRAC = 0.3  # policy.early_frac's default with freeze_mode 'last'
 
 
+TOKEN_TEMPERATURE = 0.5  # policy.token_temperature's default
+
+
 class PolicyConfig(_Section):
     name: str = Field("alast", description="alast | full | freeze | tokens | random | lora (full fine-tuning "
                       "through LoRA adapters) | X+lora (policy X with LoRA adapters, e.g. alast+lora)")
@@ -183,6 +186,10 @@ class PolicyConfig(_Section):
         "paper); 'sample', beyond the paper, drawn anew each step without replacement with probability "
         "proportional to the score; 'random', a uniform random subset. Evaluation on a token schedule keeps "
         "the highest scores")
+    token_temperature: float = Field(
+        TOKEN_TEMPERATURE, gt=0.0, description="token_select 'sample', beyond the paper: the kept tokens are drawn with "
+        "probability proportional to score ** (1 / T); below 1 the draw leans to the top scores (towards "
+        "'top'), above 1 towards a uniform draw ('random'); 1: in proportion to the score")
     trim_last: bool = Field(
         True, description="alast, beyond the paper: where the model's head reads only the class token (and the "
         "other prefix tokens), the last block keeps none of its patch tokens in training (policy.min_tokens of "
@@ -262,6 +269,14 @@ class PolicyConfig(_Section):
             if self.early_phase + self.dense_final_frac >= 1.0:
                 raise ValueError(f"early_frac ({self.early_phase:g}) and dense_final_frac ({self.dense_final_frac:g}) "
                                  "must leave steps between them: their sum must stay below 1; lower either")
+        return self
+
+    @model_validator(mode="after")
+    def _temperature_for_draws(self) -> "PolicyConfig":
+        # the default, and 1 (what a run saved before the key existed trained with), are neutral anywhere
+        if self.token_select != "sample" and self.token_temperature not in (1.0, TOKEN_TEMPERATURE):
+            raise ValueError(f"policy.token_temperature={self.token_temperature:g} shapes the draws of token_select "
+                             f"'sample', not {self.token_select!r}; drop it, or set policy.token_select=sample")
         return self
 
     @model_validator(mode="after")

@@ -38,7 +38,7 @@ from ..images import as_float
 from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..torch_backend.params import embedding_parameters, parameter_counts
-from ..torch_backend.tokens import check_token_choice
+from ..torch_backend.tokens import check_temperature, check_token_choice, tempered
 from .artifacts import ArtifactCache
 from .graph import GraphError, StepFlops, TrainingGraph, export_training_graph
 
@@ -92,7 +92,7 @@ class OrtRuntime:
                  threads: int | None = None, count_flops: str = "every", max_live_sets: int | None = None,
                  freeze_artifacts: str = "auto", freeze_embeddings: bool = False,
                  token_select: str = "top", token_score: str = "attention", seed: int = 0,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, token_temperature: float = 1.0) -> None:
         from ..torch_backend.patch import check_patchable
 
         require_training()
@@ -120,6 +120,8 @@ class OrtRuntime:
         groups.append([_PREFIX + n for n, p in model.named_parameters() if id(p) in stem])
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
         check_token_choice(token_select, token_score)
+        check_temperature(token_temperature)
+        self.token_temperature = float(token_temperature) if token_select == "sample" else 1.0
         self.token_rng = torch.Generator().manual_seed(int(seed))  # the graph's noise input; saved with the state
         self.graphs = {"dense": TrainingGraph(model, label_smoothing, select=False),
                        "select": TrainingGraph(model, label_smoothing, select=True, token_select=token_select,
@@ -209,7 +211,8 @@ class OrtRuntime:
         sizes = pass_sizes(len(labels), self.micro_batch)
         grads: dict[str, torch.Tensor] = {}  # with several passes: their gradients, each weighted by its share
         draws = select and self.graphs[variant].draws  # the whole batch's, [L, B, N]: a pass takes its rows
-        noise = torch.rand(self.graphs[variant].noise_shape(len(labels)), generator=self.token_rng) if draws else None
+        noise = (tempered(torch.rand(self.graphs[variant].noise_shape(len(labels)), generator=self.token_rng),
+                          self.token_temperature) if draws else None)
         loss_value, deltas, start = 0.0, [], 0
         for size in sizes:
             feeds = [images[start:start + size], labels[start:start + size]]
@@ -369,4 +372,4 @@ def _ort_runtime(cfg: Any, model: Any, comm: Any = None) -> OrtRuntime:
                       device=cfg.backend.device, threads=cfg.backend.threads, count_flops=cfg.backend.count_flops,
                       freeze_embeddings=cfg.policy.embeddings_frozen, token_select=cfg.policy.token_select,
                       token_score=cfg.policy.token_score, seed=cfg.train.seed,
-                      micro_batch=cfg.train.micro_batch_size)
+                      micro_batch=cfg.train.micro_batch_size, token_temperature=cfg.policy.token_temperature)

@@ -77,6 +77,7 @@ class StepControl:
     select: str = "top"  # how kept tokens are chosen from the scores: see tokens.ranking_scores
     score: str = "attention"  # what scores the tokens: see tokens.cls_attention_scores
     generator: torch.Generator | None = None  # the draws of select 'sample' / 'random' (None: torch's default)
+    temperature: float = 1.0  # select 'sample': draws in proportion to score ** (1 / temperature)
     # rotary and relative-bias models: the patch positions (in the image's grid) of the patch tokens
     # entering the next block, [B, n]; None while every patch token is still there
     positions: Tensor | None = None
@@ -167,7 +168,7 @@ class _AlastBlockMixin:
         attn = self.attn
         ctl.scores[i] = scores = cls_attention_scores(
             qkv_out, attn.num_heads, attn.head_dim, attn.scale, attn.q_norm, attn.k_norm, ctl.score, pool)
-        rank = ranking_scores(scores, ctl.select, ctl.draws(i), ctl.generator)
+        rank = ranking_scores(scores, ctl.select, ctl.draws(i), ctl.generator, ctl.temperature)
         kept = select_tokens(out, scores, int(keep), self._alast_prefix, fuse=ctl.fuse, rank=rank)
         # a pooled delta compares the kept tokens with their own inputs (selection is linear in x)
         x_kept = x if pool is None else select_tokens(x.detach(), scores, int(keep), self._alast_prefix,
@@ -233,7 +234,7 @@ class _AlastBlockMixin:
         in ``ctl``; returns its output and the kept positions."""
         out, scores, kept = forward_selecting(
             self, x, keep, self._alast_prefix, ctl.score,
-            lambda s: ranking_scores(s, ctl.select, ctl.draws(i), ctl.generator),
+            lambda s: ranking_scores(s, ctl.select, ctl.draws(i), ctl.generator, ctl.temperature),
             parts=None if ctl.eager else self.__dict__.get("_alast_compiled_parts"), pool=self._alast_pool,
             pos=pos)
         ctl.tokens_in[i] = n_patch

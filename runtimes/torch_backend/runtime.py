@@ -30,7 +30,7 @@ from .params import (
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .precision import autocast, check_precision, loss_scaler
-from .tokens import check_token_choice
+from .tokens import check_temperature, check_token_choice, tempered
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +76,7 @@ class TorchRuntime:
                  freeze_embeddings: bool = False, compile: bool = False, token_multiple: int = 1,
                  sync_free: str | bool = "auto", fuse_tokens: bool = False,
                  token_select: str = "top", token_score: str = "attention", seed: int = 0,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, token_temperature: float = 1.0) -> None:
         self.device = resolve_device(device)
         pass_sizes(1, micro_batch)  # refuses a size below 1
         self.micro_batch = micro_batch
@@ -103,7 +103,7 @@ class TorchRuntime:
         self._images = DeviceImages(self.device)
         self.timm_model = timm_model(self.model)
         self.patch = AlastPatch(self.timm_model)
-        self._choose_tokens(fuse_tokens, token_select, token_score, seed)
+        self._choose_tokens(fuse_tokens, token_select, token_score, seed, token_temperature)
         self.num_blocks = self.patch.num_blocks
         self.num_patches = self.patch.num_patches
         self._group_parameters(freeze_embeddings)
@@ -123,13 +123,14 @@ class TorchRuntime:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _choose_tokens(self, fuse: bool, select: str, score: str, seed: int) -> None:
+    def _choose_tokens(self, fuse: bool, select: str, score: str, seed: int, temperature: float = 1.0) -> None:
         """How dropping blocks pick and keep their tokens (``policy.fuse_tokens``, ``token_select``,
         ``token_score``); the draws come from the runtime's own generator, saved with its state, so a
         resumed run draws as the original did."""
         check_token_choice(select, score)
         ctl = self.patch.control
-        ctl.fuse, ctl.select, ctl.score = bool(fuse), select, score
+        check_temperature(temperature)
+        ctl.fuse, ctl.select, ctl.score, ctl.temperature = bool(fuse), select, score, float(temperature)
         self.token_rng = torch.Generator(device=self.device)
         self.token_rng.manual_seed(int(seed) + 7919 * int(getattr(self.comm, "rank", 0)))
         ctl.generator = self.token_rng
@@ -275,10 +276,11 @@ class TorchRuntime:
         from the same generator, in block order); None for select 'top', which draws nothing."""
         if self.patch.control.select == "top":
             return None
-        prefix = self.patch.num_prefix
-        return [None if k is None else
-                torch.rand((batch, prefix + n), generator=self.token_rng, device=self.device, dtype=torch.float32)
-                for k, n in zip(keep, tokens_in)]
+        ctl, prefix = self.patch.control, self.patch.num_prefix
+        temperature = ctl.temperature if ctl.select == "sample" else 1.0
+        return [None if k is None else tempered(
+                torch.rand((batch, prefix + n), generator=self.token_rng, device=self.device, dtype=torch.float32),
+                temperature) for k, n in zip(keep, tokens_in)]
 
     def _train_mode(self) -> None:
         """``model.train()`` where the model is not in training mode already: the call visits every
@@ -488,5 +490,5 @@ def _torch_runtime(cfg: Any, model: Any, comm: Any = None) -> Any:
         lora=lora, comm=comm, freeze_embeddings=cfg.policy.embeddings_frozen, compile=cfg.backend.compile,
         token_multiple=cfg.backend.token_multiple, sync_free=cfg.backend.sync_free,
         fuse_tokens=cfg.policy.fuse_tokens, token_select=cfg.policy.token_select, token_score=cfg.policy.token_score,
-        seed=cfg.train.seed, micro_batch=cfg.train.micro_batch_size,
+        seed=cfg.train.seed, micro_batch=cfg.train.micro_batch_size, token_temperature=cfg.policy.token_temperature,
     )

@@ -55,6 +55,12 @@ def _check_known(what: str, value: str, known: tuple[str, ...]) -> None:
         raise ValueError(f"unknown token {what} {value!r}; use one of {', '.join(known)}")
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse (ValueError) a token temperature that is not a positive finite number."""
+    if not (0.0 < float(temperature) < float("inf")):
+        raise ValueError(f"policy.token_temperature must be a positive number, got {temperature}")
+
+
 def check_token_choice(select: str, score: str) -> None:
     """Refuse (ValueError) a token selection or score this module does not know."""
     _check_known("selection", select, TOKEN_SELECTIONS)
@@ -112,8 +118,18 @@ def row_attention_scores(q: Tensor, k: Tensor, v: Tensor, scale: float, score: s
         return attn.mean(dim=1)
 
 
+def tempered(noise: Tensor, temperature: float) -> Tensor:
+    """Uniform draws ``u`` in [0, 1) that make ``sample``'s draw follow ``score ** (1 / temperature)``
+    (:func:`ranking_scores`): ``exp(-(-log u) ** temperature)``, under which ``log u / s`` ranks as
+    ``s ** (1 / T) / (-log u)``. Below 1 the draw leans to the top scores, above 1 towards a uniform
+    draw; at 1 the draws themselves. A draw of 0 stays 0 (it ranks last)."""
+    if temperature == 1.0:
+        return noise
+    return noise.log().neg_().pow_(temperature).neg_().exp_()
+
+
 def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
     """Scores whose top-k is the kept set, from non-negative token ``scores`` ``[B, N]``.
 
     ``top``: the scores themselves (the paper's top-k). ``sample``: a draw of k tokens without
@@ -121,8 +137,9 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     draw ``-log(u)``, whose top-k is the Gumbel-top-k of the scores' logarithm with the same draws
     (``log s - log(-log u)``, a monotone function of it): four kernels with the draw, not nine.
     ``random``: uniform noise, a random subset. ``noise``: the uniform draws in [0, 1) to use, shaped
-    like ``scores`` (an ONNX graph takes them as an input); default: drawn here from ``generator``
-    (torch's default generator if None).
+    like ``scores`` (an ONNX graph takes them as an input), already :func:`tempered`; default: drawn
+    here from ``generator`` (torch's default generator if None) and tempered by ``temperature``
+    (``policy.token_temperature``: ``sample`` draws in proportion to ``score ** (1 / temperature)``).
     """
     if select == "top":
         return scores
@@ -130,6 +147,8 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     with torch.no_grad():
         if noise is None:
             noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+            if select == "sample":
+                noise = tempered(noise, temperature)
         if select == "random":
             return noise
         # select == "sample": log(u) / s ranks as s / (-log u). A zero score ranks below every positive

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from alast.config import load_config
+from alast.config_schema import TOKEN_TEMPERATURE
 from alast.models import build_demo_model
 from alast.training.resume import saved_config
 from alast_cli.main import cli
@@ -45,8 +46,9 @@ def test_old_config_loads_with_todays_defaults_for_new_keys():
     assert saved["policy"]["spare_first"] == 0 and cfg.policy.spare_first == "frozen"
     assert saved["policy"]["early_frac"] == 0.0 and cfg.policy.early_frac is None
     assert saved["policy"]["dense_final_interleave"] == 0 and cfg.policy.dense_final_interleave == DEFAULT_PERIOD
+    assert saved["policy"]["token_temperature"] == 1.0 and cfg.policy.token_temperature == TOKEN_TEMPERATURE
     saved["policy"].update(token_select="sample", token_score="contribution", trim_last=True, spare_first="frozen",
-                           early_frac=None, dense_final_interleave=DEFAULT_PERIOD)
+                           early_frac=None, dense_final_interleave=DEFAULT_PERIOD, token_temperature=TOKEN_TEMPERATURE)
     assert saved == cfg.model_dump()
 
 
@@ -74,7 +76,8 @@ def test_an_old_checkpoints_config_matches_its_run_config_on_resume():
     assert result_changes(old, load_config(FIXTURE / "config.yaml")) == [
         f"policy.dense_final_interleave (0 -> {DEFAULT_PERIOD})", "policy.early_frac (0.0 -> null)",
         "policy.spare_first (0 -> frozen)", "policy.token_score (attention -> contribution)",
-        "policy.token_select (top -> sample)", "policy.trim_last (false -> true)"]
+        "policy.token_select (top -> sample)", f"policy.token_temperature (1.0 -> {TOKEN_TEMPERATURE})",
+        "policy.trim_last (false -> true)"]
 
 
 def test_old_run_exports_evaluates_and_replays(old_run, tmp_path):

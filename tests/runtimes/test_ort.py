@@ -330,6 +330,7 @@ def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
     (seeded by train.seed) as the graph's ``noise`` input; the eager graph fed the same draws gives
     the same loss, other draws not."""
     from runtimes.ort_backend.graph import TrainingGraph
+    from runtimes.torch_backend.tokens import tempered
 
     model = make_tiny_vit()
     ref = TrainingGraph(copy.deepcopy(model), select=True, token_select=select, token_score="contribution").train()
@@ -338,7 +339,9 @@ def test_ort_draws_the_tokens_the_eager_graph_draws_from_the_same_noise(select):
     rt = create_runtime(cfg, model)
     (x, y), = data(1)
     res = rt.train_step(x, y, HALF, 1e-3, 0)
+    # the runtime tempers the draws of 'sample' (policy.token_temperature); the graph takes them as given
     noise = torch.rand(ref.noise_shape(6), generator=torch.Generator().manual_seed(3))
+    noise = tempered(noise, cfg.policy.token_temperature if select == "sample" else 1.0)
     keep = torch.tensor(res.kept_tokens)
     with torch.no_grad():
         same, _ = ref(x, y, keep, noise)

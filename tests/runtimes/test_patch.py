@@ -385,3 +385,34 @@ def test_sampled_tokens_are_the_gumbel_top_k_of_the_same_draws():
         want = kept_indices(gumbel, keep, num_prefix=1)
         assert torch.equal(got, want), keep
         assert (got[:, 0] == 0).all() and (got[:, 1:].diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_a_tempered_sample_keeps_a_token_in_proportion_to_its_score_to_the_power_one_over_t(temperature):
+    """policy.token_temperature: one token of four kept, drawn 40,000 times: each is kept with
+    probability s ** (1 / T) / sum; the tempered draws of the same uniforms give the same ranks as
+    the Gumbel-top-k of log(s) / T."""
+    from runtimes.torch_backend.tokens import kept_indices, tempered
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.tensor([[0.0, 1.0, 2.0, 4.0, 8.0]]).expand(40_000, -1)  # a prefix token, then four patches
+    kept = kept_indices(ranking_scores(scores, "sample", generator=g, temperature=temperature), 1, num_prefix=1)
+    freq = torch.bincount(kept[:, 1] - 1, minlength=4).float() / 40_000
+    want = scores[0, 1:].pow(1 / temperature)
+    assert torch.allclose(freq, want / want.sum(), atol=0.01), freq
+    u = torch.rand(64, 5, generator=g)
+    gumbel = scores[:64].double().clamp_min(1e-30).log() / temperature - torch.log(-torch.log(u.double()))
+    got = kept_indices(ranking_scores(scores[:64], "sample", tempered(u, temperature)), 2, num_prefix=1)
+    assert torch.equal(got, kept_indices(gumbel, 2, num_prefix=1))
+
+
+def test_a_temperature_is_refused_where_nothing_is_drawn_by_score():
+    from alast.config import load_config
+    from alast.config_schema import ConfigError
+
+    for select in ("top", "random"):
+        with pytest.raises((ConfigError, ValueError), match="token_temperature=0.3 shapes the draws"):
+            load_config(None, [f"policy.token_select={select}", "policy.token_temperature=0.3"])
+    assert load_config(None, ["policy.token_select=top"]).policy.token_select == "top"  # the default is no refusal
+    with pytest.raises((ConfigError, ValueError), match="token_temperature"):
+        load_config(None, ["policy.token_temperature=0"])
