@@ -272,7 +272,7 @@ class PolicyConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _temperature_for_draws(self) -> "PolicyConfig":
+    def _temperature_for_draws(self) -> PolicyConfig:
         # the default, and 1 (what a run saved before the key existed trained with), are neutral anywhere
         if self.token_select != "sample" and self.token_temperature not in (1.0, TOKEN_TEMPERATURE):
             raise ValueError(f"policy.token_temperature={self.token_temperature:g} shapes the draws of token_select "

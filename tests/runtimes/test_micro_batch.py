@@ -45,10 +45,10 @@ def test_a_step_in_passes_is_the_step_in_one(backend, select):
 
 
 MODELS = {
-    "rotary": dict(model=lambda: make_tiny_eva("dinov3", depth=4)),
-    "relative": dict(model=lambda: make_tiny_beit("beitv2", depth=4)),
-    "pooled": dict(model=lambda: make_tiny_vit(global_pool="avg")),
-    "fused": dict(fuse_tokens=True),
+    "rotary": {"model": lambda: make_tiny_eva("dinov3", depth=4)},
+    "relative": {"model": lambda: make_tiny_beit("beitv2", depth=4)},
+    "pooled": {"model": lambda: make_tiny_vit(global_pool="avg")},
+    "fused": {"fuse_tokens": True},
 }
 
 
