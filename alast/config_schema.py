@@ -187,9 +187,9 @@ class PolicyConfig(_Section):
         "proportional to the score; 'random', a uniform random subset. Evaluation on a token schedule keeps "
         "the highest scores")
     token_temperature: float = Field(
-        TOKEN_TEMPERATURE, gt=0.0, description="token_select 'sample', beyond the paper: the kept tokens are drawn with "
-        "probability proportional to score ** (1 / T); below 1 the draw leans to the top scores (towards "
-        "'top'), above 1 towards a uniform draw ('random'); 1: in proportion to the score")
+        TOKEN_TEMPERATURE, gt=0.0, description="token_select 'sample', beyond the paper: the kept tokens are "
+        "drawn with probability proportional to score ** (1 / T); below 1 the draw leans to the top scores "
+        "(towards 'top'), above 1 towards a uniform draw ('random'); 1: in proportion to the score")
     trim_last: bool = Field(
         True, description="alast, beyond the paper: where the model's head reads only the class token (and the "
         "other prefix tokens), the last block keeps none of its patch tokens in training (policy.min_tokens of "

@@ -119,10 +119,11 @@ def row_attention_scores(q: Tensor, k: Tensor, v: Tensor, scale: float, score: s
 
 
 def tempered(noise: Tensor, temperature: float) -> Tensor:
-    """Uniform draws ``u`` in [0, 1) that make ``sample``'s draw follow ``score ** (1 / temperature)``
-    (:func:`ranking_scores`): ``exp(-(-log u) ** temperature)``, under which ``log u / s`` ranks as
-    ``s ** (1 / T) / (-log u)``. Below 1 the draw leans to the top scores, above 1 towards a uniform
-    draw; at 1 the draws themselves. A draw of 0 stays 0 (it ranks last)."""
+    """Uniform draws ``u`` in [0, 1) turned into the draws that make ``sample`` keep tokens in
+    proportion to ``score ** (1 / temperature)`` (:func:`ranking_scores`): ``u' = exp(-(-log u) **
+    temperature)``, under which ``log u' / s`` ranks as ``s ** (1 / T) / (-log u)``. Below 1 the draw
+    leans to the top scores, above 1 towards a uniform draw; at 1 ``u`` itself. A draw of 0 stays 0
+    (it ranks last)."""
     if temperature == 1.0:
         return noise
     return noise.log().neg_().pow_(temperature).neg_().exp_()
