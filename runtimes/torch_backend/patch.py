@@ -81,9 +81,9 @@ class StepControl:
     # rotary and relative-bias models: the patch positions (in the image's grid) of the patch tokens
     # entering the next block, [B, n]; None while every patch token is still there
     positions: Tensor | None = None
-    # a step run in passes (gradient accumulation): per block, the draws of select 'sample' / 'random'
-    # for the whole batch, made before the first pass as one pass would make them, and the samples of
-    # the pass running; a pass takes its rows, so the passes draw what one pass would
+    # a step run in passes (gradient accumulation): per block, the uniform draws of select 'sample' /
+    # 'random' for the whole batch, made before the first pass as one pass would make them, and the
+    # samples of the pass running; a pass takes its rows, so the passes draw what one pass would
     noise: list[Tensor | None] | None = None
     rows: slice = field(default_factory=lambda: slice(None))
 

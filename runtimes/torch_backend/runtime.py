@@ -30,7 +30,7 @@ from .params import (
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .precision import autocast, check_precision, loss_scaler
-from .tokens import check_temperature, check_token_choice, tempered
+from .tokens import check_temperature, check_token_choice
 
 
 def resolve_device(name: str) -> torch.device:
@@ -273,14 +273,14 @@ class TorchRuntime:
                     ) -> list[torch.Tensor | None] | None:
         """The token draws of a step run in passes, made for the whole batch before its first pass:
         per block that drops tokens, what one pass would draw there (``[B, prefix + tokens in]``,
-        from the same generator, in block order); None for select 'top', which draws nothing."""
+        from the same generator, in block order; each pass ranks its rows as one pass ranks them,
+        temperature included); None for select 'top', which draws nothing."""
         if self.patch.control.select == "top":
             return None
-        ctl, prefix = self.patch.control, self.patch.num_prefix
-        temperature = ctl.temperature if ctl.select == "sample" else 1.0
-        return [None if k is None else tempered(
-                torch.rand((batch, prefix + n), generator=self.token_rng, device=self.device, dtype=torch.float32),
-                temperature) for k, n in zip(keep, tokens_in)]
+        prefix = self.patch.num_prefix
+        return [None if k is None else
+                torch.rand((batch, prefix + n), generator=self.token_rng, device=self.device, dtype=torch.float32)
+                for k, n in zip(keep, tokens_in)]
 
     def _train_mode(self) -> None:
         """``model.train()`` where the model is not in training mode already: the call visits every

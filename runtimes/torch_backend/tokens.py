@@ -138,9 +138,11 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     draw ``-log(u)``, whose top-k is the Gumbel-top-k of the scores' logarithm with the same draws
     (``log s - log(-log u)``, a monotone function of it): four kernels with the draw, not nine.
     ``random``: uniform noise, a random subset. ``noise``: the uniform draws in [0, 1) to use, shaped
-    like ``scores`` (an ONNX graph takes them as an input), already :func:`tempered`; default: drawn
-    here from ``generator`` (torch's default generator if None) and tempered by ``temperature``
-    (``policy.token_temperature``: ``sample`` draws in proportion to ``score ** (1 / temperature)``).
+    like ``scores`` (an ONNX graph takes them as an input, :func:`tempered` by the runtime); default:
+    drawn here from ``generator`` (torch's default generator if None). ``temperature``
+    (``policy.token_temperature``): ``sample`` draws in proportion to ``score ** (1 / temperature)``,
+    ranking by ``-(-log u) ** T / s``, which ranks as ``log u' / s`` with ``u'`` the :func:`tempered`
+    draws, without their exp and log (two kernels fewer per dropping block, each step).
     """
     if select == "top":
         return scores
@@ -148,12 +150,12 @@ def ranking_scores(scores: Tensor, select: str, noise: Tensor | None = None,
     with torch.no_grad():
         if noise is None:
             noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
-            if select == "sample":
-                noise = tempered(noise, temperature)
         if select == "random":
             return noise
         # select == "sample": log(u) / s ranks as s / (-log u). A zero score ranks below every positive
         # one and is drawn among its equals (the clamp); u = 0 ranks last (-inf).
+        if temperature != 1.0:
+            return noise.log().neg_().pow_(temperature).div_(scores.clamp_min(1e-30)).neg_()
         return noise.log() / scores.clamp_min(1e-30)
 
 
