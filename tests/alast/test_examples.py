@@ -23,3 +23,32 @@ def test_paper_configs_name_real_timm_models_and_datasets():
             assert timm.is_model(cfg.model.name), path
         if cfg.data.spec.startswith("torchvision:"):
             assert hasattr(tvd, cfg.data.spec.split(":", 1)[1]), path
+
+
+def test_digits_folder_writes_the_built_in_digits_as_an_image_folder(tmp_path):
+    """examples/digits_folder.py: every digit as a PNG in its class's folder, read by imagefolder:
+    as the built-in task splits it; a folder with files in it is refused."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from alast.data import build_data
+    from alast.training.build import model_data_config
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_folder.py"
+    spec = importlib.util.spec_from_file_location("digits_folder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "digits"
+    assert module.main(["--out", str(out)]) == 1797
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    digits = load_digits()
+    saved = np.asarray(Image.open(out / str(digits.target[5]) / "0005.png"))
+    assert np.array_equal(saved, (digits.images[5] * (255.0 / 16.0)).astype("uint8"))
+    cfg = model_data_config("alast_demo_vit")
+    folder, built_in = (build_data(spec, cfg, val_fraction=0.2, seed=0) for spec in (f"imagefolder:{out}", "digits"))
+    assert (len(folder.train), len(folder.val)) == (len(built_in.train), len(built_in.val)) == (1438, 359)
+    with pytest.raises(SystemExit, match="not empty"):
+        module.main(["--out", str(out)])
