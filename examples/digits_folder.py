@@ -1,4 +1,4 @@
-"""Write scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as an image folder.
+"""Write scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes) as an image folder.
 
 Real images that need no download, in the layout ``--data imagefolder:DIR`` reads (one folder per
 class), to try ALaST on files as one's own data would come:

@@ -48,7 +48,7 @@ def test_digits_folder_writes_the_built_in_digits_as_an_image_folder(tmp_path):
     saved = np.asarray(Image.open(out / str(digits.target[5]) / "0005.png"))
     assert np.array_equal(saved, (digits.images[5] * (255.0 / 16.0)).astype("uint8"))
     cfg = model_data_config("alast_demo_vit")
-    folder, built_in = (build_data(spec, cfg, val_fraction=0.2, seed=0) for spec in (f"imagefolder:{out}", "digits"))
+    folder, built_in = (build_data(data, cfg, val_fraction=0.2, seed=0) for data in (f"imagefolder:{out}", "digits"))
     assert (len(folder.train), len(folder.val)) == (len(built_in.train), len(built_in.val)) == (1438, 359)
     with pytest.raises(SystemExit, match="not empty"):
         module.main(["--out", str(out)])

@@ -29,7 +29,7 @@ def moving_budgets(n: int, seed: int = 0, freeze_stem: bool = False):
 def test_compiled_run_stops_recompiling_after_warm_up(batch, monkeypatch):
     """New token counts and trained sets after warm-up compile nothing. Whether dynamo traces a
     new graph is decided by its guards, before any backend runs, so the test compiles with
-    ``aot_eager`` (forward and backward traced, no code generated: a tenth of inductor's time);
+    ``aot_eager`` (forward and backward traced, no code generated: a quarter of inductor's time);
     :func:`test_compiled_step_matches_eager` runs inductor itself."""
     from torch._dynamo.utils import counters
 
