@@ -18,16 +18,21 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def load_benchmark(name: str):
-    """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
+def load_script(folder: str, name: str):
+    """A script of ``benchmarks/`` or ``examples/`` as a module (they are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module."""
+    return load_script("benchmarks", name)
 
 
 def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0, global_pool="token",

@@ -3,6 +3,7 @@ import pathlib
 import pytest
 
 from alast.config import load_config
+from tests.conftest import load_script
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs").glob("*.yaml"))
 
@@ -28,8 +29,6 @@ def test_paper_configs_name_real_timm_models_and_datasets():
 def test_digits_folder_writes_the_built_in_digits_as_an_image_folder(tmp_path):
     """examples/digits_folder.py: every digit as a PNG in its class's folder, read by imagefolder:
     as the built-in task splits it; a folder with files in it is refused."""
-    import importlib.util
-
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -37,10 +36,7 @@ def test_digits_folder_writes_the_built_in_digits_as_an_image_folder(tmp_path):
     from alast.data import build_data
     from alast.training.build import model_data_config
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_folder.py"
-    spec = importlib.util.spec_from_file_location("digits_folder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples", "digits_folder")
     out = tmp_path / "digits"
     assert module.main(["--out", str(out)]) == 1797
     assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]

@@ -1,15 +1,12 @@
 """Formula-driven fractal images (alast/data/formula.py) and the 12-block backbone pre-trained on them."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from alast.data import formula as Fm
-
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_vit12_backbone.py"
+from tests.conftest import load_script
 
 
 def test_images_are_a_function_of_class_and_seed_only():
@@ -100,10 +97,7 @@ def test_cuda_generation_matches_cpu():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pretrain_vit12_backbone", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", "pretrain_vit12_backbone")
 
 
 def test_pretrain_script_smoke_writes_loadable_fp16_weights_and_record(tmp_path):

@@ -1,18 +1,16 @@
 """The synthetic data families (alast/data/synthetic.py) and the demo-backbone pre-training script."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from alast.data import synthetic
 from alast.data.synthetic import SyntheticDataset, class_names, generate_batch, num_classes
+from tests.conftest import load_script
 
 FAMILIES = ("pretrain", "shapes")
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_demo_backbone.py"
 
 
 def _gen(family, n, seed):
@@ -99,9 +97,7 @@ def test_cuda_generation():
 
 
 def test_pretrain_script_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("pretrain_demo_backbone", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples", "pretrain_demo_backbone")
     out = tmp_path / "demo.safetensors"
     record = module.main(["--device", "cpu", "--steps", "3", "--batch-size", "4", "--gen-batches", "2",
                           "--eval-size", "8", "--log-every", "1", "--out", str(out)])
