@@ -9,22 +9,26 @@ The pixels are the built-in ``digits`` task's (8-bit greyscale, 0..16 scaled to 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def write_digits(out: Path) -> int:
     """Write ``out/<label>/<index>.png`` for every digit; returns how many were written."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from alast.data.datasets import digit_images
 
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; name a new or empty directory with --out")
-    digits = load_digits()
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    images, labels = digit_images()
+    for i, (pixels, label) in enumerate(zip(images, labels)):
         folder = out / str(label)
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((pixels * (255.0 / 16.0)).astype("uint8"), mode="L").save(folder / f"{i:04d}.png")
-    return len(digits.images)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+    return len(labels)
 
 
 def main(argv=None) -> int:

@@ -65,13 +65,18 @@ class RandomImageDataset(Dataset):
         return torch.from_numpy(rng.standard_normal(self.shape, dtype=np.float32)), self.targets[i]
 
 
-def _digits(train_tf: Callable, eval_tf: Callable, val_fraction: float, seed: int) -> DataBundle:
-    """The UCI digits (8x8, 16 grey levels) scaled to uint8 and kept at 8x8 until read."""
+def digit_images() -> tuple[np.ndarray, list[int]]:
+    """The UCI digits shipped in scikit-learn: 1,797 8x8 images of 16 grey levels, scaled to uint8,
+    and their labels (0-9)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    pixels = (d.images * (255.0 / 16.0)).astype("uint8")
-    labels = [int(y) for y in d.target]
+    return (d.images * (255.0 / 16.0)).astype("uint8"), [int(y) for y in d.target]
+
+
+def _digits(train_tf: Callable, eval_tf: Callable, val_fraction: float, seed: int) -> DataBundle:
+    """The UCI digits, kept at 8x8 until read."""
+    pixels, labels = digit_images()
     tr, va = _split_indices(labels, val_fraction, seed)
     val = ArrayImageDataset(pixels, labels, eval_tf)
     train = val if train_tf is eval_tf else ArrayImageDataset(pixels, labels, train_tf)
