@@ -1,23 +1,18 @@
 """benchmarks/cpu_bf16.py runs end to end with tiny settings and writes complete rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from runtimes.torch_backend import precision
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # functional on any CPU, fast on some
-    spec = importlib.util.spec_from_file_location("cpu_bf16", REPO / "benchmarks" / "cpu_bf16.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("cpu_bf16")
     monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: True)
     return module
 

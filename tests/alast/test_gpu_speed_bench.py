@@ -1,20 +1,17 @@
 """benchmarks/gpu_speed.py runs end to end on the CPU with tiny settings and writes complete rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
+
 FIELDS = ("device", "torch", "model", "batch", "precision", "compile", "policy", "target", "median_step_ms",
           "images_per_s", "peak_memory_bytes", "flops_ratio", "speedup_vs_full", "share_of_flop_bound",
           "compile_time_s", "token_multiple")
 
 
 def test_gpu_speed_grid_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_speed", REPO / "benchmarks" / "gpu_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("gpu_speed")
     out = tmp_path / "gpu_speed.json"
     bench.main(["--device", "cpu", "--models", "alast_demo_vit", "--batches", "2", "--steps", "2", "--warmup", "1",
                 "--precision", "fp32", "--compile", "off", "--targets", "0.5", "--out", str(out)])
@@ -29,15 +26,8 @@ def test_gpu_speed_grid_on_cpu(tmp_path):
     assert 0.3 < target["flops_ratio"] < 0.7  # solved for 0.5 of full fine-tuning
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_grid_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch):
-    bench = _load("gpu_speed")
+    bench = load_benchmark("gpu_speed")
     measured = []
 
     def measure(model, batch, compiled, policy, target, args, solved):
@@ -60,7 +50,7 @@ def test_a_grid_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatc
 
 
 def test_gpu_profile_times_launch_and_step_and_names_the_top_ops_on_cpu(tmp_path):
-    prof = _load("gpu_profile")
+    prof = load_benchmark("gpu_profile")
     out = tmp_path / "profile.json"
     prof.main(["--device", "cpu", "--model", "alast_demo_vit", "--batch", "2", "--steps", "1", "--warmup", "1",
                "--precision", "fp32", "--out", str(out)])
@@ -76,7 +66,7 @@ def test_op_count_on_cpu(tmp_path):
     """benchmarks/op_count.py counts a step's kernels; the machinery at full budget adds none, and a
     dropping block launches no zero-filled copy of its qkv gradient (one unbind, not three slices)
     and one log for its sampled tokens."""
-    bench = _load("op_count")
+    bench = load_benchmark("op_count")
     out = tmp_path / "ops.json"
     bench.main(["--models", "alast_demo_vit", "--targets", "0.5", "--out", str(out)])
     rows = json.loads(out.read_text())

@@ -1,17 +1,13 @@
 """benchmarks/overhead.py times today's default at a FLOPs target, sparse and dense steps apart."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 def test_overhead_at_a_target_combines_the_two_phases(tmp_path):
-    spec = importlib.util.spec_from_file_location("overhead", REPO / "benchmarks" / "overhead.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("overhead")
     out = tmp_path / "overhead.json"
     bench.main(["--model", "alast_demo_vit", "--batch-size", "2", "--rounds", "1", "--device", "cpu",
                 "--target-flops", "0.4", "--steps", "40", "--set", "policy.dense_final_frac=0.3", "--out", str(out)])
@@ -24,9 +20,7 @@ def test_overhead_at_a_target_combines_the_two_phases(tmp_path):
 
 
 def test_overhead_refuses_settings_its_timing_cannot_honour(tmp_path):
-    spec = importlib.util.spec_from_file_location("overhead", REPO / "benchmarks" / "overhead.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("overhead")
     base = ["--model", "alast_demo_vit", "--device", "cpu", "--out", str(tmp_path / "o.json")]
     for extra, says in ((["--target-flops", "0.4", "--set", "policy.early_frac=0.3"], "policy.early_frac is off"),
                         (["--target-flops", "0.4", "--set", "policy.no_such_key=1"], "no_such_key"),
