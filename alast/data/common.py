@@ -9,6 +9,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,12 +55,32 @@ class DataBundle:
 
 def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, Any]:
     """What a split by ``data.val_fraction`` depends on, beside the fraction and seed: ``samples``'
-    paths (relative to ``folder``) and classes, in order. Adding, removing or renaming a file changes
-    it (the split would move images between training and validation); the file contents do not."""
+    paths (relative to ``folder``) and classes, in order (``sha256``). Adding, removing or renaming a
+    file changes it (the split would move images between training and validation); the file contents
+    do not. ``contents`` tells the same names holding other images apart (:func:`same_files`): every
+    file's size and the bytes of :data:`CONTENT_SAMPLES` of them, spread over the list."""
     h = hashlib.sha256()
     for path, label in samples:
         h.update(os.fsencode(os.path.relpath(path, folder)) + b"\0" + os.fsencode(classes[label]) + b"\n")
-    return {"folder": os.path.abspath(folder), "files": len(samples), "sha256": h.hexdigest()}
+    c = hashlib.sha256()
+    for path, _ in samples:
+        c.update(b"%d\n" % os.path.getsize(path))
+    for i in sorted({k * len(samples) // CONTENT_SAMPLES for k in range(CONTENT_SAMPLES)} if samples else ()):
+        c.update(Path(samples[i][0]).read_bytes())
+    return {"folder": os.path.abspath(folder), "files": len(samples), "sha256": h.hexdigest(),
+            "contents": c.hexdigest()}
+
+
+CONTENT_SAMPLES = 16  # files whose bytes :func:`files_fingerprint`'s ``contents`` reads (every file's size too)
+
+
+def same_files(now: dict[str, Any], recorded: dict[str, Any] | None) -> bool:
+    """Whether fingerprint ``now`` is of the files ``recorded`` was: the same names and classes, and the same
+    contents where ``recorded`` has them (a run made before contents were fingerprinted: the names alone)."""
+    if not recorded:
+        return False
+    return ((now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256"))
+            and recorded.get("contents") in (None, now.get("contents")))
 
 
 def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None,

@@ -20,6 +20,7 @@ from alast.data.common import (
     _split_indices,
     files_fingerprint,
     nfc,
+    same_files,
     say_once,
 )
 from alast.data.images import IMG_EXTENSIONS, check_file, failure, read_rgb
@@ -371,8 +372,7 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
         where = val_dir or root
         ds, classes, nb = _load_folder(where, transform, skip_bad, "eval", notes)
         files = files_fingerprint(str(where), ds.samples, classes)
-        if val_dir is None and run_files and (files["files"], files["sha256"]) == (run_files.get("files"),
-                                                                                  run_files.get("sha256")):
+        if val_dir is None and same_files(files, run_files):
             train, val = _split(ds, *_split_indices(ds.targets, val_fraction, seed))
             notes.append(f"{where} holds the files the run split by data.val_fraction: scoring its validation split "
                          f"({len(val)} images), not the images it trained on")

@@ -377,6 +377,32 @@ def test_a_copy_of_the_runs_folder_is_scored_on_the_runs_split(tmp_path):
     assert json.loads(res.stdout)["samples"] == 13 and "evaluating on every image" in res.stderr
 
 
+def test_a_test_folder_named_as_the_runs_is_scored_whole(tmp_path):
+    """A separate test folder whose files bear the training folder's names (cat/0.png, ...) was taken
+    for the run's folder: only its "validation split" was scored. The same names holding other images
+    (here of the same file sizes) are another folder, scored whole, by the run and by its ONNX export."""
+    from PIL import Image
+
+    from tests.alast_cli.test_bad_input import make_image_folder
+
+    data, run = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    test = shutil.copytree(data, tmp_path / "test")
+    for f in test.rglob("*.png"):
+        r, g, b = Image.open(f).getpixel((0, 0))
+        Image.new("RGB", (32, 32), (g, b, r)).save(f)
+    assert sorted(f.stat().st_size for f in test.rglob("*.png")) == sorted(f.stat().st_size for f in data.rglob("*.png"))
+    res = CliRunner().invoke(cli, ["train", "--data", f"imagefolder:{data}", "--steps", "1", "--batch-size", "4",
+                                   "--set", "backend.threads=1", "--set", "backend.count_flops=off", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    onnx = tmp_path / "m.onnx"
+    assert CliRunner().invoke(cli, ["export", str(run), "--out", str(onnx)]).exit_code == 0
+    for scored in (run, onnx):
+        res = CliRunner().invoke(cli, ["eval", str(scored), "--data", f"imagefolder:{test}", "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout.strip().splitlines()[-1])["samples"] == 12, res.stderr
+        assert scored == onnx or f"evaluating on every image in {test} (12)" in res.stderr  # notes: once a process
+
+
 def test_onnx_eval_json_reports_the_token_schedule_as_the_run_eval_does(runs, tmp_path):
     """`eval model.onnx --json` lacked kept_tokens, which `eval RUN --json` reports; the ONNX file's
     metadata holds it: the deployed schedule, or null for an --all-tokens export."""
