@@ -117,7 +117,8 @@ def check_fingerprint(recorded: dict[str, Any] | None, bundle: DataBundle) -> No
 
 
 def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified split: the same share of every class goes to validation."""
+    """Stratified split: the same share of every class goes to validation, at least one image of a class
+    with two or more, and never its last: every class keeps a training image."""
     g = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -125,7 +126,7 @@ def _split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tup
     train, val = [], []
     for idx in by_class.values():
         perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))
         val += perm[:n_val]
         train += perm[n_val:]
     return sorted(train), sorted(val)

@@ -210,6 +210,32 @@ def test_the_files_split_by_val_fraction_are_fingerprinted(tmp_path):
     assert build_data(f"imagefolder:{splits}", CFG).fingerprint is None  # its own split: files do not move
 
 
+def test_the_contents_are_fingerprinted_apart_from_the_names(tmp_path):
+    """The split depends on the names (``sha256``); whether a folder holds the run's images, on the
+    contents too (``contents``): sizes, and the bytes of the sampled files."""
+    from PIL import Image
+
+    root = _image_folder(tmp_path / "data", {f"{c}/{i}.png": "RGB" for c in "ab" for i in range(4)})
+    first = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25).fingerprint
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "b" / "2.png")
+    now = build_data(f"imagefolder:{root}", CFG, val_fraction=0.25).fingerprint
+    assert now["sha256"] == first["sha256"] and now["contents"] != first["contents"]
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_a_high_val_fraction_leaves_every_class_a_training_image(fraction):
+    """``max(1, round(n * f))`` held out all of a class's images once f * n rounded to n: the run trained
+    without the class and validated on it."""
+    from alast.data.common import _split_indices
+
+    labels = [0] * 10 + [1] * 13 + [2] * 2 + [3]
+    train, val = _split_indices(labels, fraction, seed=0)
+    assert sorted(train + val) == list(range(len(labels)))
+    assert {labels[i] for i in train} == {0, 1, 2, 3}  # every class trains
+    assert {labels[i] for i in val} == {0, 1, 2}  # every class of two or more is validated
+    assert len([i for i in train if labels[i] == 0]) == max(1, 10 - round(10 * fraction))
+
+
 def test_validation_folder_may_lack_a_class_but_not_add_one(tmp_path):
     root = _image_folder(tmp_path, {"train/a/0.png": "RGB", "train/b/0.png": "RGB", "train/c/0.png": "RGB",
                                     "val/b/0.png": "RGB", "val/c/0.png": "RGB"})
