@@ -153,11 +153,17 @@ def _check_sections(data: dict[str, Any], path: Path, model: type[BaseModel] | N
 
 
 def _check_steps_or_epochs(data: dict[str, Any]) -> None:
-    """Refuse a config that sets both ``train.steps`` and ``train.epochs``: one would be ignored."""
+    """Refuse a config that sets both ``train.steps`` and ``train.epochs`` (one would be ignored), or
+    neither (``steps`` null without ``epochs``: the run's length would be unknown)."""
     train = data.get("train")
-    if isinstance(train, dict) and train.get("steps") is not None and train.get("epochs") is not None:
+    if not isinstance(train, dict):
+        return
+    if train.get("steps") is not None and train.get("epochs") is not None:
         raise ConfigError(f"train.steps ({train['steps']!r}) and train.epochs ({train['epochs']!r}) are both set; "
                           "set one of them to null (e.g. --set train.epochs=null)")
+    if "steps" in train and train["steps"] is None and train.get("epochs") is None:
+        raise ConfigError("train.steps is null and train.epochs is not set: set one of them (e.g. --steps 150 or "
+                          "--epochs 3)")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

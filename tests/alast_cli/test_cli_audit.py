@@ -150,6 +150,17 @@ def test_steps_and_epochs_both_set_are_refused(tmp_path):
         load_config(both)
 
 
+def test_steps_null_without_epochs_is_refused_in_one_line(tmp_path):
+    """``train.steps`` null and no ``train.epochs`` reached ``int(None)``: "error: int() argument must be
+    ...", exit 1, and a bench left its files behind."""
+    for args in (["train", "--set", "train.steps=null", "--out", str(tmp_path / "run")],
+                 ["bench", "--set", "train.steps=", "--out", str(tmp_path / "bench")], ["plan", "--set", "train.steps="]):
+        one_error_line(run_cli(args), 2, "train.steps is null and train.epochs is not set: set one of them")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "bench").exists()
+    cfg = load_config(None, ["train.steps=null", "train.epochs=2"])
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 2)
+
+
 def test_a_named_steps_or_epochs_replaces_the_config_files_other(tmp_path):
     epochs = tmp_path / "epochs.yaml"
     epochs.write_text("train:\n  epochs: 2\n")
