@@ -95,6 +95,9 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise ExportError(f"run directory not found: {run_dir}")
     if not (run_dir / CONFIG).exists():
         raise ExportError(f"{run_dir} is not a run directory (no {CONFIG})")
+    if (run_dir / SUMMARY).exists() and not (run_dir / FINAL_WEIGHTS).exists():  # finished; its weights gone
+        raise ExportError(f"run {run_dir} finished, but its fine-tuned weights ({run_dir / FINAL_WEIGHTS}) are gone; "
+                          "restore the file, or rerun the training")
     if not (run_dir / SUMMARY).exists() or not (run_dir / FINAL_WEIGHTS).exists():
         from alast.training.rundir import lock_holder
 

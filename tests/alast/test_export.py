@@ -356,6 +356,36 @@ def test_a_damaged_summary_is_refused_by_export_and_eval(runs, tmp_path, damage,
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_finished_run_without_its_weights_says_they_are_gone(runs, tmp_path):
+    """A finished run whose final_model.safetensors was deleted was called unfinished, and told to
+    resume, which found it finished: advice that went round in a circle."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    (run / "final_model.safetensors").unlink()
+    for args in (["export", str(run), "--out", str(tmp_path / "m.onnx")], ["eval", str(run)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"run {run} finished, but its fine-tuned weights" in _err(res) and "are gone" in _err(res)
+        assert "--resume" not in _err(res) and len(_err(res).splitlines()) == 1
+
+
+@pytest.mark.parametrize("text,says", [("", "is empty"), ("data:\n  spec: digits\n", "lacks its model, policy, train "
+                                                                                   "sections")])
+def test_a_damaged_run_config_is_refused_not_read_as_the_defaults(runs, tmp_path, text, says):
+    """An emptied config.yaml read as the defaults: export wrote a model under the demo's data and the
+    paper's token score, eval blamed the image folder; resume and the trace replay read it alike."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    (run / "config.yaml").write_text(text)
+    for args in (["export", str(run), "--out", str(tmp_path / "m.onnx")], ["eval", str(run)],
+                 ["train", "--resume", "--out", str(run)], ["plan", "--trace", str(run)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"{run / 'config.yaml'} {says}: it is not the config the run saved" in _err(res), (args, _err(res))
+        assert len(_err(res).splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_a_copy_of_the_runs_folder_is_scored_on_the_runs_split(tmp_path):
     """`eval --data imagefolder:COPY` of the folder a run split scored every image of the copy, the
     ones the run trained on too; the same files under another path now get the run's split."""
