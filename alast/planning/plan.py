@@ -192,18 +192,21 @@ def solve_target(cfg: AlastConfig, cost_model_path: Path | None = None, world_si
 
 def planned_steps(cfg: AlastConfig) -> int:
     """``train.steps``, or the steps of ``train.epochs`` over the training set (loaded unless its
-    size is known)."""
+    size is known), refused as the run would refuse it where the batch exceeds that set."""
     if cfg.train.epochs is None:
         return int(cfg.train.steps)
+    from alast.data import check_batch_size
     from alast.training.schedule import total_steps
 
     kind, _, arg = cfg.data.spec.partition(":")
     if kind == "torchvision" and arg in KNOWN_DATASETS:
-        return total_steps(cfg, KNOWN_DATASETS[arg][1])
-    from alast.training.build import load_data
+        n = KNOWN_DATASETS[arg][1]
+    else:
+        from alast.training.build import load_data
 
-    data, _ = load_data(cfg)
-    return total_steps(cfg, len(data.train))
+        n = len(load_data(cfg)[0].train)
+    check_batch_size(n, cfg.train.batch_size)
+    return total_steps(cfg, n)
 
 
 def check_backend(cfg: AlastConfig, calibrate: bool) -> None:

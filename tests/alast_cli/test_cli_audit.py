@@ -161,6 +161,13 @@ def test_steps_null_without_epochs_is_refused_in_one_line(tmp_path):
     assert (cfg.train.steps, cfg.train.epochs) == (None, 2)
 
 
+def test_plan_refuses_epochs_of_a_batch_the_data_cannot_fill():
+    """`alast plan --epochs` priced "1 steps at batch 64" of a training set that `alast train` refuses."""
+    for args in (["--data", "random:5", "--epochs", "1"], ["--data", "random:80", "--epochs", "2", "--batch-size", "128"]):
+        one_error_line(run_cli(["plan", *args, "--set", "backend.threads=1"]), 2, "exceeds the", "training images",
+                       "lower --batch-size")
+
+
 def test_a_named_steps_or_epochs_replaces_the_config_files_other(tmp_path):
     epochs = tmp_path / "epochs.yaml"
     epochs.write_text("train:\n  epochs: 2\n")
