@@ -219,7 +219,7 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         click.echo(json.dumps(result))
         return result
     results.print(_plan_table(result))
-    results.print(f"[dim]time: {result['time_method']}; cost model: {result['cost_model']['source']}[/dim]")
+    results.print(f"time: {result['time_method']}; cost model: {result['cost_model']['source']}", style="dim")
     if result.get("target"):
         tg = result["target"]
         results.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'], tg.get('policy', ''))} (predicted {tg['predicted_ratio']:.3f}x, "

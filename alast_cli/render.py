@@ -13,8 +13,10 @@ from alast.training.loop import Hooks
 # Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
 # Progress, notes and warnings go to stderr; a command's results (tables, predictions, verdicts) to
 # stdout, so that `alast plan > plan.txt` keeps them (with --json, stdout holds the JSON alone).
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-results = Console(width=None if sys.stdout.isatty() else 140)
+# Printed text is never read as rich markup or emoji codes: it holds the user's paths, specs and names
+# (a folder `[bold]x` or `zero` would print as `x` or an emoji); styles go in style=.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, markup=False, emoji=False)
+results = Console(width=None if sys.stdout.isatty() else 140, markup=False, emoji=False)
 
 
 def human(n: float | None, unit: str = "") -> str:
@@ -60,10 +62,10 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
                                           trained="-")
         state["tokens"] = info["patches"] * info["blocks"]
         skipped = f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else ""
-        progress.console.print(f"[dim]{info['train']} train / {info['val']} val images, {info['classes']} classes, "
-                               f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}[/dim]")
+        progress.console.print(f"{info['train']} train / {info['val']} val images, {info['classes']} classes, "
+                               f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}", style="dim")
         if not resuming and info.get("weights"):
-            progress.console.print(f"[dim]starting from {info['weights']}[/dim]")
+            progress.console.print(f"starting from {info['weights']}", style="dim")
 
     def on_step(step: int, result, record: dict[str, Any]) -> None:
         kept = sum(result.tokens_in) / max(state["tokens"], 1)

@@ -197,7 +197,8 @@ def _train(cfg, run_dir: Path, resume: bool, comm, cost_model: Path | None = Non
 
             overrides, info = solve_target(cfg, cost_model, comm.world_size, steps)
             if comm.is_main:
-                console.print(f"[dim]target {cfg.policy.target_flops:.2f}x full FLOPs -> {knobs_text(info['knobs'], info['policy'])}[/dim]")
+                console.print(f"target {cfg.policy.target_flops:.2f}x full FLOPs -> {knobs_text(info['knobs'], info['policy'])}",
+                              style="dim")
             return overrides, info
     kwargs = dict(resume=resume, comm=comm, solve=solve)
     reached = reached or _Reached()

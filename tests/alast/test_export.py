@@ -386,6 +386,22 @@ def test_a_damaged_run_config_is_refused_not_read_as_the_defaults(runs, tmp_path
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_paths_print_as_they_are_not_as_markup_or_emoji(tmp_path):
+    """rich read the user's paths as markup and emoji codes: a folder `zero` printed as
+    `imagefolder0️⃣`, `[bold]x` as `x`, a run directory `[red]r` as `r` (a path that does not exist)."""
+    from tests.alast_cli.test_bad_input import make_image_folder
+
+    data, run = make_image_folder(tmp_path / "[bold]zero" / "zero"), tmp_path / "[red]r"
+    res = CliRunner().invoke(cli, ["train", "--data", f"imagefolder:{data}", "--steps", "1", "--batch-size", "4",
+                                   "--set", "backend.threads=1", "--set", "backend.count_flops=off", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    table = " ".join(res.stdout.split())  # the run dir's cell may wrap
+    assert f"alast on alast_demo_vit / imagefolder:{data}" in table and "[red]r" in table
+    res = CliRunner().invoke(cli, ["eval", str(run), "--data", f"imagefolder:{data}"])
+    assert res.exit_code == 0, res.output
+    assert f"run {run} on imagefolder:{data}: accuracy" in " ".join(res.stdout.split()), res.stdout
+
+
 def test_a_copy_of_the_runs_folder_is_scored_on_the_runs_split(tmp_path):
     """`eval --data imagefolder:COPY` of the folder a run split scored every image of the copy, the
     ones the run trained on too; the same files under another path now get the run's split."""
