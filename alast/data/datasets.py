@@ -124,6 +124,9 @@ def describe_spec(spec: str) -> tuple[str, str]:
         raise DataError(f"data spec {spec!r} needs a value, e.g. {kind}:{'PATH' if kind == 'imagefolder' else 'CIFAR100'}")
     if kind == "random" and arg and not arg.strip().isdigit():
         raise DataError(f"data spec {spec!r}: N in random:N is a number of images, e.g. random:256")
+    if kind in ("digits", "shapes", "letters") and (arg or spec != kind):
+        raise DataError(f"data spec {spec!r}: the built-in {kind} task takes no value; use --data {kind}, or "
+                        "imagefolder:PATH for a folder")
     return kind, arg
 
 

@@ -346,6 +346,9 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
     (["plan", "--data", "imagefolder:{tmp}/afile"], "image folder is a file, not a folder: {tmp}/afile"),
     # was "invalid literal for int() with base 10: 'abc'"
     (["train", "--data", "random:abc", "--steps", "1"], "data spec 'random:abc': N in random:N is a number of images"),
+    # trained on the whole built-in task, the value ignored
+    (["train", "--data", "digits:3", "--steps", "1"], "data spec 'digits:3': the built-in digits task takes no value"),
+    (["plan", "--data", "letters:"], "data spec 'letters:': the built-in letters task takes no value"),
     # was "trace run dir not found" for a path that is there
     (["plan", "--trace", "{tmp}/afile"], "trace run dir is a file: {tmp}/afile"),
     # was "...: IndexError; is it a complete .safetensors/.pth file?"
