@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .errors import EXIT_INTERRUPTED, run_guarded
-from .options import check_out_path, config_options, resolve_config
+from .options import PathOption, check_out_path, config_options, resolve_config
 
 # --set keys each run sets for itself: bench would ignore them, so it refuses them, naming its own option
 RUN_SET_KEYS = {"policy.name": "--policies", "policy.target_flops": "--target-flops or --targets",
@@ -221,11 +221,11 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
               help="after each alast run, full fine-tuning for the steps that cost the same counted FLOPs "
                    "(row full@matched), and after each alast+lora run, LoRA on every block and token for the "
                    "steps that cost the same (row lora@matched); default: on with --target-flops, off otherwise")
-@click.option("--out", type=click.Path(path_type=Path), help="output directory (default bench/<time>)")
+@click.option("--out", type=PathOption(), help="output directory (default bench/<time>)")
 @click.option("--resume", is_flag=True, help="finish the interrupted bench in --out (same arguments): finished "
               "runs are read back, an interrupted one continues from its checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print results.json to stdout")
-@click.option("--cost-model", type=click.Path(path_type=Path),
+@click.option("--cost-model", type=PathOption(),
               help="cost model JSON from `alast profile` to plan the FLOPs targets with (default: profile now)")
 @click.pass_context
 def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, resume, as_json,

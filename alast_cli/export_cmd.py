@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import run_guarded
-from .options import check_out_path
+from .options import PathOption, check_out_path
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -28,8 +28,8 @@ def check_export_options(run_dir: Path, out: Path, atol: float | None) -> None:
 
 
 @click.command("export")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="the .onnx file to write")
+@click.argument("run_dir", type=PathOption())
+@click.option("--out", type=PathOption(), required=True, help="the .onnx file to write")
 @click.option("--atol", type=float,
               help="max |logit difference| vs PyTorch, above 0 (default: the run's export.atol)")
 @click.option("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
@@ -64,10 +64,10 @@ def export_command(ctx: click.Context, run_dir: Path, out: Path, atol: float | N
 
 
 @click.command("eval")
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=PathOption())
 @click.option("--data", "spec",
               help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME (default: the run's)")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets")
+@click.option("--data-dir", type=PathOption(), help="root for torchvision datasets")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per batch (default: the run's train.eval_batch_size, else sized for memory)")
 @click.option("--all-tokens", is_flag=True, help="a run directory: keep every token instead of its token schedule")

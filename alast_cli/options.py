@@ -20,17 +20,17 @@ from alast.config import (
 
 def config_options(fn: Callable) -> Callable:
     opts = [
-        click.argument("config", required=False, type=click.Path(path_type=Path)),
+        click.argument("config", required=False, type=PathOption()),
         click.option("--model", help="timm model name (ViT/DeiT), alast_demo_vit or alast_vit12"),
         click.option("--pretrained/--no-pretrained", default=None,
                      help="start from pretrained weights: timm's download for a timm model (default: off), the "
                           "shipped backbone for alast_demo_vit / alast_vit12 (default: on)"),
-        click.option("--checkpoint", type=click.Path(path_type=Path),
+        click.option("--checkpoint", type=PathOption(),
                      help="local weights to start from: a file, or a directory holding one (a hub snapshot)"),
         click.option("--img-size", type=int, help="input image size"),
         click.option("--data", help="digits | shapes | letters | imagefolder:PATH | torchvision:NAME | "
                                     "random[:N] (N random images, default 256, of 10 classes: timing only)"),
-        click.option("--data-dir", type=click.Path(path_type=Path), help="root for torchvision datasets"),
+        click.option("--data-dir", type=PathOption(), help="root for torchvision datasets"),
         click.option("--policy", help="alast | full | freeze | tokens | random | lora | alast+lora ..."),
         click.option("--backend", help="torch | ort"),
         click.option("--steps", type=int, help="training steps"),
@@ -111,6 +111,19 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
+
+
+class PathOption(click.Path):
+    """click's Path as a :class:`~pathlib.Path`, refusing an empty value (``Path("")`` is ``.``: an empty
+    ``--out`` would write into the current folder, an empty config or checkpoint read it)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def check_out_path(out: Path, option: str = "--out", folder: bool = False) -> None:

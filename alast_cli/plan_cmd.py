@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .errors import run_guarded
-from .options import check_out_path, config_options, resolve_config
+from .options import PathOption, check_out_path, config_options, resolve_config
 
 CALIBRATE_BATCH = 8  # profile --calibrate's batch unless --batch-size names one
 
@@ -104,7 +104,7 @@ def run_profile(model: str, img_size: int | None, out: Path | None, as_json: boo
 @click.command("profile")
 @click.argument("model")
 @click.option("--img-size", type=int, help="input size (default: the model's own)")
-@click.option("--out", type=click.Path(path_type=Path), help="write the JSON cost model here")
+@click.option("--out", type=PathOption(), help="write the JSON cost model here")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the cost model as JSON")
 @click.option("--num-classes", type=int, help="classifier classes (default: the model's own; the demo: 10)")
@@ -263,15 +263,15 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
 @click.command("plan")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (per policy: FLOPs, memory, time, ratios)")
-@click.option("--plot", type=click.Path(path_type=Path),
+@click.option("--plot", type=PathOption(),
               help="write a figure: per-block costs and token profile (PNG unless the name has another suffix)")
 @click.option("--force", is_flag=True, help="overwrite --plot if it exists (never one of a run's own files)")
-@click.option("--trace", type=click.Path(path_type=Path),
+@click.option("--trace", type=PathOption(),
               help="replay a run directory's logged budgets, with its own config (no CONFIG, --set or other "
                    "config options)")
 @click.option("--calibrate", is_flag=True, help="time a few real training steps on this machine for the time model")
 @click.option("--throughput", type=float, help="time from this throughput (FLOP/s) instead of a calibration")
-@click.option("--cost-model", type=click.Path(path_type=Path), help="cost model JSON from `alast profile`")
+@click.option("--cost-model", type=PathOption(), help="cost model JSON from `alast profile`")
 @click.pass_context
 def plan_command(ctx: click.Context, config, overrides, as_json, plot, force, trace, calibrate, throughput,
                  cost_model, **named) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RankKilled, Stopped, describe, peer_lost, run_guarded
-from .options import config_options, resolve_config, set_keys
+from .options import PathOption, config_options, resolve_config, set_keys
 
 RANK_ERRORS = "ALAST_RANK_ERRORS"  # set by --nproc: the folder where each failed rank leaves its message
 
@@ -296,7 +296,7 @@ def _sans_ports(message: str) -> str:
 
 @click.command("train")
 @config_options
-@click.option("--out", type=click.Path(path_type=Path), help="run directory (default runs/<time>-<policy>)")
+@click.option("--out", type=PathOption(), help="run directory (default runs/<time>-<policy>)")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--force", is_flag=True, help="replace the run in an existing --out: removes the files alast wrote "
               "there (checkpoints, metrics, results) and keeps any others")
@@ -304,7 +304,7 @@ def _sans_ports(message: str) -> str:
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="data-parallel processes (runs torchrun)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-@click.option("--cost-model", type=click.Path(path_type=Path),
+@click.option("--cost-model", type=PathOption(),
               help="cost model JSON from `alast profile` to plan --target-flops with (default: profile now)")
 @click.pass_context
 def train_command(ctx: click.Context, config, overrides, out, resume, force, skip_bad_images, nproc, as_json,

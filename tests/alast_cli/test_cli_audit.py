@@ -349,6 +349,10 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
     # trained on the whole built-in task, the value ignored
     (["train", "--data", "digits:3", "--steps", "1"], "data spec 'digits:3': the built-in digits task takes no value"),
     (["plan", "--data", "letters:"], "data spec 'letters:': the built-in letters task takes no value"),
+    # an empty path was the current folder (Path("") is "."): a run written into it, a config read from it
+    (["train", "--out", "", "--steps", "1"], "Invalid value for '--out': is empty; give a path"),
+    (["plan", " ", "--steps", "1"], "Invalid value for '[CONFIG]': is empty; give a path"),
+    (["export", "{tmp}", "--out", ""], "Invalid value for '--out': is empty; give a path"),
     # was "trace run dir not found" for a path that is there
     (["plan", "--trace", "{tmp}/afile"], "trace run dir is a file: {tmp}/afile"),
     # was "...: IndexError; is it a complete .safetensors/.pth file?"
