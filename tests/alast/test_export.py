@@ -369,8 +369,8 @@ def test_a_finished_run_without_its_weights_says_they_are_gone(runs, tmp_path):
         assert "--resume" not in _err(res) and len(_err(res).splitlines()) == 1
 
 
-@pytest.mark.parametrize("text,says", [("", "is empty"), ("data:\n  spec: digits\n", "lacks its model, policy, train "
-                                                                                   "sections")])
+@pytest.mark.parametrize("text,says", [("", "is empty"),
+                                       ("data:\n  spec: digits\n", "lacks its model, policy, train sections")])
 def test_a_damaged_run_config_is_refused_not_read_as_the_defaults(runs, tmp_path, text, says):
     """An emptied config.yaml read as the defaults: export wrote a model under the demo's data and the
     paper's token score, eval blamed the image folder; resume and the trace replay read it alike."""
