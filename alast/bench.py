@@ -192,12 +192,16 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     if on_left_out is not None:
         for policy, reason in plan.left_out.items():
             on_left_out(policy, reason)
+    todo = [r for r in plan.runs if _skip_reason(plan, r, unreachable) is None]  # the progress counts these
+    if not todo and unreachable:  # every point skipped: a bench of empty tables
+        from planners.target import TargetError
+
+        raise TargetError(f"no run of this bench reaches its --targets: {next(iter(unreachable.values()))}")
     plan.out.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
         (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
     (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
-    todo = [r for r in plan.runs if _skip_reason(plan, r, unreachable) is None]  # the progress counts these
     total = len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:

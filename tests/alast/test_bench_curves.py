@@ -100,6 +100,8 @@ def test_verdicts_use_pooled_std_over_seeds():
     (["--targets", "0.5", "--target-flops", "0.5"], "not both"),
     (["--matched", "--policies", "full,tokens"], "add alast to --policies"),
     (["--targets", "0.5", "--set", "backend.count_flops=off"], "count_flops is off"),
+    # every point skipped: exit 0 with empty tables, and a results.md of "model `None`, data `None`"
+    (["--targets", "1.0"], "no run of this bench reaches its --targets: target 1x full FLOPs is above what"),
 ])
 def test_bench_bad_curve_options_exit_2(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", *FAST, "--out", str(tmp_path / "b"), *args])
