@@ -60,9 +60,17 @@ def _config_keys(section: Any = AlastConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys users write for one of ours (other tools' names): the hint names ours, not the nearest spelling
+KEY_SYNONYMS = {"data.name": "data.spec", "data.dataset": "data.spec", "data.path": "data.spec",
+                "data.root": "data.data_dir", "model.arch": "model.name", "train.batch": "train.batch_size",
+                "train.learning_rate": "train.lr", "train.max_steps": "train.steps", "train.epoch": "train.epochs"}
+
+
 def _close_keys(key: str) -> str | None:
-    """The schema's key ``key`` was meant as: one ending in it (``lora`` -> ``policy.lora``), else
-    the closest spelling."""
+    """The schema's key ``key`` was meant as: another tool's name for it (:data:`KEY_SYNONYMS`), one
+    ending in it (``lora`` -> ``policy.lora``), else the closest spelling."""
+    if key in KEY_SYNONYMS:
+        return KEY_SYNONYMS[key]
     keys = _config_keys()
     ending = [k for k in keys if k.endswith("." + key)]
     if ending:

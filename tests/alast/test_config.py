@@ -130,7 +130,8 @@ def test_early_frac_needs_the_top_blocks_trained_and_room_before_the_dense_phase
 
 
 @pytest.mark.parametrize(("key", "meant"), [("lora.rank=4", "policy.lora"), ("train.lrr=0.1", "train.lr"),
-                                            ("trian.lr=0.1", "train")])
+                                            ("trian.lr=0.1", "train"), ("data.name=x", "data.spec"),
+                                            ("train.learning_rate=0.1", "train.lr")])
 def test_an_unknown_key_names_the_key_it_was_meant_as(key, meant):
     """The LoRA settings live under policy.lora; `--set lora.rank=4` named no way there."""
     with pytest.raises(ConfigError) as info:
@@ -178,3 +179,12 @@ def test_a_runs_own_config_yaml_given_back_names_nothing(tmp_path):
         path = tmp_path / f"{policy}.yaml"
         path.write_text(dump_config(load_config(None, [f"policy.name={policy}"])))
         assert unused_policy_keys(load_config(path, [])) == [], policy
+
+
+def test_every_synonym_names_a_config_key():
+    """Another tool's name (``data.name``) got the nearest spelling (``data.augment``); each synonym's
+    key must exist, and no synonym may shadow one."""
+    from alast.config import KEY_SYNONYMS, _config_keys
+
+    keys = set(_config_keys())
+    assert set(KEY_SYNONYMS.values()) <= keys and not set(KEY_SYNONYMS) & keys
