@@ -27,7 +27,7 @@ def _types_of(annotation: Any) -> set[Any]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no NaN or inf setting
 
     @field_validator("*", mode="before")
     @classmethod

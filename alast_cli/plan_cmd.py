@@ -145,7 +145,8 @@ def _plan_table(result: dict[str, Any]) -> Any:
 
     micro = result.get("micro_batch_size")
     passes = f" in passes of {micro}" if micro is not None and micro < result["batch_size"] else ""
-    t = Table(title=f"{result['model']}: {result['steps']} steps at batch {result['batch_size']}{passes} "
+    steps = f"{result['steps']} step{'' if result['steps'] == 1 else 's'}"
+    t = Table(title=f"{result['model']}: {steps} at batch {result['batch_size']}{passes} "
                     f"({result['device']})")
     for col in ("policy", "train FLOPs", "vs full", "peak memory\n(all steps)", "vs full", "time", "vs full", "method"):
         t.add_column(col, justify="left" if col in ("policy", "method") else "right")

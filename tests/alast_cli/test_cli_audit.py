@@ -349,6 +349,9 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
     # trained on the whole built-in task, the value ignored
     (["train", "--data", "digits:3", "--steps", "1"], "data spec 'digits:3': the built-in digits task takes no value"),
     (["plan", "--data", "letters:"], "data spec 'letters:': the built-in letters task takes no value"),
+    # NaN trained until the loss was NaN (--lr nan), or was called "less than or equal to 1" (--target-flops)
+    (["train", "--lr", "nan", "--steps", "1"], "invalid value for 'train.lr': Input should be a finite number"),
+    (["plan", "--target-flops", "nan"], "invalid value for 'policy.target_flops': Input should be a finite number"),
     # an empty path was the current folder (Path("") is "."): a run written into it, a config read from it
     (["train", "--out", "", "--steps", "1"], "Invalid value for '--out': is empty; give a path"),
     (["plan", " ", "--steps", "1"], "Invalid value for '[CONFIG]': is empty; give a path"),
