@@ -155,8 +155,16 @@ def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
         raise ModelError(f"checkpoint {path} is a directory; pass the weights file in it (.safetensors/.pth)")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(str(path), "pt") as f:
+                training_checkpoint = (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+            if training_checkpoint:  # a run's state (model, optimizer, budgets) under other keys
+                run = path.parent.parent
+                raise ModelError(f"{path} is a training checkpoint of the run {run}, not weights: continue that run "
+                                 f"with `alast train --resume --out {run}`, or start from its fine-tuned weights, "
+                                 f"--checkpoint {run / 'final_model.safetensors'}")
             state = load_file(str(path))
         else:
             import argparse
@@ -164,6 +172,8 @@ def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
             # timm's train.py stores its arguments beside the weights: allowed, as timm's own loader allows them
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except ModelError:
+        raise
     except Exception as exc:  # corrupt file, wrong format
         reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
         raise ModelError(f"cannot read checkpoint {path} as weights ({reader} failed: {exc.__class__.__name__}); "
@@ -178,6 +188,7 @@ def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return _unprefixed(state)
 
 
+CHECKPOINT_FORMAT = "alast-checkpoint"  # alast.training.checkpoint.FORMAT (not imported: models stays light)
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP / DataParallel, Lightning, torch.compile
 
 

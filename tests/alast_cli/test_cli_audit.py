@@ -376,3 +376,20 @@ def test_eval_refuses_a_data_dir_nothing_reads(tmp_path):
     assert res.exit_code == 0, res.output
     one_error_line(run_cli(["eval", run, "--data-dir", tmp_path]), 2,
                    "--data-dir applies to torchvision:NAME data only, not to digits; drop it")
+
+
+def test_a_training_checkpoint_as_weights_names_resume_and_the_final_weights(tmp_path):
+    """`--checkpoint RUN/checkpoints/step_N.safetensors` said "missing ['cls_token', 'pos_embed', ...]":
+    the run's state is under other keys. It names the two things the user may have meant."""
+    from alast.models import CHECKPOINT_FORMAT
+    from alast.training.checkpoint import FORMAT
+
+    assert CHECKPOINT_FORMAT == FORMAT
+    run = tmp_path / "run"
+    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+                   "backend.count_flops=off", "--out", run])
+    assert res.exit_code == 0, res.output
+    ckpt = next((run / "checkpoints").glob("step_*.safetensors"))
+    one_error_line(run_cli(["train", "--checkpoint", ckpt, "--steps", "1", "--out", tmp_path / "again"]), 2,
+                   f"{ckpt} is a training checkpoint of the run {run}, not weights",
+                   f"alast train --resume --out {run}", f"--checkpoint {run / 'final_model.safetensors'}")
