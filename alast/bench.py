@@ -70,12 +70,12 @@ class BenchPlan:
     left_out: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in self.policies:  # first: `FULL` is an unknown name, not a missing full
+            check_policy_name(name, "--policies")
         if "full" not in self.policies:
             raise ValueError("bench needs 'full' among --policies: every cost is reported as a ratio to it")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError("--policies lists a policy twice")
-        for name in self.policies:
-            check_policy_name(name, "--policies")
         if self.targets is not None and self.target_flops is not None:
             raise ValueError("give either --target-flops (one target) or --targets (curves), not both")
         if self.matched and not self.matched_policies:

@@ -70,6 +70,8 @@ CASES = [
      ["unknown policy 'yolo'", "full", "lora", "+lora"]),
     ("unknown policy in bench", ["bench", "--policies", "full,yolo", "--steps", "1", *FAST, "--out", "{dir}/b"], 2,
      ["unknown policy 'yolo' in --policies"]),
+    ("full's name in capitals", ["bench", "--policies", "FULL,alast", "--steps", "1", *FAST, "--out", "{dir}/b"], 2,
+     ["unknown policy 'FULL' in --policies"]),  # was "bench needs 'full' among --policies"
     ("LoRA settings without a LoRA policy", ["train", "--policy", "full", "--set", "policy.lora.rank=4", "--steps",
                                              "1", *FAST, "--out", "{dir}/run"], 2,
      ["policy.lora is set", "'full' does not use LoRA", "--policy lora"]),
