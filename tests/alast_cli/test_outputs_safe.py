@@ -80,7 +80,7 @@ def test_a_read_only_out_is_refused_in_one_line(read_only, sub):
 
 
 def test_resume_in_a_read_only_run_is_refused_in_one_line(read_only):
-    (read_only / "config.yaml").write_text("{}\n")
+    (read_only / "config.yaml").write_text("model: {}\ndata: {}\npolicy: {}\ntrain: {}\n")  # a run saves them all
     res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(read_only)])
     line = one_error_line(res, 2)
     assert "read-only file system" in line and "make it writable to resume" in line
