@@ -266,9 +266,12 @@ def build_run_config(data: dict[str, Any]) -> AlastConfig:
     return build_config(data)
 
 
+RUN_SECTIONS = ("model", "data", "policy", "train")  # what every run's config.yaml holds (with more)
+
+
 def load_run_config(path: Path) -> AlastConfig:
     """A run's saved ``config.yaml`` (see :func:`build_run_config`). A run saves every section; one
-    without its model, data or policy is not that file (an emptied one would read as the defaults:
+    without any of :data:`RUN_SECTIONS` is not that file (an emptied one would read as the defaults:
     another model, data or policy than the run's)."""
     data = read_yaml(path)
     lacking = [s for s in RUN_SECTIONS if not isinstance(data.get(s), dict)]
@@ -276,9 +279,6 @@ def load_run_config(path: Path) -> AlastConfig:
         what = "is empty" if not data else f"lacks its {', '.join(lacking)} section{'s' if len(lacking) > 1 else ''}"
         raise ConfigError(f"{path} {what}: it is not the config the run saved; restore it, or rerun the training")
     return build_run_config(data)
-
-
-RUN_SECTIONS = ("model", "data", "policy", "train")  # what every run's config.yaml holds (with more)
 
 
 def with_absolute_paths(cfg: AlastConfig) -> AlastConfig:
