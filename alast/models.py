@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alast.training.checkpoint import FORMAT as CHECKPOINT_FORMAT  # a run's training checkpoints
+
 DEMO_MODEL = "alast_demo_vit"
 ASSETS = Path(__file__).parent / "assets"
 DEMO_WEIGHTS = ASSETS / "alast_demo_vit.safetensors"
@@ -188,7 +190,6 @@ def _read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return _unprefixed(state)
 
 
-CHECKPOINT_FORMAT = "alast-checkpoint"  # alast.training.checkpoint.FORMAT (not imported: models stays light)
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP / DataParallel, Lightning, torch.compile
 
 

@@ -77,10 +77,12 @@ CONTENT_SAMPLES = 16  # files whose first MiB :func:`files_fingerprint`'s ``cont
 def same_files(now: dict[str, Any], recorded: dict[str, Any] | None) -> bool:
     """Whether fingerprint ``now`` is of the files ``recorded`` was: the same names and classes, and the same
     contents where ``recorded`` has them (a run made before contents were fingerprinted: the names alone)."""
-    if not recorded:
-        return False
-    return ((now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256"))
-            and recorded.get("contents") in (None, now.get("contents")))
+    return bool(recorded) and _same_names(now, recorded) and recorded.get("contents") in (None, now.get("contents"))
+
+
+def _same_names(now: dict[str, Any], recorded: dict[str, Any]) -> bool:
+    """Whether two fingerprints list the same files under the same names and classes (the split's inputs)."""
+    return (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256"))
 
 
 def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None,
@@ -91,7 +93,7 @@ def files_changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None,
     if not recorded or not isinstance(recorded, dict):
         return None
     now = now or {}
-    if (now.get("files"), now.get("sha256")) == (recorded.get("files"), recorded.get("sha256")):
+    if _same_names(now, recorded):
         return None
     folder = now.get("folder") or recorded.get("folder") or "the run's image folder"
     if not now:
