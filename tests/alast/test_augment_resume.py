@@ -22,6 +22,8 @@ from alast_cli.main import cli
 CFG = model_data_config("alast_demo_vit")
 SEED, BATCH, STEPS = 3, 8, 6
 
+SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
+
 
 @pytest.fixture(scope="module")
 def augmented():
@@ -81,7 +83,7 @@ def test_loaders_never_draw_from_the_global_torch_generator():
 
 
 def _train(*args: str):
-    return CliRunner().invoke(cli, ["train", "--steps", str(STEPS), "--batch-size", str(BATCH), "--seed", str(SEED),
+    return CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", str(STEPS), "--batch-size", str(BATCH), "--seed", str(SEED),
                                     "--set", "data.augment=true", "--set", "data.num_workers=0",
                                     "--set", "backend.threads=1", "--set", 'backend.count_flops="off"', *args])
 

@@ -24,7 +24,8 @@ from alast.training.safe_state import TAG, UnsupportedValue, flatten, unflatten
 from alast_cli.main import cli
 from tests.cli_errors import one_error_line
 
-FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+        "--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
 
 
 class _Evil:

@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import load_benchmark
 
-TRAIN = ["--steps", "3", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1"]
+TRAIN = ["--steps", "3", "--batch-size", "4", "--target-flops", "0.5", "--set", "backend.threads=1", "--set",
+         "data.val_fraction=0.05"]
 
 
 @pytest.fixture

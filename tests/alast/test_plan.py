@@ -19,6 +19,8 @@ RUNS = {
     "target": ["policy.name=alast", "policy.target_flops=0.5"],
 }
 
+SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -205,7 +207,7 @@ def test_target_with_dense_final_phase_is_met_by_a_real_run(tmp_path):
     from alast_cli.main import cli
 
     out = tmp_path / "dense"
-    res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
+    res = CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
                                    "--set", "policy.dense_final_frac=0.2", "--set", "policy.dense_final_interleave=false",
                                    "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
@@ -234,7 +236,7 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     """Counts rounded to multiples of 8: the plan replays what the run counts; a target the coarse
     counts cannot meet (multiples of 32 of 64 tokens) is refused in one line; the ort backend keeps exact counts."""
     run = tmp_path / "r"
-    res = runner.invoke(cli, ["train", "--steps", "6", "--batch-size", "16", "--set", "backend.token_multiple=8",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "6", "--batch-size", "16", "--set", "backend.token_multiple=8",
                               "--set", "backend.threads=1", "--out", str(run)])
     assert res.exit_code == 0, res.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -244,11 +246,11 @@ def test_token_multiple_is_modelled_by_plan_and_target(runner, tmp_path):
     res = runner.invoke(cli, ["plan", "--trace", str(run), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(_last_json(res)["trace"]["train_flops_rel_error"]) < 1e-6
-    res = runner.invoke(cli, ["train", "--steps", "2", "--target-flops", "0.35", "--set", "backend.token_multiple=32",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "2", "--target-flops", "0.35", "--set", "backend.token_multiple=32",
                               "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.output
     assert "smaller backend.token_multiple (now 32)" in res.output and "ask for --target-flops 0." in res.output
-    res = runner.invoke(cli, ["train", "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "2", "--backend", "ort", "--set", "backend.token_multiple=8",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "token_multiple" in res.output
 
@@ -263,7 +265,7 @@ def test_target_with_an_early_phase_is_met_by_a_real_run(tmp_path):
     from alast_cli.main import cli
 
     out = tmp_path / "early"
-    res = CliRunner().invoke(cli, ["train", "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
+    res = CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", "10", "--batch-size", "8", "--target-flops", "0.5",
                                    "--set", "policy.early_frac=0.4", "--set", "policy.dense_final_frac=0.2",
                                    "--set", "policy.dense_final_interleave=false", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
@@ -348,7 +350,7 @@ def test_trace_reports_the_early_phase_the_run_trained(runner, tmp_path):
     """The target chose k_trained=5 for alast+lora, so its early steps trained all 6 blocks; the trace
     said the top 5 (the default k_trained 4, plus one), finished or not."""
     out = tmp_path / "run"
-    res = runner.invoke(cli, ["train", "--policy", "alast+lora", "--target-flops", "0.5", "--steps", "3",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--policy", "alast+lora", "--target-flops", "0.5", "--steps", "3",
                               "--batch-size", "4", "--set", "backend.threads=1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["plan"]["knobs"]["k_trained"] == 5

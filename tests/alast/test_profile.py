@@ -190,7 +190,7 @@ def _leaves(value, path=""):
         yield path, value
 
 
-@pytest.mark.parametrize("profiled,wanted", [(1000, 25), (25, 1000), (5, 7)])
+@pytest.mark.parametrize("profiled,wanted", [(1000, 25), (25, 1000)])
 def test_a_head_for_other_classes_equals_one_profiled_for_them(profiled, wanted):
     """Every FLOP and memory figure, the parameter bytes and the head's largest tensor included."""
     scaled = profile_model(make_tiny_vit(num_classes=profiled), "tiny", img_size=32).with_num_classes(wanted)

@@ -15,7 +15,8 @@ from alast.training import checkpoint as ckpt
 from alast_cli.main import cli
 from tests.cli_errors import one_error_line as assert_one_line_error
 
-FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+FAST = ["--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+        "--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
 
 
 def run_cli(args: list[str]):

@@ -7,6 +7,8 @@ from alast_cli.main import cli
 
 FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off", "--set", "data.val_fraction=0.05"]
 
+SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
+
 
 @pytest.fixture
 def runner():
@@ -15,7 +17,7 @@ def runner():
 
 def test_train_writes_a_complete_run_dir(runner, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(cli, ["train", "--steps", "4", "--batch-size", "16", "--out", str(out), "--json"])
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "4", "--batch-size", "16", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     for key in ("policy", "backend", "steps", "val_accuracy", "train_flops", "full_ft_train_flops",
@@ -92,12 +94,12 @@ def test_a_saved_cost_model_plans_the_target_without_profiling(runner, tmp_path,
 
     monkeypatch.setattr(plan_module, "profile_with_source", no_profiling)
     out = tmp_path / "run"
-    res = runner.invoke(cli, ["train", "--steps", "6", "--batch-size", "8", "--target-flops", "0.5",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "6", "--batch-size", "8", "--target-flops", "0.5",
                               "--cost-model", str(cm), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert abs(summary["flops_ratio_vs_full"] / 0.5 - 1) < 0.05
-    res = runner.invoke(cli, ["bench", "--policies", "full,alast", "--steps", "2", "--batch-size", "8",
+    res = runner.invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast", "--steps", "2", "--batch-size", "8",
                               "--target-flops", "0.5", "--no-matched", "--cost-model", str(cm),
                               "--out", str(tmp_path / "bench"), "--json"])
     assert res.exit_code == 0, res.output
@@ -174,7 +176,7 @@ def test_results_go_to_stdout_and_notes_to_stderr(runner, tmp_path):
     assert "train FLOPs" in res.stdout and "target 0.5x full FLOPs ->" in res.stdout
     assert "train FLOPs" not in res.stderr
     out = tmp_path / "run"
-    res = runner.invoke(cli, ["train", "--steps", "2", "--batch-size", "8", "--set", "backend.threads=1", "--out",
+    res = runner.invoke(cli, ["train", *SMALL_VAL, "--steps", "2", "--batch-size", "8", "--set", "backend.threads=1", "--out",
                               str(out)])
     assert res.exit_code == 0, res.output
     assert "validation accuracy" in res.stdout and "validation accuracy" not in res.stderr

@@ -17,7 +17,8 @@ from alast.training import rundir
 from alast_cli.main import cli
 from tests.cli_errors import one_error_line
 
-FAST = ["--steps", "2", "--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1"]
+FAST = ["--steps", "2", "--batch-size", "4", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
+        "--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_a_bf16_cpu_run_trains_exports_and_evaluates(tmp_path, bf16_cpu):
     run, onnx_file = tmp_path / "run", tmp_path / "m.onnx"
     res = CliRunner().invoke(cli, ["train", "--steps", "3", "--batch-size", "16", "--target-flops", "0.5",
                                    "--set", "backend.precision=bf16", "--set", "backend.threads=1",
-                                   "--out", str(run)])
+                                   "--set", "data.val_fraction=0.05", "--out", str(run)])
     assert res.exit_code == 0, res.output
     assert "precision: bf16" in (run / "config.yaml").read_text()
     exp = CliRunner().invoke(cli, ["export", str(run), "--out", str(onnx_file)])
