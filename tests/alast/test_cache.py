@@ -325,14 +325,14 @@ def test_a_bench_reads_each_image_once_for_all_its_runs_on_the_same_data(photos,
 
     monkeypatch.setattr(folders, "load_image", counted)
     res = CliRunner().invoke(cli, ["bench", "--data", f"imagefolder:{photos}", "--policies", "full,alast,tokens",
-                                   "--steps", "8", "--batch-size", "8", "--set", "backend.threads=1",
+                                   "--steps", "4", "--batch-size", "8", "--set", "backend.threads=1",
                                    "--set", 'backend.count_flops="off"', "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     assert len(reads) > 0 and len(set(reads)) == len(reads) == 24  # every image once, in three runs
     monkeypatch.setattr(folders, "load_image", counted)
     reads.clear()
     res = CliRunner().invoke(cli, ["bench", "--data", f"imagefolder:{photos}", "--policies", "full,alast",
-                                   "--steps", "8", "--batch-size", "8", "--set", "backend.threads=1",
+                                   "--steps", "4", "--batch-size", "8", "--set", "backend.threads=1",
                                    "--set", 'backend.count_flops="off"', "--set", "data.cache=false",
                                    "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output

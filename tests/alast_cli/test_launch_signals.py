@@ -25,8 +25,8 @@ from alast_cli.train_cmd import RANK_ERRORS, _echo_other_ranks, _run_worker
 from tests.cli_errors import one_error_line
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--data", "digits", "--batch-size", "8", "--steps", "3", "--set", "backend.threads=1",
-        "--set", "data.val_fraction=0.05"]
+# random images: no data set to import or read in each of the processes
+TINY = ["--data", "random:64", "--batch-size", "8", "--steps", "3", "--set", "backend.threads=1"]
 AGENT_GRACE_S = 30  # torchrun's agent SIGKILLs workers this long after its SIGTERM: a stop must beat it
 
 PAUSE = '''

@@ -129,6 +129,10 @@ def test_launcher_reruns_the_same_command_without_nproc():
     assert {k: v for k, v in again.params.items() if k != "nproc"} == same
 
 
+# random images: no data set to import or read in each process (the launcher and the ranks)
+RANDOM_DATA = ["--data", "random:64"]
+
+
 def _read_losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -138,7 +142,7 @@ def test_cli_nproc_2_end_to_end(tmp_path):
     (with the highest-scoring tokens kept: drawn tokens come from each rank's own generator), and
     the same FLOPs per step in its records: the whole step's, not one process's share."""
     common = ["--steps", "3", "--batch-size", "8", "--set", "backend.threads=1", "--set", "policy.token_select=top",
-              "--set", "data.val_fraction=0.05", "--json"]
+              *RANDOM_DATA, "--json"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", *common,
                           "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
@@ -187,7 +191,7 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
     from tests.cli_errors import one_error_line
 
     common = ["--steps", "4", "--batch-size", "8", "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
-              "--set", "output.checkpoint_every=2", "--set", "data.val_fraction=0.05"]
+              "--set", "output.checkpoint_every=2", *RANDOM_DATA]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = tmp_path / "two"
 
@@ -214,7 +218,7 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
 def test_cli_nproc_2_failure_on_every_rank_is_reported_once(tmp_path):
     """A non-finite loss stops both ranks alike: one message (rank 0's), not one per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", "--steps", "3",
+    res = subprocess.run([sys.executable, "-m", "alast_cli", "train", "--nproc", "2", "--steps", "3", *RANDOM_DATA,
                           "--batch-size", "8", "--lr", "1e9", "--set", 'backend.count_flops="off"',
                           "--set", "backend.threads=1", "--out", str(tmp_path / "run")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -129,8 +129,8 @@ def test_an_fp16_run_logs_its_scale_and_counts_its_skipped_updates(tmp_path, fp1
 
 def test_a_run_whose_every_step_overflows_stops_in_one_line(tmp_path, fp16_cpu, monkeypatch):
     monkeypatch.setattr(runtime, "loss_scaler", lambda device, prec: torch.amp.GradScaler("cpu", init_scale=2.0 ** 90))
-    res = CliRunner().invoke(cli, ["train", "--steps", "40", "--batch-size", "8", "--data", "random:16",
-                                   "--set", "backend.precision=fp16",
+    res = CliRunner().invoke(cli, ["train", "--steps", "40", "--batch-size", "2", "--data", "random:16",
+                                   "--set", "backend.precision=fp16", "--set", "backend.count_flops=off",
                                    "--set", "backend.threads=1", "--out", str(tmp_path / "run")])
     one_error_line(res, 1, "fp16 gradients overflowed on 24 steps in a row, to step 24")
     assert "backend.precision=bf16" in res.output and "no checkpoint was written" in res.output
