@@ -29,17 +29,21 @@ BACKENDS = ["torch", pytest.param("ort", marks=needs_ort)]
 OPT = dict(lr=1e-3, weight_decay=0.05, grad_clip=1.0)
 
 
-def make_cfg(backend, **train):
+def make_cfg(backend, count_flops="every", **train):
     # the runtime contract with trainable embeddings (alast's default config freezes them) and the
-    # highest-scoring tokens kept, so two runtimes given the same budgets run the same steps
-    return build_config({"backend": {"name": backend, "device": "cpu"},
+    # highest-scoring tokens kept, so two runtimes given the same budgets run the same steps;
+    # count_flops="off" where a test reads no FLOPs (counting the ort graph's blocks is most of a step)
+    return build_config({"backend": {"name": backend, "device": "cpu", "count_flops": count_flops},
                          "policy": {"freeze_embeddings": False, "token_select": "top"},
                          "train": {"lr": OPT["lr"], "weight_decay": OPT["weight_decay"],
                                    "grad_clip": OPT["grad_clip"], **train}})
 
 
-def make(backend, model=None, **train):
-    return create_runtime(make_cfg(backend, **train), model or make_tiny_vit())
+def make(backend, model=None, count_flops="every", **train):
+    return create_runtime(make_cfg(backend, count_flops, **train), model or make_tiny_vit())
+
+
+NO_COUNT = {"count_flops": "off"}
 
 
 def data(steps, batch=6, seed=1):
@@ -86,7 +90,7 @@ def test_8_bit_pixels_train_and_evaluate_as_their_float_images(backend):
     floats = [torch.stack([TF.normalize(TF.to_tensor(img.permute(1, 2, 0).numpy()), p.mean, p.std) for img in p.data])
               for p in pixels]  # the transform's own images
     model = make_tiny_vit()
-    a, b = make(backend, copy.deepcopy(model)), make(backend, copy.deepcopy(model))
+    a, b = make(backend, copy.deepcopy(model), **NO_COUNT), make(backend, copy.deepcopy(model), **NO_COUNT)
     for s in range(2):
         ra = a.train_step(pixels[s], labels[s], HALF, 1e-3, s)
         rb = b.train_step(floats[s], labels[s], HALF, 1e-3, s)
@@ -96,7 +100,7 @@ def test_8_bit_pixels_train_and_evaluate_as_their_float_images(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_blocks_do_not_change(backend):
-    rt = make(backend)
+    rt = make(backend, **NO_COUNT)
     (x, y), = data(1)
     rt.train_step(x, y, FULL, 1e-3, 0)
     before = copy.deepcopy(rt.export_model().state_dict())
@@ -148,7 +152,7 @@ def test_policy_freeze_embeddings_runs_on_ort_as_on_torch():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluate_and_export_model_agree(backend):
-    rt = make(backend)
+    rt = make(backend, **NO_COUNT)
     for s, (x, y) in enumerate(data(2)):
         rt.train_step(x, y, HALF, 1e-3, s)
     batches = data(2, batch=5, seed=7)
@@ -167,11 +171,11 @@ def test_state_dict_round_trip_resumes_exactly(backend, tmp_path):
     from alast.training import checkpoint as ckpt
 
     steps = data(4)
-    a = make(backend)
+    a = make(backend, **NO_COUNT)
     for s, (x, y) in enumerate(steps[:2]):
         a.train_step(x, y, HALF, 1e-3, s)
     path = ckpt.save_checkpoint(tmp_path, 2, {"runtime": a.state_dict()}, keep_last=1)  # the loop's format
-    b = make(backend, model=make_tiny_vit(seed=5))
+    b = make(backend, model=make_tiny_vit(seed=5), **NO_COUNT)
     b.load_state_dict(ckpt.load_checkpoint(path)["runtime"])
     for s, (x, y) in enumerate(steps[2:], start=2):
         la = a.train_step(x, y, Budget((0.75,) * 4, (True, False, True, True)), 1e-3, s).loss
@@ -181,7 +185,7 @@ def test_state_dict_round_trip_resumes_exactly(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_loss_raises(backend):
-    rt = make(backend)
+    rt = make(backend, **NO_COUNT)
     (x, y), = data(1)
     with pytest.raises(NonFiniteLoss, match="step 3"):
         rt.train_step(x * float("nan"), y, FULL, 1e-3, 3)
@@ -233,7 +237,7 @@ def test_ort_matches_torch_without_a_class_token():
     """A model read through its pooled patch tokens (global average pooling, a register token):
     the same losses, deltas and kept counts on both runtimes."""
     model = make_tiny_vit(reg_tokens=1, global_pool="avg")
-    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    rts = {b: make(b, copy.deepcopy(model), **NO_COUNT) for b in ("torch", "ort")}
     for step, ((x, y), budget) in enumerate(zip(data(4), _switching_budgets(4))):
         res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
         assert res["ort"].loss == pytest.approx(res["torch"].loss, rel=1e-3)
@@ -245,7 +249,7 @@ def test_ort_matches_torch_without_a_class_token():
 @needs_ort
 def test_ort_trains_a_vit_with_rms_norm_as_torch_does():
     model = make_tiny_vit(norm_layer="rmsnorm")
-    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    rts = {b: make(b, copy.deepcopy(model), **NO_COUNT) for b in ("torch", "ort")}
     budgets = [Budget((1.0,) * 4, (True,) * 4), Budget((0.5, 0.75, 1.0, 0.5), (False, True, True, True))] * 2
     for step, ((x, y), budget) in enumerate(zip(data(4), budgets)):
         res = {b: rt.train_step(x, y, budget, 1e-3, step) for b, rt in rts.items()}
@@ -261,7 +265,7 @@ def test_ort_matches_torch_on_twelve_blocks():
     """At 12 blocks the graph's trace keeps every token entering its last blocks (its example counts
     reach 1), where a run's steps drop: nothing in the graph may depend on the traced counts."""
     model = make_tiny_vit(depth=12)
-    rts = {b: make(b, copy.deepcopy(model)) for b in ("torch", "ort")}
+    rts = {b: make(b, copy.deepcopy(model), **NO_COUNT) for b in ("torch", "ort")}
     rng = random.Random(1)
     ratios = [(1.0,) * 11 + (0.5,), (1.0,) * 10 + (0.5, 0.5)]  # the last blocks drop of many tokens
     ratios.append(tuple(rng.choice((0.5, 0.75, 0.9, 1.0)) for _ in range(12)))
@@ -407,9 +411,9 @@ def test_eviction_keeps_weights_and_optimizer_state():
     from runtimes.ort_backend.runtime import OrtRuntime
 
     model = make_tiny_vit()
-    roomy = make("ort", copy.deepcopy(model))
+    roomy = make("ort", copy.deepcopy(model), **NO_COUNT)
     tight = OrtRuntime(copy.deepcopy(model), device="cpu", max_live_sets=1, freeze_artifacts="exact",
-                       token_score=roomy.token_score, **OPT)
+                       token_score=roomy.token_score, **NO_COUNT, **OPT)
     for s, ((x, y), budget) in enumerate(zip(data(6), _switching_budgets(6))):
         assert roomy.train_step(x, y, budget, 1e-3, s).loss == pytest.approx(
             tight.train_step(x, y, budget, 1e-3, s).loss, rel=1e-6)
@@ -525,7 +529,7 @@ def test_cli_train_ort_and_resume_reproduce_losses(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--backend", "ort", "--steps", "4", "--batch-size", "16", "--out", str(out),
             "--set", "output.checkpoint_every=2", "--set", "output.keep_last=5", "--set", "backend.threads=1",
-            "--json"]
+            "--set", "data.val_fraction=0.05", "--json"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
