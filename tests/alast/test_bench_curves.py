@@ -13,39 +13,52 @@ FAST = ["--steps", "4", "--batch-size", "16", "--set", "backend.threads=1", "--s
 
 
 def test_bench_targets_writes_curves_skips_and_verdicts(tmp_path):
+    """Curves over 0.05, 0.5 and 0.7 in 5 steps: full@steps takes 3 and 4 steps at 0.5 and 0.7
+    (rounded half up: not round()'s 2), whose 0.6x and 0.8x are flagged as off their targets in
+    the table and the verdicts; random reaches no target (its k_trained) and is skipped and named;
+    at 0.05, which no policy reaches, full@steps does not run either."""
     out = tmp_path / "bench"
-    res = CliRunner().invoke(cli, ["bench", "--targets", "0.5,0.7", "--policies", "full,alast,random",
-                                   "--seeds", "1", *FAST, "--out", str(out), "--json"])
+    res = CliRunner().invoke(cli, ["bench", "--targets", "0.05,0.5,0.7", "--policies", "full,alast,tokens,random",
+                                   "--seeds", "1", "--steps", "5", "--batch-size", "16", "--set", "backend.threads=1",
+                                   "--set", "data.val_fraction=0.05", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout.strip().splitlines()[-1])
     records = json.loads((out / "curves.json").read_text())["records"]
-    keys = sorted((r["policy"], r["target"], r["seed"]) for r in records)
-    assert keys == sorted([(BY_STEPS, 0.5, 0), (BY_STEPS, 0.7, 0), (BY_STEPS, 1.0, 0), ("alast", 0.5, 0),
-                           ("alast", 0.7, 0), ("random", 0.5, 0), ("random", 0.7, 0)])
     trained = {(r["policy"], r["target"]): r for r in records if "skipped" not in r}
-    assert [trained[(BY_STEPS, t)]["steps"] for t in (0.5, 0.7, 1.0)] == [2, 3, 4]
+    assert set(trained) == {(BY_STEPS, 0.5), (BY_STEPS, 0.7), (BY_STEPS, 1.0), ("alast", 0.5), ("alast", 0.7),
+                            ("tokens", 0.5), ("tokens", 0.7)}
+    assert [trained[(BY_STEPS, t)]["steps"] for t in (0.5, 0.7, 1.0)] == [3, 4, 5]
     for (policy, t), r in trained.items():
         assert r["train_flops"] > 0 and 0 <= r["val_accuracy"] <= 1 and r["wall_time_s"] > 0
         assert (out / "runs" / f"{policy.replace('@', '-')}-t{t:g}-seed0" / "summary.json").exists()
         if policy == BY_STEPS:
-            assert abs(r["flops_ratio"] - r["steps"] / 4) < 1e-9
+            assert abs(r["flops_ratio"] - r["steps"] / 5) < 1e-9
         else:
-            assert abs(r["flops_ratio"] / t - 1) < 0.05 and r["steps"] == 4
-    skipped = [r for r in records if "skipped" in r]
-    assert {r["policy"] for r in skipped} == {"random"}
-    assert all("cannot reach" in r["skipped"] and "k_trained" in r["skipped"] for r in skipped)
+            assert abs(r["flops_ratio"] / t - 1) < 0.05 and r["steps"] == 5
+    skipped = {(r["policy"], r["target"]): r["skipped"] for r in records if "skipped" in r}
+    assert set(skipped) == {("random", 0.05), ("random", 0.5), ("random", 0.7), ("alast", 0.05), ("tokens", 0.05),
+                            (BY_STEPS, 0.05)}
+    assert all("cannot reach" in why and "k_trained" in why for (p, t), why in skipped.items() if p == "random")
+    assert "nothing to compare with" in skipped[(BY_STEPS, 0.05)]
+    assert not (out / "runs" / "full-steps-t0.05-seed0").exists()
+    off = {p["target"]: p["off_target"] for p in result["points"] if p["policy"] == BY_STEPS and p["target"] < 1}
+    assert abs(off[0.5] - 0.2) < 1e-9 and abs(off[0.7] - (0.8 / 0.7 - 1)) < 1e-9
+    flag = "0.600x (20.0% over the target: not the same cost)"
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "### Target 0.5x" in md and "### Target 0.7x" in md and "- random: skipped: policy 'random'" in md
-    _check_verdicts(result["verdicts"], trained, md)
+    assert f"| {BY_STEPS} | 1 | 3 | {flag} |" in md and f"- {BY_STEPS}: skipped: no other policy reaches 0.05x" in md
+    verdicts = [v for v in result["verdicts"] if v["target"] != 0.05]
+    assert flag in verdicts[0]["line"] and "0.800x (14.3% over the target" in verdicts[1]["line"]
+    _check_verdicts(verdicts, trained, md)
 
 
-def _check_verdicts(verdict_list, trained, md, targets=(0.5, 0.7), against=(BY_STEPS,)):
+def _check_verdicts(verdict_list, trained, md):
     """Each verdict's numbers and words follow from the records in curves.json."""
-    assert [v["target"] for v in verdict_list] == list(targets)
+    assert [v["target"] for v in verdict_list] == [0.5, 0.7]
     for v in verdict_list:
         t, acc = v["target"], trained[("alast", v["target"])]["val_accuracy"]
-        assert set(v["comparisons"]) == set(against)
+        assert set(v["comparisons"]) == {BY_STEPS, "tokens"}
         for name, c in v["comparisons"].items():
             diff = acc - trained[(name, t)]["val_accuracy"]
             assert abs(c["diff"] - diff) < 1e-12 and c["pooled_std"] is None  # one seed: no spread
@@ -53,32 +66,6 @@ def _check_verdicts(verdict_list, trained, md, targets=(0.5, 0.7), against=(BY_S
             part = re.search(rf"vs {re.escape(name)} [^;]*", v["line"]).group(0)
             assert f"{100 * diff:+.2f} pts, {side}" in part
         assert f"- {v['line']}" in md
-
-
-def test_full_by_steps_rounds_half_up_is_flagged_off_target_and_skipped_alone(tmp_path):
-    """5 steps at 0.5: full@steps takes 3 steps (not round()'s 2), whose 0.6x is flagged as off the
-    target in the table and the verdict; at 0.05, which no other policy reaches, it does not run."""
-    out = tmp_path / "bench"
-    res = CliRunner().invoke(cli, ["bench", "--targets", "0.05,0.5", "--policies", "full,tokens,alast", "--steps", "5",
-                                   "--batch-size", "16", "--set", "backend.threads=1", "--set", "data.val_fraction=0.05",
-                                   "--out", str(out), "--json"])
-    assert res.exit_code == 0, res.output
-    result = json.loads(res.stdout.strip().splitlines()[-1])
-    records = json.loads((out / "curves.json").read_text())["records"]
-    trained = {(r["policy"], r["target"]): r for r in records if "skipped" not in r}
-    assert set(trained) == {(BY_STEPS, 0.5), (BY_STEPS, 1.0), ("tokens", 0.5), ("alast", 0.5)}
-    assert trained[(BY_STEPS, 0.5)]["steps"] == 3
-    skipped = {r["policy"]: r["skipped"] for r in records if "skipped" in r}
-    assert skipped.keys() == {BY_STEPS, "tokens", "alast"} and "nothing to compare with" in skipped[BY_STEPS]
-    assert not (out / "runs" / "full-steps-t0.05-seed0").exists()
-    point = next(p for p in result["points"] if (p["policy"], p["target"]) == (BY_STEPS, 0.5))
-    assert abs(point["off_target"] - 0.2) < 1e-9
-    flag = "0.600x (20.0% over the target: not the same cost)"
-    v = next(v for v in result["verdicts"] if v["target"] == 0.5)
-    assert f"vs {BY_STEPS} " in v["line"] and flag in v["line"]
-    md = (out / "results.md").read_text()
-    assert f"| {BY_STEPS} | 1 | 3 | {flag} |" in md and f"- {BY_STEPS}: skipped: no other policy reaches 0.05x" in md
-    _check_verdicts([v], trained, md, targets=(0.5,), against=(BY_STEPS, "tokens"))
 
 
 def test_verdicts_use_pooled_std_over_seeds():

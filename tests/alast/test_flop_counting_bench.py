@@ -17,6 +17,7 @@ def bench():
     return load_benchmark("flop_counting")
 
 
+@pytest.mark.slow  # two `alast train` processes; the script's arguments: test_refusals
 def test_counting_against_off(bench, tmp_path):
     """Two real runs (`--base` adds a third, the same command in another checkout)."""
     out = tmp_path / "fc.json"

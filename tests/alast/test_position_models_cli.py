@@ -9,10 +9,12 @@ from click.testing import CliRunner
 from alast_cli.main import cli
 
 
+# slow (`pytest -m slow`): EVA-02 about 20 s, ViT-B's width about 40; the unit tests
+# (tests/runtimes/test_position_models.py) cover their parts, `benchmarks/eva_audit.py` every family
+@pytest.mark.slow
 @pytest.mark.parametrize("model,img_size,patches", [
     ("eva02_tiny_patch14_224", 56, 16),
-    # ViT-B's width: about 40 s here; the unit tests cover BEiT's parts, `benchmarks/eva_audit.py --family beit` all
-    pytest.param("beitv2_base_patch16_224", 48, 9, marks=pytest.mark.slow),
+    ("beitv2_base_patch16_224", 48, 9),
 ])
 def test_it_trains_on_target_replays_exactly_and_exports_its_token_schedule(model, img_size, patches, tmp_path):
     runner = CliRunner()

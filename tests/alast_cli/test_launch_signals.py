@@ -198,6 +198,9 @@ def interrupt_line(err: str) -> str:
     return lines[0]
 
 
+# slow: the one-process tests above give each stop's message; the three-process run during training
+# (below) shows a SIGTERM reaching every rank
+@pytest.mark.slow
 def test_nproc_sigterm_before_training_stops_every_rank_at_once(nproc_run):
     run = nproc_run("data")
     run.workers()
@@ -206,6 +209,7 @@ def test_nproc_sigterm_before_training_stops_every_rank_at_once(nproc_run):
     assert code == 130 and interrupt_line(err) == "interrupted before training started"
 
 
+@pytest.mark.slow  # as above
 def test_nproc_sigterm_during_the_final_evaluation_names_the_checkpoint(nproc_run):
     run = nproc_run("evaluation")
     run.workers()

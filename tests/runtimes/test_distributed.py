@@ -215,6 +215,7 @@ def test_cli_nproc_2_resumes_exactly_and_only_with_2_processes(tmp_path):
     assert len(straight) == 4 and steps() == straight
 
 
+@pytest.mark.slow  # the launcher's once-only report: tests/alast_cli/test_launch_signals.py, without processes
 def test_cli_nproc_2_failure_on_every_rank_is_reported_once(tmp_path):
     """A non-finite loss stops both ranks alike: one message (rank 0's), not one per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
