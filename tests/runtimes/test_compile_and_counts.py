@@ -26,6 +26,7 @@ def moving_budgets(n: int, seed: int = 0, freeze_stem: bool = False):
         yield Budget(ratios, trained, train_embeddings=not (freeze_stem and i % 3 == 0))
 
 
+@pytest.mark.slow  # dynamo traces for about 20 s; the compiled step's numbers: test_compiled_step_matches_eager
 def test_compiled_run_stops_recompiling_after_warm_up(batch, monkeypatch):
     """New token counts and trained sets after warm-up compile nothing. Whether dynamo traces a
     new graph is decided by its guards, before any backend runs, so the test compiles with
