@@ -20,8 +20,6 @@ BACKENDS = ["torch", pytest.param("ort", marks=needs_ort)]
 BUDGETS = [Budget((0.75, 0.5, 0.75, 0.5), (False, True, False, True)), Budget((1.0,) * 4, (True,) * 4),
            Budget((0.5,) * 4, (True, True, False, False))]
 
-SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
-
 
 def make(backend, micro, select="sample", model=make_tiny_vit, **policy):
     cfg = build_config({"backend": {"name": backend, "device": "cpu"},
@@ -113,7 +111,7 @@ def test_a_non_finite_pass_stops_the_step_before_the_update(monkeypatch):
 
 def _run(tmp_path, name, *extra):
     run = tmp_path / name
-    res = CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", "3", "--batch-size", "16", "--target-flops", "0.5", "--set",
+    res = CliRunner().invoke(cli, ["train", "--steps", "3", "--batch-size", "16", "--target-flops", "0.5", "--set",
                                    "backend.threads=1", "--set", "data.val_fraction=0.05", *extra, "--out",
                                    str(run), "--json"])
     assert res.exit_code == 0, res.output
