@@ -35,6 +35,11 @@ def load_benchmark(name: str):
     return load_script("benchmarks", name)
 
 
+# a small held-out split for CLI runs whose evaluation is not under test (90 of the 1,797 digits, not 360):
+# each run's evaluations take a quarter of the time
+SMALL_VAL = ["--set", "data.val_fraction=0.05"]
+
+
 def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0, global_pool="token",
                   norm_layer=None):
     """img 32, patch 8 (16 patches), dim 32, 2 heads: forward+backward in milliseconds. Any

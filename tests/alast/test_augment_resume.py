@@ -18,11 +18,10 @@ from click.testing import CliRunner
 from alast.data import StepBatchSampler, build_data, train_batches
 from alast.training.build import model_data_config
 from alast_cli.main import cli
+from tests.conftest import SMALL_VAL
 
 CFG = model_data_config("alast_demo_vit")
 SEED, BATCH, STEPS = 3, 8, 6
-
-SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,12 @@ from alast.bench import BenchPlan, aggregate
 from alast.bench_runs import LORA_MATCHED, MATCHED, RunSpec, matched_steps
 from alast.config import load_config
 from alast_cli.main import cli
-
-# a small held-out split (90 of the 1,797 digits, not 360): each run's evaluations take a quarter of the time
-VAL = ["--set", "data.val_fraction=0.05"]
+from tests.conftest import SMALL_VAL
 
 
 def test_bench_writes_results_table_and_plots(tmp_path):
     out = tmp_path / "bench"
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,alast,tokens", "--steps", "4", "--batch-size",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast,tokens", "--steps", "4", "--batch-size",
                                    "8", "--set", "backend.threads=1", "--target-flops", "0.5", "--out", str(out),
                                    "--json"])
     assert res.exit_code == 0, res.output
@@ -62,7 +60,7 @@ def test_bench_rotates_policy_order_across_seeds():
 
 
 def test_bench_refuses_without_full(tmp_path):
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "alast", "--steps", "2", "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "alast", "--steps", "2", "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "needs 'full'" in res.stderr
 
 
@@ -108,7 +106,7 @@ def test_matched_verdict_shows_both_ratios_and_flags_a_cost_off_alasts():
 
 def test_bench_target_flops_sets_freeze_like_targets_does(tmp_path):
     """--target-flops solves freeze's knobs as --targets and `alast plan --policy freeze` do."""
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,freeze", "--steps", "2", "--batch-size", "8",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,freeze", "--steps", "2", "--batch-size", "8",
                                    "--set", "backend.threads=1", "--target-flops", "0.8", "--out", str(tmp_path / "b"),
                                    "--json"])
     assert res.exit_code == 0, res.output
@@ -121,13 +119,13 @@ def test_a_config_files_target_is_the_benchs_target(tmp_path):
     --target-flops does; it was replaced by no target for every run without a word."""
     config = tmp_path / "cfg.yaml"
     config.write_text("policy:\n  name: alast\n  target_flops: 0.8\n")
-    res = CliRunner().invoke(cli, ["bench", *VAL, str(config), "--policies", "full,freeze", "--steps", "2",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, str(config), "--policies", "full,freeze", "--steps", "2",
                                    "--batch-size", "8", "--set", "backend.threads=1", "--out", str(tmp_path / "b"),
                                    "--json"])
     assert res.exit_code == 0, res.output
     freeze = json.loads(res.stdout.strip().splitlines()[-1])["policies"]["freeze"]
     assert abs(freeze["train_flops_ratio"] / 0.8 - 1) < 0.03
-    res = CliRunner().invoke(cli, ["bench", *VAL, str(config), "--policies", "full,freeze", "--steps", "2", "--targets",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, str(config), "--policies", "full,freeze", "--steps", "2", "--targets",
                                    "0.5,0.7", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "the config sets policy.target_flops: 0.8, and --targets" in res.stderr, res.output
     assert not (tmp_path / "c").exists()
@@ -135,7 +133,7 @@ def test_a_config_files_target_is_the_benchs_target(tmp_path):
 
 def test_a_target_random_cannot_reach_stops_the_bench_before_any_run(tmp_path):
     out = tmp_path / "b"
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,random", "--steps", "2", "--batch-size", "8",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,random", "--steps", "2", "--batch-size", "8",
                                    "--set", "backend.threads=1", "--target-flops", "0.5", "--out", str(out)])
     assert res.exit_code == 2 and "policy 'random' cannot reach" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and not (out / "runs").exists()
@@ -160,7 +158,7 @@ def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, 
         raise ValueError("stop here")
 
     monkeypatch.setattr(bench_module, "run_bench", fake_run_bench)
-    res = CliRunner().invoke(cli, ["bench", *VAL, *args, "--steps", "2", "--target-flops", "0.5",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, *args, "--steps", "2", "--target-flops", "0.5",
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "stop here" in res.stderr, res.output
     lora = {p: "the ort backend does not support LoRA" for p in DEFAULT[5:]} if "ort" in args else {}
@@ -168,7 +166,7 @@ def test_only_the_default_policies_may_be_left_out(tmp_path, monkeypatch, args, 
 
 
 def test_the_lora_policies_named_on_the_ort_backend_stop_the_bench(tmp_path):
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--backend", "ort", "--policies", "full,lora", "--steps", "2",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--backend", "ort", "--policies", "full,lora", "--steps", "2",
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "the ort backend does not support LoRA (policy 'lora')" in res.stderr, res.output
 
@@ -199,7 +197,7 @@ def test_a_default_policy_that_cannot_reach_the_target_is_left_out_and_named(tmp
     (["--set", "output.force=true"], "a bench never replaces runs"),
 ])
 def test_bench_refuses_train_options_it_would_ignore(tmp_path, args, message):
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,alast", "--steps", "2", *args,
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast", "--steps", "2", *args,
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "b").exists()
@@ -216,7 +214,7 @@ def test_a_target_out_of_a_policys_reach_fails_the_bench_before_any_run(tmp_path
     """Full fine-tuning runs first (seed 0's order); the alast target it cannot reach must stop the
     bench before that run trains, not after it."""
     out = tmp_path / "bench"
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,alast", "--steps", "2", "--batch-size", "2",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast", "--steps", "2", "--batch-size", "2",
                                    "--set", "backend.threads=1", "--set", "backend.token_multiple=32",
                                    "--target-flops", "0.35", "--out", str(out)])
     assert res.exit_code == 2 and "too few tokens or steps to divide finer" in res.stderr
@@ -224,7 +222,7 @@ def test_a_target_out_of_a_policys_reach_fails_the_bench_before_any_run(tmp_path
 
 
 # without full@matched: a resume that reads a matched run back is tested with lora@matched below
-RESUME_ARGS = ["bench", *VAL, "--policies", "full,alast,tokens", "--target-flops", "0.5", "--no-matched", "--steps", "3",
+RESUME_ARGS = ["bench", *SMALL_VAL, "--policies", "full,alast,tokens", "--target-flops", "0.5", "--no-matched", "--steps", "3",
                "--batch-size", "8", "--set", "backend.threads=1"]
 SAME_RESULTS = ("val_accuracy", "val_accuracy_std", "val_accuracy_token_schedule", "val_accuracy_all_tokens",
                 "train_flops", "train_flops_ratio", "full_ft_train_flops", "steps", "inference_flops_ratio")
@@ -297,10 +295,10 @@ def test_resume_refuses_an_out_that_is_not_a_bench(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("policy: {name: full}\n")
     for out, fragment in [(tmp_path / "run", "not the output of an alast bench"), (tmp_path / "none", "no such folder")]:
-        res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,alast", "--steps", "2", "--out", str(out),
+        res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast", "--steps", "2", "--out", str(out),
                                        "--resume"])
         assert res.exit_code == 2 and fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,alast", "--steps", "2", "--resume"])
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,alast", "--steps", "2", "--resume"])
     assert res.exit_code == 2 and "--resume needs --out" in res.stderr
 
 
@@ -332,7 +330,7 @@ def test_a_setting_that_refuses_a_later_run_stops_the_bench_before_any_run(tmp_p
     out = tmp_path / "b"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench_module, "train", lambda cfg, run_dir, **kw: trained.append(run_dir.name))
-        res = CliRunner().invoke(cli, ["bench", *VAL, *args, "--steps", "2", "--batch-size", "4", "--set",
+        res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, *args, "--steps", "2", "--batch-size", "4", "--set",
                                        "backend.threads=1", "--out", str(out)])
     assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     assert trained == [] and not (out / "runs").exists()
@@ -425,14 +423,14 @@ def test_lora_matched_follows_each_alast_lora_run_and_is_counted_in_the_progress
 
 
 def test_matched_without_alast_or_alast_lora_is_refused(tmp_path):
-    res = CliRunner().invoke(cli, ["bench", *VAL, "--policies", "full,lora,tokens", "--matched", "--steps", "2",
+    res = CliRunner().invoke(cli, ["bench", *SMALL_VAL, "--policies", "full,lora,tokens", "--matched", "--steps", "2",
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
     assert "add alast to --policies, or alast+lora" in res.stderr
     assert not (tmp_path / "b").exists()
 
 
-LORA_ARGS = ["bench", *VAL, "--policies", "full,lora,alast+lora", "--target-flops", "0.5", "--steps", "4",
+LORA_ARGS = ["bench", *SMALL_VAL, "--policies", "full,lora,alast+lora", "--target-flops", "0.5", "--steps", "4",
              "--batch-size", "8", "--set", "backend.threads=1", "--set", "policy.lora.rank=2"]
 
 

@@ -9,6 +9,7 @@ from alast.config import load_config
 from alast.planning.plan import plan, replay_run, solve_target
 from alast.training.loop import train
 from alast_cli.main import cli
+from tests.conftest import SMALL_VAL
 
 BASE = ["model.name=alast_demo_vit", "data.spec=random:64", "train.steps=3", "train.batch_size=8"]
 RUNS = {
@@ -18,8 +19,6 @@ RUNS = {
     "alast": ["policy.name=alast"],
     "target": ["policy.name=alast", "policy.target_flops=0.5"],
 }
-
-SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ import pytest
 from click.testing import CliRunner
 
 from alast_cli.main import cli
+from tests.conftest import SMALL_VAL
 
-FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off", "--set", "data.val_fraction=0.05"]
-
-SMALL_VAL = ["--set", "data.val_fraction=0.05"]  # a small held-out split: the evaluations cost less
+FAST = ["--steps", "3", "--batch-size", "16", "--set", "backend.count_flops=off", *SMALL_VAL]
 
 
 @pytest.fixture
