@@ -27,11 +27,14 @@ from alast.bench_runs import (
     RunSpec,
     _row,
     aggregate,
+    choose_lrs,
     curve_runs,
     markdown_table,
     matched_steps,
     same_step_runs,
     scaled_steps,
+    tuning_runs,
+    with_lrs,
 )
 from alast.config import AlastConfig, build_config, build_run_config, check_policy_name
 from alast.data.cache import shared_between_runs
@@ -39,7 +42,9 @@ from alast.training.loop import Hooks, train
 
 MANIFEST = "bench.json"
 MANIFEST_ARGS = {"policies": "--policies", "seeds": "--seeds/--seed", "target_flops": "--target-flops",
-                 "targets": "--targets", "matched": "--matched", "cost_model": "--cost-model"}
+                 "targets": "--targets", "matched": "--matched", "cost_model": "--cost-model", "lrs": "--lrs",
+                 "tune_fraction": "--tune-fraction"}
+TUNING = "tuning.jsonl"  # the learning-rate runs' summaries, one line each
 Solver = Callable[..., tuple[dict[str, Any], dict[str, Any]]]  # plan.solve_target: (cfg, steps=None)
 OnRun = Callable[[int, int, str, int], Hooks]
 
@@ -53,7 +58,10 @@ class BenchPlan:
     targets are planned from (recorded for a resume); ``resume``: finish the bench in ``out``;
     ``optional``: policies the user did not name (``--policies``' default list), each left out, with its
     reason in ``left_out``, where one FLOPs target is out of its reach, instead of the bench refused
-    (``left_out`` may name others from the start: the default list's LoRA policies on the ort backend)."""
+    (``left_out`` may name others from the start: the default list's LoRA policies on the ort backend);
+    ``lrs``: learning rates each row chooses from, one run each on the first seed, trained on the
+    training images less ``tune_fraction`` of them and scored on those (:func:`~alast.bench_runs.tuning_runs`);
+    the row's runs then train at its most accurate rate."""
 
     base: AlastConfig
     policies: list[str]
@@ -68,6 +76,8 @@ class BenchPlan:
     optional: frozenset[str] = frozenset()
     runs: list[RunSpec] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
+    lrs: tuple[float, ...] | None = None
+    tune_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         for name in self.policies:  # first: `FULL` is an unknown name, not a missing full
@@ -81,6 +91,11 @@ class BenchPlan:
         if self.matched and not self.matched_policies:
             raise ValueError("--matched matches full fine-tuning to the alast run's FLOPs and LoRA to the alast+lora "
                              "run's: add alast to --policies, or alast+lora")
+        if self.lrs is not None and (len(self.lrs) < 2 or len(set(self.lrs)) != len(self.lrs)
+                                     or min(self.lrs) <= 0):
+            raise ValueError("--lrs needs two or more different learning rates above 0, e.g. --lrs 1e-3,5e-4")
+        if not 0 < self.tune_fraction < 1:
+            raise ValueError(f"--tune-fraction must lie in (0, 1), got {self.tune_fraction:g}")
         if (self.matched or self.targets) and self.base.backend.count_flops == "off":
             raise ValueError("--matched and --targets compare counted FLOPs, but backend.count_flops is off; "
                              "drop --set backend.count_flops=off (or pass --no-matched)")
@@ -111,7 +126,9 @@ class BenchPlan:
         """What ``bench.json`` records: the arguments that decide the runs, and the base config."""
         return {"policies": self.policies, "seeds": self.seeds, "target_flops": self.target_flops,
                 "targets": None if self.targets is None else list(self.targets), "matched": self.matched,
-                "cost_model": self.cost_model, "config": self.base.model_dump(mode="json")}
+                "cost_model": self.cost_model, "lrs": None if self.lrs is None else list(self.lrs),
+                "tune_fraction": self.tune_fraction if self.lrs is not None else None,
+                "config": self.base.model_dump(mode="json")}
 
 
 def _planned_steps(cfg: AlastConfig) -> int:
@@ -121,10 +138,15 @@ def _planned_steps(cfg: AlastConfig) -> int:
 
 
 def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, target: float | None,
-                  steps: int | None = None) -> AlastConfig:
+                  steps: int | None = None, lr: float | None = None, tune_fraction: float | None = None) -> AlastConfig:
     """``base`` set to ``policy`` (LoRA section added or dropped), ``seed``, ``run_dir``, the FLOPs
-    target, and ``steps`` in place of the base's steps or epochs when given."""
+    target, and ``steps`` in place of the base's steps or epochs, ``lr`` in place of its learning rate
+    and ``tune_fraction`` (``data.tune_fraction``: score on images held out of training) when given."""
     data = base.model_dump(mode="json")
+    if lr is not None:
+        data["train"]["lr"] = lr
+    if tune_fraction is not None:
+        data["data"]["tune_fraction"] = tune_fraction
     data["policy"]["name"] = policy
     data["policy"]["target_flops"] = target
     if not (policy == "lora" or policy.endswith("+lora")):
@@ -188,6 +210,8 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     if plan.resume:
         check_resume(plan)
     shapes = check_policies(plan)
+    if plan.lrs is not None:
+        _check_tuning_batch(plan)
     unreachable = _solve_up_front(plan, solve_target, shapes) if solve_target is not None else {}
     if on_left_out is not None:
         for policy, reason in plan.left_out.items():
@@ -202,7 +226,9 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
         (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
     (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
-    total = len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
+    tuning = [] if plan.lrs is None else tuning_runs(todo, plan.lrs, plan.seeds[0],
+                                                     plan.matched_policies if plan.matched else [], plan.base_steps)
+    total = len(tuning) + len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
         nonlocal total
@@ -213,26 +239,50 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
             summary = {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
                        "skipped": why}
         else:
-            done = sum("skipped" not in r for r in results)
+            done = len(tuning) + sum("skipped" not in r for r in results)
             summary = _execute(plan, spec, done, total, on_run, solve_target, on_reused)
         results.append(summary)
         with (plan.out / "raw.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
         return summary
 
+    choices: list[dict[str, Any]] = []
     with shared_between_runs():  # runs on the same data read each image once between them
+        if tuning:
+            choices = _choose_lrs(plan, tuning, total, on_run, solve_target, on_reused)
+            plan.runs = with_lrs(plan.runs, choices, plan.base_steps)
         for spec in plan.runs:
             summary = execute(spec)
             if plan.matched and spec.policy in MATCHED_ROWS and "skipped" not in summary:
                 row, policy, _ = MATCHED_ROWS[spec.policy]
-                execute(RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row)))
+                execute(with_lrs([RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row))],
+                                 choices, plan.base_steps)[0])
+    learning_rates = ({"tune_fraction": plan.tune_fraction, "seed": plan.seeds[0], "rows": choices}
+                      if plan.lrs is not None else None)
     if plan.targets is not None:
         from alast.bench_curves import write_curve_outputs
 
-        return write_curve_outputs(plan.out, results, plan.targets, plan.base_steps)
+        return write_curve_outputs(plan.out, results, plan.targets, plan.base_steps, learning_rates)
     table = aggregate(results, plan.rows)
+    if learning_rates is not None:
+        table["learning_rates"] = learning_rates
     write_outputs(plan, results, table)
     return table
+
+
+def _choose_lrs(plan: BenchPlan, tuning: list[RunSpec], total: int, on_run: OnRun | None, solve_target: Solver | None,
+                on_reused: Callable[[int, int, str, int], None] | None) -> list[dict[str, Any]]:
+    """Train the learning-rate runs ``tuning`` (each on the training images less ``plan.tune_fraction``
+    of them, scored on those), writing each summary to ``tuning.jsonl``; return each row's choice
+    (:func:`~alast.bench_runs.choose_lrs`)."""
+    (plan.out / TUNING).write_text("")
+    tuned = []
+    for i, spec in enumerate(tuning):
+        summary = _execute(plan, spec, i, total, on_run, solve_target, on_reused)
+        tuned.append((spec, summary))
+        with (plan.out / TUNING).open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+    return choose_lrs(tuned, plan.base_steps)
 
 
 def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
@@ -268,6 +318,19 @@ def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
         if not spec.solve:
             build_planner(cfg, built[key][0], head_reads_prefix=built[key][1])
     return shapes
+
+
+def _check_tuning_batch(plan: BenchPlan) -> None:
+    """Refuse, before the first run, a batch the tuning runs' training images (the training split less
+    ``plan.tune_fraction`` of it) cannot fill."""
+    from alast.data import DataError
+    from alast.training.build import load_data
+
+    cfg = policy_config(plan.base, "full", plan.seeds[0], plan.out / "tune", None, tune_fraction=plan.tune_fraction)
+    n = len(load_data(cfg)[0].train)
+    if cfg.train.batch_size > n:
+        raise DataError(f"--tune-fraction {plan.tune_fraction:g} leaves the tuning runs {n} training images, fewer "
+                        f"than a batch of {cfg.train.batch_size}; lower --tune-fraction or --batch-size")
 
 
 def _solve_up_front(plan: BenchPlan, solve_target: Solver,
@@ -339,9 +402,14 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnR
     Resuming, a finished run's summary is read back and an unfinished one continued."""
     from planners.target import TargetError
 
-    run_dir = plan.out / "runs" / spec.dir_name()
-    cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps)
+    run_dir = plan.out / ("tune" if spec.tune else "runs") / spec.dir_name()
+    cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps,
+                        spec.lr, plan.tune_fraction if spec.tune else None)
     shown = spec.name + (f" at {spec.target:g}x" if spec.target is not None else "")
+    if spec.tune:
+        shown += f", lr {spec.lr:g} (tuning run)"
+    elif spec.lr is not None:
+        shown += f", lr {spec.lr:g}"
     resume = plan.resume and _started(plan.out, run_dir, cfg)
     if resume and (run_dir / "summary.json").is_file():
         if on_reused:
@@ -366,7 +434,7 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnR
                 raise TargetError(bench_reason(exc, curves=False)) from None
             return {"policy": spec.policy, "label": spec.name, "seed": spec.seed, "target": spec.target,
                     "skipped": bench_reason(exc, curves=True)}
-    summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target)
+    summary.update(seed=spec.seed, run_dir=str(run_dir), label=spec.name, target=spec.target, lr=cfg.train.lr)
     return summary
 
 

@@ -17,12 +17,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alast.bench_runs import BY_STEPS, MATCHED, compare, judgement, mean_std, off_target, off_target_text
+from alast.bench_runs import (
+    BY_STEPS,
+    MATCHED,
+    compare,
+    judgement,
+    lr_markdown,
+    mean_std,
+    off_target,
+    off_target_text,
+)
 
 CURVES = "curves.json"
 COMPARED = (BY_STEPS, MATCHED, "tokens")  # what alast is judged against first, in this order; then every other row
 RECORD_KEYS = ("steps", "train_flops", "val_accuracy", "val_accuracy_token_schedule", "val_accuracy_all_tokens",
-               "inference_flops_ratio", "wall_time_s", "run_dir")
+               "inference_flops_ratio", "wall_time_s", "run_dir", "lr")
 
 
 def curve_record(summary: dict[str, Any], base_steps: int) -> dict[str, Any]:
@@ -60,7 +69,7 @@ def points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "val_accuracy": acc, "val_accuracy_std": acc_std,
                     "val_accuracy_token_schedule": sched, "val_accuracy_all_tokens": every,
                     "inference_flops_ratio": mean_std([r.get("inference_flops_ratio") or 1.0 for r in rs])[0],
-                    "wall_time_s": mean_std([r["wall_time_s"] for r in rs])[0]})
+                    "wall_time_s": mean_std([r["wall_time_s"] for r in rs])[0], "lr": rs[0].get("lr")})
     return out
 
 
@@ -180,8 +189,9 @@ def _ordered(pts: list[dict[str, Any]], targets: tuple[float, ...]) -> list[dict
 
 
 def write_curve_outputs(out: Path, results: list[dict[str, Any]], targets: tuple[float, ...],
-                        base_steps: int) -> dict[str, Any]:
-    """Write curves.json, results.json, results.md and accuracy_vs_flops.png; return results.json's dict."""
+                        base_steps: int, learning_rates: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write curves.json, results.json, results.md and accuracy_vs_flops.png; return results.json's dict
+    (``learning_rates``: the rows' chosen rates, ``alast bench --lrs``)."""
     records = [curve_record(r, base_steps) for r in results]
     pts, verdict_list = _ordered(points(records), targets), verdicts(records, targets)
     first = next((r for r in results if "skipped" not in r), {})
@@ -192,7 +202,10 @@ def write_curve_outputs(out: Path, results: list[dict[str, Any]], targets: tuple
                                           "records": records}, indent=2) + "\n")
     result = {"mode": "curves", "setting": setting, "x": x, "targets": list(targets), "points": pts,
               "verdicts": verdict_list, "skipped": [r for r in records if "skipped" in r]}
+    if learning_rates is not None:
+        result["learning_rates"] = learning_rates
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(setting, base_steps, targets, pts, records, verdict_list))
+    (out / "results.md").write_text(markdown(setting, base_steps, targets, pts, records, verdict_list)
+                                    + lr_markdown(learning_rates))
     plot(out / "accuracy_vs_flops.png", pts, base_steps)
     return result

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -45,7 +45,9 @@ class RunSpec(NamedTuple):
     """One planned training run.
 
     ``target`` is the FLOPs target the row belongs to (None: none); ``solve`` says whether the
-    planner sets the policy's knobs for it; ``steps`` overrides ``train.steps`` (None: the base's)."""
+    planner sets the policy's knobs for it; ``steps`` overrides ``train.steps`` (None: the base's);
+    ``lr`` overrides ``train.lr`` (None: the base's); ``tune``: a run that chooses a learning rate,
+    on images held out of the training split (:func:`tuning_runs`)."""
 
     policy: str
     seed: int
@@ -53,6 +55,8 @@ class RunSpec(NamedTuple):
     label: str | None = None
     steps: int | None = None
     solve: bool = False
+    lr: float | None = None
+    tune: bool = False
 
     @property
     def name(self) -> str:
@@ -61,9 +65,82 @@ class RunSpec(NamedTuple):
         return self.label or self.policy
 
     def dir_name(self) -> str:
-        """``<policy>[-t<target>]-seed<k>``, with ``+`` and ``@`` spelled ``-``."""
+        """``<policy>[-t<target>]-seed<k>``, with ``+`` and ``@`` spelled ``-``; a tuning run's ends in
+        ``-lr<rate>``."""
         tag = f"-t{self.target:g}" if self.target is not None else ""
-        return f"{self.name.replace('+', '-').replace('@', '-')}{tag}-seed{self.seed}"
+        rate = f"-lr{self.lr:g}" if self.tune else ""
+        return f"{self.name.replace('+', '-').replace('@', '-')}{tag}-seed{self.seed}{rate}"
+
+
+TuneKey = tuple[str, "float | None", "int | None"]
+
+
+def tune_key(spec: RunSpec, base_steps: int | None = None) -> TuneKey:
+    """The runs that share one chosen learning rate: a policy at one FLOPs target and one step count
+    (``base_steps``: the bench's, spelled None). A compute-matched row takes its policy's rate at the
+    bench's steps (its step count follows another run, so no run before it could choose one for it)."""
+    if spec.label in (MATCHED, LORA_MATCHED):
+        return spec.policy, None, None
+    return spec.policy, spec.target if spec.solve else None, None if spec.steps == base_steps else spec.steps
+
+
+def tuning_runs(runs: list[RunSpec], lrs: tuple[float, ...], seed: int, matched_policies: Sequence[str] = (),
+                base_steps: int | None = None) -> list[RunSpec]:
+    """One run per learning rate of ``lrs`` for each :func:`tune_key` of ``runs`` (and of the
+    compute-matched rows that follow ``matched_policies``), all with ``seed``, in the order the keys
+    first run."""
+    keys: dict[TuneKey, RunSpec] = {}
+    for spec in runs:
+        keys.setdefault(tune_key(spec, base_steps), spec)
+    for policy in matched_policies:
+        _, follower, _ = MATCHED_ROWS[policy]
+        keys.setdefault((follower, None, None), RunSpec(follower, seed))
+    return [spec._replace(seed=seed, lr=lr, tune=True) for spec in keys.values() for lr in lrs]
+
+
+def choose_lrs(tuned: list[tuple[RunSpec, dict[str, Any]]], base_steps: int | None = None) -> list[dict[str, Any]]:
+    """Per :func:`tune_key`: each rate's accuracy on the held-out images (a skipped run: none) and the
+    chosen rate, the most accurate (on a tie, the one listed first); ``chosen`` None where every run
+    of the key was skipped."""
+    out: dict[TuneKey, dict[str, Any]] = {}
+    for spec, summary in tuned:
+        key = tune_key(spec, base_steps)
+        entry = out.setdefault(key, {"key": list(key), "row": spec.name, "target": spec.target, "steps": key[2],
+                                     "seed": spec.seed, "accuracy": {}, "chosen": None})
+        acc = summary.get("val_accuracy") if "skipped" not in summary else None
+        entry["accuracy"][f"{spec.lr:g}"] = acc
+        best = entry["accuracy"].get(f"{entry['chosen']:g}") if entry["chosen"] is not None else None
+        if acc is not None and (best is None or acc > best):
+            entry["chosen"] = spec.lr
+    return list(out.values())
+
+
+def with_lrs(runs: list[RunSpec], choices: list[dict[str, Any]], base_steps: int | None = None) -> list[RunSpec]:
+    """``runs`` with each run's chosen learning rate (:func:`choose_lrs`; none chosen: the base's)."""
+    chosen = {tuple(c["key"]): c["chosen"] for c in choices}
+    return [r._replace(lr=chosen.get(tune_key(r, base_steps))) for r in runs]
+
+
+def lr_markdown(learning_rates: dict[str, Any] | None) -> str:
+    """results.md's paragraph on the chosen learning rates (``alast bench --lrs``; None: none)."""
+    if learning_rates is None:
+        return ""
+    head = (f"\nLearning rates (`--lrs`), chosen per row by one run each on seed {learning_rates['seed']}, trained "
+            f"on the training images less {100 * learning_rates['tune_fraction']:g}% of them and scored on those "
+            "(the validation images play no part in the choice); the row's runs above train at the chosen rate:\n\n")
+    return head + "".join(f"- {line}\n" for line in lr_lines(learning_rates["rows"]))
+
+
+def lr_lines(choices: list[dict[str, Any]]) -> list[str]:
+    """Each row's chosen learning rate and every rate's held-out accuracy, one line per row."""
+    out = []
+    for c in choices:
+        where = "".join([f" at {c['target']:g}x" if c["target"] is not None else "",
+                         f", {c['steps']} steps" if c["steps"] is not None else ""])
+        tried = ", ".join(f"{lr}: {'skipped' if a is None else f'{100 * a:.2f}%'}" for lr, a in c["accuracy"].items())
+        chosen = "none (every run skipped)" if c["chosen"] is None else f"{c['chosen']:g}"
+        out.append(f"{c['row']}{where}: {chosen} ({tried})")
+    return out
 
 
 def _rotate(items: list[Any], k: int) -> list[Any]:
@@ -207,6 +284,7 @@ def aggregate(results: list[dict[str, Any]], policies: list[str]) -> dict[str, A
         for key in COST_KEYS + ("full_ft_train_flops", "steps"):
             entry[key], _ = mean_std([r.get(key) for r in rs])
         entry["plan"] = rs[0].get("plan") if rs else None
+        entry["lr"] = rs[0].get("lr") if rs else None  # train.lr: one rate a row (alast bench --lrs: its chosen one)
         out["policies"][policy] = entry
     full = out["policies"]["full"]
     for policy, e in out["policies"].items():
@@ -316,4 +394,4 @@ def markdown_table(table: dict[str, Any]) -> str:
                  f"alast+lora run's counted FLOPs (same seed and LoRA settings). {table['lora_matched']['line']}\n")
     for policy, reason in table.get("left_out", {}).items():
         text += f"\nLeft out of the default policies, `{policy}`: {reason}\n"
-    return text
+    return text + lr_markdown(table.get("learning_rates"))

@@ -98,6 +98,10 @@ class DataConfig(_Section):
     data_dir: Path | None = Field(None, description="root directory for torchvision datasets")
     download: bool = Field(False, description="let torchvision download the dataset (needs internet)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the data has no split")
+    tune_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="hold this share of the training images out (stratified by class, drawn "
+        "by train.seed), train on the rest and score on them instead of on the validation split: for choosing "
+        "settings, such as the learning rate (alast bench --lrs), without looking at the validation images")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes for the training and validation batches; 0: load them in "
         "the training process; auto: none on the CPU (the training threads use its cores), on CUDA one per CPU core "

@@ -14,6 +14,7 @@ import click
 from .errors import EXIT_INTERRUPTED, run_guarded
 from .options import PathOption, check_out_path, config_options, resolve_config
 
+TUNE_FRACTION = 0.2  # --tune-fraction's default
 # --set keys each run sets for itself: bench would ignore them, so it refuses them, naming its own option
 RUN_SET_KEYS = {"policy.name": "--policies", "policy.target_flops": "--target-flops or --targets",
                 "output.dir": "--out", "output.force": "a new --out (a bench never replaces runs)"}
@@ -34,6 +35,25 @@ def parse_targets(text: str) -> tuple[float, ...]:
             raise ValueError(f"--targets lists {t:g} twice")
         targets.append(t)
     return tuple(targets)
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    """``"1e-3,5e-4"`` -> (0.001, 0.0005); two or more different rates above 0."""
+    lrs = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            lr = float(part)
+        except ValueError:
+            raise ValueError(f"--lrs: {part!r} is not a number; give learning rates, e.g. --lrs 1e-3,5e-4") from None
+        if not lr > 0 or lr == float("inf"):
+            raise ValueError(f"--lrs: {part} is not a learning rate above 0")
+        if lr in lrs:
+            raise ValueError(f"--lrs lists {lr:g} twice")
+        lrs.append(lr)
+    if len(lrs) < 2:
+        raise ValueError("--lrs needs two or more learning rates to choose from, e.g. --lrs 1e-3,5e-4 (for one "
+                         "rate, set it with --lr)")
+    return tuple(lrs)
 
 
 def check_bench_options(named: dict[str, Any], overrides: tuple[str, ...]) -> None:
@@ -77,7 +97,7 @@ def check_out(out: Path, resume: bool) -> None:
 
 def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None, as_json: bool,
            targets: str | None, matched: bool | None, cost_model: Path | None = None, resume: bool = False,
-           named_policies: bool = True) -> None:
+           named_policies: bool = True, lrs: str | None = None, tune_fraction: float | None = None) -> None:
     import time
 
     from alast.bench import BenchPlan, run_bench
@@ -105,6 +125,9 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     if target is not None and not 0 < target <= 1:
         raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
     curve_targets = parse_targets(targets) if targets is not None else None
+    rates = parse_lrs(lrs) if lrs is not None else None
+    if rates is None and tune_fraction is not None:
+        raise ValueError("--tune-fraction holds training images out to choose --lrs on; add --lrs, or leave it out")
     if cost_model is not None:
         if target is None and curve_targets is None:
             raise ValueError("--cost-model is read to plan FLOPs targets only; add --target-flops or --targets, "
@@ -119,7 +142,8 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
     plan = BenchPlan(cfg, names, list(range(cfg.train.seed, cfg.train.seed + seeds)), out, target,
                      matched=matched, targets=curve_targets,
                      cost_model=None if cost_model is None else str(cost_model.absolute()), resume=resume,
-                     optional=optional, left_out=left_out)
+                     optional=optional, left_out=left_out, lrs=rates,
+                     tune_fraction=TUNE_FRACTION if tune_fraction is None else tune_fraction)
     from alast.planning.plan import solve_target
 
     progress = make_progress()
@@ -182,6 +206,7 @@ def _render_table(table: dict[str, Any], out: Path) -> None:
             results.print(table[key]["line"])
     for policy, why in table.get("left_out", {}).items():
         results.print(f"left out of the default policies, {policy}: {why}")
+    _render_lrs(table.get("learning_rates"))
     results.print(f"results: {out / 'results.json'}, {out / 'results.md'} (every column), plots: {out}/*.png")
 
 
@@ -205,6 +230,7 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
         results.print(f"skipped {s['policy']} at {s['target']:g}: {s['skipped']}")
     for v in result["verdicts"]:
         results.print(v["line"])
+    _render_lrs(result.get("learning_rates"))
     results.print(f"results: {out / 'curves.json'}, {out / 'results.md'}, plot: {out / 'accuracy_vs_flops.png'}")
 
 
@@ -227,14 +253,35 @@ def _render_curves(result: dict[str, Any], out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print results.json to stdout")
 @click.option("--cost-model", type=PathOption(),
               help="cost model JSON from `alast profile` to plan the FLOPs targets with (default: profile now)")
+@click.option("--lrs", help="learning rates each row chooses from, e.g. 1e-3,5e-4: one run per rate (first seed) "
+              "trains on the training images less --tune-fraction of them and is scored on those; the row's runs "
+              "then use its most accurate rate (the validation images play no part in the choice)")
+@click.option("--tune-fraction", type=float, default=TUNE_FRACTION, show_default=True,
+              help="with --lrs: the share of the training images held out to choose the rates on")
 @click.pass_context
 def bench_command(ctx: click.Context, config, overrides, policies, seeds, targets, matched, out, resume, as_json,
-                  cost_model, **named) -> None:
+                  cost_model, lrs, tune_fraction, **named) -> None:
     """Train several policies on the same data, seeds and steps; write a table and plots.
 
     With --targets, run each policy at each FLOPs target and write curves.json and
     accuracy_vs_flops.png (accuracy against counted FLOPs, full fine-tuning by steps as reference)."""
     debug = ctx.obj.get("debug", False) if ctx.obj else False
     named_policies = ctx.get_parameter_source("policies") is not click.core.ParameterSource.DEFAULT
+    if ctx.get_parameter_source("tune_fraction") is click.core.ParameterSource.DEFAULT:
+        tune_fraction = None
     run_guarded(lambda: _bench(config, overrides, named, policies, seeds, out, as_json, targets, matched,
-                               cost_model, resume, named_policies), debug)
+                               cost_model, resume, named_policies, lrs, tune_fraction), debug)
+
+
+def _render_lrs(learning_rates: dict[str, Any] | None) -> None:
+    """The rows' chosen learning rates (``--lrs``), one line each."""
+    from alast.bench_runs import lr_lines
+
+    from .render import results
+
+    if learning_rates is None:
+        return
+    results.print(f"learning rates chosen on {100 * learning_rates['tune_fraction']:g}% of the training images held "
+                  f"out (seed {learning_rates['seed']}):")
+    for line in lr_lines(learning_rates["rows"]):
+        results.print(f"  {line}", markup=False)

@@ -62,7 +62,8 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
                                           trained="-")
         state["tokens"] = info["patches"] * info["blocks"]
         skipped = f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else ""
-        progress.console.print(f"{info['train']} train / {info['val']} val images, {info['classes']} classes, "
+        scored = "held-out tuning" if info.get("scored") == "tuning" else "val"
+        progress.console.print(f"{info['train']} train / {info['val']} {scored} images, {info['classes']} classes, "
                                f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}", style="dim")
         if not resuming and info.get("weights"):
             progress.console.print(f"starting from {info['weights']}", style="dim")
@@ -105,7 +106,8 @@ def summary_table(summary: dict[str, Any], run_dir: Any) -> Table:
     t.add_column("value", justify="right")
     kept, sched = summary.get("eval_kept_tokens"), summary.get("token_schedule")
     deployed = f"token schedule {kept}" if kept else "every token"
-    t.add_row("validation accuracy", f"{summary['val_accuracy']:.4f}" + (f"  ({deployed})" if sched else ""))
+    scored = "tuning accuracy (held out of training)" if summary.get("scored_on") == "tuning" else "validation accuracy"
+    t.add_row(scored, f"{summary['val_accuracy']:.4f}" + (f"  ({deployed})" if sched else ""))
     if sched:
         other = (("every token", summary["val_accuracy_all_tokens"]) if kept else
                  (f"token schedule {sched}", summary["val_accuracy_token_schedule"]))

@@ -7,9 +7,11 @@ sample's random augmentation is a pure function of (seed, step, index) too (Step
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -134,7 +136,8 @@ def describe_spec(spec: str) -> tuple[str, str]:
 def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = None, download: bool = False,
                val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False,
                train_split: str | None = None, val_split: str | None = None, subset: str | None = None,
-               for_eval: bool = False, run_files: dict[str, Any] | None = None) -> DataBundle:
+               for_eval: bool = False, run_files: dict[str, Any] | None = None,
+               tune_fraction: float | None = None) -> DataBundle:
     """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``.
 
     ``train_split``, ``val_split``, ``subset``: a torchvision dataset's split and subset names (None:
@@ -142,6 +145,8 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     image folder (or a torchvision dataset without splits) is scored whole, not split, one class is
     enough, and ``val`` is the only split read; but an image folder that holds the files a run split
     (``run_files``: the run's ``data_fingerprint``) is split again as the run split it.
+    ``tune_fraction``: train on the rest of the training images and score on this share of them
+    (:func:`tuning_split`) instead of on the validation split.
     """
     from timm.data import create_transform
 
@@ -157,30 +162,60 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     eval_tf = create_transform(**data_cfg, is_training=False)
     train_tf = create_transform(**data_cfg, is_training=True) if augment and not for_eval else eval_tf
     if kind == "digits":
-        return _digits(train_tf, eval_tf, val_fraction, seed)
-    if kind == "shapes":
-        return _synthetic("shapes", train_tf, eval_tf)
-    if kind == "letters":
-        return _letters(train_tf, eval_tf)
-    if kind == "random":
-        return _random_images(data_cfg, int(arg) if arg else 256, seed)
-    if kind == "imagefolder":
-        from alast.data.folders import imagefolder
-
-        bundle = imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images, for_eval,
-                             run_files)
+        bundle = _digits(train_tf, eval_tf, val_fraction, seed)
+    elif kind == "shapes":
+        bundle = _synthetic("shapes", train_tf, eval_tf)
+    elif kind == "letters":
+        bundle = _letters(train_tf, eval_tf)
+    elif kind == "random":
+        bundle = _random_images(data_cfg, int(arg) if arg else 256, seed)
     else:
-        from alast.data.tvsets import torchvision_data
+        if kind == "imagefolder":
+            from alast.data.folders import imagefolder
 
-        bundle = torchvision_data(arg, data_dir, download, eval_tf, val_fraction, seed, skip_bad_images, splits,
-                                  for_eval)
-    if len(bundle.val) == 0:
-        raise DataError(f"{spec} leaves no validation images (a class with one image goes to training); add "
-                        "images or give PATH/train and PATH/val folders")
-    if train_tf is not eval_tf:
-        _set_transform(bundle.train, train_tf)
+            bundle = imagefolder(Path(arg).expanduser(), eval_tf, val_fraction, seed, skip_bad_images, for_eval,
+                                 run_files)
+        else:
+            from alast.data.tvsets import torchvision_data
+
+            bundle = torchvision_data(arg, data_dir, download, eval_tf, val_fraction, seed, skip_bad_images, splits,
+                                      for_eval)
+        if len(bundle.val) == 0:
+            raise DataError(f"{spec} leaves no validation images (a class with one image goes to training); add "
+                            "images or give PATH/train and PATH/val folders")
+        if train_tf is not eval_tf:
+            _set_transform(bundle.train, train_tf)
+    if tune_fraction is not None and not for_eval:
+        bundle = tuning_split(bundle, tune_fraction, seed, None if train_tf is eval_tf else eval_tf)
     say_once(bundle.notes)
     return bundle
+
+
+def tuning_split(bundle: DataBundle, fraction: float, seed: int, eval_tf: Callable | None) -> DataBundle:
+    """``bundle`` with ``fraction`` of its training images (stratified by class, drawn by ``seed``; every
+    class keeps a training image) as its validation set and the rest as its training set: a run on it
+    chooses settings without scoring the validation images. ``eval_tf``: the transform the held-out
+    images get where training augments (None: they keep the training images' own)."""
+    from alast.data.tvsets import labels_of
+
+    base, idx = bundle.train, list(range(len(bundle.train)))
+    while isinstance(base, Subset):  # the indices into the dataset under the subsets
+        idx = [base.indices[i] for i in idx]
+        base = base.dataset
+    labels = labels_of(base)
+    labels = [int(labels[i]) for i in idx] if labels is not None else [int(bundle.train[i][1]) for i in idx]
+    keep, held = _split_indices(labels, fraction, seed)
+    if not held:
+        raise DataError(f"data.tune_fraction={fraction:g} holds out none of the {len(idx)} training images (every "
+                        "class has one image); raise it, or add images")
+    held_base = base
+    if eval_tf is not None and hasattr(base, "transform"):  # the held-out images are scored unaugmented
+        held_base = copy.copy(base)
+        held_base.transform = RGBTransform(eval_tf)
+    note = (f"data.tune_fraction={fraction:g}: training on {len(keep)} of the {len(idx)} training images and "
+            f"scoring the {len(held)} held out of them, not the validation split")
+    return replace(bundle, train=Subset(base, [idx[i] for i in keep]), val=Subset(held_base, [idx[i] for i in held]),
+                   notes=[*bundle.notes, note])
 
 
 def _set_transform(ds: Dataset, tf: Callable) -> None:

@@ -73,7 +73,7 @@ def torchvision_data(name: str, data_dir: Path | None, download: bool, transform
         train, val = tv.split(True), tv.split(False)
     else:
         full = tv.make(True, None)
-        labels = _labels(full)
+        labels = labels_of(full)
         labels = labels if labels is not None else [full[i][1] for i in range(len(full))]
         train, val = _split(full, *_split_indices(labels, val_fraction, seed))
     classes = _class_names(train, name)
@@ -201,7 +201,7 @@ def refuse_settings(settings: dict[str, str], what: str) -> None:
                         "name); unset it")
 
 
-def _labels(ds: Dataset) -> list[int] | None:
+def labels_of(ds: Dataset) -> list[int] | None:
     """A torchvision dataset's labels from the first of :data:`_LABEL_ATTRS` that holds them: ints
     (``targets``, SVHN's and SEMEION's ``labels``, Caltech101's ``y``), or pairs whose second item is
     the label (GTSRB's and FER2013's ``_samples``); None where none does."""
@@ -225,7 +225,7 @@ def _class_names(ds: Dataset, name: str) -> list[str]:
         names = getattr(ds, attr, None)
         if isinstance(names, (list, tuple)) and names:
             return [str(c) for c in names]
-    labels = _labels(ds)
+    labels = labels_of(ds)
     if labels is None:
         raise DataError(f"cannot tell the classes of torchvision:{name}: it has none of the attributes "
                         f"{', '.join(_NAME_ATTRS + _LABEL_ATTRS)}")

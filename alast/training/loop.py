@@ -151,6 +151,7 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
         on_main(comm, lambda: ckpt.atomic_write_text(run_dir / CONFIG, dump_config(_as_recorded(cfg, run_dir))))
 
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
+                                  "scored": "tuning" if cfg.data.tune_fraction is not None else "val",
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
                                   "skipped": data.skipped_files,
                                   "weights": run_initial_weights(cfg.model)})

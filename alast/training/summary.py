@@ -27,6 +27,8 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "steps": steps, "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
         "world_size": ws,
         "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"], "val_samples": metrics["samples"],
+        # data.tune_fraction: the scores are of images held out of the training split, not the validation split's
+        "scored_on": "tuning" if cfg.data.tune_fraction is not None else "validation",
         **_deployment(cfg, metrics),
         "train_flops": train_flops, "full_ft_train_flops": full,
         "every_token_step_flops": every_token * ws if every_token is not None else None,

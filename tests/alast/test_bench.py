@@ -483,3 +483,93 @@ def test_an_interrupted_bench_in_its_default_folder_names_it_to_resume(tmp_path,
     (out,) = (tmp_path / "bench").iterdir()
     assert res.stderr.strip().splitlines()[-1].endswith(
         f"finish the bench with the same arguments and --resume --out {out.relative_to(tmp_path)}")
+
+
+def test_lrs_choose_each_rows_rate_on_held_out_training_images_before_the_runs(tmp_path, monkeypatch):
+    """--lrs: the tuning runs come first (first seed, data.tune_fraction set, under tune/), then every
+    run at its row's chosen rate, full@matched at full's; results.json, results.md and the terminal
+    name each row's rates and their held-out accuracies."""
+    from pathlib import Path
+
+    from alast_cli import bench_cmd
+    from alast_cli.render import results as console
+
+    base = load_config(None, ["train.steps=10", "train.batch_size=4", "backend.threads=1"])
+    best = {"full": 5e-4, "alast": 1e-3}  # on the held-out images
+    calls = []
+
+    def fake_train(cfg, run_dir, **kw):
+        name, lr, tune = cfg.policy.name, cfg.train.lr, cfg.data.tune_fraction
+        calls.append((run_dir.parent.name, run_dir.name, lr, tune))
+        steps = cfg.train.steps
+        return {"policy": name, "steps": steps, "val_accuracy": 0.8 + 0.1 * (lr == best[name]) - 0.05 * (tune is None),
+                "train_flops": (5.0 if name == "alast" else 10.0) * steps, "full_ft_train_flops": 10.0 * steps}
+
+    monkeypatch.setattr(bench_module, "train", fake_train)
+    plan = BenchPlan(base, ["full", "alast"], [0, 1], tmp_path / "b", matched=True, lrs=(1e-3, 5e-4),
+                     tune_fraction=0.3)
+    headers = []
+    table = bench_module.run_bench(plan, on_run=lambda i, n, name, seed: headers.append((i + 1, n, name)) or None)
+    assert [h[:2] for h in headers] == [(i, 10) for i in range(1, 11)]
+    assert headers[0][2] == "full, lr 0.001 (tuning run)" and headers[4][2] == "full, lr 0.0005"
+    assert calls[:4] == [("tune", "full-seed0-lr0.001", 1e-3, 0.3), ("tune", "full-seed0-lr0.0005", 5e-4, 0.3),
+                         ("tune", "alast-seed0-lr0.001", 1e-3, 0.3), ("tune", "alast-seed0-lr0.0005", 5e-4, 0.3)]
+    assert calls[4:] == [("runs", "full-seed0", 5e-4, None), ("runs", "alast-seed0", 1e-3, None),
+                         ("runs", "full-matched-seed0", 5e-4, None), ("runs", "alast-seed1", 1e-3, None),
+                         ("runs", "full-matched-seed1", 5e-4, None), ("runs", "full-seed1", 5e-4, None)]
+    assert [table["policies"][row]["lr"] for row in ("full", "alast", MATCHED)] == [5e-4, 1e-3, 5e-4]
+    rates = table["learning_rates"]
+    assert rates["tune_fraction"] == 0.3 and rates["seed"] == 0
+    assert [(r["row"], r["chosen"], r["accuracy"]) for r in rates["rows"]] == [
+        ("full", 5e-4, {"0.001": 0.8, "0.0005": 0.9}), ("alast", 1e-3, {"0.001": 0.9, "0.0005": 0.8})]
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["learning_rates"] == rates
+    assert len((tmp_path / "b" / "tuning.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "b" / "raw.jsonl").read_text().splitlines()) == 6
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "less 30% of them" in md and "- full: 0.0005 (0.001: 80.00%, 0.0005: 90.00%)" in md
+    with console.capture() as cap:
+        bench_cmd._render_table(table, Path("bench/x"))
+    assert "alast: 0.001 (0.001: 90.00%, 0.0005: 80.00%)" in cap.get()
+
+
+LRS_ARGS = ["bench", *SMALL_VAL, "--policies", "full,alast", "--target-flops", "0.5", "--no-matched", "--steps", "2",
+            "--batch-size", "8", "--set", "backend.threads=1", "--lrs", "1e-3,5e-4"]
+
+
+def test_lrs_tuning_runs_score_held_out_training_images_and_resume(tmp_path):
+    """A real bench with --lrs: the tuning runs train on the training split less --tune-fraction of it
+    and score those images; --resume reads every run back; other rates are refused on resume."""
+    out = tmp_path / "b"
+    res = CliRunner().invoke(cli, [*LRS_ARGS, "--tune-fraction", "0.05", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout.strip().splitlines()[-1])
+    tuned = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    runs = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
+    assert [t["scored_on"] for t in tuned] == ["tuning"] * 4 and [r["scored_on"] for r in runs] == ["validation"] * 2
+    held = {t["val_samples"] for t in tuned}  # 5% of each class of the training split (digits less SMALL_VAL's 5%)
+    assert len(held) == 1 and abs(held.pop() - 0.05 * (1797 - 90)) <= 5 and {r["val_samples"] for r in runs} == {90}
+    chosen = {r["row"]: r["chosen"] for r in table["learning_rates"]["rows"]}
+    assert {r["label"]: r["lr"] for r in runs} == chosen and set(chosen) == {"full", "alast"}
+    for t in tuned:
+        assert t["val_accuracy"] == table["learning_rates"]["rows"][t["label"] == "alast"]["accuracy"][f"{t['lr']:g}"]
+
+    res = CliRunner().invoke(cli, [*LRS_ARGS, "--tune-fraction", "0.05", "--out", str(out), "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "read back" in res.stderr + res.output and "step 2/2" not in res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["learning_rates"] == table["learning_rates"]
+    for args, fragment in [(["--tune-fraction", "0.05", "--lrs", "1e-3,2e-4"], "--lrs (0.001,0.0005 -> 0.001,0.0002)"),
+                           ([], "--tune-fraction (0.05 -> 0.2)")]:
+        res = CliRunner().invoke(cli, [*LRS_ARGS, *args, "--out", str(out), "--resume"])
+        assert res.exit_code == 2 and fragment in res.stderr, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lrs", "1e-3"], "two or more learning rates"), (["--lrs", "1e-3,fast"], "'fast' is not a number"),
+    (["--lrs", "1e-3,0.001"], "lists 0.001 twice"), (["--lrs", "0,1e-3"], "0 is not a learning rate above 0"),
+    (["--tune-fraction", "0.3"], "add --lrs"), (["--lrs", "1e-3,5e-4", "--tune-fraction", "1"], "in (0, 1)"),
+    (["--data", "random:40", "--batch-size", "34", "--lrs", "1e-3,5e-4", "--tune-fraction", "0.3"],
+     "leaves the tuning runs 22 training images, fewer than a batch of 34")])
+def test_bad_lrs_options_are_refused_in_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["bench", "--policies", "full,alast", "--out", str(tmp_path / "b"), *args])
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("note: ")]
+    assert res.exit_code == 2 and len(errors) == 1 and message in errors[0], res.output

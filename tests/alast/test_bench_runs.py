@@ -5,8 +5,10 @@ import pytest
 
 from alast.bench_runs import (
     BY_STEPS,
+    LORA_MATCHED,
     MATCHED,
     RunSpec,
+    choose_lrs,
     compare,
     curve_runs,
     judgement,
@@ -14,6 +16,9 @@ from alast.bench_runs import (
     off_target,
     same_step_runs,
     scaled_steps,
+    tune_key,
+    tuning_runs,
+    with_lrs,
 )
 
 
@@ -78,6 +83,35 @@ def test_dir_names():
     assert RunSpec("alast+lora", 2, 0.3, solve=True).dir_name() == "alast-lora-t0.3-seed2"
     assert RunSpec("full", 0, 0.5, MATCHED, 7).dir_name() == "full-matched-t0.5-seed0"
     assert RunSpec("lora", 1).dir_name() == "lora-seed1"
+    assert RunSpec("alast", 0, 0.5, solve=True, lr=5e-4, tune=True).dir_name() == "alast-t0.5-seed0-lr0.0005"
+    assert RunSpec("alast", 0, 0.5, solve=True, lr=5e-4).dir_name() == "alast-t0.5-seed0"  # a row's run: one rate
+
+
+def test_one_learning_rate_run_per_row_and_rate_and_the_most_accurate_chosen():
+    """--lrs: one tuning run per rate for each policy at each target and step count (full fine-tuning by
+    steps at 1x is full at the bench's steps; a compute-matched row takes its policy's rate), on the
+    first seed; the most accurate rate wins, the first listed on a tie; a row whose runs were all
+    skipped keeps the base rate."""
+    runs = curve_runs(["full", "alast", "lora"], [3, 4], (0.5,), 10)
+    runs += [RunSpec("full", 3, 0.5, MATCHED, 6), RunSpec("lora", 3, None, LORA_MATCHED, 4)]
+    tuning = tuning_runs(runs, (1e-3, 5e-4), 3, ["alast+lora"], base_steps=10)
+    keys = [tune_key(r, 10) for r in tuning[::2]]
+    assert keys == [("full", None, 5), ("alast", 0.5, None), ("lora", None, None), ("full", None, None)]
+    assert [(r.seed, r.lr, r.tune) for r in tuning[:2]] == [(3, 1e-3, True), (3, 5e-4, True)]
+    assert tuning[0].label == BY_STEPS and tuning[0].steps == 5 and tuning[2].solve and tuning[2].target == 0.5
+    alone = tuning_runs([RunSpec("full", 0), RunSpec("alast+lora", 0)], (1e-3, 5e-4), 0, ["alast+lora"])
+    assert [r.policy for r in alone] == ["full", "full", "alast+lora", "alast+lora", "lora", "lora"]  # lora@matched's
+    accuracy = {("full", 1e-3): 0.5, ("full", 5e-4): 0.6, ("alast", 1e-3): 0.7, ("alast", 5e-4): 0.7}
+    tuned = [(r, {"skipped": "out of reach"} if r.policy == "lora" else {"val_accuracy": accuracy[r.policy, r.lr]})
+             for r in tuning]
+    choices = choose_lrs(tuned, 10)
+    assert [c["chosen"] for c in choices] == [5e-4, 1e-3, None, 5e-4]  # alast: a tie, the first listed
+    assert choices[0]["accuracy"] == {"0.001": 0.5, "0.0005": 0.6} and choices[2]["accuracy"] == {"0.001": None,
+                                                                                                "0.0005": None}
+    chosen = with_lrs(runs, choices, 10)
+    assert {(r.name, r.target, r.lr) for r in chosen} == {
+        (BY_STEPS, 0.5, 5e-4), ("alast", 0.5, 1e-3), (BY_STEPS, 1.0, 5e-4), ("lora", None, None),
+        (MATCHED, 0.5, 5e-4), (LORA_MATCHED, None, None)}
 
 
 def test_compare_pooled_std_and_judgement():

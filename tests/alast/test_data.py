@@ -493,6 +493,38 @@ def test_augment_applies_to_the_builtin_training_split_only():
     assert shapes.train.transform is not shapes.val.transform
 
 
+@pytest.mark.parametrize("kind", ["digits", "imagefolder"])
+def test_the_tuning_split_holds_training_images_out_unaugmented(tmp_path, kind):
+    """data.tune_fraction: the run trains on the training split less a stratified share of it and
+    scores that share (eval transform under augment); the validation images take no part."""
+    from collections import Counter
+
+    from PIL import Image
+    from timm.data import create_transform
+
+    spec = "digits" if kind == "digits" else f"imagefolder:{_noise_images(tmp_path, [f'{c}/{i}' for c in 'ab' for i in range(10)])}"
+    plain = build_data(spec, CFG, seed=3, val_fraction=0.2)
+    tuned = build_data(spec, CFG, seed=3, val_fraction=0.2, augment=True, tune_fraction=0.25)
+    train, held = set(tuned.train.indices), set(tuned.val.indices)
+    assert not train & held and train | held == set(plain.train.indices)
+    labels = tuned.val.dataset.targets
+    whole, out = Counter(labels[i] for i in plain.train.indices), Counter(labels[i] for i in held)
+    assert all(abs(out[c] - 0.25 * n) <= 1 for c, n in whole.items())  # stratified
+    eval_tf = create_transform(**CFG, is_training=False)
+    torch.manual_seed(0)
+    k = 0
+    x = tuned.val[k][0]
+    if kind == "digits":
+        expected = plain.val.dataset[tuned.val.indices[k]][0]
+    else:
+        expected = eval_tf(Image.open(tuned.val.dataset.samples[tuned.val.indices[k]][0]).convert("RGB"))
+    assert torch.equal(x, expected) and torch.equal(x, tuned.val[k][0])
+    assert not torch.equal(tuned.train[0][0], tuned.train[0][0])  # training still augments
+    with pytest.raises(DataError, match="holds out none of the 2 training images"):
+        build_data(f"imagefolder:{_noise_images(tmp_path / 'two', ['a/0', 'a/1', 'b/0', 'b/1'])}", CFG,
+                   val_fraction=0.5, tune_fraction=0.5)
+
+
 @pytest.mark.parametrize("spec", ["digits", "shapes", "random:64"])
 def test_workers_give_the_same_batches(spec):
     """Per-sample transforms survive pickling (spawned workers) and forked DataLoader workers."""
