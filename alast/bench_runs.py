@@ -72,7 +72,7 @@ class RunSpec(NamedTuple):
         return f"{self.name.replace('+', '-').replace('@', '-')}{tag}-seed{self.seed}{rate}"
 
 
-TuneKey = tuple[str, "float | None", "int | None"]
+TuneKey = tuple[str, float | None, int | None]  # (policy, FLOPs target, steps): the runs that share one rate
 
 
 def tune_key(spec: RunSpec, base_steps: int | None = None) -> TuneKey:

@@ -126,6 +126,10 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         raise ValueError(f"--target-flops must lie in (0, 1], got {target}")
     curve_targets = parse_targets(targets) if targets is not None else None
     rates = parse_lrs(lrs) if lrs is not None else None
+    if rates is not None and (named.get("lr") is not None
+                              or any(item.partition("=")[0].strip() == "train.lr" for item in overrides)):
+        raise ValueError("--lrs chooses each row's learning rate, so --lr (train.lr) would be ignored; give the "
+                         "rates to choose from in --lrs, or drop --lrs for one rate")
     if rates is None and tune_fraction is not None:
         raise ValueError("--tune-fraction holds training images out to choose --lrs on; add --lrs, or leave it out")
     if cost_model is not None:
