@@ -202,9 +202,10 @@ def refuse_settings(settings: dict[str, str], what: str) -> None:
 
 
 def labels_of(ds: Dataset) -> list[int] | None:
-    """A torchvision dataset's labels from the first of :data:`_LABEL_ATTRS` that holds them: ints
-    (``targets``, SVHN's and SEMEION's ``labels``, Caltech101's ``y``), or pairs whose second item is
-    the label (GTSRB's and FER2013's ``_samples``); None where none does."""
+    """A dataset's labels from the first of :data:`_LABEL_ATTRS` that holds them: ints (``targets``:
+    this project's datasets, image folders and most of torchvision's; SVHN's and SEMEION's ``labels``,
+    Caltech101's ``y``), or pairs whose second item is the label (GTSRB's and FER2013's ``_samples``);
+    None where none does."""
     for attr in _LABEL_ATTRS:
         values = getattr(ds, attr, None)
         values = values.tolist() if hasattr(values, "tolist") else values
