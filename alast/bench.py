@@ -16,6 +16,7 @@ interrupted run continued from its last checkpoint, then the rest, and the same 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -101,6 +102,8 @@ class BenchPlan:
                              "drop --set backend.count_flops=off (or pass --no-matched)")
         if self.targets is None:
             self.runs = same_step_runs(self.policies, self.seeds, self.target_flops)
+            if self.lrs is not None and self.base_steps is None:  # the tuning runs' steps (their epochs are fewer)
+                self.base_steps = _planned_steps(self.base)
             return
         if self.base_steps is None:
             self.base_steps = _planned_steps(self.base)
@@ -138,15 +141,17 @@ def _planned_steps(cfg: AlastConfig) -> int:
 
 
 def policy_config(base: AlastConfig, policy: str, seed: int, run_dir: Path, target: float | None,
-                  steps: int | None = None, lr: float | None = None, tune_fraction: float | None = None) -> AlastConfig:
+                  steps: int | None = None, lr: float | None = None, tune_fraction: float | None = None,
+                  tune_seeds: Sequence[int] = ()) -> AlastConfig:
     """``base`` set to ``policy`` (LoRA section added or dropped), ``seed``, ``run_dir``, the FLOPs
     target, and ``steps`` in place of the base's steps or epochs, ``lr`` in place of its learning rate
-    and ``tune_fraction`` (``data.tune_fraction``: score on images held out of training) when given."""
+    when given; ``tune_fraction`` (``data.tune_fraction``; None: none): score on images held out of
+    training, none of them a validation image of a seed of ``tune_seeds``."""
     data = base.model_dump(mode="json")
     if lr is not None:
         data["train"]["lr"] = lr
-    if tune_fraction is not None:
-        data["data"]["tune_fraction"] = tune_fraction
+    data["data"]["tune_fraction"] = tune_fraction
+    data["data"]["tune_outside_seeds"] = list(tune_seeds) if tune_fraction is not None else []
     data["policy"]["name"] = policy
     data["policy"]["target_flops"] = target
     if not (policy == "lora" or policy.endswith("+lora")):
@@ -226,8 +231,10 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
         (plan.out / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
     (plan.out / "raw.jsonl").write_text("")  # a resumed bench writes every run's line again, in order
     results: list[dict[str, Any]] = []
+    curves = plan.targets is not None
     tuning = [] if plan.lrs is None else tuning_runs(todo, plan.lrs, plan.seeds[0],
-                                                     plan.matched_policies if plan.matched else [], plan.base_steps)
+                                                     plan.matched_policies if plan.matched else [], plan.base_steps,
+                                                     curves)
     total = len(tuning) + len(todo) + (sum(r.policy in MATCHED_ROWS for r in todo) if plan.matched else 0)
 
     def execute(spec: RunSpec) -> dict[str, Any]:
@@ -250,13 +257,13 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     with shared_between_runs():  # runs on the same data read each image once between them
         if tuning:
             choices = _choose_lrs(plan, tuning, total, on_run, solve_target, on_reused)
-            plan.runs = with_lrs(plan.runs, choices, plan.base_steps)
+            plan.runs = with_lrs(plan.runs, choices, plan.base_steps, curves)
         for spec in plan.runs:
             summary = execute(spec)
             if plan.matched and spec.policy in MATCHED_ROWS and "skipped" not in summary:
                 row, policy, _ = MATCHED_ROWS[spec.policy]
                 execute(with_lrs([RunSpec(policy, spec.seed, spec.target, row, matched_steps(summary, row))],
-                                 choices, plan.base_steps)[0])
+                                 choices, plan.base_steps, curves)[0])
     learning_rates = ({"tune_fraction": plan.tune_fraction, "seed": plan.seeds[0], "rows": choices}
                       if plan.lrs is not None else None)
     if plan.targets is not None:
@@ -282,7 +289,7 @@ def _choose_lrs(plan: BenchPlan, tuning: list[RunSpec], total: int, on_run: OnRu
         tuned.append((spec, summary))
         with (plan.out / TUNING).open("a") as f:
             f.write(json.dumps(summary) + "\n")
-    return choose_lrs(tuned, plan.base_steps)
+    return choose_lrs(tuned, plan.base_steps, plan.targets is not None)
 
 
 def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
@@ -326,7 +333,8 @@ def _check_tuning_batch(plan: BenchPlan) -> None:
     from alast.data import DataError
     from alast.training.build import load_data
 
-    cfg = policy_config(plan.base, "full", plan.seeds[0], plan.out / "tune", None, tune_fraction=plan.tune_fraction)
+    cfg = policy_config(plan.base, "full", plan.seeds[0], plan.out / "tune", None, tune_fraction=plan.tune_fraction,
+                        tune_seeds=plan.seeds)
     n = len(load_data(cfg)[0].train)
     if cfg.train.batch_size > n:
         raise DataError(f"--tune-fraction {plan.tune_fraction:g} leaves the tuning runs {n} training images, fewer "
@@ -404,7 +412,7 @@ def _execute(plan: BenchPlan, spec: RunSpec, index: int, total: int, on_run: OnR
 
     run_dir = plan.out / ("tune" if spec.tune else "runs") / spec.dir_name()
     cfg = policy_config(plan.base, spec.policy, spec.seed, run_dir, spec.target if spec.solve else None, spec.steps,
-                        spec.lr, plan.tune_fraction if spec.tune else None)
+                        spec.lr, plan.tune_fraction if spec.tune else None, plan.seeds)
     shown = spec.name + (f" at {spec.target:g}x" if spec.target is not None else "")
     if spec.tune:
         shown += f", lr {spec.lr:g} (tuning run)"

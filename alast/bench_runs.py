@@ -75,36 +75,44 @@ class RunSpec(NamedTuple):
 TuneKey = tuple[str, float | None, int | None]  # (policy, FLOPs target, steps): the runs that share one rate
 
 
-def tune_key(spec: RunSpec, base_steps: int | None = None) -> TuneKey:
+def tune_key(spec: RunSpec, base_steps: int | None = None, curves: bool = False) -> TuneKey:
     """The runs that share one chosen learning rate: a policy at one FLOPs target and one step count
-    (``base_steps``: the bench's, spelled None). A compute-matched row takes its policy's rate at the
-    bench's steps (its step count follows another run, so no run before it could choose one for it)."""
+    (``base_steps``: the bench's, spelled None). A compute-matched row's step count follows another
+    run, so no run before it can choose its rate: ``full@matched`` takes the rate of full fine-tuning
+    by steps at its target over curves (whose step count it nearly has, and whose run it is where the
+    counts are equal), else full's; ``lora@matched`` takes lora's."""
+    if spec.label == MATCHED and curves and spec.target is not None and base_steps is not None:
+        steps = scaled_steps(base_steps, spec.target)
+        return spec.policy, None, None if steps == base_steps else steps
     if spec.label in (MATCHED, LORA_MATCHED):
         return spec.policy, None, None
     return spec.policy, spec.target if spec.solve else None, None if spec.steps == base_steps else spec.steps
 
 
 def tuning_runs(runs: list[RunSpec], lrs: tuple[float, ...], seed: int, matched_policies: Sequence[str] = (),
-                base_steps: int | None = None) -> list[RunSpec]:
+                base_steps: int | None = None, curves: bool = False) -> list[RunSpec]:
     """One run per learning rate of ``lrs`` for each :func:`tune_key` of ``runs`` (and of the
-    compute-matched rows that follow ``matched_policies``), all with ``seed``, in the order the keys
-    first run."""
+    compute-matched rows that follow ``matched_policies``), all with ``seed`` and a fixed step count
+    (``base_steps`` where the row has none of its own: a run on fewer images is as many steps as the
+    row's), in the order the keys first run."""
     keys: dict[TuneKey, RunSpec] = {}
     for spec in runs:
-        keys.setdefault(tune_key(spec, base_steps), spec)
+        keys.setdefault(tune_key(spec, base_steps, curves), spec)
     for policy in matched_policies:
         _, follower, _ = MATCHED_ROWS[policy]
         keys.setdefault((follower, None, None), RunSpec(follower, seed))
-    return [spec._replace(seed=seed, lr=lr, tune=True) for spec in keys.values() for lr in lrs]
+    return [spec._replace(seed=seed, lr=lr, tune=True, steps=base_steps if spec.steps is None else spec.steps)
+            for spec in keys.values() for lr in lrs]
 
 
-def choose_lrs(tuned: list[tuple[RunSpec, dict[str, Any]]], base_steps: int | None = None) -> list[dict[str, Any]]:
+def choose_lrs(tuned: list[tuple[RunSpec, dict[str, Any]]], base_steps: int | None = None,
+               curves: bool = False) -> list[dict[str, Any]]:
     """Per :func:`tune_key`: each rate's accuracy on the held-out images (a skipped run: none) and the
     chosen rate, the most accurate (on a tie, the one listed first); ``chosen`` None where every run
     of the key was skipped."""
     out: dict[TuneKey, dict[str, Any]] = {}
     for spec, summary in tuned:
-        key = tune_key(spec, base_steps)
+        key = tune_key(spec, base_steps, curves)
         entry = out.setdefault(key, {"key": list(key), "row": spec.name, "target": spec.target, "steps": key[2],
                                      "seed": spec.seed, "accuracy": {}, "chosen": None})
         acc = summary.get("val_accuracy") if "skipped" not in summary else None
@@ -115,10 +123,11 @@ def choose_lrs(tuned: list[tuple[RunSpec, dict[str, Any]]], base_steps: int | No
     return list(out.values())
 
 
-def with_lrs(runs: list[RunSpec], choices: list[dict[str, Any]], base_steps: int | None = None) -> list[RunSpec]:
+def with_lrs(runs: list[RunSpec], choices: list[dict[str, Any]], base_steps: int | None = None,
+             curves: bool = False) -> list[RunSpec]:
     """``runs`` with each run's chosen learning rate (:func:`choose_lrs`; none chosen: the base's)."""
     chosen = {tuple(c["key"]): c["chosen"] for c in choices}
-    return [r._replace(lr=chosen.get(tune_key(r, base_steps))) for r in runs]
+    return [r._replace(lr=chosen.get(tune_key(r, base_steps, curves))) for r in runs]
 
 
 def lr_markdown(learning_rates: dict[str, Any] | None) -> str:

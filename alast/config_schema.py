@@ -102,6 +102,10 @@ class DataConfig(_Section):
         None, gt=0.0, lt=1.0, description="hold this share of the training images out (stratified by class, drawn "
         "by train.seed), train on the rest and score on them instead of on the validation split: for choosing "
         "settings, such as the learning rate (alast bench --lrs), without looking at the validation images")
+    tune_outside_seeds: list[int] = Field(
+        default_factory=list, description="with data.tune_fraction, where the validation split is drawn by the "
+        "seed (digits, an image folder without a validation folder, a torchvision set without splits): hold out "
+        "none of these seeds' validation images either (alast bench --lrs: every seed of the bench)")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes for the training and validation batches; 0: load them in "
         "the training process; auto: none on the CPU (the training threads use its cores), on CUDA one per CPU core "

@@ -47,7 +47,7 @@ def parse_lrs(text: str) -> tuple[float, ...]:
             raise ValueError(f"--lrs: {part!r} is not a number; give learning rates, e.g. --lrs 1e-3,5e-4") from None
         if not lr > 0 or lr == float("inf"):
             raise ValueError(f"--lrs: {part} is not a learning rate above 0")
-        if lr in lrs:
+        if f"{lr:g}" in {f"{x:g}" for x in lrs}:  # the run folders and the records name a rate by its :g form
             raise ValueError(f"--lrs lists {lr:g} twice")
         lrs.append(lr)
     if len(lrs) < 2:
@@ -111,6 +111,10 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         raise ValueError("--resume needs --out DIR (the bench to finish)")
     target = named.pop("target_flops", None)
     cfg = resolve_config(config, overrides, single_run=False, **named)
+    if cfg.data.tune_fraction is not None:
+        raise ValueError(f"data.tune_fraction={cfg.data.tune_fraction:g} would score every run of the bench on "
+                         "images held out of training, not on the validation split; unset it (to choose learning "
+                         "rates on held-out training images, use --lrs and --tune-fraction)")
     target = config_target(cfg, target, targets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     left_out = {}  # of the default list, what the backend cannot run at all

@@ -62,7 +62,8 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
                                           trained="-")
         state["tokens"] = info["patches"] * info["blocks"]
         skipped = f"; {info['skipped']} unreadable image file(s) skipped" if info.get("skipped") else ""
-        scored = "held-out tuning" if info.get("scored") == "tuning" else "val"
+        state["scored"] = "tuning" if info.get("scored") == "tuning" else "val"
+        scored = "held-out tuning" if state["scored"] == "tuning" else "val"
         progress.console.print(f"{info['train']} train / {info['val']} {scored} images, {info['classes']} classes, "
                                f"{info['blocks']} blocks x {info['patches']} patch tokens{skipped}", style="dim")
         if not resuming and info.get("weights"):
@@ -74,7 +75,8 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
                         trained=f"{len(result.trained_blocks)}/{len(result.tokens_in)}")
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
-        progress.console.print(f"step {step}: val accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        progress.console.print(f"step {step}: {state.get('scored', 'val')} accuracy {metrics['accuracy']:.4f}, "
+                               f"loss {metrics['loss']:.4f}")
 
     return Hooks(on_start=on_start, on_step=on_step, on_eval=on_eval)
 

@@ -50,6 +50,9 @@ class DataBundle:
     # a train/ folder beside a validation folder: its files (:func:`files_fingerprint`), which a resumed run
     # must find as they were (its steps draw their batches from them), else None
     train_files: dict[str, Any] | None = None
+    # the validation split is drawn by train.seed from the dataset under ``train`` (:func:`_split_indices`
+    # on all its labels): another seed draws other validation images
+    seeded_split: bool = False
 
 
 def files_fingerprint(folder: str, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, Any]:

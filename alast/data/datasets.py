@@ -11,6 +11,7 @@ import copy
 import os
 import random
 import signal
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -82,7 +83,7 @@ def _digits(train_tf: Callable, eval_tf: Callable, val_fraction: float, seed: in
     tr, va = _split_indices(labels, val_fraction, seed)
     val = ArrayImageDataset(pixels, labels, eval_tf)
     train = val if train_tf is eval_tf else ArrayImageDataset(pixels, labels, train_tf)
-    return DataBundle(Subset(train, tr), Subset(val, va), [str(c) for c in range(10)])
+    return DataBundle(Subset(train, tr), Subset(val, va), [str(c) for c in range(10)], seeded_split=True)
 
 
 def _synthetic(family: str, train_tf: Callable, eval_tf: Callable) -> DataBundle:
@@ -137,7 +138,7 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
                val_fraction: float = 0.2, seed: int = 0, augment: bool = False, skip_bad_images: bool = False,
                train_split: str | None = None, val_split: str | None = None, subset: str | None = None,
                for_eval: bool = False, run_files: dict[str, Any] | None = None,
-               tune_fraction: float | None = None) -> DataBundle:
+               tune_fraction: float | None = None, tune_outside_seeds: Sequence[int] = ()) -> DataBundle:
     """Train/validation datasets for ``spec`` with timm's transforms for ``data_cfg``.
 
     ``train_split``, ``val_split``, ``subset``: a torchvision dataset's split and subset names (None:
@@ -146,7 +147,8 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     enough, and ``val`` is the only split read; but an image folder that holds the files a run split
     (``run_files``: the run's ``data_fingerprint``) is split again as the run split it.
     ``tune_fraction``: train on the rest of the training images and score on this share of them
-    (:func:`tuning_split`) instead of on the validation split.
+    (:func:`tuning_split`, none of them a validation image under a seed of ``tune_outside_seeds``)
+    instead of on the validation split.
     """
     from timm.data import create_transform
 
@@ -186,28 +188,58 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
         if train_tf is not eval_tf:
             _set_transform(bundle.train, train_tf)
     if tune_fraction is not None and not for_eval:
-        bundle = tuning_split(bundle, tune_fraction, seed, None if train_tf is eval_tf else eval_tf)
+        outside = [s for s in tune_outside_seeds if s != seed] if bundle.seeded_split else []
+        bundle = tuning_split(bundle, tune_fraction, seed, None if train_tf is eval_tf else eval_tf,
+                              [_split_indices(_all_labels(bundle.train), val_fraction, s)[1] for s in outside])
     say_once(bundle.notes)
     return bundle
 
 
-def tuning_split(bundle: DataBundle, fraction: float, seed: int, eval_tf: Callable | None) -> DataBundle:
+def _under(ds: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset under ``ds``'s subsets, and the indices into it of ``ds``'s items."""
+    idx = list(range(len(ds)))
+    while isinstance(ds, Subset):
+        idx = [ds.indices[i] for i in idx]
+        ds = ds.dataset
+    return ds, idx
+
+
+def _all_labels(train: Dataset) -> list[int]:
+    """The labels of every item of the dataset under ``train``'s subsets, in its order."""
+    from alast.data.tvsets import labels_of
+
+    base = _under(train)[0]
+    labels = labels_of(base)
+    return [int(y) for y in labels] if labels is not None else [int(base[i][1]) for i in range(len(base))]
+
+
+def tuning_split(bundle: DataBundle, fraction: float, seed: int, eval_tf: Callable | None,
+                 avoid: Sequence[Sequence[int]] = ()) -> DataBundle:
     """``bundle`` with ``fraction`` of its training images (stratified by class, drawn by ``seed``; every
     class keeps a training image) as its validation set and the rest as its training set: a run on it
     chooses settings without scoring the validation images. ``eval_tf``: the transform the held-out
-    images get where training augments (None: they keep the training images' own)."""
-    from alast.data.tvsets import labels_of
-
-    base, idx = bundle.train, list(range(len(bundle.train)))
-    while isinstance(base, Subset):  # the indices into the dataset under the subsets
-        idx = [base.indices[i] for i in idx]
-        base = base.dataset
-    labels = labels_of(base)
-    labels = [int(labels[i]) for i in idx] if labels is not None else [int(bundle.train[i][1]) for i in idx]
-    keep, held = _split_indices(labels, fraction, seed)
+    images get where training augments (None: they keep the training images' own). ``avoid``: indices
+    into the dataset under ``bundle.train`` never held out (other seeds' validation images), so that a
+    class holds out its share from the rest of its training images, as many as they allow."""
+    base, idx = _under(bundle.train)
+    labels = _all_labels(bundle.train)
+    train_labels = [labels[i] for i in idx]
+    held = _split_indices(train_labels, fraction, seed)[1]  # positions in the training split
+    if avoid:  # as many of each class, drawn from the images no other seed validates on
+        want = Counter(train_labels[p] for p in held)
+        avoided = {i for part in avoid for i in part}
+        free: dict[int, list[int]] = {}
+        for p, i in enumerate(idx):
+            if i not in avoided:
+                free.setdefault(train_labels[p], []).append(p)
+        g = torch.Generator().manual_seed(seed)
+        held = sorted(ps[j] for c, ps in free.items() for j in torch.randperm(len(ps), generator=g).tolist()[:want[c]])
+    out = set(held)
+    keep = [p for p in range(len(idx)) if p not in out]
     if not held:
-        raise DataError(f"data.tune_fraction={fraction:g} holds out none of the {len(idx)} training images (every "
-                        "class has one image); raise it, or add images")
+        raise DataError(f"data.tune_fraction={fraction:g} holds out none of the {len(idx)} training images: every "
+                        "class has a single training image (or none that is not another seed's validation "
+                        "image); add images")
     held_base = base
     if eval_tf is not None and hasattr(base, "transform"):  # the held-out images are scored unaugmented
         held_base = copy.copy(base)

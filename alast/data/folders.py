@@ -392,7 +392,7 @@ def imagefolder(root: Path, transform: Callable, val_fraction: float, seed: int,
                          f"{', ...' if len(alone) > 3 else ''} {'have' if len(alone) > 1 else 'has'} one image: "
                          "trained on, never validated (a class needs two images to be held out)")
         return DataBundle(*_split(train, *_split_indices(train.targets, val_fraction, seed)), classes, nb1, notes,
-                          files_fingerprint(str(train_dir), train.samples, classes))
+                          files_fingerprint(str(train_dir), train.samples, classes), seeded_split=True)
     val, vclasses, nb2 = _load_folder(val_dir, transform, skip_bad, "val", notes)
     unknown = [c for c in vclasses if c not in classes]
     if unknown:

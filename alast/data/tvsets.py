@@ -79,7 +79,8 @@ def torchvision_data(name: str, data_dir: Path | None, download: bool, transform
     classes = _class_names(train, name)
     if not for_eval:
         _need_two_classes(classes, f"torchvision:{name} under {data_dir}")
-    return DataBundle(Subset(val, []) if for_eval else train, val, classes)
+    return DataBundle(Subset(val, []) if for_eval else train, val, classes,
+                      seeded_split=not for_eval and not tv.has_splits)
 
 
 def _remove_if_no_files(root: Path) -> None:

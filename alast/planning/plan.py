@@ -73,7 +73,7 @@ def num_classes_for(cfg: AlastConfig) -> tuple[int | None, str]:
     from alast.data import describe_spec
 
     kind, arg = describe_spec(cfg.data.spec)
-    if kind == "torchvision" and arg in KNOWN_DATASETS:
+    if kind == "torchvision" and arg in KNOWN_DATASETS and cfg.data.tune_fraction is None:
         return KNOWN_DATASETS[arg][0], arg
     if kind in ("digits", "random"):
         return 10, kind
@@ -199,7 +199,7 @@ def planned_steps(cfg: AlastConfig) -> int:
     from alast.training.schedule import total_steps
 
     kind, _, arg = cfg.data.spec.partition(":")
-    if kind == "torchvision" and arg in KNOWN_DATASETS:
+    if kind == "torchvision" and arg in KNOWN_DATASETS and cfg.data.tune_fraction is None:
         n = KNOWN_DATASETS[arg][1]
     else:
         from alast.training.build import load_data

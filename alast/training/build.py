@@ -48,7 +48,7 @@ def load_data(cfg: AlastConfig, workers: int | None = None) -> tuple[DataBundle,
     bundle = build_data(d.spec, data_cfg, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                         seed=cfg.train.seed, augment=d.augment, skip_bad_images=d.skip_bad_images,
                         train_split=d.train_split, val_split=d.val_split, subset=d.subset,
-                        tune_fraction=d.tune_fraction)
+                        tune_fraction=d.tune_fraction, tune_outside_seeds=d.tune_outside_seeds)
     if workers is not None and describe_spec(d.spec)[0] != "random":  # random images are drawn, not decoded
         # the workers' batches pass through shared memory too: the cache may have what they leave
         in_flight = workers * LOADER_PREFETCH * batch_bytes(cfg, data_cfg) * local_processes()
@@ -64,7 +64,7 @@ def data_key(cfg: AlastConfig, data_cfg: dict[str, Any], bundle: DataBundle) -> 
     decoded images by it)."""
     d = cfg.data
     return json.dumps([d.spec, str(d.data_dir), d.val_fraction, cfg.train.seed, d.augment, d.skip_bad_images,
-                       d.train_split, d.val_split, d.subset, d.tune_fraction, data_cfg, bundle.fingerprint,
+                       d.train_split, d.val_split, d.subset, d.tune_fraction, d.tune_outside_seeds, data_cfg, bundle.fingerprint,
                        bundle.train_files],
                       sort_keys=True, default=str)
 

@@ -530,6 +530,9 @@ def test_lrs_choose_each_rows_rate_on_held_out_training_images_before_the_runs(t
     with console.capture() as cap:
         bench_cmd._render_table(table, Path("bench/x"))
     assert "alast: 0.001 (0.001: 90.00%, 0.0005: 80.00%)" in cap.get()
+    epochs = BenchPlan(load_config(None, ["train.epochs=1", "train.batch_size=32"]), ["full"], [0], tmp_path / "e",
+                       lrs=(1e-3, 5e-4))
+    assert epochs.base_steps == 1438 // 32  # the tuning runs train the rows' steps, not an epoch of fewer images
 
 
 LRS_ARGS = ["bench", *SMALL_VAL, "--policies", "full,alast", "--target-flops", "0.5", "--no-matched", "--steps", "2",
@@ -566,7 +569,7 @@ def test_lrs_tuning_runs_score_held_out_training_images_and_resume(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--lrs", "1e-3"], "two or more learning rates"), (["--lrs", "1e-3,fast"], "'fast' is not a number"),
     (["--lrs", "1e-3,0.001"], "lists 0.001 twice"), (["--lrs", "0,1e-3"], "0 is not a learning rate above 0"),
-    (["--tune-fraction", "0.3"], "add --lrs"), (["--lrs", "1e-3,5e-4", "--lr", "3e-4"], "--lr (train.lr) would be"),
+    (["--tune-fraction", "0.3"], "add --lrs"), (["--set", "data.tune_fraction=0.1"], "data.tune_fraction=0.1 would"), (["--lrs", "1e-3,5e-4", "--lr", "3e-4"], "--lr (train.lr) would be"),
     (["--lrs", "1e-3,5e-4", "--set", "train.lr=3e-4"], "--lr (train.lr) would be ignored"), (["--lrs", "1e-3,5e-4", "--tune-fraction", "1"], "in (0, 1)"),
     (["--data", "random:40", "--batch-size", "34", "--lrs", "1e-3,5e-4", "--tune-fraction", "0.3"],
      "leaves the tuning runs 22 training images, fewer than a batch of 34")])

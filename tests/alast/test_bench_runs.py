@@ -99,8 +99,13 @@ def test_one_learning_rate_run_per_row_and_rate_and_the_most_accurate_chosen():
     assert keys == [("full", None, 5), ("alast", 0.5, None), ("lora", None, None), ("full", None, None)]
     assert [(r.seed, r.lr, r.tune) for r in tuning[:2]] == [(3, 1e-3, True), (3, 5e-4, True)]
     assert tuning[0].label == BY_STEPS and tuning[0].steps == 5 and tuning[2].solve and tuning[2].target == 0.5
+    assert {r.steps for r in tuning} == {5, 10}  # a tuning run on fewer images keeps its row's step count
     alone = tuning_runs([RunSpec("full", 0), RunSpec("alast+lora", 0)], (1e-3, 5e-4), 0, ["alast+lora"])
     assert [r.policy for r in alone] == ["full", "full", "alast+lora", "alast+lora", "lora", "lora"]  # lora@matched's
+    # over curves full@matched takes the rate of full@steps at its target, whose run it is at equal steps
+    assert tune_key(RunSpec("full", 3, 0.5, MATCHED, 6), 10, curves=True) == ("full", None, 5)
+    assert tune_key(RunSpec("full", 3, 1.0, MATCHED, 9), 10, curves=True) == ("full", None, None)
+    assert tune_key(RunSpec("full", 3, 0.5, MATCHED, 6), 10) == ("full", None, None)
     accuracy = {("full", 1e-3): 0.5, ("full", 5e-4): 0.6, ("alast", 1e-3): 0.7, ("alast", 5e-4): 0.7}
     tuned = [(r, {"skipped": "out of reach"} if r.policy == "lora" else {"val_accuracy": accuracy[r.policy, r.lr]})
              for r in tuning]

@@ -520,6 +520,12 @@ def test_the_tuning_split_holds_training_images_out_unaugmented(tmp_path, kind):
         expected = eval_tf(Image.open(tuned.val.dataset.samples[tuned.val.indices[k]][0]).convert("RGB"))
     assert torch.equal(x, expected) and torch.equal(x, tuned.val[k][0])
     assert not torch.equal(tuned.train[0][0], tuned.train[0][0])  # training still augments
+    if kind == "digits":  # a bench's seeds: none of their validation images is held out either
+        other = [set(build_data(spec, CFG, seed=s, val_fraction=0.2).val.indices) for s in (4, 5)]
+        apart = build_data(spec, CFG, seed=3, val_fraction=0.2, tune_fraction=0.25, tune_outside_seeds=[3, 4, 5])
+        assert not set(apart.val.indices) & (other[0] | other[1]) and len(apart.val) == len(tuned.val)
+        assert set(apart.train.indices) | set(apart.val.indices) == set(plain.train.indices)
+        assert held & (other[0] | other[1])  # which the plain draw would have held out
     with pytest.raises(DataError, match="holds out none of the 2 training images"):
         build_data(f"imagefolder:{_noise_images(tmp_path / 'two', ['a/0', 'a/1', 'b/0', 'b/1'])}", CFG,
                    val_fraction=0.5, tune_fraction=0.5)
