@@ -20,36 +20,36 @@ RUN_SET_KEYS = {"policy.name": "--policies", "policy.target_flops": "--target-fl
                 "output.dir": "--out", "output.force": "a new --out (a bench never replaces runs)"}
 
 
-def parse_targets(text: str) -> tuple[float, ...]:
-    """``"0.3,0.5"`` -> (0.3, 0.5); each a fraction of full fine-tuning's FLOPs in (0, 1], no repeats."""
-    targets = []
+def _numbers(text: str, option: str, example: str) -> list[float]:
+    """The comma-separated numbers of ``text``, refused in one line naming ``option`` where one is not a
+    number (``example``: what to give) or two print alike (run folders and records name them by ``:g``)."""
+    values: list[float] = []
     for part in (p.strip() for p in text.split(",")):
         try:
-            t = float(part)
+            v = float(part)
         except ValueError:
-            raise ValueError(f"--targets: {part!r} is not a number; give fractions of full fine-tuning, "
-                             "e.g. --targets 0.3,0.5,0.7") from None
+            raise ValueError(f"{option}: {part!r} is not a number; {example}") from None
+        if f"{v:g}" in {f"{x:g}" for x in values}:
+            raise ValueError(f"{option} lists {v:g} twice")
+        values.append(v)
+    return values
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    """``"0.3,0.5"`` -> (0.3, 0.5); each a fraction of full fine-tuning's FLOPs in (0, 1], no repeats."""
+    targets = _numbers(text, "--targets", "give fractions of full fine-tuning, e.g. --targets 0.3,0.5,0.7")
+    for t in targets:
         if not 0 < t <= 1:
             raise ValueError(f"--targets: {t:g} is not in (0, 1]; each target is a fraction of full fine-tuning FLOPs")
-        if t in targets:
-            raise ValueError(f"--targets lists {t:g} twice")
-        targets.append(t)
     return tuple(targets)
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
     """``"1e-3,5e-4"`` -> (0.001, 0.0005); two or more different rates above 0."""
-    lrs = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            lr = float(part)
-        except ValueError:
-            raise ValueError(f"--lrs: {part!r} is not a number; give learning rates, e.g. --lrs 1e-3,5e-4") from None
-        if not lr > 0 or lr == float("inf"):
-            raise ValueError(f"--lrs: {part} is not a learning rate above 0")
-        if f"{lr:g}" in {f"{x:g}" for x in lrs}:  # the run folders and the records name a rate by its :g form
-            raise ValueError(f"--lrs lists {lr:g} twice")
-        lrs.append(lr)
+    lrs = _numbers(text, "--lrs", "give learning rates, e.g. --lrs 1e-3,5e-4")
+    for lr in lrs:
+        if not 0 < lr < float("inf"):
+            raise ValueError(f"--lrs: {lr:g} is not a learning rate above 0")
     if len(lrs) < 2:
         raise ValueError("--lrs needs two or more learning rates to choose from, e.g. --lrs 1e-3,5e-4 (for one "
                          "rate, set it with --lr)")
