@@ -4,7 +4,8 @@ Real images that need no download, in the layout ``--data imagefolder:DIR`` read
 class), to try ALaST on files as one's own data would come:
     python examples/digits_folder.py --out /tmp/digits
     alast bench --data imagefolder:/tmp/digits --policies full,alast,tokens --targets 0.5,0.4 --seeds 3 --steps 150
-The pixels are the built-in ``digits`` task's (8-bit greyscale, 0..16 scaled to 0..255).
+(add ``--lrs 1e-3,5e-4`` to compare each policy at its own learning rate, chosen on images held out
+of the training split). The pixels are the built-in ``digits`` task's (8-bit greyscale, 0..16 scaled to 0..255).
 """
 from __future__ import annotations
 
