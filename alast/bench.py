@@ -215,8 +215,8 @@ def run_bench(plan: BenchPlan, on_run: OnRun | None = None, solve_target: Solver
     if plan.resume:
         check_resume(plan)
     shapes = check_policies(plan)
-    if plan.lrs is not None:
-        _check_tuning_batch(plan)
+    if plan.lrs is not None or (solve_target is not None and any(spec.solve for spec in plan.runs)):
+        _check_batch(plan)  # before the solver profiles the model
     unreachable = _solve_up_front(plan, solve_target, shapes) if solve_target is not None else {}
     if on_left_out is not None:
         for policy, reason in plan.left_out.items():
@@ -327,18 +327,20 @@ def check_policies(plan: BenchPlan) -> dict[str, tuple[int, bool]]:
     return shapes
 
 
-def _check_tuning_batch(plan: BenchPlan) -> None:
-    """Refuse, before the first run, a batch the tuning runs' training images (the training split less
-    ``plan.tune_fraction`` of it) cannot fill."""
-    from alast.data import DataError
+def _check_batch(plan: BenchPlan) -> None:
+    """Refuse, before the first run, a batch the training images cannot fill: under ``--lrs`` those of
+    the tuning runs (the training split less ``plan.tune_fraction`` of it), the fewest any run has."""
+    from alast.data import DataError, check_batch_size
     from alast.training.build import load_data
 
-    cfg = policy_config(plan.base, "full", plan.seeds[0], plan.out / "tune", None, tune_fraction=plan.tune_fraction,
+    tune = plan.tune_fraction if plan.lrs is not None else None
+    cfg = policy_config(plan.base, "full", plan.seeds[0], plan.out / "tune", None, tune_fraction=tune,
                         tune_seeds=plan.seeds)
     n = len(load_data(cfg)[0].train)
-    if cfg.train.batch_size > n:
-        raise DataError(f"--tune-fraction {plan.tune_fraction:g} leaves the tuning runs {n} training images, fewer "
-                        f"than a batch of {cfg.train.batch_size}; lower --tune-fraction or --batch-size")
+    if tune is not None and cfg.train.batch_size > n:
+        raise DataError(f"--tune-fraction {tune:g} leaves the tuning runs {n} training images, fewer than a batch "
+                        f"of {cfg.train.batch_size}; lower --tune-fraction or --batch-size")
+    check_batch_size(n, cfg.train.batch_size, 1)
 
 
 def _solve_up_front(plan: BenchPlan, solve_target: Solver,
@@ -347,10 +349,9 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver,
     reach fails the bench at once, not after the runs before it (each run solves again once its
     data is loaded, from the cached cost model); the policy's planner is built with the solution,
     as its run will (``shapes``: from :func:`check_policies`). Over several targets such a
-    (policy, target) is returned with the solver's one-line reason instead, to be skipped. As in a
-    run, a batch the data cannot fill is refused first, before the solver profiles the model."""
-    from alast.data import check_batch_size
-    from alast.training.build import build_planner, load_data
+    (policy, target) is returned with the solver's one-line reason instead, to be skipped (a batch the
+    data cannot fill is refused before, by :func:`_check_batch`, as a run refuses it first)."""
+    from alast.training.build import build_planner
     from planners.target import TargetError
 
     solved: set[tuple[str, float | None]] = set()
@@ -360,8 +361,6 @@ def _solve_up_front(plan: BenchPlan, solve_target: Solver,
             continue
         cfg = policy_config(plan.base, spec.policy, spec.seed, plan.out / "runs" / spec.dir_name(), spec.target,
                             spec.steps)
-        if not solved:
-            check_batch_size(len(load_data(cfg)[0].train), cfg.train.batch_size, 1)
         solved.add((spec.policy, spec.target))
         try:
             overrides, _ = solve_target(cfg)

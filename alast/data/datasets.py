@@ -190,7 +190,7 @@ def build_data(spec: str, data_cfg: dict[str, Any], *, data_dir: Path | None = N
     if tune_fraction is not None and not for_eval:
         outside = [s for s in tune_outside_seeds if s != seed] if bundle.seeded_split else []
         bundle = tuning_split(bundle, tune_fraction, seed, None if train_tf is eval_tf else eval_tf,
-                              [_split_indices(_all_labels(bundle.train), val_fraction, s)[1] for s in outside])
+                              val_fraction, outside)
     say_once(bundle.notes)
     return bundle
 
@@ -204,30 +204,30 @@ def _under(ds: Dataset) -> tuple[Dataset, list[int]]:
     return ds, idx
 
 
-def _all_labels(train: Dataset) -> list[int]:
-    """The labels of every item of the dataset under ``train``'s subsets, in its order."""
+def _all_labels(base: Dataset) -> list[int]:
+    """The labels of every item of ``base``, in its order."""
     from alast.data.tvsets import labels_of
 
-    base = _under(train)[0]
     labels = labels_of(base)
     return [int(y) for y in labels] if labels is not None else [int(base[i][1]) for i in range(len(base))]
 
 
 def tuning_split(bundle: DataBundle, fraction: float, seed: int, eval_tf: Callable | None,
-                 avoid: Sequence[Sequence[int]] = ()) -> DataBundle:
+                 val_fraction: float = 0.2, outside_seeds: Sequence[int] = ()) -> DataBundle:
     """``bundle`` with ``fraction`` of its training images (stratified by class, drawn by ``seed``; every
     class keeps a training image) as its validation set and the rest as its training set: a run on it
     chooses settings without scoring the validation images. ``eval_tf``: the transform the held-out
-    images get where training augments (None: they keep the training images' own). ``avoid``: indices
-    into the dataset under ``bundle.train`` never held out (other seeds' validation images), so that a
-    class holds out its share from the rest of its training images, as many as they allow."""
+    images get where training augments (None: they keep the training images' own). ``outside_seeds``:
+    seeds whose validation images (split by ``val_fraction`` from the dataset under ``bundle.train``)
+    are never held out, so that a class holds out its share from the rest of its training images, as
+    many as they allow."""
     base, idx = _under(bundle.train)
-    labels = _all_labels(bundle.train)
+    labels = _all_labels(base)
     train_labels = [labels[i] for i in idx]
     held = _split_indices(train_labels, fraction, seed)[1]  # positions in the training split
-    if avoid:  # as many of each class, drawn from the images no other seed validates on
+    if outside_seeds:  # as many of each class, drawn from the images no other seed validates on
         want = Counter(train_labels[p] for p in held)
-        avoided = {i for part in avoid for i in part}
+        avoided = {i for s in outside_seeds for i in _split_indices(labels, val_fraction, s)[1]}
         free: dict[int, list[int]] = {}
         for p, i in enumerate(idx):
             if i not in avoided:
