@@ -315,6 +315,13 @@ class BackendConfig(_Section):
     sync_free: Literal["auto", "on", "off"] = Field(
         "auto", description="torch: read each step's loss and deltas one step late, so the host never "
         "waits on the device (the planner sees step i when planning step i+2); auto: on for CUDA")
+    frozen_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch: keep what the frozen embeddings and bottom blocks compute for each training "
+        "image (with freeze_mode last or the freeze policy), so a later epoch starts above them; under a FLOPs "
+        "target the saving buys tokens. auto: on where it applies (not under data.augment); on: refuse where not")
+    frozen_cache_mib: float = Field(
+        4096, gt=0, description="host memory the frozen blocks' cache may take, per process; images past it are "
+        "computed every time")
 
     @field_validator("count_flops", mode="before")
     @classmethod
@@ -322,7 +329,7 @@ class BackendConfig(_Section):
         # YAML 1.1 reads a bare `off` as False and `on` as True.
         return {False: "off", True: "every"}.get(v, v) if isinstance(v, bool) else v
 
-    @field_validator("sync_free", mode="before")
+    @field_validator("sync_free", "frozen_cache", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v

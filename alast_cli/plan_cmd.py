@@ -225,6 +225,11 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
         tg = result["target"]
         results.print(f"target {tg['target']:g}x full FLOPs -> {knobs_text(tg['knobs'], tg.get('policy', ''))} (predicted {tg['predicted_ratio']:.3f}x, "
                       f"envelope {tg['ratio_range'][0]:.3f}x .. {tg['ratio_range'][1]:.3f}x)")
+    if result.get("frozen_cache"):
+        c = result["frozen_cache"]
+        blocks = "block 0" if c["blocks"] == 1 else f"blocks 0-{c['blocks'] - 1}"
+        results.print(f"{c['policy']}: the embeddings and {blocks} are cached (backend.frozen_cache): "
+                      f"{c['planned_share']:.0%} of the steps' images start above them")
     if result.get("early_phase"):
         e = result["early_phase"]
         results.print(f"{e['policy']}: early phase: the first {e['frac']:.0%} of steps train the top {e['trained']} of "

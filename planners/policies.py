@@ -13,7 +13,7 @@ from .checks import check_alast, check_early, check_k, check_multiple, check_spa
 from .costmodel import CostModel
 from .projection import TargetProjection
 from .registry import PlannerError, register_planner
-from .simulate import StepShape, step_cost, step_flops
+from .simulate import StepShape, bottom_flops, step_cost, step_flops
 from .types import Budget, Observation
 
 
@@ -47,6 +47,11 @@ class _Stateless:
     def _budget(self, ratios: Sequence[float], trained: Sequence[bool]) -> Budget:
         return Budget(tuple(ratios), tuple(trained), self.min_tokens, tuple(ratios))
 
+    frozen_bottom = 0  # the bottom blocks no step trains, each keeping every token (see AlastPlanner)
+
+    def serves_cache(self, step: int, progress: float) -> bool:
+        return self.frozen_bottom > 0
+
 
 @register_planner("full")
 class FullPlanner(_Stateless):
@@ -72,6 +77,10 @@ class FreezePlanner(_KBlocks):
     def plan(self, step: int, progress: float) -> Budget:
         first = self.num_blocks - self.k_trained
         return self._budget([1.0] * self.num_blocks, [i >= first for i in range(self.num_blocks)])
+
+    @property
+    def frozen_bottom(self) -> int:
+        return self.num_blocks - self.k_trained
 
 
 @register_planner("tokens")
@@ -168,6 +177,12 @@ class AlastPlanner:
     drawn as in the sparse phase, with the embeddings (the backward then runs through every block
     at full width). Budget updates continue unchanged.
 
+    ``expect_cached`` (beyond the paper), with a target: the share of each step's images whose
+    embeddings and :attr:`frozen_bottom` blocks the runtime reads from its cache instead of computing
+    them. The sparse steps spend what that saves on tokens, evenly: each projects onto the target
+    plus the mean saving over the sparse steps, so a step with fewer cached images spends above the
+    target and one with more below it, and the run still lands on ``target_flops``.
+
     ``dense_final_interleave`` (beyond the paper): one step in N of the dense final phase (the last of
     every N; ``True``: N = 2, the odd steps) is a sparse step instead, so the blocks below the
     phase's top ones keep training to the end of the run. Its keep ratios are the budgets projected
@@ -245,6 +260,13 @@ class AlastPlanner:
         self.spent, self.spent_steps = 0.0, 0
         self._early_targets: dict[tuple[bool, ...], float] = {}
         self.early_peak_cap = self._early_peak_cap(cost_model)
+        # the runtime's cache of the frozen bottom blocks (expect_cached): per step, the share of the
+        # images it reads; what the bottom blocks cost a sample, over full fine-tuning's; the mean share
+        # over the sparse steps; and the FLOPs the sparse steps so far were planned to spend
+        self.cached: list[float] = []
+        self.bottom_ratio = self.cached_mean = 0.0
+        self.planned = 0.0
+        self._step = 0
         # the interleaved sparse steps of the dense final phase: the target and peak of its dense steps
         self._interleave_limits: dict[tuple[bool, ...], tuple[float, float]] = {}
         self.shares = rules.ShareState()
@@ -265,7 +287,40 @@ class AlastPlanner:
         extra = cost_model.blocks[L - self.k_early].trainable_bytes
         return self.projection.peak_bytes(ratios, main) + extra
 
+    @property
+    def frozen_bottom(self) -> int:
+        """The bottom blocks that no sparse step trains and that keep every token in it: ``spare_first``
+        below the top ``k_trained`` with ``freeze_mode='last'`` (0 otherwise). The early phase trains the
+        top one of them; the dense final phase none, where it trains the top blocks."""
+        if self.freeze_mode != "last":
+            return 0
+        return min(self.spare_first, self.num_blocks - self.k_trained)
+
+    def serves_cache(self, step: int, progress: float) -> bool:
+        """Whether step ``step`` leaves the :attr:`frozen_bottom` blocks untrained and whole, so a
+        runtime may read and fill its cache of them (else the step trains one, and empties it)."""
+        bottom = self.frozen_bottom
+        if not bottom:
+            return False
+        if rules.in_dense_final(progress, self.dense_final_frac) and not rules.interleaved(step, self.interleave):
+            return self.num_blocks - (self.dense_top or self.k_trained) >= bottom
+        k = self.k_early if rules.in_early(progress, self.early_frac) else self.k_trained
+        return self.num_blocks - k >= bottom
+
+    def expect_cached(self, shares: Sequence[float], steps: int) -> None:
+        """Under a target, the sparse steps spend what the runtime's cache saves (see the class doc):
+        ``shares[s]``, the share of step ``s``'s images it will read, of a run of ``steps`` steps."""
+        if self.projection is None or not self.frozen_bottom:
+            return
+        self.bottom_ratio = bottom_flops(self.projection.cm, self.frozen_bottom) / self.projection.full_flops
+        self.cached = [float(f) for f in shares]
+        sparse = [f for s, f in enumerate(self.cached)
+                  if not rules.in_early(s / steps, self.early_frac) and not rules.in_dense_final(s / steps,
+                                                                                                   self.dense_final_frac)]
+        self.cached_mean = sum(sparse) / len(sparse) if sparse else 0.0
+
     def plan(self, step: int, progress: float) -> Budget:
+        self._step = step
         early = rules.in_early(progress, self.early_frac)
         if self.freeze_mode == "topk":
             chosen = rules.top_k_indices(self.budgets, self.k_trained)
@@ -294,23 +349,29 @@ class AlastPlanner:
             ratios = self.projection.project(budgets, trained, self.spare_early, self.trim_last, self.early_peak_cap,
                                              target=self._early_step_target(trained))
         elif self.projection is not None:
+            share = self.cached[self._step] if self._step < len(self.cached) else 0.0
+            saved = share * self.bottom_ratio
+            planned = self.target_flops + self.bottom_ratio * (self.cached_mean - share)
             ratios = self.projection.project(budgets, trained, self.spare_first, self.trim_last,
-                                             target=self._step_target())
-            self.spent += self.projection.ratio(ratios, trained)
+                                             target=self._step_target(planned) + saved)
+            self.spent += self.projection.ratio(ratios, trained) - saved
             self.spent_steps += 1
+            self.planned += planned
         else:
             spare = self.spare_early if early else self.spare_first
             ratios = (1.0,) * spare + budgets[spare:L - len(last)] + last
         return Budget(ratios, trained, self.min_tokens, budgets, self.token_multiple)
 
-    def _step_target(self) -> float:
-        """This sparse step's FLOPs target: ``target_flops`` plus what the sparse steps so far left of
-        theirs (or minus what they spent above it), at most one step's target either way. A step's
-        token counts are whole, so a projected step lands at or just below its target; carried over,
-        the shortfall is spent by a later step and the steps' mean lands on ``target_flops`` however
-        coarse the counts (with 9 patch tokens a step keeps all 9 or drops one in a block)."""
-        carry = self.target_flops * self.spent_steps - self.spent
-        return self.target_flops + min(self.target_flops, max(-self.target_flops, carry))
+    def _step_target(self, planned: float | None = None) -> float:
+        """This sparse step's FLOPs target: what the plan gives it (``planned``; ``target_flops`` but for
+        the cache's saving, :meth:`expect_cached`) plus what the sparse steps so far left of theirs (or
+        minus what they spent above it), at most one step's target either way. A step's token counts
+        are whole, so a projected step lands at or just below its target; carried over, the shortfall
+        is spent by a later step and the steps' mean lands on ``target_flops`` however coarse the
+        counts (with 9 patch tokens a step keeps all 9 or drops one in a block)."""
+        carry = self.planned - self.spent
+        planned = self.target_flops if planned is None else planned
+        return planned + min(self.target_flops, max(-self.target_flops, carry))
 
     def _early_step_target(self, trained: tuple[bool, ...]) -> float:
         """An early step's FLOPs target: what the target solver planned for it, its cost with every
@@ -368,7 +429,7 @@ class AlastPlanner:
     def state_dict(self) -> dict[str, Any]:
         state = {"name": self.name, "rule": self.rule, "budgets": list(self.budgets),
                  "prev_deltas": list(self.prev_deltas), "k_trained": self.k_trained,
-                 "spent": self.spent, "spent_steps": self.spent_steps}
+                 "spent": self.spent, "spent_steps": self.spent_steps, "planned": self.planned}
         if self.rule == "normalized":
             state.update(shares=list(self.shares.shares), reference=list(self.shares.reference),
                          observations=self.shares.count)
@@ -394,6 +455,8 @@ class AlastPlanner:
         self.prev_deltas = [float(d) for d in state["prev_deltas"]]
         # states from before the carried target start its count again
         self.spent, self.spent_steps = float(state.get("spent", 0.0)), int(state.get("spent_steps", 0))
+        # states from before the cache's saving was planned: every sparse step was planned at the target
+        self.planned = float(state.get("planned", (self.target_flops or 0.0) * self.spent_steps))
         if self.rule == "normalized":
             self.shares = rules.ShareState(tuple(float(s) for s in state["shares"]),
                                            tuple(float(r) for r in state["reference"]),

@@ -372,12 +372,16 @@ def _accumulated(cm: CostModel, shape: StepShape, batch: int, micro_batch: int |
 
 
 def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int,
-                   batch_size: int) -> Iterable[tuple[StepShape, int]]:
+                   batch_size: int, cached: Sequence[float] | None = None) -> Iterable[tuple[StepShape, int]]:
     """Run the planner for ``steps`` steps with zero deltas (alast budgets stay where they start).
-    A ``target_flops`` option without a ``cost_model`` projects on ``cm``."""
+    A ``target_flops`` option without a ``cost_model`` projects on ``cm``. ``cached``: per step, the
+    share of its images whose frozen bottom blocks a runtime reads from its cache (the planner's
+    ``expect_cached``)."""
     if options.get("target_flops") is not None and options.get("cost_model") is None:
         options = {**options, "cost_model": cm}
     planner = create_planner(planner_name, cm.num_blocks, **options)
+    if cached is not None and hasattr(planner, "expect_cached"):
+        planner.expect_cached(cached, steps)
     zeros = (0.0,) * cm.num_blocks
     for step in range(steps):
         progress = step / steps
@@ -387,26 +391,43 @@ def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], st
 
 
 def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: int, batch_size: int,
-             policy: str | None = None, micro_batch: int | None = None) -> Prediction:
+             policy: str | None = None, micro_batch: int | None = None,
+             cached: tuple[Sequence[float], int] | None = None) -> Prediction:
     """Predict a run of ``planner_name`` with planner ``options``; alast gets a [min, max] range.
-    ``micro_batch``: see :func:`run_shapes`."""
+    ``micro_batch``: see :func:`run_shapes`. ``cached``: ``(shares, depth)``, per step the share of its
+    images whose embeddings and first ``depth`` blocks a runtime reads from its cache instead of
+    computing them (:func:`planner_shapes`; their forward FLOPs are not spent)."""
     policy = policy or planner_name
+    shares = None if cached is None else cached[0]
     if planner_name != "alast":
-        return run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size), policy, "exact",
+        pred = run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size, shares), policy, "exact",
                           batch_size, micro_batch=micro_batch)
+        return _less_cached(cm, pred, cached, batch_size)
     trim = bool(options.get("trim_last"))
-    pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size), policy, "expected", batch_size,
-                      trim_last=trim, micro_batch=micro_batch)
+    pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size, shares), policy, "expected",
+                      batch_size, trim_last=trim, micro_batch=micro_batch)
     bounds = []
     for b in (options.get("b_min", 0.5), options.get("b_max", 1.0)):
         held = {**options, "b_init": b, "b_min": b, "b_max": b}
-        bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size), policy, "bound", batch_size,
-                                 trim_last=trim, micro_batch=micro_batch))
+        bounds.append(_less_cached(cm, run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size, shares),
+                                                  policy, "bound", batch_size, trim_last=trim, micro_batch=micro_batch),
+                                   cached, batch_size))
+    pred = _less_cached(cm, pred, cached, batch_size)
     lo, hi = bounds
     pred.train_flops_range = (lo.train_flops, hi.train_flops)
     pred.peak_memory_range = (lo.peak_memory_bytes, hi.peak_memory_bytes)
     if lo.time_s is not None and hi.time_s is not None:
         pred.time_range = (lo.time_s, hi.time_s)
+    return pred
+
+
+def _less_cached(cm: CostModel, pred: Prediction, cached: tuple[Sequence[float], int] | None,
+                 batch_size: int) -> Prediction:
+    """``pred`` less the forward FLOPs of the bottom blocks a cache saves (:func:`simulate`)."""
+    if cached is not None:
+        saved = sum(cached[0]) * batch_size * bottom_flops(cm, cached[1])
+        pred.train_flops -= saved
+        pred.fwd_flops -= saved
     return pred
 
 
@@ -500,3 +521,10 @@ def full_step_flops(cm: CostModel) -> float:
     """Train FLOPs of one sample's full fine-tuning step (every token, every block trained)."""
     L = cm.num_blocks
     return step_flops(cm, StepShape((cm.num_patches,) * L, (cm.num_patches,) * L, (True,) * L), 1)
+
+
+def bottom_flops(cm: CostModel, depth: int) -> float:
+    """One sample's forward FLOPs in the embeddings and the first ``depth`` blocks on every token: what a
+    runtime that caches those frozen blocks' outputs saves for each image it reads from the cache."""
+    n = cm.num_prefix_tokens + cm.num_patches
+    return cm.embed.fwd_flops[0] + sum(cm.blocks[i].forward_flops(n) for i in range(depth))

@@ -90,6 +90,8 @@ class StepResult:
     embeddings_trained: whether the step trained the embeddings (see :class:`Budget`).
     loss_scale: the loss scale of an fp16 step's backward (None without one); ``update_skipped``: its
         gradients overflowed, so the weights were left as they were.
+    cached_images: images whose frozen bottom blocks' outputs were read from the runtime's cache
+        instead of computed (:meth:`~runtimes.torch_backend.runtime.TorchRuntime.enable_frozen_cache`).
     """
 
     loss: float
@@ -105,6 +107,7 @@ class StepResult:
     embeddings_trained: bool = True
     loss_scale: float | None = None
     update_skipped: bool = False
+    cached_images: int = 0
 
 
 @runtime_checkable

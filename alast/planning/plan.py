@@ -21,7 +21,7 @@ from alast.planning.profile import profile_with_source
 from alast.training.build import check_positions, model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model
-from planners.simulate import Prediction, inference_flops, replay, simulate
+from planners.simulate import Prediction, bottom_flops, inference_flops, replay, simulate
 from planners.target import check_target
 from planners.target import solve_target as _solve
 
@@ -198,15 +198,20 @@ def planned_steps(cfg: AlastConfig) -> int:
     from alast.data import check_batch_size
     from alast.training.schedule import total_steps
 
-    kind, _, arg = cfg.data.spec.partition(":")
-    if kind == "torchvision" and arg in KNOWN_DATASETS and cfg.data.tune_fraction is None:
-        n = KNOWN_DATASETS[arg][1]
-    else:
-        from alast.training.build import load_data
-
-        n = len(load_data(cfg)[0].train)
+    n = train_images(cfg)
     check_batch_size(n, cfg.train.batch_size)
     return total_steps(cfg, n)
+
+
+def train_images(cfg: AlastConfig) -> int:
+    """The training split's size: known for the torchvision sets in :data:`KNOWN_DATASETS`, else
+    the data is loaded."""
+    kind, _, arg = cfg.data.spec.partition(":")
+    if kind == "torchvision" and arg in KNOWN_DATASETS and cfg.data.tune_fraction is None:
+        return KNOWN_DATASETS[arg][1]
+    from alast.training.build import load_data
+
+    return len(load_data(cfg)[0].train)
 
 
 def check_backend(cfg: AlastConfig, calibrate: bool) -> None:
@@ -402,13 +407,31 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
     _note_passes(cfg, pcm.time is not None)
     micro = cfg.train.micro_batch_size
+    cached = _planned_cache(cfg, pcm, options, steps)
     preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name,
-                                       micro_batch=micro)}
+                                       micro_batch=micro, cached=cached)}
     preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, steps, batch, micro_batch=micro)
-    return _result(cfg, plain, source, preds, steps, target)
+    out = _result(cfg, plain, source, preds, steps, target)
+    if cached is not None:
+        out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": cached[1],
+                               "planned_share": sum(cached[0]) / len(cached[0]) if cached[0] else 0.0}
+    return out
+
+
+def _planned_cache(cfg: AlastConfig, cm: CostModel, options: dict[str, Any], steps: int
+                   ) -> tuple[list[float], int] | None:
+    """The shares of each step's images the run's cache of its frozen blocks will read, and the blocks
+    (:func:`alast.training.frozen.planned_cache`); None where the run will not cache them."""
+    from alast.training.frozen import planned_cache
+    from planners import create_planner
+
+    opts = {**options, "cost_model": cm} if options.get("target_flops") is not None else options
+    planner = create_planner(cfg.policy.planner, cm.num_blocks, **opts)
+    return planned_cache(cfg, planner, lambda: train_images(cfg), steps, cm.num_prefix_tokens + cm.num_patches,
+                         cm.embed_dim, model_position_kind(cfg.model.name))
 
 
 def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate: bool = False,
@@ -438,6 +461,12 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     trim = policy_options(cfg, pcm.head_reads_prefix).get("trim_last", False)
     preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
                                      trim_last=trim, micro_batch=cfg.train.micro_batch_size)}
+    frozen = summary.get("frozen_cache")
+    if frozen:  # the images whose frozen blocks the runtime read from its cache ran none of them
+        read = sum(int(r.get("cached_images", 0)) for r in records)
+        saved = read * bottom_flops(pcm, int(frozen["blocks"]))
+        preds[cfg.policy.name].train_flops -= saved
+        preds[cfg.policy.name].fwd_flops -= saved
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, len(records), batch, micro_batch=cfg.train.micro_batch_size)

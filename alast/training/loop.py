@@ -25,6 +25,7 @@ from alast.data.common import files_changed
 from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, data_workers, load_data
+from alast.training.frozen import setup_frozen_cache
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
 from alast.training.rundir import (
@@ -153,7 +154,7 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
     hooks.on_start(start, steps, {"classes": len(data.classes), "train": len(data.train), "val": len(data.val),
                                   "scored": "tuning" if cfg.data.tune_fraction is not None else "val",
                                   "blocks": runtime.num_blocks, "patches": runtime.num_patches,
-                                  "skipped": data.skipped_files,
+                                  "skipped": data.skipped_files, "frozen_cache": run.frozen,
                                   "weights": run_initial_weights(cfg.model)})
     if cfg.output.tensorboard and comm.is_main:
         run.open_tensorboard(start)
@@ -228,12 +229,14 @@ def _start(cfg: AlastConfig, run_dir: Path, resume: bool, comm: Comm, planner_ov
         raise ValueError(f"the {runtime.name} runtime cannot train data parallel; use --backend torch or one process")
     planner = build_planner(cfg, runtime.num_blocks, planner_overrides, head_reads_prefix=head_reads_prefix(model),
                             world_size=comm.world_size)
+    frozen = setup_frozen_cache(cfg, runtime, planner, len(data.train), steps, comm.world_size)
     # only now, with every check passed, is --out made (or an old run in it replaced with --force)
     on_main(comm, lambda: prepare_run_dir(run_dir, resume, cfg.output.force))
     if comm.is_main and hasattr(runtime, "bind_run_dir"):
         runtime.bind_run_dir(run_dir)  # the ort backend caches its artifact sets in the run dir
     run = _Run(cfg, run_dir, comm, runtime, planner, t_start, data.fingerprint, data.train_files, data.classes)
     run.workers = workers
+    run.frozen = frozen
     run.weights_from_run = from_run
     run.tally.schedule_window = schedule_window(steps)
     return data, data_cfg, run, steps, plan_info
@@ -260,6 +263,7 @@ class _Run:
         self.current_step: int | None = None  # the step being run (for the out-of-memory message)
         self.t_start = t_start  # this session's start (perf_counter)
         self.workers = 0  # DataLoader workers (alast.training.build.data_workers: decided once, before the data)
+        self.frozen: dict[str, Any] | None = None  # the frozen blocks' cache (alast.training.frozen), None: off
 
     def open_tensorboard(self, start: int) -> None:
         """Start the TensorBoard log (rank 0). Full fine-tuning's step FLOPs, the denominator of the
@@ -433,6 +437,9 @@ class _Run:
         cfg, comm = self.cfg, self.comm
         sampler = StepBatchSampler(len(data.train), cfg.train.batch_size, cfg.train.seed, start, steps,
                                    comm.rank, comm.world_size)
+        # the frozen blocks' cache keys each image by its index: a second sampler gives them, step by step
+        keyed = (StepBatchSampler(len(data.train), cfg.train.batch_size, cfg.train.seed, start, steps, comm.rank,
+                                  comm.world_size) if self.frozen else None)
         writer = MetricsWriter(self.run_dir, truncate_after_step=start if truncate else None) if comm.is_main else None
         timed_every = 0  # steps between timed checkpoints, once the first steps are timed
         try:
@@ -443,7 +450,8 @@ class _Run:
                     asked = time.perf_counter()
                     images, labels = next(batches)
                     waited = time.perf_counter() - asked
-                    done = self.step(images, labels, step, steps, hooks, writer, waited) + 1
+                    keys = keyed.indices(step) if keyed is not None else None
+                    done = self.step(images, labels, step, steps, hooks, writer, waited, keys) + 1
                     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                         self.flush(hooks, writer)
                         self.on_eval(hooks, done, self.evaluate(data))
@@ -474,9 +482,11 @@ class _Run:
             if writer:
                 writer.close()
 
-    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer, data_wait_s: float = 0.0) -> int:
+    def step(self, images, labels, step: int, steps: int, hooks: Hooks, writer, data_wait_s: float = 0.0,
+             keys: list[int] | None = None) -> int:
         """One plan -> train_step -> observe; returns ``step``. ``data_wait_s``: how long the loop
-        waited for this step's batch.
+        waited for this step's batch; ``keys``: its images' training indices, for the runtime's cache
+        of the frozen blocks (None: no cache).
 
         A sync-free runtime (``observe_lag``) launches step i and only then reads back step i-1,
         which the planner observes after planning step i: budgets lag one step (docs/gpu.md).
@@ -487,12 +497,13 @@ class _Run:
         check_budget(runtime, budget)
         lr = lr_at(step, steps, cfg.train.lr, cfg.train.warmup_frac, cfg.train.min_lr_frac)
         self.current_step = step
+        cached = {} if keys is None else {"keys": keys}
         if not getattr(runtime, "observe_lag", False):
-            result = runtime.train_step(images, labels, budget, lr, step)
+            result = runtime.train_step(images, labels, budget, lr, step, **cached)
             self.planner.observe(Observation(step, progress, result.deltas, result.loss))
             self._log(step, budget, lr, result, (self._sent_bytes(), data_wait_s), hooks, writer)
             return step
-        launched = runtime.launch_step(images, labels, budget, lr, step)
+        launched = runtime.launch_step(images, labels, budget, lr, step, **cached)
         extra = (self._sent_bytes(), data_wait_s)
         self.flush(hooks, writer)
         if self.unobserved is not None:
@@ -531,6 +542,8 @@ class _Run:
                   "memory_measured": result.memory_measured}
         if not result.embeddings_trained:
             record["embeddings_trained"] = False
+        if self.frozen:
+            record["cached_images"] = result.cached_images
         if result.compile_time_s:
             record["compile_time_s"] = result.compile_time_s
         if result.loss_scale is not None:

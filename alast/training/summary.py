@@ -43,6 +43,7 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "peak_memory_method": _memory_method(runtime, tally.peak_memory_bytes),
         "wall_time_s": wall, "train_time_s": float(sum(tally.step_times)), "data_wait_s": tally.data_wait_s,
         "data_workers": run.workers, "cached_images": _cached_images(data),
+        "frozen_cache": _frozen_cache(runtime, run.frozen),
         "median_step_time_s": statistics.median(tally.step_times) if tally.step_times else None,
         "compile_time_s": getattr(runtime, "compile_time_s", None),  # torch.compile, not in step times
         # fp16: the steps whose gradients overflowed, left unapplied by the loss scaler
@@ -54,6 +55,18 @@ def run_summary(cfg, runtime, data, data_cfg, steps, metrics, run: Any, wall, pl
         "data_fingerprint": getattr(data, "fingerprint", None),  # the files an image folder's split drew from
         "device": str(getattr(runtime, "device", "cpu")), "plan": plan_info,
     }
+
+
+def _frozen_cache(runtime, planned: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The frozen blocks' cache: its size, the share of the steps' images the plan expected it to
+    hold and the share it held (over this session's steps: a resumed run's cache starts empty), and
+    how often it was emptied."""
+    cache = getattr(runtime, "frozen_cache", None)
+    if planned is None or cache is None:
+        return None
+    stats = cache.stats()
+    return {**planned, "held_images": stats["held_images"],
+            "read_share": stats["hits"] / stats["images"] if stats["images"] else 0.0, "cleared": stats["cleared"]}
 
 
 def _cached_images(data) -> int | None:

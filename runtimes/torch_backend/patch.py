@@ -86,6 +86,9 @@ class StepControl:
     # samples of the pass running; a pass takes its rows, so the passes draw what one pass would
     noise: list[Tensor | None] | None = None
     rows: slice = field(default_factory=lambda: slice(None))
+    # a forward that starts above the frozen bottom blocks (:mod:`.frozen_cache`): their per-sample
+    # deltas ``[depth, B]``, read from the cache or computed before the step
+    bottom_deltas: Tensor | None = None
 
     def draws(self, i: int) -> Tensor | None:
         """Block ``i``'s draws for the samples of this pass (None: draw them from :attr:`generator`)."""
@@ -117,7 +120,10 @@ class StepControl:
         with torch.no_grad():
             if self.cls_rows is not None:
                 d = self.cls_rows[1:] - self.cls_rows[:-1]
-                return d.pow_(2).sum(-1)
+                d = d.pow_(2).sum(-1)
+                if self.bottom_deltas is not None:
+                    d[:len(self.bottom_deltas)] = self.bottom_deltas
+                return d
             if any(d is None for d in self.deltas):
                 missing = [i for i, d in enumerate(self.deltas) if d is None]
                 raise RuntimeError(f"blocks {missing} recorded no delta in this training forward")
@@ -555,6 +561,7 @@ class AlastPatch:
         ctl.noise, ctl.rows = noise, rows
         ctl.deltas = [None] * self.num_blocks
         ctl.cls_rows = None
+        ctl.bottom_deltas = None
         ctl.scores = [None] * self.num_blocks
         ctl.tokens_in = [0] * self.num_blocks
         ctl.positions = None

@@ -17,6 +17,7 @@ from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored
+from .frozen_cache import FrozenCache, FrozenCacheError, bytes_per_image, check_frozen_prefix
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .params import (
     apply_lora,
@@ -30,7 +31,7 @@ from .params import (
 from .patch import AlastPatch
 from .pending import DeviceTimer, PendingStep
 from .precision import autocast, check_precision, loss_scaler
-from .tokens import check_temperature, check_token_choice
+from .tokens import check_temperature, check_token_choice, cls_delta
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +119,8 @@ class TorchRuntime:
         if compile:
             self.patch.compile_blocks()
         self._peak_bytes: int | None = None
+        self.frozen_cache: FrozenCache | None = None  # see enable_frozen_cache
+        self._bottom_flops = 0.0  # one image's counted FLOPs in the cached embeddings and bottom blocks
         self._full_step_flops: dict[int, float] = {}  # by batch size: shapes alone decide the count
         self._every_token_flops: dict[int, float] = {}  # the same, of the run's own model (LoRA)
         if self.device.type == "cuda":
@@ -179,17 +182,115 @@ class TorchRuntime:
             torch.cuda.synchronize(self.device)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
-                   step: int) -> StepResult:
+                   step: int, keys: Sequence[int] | None = None) -> StepResult:
         """Run one step and read its results back now (the host waits for the device)."""
-        return self.launch_step(images, labels, budget, lr, step).resolve()
+        return self.launch_step(images, labels, budget, lr, step, keys).resolve()
+
+    # -- the frozen bottom blocks' cache -------------------------------------------------------
+    def enable_frozen_cache(self, depth: int, num_images: int, max_bytes: int) -> FrozenCache:
+        """Keep, per training image, what the embeddings and the first ``depth`` blocks compute for it
+        (:mod:`.frozen_cache`), in at most ``max_bytes`` of host memory. A step given the images'
+        ``keys`` (training indices) then runs those blocks only for images not kept, where it trains
+        neither them nor the embeddings and they keep every token; a step that trains one of them
+        empties the cache. Counted FLOPs are what ran: a step's count less one image's count of the
+        cached part for each image read from the cache."""
+        check_frozen_prefix(self.timm_model, depth)
+        if self.embed_params:
+            raise FrozenCacheError("the embeddings train in this run, so what the blocks above them compute changes "
+                                   "every step; set policy.freeze_embeddings=true or backend.frozen_cache=off")
+        tokens, width = self.patch.num_prefix + self.num_patches, int(self.timm_model.embed_dim)
+        self.frozen_cache = FrozenCache(depth, num_images, tokens, width,
+                                        max_bytes // bytes_per_image(tokens, width, depth),
+                                        pin=self.device.type == "cuda")
+        if self.count_flops == "every":
+            img = self.timm_model.patch_embed.img_size
+            x = torch.zeros(1, input_channels(self.timm_model), img[0], img[1], device=self.device)
+            eager, self.patch.control.eager = self.patch.control.eager, True
+            self._train_mode()
+            try:
+                with counter() as fc:
+                    self._run_bottom(x, depth)
+            finally:
+                self.patch.control.eager = eager
+            self._bottom_flops = float(fc.get_total_flops())
+        return self.frozen_cache
+
+    @torch.no_grad()
+    def _run_bottom(self, images: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens leaving block ``depth - 1`` and each of the first ``depth`` blocks' per-sample
+        deltas ``[depth, B]``, as a training forward computes them when those blocks keep every token."""
+        tm = self.timm_model
+        with self._autocast(), self._attention_kernels():
+            x = tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(images))))
+            deltas = []
+            for blk in tm.blocks[:depth]:
+                out = blk(x)
+                deltas.append(cls_delta(x, out, blk._alast_pool))
+                x = out
+        return x, torch.stack(deltas)
+
+    def _bottom_of(self, images: torch.Tensor, keys: torch.Tensor, cache: FrozenCache
+                   ) -> tuple[torch.Tensor, torch.Tensor, int, tuple | None]:
+        """A step's input to block ``cache.depth`` and its bottom blocks' deltas: read from the cache for
+        the images it holds, computed for the others. Returns them, the images read, and what to store
+        (:meth:`FrozenCache.put`'s arguments; None: nothing), stored after the step's memory is measured
+        (writing into the cache's storage would count all of it as the step's)."""
+        held = cache.held(keys)
+        n_held = int(held.sum())
+        batch, depth = int(keys.numel()), cache.depth
+        x = torch.empty((batch, *cache.tokens.shape[1:]), dtype=cache.tokens.dtype, device=self.device)
+        deltas = torch.empty((depth, batch), dtype=torch.float32, device=self.device)
+        if n_held:
+            rows = held.nonzero().flatten().to(self.device)
+            tokens, d = cache.get(keys[held])
+            x[rows] = tokens.to(self.device, non_blocking=True)
+            deltas[:, rows] = d.t().to(self.device, non_blocking=True)
+        store = None
+        if n_held < batch:
+            rows = (~held).nonzero().flatten().to(self.device)
+            tokens, d = self._run_bottom(images.index_select(0, rows), depth)
+            x[rows], deltas[:, rows] = tokens.to(x.dtype), d
+            store = (keys[~held], tokens, d)
+        cache.hits += n_held
+        cache.misses += batch - n_held
+        return x, deltas, n_held, store
+
+    def _forward_from(self, x: torch.Tensor, depth: int, bottom_deltas: torch.Tensor, ctl: Any) -> torch.Tensor:
+        """The logits of a training forward that starts at block ``depth`` with its input ``x``."""
+        tm = self.timm_model
+        ctl.bottom_deltas = bottom_deltas
+        if self.patch.pool is None:  # the class token's rows: block ``depth`` records its own
+            ctl.cls_rows = torch.zeros((self.num_blocks + 1, x.shape[0], x.shape[-1]), dtype=torch.float32,
+                                       device=x.device)
+            ctl.cls_rows[depth].copy_(x[:, 0])
+        else:
+            for i in range(depth):
+                ctl.deltas[i] = bottom_deltas[i]
+        for blk in tm.blocks[depth:]:
+            x = blk(x)
+        return tm.forward_head(tm.norm(x))
+
+    def _cache_use(self, budget: Budget, keep: tuple[int | None, ...], embeddings: bool,
+                   keys: Sequence[int] | None) -> FrozenCache | None:
+        """The cache this step reads and fills, or None; a step that trains the cached part empties it."""
+        cache = self.frozen_cache
+        if cache is None or keys is None:
+            return None
+        cache.images += len(keys)
+        depth = cache.depth
+        if embeddings or any(budget.trained[:depth]):
+            cache.clear()
+            return None
+        return cache if all(k is None for k in keep[:depth]) else None
 
     def launch_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
-                    step: int) -> PendingStep:
+                    step: int, keys: Sequence[int] | None = None) -> PendingStep:
         """Queue one step; nothing here waits for the device when ``observe_lag`` is on (CUDA).
 
         Without the lag the loss is checked before the backward pass (a non-finite loss never
         reaches the weights) and the step is timed between two device syncs. With it, the loss
-        and deltas stay on the device until :meth:`PendingStep.resolve`, one step later.
+        and deltas stay on the device until :meth:`PendingStep.resolve`, one step later. ``keys``:
+        the images' training indices, for :meth:`enable_frozen_cache`.
         """
         lag = self.observe_lag
         images, labels = self._to_device(images, labels)
@@ -206,18 +307,32 @@ class TorchRuntime:
         flop_keys = StepFlopCache.keys(int(images.shape[0]), tokens_in, tokens_out, budget.trained, embeddings)
         flops = self._flops.lookup(flop_keys) if self.count_flops == "every" else None
         counting = self.count_flops == "every" and (flops is None or self.force_count)
+        cache = self._cache_use(budget, keep, embeddings, keys)
         compiled_before = _compile_seconds() if self.compile else 0.0
         if not lag:
             self._sync()
         timer = DeviceTimer.begin(self.device)
+        read, bottom, store = 0, None, None
         with mem_ctx as mt:
+            # a step counted afresh runs every block (the counter prices each block at the whole batch)
+            # and fills the cache from block ``depth``'s input; any other reads it and fills it
+            if cache is not None and not counting:
+                x, d, read, store = self._bottom_of(images, torch.as_tensor(keys, dtype=torch.long), cache)
+                bottom = (cache.depth, x, d)
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
-                loss, deltas = self._forward_backward(images, labels, keep, tokens_in, step, check_loss=not lag,
-                                                      tracker=mt if probe_mem else None)
+                with self._capture_bottom(cache if counting else None) as inputs:
+                    loss, deltas = self._forward_backward(images, labels, keep, tokens_in, step, check_loss=not lag,
+                                                          tracker=mt if probe_mem else None, bottom=bottom)
+            if inputs:
+                store = (torch.as_tensor(keys, dtype=torch.long), torch.cat(inputs), deltas[:cache.depth])
             scales = self._update(budget)
+        if store is not None:
+            cache.put(*store)
         if counting:
             flops = self._flops.record(fc, flop_keys)
+        elif flops is not None and read:
+            flops -= read * self._bottom_flops
         if not lag:
             self._sync()
         timer.stop()
@@ -226,10 +341,25 @@ class TorchRuntime:
         compile_s = _compile_seconds() - compiled_before if self.compile else 0.0
         self.compile_time_s += compile_s
         fields = dict(tokens_in=tokens_in, kept_tokens=tokens_out, trained_blocks=budget.trained_blocks,
-                      embeddings_trained=embeddings,
+                      embeddings_trained=embeddings, cached_images=read,
                       batch_size=int(images.shape[0]), train_flops=flops, memory_measured=probe_mem)
         return PendingStep.launch(step, loss, deltas, self.comm, self.delta_reduction, timer, fields, compile_s,
                                   scales)
+
+    @contextlib.contextmanager
+    def _capture_bottom(self, cache: FrozenCache | None):
+        """While a step that runs every block is counted, keep block ``cache.depth``'s input of each
+        pass (the yielded list; empty without ``cache``), for the cache."""
+        inputs: list[torch.Tensor] = []
+        if cache is None:
+            yield inputs
+            return
+        hook = self.timm_model.blocks[cache.depth].register_forward_pre_hook(
+            lambda _m, args: inputs.append(args[0].detach()))
+        try:
+            yield inputs
+        finally:
+            hook.remove()
 
     def passes(self, batch_size: int) -> list[int]:
         """The images of each forward and backward pass of a step (:func:`~..protocol.pass_sizes`)."""
@@ -237,14 +367,16 @@ class TorchRuntime:
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, keep: tuple[int | None, ...],
                           tokens_in: tuple[int, ...], step: int, check_loss: bool,
-                          tracker: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          tracker: Any = None, bottom: tuple[int, torch.Tensor, torch.Tensor] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward and backward passes (:meth:`passes`), their gradients accumulated: each
         pass's mean loss weighted by its share of the batch, so that the gradients are the whole
         batch's, and its token draws the rows of the whole batch's (:meth:`_step_draws`): the passes
         are the one-pass step, to float rounding. Returns the batch's mean loss and the per-sample
         deltas ``[L, B]``. ``check_loss``: a non-finite loss raises before its backward.
         ``tracker``: the step's memory tracker, whose per-module records each later pass clears (it
-        refuses a module run twice; the peak stays)."""
+        refuses a module run twice; the peak stays). ``bottom``: ``(depth, x, deltas)``, the batch's input
+        to block ``depth`` and its first blocks' deltas (:meth:`_bottom_of`): the passes start there."""
         batch = int(images.shape[0])
         sizes = self.passes(batch)
         noise = self._step_draws(batch, keep, tokens_in) if len(sizes) > 1 else None
@@ -256,7 +388,12 @@ class TorchRuntime:
             x, y = (images, labels) if size == batch else (images[start:start + size], labels[start:start + size])
             rows, start = slice(start, start + size), start + size
             with self.patch.training_forward(keep, noise, rows) as ctl, self._autocast(), self._attention_kernels():
-                logits = self.model(x)
+                if bottom is None:
+                    logits = self.model(x)
+                else:
+                    depth, xb, db = bottom
+                    logits = (self._forward_from(xb, depth, db, ctl) if size == batch else
+                              self._forward_from(xb[rows], depth, db[:, rows], ctl))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
             if check_loss and not torch.isfinite(loss.detach()):
                 raise NonFiniteLoss(step, float(loss.detach()))
@@ -447,6 +584,8 @@ class TorchRuntime:
                 "probed_load": list(self._probes.load), "token_rng": self.token_rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.frozen_cache is not None:
+            self.frozen_cache.clear()  # the weights it was computed with are replaced
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "loss_scaler" in state:  # resume checks the precision matches

@@ -102,8 +102,8 @@ def test_lagged_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     launch = TorchRuntime.launch_step
 
-    def poisoned(self, images, labels, budget, lr, step):
-        return launch(self, images * float("nan") if step == 4 else images, labels, budget, lr, step)
+    def poisoned(self, images, labels, budget, lr, step, **kw):
+        return launch(self, images * float("nan") if step == 4 else images, labels, budget, lr, step, **kw)
 
     monkeypatch.setattr(TorchRuntime, "launch_step", poisoned)
     run = tmp_path / "run"

@@ -1,0 +1,113 @@
+"""The frozen bottom blocks' outputs, kept for the training images they were computed for.
+
+With the top blocks trained and the embeddings frozen (``freeze_mode: last``; the ``freeze``
+policy), the embeddings and the bottom ``depth`` blocks never change after the last step that
+trains any of them, and they keep every token: what they compute for an image is the same every
+time the image comes back. :class:`FrozenCache` keeps it, per training image (the sampler's index):
+the tokens leaving block ``depth - 1`` and each bottom block's per-image delta (what the budget rule
+reads), so a later step starts at block ``depth`` for the images it holds and runs the bottom blocks
+for the others only. A step that trains one of them empties it (:meth:`clear`).
+
+The storage is allocated once, on the CPU (pinned where the runtime is on a GPU, so it takes no
+device memory), for at most ``capacity`` images; images past it are never kept. Nothing is cached
+under random transforms (``data.augment``) or where the bottom blocks draw random numbers in
+training (dropout, drop-path, patch dropout): the loop and :func:`check_frozen_prefix` refuse those.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class FrozenCacheError(ValueError):
+    """The frozen blocks' outputs cannot be cached for this model (the message says why)."""
+
+
+def check_frozen_prefix(timm_model: nn.Module, depth: int) -> None:
+    """Refuse a model whose embeddings and first ``depth`` blocks do not compute the same tokens for
+    the same image every time in training: a model class whose forward is not timm's
+    ``VisionTransformer``'s (the cached tokens enter block ``depth`` directly), or dropout,
+    drop-path or patch dropout with a rate above 0 there."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = type(timm_model)
+    if not isinstance(timm_model, VisionTransformer) or any(
+            getattr(cls, name) is not getattr(VisionTransformer, name) for name in ("forward", "forward_features")):
+        raise FrozenCacheError(f"caching the frozen blocks needs timm's VisionTransformer forward; {cls.__name__} "
+                               "runs its own; set backend.frozen_cache=off")
+    if not 0 < depth < len(timm_model.blocks):
+        raise FrozenCacheError(f"the cached bottom blocks must be 1 to {len(timm_model.blocks) - 1}, got {depth}")
+    stem = [timm_model.patch_embed, timm_model.pos_drop, timm_model.patch_drop, timm_model.norm_pre,
+            *timm_model.blocks[:depth]]
+    for part in stem:
+        for m in part.modules():
+            rates = [getattr(m, attr, None) for attr in ("p", "drop_prob", "prob")]  # Dropout, DropPath, PatchDropout
+            rate = max((float(r) for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)), default=0.0)
+            if rate > 0:
+                raise FrozenCacheError(f"{type(m).__name__} with rate {rate:g} in the frozen bottom blocks draws new "
+                                       "numbers every step, so their outputs cannot be cached; set "
+                                       "backend.frozen_cache=off or the rate to 0")
+
+
+def bytes_per_image(tokens: int, width: int, depth: int) -> int:
+    """What :class:`FrozenCache` stores for one image: its tokens (fp32), its deltas, its slot."""
+    return tokens * width * 4 + depth * 4 + 8
+
+
+class FrozenCache:
+    """Per training image, the tokens entering block ``depth`` and the bottom blocks' deltas.
+
+    ``num_images``: the training split's size (keys are its indices); ``tokens``, ``width``: the
+    tokens entering a block (prefix and patch tokens) and their width; ``capacity``: the most images
+    kept. ``pin``: page-locked storage, for a runtime on a GPU.
+    """
+
+    def __init__(self, depth: int, num_images: int, tokens: int, width: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, pin: bool = False) -> None:
+        self.depth = int(depth)
+        self.capacity = max(0, min(int(capacity), int(num_images)))
+        self.slot = torch.full((int(num_images),), -1, dtype=torch.long)
+        self.tokens = torch.empty((self.capacity, tokens, width), dtype=dtype, pin_memory=pin)
+        self.deltas = torch.empty((self.capacity, self.depth), dtype=torch.float32, pin_memory=pin)
+        self.used = 0
+        self.hits = self.misses = self.cleared = 0
+        self.images = 0  # the images of every step given keys, whether it read the cache or not
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.deltas.nbytes + self.slot.nbytes
+
+    def held(self, keys: Tensor) -> Tensor:
+        """Which of ``keys`` (training indices, on the CPU) the cache holds, as a bool mask."""
+        return self.slot[keys] >= 0
+
+    def get(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored tokens ``[n, T, D]`` and deltas ``[n, depth]`` of ``keys`` (all held)."""
+        slots = self.slot[keys]
+        return self.tokens.index_select(0, slots), self.deltas.index_select(0, slots)
+
+    def put(self, keys: Tensor, tokens: Tensor, deltas: Tensor) -> None:
+        """Store the images of ``keys`` that are not held, while there is room (in the order given)."""
+        new = self.slot[keys] < 0
+        keys = keys[new]
+        room = self.capacity - self.used
+        if room <= 0 or not len(keys):
+            return
+        keys, take = keys[:room], new.nonzero().flatten()[:room]
+        slots = torch.arange(self.used, self.used + len(keys))
+        self.tokens[slots] = tokens.index_select(0, take.to(tokens.device)).to(self.tokens.device, self.tokens.dtype)
+        self.deltas[slots] = deltas.index_select(1, take.to(deltas.device)).t().float().cpu()
+        self.slot[keys] = slots
+        self.used += len(keys)
+
+    def clear(self) -> None:
+        """Forget every image (the bottom blocks or the embeddings are about to change)."""
+        if self.used:
+            self.slot.fill_(-1)
+            self.used = 0
+            self.cleared += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"depth": self.depth, "capacity_images": self.capacity, "held_images": self.used,
+                "bytes": self.nbytes, "hits": self.hits, "misses": self.misses, "cleared": self.cleared,
+                "images": self.images}

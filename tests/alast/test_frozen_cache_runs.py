@@ -1,0 +1,77 @@
+"""The frozen blocks' cache in a run: what it predicts, what the run counts, when it is off."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from alast.data import StepBatchSampler
+from alast.training.frozen import cached_shares
+from alast_cli.main import cli
+from tests.conftest import SMALL_VAL
+
+
+def test_cached_shares_replay_the_sampler():
+    sampler = StepBatchSampler(8, 4, seed=0, start_step=0, total_steps=6)
+    batches = [sampler.indices(s) for s in range(6)]
+    shares = cached_shares(sampler, 6, lambda s: s != 3, capacity=8)
+    held, expected = set(), []
+    for s, keys in enumerate(batches):
+        if s == 3:
+            held.clear()
+            expected.append(0.0)
+            continue
+        expected.append(sum(k in held for k in keys) / 4)
+        held.update(keys)
+    assert shares == expected and shares[2] == 1.0 and shares[4] == 0.0
+    # a cache of 2 images: only the first two of step 0 are ever held
+    small = cached_shares(sampler, 6, lambda s: True, capacity=2)
+    assert small == [0.0] + [sum(k in batches[0][:2] for k in b) / 4 for b in batches[1:]]
+
+
+def train(tmp_path, name, *extra):
+    out = tmp_path / name
+    res = CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
+                                   "--set", "backend.threads=1", "--set", "data.val_fraction=0.9", *extra,
+                                   "--out", str(out)])
+    return res, out
+
+
+def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tmp_path):
+    res, out = train(tmp_path, "cached")
+    assert res.exit_code == 0, res.output
+    assert "frozen blocks 0-1 cached for up to 179 images" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    frozen = summary["frozen_cache"]
+    assert frozen["blocks"] == 2 and frozen["held_images"] == 179 and frozen["cleared"] == 0
+    assert 0.3 < frozen["planned_share"] and abs(frozen["read_share"] - frozen["planned_share"]) < 0.02
+    assert abs(summary["flops_ratio_vs_full"] / 0.4 - 1) < 0.01
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    early = [r for r in records if len(r["trained_blocks"]) == 5]  # the early phase trains block 1: nothing read
+    assert early and all(r["cached_images"] == 0 for r in early)
+    assert sum(r["cached_images"] for r in records) > 0
+    # the plan replays what ran, the cache's reads included
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["trace"]["train_flops_rel_error"]) < 1e-3
+    # off: the same target, every block computed; the run reads nothing and spends the same FLOPs
+    res, off = train(tmp_path, "off", "--set", "backend.frozen_cache=off")
+    assert res.exit_code == 0, res.output
+    plain = json.loads((off / "summary.json").read_text())
+    assert plain["frozen_cache"] is None and abs(plain["flops_ratio_vs_full"] / 0.4 - 1) < 0.01
+    assert "cached_images" not in (off / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--set", "data.augment=true"], "data.augment gives each step new views of its images"),
+    (["--policy", "tokens"], "no bottom block stays frozen with every token in this policy"),
+    (["--set", "policy.freeze_embeddings=false"], "the embeddings train in this run"),
+])
+def test_where_the_cache_cannot_apply_auto_leaves_it_off_and_on_refuses(tmp_path, extra, why):
+    res, out = train(tmp_path, "on", "--set", "backend.frozen_cache=on", *extra)
+    assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+    assert not out.exists()
+    if extra[0] == "--policy":
+        return
+    res, out = train(tmp_path, "auto", "--steps", "4", *extra)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["frozen_cache"] is None

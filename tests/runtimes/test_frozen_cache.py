@@ -1,0 +1,118 @@
+"""The frozen bottom blocks' cache: a step that reads it is the step that computes them."""
+import pytest
+import torch
+
+from planners import Budget
+from runtimes.torch_backend.flops import counter
+from runtimes.torch_backend.frozen_cache import FrozenCache, FrozenCacheError, check_frozen_prefix
+from runtimes.torch_backend.runtime import TorchRuntime
+from tests.conftest import make_tiny_vit
+
+TOP2 = (False, False, True, True)  # the tiny ViT's top two blocks train; blocks 0-1 are cached
+DROPS = Budget((1.0, 1.0, 0.5, 0.0), TOP2, train_embeddings=False)
+
+
+def runtime(model, **kw):
+    opts = dict(lr=1e-2, weight_decay=0.05, grad_clip=1.0, device="cpu", freeze_embeddings=True,
+                token_select="sample", token_score="contribution", seed=3)
+    return TorchRuntime(model, **{**opts, **kw})
+
+
+def model(pool="token"):
+    return make_tiny_vit(global_pool=pool, reg_tokens=0 if pool == "token" else 1)  # the same weights each time
+
+
+def pair(pool="token", **kw):
+    plain, cached = runtime(model(pool), **kw), runtime(model(pool), **kw)
+    cached.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+    return plain, cached
+
+
+def images(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.mark.parametrize("pool, micro_batch", [("token", None), ("token", 4), ("avg", None)])
+def test_a_step_read_from_the_cache_trains_as_the_step_that_computes_the_bottom_blocks(pool, micro_batch):
+    plain, cached = pair(pool, micro_batch=micro_batch)
+    x, y = images()
+    x2, y2 = images(seed=2)
+    keys = [3, 7, 1, 0, 9, 4]
+    steps = [(x, y, keys, 0),  # fills the cache (counted afresh: every block runs)
+             (x, y, keys, 6),  # reads every image
+             (torch.cat([x[:4], x2[:2]]), torch.cat([y[:4], y2[:2]]), keys[:4] + [2, 5], 4)]  # reads four
+    for step, (xs, ys, ks, read) in enumerate(steps):
+        a = plain.train_step(xs, ys, DROPS, 1e-2, step)
+        b = cached.train_step(xs, ys, DROPS, 1e-2, step, keys=ks)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+        assert b.deltas == pytest.approx(a.deltas, rel=1e-4)
+        assert (b.tokens_in, b.kept_tokens) == (a.tokens_in, a.kept_tokens)
+        assert b.cached_images == read
+    for p, q in zip(plain.model.parameters(), cached.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert cached.frozen_cache.stats()["held_images"] == 8
+
+
+def test_a_read_step_counts_only_what_ran():
+    plain, cached = pair()
+    quiet = runtime(model(), count_flops="off")
+    quiet.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+    x, y = images()
+    keys = [3, 7, 1, 0, 9, 4]
+    for step in range(2):
+        plain.train_step(x, y, DROPS, 1e-2, step)
+        cached.train_step(x, y, DROPS, 1e-2, step, keys=keys)
+        quiet.train_step(x, y, DROPS, 1e-2, step, keys=keys)
+    # the third step: four images held, two new ones
+    x2, y2 = images(seed=2)
+    x3, y3 = torch.cat([x[:4], x2[:2]]), torch.cat([y[:4], y2[:2]])
+    keys3 = keys[:4] + [2, 5]
+    whole = plain.train_step(x3, y3, DROPS, 1e-2, 2).train_flops
+    read = cached.train_step(x3, y3, DROPS, 1e-2, 2, keys=keys3)
+    with counter() as fc:  # an outside count of the same step, run where the runtime counts nothing
+        quiet.train_step(x3, y3, DROPS, 1e-2, 2, keys=keys3)
+    assert read.cached_images == 4
+    assert read.train_flops == pytest.approx(fc.get_total_flops(), rel=1e-12)
+    assert read.train_flops < whole
+
+
+def test_a_step_that_trains_a_cached_block_empties_the_cache():
+    _, cached = pair()
+    x, y = images()
+    cached.train_step(x, y, DROPS, 1e-2, 0, keys=list(range(6)))
+    assert cached.frozen_cache.used == 6
+    early = Budget((1.0, 0.5, 0.5, 0.0), (False, True, True, True), train_embeddings=False)
+    res = cached.train_step(x, y, early, 1e-2, 1, keys=list(range(6)))
+    assert res.cached_images == 0 and cached.frozen_cache.used == 0
+    # a step whose cached blocks drop tokens neither reads nor fills it
+    dropping = Budget((1.0, 0.5, 0.5, 0.0), TOP2, train_embeddings=False)
+    assert cached.train_step(x, y, dropping, 1e-2, 2, keys=list(range(6))).cached_images == 0
+    assert cached.frozen_cache.used == 0
+
+
+def test_the_cache_keeps_no_more_images_than_its_capacity():
+    cache = FrozenCache(2, num_images=10, tokens=3, width=4, capacity=4)
+    cache.put(torch.tensor([5, 1, 8]), torch.ones(3, 3, 4), torch.ones(2, 3))
+    cache.put(torch.tensor([1, 2, 9]), 2 * torch.ones(3, 3, 4), torch.ones(2, 3))
+    assert cache.used == 4
+    assert cache.held(torch.arange(10)).nonzero().flatten().tolist() == [1, 2, 5, 8]
+    tokens, _ = cache.get(torch.tensor([2, 1]))
+    assert tokens[:, 0, 0].tolist() == [2.0, 1.0]  # image 1 kept its first tokens
+
+
+def test_models_whose_bottom_blocks_draw_numbers_are_refused():
+    from timm.models.vision_transformer import VisionTransformer
+
+    dropping = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.1)
+    with pytest.raises(FrozenCacheError, match="DropPath with rate 0.0333.*frozen_cache=off"):
+        check_frozen_prefix(dropping, 2)
+    with pytest.raises(FrozenCacheError, match="bottom blocks must be 1 to 3"):
+        check_frozen_prefix(make_tiny_vit(), 4)
+    check_frozen_prefix(make_tiny_vit(), 3)
+
+
+def test_a_runtime_that_trains_its_embeddings_cannot_cache():
+    rt = runtime(make_tiny_vit(), freeze_embeddings=False)
+    with pytest.raises(FrozenCacheError, match="embeddings train"):
+        rt.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
