@@ -308,16 +308,18 @@ class AlastPlanner:
         return self.num_blocks - k >= bottom
 
     def expect_cached(self, shares: Sequence[float], steps: int) -> None:
-        """Under a target, the sparse steps spend what the runtime's cache saves (see the class doc):
-        ``shares[s]``, the share of step ``s``'s images it will read, of a run of ``steps`` steps."""
+        """Under a target, the sparse steps spend what the runtime's cache saves (see the class doc), in
+        the dense final phase's steps too: ``shares[s]``, the share of step ``s``'s images it will read,
+        of a run of ``steps`` steps."""
         if self.projection is None or not self.frozen_bottom:
             return
         self.bottom_ratio = bottom_flops(self.projection.cm, self.frozen_bottom) / self.projection.full_flops
         self.cached = [float(f) for f in shares]
-        sparse = [f for s, f in enumerate(self.cached)
-                  if not rules.in_early(s / steps, self.early_frac) and not rules.in_dense_final(s / steps,
-                                                                                                   self.dense_final_frac)]
-        self.cached_mean = sum(sparse) / len(sparse) if sparse else 0.0
+        sparse = sum(not rules.in_early(s / steps, self.early_frac)
+                     and not rules.in_dense_final(s / steps, self.dense_final_frac) for s in range(steps))
+        # the sparse steps spend every step's saving, the dense final phase's too (whose steps the
+        # target solver priced without the cache)
+        self.cached_mean = sum(self.cached) / sparse if sparse else 0.0
 
     def plan(self, step: int, progress: float) -> Budget:
         self._step = step

@@ -39,6 +39,9 @@ class StepShape:
     kept_tokens: tuple[int, ...]
     trained: tuple[bool, ...]
     embed_trained: bool = True
+    # the bottom blocks the step starts above, read from a runtime's cache for some of its images
+    # (0: it runs every block); the embeddings' output is then never alive (:func:`_forward_peak`)
+    cached: int = 0
 
     @classmethod
     def from_budget(cls, budget: Any, num_patches: int) -> "StepShape":
@@ -171,7 +174,8 @@ def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list
                   embed: float) -> float | None:
     """Bytes alive at the worst moment of the forward, walking the blocks up: what the blocks below
     saved, the block's input and what its forward holds beyond it; the first block's input too
-    where that block saves nothing (the caller holds it until the last block returns); and what
+    where that block saves nothing (the caller holds it until the last block returns), unless the
+    step starts above the cached bottom blocks (``shape.cached``); and what
     the torch runtime keeps once the first block has run, the class token's rows
     (:attr:`~planners.costmodel.MemoryModel.record_bytes_per_sample`, to the optimizer step)
     and the float32 scores of every dropping block's tokens (until the backward starts). ``embed``:
@@ -179,14 +183,15 @@ def _forward_peak(cm: CostModel, states: list[str], shape: StepShape, acts: list
     forward events (version 2 or 3)."""
     p, per_token = cm.num_prefix_tokens, 4 * batch * cm.embed_dim  # an fp32 activation, per token
     below = embed
-    held = per_token * (p + shape.tokens_in[0]) if states[0] == "none" else 0.0
+    held = per_token * (p + shape.tokens_in[0]) if states[0] == "none" and not shape.cached else 0.0
     peak = 0.0
     for i, (blk, state) in enumerate(zip(cm.blocks, states)):
         n_in, n_out = p + shape.tokens_in[i], p + shape.kept_tokens[i]
         excess = blk.forward_excess(state, n_in, n_out, batch)
         if excess is None:
             return None
-        peak = max(peak, below + per_token * n_in + excess)
+        if i >= shape.cached:  # the step starts above the cached blocks (their misses run before it)
+            peak = max(peak, below + per_token * n_in + excess)
         if i == 0:
             below += held + cm.memory.record_bytes_per_sample * batch
         below += acts[i] + (4 * n_in * batch if n_out < n_in else 0.0)
@@ -382,11 +387,13 @@ def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], st
     planner = create_planner(planner_name, cm.num_blocks, **options)
     if cached is not None and hasattr(planner, "expect_cached"):
         planner.expect_cached(cached, steps)
+    depth = getattr(planner, "frozen_bottom", 0) if cached is not None else 0
     zeros = (0.0,) * cm.num_blocks
     for step in range(steps):
         progress = step / steps
         budget = planner.plan(step, progress)
-        yield StepShape.from_budget(budget, cm.num_patches), batch_size
+        shape = StepShape.from_budget(budget, cm.num_patches)
+        yield (replace(shape, cached=depth) if depth and cached[step] > 0 else shape), batch_size
         planner.observe(Observation(step, progress, zeros))
 
 
@@ -433,14 +440,20 @@ def _less_cached(cm: CostModel, pred: Prediction, cached: tuple[Sequence[float],
 
 def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,
            memory_sampled: Callable[[int], bool] | None = None, trim_last: bool = False,
-           micro_batch: int | None = None) -> Prediction:
+           micro_batch: int | None = None, cached_depth: int = 0) -> Prediction:
     """Predict exactly what the logged steps cost (``metrics.jsonl`` records, in step order).
     ``memory_sampled(step)`` says which steps the runtime measured memory on; ``micro_batch``: see
-    :func:`run_shapes`."""
+    :func:`run_shapes`; ``cached_depth``: the bottom blocks a step that read images from the
+    runtime's cache (``cached_images``) started above. The FLOPs it saved are the caller's to take off."""
     if not records:
         raise ValueError("the trace has no steps")
     batch = int(records[0].get("batch_size", 1))
-    shapes = ((StepShape.from_record(r, cm.num_blocks), int(r.get("batch_size", batch))) for r in records)
+
+    def shape(r: dict[str, Any]) -> StepShape:
+        s = StepShape.from_record(r, cm.num_blocks)
+        return replace(s, cached=cached_depth) if cached_depth and r.get("cached_images", 0) else s
+
+    shapes = ((shape(r), int(r.get("batch_size", batch))) for r in records)
     sampled = None
     if memory_sampled is not None and any("memory_measured" in r for r in records):
         # the runtime logged which steps it measured

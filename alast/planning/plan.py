@@ -459,12 +459,12 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch // world, budget)
     sampled = cpu_memory_sampled if str(summary.get("device", "cpu")).startswith("cpu") else None
     trim = policy_options(cfg, pcm.head_reads_prefix).get("trim_last", False)
+    depth = int((summary.get("frozen_cache") or {}).get("blocks", 0))
     preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
-                                     trim_last=trim, micro_batch=cfg.train.micro_batch_size)}
-    frozen = summary.get("frozen_cache")
-    if frozen:  # the images whose frozen blocks the runtime read from its cache ran none of them
+                                     trim_last=trim, micro_batch=cfg.train.micro_batch_size, cached_depth=depth)}
+    if depth:  # the images whose frozen blocks the runtime read from its cache ran none of them
         read = sum(int(r.get("cached_images", 0)) for r in records)
-        saved = read * bottom_flops(pcm, int(frozen["blocks"]))
+        saved = read * bottom_flops(pcm, depth)
         preds[cfg.policy.name].train_flops -= saved
         preds[cfg.policy.name].fwd_flops -= saved
     _deployed_inference(cfg, plain, preds[cfg.policy.name])

@@ -47,6 +47,17 @@ def counter() -> fc.FlopCounterMode:
     return fc.FlopCounterMode(display=False)
 
 
+def name_modules(fc: fc.FlopCounterMode, root: nn.Module) -> None:
+    """Name ``root``'s modules in ``fc`` as a forward through ``root`` names them, for a step that calls
+    some of its blocks directly (above the frozen blocks' cache): its per-block counts then carry the
+    names :class:`StepFlopCache` reads. (torch's ModuleTracker names a module on entry, from the
+    modules entered before it; where that internal is missing, the names do not match and the step's
+    pieces are not stored: the counts stay right, such steps are counted each time.)"""
+    tracker = getattr(fc, "mod_tracker", None)
+    if tracker is not None and hasattr(tracker, "_get_mod_name"):
+        tracker._get_mod_name(root)
+
+
 class StepFlopCache:
     """Counted flops of a training step, assembled from per-block counts.
 
@@ -72,14 +83,19 @@ class StepFlopCache:
     def lookup(self, keys: tuple[list[tuple], tuple]) -> float | None:
         return self.counts.lookup(keys)
 
-    def record(self, fc: fc.FlopCounterMode, keys: tuple[list[tuple], tuple]) -> float:
-        """Store the pieces of a step just counted by ``fc``; returns its total."""
+    def record(self, fc: fc.FlopCounterMode, keys: tuple[list[tuple], tuple], skipped: list[float] | None = None,
+               skipped_rest: float = 0.0) -> float:
+        """Store the pieces of a step just counted by ``fc``; returns its total. ``skipped``: the counts
+        the first blocks would have had had they run under ``fc`` (a step that started above them, read
+        from a cache), and ``skipped_rest`` the embeddings'; the pieces stored are the whole step's."""
         counts = {name: sum(ops.values()) for name, ops in fc.get_flop_counts().items()}
         total = float(fc.get_total_flops())
+        for name, flops in zip(self.block_names, skipped or ()):
+            counts[name] = counts.get(name, 0) + flops
         # A block name the counter did not report means the names do not match: cache nothing.
         if all(name in counts for name in self.block_names):
             per_block = [float(counts[name]) for name in self.block_names]
-            self.counts.record(keys, per_block, total - sum(per_block))
+            self.counts.record(keys, per_block, total + sum(skipped or ()) + skipped_rest - sum(per_block))
         return total
 
 

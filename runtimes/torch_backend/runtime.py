@@ -16,7 +16,7 @@ from ..images import DeviceImages, Pixels
 from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
-from .flops import StepFlopCache, counter, grad_flags_restored
+from .flops import StepFlopCache, counter, grad_flags_restored, name_modules
 from .frozen_cache import FrozenCache, FrozenCacheError, bytes_per_image, check_frozen_prefix
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .params import (
@@ -120,7 +120,8 @@ class TorchRuntime:
             self.patch.compile_blocks()
         self._peak_bytes: int | None = None
         self.frozen_cache: FrozenCache | None = None  # see enable_frozen_cache
-        self._bottom_flops = 0.0  # one image's counted FLOPs in the cached embeddings and bottom blocks
+        # one image's counted FLOPs in the cached embeddings and in each cached block
+        self._bottom_flops: list[float] = [0.0]
         self._full_step_flops: dict[int, float] = {}  # by batch size: shapes alone decide the count
         self._every_token_flops: dict[int, float] = {}  # the same, of the run's own model (LoRA)
         if self.device.type == "cuda":
@@ -203,17 +204,31 @@ class TorchRuntime:
                                         max_bytes // bytes_per_image(tokens, width, depth),
                                         pin=self.device.type == "cuda")
         if self.count_flops == "every":
-            img = self.timm_model.patch_embed.img_size
-            x = torch.zeros(1, input_channels(self.timm_model), img[0], img[1], device=self.device)
-            eager, self.patch.control.eager = self.patch.control.eager, True
-            self._train_mode()
-            try:
-                with counter() as fc:
-                    self._run_bottom(x, depth)
-            finally:
-                self.patch.control.eager = eager
-            self._bottom_flops = float(fc.get_total_flops())
+            self._bottom_flops = self._count_bottom(depth)
         return self.frozen_cache
+
+    @torch.no_grad()
+    def _count_bottom(self, depth: int) -> list[float]:
+        """One image's counted FLOPs in the embeddings, then in each of the first ``depth`` blocks, as a
+        training step runs them (every token, nothing trained)."""
+        tm = self.timm_model
+        img = tm.patch_embed.img_size
+        x = torch.zeros(1, input_channels(tm), img[0], img[1], device=self.device)
+        eager, self.patch.control.eager = self.patch.control.eager, True
+        self._train_mode()
+        counts = []
+        try:
+            with self._autocast(), self._attention_kernels():
+                with counter() as fc:
+                    x = tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))
+                counts.append(float(fc.get_total_flops()))
+                for blk in tm.blocks[:depth]:
+                    with counter() as fc:
+                        x = blk(x)
+                    counts.append(float(fc.get_total_flops()))
+        finally:
+            self.patch.control.eager = eager
+        return counts
 
     @torch.no_grad()
     def _run_bottom(self, images: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,26 +328,34 @@ class TorchRuntime:
             self._sync()
         timer = DeviceTimer.begin(self.device)
         read, bottom, store = 0, None, None
+        keys_t = None if cache is None else torch.as_tensor(keys, dtype=torch.long)
         with mem_ctx as mt:
-            # a step counted afresh runs every block (the counter prices each block at the whole batch)
-            # and fills the cache from block ``depth``'s input; any other reads it and fills it
-            if cache is not None and not counting:
-                x, d, read, store = self._bottom_of(images, torch.as_tensor(keys, dtype=torch.long), cache)
+            # a step that holds some of its images in the cache starts above the cached blocks (and runs
+            # them for the others first); any other runs every block and fills the cache from block
+            # ``depth``'s input
+            if cache is not None and bool(cache.held(keys_t).any()):
+                x, d, read, store = self._bottom_of(images, keys_t, cache)
                 bottom = (cache.depth, x, d)
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
-                with self._capture_bottom(cache if counting else None) as inputs:
+                if counting and bottom is not None:
+                    name_modules(fc, self.model)
+                with self._capture_bottom(cache if cache is not None and bottom is None else None) as inputs:
                     loss, deltas = self._forward_backward(images, labels, keep, tokens_in, step, check_loss=not lag,
                                                           tracker=mt if probe_mem else None, bottom=bottom)
             if inputs:
-                store = (torch.as_tensor(keys, dtype=torch.long), torch.cat(inputs), deltas[:cache.depth])
+                store = (keys_t, torch.cat(inputs), deltas[:cache.depth])
             scales = self._update(budget)
         if store is not None:
             cache.put(*store)
-        if counting:
+        if counting and bottom is not None:  # the counter saw the blocks above the cached ones only
+            batch, per_image = int(images.shape[0]), self._bottom_flops
+            flops = self._flops.record(fc, flop_keys, [batch * f for f in per_image[1:]], batch * per_image[0])
+            flops += (batch - read) * sum(per_image)  # the images not read ran the cached part before
+        elif counting:
             flops = self._flops.record(fc, flop_keys)
         elif flops is not None and read:
-            flops -= read * self._bottom_flops
+            flops -= read * sum(self._bottom_flops)
         if not lag:
             self._sync()
         timer.stop()
@@ -348,8 +371,8 @@ class TorchRuntime:
 
     @contextlib.contextmanager
     def _capture_bottom(self, cache: FrozenCache | None):
-        """While a step that runs every block is counted, keep block ``cache.depth``'s input of each
-        pass (the yielded list; empty without ``cache``), for the cache."""
+        """While a step runs every block, keep block ``cache.depth``'s input of each pass (the yielded
+        list; empty without ``cache``), for the cache."""
         inputs: list[torch.Tensor] = []
         if cache is None:
             yield inputs

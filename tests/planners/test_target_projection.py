@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planners import Observation, PlannerError, create_planner
+from planners import Observation, PlannerError, create_planner, kept_token_counts
 from planners.costmodel import load_cost_model
 from planners.projection import BUDGET_FLOOR, TargetProjection, common_shift, shifted
 from planners.simulate import StepShape, full_step_flops, simulate, step_cost
@@ -498,3 +498,36 @@ def test_a_projection_reused_across_steps_answers_as_a_fresh_one():
         args = (budgets, trained, rng.choice([0, 2]), rng.random() < 0.5, cap)
         assert reused.project(*args, target=target) == fresh.project(*args, target=target)
         assert reused.ratio(budgets, trained) == fresh.ratio(budgets, trained)
+
+
+@pytest.mark.parametrize("dense", [0.0, 0.2])
+def test_the_caches_saving_is_spent_on_the_sparse_steps_tokens_and_the_run_lands_on_its_target(dense):
+    """``expect_cached``: each sparse step projects onto the target plus the mean saving (the dense
+    final phase's included), so its tokens rise alike and the run's cost, less what the cache saves,
+    stays on the target."""
+    from planners.simulate import bottom_flops
+
+    steps, target = 60, 0.4
+    opts = dict(target_flops=target, cost_model=CM, freeze_mode="last", k_trained=9, spare_first="frozen",
+                early_frac=0.3, dense_final_frac=dense, trim_last=True)
+    ramp = [0.0 if s < 18 else min(1.0, (s - 18) / 10) for s in range(steps)]  # empty in the early phase
+    plain, cached = create_planner("alast", 12, **opts), create_planner("alast", 12, **opts)
+    cached.expect_cached(ramp, steps)
+    assert cached.frozen_bottom == 3 and [cached.serves_cache(s, s / steps) for s in (17, 18)] == [False, True]
+    bottom = bottom_flops(CM, 3) / full_step_flops(CM)
+    assert cached.bottom_ratio == pytest.approx(bottom)
+    deltas = drifting_deltas(steps)
+    costs = {"plain": [], "cached": []}
+    tokens = {"plain": [], "cached": []}
+    for s in range(steps):
+        for name, planner in (("plain", plain), ("cached", cached)):
+            budget = planner.plan(s, s / steps)
+            saved = ramp[s] * bottom if name == "cached" else 0.0
+            costs[name].append(step_ratio(CM, budget) - saved)
+            tokens[name].append(sum(kept_token_counts(budget.keep_ratios, 196, 1)[0]))
+            planner.observe(Observation(s, s / steps, deltas[s]))
+    assert statistics.mean(costs["cached"]) == pytest.approx(statistics.mean(costs["plain"]), rel=2e-3)
+    sparse = [s for s in range(18, steps) if s < steps * (1 - dense)]
+    # the same tokens in every sparse step, whatever its share: more than without the cache
+    more = [tokens["cached"][s] - tokens["plain"][s] for s in sparse]
+    assert min(more) > 0 and max(more) - min(more) <= 0.1 * statistics.mean(more) + 12

@@ -13,8 +13,8 @@ DROPS = Budget((1.0, 1.0, 0.5, 0.0), TOP2, train_embeddings=False)
 
 
 def runtime(model, **kw):
-    opts = dict(lr=1e-2, weight_decay=0.05, grad_clip=1.0, device="cpu", freeze_embeddings=True,
-                token_select="sample", token_score="contribution", seed=3)
+    opts = {"lr": 1e-2, "weight_decay": 0.05, "grad_clip": 1.0, "device": "cpu", "freeze_embeddings": True,
+            "token_select": "sample", "token_score": "contribution", "seed": 3}
     return TorchRuntime(model, **{**opts, **kw})
 
 
@@ -75,6 +75,17 @@ def test_a_read_step_counts_only_what_ran():
     assert read.cached_images == 4
     assert read.train_flops == pytest.approx(fc.get_total_flops(), rel=1e-12)
     assert read.train_flops < whole
+    # a read step counted afresh (a shape the counter has not seen) counts what ran too, and stores
+    # the pieces of the whole step, which later steps of that shape are priced from
+    cached._flops = type(cached._flops)(cached._flops.block_names)
+    again = cached.train_step(x3, y3, DROPS, 1e-2, 3, keys=keys3)
+    with counter() as fc:
+        quiet.train_step(x3, y3, DROPS, 1e-2, 3, keys=keys3)
+    assert again.cached_images == 6 and again.train_flops == pytest.approx(fc.get_total_flops(), rel=1e-12)
+    from runtimes.torch_backend.flops import StepFlopCache
+
+    shape = StepFlopCache.keys(6, again.tokens_in, again.kept_tokens, DROPS.trained, False)
+    assert cached._flops.lookup(shape) == pytest.approx(whole, rel=1e-12)
 
 
 def test_a_step_that_trains_a_cached_block_empties_the_cache():
