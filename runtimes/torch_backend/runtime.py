@@ -185,7 +185,7 @@ class TorchRuntime:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, budget: Budget, lr: float,
                    step: int, keys: Sequence[int] | None = None) -> StepResult:
         """Run one step and read its results back now (the host waits for the device)."""
-        return self.launch_step(images, labels, budget, lr, step, keys).resolve()
+        return self.launch_step(images, labels, budget, lr, step, keys=keys).resolve()
 
     # -- the frozen bottom blocks' cache -------------------------------------------------------
     def enable_frozen_cache(self, depth: int, num_images: int, max_bytes: int) -> FrozenCache:

@@ -29,10 +29,10 @@ def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypat
 
     launch = TorchRuntime.launch_step
 
-    def oom_at_4(self, images, labels, budget, lr, step):
+    def oom_at_4(self, images, labels, budget, lr, step, **kw):
         if step == 4:
             raise error
-        return launch(self, images, labels, budget, lr, step)
+        return launch(self, images, labels, budget, lr, step, **kw)
 
     monkeypatch.setattr(TorchRuntime, "launch_step", oom_at_4)
     run = tmp_path / "run"
