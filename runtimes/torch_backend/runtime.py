@@ -245,11 +245,9 @@ class TorchRuntime:
         return x, torch.stack(deltas)
 
     def _bottom_of(self, images: torch.Tensor, keys: torch.Tensor, cache: FrozenCache
-                   ) -> tuple[torch.Tensor, torch.Tensor, int, tuple | None]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A step's input to block ``cache.depth`` and its bottom blocks' deltas: read from the cache for
-        the images it holds, computed for the others. Returns them, the images read, and what to store
-        (:meth:`FrozenCache.put`'s arguments; None: nothing), stored after the step's memory is measured
-        (writing into the cache's storage would count all of it as the step's)."""
+        the images it holds, computed (and stored) for the others. Returns them and the images read."""
         held = cache.held(keys)
         n_held = int(held.sum())
         batch, depth = int(keys.numel()), cache.depth
@@ -260,15 +258,14 @@ class TorchRuntime:
             tokens, d = cache.get(keys[held])
             x[rows] = tokens.to(self.device, non_blocking=True)
             deltas[:, rows] = d.t().to(self.device, non_blocking=True)
-        store = None
         if n_held < batch:
             rows = (~held).nonzero().flatten().to(self.device)
             tokens, d = self._run_bottom(images.index_select(0, rows), depth)
             x[rows], deltas[:, rows] = tokens.to(x.dtype), d
-            store = (keys[~held], tokens, d)
+            cache.put(keys[~held], tokens, d)
         cache.hits += n_held
         cache.misses += batch - n_held
-        return x, deltas, n_held, store
+        return x, deltas, n_held
 
     def _forward_from(self, x: torch.Tensor, depth: int, bottom_deltas: torch.Tensor, ctl: Any) -> torch.Tensor:
         """The logits of a training forward that starts at block ``depth`` with its input ``x``."""
@@ -334,7 +331,7 @@ class TorchRuntime:
             # them for the others first); any other runs every block and fills the cache from block
             # ``depth``'s input
             if cache is not None and bool(cache.held(keys_t).any()):
-                x, d, read, store = self._bottom_of(images, keys_t, cache)
+                x, d, read = self._bottom_of(images, keys_t, cache)
                 bottom = (cache.depth, x, d)
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
@@ -344,10 +341,10 @@ class TorchRuntime:
                     loss, deltas = self._forward_backward(images, labels, keep, tokens_in, step, check_loss=not lag,
                                                           tracker=mt if probe_mem else None, bottom=bottom)
             if inputs:
-                store = (keys_t, torch.cat(inputs), deltas[:cache.depth])
+                store = (keys_t, inputs, deltas[:cache.depth])
             scales = self._update(budget)
         if store is not None:
-            cache.put(*store)
+            cache.put(store[0], torch.cat(store[1]), store[2])
         if counting and bottom is not None:  # the counter saw the blocks above the cached ones only
             batch, per_image = int(images.shape[0]), self._bottom_flops
             flops = self._flops.record(fc, flop_keys, [batch * f for f in per_image[1:]], batch * per_image[0])
