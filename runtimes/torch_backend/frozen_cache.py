@@ -69,6 +69,9 @@ class FrozenCache:
         self.slot = torch.full((int(num_images),), -1, dtype=torch.long)
         self.tokens = torch.empty((self.capacity, tokens, width), dtype=dtype, pin_memory=pin)
         self.deltas = torch.empty((self.capacity, self.depth), dtype=torch.float32, pin_memory=pin)
+        # numpy views, made here: a write through them is outside torch's dispatch, so a memory tracker
+        # around a step does not count the whole storage as the step's (``Tensor.numpy()`` inside it would)
+        self._tokens, self._deltas, self._slot = self.tokens.numpy(), self.deltas.numpy(), self.slot.numpy()
         self.used = 0
         self.hits = self.misses = self.cleared = 0
         self.images = 0  # the images of every step given keys, whether it read the cache or not
@@ -88,9 +91,8 @@ class FrozenCache:
 
     def put(self, keys: Tensor, tokens: Tensor, deltas: Tensor) -> None:
         """Store the images of ``keys`` that are not held, while there is room (in the order given):
-        ``tokens`` ``[n, T, D]`` and ``deltas`` ``[depth, n]``, one row or column per key. The rows are
-        written through numpy, outside torch's dispatch, so that a memory tracker around the step does
-        not count the whole storage as the step's."""
+        ``tokens`` ``[n, T, D]`` and ``deltas`` ``[depth, n]``, one row or column per key, written
+        through the numpy views."""
         new = self.slot[keys] < 0
         keys = keys[new]
         room = self.capacity - self.used
@@ -99,15 +101,15 @@ class FrozenCache:
         keys, take = keys[:room], new.nonzero().flatten()[:room]
         start, stop = self.used, self.used + len(keys)
         rows = tokens.detach().index_select(0, take.to(tokens.device)).to("cpu", self.tokens.dtype)
-        self.tokens.numpy()[start:stop] = rows.numpy()
-        self.deltas.numpy()[start:stop] = deltas.detach().index_select(1, take.to(deltas.device)).t().float().cpu().numpy()
-        self.slot.numpy()[keys.numpy()] = range(start, stop)
+        self._tokens[start:stop] = rows.numpy()
+        self._deltas[start:stop] = deltas.detach().index_select(1, take.to(deltas.device)).t().float().cpu().numpy()
+        self._slot[keys.numpy()] = range(start, stop)
         self.used = stop
 
     def clear(self) -> None:
         """Forget every image (the bottom blocks or the embeddings are about to change)."""
         if self.used:
-            self.slot.fill_(-1)
+            self._slot[:] = -1
             self.used = 0
             self.cleared += 1
 
