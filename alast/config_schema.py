@@ -317,8 +317,9 @@ class BackendConfig(_Section):
         "waits on the device (the planner sees step i when planning step i+2); auto: on for CUDA")
     frozen_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="torch: keep what the frozen embeddings and bottom blocks compute for each training "
-        "image (with freeze_mode last or the freeze policy), so a later epoch starts above them; under a FLOPs "
-        "target the saving buys tokens. auto: on where it applies (not under data.augment); on: refuse where not")
+        "image (alast's freeze_mode last; the freeze policy with policy.freeze_embeddings=true), so a later "
+        "epoch starts above them; under a FLOPs target the saving buys tokens. auto: on where it applies (one "
+        "process, no data.augment, no micro-batches); on: refuse where not")
     frozen_cache_mib: float = Field(
         4096, gt=0, description="host memory the frozen blocks' cache may take, per process; images past it are "
         "computed every time")

@@ -111,6 +111,10 @@ def _bench(config, overrides, named, policies: str, seeds: int, out: Path | None
         raise ValueError("--resume needs --out DIR (the bench to finish)")
     target = named.pop("target_flops", None)
     cfg = resolve_config(config, overrides, single_run=False, **named)
+    if cfg.backend.frozen_cache == "on":
+        raise ValueError("backend.frozen_cache=on would stop the bench at its first run the frozen blocks' cache cannot "
+                         "apply to (full fine-tuning trains every block); leave it at auto, which caches in each run "
+                         "where it applies, or set it off")
     if cfg.data.tune_fraction is not None:
         raise ValueError(f"data.tune_fraction={cfg.data.tune_fraction:g} would score every run of the bench on "
                          "images held out of training, not on the validation split; unset it (to choose learning "

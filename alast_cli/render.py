@@ -72,8 +72,8 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
         if frozen:
             blocks = "block 0" if frozen["blocks"] == 1 else f"blocks 0-{frozen['blocks'] - 1}"
             progress.console.print(f"frozen {blocks} cached for up to {frozen['capacity_images']} images "
-                                   f"({human_bytes(frozen['bytes'])} host memory); {frozen['planned_share']:.0%} of the "
-                                   "steps' images read from it", style="dim")
+                                   f"({human_bytes(frozen['bytes'])} host memory); the plan reads {frozen['planned_share']:.0%} of "
+                                   "the steps' images from it", style="dim")
 
     def on_step(step: int, result, record: dict[str, Any]) -> None:
         kept = sum(result.tokens_in) / max(state["tokens"], 1)

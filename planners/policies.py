@@ -289,12 +289,14 @@ class AlastPlanner:
 
     @property
     def frozen_bottom(self) -> int:
-        """The bottom blocks that no sparse step trains and that keep every token in it: ``spare_first``
-        below the top ``k_trained`` with ``freeze_mode='last'`` (0 otherwise). The early phase trains the
-        top one of them; the dense final phase none, where it trains the top blocks."""
-        if self.freeze_mode != "last":
-            return 0
-        return min(self.spare_first, self.num_blocks - self.k_trained)
+        """The bottom blocks that no sparse step trains and that keep every token in it: every block below
+        the top ``k_trained`` with ``freeze_mode='last'`` where ``spare_first`` spares them all (the
+        default, ``'frozen'``), else 0. The early phase trains the top one of them; the dense final
+        phase none, where it trains the top blocks."""
+        bottom = self.num_blocks - self.k_trained
+        # the cached output is the lowest trained block's input, which the step keeps for its backward
+        # anyway; a spared block that is frozen above them would hold a batch's tokens the plan never priced
+        return bottom if self.freeze_mode == "last" and self.spare_first == bottom else 0
 
     def serves_cache(self, step: int, progress: float) -> bool:
         """Whether step ``step`` leaves the :attr:`frozen_bottom` blocks untrained and whole, so a
@@ -307,19 +309,20 @@ class AlastPlanner:
         k = self.k_early if rules.in_early(progress, self.early_frac) else self.k_trained
         return self.num_blocks - k >= bottom
 
-    def expect_cached(self, shares: Sequence[float], steps: int) -> None:
+    def expect_cached(self, shares: Sequence[float], steps: int, start: int = 0) -> None:
         """Under a target, the sparse steps spend what the runtime's cache saves (see the class doc), in
         the dense final phase's steps too: ``shares[s]``, the share of step ``s``'s images it will read,
-        of a run of ``steps`` steps."""
+        of a run of ``steps`` steps, planned from step ``start`` on (a resumed run: its cache starts
+        empty there; the steps before were spent and carried)."""
         if self.projection is None or not self.frozen_bottom:
             return
         self.bottom_ratio = bottom_flops(self.projection.cm, self.frozen_bottom) / self.projection.full_flops
         self.cached = [float(f) for f in shares]
         sparse = sum(not rules.in_early(s / steps, self.early_frac)
-                     and not rules.in_dense_final(s / steps, self.dense_final_frac) for s in range(steps))
+                     and not rules.in_dense_final(s / steps, self.dense_final_frac) for s in range(start, steps))
         # the sparse steps spend every step's saving, the dense final phase's too (whose steps the
         # target solver priced without the cache)
-        self.cached_mean = sum(self.cached) / sparse if sparse else 0.0
+        self.cached_mean = sum(self.cached[start:]) / sparse if sparse else 0.0
 
     def plan(self, step: int, progress: float) -> Budget:
         self._step = step

@@ -15,13 +15,15 @@ from ..data import StepBatchSampler
 MIB = 2 ** 20
 
 
-def cached_shares(sampler: StepBatchSampler, steps: int, serves: Callable[[int], bool], capacity: int) -> list[float]:
+def cached_shares(sampler: StepBatchSampler, steps: int, serves: Callable[[int], bool], capacity: int,
+                  start: int = 0) -> list[float]:
     """Per step, the share of its images a cache of ``capacity`` images holds when the step starts,
     as the runtime fills it: a step that ``serves`` reads the images it holds and stores the others
-    while there is room; one that does not empties it."""
+    while there is room; one that does not empties it. The cache is empty at step ``start`` (0 before
+    it)."""
     held: set[int] = set()
-    shares = []
-    for step in range(steps):
+    shares = [0.0] * start
+    for step in range(start, steps):
         keys = sampler.indices(step)
         if not serves(step):
             held.clear()
@@ -50,14 +52,17 @@ def _why_not_planned(cfg: Any, planner: Any, world_size: int) -> str | None:
         return "data.augment gives each step new views of its images"
     if world_size > 1:
         return "not under data parallelism"
+    micro = cfg.train.micro_batch_size
+    if micro is not None and micro < cfg.train.batch_size // world_size:
+        return "not with gradient accumulation (train.micro_batch_size)"
     return None
 
 
 def setup_frozen_cache(cfg: Any, runtime: Any, planner: Any, num_images: int, steps: int,
                        world_size: int = 1) -> dict[str, Any] | None:
     """Turn the cache on where ``backend.frozen_cache`` asks for it and it applies, and tell the
-    planner what it will save. Returns what the summary records (None: off). ``on`` where it cannot
-    apply raises ValueError, naming why."""
+    planner what it will save (:func:`plan_frozen_cache`). Returns what the summary records (None:
+    off). ``on`` where it cannot apply raises ValueError, naming why."""
     setting = cfg.backend.frozen_cache
     if setting == "off":
         return None
@@ -74,12 +79,20 @@ def setup_frozen_cache(cfg: Any, runtime: Any, planner: Any, num_images: int, st
         if setting == "on":
             raise ValueError(str(exc)) from None
         return None
+    return plan_frozen_cache(cfg, cache, planner, num_images, steps)
+
+
+def plan_frozen_cache(cfg: Any, cache: Any, planner: Any, num_images: int, steps: int, start: int = 0
+                      ) -> dict[str, Any]:
+    """Predict the share of each step's images ``cache`` will hold from step ``start`` on (where it is
+    empty: the run's start, or a resume) and tell the planner; returns what the summary records."""
     sampler = StepBatchSampler(num_images, cfg.train.batch_size, cfg.train.seed, 0, steps)
-    shares = cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), cache.capacity)
+    shares = cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), cache.capacity, start)
     if hasattr(planner, "expect_cached"):
-        planner.expect_cached(shares, steps)
+        planner.expect_cached(shares, steps, start)
+    ahead = shares[start:]
     return {"blocks": cache.depth, "capacity_images": cache.capacity, "bytes": cache.nbytes,
-            "planned_share": sum(shares) / len(shares) if shares else 0.0}
+            "planned_share": sum(ahead) / len(ahead) if ahead else 0.0}
 
 
 def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: int, tokens: int, width: int,
@@ -98,8 +111,13 @@ def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: 
         why = f"the {cfg.backend.name} backend does not cache them"
     if why is None and not (cfg.policy.embeddings_frozen or cfg.policy.lora is not None):
         why = "the embeddings train in this run"
-    if why is None and (position_kind is not None or cfg.model.drop_path_rate > 0):
-        why = "the model's bottom blocks draw numbers (model.drop_path_rate) or run a forward of their own"
+    depth = planner.frozen_bottom
+    # timm's drop-path rates rise from 0 at block 0; LoRA's dropout sits in every adapted block
+    if why is None and (cfg.model.drop_path_rate > 0 and depth > 1 or cfg.policy.lora is not None
+                        and cfg.policy.lora.dropout > 0):
+        why = "the cached blocks draw numbers in training (model.drop_path_rate, policy.lora.dropout)"
+    if why is None and position_kind is not None:
+        why = f"the model's blocks take {position_kind} positions, so they run a forward of their own"
     if why is not None:
         if setting == "on":
             raise ValueError(f"backend.frozen_cache=on cannot apply: {why}; set backend.frozen_cache=auto or off")
@@ -107,7 +125,6 @@ def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: 
     from runtimes.torch_backend.frozen_cache import bytes_per_image
 
     n = num_images()
-    depth = planner.frozen_bottom
     capacity = int(cfg.backend.frozen_cache_mib * MIB) // bytes_per_image(tokens, width, depth)
     sampler = StepBatchSampler(n, cfg.train.batch_size, cfg.train.seed, 0, steps)
     return cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), min(capacity, n)), depth

@@ -25,7 +25,7 @@ from alast.data.common import files_changed
 from alast.models import run_initial_weights
 from alast.training import checkpoint as ckpt
 from alast.training.build import build_model, build_planner, create_runtime, data_workers, load_data
-from alast.training.frozen import setup_frozen_cache
+from alast.training.frozen import plan_frozen_cache, setup_frozen_cache
 from alast.training.process import Comm, StopOnSignal, on_main, rng_state, seed_everything, set_rng_state
 from alast.training.report import METRICS, MetricsWriter
 from alast.training.rundir import (
@@ -146,6 +146,8 @@ def _train(cfg: AlastConfig, run_dir: Path, resume: bool, hooks: Hooks, comm: Co
                                                    t_start)
     runtime = run.runtime
     start = run.restore() if resume else 0
+    if start and run.frozen:  # the cache starts empty here: plan the rest of the run's reads from it
+        run.frozen = plan_frozen_cache(cfg, runtime.frozen_cache, run.planner, len(data.train), steps, start)
     if resume and comm.is_main:
         run.say_where_it_resumes(start)
     if not resume:

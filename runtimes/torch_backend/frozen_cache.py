@@ -41,6 +41,10 @@ def check_frozen_prefix(timm_model: nn.Module, depth: int) -> None:
             *timm_model.blocks[:depth]]
     for part in stem:
         for m in part.modules():
+            if getattr(m, "track_running_stats", False):  # BatchNorm: the batch's statistics, running stats updated
+                raise FrozenCacheError(f"{type(m).__name__} in the frozen embeddings or bottom blocks normalises each "
+                                       "image by its batch's statistics in training, so their outputs cannot be "
+                                       "cached; set backend.frozen_cache=off")
             rates = [getattr(m, attr, None) for attr in ("p", "drop_prob", "prob")]  # Dropout, DropPath, PatchDropout
             rate = max((float(r) for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)), default=0.0)
             if rate > 0:

@@ -200,9 +200,14 @@ class TorchRuntime:
             raise FrozenCacheError("the embeddings train in this run, so what the blocks above them compute changes "
                                    "every step; set policy.freeze_embeddings=true or backend.frozen_cache=off")
         tokens, width = self.patch.num_prefix + self.num_patches, int(self.timm_model.embed_dim)
-        self.frozen_cache = FrozenCache(depth, num_images, tokens, width,
-                                        max_bytes // bytes_per_image(tokens, width, depth),
-                                        pin=self.device.type == "cuda")
+        capacity = max_bytes // bytes_per_image(tokens, width, depth)
+        try:
+            self.frozen_cache = FrozenCache(depth, num_images, tokens, width, capacity, pin=self.device.type == "cuda")
+        except RuntimeError as exc:  # the host could not give (or pin) the storage
+            need = min(capacity, num_images) * bytes_per_image(tokens, width, depth) / 2 ** 20
+            raise FrozenCacheError(f"the frozen blocks' cache could not allocate {need:.0f} MiB of host memory "
+                                   f"({str(exc).splitlines()[0][:120]}); lower backend.frozen_cache_mib or set "
+                                   "backend.frozen_cache=off") from None
         if self.count_flops == "every":
             self._bottom_flops = self._count_bottom(depth)
         return self.frozen_cache

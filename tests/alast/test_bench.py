@@ -569,7 +569,9 @@ def test_lrs_tuning_runs_score_held_out_training_images_and_resume(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--lrs", "1e-3"], "two or more learning rates"), (["--lrs", "1e-3,fast"], "'fast' is not a number"),
     (["--lrs", "1e-3,0.001"], "lists 0.001 twice"), (["--lrs", "0,1e-3"], "0 is not a learning rate above 0"),
-    (["--tune-fraction", "0.3"], "add --lrs"), (["--set", "data.tune_fraction=0.1"], "data.tune_fraction=0.1 would"), (["--lrs", "1e-3,5e-4", "--lr", "3e-4"], "--lr (train.lr) would be"),
+    (["--tune-fraction", "0.3"], "add --lrs"), (["--set", "data.tune_fraction=0.1"], "data.tune_fraction=0.1 would"),
+    (["--set", "backend.frozen_cache=on"], "backend.frozen_cache=on would stop the bench"),
+    (["--lrs", "1e-3,5e-4", "--lr", "3e-4"], "--lr (train.lr) would be"),
     (["--lrs", "1e-3,5e-4", "--set", "train.lr=3e-4"], "--lr (train.lr) would be ignored"), (["--lrs", "1e-3,5e-4", "--tune-fraction", "1"], "in (0, 1)"),
     (["--data", "random:40", "--batch-size", "34", "--lrs", "1e-3,5e-4", "--tune-fraction", "0.3"],
      "leaves the tuning runs 22 training images, fewer than a batch of 34")])

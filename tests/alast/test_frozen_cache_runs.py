@@ -23,6 +23,9 @@ def test_cached_shares_replay_the_sampler():
         expected.append(sum(k in held for k in keys) / 4)
         held.update(keys)
     assert shares == expected and shares[2] == 1.0 and shares[4] == 0.0
+    # a resumed run's cache starts empty at its first step
+    resumed = cached_shares(sampler, 6, lambda s: True, capacity=8, start=2)
+    assert resumed[:3] == [0.0, 0.0, 0.0] and resumed[3] == sum(k in batches[2] for k in batches[3]) / 4
     # a cache of 2 images: only the first two of step 0 are ever held
     small = cached_shares(sampler, 6, lambda s: True, capacity=2)
     assert small == [0.0] + [sum(k in batches[0][:2] for k in b) / 4 for b in batches[1:]]
@@ -39,7 +42,7 @@ def train(tmp_path, name, *extra):
 def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tmp_path):
     res, out = train(tmp_path, "cached")
     assert res.exit_code == 0, res.output
-    assert "frozen blocks 0-1 cached for up to 179 images" in res.output
+    assert "frozen blocks 0-1 cached for up to 179 images" in res.output and "the plan reads" in res.output
     summary = json.loads((out / "summary.json").read_text())
     frozen = summary["frozen_cache"]
     assert frozen["blocks"] == 2 and 150 < frozen["held_images"] <= 179 and frozen["cleared"] == 0
@@ -74,6 +77,7 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     (["--set", "data.augment=true"], "data.augment gives each step new views of its images"),
     (["--policy", "tokens"], "no bottom block stays frozen with every token in this policy"),
     (["--set", "policy.freeze_embeddings=false"], "the embeddings train in this run"),
+    (["--micro-batch-size", "8"], "not with gradient accumulation (train.micro_batch_size)"),
 ])
 def test_where_the_cache_cannot_apply_auto_leaves_it_off_and_on_refuses(tmp_path, extra, why):
     res, out = train(tmp_path, "on", "--set", "backend.frozen_cache=on", *extra)

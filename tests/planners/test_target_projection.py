@@ -508,12 +508,14 @@ def test_the_caches_saving_is_spent_on_the_sparse_steps_tokens_and_the_run_lands
     from planners.simulate import bottom_flops
 
     steps, target = 60, 0.4
-    opts = dict(target_flops=target, cost_model=CM, freeze_mode="last", k_trained=9, spare_first="frozen",
-                early_frac=0.3, dense_final_frac=dense, trim_last=True)
+    opts = {"target_flops": target, "cost_model": CM, "freeze_mode": "last", "k_trained": 9, "spare_first": "frozen",
+            "early_frac": 0.3, "dense_final_frac": dense, "trim_last": True}
     ramp = [0.0 if s < 18 else min(1.0, (s - 18) / 10) for s in range(steps)]  # empty in the early phase
     plain, cached = create_planner("alast", 12, **opts), create_planner("alast", 12, **opts)
     cached.expect_cached(ramp, steps)
     assert cached.frozen_bottom == 3 and [cached.serves_cache(s, s / steps) for s in (17, 18)] == [False, True]
+    # sparing fewer blocks than are frozen caches none (a frozen, dropping block's input is not kept)
+    assert create_planner("alast", 12, **{**opts, "spare_first": 2}).frozen_bottom == 0
     bottom = bottom_flops(CM, 3) / full_step_flops(CM)
     assert cached.bottom_ratio == pytest.approx(bottom)
     deltas = drifting_deltas(steps)

@@ -118,6 +118,10 @@ def test_models_whose_bottom_blocks_draw_numbers_are_refused():
     dropping = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.1)
     with pytest.raises(FrozenCacheError, match="DropPath with rate 0.0333.*frozen_cache=off"):
         check_frozen_prefix(dropping, 2)
+    batchnorm = make_tiny_vit()
+    batchnorm.norm_pre = torch.nn.BatchNorm1d(32)  # as a hybrid ViT's ResNet stem normalises by the batch
+    with pytest.raises(FrozenCacheError, match="BatchNorm1d in the frozen embeddings or bottom blocks"):
+        check_frozen_prefix(batchnorm, 2)
     with pytest.raises(FrozenCacheError, match="bottom blocks must be 1 to 3"):
         check_frozen_prefix(make_tiny_vit(), 4)
     check_frozen_prefix(make_tiny_vit(), 3)
