@@ -321,8 +321,10 @@ class AlastPlanner:
         sparse = sum(not rules.in_early(s / steps, self.early_frac)
                      and not rules.in_dense_final(s / steps, self.dense_final_frac) for s in range(start, steps))
         # the sparse steps spend every step's saving, the dense final phase's too (whose steps the
-        # target solver priced without the cache)
-        self.cached_mean = sum(self.cached[start:]) / sparse if sparse else 0.0
+        # target solver priced without the cache); a resumed run's remaining steps also repay what the
+        # steps before were planned above the target, ahead of the reads a resume then lost
+        ahead = self.planned - (self.target_flops or 0.0) * self.spent_steps
+        self.cached_mean = (sum(self.cached[start:]) - ahead / self.bottom_ratio) / sparse if sparse else 0.0
 
     def plan(self, step: int, progress: float) -> Budget:
         self._step = step

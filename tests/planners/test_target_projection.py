@@ -533,3 +533,34 @@ def test_the_caches_saving_is_spent_on_the_sparse_steps_tokens_and_the_run_lands
     # the same tokens in every sparse step, whatever its share: more than without the cache
     more = [tokens["cached"][s] - tokens["plain"][s] for s in sparse]
     assert min(more) > 0 and max(more) - min(more) <= 0.1 * statistics.mean(more) + 12
+
+
+def test_a_resumed_run_replans_its_reads_from_an_empty_cache_and_still_lands_on_its_target():
+    """A resume empties the runtime's cache: ``expect_cached(..., start)`` plans the rest from there, and
+    the remaining steps repay what the steps before were planned above the target."""
+    from planners.simulate import bottom_flops
+
+    steps, start = 60, 35
+    opts = {"target_flops": 0.4, "cost_model": CM, "freeze_mode": "last", "k_trained": 9, "spare_first": "frozen",
+            "early_frac": 0.3, "trim_last": True}
+    ramp = [0.0 if s < 18 else min(1.0, (s - 18) / 10) for s in range(steps)]
+    after = [0.0 if s < start else min(1.0, (s - start) / 10) for s in range(steps)]  # empty again at the resume
+    bottom = bottom_flops(CM, 3) / full_step_flops(CM)
+    deltas = drifting_deltas(steps)
+
+    def run(planner, shares, begin, end):
+        costs = []
+        for s in range(begin, end):
+            costs.append(step_ratio(CM, planner.plan(s, s / steps)) - shares[s] * bottom)
+            planner.observe(Observation(s, s / steps, deltas[s]))
+        return costs
+
+    plain = create_planner("alast", 12, **opts)
+    first = create_planner("alast", 12, **opts)
+    first.expect_cached(ramp, steps)
+    costs = run(first, ramp, 0, start)
+    resumed = create_planner("alast", 12, **opts)
+    resumed.load_state_dict(first.state_dict())
+    resumed.expect_cached(after, steps, start)
+    costs += run(resumed, after, start, steps)
+    assert statistics.mean(costs) == pytest.approx(statistics.mean(run(plain, [0.0] * steps, 0, steps)), rel=2e-3)
