@@ -77,7 +77,7 @@ class FrozenCache:
         # around a step does not count the whole storage as the step's (``Tensor.numpy()`` inside it would)
         self._tokens, self._deltas, self._slot = self.tokens.numpy(), self.deltas.numpy(), self.slot.numpy()
         self.used = 0
-        self.hits = self.misses = self.cleared = 0
+        self.hits = self.cleared = 0
         self.images = 0  # the images of every step given keys, whether it read the cache or not
 
     @property
@@ -119,5 +119,5 @@ class FrozenCache:
 
     def stats(self) -> dict[str, int]:
         return {"depth": self.depth, "capacity_images": self.capacity, "held_images": self.used,
-                "bytes": self.nbytes, "hits": self.hits, "misses": self.misses, "cleared": self.cleared,
+                "bytes": self.nbytes, "hits": self.hits, "cleared": self.cleared,
                 "images": self.images}

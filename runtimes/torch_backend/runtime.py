@@ -225,7 +225,7 @@ class TorchRuntime:
         try:
             with self._autocast(), self._attention_kernels():
                 with counter() as fc:
-                    x = tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))
+                    x = self._embed(x)
                 counts.append(float(fc.get_total_flops()))
                 for blk in tm.blocks[:depth]:
                     with counter() as fc:
@@ -239,21 +239,25 @@ class TorchRuntime:
     def _run_bottom(self, images: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens leaving block ``depth - 1`` and each of the first ``depth`` blocks' per-sample
         deltas ``[depth, B]``, as a training forward computes them when those blocks keep every token."""
-        tm = self.timm_model
         with self._autocast(), self._attention_kernels():
-            x = tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(images))))
+            x = self._embed(images)
             deltas = []
-            for blk in tm.blocks[:depth]:
+            for blk in self.timm_model.blocks[:depth]:
                 out = blk(x)
                 deltas.append(cls_delta(x, out, blk._alast_pool))
                 x = out
         return x, torch.stack(deltas)
 
-    def _bottom_of(self, images: torch.Tensor, keys: torch.Tensor, cache: FrozenCache
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokens entering block 0, as timm's ``forward_features`` makes them."""
+        tm = self.timm_model
+        return tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(images))))
+
+    def _bottom_of(self, images: torch.Tensor, keys: torch.Tensor, held: torch.Tensor, cache: FrozenCache
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A step's input to block ``cache.depth`` and its bottom blocks' deltas: read from the cache for
-        the images it holds, computed (and stored) for the others. Returns them and the images read."""
-        held = cache.held(keys)
+        the images it holds (``held``, :meth:`FrozenCache.held` of ``keys``), computed (and stored) for the
+        others. Returns them and the images read."""
         n_held = int(held.sum())
         batch, depth = int(keys.numel()), cache.depth
         x = torch.empty((batch, *cache.tokens.shape[1:]), dtype=cache.tokens.dtype, device=self.device)
@@ -269,7 +273,6 @@ class TorchRuntime:
             x[rows], deltas[:, rows] = tokens.to(x.dtype), d
             cache.put(keys[~held], tokens, d)
         cache.hits += n_held
-        cache.misses += batch - n_held
         return x, deltas, n_held
 
     def _forward_from(self, x: torch.Tensor, depth: int, bottom_deltas: torch.Tensor, ctl: Any) -> torch.Tensor:
@@ -335,8 +338,9 @@ class TorchRuntime:
             # a step that holds some of its images in the cache starts above the cached blocks (and runs
             # them for the others first); any other runs every block and fills the cache from block
             # ``depth``'s input
-            if cache is not None and bool(cache.held(keys_t).any()):
-                x, d, read = self._bottom_of(images, keys_t, cache)
+            held = None if cache is None else cache.held(keys_t)
+            if held is not None and bool(held.any()):
+                x, d, read = self._bottom_of(images, keys_t, held, cache)
                 bottom = (cache.depth, x, d)
             with counter() if counting else contextlib.nullcontext() as fc:
                 self.patch.control.eager = counting  # the counter must see every op
