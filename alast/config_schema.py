@@ -319,10 +319,11 @@ class BackendConfig(_Section):
         "auto", description="torch: keep what the frozen embeddings and bottom blocks compute for each training "
         "image (alast's freeze_mode last; the freeze policy with policy.freeze_embeddings=true), so a later "
         "epoch starts above them; under a FLOPs target the saving buys tokens. auto: on where it applies (one "
-        "process, no data.augment, no micro-batches); on: refuse where not")
+        "process, no data.augment, no micro-batches) on the CPU, off on a GPU (it would take device memory); on: "
+        "also on a GPU, in its memory; refuse where it cannot apply")
     frozen_cache_mib: float = Field(
-        4096, gt=0, description="host memory the frozen blocks' cache may take, per process; images past it are "
-        "computed every time")
+        4096, gt=0, description="memory the frozen blocks' cache may take, per process, on the training device (on "
+        "a GPU it counts in the peak); images past it are computed every time")
 
     @field_validator("count_flops", mode="before")
     @classmethod

@@ -53,6 +53,11 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _cache_memory(frozen: dict[str, Any]) -> str:
+    """Where the frozen blocks' cache is kept: host memory beside the run, or GPU memory within its peak."""
+    return "GPU memory, within the peak" if frozen.get("device") == "cuda" else "host memory"
+
+
 def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
     state: dict[str, Any] = {}
 
@@ -72,7 +77,8 @@ def training_hooks(progress: Progress, quiet: bool = False) -> Hooks:
         if frozen:
             blocks = "block 0" if frozen["blocks"] == 1 else f"blocks 0-{frozen['blocks'] - 1}"
             progress.console.print(f"frozen {blocks} cached for up to {frozen['capacity_images']} images "
-                                   f"({human_bytes(frozen['bytes'])} host memory); the plan reads {frozen['planned_share']:.0%} of "
+                                   f"({human_bytes(frozen['bytes'])} {_cache_memory(frozen)}); the plan reads "
+                                   f"{frozen['planned_share']:.0%} of "
                                    "the steps' images from it", style="dim")
 
     def on_step(step: int, result, record: dict[str, Any]) -> None:

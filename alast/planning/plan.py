@@ -409,29 +409,41 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     micro = cfg.train.micro_batch_size
     cached = _planned_cache(cfg, pcm, options, steps)
     preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name,
-                                       micro_batch=micro, cached=cached)}
+                                       micro_batch=micro, cached=cached and cached[:2])}
+    if cached is not None and training_device(cfg).startswith("cuda"):
+        _resident(preds[cfg.policy.name], cached[2])
     preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, steps, batch, micro_batch=micro)
     out = _result(cfg, plain, source, preds, steps, target)
     if cached is not None:
-        out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": cached[1],
+        out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": cached[1], "bytes": cached[2],
+                               "device": training_device(cfg).split(":")[0],
                                "planned_share": sum(cached[0]) / len(cached[0]) if cached[0] else 0.0}
     return out
 
 
+def _resident(pred: Prediction, nbytes: float) -> None:
+    """Add memory held all run long on the device (the frozen blocks' cache on a GPU) to ``pred``'s peaks."""
+    pred.peak_memory_bytes += nbytes
+    if pred.peak_memory_sampled_bytes is not None:
+        pred.peak_memory_sampled_bytes += nbytes
+    if pred.peak_memory_range is not None:
+        pred.peak_memory_range = tuple(b + nbytes for b in pred.peak_memory_range)
+
+
 def _planned_cache(cfg: AlastConfig, cm: CostModel, options: dict[str, Any], steps: int
-                   ) -> tuple[list[float], int] | None:
-    """The shares of each step's images the run's cache of its frozen blocks will read, and the blocks
-    (:func:`alast.training.frozen.planned_cache`); None where the run will not cache them."""
+                   ) -> tuple[list[float], int, int] | None:
+    """The shares of each step's images the run's cache of its frozen blocks will read, the blocks, and
+    its bytes (:func:`alast.training.frozen.planned_cache`); None where the run will not cache them."""
     from alast.training.frozen import planned_cache
     from planners import create_planner
 
     opts = {**options, "cost_model": cm} if options.get("target_flops") is not None else options
     planner = create_planner(cfg.policy.planner, cm.num_blocks, **opts)
     return planned_cache(cfg, planner, lambda: train_images(cfg), steps, cm.num_prefix_tokens + cm.num_patches,
-                         cm.embed_dim, model_position_kind(cfg.model.name))
+                         cm.embed_dim, model_position_kind(cfg.model.name), training_device(cfg))
 
 
 def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate: bool = False,
@@ -462,6 +474,8 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
     depth = int((summary.get("frozen_cache") or {}).get("blocks", 0))
     preds = {cfg.policy.name: replay(pcm, records, policy=cfg.policy.name, world_size=world, memory_sampled=sampled,
                                      trim_last=trim, micro_batch=cfg.train.micro_batch_size, cached_depth=depth)}
+    if (summary.get("frozen_cache") or {}).get("device") == "cuda":
+        _resident(preds[cfg.policy.name], summary["frozen_cache"]["bytes"])
     if depth:  # the images whose frozen blocks the runtime read from its cache ran none of them
         read = sum(int(r.get("cached_images", 0)) for r in records)
         saved = read * bottom_flops(pcm, depth)

@@ -37,6 +37,12 @@ def cached_shares(sampler: StepBatchSampler, steps: int, serves: Callable[[int],
     return shares
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether ``auto`` leaves the cache off on ``device``: on a GPU it would be kept in device memory,
+    counted in the peak (``backend.frozen_cache=on`` keeps it there)."""
+    return device.startswith("cuda")
+
+
 def _why_not(cfg: Any, runtime: Any, planner: Any, world_size: int) -> str | None:
     """Why the frozen blocks' outputs cannot be cached in this run (None: they can)."""
     if not hasattr(runtime, "enable_frozen_cache"):
@@ -64,7 +70,7 @@ def setup_frozen_cache(cfg: Any, runtime: Any, planner: Any, num_images: int, st
     planner what it will save (:func:`plan_frozen_cache`). Returns what the summary records (None:
     off). ``on`` where it cannot apply raises ValueError, naming why."""
     setting = cfg.backend.frozen_cache
-    if setting == "off":
+    if setting == "off" or setting == "auto" and _on_gpu(str(getattr(runtime, "device", "cpu"))):
         return None
     why = _why_not(cfg, runtime, planner, world_size)
     if why is not None:
@@ -92,19 +98,19 @@ def plan_frozen_cache(cfg: Any, cache: Any, planner: Any, num_images: int, steps
         planner.expect_cached(shares, steps, start)
     ahead = shares[start:]
     return {"blocks": cache.depth, "capacity_images": cache.capacity, "bytes": cache.nbytes,
-            "planned_share": sum(ahead) / len(ahead) if ahead else 0.0}
+            "device": cache.device.type, "planned_share": sum(ahead) / len(ahead) if ahead else 0.0}
 
 
 def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: int, tokens: int, width: int,
-                  position_kind: str | None = None) -> tuple[list[float], int] | None:
-    """What ``alast plan`` expects the run's cache to read: per step the share of its images, and the
-    blocks cached; None where the run would not cache (``backend.frozen_cache``, decided from the
+                  position_kind: str | None = None, device: str = "cpu") -> tuple[list[float], int, int] | None:
+    """What ``alast plan`` expects the run's cache to read: per step the share of its images, the
+    blocks cached and the bytes it takes; None where the run would not cache (``backend.frozen_cache``, decided from the
     config as the run decides it; ``num_images``: the training split's size, asked for only where it
     would). ``tokens``, ``width``: the tokens entering a block and their width (the cache's capacity);
     ``position_kind``: the model's (rotary, relative; None: positions added before the blocks), whose
-    blocks need their own forward, so no cache."""
+    blocks need their own forward, so no cache; ``device``: the run's (on a GPU ``auto`` leaves it off)."""
     setting = cfg.backend.frozen_cache
-    if setting == "off":
+    if setting == "off" or setting == "auto" and _on_gpu(device):
         return None
     why = _why_not_planned(cfg, planner, 1)
     if why is None and cfg.backend.name != "torch":
@@ -125,6 +131,8 @@ def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: 
     from runtimes.torch_backend.frozen_cache import bytes_per_image
 
     n = num_images()
-    capacity = int(cfg.backend.frozen_cache_mib * MIB) // bytes_per_image(tokens, width, depth)
+    per_image = bytes_per_image(tokens, width, depth)
+    capacity = min(int(cfg.backend.frozen_cache_mib * MIB) // per_image, n)
     sampler = StepBatchSampler(n, cfg.train.batch_size, cfg.train.seed, 0, steps)
-    return cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), min(capacity, n)), depth
+    shares = cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), capacity)
+    return shares, depth, capacity * (tokens * width * 4 + depth * 4)  # the tokens and deltas kept (fp32)

@@ -571,9 +571,13 @@ class _Run:
         smaller = ("a lower --micro-batch-size" if passes else "--micro-batch-size (the same steps in smaller "
                    "passes, gradients accumulated; --resume takes it)") + ", a lower --batch-size"
         if cpu_failure is None:
-            return (f"out of GPU memory at step {self.current_step} with batch size {batch}{passes}; {plan} predicts "
-                    f"the peak; use {smaller}, backend.precision=bf16 (fp16 on a GPU without bf16) or a lower "
-                    f"--target-flops; {kept}")
+            cache = getattr(self.runtime, "frozen_cache", None)
+            held = (f" (the frozen blocks' cache holds {cache.nbytes / 2**20:.0f} MiB of it: a lower "
+                    "backend.frozen_cache_mib, or backend.frozen_cache=off)") if cache is not None and \
+                cache.device.type == "cuda" else ""
+            return (f"out of GPU memory at step {self.current_step} with batch size {batch}{passes}{held}; {plan} "
+                    f"predicts the peak; use {smaller}, backend.precision=bf16 (fp16 on a GPU without bf16) or a "
+                    f"lower --target-flops; {kept}")
         size = re.search(r"allocate (\d+) bytes", cpu_failure)
         asked = f" (a tensor of {int(size.group(1)) / 2**30:.2f} GiB did not fit)" if size else ""
         px = f" at {self.cfg.model.img_size} px" if self.cfg.model.img_size else ""

@@ -8,8 +8,10 @@ the tokens leaving block ``depth - 1`` and each bottom block's per-image delta (
 reads), so a later step starts at block ``depth`` for the images it holds and runs the bottom blocks
 for the others only. A step that trains one of them empties it (:meth:`clear`).
 
-The storage is allocated once, on the CPU (pinned where the runtime is on a GPU, so it takes no
-device memory), for at most ``capacity`` images; images past it are never kept. Nothing is cached
+The storage is allocated once, for at most ``capacity`` images (images past it are never kept), on
+the runtime's device: on a GPU a read is a gather on the device and a store a copy there, so a step
+neither waits on the device nor moves tokens through the host (a host copy would cost more than
+the blocks it saves); only the slot table, which the sampler's keys index, stays on the CPU. Nothing is cached
 under random transforms (``data.augment``) or where the bottom blocks draw random numbers in
 training (dropout, drop-path, patch dropout): the loop and :func:`check_frozen_prefix` refuse those.
 """
@@ -63,19 +65,26 @@ class FrozenCache:
 
     ``num_images``: the training split's size (keys are its indices); ``tokens``, ``width``: the
     tokens entering a block (prefix and patch tokens) and their width; ``capacity``: the most images
-    kept. ``pin``: page-locked storage, for a runtime on a GPU.
+    kept; ``device``: where the tokens and deltas are kept (the runtime's). ``host_views``: write the
+    storage through numpy views (default: on the CPU, where a memory tracker around a step would
+    otherwise count the whole storage as the step's); off, it is written with torch ops, as on a GPU.
     """
 
     def __init__(self, depth: int, num_images: int, tokens: int, width: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, pin: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 host_views: bool | None = None) -> None:
         self.depth = int(depth)
+        self.device = torch.device(device)
         self.capacity = max(0, min(int(capacity), int(num_images)))
         self.slot = torch.full((int(num_images),), -1, dtype=torch.long)
-        self.tokens = torch.empty((self.capacity, tokens, width), dtype=dtype, pin_memory=pin)
-        self.deltas = torch.empty((self.capacity, self.depth), dtype=torch.float32, pin_memory=pin)
+        self.tokens = torch.empty((self.capacity, tokens, width), dtype=dtype, device=self.device)
+        self.deltas = torch.empty((self.capacity, self.depth), dtype=torch.float32, device=self.device)
+        self.host_views = self.device.type == "cpu" if host_views is None else bool(host_views)
         # numpy views, made here: a write through them is outside torch's dispatch, so a memory tracker
         # around a step does not count the whole storage as the step's (``Tensor.numpy()`` inside it would)
-        self._tokens, self._deltas, self._slot = self.tokens.numpy(), self.deltas.numpy(), self.slot.numpy()
+        self._slot = self.slot.numpy()
+        if self.host_views:
+            self._tokens, self._deltas = self.tokens.numpy(), self.deltas.numpy()
         self.used = 0
         self.hits = self.cleared = 0
         self.images = 0  # the images of every step given keys, whether it read the cache or not
@@ -89,8 +98,9 @@ class FrozenCache:
         return self.slot[keys] >= 0
 
     def get(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """The stored tokens ``[n, T, D]`` and deltas ``[n, depth]`` of ``keys`` (all held)."""
-        slots = self.slot[keys]
+        """The stored tokens ``[n, T, D]`` and deltas ``[n, depth]`` of ``keys`` (all held), where
+        they are kept."""
+        slots = to_device(self.slot[keys], self.device)
         return self.tokens.index_select(0, slots), self.deltas.index_select(0, slots)
 
     def put(self, keys: Tensor, tokens: Tensor, deltas: Tensor) -> None:
@@ -104,9 +114,14 @@ class FrozenCache:
             return
         keys, take = keys[:room], new.nonzero().flatten()[:room]
         start, stop = self.used, self.used + len(keys)
-        rows = tokens.detach().index_select(0, take.to(tokens.device)).to("cpu", self.tokens.dtype)
-        self._tokens[start:stop] = rows.numpy()
-        self._deltas[start:stop] = deltas.detach().index_select(1, take.to(deltas.device)).t().float().cpu().numpy()
+        take = to_device(take, tokens.device)
+        rows, d = tokens.detach().index_select(0, take), deltas.detach().index_select(1, take).t()
+        if self.host_views:
+            self._tokens[start:stop] = rows.to("cpu", self.tokens.dtype).numpy()
+            self._deltas[start:stop] = d.float().cpu().numpy()
+        else:  # queued on the device with the step: nothing waits
+            self.tokens[start:stop].copy_(rows)
+            self.deltas[start:stop].copy_(d)
         self._slot[keys.numpy()] = range(start, stop)
         self.used = stop
 
@@ -117,7 +132,15 @@ class FrozenCache:
             self.used = 0
             self.cleared += 1
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         return {"depth": self.depth, "capacity_images": self.capacity, "held_images": self.used,
                 "bytes": self.nbytes, "hits": self.hits, "cleared": self.cleared,
-                "images": self.images}
+                "images": self.images, "device": self.device.type}
+
+
+def to_device(index: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (indices) on ``device`` without waiting on it: through page-locked memory on
+    a GPU (a copy from pageable memory would wait for the device's queued work)."""
+    if index.device == device:
+        return index
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)

@@ -17,7 +17,7 @@ from ..protocol import Capabilities, NonFiniteLoss, pass_sizes
 from ..registry import register_runtime
 from ..token_schedule import token_schedule
 from .flops import StepFlopCache, counter, grad_flags_restored, name_modules
-from .frozen_cache import FrozenCache, FrozenCacheError, bytes_per_image, check_frozen_prefix
+from .frozen_cache import FrozenCache, FrozenCacheError, bytes_per_image, check_frozen_prefix, to_device
 from .memory import default_memory_probe, frozen_aware_mem_tracker
 from .params import (
     apply_lora,
@@ -190,11 +190,12 @@ class TorchRuntime:
     # -- the frozen bottom blocks' cache -------------------------------------------------------
     def enable_frozen_cache(self, depth: int, num_images: int, max_bytes: int) -> FrozenCache:
         """Keep, per training image, what the embeddings and the first ``depth`` blocks compute for it
-        (:mod:`.frozen_cache`), in at most ``max_bytes`` of host memory. A step given the images'
-        ``keys`` (training indices) then runs those blocks only for images not kept, where it trains
-        neither them nor the embeddings and they keep every token; a step that trains one of them
-        empties the cache. Counted FLOPs are what ran: a step's count less one image's count of the
-        cached part for each image read from the cache."""
+        (:mod:`.frozen_cache`), in at most ``max_bytes`` of the runtime's device memory (on a GPU,
+        counted in the peak it reports). A step given the images' ``keys`` (training indices) then
+        runs those blocks only for images not kept, where it trains neither them nor the embeddings
+        and they keep every token; a step that trains one of them empties the cache. Counted FLOPs
+        are what ran: a step's count less one image's count of the cached part for each image read
+        from the cache."""
         check_frozen_prefix(self.timm_model, depth)
         if self.embed_params:
             raise FrozenCacheError("the embeddings train in this run, so what the blocks above them compute changes "
@@ -202,10 +203,11 @@ class TorchRuntime:
         tokens, width = self.patch.num_prefix + self.num_patches, int(self.timm_model.embed_dim)
         capacity = max_bytes // bytes_per_image(tokens, width, depth)
         try:
-            self.frozen_cache = FrozenCache(depth, num_images, tokens, width, capacity, pin=self.device.type == "cuda")
-        except RuntimeError as exc:  # the host could not give (or pin) the storage
+            self.frozen_cache = FrozenCache(depth, num_images, tokens, width, capacity, device=self.device)
+        except RuntimeError as exc:  # the device could not give the storage (torch's OutOfMemoryError included)
             need = min(capacity, num_images) * bytes_per_image(tokens, width, depth) / 2 ** 20
-            raise FrozenCacheError(f"the frozen blocks' cache could not allocate {need:.0f} MiB of host memory "
+            where = "GPU" if self.device.type == "cuda" else "host"
+            raise FrozenCacheError(f"the frozen blocks' cache could not allocate {need:.0f} MiB of {where} memory "
                                    f"({str(exc).splitlines()[0][:120]}); lower backend.frozen_cache_mib or set "
                                    "backend.frozen_cache=off") from None
         if self.count_flops == "every":
@@ -263,12 +265,12 @@ class TorchRuntime:
         x = torch.empty((batch, *cache.tokens.shape[1:]), dtype=cache.tokens.dtype, device=self.device)
         deltas = torch.empty((depth, batch), dtype=torch.float32, device=self.device)
         if n_held:
-            rows = held.nonzero().flatten().to(self.device)
+            rows = to_device(held.nonzero().flatten(), self.device)
             tokens, d = cache.get(keys[held])
-            x[rows] = tokens.to(self.device, non_blocking=True)
-            deltas[:, rows] = d.t().to(self.device, non_blocking=True)
+            x[rows] = tokens.to(self.device)
+            deltas[:, rows] = d.t().to(self.device)
         if n_held < batch:
-            rows = (~held).nonzero().flatten().to(self.device)
+            rows = to_device((~held).nonzero().flatten(), self.device)
             tokens, d = self._run_bottom(images.index_select(0, rows), depth)
             x[rows], deltas[:, rows] = tokens.to(x.dtype), d
             cache.put(keys[~held], tokens, d)

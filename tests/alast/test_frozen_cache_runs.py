@@ -58,6 +58,12 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     trace = json.loads(res.stdout)["trace"]
     assert abs(trace["train_flops_rel_error"]) < 1e-3
     assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(summary["peak_memory_bytes"], rel=1e-3)
+    # a cache kept on a GPU is in the run's peak: the trace adds it
+    (out / "summary.json").write_text(json.dumps({**summary, "frozen_cache": {**frozen, "device": "cuda"}}))
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
+    on_gpu = json.loads(res.stdout)["trace"]
+    assert on_gpu["predicted_peak_memory_bytes"] - trace["predicted_peak_memory_bytes"] == frozen["bytes"]
+    (out / "summary.json").write_text(json.dumps(summary))
     # so does the plan, before the run: the same shares read, the same tokens bought with them
     res = CliRunner().invoke(cli, ["plan", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
                                    "--set", "data.val_fraction=0.9", "--json"])
@@ -88,3 +94,41 @@ def test_where_the_cache_cannot_apply_auto_leaves_it_off_and_on_refuses(tmp_path
     res, out = train(tmp_path, "auto", "--steps", "4", *extra)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["frozen_cache"] is None
+
+
+def test_on_a_gpu_auto_leaves_the_cache_off_and_on_keeps_it_in_device_memory(monkeypatch):
+    from alast.config import load_config
+    from alast.planning import plan as planning
+    from alast.training.frozen import setup_frozen_cache
+
+    args = ["plan", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4", "--set",
+            "data.val_fraction=0.9", "--json"]
+    plans = {}
+    for name, extra in [("cpu", []), ("auto", ["--set", "backend.device=cuda"]),
+                        ("on", ["--set", "backend.device=cuda", "--set", "backend.frozen_cache=on"])]:
+        res = CliRunner().invoke(cli, args + extra)
+        assert res.exit_code == 0, res.output
+        plans[name] = json.loads(res.stdout)
+    assert "frozen_cache" not in plans["auto"] and plans["cpu"]["frozen_cache"]["device"] == "cpu"
+    on = plans["on"]["frozen_cache"]
+    assert on["device"] == "cuda" and on["planned_share"] == plans["cpu"]["frozen_cache"]["planned_share"]
+    assert on["bytes"] == 179 * (65 * 128 * 4 + 2 * 4)  # 179 training images: 65 tokens of 128, two deltas
+    # the plan's peak holds the cache's bytes on top of the steps' own
+    monkeypatch.setattr(planning, "_resident", lambda pred, nbytes: None)
+    res = CliRunner().invoke(cli, args + ["--set", "backend.device=cuda", "--set", "backend.frozen_cache=on"])
+    apart = json.loads(res.stdout)["policies"]["alast"]["peak_memory_bytes"]
+    assert plans["on"]["policies"]["alast"]["peak_memory_bytes"] - apart == on["bytes"]
+
+    # the run decides as the plan does: auto turns nothing on for a runtime on a GPU
+    class GpuRuntime:
+        device, name = "cuda:0", "torch"
+
+        def enable_frozen_cache(self, *a):
+            raise AssertionError("auto must not turn the cache on on a GPU")
+
+    class Planner:
+        frozen_bottom = 2
+
+    cfg = load_config()
+    assert cfg.backend.frozen_cache == "auto"
+    assert setup_frozen_cache(cfg, GpuRuntime(), Planner(), 100, 10) is None

@@ -18,11 +18,15 @@ IN_PASSES = ("batch size 8 in passes of 4", "`alast plan --batch-size 8 --micro-
              "use a lower --micro-batch-size")
 
 
+GPU_CACHE = "(the frozen blocks' cache holds 46 MiB of it: a lower backend.frozen_cache_mib, or backend.frozen_cache=off)"
+
+
 @pytest.mark.parametrize("error,extra,says", [
     (CUDA_OOM, [], ("out of GPU memory at step 4", "backend.precision=bf16", *ONE_PASS)),
     (CPU_OOM, [], ("out of memory at step 4", "at 32 px (a tensor of 1.91 GiB did not fit)", "model.img_size",
                    *ONE_PASS)),
     (CUDA_OOM, ["--micro-batch-size", "4"], ("out of GPU memory at step 4", *IN_PASSES)),
+    (CUDA_OOM, ["--set", "backend.frozen_cache=on"], (f"out of GPU memory at step 4 with batch size 8 {GPU_CACHE}",)),
 ])
 def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypatch, error, extra, says):
     from runtimes.torch_backend.runtime import TorchRuntime
@@ -31,6 +35,8 @@ def test_out_of_memory_ends_the_run_with_one_line_and_exit_1(tmp_path, monkeypat
 
     def oom_at_4(self, images, labels, budget, lr, step, **kw):
         if step == 4:
+            if self.frozen_cache is not None:  # as if kept on a GPU, whose memory it takes
+                self.frozen_cache.device = torch.device("cuda")
             raise error
         return launch(self, images, labels, budget, lr, step, **kw)
 

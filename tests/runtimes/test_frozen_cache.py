@@ -22,9 +22,11 @@ def model(pool="token"):
     return make_tiny_vit(global_pool=pool, reg_tokens=0 if pool == "token" else 1)  # the same weights each time
 
 
-def pair(pool="token", **kw):
+def pair(pool="token", host_views=True, **kw):
     plain, cached = runtime(model(pool), **kw), runtime(model(pool), **kw)
-    cached.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+    cache = cached.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+    if not host_views:  # the storage written with torch ops, as on a GPU, where it stays on the device
+        cached.frozen_cache = FrozenCache(2, 10, *cache.tokens.shape[1:], cache.capacity, host_views=False)
     return plain, cached
 
 
@@ -33,9 +35,10 @@ def images(n=6, seed=1):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
-@pytest.mark.parametrize("pool, micro_batch", [("token", None), ("token", 4), ("avg", None)])
-def test_a_step_read_from_the_cache_trains_as_the_step_that_computes_the_bottom_blocks(pool, micro_batch):
-    plain, cached = pair(pool, micro_batch=micro_batch)
+@pytest.mark.parametrize("pool, micro_batch, host_views", [("token", None, True), ("token", 4, True),
+                                                          ("avg", None, True), ("token", None, False)])
+def test_a_step_read_from_the_cache_trains_as_the_step_that_computes_the_bottom_blocks(pool, micro_batch, host_views):
+    plain, cached = pair(pool, host_views, micro_batch=micro_batch)
     x, y = images()
     x2, y2 = images(seed=2)
     keys = [3, 7, 1, 0, 9, 4]
@@ -102,14 +105,16 @@ def test_a_step_that_trains_a_cached_block_empties_the_cache():
     assert cached.frozen_cache.used == 0
 
 
-def test_the_cache_keeps_no_more_images_than_its_capacity():
-    cache = FrozenCache(2, num_images=10, tokens=3, width=4, capacity=4)
-    cache.put(torch.tensor([5, 1, 8]), torch.ones(3, 3, 4), torch.ones(2, 3))
-    cache.put(torch.tensor([1, 2, 9]), 2 * torch.ones(3, 3, 4), torch.ones(2, 3))
+@pytest.mark.parametrize("host_views", [True, False])
+def test_the_cache_keeps_no_more_images_than_its_capacity(host_views):
+    cache = FrozenCache(2, num_images=10, tokens=3, width=4, capacity=4, host_views=host_views)
+    cache.put(torch.tensor([5, 1, 8]), torch.ones(3, 3, 4), torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    cache.put(torch.tensor([1, 2, 9]), 2 * torch.ones(3, 3, 4), torch.tensor([[7.0, 8, 9], [10, 11, 12]]))
     assert cache.used == 4
     assert cache.held(torch.arange(10)).nonzero().flatten().tolist() == [1, 2, 5, 8]
-    tokens, _ = cache.get(torch.tensor([2, 1]))
+    tokens, deltas = cache.get(torch.tensor([2, 1]))
     assert tokens[:, 0, 0].tolist() == [2.0, 1.0]  # image 1 kept its first tokens
+    assert deltas.tolist() == [[8.0, 11.0], [2.0, 5.0]]  # each image's deltas, one per cached block
 
 
 def test_models_whose_bottom_blocks_draw_numbers_are_refused():
