@@ -91,7 +91,8 @@ class FrozenCache:
 
     @property
     def nbytes(self) -> int:
-        return self.tokens.nbytes + self.deltas.nbytes + self.slot.nbytes
+        """The storage's bytes, on its device (the host's slot table, 8 bytes an image, apart)."""
+        return self.tokens.nbytes + self.deltas.nbytes
 
     def held(self, keys: Tensor) -> Tensor:
         """Which of ``keys`` (training indices, on the CPU) the cache holds, as a bool mask."""

@@ -70,6 +70,7 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout)
     assert planned["frozen_cache"]["planned_share"] == pytest.approx(frozen["planned_share"])
+    assert planned["frozen_cache"]["bytes"] == frozen["bytes"] and frozen["device"] == "cpu"
     assert planned["policies"]["alast"]["train_flops"] == pytest.approx(summary["train_flops"], rel=0.01)
     # off: the same target, every block computed; the run reads nothing and spends the same FLOPs
     res, off = train(tmp_path, "off", "--set", "backend.frozen_cache=off")
