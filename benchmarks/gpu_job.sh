@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work in one command, sized for a short lease on one GPU:
 #   1. a check of the CUDA paths (about a minute; stops the job at the first failure; fp16 with loss
-#      scaling, gradient accumulation and the 8-bit batches' normalisation on the device are reported),
+#      scaling, gradient accumulation, the frozen blocks' cache and the 8-bit batches' normalisation on the
+#      device are reported),
 #   2. the ops one step dispatches (benchmarks/op_count.py: kernels per step, full against ALaST),
 #   3. the planner's host time per step (benchmarks/planner_time.py), then where a batch-64 step's time
 #      goes (benchmarks/gpu_profile.py, DeiT-S: the host's launch against the device's time),
@@ -77,6 +78,10 @@ fi
 # gradient accumulation on the device: passes give the one-pass losses at a lower peak (reported, not fatal)
 [[ $DEVICE == cuda ]] && { $PY -m pytest -q -n 0 -p no:cacheprovider -m gpu tests/runtimes/test_micro_batch.py \
   || echo "warning: tests/runtimes/test_micro_batch.py failed on the GPU"; }
+# the frozen blocks' cache kept on the device: the steps that read it are the steps that compute them, and
+# launching them makes no host sync (reported, not fatal)
+[[ $DEVICE == cuda ]] && { $PY -m pytest -q -n 0 -p no:cacheprovider -m gpu tests/runtimes/test_frozen_cache.py \
+  || echo "warning: tests/runtimes/test_frozen_cache.py failed on the GPU"; }
 # 8-bit batches normalised on the device: the host's float images to the bit (reported, not fatal)
 $PY -m pytest -q -n 0 -p no:cacheprovider -rs tests/runtimes/test_images.py \
   || echo "warning: tests/runtimes/test_images.py failed: 8-bit batches normalised on the device are not the host's"

@@ -136,3 +136,33 @@ def test_a_runtime_that_trains_its_embeddings_cannot_cache():
     rt = runtime(make_tiny_vit(), freeze_embeddings=False)
     with pytest.raises(FrozenCacheError, match="embeddings train"):
         rt.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_cache_is_kept_there_and_a_step_that_reads_or_stores_waits_on_nothing():
+    """CUDA: the storage is on the device, the steps that store and read give the losses of the steps
+    that compute the bottom blocks, and launching them makes no host sync."""
+    import warnings
+
+    plain, cached = (runtime(model(), device="cuda", sync_free="on") for _ in range(2))
+    cache = cached.enable_frozen_cache(2, num_images=10, max_bytes=2 ** 30)
+    assert cache.tokens.is_cuda and not cache.host_views
+    x, y = images()
+    x2, y2 = images(seed=2)
+    keys = [3, 7, 1, 0, 9, 4]
+    batches = [(x, y, keys), (x, y, keys), (torch.cat([x[:4], x2[:2]]), torch.cat([y[:4], y2[:2]]), keys[:4] + [2, 5])]
+    batches = [(xs.pin_memory(), ys.pin_memory(), ks) for xs, ys, ks in batches]
+    for step, (xs, ys, ks) in enumerate(batches):
+        a = plain.launch_step(xs, ys, DROPS, 1e-2, step).resolve()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pending = cached.launch_step(xs, ys, DROPS, 1e-2, step, keys=ks)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        b = pending.resolve()
+        if step:  # the first step's FLOP count runs on the host
+            assert not [w for w in caught if "synchroniz" in str(w.message).lower()], step
+        assert b.loss == pytest.approx(a.loss, rel=1e-4) and b.cached_images == [0, 6, 4][step]
