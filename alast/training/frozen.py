@@ -104,9 +104,9 @@ def plan_frozen_cache(cfg: Any, cache: Any, planner: Any, num_images: int, steps
 def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: int, tokens: int, width: int,
                   position_kind: str | None = None, device: str = "cpu") -> tuple[list[float], int, int] | None:
     """What ``alast plan`` expects the run's cache to read: per step the share of its images, the
-    blocks cached and the bytes it takes; None where the run would not cache (``backend.frozen_cache``, decided from the
-    config as the run decides it; ``num_images``: the training split's size, asked for only where it
-    would). ``tokens``, ``width``: the tokens entering a block and their width (the cache's capacity);
+    blocks cached and the bytes it takes; None where the run would not cache
+    (``backend.frozen_cache``, decided from the config as the run decides it; ``num_images``: the
+    training split's size, asked for only where it would). ``tokens``, ``width``: the tokens entering a block and their width (the cache's capacity);
     ``position_kind``: the model's (rotary, relative; None: positions added before the blocks), whose
     blocks need their own forward, so no cache; ``device``: the run's (on a GPU ``auto`` leaves it off)."""
     setting = cfg.backend.frozen_cache
