@@ -109,7 +109,7 @@ class FrozenCache:
     def put(self, keys: Tensor, tokens: Tensor, deltas: Tensor) -> None:
         """Store the images of ``keys`` that are not held, while there is room (in the order given):
         ``tokens`` ``[n, T, D]`` and ``deltas`` ``[depth, n]``, one row or column per key, written
-        through the numpy views."""
+        through the numpy views (``host_views``) or by a copy on the storage's device."""
         new = self.slot[keys] < 0
         keys = keys[new]
         room = self.capacity - self.used
@@ -144,6 +144,6 @@ class FrozenCache:
 def to_device(index: Tensor, device: torch.device) -> Tensor:
     """A small host tensor (indices) on ``device`` without waiting on it: through page-locked memory on
     a GPU (a copy from pageable memory would wait for the device's queued work)."""
-    if index.device == device:
-        return index
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
+    if index.device.type != "cpu" or device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)

@@ -262,6 +262,10 @@ class TorchRuntime:
         others. Returns them and the images read."""
         n_held = int(held.sum())
         batch, depth = int(keys.numel()), cache.depth
+        if n_held == batch:  # every image held: the gather is the input
+            tokens, d = cache.get(keys)
+            cache.hits += n_held
+            return tokens.to(self.device), d.t().to(self.device), n_held
         x = torch.empty((batch, *cache.tokens.shape[1:]), dtype=cache.tokens.dtype, device=self.device)
         deltas = torch.empty((depth, batch), dtype=torch.float32, device=self.device)
         if n_held:
@@ -355,7 +359,7 @@ class TorchRuntime:
                 store = (keys_t, inputs, deltas[:cache.depth])
             scales = self._update(budget)
         if store is not None:
-            cache.put(store[0], torch.cat(store[1]), store[2])
+            cache.put(store[0], store[1][0] if len(store[1]) == 1 else torch.cat(store[1]), store[2])
         if counting and bottom is not None:  # the counter saw the blocks above the cached ones only
             batch, per_image = int(images.shape[0]), self._bottom_flops
             flops = self._flops.record(fc, flop_keys, [batch * f for f in per_image[1:]], batch * per_image[0])
