@@ -42,6 +42,9 @@ class StepShape:
     # the bottom blocks the step starts above, read from a runtime's cache for some of its images
     # (0: it runs every block); the embeddings' output is then never alive (:func:`_forward_peak`)
     cached: int = 0
+    # the share of its images read so: their forward there is not run, nor timed (:class:`RunAccumulator`);
+    # the costs of steps that differ in it alone are the same otherwise, so it is left out of comparisons
+    read: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_budget(cls, budget: Any, num_patches: int) -> "StepShape":
@@ -312,7 +315,10 @@ class RunAccumulator:
         self.fwd += cost.fwd_flops * flops_scale
         self.bwd += cost.bwd_flops * flops_scale
         if self.cm.time is not None:
-            self.times.append(self.cm.time.step_time_s(cost.time_features(), **self._beside_training(shape)))
+            features = cost.time_features()
+            if shape.read:  # the images read from the cache ran none of the cached part's forward
+                features["fwd_flops"] -= shape.read * self.batch * bottom_flops(self.cm, shape.cached)
+            self.times.append(self.cm.time.step_time_s(features, **self._beside_training(shape)))
         self.kept.append(shape.kept_tokens)
         for i, (f, b, s) in enumerate(cost.per_block):
             self.sums["tokens_in"][i] += shape.tokens_in[i]
@@ -393,7 +399,7 @@ def planner_shapes(cm: CostModel, planner_name: str, options: dict[str, Any], st
         progress = step / steps
         budget = planner.plan(step, progress)
         shape = StepShape.from_budget(budget, cm.num_patches)
-        yield (replace(shape, cached=depth) if depth and cached[step] > 0 else shape), batch_size
+        yield (replace(shape, cached=depth, read=cached[step]) if depth and cached[step] > 0 else shape), batch_size
         planner.observe(Observation(step, progress, zeros))
 
 
@@ -451,7 +457,8 @@ def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trac
 
     def shape(r: dict[str, Any]) -> StepShape:
         s = StepShape.from_record(r, cm.num_blocks)
-        return replace(s, cached=cached_depth) if cached_depth and r.get("cached_images", 0) else s
+        read = int(r.get("cached_images", 0))
+        return replace(s, cached=cached_depth, read=read / int(r.get("batch_size", batch))) if cached_depth and read else s
 
     shapes = ((shape(r), int(r.get("batch_size", batch))) for r in records)
     sampled = None

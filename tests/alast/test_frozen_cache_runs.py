@@ -53,10 +53,14 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     assert early and all(r["cached_images"] == 0 for r in early)
     assert sum(r["cached_images"] for r in records) > 0
     # the plan replays what ran, the cache's reads included
-    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json"])
+    res = CliRunner().invoke(cli, ["plan", "--trace", str(out), "--json", "--throughput", "1e12"])
     assert res.exit_code == 0, res.output
-    trace = json.loads(res.stdout)["trace"]
+    replayed = json.loads(res.stdout)
+    trace = replayed["trace"]
     assert abs(trace["train_flops_rel_error"]) < 1e-3
+    # its time prices what ran: at a given throughput, the FLOPs left after the reads
+    alast = replayed["policies"]["alast"]
+    assert alast["time_s"] * 1e12 == pytest.approx(alast["train_flops"], rel=1e-9)
     assert trace["predicted_peak_memory_sampled_steps_bytes"] == pytest.approx(summary["peak_memory_bytes"], rel=1e-3)
     # a cache kept on a GPU is in the run's peak: the trace adds it
     (out / "summary.json").write_text(json.dumps({**summary, "frozen_cache": {**frozen, "device": "cuda"}}))
@@ -66,9 +70,11 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     (out / "summary.json").write_text(json.dumps(summary))
     # so does the plan, before the run: the same shares read, the same tokens bought with them
     res = CliRunner().invoke(cli, ["plan", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
-                                   "--set", "data.val_fraction=0.9", "--json"])
+                                   "--set", "data.val_fraction=0.9", "--json", "--throughput", "1e12"])
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout)
+    assert planned["policies"]["alast"]["time_s"] * 1e12 == pytest.approx(planned["policies"]["alast"]["train_flops"],
+                                                                           rel=1e-9)
     assert planned["frozen_cache"]["planned_share"] == pytest.approx(frozen["planned_share"])
     assert planned["frozen_cache"]["bytes"] == frozen["bytes"] and frozen["device"] == "cpu"
     assert planned["policies"]["alast"]["train_flops"] == pytest.approx(summary["train_flops"], rel=0.01)
