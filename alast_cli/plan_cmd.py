@@ -228,10 +228,15 @@ def run_plan(config, overrides, named, as_json: bool, plot: Path | None, trace: 
     if result.get("frozen_cache"):
         c = result["frozen_cache"]
         blocks = "block 0" if c["blocks"] == 1 else f"blocks 0-{c['blocks'] - 1}"
-        results.print(f"{c['policy']}: the embeddings and {blocks} are cached (backend.frozen_cache): "
-                      f"{c['planned_share']:.0%} of the steps' images start above them"
-                      + (f"; it takes {human_bytes(c['bytes'])} of GPU memory, in the peak" if c.get("device") == "cuda"
-                         else ""))
+        if c.get("left_off"):
+            results.print(f"{c['policy']}: on a GPU the frozen blocks' cache stays off (backend.frozen_cache=auto); "
+                          f"with backend.frozen_cache=on {c['planned_share']:.0%} of the steps' images would start "
+                          f"above the embeddings and {blocks}, for {human_bytes(c['bytes'])} of GPU memory")
+        else:
+            results.print(f"{c['policy']}: the embeddings and {blocks} are cached (backend.frozen_cache): "
+                          f"{c['planned_share']:.0%} of the steps' images start above them"
+                          + (f"; it takes {human_bytes(c['bytes'])} of GPU memory, in the peak"
+                             if c.get("device") == "cuda" else ""))
     if result.get("early_phase"):
         e = result["early_phase"]
         results.print(f"{e['policy']}: early phase: the first {e['frac']:.0%} of steps train the top {e['trained']} of "

@@ -417,11 +417,27 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, steps, batch, micro_batch=micro)
     out = _result(cfg, plain, source, preds, steps, target)
+    if cached is None and cfg.backend.frozen_cache == "auto" and training_device(cfg).startswith("cuda"):
+        cached, left_off = _gpu_cache_offer(cfg, pcm, options, steps), True
+    else:
+        left_off = False
     if cached is not None:
         out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": cached[1], "bytes": cached[2],
                                "device": training_device(cfg).split(":")[0],
-                               "planned_share": sum(cached[0]) / len(cached[0]) if cached[0] else 0.0}
+                               "planned_share": sum(cached[0]) / len(cached[0]) if cached[0] else 0.0,
+                               **({"left_off": True} if left_off else {})}
     return out
+
+
+def _gpu_cache_offer(cfg: AlastConfig, cm: CostModel, options: dict[str, Any], steps: int
+                     ) -> tuple[list[float], int, int] | None:
+    """What ``backend.frozen_cache=on`` would cache in a run on a GPU, where ``auto`` leaves it off (the
+    plan above is the run's, without it); None where it would not apply either."""
+    on = cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"frozen_cache": "on"})})
+    try:
+        return _planned_cache(on, cm, options, steps)
+    except ValueError:
+        return None
 
 
 def _resident(pred: Prediction, nbytes: float) -> None:

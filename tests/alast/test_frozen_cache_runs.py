@@ -116,8 +116,15 @@ def test_on_a_gpu_auto_leaves_the_cache_off_and_on_keeps_it_in_device_memory(mon
         res = CliRunner().invoke(cli, args + extra)
         assert res.exit_code == 0, res.output
         plans[name] = json.loads(res.stdout)
-    assert "frozen_cache" not in plans["auto"] and plans["cpu"]["frozen_cache"]["device"] == "cpu"
+    assert plans["cpu"]["frozen_cache"]["device"] == "cpu"
     on = plans["on"]["frozen_cache"]
+    # auto plans the run without it, and says what `on` would cache
+    offer = plans["auto"]["frozen_cache"]
+    assert offer["left_off"] and {k: offer[k] for k in on} == on and "left_off" not in on
+    assert plans["auto"]["policies"]["alast"]["peak_memory_bytes"] < plans["on"]["policies"]["alast"]["peak_memory_bytes"]
+    res = CliRunner().invoke(cli, args[:-1] + ["--set", "backend.device=cuda"])
+    assert "on a GPU the frozen blocks' cache stays off (backend.frozen_cache=auto); with backend.frozen_cache=on" \
+        in " ".join(res.output.split())
     assert on["device"] == "cuda" and on["planned_share"] == plans["cpu"]["frozen_cache"]["planned_share"]
     assert on["bytes"] == 179 * (65 * 128 * 4 + 2 * 4)  # 179 training images: 65 tokens of 128, two deltas
     # the plan's peak holds the cache's bytes on top of the steps' own
