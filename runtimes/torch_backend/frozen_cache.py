@@ -10,7 +10,7 @@ for the others only. A step that trains one of them empties it (:meth:`clear`).
 
 The storage is allocated once, for at most ``capacity`` images (images past it are never kept), on
 the runtime's device: on a GPU a read is a gather on the device and a store a copy there, so a step
-neither waits on the device nor moves tokens through the host (a host copy would cost more than
+neither waits on the device nor moves tokens through the host (a host copy could cost more than
 the blocks it saves); only the slot table, which the sampler's keys index, stays on the CPU. On a
 GPU the loop keeps it only when asked (``backend.frozen_cache=on``): there it takes device memory.
 Nothing is cached under random transforms (``data.augment``) or where the bottom blocks draw random
