@@ -12,7 +12,8 @@
 #      embeddings, 256 patch tokens; last, so the deadline cuts it first) at batch 256 and 64, then
 #   6. the data path end to end: how fast batches of photos come (benchmarks/data_speed.py, with and
 #      without the decoded-image cache, with and without workers), then `alast train` from that image
-#      folder, full fine-tuning and ALaST, with the cache and without (each run's summary.json),
+#      folder, full fine-tuning and ALaST, with the cache and without, and ALaST with the frozen blocks'
+#      cache on the GPU (each run's summary.json),
 #   7. ViT-B/16 compiled at batch 256, each stopped at the job's deadline (rows are written as they come),
 #   8. with PRETRAIN=1 only, first: pre-training of the 12-block backbone again
 #      (examples/pretrain_vit12_backbone.py, MINUTES of training; the shipped weights came from it).
@@ -123,6 +124,11 @@ for policy in full alast; do
       && cp "$E2E_DIR/$policy-$cache/summary.json" "$OUT_DIR/train_photos_${policy}_cache_$cache.json"
   done
 done
+# the frozen blocks' cache kept on the GPU (auto leaves it off there): its step time and peak against
+# the alast run above (the images repeat every 8 steps, so most steps read it)
+timeout "$(upto 60)" $PY -m alast_cli train --data "imagefolder:$E2E_DIR/photos" "${E2E[@]}" --policy alast \
+  --set backend.frozen_cache=on --set "backend.device=$DEVICE" --out "$E2E_DIR/alast-frozen-on" --json > /dev/null \
+  && cp "$E2E_DIR/alast-frozen-on/summary.json" "$OUT_DIR/train_photos_alast_frozen_cache_on.json"
 echo "== speed grid, compiled ($(date -u +%T), $(left) s left)"
 timeout "$(upto 0)" $PY benchmarks/gpu_speed.py --device "$DEVICE" "${COMPILED[@]}" --compile on \
   --out "$OUT_DIR/gpu_speed_compiled.json"
