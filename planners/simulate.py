@@ -42,7 +42,7 @@ class StepShape:
     # the bottom blocks the step starts above, read from a runtime's cache for some of its images
     # (0: it runs every block); the embeddings' output is then never alive (:func:`_forward_peak`)
     cached: int = 0
-    # the share of its images read so: their forward there is not run, nor timed (:class:`RunAccumulator`);
+    # the share of its images read so: their forward there is neither run nor timed (:class:`RunAccumulator`);
     # the costs of steps that differ in it alone are the same otherwise, so it is left out of comparisons
     read: float = field(default=0.0, compare=False)
 
@@ -312,12 +312,13 @@ class RunAccumulator:
                         after + cost.grad_bytes + cost.opt_temp_bytes + records)
         self.step_peaks.append(step_peak)
         self.peak = max(self.peak, step_peak)
-        self.fwd += cost.fwd_flops * flops_scale
+        # the images read from a cache ran none of the cached part's forward
+        saved = shape.read * self.batch * bottom_flops(self.cm, shape.cached) if shape.read else 0.0
+        self.fwd += (cost.fwd_flops - saved) * flops_scale
         self.bwd += cost.bwd_flops * flops_scale
         if self.cm.time is not None:
             features = cost.time_features()
-            if shape.read:  # the images read from the cache ran none of the cached part's forward
-                features["fwd_flops"] -= shape.read * self.batch * bottom_flops(self.cm, shape.cached)
+            features["fwd_flops"] -= saved
             self.times.append(self.cm.time.step_time_s(features, **self._beside_training(shape)))
         self.kept.append(shape.kept_tokens)
         for i, (f, b, s) in enumerate(cost.per_block):
@@ -415,17 +416,15 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
     if planner_name != "alast":
         pred = run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size, shares), policy, "exact",
                           batch_size, micro_batch=micro_batch)
-        return _less_cached(cm, pred, cached, batch_size)
+        return pred
     trim = bool(options.get("trim_last"))
     pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size, shares), policy, "expected",
                       batch_size, trim_last=trim, micro_batch=micro_batch)
     bounds = []
     for b in (options.get("b_min", 0.5), options.get("b_max", 1.0)):
         held = {**options, "b_init": b, "b_min": b, "b_max": b}
-        bounds.append(_less_cached(cm, run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size, shares),
-                                                  policy, "bound", batch_size, trim_last=trim, micro_batch=micro_batch),
-                                   cached, batch_size))
-    pred = _less_cached(cm, pred, cached, batch_size)
+        bounds.append(run_shapes(cm, planner_shapes(cm, "alast", held, steps, batch_size, shares), policy, "bound",
+                                 batch_size, trim_last=trim, micro_batch=micro_batch))
     lo, hi = bounds
     pred.train_flops_range = (lo.train_flops, hi.train_flops)
     pred.peak_memory_range = (lo.peak_memory_bytes, hi.peak_memory_bytes)
@@ -434,15 +433,6 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
     return pred
 
 
-def _less_cached(cm: CostModel, pred: Prediction, cached: tuple[Sequence[float], int] | None,
-                 batch_size: int) -> Prediction:
-    """``pred`` less the forward FLOPs of the bottom blocks a cache saves (:func:`simulate`)."""
-    if cached is not None:
-        saved = sum(cached[0]) * batch_size * bottom_flops(cm, cached[1])
-        pred.train_flops -= saved
-        pred.fwd_flops -= saved
-    return pred
-
 
 def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,
            memory_sampled: Callable[[int], bool] | None = None, trim_last: bool = False,
@@ -450,7 +440,8 @@ def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trac
     """Predict exactly what the logged steps cost (``metrics.jsonl`` records, in step order).
     ``memory_sampled(step)`` says which steps the runtime measured memory on; ``micro_batch``: see
     :func:`run_shapes`; ``cached_depth``: the bottom blocks a step that read images from the
-    runtime's cache (``cached_images``) started above. The FLOPs it saved are the caller's to take off."""
+    runtime's cache (``cached_images``) started above; those images' forward there is neither counted
+    nor timed."""
     if not records:
         raise ValueError("the trace has no steps")
     batch = int(records[0].get("batch_size", 1))

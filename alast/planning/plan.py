@@ -21,7 +21,7 @@ from alast.planning.profile import profile_with_source
 from alast.training.build import check_positions, model_data_config, policy_options
 from alast.training.report import METRICS, read_metrics
 from planners.costmodel import COST_MODEL_VERSION, CostModel, TimeModel, load_cost_model
-from planners.simulate import Prediction, bottom_flops, inference_flops, replay, simulate
+from planners.simulate import Prediction, inference_flops, replay, simulate
 from planners.target import check_target
 from planners.target import solve_target as _solve
 
@@ -492,11 +492,6 @@ def replay_run(run_dir: Path, *, cost_model_path: Path | None = None, calibrate:
                                      trim_last=trim, micro_batch=cfg.train.micro_batch_size, cached_depth=depth)}
     if (summary.get("frozen_cache") or {}).get("device") == "cuda":
         _resident(preds[cfg.policy.name], summary["frozen_cache"]["bytes"])
-    if depth:  # the images whose frozen blocks the runtime read from its cache ran none of them
-        read = sum(int(r.get("cached_images", 0)) for r in records)
-        saved = read * bottom_flops(pcm, depth)
-        preds[cfg.policy.name].train_flops -= saved
-        preds[cfg.policy.name].fwd_flops -= saved
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, len(records), batch, micro_batch=cfg.train.micro_batch_size)
