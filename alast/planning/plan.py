@@ -407,24 +407,22 @@ def plan(cfg: AlastConfig, *, cost_model_path: Path | None = None, calibrate: bo
     plain, pcm = _time_models(cfg, plain, pcm, calibrate, throughput, batch, budget)
     _note_passes(cfg, pcm.time is not None)
     micro = cfg.train.micro_batch_size
-    cached = _planned_cache(cfg, pcm, options, steps)
+    cached, on_gpu = _planned_cache(cfg, pcm, options, steps), training_device(cfg).startswith("cuda")
     preds = {cfg.policy.name: simulate(pcm, cfg.policy.planner, options, steps, batch, policy=cfg.policy.name,
                                        micro_batch=micro, cached=cached and cached[:2])}
-    if cached is not None and training_device(cfg).startswith("cuda"):
+    if cached is not None and on_gpu:
         _resident(preds[cfg.policy.name], cached[2])
     preds[cfg.policy.name].knobs = {k: v for k, v in options.items() if k not in ("seed",)}
     _deployed_inference(cfg, plain, preds[cfg.policy.name])
     if cfg.policy.name != "full":
         preds["full"] = simulate(plain, "full", {}, steps, batch, micro_batch=micro)
     out = _result(cfg, plain, source, preds, steps, target)
-    if cached is None and cfg.backend.frozen_cache == "auto" and training_device(cfg).startswith("cuda"):
-        cached, left_off = _gpu_cache_offer(cfg, pcm, options, steps), True
-    else:
-        left_off = False
-    if cached is not None:
-        out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": cached[1], "bytes": cached[2],
-                               "device": training_device(cfg).split(":")[0],
-                               "planned_share": sum(cached[0]) / len(cached[0]) if cached[0] else 0.0,
+    left_off = cached is None and cfg.backend.frozen_cache == "auto" and on_gpu
+    shown = _gpu_cache_offer(cfg, pcm, options, steps) if left_off else cached
+    if shown is not None:
+        out["frozen_cache"] = {"policy": cfg.policy.name, "blocks": shown[1], "bytes": shown[2],
+                               "device": "cuda" if on_gpu else "cpu",
+                               "planned_share": sum(shown[0]) / len(shown[0]) if shown[0] else 0.0,
                                **({"left_off": True} if left_off else {})}
     return out
 

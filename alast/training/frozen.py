@@ -128,11 +128,10 @@ def planned_cache(cfg: Any, planner: Any, num_images: Callable[[], int], steps: 
         if setting == "on":
             raise ValueError(f"backend.frozen_cache=on cannot apply: {why}; set backend.frozen_cache=auto or off")
         return None
-    from runtimes.torch_backend.frozen_cache import bytes_per_image
+    from runtimes.torch_backend.frozen_cache import bytes_per_image, stored_bytes
 
     n = num_images()
-    per_image = bytes_per_image(tokens, width, depth)
-    capacity = min(int(cfg.backend.frozen_cache_mib * MIB) // per_image, n)
+    capacity = min(int(cfg.backend.frozen_cache_mib * MIB) // bytes_per_image(tokens, width, depth), n)
     sampler = StepBatchSampler(n, cfg.train.batch_size, cfg.train.seed, 0, steps)
     shares = cached_shares(sampler, steps, lambda s: planner.serves_cache(s, s / steps), capacity)
-    return shares, depth, capacity * (tokens * width * 4 + depth * 4)  # the tokens and deltas kept (fp32)
+    return shares, depth, capacity * stored_bytes(tokens, width, depth)

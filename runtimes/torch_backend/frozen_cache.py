@@ -57,9 +57,14 @@ def check_frozen_prefix(timm_model: nn.Module, depth: int) -> None:
                                        "backend.frozen_cache=off or the rate to 0")
 
 
+def stored_bytes(tokens: int, width: int, depth: int) -> int:
+    """The storage :class:`FrozenCache` keeps for one image, on its device: its tokens and deltas (fp32)."""
+    return tokens * width * 4 + depth * 4
+
+
 def bytes_per_image(tokens: int, width: int, depth: int) -> int:
-    """What :class:`FrozenCache` stores for one image: its tokens (fp32), its deltas, its slot."""
-    return tokens * width * 4 + depth * 4 + 8
+    """What one image costs :class:`FrozenCache`: its storage and its slot in the host's table."""
+    return stored_bytes(tokens, width, depth) + 8
 
 
 class FrozenCache:
