@@ -262,9 +262,9 @@ class TorchRuntime:
         others. Returns them and the images read."""
         n_held = int(held.sum())
         batch, depth = int(keys.numel()), cache.depth
+        cache.hits += n_held
         if n_held == batch:  # every image held: the gather is the input
             tokens, d = cache.get(keys)
-            cache.hits += n_held
             return tokens.to(self.device), d.t().to(self.device), n_held
         x = torch.empty((batch, *cache.tokens.shape[1:]), dtype=cache.tokens.dtype, device=self.device)
         deltas = torch.empty((depth, batch), dtype=torch.float32, device=self.device)
@@ -278,7 +278,6 @@ class TorchRuntime:
             tokens, d = self._run_bottom(images.index_select(0, rows), depth)
             x[rows], deltas[:, rows] = tokens.to(x.dtype), d
             cache.put(keys[~held], tokens, d)
-        cache.hits += n_held
         return x, deltas, n_held
 
     def _forward_from(self, x: torch.Tensor, depth: int, bottom_deltas: torch.Tensor, ctl: Any) -> torch.Tensor:
