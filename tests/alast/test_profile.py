@@ -328,6 +328,43 @@ def test_memory_events_predict_the_forward_and_backward_peaks_at_other_batches_a
     assert cm.fit_max_rel_error < 1e-9
 
 
+def test_a_timeline_holds_after_every_op_what_memtracker_holds(monkeypatch):
+    """The profile's timeline tracker (its own walk of each op's outputs, no module snapshots) gives
+    after every op of a forward and a backward the same bytes as MemTracker's own dispatch, for a
+    whole block and a selecting one, a Eva block with its rotary embeddings held, in every state."""
+    from alast.planning import measure
+    from runtimes.torch_backend.memory import frozen_aware_tracker_cls
+    from runtimes.torch_backend.patch import forward_selecting
+    from tests.conftest import make_tiny_eva
+
+    class Reference(frozen_aware_tracker_cls()):
+        record = None
+
+        def total(self):
+            return sum(s["Total"] for s in self._curr_mem_snap.values())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if self.record is not None:
+                self.record.append((str(func), self.total()))
+            return out
+
+    vit, eva = _vit(dim=48, heads=4, mlp_ratio=4.0, patch=4, depth=1), make_tiny_eva("mixed", depth=1)
+    cases = [(vit.blocks[0], lambda b, x: b(x), 48, 65), (vit.blocks[0], lambda b, x: forward_selecting(b, x, 20, 1)[0], 48, 65),
+             (eva.blocks[0], lambda b, x: forward_selecting(b, x, 5, 1)[0], 32, 17)]
+    for blk, fn, dim, n in cases:
+        params = list(blk.parameters())
+        fn(blk, torch.randn(2, n, dim))  # what a first call computes once (the rotary embeddings' table)
+        for state in ("weights_and_input", "weights_only", "input_only", "none"):
+            x = torch.randn(8, n, dim)
+            ours = measure.memory_timeline(blk, fn, params, state, x.clone())
+            with monkeypatch.context() as m:
+                m.setattr(measure, "_timeline_tracker_cls", lambda: Reference)
+                theirs = measure.memory_timeline(blk, fn, params, state, x.clone())
+            assert ours == theirs and len(ours[0]) > 10, state
+            assert (len(ours[1]) > 10) == (state != "none")
+
+
 def test_memory_events_recover_every_op_that_can_lead_and_only_those():
     """Each op's bytes ``c(n) + batch * s(n)``: the fit keeps the ops that hold the most at some
     token count and batch (weight gradients at small batches, activation gradients at large ones),
