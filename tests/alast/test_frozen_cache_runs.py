@@ -7,7 +7,28 @@ from click.testing import CliRunner
 from alast.data import StepBatchSampler
 from alast.training.frozen import cached_shares
 from alast_cli.main import cli
-from tests.conftest import SMALL_VAL
+
+TRAIN_IMAGES = 180  # few enough that 20 steps of 24 see each image again
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """180 of the digits to train on and 40 to validate on, as an image folder (train/ and val/): the
+    runs read their images back within 20 steps, and their evaluations take no time."""
+    from PIL import Image
+
+    from alast.data.datasets import digit_images
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = digit_images()
+    count = {}
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        n = count[label] = count.get(label, 0) + 1
+        split = "train" if n <= TRAIN_IMAGES // 10 else "val" if n <= TRAIN_IMAGES // 10 + 4 else None
+        if split:
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").save(root / split / str(label) / f"{i:04d}.png")
+    return ["--data", f"imagefolder:{root}"]
 
 
 def test_cached_shares_replay_the_sampler():
@@ -31,21 +52,20 @@ def test_cached_shares_replay_the_sampler():
     assert small == [0.0] + [sum(k in batches[0][:2] for k in b) / 4 for b in batches[1:]]
 
 
-def train(tmp_path, name, *extra):
+def train(data, tmp_path, name, *extra):
     out = tmp_path / name
-    res = CliRunner().invoke(cli, ["train", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
-                                   "--set", "backend.threads=1", "--set", "data.val_fraction=0.9", *extra,
-                                   "--out", str(out)])
+    res = CliRunner().invoke(cli, ["train", *data, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
+                                   "--set", "backend.threads=1", *extra, "--out", str(out)])
     return res, out
 
 
-def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tmp_path):
-    res, out = train(tmp_path, "cached")
+def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(digits, tmp_path):
+    res, out = train(digits, tmp_path, "cached")
     assert res.exit_code == 0, res.output
-    assert "frozen blocks 0-1 cached for up to 179 images" in res.output and "the plan reads" in res.output
+    assert f"frozen blocks 0-1 cached for up to {TRAIN_IMAGES} images" in res.output and "the plan reads" in res.output
     summary = json.loads((out / "summary.json").read_text())
     frozen = summary["frozen_cache"]
-    assert frozen["blocks"] == 2 and 150 < frozen["held_images"] <= 179 and frozen["cleared"] == 0
+    assert frozen["blocks"] == 2 and 150 < frozen["held_images"] <= TRAIN_IMAGES and frozen["cleared"] == 0
     assert 0.3 < frozen["planned_share"] and abs(frozen["read_share"] - frozen["planned_share"]) < 0.02
     assert abs(summary["flops_ratio_vs_full"] / 0.4 - 1) < 0.01
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -69,8 +89,8 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     assert on_gpu["predicted_peak_memory_bytes"] - trace["predicted_peak_memory_bytes"] == frozen["bytes"]
     (out / "summary.json").write_text(json.dumps(summary))
     # so does the plan, before the run: the same shares read, the same tokens bought with them
-    res = CliRunner().invoke(cli, ["plan", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
-                                   "--set", "data.val_fraction=0.9", "--json", "--throughput", "1e12"])
+    res = CliRunner().invoke(cli, ["plan", *digits, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4",
+                                   "--json", "--throughput", "1e12"])
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout)
     assert planned["policies"]["alast"]["time_s"] * 1e12 == pytest.approx(planned["policies"]["alast"]["train_flops"],
@@ -79,7 +99,7 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     assert planned["frozen_cache"]["bytes"] == frozen["bytes"] and frozen["device"] == "cpu"
     assert planned["policies"]["alast"]["train_flops"] == pytest.approx(summary["train_flops"], rel=0.01)
     # off: the same target, every block computed; the run reads nothing and spends the same FLOPs
-    res, off = train(tmp_path, "off", "--set", "backend.frozen_cache=off")
+    res, off = train(digits, tmp_path, "off", "--set", "backend.frozen_cache=off")
     assert res.exit_code == 0, res.output
     plain = json.loads((off / "summary.json").read_text())
     assert plain["frozen_cache"] is None and abs(plain["flops_ratio_vs_full"] / 0.4 - 1) < 0.01
@@ -92,24 +112,23 @@ def test_a_run_reads_its_frozen_blocks_from_the_cache_and_lands_on_its_target(tm
     (["--set", "policy.freeze_embeddings=false"], "the embeddings train in this run"),
     (["--micro-batch-size", "8"], "not with gradient accumulation (train.micro_batch_size)"),
 ])
-def test_where_the_cache_cannot_apply_auto_leaves_it_off_and_on_refuses(tmp_path, extra, why):
-    res, out = train(tmp_path, "on", "--set", "backend.frozen_cache=on", *extra)
+def test_where_the_cache_cannot_apply_auto_leaves_it_off_and_on_refuses(digits, tmp_path, extra, why):
+    res, out = train(digits, tmp_path, "on", "--set", "backend.frozen_cache=on", *extra)
     assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
     assert not out.exists()
     if extra[0] == "--policy":
         return
-    res, out = train(tmp_path, "auto", "--steps", "4", *extra)
+    res, out = train(digits, tmp_path, "auto", "--steps", "4", *extra)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["frozen_cache"] is None
 
 
-def test_on_a_gpu_auto_leaves_the_cache_off_and_on_keeps_it_in_device_memory(monkeypatch):
+def test_on_a_gpu_auto_leaves_the_cache_off_and_on_keeps_it_in_device_memory(digits, monkeypatch):
     from alast.config import load_config
     from alast.planning import plan as planning
     from alast.training.frozen import setup_frozen_cache
 
-    args = ["plan", *SMALL_VAL, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4", "--set",
-            "data.val_fraction=0.9", "--json"]
+    args = ["plan", *digits, "--steps", "20", "--batch-size", "24", "--target-flops", "0.4", "--json"]
     plans = {}
     for name, extra in [("cpu", []), ("auto", ["--set", "backend.device=cuda"]),
                         ("on", ["--set", "backend.device=cuda", "--set", "backend.frozen_cache=on"])]:
@@ -126,7 +145,7 @@ def test_on_a_gpu_auto_leaves_the_cache_off_and_on_keeps_it_in_device_memory(mon
     assert "on a GPU the frozen blocks' cache stays off (backend.frozen_cache=auto); with backend.frozen_cache=on" \
         in " ".join(res.output.split())
     assert on["device"] == "cuda" and on["planned_share"] == plans["cpu"]["frozen_cache"]["planned_share"]
-    assert on["bytes"] == 179 * (65 * 128 * 4 + 2 * 4)  # 179 training images: 65 tokens of 128, two deltas
+    assert on["bytes"] == TRAIN_IMAGES * (65 * 128 * 4 + 2 * 4)  # each training image: 65 tokens of 128, two deltas
     # the plan's peak holds the cache's bytes on top of the steps' own
     monkeypatch.setattr(planning, "_resident", lambda pred, nbytes: None)
     res = CliRunner().invoke(cli, args + ["--set", "backend.device=cuda", "--set", "backend.frozen_cache=on"])
