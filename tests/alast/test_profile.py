@@ -350,7 +350,8 @@ def test_a_timeline_holds_after_every_op_what_memtracker_holds(monkeypatch):
             return out
 
     vit, eva = _vit(dim=48, heads=4, mlp_ratio=4.0, patch=4, depth=1), make_tiny_eva("mixed", depth=1)
-    cases = [(vit.blocks[0], lambda b, x: b(x), 48, 65), (vit.blocks[0], lambda b, x: forward_selecting(b, x, 20, 1)[0], 48, 65),
+    cases = [(vit.blocks[0], lambda b, x: b(x), 48, 65),
+             (vit.blocks[0], lambda b, x: forward_selecting(b, x, 20, 1)[0], 48, 65),
              (eva.blocks[0], lambda b, x: forward_selecting(b, x, 5, 1)[0], 32, 17)]
     for blk, fn, dim, n in cases:
         params = list(blk.parameters())
