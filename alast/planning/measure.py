@@ -138,24 +138,14 @@ Timeline = list[tuple[str, int]]  # (op, bytes held beyond the start) after ever
 
 @functools.lru_cache(maxsize=1)
 def _timeline_tracker_cls() -> type:
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
     from runtimes.torch_backend.memory import frozen_aware_tracker_cls
 
-    def tensors(out):
-        if isinstance(out, torch.Tensor):
-            yield out
-        elif isinstance(out, (tuple, list)):
-            for o in out:
-                yield from tensors(o)
-
     class TimelineTracker(frozen_aware_tracker_cls()):
-        """Records the bytes alive after every op while :attr:`record` is a list.
-
-        A timeline reads the total after each op and nothing else: each op's outputs are tracked as
-        MemTracker tracks them (its ``_track``, the same storages and sizes), without its pytree walk
-        and peak bookkeeping, and the per-module snapshots of its module hooks are not taken; the
-        profile spends most of its time here (tests/alast/test_profile.py holds the totals to
+        """Records the bytes alive after every op while :attr:`record` is a list (the tracker
+        the runtime measures its peaks with: each op's outputs tracked as MemTracker tracks them,
+        without its per-module snapshots; tests/alast/test_profile.py holds a timeline to
         MemTracker's own)."""
 
         record: list[tuple[str, int]] | None = None
@@ -164,25 +154,10 @@ def _timeline_tracker_cls() -> type:
             return sum(s[_TOTAL_KEY] for s in self._curr_mem_snap.values())
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            reftype = _MemRefType.TEMP if self._mod_tracker.is_bw else _MemRefType.ACT
-            for t in tensors(out):
-                self._track(reftype, t)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
             if self.record is not None:
                 self.record.append((str(func), self.total()))
             return out
-
-        def _pre_fw_hook(self, module, inputs):
-            pass
-
-        def _post_fw_hook(self, module, inputs, outputs):
-            pass
-
-        def _pre_bw_hook(self, module, args):
-            pass
-
-        def _post_bw_hook(self, module, args):
-            pass
 
     return TimelineTracker
 

@@ -8,17 +8,56 @@ from planners.rules import memory_probe_step
 default_memory_probe = memory_probe_step  # one schedule: the planner predicts the probed steps from it
 
 
+def _tensors(out):
+    """The tensors an op returned: itself, or those in its (nested) tuple or list."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            yield from _tensors(o)
+
+
 @functools.lru_cache(maxsize=1)
 def frozen_aware_tracker_cls():
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class FrozenAwareMemTracker(MemTracker):
-        """MemTracker that also works when some parameters are frozen.
+        """MemTracker that also works when some parameters are frozen, and costs less per op.
 
         Upstream installs a gradient hook on every parameter, which fails for frozen ones. Without
         the hooks gradients are still allocated under the tracker's dispatch mode and so still
         count towards the peak total (only their category label is lost).
+
+        Each op's outputs are tracked as upstream tracks them (its ``_track``: the same storages,
+        sizes and categories, the optimizer's step as optimizer state), without its pytree walk,
+        and the per-module snapshots its module hooks take are not taken: only the totals and the
+        peak are read here (no activation checkpointing runs under it, whose recomputation upstream
+        tells apart in those hooks). tests/runtimes/test_memory_tracker.py holds the current and
+        peak snapshots to upstream's.
         """
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            reftype = (_MemRefType.OPT if self._in_opt else
+                       _MemRefType.TEMP if self._mod_tracker.is_bw else _MemRefType.ACT)
+            for t in _tensors(out):
+                self._track(reftype, t)
+            self._update_peak_stats(None)
+            return out
+
+        def _pre_fw_hook(self, module, inputs):
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            pass
+
+        def _pre_bw_hook(self, module, args):
+            pass
+
+        def _post_bw_hook(self, module, args):
+            pass
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
