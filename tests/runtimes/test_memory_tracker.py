@@ -2,7 +2,7 @@
 import pytest
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from runtimes.torch_backend.memory import frozen_aware_mem_tracker
 from runtimes.torch_backend.patch import forward_selecting
@@ -33,12 +33,15 @@ class _Forward(nn.Module):
 
 def _peaks(tracker, model, x, select):
     run = _Forward(model, select)
-    tracker.track_external(run)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    tracker.track_external(run, opt)
     with tracker:
         loss = run(x).pow(2).sum()
         current = tracker.get_tracker_snapshot("current")
         loss.backward()
-    return current, tracker.get_tracker_snapshot("peak")
+        peak = tracker.get_tracker_snapshot("peak")
+        opt.step()  # AdamW's state, created in its first step: optimizer state
+    return current, peak, tracker.get_tracker_snapshot("current")
 
 
 @pytest.mark.parametrize("select", [False, True])
@@ -49,6 +52,7 @@ def test_peaks_and_snapshots_equal_upstream(select):
         model.blocks[0].requires_grad_(False)  # a frozen block, as ALaST trains
         results.append(_peaks(make(), model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                               select))
-    (cur, peak), (up_cur, up_peak) = results
-    assert cur == up_cur and peak == up_peak
+    (cur, peak, stepped), (up_cur, up_peak, up_stepped) = results
+    assert cur == up_cur and peak == up_peak and stepped == up_stepped
     assert next(iter(peak.values()))["Total"] > next(iter(cur.values()))["Total"] > 0
+    assert next(iter(stepped.values()))[_MemRefType.OPT] > 0
