@@ -30,12 +30,13 @@ def frozen_aware_tracker_cls():
         the hooks gradients are still allocated under the tracker's dispatch mode and so still
         count towards the peak total (only their category label is lost).
 
-        Each op's outputs are tracked as upstream tracks them (its ``_track``: the same storages,
-        sizes and categories, the optimizer's step as optimizer state), without its pytree walk,
-        and the per-module snapshots its module hooks take are not taken: only the totals and the
-        peak are read here (no activation checkpointing runs under it, whose recomputation upstream
-        tells apart in those hooks). tests/runtimes/test_memory_tracker.py holds the current and
-        peak snapshots to upstream's.
+        Each op's outputs are tracked as upstream's dispatch tracks them (its ``_track``: the same
+        storages and sizes, in the same category), without its pytree walk, and its module hooks
+        do nothing: they take per-module snapshots, which nothing here reads, relabel a gradient
+        left from an earlier pass as a gradient when the next forward starts (here it stays a
+        temporary: the totals and the peak are the same), and tell apart an activation
+        checkpoint's recomputation, which nothing here runs. tests/runtimes/test_memory_tracker.py
+        holds the current and peak snapshots to upstream's.
         """
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
