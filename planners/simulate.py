@@ -414,9 +414,8 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
     policy = policy or planner_name
     shares = None if cached is None else cached[0]
     if planner_name != "alast":
-        pred = run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size, shares), policy, "exact",
+        return run_shapes(cm, planner_shapes(cm, planner_name, options, steps, batch_size, shares), policy, "exact",
                           batch_size, micro_batch=micro_batch)
-        return pred
     trim = bool(options.get("trim_last"))
     pred = run_shapes(cm, planner_shapes(cm, "alast", options, steps, batch_size, shares), policy, "expected",
                       batch_size, trim_last=trim, micro_batch=micro_batch)
@@ -431,7 +430,6 @@ def simulate(cm: CostModel, planner_name: str, options: dict[str, Any], steps: i
     if lo.time_s is not None and hi.time_s is not None:
         pred.time_range = (lo.time_s, hi.time_s)
     return pred
-
 
 
 def replay(cm: CostModel, records: Sequence[dict[str, Any]], policy: str = "trace", world_size: int = 1,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from planners.rules import memory_probe_step
 
 default_memory_probe = memory_probe_step  # one schedule: the planner predicts the probed steps from it
@@ -10,8 +12,6 @@ default_memory_probe = memory_probe_step  # one schedule: the planner predicts t
 
 def _tensors(out):
     """The tensors an op returned: itself, or those in its (nested) tuple or list."""
-    import torch
-
     if isinstance(out, torch.Tensor):
         yield out
     elif isinstance(out, (tuple, list)):
