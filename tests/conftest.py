@@ -40,6 +40,18 @@ def load_benchmark(name: str):
 SMALL_VAL = ["--set", "data.val_fraction=0.05"]
 
 
+def upstream_mem_tracker_cls():
+    """torch's own MemTracker (its dispatch and module hooks) with only the frozen-parameter fix (no
+    gradient hooks): what the runtime's and the profiler's tracker are held to."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Upstream(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    return Upstream
+
+
 def make_tiny_vit(init_values=None, reg_tokens=0, num_classes=5, depth=4, seed=0, global_pool="token",
                   norm_layer=None):
     """img 32, patch 8 (16 patches), dim 32, 2 heads: forward+backward in milliseconds. Any

@@ -332,17 +332,12 @@ def test_a_timeline_holds_after_every_op_what_memtracker_holds(monkeypatch):
     """The profile's timeline tracker (its own walk of each op's outputs, no module snapshots) gives
     after every op of a forward and a backward the same bytes as MemTracker's own dispatch, for a
     whole block and a selecting one, a Eva block with its rotary embeddings held, in every state."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from alast.planning import measure
     from runtimes.torch_backend.patch import forward_selecting
-    from tests.conftest import make_tiny_eva
+    from tests.conftest import make_tiny_eva, upstream_mem_tracker_cls
 
-    class Reference(MemTracker):  # torch's own, its module hooks and dispatch, no gradient hooks (frozen weights)
+    class Reference(upstream_mem_tracker_cls()):
         record = None
-
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
         def total(self):
             return sum(s["Total"] for s in self._curr_mem_snap.values())

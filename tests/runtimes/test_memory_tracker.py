@@ -2,18 +2,11 @@
 import pytest
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import _MemRefType
 
 from runtimes.torch_backend.memory import frozen_aware_mem_tracker
 from runtimes.torch_backend.patch import forward_selecting
-from tests.conftest import make_tiny_vit
-
-
-class _Upstream(MemTracker):
-    """torch's MemTracker with only the frozen-parameter fix (no gradient hooks)."""
-
-    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-        return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+from tests.conftest import make_tiny_vit, upstream_mem_tracker_cls
 
 
 class _Forward(nn.Module):
@@ -47,7 +40,7 @@ def _peaks(tracker, model, x, select):
 @pytest.mark.parametrize("select", [False, True])
 def test_peaks_and_snapshots_equal_upstream(select):
     results = []
-    for make in (frozen_aware_mem_tracker, _Upstream):
+    for make in (frozen_aware_mem_tracker, upstream_mem_tracker_cls()):
         model = make_tiny_vit()
         model.blocks[0].requires_grad_(False)  # a frozen block, as ALaST trains
         results.append(_peaks(make(), model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
