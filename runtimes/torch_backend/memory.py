@@ -19,6 +19,33 @@ def _tensors(out):
             yield from _tensors(o)
 
 
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward on this thread (ModTracker's ``is_bw``)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _NoModuleHooks:
+    """Stands in for MemTracker's ModTracker, whose global module hooks (and a gradient hook on every
+    module's inputs and outputs) only feed the tracker's per-module hooks and snapshots, which the
+    tracker below leaves idle: registering them was a third of a profiled block's time. The one
+    thing read from it, whether a backward is running, comes from the autograd engine as
+    ModTracker's own ``is_bw`` does."""
+
+    is_bw = property(lambda self: _in_backward())
+
+    def register_user_hooks(self, *hooks):
+        pass
+
+    def clear_user_hooks(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 @functools.lru_cache(maxsize=1)
 def frozen_aware_tracker_cls():
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
@@ -32,17 +59,22 @@ def frozen_aware_tracker_cls():
 
         Each op's outputs are tracked as upstream's dispatch tracks them (its ``_track``: the same
         storages and sizes, in the same category), without its pytree walk, and its module hooks
-        do nothing: they take per-module snapshots, which nothing here reads, relabel a gradient
-        left from an earlier pass as a gradient when the next forward starts (here it stays a
-        temporary: the totals and the peak are the same), and tell apart an activation
-        checkpoint's recomputation, which nothing here runs. tests/runtimes/test_memory_tracker.py
-        holds the current and peak snapshots to upstream's.
+        do nothing, and are never installed (:class:`_NoModuleHooks`): they take per-module
+        snapshots, which nothing here reads, relabel a gradient left from an earlier pass as a
+        gradient when the next forward starts (here it stays a temporary: the totals and the peak
+        are the same), and tell apart an activation checkpoint's recomputation, which nothing here
+        runs. tests/runtimes/test_memory_tracker.py holds the current and peak snapshots to
+        upstream's.
         """
+
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = _NoModuleHooks()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             reftype = (_MemRefType.OPT if self._in_opt else
-                       _MemRefType.TEMP if self._mod_tracker.is_bw else _MemRefType.ACT)
+                       _MemRefType.TEMP if _in_backward() else _MemRefType.ACT)
             for t in _tensors(out):
                 self._track(reftype, t)
             self._update_peak_stats(None)
