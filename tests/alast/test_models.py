@@ -6,6 +6,7 @@ import torch
 
 from alast import models
 from alast.models import DEMO_WEIGHTS, ModelError, create_model
+from tests.conftest import SMALL_VAL
 
 
 def test_timm_model_loads_a_local_checkpoint_and_gets_a_new_head(tmp_path):
@@ -39,7 +40,7 @@ def test_a_checkpoint_directory_of_the_hubs_layout_starts_a_run_from_its_safeten
     out = tmp_path / "run"
     res = CliRunner().invoke(cli, ["train", "--checkpoint", str(snap), "--steps", "1", "--batch-size", "4",
                                    "--set", 'backend.count_flops="off"', "--set", "backend.threads=1",
-                                   "--out", str(out)])
+                                   *SMALL_VAL, "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert f"checkpoint {snap} is a directory: loading model.safetensors from it" in res.output
     assert load_run_config(out / "config.yaml").model.checkpoint == snap / "model.safetensors"

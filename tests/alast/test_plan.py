@@ -290,8 +290,8 @@ def test_target_with_an_interleaved_dense_phase_is_met_by_a_real_run(runner, tmp
     dropped tokens, its even steps the top two on every token; the counted run lands on the target and
     the plan replays it and says so."""
     out = tmp_path / "interleaved"
-    args = ["--steps", "10", "--batch-size", "8", "--target-flops", "0.5", "--set", "policy.dense_final_frac=0.3",
-            "--set", "policy.dense_final_interleave=true"]
+    args = [*SMALL_VAL, "--steps", "10", "--batch-size", "8", "--target-flops", "0.5", "--set",
+            "policy.dense_final_frac=0.3", "--set", "policy.dense_final_interleave=true"]
     res = runner.invoke(cli, ["train", *args, "--set", "backend.threads=1", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
@@ -381,8 +381,8 @@ def test_an_epochs_run_with_a_target_uses_the_plans_knobs(tmp_path):
 
     from alast_cli.main import cli
 
-    args = ["--epochs", "0.1", "--batch-size", "11", "--target-flops", "0.5", "--set", "policy.dense_final_frac=0.3",
-            "--set", "backend.threads=1"]
+    args = [*SMALL_VAL, "--epochs", "0.1", "--batch-size", "11", "--target-flops", "0.5", "--set",
+            "policy.dense_final_frac=0.3", "--set", "backend.threads=1"]
     res = CliRunner().invoke(cli, ["plan", *args, "--json"])
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout.strip().splitlines()[-1])["target"]

@@ -20,6 +20,7 @@ def _cfg(run: Path, **output):
     return build_config({
         "train": {"steps": STEPS, "batch_size": 16, "eval_every": 3},
         "backend": {"threads": 1},
+        "data": {"val_fraction": 0.05},  # as SMALL_VAL: 90 validation images
         "output": {"tensorboard": True, "checkpoint_every": 3, "dir": str(run), **output},
     })
 

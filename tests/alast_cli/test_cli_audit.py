@@ -20,6 +20,7 @@ from alast_cli.errors import describe
 from alast_cli.main import cli
 from alast_cli.options import resolve_config
 from tests.cli_errors import one_error_line
+from tests.conftest import SMALL_VAL
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "usage.md"
 
@@ -322,7 +323,7 @@ def test_a_train_flag_and_a_set_of_its_key_to_another_value_are_refused(tmp_path
 def test_a_train_flag_and_a_set_that_agree_are_accepted(tmp_path):
     """--nproc hands its ranks the --out it chose beside the --set that named it."""
     out = tmp_path / "run"
-    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+    res = run_cli(["train", *SMALL_VAL, "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
                    'backend.count_flops="off"', "--out", out, "--set", f"output.dir={out}", "--skip-bad-images",
                    "--set", "data.skip_bad_images=true"])
     assert res.exit_code == 0, res.output
@@ -333,7 +334,7 @@ def test_alast_without_a_command_takes_trains_options(tmp_path):
     """`alast` is the demo (`alast train`): `alast --steps 1` was "No such option '--steps'"."""
     out = tmp_path / "run"
     res = run_cli(["--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
-                   'backend.count_flops="off"', "--out", out])
+                   'backend.count_flops="off"', *SMALL_VAL, "--out", out])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     one_error_line(run_cli(["--stepz", "1"]), 2, "No such option '--stepz'", "train --help`")
@@ -371,7 +372,7 @@ def test_audited_messages_name_the_problem(tmp_path, args, message):
 def test_eval_refuses_a_data_dir_nothing_reads(tmp_path):
     """`eval RUN --data-dir DIR` of a run on digits scored digits and ignored DIR without a word."""
     run = tmp_path / "run"
-    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+    res = run_cli(["train", *SMALL_VAL, "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
                    'backend.count_flops="off"', "--out", run])
     assert res.exit_code == 0, res.output
     one_error_line(run_cli(["eval", run, "--data-dir", tmp_path]), 2,
@@ -386,7 +387,7 @@ def test_a_training_checkpoint_as_weights_names_resume_and_the_final_weights(tmp
 
     assert CHECKPOINT_FORMAT == FORMAT
     run = tmp_path / "run"
-    res = run_cli(["train", "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
+    res = run_cli(["train", *SMALL_VAL, "--steps", "1", "--batch-size", "4", "--set", "backend.threads=1", "--set",
                    "backend.count_flops=off", "--out", run])
     assert res.exit_code == 0, res.output
     ckpt = next((run / "checkpoints").glob("step_*.safetensors"))

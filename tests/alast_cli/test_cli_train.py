@@ -119,7 +119,7 @@ def test_a_timm_model_without_class_token_trains_and_drops_tokens(runner, tmp_pa
     out = tmp_path / "run"
     res = runner.invoke(cli, ["train", "--model", "vit_wee_patch16_reg1_gap_256", "--set", "model.img_size=48",
                               "--steps", "2", "--batch-size", "4", "--set", "backend.count_flops=off",
-                              "--out", str(out)])
+                              *SMALL_VAL, "--out", str(out)])
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert min(min(r["kept_tokens"]) for r in recs) < 9  # it dropped tokens
@@ -159,7 +159,8 @@ def test_a_run_that_misses_its_target_says_so(runner, tmp_path):
         costs[2] *= 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doctored))
-    args = ["train", "--steps", "8", "--batch-size", "16", "--target-flops", "0.5", "--set", "backend.threads=1"]
+    args = ["train", *SMALL_VAL, "--steps", "8", "--batch-size", "16", "--target-flops", "0.5", "--set",
+            "backend.threads=1"]
     res = runner.invoke(cli, [*args, "--cost-model", str(bad), "--out", str(tmp_path / "bad")])
     assert res.exit_code == 0, res.output
     warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
