@@ -49,3 +49,17 @@ def test_peaks_and_snapshots_equal_upstream(select):
     assert cur == up_cur and peak == up_peak and stepped == up_stepped
     assert next(iter(peak.values()))["Total"] > next(iter(cur.values()))["Total"] > 0
     assert next(iter(stepped.values()))[_MemRefType.OPT] > 0
+
+
+def test_the_tracker_installs_no_module_hooks_where_upstream_installs_them():
+    """MemTracker's ModTracker hooks every module's forward (and, through it, every backward) for
+    per-module snapshots the runtime and the profiler never read: the runtime's tracker leaves them out."""
+    from torch.nn.modules import module
+
+    def hooks_inside(tracker) -> int:
+        with tracker:
+            return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+
+    before = len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+    assert hooks_inside(upstream_mem_tracker_cls()()) > before
+    assert hooks_inside(frozen_aware_mem_tracker()) == before
