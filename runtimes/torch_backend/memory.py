@@ -27,7 +27,7 @@ def _in_backward() -> bool:
 class _NoModuleHooks:
     """Stands in for MemTracker's ModTracker, whose global module hooks (and a gradient hook on every
     module's inputs and outputs) only feed the tracker's per-module hooks and snapshots, which the
-    tracker below leaves idle: registering them was a third of a profiled block's time. The one
+    tracker below leaves idle: registering them was a third of the demo's profile time. The one
     thing read from it, whether a backward is running, comes from the autograd engine as
     ModTracker's own ``is_bw`` does."""
 
