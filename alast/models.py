@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import itertools
 import math
 import os
 import socket
@@ -364,8 +365,9 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     import timm
 
     if not timm.is_model(name):
-        close = [c for c in difflib.get_close_matches(name, [*SHIPPED_MODELS, *timm.list_models()], n=12, cutoff=0.6)
-                 if _drivable(c)][:5]
+        # the closest names first, each built on the meta device until five alast can drive (up to a second each)
+        candidates = difflib.get_close_matches(name, [*SHIPPED_MODELS, *timm.list_models()], n=12, cutoff=0.6)
+        close = list(itertools.islice(filter(_drivable, candidates), 5))
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; use a timm ViT/DeiT name such as vit_base_patch16_224")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)

@@ -182,10 +182,15 @@ def check_plot(plot: Path, force: bool) -> None:
 def check_plan_options(config, overrides, named, trace: Path | None, calibrate: bool,
                        throughput: float | None) -> None:
     """Refuse options that would be ignored: config input beside ``--trace`` (the replay reads the
-    run's own config.yaml), and ``--calibrate`` beside ``--throughput`` (either sets the time model)."""
+    run's own config.yaml), and ``--calibrate`` beside ``--throughput`` (either sets the time model); and a
+    ``--throughput`` that is not a finite rate above 0, before anything is profiled."""
     if calibrate and throughput is not None:
         raise ValueError("--throughput and --calibrate both set the time model (from a FLOP rate, or from "
                          "timing real steps); drop one of them")
+    if throughput is not None:  # refused before the model is profiled (seconds), not after
+        from planners.costmodel import TimeModel
+
+        TimeModel.from_throughput(throughput)
     if trace is None:
         return
     given = [f"CONFIG ({config})"] if config is not None else []

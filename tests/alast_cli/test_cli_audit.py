@@ -297,7 +297,15 @@ def test_a_named_option_and_a_set_of_its_key_are_refused(args, message):
 
 
 @pytest.mark.parametrize("throughput", ["inf", "nan", "0"])
-def test_plan_refuses_a_throughput_that_is_not_finite_and_positive(throughput):
+def test_plan_refuses_a_throughput_that_is_not_finite_and_positive(throughput, monkeypatch):
+    """Before the model is profiled: it was refused only once the plan was made."""
+    from alast.planning import profile
+
+    def profiled(*a, **k):
+        raise AssertionError("profiled")
+
+    monkeypatch.setattr(profile, "profile_model", profiled)
+    monkeypatch.setattr(profile.profile_cache, "read", lambda key: None)
     one_error_line(run_cli(["plan", "--throughput", throughput]), 2, "throughput must be a finite number > 0")
 
 

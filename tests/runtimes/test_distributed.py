@@ -169,6 +169,9 @@ def test_cli_nproc_2_end_to_end(tmp_path):
     assert flops[0] == pytest.approx(flops[1], rel=1e-6) and sum(flops[1]) == pytest.approx(s["train_flops"], rel=1e-6)
 
 
+# slow: a rank's bad input is exit 2 and one line in tests/alast_cli/test_launch_signals.py (the launcher's
+# report, in-process), and a real torchrun's failed ranks reach that report there too (a rank killed by SIGKILL)
+@pytest.mark.slow
 def test_cli_nproc_2_exit_code_of_bad_input(tmp_path):
     """A worker's bad input comes back as exit 2 with one message, not torchrun's generic failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
